@@ -1,0 +1,1 @@
+"""PhoneShop: an order-processing backend whose money and stock live in Redis Lua scripts."""

@@ -1,0 +1,96 @@
+"""Every Redis key name PhoneShop uses, and nothing else builds key strings.
+
+Ids reach these functions only after ``app.ids`` checked them against a strict
+pattern, so no caller-controlled text can widen or collide a key.
+
+A single Redis node holds everything today; all keys of one order operation
+(customer, phones, indexes, events) are passed to its script through KEYS, so a
+move to Redis Cluster only needs a hash tag added here.
+
+Hashes and their fields (all numbers are integers, money in cents):
+
+``phone:{id}``      id, name, description, image_url, price_cents, stock,
+                    added_units (created + restocked, ever), seq, created_at
+``customer:{id}``   id, name, surname, email, balance_cents,
+                    added_cents (initial balance + deposits, ever),
+                    token_sha256, seq, created_at
+``order:{id}``      id, customer_id, status (open|completed|cancelled),
+                    items ("phone_id:quantity:unit_price_cents;..."),
+                    total_cents, seq, created_at, request_id
+
+Stream ``events``: one entry per order change, appended by the script that made
+the change. Fields: type (order.placed|order.completed|order.cancelled),
+order_id, customer_id, status, request_id, at (ms since the epoch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+# Sorted sets scored by a creation sequence number: stable pagination with
+# ZRANGE by rank, O(log N + page) whatever the size.
+PHONES = "phones"
+PHONES_SEQ = "phones:seq"
+CUSTOMERS = "customers"
+CUSTOMERS_SEQ = "customers:seq"
+CUSTOMER_EMAILS = "customers:email"  # hash: lower-cased email -> customer id
+ORDERS = "orders"
+ORDERS_SEQ = "orders:seq"
+LEDGER = "ledger"  # hash: shop-wide counters, see audit.lua
+
+EVENTS = "events"
+MAIL_GROUP = "mailer"
+MAIL_DEAD = "mail:dead"
+
+ORDER_STATUSES = ("open", "completed", "cancelled")
+
+
+def phone(phone_id: str) -> str:
+    return f"phone:{phone_id}"
+
+
+def customer(customer_id: str) -> str:
+    return f"customer:{customer_id}"
+
+
+def customer_token(token_sha256: str) -> str:
+    """String key: sha256 of a customer's bearer token -> customer id."""
+    return f"token:{token_sha256}"
+
+
+def order(order_id: str) -> str:
+    return f"order:{order_id}"
+
+
+def orders_by_status(status: str) -> str:
+    return f"orders:status:{status}"
+
+
+def customer_orders(customer_id: str) -> str:
+    return f"customer:{customer_id}:orders"
+
+
+def customer_orders_by_status(customer_id: str, status: str) -> str:
+    return f"customer:{customer_id}:orders:{status}"
+
+
+def idempotency(customer_id: str, idempotency_key: str) -> str:
+    """Hash storing the first answer to an Idempotency-Key, per customer.
+
+    The client's key is hashed so its length and characters never shape a key.
+    """
+    digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
+    return f"idem:{customer_id}:{digest}"
+
+
+def mail_sent(order_id: str) -> str:
+    """Set once the SMTP server accepted an order's confirmation mail."""
+    return f"mail:sent:{order_id}"
+
+
+def mail_attempts(order_id: str) -> str:
+    return f"mail:attempts:{order_id}"
+
+
+def mail_worker_alive(worker_name: str) -> str:
+    return f"mail:worker:{worker_name}:alive"

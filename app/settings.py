@@ -1,0 +1,95 @@
+"""Settings read once from the environment into one frozen, validated object.
+
+Every default here is mirrored in ``.env.example``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+
+class SettingsError(ValueError):
+    """The environment holds a value the service cannot run with."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isascii() or not raw.lstrip("-").isdigit():
+        raise SettingsError(f"{name} must be an integer, got {raw!r}")
+    value = int(raw)
+    if not low <= value <= high:
+        raise SettingsError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if not low <= value <= high:  # also rejects nan
+        raise SettingsError(f"{name} must be between {low} and {high}, got {raw}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise SettingsError(f"{name} must be a boolean (1/0, true/false), got {raw!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Socket and connect timeouts of every Redis call: past them a request gets 503.
+    redis_timeout: float = 2.0
+    redis_max_connections: int = 64
+    admin_token: str = ""
+    # Concurrent requests one worker serves before answering 503 at once.
+    max_inflight: int = 256
+    idempotency_ttl_seconds: int = 24 * 3600
+    # Serve GET /bench/hello, the bench's ceiling route; off in production.
+    bench_routes: bool = False
+    # Trust X-Forwarded-For / X-Request-ID from nginx in front of us.
+    behind_proxy: bool = True
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        redis_url = env.get("REDIS_URL", "").strip() or cls.redis_url
+        if urlsplit(redis_url).scheme not in {"redis", "rediss", "unix"}:
+            raise SettingsError(f"REDIS_URL must be a redis://, rediss:// or unix:// URL, got {redis_url!r}")
+        admin_token = env.get("ADMIN_TOKEN", "").strip()
+        if not admin_token:
+            raise SettingsError("ADMIN_TOKEN is required (make run generates one into .env)")
+        if len(admin_token) < 16:
+            raise SettingsError("ADMIN_TOKEN must be at least 16 characters")
+        return cls(
+            redis_url=redis_url,
+            redis_timeout=_float(env, "REDIS_TIMEOUT", cls.redis_timeout, 0.05, 60.0),
+            redis_max_connections=_int(env, "REDIS_MAX_CONNECTIONS", cls.redis_max_connections, 1, 10_000),
+            admin_token=admin_token,
+            max_inflight=_int(env, "MAX_INFLIGHT", cls.max_inflight, 1, 100_000),
+            idempotency_ttl_seconds=_int(
+                env, "IDEMPOTENCY_TTL_SECONDS", cls.idempotency_ttl_seconds, 1, 30 * 24 * 3600
+            ),
+            bench_routes=_bool(env, "BENCH_ROUTES", cls.bench_routes),
+            behind_proxy=_bool(env, "BEHIND_PROXY", cls.behind_proxy),
+        )
+
+    def __repr__(self) -> str:
+        # Never let the admin token reach a log through a repr.
+        return f"Settings(redis_url={self.redis_url!r}, max_inflight={self.max_inflight}, admin_token=<hidden>)"
