@@ -51,7 +51,7 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name} must be a boolean (1/0, true/false), got {raw!r}")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Socket and connect timeouts of every Redis call: past them a request gets 503.
@@ -71,7 +71,9 @@ class Settings:
         env = os.environ if env is None else env
         redis_url = env.get("REDIS_URL", "").strip() or cls.redis_url
         if urlsplit(redis_url).scheme not in {"redis", "rediss", "unix"}:
-            raise SettingsError(f"REDIS_URL must be a redis://, rediss:// or unix:// URL, got {redis_url!r}")
+            raise SettingsError(
+                f"REDIS_URL must be a redis://, rediss:// or unix:// URL, got {redis_url!r}"
+            )
         admin_token = env.get("ADMIN_TOKEN", "").strip()
         if not admin_token:
             raise SettingsError("ADMIN_TOKEN is required (make run generates one into .env)")
@@ -80,7 +82,9 @@ class Settings:
         return cls(
             redis_url=redis_url,
             redis_timeout=_float(env, "REDIS_TIMEOUT", cls.redis_timeout, 0.05, 60.0),
-            redis_max_connections=_int(env, "REDIS_MAX_CONNECTIONS", cls.redis_max_connections, 1, 10_000),
+            redis_max_connections=_int(
+                env, "REDIS_MAX_CONNECTIONS", cls.redis_max_connections, 1, 10_000
+            ),
             admin_token=admin_token,
             max_inflight=_int(env, "MAX_INFLIGHT", cls.max_inflight, 1, 100_000),
             idempotency_ttl_seconds=_int(

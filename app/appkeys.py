@@ -1,0 +1,21 @@
+"""Every typed key of the aiohttp application's storage."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from app.auth import TokenCache
+    from app.middlewares import InflightGauge
+    from app.scripts import Scripts
+    from app.settings import Settings
+
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
+REDIS: web.AppKey[Redis] = web.AppKey("redis")
+SCRIPTS: web.AppKey[Scripts] = web.AppKey("scripts")
+TOKEN_CACHE: web.AppKey[TokenCache] = web.AppKey("token_cache")
+INFLIGHT: web.AppKey[InflightGauge] = web.AppKey("inflight")

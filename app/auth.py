@@ -1,0 +1,103 @@
+"""Bearer tokens: hashing, the two roles, and the owner-or-admin check.
+
+Customer tokens are random and shown once; Redis keeps only their SHA-256.
+A token never changes owner, so each worker caches hash -> customer id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from app import appkeys, keys
+from app.problems import ProblemError
+
+_BEARER = re.compile(r"Bearer ([A-Za-z0-9._~+/-]{1,512}=*)", re.IGNORECASE)
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def token_sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is asking: the admin, or one customer."""
+
+    customer_id: str | None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.customer_id is None
+
+
+ADMIN = Principal(customer_id=None)
+
+
+class TokenCache:
+    """A bounded LRU of token hash -> customer id, one per worker."""
+
+    def __init__(self, size: int = 100_000) -> None:
+        self._size = size
+        self._entries: OrderedDict[str, str] = OrderedDict()
+
+    def get(self, digest: str) -> str | None:
+        customer_id = self._entries.get(digest)
+        if customer_id is not None:
+            self._entries.move_to_end(digest)
+        return customer_id
+
+    def put(self, digest: str, customer_id: str) -> None:
+        self._entries[digest] = customer_id
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+
+def bearer_token(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization")
+    if header is None:
+        return None
+    match = _BEARER.fullmatch(header.strip())
+    return match.group(1) if match else None
+
+
+async def authenticate(request: web.Request) -> Principal:
+    """The principal behind the request's bearer token, or 401."""
+    token = bearer_token(request)
+    if token is None:
+        raise ProblemError("unauthorized")
+    digest = token_sha256(token)
+    admin_digest = token_sha256(request.app[appkeys.SETTINGS].admin_token)
+    if hmac.compare_digest(digest, admin_digest):
+        return ADMIN
+    cache = request.app[appkeys.TOKEN_CACHE]
+    customer_id = cache.get(digest)
+    if customer_id is None:
+        found = await request.app[appkeys.REDIS].get(keys.customer_token(digest))
+        if found is None:
+            raise ProblemError("unauthorized")
+        customer_id = found.decode()
+        cache.put(digest, customer_id)
+    return Principal(customer_id=customer_id)
+
+
+async def require_admin(request: web.Request) -> Principal:
+    principal = await authenticate(request)
+    if not principal.is_admin:
+        raise ProblemError("forbidden", "Only the admin token may do that")
+    return principal
+
+
+def check_owner_or_admin(principal: Principal, customer_id: str, not_found_code: str) -> None:
+    """Another customer's resource is reported missing, never forbidden (no BOLA oracle)."""
+    if not principal.is_admin and principal.customer_id != customer_id:
+        raise ProblemError(not_found_code)

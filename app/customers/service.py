@@ -1,0 +1,77 @@
+"""Customer operations: creation and deposits are one Lua script each."""
+
+from __future__ import annotations
+
+import time
+
+from redis.asyncio import Redis
+
+from app import keys
+from app.auth import new_token, token_sha256
+from app.customers.models import Customer, CustomerCreate
+from app.ids import new_id
+from app.models import iso_time
+from app.problems import ProblemError
+from app.scripts import Scripts
+
+# A balance stops here so every sum a script makes stays below 2^53.
+BALANCE_LIMIT = 10**15
+
+
+def customer_from_fields(fields: dict[str, str]) -> Customer:
+    return Customer(
+        id=fields["id"],
+        name=fields["name"],
+        surname=fields["surname"],
+        email=fields["email"],
+        balance_cents=int(fields["balance_cents"]),
+        created_at=iso_time(fields["created_at"]),
+    )
+
+
+async def create_customer(scripts: Scripts, data: CustomerCreate) -> tuple[Customer, str]:
+    """The new customer and their bearer token, which is never stored in clear."""
+    customer_id = new_id()
+    token = new_token()
+    digest = token_sha256(token)
+    result = await scripts.run(
+        "create_customer",
+        [
+            keys.customer(customer_id),
+            keys.CUSTOMERS,
+            keys.CUSTOMERS_SEQ,
+            keys.CUSTOMER_EMAILS,
+            keys.customer_token(digest),
+        ],
+        [
+            customer_id,
+            data.name,
+            data.surname,
+            data.email,
+            data.email.lower(),
+            data.balance_cents,
+            digest,
+            int(time.time() * 1000),
+        ],
+    )
+    return customer_from_fields(result.payload), token
+
+
+async def get_customer(redis: Redis, customer_id: str) -> Customer:
+    fields = await redis.hmget(
+        keys.customer(customer_id),
+        ["id", "name", "surname", "email", "balance_cents", "created_at"],
+    )
+    if fields[0] is None:
+        raise ProblemError("customer_not_found")
+    names = ("id", "name", "surname", "email", "balance_cents", "created_at")
+    return customer_from_fields(
+        {name: value.decode() for name, value in zip(names, fields, strict=True)}
+    )
+
+
+async def deposit(scripts: Scripts, customer_id: str, amount_cents: int) -> Customer:
+    result = await scripts.run(
+        "deposit", [keys.customer(customer_id)], [amount_cents, BALANCE_LIMIT]
+    )
+    return customer_from_fields(result.payload)

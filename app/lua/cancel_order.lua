@@ -1,0 +1,64 @@
+-- cancel_order: move an open order to cancelled, refund its total to the
+-- customer and put every line back in stock, then append order.cancelled.
+-- Cancelling a cancelled order again changes nothing; a completed one is refused.
+--
+-- KEYS[1]  order:{order_id}                          hash
+-- KEYS[2]  customer:{owner_id}                       hash
+-- KEYS[3]  orders:status:open                        zset
+-- KEYS[4]  orders:status:cancelled                   zset
+-- KEYS[5]  customer:{owner_id}:orders:open           zset
+-- KEYS[6]  customer:{owner_id}:orders:cancelled      zset
+-- KEYS[7]  events                                    stream
+-- KEYS[8..7+n]  phone:{phone_id} for each line of the order, in order
+-- ARGV[1]  owner id the keys above were built for
+-- ARGV[2]  requesting customer id, or "" for the admin
+-- ARGV[3]  now, ms since the epoch
+-- ARGV[4]  request id (carried into the event)
+-- ARGV[5]  the order's items field as the caller read it (the phone keys were
+--          built from it; an order's items never change, this proves it)
+--
+-- Returns {http_status, payload_json, changed}:
+--   200, order fields (strings), 1|0   cancelled now | was already cancelled
+--   404, {code="order_not_found"}      missing, or not the requester's
+--   409, {code="order_completed"}      nothing written
+--   409, {code="order_owner_changed"}  the caller's keys do not fit; nothing written
+
+local order = redis.call('HMGET', KEYS[1], 'customer_id', 'status', 'seq', 'id', 'items', 'total_cents')
+local owner, status, seq, order_id, items, total = order[1], order[2], order[3], order[4], order[5], order[6]
+if not owner or (ARGV[2] ~= '' and ARGV[2] ~= owner) then
+  return {404, cjson.encode({code = 'order_not_found'}), 0}
+end
+if owner ~= ARGV[1] or items ~= ARGV[5] then
+  return {409, cjson.encode({code = 'order_owner_changed'}), 0}
+end
+
+local function fields()
+  local flat = redis.call('HGETALL', KEYS[1])
+  local map = {}
+  for i = 1, #flat, 2 do
+    map[flat[i]] = flat[i + 1]
+  end
+  return cjson.encode(map)
+end
+
+if status == 'cancelled' then
+  return {200, fields(), 0}
+end
+if status ~= 'open' then
+  return {409, cjson.encode({code = 'order_completed'}), 0}
+end
+
+local i = 0
+for _, quantity in string.gmatch(items, '([^:;]+):(%d+):%d+') do
+  i = i + 1
+  redis.call('HINCRBY', KEYS[7 + i], 'stock', quantity)
+end
+redis.call('HINCRBY', KEYS[2], 'balance_cents', total)
+redis.call('HSET', KEYS[1], 'status', 'cancelled')
+redis.call('ZREM', KEYS[3], order_id)
+redis.call('ZADD', KEYS[4], seq, order_id)
+redis.call('ZREM', KEYS[5], order_id)
+redis.call('ZADD', KEYS[6], seq, order_id)
+redis.call('XADD', KEYS[7], '*', 'type', 'order.cancelled', 'order_id', order_id,
+  'customer_id', owner, 'status', 'cancelled', 'request_id', ARGV[4], 'at', ARGV[3])
+return {200, fields(), 1}

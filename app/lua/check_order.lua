@@ -1,0 +1,53 @@
+-- check_order: move an open order to completed and append order.completed.
+-- Checking a completed order again changes nothing; a cancelled one is refused.
+--
+-- KEYS[1]  order:{order_id}                          hash
+-- KEYS[2]  orders:status:open                        zset
+-- KEYS[3]  orders:status:completed                   zset
+-- KEYS[4]  customer:{owner_id}:orders:open           zset
+-- KEYS[5]  customer:{owner_id}:orders:completed      zset
+-- KEYS[6]  events                                    stream
+-- ARGV[1]  owner id the keys above were built for
+-- ARGV[2]  requesting customer id, or "" for the admin
+-- ARGV[3]  now, ms since the epoch
+-- ARGV[4]  request id (carried into the event)
+--
+-- Returns {http_status, payload_json, changed}:
+--   200, order fields (strings), 1|0   completed now | was already completed
+--   404, {code="order_not_found"}      missing, or not the requester's
+--   409, {code="order_cancelled"}      nothing written
+--   409, {code="order_owner_changed"}  the caller's keys do not fit; nothing written
+
+local order = redis.call('HMGET', KEYS[1], 'customer_id', 'status', 'seq', 'id')
+local owner, status, seq, order_id = order[1], order[2], order[3], order[4]
+if not owner or (ARGV[2] ~= '' and ARGV[2] ~= owner) then
+  return {404, cjson.encode({code = 'order_not_found'}), 0}
+end
+if owner ~= ARGV[1] then
+  return {409, cjson.encode({code = 'order_owner_changed'}), 0}
+end
+
+local function fields()
+  local flat = redis.call('HGETALL', KEYS[1])
+  local map = {}
+  for i = 1, #flat, 2 do
+    map[flat[i]] = flat[i + 1]
+  end
+  return cjson.encode(map)
+end
+
+if status == 'completed' then
+  return {200, fields(), 0}
+end
+if status ~= 'open' then
+  return {409, cjson.encode({code = 'order_cancelled'}), 0}
+end
+
+redis.call('HSET', KEYS[1], 'status', 'completed')
+redis.call('ZREM', KEYS[2], order_id)
+redis.call('ZADD', KEYS[3], seq, order_id)
+redis.call('ZREM', KEYS[4], order_id)
+redis.call('ZADD', KEYS[5], seq, order_id)
+redis.call('XADD', KEYS[6], '*', 'type', 'order.completed', 'order_id', order_id,
+  'customer_id', owner, 'status', 'completed', 'request_id', ARGV[4], 'at', ARGV[3])
+return {200, fields(), 1}

@@ -1,0 +1,138 @@
+-- place_order: validate every line, stock and the balance, then (only then)
+-- decrement stock, debit the customer, store and index the order and append
+-- its events. Redis never rolls back a half-run script, so no write happens
+-- before the last check.
+--
+-- KEYS[1]  customer:{customer_id}            hash
+-- KEYS[2]  idem:{customer_id}:{sha256(key)}  hash (ignored unless ARGV[6] == "1")
+-- KEYS[3]  order:{order_id}                  hash, must not exist
+-- KEYS[4]  orders                            zset, all orders by seq
+-- KEYS[5]  orders:status:{status}            zset, the new order's status
+-- KEYS[6]  customer:{customer_id}:orders     zset
+-- KEYS[7]  customer:{customer_id}:orders:{status}  zset
+-- KEYS[8]  orders:seq                        counter
+-- KEYS[9]  events                            stream
+-- KEYS[10..9+n]  phone:{phone_id}, one per line, same order as the lines
+-- ARGV[1]  order id
+-- ARGV[2]  customer id
+-- ARGV[3]  now, ms since the epoch
+-- ARGV[4]  request id (carried into the events)
+-- ARGV[5]  "1" autocheck (complete at once) or "0" (stay open)
+-- ARGV[6]  "1" when an Idempotency-Key was given, else "0"
+-- ARGV[7]  request fingerprint (sha256 of the canonical body)
+-- ARGV[8]  idempotency TTL, seconds
+-- ARGV[9..8+2n]  phone_id, quantity for each line (quantities 1..100, checked
+--                by the caller; phone ids distinct)
+--
+-- Returns {http_status, payload_json, replayed}:
+--   201, order fields (all strings), 0            the order was placed
+--   404, {code="customer_not_found"}              nothing written
+--   404, {code="phone_not_found", phone_ids=[]}   nothing written
+--   409, {code="out_of_stock", lines=[...]}       nothing written
+--   402, {code="insufficient_funds", balance_cents, total_cents}
+--   422, {code="idempotency_key_reused"}          same key, other body
+--   any stored status and payload, 1              replay of the first answer
+
+local function fmt(n)
+  return string.format('%d', n)
+end
+
+local use_idem = ARGV[6] == '1'
+if use_idem then
+  local stored = redis.call('HMGET', KEYS[2], 'fingerprint', 'status', 'payload')
+  if stored[1] then
+    if stored[1] ~= ARGV[7] then
+      return {422, cjson.encode({code = 'idempotency_key_reused'}), 0}
+    end
+    return {tonumber(stored[2]), stored[3], 1}
+  end
+end
+
+local function answer(status, payload)
+  local encoded = cjson.encode(payload)
+  if use_idem then
+    redis.call('HSET', KEYS[2], 'fingerprint', ARGV[7], 'status', status, 'payload', encoded)
+    redis.call('EXPIRE', KEYS[2], ARGV[8])
+  end
+  return {status, encoded, 0}
+end
+
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return answer(404, {code = 'customer_not_found'})
+end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  -- 128 random bits make this unreachable; refuse rather than overwrite.
+  return {500, cjson.encode({code = 'order_id_collision'}), 0}
+end
+
+local n = (#ARGV - 8) / 2
+local missing = {}
+local short = {}
+local prices = {}
+local total = 0
+for i = 1, n do
+  local phone_id = ARGV[7 + 2 * i]
+  local quantity = tonumber(ARGV[8 + 2 * i])
+  local row = redis.call('HMGET', KEYS[9 + i], 'price_cents', 'stock')
+  if not row[1] then
+    missing[#missing + 1] = phone_id
+  else
+    local stock = tonumber(row[2])
+    if stock < quantity then
+      short[#short + 1] = {phone_id = phone_id, requested = fmt(quantity), available = fmt(stock)}
+    end
+    prices[i] = tonumber(row[1])
+    total = total + prices[i] * quantity
+  end
+end
+if #missing > 0 then
+  return answer(404, {code = 'phone_not_found', phone_ids = missing})
+end
+if #short > 0 then
+  return answer(409, {code = 'out_of_stock', lines = short})
+end
+local balance = tonumber(redis.call('HGET', KEYS[1], 'balance_cents'))
+if balance < total then
+  return answer(402, {code = 'insufficient_funds', balance_cents = fmt(balance), total_cents = fmt(total)})
+end
+
+-- Every check passed: write.
+local items = {}
+for i = 1, n do
+  local phone_id = ARGV[7 + 2 * i]
+  local quantity = ARGV[8 + 2 * i]
+  redis.call('HINCRBY', KEYS[9 + i], 'stock', -tonumber(quantity))
+  items[i] = phone_id .. ':' .. quantity .. ':' .. fmt(prices[i])
+end
+redis.call('HINCRBY', KEYS[1], 'balance_cents', -total)
+
+local status = 'open'
+if ARGV[5] == '1' then
+  status = 'completed'
+end
+local seq = redis.call('INCR', KEYS[8])
+local order = {
+  id = ARGV[1],
+  customer_id = ARGV[2],
+  status = status,
+  items = table.concat(items, ';'),
+  total_cents = fmt(total),
+  seq = fmt(seq),
+  created_at = ARGV[3],
+  request_id = ARGV[4],
+}
+redis.call('HSET', KEYS[3], 'id', order.id, 'customer_id', order.customer_id, 'status', status,
+  'items', order.items, 'total_cents', order.total_cents, 'seq', order.seq,
+  'created_at', order.created_at, 'request_id', order.request_id)
+redis.call('ZADD', KEYS[4], seq, ARGV[1])
+redis.call('ZADD', KEYS[5], seq, ARGV[1])
+redis.call('ZADD', KEYS[6], seq, ARGV[1])
+redis.call('ZADD', KEYS[7], seq, ARGV[1])
+
+redis.call('XADD', KEYS[9], '*', 'type', 'order.placed', 'order_id', ARGV[1],
+  'customer_id', ARGV[2], 'status', 'open', 'request_id', ARGV[4], 'at', ARGV[3])
+if status == 'completed' then
+  redis.call('XADD', KEYS[9], '*', 'type', 'order.completed', 'order_id', ARGV[1],
+    'customer_id', ARGV[2], 'status', 'completed', 'request_id', ARGV[4], 'at', ARGV[3])
+end
+return answer(201, order)

@@ -1,0 +1,27 @@
+-- restock: add units to a phone's stock, and to the units ever added that
+-- the audit balances against.
+--
+-- KEYS[1]  phone:{phone_id}  hash, must exist
+-- ARGV[1]  quantity (1..10^9, checked by the caller)
+-- ARGV[2]  stock ceiling: the restock is refused past it
+--
+-- Returns {http_status, payload_json}:
+--   200, phone fields (strings)
+--   404, {code="phone_not_found"}                      nothing written
+--   409, {code="stock_limit", stock, limit}            nothing written
+
+local stock = redis.call('HGET', KEYS[1], 'stock')
+if not stock then
+  return {404, cjson.encode({code = 'phone_not_found'})}
+end
+if tonumber(stock) + tonumber(ARGV[1]) > tonumber(ARGV[2]) then
+  return {409, cjson.encode({code = 'stock_limit', stock = stock, limit = ARGV[2]})}
+end
+redis.call('HINCRBY', KEYS[1], 'stock', ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'added_units', ARGV[1])
+local flat = redis.call('HGETALL', KEYS[1])
+local map = {}
+for i = 1, #flat, 2 do
+  map[flat[i]] = flat[i + 1]
+end
+return {200, cjson.encode(map)}

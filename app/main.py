@@ -1,0 +1,68 @@
+"""The aiohttp application: ``gunicorn app.main:create_app``.
+
+Nothing connects at import time: the Redis client is made per worker, after
+gunicorn forked, in ``cleanup_ctx``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from app import appkeys
+from app.auth import TokenCache
+from app.middlewares import (
+    InflightGauge,
+    error_middleware,
+    inflight_cap_middleware,
+    request_id_middleware,
+)
+from app.openapi import openapi_json
+from app.routes import add_routes, route_table
+from app.scripts import Scripts
+from app.settings import Settings
+
+# Bodies above this are refused with 413 (nginx refuses them first, at 64k).
+CLIENT_MAX_SIZE = 64 * 1024
+
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[appkeys.SETTINGS]
+    redis = Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout,
+        socket_connect_timeout=settings.redis_timeout,
+        max_connections=settings.redis_max_connections,
+        # No silent retries: a write script whose reply was lost may have run,
+        # and running it twice would debit twice. Clients retry with an
+        # Idempotency-Key instead.
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )
+    app[appkeys.REDIS] = redis
+    app[appkeys.SCRIPTS] = Scripts(redis)
+    yield
+    await redis.aclose()
+
+
+def build_app(settings: Settings) -> web.Application:
+    app = web.Application(
+        middlewares=[request_id_middleware, error_middleware, inflight_cap_middleware],
+        client_max_size=CLIENT_MAX_SIZE,
+    )
+    app[appkeys.SETTINGS] = settings
+    app[appkeys.TOKEN_CACHE] = TokenCache()
+    app[appkeys.INFLIGHT] = InflightGauge(settings.max_inflight)
+    app.cleanup_ctx.append(redis_ctx)
+    add_routes(app, route_table(settings.bench_routes))
+    app.router.add_get("/openapi.json", openapi_json)
+    return app
+
+
+async def create_app() -> web.Application:
+    """gunicorn's zero-argument factory: settings come from the environment."""
+    return build_app(Settings.from_env())

@@ -1,0 +1,134 @@
+"""Shared request-shape building blocks and the one JSON decoder of bodies.
+
+Validation of untrusted input lives here and in each domain's models.py: the
+only place that sees raw JSON. Scripts trust what reaches them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from app.ids import ID_PATTERN
+from app.problems import ProblemError
+
+# No C0/C1 control characters (CR, LF, NUL, tab, ...) nor Unicode line
+# separators anywhere: nothing a client types can become a mail header.
+_CONTROLS = "\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029"
+_NO_CONTROLS = f"^[^{_CONTROLS}]*$"
+# Python's "$" also matches before a final newline, so the pattern above
+# (right under JSON Schema's ECMA semantics) lets "abc\\n" through here;
+# decode_body checks every decoded string again with this.
+_ANY_CONTROL = re.compile(f"[{_CONTROLS}]")
+
+
+def text(max_length: int, min_length: int = 1, description: str = "") -> Any:
+    return Annotated[
+        str,
+        msgspec.Meta(
+            min_length=min_length,
+            max_length=max_length,
+            pattern=_NO_CONTROLS,
+            description=description or None,
+        ),
+    ]
+
+
+Id = Annotated[str, msgspec.Meta(pattern=ID_PATTERN, description="An opaque 22-character id")]
+Name = text(200)
+Description = text(5000, min_length=0)
+ImageUrl = text(2048, min_length=0, description="Any string, relative paths included")
+# ASCII-only, deliberately plain: a mail address with no display name, quotes or comments.
+Email = Annotated[
+    str,
+    msgspec.Meta(
+        max_length=254,
+        pattern=r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$",
+    ),
+]
+PriceCents = Annotated[int, msgspec.Meta(ge=1, le=10**9)]
+StockUnits = Annotated[int, msgspec.Meta(ge=0, le=10**9)]
+RestockUnits = Annotated[int, msgspec.Meta(ge=1, le=10**9)]
+BalanceCents = Annotated[int, msgspec.Meta(ge=0, le=10**12)]
+AmountCents = Annotated[int, msgspec.Meta(ge=1, le=10**12)]
+Quantity = Annotated[int, msgspec.Meta(ge=1, le=100)]
+
+T = TypeVar("T")
+
+MAX_PER_PAGE = 100
+
+
+class Page(msgspec.Struct, frozen=True):
+    page: int
+    per_page: int
+
+
+async def decode_body(request: web.Request, model: type[T]) -> T:
+    """Read and validate a JSON body into ``model``: 415, 400 or 422 otherwise."""
+    if request.content_type != "application/json":
+        raise ProblemError(
+            "unsupported_media_type", f"Got {request.content_type or 'no content type'}"
+        )
+    raw = await request.read()
+    try:
+        value = msgspec.json.decode(raw, type=model)
+    except msgspec.ValidationError as error:
+        raise ProblemError("validation_error", str(error)) from None
+    except msgspec.DecodeError as error:
+        raise ProblemError("malformed_json", str(error)) from None
+    if _has_control(msgspec.to_builtins(value)):
+        raise ProblemError("validation_error", "Control characters are not allowed in text")
+    return value
+
+
+def _has_control(value: Any) -> bool:
+    if isinstance(value, str):
+        return _ANY_CONTROL.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_control(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_control(v) for v in value)
+    return False
+
+
+def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 9) or not low <= int(raw) <= high:
+        raise ProblemError(
+            "validation_error", f"Query parameter {name!r} must be an integer from {low} to {high}"
+        )
+    return int(raw)
+
+
+def page_params(request: web.Request, default_per_page: int = 10) -> Page:
+    return Page(
+        page=_query_int(request, "page", 1, 1, 10**8),
+        per_page=_query_int(request, "per_page", default_per_page, 1, MAX_PER_PAGE),
+    )
+
+
+def page_count(total: int, per_page: int) -> int:
+    return -(-total // per_page)
+
+
+def iso_time(ms: str | int) -> str:
+    moment = dt.datetime.fromtimestamp(int(ms) / 1000, tz=dt.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=msgspec.json.encode(data),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )

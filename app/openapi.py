@@ -1,0 +1,122 @@
+"""/openapi.json, generated from the route table and the same msgspec Structs
+that validate requests, so the spec cannot drift from the code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from app import appkeys
+from app.models import json_response
+from app.problems import PROBLEMS
+from app.routes import Route, route_table
+
+PROBLEM_SCHEMA = {
+    "type": "object",
+    "required": ["type", "title", "status", "detail", "code"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "code": {"type": "string", "enum": sorted(PROBLEMS)},
+    },
+}
+
+_ERRORS_BY_AUTH = {
+    "anyone": [],
+    "customer": [401, 403],
+    "admin": [401, 403],
+    "owner-or-admin": [401],
+}
+
+
+def _operation(route: Route, schemas: dict[type, Any]) -> dict[str, Any]:
+    problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    responses: dict[str, Any] = {}
+    answer_schema = schemas.get(route.answer, {"type": "object"})
+    responses[str(route.status)] = {
+        "description": "Success",
+        "content": {"application/json": {"schema": answer_schema}},
+    }
+    statuses = {429, 503} | set(_ERRORS_BY_AUTH[route.auth])
+    parameters: list[dict[str, Any]] = []
+    if "{id}" in route.path:
+        parameters.append(
+            {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+        )
+        statuses.add(404)
+    for name in route.query:
+        schema = (
+            {"type": "string"}
+            if name in ("status", "customer_id")
+            else {"type": "integer", "minimum": 1}
+        )
+        parameters.append({"name": name, "in": "query", "required": False, "schema": schema})
+        statuses.add(422)
+    if route.idempotent_key:
+        parameters.append(
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+            }
+        )
+        statuses |= {400, 402, 404, 409}
+    if route.body is not None:
+        statuses |= {400, 413, 415, 422, 409, 404}
+    for status in sorted(statuses):
+        responses[str(status)] = {"description": "Problem", "content": problem}
+    operation: dict[str, Any] = {
+        "summary": route.summary,
+        "operationId": f"{route.method.lower()}{route.path.replace('/', '_').replace('{', '').replace('}', '')}",
+        "responses": responses,
+    }
+    if parameters:
+        operation["parameters"] = parameters
+    if route.body is not None:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": schemas[route.body]}},
+        }
+    if route.auth != "anyone":
+        operation["security"] = [{"bearer": []}]
+    if route.alias_of is not None:
+        operation["description"] = f"Alias of {route.alias_of}, kept for the seed's clients."
+    return operation
+
+
+def build_spec(routes: list[Route]) -> dict[str, Any]:
+    models = sorted(
+        {
+            model
+            for route in routes
+            for model in (route.body, route.answer)
+            if model not in (None, dict)
+        },
+        key=lambda model: model.__name__,
+    )
+    refs, components = msgspec.json.schema_components(
+        models, ref_template="#/components/schemas/{name}"
+    )
+    schemas = dict(zip(models, refs, strict=True))
+    paths: dict[str, dict[str, Any]] = {}
+    for route in routes:
+        paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, schemas)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "PhoneShop", "version": "0.1.0"},
+        "paths": paths,
+        "components": {
+            "schemas": {**components, "Problem": PROBLEM_SCHEMA},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    settings = request.app[appkeys.SETTINGS]
+    return json_response(build_spec(route_table(settings.bench_routes)))

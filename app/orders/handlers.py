@@ -1,0 +1,119 @@
+"""Thin HTTP handlers of orders."""
+
+from __future__ import annotations
+
+import re
+
+from aiohttp import web
+
+from app import appkeys
+from app.auth import authenticate
+from app.handlers import path_id, redis_of, scripts_of
+from app.ids import is_valid_id
+from app.middlewares import REQUEST_ID
+from app.models import decode_body, json_response, page_count, page_params
+from app.orders import service
+from app.orders.models import OrderCreate, OrderEnvelope, OrderPage
+from app.problems import ProblemError
+
+# Printable ASCII, as the IETF Idempotency-Key draft's examples (UUIDs and the like).
+_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+_STATUSES = {"open", "completed", "cancelled"}
+
+
+def idempotency_key(request: web.Request) -> str | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise ProblemError(
+            "invalid_idempotency_key", "Idempotency-Key must be 1 to 255 printable ASCII characters"
+        )
+    return key
+
+
+async def place_order(request: web.Request) -> web.Response:
+    principal = await authenticate(request)
+    key = idempotency_key(request)
+    data = await decode_body(request, OrderCreate)
+    on_behalf_of = data.for_customer()
+    if principal.is_admin:
+        if on_behalf_of is None:
+            raise ProblemError(
+                "validation_error", "The admin must name the customer_id to order for"
+            )
+        customer_id = on_behalf_of
+    else:
+        if on_behalf_of is not None and on_behalf_of != principal.customer_id:
+            raise ProblemError("forbidden", "A customer may only order for themselves")
+        customer_id = principal.customer_id
+    placed = await service.place_order(
+        scripts_of(request),
+        customer_id=customer_id,
+        lines=data.lines(),
+        autocheck=data.autocheck,
+        idempotency_key=key,
+        idempotency_ttl=request.app[appkeys.SETTINGS].idempotency_ttl_seconds,
+        request_id=request[REQUEST_ID],
+    )
+    headers = {"Location": f"/orders/{placed.order.id}"}
+    if placed.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return json_response(OrderEnvelope(order=placed.order), status=201, headers=headers)
+
+
+async def list_orders(request: web.Request) -> web.Response:
+    principal = await authenticate(request)
+    page = page_params(request)
+    status = request.query.get("status")
+    if status is not None and status not in _STATUSES:
+        raise ProblemError("validation_error", "status must be one of open, completed, cancelled")
+    customer_id = principal.customer_id
+    if principal.is_admin and "customer_id" in request.query:
+        customer_id = request.query["customer_id"]
+        if not is_valid_id(customer_id):
+            raise ProblemError("validation_error", "customer_id is not a valid id")
+    total, orders = await service.list_orders(
+        redis_of(request), page, customer_id=customer_id, status=status
+    )
+    return json_response(
+        OrderPage(
+            orders=orders,
+            page=page.page,
+            per_page=page.per_page,
+            total=total,
+            pageCount=page_count(total, page.per_page),
+        )
+    )
+
+
+async def get_order(request: web.Request) -> web.Response:
+    principal = await authenticate(request)
+    order = await service.get_order(
+        redis_of(request), principal, path_id(request, "order_not_found")
+    )
+    return json_response(OrderEnvelope(order=order))
+
+
+async def check_order(request: web.Request) -> web.Response:
+    principal = await authenticate(request)
+    order = await service.check_order(
+        redis_of(request),
+        scripts_of(request),
+        principal,
+        path_id(request, "order_not_found"),
+        request[REQUEST_ID],
+    )
+    return json_response(OrderEnvelope(order=order))
+
+
+async def cancel_order(request: web.Request) -> web.Response:
+    principal = await authenticate(request)
+    order = await service.cancel_order(
+        redis_of(request),
+        scripts_of(request),
+        principal,
+        path_id(request, "order_not_found"),
+        request[REQUEST_ID],
+    )
+    return json_response(OrderEnvelope(order=order))

@@ -1,0 +1,92 @@
+"""Request and response shapes of orders."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Annotated, Literal
+
+import msgspec
+
+from app.models import Id, Quantity
+
+MAX_LINES = 50
+MAX_QUANTITY = 100
+
+OrderStatus = Literal["open", "completed", "cancelled"]
+
+
+class OrderLine(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    phone_id: Id
+    quantity: Quantity
+
+
+class OrderCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Either ``items`` or the seed's ``phones`` list, where a repeated id
+    counts as one more unit. ``customer_id`` (seed: ``customer``) is for the
+    admin placing an order on a customer's behalf."""
+
+    items: Annotated[list[OrderLine], msgspec.Meta(min_length=1, max_length=MAX_LINES)] | (
+        msgspec.UnsetType
+    ) = msgspec.UNSET
+    phones: Annotated[list[Id], msgspec.Meta(min_length=1, max_length=MAX_LINES * MAX_QUANTITY)] | (
+        msgspec.UnsetType
+    ) = msgspec.UNSET
+    autocheck: bool = True
+    customer_id: Id | msgspec.UnsetType = msgspec.UNSET
+    customer: Id | msgspec.UnsetType = msgspec.UNSET
+
+    def __post_init__(self) -> None:
+        if (self.items is msgspec.UNSET) == (self.phones is msgspec.UNSET):
+            raise ValueError("give exactly one of items or phones")
+        if self.customer_id is not msgspec.UNSET and self.customer is not msgspec.UNSET:
+            raise ValueError("give customer_id or customer, not both")
+        if self.items is not msgspec.UNSET:
+            ids = [line.phone_id for line in self.items]
+            if len(set(ids)) != len(ids):
+                raise ValueError("each phone_id may appear in one line only")
+        else:
+            counts = Counter(self.phones)
+            if len(counts) > MAX_LINES:
+                raise ValueError(f"at most {MAX_LINES} different phones per order")
+            if max(counts.values()) > MAX_QUANTITY:
+                raise ValueError(f"at most {MAX_QUANTITY} units of one phone per order")
+
+    def lines(self) -> list[tuple[str, int]]:
+        if self.items is not msgspec.UNSET:
+            return [(line.phone_id, line.quantity) for line in self.items]
+        return list(Counter(self.phones).items())
+
+    def for_customer(self) -> str | None:
+        if self.customer_id is not msgspec.UNSET:
+            return self.customer_id
+        if self.customer is not msgspec.UNSET:
+            return self.customer
+        return None
+
+
+class OrderItem(msgspec.Struct, kw_only=True):
+    phone_id: str
+    quantity: int
+    unit_price_cents: int
+    line_total_cents: int
+
+
+class Order(msgspec.Struct, kw_only=True):
+    id: str
+    customer_id: str
+    status: str
+    items: list[OrderItem]
+    total_cents: int
+    created_at: str
+
+
+class OrderEnvelope(msgspec.Struct, kw_only=True):
+    order: Order
+
+
+class OrderPage(msgspec.Struct, kw_only=True):
+    orders: list[Order]
+    page: int
+    per_page: int
+    total: int
+    pageCount: int

@@ -1,0 +1,179 @@
+"""Order operations. Placing, checking and cancelling are one Lua script each;
+this module only builds their keys and arguments and shapes their answers."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import msgspec
+from redis.asyncio import Redis
+
+from app import keys
+from app.auth import Principal
+from app.ids import new_id
+from app.models import Page, iso_time
+from app.orders.models import Order, OrderItem
+from app.paging import decoded_hash, page_of_hashes
+from app.problems import ProblemError
+from app.scripts import Scripts, problem_from_script
+
+
+def parse_items(items: str) -> list[OrderItem]:
+    lines = []
+    for entry in items.split(";"):
+        phone_id, quantity, unit_price = entry.split(":")
+        lines.append(
+            OrderItem(
+                phone_id=phone_id,
+                quantity=int(quantity),
+                unit_price_cents=int(unit_price),
+                line_total_cents=int(quantity) * int(unit_price),
+            )
+        )
+    return lines
+
+
+def order_from_fields(fields: dict[str, str]) -> Order:
+    return Order(
+        id=fields["id"],
+        customer_id=fields["customer_id"],
+        status=fields["status"],
+        items=parse_items(fields["items"]),
+        total_cents=int(fields["total_cents"]),
+        created_at=iso_time(fields["created_at"]),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedOrder:
+    order: Order
+    replayed: bool
+
+
+def fingerprint(customer_id: str, lines: list[tuple[str, int]], autocheck: bool) -> str:
+    """What "the same body" means for an Idempotency-Key: the validated request, canonically encoded."""
+    canonical = msgspec.json.encode([customer_id, lines, autocheck])
+    return hashlib.sha256(canonical).hexdigest()
+
+
+async def place_order(
+    scripts: Scripts,
+    *,
+    customer_id: str,
+    lines: list[tuple[str, int]],
+    autocheck: bool,
+    idempotency_key: str | None,
+    idempotency_ttl: int,
+    request_id: str,
+) -> PlacedOrder:
+    order_id = new_id()
+    status = "completed" if autocheck else "open"
+    script_keys = [
+        keys.customer(customer_id),
+        keys.idempotency(customer_id, idempotency_key or ""),
+        keys.order(order_id),
+        keys.ORDERS,
+        keys.orders_by_status(status),
+        keys.customer_orders(customer_id),
+        keys.customer_orders_by_status(customer_id, status),
+        keys.ORDERS_SEQ,
+        keys.EVENTS,
+    ] + [keys.phone(phone_id) for phone_id, _ in lines]
+    args: list[str | int] = [
+        order_id,
+        customer_id,
+        int(time.time() * 1000),
+        request_id,
+        "1" if autocheck else "0",
+        "1" if idempotency_key is not None else "0",
+        fingerprint(customer_id, lines, autocheck),
+        idempotency_ttl,
+    ]
+    for phone_id, quantity in lines:
+        args += [phone_id, quantity]
+    result = await scripts.run("place_order", script_keys, args)
+    if result.status >= 400:  # a stored rejection, replayed
+        error = problem_from_script(result.status, result.payload)
+        error.headers["Idempotent-Replayed"] = "true"
+        raise error
+    return PlacedOrder(order=order_from_fields(result.payload), replayed=result.flag)
+
+
+async def get_order(redis: Redis, principal: Principal, order_id: str) -> Order:
+    fields = await redis.hgetall(keys.order(order_id))
+    if not fields:
+        raise ProblemError("order_not_found")
+    order = order_from_fields(decoded_hash(fields))
+    if not principal.is_admin and order.customer_id != principal.customer_id:
+        raise ProblemError("order_not_found")
+    return order
+
+
+async def _order_owner(redis: Redis, principal: Principal, order_id: str) -> str:
+    if principal.customer_id is not None:
+        return principal.customer_id  # the script refuses the order if it is not theirs
+    owner = await redis.hget(keys.order(order_id), "customer_id")
+    if owner is None:
+        raise ProblemError("order_not_found")
+    return owner.decode()
+
+
+async def check_order(
+    redis: Redis, scripts: Scripts, principal: Principal, order_id: str, request_id: str
+) -> Order:
+    owner = await _order_owner(redis, principal, order_id)
+    result = await scripts.run(
+        "check_order",
+        [
+            keys.order(order_id),
+            keys.orders_by_status("open"),
+            keys.orders_by_status("completed"),
+            keys.customer_orders_by_status(owner, "open"),
+            keys.customer_orders_by_status(owner, "completed"),
+            keys.EVENTS,
+        ],
+        [owner, principal.customer_id or "", int(time.time() * 1000), request_id],
+    )
+    return order_from_fields(result.payload)
+
+
+async def cancel_order(
+    redis: Redis, scripts: Scripts, principal: Principal, order_id: str, request_id: str
+) -> Order:
+    # The phone keys come from the order's items, so read them first; the
+    # script proves they are still the order's before it writes.
+    owner, items = await redis.hmget(keys.order(order_id), ["customer_id", "items"])
+    if owner is None or (not principal.is_admin and owner.decode() != principal.customer_id):
+        raise ProblemError("order_not_found")
+    owner_id, items_field = owner.decode(), items.decode()
+    result = await scripts.run(
+        "cancel_order",
+        [
+            keys.order(order_id),
+            keys.customer(owner_id),
+            keys.orders_by_status("open"),
+            keys.orders_by_status("cancelled"),
+            keys.customer_orders_by_status(owner_id, "open"),
+            keys.customer_orders_by_status(owner_id, "cancelled"),
+            keys.EVENTS,
+        ]
+        + [keys.phone(line.phone_id) for line in parse_items(items_field)],
+        [owner_id, principal.customer_id or "", int(time.time() * 1000), request_id, items_field],
+    )
+    return order_from_fields(result.payload)
+
+
+async def list_orders(
+    redis: Redis, page: Page, *, customer_id: str | None, status: str | None
+) -> tuple[int, list[Order]]:
+    """Newest first, one page by rank: the cost does not grow with the number of orders."""
+    if customer_id is None:
+        index = keys.ORDERS if status is None else keys.orders_by_status(status)
+    elif status is None:
+        index = keys.customer_orders(customer_id)
+    else:
+        index = keys.customer_orders_by_status(customer_id, status)
+    total, rows = await page_of_hashes(redis, index, page, keys.order, newest_first=True)
+    return total, [order_from_fields(row) for row in rows]

@@ -1,0 +1,100 @@
+"""Request and response shapes of the phone catalogue."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import msgspec
+
+from app.models import Description, ImageUrl, Name, PriceCents, RestockUnits, StockUnits
+
+
+class PhoneCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: Name
+    description: Description = ""
+    image_url: ImageUrl = ""
+    price_cents: PriceCents
+    stock: StockUnits = 0
+
+
+class SeedPhoneCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """POST /phones/create: the seed's body (imageurl, price as a currency
+    amount) or ours; stock defaults to 0."""
+
+    name: Name
+    description: Description = ""
+    image_url: ImageUrl | msgspec.UnsetType = msgspec.UNSET
+    imageurl: ImageUrl | msgspec.UnsetType = msgspec.UNSET
+    price_cents: PriceCents | msgspec.UnsetType = msgspec.UNSET
+    # Parsed from the JSON number's text, so 19.99 is exactly 1999 cents.
+    price: Decimal | msgspec.UnsetType = msgspec.UNSET
+    stock: StockUnits = 0
+
+    def __post_init__(self) -> None:
+        if self.image_url is not msgspec.UNSET and self.imageurl is not msgspec.UNSET:
+            raise ValueError("give either image_url or imageurl, not both")
+        if (self.price_cents is msgspec.UNSET) == (self.price is msgspec.UNSET):
+            raise ValueError("give exactly one of price_cents or price")
+        if self.price is not msgspec.UNSET:
+            price = self.price
+            if not price.is_finite() or price.as_tuple().exponent < -2:
+                raise ValueError("price must be an amount with at most 2 decimals")
+            if not Decimal("0.01") <= price <= Decimal(10**7):
+                raise ValueError("price must be from 0.01 to 10000000")
+
+    def to_create(self) -> PhoneCreate:
+        image_url = self.image_url if self.image_url is not msgspec.UNSET else self.imageurl
+        price_cents = (
+            self.price_cents if self.price_cents is not msgspec.UNSET else int(self.price * 100)
+        )
+        return PhoneCreate(
+            name=self.name,
+            description=self.description,
+            image_url="" if image_url is msgspec.UNSET else image_url,
+            price_cents=price_cents,
+            stock=self.stock,
+        )
+
+
+class PhoneUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: Name | msgspec.UnsetType = msgspec.UNSET
+    description: Description | msgspec.UnsetType = msgspec.UNSET
+    image_url: ImageUrl | msgspec.UnsetType = msgspec.UNSET
+    price_cents: PriceCents | msgspec.UnsetType = msgspec.UNSET
+
+    def __post_init__(self) -> None:
+        if not self.changes():
+            raise ValueError("give at least one of name, description, image_url, price_cents")
+
+    def changes(self) -> dict[str, str | int]:
+        return {
+            field: value
+            for field in self.__struct_fields__
+            if (value := getattr(self, field)) is not msgspec.UNSET
+        }
+
+
+class Restock(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    quantity: RestockUnits
+
+
+class Phone(msgspec.Struct, kw_only=True):
+    id: str
+    name: str
+    description: str
+    image_url: str
+    price_cents: int
+    stock: int
+    created_at: str
+
+
+class PhoneEnvelope(msgspec.Struct, kw_only=True):
+    phone: Phone
+
+
+class PhonePage(msgspec.Struct, kw_only=True):
+    phones: list[Phone]
+    page: int
+    per_page: int
+    total: int
+    pageCount: int

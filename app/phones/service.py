@@ -1,0 +1,73 @@
+"""Phone catalogue operations: each write is one Lua script."""
+
+from __future__ import annotations
+
+import time
+
+from redis.asyncio import Redis
+
+from app import keys
+from app.ids import new_id
+from app.models import Page, iso_time
+from app.paging import decoded_hash, page_of_hashes
+from app.phones.models import Phone, PhoneCreate, PhoneUpdate
+from app.problems import ProblemError
+from app.scripts import Scripts
+
+# Restock stops here so stock + units ever added stay far below 2^53.
+STOCK_LIMIT = 10**12
+
+
+def phone_from_fields(fields: dict[str, str]) -> Phone:
+    return Phone(
+        id=fields["id"],
+        name=fields["name"],
+        description=fields["description"],
+        image_url=fields["image_url"],
+        price_cents=int(fields["price_cents"]),
+        stock=int(fields["stock"]),
+        created_at=iso_time(fields["created_at"]),
+    )
+
+
+async def create_phone(scripts: Scripts, data: PhoneCreate) -> Phone:
+    phone_id = new_id()
+    result = await scripts.run(
+        "create_phone",
+        [keys.phone(phone_id), keys.PHONES, keys.PHONES_SEQ],
+        [
+            phone_id,
+            data.name,
+            data.description,
+            data.image_url,
+            data.price_cents,
+            data.stock,
+            int(time.time() * 1000),
+        ],
+    )
+    return phone_from_fields(result.payload)
+
+
+async def get_phone(redis: Redis, phone_id: str) -> Phone:
+    fields = await redis.hgetall(keys.phone(phone_id))
+    if not fields:
+        raise ProblemError("phone_not_found", f"No phone with id {phone_id}")
+    return phone_from_fields(decoded_hash(fields))
+
+
+async def list_phones(redis: Redis, page: Page) -> tuple[int, list[Phone]]:
+    total, rows = await page_of_hashes(redis, keys.PHONES, page, keys.phone, newest_first=False)
+    return total, [phone_from_fields(row) for row in rows]
+
+
+async def update_phone(scripts: Scripts, phone_id: str, data: PhoneUpdate) -> Phone:
+    args: list[str | int] = []
+    for field, value in data.changes().items():
+        args += [field, value]
+    result = await scripts.run("update_phone", [keys.phone(phone_id)], args)
+    return phone_from_fields(result.payload)
+
+
+async def restock(scripts: Scripts, phone_id: str, quantity: int) -> Phone:
+    result = await scripts.run("restock", [keys.phone(phone_id)], [quantity, STOCK_LIMIT])
+    return phone_from_fields(result.payload)

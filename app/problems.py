@@ -1,0 +1,86 @@
+"""Domain errors and their RFC 9457 problem+json rendering: one table of code,
+status and title."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+TYPE_BASE = "https://phoneshop.example/problems/"
+
+# code -> (HTTP status, title). Codes are stable; clients branch on them.
+PROBLEMS: dict[str, tuple[int, str]] = {
+    "malformed_json": (400, "The body is not valid JSON"),
+    "invalid_idempotency_key": (400, "The Idempotency-Key header is not valid"),
+    "unauthorized": (401, "A valid bearer token is required"),
+    "insufficient_funds": (402, "The balance does not cover the order"),
+    "forbidden": (403, "This token may not do that"),
+    "not_found": (404, "No such resource"),
+    "phone_not_found": (404, "Phone not found"),
+    "customer_not_found": (404, "Customer not found"),
+    "order_not_found": (404, "Order not found"),
+    "method_not_allowed": (405, "Method not allowed"),
+    "out_of_stock": (409, "Not enough stock"),
+    "email_taken": (409, "That email already belongs to a customer"),
+    "order_cancelled": (409, "The order is cancelled"),
+    "order_completed": (409, "The order is completed"),
+    "order_owner_changed": (409, "The order changed while being read; retry"),
+    "idempotency_key_in_use": (409, "A request with this Idempotency-Key is in progress"),
+    "stock_limit": (409, "The stock would exceed its limit"),
+    "balance_limit": (409, "The balance would exceed its limit"),
+    "payload_too_large": (413, "The body is too large"),
+    "unsupported_media_type": (415, "The body must be application/json"),
+    "validation_error": (422, "The request is not valid"),
+    "idempotency_key_reused": (422, "This Idempotency-Key was used with a different body"),
+    "internal_error": (500, "Internal error"),
+    "service_unavailable": (503, "The service is unavailable; retry later"),
+    "overloaded": (503, "Too many requests in flight; retry later"),
+    "audit_busy": (503, "The data kept changing during the audit; retry later"),
+}
+
+
+class ProblemError(Exception):
+    """A domain error that becomes a problem+json response.
+
+    ``extra`` members are added to the problem object (RFC 9457 extensions).
+    """
+
+    def __init__(self, code: str, detail: str | None = None, **extra: Any) -> None:
+        status, title = PROBLEMS[code]
+        super().__init__(detail or title)
+        self.code = code
+        self.status = status
+        self.title = title
+        self.detail = detail or title
+        self.extra = extra
+        self.headers: dict[str, str] = {}
+
+
+def problem_body(code: str, status: int, title: str, detail: str, extra: dict[str, Any]) -> bytes:
+    body = {
+        "type": TYPE_BASE + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+        **extra,
+    }
+    return msgspec.json.encode(body)
+
+
+def problem_response(error: ProblemError) -> web.Response:
+    return web.Response(
+        status=error.status,
+        body=problem_body(error.code, error.status, error.title, error.detail, error.extra),
+        content_type=PROBLEM_CONTENT_TYPE,
+        headers=error.headers,
+    )
+
+
+def retry_later(code: str, retry_after: int = 1, detail: str | None = None) -> ProblemError:
+    error = ProblemError(code, detail)
+    error.headers["Retry-After"] = str(retry_after)
+    return error

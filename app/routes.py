@@ -1,0 +1,218 @@
+"""Every route of the service, in one table that also feeds /openapi.json."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from app import health
+from app.admin import handlers as admin
+from app.customers import handlers as customers
+from app.customers.models import CustomerCreate, CustomerCreated, CustomerEnvelope, Deposit
+from app.orders import handlers as orders
+from app.orders.models import OrderCreate, OrderEnvelope, OrderPage
+from app.phones import handlers as phones
+from app.phones.models import (
+    PhoneCreate,
+    PhoneEnvelope,
+    PhonePage,
+    PhoneUpdate,
+    Restock,
+    SeedPhoneCreate,
+)
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    auth: str = "anyone"  # anyone | customer | admin | owner-or-admin
+    body: type | None = None
+    answer: type | None = None
+    status: int = 200
+    query: tuple[str, ...] = ()
+    idempotent_key: bool = False
+    alias_of: str | None = None  # seed paths: same operation, hidden from the spec's tags
+
+
+ROUTES: list[Route] = [
+    Route("GET", "/healthz", health.healthz, "Liveness"),
+    Route("GET", "/readyz", health.readyz, "Readiness: Redis answers and the scripts are loaded"),
+    Route(
+        "GET",
+        "/phones",
+        phones.list_phones,
+        "List phones in creation order",
+        answer=PhonePage,
+        query=("page", "per_page"),
+    ),
+    Route(
+        "POST",
+        "/phones",
+        phones.create_phone,
+        "Create a phone",
+        auth="admin",
+        body=PhoneCreate,
+        answer=PhoneEnvelope,
+        status=201,
+    ),
+    Route(
+        "POST",
+        "/phones/create",
+        phones.create_phone_seed,
+        "Create a phone (seed alias: imageurl and price accepted)",
+        auth="admin",
+        body=SeedPhoneCreate,
+        answer=PhoneEnvelope,
+        status=201,
+        alias_of="/phones",
+    ),
+    Route(
+        "GET", "/phones/{id}", phones.get_phone, "One phone with its stock", answer=PhoneEnvelope
+    ),
+    Route(
+        "PATCH",
+        "/phones/{id}",
+        phones.update_phone,
+        "Change a phone's name, text or price",
+        auth="admin",
+        body=PhoneUpdate,
+        answer=PhoneEnvelope,
+    ),
+    Route(
+        "POST",
+        "/phones/{id}/restock",
+        phones.restock,
+        "Add stock",
+        auth="admin",
+        body=Restock,
+        answer=PhoneEnvelope,
+    ),
+    Route(
+        "POST",
+        "/customers",
+        customers.create_customer,
+        "Create a customer; the token is shown once",
+        auth="admin",
+        body=CustomerCreate,
+        answer=CustomerCreated,
+        status=201,
+    ),
+    Route(
+        "GET",
+        "/customers/{id}",
+        customers.get_customer,
+        "One customer",
+        auth="owner-or-admin",
+        answer=CustomerEnvelope,
+    ),
+    Route(
+        "POST",
+        "/customers/{id}/deposit",
+        customers.deposit,
+        "Add money to a balance",
+        auth="admin",
+        body=Deposit,
+        answer=CustomerEnvelope,
+    ),
+    Route(
+        "POST",
+        "/orders",
+        orders.place_order,
+        "Place an order",
+        auth="customer",
+        body=OrderCreate,
+        answer=OrderEnvelope,
+        status=201,
+        idempotent_key=True,
+    ),
+    Route(
+        "POST",
+        "/orders/create",
+        orders.place_order,
+        "Place an order (seed alias)",
+        auth="customer",
+        body=OrderCreate,
+        answer=OrderEnvelope,
+        status=201,
+        idempotent_key=True,
+        alias_of="/orders",
+    ),
+    Route(
+        "GET",
+        "/orders",
+        orders.list_orders,
+        "List orders, newest first",
+        auth="customer",
+        answer=OrderPage,
+        query=("page", "per_page", "status", "customer_id"),
+    ),
+    Route(
+        "GET",
+        "/orders/{id}",
+        orders.get_order,
+        "One order",
+        auth="owner-or-admin",
+        answer=OrderEnvelope,
+    ),
+    Route(
+        "POST",
+        "/orders/{id}/check",
+        orders.check_order,
+        "Complete an open order",
+        auth="owner-or-admin",
+        answer=OrderEnvelope,
+    ),
+    Route(
+        "POST",
+        "/orders/check/{id}",
+        orders.check_order,
+        "Complete an open order (seed alias)",
+        auth="owner-or-admin",
+        answer=OrderEnvelope,
+        alias_of="/orders/{id}/check",
+    ),
+    Route(
+        "POST",
+        "/phones/check/{id}",
+        orders.check_order,
+        "Complete an open order (the seed README's path)",
+        auth="owner-or-admin",
+        answer=OrderEnvelope,
+        alias_of="/orders/{id}/check",
+    ),
+    Route(
+        "POST",
+        "/orders/{id}/cancel",
+        orders.cancel_order,
+        "Cancel an open order: refund and restock",
+        auth="owner-or-admin",
+        answer=OrderEnvelope,
+    ),
+    Route(
+        "GET",
+        "/admin/audit",
+        admin.audit,
+        "Conservation audit of stock and money",
+        auth="admin",
+        answer=dict,
+    ),
+]
+
+BENCH_ROUTES: list[Route] = [
+    Route("GET", "/bench/hello", health.bench_hello, "Bench ceiling: minimal JSON"),
+    Route("GET", "/bench/sleep", health.bench_sleep, "Bench: a slow request", query=("ms",)),
+]
+
+
+def add_routes(app: web.Application, routes: list[Route]) -> None:
+    for route in routes:
+        app.router.add_route(route.method, route.path, route.handler)
+
+
+def route_table(bench: bool) -> list[Route]:
+    return ROUTES + (BENCH_ROUTES if bench else [])
