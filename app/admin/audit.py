@@ -24,10 +24,10 @@ async def _snapshot(redis: Redis) -> tuple[list[str], list[str], list[str], list
         async with redis.pipeline(transaction=True) as pipe:
             try:
                 await pipe.watch(*indexes)
-                phone_ids, customer_ids, order_ids = (
+                phone_ids, customer_ids, order_ids = [
                     [member.decode() for member in await pipe.zrange(index, 0, -1)]
                     for index in indexes
-                )
+                ]
                 pipe.multi()
                 for phone_id in phone_ids:
                     pipe.hmget(keys.phone(phone_id), ["stock", "added_units"])
@@ -36,7 +36,7 @@ async def _snapshot(redis: Redis) -> tuple[list[str], list[str], list[str], list
                 for order_id in order_ids:
                     pipe.hmget(keys.order(order_id), ["status", "items", "total_cents"])
                 rows = await pipe.execute()
-            except redis.exceptions.WatchError:
+            except WatchError:
                 continue
             return phone_ids, customer_ids, order_ids, rows
     raise retry_later("audit_busy", 1)

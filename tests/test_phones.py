@@ -1,0 +1,155 @@
+"""The phone catalogue: creation (ours and the seed's), pages, updates, restock."""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from tests.conftest import ADMIN, Shop
+
+
+async def test_create_phone_returns_it_wrapped(shop: Shop) -> None:
+    response = await shop.client.post(
+        "/phones",
+        json={
+            "name": "Pixel 9",
+            "description": "A phone",
+            "image_url": "img/pixel.png",
+            "price_cents": 79_900,
+            "stock": 3,
+        },
+        headers=ADMIN,
+    )
+    assert response.status == 201
+    phone = (await response.json())["phone"]
+    assert {k: phone[k] for k in ("name", "description", "image_url", "price_cents", "stock")} == {
+        "name": "Pixel 9",
+        "description": "A phone",
+        "image_url": "img/pixel.png",
+        "price_cents": 79_900,
+        "stock": 3,
+    }
+    assert len(phone["id"]) == 22
+    fetched = await shop.client.get(f"/phones/{phone['id']}")
+    assert (await fetched.json())["phone"] == phone
+
+
+async def test_seed_alias_converts_price_exactly(shop: Shop) -> None:
+    response = await shop.client.post(
+        "/phones/create",
+        json={"name": "Nokia", "description": "", "imageurl": "nokia.jpg", "price": 19.99},
+        headers=ADMIN,
+    )
+    assert response.status == 201, await response.text()
+    phone = (await response.json())["phone"]
+    assert phone["price_cents"] == 1999
+    assert phone["image_url"] == "nokia.jpg"
+    assert phone["stock"] == 0
+
+
+async def test_seed_alias_accepts_our_shape_and_string_price(shop: Shop) -> None:
+    ours = await shop.client.post(
+        "/phones/create", json={"name": "A", "price_cents": 5, "stock": 2}, headers=ADMIN
+    )
+    assert (await ours.json())["phone"]["price_cents"] == 5
+    text = await shop.client.post(
+        "/phones/create", json={"name": "B", "price": "0.10"}, headers=ADMIN
+    )
+    assert (await text.json())["phone"]["price_cents"] == 10
+
+
+async def test_seed_alias_rejects_sub_cent_and_double_prices(shop: Shop) -> None:
+    for body in (
+        {"name": "A", "price": 1.999},
+        {"name": "A", "price": 0},
+        {"name": "A", "price": "NaN"},
+        {"name": "A", "price": 1, "price_cents": 100},
+        {"name": "A"},
+    ):
+        response = await shop.client.post("/phones/create", json=body, headers=ADMIN)
+        assert response.status == 422, body
+    assert (await shop.client.get("/phones")).status == 200
+    assert (await (await shop.client.get("/phones")).json())["total"] == 0
+
+
+async def test_list_has_seed_shape_and_stable_pages(shop: Shop) -> None:
+    created = [await shop.phone(name=f"phone {i}") for i in range(23)]
+    response = await shop.client.get("/phones?page=1")
+    body = await response.json()
+    assert set(body) == {"phones", "page", "per_page", "total", "pageCount"}
+    assert (body["page"], body["per_page"], body["total"], body["pageCount"]) == (1, 10, 23, 3)
+    seen = []
+    for page in (1, 2, 3):
+        listing = await (await shop.client.get(f"/phones?page={page}")).json()
+        seen += [phone["id"] for phone in listing["phones"]]
+    assert seen == [phone["id"] for phone in created]
+    past_end = await (await shop.client.get("/phones?page=9")).json()
+    assert past_end["phones"] == [] and past_end["total"] == 23
+    sized = await (await shop.client.get("/phones?page=2&per_page=20")).json()
+    assert [p["id"] for p in sized["phones"]] == [p["id"] for p in created[20:]]
+
+
+async def test_list_rejects_bad_paging(shop: Shop) -> None:
+    for query in ("page=0", "page=-1", "page=abc", "per_page=0", "per_page=101", "page=1.5"):
+        response = await shop.client.get(f"/phones?{query}")
+        assert response.status == 422, query
+        assert response.content_type == "application/problem+json"
+
+
+async def test_patch_changes_fields_but_not_stock(shop: Shop) -> None:
+    phone = await shop.phone(price_cents=100, stock=4)
+    response = await shop.client.patch(
+        f"/phones/{phone['id']}", json={"name": "Renamed", "price_cents": 150}, headers=ADMIN
+    )
+    assert response.status == 200
+    updated = (await response.json())["phone"]
+    assert (updated["name"], updated["price_cents"], updated["stock"]) == ("Renamed", 150, 4)
+    for body in ({"stock": 100}, {}, {"price_cents": 0}):
+        refused = await shop.client.patch(f"/phones/{phone['id']}", json=body, headers=ADMIN)
+        assert refused.status == 422, body
+    missing = await shop.client.patch(
+        "/phones/AAAAAAAAAAAAAAAAAAAAAA", json={"name": "x"}, headers=ADMIN
+    )
+    assert missing.status == 404
+
+
+async def test_restock_adds_units_atomically(shop: Shop, redis: Redis) -> None:
+    phone = await shop.phone(stock=1)
+    response = await shop.client.post(
+        f"/phones/{phone['id']}/restock", json={"quantity": 9}, headers=ADMIN
+    )
+    assert response.status == 200
+    assert (await response.json())["phone"]["stock"] == 10
+    assert await redis.hget(f"phone:{phone['id']}", "added_units") == b"10"
+    for quantity in (0, -1, 10**9 + 1, 1.0, "3", True):
+        refused = await shop.client.post(
+            f"/phones/{phone['id']}/restock", json={"quantity": quantity}, headers=ADMIN
+        )
+        assert refused.status == 422, quantity
+    missing = await shop.client.post(
+        "/phones/AAAAAAAAAAAAAAAAAAAAAA/restock", json={"quantity": 1}, headers=ADMIN
+    )
+    assert missing.status == 404
+    assert (await shop.audit())["ok"]
+
+
+async def test_phone_writes_need_the_admin(shop: Shop) -> None:
+    phone = await shop.phone()
+    _, customer_auth = await shop.customer()
+    body = {"name": "x", "price_cents": 1}
+    assert (await shop.client.post("/phones", json=body)).status == 401
+    bad = {"Authorization": "Bearer nope"}
+    assert (await shop.client.post("/phones", json=body, headers=bad)).status == 401
+    assert (await shop.client.post("/phones", json=body, headers=customer_auth)).status == 403
+    restock = await shop.client.post(
+        f"/phones/{phone['id']}/restock", json={"quantity": 1}, headers=customer_auth
+    )
+    assert restock.status == 403
+    assert (await (await shop.client.get("/phones")).json())["total"] == 1
+
+
+async def test_unknown_phone_is_404_problem(shop: Shop) -> None:
+    for path in ("/phones/AAAAAAAAAAAAAAAAAAAAAA", "/phones/not-an-id", "/phones/..%2Fetc"):
+        response = await shop.client.get(path)
+        assert response.status == 404
+        problem = await response.json(content_type="application/problem+json")
+        assert problem["code"] == "phone_not_found"
