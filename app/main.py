@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -32,8 +32,11 @@ CLIENT_MAX_SIZE = 64 * 1024
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[appkeys.SETTINGS]
-    redis = Redis.from_url(
+    # A blocking pool: past max_connections a request waits (up to the
+    # timeout) for a free connection instead of failing at once.
+    pool = BlockingConnectionPool.from_url(
         settings.redis_url,
+        timeout=settings.redis_timeout,
         socket_timeout=settings.redis_timeout,
         socket_connect_timeout=settings.redis_timeout,
         max_connections=settings.redis_max_connections,
@@ -41,8 +44,8 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         # and running it twice would debit twice. Clients retry with an
         # Idempotency-Key instead.
         retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
     )
+    redis = Redis.from_pool(pool)
     app[appkeys.REDIS] = redis
     app[appkeys.SCRIPTS] = Scripts(redis)
     yield

@@ -12,7 +12,12 @@ from tests.conftest import ADMIN, Shop
 async def test_create_customer_returns_token_once_stored_hashed(shop: Shop, redis: Redis) -> None:
     response = await shop.client.post(
         "/customers",
-        json={"name": "Grace", "surname": "Hopper", "email": "grace@example.com", "balance_cents": 500},
+        json={
+            "name": "Grace",
+            "surname": "Hopper",
+            "email": "grace@example.com",
+            "balance_cents": 500,
+        },
         headers=ADMIN,
     )
     assert response.status == 201
@@ -21,7 +26,12 @@ async def test_create_customer_returns_token_once_stored_hashed(shop: Shop, redi
     assert customer["balance_cents"] == 500 and customer["email"] == "grace@example.com"
     assert len(token) >= 40
     # The token itself is nowhere in Redis; only its SHA-256 is.
-    dump = b"".join([key + b"".join(str(v).encode() for v in [await redis.dump(key)]) for key in await redis.keys("*")])
+    dump = b"".join(
+        [
+            key + b"".join(str(v).encode() for v in [await redis.dump(key)])
+            for key in await redis.keys("*")
+        ]
+    )
     assert token.encode() not in dump
     digest = hashlib.sha256(token.encode()).hexdigest()
     assert await redis.get(f"token:{digest}") == customer["id"].encode()

@@ -72,9 +72,9 @@ async def test_cancel_refunds_and_restocks(shop: Shop, redis: Redis) -> None:
     a = await shop.phone(price_cents=300, stock=4)
     b = await shop.phone(price_cents=700, stock=4)
     customer, auth = await shop.customer(balance_cents=5000)
-    order = (
-        await (await shop.order(auth, [(a["id"], 2), (b["id"], 1)], autocheck=False)).json()
-    )["order"]
+    order = (await (await shop.order(auth, [(a["id"], 2), (b["id"], 1)], autocheck=False)).json())[
+        "order"
+    ]
     assert await redis.hget(f"customer:{customer['id']}", "balance_cents") == b"3700"
     cancelled = await shop.client.post(f"/orders/{order['id']}/cancel", headers=auth)
     assert cancelled.status == 200
@@ -189,9 +189,9 @@ async def test_bola_other_customers_orders_are_invisible(shop: Shop) -> None:
     assert bobs["orders"] == [] and bobs["total"] == 0
     alices = await (await shop.client.get("/orders", headers=alice)).json()
     assert [o["id"] for o in alices["orders"]] == [order["id"]]
-    assert (await (await shop.client.get(f"/orders/{order['id']}", headers=alice)).json())[
-        "order"
-    ]["status"] == "open"
+    assert (await (await shop.client.get(f"/orders/{order['id']}", headers=alice)).json())["order"][
+        "status"
+    ] == "open"
 
 
 async def test_list_orders_newest_first_with_status_filter(shop: Shop) -> None:

@@ -11,6 +11,7 @@ from collections import Counter
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import WatchError
 
 from app import keys
 from app.problems import retry_later

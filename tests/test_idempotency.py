@@ -1,0 +1,110 @@
+"""Idempotency-Key on POST /orders: one order per key, replays byte for byte."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+from redis.asyncio import Redis
+
+from tests.conftest import Shop
+
+
+async def test_concurrent_requests_with_one_key_make_one_order(shop: Shop, redis: Redis) -> None:
+    phone = await shop.phone(price_cents=100, stock=1000)
+    customer, auth = await shop.customer(balance_cents=100_000)
+    headers = {**auth, "Idempotency-Key": "order-1"}
+    body = {"items": [{"phone_id": phone["id"], "quantity": 2}]}
+    responses = await asyncio.gather(
+        *(shop.client.post("/orders", json=body, headers=headers) for _ in range(100))
+    )
+    bodies = [await response.read() for response in responses]
+    statuses = Counter(response.status for response in responses)
+    assert set(statuses) <= {201, 409}
+    created = {b for r, b in zip(responses, bodies, strict=True) if r.status == 201}
+    assert len(created) == 1  # every 201 carries the same body: one order
+    replays = [r for r in responses if r.headers.get("Idempotent-Replayed") == "true"]
+    assert len(replays) == statuses[201] - 1
+    assert await redis.hget(f"customer:{customer['id']}", "balance_cents") == b"99800"
+    assert await redis.zcard("orders") == 1
+    later = await shop.client.post("/orders", json=body, headers=headers)
+    assert later.status == 201
+    assert await later.read() == created.pop()
+    assert later.headers["Idempotent-Replayed"] == "true"
+
+
+async def test_changed_body_with_same_key_is_422(shop: Shop, redis: Redis) -> None:
+    phone = await shop.phone(price_cents=100, stock=10)
+    _, auth = await shop.customer()
+    headers = {**auth, "Idempotency-Key": "k"}
+    first = await shop.client.post(
+        "/orders", json={"items": [{"phone_id": phone["id"], "quantity": 1}]}, headers=headers
+    )
+    assert first.status == 201
+    changed = await shop.client.post(
+        "/orders", json={"items": [{"phone_id": phone["id"], "quantity": 2}]}, headers=headers
+    )
+    assert changed.status == 422
+    body = await changed.json(content_type="application/problem+json")
+    assert body["code"] == "idempotency_key_reused"
+    assert await redis.zcard("orders") == 1
+
+
+async def test_business_rejection_is_stored_and_replayed(shop: Shop) -> None:
+    phone = await shop.phone(price_cents=100, stock=1)
+    _, auth = await shop.customer()
+    headers = {**auth, "Idempotency-Key": "too-many"}
+    body = {"items": [{"phone_id": phone["id"], "quantity": 5}]}
+    first = await shop.client.post("/orders", json=body, headers=headers)
+    assert first.status == 409
+    await shop.client.post(
+        f"/phones/{phone['id']}/restock",
+        json={"quantity": 100},
+        headers={"Authorization": "Bearer test-admin-token-0123456789"},
+    )
+    # Stock is there now, but the key's answer was decided: replay it.
+    replay = await shop.client.post("/orders", json=body, headers=headers)
+    assert replay.status == 409
+    assert await replay.read() == await first.read()
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    fresh = await shop.client.post("/orders", json=body, headers={**auth, "Idempotency-Key": "new"})
+    assert fresh.status == 201
+
+
+async def test_validation_failures_are_not_stored(shop: Shop) -> None:
+    phone = await shop.phone(price_cents=100, stock=5)
+    _, auth = await shop.customer()
+    headers = {**auth, "Idempotency-Key": "v"}
+    bad = await shop.client.post(
+        "/orders", json={"items": [{"phone_id": phone["id"], "quantity": 0}]}, headers=headers
+    )
+    assert bad.status == 422
+    good = await shop.client.post(
+        "/orders", json={"items": [{"phone_id": phone["id"], "quantity": 1}]}, headers=headers
+    )
+    assert good.status == 201
+
+
+async def test_keys_are_scoped_to_the_customer(shop: Shop, redis: Redis) -> None:
+    phone = await shop.phone(price_cents=100, stock=5)
+    _, alice = await shop.customer()
+    _, bob = await shop.customer()
+    body = {"items": [{"phone_id": phone["id"], "quantity": 1}]}
+    a = await shop.client.post("/orders", json=body, headers={**alice, "Idempotency-Key": "same"})
+    b = await shop.client.post("/orders", json=body, headers={**bob, "Idempotency-Key": "same"})
+    assert a.status == b.status == 201
+    assert (await a.json())["order"]["id"] != (await b.json())["order"]["id"]
+    ttl = [await redis.ttl(key) for key in await redis.keys("idem:*")]
+    assert len(ttl) == 2 and all(23 * 3600 < t <= 24 * 3600 for t in ttl)
+
+
+async def test_invalid_keys_are_400(shop: Shop) -> None:
+    phone = await shop.phone()
+    _, auth = await shop.customer()
+    body = {"items": [{"phone_id": phone["id"], "quantity": 1}]}
+    for key in ("", "x" * 256, "has space", "é"):
+        response = await shop.client.post(
+            "/orders", json=body, headers={**auth, "Idempotency-Key": key}
+        )
+        assert response.status == 400, key
+    assert (await shop.audit())["orders"]["total"] == 0

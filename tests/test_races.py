@@ -1,0 +1,59 @@
+"""Concurrency: many requests racing on one phone, one balance, one order, one key.
+
+Each race runs through the real app and the real Redis; the outcome must be
+exactly what a serial execution allows, whatever the interleaving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+from redis.asyncio import Redis
+
+from tests.conftest import ADMIN, Shop
+
+
+async def test_oversell_race_exactly_stock_succeeds(shop: Shop, redis: Redis) -> None:
+    phone = await shop.phone(price_cents=100, stock=10)
+    customers = [await shop.customer(balance_cents=10_000) for _ in range(50)]
+    requests = [shop.order(customers[i % 50][1], [(phone["id"], 1)]) for i in range(500)]
+    responses = await asyncio.gather(*requests)
+    statuses = Counter(response.status for response in responses)
+    assert statuses == {201: 10, 409: 490}
+    assert await redis.hget(f"phone:{phone['id']}", "stock") == b"0"
+    audit = await shop.audit()
+    assert audit["ok"] and audit["orders"]["total"] == 10
+
+
+async def test_balance_race_never_overdraws(shop: Shop, redis: Redis) -> None:
+    phone = await shop.phone(price_cents=700, stock=1000)
+    customer, auth = await shop.customer(balance_cents=3 * 700)
+    responses = await asyncio.gather(*(shop.order(auth, [(phone["id"], 1)]) for _ in range(50)))
+    statuses = Counter(response.status for response in responses)
+    assert statuses == {201: 3, 402: 47}
+    assert await redis.hget(f"customer:{customer['id']}", "balance_cents") == b"0"
+    assert (await shop.audit())["ok"]
+
+
+async def test_check_and_cancel_race_exactly_one_wins(shop: Shop, redis: Redis) -> None:
+    phone = await shop.phone(price_cents=100, stock=100)
+    _, auth = await shop.customer(balance_cents=100_000)
+    for _ in range(20):
+        order = (await (await shop.order(auth, [(phone["id"], 1)], autocheck=False)).json())[
+            "order"
+        ]
+        check, cancel = await asyncio.gather(
+            shop.client.post(f"/orders/{order['id']}/check", headers=auth),
+            shop.client.post(f"/orders/{order['id']}/cancel", headers=ADMIN),
+        )
+        assert sorted([check.status, cancel.status]) == [200, 409]
+        final = (await (await shop.client.get(f"/orders/{order['id']}", headers=auth)).json())[
+            "order"
+        ]["status"]
+        assert final == ("completed" if check.status == 200 else "cancelled")
+    audit = await shop.audit()
+    assert audit["ok"]
+    assert audit["orders"]["completed"] + audit["orders"]["cancelled"] == 20
+    events = Counter(f[b"type"] for _, f in await redis.xrange("events"))
+    assert events[b"order.completed"] + events[b"order.cancelled"] == 20

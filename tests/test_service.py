@@ -1,0 +1,113 @@
+"""Health, readiness, request ids, the in-flight cap, Redis outages, settings, OpenAPI."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from app import appkeys
+from app.main import create_app
+from app.routes import ROUTES
+from app.settings import Settings, SettingsError
+from tests.conftest import ADMIN_TOKEN, Shop
+from tests.servers import free_port
+
+
+async def test_health_and_readiness(shop: Shop) -> None:
+    assert (await (await shop.client.get("/healthz")).json()) == {"status": "ok"}
+    ready = await shop.client.get("/readyz")
+    assert ready.status == 200
+
+
+async def test_readyz_reloads_flushed_scripts(shop: Shop) -> None:
+    redis = shop.client.app[appkeys.REDIS]
+    scripts = shop.client.app[appkeys.SCRIPTS]
+    await redis.script_flush()
+    assert not await scripts.loaded()
+    assert (await shop.client.get("/readyz")).status == 200
+    assert await scripts.loaded()
+
+
+async def test_request_id_is_passed_through_or_made(shop: Shop) -> None:
+    given = await shop.client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert given.headers["X-Request-ID"] == "abc-123"
+    made = await shop.client.get("/healthz", headers={"X-Request-ID": "bad id; rm"})
+    assert made.headers["X-Request-ID"] != "bad id; rm" and len(made.headers["X-Request-ID"]) == 32
+
+
+async def test_redis_down_gives_503_problem(
+    aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    monkeypatch.setenv("ADMIN_TOKEN", ADMIN_TOKEN)
+    monkeypatch.setenv("REDIS_TIMEOUT", "0.5")
+    client: TestClient = await aiohttp_client(await create_app())
+    for path in ("/readyz", "/phones"):
+        response = await client.get(path)
+        assert response.status == 503, path
+        assert response.headers["Retry-After"] == "1"
+        problem = await response.json(content_type="application/problem+json")
+        assert problem["code"] == "service_unavailable"
+    assert (await client.get("/healthz")).status == 200
+
+
+async def test_inflight_cap_sheds_with_503(
+    aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch, app_env: dict[str, str]
+) -> None:
+    monkeypatch.setenv("MAX_INFLIGHT", "3")
+    client: TestClient = await aiohttp_client(await create_app())
+    responses = await asyncio.gather(*(client.get("/bench/sleep?ms=300") for _ in range(10)))
+    statuses = sorted(response.status for response in responses)
+    assert statuses == [200] * 3 + [503] * 7
+    shed = next(r for r in responses if r.status == 503)
+    assert shed.headers["Retry-After"] == "1"
+    assert (await shed.json(content_type="application/problem+json"))["code"] == "overloaded"
+    # Health stays reachable while saturated; the cap frees up afterwards.
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.get("/bench/sleep?ms=1")).status == 200
+
+
+def test_settings_validation() -> None:
+    base = {"ADMIN_TOKEN": ADMIN_TOKEN}
+    settings = Settings.from_env(base)
+    assert settings.max_inflight == 256 and settings.redis_timeout == 2.0
+    assert ADMIN_TOKEN not in repr(settings)
+    for bad in (
+        {},
+        {"ADMIN_TOKEN": "short"},
+        {**base, "MAX_INFLIGHT": "0"},
+        {**base, "MAX_INFLIGHT": "many"},
+        {**base, "REDIS_TIMEOUT": "nan"},
+        {**base, "REDIS_URL": "http://x"},
+        {**base, "BENCH_ROUTES": "maybe"},
+    ):
+        with pytest.raises(SettingsError):
+            Settings.from_env(bad)
+    with pytest.raises(AttributeError):
+        settings.max_inflight = 1  # type: ignore[misc]
+
+
+async def test_bench_routes_are_off_by_default(
+    aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch, app_env: dict[str, str]
+) -> None:
+    monkeypatch.delenv("BENCH_ROUTES")
+    client: TestClient = await aiohttp_client(await create_app())
+    assert (await client.get("/bench/hello")).status == 404
+
+
+async def test_openapi_covers_every_route_with_request_schemas(shop: Shop) -> None:
+    spec = await (await shop.client.get("/openapi.json")).json()
+    assert spec["openapi"].startswith("3.1")
+    for route in ROUTES:
+        operation = spec["paths"][route.path][route.method.lower()]
+        assert str(route.status) in operation["responses"]
+        if route.body is not None:
+            schema = operation["requestBody"]["content"]["application/json"]["schema"]
+            name = schema["$ref"].rsplit("/", 1)[1]
+            component = spec["components"]["schemas"][name]
+            assert component["additionalProperties"] is False
+    line = spec["components"]["schemas"]["OrderLine"]["properties"]["quantity"]
+    assert (line["minimum"], line["maximum"]) == (1, 100)
