@@ -40,7 +40,8 @@ _HTTP_CODES = {
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Take nginx's X-Request-ID (or make one) and hand it back to the client."""
     given = request.headers.get("X-Request-ID", "")
-    request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    trusted = request.app[appkeys.SETTINGS].behind_proxy and _REQUEST_ID.fullmatch(given)
+    request_id = given if trusted else uuid.uuid4().hex
     request[REQUEST_ID] = request_id
     response = await handler(request)
     response.headers["X-Request-ID"] = request_id

@@ -63,7 +63,8 @@ class Settings:
     idempotency_ttl_seconds: int = 24 * 3600
     # Serve GET /bench/hello, the bench's ceiling route; off in production.
     bench_routes: bool = False
-    # Trust X-Forwarded-For / X-Request-ID from nginx in front of us.
+    # Take the X-Request-ID that nginx in front of us sets; when off, every
+    # request gets an id made here, whatever the client sent.
     behind_proxy: bool = True
 
     @classmethod

@@ -111,3 +111,12 @@ async def test_openapi_covers_every_route_with_request_schemas(shop: Shop) -> No
             assert component["additionalProperties"] is False
     line = spec["components"]["schemas"]["OrderLine"]["properties"]["quantity"]
     assert (line["minimum"], line["maximum"]) == (1, 100)
+
+
+async def test_request_id_is_not_trusted_without_a_proxy(
+    aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch, app_env: dict[str, str]
+) -> None:
+    monkeypatch.setenv("BEHIND_PROXY", "0")
+    client: TestClient = await aiohttp_client(await create_app())
+    response = await client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert response.headers["X-Request-ID"] != "abc-123"
