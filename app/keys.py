@@ -94,3 +94,11 @@ def mail_attempts(order_id: str) -> str:
 
 def mail_worker_alive(worker_name: str) -> str:
     return f"mail:worker:{worker_name}:alive"
+
+
+# Mail worker (mail/worker.py). Stream entry ids of mails waiting for their
+# next attempt after a temporary failure, scored by when that attempt is due
+# (ms since the epoch). The entries stay pending in the `mailer` group, so the
+# stream is never trimmed past them.
+MAIL_RETRY = "mail:retry"
+MAIL_WORKER_ALIVE_PATTERN = "mail:worker:*:alive"

@@ -1,0 +1,18 @@
+"""The mail side's Lua scripts (``mail/lua/*.lua``), read once.
+
+Each file starts with its KEYS / ARGV / return contract. Callers register them
+on their own client with ``redis.register_script(source(name))``, which runs
+EVALSHA and loads the script on a NOSCRIPT reply.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+LUA = Path(__file__).parent / "lua"
+
+
+@cache
+def source(name: str) -> str:
+    return (LUA / f"{name}.lua").read_text(encoding="utf-8")

@@ -1,0 +1,166 @@
+"""The mail worker's settings, read once from the environment into one frozen,
+validated object. Defaults are mirrored in ``.env.example``.
+
+The worker is its own process (``python -m mail``) and does not need the API's
+settings (ADMIN_TOKEN and friends), so it has its own object; the parsing rules
+are the API's, imported from :mod:`app.settings`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from email.headerregistry import Address
+from urllib.parse import urlsplit
+
+from app.settings import SettingsError, _float, _int
+
+SMTP_TLS_MODES = ("none", "starttls", "tls")
+
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+_WORKER_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def default_worker_name() -> str:
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:40] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def parse_mail_from(value: str) -> Address:
+    """``Name <addr@host>`` or ``addr@host`` -> one Address, or SettingsError."""
+    if _CONTROL.search(value) or "=?" in value:
+        raise SettingsError("MAIL_FROM must not contain control characters or encoded words")
+    from email.headerregistry import HeaderRegistry
+
+    try:
+        header = HeaderRegistry()("From", value)
+        addresses = header.addresses
+    except (ValueError, IndexError) as error:
+        raise SettingsError(f"MAIL_FROM is not an address: {error}") from None
+    if len(addresses) != 1 or header.defects or not addresses[0].domain:
+        raise SettingsError(f"MAIL_FROM must be exactly one address, got {value!r}")
+    return addresses[0]
+
+
+# No slots=True: with slots, cls.<field> is a member descriptor, not the default.
+@dataclass(frozen=True)
+class MailSettings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Defaults point at the dev sink, `python -m mail.sink`.
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 1025
+    smtp_username: str = ""
+    smtp_password: str = field(default="", repr=False)
+    smtp_tls: str = "none"  # none | starttls | tls
+    # Per SMTP command (connect, MAIL, RCPT, DATA...), seconds.
+    smtp_timeout: float = 10.0
+    mail_from: str = "PhoneShop <orders@phoneshop.localhost>"
+    # Right-hand side of the stable Message-ID <order-{id}@{mail_domain}>.
+    mail_domain: str = "phoneshop.localhost"
+    # Attempts per mail (4xx, connection errors, timeouts) before it is dead-lettered.
+    max_attempts: int = 8
+    # Retry n waits about backoff_base * 2**(n-1) seconds (with jitter), at most backoff_max.
+    backoff_base: float = 2.0
+    backoff_max: float = 600.0
+    # A pending entry idle this long belongs to a crashed worker and is taken over.
+    # Keep it well above smtp_timeout, or a slow send may be taken over and doubled.
+    claim_idle: float = 60.0
+    # Entries read per XREADGROUP / XAUTOCLAIM call.
+    batch_size: int = 50
+    # Acknowledged `events` entries are kept at least this long, then trimmed.
+    # Entries the `mailer` group has not acknowledged are never trimmed.
+    events_retention: float = 3600.0
+    trim_interval: float = 10.0
+    # The health key mail:worker:{name}:alive is refreshed every loop and expires
+    # after 3 heartbeats; a log line is written every `heartbeat_log` seconds.
+    heartbeat: float = 5.0
+    heartbeat_log: float = 60.0
+    worker_name: str = field(default_factory=default_worker_name)
+
+    @property
+    def from_address(self) -> Address:
+        return parse_mail_from(self.mail_from)
+
+    @property
+    def alive_ttl(self) -> int:
+        return max(1, round(self.heartbeat * 3))
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> MailSettings:
+        env = os.environ if env is None else env
+
+        def text(name: str, default: str) -> str:
+            return env.get(name, "").strip() or default
+
+        redis_url = text("REDIS_URL", cls.redis_url)
+        if urlsplit(redis_url).scheme not in {"redis", "rediss", "unix"}:
+            raise SettingsError(
+                f"REDIS_URL must be a redis://, rediss:// or unix:// URL, got {redis_url!r}"
+            )
+        smtp_tls = text("SMTP_TLS", cls.smtp_tls).lower()
+        if smtp_tls not in SMTP_TLS_MODES:
+            raise SettingsError(
+                f"SMTP_TLS must be one of {', '.join(SMTP_TLS_MODES)}, got {smtp_tls!r}"
+            )
+        settings = cls(
+            redis_url=redis_url,
+            smtp_host=text("SMTP_HOST", cls.smtp_host),
+            smtp_port=_int(env, "SMTP_PORT", cls.smtp_port, 1, 65535),
+            smtp_username=env.get("SMTP_USERNAME", ""),
+            smtp_password=env.get("SMTP_PASSWORD", ""),
+            smtp_tls=smtp_tls,
+            smtp_timeout=_float(env, "SMTP_TIMEOUT_SECONDS", cls.smtp_timeout, 0.1, 600.0),
+            mail_from=text("MAIL_FROM", cls.mail_from),
+            mail_domain=text("MAIL_DOMAIN", cls.mail_domain),
+            max_attempts=_int(env, "MAIL_MAX_ATTEMPTS", cls.max_attempts, 1, 1000),
+            backoff_base=_float(env, "MAIL_BACKOFF_BASE_SECONDS", cls.backoff_base, 0.001, 3600.0),
+            backoff_max=_float(
+                env, "MAIL_BACKOFF_MAX_SECONDS", cls.backoff_max, 0.001, 7 * 86400.0
+            ),
+            claim_idle=_float(env, "MAIL_CLAIM_IDLE_SECONDS", cls.claim_idle, 0.1, 86400.0),
+            batch_size=_int(env, "MAIL_BATCH_SIZE", cls.batch_size, 1, 1000),
+            events_retention=_float(
+                env, "EVENTS_RETENTION_SECONDS", cls.events_retention, 0.0, 365 * 86400.0
+            ),
+            trim_interval=_float(
+                env, "EVENTS_TRIM_INTERVAL_SECONDS", cls.trim_interval, 0.01, 86400.0
+            ),
+            heartbeat=_float(env, "MAIL_HEARTBEAT_SECONDS", cls.heartbeat, 0.1, 3600.0),
+            heartbeat_log=_float(
+                env, "MAIL_HEARTBEAT_LOG_SECONDS", cls.heartbeat_log, 0.1, 86400.0
+            ),
+            worker_name=text("MAIL_WORKER_NAME", "") or default_worker_name(),
+        )
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Cross-field checks; from_env calls it, tests building the object may too."""
+        if not self.smtp_host or _CONTROL.search(self.smtp_host):
+            raise SettingsError("SMTP_HOST must be a host name or address")
+        if bool(self.smtp_username) != bool(self.smtp_password):
+            raise SettingsError("SMTP_USERNAME and SMTP_PASSWORD go together: set both or neither")
+        if self.smtp_tls not in SMTP_TLS_MODES:
+            raise SettingsError(f"SMTP_TLS must be one of {', '.join(SMTP_TLS_MODES)}")
+        if not _HOSTNAME.fullmatch(self.mail_domain):
+            raise SettingsError(f"MAIL_DOMAIN must be a host name, got {self.mail_domain!r}")
+        parse_mail_from(self.mail_from)
+        if not _WORKER_NAME.fullmatch(self.worker_name):
+            raise SettingsError(
+                "MAIL_WORKER_NAME must be 1 to 64 characters of A-Z a-z 0-9 _ . : -"
+            )
+        if self.backoff_base > self.backoff_max:
+            raise SettingsError(
+                "MAIL_BACKOFF_BASE_SECONDS must not exceed MAIL_BACKOFF_MAX_SECONDS"
+            )
+        if self.claim_idle <= self.smtp_timeout:
+            raise SettingsError(
+                "MAIL_CLAIM_IDLE_SECONDS must exceed SMTP_TIMEOUT_SECONDS, or a slow send is taken over"
+            )
