@@ -9,6 +9,7 @@ from aiohttp.typedefs import Handler
 
 from app import health
 from app.admin import handlers as admin
+from app.admin import mail as admin_mail
 from app.customers import handlers as customers
 from app.customers.models import CustomerCreate, CustomerCreated, CustomerEnvelope, Deposit
 from app.orders import handlers as orders
@@ -200,6 +201,23 @@ ROUTES: list[Route] = [
         "Conservation audit of stock and money",
         auth="admin",
         answer=dict,
+    ),
+    Route(
+        "GET",
+        "/admin/mail/dead",
+        admin_mail.get_dead_letters,
+        "Dead-lettered confirmation mails, newest first",
+        auth="admin",
+        answer=admin_mail.DeadLetterPage,
+        query=("page", "per_page"),
+    ),
+    Route(
+        "POST",
+        "/admin/mail/dead/{id}/retry",
+        admin_mail.retry_dead_letter,
+        "Requeue a dead-lettered confirmation mail",
+        auth="admin",
+        answer=admin_mail.RequeuedEnvelope,
     ),
 ]
 

@@ -1,0 +1,159 @@
+"""Dead-lettered confirmation mails: list them, and requeue one.
+
+The mail worker (``mail/worker.py``) moves a mail to the ``mail:dead`` stream
+after a 5xx reply or MAIL_MAX_ATTEMPTS temporary failures. Requeueing appends a
+fresh ``mail.requeued`` entry for the order to ``events``, resets the order's
+attempt counter and deletes the dead letter, in one script
+(``mail/lua/requeue_mail.lua``). The worker then sends it like a new
+``order.completed``; if the mail was meanwhile sent after all, the
+``mail:sent`` marker stops a second copy.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import msgspec
+from aiohttp import web
+from redis.asyncio import Redis
+
+from app import keys
+from app.auth import require_admin
+from app.handlers import redis_of
+from app.ids import is_valid_id
+from app.middlewares import REQUEST_ID
+from app.models import iso_time, json_response, page_count, page_params
+from app.problems import ProblemError
+from mail import scripts
+
+# Stream entry ids: "<ms>-<seq>".
+_ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
+
+
+class DeadLetter(msgspec.Struct, kw_only=True):
+    id: str
+    order_id: str
+    customer_id: str
+    reason: str
+    attempts: int
+    event_id: str
+    event_type: str
+    at: str
+
+
+class DeadLetterPage(msgspec.Struct, kw_only=True):
+    dead_letters: list[DeadLetter]
+    page: int
+    per_page: int
+    total: int
+    pageCount: int
+
+
+class Requeued(msgspec.Struct, kw_only=True):
+    dead_id: str
+    order_id: str
+    event_id: str
+
+
+class RequeuedEnvelope(msgspec.Struct, kw_only=True):
+    requeued: Requeued
+
+
+class DeadLetterNotRequeueable(ValueError):
+    """The dead letter names no valid order id, so there is nothing to resend."""
+
+
+def _text(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _dead_letter(entry_id: bytes | str, fields: dict) -> DeadLetter:
+    f = {_text(k): _text(v) for k, v in fields.items()}
+    attempts = f.get("attempts", "0")
+    at = f.get("at", "")
+    return DeadLetter(
+        id=_text(entry_id),
+        order_id=f.get("order_id", ""),
+        customer_id=f.get("customer_id", ""),
+        reason=f.get("reason", ""),
+        attempts=int(attempts) if attempts.isdigit() else 0,
+        event_id=f.get("event_id", ""),
+        event_type=f.get("event_type", ""),
+        at=iso_time(at) if at.isdigit() else "",
+    )
+
+
+def is_entry_id(value: str) -> bool:
+    return _ENTRY_ID.fullmatch(value) is not None
+
+
+async def list_dead_letters(
+    redis: Redis, *, page: int = 1, per_page: int = 50
+) -> tuple[int, list[DeadLetter]]:
+    """(total, one page of dead letters, newest first)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xlen(keys.MAIL_DEAD)
+        pipe.xrevrange(keys.MAIL_DEAD, "+", "-", count=page * per_page)
+        total, entries = await pipe.execute()
+    start = (page - 1) * per_page
+    return total, [_dead_letter(i, f) for i, f in entries[start : start + per_page]]
+
+
+async def requeue_dead_letter(
+    redis: Redis, dead_id: str, *, request_id: str = ""
+) -> Requeued | None:
+    """Put one dead-lettered mail back to be sent. None when no such dead letter
+    exists (any more: a second requeue of the same id finds nothing)."""
+    if not is_entry_id(dead_id):
+        return None
+    found = await redis.xrange(keys.MAIL_DEAD, dead_id, dead_id)
+    if not found:
+        return None
+    letter = _dead_letter(*found[0])
+    if not is_valid_id(letter.order_id):
+        raise DeadLetterNotRequeueable(f"dead letter {dead_id} names no valid order id")
+    script = redis.register_script(scripts.source("requeue_mail"))
+    event_id = await script(
+        keys=[keys.MAIL_DEAD, keys.EVENTS, keys.mail_attempts(letter.order_id)],
+        args=[dead_id, letter.order_id, time.time_ns() // 1_000_000, request_id],
+    )
+    if event_id is None:
+        return None
+    return Requeued(dead_id=dead_id, order_id=letter.order_id, event_id=_text(event_id))
+
+
+# -- handlers (admin only) ------------------------------------------------------------
+
+
+async def get_dead_letters(request: web.Request) -> web.Response:
+    await require_admin(request)
+    paging = page_params(request, default_per_page=50)
+    total, letters = await list_dead_letters(
+        redis_of(request), page=paging.page, per_page=paging.per_page
+    )
+    return json_response(
+        DeadLetterPage(
+            dead_letters=letters,
+            page=paging.page,
+            per_page=paging.per_page,
+            total=total,
+            pageCount=page_count(total, paging.per_page),
+        )
+    )
+
+
+async def retry_dead_letter(request: web.Request) -> web.Response:
+    await require_admin(request)
+    dead_id = request.match_info["id"]
+    try:
+        requeued = await requeue_dead_letter(
+            redis_of(request), dead_id, request_id=request.get(REQUEST_ID, "")
+        )
+    except DeadLetterNotRequeueable as error:
+        raise ProblemError("validation_error", str(error)) from None
+    if requeued is None:
+        raise ProblemError("not_found", f"No dead letter with id {dead_id[:64]!r}")
+    return json_response(RequeuedEnvelope(requeued=requeued))
