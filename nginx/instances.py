@@ -70,7 +70,7 @@ def instance_env(port: int, env: Mapping[str, str] | None = None) -> dict[str, s
     return merged
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """preexec_fn: the kernel sends SIGTERM to the child when its parent dies."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -80,7 +80,7 @@ def _die_with_parent() -> None:
 
 
 def start_instance(port: int, env: Mapping[str, str] | None = None) -> subprocess.Popen:
-    preexec = _die_with_parent if sys.platform.startswith("linux") else None
+    preexec = die_with_parent if sys.platform.startswith("linux") else None
     return subprocess.Popen(  # preexec_fn is safe: the launcher runs no threads
         gunicorn_argv(),
         cwd=ROOT,

@@ -1,0 +1,154 @@
+"""nginx/render.py renders configs that the real nginx accepts (`nginx -t`), with
+the listeners, limits and error pages issue 3 asks for."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from nginx.render import PROBLEMS, NginxConfig, RenderError, render, write
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def nginx_test(config: NginxConfig, directory: Path) -> subprocess.CompletedProcess:
+    """Write config under directory and run `nginx -t` on it."""
+    local = dataclasses.replace(
+        config,
+        var_dir=str(directory / "var"),
+        access_log=str(directory / "access.log"),
+        error_log="stderr",
+    )
+    conf = directory / "nginx.conf"
+    write(local, conf)
+    return subprocess.run(
+        [NGINX, "-t", "-p", f"{directory}/", "-c", str(conf), "-e", "stderr"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def listens(text: str) -> list[str]:
+    return re.findall(r"^\s*listen\s+(\S+?)\s", text, flags=re.MULTILINE)
+
+
+def test_defaults_pass_nginx_t(tmp_path: Path) -> None:
+    config = NginxConfig.from_env({})
+    result = nginx_test(config, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+    text = render(config)
+    assert listens(text) == ["127.0.0.1:8080", "127.0.0.1:5555", "127.0.0.1:7777"]
+    assert "server 127.0.0.1:8001 max_fails=3 fail_timeout=5s;" in text
+    assert "server 127.0.0.1:8002 max_fails=3 fail_timeout=5s;" in text
+
+
+def test_seed_ports_off_pass_nginx_t(tmp_path: Path) -> None:
+    config = NginxConfig.from_env({"SEED_PHONES_PORT": "0", "SEED_ORDERS_PORT": "0"})
+    result = nginx_test(config, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert listens(render(config)) == ["127.0.0.1:8080"]
+
+
+def test_only_a_seed_port(tmp_path: Path) -> None:
+    config = NginxConfig.from_env({"HTTP_PORT": "0", "SEED_ORDERS_PORT": "0"})
+    result = nginx_test(config, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert listens(render(config)) == ["127.0.0.1:5555"]
+
+
+def test_environment_sets_ports_instances_and_limits() -> None:
+    text = render(
+        NginxConfig.from_env(
+            {
+                "HTTP_PORT": "9080",
+                "WEB_INSTANCES": "3",
+                "APP_BASE_PORT": "9001",
+                "LIMIT_WRITE_RATE": "5r/s",
+                "LIMIT_WRITE_BURST": "7",
+                "LIMIT_READ_RATE": "50",
+                "LIMIT_READ_BURST": "60",
+                "LIMIT_CONN": "11",
+            }
+        )
+    )
+    assert "listen 127.0.0.1:9080 default_server;" in text
+    for port in (9001, 9002, 9003):
+        assert f"server 127.0.0.1:{port} " in text
+    assert "zone=writes:10m rate=5r/s;" in text
+    assert "zone=reads:10m rate=50r/s;" in text
+    assert "limit_req zone=writes burst=7 nodelay;" in text
+    assert "limit_req zone=reads burst=60 nodelay;" in text
+    assert "limit_conn per_address 11;" in text
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"LIMIT_WRITE_RATE": "fast"},
+        {"LIMIT_READ_BURST": "-1"},
+        {"HTTP_PORT": "70000"},
+        {"HTTP_PORT": "5555"},  # collides with the seed phones port
+        {"HTTP_PORT": "0", "SEED_PHONES_PORT": "0", "SEED_ORDERS_PORT": "0"},
+        {"UPSTREAM_FAIL_TIMEOUT": "5s; evil"},
+    ],
+)
+def test_bad_environment_is_refused(env: dict[str, str]) -> None:
+    with pytest.raises(RenderError):
+        render(NginxConfig.from_env(env))
+
+
+def test_overflow_protection_and_retries() -> None:
+    text = render(NginxConfig.from_env({}))
+    assert "limit_req_status 429;" in text
+    assert "limit_conn_status 429;" in text
+    # Keyed by bearer token when present, else by address; writes apart from reads.
+    assert re.search(r"map \$http_authorization \$limit_client \{", text)
+    assert "limit_req_zone $limit_write_key zone=writes" in text
+    assert "limit_req_zone $limit_read_key zone=reads" in text
+    assert "proxy_next_upstream error timeout http_502 http_503;" in text
+    directives = re.sub(r"#[^\n]*", "", text)
+    assert "non_idempotent" not in directives  # a POST is never retried by nginx
+    assert "client_max_body_size 64k;" in text
+    assert "keepalive 64;" in text
+    assert "proxy_http_version 1.1;" in text
+    assert "proxy_set_header Connection $connection_upgrade;" in text
+    assert (
+        'map $http_upgrade $connection_upgrade {\n        default upgrade;\n        ""      "";'
+        in (text)
+    )
+    assert "proxy_set_header X-Request-ID $req_id;" in text
+    assert "proxy_set_header X-Forwarded-For $remote_addr;" in text
+
+
+def test_access_log_is_json_and_never_has_the_authorization_header() -> None:
+    text = render(NginxConfig.from_env({}))
+    log_format = text[text.index("log_format json") : text.index("access_log ")]
+    assert "escape=json" in log_format
+    assert "authorization" not in log_format.lower()
+    sample = re.sub(r"\$[a-z_]+", "0", "".join(re.findall(r"'([^']*)'", log_format)))
+    assert json.loads(sample)["request_id"] == "0"
+
+
+def test_every_nginx_error_is_problem_json() -> None:
+    text = render(NginxConfig.from_env({}))
+    assert "error_page 429 @rate_limited;" in text
+    assert "error_page 413 @payload_too_large;" in text
+    assert "error_page 502 503 =503 @upstream_unavailable;" in text
+    assert "error_page 504 @upstream_timeout;" in text
+    bodies = re.findall(r"return (\d{3}) '(\{.*\})';", text)
+    assert {int(status) for status, _ in bodies} >= {400, 404, 408, 413, 414, 429, 500, 503, 504}
+    for status, body in bodies:
+        problem = json.loads(body.replace("$req_id", "r1"))
+        assert problem["status"] == int(status)
+        assert set(problem) >= {"type", "title", "status", "detail", "code"}
+    assert text.count("default_type application/problem+json;") == len(bodies)
+    assert {p.code for p in PROBLEMS if p.retry_after} == {"rate_limited", "upstream_unavailable"}
