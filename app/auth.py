@@ -6,6 +6,7 @@ A token never changes owner, so each worker caches hash -> customer id.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -27,6 +28,11 @@ def new_token() -> str:
 
 def token_sha256(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=4)
+def _admin_digest(admin_token: str) -> str:
+    return token_sha256(admin_token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +82,7 @@ async def authenticate(request: web.Request) -> Principal:
     if token is None:
         raise ProblemError("unauthorized")
     digest = token_sha256(token)
-    admin_digest = token_sha256(request.app[appkeys.SETTINGS].admin_token)
+    admin_digest = _admin_digest(request.app[appkeys.SETTINGS].admin_token)
     if hmac.compare_digest(digest, admin_digest):
         return ADMIN
     cache = request.app[appkeys.TOKEN_CACHE]

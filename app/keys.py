@@ -36,7 +36,6 @@ CUSTOMERS_SEQ = "customers:seq"
 CUSTOMER_EMAILS = "customers:email"  # hash: lower-cased email -> customer id
 ORDERS = "orders"
 ORDERS_SEQ = "orders:seq"
-LEDGER = "ledger"  # hash: shop-wide counters, see audit.lua
 
 EVENTS = "events"
 MAIL_GROUP = "mailer"
