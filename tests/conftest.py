@@ -17,6 +17,9 @@ from redis.asyncio import Redis
 from app.main import create_app
 from tests.servers import RedisServer, free_port
 
+# The whole stack (redis, gunicorn instances, nginx) as one fixture.
+pytest_plugins = ["tests.stack"]
+
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
 
