@@ -68,7 +68,7 @@ lint: setup
 #     makes honcho SIGTERM every process group, then SIGKILL whatever is left
 #     after 5 s: nothing survives it.
 run: setup
-	@mkdir -p var/redis var/nginx var/log
+	@mkdir -p var/redis var/nginx var/log var/mail
 	@if [ -z "$${ADMIN_TOKEN:-}" ] && ! grep -Eqs '^[[:space:]]*(export[[:space:]]+)?ADMIN_TOKEN=[^[:space:]]' .env; then \
 	  token="$$($(PY) -c 'import secrets; print(secrets.token_urlsafe(32))')"; \
 	  (umask 077 && printf 'ADMIN_TOKEN=%s\n' "$$token" >> .env); \
@@ -91,6 +91,7 @@ run: setup
 	echo "  seed orders     $$(url "$$orders" /orders)"; \
 	echo "  app instances  $$instances  (direct, bypassing nginx)"; \
 	echo "  redis           $$REDIS_URL"; \
+	echo "  mail            SMTP sink 127.0.0.1:$${SMTP_PORT:-1025}, mails saved in $${MAIL_SINK_DIR:-var/mail}/"; \
 	echo "  admin token     ADMIN_TOKEN in .env (or your environment)"; \
 	echo "  logs            every process below, prefixed by its name;"; \
 	echo "                  nginx JSON access log var/log/nginx-access.log,"; \

@@ -41,6 +41,7 @@ PROBLEM_TYPE_BASE = "https://phoneshop.example/problems/"
 
 # In the compose stack the app service answers on this port inside the network.
 COMPOSE_UPSTREAM = "app:8000"
+COMPOSE_MAIL_UI = "mailpit:8025"
 
 RATE_RE = re.compile(r"^([1-9][0-9]{0,6})(?:r/([sm]))?$")
 DURATION_RE = re.compile(r"^[1-9][0-9]{0,5}(?:ms|s|m)?$")
@@ -94,6 +95,10 @@ class NginxConfig:
     var_dir: str = "var/nginx"  # pid and temp files
     access_log: str = "var/log/nginx-access.log"
     error_log: str = "stderr"
+    # Compose only: nginx also fronts Mailpit's web UI, so that nginx stays the
+    # one service publishing ports. "" / 0 = no such server.
+    mail_ui_upstream: str = ""
+    mail_ui_port: int = 0
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -133,6 +138,8 @@ class NginxConfig:
             var_dir="/var/cache/nginx",
             access_log="/dev/stdout",
             error_log="stderr",
+            mail_ui_upstream=COMPOSE_MAIL_UI,
+            mail_ui_port=8025,
         )
 
 
@@ -352,12 +359,46 @@ def _servers(config: NginxConfig) -> str:
                 ],
             )
         )
-    ports = [p for p in (config.http_port, config.seed_phones_port, config.seed_orders_port) if p]
+    if config.mail_ui_upstream and config.mail_ui_port:
+        servers.append(_mail_ui_server(config))
+    ports = [
+        p
+        for p in (
+            config.http_port,
+            config.seed_phones_port,
+            config.seed_orders_port,
+            config.mail_ui_port if config.mail_ui_upstream else 0,
+        )
+        if p
+    ]
     if len(set(ports)) != len(ports):
         raise RenderError(f"HTTP_PORT, SEED_PHONES_PORT and SEED_ORDERS_PORT must differ: {ports}")
     if not servers:
         raise RenderError("every listener is off: set HTTP_PORT or a SEED_*_PORT")
     return "\n\n".join(servers)
+
+
+def _mail_ui_server(config: NginxConfig) -> str:
+    """Mailpit's web UI (the compose stack's dev mail sink), WebSocket included."""
+    listen = (
+        f"{config.listen_host}:{config.mail_ui_port}"
+        if config.listen_host
+        else str(config.mail_ui_port)
+    )
+    return "\n".join(
+        [
+            "    # Mailpit's web UI: the dev mail sink of the compose stack",
+            "    server {",
+            f"        listen {listen} default_server;",
+            "        server_name _;",
+            f"        limit_conn per_address {config.limit_conn};",
+            "        location / {",
+            "            proxy_read_timeout 1h;",
+            f"            proxy_pass http://{config.mail_ui_upstream};",
+            "        }",
+            "    }",
+        ]
+    )
 
 
 def _upstream_servers(config: NginxConfig) -> str:

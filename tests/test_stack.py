@@ -18,8 +18,6 @@ import pytest
 
 from tests.stack import FullStack, start_full_stack
 
-pytest_plugins = ["tests.stack"]
-
 PROBLEM = "application/problem+json"
 TIMEOUT = aiohttp.ClientTimeout(total=60)
 
