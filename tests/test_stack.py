@@ -359,7 +359,18 @@ async def test_post_retried_with_idempotency_key_across_a_kill_makes_one_order(
 
 async def test_sigterm_during_slow_requests_completes_every_one(full_stack: FullStack) -> None:
     instance = full_stack.instances[0]
-    async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+    sent = 0
+    all_sent = asyncio.Event()
+
+    async def on_headers_sent(*_: object) -> None:
+        nonlocal sent
+        sent += 1
+        if sent == 20:
+            all_sent.set()
+
+    tracing = aiohttp.TraceConfig()
+    tracing.on_request_headers_sent.append(on_headers_sent)
+    async with aiohttp.ClientSession(timeout=TIMEOUT, trace_configs=[tracing]) as http:
 
         async def slow(base: str) -> int:
             async with http.get(f"{base}/bench/sleep", params={"ms": "1500"}) as response:
@@ -368,7 +379,9 @@ async def test_sigterm_during_slow_requests_completes_every_one(full_stack: Full
 
         direct = [asyncio.create_task(slow(instance.url)) for _ in range(10)]
         proxied = [asyncio.create_task(slow(full_stack.http_url)) for _ in range(10)]
-        await asyncio.sleep(0.5)  # let them all be accepted before the signal
+        # Every request is on the wire; give the workers a moment to pick them up.
+        await asyncio.wait_for(all_sent.wait(), 30)
+        await asyncio.sleep(0.3)
         status = await asyncio.to_thread(full_stack.terminate_instance, 0)
         results = await asyncio.gather(*direct, *proxied)
 
