@@ -7,7 +7,7 @@ import asyncio
 from aiohttp import web
 
 from app import appkeys
-from app.models import json_response
+from app.models import json_response, query_int
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -30,7 +30,6 @@ async def bench_hello(request: web.Request) -> web.Response:
 
 async def bench_sleep(request: web.Request) -> web.Response:
     """A slow in-flight request for the graceful-shutdown and in-flight-cap tests."""
-    raw = request.query.get("ms", "100")
-    ms = int(raw) if raw.isdigit() and len(raw) <= 5 else 100
+    ms = query_int(request, "ms", 100, 0, 10_000)
     await asyncio.sleep(ms / 1000)
     return json_response({"slept_ms": ms})

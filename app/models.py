@@ -61,6 +61,16 @@ Quantity = Annotated[int, msgspec.Meta(ge=1, le=100)]
 T = TypeVar("T")
 
 MAX_PER_PAGE = 100
+MAX_PAGE = 10**8
+
+# The query parameters' schemas, for /openapi.json; the parsers below enforce them.
+QUERY_SCHEMAS: dict[str, dict[str, Any]] = {
+    "page": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
+    "per_page": {"type": "integer", "minimum": 1, "maximum": MAX_PER_PAGE},
+    "status": {"type": "string", "enum": ["open", "completed", "cancelled"]},
+    "customer_id": {"type": "string", "pattern": ID_PATTERN},
+    "ms": {"type": "integer", "minimum": 0, "maximum": 10_000},
+}
 
 
 class Page(msgspec.Struct, frozen=True):
@@ -96,7 +106,7 @@ def _has_control(value: Any) -> bool:
     return False
 
 
-def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+def query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
     raw = request.query.get(name)
     if raw is None:
         return default
@@ -109,8 +119,8 @@ def _query_int(request: web.Request, name: str, default: int, low: int, high: in
 
 def page_params(request: web.Request, default_per_page: int = 10) -> Page:
     return Page(
-        page=_query_int(request, "page", 1, 1, 10**8),
-        per_page=_query_int(request, "per_page", default_per_page, 1, MAX_PER_PAGE),
+        page=query_int(request, "page", 1, 1, MAX_PAGE),
+        per_page=query_int(request, "per_page", default_per_page, 1, MAX_PER_PAGE),
     )
 
 

@@ -9,7 +9,8 @@ import msgspec
 from aiohttp import web
 
 from app import appkeys
-from app.models import json_response
+from app.ids import ID_PATTERN
+from app.models import QUERY_SCHEMAS, json_response
 from app.problems import PROBLEMS
 from app.routes import Route, route_table
 
@@ -45,16 +46,18 @@ def _operation(route: Route, schemas: dict[type, Any]) -> dict[str, Any]:
     parameters: list[dict[str, Any]] = []
     if "{id}" in route.path:
         parameters.append(
-            {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+            {
+                "name": "id",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "pattern": ID_PATTERN},
+            }
         )
         statuses.add(404)
     for name in route.query:
-        schema = (
-            {"type": "string"}
-            if name in ("status", "customer_id")
-            else {"type": "integer", "minimum": 1}
+        parameters.append(
+            {"name": name, "in": "query", "required": False, "schema": QUERY_SCHEMAS[name]}
         )
-        parameters.append({"name": name, "in": "query", "required": False, "schema": schema})
         statuses.add(422)
     if route.idempotent_key:
         parameters.append(
@@ -103,6 +106,12 @@ def build_spec(routes: list[Route]) -> dict[str, Any]:
         models, ref_template="#/components/schemas/{name}"
     )
     schemas = dict(zip(models, refs, strict=True))
+    # Rules a Struct checks in __post_init__ (one of two fields, at least one
+    # field) are added to its schema here, so the spec states them too.
+    for model in models:
+        extra = getattr(model, "__openapi_extra__", None)
+        if extra:
+            components[model.__name__].update(extra)
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, schemas)

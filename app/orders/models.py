@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import msgspec
 
@@ -11,6 +11,9 @@ from app.models import Id, Quantity
 
 MAX_LINES = 50
 MAX_QUANTITY = 100
+# The seed's list form: at most this many entries, so at most 50 distinct
+# phones and 50 units of one, both within the line limits.
+MAX_SEED_PHONES = MAX_LINES
 
 OrderStatus = Literal["open", "completed", "cancelled"]
 
@@ -28,12 +31,19 @@ class OrderCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     items: Annotated[list[OrderLine], msgspec.Meta(min_length=1, max_length=MAX_LINES)] | (
         msgspec.UnsetType
     ) = msgspec.UNSET
-    phones: Annotated[list[Id], msgspec.Meta(min_length=1, max_length=MAX_LINES * MAX_QUANTITY)] | (
+    phones: Annotated[list[Id], msgspec.Meta(min_length=1, max_length=MAX_SEED_PHONES)] | (
         msgspec.UnsetType
     ) = msgspec.UNSET
     autocheck: bool = True
     customer_id: Id | msgspec.UnsetType = msgspec.UNSET
     customer: Id | msgspec.UnsetType = msgspec.UNSET
+
+    __openapi_extra__: ClassVar[dict] = {
+        "allOf": [
+            {"oneOf": [{"required": ["items"]}, {"required": ["phones"]}]},
+            {"not": {"required": ["customer_id", "customer"]}},
+        ]
+    }
 
     def __post_init__(self) -> None:
         if (self.items is msgspec.UNSET) == (self.phones is msgspec.UNSET):
@@ -44,12 +54,6 @@ class OrderCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             ids = [line.phone_id for line in self.items]
             if len(set(ids)) != len(ids):
                 raise ValueError("each phone_id may appear in one line only")
-        else:
-            counts = Counter(self.phones)
-            if len(counts) > MAX_LINES:
-                raise ValueError(f"at most {MAX_LINES} different phones per order")
-            if max(counts.values()) > MAX_QUANTITY:
-                raise ValueError(f"at most {MAX_QUANTITY} units of one phone per order")
 
     def lines(self) -> list[tuple[str, int]]:
         if self.items is not msgspec.UNSET:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import ClassVar
 
 import msgspec
 
@@ -29,6 +30,13 @@ class SeedPhoneCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Parsed from the JSON number's text, so 19.99 is exactly 1999 cents.
     price: Decimal | msgspec.UnsetType = msgspec.UNSET
     stock: StockUnits = 0
+
+    __openapi_extra__: ClassVar[dict] = {
+        "allOf": [
+            {"oneOf": [{"required": ["price_cents"]}, {"required": ["price"]}]},
+            {"not": {"required": ["image_url", "imageurl"]}},
+        ]
+    }
 
     def __post_init__(self) -> None:
         if self.image_url is not msgspec.UNSET and self.imageurl is not msgspec.UNSET:
@@ -61,6 +69,8 @@ class PhoneUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     description: Description | msgspec.UnsetType = msgspec.UNSET
     image_url: ImageUrl | msgspec.UnsetType = msgspec.UNSET
     price_cents: PriceCents | msgspec.UnsetType = msgspec.UNSET
+
+    __openapi_extra__: ClassVar[dict] = {"minProperties": 1}
 
     def __post_init__(self) -> None:
         if not self.changes():
