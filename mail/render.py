@@ -6,10 +6,12 @@ Nothing a customer typed can become a header or a recipient:
 - the recipient is an ``email.headerregistry.Address`` built from the stored
   address, which must parse as exactly one addr-spec (CR, LF, NUL, commas and
   angle brackets are refused with :class:`InvalidRecipient`);
-- the display name is cleaned of every control, format and line-separator
-  character, and of ``=?`` (so an RFC 2047 encoded word typed by the customer,
-  such as ``=?utf-8?q?=0D=0A?=``, cannot be decoded into a newline when the
-  header is folded; Python before 3.11.10 would write that newline out raw);
+- the display name keeps only letters, marks, digits, spaces, apostrophes and
+  hyphens (:func:`display_name`): no control or line-separator character, and
+  no ``=?``, so an RFC 2047 encoded word typed by the customer, such as
+  ``=?utf-8?q?=0D=0A?=``, cannot be decoded into a newline when the header is
+  folded (Python before 3.11.10 writes that newline out raw), and no quote,
+  comma, colon or ``@`` that the folder might leave unquoted;
 - the finished message is parsed back, and it must hold exactly the headers we
   set and exactly one recipient, or :class:`UnsafeMessage` is raised.
 """
@@ -109,6 +111,18 @@ def clean_text(value: str, limit: int = MAX_NAME) -> str:
     return text[:limit].strip()
 
 
+def display_name(name: str, surname: str) -> str:
+    """The To display name: letters, marks, digits, spaces, apostrophes and hyphens
+    only. Everything else (quotes, commas, colons, ``@``, ``<>``, ``=?``/``?=``)
+    becomes a space, so no header parser can read an address, a group or an
+    encoded word into it: Python's own folder leaves some of those unquoted."""
+    kept = [
+        c if unicodedata.category(c)[0] in "LMN" or c in " '-" else " "
+        for c in clean_text(f"{name} {surname}")
+    ]
+    return " ".join("".join(kept).split())[:MAX_NAME]
+
+
 def message_id(order_id: str, mail_domain: str) -> str:
     return f"<order-{order_id}@{mail_domain}>"
 
@@ -125,7 +139,7 @@ def recipient(mail: OrderMail) -> Address:
         raise InvalidRecipient(
             "the address is empty, too long, or holds spaces or control characters"
         )
-    display = clean_text(f"{mail.customer_name} {mail.customer_surname}")
+    display = display_name(mail.customer_name, mail.customer_surname)
     try:
         address = Address(display_name=display, addr_spec=addr)
     except (ValueError, IndexError, email.errors.HeaderParseError) as error:

@@ -70,6 +70,8 @@ MAX_BLOCK_MS = 1000
 # A reused SMTP connection idle longer than this is checked with NOOP first.
 NOOP_AFTER_IDLE = 15.0
 MAX_REASON = 500
+# Idle time given to entries a stopping worker hands back: past any claim timeout.
+RELEASED_IDLE_MS = 365 * 86400 * 1000
 
 
 def now_ms() -> int:
@@ -414,17 +416,11 @@ class MailWorker:
         return await self.redis.zrem(keys.MAIL_RETRY, entry_id) == 1
 
     async def _release(self, entry_ids: list[str]) -> None:
-        """On stop: mark unsent entries of this batch as idle for claim_idle, so
-        the next XAUTOCLAIM of another worker takes them at once."""
+        """On stop: the unsent rest of this batch stays pending but is marked idle
+        for a year, so the next XAUTOCLAIM of any worker takes it at once."""
         if entry_ids:
             await self.redis.xclaim(
-                STREAM,
-                GROUP,
-                self.name,
-                0,
-                entry_ids,
-                idle=int(self.settings.claim_idle * 1000),
-                justid=True,
+                STREAM, GROUP, self.name, 0, entry_ids, idle=RELEASED_IDLE_MS, justid=True
             )
 
     # -- one mail --------------------------------------------------------------------

@@ -1,0 +1,335 @@
+"""Fixtures of the mail tests (a pytest plugin: conftest.py lists it in
+``pytest_plugins``). Real processes only:
+
+- ``smtp_server``: an aiosmtpd server on a free 127.0.0.1 port (its own thread
+  and loop) that records what it accepted and can be scripted to answer 4xx/5xx
+  or to drop the connection after the data;
+- ``mail_redis``: a str-decoding client on the suite's ``redis_server``, flushed;
+- ``mail_settings``: MailSettings pointed at both, with short backoffs;
+- ``mail_workers``: starts ``MailWorker``s in this loop and stops them at the end;
+- ``mail_processes``: starts ``python -m mail`` subprocesses, killed at the end;
+- ``mail_sink``: a ``python -m mail.sink`` process writing into a temp folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field, replace
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from app import keys
+from mail.settings import MailSettings
+from mail.worker import MailWorker
+from tests.servers import RedisServer, clean_env, free_port, stop_process, wait_for_port
+
+ROOT = Path(__file__).resolve().parents[1]
+DROP = "drop"  # scripted action: take the data, then close the connection unanswered
+
+
+@dataclass(frozen=True)
+class Received:
+    """One message the server took in, with its envelope."""
+
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    raw: bytes
+    accepted: bool  # False: the server dropped the connection instead of answering
+
+    @property
+    def message(self) -> EmailMessage:
+        return BytesParser(policy=policy.default).parsebytes(self.raw)  # type: ignore[return-value]
+
+    @property
+    def message_id(self) -> str:
+        return str(self.message["Message-ID"])
+
+
+@dataclass
+class ScriptedHandler:
+    """aiosmtpd handler: answers DATA from ``script`` first ("451 ...", "550 ...",
+    DROP), then with 250; ``delay`` seconds pass before each answer."""
+
+    script: deque[str] = field(default_factory=deque)
+    # Answers for mails to one recipient, used before ``script``.
+    by_recipient: dict[str, deque[str]] = field(default_factory=dict)
+    delay: float = 0.0
+    received: list[Received] = field(default_factory=list)
+    data_commands: int = 0
+    in_data: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.in_data.set()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        with self.lock:
+            self.data_commands += 1
+            own = self.by_recipient.get(envelope.rcpt_tos[0]) if envelope.rcpt_tos else None
+            queue = own or self.script
+            action = queue.popleft() if queue else "250 OK"
+            if action == DROP or action.startswith("250"):
+                self.received.append(
+                    Received(
+                        mail_from=envelope.mail_from,
+                        rcpt_tos=tuple(envelope.rcpt_tos),
+                        raw=envelope.original_content,
+                        accepted=action != DROP,
+                    )
+                )
+        if action == DROP:
+            server.transport.close()
+            return "250 OK"  # never reaches the client
+        return action
+
+
+@dataclass
+class SmtpServer:
+    port: int
+    handler: ScriptedHandler
+
+    @property
+    def received(self) -> list[Received]:
+        with self.handler.lock:
+            return list(self.handler.received)
+
+    @property
+    def data_commands(self) -> int:
+        with self.handler.lock:
+            return self.handler.data_commands
+
+    def answer(self, *actions: str) -> None:
+        """Queue answers for the next DATA commands."""
+        with self.handler.lock:
+            self.handler.script.extend(actions)
+
+    def answer_for(self, recipient: str, *actions: str) -> None:
+        """Queue answers for the next DATA commands of mails to ``recipient``."""
+        with self.handler.lock:
+            self.handler.by_recipient.setdefault(recipient, deque()).extend(actions)
+
+    def message_ids(self) -> list[str]:
+        return [r.message_id for r in self.received]
+
+
+@pytest.fixture
+def smtp_server() -> Iterator[SmtpServer]:
+    handler = ScriptedHandler()
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        yield SmtpServer(port=port, handler=handler)
+    finally:
+        controller.stop()
+
+
+@dataclass
+class MailSink:
+    """A ``python -m mail.sink`` process saving .eml files into ``directory``."""
+
+    port: int
+    directory: Path
+    proc: subprocess.Popen
+
+
+@pytest.fixture
+def mail_sink(tmp_path: Path) -> Iterator[MailSink]:
+    port = free_port()
+    directory = tmp_path / "mail"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mail.sink"],
+        cwd=ROOT,
+        env=clean_env(SMTP_PORT=str(port), MAIL_SINK_DIR=str(directory), PYTHONPATH=str(ROOT)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, proc=proc)
+        yield MailSink(port, directory, proc)
+    finally:
+        stop_process(proc)
+
+
+@pytest.fixture
+async def mail_redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url, decode_responses=True)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def mail_settings(redis_server: RedisServer, smtp_server: SmtpServer) -> MailSettings:
+    settings = MailSettings(
+        redis_url=redis_server.url,
+        smtp_host="127.0.0.1",
+        smtp_port=smtp_server.port,
+        smtp_timeout=2.0,
+        mail_from="PhoneShop <orders@phoneshop.test>",
+        mail_domain="phoneshop.test",
+        max_attempts=5,
+        backoff_base=0.05,
+        backoff_max=0.2,
+        claim_idle=3.0,
+        batch_size=50,
+        events_retention=3600.0,
+        trim_interval=0.2,
+        heartbeat=1.0,
+        heartbeat_log=60.0,
+        worker_name="test-worker",
+    )
+    settings.validate()
+    return settings
+
+
+def settings_env(settings: MailSettings, **extra: str) -> dict[str, str]:
+    """The environment that makes ``python -m mail`` read ``settings``."""
+    env = clean_env(
+        REDIS_URL=settings.redis_url,
+        SMTP_HOST=settings.smtp_host,
+        SMTP_PORT=str(settings.smtp_port),
+        SMTP_TLS=settings.smtp_tls,
+        SMTP_TIMEOUT_SECONDS=str(settings.smtp_timeout),
+        MAIL_FROM=settings.mail_from,
+        MAIL_DOMAIN=settings.mail_domain,
+        MAIL_MAX_ATTEMPTS=str(settings.max_attempts),
+        MAIL_BACKOFF_BASE_SECONDS=str(settings.backoff_base),
+        MAIL_BACKOFF_MAX_SECONDS=str(settings.backoff_max),
+        MAIL_CLAIM_IDLE_SECONDS=str(settings.claim_idle),
+        MAIL_BATCH_SIZE=str(settings.batch_size),
+        EVENTS_RETENTION_SECONDS=str(settings.events_retention),
+        EVENTS_TRIM_INTERVAL_SECONDS=str(settings.trim_interval),
+        MAIL_HEARTBEAT_SECONDS=str(settings.heartbeat),
+        MAIL_WORKER_NAME=settings.worker_name,
+        PYTHONPATH=str(ROOT),
+    )
+    env.update(extra)
+    return env
+
+
+@dataclass
+class WorkerPool:
+    """MailWorkers running as tasks of the test's loop."""
+
+    settings: MailSettings
+    running: list[tuple[MailWorker, asyncio.Task, Redis]] = field(default_factory=list)
+
+    async def start(self, **changes: Any) -> MailWorker:
+        settings = replace(self.settings, **changes)
+        settings.validate()
+        redis = Redis.from_url(settings.redis_url, decode_responses=True)
+        worker = MailWorker(settings, redis)
+        task = asyncio.create_task(worker.run(), name=f"mail-worker-{settings.worker_name}")
+        self.running.append((worker, task, redis))
+        return worker
+
+    async def stop(self, worker: MailWorker) -> None:
+        for entry in list(self.running):
+            if entry[0] is worker:
+                _, task, redis = entry
+                worker.stop()
+                await asyncio.wait_for(task, 30)
+                await redis.aclose()
+                self.running.remove(entry)
+
+    async def stop_all(self) -> None:
+        for worker, *_ in list(self.running):
+            await self.stop(worker)
+
+
+@pytest.fixture
+async def mail_workers(mail_settings: MailSettings, mail_redis: Redis) -> AsyncIterator[WorkerPool]:
+    pool = WorkerPool(mail_settings)
+    try:
+        yield pool
+    finally:
+        await pool.stop_all()
+
+
+@dataclass
+class ProcessPool:
+    settings: MailSettings
+    log_dir: Path
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def start(self, name: str, **changes: Any) -> subprocess.Popen:
+        settings = replace(self.settings, worker_name=name, **changes)
+        log = (self.log_dir / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mail"],
+            cwd=ROOT,
+            env=settings_env(settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.log_dir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            stop_process(proc)
+
+
+@pytest.fixture
+def mail_processes(
+    mail_settings: MailSettings, tmp_path: Path, mail_redis: Redis
+) -> Iterator[ProcessPool]:
+    pool = ProcessPool(mail_settings, tmp_path)
+    try:
+        yield pool
+    finally:
+        pool.stop_all()
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool] | bool],
+    deadline_s: float = 60.0,
+    interval: float = 0.05,
+    message: str = "condition",
+) -> None:
+    """Poll until ``condition`` holds; a generous deadline, never a timing assertion."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        result = condition()
+        if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {deadline_s}s waiting for {message}")
+        await asyncio.sleep(interval)
+
+
+async def group_idle(redis: Redis) -> bool:
+    """The mailer group has been given every entry and has none pending."""
+    try:
+        stream = await redis.xinfo_stream(keys.EVENTS)
+        groups = await redis.xinfo_groups(keys.EVENTS)
+    except ResponseError:  # no stream yet
+        return False
+    for group in groups:
+        if group["name"] == keys.MAIL_GROUP:
+            return (
+                group["pending"] == 0 and group["last-delivered-id"] == stream["last-generated-id"]
+            )
+    return False

@@ -1,0 +1,665 @@
+"""Confirmation mails: the worker against a real redis-server and real aiosmtpd
+servers (fixtures in tests/mail_fixtures.py). Unit tests seed the order data and
+XADD the events directly, following the app/keys.py contract; one test goes
+through the aiohttp app. No timing assertions: conditions are awaited with
+generous deadlines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from email import policy
+from email.parser import BytesParser
+
+import pytest
+from redis.asyncio import Redis
+
+from app import keys
+from app.admin.mail import list_dead_letters, requeue_dead_letter
+from app.ids import new_id
+from app.settings import SettingsError
+from mail.render import HEADERS
+from mail.settings import MailSettings
+from mail.worker import MailWorker
+from tests.mail_fixtures import (
+    DROP,
+    ROOT,
+    MailSink,
+    ProcessPool,
+    SmtpServer,
+    WorkerPool,
+    group_idle,
+    settings_env,
+    wait_until,
+)
+
+DOMAIN = "phoneshop.test"
+
+
+@dataclass
+class SeededOrder:
+    order_id: str
+    customer_id: str
+    email: str
+    lines: list[tuple[str, str, int, int]]  # phone id, name, quantity, unit price
+    total_cents: int
+    balance_cents: int
+
+    @property
+    def message_id(self) -> str:
+        return f"<order-{self.order_id}@{DOMAIN}>"
+
+
+_emails = iter(range(10**9))
+
+
+async def seed_order(
+    redis: Redis,
+    *,
+    name: str = "Ada",
+    surname: str = "Lovelace",
+    email: str | None = None,
+    lines: tuple[tuple[str, int, int], ...] = (("Pixel 9", 1, 79_900),),
+    status: str = "completed",
+    balance_cents: int = 12_345,
+) -> SeededOrder:
+    """Write the hashes an order's scripts would have written (app/keys.py)."""
+    order_id, customer_id = new_id(), new_id()
+    email = email if email is not None else f"customer{next(_emails)}@example.test"
+    seeded = []
+    for phone_name, quantity, price in lines:
+        phone_id = new_id()
+        await redis.hset(keys.phone(phone_id), mapping={"id": phone_id, "name": phone_name})
+        seeded.append((phone_id, phone_name, quantity, price))
+    total = sum(q * p for _, _, q, p in seeded)
+    await redis.hset(
+        keys.customer(customer_id),
+        mapping={
+            "id": customer_id,
+            "name": name,
+            "surname": surname,
+            "email": email,
+            "balance_cents": balance_cents,
+        },
+    )
+    await redis.hset(
+        keys.order(order_id),
+        mapping={
+            "id": order_id,
+            "customer_id": customer_id,
+            "status": status,
+            "items": ";".join(f"{p}:{q}:{c}" for p, _, q, c in seeded),
+            "total_cents": total,
+            "seq": 1,
+            "created_at": time.time_ns() // 1_000_000,
+            "request_id": "test",
+        },
+    )
+    return SeededOrder(order_id, customer_id, email, seeded, total, balance_cents)
+
+
+async def add_event(redis: Redis, event_type: str, order: SeededOrder) -> str:
+    status = {"order.placed": "open", "order.cancelled": "cancelled"}.get(event_type, "completed")
+    return await redis.xadd(
+        keys.EVENTS,
+        {
+            "type": event_type,
+            "order_id": order.order_id,
+            "customer_id": order.customer_id,
+            "status": status,
+            "request_id": "test",
+            "at": str(time.time_ns() // 1_000_000),
+        },
+    )
+
+
+async def is_sent(redis: Redis, order: SeededOrder) -> bool:
+    return bool(await redis.exists(keys.mail_sent(order.order_id)))
+
+
+async def all_sent(redis: Redis, orders: list[SeededOrder]) -> bool:
+    return sum([await redis.exists(keys.mail_sent(o.order_id)) for o in orders]) == len(orders)
+
+
+async def dead_letters(redis: Redis) -> list[tuple[str, dict[str, str]]]:
+    return await redis.xrange(keys.MAIL_DEAD)
+
+
+async def stream_length_is(redis: Redis, length: int) -> bool:
+    return await redis.xlen(keys.EVENTS) == length
+
+
+def stream_id(value: str) -> tuple[int, int]:
+    ms, seq = value.split("-")
+    return int(ms), int(seq)
+
+
+# -- the message -----------------------------------------------------------------------
+
+
+async def test_completed_order_produces_exactly_one_mail(
+    mail_redis: Redis, smtp_server: SmtpServer, mail_workers: WorkerPool
+) -> None:
+    order = await seed_order(
+        mail_redis,
+        lines=(("Pixel <9> & Co", 2, 79_900), ("Galaxy S25", 1, 99_900)),
+        balance_cents=123_45,
+    )
+    await add_event(mail_redis, "order.placed", order)
+    await add_event(mail_redis, "order.completed", order)
+    worker = await mail_workers.start()
+    await wait_until(lambda: group_idle(mail_redis), message="the group to drain")
+
+    [received] = smtp_server.received
+    assert received.accepted
+    assert received.mail_from == "orders@phoneshop.test"
+    assert received.rcpt_tos == (order.email,)
+    msg = received.message
+    assert tuple(msg.keys()) == HEADERS
+    assert msg["Subject"] == f"Your PhoneShop order {order.order_id} is confirmed"
+    assert msg["Message-ID"] == order.message_id
+    assert [(a.display_name, a.addr_spec) for a in msg["To"].addresses] == [
+        ("Ada Lovelace", order.email)
+    ]
+    assert str(msg["From"]) == "PhoneShop <orders@phoneshop.test>"
+    text = msg.get_body(("plain",)).get_content()
+    html = msg.get_body(("html",)).get_content()
+    for part in (text, html):
+        assert order.order_id in part
+        assert "799.00" in part and "999.00" in part  # unit prices
+        assert "2,597.00" in part  # total: 2 x 799.00 + 999.00
+        assert "123.45" in part  # remaining balance
+        assert "Galaxy S25" in part
+    assert "2 x Pixel <9> & Co at 799.00 = 1,598.00" in text
+    assert "1 x Galaxy S25 at 999.00 = 999.00" in text
+    assert "<td>Pixel &lt;9&gt; &amp; Co</td>" in html  # autoescaped
+    assert '<td align="right">2</td>' in html
+    assert await is_sent(mail_redis, order)
+    assert not await mail_redis.exists(keys.mail_attempts(order.order_id))
+
+    # A redelivered event (same order completed "again") is not mailed twice.
+    await add_event(mail_redis, "order.completed", order)
+    await wait_until(lambda: group_idle(mail_redis))
+    assert len(smtp_server.received) == 1
+    assert worker.stats["duplicates"] == 1
+
+
+async def test_open_order_mails_once_checked_cancelled_never(
+    mail_redis: Redis, smtp_server: SmtpServer, mail_workers: WorkerPool
+) -> None:
+    open_order = await seed_order(mail_redis, status="open")
+    cancelled = await seed_order(mail_redis, status="cancelled")
+    await add_event(mail_redis, "order.placed", open_order)
+    await add_event(mail_redis, "order.placed", cancelled)
+    await add_event(mail_redis, "order.cancelled", cancelled)
+    worker = await mail_workers.start()
+    await wait_until(lambda: group_idle(mail_redis))
+    assert smtp_server.received == []
+    assert worker.stats["ignored"] == 3
+
+    await mail_redis.hset(keys.order(open_order.order_id), "status", "completed")
+    await add_event(mail_redis, "order.completed", open_order)
+    await wait_until(lambda: is_sent(mail_redis, open_order))
+    await wait_until(lambda: group_idle(mail_redis))
+    assert smtp_server.message_ids() == [open_order.message_id]
+    assert not await is_sent(mail_redis, cancelled)
+
+
+# -- failures --------------------------------------------------------------------------
+
+
+async def test_451_k_times_then_accepted_is_delivered_once_without_blocking_others(
+    mail_redis: Redis, smtp_server: SmtpServer, mail_workers: WorkerPool
+) -> None:
+    k = 3
+    first = await seed_order(mail_redis)
+    second = await seed_order(mail_redis)
+    smtp_server.answer_for(first.email, *["451 4.3.0 Try again later"] * k)
+    await add_event(mail_redis, "order.completed", first)
+    await add_event(mail_redis, "order.completed", second)
+    # Backoff of at least 0.5 s: the second mail is sent while the first waits.
+    worker = await mail_workers.start(backoff_base=1.0, backoff_max=2.0)
+    await wait_until(lambda: all_sent(mail_redis, [first, second]))
+    await wait_until(lambda: group_idle(mail_redis))
+
+    assert smtp_server.message_ids() == [second.message_id, first.message_id]
+    assert smtp_server.data_commands == k + 2
+    assert worker.stats["retries"] == k
+    assert await dead_letters(mail_redis) == []
+    assert await mail_redis.zcard(keys.MAIL_RETRY) == 0
+    assert not await mail_redis.exists(keys.mail_attempts(first.order_id))
+
+
+async def test_connection_dropped_after_data_is_delivered_with_one_message_id(
+    mail_redis: Redis, smtp_server: SmtpServer, mail_workers: WorkerPool
+) -> None:
+    smtp_server.answer(DROP)
+    order = await seed_order(mail_redis)
+    await add_event(mail_redis, "order.completed", order)
+    worker = await mail_workers.start()
+    await wait_until(lambda: is_sent(mail_redis, order))
+    await wait_until(lambda: group_idle(mail_redis))
+
+    received = smtp_server.received
+    # The server got the data twice: once before it hung up, once on the retry.
+    assert [r.accepted for r in received] == [False, True]
+    assert {r.message_id for r in received} == {order.message_id}
+    assert worker.stats["retries"] == 1
+    assert await dead_letters(mail_redis) == []
+
+
+async def test_550_is_dead_lettered_after_one_attempt_and_requeueable(
+    mail_redis: Redis, smtp_server: SmtpServer, mail_workers: WorkerPool
+) -> None:
+    smtp_server.answer("550 5.1.1 No such user here")
+    order = await seed_order(mail_redis)
+    entry_id = await add_event(mail_redis, "order.completed", order)
+    worker = await mail_workers.start()
+    await wait_until(lambda: mail_redis.xlen(keys.MAIL_DEAD))
+
+    [(dead_id, letter)] = await dead_letters(mail_redis)
+    assert letter["order_id"] == order.order_id
+    assert letter["customer_id"] == order.customer_id
+    assert letter["attempts"] == "1"
+    assert letter["event_id"] == entry_id
+    assert letter["reason"].startswith("550 5.1.1 No such user here")
+    # Acknowledged, not waiting for a retry, not marked sent: nothing will resend it.
+    later = await seed_order(mail_redis)
+    await add_event(mail_redis, "order.completed", later)
+    await wait_until(lambda: is_sent(mail_redis, later))
+    await wait_until(lambda: group_idle(mail_redis))
+    assert smtp_server.data_commands == 2
+    assert await mail_redis.zcard(keys.MAIL_RETRY) == 0
+    assert not await is_sent(mail_redis, order)
+    assert worker.stats["dead"] == 1 and worker.stats["retries"] == 0
+
+    total, listed = await list_dead_letters(mail_redis)
+    assert total == 1 and [d.id for d in listed] == [dead_id]
+    requeued = await requeue_dead_letter(mail_redis, dead_id)
+    assert requeued is not None and requeued.order_id == order.order_id
+    await wait_until(lambda: is_sent(mail_redis, order))
+    assert smtp_server.message_ids() == [later.message_id, order.message_id]
+    assert await mail_redis.xlen(keys.MAIL_DEAD) == 0
+    assert await requeue_dead_letter(mail_redis, dead_id) is None  # already requeued
+
+
+async def test_max_attempts_dead_letters_and_bad_events_do_not_stop_the_worker(
+    mail_redis: Redis, smtp_server: SmtpServer, mail_workers: WorkerPool
+) -> None:
+    smtp_server.answer(*["421 4.4.2 Timeout, closing"] * 3)
+    flaky = await seed_order(mail_redis)
+    await add_event(mail_redis, "order.completed", flaky)
+    ghost = SeededOrder(new_id(), new_id(), "", [], 0, 0)  # no order hash behind it
+    await add_event(mail_redis, "order.completed", ghost)
+    await mail_workers.start(max_attempts=3)
+    await wait_until(lambda: group_idle(mail_redis))
+
+    letters = {f["order_id"]: f for _, f in await dead_letters(mail_redis)}
+    assert letters[flaky.order_id]["attempts"] == "3"
+    assert letters[flaky.order_id]["reason"].startswith("max attempts reached; last: 421")
+    assert letters[ghost.order_id]["reason"] == f"order {ghost.order_id} not found"
+    assert smtp_server.data_commands == 3
+    assert smtp_server.received == []
+
+
+# -- header injection ------------------------------------------------------------------
+
+
+def _b64_word(text: str) -> str:
+    return f"=?utf-8?b?{base64.b64encode(text.encode()).decode()}?="
+
+
+async def test_header_injection_in_name_or_email_adds_no_header_or_recipient(
+    mail_redis: Redis, smtp_server: SmtpServer, mail_workers: WorkerPool
+) -> None:
+    evil = "evil@evil.test"
+    names = [
+        (f"Eve\r\nBcc: {evil}", "Smith"),
+        (f"Eve\nCc: {evil}", "Smith\r\n"),
+        (f"=?utf-8?q?=0D=0ABcc:_{evil}?=", _b64_word(f"\r\nBcc: {evil}")),
+        (f"Nul\x00Bcc: {evil}", f"\u2028Bcc: {evil}\u0085X-Spam: yes"),
+        ('"Quote" <x@evil.test>,', f"{evil}>\r\n\r\nbody"),
+    ]
+    good = [await seed_order(mail_redis, name=n, surname=s) for n, s in names]
+    bad_emails = [
+        f"victim@example.test\r\nBcc: {evil}",
+        f"victim@example.test\nBcc: {evil}",
+        f"victim@example.test\x00{evil}",
+        f"victim@example.test, {evil}",
+        f"victim@example.test,{evil}",
+        f"=?utf-8?q?victim@example.test=0D=0ABcc:_{evil}?=",
+        f"Victim <victim@example.test>, {evil}",
+        f"victim@example.test>\r\nBcc: <{evil}",
+        f"{_b64_word('victim@example.test')}",
+    ]
+    bad = [await seed_order(mail_redis, email=e) for e in bad_emails]
+    for order in good + bad:
+        await add_event(mail_redis, "order.completed", order)
+    await mail_workers.start()
+    await wait_until(lambda: all_sent(mail_redis, good))
+    await wait_until(lambda: group_idle(mail_redis))
+
+    received = smtp_server.received
+    assert sorted(r.message_id for r in received) == sorted(o.message_id for o in good)
+    by_id = {o.message_id: o for o in good}
+    for r in received:
+        order = by_id[r.message_id]
+        assert r.rcpt_tos == (order.email,)
+        header_block = r.raw.split(b"\r\n\r\n", 1)[0]
+        starts = [
+            line.split(b":", 1)[0]
+            for line in header_block.split(b"\r\n")
+            if line[:1] not in (b" ", b"\t")
+        ]
+        assert tuple(s.decode() for s in starts) == HEADERS
+        assert b"\x00" not in header_block
+        parsed = BytesParser(policy=policy.default).parsebytes(r.raw)
+        assert tuple(parsed.keys()) == HEADERS
+        assert [a.addr_spec for a in parsed["To"].addresses] == [order.email]
+        assert "\n" not in parsed["To"].addresses[0].display_name
+    assert all(evil not in rcpt for r in received for rcpt in r.rcpt_tos)
+
+    letters = {f["order_id"]: f for _, f in await dead_letters(mail_redis)}
+    assert set(letters) == {o.order_id for o in bad}
+    assert all(f["reason"].startswith("invalid recipient") for f in letters.values())
+    assert all(f["attempts"] == "0" for f in letters.values())
+
+
+# -- workers: crashes, parallelism, shutdown ---------------------------------------------
+
+
+async def test_worker_killed_mid_batch_another_delivers_everything(
+    mail_redis: Redis,
+    smtp_server: SmtpServer,
+    mail_processes: ProcessPool,
+    mail_workers: WorkerPool,
+) -> None:
+    smtp_server.handler.delay = 0.1
+    orders = [await seed_order(mail_redis) for _ in range(40)]
+    for order in orders:
+        await add_event(mail_redis, "order.completed", order)
+    victim = mail_processes.start("victim")
+    await wait_until(lambda: len(smtp_server.received) >= 5, message="the victim to send")
+    victim.kill()
+    await asyncio.to_thread(victim.wait, 30)
+    assert len(smtp_server.received) < len(orders), "the batch must have been cut short"
+    pending = await mail_redis.xpending(keys.EVENTS, keys.MAIL_GROUP)
+    assert pending["pending"] > 0
+    assert [c["name"] for c in pending["consumers"]] == ["victim"]
+
+    await mail_workers.start(worker_name="rescuer")
+    await wait_until(lambda: all_sent(mail_redis, orders), message="every mail")
+    await wait_until(lambda: group_idle(mail_redis))
+    ids = smtp_server.message_ids()
+    assert set(ids) == {o.message_id for o in orders}
+    # At most the mail in hand when the victim died went out twice (same Message-ID).
+    assert len(ids) - len(set(ids)) <= 1
+
+
+async def test_two_workers_in_parallel_send_no_duplicates(
+    mail_redis: Redis, smtp_server: SmtpServer, mail_processes: ProcessPool
+) -> None:
+    for name in ("left", "right"):
+        mail_processes.start(name, batch_size=5)
+    for name in ("left", "right"):
+        await wait_until(lambda n=name: mail_redis.exists(keys.mail_worker_alive(n)))
+    smtp_server.handler.delay = 0.01
+    orders = [await seed_order(mail_redis) for _ in range(60)]
+    for order in orders:
+        await add_event(mail_redis, "order.completed", order)
+    await wait_until(lambda: all_sent(mail_redis, orders), message="every mail")
+    await wait_until(lambda: group_idle(mail_redis))
+    ids = smtp_server.message_ids()
+    assert sorted(ids) == sorted(o.message_id for o in orders)
+    consumers = await mail_redis.xinfo_consumers(keys.EVENTS, keys.MAIL_GROUP)
+    assert {c["name"] for c in consumers} == {"left", "right"}
+
+
+async def test_sigterm_finishes_the_mail_in_hand_then_exits(
+    mail_redis: Redis,
+    smtp_server: SmtpServer,
+    mail_processes: ProcessPool,
+    mail_workers: WorkerPool,
+) -> None:
+    smtp_server.handler.delay = 1.0
+    orders = [await seed_order(mail_redis) for _ in range(5)]
+    for order in orders:
+        await add_event(mail_redis, "order.completed", order)
+    proc = mail_processes.start("graceful")
+    alive = keys.mail_worker_alive("graceful")
+    await wait_until(lambda: mail_redis.exists(alive), message="the health key")
+    assert 0 < await mail_redis.ttl(alive) <= mail_processes.settings.alive_ttl
+    check = settings_env(mail_processes.settings, MAIL_WORKER_NAME="graceful")
+    health = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "mail", "--check"],
+        cwd=ROOT,
+        env=check,
+        capture_output=True,
+        timeout=30,
+    )
+    assert health.returncode == 0, health.stdout
+
+    await wait_until(lambda: smtp_server.handler.in_data.is_set(), message="a mail in hand")
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(proc.wait, 30) == 0
+    assert smtp_server.message_ids() == [orders[0].message_id]
+    assert await is_sent(mail_redis, orders[0])
+    assert (await mail_redis.xpending(keys.EVENTS, keys.MAIL_GROUP))["pending"] == 4
+    assert not await mail_redis.exists(alive)
+    assert "stopped: sent=1" in mail_processes.log("graceful")
+
+    # The rest was released for takeover: another worker sends it without waiting
+    # for the claim timeout.
+    smtp_server.handler.delay = 0.0
+    await mail_workers.start(worker_name="heir", claim_idle=600.0)
+    await wait_until(lambda: all_sent(mail_redis, orders), deadline_s=60)
+    assert sorted(smtp_server.message_ids()) == sorted(o.message_id for o in orders)
+
+
+# -- stream retention ------------------------------------------------------------------
+
+
+async def test_trim_stops_at_the_oldest_entry_any_group_still_needs(
+    mail_redis: Redis, mail_settings: MailSettings
+) -> None:
+    worker = MailWorker(replace(mail_settings, events_retention=0.0), mail_redis)
+    await worker.ensure_group()
+    ids = [await mail_redis.xadd(keys.EVENTS, {"type": "order.placed"}) for _ in range(10)]
+    await mail_redis.xreadgroup(keys.MAIL_GROUP, "c1", {keys.EVENTS: ">"}, count=6)
+    await mail_redis.xack(keys.EVENTS, keys.MAIL_GROUP, ids[0], ids[1], ids[3], ids[4], ids[5])
+
+    assert (await worker.trim_events())[1] == ids[2]  # the oldest pending
+    assert [i for i, _ in await mail_redis.xrange(keys.EVENTS)] == ids[2:]
+
+    await mail_redis.xack(keys.EVENTS, keys.MAIL_GROUP, ids[2])
+    await mail_redis.xgroup_create(keys.EVENTS, "laggard", id=ids[3])
+    assert (await worker.trim_events())[1] == ids[3]  # another group's position
+    await mail_redis.xgroup_destroy(keys.EVENTS, "laggard")
+    assert (await worker.trim_events())[1] == ids[5]  # last delivered; the rest is unread
+    assert [i for i, _ in await mail_redis.xrange(keys.EVENTS)] == ids[5:]
+
+    keeper = MailWorker(mail_settings, mail_redis)  # retention one hour
+    await mail_redis.xreadgroup(keys.MAIL_GROUP, "c1", {keys.EVENTS: ">"})
+    await mail_redis.xack(keys.EVENTS, keys.MAIL_GROUP, *ids[6:])
+    assert (await keeper.trim_events())[0] == 0
+    await mail_redis.xgroup_destroy(keys.EVENTS, keys.MAIL_GROUP)
+    assert await worker.trim_events() == (0, "")  # no mailer group: never trim
+
+
+async def test_retention_never_trims_unsent_mail_while_the_worker_was_stopped(
+    mail_redis: Redis, smtp_server: SmtpServer, mail_workers: WorkerPool
+) -> None:
+    tiny = {"events_retention": 0.0, "trim_interval": 0.05}
+    early = [await seed_order(mail_redis) for _ in range(5)]
+    for order in early:
+        await add_event(mail_redis, "order.placed", order)
+        await add_event(mail_redis, "order.completed", order)
+    first = await mail_workers.start(worker_name="before", **tiny)
+    await wait_until(lambda: all_sent(mail_redis, early))
+    await wait_until(lambda: group_idle(mail_redis))
+    await wait_until(lambda: stream_length_is(mail_redis, 1), message="the trim")
+    await mail_workers.stop(first)
+
+    # The worker is down while many events arrive: nothing trims them.
+    late = [await seed_order(mail_redis) for _ in range(40)]
+    for order in late:
+        await add_event(mail_redis, "order.placed", order)
+        await add_event(mail_redis, "order.completed", order)
+    assert await mail_redis.xlen(keys.EVENTS) == 1 + 2 * len(late)
+    smtp_server.answer(*["451 4.3.0 Try again later"] * 10)  # some wait for retries
+
+    violations: list[str] = []
+    watching = True
+
+    async def watch() -> None:
+        """Atomically sample: the stream's first entry is never past a pending one."""
+        while watching:
+            async with mail_redis.pipeline(transaction=True) as pipe:
+                pipe.xpending(keys.EVENTS, keys.MAIL_GROUP)
+                pipe.xrange(keys.EVENTS, "-", "+", count=1)
+                summary, head = await pipe.execute()
+            if summary["pending"] and stream_id(head[0][0]) > stream_id(summary["min"]):
+                violations.append(f"first {head[0][0]} > pending {summary['min']}")
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
+    await mail_workers.start(worker_name="after", **tiny)
+    await wait_until(lambda: all_sent(mail_redis, early + late), message="every mail")
+    await wait_until(lambda: group_idle(mail_redis))
+    await wait_until(lambda: stream_length_is(mail_redis, 1), message="the final trim")
+    watching = False
+    await watcher
+    assert violations == []
+    ids = smtp_server.message_ids()
+    assert sorted(ids) == sorted(o.message_id for o in early + late)
+
+
+# -- the admin endpoints and the app end to end ------------------------------------------
+
+
+async def test_dead_letter_endpoints_list_and_requeue(
+    client, shop, mail_redis: Redis, smtp_server: SmtpServer, mail_workers: WorkerPool
+) -> None:
+    from tests.conftest import ADMIN
+
+    smtp_server.answer("554 5.7.1 Rejected")
+    order = await seed_order(mail_redis)
+    await add_event(mail_redis, "order.completed", order)
+    await mail_workers.start()
+    await wait_until(lambda: mail_redis.xlen(keys.MAIL_DEAD))
+
+    response = await client.get("/admin/mail/dead", headers=ADMIN)
+    assert response.status == 200
+    body = await response.json()
+    assert body["total"] == 1 and body["page"] == 1 and body["pageCount"] == 1
+    [letter] = body["dead_letters"]
+    assert letter["order_id"] == order.order_id
+    assert letter["attempts"] == 1
+    assert letter["reason"].startswith("554 5.7.1")
+
+    _, customer_auth = await shop.customer()
+    assert (await client.get("/admin/mail/dead")).status == 401
+    assert (await client.get("/admin/mail/dead", headers=customer_auth)).status == 403
+    retry = f"/admin/mail/dead/{letter['id']}/retry"
+    assert (await client.post(retry, headers=customer_auth)).status == 403
+
+    response = await client.post(retry, headers=ADMIN)
+    assert response.status == 200, await response.text()
+    requeued = (await response.json())["requeued"]
+    assert requeued["order_id"] == order.order_id and requeued["dead_id"] == letter["id"]
+    await wait_until(lambda: is_sent(mail_redis, order))
+    assert smtp_server.message_ids() == [order.message_id]
+    assert (await client.post(retry, headers=ADMIN)).status == 404
+    assert (await client.post("/admin/mail/dead/nope/retry", headers=ADMIN)).status == 404
+    body = await (await client.get("/admin/mail/dead", headers=ADMIN)).json()
+    assert body["dead_letters"] == [] and body["total"] == 0
+
+
+async def test_orders_placed_through_the_api_are_mailed_once_completed(
+    client, shop, mail_redis: Redis, smtp_server: SmtpServer, mail_workers: WorkerPool
+) -> None:
+    await mail_workers.start()
+    phone = await shop.phone(price_cents=50_000, stock=10, name="Fairphone 5")
+    customer, auth = await shop.customer(balance_cents=500_000)
+
+    response = await shop.order(auth, [(phone["id"], 2)])  # autocheck: completed at once
+    assert response.status == 201, await response.text()
+    completed = (await response.json())["order"]
+    response = await shop.order(auth, [(phone["id"], 1)], autocheck=False)
+    waiting = (await response.json())["order"]
+    response = await shop.order(auth, [(phone["id"], 1)], autocheck=False)
+    cancelled = (await response.json())["order"]
+    assert (await client.post(f"/orders/{cancelled['id']}/cancel", headers=auth)).status == 200
+
+    await wait_until(lambda: group_idle(mail_redis))
+    assert smtp_server.message_ids() == [f"<order-{completed['id']}@{DOMAIN}>"]
+    [received] = smtp_server.received
+    assert received.rcpt_tos == (customer["email"],)
+    text = received.message.get_body(("plain",)).get_content()
+    assert "2 x Fairphone 5 at 500.00 = 1,000.00" in text
+    assert "Total: 1,000.00" in text
+
+    assert (await client.post(f"/orders/{waiting['id']}/check", headers=auth)).status == 200
+    await wait_until(lambda: group_idle(mail_redis))
+    assert smtp_server.message_ids() == [
+        f"<order-{completed['id']}@{DOMAIN}>",
+        f"<order-{waiting['id']}@{DOMAIN}>",
+    ]
+
+
+# -- the dev sink and the settings -------------------------------------------------------
+
+
+async def test_sink_saves_each_mail_as_an_eml_file(
+    mail_sink: MailSink, mail_redis: Redis, mail_workers: WorkerPool
+) -> None:
+    orders = [await seed_order(mail_redis) for _ in range(3)]
+    for order in orders:
+        await add_event(mail_redis, "order.completed", order)
+    await mail_workers.start(smtp_port=mail_sink.port)
+    directory = mail_sink.directory
+    await wait_until(lambda: len(list(directory.glob("*.eml"))) == 3)
+    files = sorted(directory.glob("*.eml"))  # names sort by arrival
+    parsed = [BytesParser(policy=policy.default).parsebytes(f.read_bytes()) for f in files]
+    assert [m["Message-ID"] for m in parsed] == [o.message_id for o in orders]
+    assert list(directory.glob("*.tmp")) == []
+    mail_sink.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(mail_sink.proc.wait, 30) == 0
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"SMTP_TLS": "ssl"}, "SMTP_TLS"),
+        ({"SMTP_USERNAME": "u"}, "SMTP_PASSWORD"),
+        ({"SMTP_PORT": "0"}, "SMTP_PORT"),
+        ({"MAIL_FROM": "a@b.c, d@e.f"}, "MAIL_FROM"),
+        ({"MAIL_FROM": "PhoneShop <a@b.c>\r\nBcc: x@y.z"}, "MAIL_FROM"),
+        ({"MAIL_DOMAIN": "bad domain"}, "MAIL_DOMAIN"),
+        ({"MAIL_CLAIM_IDLE_SECONDS": "5", "SMTP_TIMEOUT_SECONDS": "10"}, "MAIL_CLAIM_IDLE"),
+        ({"MAIL_BACKOFF_BASE_SECONDS": "10", "MAIL_BACKOFF_MAX_SECONDS": "1"}, "BACKOFF"),
+        ({"MAIL_MAX_ATTEMPTS": "nan"}, "MAIL_MAX_ATTEMPTS"),
+        ({"MAIL_WORKER_NAME": "a b"}, "MAIL_WORKER_NAME"),
+    ],
+)
+def test_settings_reject_bad_values(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        MailSettings.from_env(env)
+
+
+def test_settings_defaults_point_at_the_dev_sink() -> None:
+    settings = MailSettings.from_env({"SMTP_PASSWORD": ""})
+    assert (settings.smtp_host, settings.smtp_port, settings.smtp_tls) == (
+        "127.0.0.1",
+        1025,
+        "none",
+    )
+    assert settings.from_address.addr_spec == "orders@phoneshop.localhost"
+    assert "secret" not in repr(MailSettings(smtp_username="u", smtp_password="secret"))
