@@ -149,9 +149,19 @@ def recipient(mail: OrderMail) -> Address:
     return address
 
 
+@dataclass(frozen=True, slots=True)
+class RenderedMail:
+    """The message, and its bytes as sent (CRLF line ends), flattened and checked once."""
+
+    message: EmailMessage
+    raw: bytes
+    recipient: str
+    message_id: str
+
+
 def render_confirmation(
     mail: OrderMail, *, sender: Address, mail_domain: str, now: datetime | None = None
-) -> EmailMessage:
+) -> RenderedMail:
     to = recipient(mail)
     context = {
         "order_id": mail.order_id,
@@ -179,13 +189,14 @@ def render_confirmation(
     msg.add_alternative(
         _environment.get_template("confirmation.html").render(context), subtype="html"
     )
-    check_headers(msg, to)
-    return msg
+    raw = msg.as_bytes(policy=policy.SMTP)
+    check_headers(raw, to)
+    return RenderedMail(msg, raw, to.addr_spec, str(msg["Message-ID"]))
 
 
-def check_headers(msg: EmailMessage, to: Address) -> None:
+def check_headers(raw: bytes, to: Address) -> None:
     """Parse the serialized message back: exactly HEADERS, and To is exactly ``to``."""
-    parsed = BytesParser(policy=policy.default).parsebytes(msg.as_bytes(), headersonly=True)
+    parsed = BytesParser(policy=policy.default).parsebytes(raw, headersonly=True)
     names = tuple(parsed.keys())
     if names != HEADERS:
         raise UnsafeMessage(f"unexpected headers {names!r}")

@@ -48,7 +48,8 @@ class SaveToDirectory:
         content = envelope.original_content or b""
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         path = self.directory / f"{stamp}-{secrets.token_hex(4)}.eml"
-        await asyncio.to_thread(_write_atomically, path, content)
+        # A few kB to a local disk: cheaper inline than a hop to a thread.
+        _write_atomically(path, content)
         self.saved += 1
         log.info(
             "saved %s (%d bytes) from %s to %s",

@@ -42,7 +42,6 @@ import random
 import time
 from collections import Counter
 from contextlib import suppress
-from email.message import EmailMessage
 
 import aiosmtplib
 from redis.asyncio import Redis
@@ -137,10 +136,12 @@ class SmtpSender:
         self._client = await self._connect()
         return self._client
 
-    async def send(self, msg: EmailMessage, sender: str, recipients: list[str]) -> None:
+    async def send(self, raw: bytes, sender: str, recipients: list[str]) -> None:
+        """Send an already flattened message (CRLF line ends)."""
         client = await self._ready()
+        options = [] if raw.isascii() else ["BODY=8BITMIME"]
         try:
-            await client.send_message(msg, sender=sender, recipients=recipients)
+            await client.sendmail(sender, recipients, raw, mail_options=options)
         except BaseException:
             # After a failure the session state is unknown: start clean next time.
             self._drop()
@@ -453,7 +454,7 @@ class MailWorker:
         attempts = int(attempts or 0)
         try:
             mail = await self._load(order_id, order, fields)
-            msg = render_confirmation(
+            rendered = render_confirmation(
                 mail, sender=self.from_address, mail_domain=self.settings.mail_domain
             )
         except (InvalidRecipient, UnsafeMessage) as error:
@@ -468,7 +469,7 @@ class MailWorker:
             await self.dead_letter(entry_id, fields, "max attempts reached", attempts - 1)
             return "dead"
         try:
-            await self.sender.send(msg, self.from_address.addr_spec, [mail.email.strip()])
+            await self.sender.send(rendered.raw, self.from_address.addr_spec, [rendered.recipient])
         except Exception as error:
             permanent, reason = classify(error)
             reason = clip(reason)
@@ -482,7 +483,7 @@ class MailWorker:
                 return "dead"
             await self._schedule_retry(entry_id, order_id, attempts, reason)
             return "retry"
-        await self._ack_sent(entry_id, order_id, msg["Message-ID"])
+        await self._ack_sent(entry_id, order_id, rendered.message_id)
         self.stats["sent"] += 1
         log.info("order %s: confirmation sent (attempt %d)", order_id, attempts)
         return "sent"
