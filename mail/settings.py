@@ -65,7 +65,8 @@ class MailSettings:
     # Right-hand side of the stable Message-ID <order-{id}@{mail_domain}>.
     mail_domain: str = "phoneshop.localhost"
     # Attempts per mail (4xx, connection errors, timeouts) before it is dead-lettered.
-    max_attempts: int = 8
+    # With the backoff below, 12 attempts span about half an hour of outage.
+    max_attempts: int = 12
     # Retry n waits about backoff_base * 2**(n-1) seconds (with jitter), at most backoff_max.
     backoff_base: float = 2.0
     backoff_max: float = 600.0

@@ -69,6 +69,10 @@ MAX_BLOCK_MS = 1000
 # A reused SMTP connection idle longer than this is checked with NOOP first.
 NOOP_AFTER_IDLE = 15.0
 MAX_REASON = 500
+# An attempt counter outlives any retry schedule, then expires with its mail.
+ATTEMPTS_TTL_S = 30 * 86400
+# Consumers idle this long with nothing pending are deleted from the group.
+PRUNE_IDLE_S = 3600.0
 # Idle time given to entries a stopping worker hands back: past any claim timeout.
 RELEASED_IDLE_MS = 365 * 86400 * 1000
 
@@ -200,6 +204,7 @@ class MailWorker:
         self._stopping = asyncio.Event()
         self._hold = redis.register_script(scripts.source("hold_entry"))
         self._trim = redis.register_script(scripts.source("trim_events"))
+        self._prune = redis.register_script(scripts.source("prune_consumers"))
         self._random = random.Random()
         self._next_trim = 0.0
         self._next_claim = 0.0
@@ -270,6 +275,7 @@ class MailWorker:
         await self._heartbeat(force=True)
         if loop.time() >= self._next_trim:
             await self.trim_events()
+            await self.prune_consumers()
             self._next_trim = loop.time() + self.settings.trim_interval
         took_retries = await self._due_retries()
         if self.stopping:
@@ -313,6 +319,15 @@ class MailWorker:
             self.stats["trimmed"] += trimmed
             log.debug("trimmed %d events entries before %s", trimmed, minid)
         return trimmed, minid
+
+    async def prune_consumers(self) -> int:
+        """Delete consumers with nothing pending that have not read for an hour
+        (stopped workers; the default name carries the pid)."""
+        idle_ms = int(PRUNE_IDLE_S * 1000)
+        deleted = await self._prune(keys=[STREAM], args=[GROUP, idle_ms, self.name])
+        if deleted:
+            log.info("deleted %d idle consumer(s) without pending mail from %s", deleted, GROUP)
+        return deleted
 
     # -- where entries come from ----------------------------------------------------
 
@@ -432,6 +447,27 @@ class MailWorker:
         except BadEvent as error:
             await self.dead_letter(entry_id, fields, clip(str(error)), attempts=0)
             return "dead"
+        except (RedisError, OSError):
+            raise  # Redis is down: the run loop waits; the entry stays pending
+        except Exception as error:
+            # A bug, not the server: retry like a 4xx, so that a poison entry ends
+            # in the dead letters after MAIL_MAX_ATTEMPTS instead of looping.
+            log.exception("order %s: unexpected error", fields.get("order_id", "")[:64])
+            return await self._unexpected(entry_id, fields, error)
+
+    async def _unexpected(self, entry_id: str, fields: dict[str, str], error: Exception) -> str:
+        order_id = fields.get("order_id", "")
+        reason = clip(f"internal error: {type(error).__name__}: {error}")
+        if not is_valid_id(order_id):
+            await self.dead_letter(entry_id, fields, reason, attempts=0)
+            return "dead"
+        attempts = await self.redis.incr(keys.mail_attempts(order_id))
+        await self.redis.expire(keys.mail_attempts(order_id), ATTEMPTS_TTL_S)
+        if attempts >= self.settings.max_attempts:
+            await self.dead_letter(entry_id, fields, reason, attempts)
+            return "dead"
+        await self._schedule_retry(entry_id, order_id, attempts, reason)
+        return "retry"
 
     async def process(self, entry_id: str, fields: dict[str, str]) -> str:
         """Send one entry's mail. Returns sent | duplicate | retry | dead."""
@@ -463,7 +499,7 @@ class MailWorker:
 
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.incr(attempts_key)
-            pipe.expire(attempts_key, 30 * 86400)
+            pipe.expire(attempts_key, ATTEMPTS_TTL_S)
             attempts, _ = await pipe.execute()
         if attempts > self.settings.max_attempts:  # only after crashes mid-send
             await self.dead_letter(entry_id, fields, "max attempts reached", attempts - 1)

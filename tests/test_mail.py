@@ -20,6 +20,7 @@ from email.parser import BytesParser
 import pytest
 from redis.asyncio import Redis
 
+import mail.worker
 from app import keys
 from app.admin.mail import list_dead_letters, requeue_dead_letter
 from app.ids import new_id
@@ -491,6 +492,21 @@ async def test_trim_stops_at_the_oldest_entry_any_group_still_needs(
     assert (await keeper.trim_events())[0] == 0
     await mail_redis.xgroup_destroy(keys.EVENTS, keys.MAIL_GROUP)
     assert await worker.trim_events() == (0, "")  # no mailer group: never trim
+
+
+async def test_idle_consumers_without_pending_mail_are_pruned(
+    mail_redis: Redis, mail_settings: MailSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mail.worker, "PRUNE_IDLE_S", 0.0)
+    worker = MailWorker(mail_settings, mail_redis)
+    await worker.ensure_group()
+    await mail_redis.xadd(keys.EVENTS, {"type": "order.placed"})
+    await mail_redis.xreadgroup(keys.MAIL_GROUP, "holder", {keys.EVENTS: ">"})
+    for name in ("gone", mail_settings.worker_name):
+        await mail_redis.xgroup_createconsumer(keys.EVENTS, keys.MAIL_GROUP, name)
+    assert await worker.prune_consumers() == 1
+    consumers = await mail_redis.xinfo_consumers(keys.EVENTS, keys.MAIL_GROUP)
+    assert sorted(c["name"] for c in consumers) == sorted(["holder", mail_settings.worker_name])
 
 
 async def test_retention_never_trims_unsent_mail_while_the_worker_was_stopped(
