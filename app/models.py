@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from decimal import Decimal
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -78,6 +79,33 @@ class Page(msgspec.Struct, frozen=True):
     per_page: int
 
 
+# JSON numbers are read as Decimal, exactly: a seed price of 19.99 is 1999
+# cents, never 1998.9999.
+_JSON = msgspec.json.Decoder(float_hook=Decimal)
+# Past this many digits a number is out of every bound we have; converting it
+# to an int would only cost time (1e999999999 has a billion digits).
+_MAX_INT_DIGITS = 19
+
+
+def _integral_numbers(value: Any) -> Any:
+    """JSON Schema's "integer" includes 2.0 and 1e3, and /openapi.json publishes
+    JSON Schema, so integral numbers count as integers; 1.5 stays a Decimal and
+    is refused wherever an integer is expected."""
+    if isinstance(value, Decimal):
+        if (
+            value.is_finite()
+            and value.adjusted() < _MAX_INT_DIGITS
+            and value == value.to_integral_value()
+        ):
+            return int(value)
+        return value
+    if isinstance(value, dict):
+        return {key: _integral_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_integral_numbers(item) for item in value]
+    return value
+
+
 async def decode_body(request: web.Request, model: type[T]) -> T:
     """Read and validate a JSON body into ``model``: 415, 400 or 422 otherwise."""
     if request.content_type != "application/json":
@@ -86,12 +114,16 @@ async def decode_body(request: web.Request, model: type[T]) -> T:
         )
     raw = await request.read()
     try:
-        value = msgspec.json.decode(raw, type=model)
-    except msgspec.ValidationError as error:
-        raise ProblemError("validation_error", str(error)) from None
+        document = _integral_numbers(_JSON.decode(raw))
     except msgspec.DecodeError as error:
         raise ProblemError("malformed_json", str(error)) from None
-    if _has_control(msgspec.to_builtins(value)):
+    try:
+        value = msgspec.convert(document, type=model, strict=True)
+    except msgspec.ValidationError as error:
+        raise ProblemError(
+            "validation_error", str(error).replace("`decimal`", "a fraction")
+        ) from None
+    if _has_control(document):
         raise ProblemError("validation_error", "Control characters are not allowed in text")
     return value
 
