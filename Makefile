@@ -99,3 +99,13 @@ run: setup
 	echo "  data            redis AOF in var/redis/; rendered nginx config var/nginx/nginx.conf"; \
 	echo; \
 	exec $(VENV)/bin/honcho start -f Procfile
+
+# make loadtest: a bounded headless Locust run against a fresh stack, then the
+# verifier (loadtests/__main__.py). make bench: the measurements and
+# loadtests/reports/BENCH.md (loadtests/bench.py). Each under 10 minutes.
+.PHONY: loadtest bench
+loadtest: setup
+	$(PY) -m loadtests
+
+bench: setup
+	$(PY) -m loadtests.bench

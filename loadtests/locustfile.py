@@ -382,6 +382,9 @@ class Shopper(FastHttpUser):
         """POST /orders; on an unknown outcome, retry with the same Idempotency-Key."""
         body = {"items": self._lines(), "autocheck": autocheck}
         headers = {**self.auth, "Idempotency-Key": f"load-{secrets.token_hex(12)}"}
+        # Counted as unresolved until an answer settles it: a user stopped by
+        # Locust mid-request (end of a run) may leave an order the client never saw.
+        LEDGER.unresolved_orders += 1
         for attempt in range(RETRIES + 1):
             with self.client.post(
                 "/orders", json=body, headers=headers, name="/orders", catch_response=True
@@ -396,15 +399,16 @@ class Shopper(FastHttpUser):
                     "total_cents": order["total_cents"],
                 }
                 self.my_orders.append(order["id"])
+                LEDGER.unresolved_orders -= 1
                 return order
             if outcome in ("business", "not_placed") and code != "idempotency_key_in_use":
+                LEDGER.unresolved_orders -= 1
                 return None  # a definite answer: not placed
             if attempt < RETRIES:
                 retry_after = response.headers.get("Retry-After") if response.headers else None
                 wait = float(retry_after) if retry_after and retry_after.isdigit() else 0.2
                 time.sleep(min(wait, 1.0) * random.uniform(0.5, 1.0))
-        LEDGER.unresolved_orders += 1
-        return None
+        return None  # still unresolved
 
     @task(3)
     def buy(self) -> None:
@@ -416,6 +420,9 @@ class Shopper(FastHttpUser):
         if order is None:
             return
         action = "check" if random.random() < 0.67 else "cancel"
+        entry = LEDGER.orders[order["id"]]
+        # Unknown until the answer arrives (the user may be stopped mid-request).
+        entry["status"] = "unknown"
         with self.client.post(
             f"/orders/{order['id']}/{action}",
             headers=self.auth,
@@ -423,11 +430,11 @@ class Shopper(FastHttpUser):
             catch_response=True,
         ) as response:
             outcome = classify(response, 200, _valid_order, business=True)
-        entry = LEDGER.orders[order["id"]]
         if outcome == "accepted":
             entry["status"] = _json(response)["order"]["status"]
-        elif outcome in ("failed", "shed"):
-            entry["status"] = "unknown"  # it may or may not have happened
+        elif outcome in ("business", "not_placed"):
+            entry["status"] = order["status"]  # refused: still what placing said
+        # failed or shed: it may or may not have happened; stays unknown
 
 
 # ---- per-phase and per-second figures (for the overflow report) -------------------------

@@ -30,4 +30,7 @@ function done(summary, latency, requests)
     table.insert(parts, string.format('"%d": %d', status, n))
   end
   io.write("wrk-statuses {" .. table.concat(parts, ", ") .. "}\n")
+  -- Latency percentiles in microseconds (wrk's --latency has no p95).
+  io.write(string.format('wrk-latency {"p50": %d, "p95": %d, "p99": %d}\n',
+    latency:percentile(50), latency:percentile(95), latency:percentile(99)))
 end
