@@ -59,6 +59,9 @@ class MailSettings:
     smtp_username: str = ""
     smtp_password: str = field(default="", repr=False)
     smtp_tls: str = "none"  # none | starttls | tls
+    # PEM file of the CA (or self-signed certificate) to trust for TLS, instead of
+    # the system's: a private relay, or the dev sink started with a certificate.
+    smtp_ca_file: str = ""
     # Per SMTP command (connect, MAIL, RCPT, DATA...), seconds.
     smtp_timeout: float = 10.0
     mail_from: str = "PhoneShop <orders@phoneshop.localhost>"
@@ -117,6 +120,7 @@ class MailSettings:
             smtp_username=env.get("SMTP_USERNAME", ""),
             smtp_password=env.get("SMTP_PASSWORD", ""),
             smtp_tls=smtp_tls,
+            smtp_ca_file=env.get("SMTP_CA_FILE", "").strip(),
             smtp_timeout=_float(env, "SMTP_TIMEOUT_SECONDS", cls.smtp_timeout, 0.1, 600.0),
             mail_from=text("MAIL_FROM", cls.mail_from),
             mail_domain=text("MAIL_DOMAIN", cls.mail_domain),
@@ -150,6 +154,8 @@ class MailSettings:
             raise SettingsError("SMTP_USERNAME and SMTP_PASSWORD go together: set both or neither")
         if self.smtp_tls not in SMTP_TLS_MODES:
             raise SettingsError(f"SMTP_TLS must be one of {', '.join(SMTP_TLS_MODES)}")
+        if self.smtp_ca_file and not os.path.isfile(self.smtp_ca_file):
+            raise SettingsError(f"SMTP_CA_FILE {self.smtp_ca_file!r} is not a readable file")
         if not _HOSTNAME.fullmatch(self.mail_domain):
             raise SettingsError(f"MAIL_DOMAIN must be a host name, got {self.mail_domain!r}")
         parse_mail_from(self.mail_from)

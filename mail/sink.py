@@ -1,7 +1,9 @@
 """``python -m mail.sink``: the dev SMTP server. It accepts every message and
 saves it, exactly as received, as one ``.eml`` file in MAIL_SINK_DIR
 (default ``var/mail/``). Listens on 127.0.0.1:SMTP_PORT (default 1025) in the
-foreground until SIGTERM or SIGINT.
+foreground until SIGTERM or SIGINT. With MAIL_SINK_TLS_CERT and
+MAIL_SINK_TLS_KEY (PEM files) it also offers STARTTLS, to try SMTP_TLS=starttls
+(the worker then trusts that certificate through SMTP_CA_FILE).
 
 File names sort by arrival time, so the newest mail is
 ``ls -1 var/mail/*.eml | tail -n 1``. Each file is written under a temporary
@@ -15,6 +17,7 @@ import logging
 import os
 import secrets
 import signal
+import ssl
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,12 +64,21 @@ class SaveToDirectory:
         return "250 Message accepted for delivery"
 
 
-async def serve(directory: Path, port: int, host: str = HOST) -> None:
-    """Serve until SIGTERM or SIGINT; ``directory`` must exist."""
+async def serve(
+    directory: Path, port: int, host: str = HOST, tls: ssl.SSLContext | None = None
+) -> None:
+    """Serve until SIGTERM or SIGINT; ``directory`` must exist. With ``tls``,
+    STARTTLS is offered (not required)."""
     handler = SaveToDirectory(directory)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: SMTP(handler, data_size_limit=MAX_MESSAGE, enable_SMTPUTF8=True, hostname="sink"),
+        lambda: SMTP(
+            handler,
+            data_size_limit=MAX_MESSAGE,
+            enable_SMTPUTF8=True,
+            hostname="sink",
+            tls_context=tls,
+        ),
         host=host,
         port=port,
     )
@@ -96,7 +108,16 @@ def main() -> int:
         return 2
     directory = Path(os.environ.get("MAIL_SINK_DIR", "").strip() or DEFAULT_DIR)
     directory.mkdir(parents=True, exist_ok=True)
-    asyncio.run(serve(directory, port))
+    cert = os.environ.get("MAIL_SINK_TLS_CERT", "").strip()
+    key = os.environ.get("MAIL_SINK_TLS_KEY", "").strip()
+    tls = None
+    if cert or key:
+        if not (cert and key):
+            print("mail sink: set both MAIL_SINK_TLS_CERT and MAIL_SINK_TLS_KEY", file=sys.stderr)
+            return 2
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(cert, key)
+    asyncio.run(serve(directory, port, tls=tls))
     return 0
 
 

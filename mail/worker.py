@@ -118,6 +118,7 @@ class SmtpSender:
             use_tls=s.smtp_tls == "tls",
             start_tls=s.smtp_tls == "starttls",
             timeout=s.smtp_timeout,
+            cert_bundle=s.smtp_ca_file or None,
         )
         try:
             await client.connect()

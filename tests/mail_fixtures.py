@@ -8,18 +8,21 @@
 - ``mail_settings``: MailSettings pointed at both, with short backoffs;
 - ``mail_workers``: starts ``MailWorker``s in this loop and stops them at the end;
 - ``mail_processes``: starts ``python -m mail`` subprocesses, killed at the end;
-- ``mail_sink``: a ``python -m mail.sink`` process writing into a temp folder.
+- ``mail_sink``: a ``python -m mail.sink`` process writing into a temp folder;
+  ``mail_sink_tls`` the same offering STARTTLS with a self-signed certificate.
 """
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from email import policy
 from email.message import EmailMessage
@@ -71,10 +74,14 @@ class ScriptedHandler:
     received: list[Received] = field(default_factory=list)
     data_commands: int = 0
     in_data: threading.Event = field(default_factory=threading.Event)
+    # When set to an Event, DATA is answered only once the test sets it.
+    gate: threading.Event | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self.in_data.set()
+        if self.gate is not None:
+            await asyncio.to_thread(self.gate.wait, 60)
         if self.delay:
             await asyncio.sleep(self.delay)
         with self.lock:
@@ -140,29 +147,82 @@ def smtp_server() -> Iterator[SmtpServer]:
 
 @dataclass
 class MailSink:
-    """A ``python -m mail.sink`` process saving .eml files into ``directory``."""
+    """A ``python -m mail.sink`` process saving .eml files into ``directory``;
+    ``cert`` is its self-signed certificate when it offers STARTTLS."""
 
     port: int
     directory: Path
     proc: subprocess.Popen
+    cert: Path | None = None
 
 
-@pytest.fixture
-def mail_sink(tmp_path: Path) -> Iterator[MailSink]:
+def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    """(cert, key) PEM files for 127.0.0.1, made with the openssl command."""
+    cert, key = directory / "sink-cert.pem", directory / "sink-key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+@contextmanager
+def running_sink(directory: Path, *, tls: bool = False) -> Iterator[MailSink]:
+    """Start ``python -m mail.sink`` on a free port, saving into ``directory/mail``."""
     port = free_port()
-    directory = tmp_path / "mail"
+    env = clean_env(
+        SMTP_PORT=str(port), MAIL_SINK_DIR=str(directory / "mail"), PYTHONPATH=str(ROOT)
+    )
+    cert = None
+    if tls:
+        cert, key = self_signed_certificate(directory)
+        env.update(MAIL_SINK_TLS_CERT=str(cert), MAIL_SINK_TLS_KEY=str(key))
     proc = subprocess.Popen(
         [sys.executable, "-m", "mail.sink"],
         cwd=ROOT,
-        env=clean_env(SMTP_PORT=str(port), MAIL_SINK_DIR=str(directory), PYTHONPATH=str(ROOT)),
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
         wait_for_port(port, proc=proc)
-        yield MailSink(port, directory, proc)
+        yield MailSink(port, directory / "mail", proc, cert)
     finally:
         stop_process(proc)
+
+
+@pytest.fixture
+def mail_sink(tmp_path: Path) -> Iterator[MailSink]:
+    with running_sink(tmp_path) as sink:
+        yield sink
+
+
+@pytest.fixture
+def mail_sink_tls(tmp_path: Path) -> Iterator[MailSink]:
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a certificate")
+    with running_sink(tmp_path, tls=True) as sink:
+        yield sink
 
 
 @pytest.fixture

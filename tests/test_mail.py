@@ -12,6 +12,7 @@ import base64
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from email import policy
@@ -105,19 +106,21 @@ async def seed_order(
     return SeededOrder(order_id, customer_id, email, seeded, total, balance_cents)
 
 
-async def add_event(redis: Redis, event_type: str, order: SeededOrder) -> str:
+def event_fields(event_type: str, order: SeededOrder) -> dict[str, str]:
+    """An `events` entry as the order scripts append it (app/keys.py)."""
     status = {"order.placed": "open", "order.cancelled": "cancelled"}.get(event_type, "completed")
-    return await redis.xadd(
-        keys.EVENTS,
-        {
-            "type": event_type,
-            "order_id": order.order_id,
-            "customer_id": order.customer_id,
-            "status": status,
-            "request_id": "test",
-            "at": str(time.time_ns() // 1_000_000),
-        },
-    )
+    return {
+        "type": event_type,
+        "order_id": order.order_id,
+        "customer_id": order.customer_id,
+        "status": status,
+        "request_id": "test",
+        "at": str(time.time_ns() // 1_000_000),
+    }
+
+
+async def add_event(redis: Redis, event_type: str, order: SeededOrder) -> str:
+    return await redis.xadd(keys.EVENTS, event_fields(event_type, order))
 
 
 async def is_sent(redis: Redis, order: SeededOrder) -> bool:
@@ -428,10 +431,6 @@ async def test_sigterm_finishes_the_mail_in_hand_then_exits(
     mail_processes: ProcessPool,
     mail_workers: WorkerPool,
 ) -> None:
-    smtp_server.handler.delay = 1.0
-    orders = [await seed_order(mail_redis) for _ in range(5)]
-    for order in orders:
-        await add_event(mail_redis, "order.completed", order)
     proc = mail_processes.start("graceful")
     alive = keys.mail_worker_alive("graceful")
     await wait_until(lambda: mail_redis.exists(alive), message="the health key")
@@ -447,20 +446,41 @@ async def test_sigterm_finishes_the_mail_in_hand_then_exits(
     )
     assert health.returncode == 0, health.stdout
 
+    # The server holds the first DATA until the worker has been told to stop.
+    gate = smtp_server.handler.gate = threading.Event()
+    orders = [await seed_order(mail_redis) for _ in range(5)]
+    async with mail_redis.pipeline(transaction=True) as pipe:  # one batch for the worker
+        for order in orders:
+            pipe.xadd(keys.EVENTS, event_fields("order.completed", order))
+        await pipe.execute()
     await wait_until(lambda: smtp_server.handler.in_data.is_set(), message="a mail in hand")
     proc.send_signal(signal.SIGTERM)
+    await wait_until(
+        lambda: "stopping after the mail in hand" in mail_processes.log("graceful"),
+        message="the worker to take the signal",
+    )
+    gate.set()
     assert await asyncio.to_thread(proc.wait, 30) == 0
     assert smtp_server.message_ids() == [orders[0].message_id]
     assert await is_sent(mail_redis, orders[0])
+    # The other four were read with it; they stay pending, handed back for takeover.
     assert (await mail_redis.xpending(keys.EVENTS, keys.MAIL_GROUP))["pending"] == 4
     assert not await mail_redis.exists(alive)
     assert "stopped: sent=1" in mail_processes.log("graceful")
+    health = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "mail", "--check"],
+        cwd=ROOT,
+        env=check,
+        capture_output=True,
+        timeout=30,
+    )
+    assert health.returncode == 1
 
-    # The rest was released for takeover: another worker sends it without waiting
-    # for the claim timeout.
-    smtp_server.handler.delay = 0.0
+    # The rest was handed back: another worker sends it without waiting for the
+    # claim timeout.
     await mail_workers.start(worker_name="heir", claim_idle=600.0)
-    await wait_until(lambda: all_sent(mail_redis, orders), deadline_s=60)
+    await wait_until(lambda: all_sent(mail_redis, orders))
     assert sorted(smtp_server.message_ids()) == sorted(o.message_id for o in orders)
 
 
@@ -650,6 +670,31 @@ async def test_sink_saves_each_mail_as_an_eml_file(
     assert await asyncio.to_thread(mail_sink.proc.wait, 30) == 0
 
 
+async def test_starttls_to_a_sink_whose_certificate_is_trusted(
+    mail_sink_tls: MailSink, mail_redis: Redis, mail_workers: WorkerPool
+) -> None:
+    order = await seed_order(mail_redis)
+    await add_event(mail_redis, "order.completed", order)
+    await mail_workers.start(
+        smtp_port=mail_sink_tls.port, smtp_tls="starttls", smtp_ca_file=str(mail_sink_tls.cert)
+    )
+    await wait_until(lambda: is_sent(mail_redis, order))
+    [saved] = mail_sink_tls.directory.glob("*.eml")
+    parsed = BytesParser(policy=policy.default).parsebytes(saved.read_bytes())
+    assert parsed["Message-ID"] == order.message_id
+
+
+async def test_starttls_with_an_untrusted_certificate_is_retried_not_sent(
+    mail_sink_tls: MailSink, mail_redis: Redis, mail_workers: WorkerPool
+) -> None:
+    order = await seed_order(mail_redis)
+    await add_event(mail_redis, "order.completed", order)
+    worker = await mail_workers.start(smtp_port=mail_sink_tls.port, smtp_tls="starttls")
+    await wait_until(lambda: worker.stats["retries"] >= 2)
+    assert not await is_sent(mail_redis, order)
+    assert list(mail_sink_tls.directory.glob("*.eml")) == []
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [
@@ -663,6 +708,7 @@ async def test_sink_saves_each_mail_as_an_eml_file(
         ({"MAIL_BACKOFF_BASE_SECONDS": "10", "MAIL_BACKOFF_MAX_SECONDS": "1"}, "BACKOFF"),
         ({"MAIL_MAX_ATTEMPTS": "nan"}, "MAIL_MAX_ATTEMPTS"),
         ({"MAIL_WORKER_NAME": "a b"}, "MAIL_WORKER_NAME"),
+        ({"SMTP_CA_FILE": "/nonexistent/ca.pem"}, "SMTP_CA_FILE"),
     ],
 )
 def test_settings_reject_bad_values(env: dict[str, str], message: str) -> None:
