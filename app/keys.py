@@ -100,4 +100,3 @@ def mail_worker_alive(worker_name: str) -> str:
 # (ms since the epoch). The entries stay pending in the `mailer` group, so the
 # stream is never trimmed past them.
 MAIL_RETRY = "mail:retry"
-MAIL_WORKER_ALIVE_PATTERN = "mail:worker:*:alive"

@@ -1,8 +1,10 @@
 """``python -m mail``: run the mail worker until SIGTERM or SIGINT.
 
 ``python -m mail --check`` exits 0 when a worker's health key exists (the one
-named by MAIL_WORKER_NAME, or any worker's when that is unset), 1 otherwise:
-the compose health check.
+named by MAIL_WORKER_NAME or, when that is unset, one of the default-named
+workers of this host, ``{hostname}-{pid}``), 1 otherwise: the compose health
+check. Give each worker its own MAIL_WORKER_NAME, or none: two processes must
+never share a name.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 
 from app import keys
 from app.settings import SettingsError
-from mail.settings import MailSettings
+from mail.settings import MailSettings, host_label
 from mail.worker import MailWorker, connect_redis
 
 
@@ -32,12 +34,18 @@ async def run(settings: MailSettings) -> None:
         await redis.aclose()
 
 
+def glob_escape(text: str) -> str:
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
+
+
 async def check(settings: MailSettings) -> bool:
     redis = connect_redis(settings)
     try:
         if os.environ.get("MAIL_WORKER_NAME", "").strip():
             return bool(await redis.exists(keys.mail_worker_alive(settings.worker_name)))
-        async for _ in redis.scan_iter(match=keys.MAIL_WORKER_ALIVE_PATTERN, count=100):
+        # Unnamed workers are called {host}-{pid}: look for one on this host.
+        pattern = keys.mail_worker_alive(f"{glob_escape(host_label())}-*")
+        async for _ in redis.scan_iter(match=pattern, count=1000):
             return True
         return False
     finally:

@@ -28,9 +28,13 @@ _WORKER_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+def host_label() -> str:
+    """This host's name as a worker-name prefix (a container's hostname is its id)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:40] or "host"
+
+
 def default_worker_name() -> str:
-    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:40] or "host"
-    return f"{host}-{os.getpid()}"
+    return f"{host_label()}-{os.getpid()}"
 
 
 def parse_mail_from(value: str) -> Address:

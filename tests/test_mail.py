@@ -27,7 +27,7 @@ from app.admin.mail import list_dead_letters, requeue_dead_letter
 from app.ids import new_id
 from app.settings import SettingsError
 from mail.render import HEADERS
-from mail.settings import MailSettings
+from mail.settings import MailSettings, default_worker_name
 from mail.worker import MailWorker
 from tests.mail_fixtures import (
     DROP,
@@ -482,6 +482,24 @@ async def test_sigterm_finishes_the_mail_in_hand_then_exits(
     await mail_workers.start(worker_name="heir", claim_idle=600.0)
     await wait_until(lambda: all_sent(mail_redis, orders))
     assert sorted(smtp_server.message_ids()) == sorted(o.message_id for o in orders)
+
+
+async def test_health_check_finds_a_default_named_worker_of_this_host(
+    mail_redis: Redis, mail_workers: WorkerPool
+) -> None:
+    env = settings_env(mail_workers.settings)
+    del env["MAIL_WORKER_NAME"]
+
+    def check() -> int:
+        command = [sys.executable, "-m", "mail", "--check"]
+        return subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, timeout=30
+        ).returncode
+
+    assert await asyncio.to_thread(check) == 1
+    worker = await mail_workers.start(worker_name=default_worker_name())
+    await wait_until(lambda: mail_redis.exists(keys.mail_worker_alive(worker.name)))
+    assert await asyncio.to_thread(check) == 0
 
 
 # -- stream retention ------------------------------------------------------------------
