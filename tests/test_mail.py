@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, replace
 from email import policy
 from email.parser import BytesParser
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
@@ -40,6 +41,7 @@ from tests.mail_fixtures import (
     settings_env,
     wait_until,
 )
+from tests.servers import running_redis
 
 DOMAIN = "phoneshop.test"
 
@@ -500,6 +502,31 @@ async def test_health_check_finds_a_default_named_worker_of_this_host(
     worker = await mail_workers.start(worker_name=default_worker_name())
     await wait_until(lambda: mail_redis.exists(keys.mail_worker_alive(worker.name)))
     assert await asyncio.to_thread(check) == 0
+
+
+async def test_worker_rides_out_a_redis_restart(
+    tmp_path: Path, smtp_server: SmtpServer, mail_settings: MailSettings
+) -> None:
+    with running_redis(tmp_path / "redis") as server:
+        pool = WorkerPool(replace(mail_settings, redis_url=server.url))
+        redis = Redis.from_url(server.url, decode_responses=True)
+        try:
+            await pool.start()
+            before = await seed_order(redis)
+            await add_event(redis, "order.completed", before)
+            await wait_until(lambda: is_sent(redis, before))
+
+            await asyncio.to_thread(server.stop)
+            await asyncio.to_thread(server.start)  # same port, data back from the AOF
+            await redis.aclose()
+            redis = Redis.from_url(server.url, decode_responses=True)
+            after = await seed_order(redis)
+            await add_event(redis, "order.completed", after)
+            await wait_until(lambda: is_sent(redis, after), message="a mail after the restart")
+            assert smtp_server.message_ids() == [before.message_id, after.message_id]
+        finally:
+            await pool.stop_all()
+            await redis.aclose()
 
 
 # -- stream retention ------------------------------------------------------------------
