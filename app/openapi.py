@@ -9,7 +9,6 @@ import msgspec
 from aiohttp import web
 
 from app import appkeys
-from app.ids import ID_PATTERN
 from app.models import QUERY_SCHEMAS, json_response
 from app.problems import PROBLEMS
 from app.routes import Route, route_table
@@ -42,7 +41,7 @@ def _operation(route: Route, schemas: dict[type, Any]) -> dict[str, Any]:
         "description": "Success",
         "content": {"application/json": {"schema": answer_schema}},
     }
-    statuses = {429, 503} | set(_ERRORS_BY_AUTH[route.auth])
+    statuses = {429, 503} | set(_ERRORS_BY_AUTH[route.auth]) | set(route.errors)
     parameters: list[dict[str, Any]] = []
     if "{id}" in route.path:
         parameters.append(
@@ -50,7 +49,7 @@ def _operation(route: Route, schemas: dict[type, Any]) -> dict[str, Any]:
                 "name": "id",
                 "in": "path",
                 "required": True,
-                "schema": {"type": "string", "pattern": ID_PATTERN},
+                "schema": {"type": "string", "pattern": route.id_pattern},
             }
         )
         statuses.add(404)

@@ -12,6 +12,7 @@ from app.admin import handlers as admin
 from app.admin import mail as admin_mail
 from app.customers import handlers as customers
 from app.customers.models import CustomerCreate, CustomerCreated, CustomerEnvelope, Deposit
+from app.ids import ID_PATTERN
 from app.orders import handlers as orders
 from app.orders.models import OrderCreate, OrderEnvelope, OrderPage
 from app.phones import handlers as phones
@@ -37,6 +38,12 @@ class Route:
     status: int = 200
     query: tuple[str, ...] = ()
     idempotent_key: bool = False
+    # Error statuses the operation itself decides (auth, body and query errors
+    # are added by openapi.py from the other fields).
+    errors: tuple[int, ...] = ()
+    # What {id} must look like: anything else does not match the route, so
+    # /phones/create is never read as the phone "create".
+    id_pattern: str = ID_PATTERN
     alias_of: str | None = None  # seed paths: same operation, hidden from the spec's tags
 
 
@@ -92,6 +99,7 @@ ROUTES: list[Route] = [
         auth="admin",
         body=Restock,
         answer=PhoneEnvelope,
+        errors=(409,),
     ),
     Route(
         "POST",
@@ -102,6 +110,7 @@ ROUTES: list[Route] = [
         body=CustomerCreate,
         answer=CustomerCreated,
         status=201,
+        errors=(409,),
     ),
     Route(
         "GET",
@@ -119,6 +128,7 @@ ROUTES: list[Route] = [
         auth="admin",
         body=Deposit,
         answer=CustomerEnvelope,
+        errors=(409,),
     ),
     Route(
         "POST",
@@ -167,6 +177,7 @@ ROUTES: list[Route] = [
         "Complete an open order",
         auth="owner-or-admin",
         answer=OrderEnvelope,
+        errors=(409,),
     ),
     Route(
         "POST",
@@ -176,6 +187,7 @@ ROUTES: list[Route] = [
         auth="owner-or-admin",
         answer=OrderEnvelope,
         alias_of="/orders/{id}/check",
+        errors=(409,),
     ),
     Route(
         "POST",
@@ -185,6 +197,7 @@ ROUTES: list[Route] = [
         auth="owner-or-admin",
         answer=OrderEnvelope,
         alias_of="/orders/{id}/check",
+        errors=(409,),
     ),
     Route(
         "POST",
@@ -193,6 +206,7 @@ ROUTES: list[Route] = [
         "Cancel an open order: refund and restock",
         auth="owner-or-admin",
         answer=OrderEnvelope,
+        errors=(409,),
     ),
     Route(
         "GET",
@@ -218,6 +232,8 @@ ROUTES: list[Route] = [
         "Requeue a dead-lettered confirmation mail",
         auth="admin",
         answer=admin_mail.RequeuedEnvelope,
+        errors=(422,),
+        id_pattern=r"^[0-9]{1,20}-[0-9]{1,20}$",
     ),
 ]
 
@@ -229,7 +245,8 @@ BENCH_ROUTES: list[Route] = [
 
 def add_routes(app: web.Application, routes: list[Route]) -> None:
     for route in routes:
-        app.router.add_route(route.method, route.path, route.handler)
+        path = route.path.replace("{id}", "{id:" + route.id_pattern.strip("^$") + "}")
+        app.router.add_route(route.method, path, route.handler)
 
 
 def route_table(bench: bool) -> list[Route]:

@@ -154,6 +154,9 @@ class NginxProblem:
     title: str
     detail: str
     retry_after: int | None = None
+    # nginx answers 405 itself only for methods it never proxies (TRACE, ...);
+    # RFC 9110 wants the methods that would work.
+    allow: str | None = None
 
 
 PROBLEMS: tuple[NginxProblem, ...] = (
@@ -176,6 +179,14 @@ PROBLEMS: tuple[NginxProblem, ...] = (
         "payload_too_large",
         "The body is too large",
         "Request bodies are limited to 64 KiB.",
+    ),
+    NginxProblem(
+        "@method_not_allowed",
+        405,
+        "method_not_allowed",
+        "Method not allowed",
+        "The proxy does not accept this method.",
+        allow="GET, HEAD, POST, PATCH",
     ),
     NginxProblem(
         "@uri_too_long", 414, "uri_too_long", "URI too long", "The request line is too long."
@@ -228,6 +239,7 @@ ERROR_PAGES: tuple[tuple[str, str], ...] = (
     ("400", "@bad_request"),
     ("404", "@not_found"),
     ("408", "@request_timeout"),
+    ("405", "@method_not_allowed"),
     ("413", "@payload_too_large"),
     ("414", "@uri_too_long"),
     ("429", "@rate_limited"),
@@ -261,6 +273,8 @@ def _problem_location(problem: NginxProblem) -> str:
     ]
     if problem.retry_after is not None:
         lines.append(f"            add_header Retry-After {problem.retry_after} always;")
+    if problem.allow is not None:
+        lines.append(f'            add_header Allow "{problem.allow}" always;')
     lines += [f"            return {problem.status} '{text}';", "        }"]
     return "\n".join(lines)
 

@@ -148,11 +148,22 @@ async def test_phone_writes_need_the_admin(shop: Shop) -> None:
 
 
 async def test_unknown_phone_is_404_problem(shop: Shop) -> None:
-    for path in ("/phones/AAAAAAAAAAAAAAAAAAAAAA", "/phones/not-an-id", "/phones/..%2Fetc"):
+    missing = await shop.client.get("/phones/AAAAAAAAAAAAAAAAAAAAAA")
+    assert missing.status == 404
+    problem = await missing.json(content_type="application/problem+json")
+    assert problem["code"] == "phone_not_found"
+    # A path whose id cannot be an id matches no route at all.
+    for path in ("/phones/not-an-id", "/phones/..%2Fetc", "/phones/AAAAAAAAAAAAAAAAAAAAAAA"):
         response = await shop.client.get(path)
-        assert response.status == 404
+        assert response.status == 404, path
         problem = await response.json(content_type="application/problem+json")
-        assert problem["code"] == "phone_not_found"
+        assert problem["code"] == "not_found"
+
+
+async def test_seed_create_path_is_not_a_phone_id(shop: Shop) -> None:
+    response = await shop.client.get("/phones/create")
+    assert response.status == 405
+    assert response.headers["Allow"] == "POST"
 
 
 async def test_integral_json_numbers_count_as_integers(shop: Shop) -> None:

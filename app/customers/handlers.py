@@ -20,7 +20,7 @@ async def create_customer(request: web.Request) -> web.Response:
 
 async def get_customer(request: web.Request) -> web.Response:
     principal = await authenticate(request)
-    customer_id = path_id(request, "customer_not_found")
+    customer_id = path_id(request)
     check_owner_or_admin(principal, customer_id, "customer_not_found")
     customer = await service.get_customer(redis_of(request), customer_id)
     return json_response(CustomerEnvelope(customer=customer))
@@ -28,7 +28,7 @@ async def get_customer(request: web.Request) -> web.Response:
 
 async def deposit(request: web.Request) -> web.Response:
     await require_admin(request)
-    customer_id = path_id(request, "customer_not_found")
+    customer_id = path_id(request)
     data = await decode_body(request, Deposit)
     customer = await service.deposit(scripts_of(request), customer_id, data.amount_cents)
     return json_response(CustomerEnvelope(customer=customer))

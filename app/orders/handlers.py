@@ -68,11 +68,13 @@ async def list_orders(request: web.Request) -> web.Response:
     status = request.query.get("status")
     if status is not None and status not in _STATUSES:
         raise ProblemError("validation_error", "status must be one of open, completed, cancelled")
-    customer_id = principal.customer_id
-    if principal.is_admin and "customer_id" in request.query:
-        customer_id = request.query["customer_id"]
-        if not is_valid_id(customer_id):
-            raise ProblemError("validation_error", "customer_id is not a valid id")
+    customer_id = request.query.get("customer_id")
+    if customer_id is not None and not is_valid_id(customer_id):
+        raise ProblemError("validation_error", "customer_id is not a valid id")
+    if not principal.is_admin:
+        if customer_id not in (None, principal.customer_id):
+            raise ProblemError("forbidden", "A customer may only list their own orders")
+        customer_id = principal.customer_id
     total, orders = await service.list_orders(
         redis_of(request), page, customer_id=customer_id, status=status
     )
@@ -89,9 +91,7 @@ async def list_orders(request: web.Request) -> web.Response:
 
 async def get_order(request: web.Request) -> web.Response:
     principal = await authenticate(request)
-    order = await service.get_order(
-        redis_of(request), principal, path_id(request, "order_not_found")
-    )
+    order = await service.get_order(redis_of(request), principal, path_id(request))
     return json_response(OrderEnvelope(order=order))
 
 
@@ -101,7 +101,7 @@ async def check_order(request: web.Request) -> web.Response:
         redis_of(request),
         scripts_of(request),
         principal,
-        path_id(request, "order_not_found"),
+        path_id(request),
         request[REQUEST_ID],
     )
     return json_response(OrderEnvelope(order=order))
@@ -113,7 +113,7 @@ async def cancel_order(request: web.Request) -> web.Response:
         redis_of(request),
         scripts_of(request),
         principal,
-        path_id(request, "order_not_found"),
+        path_id(request),
         request[REQUEST_ID],
     )
     return json_response(OrderEnvelope(order=order))

@@ -47,13 +47,13 @@ async def list_phones(request: web.Request) -> web.Response:
 
 
 async def get_phone(request: web.Request) -> web.Response:
-    phone = await service.get_phone(redis_of(request), path_id(request, "phone_not_found"))
+    phone = await service.get_phone(redis_of(request), path_id(request))
     return json_response(PhoneEnvelope(phone=phone))
 
 
 async def update_phone(request: web.Request) -> web.Response:
     await require_admin(request)
-    phone_id = path_id(request, "phone_not_found")
+    phone_id = path_id(request)
     data = await decode_body(request, PhoneUpdate)
     phone = await service.update_phone(scripts_of(request), phone_id, data)
     return json_response(PhoneEnvelope(phone=phone))
@@ -61,7 +61,7 @@ async def update_phone(request: web.Request) -> web.Response:
 
 async def restock(request: web.Request) -> web.Response:
     await require_admin(request)
-    phone_id = path_id(request, "phone_not_found")
+    phone_id = path_id(request)
     data = await decode_body(request, Restock)
     phone = await service.restock(scripts_of(request), phone_id, data.quantity)
     return json_response(PhoneEnvelope(phone=phone))
