@@ -260,6 +260,8 @@ class MailWorker:
                     await self.run_once()
                     failures = 0
                 except (RedisError, OSError) as error:
+                    if "NOGROUP" in str(error):  # the stream or group was deleted: recreate
+                        self._group_ready = False
                     failures += 1
                     delay = min(5.0, 0.1 * 2**failures)
                     log.warning("redis unavailable (%s); retrying in %.1fs", error, delay)
