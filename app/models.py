@@ -64,6 +64,9 @@ T = TypeVar("T")
 MAX_PER_PAGE = 100
 MAX_PAGE = 10**8
 
+# Printable ASCII, as the IETF Idempotency-Key draft's examples (UUIDs and the like).
+IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
+
 # The query parameters' schemas, for /openapi.json; the parsers below enforce them.
 QUERY_SCHEMAS: dict[str, dict[str, Any]] = {
     "page": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},

@@ -9,7 +9,7 @@ import msgspec
 from aiohttp import web
 
 from app import appkeys
-from app.models import QUERY_SCHEMAS, json_response
+from app.models import IDEMPOTENCY_KEY_PATTERN, QUERY_SCHEMAS, json_response
 from app.problems import PROBLEMS
 from app.routes import Route, route_table
 
@@ -64,7 +64,7 @@ def _operation(route: Route, schemas: dict[type, Any]) -> dict[str, Any]:
                 "name": "Idempotency-Key",
                 "in": "header",
                 "required": False,
-                "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                "schema": {"type": "string", "pattern": IDEMPOTENCY_KEY_PATTERN},
             }
         )
         statuses |= {400, 402, 404, 409}
@@ -108,9 +108,10 @@ def build_spec(routes: list[Route]) -> dict[str, Any]:
     # Rules a Struct checks in __post_init__ (one of two fields, at least one
     # field) are added to its schema here, so the spec states them too.
     for model in models:
-        extra = getattr(model, "__openapi_extra__", None)
-        if extra:
-            components[model.__name__].update(extra)
+        extra = dict(getattr(model, "__openapi_extra__", {}))
+        properties = extra.pop("properties", {})
+        components[model.__name__].update(extra)
+        components[model.__name__].get("properties", {}).update(properties)
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, schemas)

@@ -62,6 +62,12 @@ async def test_seed_alias_rejects_sub_cent_and_double_prices(shop: Shop) -> None
         {"name": "A", "price": 1.999},
         {"name": "A", "price": 0},
         {"name": "A", "price": "NaN"},
+        {"name": "A", "price": "1e3"},
+        {"name": "A", "price": " 5"},
+        {"name": "A", "price": "0.00"},
+        {"name": "A", "price": "1_000"},
+        {"name": "A", "price": True},
+        {"name": "A", "price": 10_000_000.01},
         {"name": "A", "price": 1, "price_cents": 100},
         {"name": "A"},
     ):

@@ -87,7 +87,11 @@ def _dead_letter(entry_id: bytes | str, fields: dict) -> DeadLetter:
 
 
 def is_entry_id(value: str) -> bool:
-    return _ENTRY_ID.fullmatch(value) is not None
+    """A Redis stream id: two unsigned 64-bit integers (Redis refuses bigger
+    ones with an error, which must be a 404 here, not a 500)."""
+    return _ENTRY_ID.fullmatch(value) is not None and all(
+        int(part) < 2**64 for part in value.split("-")
+    )
 
 
 async def list_dead_letters(

@@ -11,13 +11,12 @@ from app.auth import authenticate
 from app.handlers import path_id, redis_of, scripts_of
 from app.ids import is_valid_id
 from app.middlewares import REQUEST_ID
-from app.models import decode_body, json_response, page_count, page_params
+from app.models import IDEMPOTENCY_KEY_PATTERN, decode_body, json_response, page_count, page_params
 from app.orders import service
 from app.orders.models import OrderCreate, OrderEnvelope, OrderPage
 from app.problems import ProblemError
 
-# Printable ASCII, as the IETF Idempotency-Key draft's examples (UUIDs and the like).
-_IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+_IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 _STATUSES = {"open", "completed", "cancelled"}
 
 

@@ -50,15 +50,17 @@ class OrderCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError("give exactly one of items or phones")
         if self.customer_id is not msgspec.UNSET and self.customer is not msgspec.UNSET:
             raise ValueError("give customer_id or customer, not both")
-        if self.items is not msgspec.UNSET:
-            ids = [line.phone_id for line in self.items]
-            if len(set(ids)) != len(ids):
-                raise ValueError("each phone_id may appear in one line only")
 
     def lines(self) -> list[tuple[str, int]]:
+        """One line per phone, in first-seen order: repeats add up, as in the
+        seed's list form (the stock check sees the whole quantity at once)."""
+        quantities: Counter[str] = Counter()
         if self.items is not msgspec.UNSET:
-            return [(line.phone_id, line.quantity) for line in self.items]
-        return list(Counter(self.phones).items())
+            for line in self.items:
+                quantities[line.phone_id] += line.quantity
+        else:
+            quantities.update(self.phones)
+        return list(quantities.items())
 
     def for_customer(self) -> str | None:
         if self.customer_id is not msgspec.UNSET:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import msgspec
 
@@ -18,6 +19,26 @@ class PhoneCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stock: StockUnits = 0
 
 
+# 0.01 to 10000000, at most 2 decimals, no sign, exponent or spaces.
+PRICE_PATTERN = (
+    r"^(?:[1-9][0-9]{0,6}(?:\.[0-9]{1,2})?|10000000(?:\.00?)?|0\.(?:0[1-9]|[1-9][0-9]?))$"
+)
+_PRICE = re.compile(PRICE_PATTERN)
+
+
+def _seed_price(value: Any) -> Decimal:
+    """The seed's price as an exact Decimal: from a JSON number (already an int
+    or Decimal, see app.models.decode_body) or a decimal string."""
+    if isinstance(value, str) and _PRICE.fullmatch(value):
+        return Decimal(value)
+    if isinstance(value, int | Decimal) and not isinstance(value, bool):
+        price = Decimal(value)
+        exact = price.is_finite() and price.as_tuple().exponent >= -2
+        if exact and Decimal("0.01") <= price <= Decimal(10**7):
+            return price
+    raise ValueError("price must be an amount from 0.01 to 10000000 with at most 2 decimals")
+
+
 class SeedPhoneCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """POST /phones/create: the seed's body (imageurl, price as a currency
     amount) or ours; stock defaults to 0."""
@@ -27,15 +48,25 @@ class SeedPhoneCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     image_url: ImageUrl | msgspec.UnsetType = msgspec.UNSET
     imageurl: ImageUrl | msgspec.UnsetType = msgspec.UNSET
     price_cents: PriceCents | msgspec.UnsetType = msgspec.UNSET
-    # Parsed from the JSON number's text, so 19.99 is exactly 1999 cents.
-    price: Decimal | msgspec.UnsetType = msgspec.UNSET
+    # A JSON number (read exactly, so 19.99 is 1999 cents) or a plain decimal
+    # string; checked in __post_init__, described by __openapi_extra__.
+    price: Any = msgspec.UNSET
     stock: StockUnits = 0
 
     __openapi_extra__: ClassVar[dict] = {
+        "properties": {
+            "price": {
+                "description": "A currency amount, at most 2 decimals, as a JSON number or a string",
+                "anyOf": [
+                    {"type": "number", "minimum": 0.01, "maximum": 10**7, "multipleOf": 0.01},
+                    {"type": "string", "pattern": PRICE_PATTERN},
+                ],
+            }
+        },
         "allOf": [
             {"oneOf": [{"required": ["price_cents"]}, {"required": ["price"]}]},
             {"not": {"required": ["image_url", "imageurl"]}},
-        ]
+        ],
     }
 
     def __post_init__(self) -> None:
@@ -44,11 +75,7 @@ class SeedPhoneCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         if (self.price_cents is msgspec.UNSET) == (self.price is msgspec.UNSET):
             raise ValueError("give exactly one of price_cents or price")
         if self.price is not msgspec.UNSET:
-            price = self.price
-            if not price.is_finite() or price.as_tuple().exponent < -2:
-                raise ValueError("price must be an amount with at most 2 decimals")
-            if not Decimal("0.01") <= price <= Decimal(10**7):
-                raise ValueError("price must be from 0.01 to 10000000")
+            self.price = _seed_price(self.price)
 
     def to_create(self) -> PhoneCreate:
         image_url = self.image_url if self.image_url is not msgspec.UNSET else self.imageurl
