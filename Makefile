@@ -91,14 +91,20 @@ run: setup
 	echo "  seed orders     $$(url "$$orders" /orders)"; \
 	echo "  app instances  $$instances  (direct, bypassing nginx)"; \
 	echo "  redis           $$REDIS_URL"; \
-	echo "  mail            SMTP sink 127.0.0.1:$${SMTP_PORT:-1025}, mails saved in $${MAIL_SINK_DIR:-var/mail}/"; \
+	if [ -z "$${SMTP_HOST:-}" ]; then \
+	  export SMTP_HOST=127.0.0.1 SMTP_PORT="$${SMTP_PORT:-1025}"; procs="redis web nginx mail smtp"; \
+	  echo "  mail            dev SMTP sink 127.0.0.1:$$SMTP_PORT, every mail saved in $${MAIL_SINK_DIR:-var/mail}/"; \
+	else \
+	  procs="redis web nginx mail"; \
+	  echo "  mail            worker sending through $$SMTP_HOST:$${SMTP_PORT:-25} (no dev sink)"; \
+	fi; \
 	echo "  admin token     ADMIN_TOKEN in .env (or your environment)"; \
 	echo "  logs            every process below, prefixed by its name;"; \
 	echo "                  nginx JSON access log var/log/nginx-access.log,"; \
 	echo "                  app access log $$WEB_ACCESS_LOG"; \
 	echo "  data            redis AOF in var/redis/; rendered nginx config var/nginx/nginx.conf"; \
 	echo; \
-	exec $(VENV)/bin/honcho start -f Procfile
+	exec $(VENV)/bin/honcho start -f Procfile $$procs
 
 # make loadtest: a bounded headless Locust run against a fresh stack, then the
 # verifier (loadtests/__main__.py). make bench: the measurements and
