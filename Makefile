@@ -96,7 +96,7 @@ run: setup
 	  echo "  mail            dev SMTP sink 127.0.0.1:$$SMTP_PORT, every mail saved in $${MAIL_SINK_DIR:-var/mail}/"; \
 	else \
 	  procs="redis web nginx mail"; \
-	  echo "  mail            worker sending through $$SMTP_HOST:$${SMTP_PORT:-25} (no dev sink)"; \
+	  echo "  mail            worker sending through $$SMTP_HOST:$${SMTP_PORT:-1025} (no dev sink)"; \
 	fi; \
 	echo "  admin token     ADMIN_TOKEN in .env (or your environment)"; \
 	echo "  logs            every process below, prefixed by its name;"; \
