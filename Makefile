@@ -17,7 +17,8 @@ EXTRAS := test,dev,load
 PYTEST_ARGS ?=
 
 # System binaries, each from the Debian package of the same name.
-SYSTEM_BINARIES := redis-server nginx wrk
+# chromium: the headless browser of the /live page test (tests/test_live.py).
+SYSTEM_BINARIES := redis-server nginx wrk chromium
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
 # Debian installs nginx in /usr/sbin, which is not on every user's PATH.

@@ -10,6 +10,8 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from app.auth import TokenCache
+    from app.events.hub import EventHub
+    from app.events.sockets import EventSocket
     from app.middlewares import InflightGauge
     from app.scripts import Scripts
     from app.settings import Settings
@@ -19,3 +21,6 @@ REDIS: web.AppKey[Redis] = web.AppKey("redis")
 SCRIPTS: web.AppKey[Scripts] = web.AppKey("scripts")
 TOKEN_CACHE: web.AppKey[TokenCache] = web.AppKey("token_cache")
 INFLIGHT: web.AppKey[InflightGauge] = web.AppKey("inflight")
+# The WebSocket fan-out (app/events): this worker's stream reader and its open sockets.
+EVENT_HUB: web.AppKey[EventHub] = web.AppKey("event_hub")
+EVENT_SOCKETS: web.AppKey[set[EventSocket]] = web.AppKey("event_sockets")

@@ -15,6 +15,7 @@ from redis.backoff import NoBackoff
 
 from app import appkeys
 from app.auth import TokenCache
+from app.events.hub import close_event_sockets, events_ctx
 from app.middlewares import (
     InflightGauge,
     error_middleware,
@@ -22,7 +23,7 @@ from app.middlewares import (
     request_id_middleware,
 )
 from app.openapi import openapi_json
-from app.routes import add_routes, route_table
+from app.routes import SPECLESS_ROUTES, add_routes, route_table
 from app.scripts import Scripts
 from app.settings import Settings
 
@@ -61,7 +62,9 @@ def build_app(settings: Settings) -> web.Application:
     app[appkeys.TOKEN_CACHE] = TokenCache()
     app[appkeys.INFLIGHT] = InflightGauge(settings.max_inflight)
     app.cleanup_ctx.append(redis_ctx)
-    add_routes(app, route_table(settings.bench_routes))
+    app.cleanup_ctx.append(events_ctx)  # after redis_ctx: replays use its pool
+    app.on_shutdown.append(close_event_sockets)
+    add_routes(app, route_table(settings.bench_routes) + SPECLESS_ROUTES)
     app.router.add_get("/openapi.json", openapi_json)
     return app
 

@@ -12,6 +12,7 @@ from app.admin import handlers as admin
 from app.admin import mail as admin_mail
 from app.customers import handlers as customers
 from app.customers.models import CustomerCreate, CustomerCreated, CustomerEnvelope, Deposit
+from app.events import handlers as events
 from app.ids import ID_PATTERN
 from app.orders import handlers as orders
 from app.orders.models import OrderCreate, OrderEnvelope, OrderPage
@@ -240,6 +241,22 @@ ROUTES: list[Route] = [
 BENCH_ROUTES: list[Route] = [
     Route("GET", "/bench/hello", health.bench_hello, "Bench ceiling: minimal JSON"),
     Route("GET", "/bench/sleep", health.bench_sleep, "Bench: a slow request", query=("ms",)),
+]
+
+
+# Served, but left out of /openapi.json: OpenAPI cannot describe a WebSocket
+# upgrade, and /live is an HTML page. See app/events/__init__.py for the protocol.
+SPECLESS_ROUTES: list[Route] = [
+    Route(
+        "GET",
+        "/orders/events",
+        events.orders_events,
+        "Live order events over a WebSocket (resume with ?last_id=)",
+        auth="customer",
+        status=101,
+        query=("last_id",),
+    ),
+    Route("GET", "/live", events.live_page, "A page showing your orders change state live"),
 ]
 
 

@@ -1,0 +1,28 @@
+"""Live order events over a WebSocket: ``GET /orders/events`` and ``GET /live``.
+
+Protocol (server -> client, JSON text frames; the client sends nothing):
+
+* an order event, straight from the ``events`` stream::
+
+    {"type": "order.placed"|"order.completed"|"order.cancelled", "id": "<stream id>",
+     "order_id": ..., "customer_id": ..., "status": ..., "request_id": ..., "at": <ms>}
+
+* ``{"type": "resync", "reason": "trimmed"|"unknown_id", "last_id": ..., "first_id": ...,
+  "detail": ...}``: events after ``last_id`` may be gone (or the id is not from
+  this stream). Reload state with ``GET /orders``; what the stream still holds follows.
+* ``{"type": "live", "last_id": "<id>", "replayed": N}``: the replay is over, live
+  events follow. ``last_id`` is where to resume if nothing else arrives.
+
+Resume with ``?last_id=<id>``: every event after it, then live, no gap, no
+duplicate (see app/events/sockets.py for the handover).
+
+Auth: ``Authorization: Bearer <token>``, or for browsers the subprotocols
+``["bearer", "<token>"]`` (the server answers ``bearer``). A customer gets their
+own orders' events, the admin everyone's. Refused before the upgrade: 401
+(no or bad token), 422 (bad last_id), 426 (not an upgrade), 503 (overloaded or
+Redis unreadable).
+
+Close codes: 1001 server shutdown, 1013 Redis failed during the replay,
+1011 internal error, 4008 slow consumer (more than ``client_buffer`` events
+behind). After any of them, reconnect with the last id received.
+"""

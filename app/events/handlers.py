@@ -1,0 +1,153 @@
+"""``GET /orders/events`` (the WebSocket) and ``GET /live`` (the page using it)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import re
+from collections.abc import Iterator
+from functools import cache
+from importlib import resources
+
+from aiohttp import hdrs, web
+
+from app import appkeys
+from app.auth import Principal, authenticate
+from app.events.sockets import CloseCode, EventSocket
+from app.events.stream import StreamId
+from app.problems import ProblemError, retry_later
+
+# Browsers cannot set Authorization on a WebSocket: they offer the subprotocols
+# ["bearer", "<token>"] instead and the server answers with "bearer".
+BEARER_PROTOCOL = "bearer"
+# Clients only ever send control frames (pong, close); keep their messages tiny.
+MAX_CLIENT_MESSAGE = 4096
+
+
+async def orders_events(request: web.Request) -> web.StreamResponse:
+    principal = await _authenticate_socket(request)
+    resume_from = _last_id(request)
+    hub = request.app[appkeys.EVENT_HUB]
+    config = hub.config
+    ws = web.WebSocketResponse(
+        heartbeat=config.heartbeat,
+        protocols=(BEARER_PROTOCOL,),
+        # Events are ~250 bytes: per-socket deflate would cost CPU on every
+        # message of the fan-out for little.
+        compress=False,
+        max_msg_size=MAX_CLIENT_MESSAGE,
+        timeout=config.close_timeout,
+    )
+    if not ws.can_prepare(request).ok:
+        raise web.HTTPUpgradeRequired(reason="This endpoint is a WebSocket: send an upgrade")
+    sockets = request.app[appkeys.EVENT_SOCKETS]
+    if len(sockets) >= config.max_sockets:
+        raise retry_later("overloaded", 5, "This worker holds as many event sockets as it may")
+    try:
+        async with asyncio.timeout(request.app[appkeys.SETTINGS].redis_timeout):
+            await hub.ready.wait()
+    except TimeoutError:
+        raise retry_later("service_unavailable", 1, "The event stream is not readable") from None
+
+    socket = EventSocket(ws, request, principal, config)
+    live_from = hub.subscribe(socket)  # before the upgrade and before any replay read
+    sockets.add(socket)
+    try:
+        await ws.prepare(request)
+        socket.start(request.app[appkeys.REDIS], resume_from, live_from)
+        with _not_in_flight(request):
+            # Clients send nothing but control frames, which aiohttp answers
+            # (pong) or acts on (close); this ends when the socket is closed by
+            # either side.
+            async for _message in ws:
+                pass
+    finally:
+        hub.unsubscribe(socket)
+        sockets.discard(socket)
+        await socket.close(CloseCode.NORMAL)
+    return ws
+
+
+async def _authenticate_socket(request: web.Request) -> Principal:
+    """The Authorization header when present, else a token offered as the
+    subprotocol after "bearer"; 401 before any upgrade otherwise."""
+    if hdrs.AUTHORIZATION not in request.headers:
+        token = _protocol_token(request.headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL, ""))
+        if token is None:
+            raise ProblemError("unauthorized")
+        # The very same check as every other route: it reads the header.
+        request = request.clone(headers={**request.headers, "Authorization": f"Bearer {token}"})
+    return await authenticate(request)
+
+
+def _protocol_token(header: str) -> str | None:
+    offered = [value.strip() for value in header.split(",") if value.strip()]
+    if BEARER_PROTOCOL not in offered:
+        return None
+    position = offered.index(BEARER_PROTOCOL)
+    return offered[position + 1] if position + 1 < len(offered) else None
+
+
+def _last_id(request: web.Request) -> StreamId | None:
+    raw = request.query.get("last_id")
+    if raw is None:
+        return None
+    stream_id = StreamId.parse(raw)
+    if stream_id is None:
+        raise ProblemError(
+            "validation_error",
+            "last_id must be a stream id <ms>-<seq>, as sent in the events' id field",
+        )
+    return stream_id
+
+
+@contextlib.contextmanager
+def _not_in_flight(request: web.Request) -> Iterator[None]:
+    """An upgraded socket is no request in flight: it may stay open for hours and
+    must not use up the worker's MAX_INFLIGHT slots (its own cap is
+    EventsConfig.max_sockets). The in-flight middleware counted the upgrade
+    request; give the slot back while the socket is open."""
+    gauge = request.app[appkeys.INFLIGHT]
+    gauge.current -= 1
+    try:
+        yield
+    finally:
+        gauge.current += 1
+
+
+# ---- GET /live ----------------------------------------------------------------------
+
+_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
+
+
+@cache
+def _live_page() -> tuple[bytes, str]:
+    """The page and its Content-Security-Policy: its one inline script is allowed
+    by hash, nothing else runs, and it may connect only to this origin."""
+    html = resources.files("app").joinpath("static", "live.html").read_text()
+    hashes = " ".join(
+        "'sha256-" + base64.b64encode(hashlib.sha256(s.encode()).digest()).decode() + "'"
+        for s in _SCRIPT.findall(html)
+    )
+    policy = (
+        f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+    return html.encode(), policy
+
+
+async def live_page(request: web.Request) -> web.Response:
+    body, policy = _live_page()
+    return web.Response(
+        body=body,
+        content_type="text/html",
+        charset="utf-8",
+        headers={
+            "Content-Security-Policy": policy,
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+            "Cache-Control": "no-cache",
+        },
+    )
