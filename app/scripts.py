@@ -14,7 +14,9 @@ from typing import Any
 import msgspec
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
+from app.fastredis import MultiplexedRedis
 from app.problems import ProblemError
 
 SCRIPT_NAMES = (
@@ -45,10 +47,13 @@ class ScriptResult:
 class Scripts:
     """One registered script per money-or-stock operation."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, fast: MultiplexedRedis | None = None) -> None:
         self._scripts: dict[str, AsyncScript] = {
             name: redis.register_script(load_source(name)) for name in SCRIPT_NAMES
         }
+        # The hot path: EVALSHA over one multiplexed connection when given
+        # (app/fastredis.py), else through redis-py's pool.
+        self._fast = fast
 
     async def load(self) -> None:
         """SCRIPT LOAD every script so /readyz can tell they are there."""
@@ -60,8 +65,18 @@ class Scripts:
         shas = [script.sha for script in self._scripts.values()]
         return all(await client.script_exists(*shas))
 
+    async def _call(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Any:
+        if self._fast is None:
+            return await script(keys=keys, args=args)
+        try:
+            return await self._fast.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            # Redis restarted without its script cache (or was flushed): load it again.
+            await self._fast.execute("SCRIPT", "LOAD", script.script)
+            return await self._fast.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+
     async def run(self, name: str, keys: list[str], args: list[str | int]) -> ScriptResult:
-        reply = await self._scripts[name](keys=keys, args=args)
+        reply = await self._call(self._scripts[name], keys, args)
         status = int(reply[0])
         raw = reply[1] if isinstance(reply[1], bytes) else str(reply[1]).encode()
         payload = msgspec.json.decode(raw)
