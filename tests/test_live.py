@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import itertools
 import json
 import os
+import re
 import shutil
 import socket
 import struct
@@ -26,9 +28,10 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from app import appkeys, keys
-from app.events.sockets import CloseCode
+from app.events.sockets import CloseCode, EventsConfig
 from app.events.stream import StreamId
 from app.main import create_app
+from nginx.render import NginxConfig, render
 from tests.conftest import ADMIN, Shop
 from tests.stack import FullStack
 
@@ -388,6 +391,37 @@ async def test_open_sockets_do_not_use_up_the_in_flight_cap(
     for listener in listeners:
         await listener.close()
     assert client.app[appkeys.INFLIGHT].current == 0
+
+
+async def test_idle_sockets_are_pinged_and_silent_ones_dropped(shop: Shop) -> None:
+    """Heartbeat: the server pings every `heartbeat` seconds (keeping nginx and
+    other proxies from timing the socket out); a client that never answers is
+    dropped and forgotten."""
+    app = shop.client.app
+    hub = app[appkeys.EVENT_HUB]
+    hub.config = dataclasses.replace(hub.config, heartbeat=0.3)
+    ws = await shop.client.ws_connect("/orders/events", headers=ADMIN, autoping=False)
+    kinds = []
+    async for message in ws:  # answers nothing: no pong
+        kinds.append(message.type)
+    assert aiohttp.WSMsgType.PING in kinds
+    await wait_until(lambda: not app[appkeys.EVENT_SOCKETS], "the silent socket forgotten")
+    assert hub.subscribers == 0
+
+
+def test_nginx_keeps_event_sockets_open_longer_than_the_heartbeat() -> None:
+    """Every listener proxying /orders/events passes the upgrade through and
+    waits longer for the app than the app's ping interval."""
+    rendered = render(NginxConfig())
+    locations = re.findall(r"location = /orders/events \{(.*?)\}", rendered, re.DOTALL)
+    assert len(locations) == 2  # HTTP_PORT and the seed orders port
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "": 1}
+    for block in locations:
+        assert "proxy_set_header" not in block  # would drop the inherited Upgrade headers
+        value, unit = re.search(r"proxy_read_timeout (\d+)(ms|s|m|h|)?;", block).groups()
+        assert int(value) * units[unit or ""] > 2 * EventsConfig().heartbeat
+    assert "proxy_set_header Upgrade $http_upgrade;" in rendered
+    assert "proxy_set_header Connection $connection_upgrade;" in rendered
 
 
 async def test_live_page_is_served_with_a_strict_policy(client: TestClient) -> None:
