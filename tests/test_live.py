@@ -33,6 +33,7 @@ from app.events.stream import StreamId
 from app.main import create_app
 from nginx.render import NginxConfig, render
 from tests.conftest import ADMIN, Shop
+from tests.servers import RedisServer
 from tests.stack import FullStack
 
 DEADLINE = 30.0
@@ -274,6 +275,66 @@ async def test_resync_when_last_id_is_not_from_this_stream(shop: Shop) -> None:
     order = await place(shop, auth, phone["id"])
     await future.wait_order(order, "completed")  # not filtered out as "older than last_id"
     await future.close()
+
+
+async def test_the_reader_rides_out_a_redis_restart(shop: Shop, redis_server: RedisServer) -> None:
+    phone = await shop.phone()
+    _, auth = await shop.customer()
+    listener = await listen(shop.client, "/orders/events", auth)
+    before = await place(shop, auth, phone["id"])
+    await listener.wait_order(before, "completed")
+    redis_server.stop()
+    redis_server.start()  # same port, data back from the AOF
+    after = await place(shop, auth, phone["id"])
+    await listener.wait_order(after, "completed")
+    assert [e["order_id"] for e in listener.events] == [before, before, after, after]
+    assert all(m["type"] != "resync" for m in listener.messages)
+    await listener.close()
+
+
+async def test_resync_when_entries_were_trimmed_while_the_reader_was_cut_off(
+    shop: Shop, redis: Redis
+) -> None:
+    """The reader's connection drops and cannot come back (Redis now wants a
+    password) while events are appended and trimmed: once it is back, every
+    socket is told, then gets what is left. Never a silent gap."""
+    phone = await shop.phone()
+    customer, auth = await shop.customer()
+    listener = await listen(shop.client, "/orders/events", auth)
+    seen = await place(shop, auth, phone["id"])
+    await listener.wait_order(seen, "completed")
+
+    async def reader_client_id() -> str | None:
+        for client in await redis.client_list():
+            if client["cmd"] == "xread":
+                return client["id"]
+        return None
+
+    deadline = time.monotonic() + DEADLINE
+    while (reader_id := await reader_client_id()) is None:
+        assert time.monotonic() < deadline, "no blocked XREAD"
+        await asyncio.sleep(0.02)
+    await redis.config_set("requirepass", "live-test-password")
+    try:
+        await redis.client_kill_filter(_id=reader_id)
+        lost = {**FLOOD_EVENT, "customer_id": customer["id"], "order_id": "L" * 22}
+        kept = {**FLOOD_EVENT, "customer_id": customer["id"], "order_id": "K" * 22}
+        await redis.xadd(keys.EVENTS, lost)
+        kept_id = await redis.xadd(keys.EVENTS, kept)
+        await redis.xtrim(keys.EVENTS, minid=kept_id, approximate=False)
+    finally:
+        await redis.config_set("requirepass", "")
+
+    await listener.wait_for(lambda: any(e["order_id"] == "K" * 22 for e in listener.events), "K")
+    resync = next(m for m in listener.messages if m["type"] == "resync")
+    assert resync["reason"] == "trimmed"
+    assert listener.messages.index(resync) < next(
+        i for i, m in enumerate(listener.messages) if m.get("order_id") == "K" * 22
+    )
+    assert all(e["order_id"] != "L" * 22 for e in listener.events)
+    after = await place(shop, auth, phone["id"])
+    await listener.wait_order(after, "completed")
+    await listener.close()
 
 
 async def test_slow_consumer_is_closed_while_another_client_keeps_receiving(
