@@ -69,6 +69,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return problem_response(problem)
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
         log.warning("redis unavailable: %s", error.__class__.__name__)
+        if isinstance(error, redis.exceptions.ConnectionError):
+            # One dead connection means Redis went away: its idle siblings are
+            # dead too. Drop them now, so the first requests after Redis comes
+            # back reconnect instead of each failing on a stale socket.
+            await request.app[appkeys.REDIS].connection_pool.disconnect(inuse_connections=False)
         return problem_response(
             retry_later("service_unavailable", 1, "The data store is unavailable")
         )
