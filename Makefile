@@ -116,3 +116,10 @@ loadtest: setup
 
 bench: setup
 	$(PY) -m loadtests.bench
+
+# make soak: SOAK_SECONDS (default 300) of mixed traffic with faults on a seeded
+# schedule against a fresh stack, then the books (loadtests/soak.py). Replay a
+# run with SOAK_SEED=<the seed it printed>.
+.PHONY: soak
+soak: setup
+	$(PY) -m loadtests.soak
