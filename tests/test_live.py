@@ -33,7 +33,7 @@ from app.events.stream import StreamId
 from app.main import create_app
 from nginx.render import NginxConfig, render
 from tests.conftest import ADMIN, Shop
-from tests.servers import RedisServer
+from tests.servers import RedisServer, free_port
 from tests.stack import FullStack
 
 DEADLINE = 30.0
@@ -416,6 +416,32 @@ async def test_bad_last_id_and_plain_get_are_refused_before_upgrading(client: Te
     plain = await client.get("/orders/events", headers=ADMIN)
     assert plain.status == 426
     assert plain.content_type == PROBLEM
+
+
+async def test_upgrade_refused_with_503_past_the_socket_cap(shop: Shop) -> None:
+    hub = shop.client.app[appkeys.EVENT_HUB]
+    hub.config = dataclasses.replace(hub.config, max_sockets=1)
+    first = await listen(shop.client, "/orders/events", ADMIN)
+    refused = await shop.client.get("/orders/events", headers={**UPGRADE, **ADMIN})
+    assert refused.status == 503
+    assert refused.headers["Retry-After"]
+    assert (await refused.json(content_type=PROBLEM))["code"] == "overloaded"
+    await first.close()
+    await wait_until(lambda: not shop.client.app[appkeys.EVENT_SOCKETS], "the first one gone")
+    second = await listen(shop.client, "/orders/events", ADMIN)
+    await second.close()
+
+
+async def test_upgrade_refused_with_503_while_redis_is_unreachable(
+    aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    monkeypatch.setenv("ADMIN_TOKEN", ADMIN["Authorization"].removeprefix("Bearer "))
+    monkeypatch.setenv("REDIS_TIMEOUT", "0.3")
+    client: TestClient = await aiohttp_client(await create_app())
+    response = await client.get("/orders/events", headers={**UPGRADE, **ADMIN})
+    assert response.status == 503
+    assert (await response.json(content_type=PROBLEM))["code"] == "service_unavailable"
 
 
 async def test_browser_style_subprotocol_token(shop: Shop) -> None:

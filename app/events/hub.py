@@ -37,6 +37,8 @@ class EventHub:
     """This worker's subscribers, indexed by who they are, and the reader feeding them."""
 
     def __init__(self, redis: Redis, config: EventsConfig) -> None:
+        # May be replaced while running (tests do); a socket keeps the config
+        # it was opened with.
         self.config = config
         self._redis = redis  # the dedicated reader connection
         self._by_customer: dict[str, set[EventSocket]] = {}
