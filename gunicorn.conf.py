@@ -9,6 +9,12 @@ Defaults are mirrored in .env.example.
 """
 
 import os
+import re
+import stat
+import tempfile
+from pathlib import Path
+
+from app.logs import logging_config
 
 
 def _int(name: str, default: int, low: int = 1, high: int = 100_000) -> int:
@@ -55,14 +61,17 @@ graceful_timeout = _int("WEB_GRACEFUL_TIMEOUT", 4, high=3600)
 # (the aiohttp worker checks in every second, whatever its load).
 timeout = _int("WEB_TIMEOUT", 30, high=3600)
 
-# Access log in aiohttp's format (the aiohttp worker rejects gunicorn's %(h)s
-# style). "-" is stdout; WEB_ACCESS_LOG may name a file instead ("" = off).
-# %a is the client address (the app takes it from nginx's X-Forwarded-For when
-# BEHIND_PROXY), %Tf the time taken, and the request id ties the line to
-# nginx's JSON log. The Authorization header is never logged.
-_access_log = os.environ.get("WEB_ACCESS_LOG", "-").strip()
-accesslog = _access_log or None
-access_log_format = '%a %t "%r" %s %b %Tf "%{X-Request-ID}i" "%{User-Agent}i"'
+# Logs: JSON lines on stdout (app/logs.py), gunicorn's own lines included, each
+# carrying the request id being handled. gunicorn's access log is off: the app
+# writes one JSON line per request itself (app/observe.py) with the route
+# template, status, duration, client address and request id; never a header or
+# the query string. WEB_ACCESS_LOG: "-" stdout (default), a path appends to
+# that file (make run: var/log/web-access.log), "" turns those lines off.
+accesslog = None
+logconfig_dict = logging_config(
+    level=os.environ.get("WEB_LOG_LEVEL", "").strip() or "info",
+    access_log=os.environ.get("WEB_ACCESS_LOG", "-").strip(),
+)
 
 errorlog = "-"
 loglevel = os.environ.get("WEB_LOG_LEVEL", "").strip() or "info"
@@ -72,3 +81,49 @@ loglevel = os.environ.get("WEB_LOG_LEVEL", "").strip() or "info"
 control_socket_disable = True
 
 proc_name = "phoneshop-web"
+
+
+# ---- metrics: prometheus-client multiprocess mode (app/metrics.py) -----------------
+# Every worker writes its values to mmap'ed files in one folder per instance;
+# GET /metrics sums them. PROMETHEUS_MULTIPROC_DIR names it; unset, each
+# instance takes $TMPDIR/phoneshop-metrics-<uid>/<bind address>. The master sets
+# it before it forks any worker (prometheus_client reads it once, at import,
+# so nothing here imports prometheus_client before that) and empties it, so a
+# restarted instance starts from zero instead of adding a dead run's values.
+
+
+def _metrics_dir() -> Path:
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
+    if given:
+        return Path(given)
+    parent = Path(tempfile.gettempdir()) / f"phoneshop-metrics-{os.getuid()}"
+    parent.mkdir(mode=0o700, exist_ok=True)
+    info = parent.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise SystemExit(f"gunicorn.conf.py: {parent} is not a folder of this user")
+    return parent / re.sub(r"[^A-Za-z0-9_.-]", "-", bind[0])
+
+
+def _clear_metrics(directory: Path) -> None:
+    for stale in directory.glob("*.db"):
+        stale.unlink(missing_ok=True)
+
+
+def on_starting(server) -> None:
+    directory = _metrics_dir()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _clear_metrics(directory)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+
+
+def child_exit(server, worker) -> None:
+    # A dead worker's counters stay counted; its live gauges (in flight) go.
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server) -> None:
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        _clear_metrics(Path(directory))

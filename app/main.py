@@ -14,6 +14,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from app import appkeys
+from app.admin.metrics import get_metrics
 from app.auth import TokenCache
 from app.events.hub import close_event_sockets, events_ctx
 from app.fastredis import MultiplexedRedis
@@ -23,6 +24,7 @@ from app.middlewares import (
     inflight_cap_middleware,
     request_id_middleware,
 )
+from app.observe import instrument, observe_middleware
 from app.openapi import openapi_json
 from app.routes import SPECLESS_ROUTES, add_routes, route_table
 from app.scripts import Scripts
@@ -61,7 +63,12 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def build_app(settings: Settings) -> web.Application:
     app = web.Application(
-        middlewares=[request_id_middleware, error_middleware, inflight_cap_middleware],
+        middlewares=[
+            request_id_middleware,
+            observe_middleware,  # metrics and the access log: sees every answer
+            error_middleware,
+            inflight_cap_middleware,
+        ],
         client_max_size=CLIENT_MAX_SIZE,
     )
     app[appkeys.SETTINGS] = settings
@@ -69,9 +76,11 @@ def build_app(settings: Settings) -> web.Application:
     app[appkeys.INFLIGHT] = InflightGauge(settings.max_inflight)
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(events_ctx)  # after redis_ctx: replays use its pool
+    app.on_startup.append(instrument)  # runs after every cleanup_ctx: wraps its clients
     app.on_shutdown.append(close_event_sockets)
     add_routes(app, route_table(settings.bench_routes) + SPECLESS_ROUTES)
     app.router.add_get("/openapi.json", openapi_json)
+    app.router.add_get("/metrics", get_metrics)  # Prometheus text: app/admin/metrics.py
     return app
 
 

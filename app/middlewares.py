@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from app import appkeys
+from app.metrics import HTTP_IN_FLIGHT
 from app.problems import PROBLEMS, ProblemError, problem_response, retry_later
 
 log = logging.getLogger(__name__)
@@ -22,8 +23,8 @@ log = logging.getLogger(__name__)
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
-# Liveness and readiness must answer even when the worker is saturated.
-EXEMPT_PATHS = frozenset({"/healthz", "/readyz"})
+# Liveness, readiness and the metrics must answer even when the worker is saturated.
+EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 _HTTP_CODES = {
     400: "malformed_json",
@@ -88,11 +89,21 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 
 class InflightGauge:
-    """Requests this worker is serving now, against its cap."""
+    """Requests this worker is serving now, against its cap; every change also
+    moves the phoneshop_http_requests_in_flight gauge (app/metrics.py)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.current = 0
+        self._current = 0
+
+    @property
+    def current(self) -> int:
+        return self._current
+
+    @current.setter
+    def current(self, value: int) -> None:
+        HTTP_IN_FLIGHT.inc(value - self._current)
+        self._current = value
 
 
 @web.middleware

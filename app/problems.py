@@ -9,6 +9,8 @@ import msgspec
 from aiohttp import web
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
+# The code of a problem answer, kept on the response for the metrics (app/observe.py).
+PROBLEM_CODE: web.ResponseKey[str] = web.ResponseKey("problem_code")
 TYPE_BASE = "https://phoneshop.example/problems/"
 
 # code -> (HTTP status, title). Codes are stable; clients branch on them.
@@ -72,12 +74,14 @@ def problem_body(code: str, status: int, title: str, detail: str, extra: dict[st
 
 
 def problem_response(error: ProblemError) -> web.Response:
-    return web.Response(
+    response = web.Response(
         status=error.status,
         body=problem_body(error.code, error.status, error.title, error.detail, error.extra),
         content_type=PROBLEM_CONTENT_TYPE,
         headers=error.headers,
     )
+    response[PROBLEM_CODE] = error.code
+    return response
 
 
 def retry_later(code: str, retry_after: int = 1, detail: str | None = None) -> ProblemError:

@@ -315,15 +315,15 @@ def start_full_stack(
     directory.mkdir(parents=True, exist_ok=True)
     extra = dict(env or {})
     redis = RedisServer(directory=directory / "redis", port=free_port())
-    app_env = clean_env(
-        REDIS_URL=redis.url,
-        ADMIN_TOKEN=STACK_ADMIN_TOKEN,
-        BENCH_ROUTES="1",
-        BEHIND_PROXY="1",
-        WEB_CONCURRENCY=str(workers),
-        WEB_ACCESS_LOG="",
-        **extra,
-    )
+    defaults = {
+        "REDIS_URL": redis.url,
+        "ADMIN_TOKEN": STACK_ADMIN_TOKEN,
+        "BENCH_ROUTES": "1",
+        "BEHIND_PROXY": "1",
+        "WEB_CONCURRENCY": str(workers),
+        "WEB_ACCESS_LOG": "",
+    }
+    app_env = clean_env(**{**defaults, **extra})  # env may override any default
     app_instances = [
         AppInstance(
             index=i,

@@ -1,0 +1,118 @@
+"""The app's Prometheus metrics, summed over every worker of a gunicorn instance.
+
+prometheus-client's multiprocess mode: gunicorn.conf.py points
+PROMETHEUS_MULTIPROC_DIR at a folder of its own per instance (emptied when the
+instance starts) in the master, before it forks; each worker then keeps its
+values in mmap'ed files there, and ``GET /metrics`` (app/admin/metrics.py) adds
+them up. A dead worker's counters stay counted; its in-flight gauge is dropped
+(``child_exit`` -> ``mark_process_dead``). Without the variable (the in-process
+test client, a REPL) the values live in this process's default registry.
+
+prometheus_client picks how it stores values when it is first imported: never
+import it (or this module) in a process before PROMETHEUS_MULTIPROC_DIR is set.
+
+Labels come only from bounded sets: route templates
+(``request.match_info.route.resource.canonical``, never the raw path), HTTP
+methods and statuses, problem codes, script and Redis command names.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+_HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5)
+
+HTTP_REQUESTS = Counter(
+    "phoneshop_http_requests_total",
+    "HTTP requests answered by the app, by method, route template and status",
+    ["method", "route", "status"],
+)
+HTTP_DURATION = Histogram(
+    "phoneshop_http_request_duration_seconds",
+    "Time from routing to the handler's answer, by method, route template and status",
+    ["method", "route", "status"],
+    buckets=_HTTP_BUCKETS,
+)
+HTTP_IN_FLIGHT = Gauge(
+    "phoneshop_http_requests_in_flight",
+    "Requests being served now, as the MAX_INFLIGHT cap counts them (health probes "
+    "and open event sockets excluded), summed over live workers",
+    multiprocess_mode="livesum",
+)
+HTTP_SHED = Counter(
+    "phoneshop_http_shed_total",
+    "Requests the app answered 503 itself: overloaded (past MAX_INFLIGHT) or "
+    "service_unavailable (Redis unreachable, timing out or busy). nginx's own 429s "
+    "and 503s are in nginx's access log, not here.",
+    ["reason"],
+)
+ORDERS_PLACED = Counter("phoneshop_orders_placed_total", "Orders placed (replays not counted)")
+ORDERS_COMPLETED = Counter(
+    "phoneshop_orders_completed_total", "Orders completed, at placing (autocheck) or by a check"
+)
+ORDERS_CANCELLED = Counter("phoneshop_orders_cancelled_total", "Open orders cancelled")
+ORDERS_REJECTED = Counter(
+    "phoneshop_orders_rejected_total",
+    "Orders the place_order script refused, by problem code (out_of_stock, "
+    "insufficient_funds, phone_not_found, customer_not_found, idempotency_key_reused)",
+    ["reason"],
+)
+IDEMPOTENT_REPLAYS = Counter(
+    "phoneshop_idempotent_replays_total",
+    "POST /orders answered from a stored Idempotency-Key answer (accepted or refused)",
+)
+REDIS_DURATION = Histogram(
+    "phoneshop_redis_call_duration_seconds",
+    "Redis round trips of the app: script:<name> (one Lua script), a command name, or PIPELINE",
+    ["call"],
+    buckets=_REDIS_BUCKETS,
+)
+
+
+class Children:
+    """``metric.labels(*values)``, cached: the hot path skips prometheus_client's
+    label validation and lock after the first call per label set."""
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
+
+
+http_requests = Children(HTTP_REQUESTS)
+http_duration = Children(HTTP_DURATION)
+http_shed = Children(HTTP_SHED)
+orders_rejected = Children(ORDERS_REJECTED)
+redis_duration = Children(REDIS_DURATION)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def exposition(accept: str | None) -> tuple[bytes, str]:
+    """The text to answer a scrape with, and its content type.
+
+    In multiprocess mode a fresh registry reads every worker's files (the
+    prometheus-client way: nothing registers into it by accident).
+    """
+    if multiprocess_dir() is not None:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(registry), content_type

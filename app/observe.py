@@ -1,0 +1,219 @@
+"""What the app tells its operators: metrics (app/metrics.py) and the JSON access log.
+
+* ``observe_middleware`` (second, right inside the request-id middleware, so
+  it sees every answer the error middleware made, 503s included): counts and
+  times each request by method, route template and status, counts the app's
+  own 503s by reason, and writes one JSON access line per request
+  (logger ``phoneshop.access``; gunicorn's access log is off). It also puts the
+  request id into :data:`app.logs.request_id_var`, so every log line written
+  while the request is handled carries it.
+* ``instrument`` (an on_startup hook, after redis_ctx made the clients):
+  wraps the Scripts holder in :class:`ObservedScripts`, which times every Lua
+  script and counts order outcomes from the script's own answer, and times the
+  single commands and pipelines of the shared redis-py client. Nothing in
+  app/scripts.py or the services changes.
+
+Durations are measured from routing to the handler's answer, before the body
+is written to the socket; nginx's ``request_time`` covers the whole exchange.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from app import appkeys, metrics
+from app.logs import ACCESS_LOGGER, request_id_var
+from app.middlewares import REQUEST_ID
+from app.problems import PROBLEM_CODE, ProblemError
+
+access_log = logging.getLogger(ACCESS_LOGGER)
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Problem codes of the 503s the app answers itself (app/problems.py).
+SHED_CODES = frozenset({"overloaded", "service_unavailable"})
+# The client closed the connection before the answer (nginx's convention).
+CLIENT_CLOSED = 499
+
+
+def route_of(request: web.Request) -> str:
+    """The matched route's template (``/orders/{id}``), or ``unmatched`` for a
+    404/405 that no route took: never the raw path, which clients choose."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def client_address(request: web.Request) -> str:
+    """The client's address: with BEHIND_PROXY the X-Forwarded-For that nginx
+    sets (one address, nginx's ``$remote_addr``: it overwrites whatever the
+    client sent), else the TCP peer."""
+    if request.app[appkeys.SETTINGS].behind_proxy:
+        forwarded = request.headers.get("X-Forwarded-For", "").strip()
+        if forwarded:
+            return forwarded
+    return request.remote or ""
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False  # a chain, a name, garbage: not provably local
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+@web.middleware
+async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token = request_id_var.set(request[REQUEST_ID])
+    started = time.perf_counter()
+    status = 500
+    response: web.StreamResponse | None = None
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as error:  # a redirect, passed through by the error middleware
+        status = error.status
+        raise
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED
+        raise
+    finally:
+        elapsed = time.perf_counter() - started
+        method = request.method if request.method in _METHODS else "OTHER"
+        route = route_of(request)
+        status_label = str(status)
+        metrics.http_requests(method, route, status_label).inc()
+        metrics.http_duration(method, route, status_label).observe(elapsed)
+        problem = response.get(PROBLEM_CODE) if response is not None else None
+        if problem in SHED_CODES:
+            metrics.http_shed(problem).inc()
+        if access_log.isEnabledFor(logging.INFO):
+            _log_access(request, response, method, route, status, elapsed, problem)
+        request_id_var.reset(token)
+
+
+def _log_access(
+    request: web.Request,
+    response: web.StreamResponse | None,
+    method: str,
+    route: str,
+    status: int,
+    elapsed: float,
+    problem: str | None,
+) -> None:
+    # The path without its query string: no query parameter is ever logged.
+    fields: dict[str, Any] = {
+        "method": method,
+        "route": route,
+        "path": request.path,
+        "status": status,
+        "duration_ms": round(elapsed * 1000, 3),
+        "remote": client_address(request),
+    }
+    if response is not None:
+        if response.content_length is not None:
+            fields["bytes"] = response.content_length
+        if response.headers.get("Idempotent-Replayed") == "true":
+            fields["replayed"] = True
+    if problem is not None:
+        fields["problem"] = problem
+    access_log.info("%s %s %d", method, request.path, status, extra=fields)
+
+
+# ---- Redis and order outcomes ------------------------------------------------------
+
+
+def _observe_redis(call: str, started: float) -> None:
+    metrics.redis_duration(call).observe(time.perf_counter() - started)
+
+
+class ObservedScripts:
+    """The Scripts holder with every ``run`` timed, and the order outcomes read
+    off the script's answer: placed / completed / cancelled, rejections by
+    problem code, idempotent replays. Everything else is the holder's own."""
+
+    def __init__(self, scripts: Any) -> None:
+        self._scripts = scripts
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._scripts, name)
+
+    async def run(self, name: str, keys: list[str], args: list[str | int]) -> Any:
+        started = time.perf_counter()
+        try:
+            result = await self._scripts.run(name, keys, args)
+        except ProblemError as error:  # the script refused: nothing was written
+            _observe_redis(f"script:{name}", started)
+            if name == "place_order":
+                metrics.orders_rejected(error.code).inc()
+            raise
+        except BaseException:
+            _observe_redis(f"script:{name}", started)
+            raise
+        _observe_redis(f"script:{name}", started)
+        # Third reply element: place_order's "replayed", check/cancel's "changed".
+        if name == "place_order":
+            if result.flag:
+                metrics.IDEMPOTENT_REPLAYS.inc()
+            else:
+                metrics.ORDERS_PLACED.inc()
+                if result.payload.get("status") == "completed":
+                    metrics.ORDERS_COMPLETED.inc()
+        elif name == "check_order" and result.flag:
+            metrics.ORDERS_COMPLETED.inc()
+        elif name == "cancel_order" and result.flag:
+            metrics.ORDERS_CANCELLED.inc()
+        return result
+
+
+# Scripts are timed by ObservedScripts; blocking reads would time the wait.
+_UNTIMED = frozenset({"EVALSHA", "EVAL", "XREAD", "XREADGROUP", "BLPOP", "BRPOP", "BZPOPMIN"})
+
+
+def time_redis_commands(redis: Any) -> None:
+    """Time the single commands and pipelines of one redis-py client (the
+    service reads, the token lookup, the readiness check), by command name."""
+    execute = redis.execute_command
+    make_pipeline = redis.pipeline
+
+    async def execute_command(*args: Any, **options: Any) -> Any:
+        name = args[0].upper() if args and isinstance(args[0], str) else ""
+        if not name or name in _UNTIMED:
+            return await execute(*args, **options)
+        started = time.perf_counter()
+        try:
+            return await execute(*args, **options)
+        finally:
+            _observe_redis(name, started)
+
+    def pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = make_pipeline(*args, **kwargs)
+        run = pipe.execute
+
+        async def execute_pipeline(*a: Any, **kw: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return await run(*a, **kw)
+            finally:
+                _observe_redis("PIPELINE", started)
+
+        pipe.execute = execute_pipeline
+        return pipe
+
+    redis.execute_command = execute_command
+    redis.pipeline = pipeline
+
+
+async def instrument(app: web.Application) -> None:
+    """on_startup, after redis_ctx: time what the app asks of Redis."""
+    app[appkeys.SCRIPTS] = ObservedScripts(app[appkeys.SCRIPTS])  # type: ignore[assignment]
+    time_redis_commands(app[appkeys.REDIS])
