@@ -5,6 +5,10 @@ named by MAIL_WORKER_NAME or, when that is unset, one of the default-named
 workers of this host, ``{hostname}-{pid}``), 1 otherwise: the compose health
 check. Give each worker its own MAIL_WORKER_NAME, or none: two processes must
 never share a name.
+
+Logs are JSON lines on stdout (app/logs.py); each line about one mail carries
+the request id of the order's event. With MAIL_METRICS_PORT set, GET /metrics
+on that port answers the worker's Prometheus metrics (mail/metrics.py).
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ import signal
 import sys
 
 from app import keys
+from app.logs import configure as configure_logging
 from app.settings import SettingsError
+from mail import metrics
 from mail.settings import MailSettings, host_label
 from mail.worker import MailWorker, connect_redis
 
@@ -56,10 +62,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m mail", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 0 when a worker is alive")
     args = parser.parse_args()
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(os.environ.get("LOG_LEVEL", "").strip() or "INFO")
     try:
         settings = MailSettings.from_env()
     except SettingsError as error:
@@ -69,6 +72,11 @@ def main() -> int:
         alive = asyncio.run(check(settings))
         print("alive" if alive else "no live mail worker")
         return 0 if alive else 1
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_address, settings.metrics_port)
+        logging.getLogger("mail.worker").info(
+            "metrics on http://%s:%d/metrics", settings.metrics_address, settings.metrics_port
+        )
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency

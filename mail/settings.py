@@ -91,6 +91,9 @@ class MailSettings:
     heartbeat: float = 5.0
     heartbeat_log: float = 60.0
     worker_name: str = field(default_factory=default_worker_name)
+    # GET /metrics of this worker (mail/metrics.py) on this address and port; 0 = off.
+    metrics_port: int = 0
+    metrics_address: str = "127.0.0.1"
 
     @property
     def from_address(self) -> Address:
@@ -146,6 +149,8 @@ class MailSettings:
                 env, "MAIL_HEARTBEAT_LOG_SECONDS", cls.heartbeat_log, 0.1, 86400.0
             ),
             worker_name=text("MAIL_WORKER_NAME", "") or default_worker_name(),
+            metrics_port=_int(env, "MAIL_METRICS_PORT", cls.metrics_port, 0, 65535),
+            metrics_address=text("MAIL_METRICS_ADDRESS", cls.metrics_address),
         )
         settings.validate()
         return settings
@@ -167,6 +172,8 @@ class MailSettings:
             raise SettingsError(
                 "MAIL_WORKER_NAME must be 1 to 64 characters of A-Z a-z 0-9 _ . : -"
             )
+        if not self.metrics_address or _CONTROL.search(self.metrics_address):
+            raise SettingsError("MAIL_METRICS_ADDRESS must be an address to listen on")
         if self.backoff_base > self.backoff_max:
             raise SettingsError(
                 "MAIL_BACKOFF_BASE_SECONDS must not exceed MAIL_BACKOFF_MAX_SECONDS"

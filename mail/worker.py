@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 from collections import Counter
 from contextlib import suppress
@@ -49,7 +50,8 @@ from redis.exceptions import RedisError, ResponseError
 
 from app import keys
 from app.ids import is_valid_id
-from mail import MAIL_EVENT_TYPES, scripts
+from app.logs import request_id_var
+from mail import MAIL_EVENT_TYPES, metrics, scripts
 from mail.render import (
     InvalidRecipient,
     MailLine,
@@ -75,6 +77,10 @@ ATTEMPTS_TTL_S = 30 * 86400
 PRUNE_IDLE_S = 3600.0
 # Idle time given to entries a stopping worker hands back: past any claim timeout.
 RELEASED_IDLE_MS = 365 * 86400 * 1000
+# With metrics on, the backlog gauges are refreshed at most this often (seconds).
+BACKLOG_INTERVAL = 1.0
+# What an event's request_id may look like (the app's pattern) to be logged.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
 def now_ms() -> int:
@@ -211,6 +217,7 @@ class MailWorker:
         self._next_claim = 0.0
         self._next_alive = 0.0
         self._next_log = 0.0
+        self._next_backlog = 0.0
         self._group_ready = False
 
     # -- lifecycle -------------------------------------------------------------------
@@ -305,9 +312,34 @@ class MailWorker:
         self._next_alive = loop_now + self.settings.heartbeat / 3
         value = json.dumps({"pid": os.getpid(), "at": now_ms(), **self.stats})
         await self.redis.set(keys.mail_worker_alive(self.name), value, ex=self.settings.alive_ttl)
+        await self._observe_backlog()
         if loop_now >= self._next_log:
             self._next_log = loop_now + self.settings.heartbeat_log
             log.info("mail worker %s alive: %s", self.name, self._stats_line())
+
+    def _count(self, name: str, amount: int = 1) -> None:
+        self.stats[name] += amount
+        metrics.COUNTERS[name].inc(amount)
+
+    async def _observe_backlog(self) -> None:
+        """With MAIL_METRICS_PORT set: pending, lag, retry queue and dead letters."""
+        loop_now = asyncio.get_running_loop().time()
+        if not self.settings.metrics_port or loop_now < self._next_backlog:
+            return
+        self._next_backlog = loop_now + BACKLOG_INTERVAL
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xinfo_groups(STREAM)
+            pipe.zcard(keys.MAIL_RETRY)
+            pipe.xlen(keys.MAIL_DEAD)
+            groups, retrying, dead = await pipe.execute(raise_on_error=False)
+        for group in groups if isinstance(groups, list) else ():
+            if group.get("name") == GROUP:
+                metrics.PENDING.set(group.get("pending") or 0)
+                metrics.LAG.set(group.get("lag") or 0)
+        if isinstance(retrying, int):
+            metrics.RETRY_QUEUE.set(retrying)
+        if isinstance(dead, int):
+            metrics.DEAD_LETTERS.set(dead)
 
     def _stats_line(self) -> str:
         names = ("sent", "duplicates", "retries", "dead", "ignored", "trimmed")
@@ -319,7 +351,7 @@ class MailWorker:
         cutoff = now_ms() - int(self.settings.events_retention * 1000)
         trimmed, minid = await self._trim(keys=[STREAM], args=[GROUP, f"{max(cutoff, 0)}-0"])
         if trimmed:
-            self.stats["trimmed"] += trimmed
+            self._count("trimmed", trimmed)
             log.debug("trimmed %d events entries before %s", trimmed, minid)
         return trimmed, minid
 
@@ -405,7 +437,7 @@ class MailWorker:
         gone = [entry_id for entry_id, f in entries if not f]
         if others or gone:
             await self.redis.xack(STREAM, GROUP, *others, *gone)
-            self.stats["ignored"] += len(others)
+            self._count("ignored", len(others))
         mails = [
             (entry_id, f) for entry_id, f in entries if f and f.get("type") in MAIL_EVENT_TYPES
         ]
@@ -445,6 +477,17 @@ class MailWorker:
     # -- one mail --------------------------------------------------------------------
 
     async def _handle(self, entry_id: str, fields: dict[str, str]) -> str:
+        # Every log line about this mail carries the id of the request that
+        # caused the event (the order scripts put it in): one grep follows an
+        # order from nginx's access log to here.
+        request_id = fields.get("request_id", "")
+        token = request_id_var.set(request_id if _REQUEST_ID.fullmatch(request_id) else None)
+        try:
+            return await self._handle_entry(entry_id, fields)
+        finally:
+            request_id_var.reset(token)
+
+    async def _handle_entry(self, entry_id: str, fields: dict[str, str]) -> str:
         try:
             return await self.process(entry_id, fields)
         except BadEvent as error:
@@ -485,7 +528,7 @@ class MailWorker:
             already_sent, order, attempts = await pipe.execute()
         if already_sent:
             await self._ack_sent(entry_id, order_id, None)
-            self.stats["duplicates"] += 1
+            self._count("duplicates")
             log.info(
                 "order %s: confirmation already sent; acknowledged entry %s", order_id, entry_id
             )
@@ -507,9 +550,11 @@ class MailWorker:
         if attempts > self.settings.max_attempts:  # only after crashes mid-send
             await self.dead_letter(entry_id, fields, "max attempts reached", attempts - 1)
             return "dead"
+        started = time.perf_counter()
         try:
             await self.sender.send(rendered.raw, self.from_address.addr_spec, [rendered.recipient])
         except Exception as error:
+            metrics.SEND_DURATION.labels("failed").observe(time.perf_counter() - started)
             permanent, reason = classify(error)
             reason = clip(reason)
             if permanent:
@@ -522,8 +567,9 @@ class MailWorker:
                 return "dead"
             await self._schedule_retry(entry_id, order_id, attempts, reason)
             return "retry"
+        metrics.SEND_DURATION.labels("accepted").observe(time.perf_counter() - started)
         await self._ack_sent(entry_id, order_id, rendered.message_id)
-        self.stats["sent"] += 1
+        self._count("sent")
         log.info("order %s: confirmation sent (attempt %d)", order_id, attempts)
         return "sent"
 
@@ -596,7 +642,7 @@ class MailWorker:
     ) -> None:
         delay = self.backoff(attempts)
         await self.redis.zadd(keys.MAIL_RETRY, {entry_id: now_ms() + int(delay * 1000)})
-        self.stats["retries"] += 1
+        self._count("retries")
         log.warning(
             "order %s: attempt %d failed (%s); retry in %.1fs", order_id, attempts, reason, delay
         )
@@ -622,7 +668,7 @@ class MailWorker:
             if is_valid_id(order_id):
                 pipe.delete(keys.mail_attempts(order_id))
             await pipe.execute()
-        self.stats["dead"] += 1
+        self._count("dead")
         log.error(
             "order %s: confirmation dead-lettered after %d attempt(s): %s",
             order_id[:64],
