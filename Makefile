@@ -1,6 +1,7 @@
 # PhoneShop: two commands.
 #   make run    install what is missing, then run the whole stack in the foreground
 #   make test   install what is missing, then run the test suite
+#   make status is every process of a running `make run` stack up? (exit 1 if not)
 # Every target is idempotent: a second run only does what is still missing.
 
 SHELL := /bin/bash
@@ -24,12 +25,13 @@ APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --n
 # Debian installs nginx in /usr/sbin, which is not on every user's PATH.
 export PATH := $(PATH):/usr/sbin:/sbin
 
-.PHONY: help setup system-packages run test lint
+.PHONY: help setup system-packages run test lint status
 
 help:
 	@echo "make run    start redis, the app instances and nginx in the foreground (Ctrl-C stops all)"
 	@echo "make test   run the test suite (PYTEST_ARGS='-k name' to narrow it)"
 	@echo "make lint   ruff check and ruff format --check"
+	@echo "make status the health of every process of a running make run stack (exit 1 if one is down)"
 	@echo "make setup  only install what is missing (apt packages, .venv)"
 
 setup: system-packages $(STAMP)
@@ -81,9 +83,11 @@ run: setup
 	export REDIS_URL="$${REDIS_URL:-redis://127.0.0.1:$$REDIS_PORT/0}"; \
 	export BEHIND_PROXY="$${BEHIND_PROXY:-1}"; \
 	export WEB_ACCESS_LOG="$${WEB_ACCESS_LOG:-var/log/web-access.log}"; \
+	export MAIL_METRICS_PORT="$${MAIL_METRICS_PORT:-9101}"; \
 	http="$${HTTP_PORT:-8080}"; phones="$${SEED_PHONES_PORT:-5555}"; orders="$${SEED_ORDERS_PORT:-7777}"; \
 	base="$${APP_BASE_PORT:-8001}"; count="$${WEB_INSTANCES:-2}"; instances=""; \
 	for ((i = 0; i < count; i++)); do instances="$$instances http://127.0.0.1:$$((base + i))/"; done; \
+	scrape=""; for ((i = 0; i < count; i++)); do scrape="$$scrape http://127.0.0.1:$$((base + i))/metrics"; done; \
 	url() { if [ "$$1" = 0 ]; then echo "off"; else echo "http://127.0.0.1:$$1$$2"; fi; }; \
 	echo; \
 	echo "PhoneShop is starting. Ctrl-C stops everything."; \
@@ -92,6 +96,8 @@ run: setup
 	echo "  seed orders     $$(url "$$orders" /orders)"; \
 	echo "  app instances  $$instances  (direct, bypassing nginx)"; \
 	echo "  redis           $$REDIS_URL"; \
+	echo "  metrics         $$(url "$$http" /metrics) from this box (elsewhere: the admin token)"; \
+	echo "                  per instance:$$scrape; mail worker: $$(url "$$MAIL_METRICS_PORT" /metrics)"; \
 	if [ -z "$${SMTP_HOST:-}" ]; then \
 	  export SMTP_HOST=127.0.0.1 SMTP_PORT="$${SMTP_PORT:-1025}"; procs="redis web nginx mail smtp"; \
 	  echo "  mail            dev SMTP sink 127.0.0.1:$$SMTP_PORT, every mail saved in $${MAIL_SINK_DIR:-var/mail}/"; \
@@ -102,10 +108,17 @@ run: setup
 	echo "  admin token     ADMIN_TOKEN in .env (or your environment)"; \
 	echo "  logs            every process below, prefixed by its name;"; \
 	echo "                  nginx JSON access log var/log/nginx-access.log,"; \
-	echo "                  app access log $$WEB_ACCESS_LOG"; \
+	echo "                  app access log $$WEB_ACCESS_LOG; all JSON lines carrying request_id"; \
+	echo "  health          make status (in another terminal)"; \
 	echo "  data            redis AOF in var/redis/; rendered nginx config var/nginx/nginx.conf"; \
 	echo; \
 	exec $(VENV)/bin/honcho start -f Procfile $$procs
+
+# make status: app/status.py reads .env and make run's defaults as above, checks
+# redis, every instance, nginx, the mail worker, its backlog and dead letters,
+# the SMTP server, and exits 1 when one of them is down.
+status: $(STAMP)
+	@$(PY) -m app.status
 
 # make loadtest: a bounded headless Locust run against a fresh stack, then the
 # verifier (loadtests/__main__.py). make bench: the measurements and

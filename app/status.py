@@ -1,0 +1,313 @@
+"""``make status`` (``python -m app.status``): is every process of a ``make run`` stack up?
+
+Reads what ``make run`` reads: the environment with ``.env`` on top (``.env``
+wins, as in make run and honcho) and make run's defaults. Prints one line per
+process, then exits 1 when any of them is DOWN, 0 otherwise::
+
+    OK    redis          redis://127.0.0.1:6379/0 role=master aof=on appendfsync=always ...
+    OK    app :8001      ready
+    DOWN  app :8002      not answering: connection refused
+    OK    nginx :8080    ready
+    OK    mail worker    1 alive: host-4242 (sent=3 retries=0 dead=0)
+    OK    mail backlog   pending=0 lag=0 retry=0
+    WARN  dead letters   2 in mail:dead (GET /admin/mail/dead lists them)
+    OK    smtp           127.0.0.1:1025 accepts connections (dev sink)
+    OK    mail metrics   http://127.0.0.1:9101/metrics
+
+What each line checks:
+
+* redis: PING, role (a replica cannot take the app's writes: DOWN), AOF and
+  its last write (a failed AOF write makes Redis refuse writes: DOWN; no AOF at
+  all: WARN), appendfsync, memory use and limit;
+* app: ``GET /readyz`` on every instance, 127.0.0.1:APP_BASE_PORT ..
+  APP_BASE_PORT+WEB_INSTANCES-1 (Redis answers, scripts loaded);
+* nginx: ``GET /readyz`` through each listener (HTTP_PORT and the seed ports);
+* mail worker: a live ``mail:worker:{name}:alive`` key (refreshed every few
+  seconds by each worker); its backlog is the ``mailer`` group's pending and
+  lag on ``events`` and the retry queue; dead letters are the ``mail:dead``
+  stream (WARN: a person should look, nothing is down);
+* smtp: a TCP connection to SMTP_HOST:SMTP_PORT (make run's dev sink when
+  SMTP_HOST is unset); the worker's metrics port when MAIL_METRICS_PORT is set.
+
+``--json`` prints the same as one JSON object. Stdlib and redis-py only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+from redis.exceptions import RedisError, ResponseError
+
+from app import keys
+from nginx.instances import instance_ports
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 2.0
+# make run's defaults (Makefile, Procfile), where app/settings.py has none.
+MAKE_RUN_DEFAULTS = {
+    "REDIS_PORT": "6379",
+    "HTTP_PORT": "8080",
+    "SEED_PHONES_PORT": "5555",
+    "SEED_ORDERS_PORT": "7777",
+    "SMTP_PORT": "1025",
+    "MAIL_METRICS_PORT": "9101",
+}
+
+OK, DOWN, WARN, UNKNOWN = "OK", "DOWN", "WARN", "UNKNOWN"
+
+_ENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+
+
+@dataclass(frozen=True)
+class Check:
+    state: str
+    name: str
+    detail: str
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=value lines as `. ./.env` in make run reads them (simple values only)."""
+    values: dict[str, str] = {}
+    try:
+        text = path.read_text()
+    except OSError:
+        return values
+    for line in text.splitlines():
+        match = _ENV_LINE.match(line)
+        if match is None:
+            continue
+        name, raw = match.group(1), match.group(2).strip()
+        if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+            value = raw[1:-1]
+        else:
+            value = raw.split(" #", 1)[0].strip()
+        values[name] = value
+    return values
+
+
+def stack_env(environ: Mapping[str, str], env_file: Path | None) -> dict[str, str]:
+    env = dict(environ)
+    if env_file is not None:
+        env.update(read_env_file(env_file))
+    for name, default in MAKE_RUN_DEFAULTS.items():
+        if not env.get(name, "").strip():
+            env[name] = default
+    if not env.get("REDIS_URL", "").strip():
+        env["REDIS_URL"] = f"redis://127.0.0.1:{env['REDIS_PORT']}/0"
+    return env
+
+
+def redacted(url: str) -> str:
+    """A Redis URL without its password."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:" if parts.username else ":"
+    return urlunsplit(parts._replace(netloc=f"{user}***@{netloc}"))
+
+
+def _port(env: Mapping[str, str], name: str) -> int:
+    raw = env.get(name, "").strip()
+    return int(raw) if raw.isdigit() and int(raw) <= 65535 else 0
+
+
+def http_get(url: str) -> tuple[int | None, str]:
+    """(status, error): status None when nothing answered."""
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+            return response.status, ""
+    except urllib.error.HTTPError as error:
+        return error.code, ""
+    except (OSError, urllib.error.URLError) as error:
+        reason = getattr(error, "reason", error)
+        return None, str(reason.strerror if isinstance(reason, OSError) else reason)
+
+
+def check_readyz(name: str, base: str) -> Check:
+    status, error = http_get(f"{base}/readyz")
+    if status == 200:
+        return Check(OK, name, "ready")
+    if status is None:
+        return Check(DOWN, name, f"not answering: {error or 'no answer'}")
+    return Check(DOWN, name, f"/readyz answered {status}")
+
+
+def check_tcp(name: str, host: str, port: int, note: str = "") -> Check:
+    try:
+        with socket.create_connection((host, port), timeout=TIMEOUT):
+            pass
+    except OSError as error:
+        return Check(DOWN, name, f"{host}:{port} not reachable: {error.strerror or error}")
+    return Check(OK, name, f"{host}:{port} accepts connections{note}")
+
+
+def check_redis(client: redis.Redis, url: str) -> Check:
+    """DOWN with "not answering" when nothing answered; see the module docstring."""
+    try:
+        client.ping()
+        replication = client.info("replication")
+        persistence = client.info("persistence")
+        memory = client.info("memory")
+    except RedisError as error:
+        return Check(DOWN, "redis", f"{redacted(url)} not answering: {error}")
+    try:
+        appendfsync = client.config_get("appendfsync").get("appendfsync", "?")
+    except ResponseError:  # CONFIG renamed or refused
+        appendfsync = "?"
+    role = replication.get("role", "?")
+    aof = int(persistence.get("aof_enabled", 0)) == 1
+    last_write = persistence.get("aof_last_write_status", "?")
+    detail = (
+        f"{redacted(url)} role={role} aof={'on' if aof else 'off'} appendfsync={appendfsync}"
+        f" aof_last_write={last_write} rdb_last_bgsave={persistence.get('rdb_last_bgsave_status', '?')}"
+        f" memory={memory.get('used_memory_human', '?')}"
+        f" (maxmemory {memory.get('maxmemory_human', '?')}, {memory.get('maxmemory_policy', '?')})"
+    )
+    if int(persistence.get("loading", 0)) == 1:
+        return Check(DOWN, "redis", detail + ": still loading its data")
+    if role != "master":
+        return Check(DOWN, "redis", detail + ": a replica cannot take the app's writes")
+    if aof and last_write != "ok":
+        return Check(DOWN, "redis", detail + ": the last AOF write failed, writes are refused")
+    if not aof:
+        return Check(WARN, "redis", detail + ": no AOF, acknowledged orders can be lost")
+    return Check(OK, "redis", detail)
+
+
+def check_mail(client: redis.Redis) -> list[Check]:
+    """The worker's health keys, its group's backlog, the dead letters."""
+    try:
+        alive = {}
+        for key in client.scan_iter(match=keys.mail_worker_alive("*"), count=1000):
+            value = client.get(key)
+            if value is not None:
+                alive[key.removeprefix("mail:worker:").removesuffix(":alive")] = value
+        try:
+            groups = client.xinfo_groups(keys.EVENTS)
+        except ResponseError:  # no events stream yet
+            groups = []
+        retrying = client.zcard(keys.MAIL_RETRY)
+        dead = client.xlen(keys.MAIL_DEAD)
+    except RedisError as error:
+        return [Check(UNKNOWN, "mail worker", f"cannot tell: Redis error {error}")]
+    checks = []
+    if alive:
+        described = []
+        for name, raw in sorted(alive.items()):
+            try:
+                stats = json.loads(raw)
+                described.append(
+                    f"{name} (sent={stats.get('sent', 0)} retries={stats.get('retries', 0)}"
+                    f" dead={stats.get('dead', 0)})"
+                )
+            except ValueError:
+                described.append(name)
+        checks.append(Check(OK, "mail worker", f"{len(alive)} alive: " + ", ".join(described)))
+    else:
+        checks.append(
+            Check(DOWN, "mail worker", "no live worker (no fresh mail:worker:*:alive key)")
+        )
+    group = next((g for g in groups if g.get("name") == keys.MAIL_GROUP), None)
+    if group is None:
+        checks.append(
+            Check(OK, "mail backlog", f"no {keys.MAIL_GROUP} group yet; retry={retrying}")
+        )
+    else:
+        checks.append(
+            Check(
+                OK,
+                "mail backlog",
+                f"pending={group.get('pending', 0)} lag={group.get('lag')} retry={retrying}",
+            )
+        )
+    if dead:
+        checks.append(
+            Check(WARN, "dead letters", f"{dead} in mail:dead (GET /admin/mail/dead lists them)")
+        )
+    else:
+        checks.append(Check(OK, "dead letters", "none"))
+    return checks
+
+
+def run_checks(env: Mapping[str, str]) -> list[Check]:
+    url = env["REDIS_URL"]
+    checks: list[Check] = []
+    client = redis.Redis.from_url(
+        url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT, decode_responses=True
+    )
+    try:
+        checks.append(check_redis(client, url))
+        redis_answers = "not answering" not in checks[-1].detail
+        for port in instance_ports(env):
+            checks.append(check_readyz(f"app :{port}", f"http://127.0.0.1:{port}"))
+        for name in ("HTTP_PORT", "SEED_PHONES_PORT", "SEED_ORDERS_PORT"):
+            port = _port(env, name)
+            if port:
+                checks.append(check_readyz(f"nginx :{port}", f"http://127.0.0.1:{port}"))
+        if redis_answers:
+            checks += check_mail(client)
+        else:
+            checks.append(Check(UNKNOWN, "mail worker", "cannot tell: Redis is down"))
+    finally:
+        client.close()
+    smtp_host = env.get("SMTP_HOST", "").strip()
+    checks.append(
+        check_tcp(
+            "smtp",
+            smtp_host or "127.0.0.1",
+            _port(env, "SMTP_PORT"),
+            "" if smtp_host else " (dev sink)",
+        )
+    )
+    metrics_port = _port(env, "MAIL_METRICS_PORT")
+    if metrics_port:
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        status, error = http_get(metrics_url)
+        checks.append(
+            Check(OK, "mail metrics", metrics_url)
+            if status == 200
+            else Check(DOWN, "mail metrics", f"{metrics_url}: {error or status}")
+        )
+    return checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m app.status", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--env-file",
+        default=str(ROOT / ".env"),
+        help="read on top of the environment, as make run does (default: .env of the repo)",
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+    args = parser.parse_args(argv)
+    env = stack_env(os.environ, Path(args.env_file) if args.env_file else None)
+    checks = run_checks(env)
+    down = [check for check in checks if check.state in (DOWN, UNKNOWN)]
+    if args.json:
+        print(json.dumps({"ok": not down, "checks": [asdict(c) for c in checks]}, indent=2))
+    else:
+        width = max(len(check.name) for check in checks)
+        for check in checks:
+            print(f"{check.state:<8}{check.name:<{width + 2}}{check.detail}")
+        print()
+        print(f"{len(down)} of {len(checks)} down" if down else f"all {len(checks)} up")
+    return 1 if down else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
