@@ -30,7 +30,9 @@ def services(compose: dict) -> dict[str, dict]:
 
 
 def test_the_services(services: dict[str, dict]) -> None:
-    assert set(services) == {"redis", "app", "nginx", "mail", "mailpit"}
+    default = {name for name, service in services.items() if not service.get("profiles")}
+    assert default == {"redis", "app", "nginx", "mail", "mailpit"}
+    assert services["prometheus"]["profiles"] == ["metrics"]
     assert services["mail"]["command"] == ["python", "-m", "mail"]
 
 
@@ -55,8 +57,16 @@ def test_dependencies_wait_for_health(services: dict[str, dict]) -> None:
 
 
 def test_only_nginx_publishes_ports_and_app_scales(services: dict[str, dict]) -> None:
-    publishers = {name for name, service in services.items() if service.get("ports")}
+    publishers = {
+        name
+        for name, service in services.items()
+        if service.get("ports") and not service.get("profiles")
+    }
     assert publishers == {"nginx"}
+    # The metrics profile's Prometheus publishes its UI, on PUBLISH_ADDRESS only.
+    assert services["prometheus"]["ports"] == [
+        "${PUBLISH_ADDRESS:-127.0.0.1}:${PROMETHEUS_PORT:-9090}:9090"
+    ]
     app = services["app"]
     assert "container_name" not in app
     assert app["expose"] == ["8000"]
@@ -132,3 +142,42 @@ def test_compose_nginx_config_passes_nginx_t(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_metrics_profile_scrapes_every_app_replica_and_the_mail_worker(
+    compose: dict, services: dict[str, dict]
+) -> None:
+    """Prometheus (profile `metrics`) reads app/admin/prometheus.yml, which must
+    point at the ports the app and the mail worker really serve /metrics on,
+    with the admin token from a compose secret (the app is not its loopback)."""
+    prometheus = services["prometheus"]
+    mounts = {volume.split(":")[0]: volume.split(":")[1] for volume in prometheus["volumes"]}
+    assert mounts["./app/admin/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    assert re.fullmatch(r"prom/prometheus:v\d+\.\d+\.\d+", prometheus["image"])
+    assert set(prometheus["depends_on"]) == {"app", "mail"}
+
+    config = yaml.safe_load((ROOT / "app" / "admin" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) == {"phoneshop-app", "phoneshop-mail"}
+
+    app_job = jobs["phoneshop-app"]
+    assert app_job["metrics_path"] == "/metrics"
+    [discovery] = app_job["dns_sd_configs"]  # every replica, not one through nginx
+    assert discovery["names"] == ["app"] and discovery["type"] == "A"
+    assert str(discovery["port"]) in services["app"]["expose"]
+    assert services["app"]["environment"]["WEB_BIND"].endswith(f":{discovery['port']}")
+    token_file = app_job["authorization"]["credentials_file"]
+    [secret] = prometheus["secrets"]
+    assert token_file == f"/run/secrets/{secret['target']}"
+    assert compose["secrets"][secret["source"]] == {"environment": "ADMIN_TOKEN"}
+    assert "ADMIN_TOKEN" not in json.dumps(config)  # the token is never in the file
+
+    mail_job = jobs["phoneshop-mail"]
+    [target] = mail_job["static_configs"][0]["targets"]
+    host, port = target.split(":")
+    mail = services["mail"]
+    assert host == "mail"
+    assert mail["environment"]["MAIL_METRICS_PORT"] == port
+    assert mail["environment"]["MAIL_METRICS_ADDRESS"] == "0.0.0.0"
+    assert port in mail["expose"]
