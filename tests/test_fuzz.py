@@ -11,6 +11,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,9 +53,8 @@ def customer_token(stack: FullStack) -> str:
 
 
 def schemathesis(stack: FullStack, token: str, *extra: str) -> subprocess.CompletedProcess:
-    st = Path(os.environ.get("VIRTUAL_ENV", HERE.parent / ".venv")) / "bin" / "st"
-    if not st.exists():
-        st = HERE.parent / ".venv" / "bin" / "st"
+    # The schemathesis CLI installed beside the Python running the tests.
+    st = Path(sys.executable).parent / "st"
     return subprocess.run(
         [
             str(st),
