@@ -94,25 +94,17 @@ async def get_order(request: web.Request) -> web.Response:
     return json_response(OrderEnvelope(order=order))
 
 
-async def check_order(request: web.Request) -> web.Response:
+async def _change_status(request: web.Request, change: service.StatusChange) -> web.Response:
     principal = await authenticate(request)
-    order = await service.check_order(
-        redis_of(request),
-        scripts_of(request),
-        principal,
-        path_id(request),
-        request[REQUEST_ID],
+    order = await change(
+        redis_of(request), scripts_of(request), principal, path_id(request), request[REQUEST_ID]
     )
     return json_response(OrderEnvelope(order=order))
+
+
+async def check_order(request: web.Request) -> web.Response:
+    return await _change_status(request, service.check_order)
 
 
 async def cancel_order(request: web.Request) -> web.Response:
-    principal = await authenticate(request)
-    order = await service.cancel_order(
-        redis_of(request),
-        scripts_of(request),
-        principal,
-        path_id(request),
-        request[REQUEST_ID],
-    )
-    return json_response(OrderEnvelope(order=order))
+    return await _change_status(request, service.cancel_order)

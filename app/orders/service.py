@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -118,6 +119,10 @@ async def _order_owner(redis: Redis, principal: Principal, order_id: str) -> str
     if owner is None:
         raise ProblemError("order_not_found")
     return owner.decode()
+
+
+# check_order and cancel_order: (redis, scripts, principal, order id, request id) -> Order
+StatusChange = Callable[[Redis, Scripts, Principal, str, str], Awaitable[Order]]
 
 
 async def check_order(
