@@ -20,7 +20,10 @@ Hashes and their fields (all numbers are integers, money in cents):
 
 Stream ``events``: one entry per order change, appended by the script that made
 the change. Fields: type (order.placed|order.completed|order.cancelled),
-order_id, customer_id, status, request_id, at (ms since the epoch).
+order_id, customer_id, status, request_id, at (ms since the epoch);
+order.completed also carries balance_cents, the customer's balance at that
+moment (for the mail). ``mail.requeued`` entries (app/admin/mail.py) put a
+dead-lettered mail back: status=completed plus dead_id.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ async def test_place_order_autochecks_debits_and_decrements(shop: Shop, redis: R
     assert await redis.hget(f"phone:{b['id']}", "stock") == b"2"
     events = await redis.xrange("events")
     assert [fields[b"type"] for _, fields in events] == [b"order.placed", b"order.completed"]
+    assert events[1][1][b"balance_cents"] == b"7250"
     assert {fields[b"order_id"] for _, fields in events} == {order["id"].encode()}
     assert events[0][1][b"request_id"] == response.headers["X-Request-ID"].encode()
     assert (await shop.audit())["ok"]
@@ -61,8 +62,10 @@ async def test_open_order_then_check(shop: Shop, redis: Redis) -> None:
     assert again.status == 200
     assert (await again.json())["order"] == (await checked.json())["order"]
     # Checking twice appends one event, not two.
-    types = [f[b"type"] for _, f in await redis.xrange("events")]
-    assert types == [b"order.placed", b"order.completed"]
+    events = await redis.xrange("events")
+    assert [f[b"type"] for _, f in events] == [b"order.placed", b"order.completed"]
+    # The completion carries the balance of that moment, for the mail.
+    assert events[1][1][b"balance_cents"] == str(1_000_000 - 10_000).encode()
     cancel = await shop.client.post(f"/orders/{order['id']}/cancel", headers=auth)
     assert cancel.status == 409
     assert problem_of(await cancel.json(content_type=None)) == "order_completed"

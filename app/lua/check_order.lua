@@ -7,6 +7,7 @@
 -- KEYS[4]  customer:{owner_id}:orders:open           zset
 -- KEYS[5]  customer:{owner_id}:orders:completed      zset
 -- KEYS[6]  events                                    stream
+-- KEYS[7]  customer:{owner_id}                       hash (read: the balance for the mail)
 -- ARGV[1]  owner id the keys above were built for
 -- ARGV[2]  requesting customer id, or "" for the admin
 -- ARGV[3]  now, ms since the epoch
@@ -49,5 +50,6 @@ redis.call('ZADD', KEYS[3], seq, order_id)
 redis.call('ZREM', KEYS[4], order_id)
 redis.call('ZADD', KEYS[5], seq, order_id)
 redis.call('XADD', KEYS[6], '*', 'type', 'order.completed', 'order_id', order_id,
-  'customer_id', owner, 'status', 'completed', 'request_id', ARGV[4], 'at', ARGV[3])
+  'customer_id', owner, 'status', 'completed', 'request_id', ARGV[4], 'at', ARGV[3],
+  'balance_cents', redis.call('HGET', KEYS[7], 'balance_cents'))
 return {200, fields(), 1}

@@ -132,7 +132,9 @@ redis.call('ZADD', KEYS[7], seq, ARGV[1])
 redis.call('XADD', KEYS[9], '*', 'type', 'order.placed', 'order_id', ARGV[1],
   'customer_id', ARGV[2], 'status', 'open', 'request_id', ARGV[4], 'at', ARGV[3])
 if status == 'completed' then
+  -- The balance right after this order, for the confirmation mail.
   redis.call('XADD', KEYS[9], '*', 'type', 'order.completed', 'order_id', ARGV[1],
-    'customer_id', ARGV[2], 'status', 'completed', 'request_id', ARGV[4], 'at', ARGV[3])
+    'customer_id', ARGV[2], 'status', 'completed', 'request_id', ARGV[4], 'at', ARGV[3],
+    'balance_cents', fmt(balance - total))
 end
 return answer(201, order)

@@ -138,6 +138,7 @@ async def check_order(
             keys.customer_orders_by_status(owner, "open"),
             keys.customer_orders_by_status(owner, "completed"),
             keys.EVENTS,
+            keys.customer(owner),
         ],
         [owner, principal.customer_id or "", int(time.time() * 1000), request_id],
     )
