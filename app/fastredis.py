@@ -38,6 +38,11 @@ def _expire(waiter: asyncio.Future[Any]) -> None:
         waiter.set_exception(redis.exceptions.TimeoutError("Timeout reading from server"))
 
 
+def _expire_all(waiters: list[asyncio.Future[Any]]) -> None:
+    for waiter in waiters:
+        _expire(waiter)
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.reader = hiredis.Reader()
@@ -186,6 +191,33 @@ class MultiplexedRedis:
     async def execute(self, *args: Any) -> Any:
         """Run one command; redis-py's exceptions on errors, the raw reply otherwise."""
         return await self._roundtrip(await self._ready(), args)
+
+    async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Several commands in one write (a pipeline without MULTI): their replies, in
+        order; the first error reply is raised, as redis-py's pipeline does."""
+        protocol = await self._ready()
+        loop = asyncio.get_running_loop()
+        waiters: list[asyncio.Future[Any]] = []
+        for args in commands:
+            waiter: asyncio.Future[Any] = loop.create_future()
+            protocol.send(hiredis.pack_command(args), waiter)
+            waiters.append(waiter)
+        timer = loop.call_later(self._timeout, _expire_all, waiters)
+        try:
+            replies = [await waiter for waiter in waiters]
+        except BaseException:
+            for waiter in waiters:  # retrieve the rest: no "exception never retrieved"
+                if waiter.done() and not waiter.cancelled():
+                    waiter.exception()
+                else:
+                    waiter.cancel()
+            raise
+        finally:
+            timer.cancel()
+        for reply in replies:
+            if isinstance(reply, hiredis.ReplyError):
+                raise _parse_error(str(reply))
+        return replies
 
     async def aclose(self) -> None:
         protocol, self._protocol = self._protocol, None

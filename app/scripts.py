@@ -65,6 +65,11 @@ class Scripts:
         shas = [script.sha for script in self._scripts.values()]
         return all(await client.script_exists(*shas))
 
+    @property
+    def fast(self) -> MultiplexedRedis | None:
+        """The multiplexed connection, for other hot reads (the list pages)."""
+        return self._fast
+
     async def _call(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Any:
         if self._fast is None:
             return await script(keys=keys, args=args)

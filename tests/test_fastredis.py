@@ -95,3 +95,38 @@ async def test_scripts_reload_after_a_script_flush(fast: MultiplexedRedis, redis
     assert result.status == 201
     assert result.payload["stock"] == "3"
     assert await redis.hget("phone:AAAAAAAAAAAAAAAAAAAAAA", "stock") == b"3"
+
+
+async def test_execute_many_answers_in_order_and_raises_the_error(
+    fast: MultiplexedRedis, redis: Redis
+) -> None:
+    await redis.set("s", "x")
+    assert await fast.execute_many([("ECHO", "a"), ("INCR", "m"), ("ECHO", "b")]) == [
+        b"a",
+        1,
+        b"b",
+    ]
+    with pytest.raises(rx.ResponseError, match="WRONGTYPE"):
+        await fast.execute_many([("ECHO", "a"), ("HGET", "s", "f")])
+    assert await fast.execute("ECHO", "still") == b"still"
+
+
+async def test_list_pages_are_the_same_through_both_clients(
+    fast: MultiplexedRedis, redis: Redis
+) -> None:
+    from app import keys
+    from app.models import Page
+    from app.paging import page_of_hashes
+
+    for i in range(25):
+        await redis.hset(keys.phone(f"id{i}"), mapping={"id": f"id{i}", "name": f"P{i}"})
+        await redis.zadd(keys.PHONES, {f"id{i}": i})
+    for newest_first in (False, True):
+        for page in (Page(1, 10), Page(3, 10), Page(4, 10)):
+            slow = await page_of_hashes(
+                redis, keys.PHONES, page, keys.phone, newest_first=newest_first
+            )
+            quick = await page_of_hashes(
+                redis, keys.PHONES, page, keys.phone, newest_first=newest_first, fast=fast
+            )
+            assert quick == slow

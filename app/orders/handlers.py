@@ -75,7 +75,11 @@ async def list_orders(request: web.Request) -> web.Response:
             raise ProblemError("forbidden", "A customer may only list their own orders")
         customer_id = principal.customer_id
     total, orders = await service.list_orders(
-        redis_of(request), page, customer_id=customer_id, status=status
+        redis_of(request),
+        page,
+        customer_id=customer_id,
+        status=status,
+        fast=scripts_of(request).fast,
     )
     return json_response(
         OrderPage(

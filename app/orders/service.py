@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 
 from app import keys
 from app.auth import Principal
+from app.fastredis import MultiplexedRedis
 from app.ids import new_id
 from app.models import Page, iso_time
 from app.orders.models import Order, OrderItem
@@ -172,7 +173,12 @@ async def cancel_order(
 
 
 async def list_orders(
-    redis: Redis, page: Page, *, customer_id: str | None, status: str | None
+    redis: Redis,
+    page: Page,
+    *,
+    customer_id: str | None,
+    status: str | None,
+    fast: MultiplexedRedis | None = None,
 ) -> tuple[int, list[Order]]:
     """Newest first, one page by rank: the cost does not grow with the number of orders."""
     if customer_id is None:
@@ -181,5 +187,5 @@ async def list_orders(
         index = keys.customer_orders(customer_id)
     else:
         index = keys.customer_orders_by_status(customer_id, status)
-    total, rows = await page_of_hashes(redis, index, page, keys.order, newest_first=True)
+    total, rows = await page_of_hashes(redis, index, page, keys.order, newest_first=True, fast=fast)
     return total, [order_from_fields(row) for row in rows]

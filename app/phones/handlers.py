@@ -34,7 +34,7 @@ async def create_phone_seed(request: web.Request) -> web.Response:
 
 async def list_phones(request: web.Request) -> web.Response:
     page = page_params(request)
-    total, phones = await service.list_phones(redis_of(request), page)
+    total, phones = await service.list_phones(redis_of(request), page, scripts_of(request).fast)
     return json_response(
         PhonePage(
             phones=phones,

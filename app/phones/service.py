@@ -7,6 +7,7 @@ import time
 from redis.asyncio import Redis
 
 from app import keys
+from app.fastredis import MultiplexedRedis
 from app.ids import new_id
 from app.models import Page, iso_time
 from app.paging import decoded_hash, page_of_hashes
@@ -55,8 +56,12 @@ async def get_phone(redis: Redis, phone_id: str) -> Phone:
     return phone_from_fields(decoded_hash(fields))
 
 
-async def list_phones(redis: Redis, page: Page) -> tuple[int, list[Phone]]:
-    total, rows = await page_of_hashes(redis, keys.PHONES, page, keys.phone, newest_first=False)
+async def list_phones(
+    redis: Redis, page: Page, fast: MultiplexedRedis | None = None
+) -> tuple[int, list[Phone]]:
+    total, rows = await page_of_hashes(
+        redis, keys.PHONES, page, keys.phone, newest_first=False, fast=fast
+    )
     return total, [phone_from_fields(row) for row in rows]
 
 
