@@ -255,3 +255,13 @@ async def test_order_line_limits(shop: Shop) -> None:
         headers=auth,
     )
     assert both.status == 422
+
+
+async def test_audit_reports_an_index_entry_without_its_order(shop: Shop, redis: Redis) -> None:
+    phone = await shop.phone()
+    _, auth = await shop.customer()
+    order = (await (await shop.order(auth, [(phone["id"], 1)])).json())["order"]
+    await redis.delete(f"order:{order['id']}")  # the books are now broken
+    audit = await shop.audit()
+    assert audit["ok"] is False
+    assert audit["dangling_index_entries"] == [{"index": "orders", "id": order["id"]}]

@@ -49,10 +49,23 @@ async def run_audit(redis: Redis) -> dict[str, Any]:
     customer_rows = rows[len(phone_ids) : len(phone_ids) + len(customer_ids)]
     order_rows = rows[len(phone_ids) + len(customer_ids) :]
 
+    # An index member whose hash is gone breaks the books: report it, never crash.
+    dangling = [
+        {"index": index, "id": member}
+        for index, members, member_rows in (
+            (keys.PHONES, phone_ids, phone_rows),
+            (keys.CUSTOMERS, customer_ids, customer_rows),
+            (keys.ORDERS, order_ids, order_rows),
+        )
+        for member, row in zip(members, member_rows, strict=True)
+        if row[0] is None
+    ]
     sold: Counter[str] = Counter()
     statuses: Counter[str] = Counter()
     live_totals = 0
     for status, items, total in order_rows:
+        if status is None:
+            continue
         status = status.decode()
         statuses[status] += 1
         if status in ("open", "completed"):
@@ -65,6 +78,8 @@ async def run_audit(redis: Redis) -> dict[str, Any]:
     negative_stock = []
     stock_units = added_units = 0
     for phone_id, (stock, added) in zip(phone_ids, phone_rows, strict=True):
+        if stock is None:
+            continue
         stock, added = int(stock), int(added)
         stock_units += stock
         added_units += added
@@ -78,6 +93,8 @@ async def run_audit(redis: Redis) -> dict[str, Any]:
     balances = added_cents = 0
     negative_balances = []
     for customer_id, (balance, added) in zip(customer_ids, customer_rows, strict=True):
+        if balance is None:
+            continue
         balance, added = int(balance), int(added)
         balances += balance
         added_cents += added
@@ -86,7 +103,11 @@ async def run_audit(redis: Redis) -> dict[str, Any]:
     money_ok = balances + live_totals == added_cents
     stock_ok = not mismatched_phones
     return {
-        "ok": money_ok and stock_ok and not negative_stock and not negative_balances,
+        "ok": money_ok
+        and stock_ok
+        and not negative_stock
+        and not negative_balances
+        and not dangling,
         "stock": {
             "ok": stock_ok,
             "phones": len(phone_ids),
@@ -104,5 +125,6 @@ async def run_audit(redis: Redis) -> dict[str, Any]:
         },
         "negative_stock": negative_stock,
         "negative_balances": negative_balances,
+        "dangling_index_entries": dangling,
         "orders": {"total": len(order_ids), **{s: statuses[s] for s in keys.ORDER_STATUSES}},
     }
