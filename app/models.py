@@ -81,6 +81,15 @@ class Page(msgspec.Struct, frozen=True):
     page: int
     per_page: int
 
+    def counts(self, total: int) -> dict[str, int]:
+        """The paging members of every list answer (the seed's shape)."""
+        return {
+            "page": self.page,
+            "per_page": self.per_page,
+            "total": total,
+            "pageCount": page_count(total, self.per_page),
+        }
+
 
 # JSON numbers are read as Decimal, exactly: a seed price of 19.99 is 1999
 # cents, never 1998.9999.

@@ -23,7 +23,7 @@ from app.auth import require_admin
 from app.handlers import redis_of
 from app.ids import is_valid_id
 from app.middlewares import REQUEST_ID
-from app.models import iso_time, json_response, page_count, page_params
+from app.models import iso_time, json_response, page_params
 from app.problems import ProblemError
 from mail import scripts
 
@@ -138,15 +138,7 @@ async def get_dead_letters(request: web.Request) -> web.Response:
     total, letters = await list_dead_letters(
         redis_of(request), page=paging.page, per_page=paging.per_page
     )
-    return json_response(
-        DeadLetterPage(
-            dead_letters=letters,
-            page=paging.page,
-            per_page=paging.per_page,
-            total=total,
-            pageCount=page_count(total, paging.per_page),
-        )
-    )
+    return json_response(DeadLetterPage(dead_letters=letters, **paging.counts(total)))
 
 
 async def retry_dead_letter(request: web.Request) -> web.Response:

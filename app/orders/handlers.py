@@ -11,7 +11,7 @@ from app.auth import authenticate
 from app.handlers import path_id, redis_of, scripts_of
 from app.ids import is_valid_id
 from app.middlewares import REQUEST_ID
-from app.models import IDEMPOTENCY_KEY_PATTERN, decode_body, json_response, page_count, page_params
+from app.models import IDEMPOTENCY_KEY_PATTERN, decode_body, json_response, page_params
 from app.orders import service
 from app.orders.models import OrderCreate, OrderEnvelope, OrderPage
 from app.problems import ProblemError
@@ -81,15 +81,7 @@ async def list_orders(request: web.Request) -> web.Response:
         status=status,
         fast=scripts_of(request).fast,
     )
-    return json_response(
-        OrderPage(
-            orders=orders,
-            page=page.page,
-            per_page=page.per_page,
-            total=total,
-            pageCount=page_count(total, page.per_page),
-        )
-    )
+    return json_response(OrderPage(orders=orders, **page.counts(total)))
 
 
 async def get_order(request: web.Request) -> web.Response:

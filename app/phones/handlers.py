@@ -6,7 +6,7 @@ from aiohttp import web
 
 from app.auth import require_admin
 from app.handlers import path_id, redis_of, scripts_of
-from app.models import decode_body, json_response, page_count, page_params
+from app.models import decode_body, json_response, page_params
 from app.phones import service
 from app.phones.models import (
     PhoneCreate,
@@ -35,15 +35,7 @@ async def create_phone_seed(request: web.Request) -> web.Response:
 async def list_phones(request: web.Request) -> web.Response:
     page = page_params(request)
     total, phones = await service.list_phones(redis_of(request), page, scripts_of(request).fast)
-    return json_response(
-        PhonePage(
-            phones=phones,
-            page=page.page,
-            per_page=page.per_page,
-            total=total,
-            pageCount=page_count(total, page.per_page),
-        )
-    )
+    return json_response(PhonePage(phones=phones, **page.counts(total)))
 
 
 async def get_phone(request: web.Request) -> web.Response:
