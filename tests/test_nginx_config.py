@@ -47,8 +47,17 @@ def test_defaults_pass_nginx_t(tmp_path: Path) -> None:
     assert "test is successful" in result.stderr
     text = render(config)
     assert listens(text) == ["127.0.0.1:8080", "127.0.0.1:5555", "127.0.0.1:7777"]
-    assert "server 127.0.0.1:8001 max_fails=3 fail_timeout=5s;" in text
-    assert "server 127.0.0.1:8002 max_fails=3 fail_timeout=5s;" in text
+    upstreams = dict(re.findall(r"upstream (\w+) \{(.*?)\}", text, flags=re.DOTALL))
+    # Ordinary requests: a connection cap per instance, so overload is answered
+    # at once by nginx instead of overflowing the instances' accept queues.
+    assert "server 127.0.0.1:8001 max_fails=3 fail_timeout=5s max_conns=256;" in upstreams["app"]
+    assert "server 127.0.0.1:8002 max_fails=3 fail_timeout=5s max_conns=256;" in upstreams["app"]
+    # WebSockets stay open for hours: their own upstream, uncapped.
+    assert "server 127.0.0.1:8001 max_fails=3 fail_timeout=5s;" in upstreams["app_ws"]
+    events = re.search(r"location = /orders/events \{(.*?)\}", text, flags=re.DOTALL)
+    assert events and "proxy_pass http://app_ws;" in events.group(1)
+    uncapped = render(NginxConfig.from_env({"UPSTREAM_MAX_CONNS": "0"}))
+    assert not re.search(r"^\s*server .*max_conns", uncapped, flags=re.MULTILINE)
 
 
 def test_seed_ports_off_pass_nginx_t(tmp_path: Path) -> None:
