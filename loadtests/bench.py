@@ -469,8 +469,9 @@ def transient_per_order(stack: LoadStack) -> dict[str, float]:
 
 def shedding_probe(stack: LoadStack) -> dict[str, Any]:
     """1,200 connections of 300 ms requests: far past MAX_INFLIGHT (256 per worker).
-    How many answers were the app's own 503 (overloaded) and how many nginx's
-    (no live upstream, after it counted those 503s as instance failures)?"""
+    How many answers were served, how many shed with 503, and how often nginx
+    found no instance to take a request (its max_conns cap, or instances it
+    took out after connect time-outs)?"""
     log_path = stack.stack.nginx.error_log
     before = log_path.read_text(errors="replace").count("no live upstreams")
     result = wrk(f"{stack.http_url}/bench/sleep?ms=300", seconds=5, connections=1200)
@@ -624,14 +625,13 @@ def findings(results: dict[str, Any]) -> str:
         f"reaches {'rarely' if over['over_shed_share'] < 0.05 else 'often'} "
         f"({over['over_shed_share']:.1%} shed). A smaller MAX_INFLIGHT would shed earlier and "
         "bound the p99 of accepted requests.",
-        "- **nginx and the app's 503s.** `proxy_next_upstream ... http_503` plus `max_fails=3` "
-        "count the app's own load-shedding 503s as instance failures: under overload nginx "
-        "marks every instance down for `fail_timeout` (5 s) and answers `no live upstreams` to "
-        f"everyone: wrk with 1,200 connections on /bench/sleep?ms=300 got "
-        f"{shed['ok']:,} answers 200 and {shed['shed_503']:,} answers 503, while nginx "
-        f"logged `no live upstreams` {shed['no_live_upstream']:,} times: nearly every 503 "
-        "came from nginx with no instance left, not from the app shedding the excess. "
-        "Counting 503 as failure belongs to dead instances, not to busy ones.",
+        "- **Shedding at nginx.** wrk with 1,200 connections on /bench/sleep?ms=300 got "
+        f"{shed['ok']:,} answers 200 and {shed['shed_503']:,} answers 503; nginx logged "
+        f"`no live upstreams` {shed['no_live_upstream']:,} times. nginx caps its connections "
+        "per instance (`max_conns`, UPSTREAM_MAX_CONNS) and answers the excess with 503 at "
+        "once, and it does not count the app's own 503s as failures, so these lines are the "
+        "cap at work; upstream time-outs in nginx's error log would mean an instance's "
+        "accept queue overflowed instead.",
         f"- **Shared machine.** Load average was {results['environment']['loadavg_before']:.1f} "
         "when the bench started: other processes on the box take CPU from every figure here.",
     ]
