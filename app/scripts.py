@@ -17,7 +17,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
 from app.fastredis import MultiplexedRedis
-from app.problems import ProblemError
+from app.problems import PROBLEMS, ProblemError
 
 SCRIPT_NAMES = (
     "place_order",
@@ -126,16 +126,7 @@ def problem_from_script(status: int, payload: dict[str, Any]) -> ProblemError:
             return ProblemError(
                 code, balance_cents=int(payload["balance_cents"]), limit=int(payload["limit"])
             )
-        case _ if code in {
-            "customer_not_found",
-            "phone_not_found",
-            "order_not_found",
-            "email_taken",
-            "order_cancelled",
-            "order_completed",
-            "order_owner_changed",
-            "idempotency_key_reused",
-        }:
+        case _ if code in PROBLEMS:
+            # The one table in app/problems.py knows every code a script may answer.
             return ProblemError(code)
-    error = ProblemError("internal_error", f"script answered {status} {code}")
-    return error
+    return ProblemError("internal_error", f"script answered {status} {code}")

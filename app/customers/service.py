@@ -14,6 +14,8 @@ from app.models import iso_time
 from app.problems import ProblemError
 from app.scripts import Scripts
 
+# What a customer's answer shows (never token_sha256 or added_cents).
+_PUBLIC_FIELDS = ("id", "name", "surname", "email", "balance_cents", "created_at")
 # A balance stops here so every sum a script makes stays below 2^53.
 BALANCE_LIMIT = 10**15
 
@@ -58,15 +60,11 @@ async def create_customer(scripts: Scripts, data: CustomerCreate) -> tuple[Custo
 
 
 async def get_customer(redis: Redis, customer_id: str) -> Customer:
-    fields = await redis.hmget(
-        keys.customer(customer_id),
-        ["id", "name", "surname", "email", "balance_cents", "created_at"],
-    )
+    fields = await redis.hmget(keys.customer(customer_id), _PUBLIC_FIELDS)
     if fields[0] is None:
         raise ProblemError("customer_not_found")
-    names = ("id", "name", "surname", "email", "balance_cents", "created_at")
     return customer_from_fields(
-        {name: value.decode() for name, value in zip(names, fields, strict=True)}
+        {name: value.decode() for name, value in zip(_PUBLIC_FIELDS, fields, strict=True)}
     )
 
 
