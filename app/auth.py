@@ -18,8 +18,9 @@ from aiohttp import web
 
 from app import appkeys, keys
 from app.problems import ProblemError
+from app.settings import BEARER_TOKEN
 
-_BEARER = re.compile(r"Bearer ([A-Za-z0-9._~+/-]{1,512}=*)", re.IGNORECASE)
+_BEARER = re.compile(rf"Bearer ({BEARER_TOKEN.pattern})", re.IGNORECASE)
 
 
 def new_token() -> str:

@@ -6,9 +6,14 @@ Every default here is mirrored in ``.env.example``.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+# What may follow "Bearer " (RFC 6750's b64token, at most 512 characters):
+# app/auth.py parses headers with it, so an ADMIN_TOKEN outside it never matches.
+BEARER_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]{1,512}=*")
 
 
 class SettingsError(ValueError):
@@ -80,6 +85,13 @@ class Settings:
             raise SettingsError("ADMIN_TOKEN is required (make run generates one into .env)")
         if len(admin_token) < 16:
             raise SettingsError("ADMIN_TOKEN must be at least 16 characters")
+        if BEARER_TOKEN.fullmatch(admin_token) is None:
+            # The token itself is a secret: say what is wrong, never echo it.
+            raise SettingsError(
+                "ADMIN_TOKEN can never authenticate: it may hold only letters, digits and "
+                "- . _ ~ + / (then optional = padding), at most 512 of them (RFC 6750 b64token); "
+                "generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+            )
         return cls(
             redis_url=redis_url,
             redis_timeout=_float(env, "REDIS_TIMEOUT", cls.redis_timeout, 0.05, 60.0),

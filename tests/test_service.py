@@ -90,6 +90,36 @@ def test_settings_validation() -> None:
         settings.max_inflight = 1  # type: ignore[misc]
 
 
+@pytest.mark.parametrize(
+    "token",
+    [
+        "has a space in it, 0123456789",
+        'quote"d-0123456789abcdef',
+        "unicode-é-0123456789abcdef",
+        "semicolon;0123456789abcdef",
+        "padding=in-the-middle-0123456789",
+        "x" * 513,
+    ],
+)
+async def test_an_admin_token_that_can_never_authenticate_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, app_env: dict[str, str], token: str
+) -> None:
+    monkeypatch.setenv("ADMIN_TOKEN", token)
+    with pytest.raises(SettingsError, match="ADMIN_TOKEN can never authenticate") as refused:
+        await create_app()
+    assert token not in str(refused.value)  # a secret, even a broken one
+
+
+async def test_an_admin_token_using_every_allowed_character_authenticates(
+    aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch, app_env: dict[str, str], redis: Any
+) -> None:
+    token = "AZaz09-._~+/" + "q" * 500 + "=="
+    monkeypatch.setenv("ADMIN_TOKEN", token)
+    client: TestClient = await aiohttp_client(await create_app())
+    response = await client.get("/admin/audit", headers={"Authorization": f"Bearer {token}"})
+    assert response.status == 200, await response.text()
+
+
 async def test_bench_routes_are_off_by_default(
     aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch, app_env: dict[str, str]
 ) -> None:
