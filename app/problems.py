@@ -16,6 +16,7 @@ TYPE_BASE = "https://phoneshop.example/problems/"
 # code -> (HTTP status, title). Codes are stable; clients branch on them.
 PROBLEMS: dict[str, tuple[int, str]] = {
     "malformed_json": (400, "The body is not valid JSON"),
+    "json_too_deep": (400, "The JSON nests too deeply"),
     "invalid_idempotency_key": (400, "The Idempotency-Key header is not valid"),
     "unauthorized": (401, "A valid bearer token is required"),
     "insufficient_funds": (402, "The balance does not cover the order"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
+from app.models import MAX_JSON_DEPTH
 from tests.conftest import ADMIN, Shop
 from tests.test_script_atomicity import snapshot
 
@@ -176,3 +177,40 @@ async def test_oversized_body_is_413(shop: Shop, world: dict) -> None:
     )
     assert response.status == 413
     assert response.content_type == "application/problem+json"
+
+
+async def test_deeply_nested_json_is_refused_on_every_write_endpoint(
+    shop: Shop, redis: Redis, world: dict
+) -> None:
+    """500 levels used to raise RecursionError in the walks over the document (a 500)."""
+    phone_id, customer_id = world["phone"]["id"], world["customer"]["id"]
+    writes = [
+        ("POST", "/orders", world["auth"]),
+        ("POST", "/orders/create", world["auth"]),
+        ("POST", "/phones", ADMIN),
+        ("POST", "/phones/create", ADMIN),
+        ("PATCH", f"/phones/{phone_id}", ADMIN),
+        ("POST", f"/phones/{phone_id}/restock", ADMIN),
+        ("POST", "/customers", ADMIN),
+        ("POST", f"/customers/{customer_id}/deposit", ADMIN),
+    ]
+    before = await snapshot(redis)
+    for depth in (MAX_JSON_DEPTH + 1, 500, 6000):  # 6000: past msgspec's own guard
+        for nested in (b'{"a":' * depth + b"1" + b"}" * depth, b"[" * depth + b"]" * depth):
+            body = b'{"items":' + nested + b"}"
+            for method, path, headers in writes:
+                response = await shop.client.request(
+                    method, path, data=body, headers={**headers, "Content-Type": "application/json"}
+                )
+                assert response.status == 400, (path, depth, response.status)
+                problem = await response.json(content_type="application/problem+json")
+                assert problem["code"] == "json_too_deep", (path, depth)
+    assert await snapshot(redis) == before
+    # The limit leaves room: MAX_JSON_DEPTH levels are read and judged on their fields.
+    nested = b"[" * (MAX_JSON_DEPTH - 1) + b"]" * (MAX_JSON_DEPTH - 1)
+    response = await shop.client.post(
+        "/orders",
+        data=b'{"items":' + nested + b"}",
+        headers={**world["auth"], "Content-Type": "application/json"},
+    )
+    assert response.status == 422
