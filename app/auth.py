@@ -21,6 +21,15 @@ from app.problems import ProblemError
 from app.settings import BEARER_TOKEN
 
 _BEARER = re.compile(rf"Bearer ({BEARER_TOKEN.pattern})", re.IGNORECASE)
+_BEARER_SCHEME = re.compile(r"\s*Bearer(\s|$)", re.IGNORECASE)
+
+# RFC 9110 section 11.6.1: every 401 names the scheme and realm to use
+# (RFC 6750 section 3 for Bearer).
+REALM = "phoneshop"
+WHAT_TO_SEND = (
+    "Send the header Authorization: Bearer <token>, with the admin token or the "
+    "customer token that POST /customers returned"
+)
 
 
 def new_token() -> str:
@@ -77,11 +86,34 @@ def bearer_token(request: web.Request) -> str | None:
     return match.group(1) if match else None
 
 
+def challenge(token_sent: bool) -> str:
+    """The WWW-Authenticate value of a 401: ``invalid_token`` once a bearer
+    token was offered and refused; without one, only the scheme and realm
+    (RFC 6750 section 3.1: no error code when no credentials were sent)."""
+    value = f'Bearer realm="{REALM}"'
+    return f'{value}, error="invalid_token"' if token_sent else value
+
+
+def unauthorized(token_sent: bool) -> ProblemError:
+    if token_sent:
+        detail = "The bearer token is not valid. " + WHAT_TO_SEND
+    else:
+        detail = "No bearer token was sent. " + WHAT_TO_SEND
+    error = ProblemError("unauthorized", detail)
+    error.headers["WWW-Authenticate"] = challenge(token_sent)
+    return error
+
+
+def bearer_sent(request: web.Request) -> bool:
+    """Whether the request offered a bearer token at all, well-formed or not."""
+    return _BEARER_SCHEME.match(request.headers.get("Authorization", "")) is not None
+
+
 async def authenticate(request: web.Request) -> Principal:
     """The principal behind the request's bearer token, or 401."""
     token = bearer_token(request)
     if token is None:
-        raise ProblemError("unauthorized")
+        raise unauthorized(token_sent=bearer_sent(request))
     digest = token_sha256(token)
     admin_digest = _admin_digest(request.app[appkeys.SETTINGS].admin_token)
     if hmac.compare_digest(digest, admin_digest):
@@ -91,7 +123,7 @@ async def authenticate(request: web.Request) -> Principal:
     if customer_id is None:
         found = await request.app[appkeys.REDIS].get(keys.customer_token(digest))
         if found is None:
-            raise ProblemError("unauthorized")
+            raise unauthorized(token_sent=True)
         customer_id = found.decode()
         cache.put(digest, customer_id)
     return Principal(customer_id=customer_id)

@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from app import appkeys
+from app.auth import bearer_sent, challenge
 from app.metrics import HTTP_IN_FLIGHT
 from app.problems import PROBLEMS, ProblemError, problem_response, retry_later
 
@@ -55,6 +56,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ProblemError as error:
+        if error.status == 401:
+            error.headers.setdefault("WWW-Authenticate", challenge(bearer_sent(request)))
         return problem_response(error)
     except web.HTTPException as error:
         if error.status < 400:
@@ -67,6 +70,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             problem = ProblemError(code, PROBLEMS[code][1])
         if error.status == 405:
             problem.headers["Allow"] = error.headers.get("Allow", "")
+        if error.status == 401:
+            problem.headers["WWW-Authenticate"] = challenge(bearer_sent(request))
         return problem_response(problem)
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
         log.warning("redis unavailable: %s", error.__class__.__name__)

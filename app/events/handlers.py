@@ -14,7 +14,7 @@ from importlib import resources
 from aiohttp import hdrs, web
 
 from app import appkeys
-from app.auth import Principal, authenticate
+from app.auth import Principal, authenticate, unauthorized
 from app.events.sockets import CloseCode, EventSocket
 from app.events.stream import StreamId
 from app.problems import ProblemError, retry_later
@@ -76,7 +76,7 @@ async def _authenticate_socket(request: web.Request) -> Principal:
     if hdrs.AUTHORIZATION not in request.headers:
         token = _protocol_token(request.headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL, ""))
         if token is None:
-            raise ProblemError("unauthorized")
+            raise unauthorized(token_sent=False)
         # The very same check as every other route: it reads the header.
         request = request.clone(headers={**request.headers, "Authorization": f"Bearer {token}"})
     return await authenticate(request)
