@@ -52,6 +52,16 @@ Email = Annotated[
         r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$",
     ),
 ]
+# The ceilings. Lua numbers are doubles, exact only below 2^53 (about 9.007e15),
+# so every sum a script makes must stay below it. No path may leave a balance
+# above BALANCE_LIMIT or a stock above STOCK_LIMIT: deposit and restock refuse
+# past them, and so does cancel_order when its refund or its restock would
+# cross them (409, nothing changed). Then the largest sums a script makes are
+# a balance plus a refund (<= 2 * 10**15, an order never costs more than the
+# balance it was placed from) and a stock plus a restock (<= 10**12 + 10**9).
+BALANCE_LIMIT = 10**15
+STOCK_LIMIT = 10**12
+
 PriceCents = Annotated[int, msgspec.Meta(ge=1, le=10**9)]
 StockUnits = Annotated[int, msgspec.Meta(ge=0, le=10**9)]
 RestockUnits = Annotated[int, msgspec.Meta(ge=1, le=10**9)]

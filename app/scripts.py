@@ -121,7 +121,10 @@ def problem_from_script(status: int, payload: dict[str, Any]) -> ProblemError:
                 total_cents=total,
             )
         case "stock_limit":
-            return ProblemError(code, stock=int(payload["stock"]), limit=int(payload["limit"]))
+            figures = {"stock": int(payload["stock"]), "limit": int(payload["limit"])}
+            if "phone_id" in payload:  # a cancel's restock names the line
+                figures["phone_id"] = payload["phone_id"]
+            return ProblemError(code, **figures)
         case "balance_limit":
             return ProblemError(
                 code, balance_cents=int(payload["balance_cents"]), limit=int(payload["limit"])

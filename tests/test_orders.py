@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from redis.asyncio import Redis
 
+from app.models import BALANCE_LIMIT, STOCK_LIMIT
 from tests.conftest import ADMIN, Shop
+from tests.test_script_atomicity import snapshot
 
 
 def problem_of(body: dict) -> str:
@@ -265,3 +269,62 @@ async def test_audit_reports_an_index_entry_without_its_order(shop: Shop, redis:
     audit = await shop.audit()
     assert audit["ok"] is False
     assert audit["dangling_index_entries"] == [{"index": "orders", "id": order["id"]}]
+
+
+async def _fill_to(shop: Shop, path: str, field: str, step: int, current: int, limit: int) -> None:
+    """Deposit or restock through the API until the figure sits exactly at its limit."""
+    amounts = [step] * ((limit - current) // step) + [(limit - current) % step]
+
+    async def add(amount: int) -> None:
+        response = await shop.client.post(path, json={field: amount}, headers=ADMIN)
+        assert response.status == 200, await response.text()
+
+    for start in range(0, len(amounts), 50):
+        await asyncio.gather(*(add(amount) for amount in amounts[start : start + 50] if amount))
+
+
+async def test_cancel_never_lifts_a_balance_or_a_stock_past_its_ceiling(
+    shop: Shop, redis: Redis
+) -> None:
+    """The reproduced case: an order of 4,999,000,000,000 cents, the balance filled
+    to the ceiling, then a cancel; its refund used to leave 1,004,999,000,000,000."""
+    phones = [await shop.phone(price_cents=10**9, stock=10**9) for _ in range(50)]
+    customer, auth = await shop.customer(balance_cents=10**12)
+    deposit = f"/customers/{customer['id']}/deposit"
+    await _fill_to(shop, deposit, "amount_cents", 10**12, 10**12, 5 * 10**12)
+    lines = [(phone["id"], 100) for phone in phones[:-1]] + [(phones[-1]["id"], 99)]
+    placed = await shop.order(auth, lines, autocheck=False)
+    order = (await placed.json())["order"]
+    assert order["total_cents"] == 4_999_000_000_000
+    await _fill_to(shop, deposit, "amount_cents", 10**12, 10**9, BALANCE_LIMIT)
+
+    before = await snapshot(redis)
+    refused = await shop.client.post(f"/orders/{order['id']}/cancel", headers=auth)
+    assert refused.status == 409
+    problem = await refused.json(content_type="application/problem+json")
+    assert problem["code"] == "balance_limit"
+    assert (problem["balance_cents"], problem["limit"]) == (BALANCE_LIMIT, BALANCE_LIMIT)
+    assert await snapshot(redis) == before
+
+    # Room on the balance after spending 5 * 10**12, but the first line's stock
+    # is now at its ceiling.
+    spend = await shop.order(auth, [(phone["id"], 100) for phone in phones])
+    assert spend.status == 201
+    restock = f"/phones/{phones[0]['id']}/restock"
+    await _fill_to(shop, restock, "quantity", 10**9, 10**9 - 200, STOCK_LIMIT)
+    before = await snapshot(redis)
+    refused = await shop.client.post(f"/orders/{order['id']}/cancel", headers=ADMIN)
+    assert refused.status == 409
+    problem = await refused.json(content_type="application/problem+json")
+    assert problem["code"] == "stock_limit"
+    assert (problem["phone_id"], problem["stock"]) == (phones[0]["id"], STOCK_LIMIT)
+    assert await snapshot(redis) == before
+
+    # Once the stock has room, the cancel goes through and stays under both ceilings.
+    assert (await shop.order(auth, [(phones[0]["id"], 100)])).status == 201
+    cancelled = await shop.client.post(f"/orders/{order['id']}/cancel", headers=auth)
+    assert cancelled.status == 200
+    balance = await redis.hget(f"customer:{customer['id']}", "balance_cents")
+    assert int(balance) == BALANCE_LIMIT - 5 * 10**12 - 10**11 + 4_999_000_000_000
+    assert int(await redis.hget(f"phone:{phones[0]['id']}", "stock")) == STOCK_LIMIT
+    assert (await shop.audit())["ok"]

@@ -10,14 +10,12 @@ from app import keys
 from app.auth import new_token, token_sha256
 from app.customers.models import Customer, CustomerCreate
 from app.ids import new_id
-from app.models import iso_time
+from app.models import BALANCE_LIMIT, iso_time
 from app.problems import ProblemError
 from app.scripts import Scripts
 
 # What a customer's answer shows (never token_sha256 or added_cents).
 _PUBLIC_FIELDS = ("id", "name", "surname", "email", "balance_cents", "created_at")
-# A balance stops here so every sum a script makes stays below 2^53.
-BALANCE_LIMIT = 10**15
 
 
 def customer_from_fields(fields: dict[str, str]) -> Customer:

@@ -16,12 +16,17 @@
 -- ARGV[4]  request id (carried into the event)
 -- ARGV[5]  the order's items field as the caller read it (the phone keys were
 --          built from it; an order's items never change, this proves it)
+-- ARGV[6]  balance ceiling, ARGV[7] stock ceiling: a refund or a restock that
+--          would cross one is refused (app/models.py: every sum below 2^53)
 --
 -- Returns {http_status, payload_json, changed}:
 --   200, order fields (strings), 1|0   cancelled now | was already cancelled
 --   404, {code="order_not_found"}      missing, or not the requester's
 --   409, {code="order_completed"}      nothing written
 --   409, {code="order_owner_changed"}  the caller's keys do not fit; nothing written
+--   409, {code="balance_limit", balance_cents, limit}  the refund would cross
+--        the ceiling; nothing written (spend some, or complete the order)
+--   409, {code="stock_limit", phone_id, stock, limit}  likewise for a line's restock
 
 local order = redis.call('HMGET', KEYS[1], 'customer_id', 'status', 'seq', 'id', 'items', 'total_cents')
 local owner, status, seq, order_id, items, total = order[1], order[2], order[3], order[4], order[5], order[6]
@@ -48,9 +53,21 @@ if status ~= 'open' then
   return {409, cjson.encode({code = 'order_completed'}), 0}
 end
 
-local i = 0
-for _, quantity in string.gmatch(items, '([^:;]+):(%d+):%d+') do
-  i = i + 1
+local balance = redis.call('HGET', KEYS[2], 'balance_cents') or '0'
+if tonumber(balance) + tonumber(total) > tonumber(ARGV[6]) then
+  return {409, cjson.encode({code = 'balance_limit', balance_cents = balance, limit = ARGV[6]}), 0}
+end
+local lines = {}
+for phone_id, quantity in string.gmatch(items, '([^:;]+):(%d+):%d+') do
+  lines[#lines + 1] = quantity
+  local stock = redis.call('HGET', KEYS[7 + #lines], 'stock') or '0'
+  if tonumber(stock) + tonumber(quantity) > tonumber(ARGV[7]) then
+    return {409, cjson.encode({code = 'stock_limit', phone_id = phone_id, stock = stock, limit = ARGV[7]}), 0}
+  end
+end
+
+-- Every check passed: write.
+for i, quantity in ipairs(lines) do
   redis.call('HINCRBY', KEYS[7 + i], 'stock', quantity)
 end
 redis.call('HINCRBY', KEYS[2], 'balance_cents', total)

@@ -15,7 +15,7 @@ from app import keys
 from app.auth import Principal
 from app.fastredis import MultiplexedRedis
 from app.ids import new_id
-from app.models import Page, iso_time
+from app.models import BALANCE_LIMIT, STOCK_LIMIT, Page, iso_time
 from app.orders.models import Order, OrderItem
 from app.paging import decoded_hash, page_of_hashes
 from app.problems import ProblemError
@@ -167,7 +167,15 @@ async def cancel_order(
             keys.EVENTS,
         ]
         + [keys.phone(line.phone_id) for line in parse_items(items_field)],
-        [owner_id, principal.customer_id or "", int(time.time() * 1000), request_id, items_field],
+        [
+            owner_id,
+            principal.customer_id or "",
+            int(time.time() * 1000),
+            request_id,
+            items_field,
+            BALANCE_LIMIT,
+            STOCK_LIMIT,
+        ],
     )
     return order_from_fields(result.payload)
 

@@ -9,14 +9,11 @@ from redis.asyncio import Redis
 from app import keys
 from app.fastredis import MultiplexedRedis
 from app.ids import new_id
-from app.models import Page, iso_time
+from app.models import STOCK_LIMIT, Page, iso_time
 from app.paging import decoded_hash, page_of_hashes
 from app.phones.models import Phone, PhoneCreate, PhoneUpdate
 from app.problems import ProblemError
 from app.scripts import Scripts
-
-# Restock stops here so stock + units ever added stay far below 2^53.
-STOCK_LIMIT = 10**12
 
 
 def phone_from_fields(fields: dict[str, str]) -> Phone:
