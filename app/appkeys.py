@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from app.auth import TokenCache
     from app.events.hub import EventHub
     from app.events.sockets import EventSocket
+    from app.health import Readiness
     from app.middlewares import InflightGauge
     from app.scripts import Scripts
     from app.settings import Settings
@@ -21,6 +22,7 @@ REDIS: web.AppKey[Redis] = web.AppKey("redis")
 SCRIPTS: web.AppKey[Scripts] = web.AppKey("scripts")
 TOKEN_CACHE: web.AppKey[TokenCache] = web.AppKey("token_cache")
 INFLIGHT: web.AppKey[InflightGauge] = web.AppKey("inflight")
+READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 # The WebSocket fan-out (app/events): this worker's stream reader and its open sockets.
 EVENT_HUB: web.AppKey[EventHub] = web.AppKey("event_hub")
 EVENT_SOCKETS: web.AppKey[set[EventSocket]] = web.AppKey("event_sockets")

@@ -14,6 +14,11 @@ Semantics kept from the redis-py client it sits beside (app/main.py):
   timeouts become 503 + Retry-After, BUSY/LOADING/READONLY 503, others 500;
 * ``REDIS_TIMEOUT`` bounds connecting and every reply; a command whose reply
   is late raises TimeoutError, and its reply is dropped when it arrives;
+* a connection that owes the reply of a command that already timed out, when
+  another command times out behind it, has answered nothing for a whole
+  time-out: it is aborted (its other commands fail with ConnectionError) and
+  the next command reconnects. Otherwise a path that died without a reset
+  would hold every command hostage until the kernel gave up (about 15 min);
 * no silent retries: a command in flight when the connection drops fails with
   ConnectionError (a script may or may not have run; clients retry with their
   Idempotency-Key). The next command opens a new connection.
@@ -22,6 +27,7 @@ Semantics kept from the redis-py client it sits beside (app/main.py):
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from typing import Any
 
@@ -30,17 +36,9 @@ import redis.exceptions
 from redis._parsers.base import BaseParser
 from redis.asyncio.connection import Connection, ConnectionPool, UnixDomainSocketConnection
 
+log = logging.getLogger(__name__)
+
 _parse_error = BaseParser.parse_error  # a classmethod: the same classes redis-py raises
-
-
-def _expire(waiter: asyncio.Future[Any]) -> None:
-    if not waiter.done():
-        waiter.set_exception(redis.exceptions.TimeoutError("Timeout reading from server"))
-
-
-def _expire_all(waiters: list[asyncio.Future[Any]]) -> None:
-    for waiter in waiters:
-        _expire(waiter)
 
 
 class _Protocol(asyncio.Protocol):
@@ -81,6 +79,23 @@ class _Protocol(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.abort()
             self._fail(redis.exceptions.ConnectionError(f"Protocol error: {error}"))
+
+    def expire(self, *timed_out: asyncio.Future[Any]) -> None:
+        """The time-out of these commands fired: fail them, and drop the connection
+        when an older command that already timed out is still owed its reply."""
+        for waiter in timed_out:
+            if not waiter.done():
+                waiter.set_exception(redis.exceptions.TimeoutError("Timeout reading from server"))
+        oldest = self.waiters[0] if self.waiters else None
+        if oldest is None or not oldest.done() or oldest in timed_out or self.lost is not None:
+            return
+        # Nothing came back for a whole time-out while replies are owed: the
+        # server or the path to it is stuck, and every command queued behind
+        # would time out too. Start over on a new connection.
+        log.warning("redis: nothing answered for a whole time-out; reconnecting")
+        if self.transport is not None:
+            self.transport.abort()
+        self._fail(redis.exceptions.ConnectionError("Connection dropped after time-outs"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(redis.exceptions.ConnectionError("Connection closed by server."))
@@ -173,13 +188,20 @@ class MultiplexedRedis:
                 protocol = self._protocol = await self._connect()
         return protocol
 
+    @property
+    def connection(self) -> object | None:
+        """The connection in use, as an opaque token (None when there is none):
+        a different token means it was dropped and made again since."""
+        protocol = self._protocol
+        return protocol if protocol is not None and protocol.lost is None else None
+
     async def _roundtrip(self, protocol: _Protocol, args: tuple[Any, ...]) -> Any:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[Any] = loop.create_future()
         protocol.send(hiredis.pack_command(args), waiter)
         # One timer per command (cheaper than asyncio.timeout's context manager);
         # a reply arriving after it fired finds the waiter done and is dropped.
-        timer = loop.call_later(self._timeout, _expire, waiter)
+        timer = loop.call_later(self._timeout, protocol.expire, waiter)
         try:
             reply = await waiter
         finally:
@@ -202,7 +224,7 @@ class MultiplexedRedis:
             waiter: asyncio.Future[Any] = loop.create_future()
             protocol.send(hiredis.pack_command(args), waiter)
             waiters.append(waiter)
-        timer = loop.call_later(self._timeout, _expire_all, waiters)
+        timer = loop.call_later(self._timeout, protocol.expire, *waiters)
         try:
             replies = [await waiter for waiter in waiters]
         except BaseException:

@@ -8,18 +8,60 @@ from aiohttp import web
 
 from app import appkeys
 from app.models import json_response, query_int
+from app.scripts import Scripts
 
 
 async def healthz(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
+class Readiness:
+    """/readyz's answer, checked against Redis at most once per ``ttl`` seconds.
+
+    The probe is unauthenticated and exempt from the in-flight cap, so without
+    this every caller would cost Redis a SCRIPT EXISTS. A good answer is reused
+    while the hot-path connection that gave it stays up (a dropped connection
+    is news at once); a bad one is not, so recovery shows at once too, and it
+    costs Redis nothing. Concurrent probes share the one check in flight.
+    """
+
+    def __init__(self, ttl: float = 1.0) -> None:
+        self.ttl = ttl
+        self._good_at = float("-inf")  # loop time of the last good check
+        self._good_on: object | None = None
+        self._checking: asyncio.Task[None] | None = None
+
+    def _still_good(self, scripts: Scripts) -> bool:
+        connection = scripts.fast.connection if scripts.fast is not None else None
+        fresh = asyncio.get_running_loop().time() < self._good_at + self.ttl
+        return fresh and connection is self._good_on
+
+    async def check(self, scripts: Scripts) -> None:
+        """Return when ready; raise the Redis error that says why not."""
+        if self._still_good(scripts):
+            return
+        if self._checking is None:
+            self._checking = asyncio.ensure_future(self._check(scripts))
+            self._checking.add_done_callback(self._checked)
+        # A probe that hangs up must not cancel the check the others wait for.
+        await asyncio.shield(self._checking)
+
+    async def _check(self, scripts: Scripts) -> None:
+        if not await scripts.loaded():
+            # Redis restarted without its script cache (or was flushed): load again.
+            await scripts.load()
+        self._good_on = scripts.fast.connection if scripts.fast is not None else None
+        self._good_at = asyncio.get_running_loop().time()
+
+    def _checked(self, task: asyncio.Task[None]) -> None:
+        self._checking = None
+        if not task.cancelled():
+            task.exception()  # retrieved, even when every probe waiting on it hung up
+
+
 async def readyz(request: web.Request) -> web.Response:
-    """Ready means Redis answers and every script is loaded there."""
-    scripts = request.app[appkeys.SCRIPTS]
-    if not await scripts.loaded():
-        # Redis restarted without its script cache (or was flushed): load again.
-        await scripts.load()
+    """Ready means Redis answers on the hot-path connection and every script is loaded."""
+    await request.app[appkeys.READINESS].check(request.app[appkeys.SCRIPTS])
     return json_response({"status": "ready"})
 
 

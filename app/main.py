@@ -18,6 +18,7 @@ from app.admin.metrics import get_metrics
 from app.auth import TokenCache
 from app.events.hub import close_event_sockets, events_ctx
 from app.fastredis import MultiplexedRedis
+from app.health import Readiness
 from app.middlewares import (
     InflightGauge,
     error_middleware,
@@ -74,6 +75,7 @@ def build_app(settings: Settings) -> web.Application:
     app[appkeys.SETTINGS] = settings
     app[appkeys.TOKEN_CACHE] = TokenCache()
     app[appkeys.INFLIGHT] = InflightGauge(settings.max_inflight)
+    app[appkeys.READINESS] = Readiness()
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(events_ctx)  # after redis_ctx: replays use its pool
     app.on_startup.append(instrument)  # runs after every cleanup_ctx: wraps its clients

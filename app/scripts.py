@@ -61,8 +61,11 @@ class Scripts:
             await script.registered_client.script_load(script.script)
 
     async def loaded(self) -> bool:
-        client = next(iter(self._scripts.values())).registered_client
         shas = [script.sha for script in self._scripts.values()]
+        if self._fast is not None:
+            # Over the connection the orders use: ready must mean they can run.
+            return all(await self._fast.execute("SCRIPT", "EXISTS", *shas))
+        client = next(iter(self._scripts.values())).registered_client
         return all(await client.script_exists(*shas))
 
     @property

@@ -4,13 +4,18 @@ order under concurrency, lost connections, timeouts, and the scripts' NOSCRIPT p
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient
 from redis import exceptions as rx
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from app import appkeys
 from app.fastredis import MultiplexedRedis
+from app.main import create_app
 from app.scripts import Scripts
+from tests.conftest import Shop
 from tests.servers import RedisServer
 
 
@@ -130,3 +135,212 @@ async def test_list_pages_are_the_same_through_both_clients(
                 redis, keys.PHONES, page, keys.phone, newest_first=newest_first, fast=fast
             )
             assert quick == slow
+
+
+# ---- recovery from time-outs (issue 13, item 2) ------------------------------------
+
+
+class SilentServer:
+    """A real socket that accepts connections, reads what comes and never answers."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.open = 0
+        self._changed = asyncio.Event()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self.open += 1
+        try:
+            while await reader.read(65536):
+                pass
+        except ConnectionError:
+            pass
+        finally:
+            self.open -= 1
+            self._changed.set()
+            writer.close()
+
+    async def until_open(self, count: int) -> None:
+        """Wait until exactly ``count`` connections are open (the others closed)."""
+        async with asyncio.timeout(10):
+            while True:
+                self._changed.clear()
+                if self.open == count:
+                    return
+                await self._changed.wait()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+async def test_a_server_that_never_answers_is_dropped_and_reconnected() -> None:
+    server = SilentServer()
+    port = await server.start()
+    client = MultiplexedRedis(host="127.0.0.1", port=port, timeout=0.2)
+    try:
+        outcomes = []
+        for _ in range(5):
+            with pytest.raises((rx.TimeoutError, rx.ConnectionError)) as failed:
+                await client.execute("PING")
+            outcomes.append(type(failed.value))
+            assert client._protocol is not None
+            # Never more than the one timed-out command owed on a connection.
+            assert len(client._protocol.waiters) <= 1
+        assert outcomes == [rx.TimeoutError] * 5
+        # The 2nd and 4th time-outs each found the 1st (3rd) still owed: the
+        # connection was dropped and the next command made a new one.
+        await server.until_open(1)
+        assert server.accepted == 3
+    finally:
+        await client.aclose()
+        await server.stop()
+
+
+async def test_concurrent_commands_on_a_silent_server_fail_together_then_reconnect() -> None:
+    server = SilentServer()
+    port = await server.start()
+    client = MultiplexedRedis(host="127.0.0.1", port=port, timeout=0.2)
+    try:
+        results = await asyncio.gather(
+            *(client.execute("PING") for _ in range(50)), return_exceptions=True
+        )
+        assert all(isinstance(r, (rx.TimeoutError, rx.ConnectionError)) for r in results)
+        assert client.connection is None  # dropped: nothing is queued on it any more
+        with pytest.raises(rx.TimeoutError):
+            await client.execute("PING")
+        await server.until_open(1)
+        assert server.accepted == 2
+    finally:
+        await client.aclose()
+        await server.stop()
+
+
+async def test_debug_sleep_times_out_boundedly_and_recovers_in_order(
+    fast: MultiplexedRedis, redis: Redis, redis_server: RedisServer
+) -> None:
+    fast._timeout = 0.2
+    assert await fast.execute("PING") == b"PONG"
+    clients_before = (await redis.info("clients"))["connected_clients"]
+    sleeper = asyncio.create_task(asyncio.to_thread(redis_server.cli, "DEBUG", "SLEEP", "3"))
+    # Redis is asleep once a command gets no answer in time.
+    async with asyncio.timeout(10):
+        while True:
+            try:
+                await fast.execute("PING")
+            except rx.TimeoutError:
+                break
+    most_owed = 0
+    failures = 1
+    for _ in range(5):
+        try:
+            await fast.execute("PING")
+        except (rx.TimeoutError, rx.ConnectionError):
+            failures += 1
+        if fast._protocol is not None:
+            most_owed = max(most_owed, len(fast._protocol.waiters))
+    await sleeper
+    assert failures >= 2
+    # Without the drop, every timed-out PING would still be queued on the one connection.
+    assert most_owed <= 1
+    # Awake again: every reply goes to its own command, on one connection.
+    echoes = await asyncio.gather(*(fast.execute("ECHO", str(i)) for i in range(200)))
+    assert echoes == [str(i).encode() for i in range(200)]
+
+    async def connected() -> int:
+        return (await redis.info("clients"))["connected_clients"]
+
+    count = await connected()
+    async with asyncio.timeout(10):
+        while count != clients_before:
+            await asyncio.sleep(0.01)
+            count = await connected()
+
+
+class FreezingRelay:
+    """A TCP relay to Redis whose connections can go silent: after ``freeze()``
+    the ones it relays stay open but nothing passes either way, as when a
+    network path dies without a reset. Connections made afterwards relay."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self._upstream_port = upstream_port
+        self._frozen: set[int] = set()
+        self._pairs: list[int] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return self._server.sockets[0].getsockname()[1]
+
+    def freeze(self) -> None:
+        self._frozen.update(self._pairs)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        pair = len(self._pairs)
+        self._pairs.append(pair)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._upstream_port)
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    if pair not in self._frozen:
+                        sink.write(data)
+            except ConnectionError:
+                pass
+            finally:
+                sink.close()
+
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(pump(source, sink))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in tuple(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def test_the_hot_path_recovers_from_a_silent_path_and_readyz_follows_it(
+    aiohttp_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    app_env: dict[str, str],
+    redis: Redis,
+    redis_server: RedisServer,
+) -> None:
+    relay = FreezingRelay(redis_server.port)
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{await relay.start()}/0")
+    monkeypatch.setenv("REDIS_TIMEOUT", "0.3")
+    try:
+        client: TestClient = await aiohttp_client(await create_app())
+        # Every probe checks Redis here: what is looked at is the check, not the cache.
+        client.app[appkeys.READINESS].ttl = 0
+        assert (await Shop(client).phone())["stock"] == 10
+        assert (await client.get("/phones")).status == 200
+        assert (await client.get("/readyz")).status == 200
+
+        relay.freeze()
+        seen: list[tuple[int, int]] = []
+        for _ in range(10):
+            ready = (await client.get("/readyz")).status
+            phones = (await client.get("/phones")).status
+            seen.append((ready, phones))
+            if (ready, phones) == (200, 200):
+                break
+        # Not ready while the orders' connection is stuck; ready only when it
+        # serves again; and it does, on a new connection, without any restart.
+        assert seen[0] == (503, 503), seen
+        assert all(phones == 200 for ready, phones in seen if ready == 200), seen
+        assert seen[-1] == (200, 200), seen
+    finally:
+        await relay.stop()

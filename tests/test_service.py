@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
 
 from app import appkeys
 from app.main import create_app
@@ -29,6 +31,44 @@ async def test_readyz_reloads_flushed_scripts(shop: Shop) -> None:
     assert not await scripts.loaded()
     assert (await shop.client.get("/readyz")).status == 200
     assert await scripts.loaded()
+
+
+async def script_exists_calls(redis: Redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_script|exists", {}).get("calls", 0))
+
+
+async def test_readyz_reuses_its_answer_instead_of_asking_redis_each_time(
+    shop: Shop, redis: Redis
+) -> None:
+    app = shop.client.app
+    readiness = app[appkeys.READINESS]
+    # No clock in this test: a good answer lives for an hour here, or not at all.
+    readiness.ttl = 3600
+    before = await script_exists_calls(redis)
+    probes = await asyncio.gather(*(shop.client.get("/readyz") for _ in range(100)))
+    for _ in range(100):
+        probes.append(await shop.client.get("/readyz"))
+    assert {probe.status for probe in probes} == {200}
+    assert await script_exists_calls(redis) - before == 1  # was 200: one per probe
+
+    # A dropped hot-path connection is news at once: the next probe checks again.
+    fast = app[appkeys.SCRIPTS].fast
+    assert fast is not None and fast.connection is not None
+    await redis.client_kill_filter(_type="normal", skipme=True)
+    deadline = time.monotonic() + 10
+    while fast.connection is not None:
+        assert time.monotonic() < deadline, "the app never saw its connection killed"
+        await asyncio.sleep(0.01)
+    assert (await shop.client.get("/readyz")).status == 200
+    assert (await shop.client.get("/readyz")).status == 200
+    assert await script_exists_calls(redis) - before == 2
+
+    # Without reuse, every probe is a SCRIPT EXISTS: the count above measures checks.
+    readiness.ttl = 0
+    for _ in range(20):
+        assert (await shop.client.get("/readyz")).status == 200
+    assert await script_exists_calls(redis) - before == 22
 
 
 async def test_request_id_is_passed_through_or_made(shop: Shop) -> None:
