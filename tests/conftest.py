@@ -18,7 +18,7 @@ from app.main import create_app
 from tests.servers import RedisServer, free_port
 
 # The whole stack (redis, gunicorn instances, nginx) as one fixture.
-pytest_plugins = ["tests.stack", "tests.mail_fixtures"]
+pytest_plugins = ["tests.stack", "tests.mail_fixtures", "tests.cluster"]
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 

@@ -1,0 +1,548 @@
+"""A local Redis Cluster (3 primaries + 3 replicas by default) for ``make run`` and the tests.
+
+    python -m ops.redis_cluster run      # foreground; Ctrl-C or SIGTERM stops every node
+    python -m ops.redis_cluster status   # one line per node with its role; exit 1 unless healthy
+
+The CLI reads REDIS_CLUSTER_BASE_PORT (default 7001; nodes on BASE..BASE+5),
+REDIS_CLUSTER_DIR (default var/redis-cluster), REDIS_CLUSTER_NODE_TIMEOUT_MS (default
+2000) and APPENDFSYNC (default always); ``status --nodes host:port,...`` asks an
+existing cluster instead (what REDIS_CLUSTER_NODES will name).
+
+Every node is ``redis-server --cluster-enabled yes`` with AOF and ``appendfsync
+always`` in its own folder ``<dir>/<port>/`` (nodes.conf, the AOF, redis.log). The
+first start creates the cluster with ``redis-cli --cluster create ... --cluster-replicas
+1``; a later start on the same folder lets the nodes rejoin from their nodes.conf, so
+the data survives a restart. A folder holding a half-made cluster is refused with
+what to do, never silently re-created.
+
+Stdlib and redis-py only; nothing in app/ imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+from redis.exceptions import RedisError
+
+SLOTS = 16384
+HOST = "127.0.0.1"
+DEFAULT_BASE_PORT = 7001
+DEFAULT_PRIMARIES = 3
+DEFAULT_REPLICAS = 1
+# Failure detection takes about this long, then the replica's election (docs: the
+# node timeout is the main part of the failover time). Redis's own default is
+# 15000; 2000 keeps a local failover to a few seconds without false alarms on a
+# busy 2-core box.
+DEFAULT_NODE_TIMEOUT_MS = 2000
+DEFAULT_DIR = Path("var/redis-cluster")
+POLL_INTERVAL = 0.05
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be started, or is not in the shape asked for."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """One line of CLUSTER NODES."""
+
+    node_id: str
+    host: str
+    port: int
+    role: str  # "primary" or "replica"
+    primary_id: str | None
+    flags: frozenset[str]
+    connected: bool
+    slots: tuple[tuple[int, int], ...]
+
+    @property
+    def failed(self) -> bool:
+        """Marked failing by the cluster (fail) or suspected by this view (fail?)."""
+        return bool(self.flags & {"fail", "fail?", "noaddr", "handshake"})
+
+    @property
+    def slot_count(self) -> int:
+        return sum(last - first + 1 for first, last in self.slots)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def parse_cluster_nodes(text: str) -> list[NodeInfo]:
+    """CLUSTER NODES: ``<id> <ip:port@bus[,hostname]> <flags> <primary> <ping> <pong>
+    <epoch> <link> <slot or range>...``; slots being migrated ("[...]") are skipped."""
+    nodes = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 8:
+            continue
+        address = parts[1].split("@", 1)[0]
+        host, _, port = address.rpartition(":")
+        flags = frozenset(parts[2].split(","))
+        slots = []
+        for spec in parts[8:]:
+            if spec.startswith("["):
+                continue
+            first, _, last = spec.partition("-")
+            slots.append((int(first), int(last or first)))
+        nodes.append(
+            NodeInfo(
+                node_id=parts[0],
+                host=host,
+                port=int(port) if port.isdigit() else 0,
+                role="primary" if "master" in flags else "replica",
+                primary_id=None if parts[3] == "-" else parts[3],
+                flags=flags,
+                connected=parts[7] == "connected",
+                slots=tuple(slots),
+            )
+        )
+    return nodes
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """The cluster as one node sees it."""
+
+    nodes: tuple[NodeInfo, ...]
+
+    def by_port(self, port: int) -> NodeInfo:
+        for node in self.nodes:
+            if node.port == port:
+                return node
+        raise KeyError(port)
+
+    def primaries(self) -> list[NodeInfo]:
+        """Primaries serving slots, not marked failing."""
+        return [n for n in self.nodes if n.role == "primary" and n.slots and not n.failed]
+
+    def replicas_of(self, primary: NodeInfo) -> list[NodeInfo]:
+        return [
+            n
+            for n in self.nodes
+            if n.role == "replica" and n.primary_id == primary.node_id and not n.failed
+        ]
+
+    def covered_slots(self) -> int:
+        return sum(node.slot_count for node in self.primaries())
+
+    def primary_for_slot(self, slot: int) -> NodeInfo:
+        for node in self.primaries():
+            if any(first <= slot <= last for first, last in node.slots):
+                return node
+        raise KeyError(slot)
+
+    def problems(self, primaries: int, replicas: int) -> list[str]:
+        """Why this is not ``primaries`` healthy primaries with ``replicas`` each and
+        every slot served; empty when it is."""
+        found = []
+        serving = self.primaries()
+        if len(serving) != primaries:
+            found.append(f"{len(serving)} primaries serve slots, expected {primaries}")
+        if (covered := self.covered_slots()) != SLOTS:
+            found.append(f"{covered} of {SLOTS} slots served")
+        for node in serving:
+            if len(self.replicas_of(node)) != replicas:
+                found.append(
+                    f"primary {node.address} has {len(self.replicas_of(node))} replicas,"
+                    f" expected {replicas}"
+                )
+        found += [
+            f"{n.address} is marked {','.join(sorted(n.flags))}" for n in self.nodes if n.failed
+        ]
+        return found
+
+
+def client(port: int, host: str = HOST, timeout: float = 2.0) -> redis.Redis:
+    """A plain (not cluster-aware) client of one node, one connection."""
+    return redis.Redis(
+        host=host,
+        port=port,
+        decode_responses=True,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        single_connection_client=True,
+    )
+
+
+def node_query(port: int, *command: str, host: str = HOST) -> str | dict | None:
+    """One command on one node; None when the node does not answer."""
+    try:
+        with client(port, host) as connection:
+            return connection.execute_command(*command)
+    except (RedisError, OSError):
+        return None
+
+
+def cluster_info(port: int, host: str = HOST) -> dict[str, str] | None:
+    reply = node_query(port, "CLUSTER", "INFO", host=host)
+    if not isinstance(reply, str):
+        return None
+    pairs = (line.split(":", 1) for line in reply.splitlines() if ":" in line)
+    return {name: value.strip() for name, value in pairs}
+
+
+def topology_from(port: int, host: str = HOST) -> Topology | None:
+    reply = node_query(port, "CLUSTER", "NODES", host=host)
+    return Topology(tuple(parse_cluster_nodes(reply))) if isinstance(reply, str) else None
+
+
+def poll(check: Callable[[], object], timeout: float, what: str) -> object:
+    """Call ``check`` until it returns something truthy; ClusterError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(POLL_INTERVAL)
+
+
+def die_with_parent() -> None:
+    """preexec_fn for the CLI: the kernel SIGTERMs a node whose runner died (even by SIGKILL)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class LocalCluster:
+    """redis-server processes on ``ports`` of 127.0.0.1, one folder each under ``directory``.
+
+    ``len(ports)`` must be a multiple of ``replicas + 1``: redis-cli makes the first
+    ``len(ports) // (replicas + 1)`` nodes primaries and gives each ``replicas`` replicas.
+    ``bus_ports`` set the cluster bus ports (tests pick free ones); None uses Redis's
+    default, port + 10000.
+    """
+
+    directory: Path
+    ports: list[int]
+    bus_ports: list[int] | None = None
+    replicas: int = DEFAULT_REPLICAS
+    node_timeout_ms: int = DEFAULT_NODE_TIMEOUT_MS
+    appendfsync: str = "always"
+    extra_args: tuple[str, ...] = ()
+    die_with_parent: bool = False
+    procs: dict[int, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.ports or len(self.ports) % (self.replicas + 1):
+            raise ClusterError(
+                f"{len(self.ports)} ports do not make primaries with {self.replicas} replicas each"
+            )
+        if self.bus_ports is not None and len(self.bus_ports) != len(self.ports):
+            raise ClusterError("one bus port per node")
+
+    @classmethod
+    def on_base_port(
+        cls,
+        directory: Path,
+        base_port: int,
+        primaries: int = DEFAULT_PRIMARIES,
+        replicas: int = DEFAULT_REPLICAS,
+        **options: object,
+    ) -> LocalCluster:
+        count = primaries * (replicas + 1)
+        return cls(directory, [base_port + i for i in range(count)], replicas=replicas, **options)  # type: ignore[arg-type]
+
+    @property
+    def primaries_expected(self) -> int:
+        return len(self.ports) // (self.replicas + 1)
+
+    @property
+    def startup_nodes(self) -> str:
+        """``host:port,...``: what REDIS_CLUSTER_NODES names."""
+        return ",".join(f"{HOST}:{port}" for port in self.ports)
+
+    # -- processes -------------------------------------------------------------------
+
+    def argv(self, port: int) -> list[str]:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise ClusterError("redis-server is not installed (make setup installs it)")
+        argv = [
+            binary,
+            "--port", str(port),
+            "--bind", HOST,
+            "--dir", str(self.node_dir(port)),
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", str(self.node_timeout_ms),
+            "--appendonly", "yes",
+            "--appendfsync", self.appendfsync,
+            "--save", "",
+            "--daemonize", "no",
+            "--logfile", "redis.log",
+        ]  # fmt: skip
+        if self.bus_ports is not None:
+            argv += ["--cluster-port", str(self.bus_ports[self.ports.index(port)])]
+        return argv + list(self.extra_args)
+
+    def node_dir(self, port: int) -> Path:
+        return self.directory.resolve() / str(port)
+
+    def start_node(self, port: int, timeout: float = 30.0) -> None:
+        """Start (or restart) one node and wait until it answers PING (AOF loaded)."""
+        if port in self.procs and self.procs[port].poll() is None:
+            raise ClusterError(f"node {port} is already running")
+        self.node_dir(port).mkdir(parents=True, exist_ok=True)
+        self.procs[port] = subprocess.Popen(
+            self.argv(port),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent if self.die_with_parent else None,
+        )
+        proc = self.procs[port]
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                log = self.node_dir(port) / "redis.log"
+                tail = log.read_text(errors="replace")[-600:] if log.exists() else ""
+                raise ClusterError(f"redis-server on {port} exited with {proc.returncode}: {tail}")
+            return node_query(port, "PING") is True
+
+        poll(answers, timeout, f"redis-server on {port} to answer PING")
+
+    def kill(self, port: int, sig: int = signal.SIGKILL) -> None:
+        """Signal one node and reap it (SIGKILL: the crash the fault tests need)."""
+        proc = self.procs.pop(port)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        proc.wait(30)
+
+    def stop(self) -> None:
+        """SIGTERM every node (Redis fsyncs and exits), SIGKILL what is left after 10 s."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+
+    def running(self) -> list[int]:
+        return [port for port, proc in self.procs.items() if proc.poll() is None]
+
+    # -- the cluster -----------------------------------------------------------------
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start every node, then create the cluster, or wait for it to re-form from
+        the nodes' saved configuration. Stops what it started if that fails."""
+        try:
+            for port in self.ports:
+                self.start_node(port)
+            infos = {port: cluster_info(port) or {} for port in self.ports}
+            known = {int(info.get("cluster_known_nodes", 0)) for info in infos.values()}
+            assigned = {int(info.get("cluster_slots_assigned", 0)) for info in infos.values()}
+            if known == {1} and assigned == {0}:
+                self.create(timeout)
+            elif known != {len(self.ports)}:
+                raise ClusterError(
+                    f"{self.directory} holds nodes of another or a half-made cluster"
+                    f" (nodes known: {sorted(known)}). Stop it, delete {self.directory}"
+                    " and start again (its data goes with it)."
+                )
+            self.wait_healthy(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def create(self, timeout: float) -> None:
+        redis_cli = shutil.which("redis-cli")
+        if redis_cli is None:
+            raise ClusterError("redis-cli is not installed (it comes with redis-server)")
+        argv = [redis_cli, "--cluster", "create"]
+        argv += [f"{HOST}:{port}" for port in self.ports]
+        argv += ["--cluster-replicas", str(self.replicas), "--cluster-yes"]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        (self.directory / "create.log").write_text(result.stdout + result.stderr)
+        if result.returncode != 0:
+            raise ClusterError(
+                f"redis-cli --cluster create failed: {result.stdout[-800:]}{result.stderr[-400:]}"
+            )
+
+    def topology(self) -> Topology:
+        """CLUSTER NODES as the first running node that answers sees it."""
+        for port in self.running():
+            found = topology_from(port)
+            if found is not None:
+                return found
+        raise ClusterError("no node answers")
+
+    def problems(self) -> list[str]:
+        """Why the cluster is not healthy right now; empty when it is: every running
+        node says cluster_state:ok and sees the full shape, every replica's link is up."""
+        found = []
+        for port in self.running():
+            info = cluster_info(port)
+            view = topology_from(port)
+            if info is None or view is None:
+                found.append(f"{port} does not answer")
+                continue
+            if info.get("cluster_state") != "ok":
+                found.append(f"{port}: cluster_state {info.get('cluster_state')}")
+            found += [
+                f"{port} sees: {p}" for p in view.problems(self.primaries_expected, self.replicas)
+            ]
+            me = next((n for n in view.nodes if "myself" in n.flags), None)
+            if me is not None and me.role == "replica":
+                replication = node_query(port, "INFO", "replication")
+                if (
+                    not isinstance(replication, dict)
+                    or replication.get("master_link_status") != "up"
+                ):
+                    found.append(f"{port}: replica link to its primary is not up")
+        return found
+
+    def wait_healthy(self, timeout: float = 60.0) -> None:
+        last: list[str] = []
+
+        def healthy() -> bool:
+            nonlocal last
+            last = self.problems()
+            return not last
+
+        try:
+            poll(healthy, timeout, "the cluster to be healthy")
+        except ClusterError as error:
+            raise ClusterError(f"{error}: {'; '.join(last)}") from None
+
+
+# -- the CLI -----------------------------------------------------------------------------
+
+
+def _env_int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isascii() or not raw.isdigit() or not low <= int(raw) <= high:
+        raise SystemExit(f"{name} must be an integer from {low} to {high}, got {raw!r}")
+    return int(raw)
+
+
+def from_env(env: Mapping[str, str]) -> LocalCluster:
+    count = DEFAULT_PRIMARIES * (DEFAULT_REPLICAS + 1)
+    # The bus port is port + 10000, so the base port leaves room for it.
+    base = _env_int(env, "REDIS_CLUSTER_BASE_PORT", DEFAULT_BASE_PORT, 1024, 55535 - count)
+    appendfsync = env.get("APPENDFSYNC", "").strip() or "always"
+    if appendfsync not in ("always", "everysec", "no"):
+        raise SystemExit(f"APPENDFSYNC must be always, everysec or no, got {appendfsync!r}")
+    return LocalCluster.on_base_port(
+        Path(env.get("REDIS_CLUSTER_DIR", "").strip() or DEFAULT_DIR),
+        base,
+        node_timeout_ms=_env_int(
+            env, "REDIS_CLUSTER_NODE_TIMEOUT_MS", DEFAULT_NODE_TIMEOUT_MS, 100, 600_000
+        ),
+        appendfsync=appendfsync,
+    )
+
+
+def describe(view: Topology) -> list[str]:
+    """One line per node, primaries first, each followed by its replicas."""
+    lines = []
+    ordered = sorted(view.nodes, key=lambda n: (n.role != "primary", n.port))
+    ports = {n.node_id: n.port for n in view.nodes}
+    for node in ordered:
+        state = (
+            "DOWN" if node.failed or (not node.connected and "myself" not in node.flags) else "OK  "
+        )
+        if node.role == "primary":
+            ranges = " ".join(f"{a}-{b}" if a != b else str(a) for a, b in node.slots)
+            detail = f"primary  slots={node.slot_count} {ranges}".rstrip()
+        else:
+            detail = f"replica  of {HOST}:{ports.get(node.primary_id or '', '?')}"
+        lines.append(f"{state}  {node.address:<16} {detail}  [{','.join(sorted(node.flags))}]")
+    return lines
+
+
+def status(seeds: list[tuple[str, int]]) -> int:
+    """Print every node the first answering seed knows; 0 when the cluster is ok."""
+    for host, port in seeds:
+        view = topology_from(port, host)
+        info = cluster_info(port, host)
+        if view is None or info is None:
+            print(f"DOWN  {host}:{port:<10} not answering")
+            continue
+        for line in describe(view):
+            print(line)
+        state = info.get("cluster_state", "?")
+        print(
+            f"cluster_state={state} slots_ok={info.get('cluster_slots_ok')} known_nodes={info.get('cluster_known_nodes')}"
+        )
+        return 0 if state == "ok" and not any(n.failed for n in view.nodes) else 1
+    print("no node of the cluster answers")
+    return 1
+
+
+def run(cluster: LocalCluster) -> int:
+    """Start the cluster, print it, and keep it up until SIGINT or SIGTERM."""
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopping.set())
+    cluster.die_with_parent = True
+    cluster.directory.mkdir(parents=True, exist_ok=True)
+    print(
+        f"[redis-cluster] starting {len(cluster.ports)} nodes in {cluster.directory}/", flush=True
+    )
+    cluster.start()
+    for line in describe(cluster.topology()):
+        print(f"[redis-cluster] {line}", flush=True)
+    print(f"[redis-cluster] ready: REDIS_CLUSTER_NODES={cluster.startup_nodes}", flush=True)
+    reported: set[int] = set()
+    try:
+        while not stopping.wait(1.0):
+            for port, proc in cluster.procs.items():
+                if proc.poll() is not None and port not in reported:
+                    reported.add(port)  # left down: watching the failover is the point
+                    print(f"[redis-cluster] node {port} exited with {proc.returncode}", flush=True)
+    finally:
+        print("[redis-cluster] stopping every node", flush=True)
+        cluster.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ops.redis_cluster", description=__doc__.split("\n\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="start the local cluster in the foreground")
+    status_parser = sub.add_parser("status", help="every node with its role; exit 1 unless ok")
+    status_parser.add_argument(
+        "--nodes", help="host:port,... of an existing cluster (default: the local one)"
+    )
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return run(from_env(os.environ))
+    if args.nodes:
+        seeds = []
+        for item in args.nodes.split(","):
+            host, _, port = item.strip().rpartition(":")
+            if not port.isdigit():
+                raise SystemExit(f"--nodes wants host:port,..., got {item!r}")
+            seeds.append((host or HOST, int(port)))
+    else:
+        seeds = [(HOST, port) for port in from_env(os.environ).ports]
+    return status(seeds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The local Redis Cluster runner (ops/redis_cluster.py) against real redis-server nodes:
+its shape, failover after kill -9 of a primary, and the CLI that make run will use."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from redis.cluster import ClusterNode, RedisCluster
+from redis.crc import key_slot
+
+from ops.redis_cluster import (
+    SLOTS,
+    LocalCluster,
+    Topology,
+    client,
+    cluster_info,
+    node_query,
+    poll,
+    topology_from,
+)
+from tests.servers import clean_env
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def key_on(view: Topology, port: int, prefix: str) -> str:
+    """A key whose slot the primary on ``port`` serves."""
+    for n in range(100_000):
+        key = f"{prefix}{n}"
+        if view.primary_for_slot(key_slot(key.encode())).port == port:
+            return key
+    raise AssertionError(f"no key found for {port}")
+
+
+def test_three_primaries_with_one_replica_each_serve_every_slot(
+    redis_cluster: LocalCluster,
+) -> None:
+    for port in redis_cluster.ports:
+        info = cluster_info(port)
+        assert info is not None and info["cluster_state"] == "ok", (port, info)
+        assert info["cluster_slots_ok"] == str(SLOTS)
+        assert info["cluster_known_nodes"] == "6"
+        # The ledger's promise starts with every node's own disk (AOF, fsync per write).
+        assert node_query(port, "CONFIG", "GET", "appendonly") == {"appendonly": "yes"}
+        assert node_query(port, "CONFIG", "GET", "appendfsync") == {"appendfsync": "always"}
+
+    view = redis_cluster.topology()
+    primaries = view.primaries()
+    assert len(primaries) == 3
+    assert sorted(p.slot_count for p in primaries) == [5461, 5461, 5462]
+    assert view.covered_slots() == SLOTS
+    replicas = [n for n in view.nodes if n.role == "replica"]
+    assert len(replicas) == 3
+    assert sorted(r.primary_id for r in replicas) == sorted(p.node_id for p in primaries)
+    assert view.problems(primaries=3, replicas=1) == []
+    # Every node agrees on who serves what.
+    for port in redis_cluster.ports:
+        other = topology_from(port)
+        assert other is not None
+        assert {(n.node_id, n.role, n.slots) for n in other.nodes} == {
+            (n.node_id, n.role, n.slots) for n in view.nodes
+        }
+
+
+def test_a_cluster_client_reaches_every_primary(redis_cluster: LocalCluster) -> None:
+    view = redis_cluster.topology()
+    nodes = [ClusterNode("127.0.0.1", port) for port in redis_cluster.ports]
+    with RedisCluster(startup_nodes=nodes, decode_responses=True) as routed:
+        for primary in view.primaries():
+            key = key_on(view, primary.port, "routed:")
+            routed.set(key, primary.address)
+            # Stored on the primary that serves its slot, and only read back there.
+            with client(primary.port) as direct:
+                assert direct.get(key) == primary.address
+            routed.delete(key)
+
+
+def test_kill_9_of_a_primary_hands_its_slots_to_its_replica(
+    own_redis_cluster: LocalCluster, record_property: pytest.RecordProperty
+) -> None:
+    cluster = own_redis_cluster
+    view = cluster.topology()
+    victim = view.primaries()[0]
+    (heir,) = view.replicas_of(victim)
+    witness = next(p for p in view.primaries() if p.node_id != victim.node_id)
+
+    # A write acknowledged the way the design promises: applied on the primary
+    # (AOF fsynced before the reply) and WAIT 1 on the same connection.
+    key = key_on(view, victim.port, "acked:")
+    with client(victim.port) as writer:
+        writer.set(key, "before the crash")
+        assert writer.execute_command("WAIT", 1, 5000) == 1
+
+    cluster.kill(victim.port)
+    killed_at = time.monotonic()
+
+    def heir_serves() -> bool:
+        seen = topology_from(witness.port)
+        info = cluster_info(witness.port)
+        if seen is None or info is None or info.get("cluster_state") != "ok":
+            return False
+        promoted = seen.by_port(heir.port)
+        return promoted.role == "primary" and promoted.slots == victim.slots
+
+    poll(heir_serves, 60, f"{heir.address} to take over {victim.address}'s slots")
+    failover_seconds = time.monotonic() - killed_at
+    record_property("failover_seconds", round(failover_seconds, 2))
+    print(
+        f"\nfailover after kill -9: {failover_seconds:.2f} s (node timeout {cluster.node_timeout_ms} ms)"
+    )
+
+    with client(heir.port) as new_primary:
+        assert new_primary.get(key) == "before the crash"
+
+    # The old primary comes back as a replica of its heir; the shape is whole again.
+    cluster.start_node(victim.port)
+
+    def rejoined() -> bool:
+        seen = topology_from(witness.port)
+        if seen is None:
+            return False
+        back = seen.by_port(victim.port)
+        return back.role == "replica" and back.primary_id == heir.node_id
+
+    poll(rejoined, 60, f"{victim.address} to rejoin as a replica")
+    cluster.wait_healthy()
+    with client(victim.port) as replica:
+        assert replica.execute_command("READONLY")
+        assert replica.get(key) == "before the crash"
+
+
+def _bindable(port: int) -> bool:
+    """Free for a listener: redis-server sets SO_REUSEADDR, so TIME_WAIT does not count."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _refuses(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+        return False
+    return True
+
+
+def test_the_runner_cli_starts_the_cluster_and_ctrl_c_leaves_nothing_running(
+    tmp_path: Path,
+) -> None:
+    # The CLI takes a base port (its bus ports are +10000, as Redis's default):
+    # look below the ephemeral range, where the other fixtures' free ports live.
+    base = next(
+        b
+        for b in range(20_000 + os.getpid() % 5000, 30_000, 7)
+        if all(_bindable(p) and _bindable(p + 10_000) for p in range(b, b + 6))
+    )
+    data = tmp_path / "var" / "redis-cluster"
+    env = clean_env(REDIS_CLUSTER_BASE_PORT=str(base), REDIS_CLUSTER_DIR=str(data))
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "ops.redis_cluster", "run"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert runner.stdout is not None
+        lines = []
+        for line in runner.stdout:
+            lines.append(line)
+            if "ready:" in line:
+                break
+        assert any("ready:" in line for line in lines), "".join(lines)
+        status = subprocess.run(
+            [sys.executable, "-m", "ops.redis_cluster", "status"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert status.stdout.count(" primary ") == 3
+        assert status.stdout.count(" replica ") == 3
+        assert "cluster_state=ok" in status.stdout
+
+        runner.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        assert runner.wait(60) == 0
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
+        if runner.stdout is not None:
+            runner.stdout.close()
+    assert all(_refuses(port) for port in range(base, base + 6))
+    assert all((data / str(port) / "nodes.conf").exists() for port in range(base, base + 6))
+    assert all((data / str(port) / "appendonlydir").is_dir() for port in range(base, base + 6))
