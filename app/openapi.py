@@ -118,6 +118,10 @@ def build_spec(routes: list[Route]) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "PhoneShop", "version": "0.1.0"},
+        # Relative: resolved against wherever the document was fetched from, so
+        # generated clients and Swagger UI call the host (and port) that served
+        # it, behind any proxy or name.
+        "servers": [{"url": "/"}],
         "paths": paths,
         "components": {
             "schemas": {**components, "Problem": PROBLEM_SCHEMA},

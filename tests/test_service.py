@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import Any
+from urllib.parse import urljoin
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -181,6 +182,18 @@ async def test_openapi_covers_every_route_with_request_schemas(shop: Shop) -> No
             assert component["additionalProperties"] is False
     line = spec["components"]["schemas"]["OrderLine"]["properties"]["quantity"]
     assert (line["minimum"], line["maximum"]) == (1, 100)
+
+
+async def test_openapi_servers_is_one_relative_entry(shop: Shop) -> None:
+    """Issue 18 item 6: the base URL a client resolves from the document is the
+    origin that served it, whatever host and port that was."""
+    served_from = shop.client.make_url("/openapi.json")
+    spec = await (await shop.client.get("/openapi.json")).json()
+    assert spec["servers"] == [{"url": "/"}]
+    base = urljoin(str(served_from), spec["servers"][0]["url"])
+    assert base == str(shop.client.make_url("/"))
+    response = await shop.client.session.get(urljoin(base, "phones"))
+    assert response.status == 200
 
 
 async def test_request_id_is_not_trusted_without_a_proxy(
