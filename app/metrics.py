@@ -66,6 +66,20 @@ HTTP_IN_FLIGHT = Gauge(
     "and open event sockets excluded), summed over live workers",
     multiprocess_mode="livesum",
 )
+# The known values of each labelled counter. Every one is created (at 0) when
+# this module is imported, so its series exists before the first increment and
+# rate() and absence-based alerts work from a worker's start. A new shedding
+# reason or rejection code is added here, and only here.
+SHED_REASONS = ("overloaded", "service_unavailable")
+# The problem codes app/lua/place_order.lua refuses an order with (its header).
+ORDER_REJECT_REASONS = (
+    "out_of_stock",
+    "insufficient_funds",
+    "phone_not_found",
+    "customer_not_found",
+    "idempotency_key_reused",
+)
+
 HTTP_SHED = Counter(
     "phoneshop_http_shed_total",
     "Requests the app answered 503 itself: overloaded (past MAX_INFLIGHT) or "
@@ -80,8 +94,9 @@ ORDERS_COMPLETED = Counter(
 ORDERS_CANCELLED = Counter("phoneshop_orders_cancelled_total", "Open orders cancelled")
 ORDERS_REJECTED = Counter(
     "phoneshop_orders_rejected_total",
-    "Orders the place_order script refused, by problem code (out_of_stock, "
-    "insufficient_funds, phone_not_found, customer_not_found, idempotency_key_reused)",
+    "Orders the place_order script refused, by problem code ("
+    + ", ".join(ORDER_REJECT_REASONS)
+    + ")",
     ["reason"],
 )
 IDEMPOTENT_REPLAYS = Counter(
@@ -116,6 +131,11 @@ http_duration = Children(HTTP_DURATION)
 http_shed = Children(HTTP_SHED)
 orders_rejected = Children(ORDERS_REJECTED)
 redis_duration = Children(REDIS_DURATION)
+
+for _reason in SHED_REASONS:
+    http_shed(_reason)
+for _reason in ORDER_REJECT_REASONS:
+    orders_rejected(_reason)
 
 
 def multiprocess_dir() -> str | None:

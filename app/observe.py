@@ -37,7 +37,7 @@ access_log = logging.getLogger(ACCESS_LOGGER)
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Problem codes of the 503s the app answers itself (app/problems.py).
-SHED_CODES = frozenset({"overloaded", "service_unavailable"})
+SHED_CODES = frozenset(metrics.SHED_REASONS)
 # The client closed the connection before the answer (nginx's convention).
 CLIENT_CLOSED = 499
 

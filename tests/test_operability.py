@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from app import appkeys, keys
+from app import appkeys, keys, metrics
 from app.ids import new_id
 from app.logs import JsonFormatter, request_id_var
 from app.main import create_app
@@ -295,6 +296,49 @@ async def test_metrics_through_nginx_from_this_box(ops: Ops) -> None:
         spoofed = await scrape(http, ops.stack.http_url, **{"X-Forwarded-For": "203.0.113.9"})
     assert any(name == "phoneshop_http_requests_total" for name, _ in samples)
     assert any(name == "phoneshop_http_requests_total" for name, _ in spoofed)
+
+
+async def test_labelled_counters_exist_at_zero_from_the_start(tmp_path: Path) -> None:
+    """Issue 18 item 4: a fresh instance already exposes every known reason of
+    the labelled counters at 0, so rate() and alerts see the series before the
+    first increment; the first rejection then moves exactly its own series."""
+    with start_full_stack(tmp_path, instances=1, workers=2) as stack:
+        instance = stack.instances[0].url
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
+            fresh = await scrape(http, instance)
+            expected = [("phoneshop_http_shed_total", r) for r in metrics.SHED_REASONS] + [
+                ("phoneshop_orders_rejected_total", r) for r in metrics.ORDER_REJECT_REASONS
+            ]
+            for name, reason in expected:
+                key = (name, frozenset({("reason", reason)}))
+                assert fresh.get(key) == 0.0, (name, reason)
+
+            response = await http.post(
+                f"{instance}/customers",
+                json={"name": "A", "surname": "B", "email": "z@example.com", "balance_cents": 1},
+                headers=stack.admin_headers,
+            )
+            token = (await response.json())["token"]
+            refused = await http.post(
+                f"{instance}/orders",
+                json={"items": [{"phone_id": new_id(), "quantity": 1}]},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            assert refused.status == 404
+            after = await scrape(http, instance)
+    rejected = "phoneshop_orders_rejected_total"
+    assert delta(fresh, after, rejected, reason="phone_not_found") == 1
+    for name, reason in expected:
+        if reason != "phone_not_found":
+            assert (name, frozenset({("reason", reason)})) in after
+            assert delta(fresh, after, name, reason=reason) == 0
+
+
+def test_the_rejection_reasons_are_the_place_order_scripts_codes() -> None:
+    """The list the counter is initialised from is the script's documented answers."""
+    header = (ROOT / "app" / "lua" / "place_order.lua").read_text().split("\nlocal ", 1)[0]
+    codes = set(re.findall(r'code="([a-z_]+)"', header))
+    assert codes == set(metrics.ORDER_REJECT_REASONS)
 
 
 # ---- logs: one request id from nginx to the mail worker, no tokens --------------------
