@@ -18,6 +18,7 @@ from aiohttp import web
 
 from app import appkeys, keys
 from app.problems import ProblemError
+from app.seed import seed_service
 from app.settings import BEARER_TOKEN
 
 _BEARER = re.compile(rf"Bearer ({BEARER_TOKEN.pattern})", re.IGNORECASE)
@@ -94,11 +95,12 @@ def challenge(token_sent: bool) -> str:
     return f'{value}, error="invalid_token"' if token_sent else value
 
 
-def unauthorized(token_sent: bool) -> ProblemError:
-    if token_sent:
-        detail = "The bearer token is not valid. " + WHAT_TO_SEND
-    else:
-        detail = "No bearer token was sent. " + WHAT_TO_SEND
+def unauthorized(request: web.Request, token_sent: bool) -> ProblemError:
+    problem = "The bearer token is not valid." if token_sent else "No bearer token was sent."
+    detail = f"{problem} {WHAT_TO_SEND}."
+    if seed_service(request) is not None:
+        # A client written for the seed, which had no authentication at all.
+        detail += " The seed's API took no token; this shop's takes this one header."
     error = ProblemError("unauthorized", detail)
     error.headers["WWW-Authenticate"] = challenge(token_sent)
     return error
@@ -113,7 +115,7 @@ async def authenticate(request: web.Request) -> Principal:
     """The principal behind the request's bearer token, or 401."""
     token = bearer_token(request)
     if token is None:
-        raise unauthorized(token_sent=bearer_sent(request))
+        raise unauthorized(request, token_sent=bearer_sent(request))
     digest = token_sha256(token)
     admin_digest = _admin_digest(request.app[appkeys.SETTINGS].admin_token)
     if hmac.compare_digest(digest, admin_digest):
@@ -123,7 +125,7 @@ async def authenticate(request: web.Request) -> Principal:
     if customer_id is None:
         found = await request.app[appkeys.REDIS].get(keys.customer_token(digest))
         if found is None:
-            raise unauthorized(token_sent=True)
+            raise unauthorized(request, token_sent=True)
         customer_id = found.decode()
         cache.put(digest, customer_id)
     return Principal(customer_id=customer_id)

@@ -209,11 +209,15 @@ def iso_time(ms: str | int) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+# Decimals (the seed's amounts, app/seed.py) are written as JSON numbers: 49.99.
+_ENCODER = msgspec.json.Encoder(decimal_format="number")
+
+
 def json_response(
     data: Any, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
     return web.Response(
-        body=msgspec.json.encode(data),
+        body=_ENCODER.encode(data),
         status=status,
         content_type="application/json",
         headers=headers,

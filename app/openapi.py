@@ -10,6 +10,8 @@ from aiohttp import web
 
 from app import appkeys
 from app.models import IDEMPOTENCY_KEY_PATTERN, QUERY_SCHEMAS, json_response
+from app.orders.models import OrderEnvelope, OrderPage
+from app.phones.models import PhoneEnvelope, PhonePage
 from app.problems import PROBLEMS
 from app.routes import Route, route_table
 
@@ -86,9 +88,73 @@ def _operation(route: Route, schemas: dict[type, Any]) -> dict[str, Any]:
         }
     if route.auth != "anyone":
         operation["security"] = [{"bearer": []}]
+    notes = []
     if route.alias_of is not None:
-        operation["description"] = f"Alias of {route.alias_of}, kept for the seed's clients."
+        notes.append(f"Alias of {route.alias_of}, kept for the seed's clients.")
+    seed_note = _seed_note(route)
+    if seed_note is not None:
+        notes.append(seed_note)
+    if notes:
+        operation["description"] = "\n\n".join(notes)
     return operation
+
+
+def _structs(models: list[type]) -> list[type]:
+    """Every Struct type the models are made of, themselves included."""
+    found: dict[type, None] = {}
+
+    def walk(info: msgspec.inspect.Type) -> None:
+        if isinstance(info, msgspec.inspect.StructType):
+            if info.cls not in found:
+                found[info.cls] = None
+                for field in info.fields:
+                    walk(field.type)
+        elif isinstance(info, msgspec.inspect.UnionType):
+            for member in info.types:
+                walk(member)
+        elif isinstance(info, msgspec.inspect.Metadata):
+            walk(info.type)
+        elif isinstance(info, msgspec.inspect.CollectionType):
+            walk(info.item_type)
+
+    for info in msgspec.inspect.multi_type_info(models):
+        walk(info)
+    return list(found)
+
+
+def seed_services(path: str) -> list[str]:
+    """The seed ports nginx also serves this path on (nginx/render.py's seed
+    servers: /phones and /phones/... on the phones port; /orders, /orders/...
+    and /phones/check/... on the orders port; the probes on both)."""
+    services = []
+    probe = path in ("/healthz", "/readyz")  # every listener answers them
+    if probe or path == "/phones" or path.startswith("/phones/"):
+        services.append("SEED_PHONES_PORT (5555)")
+    if probe or path == "/orders" or path.startswith(("/orders/", "/phones/check/")):
+        services.append("SEED_ORDERS_PORT (7777)")
+    return services
+
+
+def _seed_note(route: Route) -> str | None:
+    ports = seed_services(route.path)
+    if not ports:
+        return None
+    note = f"Also served on the seed's {' and '.join(ports)}, where "
+    if route.answer in (PhoneEnvelope, PhonePage):
+        note += (
+            "each phone also carries the seed's field names: `imageurl` (= `image_url`) and "
+            "`price`, a currency amount (= `price_cents` / 100)."
+        )
+    elif route.answer in (OrderEnvelope, OrderPage):
+        note += "each order line also carries the seed's `price`, its unit price as an amount."
+    else:
+        note += "the answer is the same."
+    if route.auth != "anyone":
+        note += (
+            " The seed had no authentication; here send `Authorization: Bearer <token>` "
+            "(the 401 says so in WWW-Authenticate and its detail)."
+        )
+    return note
 
 
 def build_spec(routes: list[Route]) -> dict[str, Any]:
@@ -106,8 +172,9 @@ def build_spec(routes: list[Route]) -> dict[str, Any]:
     )
     schemas = dict(zip(models, refs, strict=True))
     # Rules a Struct checks in __post_init__ (one of two fields, at least one
-    # field) are added to its schema here, so the spec states them too.
-    for model in models:
+    # field) and fields it describes itself are added to its schema here, so
+    # the spec states them too: for every Struct, nested ones included.
+    for model in _structs(models):
         extra = dict(getattr(model, "__openapi_extra__", {}))
         properties = extra.pop("properties", {})
         components[model.__name__].update(extra)

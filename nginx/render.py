@@ -434,6 +434,12 @@ def _upstream_servers(config: NginxConfig, *, capped: bool) -> str:
     )
 
 
+def _seed_service_ports(config: NginxConfig) -> str:
+    """The $server_port -> seed service lines of the $seed_service map."""
+    ports = [(config.seed_phones_port, "phones"), (config.seed_orders_port, "orders")]
+    return "\n".join(f"        {port} {service};" for port, service in ports if port)
+
+
 def render(config: NginxConfig) -> str:
     values = {
         "WORKER_PROCESSES": config.worker_processes,
@@ -445,6 +451,7 @@ def render(config: NginxConfig) -> str:
         "UPSTREAM_SERVERS": _upstream_servers(config, capped=True),
         "WS_UPSTREAM_SERVERS": _upstream_servers(config, capped=False),
         "SERVERS": _servers(config),
+        "SEED_SERVICE_PORTS": _seed_service_ports(config),
         **config.extra,
     }
     text = TEMPLATE.read_text()

@@ -76,7 +76,7 @@ async def _authenticate_socket(request: web.Request) -> Principal:
     if hdrs.AUTHORIZATION not in request.headers:
         token = _protocol_token(request.headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL, ""))
         if token is None:
-            raise unauthorized(token_sent=False)
+            raise unauthorized(request, token_sent=False)
         # The very same check as every other route: it reads the header.
         request = request.clone(headers={**request.headers, "Authorization": f"Bearer {token}"})
     return await authenticate(request)

@@ -15,6 +15,7 @@ from app.models import IDEMPOTENCY_KEY_PATTERN, decode_body, json_response, page
 from app.orders import service
 from app.orders.models import OrderCreate, OrderEnvelope, OrderPage
 from app.problems import ProblemError
+from app.seed import order_for
 
 _IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 _STATUSES = {"open", "completed", "cancelled"}
@@ -58,7 +59,9 @@ async def place_order(request: web.Request) -> web.Response:
     headers = {"Location": f"/orders/{placed.order.id}"}
     if placed.replayed:
         headers["Idempotent-Replayed"] = "true"
-    return json_response(OrderEnvelope(order=placed.order), status=201, headers=headers)
+    return json_response(
+        OrderEnvelope(order=order_for(request, placed.order)), status=201, headers=headers
+    )
 
 
 async def list_orders(request: web.Request) -> web.Response:
@@ -81,13 +84,14 @@ async def list_orders(request: web.Request) -> web.Response:
         status=status,
         fast=scripts_of(request).fast,
     )
+    orders = [order_for(request, order) for order in orders]
     return json_response(OrderPage(orders=orders, **page.counts(total)))
 
 
 async def get_order(request: web.Request) -> web.Response:
     principal = await authenticate(request)
     order = await service.get_order(redis_of(request), principal, path_id(request))
-    return json_response(OrderEnvelope(order=order))
+    return json_response(OrderEnvelope(order=order_for(request, order)))
 
 
 async def _change_status(request: web.Request, change: service.StatusChange) -> web.Response:
@@ -95,7 +99,7 @@ async def _change_status(request: web.Request, change: service.StatusChange) -> 
     order = await change(
         redis_of(request), scripts_of(request), principal, path_id(request), request[REQUEST_ID]
     )
-    return json_response(OrderEnvelope(order=order))
+    return json_response(OrderEnvelope(order=order_for(request, order)))
 
 
 async def check_order(request: web.Request) -> web.Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from decimal import Decimal
 from typing import Annotated, ClassVar, Literal
 
 import msgspec
@@ -75,6 +76,19 @@ class OrderItem(msgspec.Struct, kw_only=True):
     quantity: int
     unit_price_cents: int
     line_total_cents: int
+    # Set only for requests that came in on a seed port (app/seed.py).
+    price: Decimal | msgspec.UnsetType = msgspec.UNSET
+
+    __openapi_extra__: ClassVar[dict] = {
+        "properties": {
+            "price": {
+                "type": "number",
+                "multipleOf": 0.01,
+                "description": "Only on the seed's ports (5555, 7777): the unit price as a "
+                "currency amount, unit_price_cents / 100",
+            }
+        }
+    }
 
 
 class Order(msgspec.Struct, kw_only=True):

@@ -115,6 +115,19 @@ class Restock(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     quantity: RestockUnits
 
 
+# The seed's names of our fields, as answered on the seed's ports (app/seed.py).
+SEED_IMAGEURL = {
+    "type": "string",
+    "description": "Only on the seed's ports (5555, 7777): image_url under the seed's name",
+}
+SEED_PRICE = {
+    "type": "number",
+    "multipleOf": 0.01,
+    "description": "Only on the seed's ports (5555, 7777): the price as a currency amount, "
+    "price_cents / 100",
+}
+
+
 class Phone(msgspec.Struct, kw_only=True):
     id: str
     name: str
@@ -123,6 +136,13 @@ class Phone(msgspec.Struct, kw_only=True):
     price_cents: int
     stock: int
     created_at: str
+    # Set only for requests that came in on a seed port.
+    imageurl: str | msgspec.UnsetType = msgspec.UNSET
+    price: Decimal | msgspec.UnsetType = msgspec.UNSET
+
+    __openapi_extra__: ClassVar[dict] = {
+        "properties": {"imageurl": SEED_IMAGEURL, "price": SEED_PRICE}
+    }
 
 
 class PhoneEnvelope(msgspec.Struct, kw_only=True):
