@@ -10,6 +10,7 @@ Environment (defaults in brackets, all documented in .env.example):
     WEB_INSTANCES [2], APP_BASE_PORT [8001]   the upstream instances (see nginx/instances.py)
     LIMIT_WRITE_RATE [20r/s], LIMIT_WRITE_BURST [40]    POST/PATCH/PUT/DELETE, per token or address
     LIMIT_READ_RATE [200r/s], LIMIT_READ_BURST [400]    everything else
+    LIMIT_ADDRESS_RATE, LIMIT_ADDRESS_BURST [twice the read ones]   per address, any token
     LIMIT_CONN [200]          open connections per client address
     UPSTREAM_MAX_FAILS [3], UPSTREAM_FAIL_TIMEOUT [5s]  passive health checks
     NGINX_WORKER_PROCESSES [auto]
@@ -88,6 +89,10 @@ class NginxConfig:
     limit_write_burst: int = 40
     limit_read_rate: str = "200r/s"
     limit_read_burst: int = 400
+    # Every request of one client address, whatever its token says; "" / None:
+    # twice a token's read budget (see address_rate, address_burst).
+    limit_address_rate: str = ""
+    limit_address_burst: int | None = None
     limit_conn: int = 200
     max_fails: int = 3
     fail_timeout: str = "5s"
@@ -113,6 +118,10 @@ class NginxConfig:
         workers = env.get("NGINX_WORKER_PROCESSES", "").strip() or "auto"
         if workers != "auto" and not (workers.isascii() and workers.isdigit() and int(workers) > 0):
             raise RenderError(f"NGINX_WORKER_PROCESSES must be auto or a count, got {workers!r}")
+
+        def set_(suffix: str) -> bool:
+            return bool(env.get(f"LIMIT_ADDRESS_{suffix}", "").strip())
+
         config = cls(
             upstreams=tuple(f"127.0.0.1:{port}" for port in instance_ports(env)),
             http_port=_int(env, "HTTP_PORT", 8080, 0, 65535),
@@ -122,6 +131,11 @@ class NginxConfig:
             limit_write_burst=_int(env, "LIMIT_WRITE_BURST", 40, 0, 1_000_000),
             limit_read_rate=_rate(env, "LIMIT_READ_RATE", "200r/s"),
             limit_read_burst=_int(env, "LIMIT_READ_BURST", 400, 0, 1_000_000),
+            # Unset: derived from the read limits (NginxConfig.address_rate/_burst).
+            limit_address_rate=_rate(env, "LIMIT_ADDRESS_RATE", "") if set_("RATE") else "",
+            limit_address_burst=(
+                _int(env, "LIMIT_ADDRESS_BURST", 0, 0, 2_000_000) if set_("BURST") else None
+            ),
             limit_conn=_int(env, "LIMIT_CONN", 200, 1, 1_000_000),
             max_fails=_int(env, "UPSTREAM_MAX_FAILS", 3, 0, 1000),
             fail_timeout=_duration(env, "UPSTREAM_FAIL_TIMEOUT", "5s"),
@@ -129,6 +143,23 @@ class NginxConfig:
             worker_processes=workers,
         )
         return dataclasses.replace(config, **overrides)
+
+    @property
+    def address_rate(self) -> str:
+        if self.limit_address_rate:
+            return self.limit_address_rate
+        match = RATE_RE.match(self.limit_read_rate)
+        if match is None:
+            raise RenderError(
+                f"limit_read_rate must look like 200r/s, got {self.limit_read_rate!r}"
+            )
+        return f"{2 * int(match.group(1))}r/{match.group(2) or 's'}"
+
+    @property
+    def address_burst(self) -> int:
+        if self.limit_address_burst is not None:
+            return self.limit_address_burst
+        return 2 * self.limit_read_burst
 
     @classmethod
     def compose(cls) -> NginxConfig:
@@ -293,6 +324,7 @@ def _limits(config: NginxConfig) -> list[str]:
     return [
         f"limit_req zone=writes burst={config.limit_write_burst} nodelay;",
         f"limit_req zone=reads burst={config.limit_read_burst} nodelay;",
+        f"limit_req zone=addresses burst={config.address_burst} nodelay;",
     ]
 
 
@@ -448,6 +480,7 @@ def render(config: NginxConfig) -> str:
         "ACCESS_LOG": config.access_log,
         "LIMIT_WRITE_RATE": config.limit_write_rate,
         "LIMIT_READ_RATE": config.limit_read_rate,
+        "LIMIT_ADDRESS_RATE": config.address_rate,
         "UPSTREAM_SERVERS": _upstream_servers(config, capped=True),
         "WS_UPSTREAM_SERVERS": _upstream_servers(config, capped=False),
         "SERVERS": _servers(config),

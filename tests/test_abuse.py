@@ -6,15 +6,27 @@ Through the session's real stack (nginx in front of two instances).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
+import math
+import secrets
+import time
 import urllib.error
 import urllib.request
 import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 
 import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from tests.stack import FullStack
+from nginx.render import NginxConfig
+from tests.servers import free_port
+from tests.stack import FullStack, NginxServer
 
 SLOW_CONNECTIONS = 300
 
@@ -135,3 +147,116 @@ async def test_tokens_are_stored_hashed_and_never_logged(full_stack: FullStack) 
             assert token not in text, path
             assert full_stack.admin_token not in text, path
     assert checked > 0
+
+
+# ---- rate limits against made-up tokens (issue 13, item 1) -------------------------
+
+
+@contextlib.contextmanager
+def own_nginx(stack: FullStack, directory: Path, env: dict[str, str]) -> Iterator[NginxServer]:
+    """A fresh nginx (empty limit zones) with the limits ``env`` gives, in front of
+    the stack's instances."""
+    config = dataclasses.replace(
+        NginxConfig.from_env(env),
+        upstreams=stack.nginx.config.upstreams,
+        http_port=free_port(),
+        seed_phones_port=0,
+        seed_orders_port=0,
+        worker_processes="1",
+        var_dir=str(directory / "var"),
+        access_log=str(directory / "access.log"),
+        error_log="stderr",
+    )
+    server = NginxServer(directory=directory, config=config)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def fire(
+    requests: list[tuple[str, str, dict[str, str]]], concurrency: int = 64
+) -> tuple[Counter[int], float]:
+    """Send (method, url, headers) as fast as ``concurrency`` connections allow
+    (below nginx's 200 per address); the statuses and the seconds it took."""
+    statuses: Counter[int] = Counter()
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one(method: str, url: str, headers: dict[str, str]) -> None:
+            body = {} if method == "POST" else None
+            async with session.request(method, url, json=body, headers=headers) as response:
+                await response.read()
+                statuses[response.status] += 1
+
+        started = time.monotonic()
+        await asyncio.gather(*(one(*request) for request in requests))
+        return statuses, time.monotonic() - started
+
+
+def most_passed(burst: int, rate_per_s: int, elapsed: float) -> int:
+    """What nginx's limit_req lets through in ``elapsed`` seconds: 1 + burst at
+    once, then the rate."""
+    return 1 + burst + math.ceil(rate_per_s * elapsed)
+
+
+@pytest.mark.parametrize(
+    "made_up",
+    [
+        pytest.param(lambda i: f"x{i}", id="short"),
+        pytest.param(lambda i: secrets.token_urlsafe(32), id="shaped-like-a-customer-token"),
+    ],
+)
+async def test_made_up_tokens_from_one_address_are_rate_limited(
+    full_stack: FullStack, tmp_path: Path, made_up
+) -> None:
+    # A token's read budget of 10/s, burst 100: the address gets twice that by default.
+    env = {"LIMIT_READ_RATE": "10r/s", "LIMIT_READ_BURST": "100"}
+    with own_nginx(full_stack, tmp_path, env) as nginx:
+        assert (nginx.config.address_rate, nginx.config.address_burst) == ("20r/s", 200)
+        url = f"http://127.0.0.1:{nginx.config.http_port}/phones?page=1"
+        requests = [("GET", url, {"Authorization": f"Bearer {made_up(i)}"}) for i in range(2000)]
+        statuses, elapsed = await fire(requests)
+    print(
+        f"\n2000 public GETs, each with its own made-up token: {dict(statuses)} in {elapsed:.1f}s"
+    )
+    assert set(statuses) <= {200, 429}, statuses
+    # Before: every request had a bucket of its own, and all 2,000 were 200.
+    assert statuses[200] <= most_passed(200, 20, elapsed), statuses
+    assert statuses[429] >= 2000 - most_passed(200, 20, elapsed), statuses
+
+
+async def test_a_real_customer_keeps_the_documented_limits(
+    full_stack: FullStack, tmp_path: Path
+) -> None:
+    """README: per token, reads 200/s with a burst of 400, writes 20/s with a
+    burst of 40. The per-address limit (twice the reads) never cuts into them."""
+    _, token = new_customer(full_stack)
+    auth = {"Authorization": f"Bearer {token}"}
+    with own_nginx(full_stack, tmp_path, {}) as nginx:
+        config = nginx.config
+        assert (config.limit_read_rate, config.limit_read_burst) == ("200r/s", 400)
+        assert (config.limit_write_rate, config.limit_write_burst) == ("20r/s", 40)
+        base = f"http://127.0.0.1:{config.http_port}"
+        reads, read_time = await fire([("GET", f"{base}/phones?page=1", auth)] * 600)
+        # An empty order: the app refuses it (422), nothing is written.
+        writes, write_time = await fire([("POST", f"{base}/orders", auth)] * 80)
+    print(f"\na real customer: 600 reads {dict(reads)}, 80 writes {dict(writes)}")
+    assert set(reads) <= {200, 429} and set(writes) <= {422, 429}, (reads, writes)
+    assert 401 <= reads[200] <= most_passed(400, 200, read_time), reads
+    assert 41 <= writes[422] <= most_passed(40, 20, write_time), writes
+
+
+async def test_a_made_up_token_costs_no_redis_call(client: TestClient, redis: Redis) -> None:
+    async def gets() -> int:
+        stats = await redis.info("commandstats")
+        return int(stats.get("cmdstat_get", {}).get("calls", 0))
+
+    before = await gets()
+    for i in range(50):
+        headers = {"Authorization": f"Bearer made-up-token-{i:04d}"}
+        response = await client.get("/orders?page=1", headers=headers)
+        assert response.status == 401
+    assert await gets() == before  # was 50: one GET of customer_token:<sha256> each

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import secrets
 import shutil
 import subprocess
 from pathlib import Path
@@ -97,6 +98,14 @@ def test_environment_sets_ports_instances_and_limits() -> None:
     assert "limit_req zone=writes burst=7 nodelay;" in text
     assert "limit_req zone=reads burst=60 nodelay;" in text
     assert "limit_conn per_address 11;" in text
+    # The per-address limit follows the read limit (twice it) unless set itself.
+    assert "zone=addresses:10m rate=100r/s;" in text
+    assert "limit_req zone=addresses burst=120 nodelay;" in text
+    explicit = render(
+        NginxConfig.from_env({"LIMIT_ADDRESS_RATE": "30r/m", "LIMIT_ADDRESS_BURST": "9"})
+    )
+    assert "zone=addresses:10m rate=30r/m;" in explicit
+    assert "limit_req zone=addresses burst=9 nodelay;" in explicit
 
 
 @pytest.mark.parametrize(
@@ -108,6 +117,8 @@ def test_environment_sets_ports_instances_and_limits() -> None:
         {"HTTP_PORT": "5555"},  # collides with the seed phones port
         {"HTTP_PORT": "0", "SEED_PHONES_PORT": "0", "SEED_ORDERS_PORT": "0"},
         {"UPSTREAM_FAIL_TIMEOUT": "5s; evil"},
+        {"LIMIT_ADDRESS_RATE": "lots"},
+        {"LIMIT_ADDRESS_BURST": "-3"},
     ],
 )
 def test_bad_environment_is_refused(env: dict[str, str]) -> None:
@@ -137,6 +148,26 @@ def test_overflow_protection_and_retries() -> None:
     )
     assert "proxy_set_header X-Request-ID $req_id;" in text
     assert "proxy_set_header X-Forwarded-For $remote_addr;" in text
+
+
+def test_only_token_shaped_headers_get_a_bucket_of_their_own() -> None:
+    """Issue 13 item 1: a made-up string after Bearer used to buy a new bucket."""
+    text = render(NginxConfig.from_env({}))
+    block = re.search(r"map \$http_authorization \$limit_client \{(.*?)\}\n", text, re.DOTALL)
+    assert block is not None
+    (pattern,) = re.findall(r'"~\*(.+)"', block.group(1))
+    # nginx's PCRE, case-insensitive (~*); Python spells a named group (?P<...>).
+    shaped = re.compile(pattern.replace("(?<", "(?P<"), re.IGNORECASE)
+    customer = "Bearer " + secrets.token_urlsafe(32)
+    assert shaped.match(customer) and shaped.match("bearer stack-admin-token-0123456789abcdef")
+    assert shaped.match("Bearer " + "A" * 512 + "==")
+    for made_up in ("Bearer x1", "Bearer " + "a" * 15, "Bearer a b c d e f g h i j k", "Basic xyz"):
+        assert not shaped.match(made_up), made_up
+    # Every limited location also counts against the client's address, whatever its token.
+    limited = text.count("limit_req zone=reads ")
+    assert limited > 0
+    assert text.count("limit_req zone=addresses burst=800 nodelay;") == limited
+    assert "limit_req_zone $binary_remote_addr zone=addresses:10m rate=400r/s;" in text
 
 
 def test_access_log_is_json_and_never_has_the_authorization_header() -> None:
