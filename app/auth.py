@@ -126,7 +126,7 @@ async def authenticate(request: web.Request) -> Principal:
     if hmac.compare_digest(digest, admin_digest):
         return ADMIN
     if _CUSTOMER_TOKEN.fullmatch(token) is None:
-        raise unauthorized(token_sent=True)
+        raise unauthorized(request, token_sent=True)
     cache = request.app[appkeys.TOKEN_CACHE]
     customer_id = cache.get(digest)
     if customer_id is None:
