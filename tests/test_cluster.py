@@ -1,5 +1,6 @@
 """The local Redis Cluster runner (ops/redis_cluster.py) against real redis-server nodes:
-its shape, failover after kill -9 of a primary, and the CLI that make run will use."""
+its shape, failover after kill -9 of a primary, and the CLI that make run will use; then
+the redis-py and server behaviours that docs/data-tier.md builds on."""
 
 from __future__ import annotations
 
@@ -13,8 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis as AsyncRedis
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+from redis.asyncio.cluster import PipelineCommand
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import RedisClusterException, ResponseError
 
 from ops.redis_cluster import (
     SLOTS,
@@ -207,3 +213,145 @@ def test_the_runner_cli_starts_the_cluster_and_ctrl_c_leaves_nothing_running(
     assert all(_refuses(port) for port in range(base, base + 6))
     assert all((data / str(port) / "nodes.conf").exists() for port in range(base, base + 6))
     assert all((data / str(port) / "appendonlydir").is_dir() for port in range(base, base + 6))
+
+
+# -- the redis-py and server behaviours docs/data-tier.md relies on (sections 6-8) --------
+
+COUNT_SCRIPT = "return redis.call('HINCRBY', KEYS[1], 'n', 1)"
+XADD_SCRIPT = "return redis.call('XADD', KEYS[1], '*', 'type', 'test')"
+
+
+def _async_cluster(cluster: LocalCluster) -> AsyncRedisCluster:
+    return AsyncRedisCluster(
+        startup_nodes=[AsyncClusterNode("127.0.0.1", port) for port in cluster.ports[:3]]
+    )
+
+
+async def test_register_script_loads_on_every_primary_and_reloads_after_noscript(
+    redis_cluster: LocalCluster,
+) -> None:
+    routed = _async_cluster(redis_cluster)
+    try:
+        await routed.initialize()
+        script = routed.register_script(COUNT_SCRIPT)
+        key = "count:{script-reload}"
+        first = int(await script(keys=[key]))
+        # The first NOSCRIPT made the library SCRIPT LOAD on every primary.
+        for primary in routed.get_primaries():
+            assert await routed.execute_command(
+                "SCRIPT EXISTS", script.sha, target_nodes=primary
+            ) == [True]
+        # A primary without the script (as after a failover to a replica that never
+        # loaded it) answers NOSCRIPT; the caller only sees the script run.
+        owner = routed.get_node_from_key(key)
+        await routed.execute_command("SCRIPT FLUSH", target_nodes=owner)
+        assert int(await script(keys=[key])) == first + 1
+        await routed.delete(key)
+    finally:
+        await routed.aclose()
+
+
+async def test_evalsha_and_wait_on_one_connection_count_the_replica(
+    redis_cluster: LocalCluster,
+) -> None:
+    routed = _async_cluster(redis_cluster)
+    key = "count:{wait}"
+    try:
+        await routed.initialize()
+        script = routed.register_script(COUNT_SCRIPT)
+        await script(keys=[key])  # loads it everywhere
+        owner = routed.get_node_from_key(key)
+        (replica,) = redis_cluster.topology().replicas_of(
+            redis_cluster.topology().by_port(owner.port)
+        )
+
+        async def write_then_wait(timeout_ms: int) -> list[object]:
+            commands = [
+                PipelineCommand(0, "EVALSHA", script.sha, 1, key),
+                PipelineCommand(1, "WAIT", 1, timeout_ms),
+            ]
+            await owner.execute_pipeline(commands)
+            return [command.result for command in commands]
+
+        before = await write_then_wait(5000)
+        assert before[1] == 1  # the one replica has the write
+        # With the replica stopped, WAIT runs out and says 0; the write is on the primary.
+        redis_cluster.procs[replica.port].send_signal(signal.SIGSTOP)
+        try:
+            stalled = await write_then_wait(300)
+        finally:
+            redis_cluster.procs[replica.port].send_signal(signal.SIGCONT)
+        assert stalled[1] == 0
+        assert int(stalled[0]) == int(before[0]) + 1
+        assert int(await routed.hget(key, "n")) == int(stalled[0])
+        await routed.delete(key)
+    finally:
+        await routed.aclose()
+    redis_cluster.wait_healthy()
+
+
+async def test_keyspace_notifications_of_a_script_xadd_stay_on_its_node(
+    redis_cluster: LocalCluster,
+) -> None:
+    routed = _async_cluster(redis_cluster)
+    channel = "__keyevent@0__:xadd"
+    try:
+        await routed.initialize()
+        await routed.execute_command(
+            "CONFIG SET", "notify-keyspace-events", "Et", target_nodes=AsyncRedisCluster.ALL_NODES
+        )
+        script = routed.register_script(XADD_SCRIPT)
+        here = "e:{node-local-0}"
+        owner = routed.get_node_from_key(here)
+        elsewhere = next(
+            f"e:{{node-local-{i}}}"
+            for i in range(1, 1000)
+            if routed.get_node_from_key(f"e:{{node-local-{i}}}").name != owner.name
+        )
+        other = routed.get_node_from_key(elsewhere)
+        listener = AsyncRedis(host="127.0.0.1", port=owner.port)
+        pubsub = listener.pubsub()
+        await pubsub.subscribe(channel)
+        assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"
+        await script(keys=[here])
+        await script(keys=[elsewhere])
+        # PUBLISH is broadcast over the cluster bus, which keeps each link's order: once
+        # this marker from the other node arrives, anything that node sent before it has.
+        await routed.execute_command("PUBLISH", channel, "marker", target_nodes=other)
+        received = []
+        while not received or received[-1] != b"marker":
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+            assert message is not None, received
+            received.append(message["data"])
+        assert received == [here.encode(), b"marker"]
+        await pubsub.aclose()
+        await listener.aclose()
+        await routed.delete(here, elsewhere)
+    finally:
+        await routed.execute_command(
+            "CONFIG SET", "notify-keyspace-events", "", target_nodes=AsyncRedisCluster.ALL_NODES
+        )
+        await routed.aclose()
+
+
+def test_a_script_over_two_slots_is_refused_even_on_one_node(redis_cluster: LocalCluster) -> None:
+    view = redis_cluster.topology()
+    primary = view.primaries()[0]
+    first = key_on(view, primary.port, "a:")
+    second = next(
+        key
+        for key in (f"b:{n}" for n in range(100_000))
+        if view.primary_for_slot(key_slot(key.encode())).port == primary.port
+        and key_slot(key.encode()) != key_slot(first.encode())
+    )
+    with (
+        client(primary.port) as direct,
+        pytest.raises(ResponseError, match="hash to the same slot"),
+    ):
+        direct.eval("return 1", 2, first, second)
+    nodes = [ClusterNode("127.0.0.1", port) for port in redis_cluster.ports]
+    with (
+        RedisCluster(startup_nodes=nodes) as routed,
+        pytest.raises(RedisClusterException, match="same key slot"),
+    ):
+        routed.eval("return 1", 2, first, second)
