@@ -92,6 +92,7 @@ run: setup
 	echo; \
 	echo "PhoneShop is starting. Ctrl-C stops everything."; \
 	echo "  API (nginx)     $$(url "$$http" /)   OpenAPI: $$(url "$$http" /openapi.json)"; \
+	echo "  API docs        $$(url "$$http" /docs)   live orders: $$(url "$$http" /live)"; \
 	echo "  seed phones     $$(url "$$phones" /phones)"; \
 	echo "  seed orders     $$(url "$$orders" /orders)"; \
 	echo "  app instances  $$instances  (direct, bypassing nginx)"; \

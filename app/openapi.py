@@ -184,7 +184,13 @@ def build_spec(routes: list[Route]) -> dict[str, Any]:
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, schemas)
     return {
         "openapi": "3.1.0",
-        "info": {"title": "PhoneShop", "version": "0.1.0"},
+        "info": {
+            "title": "PhoneShop",
+            "version": "0.1.0",
+            "description": "Phones, customers and orders; money in integer cents. "
+            "Browse this document at [/docs](/docs); watch your orders change state "
+            "live at [/live](/live) (over the WebSocket `GET /orders/events`).",
+        },
         # Relative: resolved against wherever the document was fetched from, so
         # generated clients and Swagger UI call the host (and port) that served
         # it, behind any proxy or name.

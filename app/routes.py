@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from app import health
+from app import health, pages
 from app.admin import handlers as admin
 from app.admin import mail as admin_mail
 from app.customers import handlers as customers
@@ -245,7 +245,7 @@ BENCH_ROUTES: list[Route] = [
 
 
 # Served, but left out of /openapi.json: OpenAPI cannot describe a WebSocket
-# upgrade, and /live is an HTML page. See app/events/__init__.py for the protocol.
+# upgrade, and /live and /docs are HTML pages. See app/events/__init__.py for the protocol.
 SPECLESS_ROUTES: list[Route] = [
     Route(
         "GET",
@@ -256,7 +256,15 @@ SPECLESS_ROUTES: list[Route] = [
         status=101,
         query=("last_id",),
     ),
-    Route("GET", "/live", events.live_page, "A page showing your orders change state live"),
+    Route("GET", "/live", pages.live_page, "A page showing your orders change state live"),
+    Route("GET", "/docs", pages.docs_page, "API docs: Swagger UI over /openapi.json"),
+    Route(
+        "GET",
+        "/docs/{id}",
+        pages.docs_asset,
+        "Swagger UI's files, from the swagger-ui-bundle-v2 package",
+        id_pattern=pages.DOCS_ASSET_PATTERN,
+    ),
 ]
 
 

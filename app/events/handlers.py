@@ -1,15 +1,11 @@
-"""``GET /orders/events`` (the WebSocket) and ``GET /live`` (the page using it)."""
+"""``GET /orders/events``: the WebSocket of live order events (the page using it,
+``GET /live``, is in app/pages.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import hashlib
-import re
 from collections.abc import Iterator
-from functools import cache
-from importlib import resources
 
 from aiohttp import hdrs, web
 
@@ -115,39 +111,3 @@ def _not_in_flight(request: web.Request) -> Iterator[None]:
         yield
     finally:
         gauge.current += 1
-
-
-# ---- GET /live ----------------------------------------------------------------------
-
-_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
-
-
-@cache
-def _live_page() -> tuple[bytes, str]:
-    """The page and its Content-Security-Policy: its one inline script is allowed
-    by hash, nothing else runs, and it may connect only to this origin."""
-    html = resources.files("app").joinpath("static", "live.html").read_text()
-    hashes = " ".join(
-        "'sha256-" + base64.b64encode(hashlib.sha256(s.encode()).digest()).decode() + "'"
-        for s in _SCRIPT.findall(html)
-    )
-    policy = (
-        f"default-src 'none'; script-src {hashes}; style-src 'unsafe-inline'; "
-        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-    )
-    return html.encode(), policy
-
-
-async def live_page(request: web.Request) -> web.Response:
-    body, policy = _live_page()
-    return web.Response(
-        body=body,
-        content_type="text/html",
-        charset="utf-8",
-        headers={
-            "Content-Security-Policy": policy,
-            "X-Content-Type-Options": "nosniff",
-            "Referrer-Policy": "no-referrer",
-            "Cache-Control": "no-cache",
-        },
-    )
