@@ -379,6 +379,50 @@ async def test_slow_consumer_is_closed_while_another_client_keeps_receiving(
     await healthy.close()
 
 
+async def test_a_resume_from_far_back_reads_a_bounded_part_of_the_stream(
+    shop: Shop, redis: Redis
+) -> None:
+    """?last_id=0-1 on a long stream used to page through all of it, discarding
+    other customers' events. One replay now reads replay_max_entries at most,
+    says so with a resync, then goes live without a gap."""
+    hub = shop.client.app[appkeys.EVENT_HUB]
+    hub.config = dataclasses.replace(hub.config, replay_page=100, replay_max_entries=1000)
+    phone = await shop.phone()
+    customer, auth = await shop.customer()
+    early = await place(shop, auth, phone["id"])  # the 2 first entries of the stream
+    async with redis.pipeline(transaction=False) as pipe:
+        for _ in range(5000):
+            pipe.xadd(keys.EVENTS, FLOOD_EVENT)  # someone else's
+        await pipe.execute()
+
+    async def xrange_calls() -> int:
+        stats = await redis.info("commandstats")
+        return int(stats.get("cmdstat_xrange", {}).get("calls", 0))
+
+    before = await xrange_calls()
+    resumed = await listen(shop.client, "/orders/events?last_id=0-1", auth)
+    pages = await xrange_calls() - before
+    assert pages == 1000 // 100  # was 51: every page of the 5,002 entries
+    kinds = [m["type"] for m in resumed.messages]
+    assert kinds == ["order.placed", "order.completed", "resync", "live"], kinds
+    assert {e["order_id"] for e in resumed.events} == {early}
+    resync = resumed.messages[2]
+    assert resync["reason"] == "replay_limit"
+    thousandth = (await redis.xrange(keys.EVENTS, min="-", max="+", count=1000))[-1][0]
+    assert resync["last_id"] == thousandth.decode()  # where the replay stopped reading
+    assert "GET /orders" in resync["detail"]
+    live = resumed.messages[3]
+    assert live["replayed"] == 2
+    assert live["last_id"] == (await redis.xinfo_stream(keys.EVENTS))["last-generated-id"].decode()
+
+    later = await place(shop, auth, phone["id"])
+    await resumed.wait_order(later, "completed")
+    assert [e["id"] for e in resumed.events[2:]] == await stream_truth(
+        redis, live["last_id"], customer["id"]
+    )
+    await resumed.close()
+
+
 FLOOD_EVENT = {
     "type": "order.placed",
     "order_id": "F" * 22,

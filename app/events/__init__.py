@@ -7,9 +7,11 @@ Protocol (server -> client, JSON text frames; the client sends nothing):
     {"type": "order.placed"|"order.completed"|"order.cancelled", "id": "<stream id>",
      "order_id": ..., "customer_id": ..., "status": ..., "request_id": ..., "at": <ms>}
 
-* ``{"type": "resync", "reason": "trimmed"|"unknown_id", "last_id": ..., "first_id": ...,
-  "detail": ...}``: events after ``last_id`` may be gone (or the id is not from
-  this stream). Reload state with ``GET /orders``; what the stream still holds follows.
+* ``{"type": "resync", "reason": "trimmed"|"unknown_id"|"replay_limit", "last_id": ...,
+  "first_id": ..., "detail": ...}``: events after ``last_id`` may be gone (or the id is
+  not from this stream, or it is further back than one replay reads:
+  ``EventsConfig.replay_max_entries``). Reload state with ``GET /orders``; what
+  follows is what the stream still holds, or for ``replay_limit`` live events.
 * ``{"type": "live", "last_id": "<id>", "replayed": N}``: the replay is over, live
   events follow. ``last_id`` is where to resume if nothing else arrives.
 

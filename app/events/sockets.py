@@ -80,6 +80,11 @@ class EventsConfig:
     read_count: int = 500
     # XRANGE page size of a replay.
     replay_page: int = 500
+    # Stream entries one replay reads at most, whoever's they are (a customer's
+    # events are scattered among everyone's). A client further behind is sent
+    # a resync and continues live: reconnecting with an old last_id cannot
+    # make the server page through the whole stream.
+    replay_max_entries: int = 10_000
 
 
 class Outgoing:
@@ -215,6 +220,7 @@ class EventSocket:
         the page see the same stream."""
         assert self.cursor is not None
         sent = 0
+        scanned = 0
         first_page = True
         reported_loss: StreamId | None = None
         while True:
@@ -262,6 +268,21 @@ class EventSocket:
                     await self._write(event.payload)
                     sent += 1
             if len(entries) < self.config.replay_page:
+                return sent
+            scanned += len(entries)
+            if scanned >= self.config.replay_max_entries:
+                await self._write(
+                    resync_message(
+                        "replay_limit",
+                        self.cursor,
+                        state,
+                        f"more than {self.config.replay_max_entries} stream entries after "
+                        "last_id: reload state with GET /orders; events from now on follow",
+                    )
+                )
+                # Subscribed before this read: every event after the stream's
+                # end as of this page is in the live queue, so skip to there.
+                self.cursor = max(self.cursor, state.last_generated)
                 return sent
 
     async def _write(self, payload: bytes) -> None:
