@@ -2,11 +2,17 @@
 against a fresh stack, then the verifier.
 
 1. starts a fresh stack (loadtests/stack.py: redis, 2 app instances, nginx, the
-   mail worker and the dev SMTP sink) on free 127.0.0.1 ports, or HTTP_PORT;
-2. runs Locust headless with the step-ramp shape (loadtests/shapes.py) and the
-   options in locust.conf; Locust checks its thresholds when it quits;
-3. runs ``loadtests.verify`` against the same stack, mails included;
-4. stops the stack.
+   mail worker and the dev SMTP sink) on free 127.0.0.1 ports, or HTTP_PORT, and
+   pins it to the stack CPUs (loadtests/rig.py: STACK_CPUS / LOAD_CPUS);
+2. runs Locust headless on the load CPUs with the step-ramp shape, or with
+   ``--shape overflow`` the overflow shape (half load, ``--overload-factor`` x
+   ``--capacity-rps``, half load again; loadtests/shapes.py), and the options in
+   locust.conf; Locust checks its thresholds when it quits;
+3. compares, per phase, the rate Locust answered with the rate the phase asked
+   for (users x user rate): a phase more than 5% short is reported as
+   under-offered, its figures not the shop's;
+4. runs ``loadtests.verify`` against the same stack, mails included;
+5. stops the stack.
 
 Everything lands in ``loadtests/reports/loadtest/``: Locust's CSV files and
 HTML report, the ledger, verify.json and the stack's logs. Exits non-zero
@@ -25,8 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-from loadtests import verify
-from loadtests.stack import launch
+from loadtests import rig, verify
+from loadtests.stack import LoadStack, launch
 from nginx.instances import ROOT
 
 REPORTS = ROOT / "loadtests" / "reports"
@@ -63,14 +69,74 @@ def locust_command(
     return command + (extra or [])
 
 
-def run_locust(command: list[str], *, shape: str, admin_token: str, timeout: float) -> int:
+def run_locust(
+    command: list[str],
+    *,
+    shape: str,
+    admin_token: str,
+    timeout: float,
+    cpus: frozenset[int] | None = None,
+) -> int:
+    """Locust headless, on ``cpus`` (None: wherever the OS puts it)."""
     env = {**os.environ, "ADMIN_TOKEN": admin_token, "PHONESHOP_SHAPE": shape}
     env.pop("LOCUST_LOCUSTFILE", None)
     try:
-        return subprocess.run(command, cwd=ROOT, env=env, timeout=timeout, check=False).returncode
+        return subprocess.run(
+            command,
+            cwd=ROOT,
+            env=env,
+            timeout=timeout,
+            check=False,
+            preexec_fn=rig.pinned_to(cpus),
+        ).returncode
     except subprocess.TimeoutExpired:
         print(f"locust did not finish within {timeout:.0f}s", file=sys.stderr)
         return 124
+
+
+def pin_load_stack(stack: LoadStack, split: rig.CpuSplit) -> dict | None:
+    """Pin redis, the app instances, nginx and the mail processes to the stack CPUs."""
+    if not split.pinned:
+        return None
+    s = stack.stack
+    procs = [s.redis.proc, *(i.proc for i in s.instances), s.nginx.proc]
+    if stack.mail is not None:
+        procs += [stack.mail.sink, stack.mail.worker]
+    return rig.pin_stack([p.pid for p in procs if p is not None], split.stack)
+
+
+def offered_by_phase(ledger: dict, user_rate: float) -> list[dict]:
+    """Per phase of the shape: the rate asked for (users x user rate), the rate Locust
+    answered, and whether it kept within 5% of it (a closed-loop user that waits on a
+    slow answer falls behind, and then the phase did not apply its load)."""
+    rows = []
+    for plan in ledger.get("plan", []):
+        figures = ledger["timeline"]["phases"].get(plan["phase"])
+        planned = plan["users"] * user_rate
+        offered = figures["rps"] if figures else 0.0
+        rows.append(
+            {
+                "phase": plan["phase"],
+                "planned_rps": planned,
+                "offered_rps": offered,
+                "valid": offered >= rig.VALID_SHARE * planned,
+            }
+        )
+    return rows
+
+
+def user_rate_of(locust_args: list[str]) -> float:
+    """--user-rate from the extra Locust arguments, else locust.conf's value."""
+    for i, arg in enumerate(locust_args):
+        if arg.startswith("--user-rate="):
+            return float(arg.split("=", 1)[1])
+        if arg == "--user-rate" and i + 1 < len(locust_args):
+            return float(locust_args[i + 1])
+    for line in LOCUST_CONF.read_text().splitlines():
+        name, _, value = line.partition("=")
+        if name.strip() == "user-rate":
+            return float(value.strip())
+    return 2.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,13 +154,20 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True)
 
     started = time.monotonic()
+    split = rig.cpu_split()
     with launch(directory=out / "stack", mail=True) as stack:
+        pinning = pin_load_stack(stack, split)
         print(f"stack up: {stack.http_url} (folder {stack.directory})", flush=True)
+        print(f"rig: {split.describe()}; pinning read back: {pinning}", flush=True)
         command = locust_command(
             stack.http_url, out, setup_host=stack.direct_url, extra=args.locust_args
         )
         locust_status = run_locust(
-            command, shape=args.shape, admin_token=stack.admin_token, timeout=420
+            command,
+            shape=args.shape,
+            admin_token=stack.admin_token,
+            timeout=420,
+            cpus=split.load or None,
         )
         ledger_path = out / "ledger.json"
         if not ledger_path.exists():
@@ -111,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     (out / "verify.json").write_text(json.dumps(result, indent=2))
+    offered = offered_by_phase(ledger, user_rate_of(args.locust_args))
+    (out / "offered.json").write_text(json.dumps(offered, indent=2))
     summary = ledger["summary"]
     print()
     print(
@@ -122,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     for reason in summary["missed"]:
         print(f"locust: threshold missed: {reason}")
+    for row in offered:
+        verdict = "ok" if row["valid"] else "UNDER-OFFERED: not the shop's figures at this load"
+        print(
+            f"locust phase {row['phase']}: offered {row['offered_rps']:,.0f} of "
+            f"{row['planned_rps']:,.0f} req/s ({verdict})"
+        )
     print(verify.render(result))
     print(f"reports in {out} ({time.monotonic() - started:.0f}s)")
     return 0 if locust_status == 0 and result["ok"] else 1

@@ -1,0 +1,214 @@
+"""The bench's data: customers and phones made through the admin API, rows
+bulk-loaded straight into Redis (``redis-cli --pipe``, with the key names and
+hash fields of app/keys.py) and Redis memory per stored order."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import secrets
+import subprocess
+import time
+import urllib.request
+from typing import Any
+
+from redis import Redis as SyncRedis
+
+from app import keys
+from loadtests.stack import LoadStack
+
+
+def admin(base: str, token: str, method: str, path: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        base + path,
+        data=json.dumps(body).encode(),
+        method=method,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def provision(stack: LoadStack, phones: int, customers: int) -> tuple[list[str], list[dict]]:
+    base, token = stack.direct_url, stack.admin_token
+    phone_ids = [
+        admin(
+            base,
+            token,
+            "POST",
+            "/phones",
+            {"name": f"Bench phone {i}", "price_cents": 100, "stock": 10**9},
+        )["phone"]["id"]
+        for i in range(phones)
+    ]
+    people = []
+    for i in range(customers):
+        created = admin(
+            base,
+            token,
+            "POST",
+            "/customers",
+            {
+                "name": "Bench",
+                "surname": f"Customer {i}",
+                "email": f"bench-{i}@example.com",
+                "balance_cents": 10**12,
+            },
+        )
+        people.append({"id": created["customer"]["id"], "token": created["token"]})
+    return phone_ids, people
+
+
+def _resp(*parts: str) -> str:
+    return f"*{len(parts)}\r\n" + "".join(f"${len(p)}\r\n{p}\r\n" for p in parts)
+
+
+def _bulk_id(prefix: str, i: int) -> str:
+    return f"{prefix}{i:014d}"  # 8 + 14 = 22 characters of the id alphabet
+
+
+def bulk_load(
+    stack: LoadStack, *, phones: int, orders: int, customer_id: str, phone_id: str, start: int
+) -> float:
+    """Add phones ``start..phones`` and orders ``start..orders`` straight into Redis,
+    with the fields app/keys.py documents, through ``redis-cli --pipe``."""
+    began = time.monotonic()
+    now = str(int(time.time() * 1000))
+    proc = subprocess.Popen(
+        ["redis-cli", "-p", str(stack.redis_port), "--pipe"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdin is not None
+    chunk: list[str] = []
+    for i in range(start, phones):
+        pid = _bulk_id("bulkPhn_", i)
+        seq = str(10_000_000 + i)
+        chunk.append(
+            _resp(
+                "HSET",
+                keys.phone(pid),
+                "id",
+                pid,
+                "name",
+                f"Bulk phone {i}",
+                "description",
+                "A phone bulk-loaded by the bench",
+                "image_url",
+                f"/img/bulk-{i}.png",
+                "price_cents",
+                "19900",
+                "stock",
+                "100",
+                "added_units",
+                "100",
+                "seq",
+                seq,
+                "created_at",
+                now,
+            )
+        )
+        chunk.append(_resp("ZADD", keys.PHONES, seq, pid))
+        if len(chunk) >= 20_000:
+            proc.stdin.write("".join(chunk))
+            chunk.clear()
+    customer_orders = keys.customer_orders(customer_id)
+    customer_completed = keys.customer_orders_by_status(customer_id, "completed")
+    for i in range(start, orders):
+        oid = _bulk_id("bulkOrd_", i)
+        seq = str(10_000_000 + i)
+        chunk.append(
+            _resp(
+                "HSET",
+                keys.order(oid),
+                "id",
+                oid,
+                "customer_id",
+                customer_id,
+                "status",
+                "completed",
+                "items",
+                f"{phone_id}:1:100",
+                "total_cents",
+                "100",
+                "seq",
+                seq,
+                "created_at",
+                now,
+                "request_id",
+                secrets.token_hex(16),
+            )
+        )
+        for index in (
+            keys.ORDERS,
+            keys.orders_by_status("completed"),
+            customer_orders,
+            customer_completed,
+        ):
+            chunk.append(_resp("ZADD", index, seq, oid))
+        if len(chunk) >= 20_000:
+            proc.stdin.write("".join(chunk))
+            chunk.clear()
+    proc.stdin.write("".join(chunk))
+    proc.stdin.close()
+    output = proc.stdout.read() if proc.stdout else ""
+    proc.wait(timeout=300)
+    if "errors: 0" not in output:
+        raise RuntimeError(f"redis-cli --pipe: {output}")
+    return time.monotonic() - began
+
+
+def memory_per_order(stack: LoadStack, customer_id: str, sample_ids: list[str]) -> dict[str, Any]:
+    """MEMORY USAGE of order hashes (exact, SAMPLES 0), averaged, plus each index
+    zset's usage divided by its size."""
+    client = SyncRedis.from_url(stack.redis_url)
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            for oid in sample_ids:
+                pipe.memory_usage(keys.order(oid), samples=0)
+            hashes = [n for n in pipe.execute() if n]
+        indexes = {}
+        for index in (
+            keys.ORDERS,
+            keys.orders_by_status("completed"),
+            keys.customer_orders(customer_id),
+            keys.customer_orders_by_status(customer_id, "completed"),
+        ):
+            card = client.zcard(index)
+            usage = client.memory_usage(index, samples=0) or 0
+            indexes[index.replace(customer_id, "{customer}")] = usage / card if card else 0.0
+    finally:
+        client.close()
+    hash_avg = sum(hashes) / len(hashes) if hashes else 0.0
+    return {
+        "order_hash_bytes": hash_avg,
+        "index_share_bytes": indexes,
+        "bytes_per_order": hash_avg + sum(indexes.values()),
+        "sampled_orders": len(hashes),
+    }
+
+
+def sample_order_ids(stack: LoadStack, index: str, count: int) -> list[str]:
+    client = SyncRedis.from_url(stack.redis_url, decode_responses=True)
+    try:
+        return client.zrange(index, 0, count - 1)
+    finally:
+        client.close()
+
+
+def transient_per_order(stack: LoadStack) -> dict[str, float]:
+    """Keys an order adds for a while: its Idempotency-Key hash (24 h) and stream entries."""
+    client = SyncRedis.from_url(stack.redis_url)
+    try:
+        idem = list(itertools.islice(client.scan_iter(match="idem:*", count=1000), 200))
+        sizes = [client.memory_usage(k, samples=0) or 0 for k in idem]
+        events = client.xlen(keys.EVENTS)
+        stream = client.memory_usage(keys.EVENTS, samples=0) or 0
+    finally:
+        client.close()
+    return {
+        "idempotency_hash_bytes": sum(sizes) / len(sizes) if sizes else 0.0,
+        "event_entry_bytes": stream / events if events else 0.0,
+    }
