@@ -815,3 +815,115 @@ async def test_live_page_shows_an_order_open_then_completed(
             assert errors == []  # the CSP let the page's own script run, and nothing failed
         finally:
             await browser.close()
+
+
+@pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason="chromium: run `make setup`")
+async def test_live_page_loads_recent_orders_with_items_totals_and_keeps_the_token_for_the_tab(
+    full_stack: FullStack, http: aiohttp.ClientSession
+) -> None:
+    """Issue 18 item 5: orders placed before the page connected appear on
+    connect with their items and totals; later ones too; a reload reconnects
+    with the token kept in sessionStorage; another tab does not have it."""
+    from playwright.async_api import async_playwright, expect
+
+    phone_id, [(_, auth)] = await stack_shop(http, full_stack)  # "Live phone", 1.00
+    token = auth["Authorization"].removeprefix("Bearer ")
+    base = full_stack.http_url
+
+    async def order(quantity: int, autocheck: bool) -> str:
+        response = await http.post(
+            f"{base}/orders",
+            json={"items": [{"phone_id": phone_id, "quantity": quantity}], "autocheck": autocheck},
+            headers=auth,
+        )
+        assert response.status == 201, await response.text()
+        return (await response.json())["order"]["id"]
+
+    earlier_completed = await order(2, autocheck=True)
+    earlier_open = await order(3, autocheck=False)
+    wait = {"timeout": DEADLINE * 1000}
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            context = await browser.new_context()
+            page = await context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.on(
+                "console",
+                lambda message: errors.append(message.text) if message.type == "error" else None,
+            )
+            await page.goto(f"{base}/live")
+            await page.fill("#token", token)
+            await page.click("#connect")
+            await expect(page.locator("#state")).to_have_text("live", **wait)
+
+            def row(order_id: str, cell: str) -> Any:
+                return page.locator(f'tr[data-order-id="{order_id}"] td.{cell}')
+
+            async def expect_row(order_id: str, status: str, items: str, total: str) -> None:
+                await expect(row(order_id, "status")).to_have_text(status, **wait)
+                await expect(row(order_id, "items")).to_have_text(items, **wait)
+                await expect(row(order_id, "total")).to_have_text(total, **wait)
+
+            # On connect, before anything changed: the recent orders, newest first.
+            await expect_row(earlier_completed, "completed", "2 x Live phone @ 1.00", "2.00")
+            await expect_row(earlier_open, "open", "3 x Live phone @ 1.00", "3.00")
+            ids = await page.locator("#orders tr").evaluate_all(
+                "rows => rows.map(r => r.dataset.orderId)"
+            )
+            assert ids == [earlier_open, earlier_completed]
+
+            # Live: a check of an earlier order, then a new order with its items.
+            checked = await http.post(f"{base}/orders/{earlier_open}/check", headers=auth)
+            assert checked.status == 200
+            await expect(row(earlier_open, "status")).to_have_text("completed", **wait)
+            later = await order(1, autocheck=False)
+            await expect_row(later, "open", "1 x Live phone @ 1.00", "1.00")
+
+            # A reload keeps the token for this tab and reconnects by itself.
+            assert await page.evaluate("Object.values(sessionStorage)") == [token]
+            await page.reload()
+            await expect(page.locator("#state")).to_have_text("live", **wait)
+            assert await page.input_value("#token") == token
+            await expect_row(later, "open", "1 x Live phone @ 1.00", "1.00")
+            await expect_row(earlier_open, "completed", "3 x Live phone @ 1.00", "3.00")
+            await expect(page.locator("#orders tr")).to_have_count(3)
+
+            # Another tab starts without it.
+            other = await context.new_page()
+            await other.goto(f"{base}/live")
+            assert await other.input_value("#token") == ""
+            await expect(other.locator("#state")).to_have_text("disconnected")
+
+            # Forgetting it clears this tab too.
+            await page.click("#forget")
+            assert await page.evaluate("sessionStorage.length") == 0
+            await page.reload()
+            await expect(page.locator("#state")).to_have_text("disconnected")
+            await expect(page.locator("#orders tr")).to_have_count(0)
+            assert errors == []
+        finally:
+            await browser.close()
+
+
+@pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason="chromium: run `make setup`")
+async def test_live_page_drops_a_refused_token_from_the_tab(
+    full_stack: FullStack, http: aiohttp.ClientSession
+) -> None:
+    from playwright.async_api import async_playwright, expect
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page()
+            await page.goto(f"{full_stack.http_url}/live")
+            await page.fill("#token", "not-a-token")
+            await page.click("#connect")
+            await expect(page.locator("#state")).to_have_text(
+                "could not connect: check the token", timeout=DEADLINE * 1000
+            )
+            assert await page.evaluate("sessionStorage.length") == 0
+        finally:
+            await browser.close()
