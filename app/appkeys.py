@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from app.events.hub import EventHub
     from app.events.sockets import EventSocket
     from app.health import Readiness
-    from app.middlewares import InflightGauge
+    from app.overload import OverloadControl
     from app.scripts import Scripts
     from app.settings import Settings
 
@@ -21,7 +21,8 @@ SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 REDIS: web.AppKey[Redis] = web.AppKey("redis")
 SCRIPTS: web.AppKey[Scripts] = web.AppKey("scripts")
 TOKEN_CACHE: web.AppKey[TokenCache] = web.AppKey("token_cache")
-INFLIGHT: web.AppKey[InflightGauge] = web.AppKey("inflight")
+# This worker's overload control: its in-flight count and adaptive limit.
+INFLIGHT: web.AppKey[OverloadControl] = web.AppKey("inflight")
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 # The WebSocket fan-out (app/events): this worker's stream reader and its open sockets.
 EVENT_HUB: web.AppKey[EventHub] = web.AppKey("event_hub")

@@ -19,14 +19,10 @@ from app.auth import TokenCache
 from app.events.hub import close_event_sockets, events_ctx
 from app.fastredis import MultiplexedRedis
 from app.health import Readiness
-from app.middlewares import (
-    InflightGauge,
-    error_middleware,
-    inflight_cap_middleware,
-    request_id_middleware,
-)
-from app.observe import instrument, observe_middleware
+from app.middlewares import front_middleware
+from app.observe import instrument
 from app.openapi import openapi_json
+from app.overload import OverloadControl
 from app.routes import SPECLESS_ROUTES, add_routes, route_table
 from app.scripts import Scripts
 from app.settings import Settings
@@ -64,17 +60,12 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def build_app(settings: Settings) -> web.Application:
     app = web.Application(
-        middlewares=[
-            request_id_middleware,
-            observe_middleware,  # metrics and the access log: sees every answer
-            error_middleware,
-            inflight_cap_middleware,
-        ],
+        middlewares=[front_middleware],
         client_max_size=CLIENT_MAX_SIZE,
     )
     app[appkeys.SETTINGS] = settings
     app[appkeys.TOKEN_CACHE] = TokenCache()
-    app[appkeys.INFLIGHT] = InflightGauge(settings.max_inflight)
+    app[appkeys.INFLIGHT] = OverloadControl(settings)
     app[appkeys.READINESS] = Readiness()
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(events_ctx)  # after redis_ctx: replays use its pool

@@ -70,7 +70,7 @@ HTTP_IN_FLIGHT = Gauge(
 # this module is imported, so its series exists before the first increment and
 # rate() and absence-based alerts work from a worker's start. A new shedding
 # reason or rejection code is added here, and only here.
-SHED_REASONS = ("overloaded", "service_unavailable")
+SHED_REASONS = ("overloaded", "queued_too_long", "service_unavailable")
 # The problem codes app/lua/place_order.lua refuses an order with (its header).
 ORDER_REJECT_REASONS = (
     "out_of_stock",
@@ -82,10 +82,21 @@ ORDER_REJECT_REASONS = (
 
 HTTP_SHED = Counter(
     "phoneshop_http_shed_total",
-    "Requests the app answered 503 itself: overloaded (past MAX_INFLIGHT) or "
+    "Requests the app answered 503 itself: overloaded (past the adaptive in-flight "
+    "limit), queued_too_long (waited in front of the worker past the queue target) or "
     "service_unavailable (Redis unreachable, timing out or busy). nginx's own 429s "
     "and 503s are in nginx's access log, not here.",
     ["reason"],
+)
+OVERLOAD_LIMIT = Gauge(
+    "phoneshop_overload_limit",
+    "The adaptive in-flight limit (app/overload.py), summed over live workers",
+    multiprocess_mode="livesum",
+)
+REQUEST_QUEUE = Histogram(
+    "phoneshop_request_queue_seconds",
+    "Time from nginx's X-Request-Start stamp to the worker picking the request up",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
 ORDERS_PLACED = Counter("phoneshop_orders_placed_total", "Orders placed (replays not counted)")
 ORDERS_COMPLETED = Counter(

@@ -1,31 +1,49 @@
-"""The request-id, error and in-flight-cap middlewares.
+"""The app's one middleware: overload control, request id, errors, observation.
 
-Order (outermost first): request id, so every answer carries one; errors, so
-every failure below becomes problem+json; then the in-flight cap.
+It used to be four nested middlewares (request id, observe, errors, in-flight
+cap): four coroutine frames and a partial per request on the order hot path,
+and the in-flight cap last, so a request the worker was going to refuse got a
+request id, a timer and an access line first. Now, in this order:
+
+1. overload control (app/overload.py): probes pass; anything else is admitted
+   or refused with a 503 before any work is done on it;
+2. the request id: nginx's X-Request-ID (or a fresh one), handed back;
+3. the handler, with every domain error, HTTP error and outage mapped to
+   RFC 9457 problem+json;
+4. the metrics and the access line (app/observe.py), which see every answer.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
 import uuid
 
 import redis.exceptions
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from app import appkeys
+from app import appkeys, metrics
 from app.auth import bearer_sent, challenge
-from app.metrics import HTTP_IN_FLIGHT
-from app.problems import PROBLEMS, ProblemError, problem_response, retry_later
+from app.logs import request_id_var
+from app.observe import CLIENT_CLOSED, record, route_of
+from app.overload import PROBE_PATHS, priority_of, queue_delay
+from app.problems import (
+    PROBLEM_CODE,
+    PROBLEM_CONTENT_TYPE,
+    PROBLEMS,
+    ProblemError,
+    problem_body,
+    problem_response,
+    retry_later,
+)
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-
-# Liveness, readiness and the metrics must answer even when the worker is saturated.
-EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 _HTTP_CODES = {
     400: "malformed_json",
@@ -38,90 +56,115 @@ _HTTP_CODES = {
 }
 
 
-@web.middleware
-async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Take nginx's X-Request-ID (or make one) and hand it back to the client."""
-    given = request.headers.get("X-Request-ID", "")
-    trusted = request.app[appkeys.SETTINGS].behind_proxy and _REQUEST_ID.fullmatch(given)
-    request_id = given if trusted else uuid.uuid4().hex
-    request[REQUEST_ID] = request_id
-    response = await handler(request)
-    response.headers["X-Request-ID"] = request_id
+def _refusal_body(code: str) -> bytes:
+    status, title = PROBLEMS[code]
+    return problem_body(code, status, title, title, {})
+
+
+# Refusals are built from bytes made once: a refusal must cost microseconds.
+_REFUSALS = {code: _refusal_body(code) for code in ("overloaded", "queued_too_long")}
+
+
+def _refusal(code: str, retry_after: str, request_id: str) -> web.Response:
+    response = web.Response(
+        status=503,
+        body=_REFUSALS[code],
+        content_type=PROBLEM_CONTENT_TYPE,
+        headers={"Retry-After": retry_after, "X-Request-ID": request_id},
+    )
+    response[PROBLEM_CODE] = code
     return response
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Map every domain error, HTTP error and outage to RFC 9457 problem+json."""
-    try:
-        return await handler(request)
-    except ProblemError as error:
-        if error.status == 401:
-            error.headers.setdefault("WWW-Authenticate", challenge(bearer_sent(request)))
-        return problem_response(error)
-    except web.HTTPException as error:
-        if error.status < 400:
-            raise
-        code = _HTTP_CODES.get(error.status)
-        if code is None:
-            problem = ProblemError("internal_error", error.reason)
-            problem.status, problem.title, problem.code = error.status, error.reason, "http_error"
-        else:
-            problem = ProblemError(code, PROBLEMS[code][1])
-        if error.status == 405:
-            problem.headers["Allow"] = error.headers.get("Allow", "")
-        if error.status == 401:
-            problem.headers["WWW-Authenticate"] = challenge(bearer_sent(request))
-        return problem_response(problem)
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
-        log.warning("redis unavailable: %s", error.__class__.__name__)
-        if isinstance(error, redis.exceptions.ConnectionError):
-            # One dead connection means Redis went away: its idle siblings are
-            # dead too. Drop them now, so the first requests after Redis comes
-            # back reconnect instead of each failing on a stale socket.
-            await request.app[appkeys.REDIS].connection_pool.disconnect(inuse_connections=False)
-        return problem_response(
-            retry_later("service_unavailable", 1, "The data store is unavailable")
-        )
-    except redis.exceptions.ResponseError as error:
-        if "BUSY" in str(error) or "LOADING" in str(error) or "READONLY" in str(error):
-            return problem_response(retry_later("service_unavailable", 1, "The data store is busy"))
-        log.exception("redis error on %s %s", request.method, request.path)
-        return problem_response(ProblemError("internal_error"))
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return problem_response(ProblemError("internal_error"))
-
-
-class InflightGauge:
-    """Requests this worker is serving now, against its cap; every change also
-    moves the phoneshop_http_requests_in_flight gauge (app/metrics.py)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._current = 0
-
-    @property
-    def current(self) -> int:
-        return self._current
-
-    @current.setter
-    def current(self, value: int) -> None:
-        HTTP_IN_FLIGHT.inc(value - self._current)
-        self._current = value
+def _request_id(request: web.Request, behind_proxy: bool) -> str:
+    given = request.headers.get("X-Request-ID", "")
+    return given if behind_proxy and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
 @web.middleware
-async def inflight_cap_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Past MAX_INFLIGHT concurrent requests, answer 503 at once rather than
-    queueing work in the event loop until every request times out."""
-    if request.path in EXEMPT_PATHS:
-        return await handler(request)
-    gauge = request.app[appkeys.INFLIGHT]
-    if gauge.current >= gauge.limit:
-        raise retry_later("overloaded", 1)
-    gauge.current += 1
+async def front_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    app = request.app
+    behind_proxy = app[appkeys.SETTINGS].behind_proxy
+    control = None
+    route = ""
+    if request.path not in PROBE_PATHS:
+        control = app[appkeys.INFLIGHT]
+        route = route_of(request)
+        waited = 0.0
+        if behind_proxy:
+            waited = queue_delay(request.headers.get("X-Request-Start"), time.time())
+            if waited:
+                metrics.REQUEST_QUEUE.observe(waited)
+        refused = control.admit(priority_of(request.method, request.path, route), waited)
+        if refused is not None:
+            metrics.http_shed(refused).inc()
+            return _refusal(refused, control.retry_after, _request_id(request, behind_proxy))
+    request_id = request[REQUEST_ID] = _request_id(request, behind_proxy)
+    token = request_id_var.set(request_id)
+    started = time.perf_counter()
+    status = 500
+    response: web.StreamResponse | None = None
     try:
-        return await handler(request)
+        try:
+            response = await handler(request)
+        except ProblemError as error:
+            if error.status == 401:
+                error.headers.setdefault("WWW-Authenticate", challenge(bearer_sent(request)))
+            response = problem_response(error)
+        except web.HTTPException as error:
+            if error.status < 400:
+                raise
+            response = _http_problem(request, error)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+            response = await _redis_unavailable(request, error)
+        except redis.exceptions.ResponseError as error:
+            response = _redis_refused(request, error)
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            response = problem_response(ProblemError("internal_error"))
+        status = response.status
+        response.headers["X-Request-ID"] = request_id
+        return response
+    except web.HTTPException as error:  # a redirect, passed through
+        status = error.status
+        raise
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED
+        raise
     finally:
-        gauge.current -= 1
+        elapsed = time.perf_counter() - started
+        if control is not None:
+            control.done(route, elapsed)
+        record(request, response, status, elapsed)
+        request_id_var.reset(token)
+
+
+def _http_problem(request: web.Request, error: web.HTTPException) -> web.Response:
+    code = _HTTP_CODES.get(error.status)
+    if code is None:
+        problem = ProblemError("internal_error", error.reason)
+        problem.status, problem.title, problem.code = error.status, error.reason, "http_error"
+    else:
+        problem = ProblemError(code, PROBLEMS[code][1])
+    if error.status == 405:
+        problem.headers["Allow"] = error.headers.get("Allow", "")
+    if error.status == 401:
+        problem.headers["WWW-Authenticate"] = challenge(bearer_sent(request))
+    return problem_response(problem)
+
+
+async def _redis_unavailable(request: web.Request, error: Exception) -> web.Response:
+    log.warning("redis unavailable: %s", error.__class__.__name__)
+    if isinstance(error, redis.exceptions.ConnectionError):
+        # One dead connection means Redis went away: its idle siblings are
+        # dead too. Drop them now, so the first requests after Redis comes
+        # back reconnect instead of each failing on a stale socket.
+        await request.app[appkeys.REDIS].connection_pool.disconnect(inuse_connections=False)
+    return problem_response(retry_later("service_unavailable", 1, "The data store is unavailable"))
+
+
+def _redis_refused(request: web.Request, error: redis.exceptions.ResponseError) -> web.Response:
+    if "BUSY" in str(error) or "LOADING" in str(error) or "READONLY" in str(error):
+        return problem_response(retry_later("service_unavailable", 1, "The data store is busy"))
+    log.exception("redis error on %s %s", request.method, request.path)
+    return problem_response(ProblemError("internal_error"))

@@ -1,12 +1,13 @@
 """What the app tells its operators: metrics (app/metrics.py) and the JSON access log.
 
-* ``observe_middleware`` (second, right inside the request-id middleware, so
-  it sees every answer the error middleware made, 503s included): counts and
-  times each request by method, route template and status, counts the app's
-  own 503s by reason, and writes one JSON access line per request
-  (logger ``phoneshop.access``; gunicorn's access log is off). It also puts the
-  request id into :data:`app.logs.request_id_var`, so every log line written
-  while the request is handled carries it.
+* ``record`` (called by the one middleware, app/middlewares.py, after the
+  error mapping, so it sees every answer the app made, 503s included): counts
+  and times each request by method, route template and status, counts the
+  app's own 503s by reason, and writes one JSON access line per request
+  (logger ``phoneshop.access``; gunicorn's access log is off). The middleware
+  also puts the request id into :data:`app.logs.request_id_var`, so every log
+  line written while the request is handled carries it. Requests the overload
+  control refuses (app/overload.py) are only counted, never timed or logged.
 * ``instrument`` (an on_startup hook, after redis_ctx made the clients):
   wraps the Scripts holder in :class:`ObservedScripts`, which times every Lua
   script and counts order outcomes from the script's own answer, and times the
@@ -19,18 +20,15 @@ is written to the socket; nginx's ``request_time`` covers the whole exchange.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import time
 from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from app import appkeys, metrics
-from app.logs import ACCESS_LOGGER, request_id_var
-from app.middlewares import REQUEST_ID
+from app.logs import ACCESS_LOGGER
 from app.problems import PROBLEM_CODE, ProblemError
 
 access_log = logging.getLogger(ACCESS_LOGGER)
@@ -70,35 +68,21 @@ def is_loopback(address: str) -> bool:
     return ip.is_loopback
 
 
-@web.middleware
-async def observe_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    token = request_id_var.set(request[REQUEST_ID])
-    started = time.perf_counter()
-    status = 500
-    response: web.StreamResponse | None = None
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as error:  # a redirect, passed through by the error middleware
-        status = error.status
-        raise
-    except asyncio.CancelledError:
-        status = CLIENT_CLOSED
-        raise
-    finally:
-        elapsed = time.perf_counter() - started
-        method = request.method if request.method in _METHODS else "OTHER"
-        route = route_of(request)
-        status_label = str(status)
-        metrics.http_requests(method, route, status_label).inc()
-        metrics.http_duration(method, route, status_label).observe(elapsed)
-        problem = response.get(PROBLEM_CODE) if response is not None else None
-        if problem in SHED_CODES:
-            metrics.http_shed(problem).inc()
-        if access_log.isEnabledFor(logging.INFO):
-            _log_access(request, response, method, route, status, elapsed, problem)
-        request_id_var.reset(token)
+def record(
+    request: web.Request, response: web.StreamResponse | None, status: int, elapsed: float
+) -> None:
+    """Count, time and log one answered request (app/middlewares.py calls it
+    last, after the error mapping, so it sees every answer the app made)."""
+    method = request.method if request.method in _METHODS else "OTHER"
+    route = route_of(request)
+    status_label = str(status)
+    metrics.http_requests(method, route, status_label).inc()
+    metrics.http_duration(method, route, status_label).observe(elapsed)
+    problem = response.get(PROBLEM_CODE) if response is not None else None
+    if problem in SHED_CODES:
+        metrics.http_shed(problem).inc()
+    if access_log.isEnabledFor(logging.INFO):
+        _log_access(request, response, method, route, status, elapsed, problem)
 
 
 def _log_access(

@@ -63,8 +63,20 @@ class Settings:
     redis_timeout: float = 2.0
     redis_max_connections: int = 64
     admin_token: str = ""
-    # Concurrent requests one worker serves before answering 503 at once.
+    # Concurrent requests one worker ever serves: the ceiling of the adaptive limit.
     max_inflight: int = 256
+    # Overload control (app/overload.py), per worker. Off: a fixed cap at
+    # MAX_INFLIGHT and no queue-time refusals (the before of an A/B).
+    overload_adaptive: bool = True
+    overload_min_limit: int = 4
+    # The limit shrinks when the p90 latency of a window exceeds this many times
+    # the no-load latency; the queue-time target is the same multiple of it.
+    overload_latency_tolerance: float = 2.0
+    overload_window_ms: int = 100
+    # CoDel: the floor of the queue-time target, and how long waits must stay
+    # above it before requests are refused for waiting (a burst drains sooner).
+    overload_queue_target_min_ms: int = 5
+    overload_queue_interval_ms: int = 100
     idempotency_ttl_seconds: int = 24 * 3600
     # Serve GET /bench/hello, the bench's ceiling route; off in production.
     bench_routes: bool = False
@@ -100,6 +112,18 @@ class Settings:
             ),
             admin_token=admin_token,
             max_inflight=_int(env, "MAX_INFLIGHT", cls.max_inflight, 1, 100_000),
+            overload_adaptive=_bool(env, "OVERLOAD_ADAPTIVE", cls.overload_adaptive),
+            overload_min_limit=_int(env, "OVERLOAD_MIN_LIMIT", cls.overload_min_limit, 1, 100_000),
+            overload_latency_tolerance=_float(
+                env, "OVERLOAD_LATENCY_TOLERANCE", cls.overload_latency_tolerance, 1.1, 100.0
+            ),
+            overload_window_ms=_int(env, "OVERLOAD_WINDOW_MS", cls.overload_window_ms, 10, 60_000),
+            overload_queue_target_min_ms=_int(
+                env, "OVERLOAD_QUEUE_TARGET_MIN_MS", cls.overload_queue_target_min_ms, 1, 60_000
+            ),
+            overload_queue_interval_ms=_int(
+                env, "OVERLOAD_QUEUE_INTERVAL_MS", cls.overload_queue_interval_ms, 1, 60_000
+            ),
             idempotency_ttl_seconds=_int(
                 env, "IDEMPOTENCY_TTL_SECONDS", cls.idempotency_ttl_seconds, 1, 30 * 24 * 3600
             ),

@@ -104,7 +104,7 @@ async def test_inflight_cap_sheds_with_503(
     statuses = sorted(response.status for response in responses)
     assert statuses == [200] * 3 + [503] * 7
     shed = next(r for r in responses if r.status == 503)
-    assert shed.headers["Retry-After"] == "1"
+    assert int(shed.headers["Retry-After"]) >= 1
     assert (await shed.json(content_type="application/problem+json"))["code"] == "overloaded"
     # Health stays reachable while saturated; the cap frees up afterwards.
     assert (await client.get("/healthz")).status == 200
