@@ -216,6 +216,77 @@ async def test_resume_has_no_gap_and_no_duplicate(shop: Shop, redis: Redis) -> N
     await second.close()
 
 
+async def test_the_hub_reads_nothing_while_no_socket_listens_and_resumes_without_gap(
+    shop: Shop, redis: Redis
+) -> None:
+    """Issue 12: the hub used to XREAD and parse every event with no socket
+    connected. Now it idles; a socket joining wakes it, and a resume across the
+    idle time has no gap and no duplicate, even with orders racing the join."""
+    hub = shop.client.app[appkeys.EVENT_HUB]
+    # Short blocks: the reader notices sooner that the last socket left.
+    hub.config = dataclasses.replace(hub.config, read_block_ms=200)
+    phone = await shop.phone(stock=1000)
+    customer, auth = await shop.customer()
+    _, other_auth = await shop.customer()
+
+    async def xreads() -> int:
+        stats = await redis.info("commandstats")
+        return int(stats.get("cmdstat_xread", {}).get("calls", 0))
+
+    async def blocked_in_xread() -> bool:
+        # cmd is the connection's last command; flag b: blocked in it right now.
+        clients = await redis.client_list()
+        return any(c["cmd"] == "xread" and "b" in c["flags"] for c in clients)
+
+    # Never a socket since the worker started: not one read.
+    start = await xreads()
+    for _ in range(3):
+        await place(shop, auth, phone["id"])
+    assert await xreads() == start
+    assert hub.position is None and not await blocked_in_xread()
+
+    first = await listen(shop.client, "/orders/events", auth)
+    seen = await place(shop, auth, phone["id"])
+    await first.wait_order(seen, "completed")
+    last_id = first.last_id()
+    await first.close()
+    await first.wait_for(lambda: not hub.ready.is_set(), "the reader idles once nobody listens")
+
+    # Idle: orders come in, the reader reads none of them.
+    idle_from = await xreads()
+    missed = [await place(shop, auth, phone["id"]) for _ in range(3)]
+    await place(shop, other_auth, phone["id"])
+    assert await xreads() == idle_from
+    assert not await blocked_in_xread()
+
+    async def keep_ordering(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await place(shop, auth, phone["id"])
+
+    stop = asyncio.Event()
+    producer = asyncio.create_task(keep_ordering(stop))  # races the wake-up and the replay
+    try:
+        await asyncio.sleep(0)
+        resumed = await listen(shop.client, f"/orders/events?last_id={last_id}", auth)
+        fresh = await listen(shop.client, "/orders/events", auth)
+        await resumed.wait_for(lambda: len(resumed.events) >= 10, "replayed and live events")
+    finally:
+        stop.set()
+        await producer
+    fresh_from = fresh.messages[0]["last_id"]
+    sentinel = await place(shop, auth, phone["id"])
+    await resumed.wait_order(sentinel, "completed")
+    await fresh.wait_order(sentinel, "completed")
+
+    received = [e["id"] for e in resumed.events]
+    assert received == await stream_truth(redis, last_id, customer["id"])  # no gap, no duplicate
+    assert {e["order_id"] for e in resumed.events} >= set(missed)
+    assert [e["id"] for e in fresh.events] == await stream_truth(redis, fresh_from, customer["id"])
+    assert not set(missed) & {e["order_id"] for e in fresh.events}  # fresh starts live
+    await resumed.close()
+    await fresh.close()
+
+
 async def test_no_last_id_starts_live_and_last_id_zero_replays_everything(
     shop: Shop, redis: Redis
 ) -> None:

@@ -41,14 +41,14 @@ async def orders_events(request: web.Request) -> web.StreamResponse:
     sockets = request.app[appkeys.EVENT_SOCKETS]
     if len(sockets) >= config.max_sockets:
         raise retry_later("overloaded", 5, "This worker holds as many event sockets as it may")
+    socket = EventSocket(ws, request, principal, config)
     try:
         async with asyncio.timeout(request.app[appkeys.SETTINGS].redis_timeout):
-            await hub.ready.wait()
+            # Before the upgrade and before any replay read.
+            live_from = await hub.join(socket)
     except TimeoutError:
+        hub.unsubscribe(socket)
         raise retry_later("service_unavailable", 1, "The event stream is not readable") from None
-
-    socket = EventSocket(ws, request, principal, config)
-    live_from = hub.subscribe(socket)  # before the upgrade and before any replay read
     sockets.add(socket)
     try:
         await ws.prepare(request)

@@ -10,6 +10,12 @@ The reader keeps its own position (the last entry id it read) and reads on
 from it after a Redis outage, so a reconnect loses nothing; if the stream lost
 entries after that position meanwhile (trimmed), every socket is sent a
 ``resync`` message.
+
+While no socket is subscribed the reader idles: no XREAD, nothing parsed (a
+worker without sockets used to read every event for nobody). A socket joining
+wakes it; it starts again from the stream's end as of then, which is the
+position that socket is given, so nothing after it is missed (events before it
+come from the socket's own replay).
 """
 
 from __future__ import annotations
@@ -45,15 +51,28 @@ class EventHub:
         self._admins: set[EventSocket] = set()
         # The id of the last entry read; None until the first XINFO answered.
         self.position: StreamId | None = None
+        # Set while the reader reads for subscribers from a current position;
+        # clear while it idles or is waking up.
         self.ready = asyncio.Event()
+        # A socket wants to join: wake the idle reader.
+        self._wanted = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
     # ---- subscribers
+    async def join(self, socket: EventSocket) -> StreamId:
+        """Wake the reader if it idles, then subscribe ``socket`` (see subscribe)."""
+        while not self.ready.is_set():
+            self._wanted.set()
+            await self.ready.wait()
+        # No await since ready was seen set: the reader cannot have gone idle
+        # (and moved its position on) in between.
+        return self.subscribe(socket)
+
     def subscribe(self, socket: EventSocket) -> StreamId:
         """Queue every event read from now on for ``socket``; returns the reader's
         position: all those events are after it."""
-        assert self.position is not None, "subscribe only once ready"
+        assert self.position is not None and self.ready.is_set(), "subscribe only once ready"
         socket.on_close = self.unsubscribe
         if socket.principal.is_admin:
             self._admins.add(socket)
@@ -128,9 +147,14 @@ class EventHub:
         failures = 0
         while not self._stopping:
             try:
-                if self.position is None:
+                if not self.subscribers and not self._wanted.is_set():
+                    self.ready.clear()  # from here on a joining socket must wake us
+                    await self._wanted.wait()
+                if not self.ready.is_set():
+                    # Nobody listened until now: start from the stream's end.
                     self.position = (await self._state()).last_generated
                     self.ready.set()
+                    self._wanted.clear()
                 elif failures:
                     await self._check_after_outage()
                 failures = 0

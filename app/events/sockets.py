@@ -3,8 +3,8 @@ live events, and the one way it gets closed.
 
 Handover from replay to live, with no gap and no duplicate:
 
-1. the socket is subscribed to the hub (``EventHub.subscribe``) BEFORE anything
-   is read from Redis: from then on every event the worker's reader fans out
+1. the socket is subscribed to the hub (``EventHub.join``, which wakes an idle
+   reader first) BEFORE anything is read from Redis: from then on every event the worker's reader fans out
    lands in this socket's queue. The hub answers with its reader position R0;
    everything queued from now on is after R0;
 2. the replay reads the stream with XRANGE from the client's ``last_id``
