@@ -67,7 +67,9 @@ lint: setup
 #  2. loads .env (as honcho does: .env wins over the environment), derives
 #     REDIS_URL from REDIS_PORT when unset, prints every URL and where logs
 #     and data go;
-#  3. execs honcho on the Procfile. Ctrl-C or SIGTERM (make forwards it)
+#  3. execs honcho on the Procfile, with MAIL_WORKERS (default 2) mail worker
+#     processes sharing the mailer group (each its own {host}-{pid} name and the
+#     next free metrics port from MAIL_METRICS_PORT). Ctrl-C or SIGTERM (make forwards it)
 #     makes honcho SIGTERM every process group, then SIGKILL whatever is left
 #     after 5 s: nothing survives it.
 run: setup
@@ -110,10 +112,13 @@ run: setup
 	echo "  logs            every process below, prefixed by its name;"; \
 	echo "                  nginx JSON access log var/log/nginx-access.log,"; \
 	echo "                  app access log $$WEB_ACCESS_LOG; all JSON lines carrying request_id"; \
+	mail_workers="$${MAIL_WORKERS:-2}"; \
+	[[ "$$mail_workers" =~ ^[1-9][0-9]?$$ ]] || { echo "MAIL_WORKERS must be 1 to 99, got '$$mail_workers'" >&2; exit 2; }; \
+	echo "  mail workers    $$mail_workers (MAIL_WORKERS), each MAIL_CONCURRENCY SMTP sessions"; \
 	echo "  health          make status (in another terminal)"; \
 	echo "  data            redis AOF in var/redis/; rendered nginx config var/nginx/nginx.conf"; \
 	echo; \
-	exec $(VENV)/bin/honcho start -f Procfile $$procs
+	exec $(VENV)/bin/honcho start -f Procfile -c "mail=$$mail_workers" $$procs
 
 # make status: app/status.py reads .env and make run's defaults as above, checks
 # redis, every instance, nginx, the mail worker, its backlog and dead letters,

@@ -8,8 +8,8 @@ process, then exits 1 when any of them is DOWN, 0 otherwise::
     OK    app :8001      ready
     DOWN  app :8002      not answering: connection refused
     OK    nginx :8080    ready
-    OK    mail worker    1 alive: host-4242 (sent=3 retries=0 dead=0)
-    OK    mail backlog   pending=0 lag=0 retry=0
+    OK    mail worker    1 alive: host-4242 (sent=3 retries=0 dead=0 sessions=8)
+    OK    mail backlog   pending=2 lag=0 retry=0 oldest=0.3s
     WARN  dead letters   2 in mail:dead (GET /admin/mail/dead lists them)
     OK    smtp           127.0.0.1:1025 accepts connections (dev sink)
     OK    mail metrics   http://127.0.0.1:9101/metrics
@@ -23,11 +23,15 @@ What each line checks:
   APP_BASE_PORT+WEB_INSTANCES-1 (Redis answers, scripts loaded);
 * nginx: ``GET /readyz`` through each listener (HTTP_PORT and the seed ports);
 * mail worker: a live ``mail:worker:{name}:alive`` key (refreshed every few
-  seconds by each worker); its backlog is the ``mailer`` group's pending and
-  lag on ``events`` and the retry queue; dead letters are the ``mail:dead``
-  stream (WARN: a person should look, nothing is down);
+  seconds by each worker); its backlog (app/mail_backlog.py) is the ``mailer``
+  group's pending and lag on ``events`` (counted when Redis cannot say it,
+  ``>=`` when the count stopped at its bound), the retry queue, and ``oldest``:
+  how long the oldest completed order has waited for its mail to be accepted
+  (WARN past a minute); dead letters are the ``mail:dead`` stream (WARN: a
+  person should look, nothing is down);
 * smtp: a TCP connection to SMTP_HOST:SMTP_PORT (make run's dev sink when
-  SMTP_HOST is unset); the worker's metrics port when MAIL_METRICS_PORT is set.
+  SMTP_HOST is unset); every live worker's metrics port when MAIL_METRICS_PORT
+  is set.
 
 ``--json`` prints the same as one JSON object. Stdlib and redis-py only.
 """
@@ -35,11 +39,14 @@ What each line checks:
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import os
 import re
 import socket
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -48,9 +55,11 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
+from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError, ResponseError
 
 from app import keys
+from app.mail_backlog import MailBacklog, read_mail_backlog
 from nginx.instances import instance_ports
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +75,8 @@ MAKE_RUN_DEFAULTS = {
 }
 
 OK, DOWN, WARN, UNKNOWN = "OK", "DOWN", "WARN", "UNKNOWN"
+# The oldest waiting confirmation older than this is a WARN (issue 16's lag target: 10 s p99).
+MAIL_LAG_WARN_S = 60.0
 
 _ENV_LINE = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
 
@@ -187,18 +198,30 @@ def check_redis(client: redis.Redis, url: str) -> Check:
     return Check(OK, "redis", detail)
 
 
-def check_mail(client: redis.Redis) -> list[Check]:
-    """The worker's health keys, its group's backlog, the dead letters."""
+def read_backlog(url: str) -> MailBacklog | None:
+    """app/mail_backlog.py over its own (asyncio) client: the worker's figures."""
+
+    async def read() -> MailBacklog | None:
+        client = AsyncRedis.from_url(
+            url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT, decode_responses=True
+        )
+        try:
+            return await read_mail_backlog(client)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(read())
+
+
+def check_mail(client: redis.Redis, url: str) -> list[Check]:
+    """The workers' health keys, the group's backlog and lag, the dead letters."""
     try:
         alive = {}
         for key in client.scan_iter(match=keys.mail_worker_alive("*"), count=1000):
             value = client.get(key)
             if value is not None:
                 alive[key.removeprefix("mail:worker:").removesuffix(":alive")] = value
-        try:
-            groups = client.xinfo_groups(keys.EVENTS)
-        except ResponseError:  # no events stream yet
-            groups = []
+        backlog = read_backlog(url)
         retrying = client.zcard(keys.MAIL_RETRY)
         dead = client.xlen(keys.MAIL_DEAD)
     except RedisError as error:
@@ -211,7 +234,7 @@ def check_mail(client: redis.Redis) -> list[Check]:
                 stats = json.loads(raw)
                 described.append(
                     f"{name} (sent={stats.get('sent', 0)} retries={stats.get('retries', 0)}"
-                    f" dead={stats.get('dead', 0)})"
+                    f" dead={stats.get('dead', 0)} sessions={stats.get('sessions', '?')})"
                 )
             except ValueError:
                 described.append(name)
@@ -220,19 +243,15 @@ def check_mail(client: redis.Redis) -> list[Check]:
         checks.append(
             Check(DOWN, "mail worker", "no live worker (no fresh mail:worker:*:alive key)")
         )
-    group = next((g for g in groups if g.get("name") == keys.MAIL_GROUP), None)
-    if group is None:
+    if backlog is None:
         checks.append(
             Check(OK, "mail backlog", f"no {keys.MAIL_GROUP} group yet; retry={retrying}")
         )
     else:
-        checks.append(
-            Check(
-                OK,
-                "mail backlog",
-                f"pending={group.get('pending', 0)} lag={group.get('lag')} retry={retrying}",
-            )
-        )
+        # lag: the oldest completed order whose mail no server accepted yet.
+        now_ms = time.time_ns() // 1_000_000
+        late = backlog.oldest_age_s(now_ms) > MAIL_LAG_WARN_S
+        checks.append(Check(WARN if late else OK, "mail backlog", backlog.describe(now_ms)))
     if dead:
         checks.append(
             Check(WARN, "dead letters", f"{dead} in mail:dead (GET /admin/mail/dead lists them)")
@@ -242,12 +261,24 @@ def check_mail(client: redis.Redis) -> list[Check]:
     return checks
 
 
+def metrics_ports(client: redis.Redis) -> list[int]:
+    """The metrics ports the live workers took (in their health keys)."""
+    ports = set()
+    for key in client.scan_iter(match=keys.mail_worker_alive("*"), count=1000):
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            port = int(json.loads(client.get(key) or "{}").get("metrics_port") or 0)
+            if port:
+                ports.add(port)
+    return sorted(ports)
+
+
 def run_checks(env: Mapping[str, str]) -> list[Check]:
     url = env["REDIS_URL"]
     checks: list[Check] = []
     client = redis.Redis.from_url(
         url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT, decode_responses=True
     )
+    worker_ports: list[int] = []
     try:
         checks.append(check_redis(client, url))
         redis_answers = "not answering" not in checks[-1].detail
@@ -258,7 +289,9 @@ def run_checks(env: Mapping[str, str]) -> list[Check]:
             if port:
                 checks.append(check_readyz(f"nginx :{port}", f"http://127.0.0.1:{port}"))
         if redis_answers:
-            checks += check_mail(client)
+            checks += check_mail(client, url)
+            with contextlib.suppress(RedisError):
+                worker_ports = metrics_ports(client)
         else:
             checks.append(Check(UNKNOWN, "mail worker", "cannot tell: Redis is down"))
     finally:
@@ -274,12 +307,18 @@ def run_checks(env: Mapping[str, str]) -> list[Check]:
     )
     metrics_port = _port(env, "MAIL_METRICS_PORT")
     if metrics_port:
-        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        status, error = http_get(metrics_url)
+        # Each live worker's port (several workers take MAIL_METRICS_PORT and up);
+        # with none alive, the configured one, which then cannot answer.
+        urls = [f"http://127.0.0.1:{port}/metrics" for port in worker_ports or [metrics_port]]
+        failed = []
+        for metrics_url in urls:
+            status, error = http_get(metrics_url)
+            if status != 200:
+                failed.append(f"{metrics_url}: {error or status}")
         checks.append(
-            Check(OK, "mail metrics", metrics_url)
-            if status == 200
-            else Check(DOWN, "mail metrics", f"{metrics_url}: {error or status}")
+            Check(DOWN, "mail metrics", "; ".join(failed))
+            if failed
+            else Check(OK, "mail metrics", " ".join(urls))
         )
     return checks
 

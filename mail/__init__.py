@@ -2,7 +2,8 @@
 and a dev SMTP sink (``python -m mail.sink``)."""
 
 # Event types the `mailer` group sends a confirmation for. `mail.requeued` is
-# appended by the admin's dead-letter retry (mail/lua/requeue_mail.lua).
-ORDER_COMPLETED = "order.completed"
-MAIL_REQUEUED = "mail.requeued"
-MAIL_EVENT_TYPES = frozenset({ORDER_COMPLETED, MAIL_REQUEUED})
+# appended by the admin's dead-letter retry (mail/lua/requeue_mail.lua). Defined
+# on the app side, which reads the backlog too (app/mail_backlog.py).
+from app.mail_backlog import MAIL_EVENT_TYPES, MAIL_REQUEUED, ORDER_COMPLETED
+
+__all__ = ["MAIL_EVENT_TYPES", "MAIL_REQUEUED", "ORDER_COMPLETED"]

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import replace
 
 from app import keys
 from app.logs import configure as configure_logging
@@ -73,9 +74,11 @@ def main() -> int:
         print("alive" if alive else "no live mail worker")
         return 0 if alive else 1
     if settings.metrics_port:
-        metrics.serve(settings.metrics_address, settings.metrics_port)
+        port = metrics.serve(settings.metrics_address, settings.metrics_port)
+        # The health key carries the port taken, so make status finds every worker's.
+        settings = replace(settings, metrics_port=port)
         logging.getLogger("mail.worker").info(
-            "metrics on http://%s:%d/metrics", settings.metrics_address, settings.metrics_port
+            "metrics on http://%s:%d/metrics", settings.metrics_address, port
         )
     try:
         import uvloop

@@ -26,6 +26,8 @@ _HOSTNAME = re.compile(
 )
 _WORKER_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# EHLO argument: a domain, or an address literal such as [192.0.2.1] (RFC 5321 4.1.3).
+_ADDRESS_LITERAL = re.compile(r"\[(?:IPv6:[0-9A-Fa-f:.]+|[0-9.]+)\]")
 
 
 def host_label() -> str:
@@ -35,6 +37,15 @@ def host_label() -> str:
 
 def default_worker_name() -> str:
     return f"{host_label()}-{os.getpid()}"
+
+
+def default_helo_name(mail_domain: str) -> str:
+    """This host's fully qualified name when it has one, else MAIL_DOMAIN: relays
+    judge the EHLO name, and ``localhost`` (what getfqdn often says) reads as spam."""
+    fqdn = socket.getfqdn()
+    if "." in fqdn and _HOSTNAME.fullmatch(fqdn) and not fqdn.startswith("localhost"):
+        return fqdn
+    return mail_domain
 
 
 def parse_mail_from(value: str) -> Address:
@@ -71,15 +82,30 @@ class MailSettings:
     mail_from: str = "PhoneShop <orders@phoneshop.localhost>"
     # Right-hand side of the stable Message-ID <order-{id}@{mail_domain}>.
     mail_domain: str = "phoneshop.localhost"
-    # Attempts per mail (4xx, connection errors, timeouts) before it is dead-lettered.
-    # With the backoff below, 12 attempts span about half an hour of outage.
+    # Attempts per mail (4xx other than a throttle, timeouts, dropped connections)
+    # before it is dead-lettered. Throttles (421, 451, 452, a refused connection)
+    # are retried without counting: they say nothing about the mail.
     max_attempts: int = 12
     # Retry n waits about backoff_base * 2**(n-1) seconds (with jitter), at most backoff_max.
     backoff_base: float = 2.0
     backoff_max: float = 600.0
     # A pending entry idle this long belongs to a crashed worker and is taken over.
-    # Keep it well above smtp_timeout, or a slow send may be taken over and doubled.
+    # The claim is renewed right before each send, and a whole send (connect to
+    # the server's answer to the data) is cut off at half of it (send_deadline),
+    # so no live worker's mail is ever taken over mid-send.
     claim_idle: float = 60.0
+    # SMTP sessions a worker keeps open at once, each sending one mail at a time.
+    # Fewer are used while the relay refuses connections (421 at connect, refused).
+    concurrency: int = 8
+    # Mails per SMTP session before it is closed and a new one opened: Debian's
+    # exim4 delivers only the first 10 of a session at once and queues the rest
+    # for its next queue run (smtp_accept_queue_per_connection).
+    max_per_connection: int = 10
+    # An SMTP session unused this long is closed (QUIT): relays drop idle
+    # sessions themselves, and a held session takes one of their slots.
+    idle_timeout: float = 5.0
+    # EHLO name; empty: this host's FQDN when it has one, else mail_domain.
+    helo_name: str = ""
     # Entries read per XREADGROUP / XAUTOCLAIM call.
     batch_size: int = 50
     # Acknowledged `events` entries are kept at least this long, then trimmed.
@@ -98,6 +124,15 @@ class MailSettings:
     @property
     def from_address(self) -> Address:
         return parse_mail_from(self.mail_from)
+
+    @property
+    def ehlo_name(self) -> str:
+        return self.helo_name or default_helo_name(self.mail_domain)
+
+    @property
+    def send_deadline(self) -> float:
+        """Seconds one whole send may take: below claim_idle with room to spare."""
+        return self.claim_idle / 2
 
     @property
     def alive_ttl(self) -> int:
@@ -137,6 +172,12 @@ class MailSettings:
                 env, "MAIL_BACKOFF_MAX_SECONDS", cls.backoff_max, 0.001, 7 * 86400.0
             ),
             claim_idle=_float(env, "MAIL_CLAIM_IDLE_SECONDS", cls.claim_idle, 0.1, 86400.0),
+            concurrency=_int(env, "MAIL_CONCURRENCY", cls.concurrency, 1, 256),
+            max_per_connection=_int(
+                env, "MAIL_MAX_PER_CONNECTION", cls.max_per_connection, 1, 1_000_000
+            ),
+            idle_timeout=_float(env, "MAIL_IDLE_TIMEOUT_SECONDS", cls.idle_timeout, 0.1, 3600.0),
+            helo_name=text("MAIL_HELO_NAME", cls.helo_name),
             batch_size=_int(env, "MAIL_BATCH_SIZE", cls.batch_size, 1, 1000),
             events_retention=_float(
                 env, "EVENTS_RETENTION_SECONDS", cls.events_retention, 0.0, 365 * 86400.0
@@ -168,6 +209,12 @@ class MailSettings:
         if not _HOSTNAME.fullmatch(self.mail_domain):
             raise SettingsError(f"MAIL_DOMAIN must be a host name, got {self.mail_domain!r}")
         parse_mail_from(self.mail_from)
+        if self.helo_name and not (
+            _HOSTNAME.fullmatch(self.helo_name) or _ADDRESS_LITERAL.fullmatch(self.helo_name)
+        ):
+            raise SettingsError(
+                f"MAIL_HELO_NAME must be a host name or an address literal, got {self.helo_name!r}"
+            )
         if not _WORKER_NAME.fullmatch(self.worker_name):
             raise SettingsError(
                 "MAIL_WORKER_NAME must be 1 to 64 characters of A-Z a-z 0-9 _ . : -"
@@ -178,7 +225,8 @@ class MailSettings:
             raise SettingsError(
                 "MAIL_BACKOFF_BASE_SECONDS must not exceed MAIL_BACKOFF_MAX_SECONDS"
             )
-        if self.claim_idle <= self.smtp_timeout:
+        if self.send_deadline <= self.smtp_timeout:
             raise SettingsError(
-                "MAIL_CLAIM_IDLE_SECONDS must exceed SMTP_TIMEOUT_SECONDS, or a slow send is taken over"
+                "MAIL_CLAIM_IDLE_SECONDS must exceed twice SMTP_TIMEOUT_SECONDS: a send may"
+                " take half of it, and one SMTP command may take SMTP_TIMEOUT_SECONDS"
             )

@@ -1,31 +1,47 @@
 """The mail worker: consumer group ``mailer`` on the ``events`` stream.
 
-One loop, one SMTP connection, one mail at a time:
+One loop feeds MAIL_CONCURRENCY lanes (``Lanes``), each an SMTP session
+(``SmtpSender``) sending one mail at a time. Several workers share the work
+through the consumer group. The loop:
 
 1. refresh the health key ``mail:worker:{name}:alive`` (log a line now and then);
 2. every EVENTS_TRIM_INTERVAL_SECONDS, trim ``events`` by MINID, never past an
    entry the group has not acknowledged (``mail/lua/trim_events.lua``);
-3. take the mails whose retry is due from the ``mail:retry`` zset (ZREM decides
-   which worker gets one), XCLAIM and send them;
-4. every MAIL_CLAIM_IDLE_SECONDS / 4, XAUTOCLAIM entries idle past
+3. close SMTP sessions idle for MAIL_IDLE_TIMEOUT_SECONDS;
+4. take the mails whose retry is due from the ``mail:retry`` zset (ZREM decides
+   which worker gets one), XCLAIM them and hand each to a free lane;
+5. every MAIL_CLAIM_IDLE_SECONDS / 4, XAUTOCLAIM entries idle past
    MAIL_CLAIM_IDLE_SECONDS: a crashed worker's mail is taken over;
-5. XREADGROUP a batch of new entries (blocking at most until the next retry is due).
+6. once a lane is free, XREADGROUP about as many new entries as lanes are free
+   (blocking at most until the next retry is due), each to a lane.
 
-Per ``order.completed`` (or ``mail.requeued``) entry:
+Per ``order.completed`` (or ``mail.requeued``) entry, on its lane:
 
 - the ``mail:sent:{order_id}`` marker exists -> XACK, nothing sent (a redelivery);
 - the order, customer or address is unusable -> dead letter at once;
-- INCR ``mail:attempts:{order_id}``, send with the stable Message-ID
-  ``<order-{id}@{MAIL_DOMAIN}>``;
+- right before the send, ``hold_entry.lua``: the entry is still pending for this
+  worker (else skip it: another took it over), its idle time is reset and
+  ``mail:attempts:{order_id}`` counted. The whole send (connect, EHLO, MAIL,
+  RCPT, DATA) must end within MAIL_CLAIM_IDLE_SECONDS / 2, so no other worker
+  can take the entry over while it is being sent;
+- send with the stable Message-ID ``<order-{id}@{MAIL_DOMAIN}>``;
 - accepted -> MULTI: SET the marker NX, DEL attempts, XACK, ZREM retry;
 - 5xx -> MULTI: XADD ``mail:dead``, XACK, ZREM retry, DEL attempts. Never retried;
-- 4xx, connection error, timeout -> ZADD ``mail:retry`` with a due time
-  (exponential backoff with jitter) and move on to the next mail; the entry stays
-  pending in the group, so nothing is lost and the stream is not trimmed past it.
-  At MAIL_MAX_ATTEMPTS it is dead-lettered instead.
+- a throttle (421, 451, 452, a connection refused at connect or greeting) ->
+  ZADD ``mail:retry`` and take the attempt back: a relay saying "later" never
+  makes a dead letter. The lane backs off (exponential, with jitter) before its
+  next mail; a refused connection also lowers the sessions used (``Lanes``);
+- another 4xx, a timeout, a dropped connection -> ZADD ``mail:retry`` with a
+  due time (exponential backoff with jitter); at MAIL_MAX_ATTEMPTS it is
+  dead-lettered instead.
 
-Any other event type is XACKed without a mail. An entry is XACKed only after its
-mail was accepted, was already marked sent, or was dead-lettered.
+A retried entry stays pending in the group, so nothing is lost and the stream
+is not trimmed past it. Any other event type is XACKed without a mail. An entry
+is XACKed only after its mail was accepted, was already marked sent, or was
+dead-lettered.
+
+SMTP sessions: at most MAIL_MAX_PER_CONNECTION mails each (a stock MTA delivers
+only the first few of a session at once), EHLO MAIL_HELO_NAME.
 
 Delivery is at least once: a crash between the server's 250 and the marker, or a
 server that drops the connection after the data, sends the mail again, with the
@@ -42,7 +58,9 @@ import random
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import suppress
+from dataclasses import dataclass
 
 import aiosmtplib
 from redis.asyncio import Redis
@@ -51,6 +69,7 @@ from redis.exceptions import RedisError, ResponseError
 from app import keys
 from app.ids import is_valid_id
 from app.logs import request_id_var
+from app.mail_backlog import entry_ms, read_mail_backlog
 from mail import MAIL_EVENT_TYPES, metrics, scripts
 from mail.render import (
     InvalidRecipient,
@@ -68,8 +87,8 @@ STREAM = keys.EVENTS
 # Longest XREADGROUP block: the loop comes round at least this often to
 # heartbeat, trim, claim and notice SIGTERM.
 MAX_BLOCK_MS = 1000
-# A reused SMTP connection idle longer than this is checked with NOOP first.
-NOOP_AFTER_IDLE = 15.0
+# Sends in a row without a refused connection before one more SMTP session is tried.
+GROW_AFTER = 50
 MAX_REASON = 500
 # An attempt counter outlives any retry schedule, then expires with its mail.
 ATTEMPTS_TTL_S = 30 * 86400
@@ -102,7 +121,8 @@ class SmtpConnectFailed(Exception):
 
 
 class SmtpSender:
-    """One aiosmtplib connection, reused across mails and reopened when it fails.
+    """One SMTP session at a time, reused for up to MAIL_MAX_PER_CONNECTION mails
+    and closed after MAIL_IDLE_TIMEOUT_SECONDS unused; reopened when it fails.
 
     ``reuse=False`` opens a connection per mail (only the benchmark does that).
     """
@@ -112,7 +132,32 @@ class SmtpSender:
         self.reuse = reuse
         self._client: aiosmtplib.SMTP | None = None
         self._last_used = 0.0
+        self._sent_on_session = 0
+        self._closing: set[asyncio.Task] = set()
+        self._random = random.Random()
         self.connections_opened = 0
+        # Throttles in a row on this session (421, 451, 452, refused): it backs off.
+        self.throttled = 0
+
+    @property
+    def throttle_pause(self) -> float:
+        """Seconds this session waits after its latest throttle: exponential in the
+        throttles in a row, capped, half of it random so sessions spread out."""
+        s = self.settings
+        cap = min(s.backoff_max, s.backoff_base * 2 ** min(max(self.throttled, 1) - 1, 60))
+        return cap / 2 + self._random.uniform(0, cap / 2)
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and self._client.is_connected
+
+    @property
+    def spent(self) -> bool:
+        """The open session carried MAIL_MAX_PER_CONNECTION mails: the next opens anew."""
+        return self.connected and self._sent_on_session >= self.settings.max_per_connection
+
+    def idle_for(self, now: float) -> float:
+        return now - self._last_used if self.connected else 0.0
 
     async def _connect(self) -> aiosmtplib.SMTP:
         s = self.settings
@@ -125,6 +170,7 @@ class SmtpSender:
             start_tls=s.smtp_tls == "starttls",
             timeout=s.smtp_timeout,
             cert_bundle=s.smtp_ca_file or None,
+            local_hostname=s.ehlo_name,
         )
         try:
             await client.connect()
@@ -132,19 +178,21 @@ class SmtpSender:
             client.close()
             raise SmtpConnectFailed(f"{type(error).__name__}: {error}") from error
         self.connections_opened += 1
+        self._sent_on_session = 0
         return client
 
     async def _ready(self) -> aiosmtplib.SMTP:
-        client = self._client
-        if client is not None and client.is_connected:
-            if time.monotonic() - self._last_used < NOOP_AFTER_IDLE:
-                return client
-            try:  # the server may have closed an idle connection
-                await client.noop()
-                return client
-            except Exception:
-                self._drop()
-        self._client = await self._connect()
+        if self.connected and (
+            self._sent_on_session >= self.settings.max_per_connection
+            or self.idle_for(time.monotonic()) >= self.settings.idle_timeout
+        ):
+            # QUIT first, then connect: a relay counting sessions has this one
+            # closed before the next arrives.
+            client, self._client = self._client, None
+            await self._quit(client)
+        if self._client is None or not self._client.is_connected:
+            self._drop()
+            self._client = await self._connect()
         return self._client
 
     async def send(self, raw: bytes, sender: str, recipients: list[str]) -> None:
@@ -158,8 +206,23 @@ class SmtpSender:
             self._drop()
             raise
         self._last_used = time.monotonic()
+        self._sent_on_session += 1
         if not self.reuse:
             await self.close()
+
+    def release_session(self) -> None:
+        """QUIT the open session in the background; the next send opens a new one."""
+        client, self._client = self._client, None
+        if client is not None and client.is_connected:
+            task = asyncio.get_running_loop().create_task(self._quit(client))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _quit(self, client: aiosmtplib.SMTP) -> None:
+        try:
+            await asyncio.wait_for(client.quit(), self.settings.smtp_timeout)
+        except Exception:
+            client.close()
 
     def _drop(self) -> None:
         if self._client is not None:
@@ -169,29 +232,141 @@ class SmtpSender:
     async def close(self) -> None:
         client, self._client = self._client, None
         if client is not None and client.is_connected:
-            try:
-                await asyncio.wait_for(client.quit(), self.settings.smtp_timeout)
-            except Exception:
-                client.close()
+            await self._quit(client)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
 
-def classify(error: BaseException) -> tuple[bool, str]:
-    """(permanent, reason) for a failed send. RFC 5321 §4.5.4.1: 5xx is final."""
+# Replies that mean "not now" from the relay, whatever the mail (RFC 5321 4.2.2,
+# RFC 3463): service not available, local error, insufficient storage.
+THROTTLE_CODES = frozenset({421, 451, 452})
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How a failed send is handled. ``kind``: permanent (dead letter at once),
+    throttle (retry, no attempt counted, the lane backs off), temporary (retry,
+    counted against MAIL_MAX_ATTEMPTS). ``refused``: the relay refused the
+    connection itself, so fewer connections are used."""
+
+    kind: str
+    reason: str
+    refused: bool = False
+
+
+def classify(error: BaseException) -> Failure:
+    """RFC 5321 4.5.4.1: 5xx is final; 421/451/452 and refused connections are throttles."""
     if isinstance(error, SmtpConnectFailed):
-        return False, f"connect failed: {error}"
+        return Failure("throttle", f"connect failed: {error}", refused=True)
     if isinstance(error, aiosmtplib.SMTPRecipientsRefused):
         refused = error.recipients
         codes = [r.code for r in refused]
-        permanent = bool(codes) and all(500 <= code < 600 for code in codes)
         detail = f"{refused[0].code} {refused[0].message}" if refused else str(error)
-        return permanent, f"recipient refused: {detail}"
+        if codes and all(500 <= code < 600 for code in codes):
+            kind = "permanent"
+        elif codes and all(code in THROTTLE_CODES for code in codes):
+            kind = "throttle"
+        else:
+            kind = "temporary"
+        return Failure(kind, f"recipient refused: {detail}")
     if isinstance(error, aiosmtplib.SMTPResponseException):
-        return 500 <= error.code < 600, f"{error.code} {error.message}"
-    return False, f"{type(error).__name__}: {error}"
+        if 500 <= error.code < 600:
+            kind = "permanent"
+        elif error.code in THROTTLE_CODES:
+            kind = "throttle"
+        else:
+            kind = "temporary"
+        return Failure(kind, f"{error.code} {error.message}")
+    if isinstance(error, TimeoutError):
+        return Failure("temporary", f"send took longer than its deadline or timeout: {error}")
+    return Failure("temporary", f"{type(error).__name__}: {error}")
 
 
 def clip(reason: str) -> str:
     return " ".join(reason.split())[:MAX_REASON]
+
+
+class Lanes:
+    """MAIL_CONCURRENCY SmtpSenders, each sending one mail at a time.
+
+    ``limit`` lanes may be busy at once. When the relay refuses a connection, the
+    limit drops to the sessions the relay does hold open (at least 1); every
+    GROW_AFTER sends in a row without a refusal it grows by one again, up to
+    MAIL_CONCURRENCY. A lane is taken last-in first-out, so light traffic keeps
+    few sessions open and the others time out idle.
+    """
+
+    def __init__(self, settings: MailSettings, make: Callable[[], SmtpSender]) -> None:
+        self.size = settings.concurrency
+        self.limit = self.size
+        self.lowest_limit = self.size
+        self.busy = 0
+        self._free = [make() for _ in range(self.size)]
+        self._all = list(self._free)
+        self._changed = asyncio.Condition()
+        self._sends_since_refusal = 0
+
+    @property
+    def free(self) -> int:
+        return max(0, self.limit - self.busy)
+
+    async def acquire(self) -> SmtpSender:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.busy < self.limit)
+            self.busy += 1
+            # A lane with an open session first: a new one is opened only when no
+            # free lane has one, so sessions never outnumber busy lanes.
+            for index in range(len(self._free) - 1, -1, -1):
+                if self._free[index].connected:
+                    return self._free.pop(index)
+            return self._free.pop()
+
+    async def wait_free(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for a free lane; True when one is free."""
+        async with self._changed:
+            with suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self.busy < self.limit), seconds
+                )
+            return self.busy < self.limit
+
+    async def release(self, sender: SmtpSender) -> None:
+        # Past the limit (it was lowered), the session is closed, QUIT awaited,
+        # while the lane still counts as busy: the relay gets its slot back first.
+        if sender.connected and self.open_sessions() > self.limit:
+            await sender.close()
+        async with self._changed:
+            self.busy -= 1
+            self._free.append(sender)
+            self._changed.notify_all()
+
+    def open_sessions(self) -> int:
+        return sum(1 for sender in self._all if sender.connected)
+
+    def sent(self) -> None:
+        self._sends_since_refusal += 1
+        if self._sends_since_refusal >= GROW_AFTER and self.limit < self.size:
+            self._sends_since_refusal = 0
+            self.limit += 1
+            metrics.CONNECTIONS_LIMIT.set(self.limit)
+            log.info("relay accepting again: up to %d SMTP sessions", self.limit)
+
+    def refused(self) -> None:
+        self._sends_since_refusal = 0
+        limit = max(1, min(self.limit - 1, self.open_sessions()))
+        if limit < self.limit:
+            self.limit = limit
+            self.lowest_limit = min(self.lowest_limit, limit)
+            metrics.CONNECTIONS_LIMIT.set(limit)
+            log.warning("relay refused a connection: down to %d SMTP session(s)", limit)
+
+    def close_idle(self, now: float, idle_timeout: float) -> None:
+        for sender in self._free:
+            if sender.idle_for(now) >= idle_timeout or sender.spent:
+                sender.release_session()
+
+    async def close(self) -> None:
+        await asyncio.gather(*(sender.close() for sender in self._all), return_exceptions=True)
 
 
 class BadEvent(Exception):
@@ -199,16 +374,15 @@ class BadEvent(Exception):
 
 
 class MailWorker:
-    def __init__(
-        self, settings: MailSettings, redis: Redis, *, sender: SmtpSender | None = None
-    ) -> None:
+    def __init__(self, settings: MailSettings, redis: Redis) -> None:
         self.settings = settings
         self.redis = redis
-        self.sender = sender if sender is not None else SmtpSender(settings)
+        self.lanes = Lanes(settings, lambda: SmtpSender(settings))
         self.name = settings.worker_name
         self.from_address = settings.from_address
         self.stats: Counter[str] = Counter()
         self._stopping = asyncio.Event()
+        self._in_flight: set[asyncio.Task] = set()
         self._hold = redis.register_script(scripts.source("hold_entry"))
         self._trim = redis.register_script(scripts.source("trim_events"))
         self._prune = redis.register_script(scripts.source("prune_consumers"))
@@ -219,6 +393,7 @@ class MailWorker:
         self._next_log = 0.0
         self._next_backlog = 0.0
         self._group_ready = False
+        metrics.CONNECTIONS_LIMIT.set(self.lanes.limit)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -227,7 +402,7 @@ class MailWorker:
         return self._stopping.is_set()
 
     def stop(self) -> None:
-        """Finish the mail in hand, then leave run()."""
+        """Finish the mails in hand, then leave run()."""
         if not self.stopping:
             log.info("mail worker %s stopping after the mail in hand", self.name)
         self._stopping.set()
@@ -248,11 +423,15 @@ class MailWorker:
     async def run(self) -> None:
         s = self.settings
         log.info(
-            "mail worker %s starting: SMTP %s:%d tls=%s, group %s on stream %s",
+            "mail worker %s starting: SMTP %s:%d tls=%s helo=%s, %d session(s) of up to %d"
+            " mails, group %s on stream %s",
             self.name,
             s.smtp_host,
             s.smtp_port,
             s.smtp_tls,
+            s.ehlo_name,
+            s.concurrency,
+            s.max_per_connection,
             GROUP,
             STREAM,
         )
@@ -274,7 +453,9 @@ class MailWorker:
                     log.warning("redis unavailable (%s); retrying in %.1fs", error, delay)
                     await self._sleep(delay)
         finally:
-            await self.sender.close()
+            if self._in_flight:
+                await asyncio.gather(*self._in_flight, return_exceptions=True)
+            await self.lanes.close()
             with suppress(RedisError, OSError):
                 await self.redis.delete(keys.mail_worker_alive(self.name))
             log.info("mail worker %s stopped: %s", self.name, self._stats_line())
@@ -287,6 +468,7 @@ class MailWorker:
             await self.trim_events()
             await self.prune_consumers()
             self._next_trim = loop.time() + self.settings.trim_interval
+        self.lanes.close_idle(time.monotonic(), self.settings.idle_timeout)
         took_retries = await self._due_retries()
         if self.stopping:
             return
@@ -295,10 +477,15 @@ class MailWorker:
             self._next_claim = loop.time() + max(0.05, self.settings.claim_idle / 4)
         if self.stopping:
             return
+        # Read about as many entries as lanes are free (and one more round): an
+        # entry read is an entry this worker holds, and the others should get theirs.
+        if not await self.lanes.wait_free(MAX_BLOCK_MS / 1000):
+            return
         # After due retries, look for new entries without waiting: more retries may be due.
         block = None if took_retries else await self._block_ms()
+        count = min(self.settings.batch_size, self.lanes.free + self.lanes.limit)
         reply = await self.redis.xreadgroup(
-            GROUP, self.name, {STREAM: ">"}, count=self.settings.batch_size, block=block
+            GROUP, self.name, {STREAM: ">"}, count=count, block=block
         )
         for _stream, entries in reply or ():
             await self._handle_batch(entries, reclaimed=False)
@@ -310,7 +497,15 @@ class MailWorker:
         if not force and loop_now < self._next_alive:
             return
         self._next_alive = loop_now + self.settings.heartbeat / 3
-        value = json.dumps({"pid": os.getpid(), "at": now_ms(), **self.stats})
+        value = json.dumps(
+            {
+                "pid": os.getpid(),
+                "at": now_ms(),
+                "sessions": self.lanes.limit,
+                "metrics_port": self.settings.metrics_port,
+                **self.stats,
+            }
+        )
         await self.redis.set(keys.mail_worker_alive(self.name), value, ex=self.settings.alive_ttl)
         await self._observe_backlog()
         if loop_now >= self._next_log:
@@ -322,27 +517,24 @@ class MailWorker:
         metrics.COUNTERS[name].inc(amount)
 
     async def _observe_backlog(self) -> None:
-        """With MAIL_METRICS_PORT set: pending, lag, retry queue and dead letters."""
+        """With MAIL_METRICS_PORT set: pending, lag, oldest waiting mail, retry queue
+        and dead letters (app/mail_backlog.py)."""
         loop_now = asyncio.get_running_loop().time()
         if not self.settings.metrics_port or loop_now < self._next_backlog:
             return
         self._next_backlog = loop_now + BACKLOG_INTERVAL
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xinfo_groups(STREAM)
-            pipe.zcard(keys.MAIL_RETRY)
-            pipe.xlen(keys.MAIL_DEAD)
-            groups, retrying, dead = await pipe.execute(raise_on_error=False)
-        for group in groups if isinstance(groups, list) else ():
-            if group.get("name") == GROUP:
-                metrics.PENDING.set(group.get("pending") or 0)
-                metrics.LAG.set(group.get("lag") or 0)
-        if isinstance(retrying, int):
-            metrics.RETRY_QUEUE.set(retrying)
-        if isinstance(dead, int):
-            metrics.DEAD_LETTERS.set(dead)
+        backlog = await read_mail_backlog(self.redis)
+        if backlog is None:
+            return
+        metrics.PENDING.set(backlog.pending)
+        metrics.LAG.set(backlog.undelivered)
+        metrics.LAG_EXACT.set(1 if backlog.exact else 0)
+        metrics.OLDEST_WAITING.set(backlog.oldest_age_s(now_ms()))
+        metrics.RETRY_QUEUE.set(backlog.retrying)
+        metrics.DEAD_LETTERS.set(backlog.dead)
 
     def _stats_line(self) -> str:
-        names = ("sent", "duplicates", "retries", "dead", "ignored", "trimmed")
+        names = ("sent", "duplicates", "retries", "throttled", "dead", "ignored", "trimmed")
         return " ".join(f"{name}={self.stats[name]}" for name in names)
 
     async def trim_events(self) -> tuple[int, str]:
@@ -387,7 +579,8 @@ class MailWorker:
             claimed = await self.redis.xclaim(STREAM, GROUP, self.name, 0, [entry_id])
             if not claimed or not claimed[0][1]:
                 continue  # acknowledged meanwhile, or gone from the stream
-            await self._handle(claimed[0][0], claimed[0][1])
+            if not await self._dispatch(claimed[0][0], claimed[0][1], reclaimed=False):
+                await self._release([entry_id])
         return taken
 
     async def _reclaim_idle(self) -> None:
@@ -441,21 +634,47 @@ class MailWorker:
         mails = [
             (entry_id, f) for entry_id, f in entries if f and f.get("type") in MAIL_EVENT_TYPES
         ]
-        loop = asyncio.get_running_loop()
-        started = loop.time()
         for index, (entry_id, fields) in enumerate(mails):
-            if self.stopping:
+            if not await self._dispatch(entry_id, fields, reclaimed=reclaimed):
                 await self._release([entry_id for entry_id, _ in mails[index:]])
                 return
+
+    async def _dispatch(self, entry_id: str, fields: dict[str, str], *, reclaimed: bool) -> bool:
+        """Wait for a free lane, then send the entry's mail on it in a task of its
+        own. False when the worker is stopping: the entry was not taken."""
+        if self.stopping:
+            return False
+        sender = await self.lanes.acquire()
+        if self.stopping:  # told to stop while waiting for the lane
+            await self.lanes.release(sender)
+            return False
+        task = asyncio.get_running_loop().create_task(
+            self._on_lane(sender, entry_id, fields, reclaimed)
+        )
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+        return True
+
+    async def _on_lane(
+        self, sender: SmtpSender, entry_id: str, fields: dict[str, str], reclaimed: bool
+    ) -> None:
+        pause = 0.0
+        try:
             await self._heartbeat()
             if reclaimed and not await self._take_from_retry(entry_id):
-                continue
-            # Late in a long batch another worker may have taken the entry over.
-            if loop.time() - started > self.settings.claim_idle / 2 and not await self._hold(
-                keys=[STREAM], args=[GROUP, self.name, entry_id]
-            ):
-                continue
-            await self._handle(entry_id, fields)
+                return
+            outcome = await self._handle(entry_id, fields, sender)
+            if outcome == "throttled":
+                pause = sender.throttle_pause
+        except (RedisError, OSError) as error:
+            # The entry stays pending; XAUTOCLAIM takes it again after the claim timeout.
+            log.warning("redis unavailable while sending entry %s: %s", entry_id, error)
+        except Exception:
+            log.exception("entry %s: unexpected error on a lane", entry_id)
+        finally:
+            if pause:  # this session backs off; the other lanes go on
+                await self._sleep(pause)
+            await self.lanes.release(sender)
 
     async def _take_from_retry(self, entry_id: str) -> bool:
         """A reclaimed entry waiting in mail:retry is left alone until it is due."""
@@ -476,25 +695,25 @@ class MailWorker:
 
     # -- one mail --------------------------------------------------------------------
 
-    async def _handle(self, entry_id: str, fields: dict[str, str]) -> str:
+    async def _handle(self, entry_id: str, fields: dict[str, str], sender: SmtpSender) -> str:
         # Every log line about this mail carries the id of the request that
         # caused the event (the order scripts put it in): one grep follows an
         # order from nginx's access log to here.
         request_id = fields.get("request_id", "")
         token = request_id_var.set(request_id if _REQUEST_ID.fullmatch(request_id) else None)
         try:
-            return await self._handle_entry(entry_id, fields)
+            return await self._handle_entry(entry_id, fields, sender)
         finally:
             request_id_var.reset(token)
 
-    async def _handle_entry(self, entry_id: str, fields: dict[str, str]) -> str:
+    async def _handle_entry(self, entry_id: str, fields: dict[str, str], sender: SmtpSender) -> str:
         try:
-            return await self.process(entry_id, fields)
+            return await self.process(entry_id, fields, sender)
         except BadEvent as error:
             await self.dead_letter(entry_id, fields, clip(str(error)), attempts=0)
             return "dead"
         except (RedisError, OSError):
-            raise  # Redis is down: the run loop waits; the entry stays pending
+            raise  # Redis is down: the entry stays pending
         except Exception as error:
             # A bug, not the server: retry like a 4xx, so that a poison entry ends
             # in the dead letters after MAIL_MAX_ATTEMPTS instead of looping.
@@ -515,8 +734,9 @@ class MailWorker:
         await self._schedule_retry(entry_id, order_id, attempts, reason)
         return "retry"
 
-    async def process(self, entry_id: str, fields: dict[str, str]) -> str:
-        """Send one entry's mail. Returns sent | duplicate | retry | dead."""
+    async def process(self, entry_id: str, fields: dict[str, str], sender: SmtpSender) -> str:
+        """Send one entry's mail on ``sender``.
+        Returns sent | duplicate | retry | throttled | dead | taken."""
         order_id = fields.get("order_id", "")
         if not is_valid_id(order_id):
             raise BadEvent(f"invalid order id {order_id[:64]!r}")
@@ -543,23 +763,36 @@ class MailWorker:
             await self.dead_letter(entry_id, fields, clip(f"invalid recipient: {error}"), attempts)
             return "dead"
 
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.incr(attempts_key)
-            pipe.expire(attempts_key, ATTEMPTS_TTL_S)
-            attempts, _ = await pipe.execute()
+        # Right before the send: still ours, idle time reset, attempt counted. The
+        # send below ends before MAIL_CLAIM_IDLE_SECONDS, so nobody takes it over.
+        attempts = await self._hold(
+            keys=[STREAM, attempts_key], args=[GROUP, self.name, entry_id, ATTEMPTS_TTL_S]
+        )
+        if not attempts:
+            log.info("order %s: entry %s was taken over by another worker", order_id, entry_id)
+            return "taken"
         if attempts > self.settings.max_attempts:  # only after crashes mid-send
             await self.dead_letter(entry_id, fields, "max attempts reached", attempts - 1)
             return "dead"
         started = time.perf_counter()
         try:
-            await self.sender.send(rendered.raw, self.from_address.addr_spec, [rendered.recipient])
+            async with asyncio.timeout(self.settings.send_deadline):
+                await sender.send(rendered.raw, self.from_address.addr_spec, [rendered.recipient])
         except Exception as error:
             metrics.SEND_DURATION.labels("failed").observe(time.perf_counter() - started)
-            permanent, reason = classify(error)
-            reason = clip(reason)
-            if permanent:
+            failure = classify(error)
+            reason = clip(failure.reason)
+            if failure.kind == "permanent":
                 await self.dead_letter(entry_id, fields, reason, attempts)
                 return "dead"
+            if failure.kind == "throttle":
+                if failure.refused:
+                    self.lanes.refused()
+                sender.throttled += 1
+                await self._schedule_retry(
+                    entry_id, order_id, attempts, reason, delay=sender.throttle_pause, refund=True
+                )
+                return "throttled"
             if attempts >= self.settings.max_attempts:
                 await self.dead_letter(
                     entry_id, fields, clip(f"max attempts reached; last: {reason}"), attempts
@@ -567,7 +800,10 @@ class MailWorker:
                 return "dead"
             await self._schedule_retry(entry_id, order_id, attempts, reason)
             return "retry"
+        sender.throttled = 0
+        self.lanes.sent()
         metrics.SEND_DURATION.labels("accepted").observe(time.perf_counter() - started)
+        metrics.DELIVERY_LAG.observe(max(0.0, (now_ms() - entry_ms(entry_id)) / 1000))
         await self._ack_sent(entry_id, order_id, rendered.message_id)
         self._count("sent")
         log.info("order %s: confirmation sent (attempt %d)", order_id, attempts)
@@ -638,13 +874,34 @@ class MailWorker:
         return cap / 2 + self._random.uniform(0, cap / 2)
 
     async def _schedule_retry(
-        self, entry_id: str, order_id: str, attempts: int, reason: str
+        self,
+        entry_id: str,
+        order_id: str,
+        attempts: int,
+        reason: str,
+        *,
+        delay: float | None = None,
+        refund: bool = False,
     ) -> None:
-        delay = self.backoff(attempts)
-        await self.redis.zadd(keys.MAIL_RETRY, {entry_id: now_ms() + int(delay * 1000)})
+        """ZADD the entry to mail:retry. ``refund``: a throttle, whose attempt is
+        taken back, so that a relay saying "later" never ends in a dead letter."""
+        if delay is None:
+            delay = self.backoff(attempts)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(keys.MAIL_RETRY, {entry_id: now_ms() + int(delay * 1000)})
+            if refund:
+                pipe.decr(keys.mail_attempts(order_id))
+            await pipe.execute()
         self._count("retries")
+        if refund:
+            self._count("throttled")
         log.warning(
-            "order %s: attempt %d failed (%s); retry in %.1fs", order_id, attempts, reason, delay
+            "order %s: attempt %d %s (%s); retry in %.1fs",
+            order_id,
+            attempts,
+            "throttled, not counted" if refund else "failed",
+            reason,
+            delay,
         )
 
     async def dead_letter(

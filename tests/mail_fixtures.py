@@ -3,7 +3,9 @@
 
 - ``smtp_server``: an aiosmtpd server on a free 127.0.0.1 port (its own thread
   and loop) that records what it accepted and can be scripted to answer 4xx/5xx
-  or to drop the connection after the data;
+  or to drop the connection after the data; like a relay, it can also refuse
+  every k-th connection or those past a cap with 421 at the greeting, answer
+  slowly on chosen connections, and it records each session (EHLO name, mails);
 - ``mail_redis``: a str-decoding client on the suite's ``redis_server``, flushed;
 - ``mail_settings``: MailSettings pointed at both, with short backoffs;
 - ``mail_workers``: starts ``MailWorker``s in this loop and stops them at the end;
@@ -32,6 +34,7 @@ from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -63,6 +66,18 @@ class Received:
 
 
 @dataclass
+class Session:
+    """One SMTP connection the server took: its number (from 1), the EHLO name,
+    the mails accepted on it, and whether it was refused at the greeting."""
+
+    number: int
+    refused: bool = False
+    helo: str = ""
+    mails: int = 0
+    open: bool = True
+
+
+@dataclass
 class ScriptedHandler:
     """aiosmtpd handler: answers DATA from ``script`` first ("451 ...", "550 ...",
     DROP), then with 250; ``delay`` seconds pass before each answer."""
@@ -74,13 +89,76 @@ class ScriptedHandler:
     received: list[Received] = field(default_factory=list)
     data_commands: int = 0
     in_data: threading.Event = field(default_factory=threading.Event)
-    # When set to an Event, DATA is answered only once the test sets it.
+    # When set to an Event, DATA is answered only once the test sets it; with
+    # `gate_helo`, only DATA of sessions that sent that EHLO name waits.
+    # (A client gone meanwhile cancels the answer: nothing is recorded.)
     gate: threading.Event | None = None
+    gate_helo: str = ""
+    gated: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Relay behaviour: 421 at the greeting to every k-th connection (0: never), and
+    # to any connection past `max_connections` open at once (0: no cap).
+    refuse_every: int = 0
+    max_connections: int = 0
+    # Connection number -> seconds before each answer to EHLO, MAIL, RCPT and DATA.
+    slow_connections: dict[int, float] = field(default_factory=dict)
+    sessions: list[Session] = field(default_factory=list)
+    peak_open: int = 0
+
+    def admit(self) -> Session:
+        """A new connection: its Session, ``refused`` when it gets 421 at once."""
+        with self.lock:
+            session = Session(number=len(self.sessions) + 1)
+            open_now = sum(1 for s in self.sessions if s.open and not s.refused)
+            session.refused = bool(
+                (self.refuse_every and session.number % self.refuse_every == 0)
+                or (self.max_connections and open_now >= self.max_connections)
+            )
+            self.sessions.append(session)
+            if not session.refused:
+                self.peak_open = max(self.peak_open, open_now + 1)
+            return session
+
+    def closed(self, session: Session) -> None:
+        with self.lock:
+            session.open = False
+
+    async def _slow(self, server: Any) -> None:
+        delay = self.slow_connections.get(server.relay_session.number)
+        if delay:
+            await asyncio.sleep(delay)
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        await self._slow(server)
+        with self.lock:
+            server.relay_session.helo = hostname
+        session.host_name = hostname
+        return responses
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        await self._slow(server)
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        await self._slow(server)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self.in_data.set()
-        if self.gate is not None:
+        await self._slow(server)
+        if self.gate is not None and self.gate_helo in ("", server.relay_session.helo):
+            with self.lock:
+                self.gated += 1
             await asyncio.to_thread(self.gate.wait, 60)
         if self.delay:
             await asyncio.sleep(self.delay)
@@ -89,6 +167,8 @@ class ScriptedHandler:
             own = self.by_recipient.get(envelope.rcpt_tos[0]) if envelope.rcpt_tos else None
             queue = own or self.script
             action = queue.popleft() if queue else "250 OK"
+            if action.startswith("250"):
+                server.relay_session.mails += 1
             if action == DROP or action.startswith("250"):
                 self.received.append(
                     Received(
@@ -104,10 +184,40 @@ class ScriptedHandler:
         return action
 
 
+class RelaySMTP(SMTP):
+    """aiosmtpd's SMTP that lets the handler refuse a connection at the greeting
+    (421, then close), as a relay at its connection limit does."""
+
+    relay_session: Session
+
+    async def _handle_client(self) -> None:
+        handler: ScriptedHandler = self.event_handler
+        self.relay_session = handler.admit()
+        try:
+            if self.relay_session.refused:
+                await self.push("421 4.7.0 Too many connections, try again later")
+                self.transport.close()
+                return
+            await super()._handle_client()
+        finally:
+            handler.closed(self.relay_session)
+
+
+class RelayController(Controller):
+    def factory(self) -> SMTP:
+        return RelaySMTP(self.handler, **self.SMTP_kwargs)
+
+
 @dataclass
 class SmtpServer:
     port: int
     handler: ScriptedHandler
+
+    @property
+    def sessions(self) -> list[Session]:
+        """Every connection so far, refused ones included (copies)."""
+        with self.handler.lock:
+            return [replace(s) for s in self.handler.sessions]
 
     @property
     def received(self) -> list[Received]:
@@ -137,8 +247,10 @@ class SmtpServer:
 def smtp_server() -> Iterator[SmtpServer]:
     handler = ScriptedHandler()
     port = free_port()
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
+    controller = RelayController(handler, hostname="127.0.0.1", port=port)
     controller.start()
+    with handler.lock:  # start() made a connection of its own to see the server up
+        handler.sessions.clear()
     try:
         yield SmtpServer(port=port, handler=handler)
     finally:
@@ -239,13 +351,15 @@ def mail_settings(redis_server: RedisServer, smtp_server: SmtpServer) -> MailSet
         redis_url=redis_server.url,
         smtp_host="127.0.0.1",
         smtp_port=smtp_server.port,
-        smtp_timeout=2.0,
+        smtp_timeout=1.4,
         mail_from="PhoneShop <orders@phoneshop.test>",
         mail_domain="phoneshop.test",
         max_attempts=5,
         backoff_base=0.05,
         backoff_max=0.2,
         claim_idle=3.0,
+        # One lane unless a test asks for more: most tests read the order of arrival.
+        concurrency=1,
         batch_size=50,
         events_retention=3600.0,
         trim_interval=0.2,
@@ -271,6 +385,10 @@ def settings_env(settings: MailSettings, **extra: str) -> dict[str, str]:
         MAIL_BACKOFF_BASE_SECONDS=str(settings.backoff_base),
         MAIL_BACKOFF_MAX_SECONDS=str(settings.backoff_max),
         MAIL_CLAIM_IDLE_SECONDS=str(settings.claim_idle),
+        MAIL_CONCURRENCY=str(settings.concurrency),
+        MAIL_MAX_PER_CONNECTION=str(settings.max_per_connection),
+        MAIL_IDLE_TIMEOUT_SECONDS=str(settings.idle_timeout),
+        MAIL_HELO_NAME=settings.helo_name,
         MAIL_BATCH_SIZE=str(settings.batch_size),
         EVENTS_RETENTION_SECONDS=str(settings.events_retention),
         EVENTS_TRIM_INTERVAL_SECONDS=str(settings.trim_interval),

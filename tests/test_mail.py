@@ -26,6 +26,7 @@ import mail.worker
 from app import keys
 from app.admin.mail import list_dead_letters, requeue_dead_letter
 from app.ids import new_id
+from app.mail_backlog import count_after, read_mail_backlog
 from app.settings import SettingsError
 from mail.render import HEADERS
 from mail.settings import MailSettings, default_worker_name
@@ -298,7 +299,7 @@ async def test_550_is_dead_lettered_after_one_attempt_and_requeueable(
 async def test_max_attempts_dead_letters_and_bad_events_do_not_stop_the_worker(
     mail_redis: Redis, smtp_server: SmtpServer, mail_workers: WorkerPool
 ) -> None:
-    smtp_server.answer(*["421 4.4.2 Timeout, closing"] * 3)
+    smtp_server.answer(*["450 4.2.0 Mailbox temporarily unavailable"] * 3)
     flaky = await seed_order(mail_redis)
     await add_event(mail_redis, "order.completed", flaky)
     ghost = SeededOrder(new_id(), new_id(), "", [], 0, 0)  # no order hash behind it
@@ -308,7 +309,7 @@ async def test_max_attempts_dead_letters_and_bad_events_do_not_stop_the_worker(
 
     letters = {f["order_id"]: f for _, f in await dead_letters(mail_redis)}
     assert letters[flaky.order_id]["attempts"] == "3"
-    assert letters[flaky.order_id]["reason"].startswith("max attempts reached; last: 421")
+    assert letters[flaky.order_id]["reason"].startswith("max attempts reached; last: 450")
     assert letters[ghost.order_id]["reason"] == f"order {ghost.order_id} not found"
     assert smtp_server.data_commands == 3
     assert smtp_server.received == []
@@ -465,8 +466,11 @@ async def test_sigterm_finishes_the_mail_in_hand_then_exits(
     assert await asyncio.to_thread(proc.wait, 30) == 0
     assert smtp_server.message_ids() == [orders[0].message_id]
     assert await is_sent(mail_redis, orders[0])
-    # The other four were read with it; they stay pending, handed back for takeover.
-    assert (await mail_redis.xpending(keys.EVENTS, keys.MAIL_GROUP))["pending"] == 4
+    # Those read with it stay pending, handed back for takeover (idle past any
+    # claim timeout); the rest was never read.
+    held = await mail_redis.xpending_range(keys.EVENTS, keys.MAIL_GROUP, "-", "+", 10)
+    assert held, "the worker reads ahead of its one lane"
+    assert all(entry["time_since_delivered"] > 86400_000 for entry in held)
     assert not await mail_redis.exists(alive)
     assert "stopped: sent=1" in mail_processes.log("graceful")
     health = await asyncio.to_thread(
@@ -784,3 +788,203 @@ def test_settings_defaults_point_at_the_dev_sink() -> None:
     )
     assert settings.from_address.addr_spec == "orders@phoneshop.localhost"
     assert "secret" not in repr(MailSettings(smtp_username="u", smtp_password="secret"))
+
+
+# -- throughput and a relay's back-pressure (issue 16) -----------------------------------
+
+
+def accepted_ids(smtp_server: SmtpServer) -> list[str]:
+    return [r.message_id for r in smtp_server.received if r.accepted]
+
+
+async def test_relay_throttles_421_every_third_connection_and_451_some_mails(
+    mail_redis: Redis, smtp_server: SmtpServer, mail_workers: WorkerPool
+) -> None:
+    smtp_server.handler.refuse_every = 3
+    orders = [await seed_order(mail_redis) for _ in range(40)]
+    # More throttles for one mail than MAIL_MAX_ATTEMPTS: a throttle is not an attempt.
+    smtp_server.answer_for(orders[0].email, *["451 4.7.1 Rate limited, try again later"] * 4)
+    for order in orders[1::7]:
+        smtp_server.answer_for(order.email, "451 4.3.0 Try again later")
+    for order in orders:
+        await add_event(mail_redis, "order.completed", order)
+    worker = await mail_workers.start(concurrency=4, max_per_connection=3, max_attempts=2)
+    await wait_until(lambda: all_sent(mail_redis, orders), message="every mail")
+    await wait_until(lambda: group_idle(mail_redis))
+
+    ids = accepted_ids(smtp_server)
+    assert sorted(ids) == sorted(o.message_id for o in orders)  # each exactly once
+    assert await dead_letters(mail_redis) == []
+    sessions = smtp_server.sessions
+    assert [s.number for s in sessions if s.refused] == [
+        n for n in range(1, len(sessions) + 1) if n % 3 == 0
+    ]
+    assert len([s for s in sessions if s.refused]) >= 3
+    assert worker.stats["throttled"] >= 4 + len(orders[1::7])
+    assert not await mail_redis.exists(keys.mail_attempts(orders[0].order_id))
+
+
+async def test_relay_capping_connections_gets_fewer_sessions_and_every_mail(
+    mail_redis: Redis, smtp_server: SmtpServer, mail_workers: WorkerPool
+) -> None:
+    smtp_server.handler.max_connections = 2
+    smtp_server.handler.delay = 0.005
+    orders = [await seed_order(mail_redis) for _ in range(120)]
+    for order in orders:
+        await add_event(mail_redis, "order.completed", order)
+    worker = await mail_workers.start(concurrency=8, max_per_connection=5)
+    await wait_until(lambda: all_sent(mail_redis, orders), message="every mail")
+    await wait_until(lambda: group_idle(mail_redis))
+
+    assert sorted(accepted_ids(smtp_server)) == sorted(o.message_id for o in orders)
+    assert await dead_letters(mail_redis) == []
+    sessions = smtp_server.sessions
+    refused = [s for s in sessions if s.refused]
+    served = [s for s in sessions if not s.refused]
+    assert refused, "the cap must have been hit"
+    assert smtp_server.handler.peak_open <= 2
+    # The worker came down to what the relay holds open instead of knocking on
+    # with 8 sessions: most of its connections were accepted.
+    assert worker.lanes.lowest_limit <= 2
+    assert len(refused) < len(served)
+
+
+async def test_four_workers_of_eight_sessions_no_duplicate_and_a_kill_9_loses_nothing(
+    mail_redis: Redis, smtp_server: SmtpServer, mail_processes: ProcessPool
+) -> None:
+    handler = smtp_server.handler
+    handler.delay = 0.002
+    # The victim's DATA waits at the gate, so it is killed with mails in hand.
+    handler.gate, handler.gate_helo = threading.Event(), "victim.test"
+    names = ["victim", "w2", "w3", "w4"]
+    procs = {
+        name: mail_processes.start(
+            name, concurrency=8, max_per_connection=10, helo_name=f"{name}.test"
+        )
+        for name in names
+    }
+    for name in names:
+        await wait_until(lambda n=name: mail_redis.exists(keys.mail_worker_alive(n)))
+    orders = [await seed_order(mail_redis) for _ in range(300)]
+    async with mail_redis.pipeline(transaction=False) as pipe:
+        for order in orders:
+            pipe.xadd(keys.EVENTS, event_fields("order.completed", order))
+        await pipe.execute()
+    await wait_until(lambda: handler.gated >= 1, message="the victim mid-send")
+    procs["victim"].kill()
+    await asyncio.to_thread(procs["victim"].wait, 30)
+    handler.gate.set()
+    await wait_until(lambda: all_sent(mail_redis, orders), deadline_s=120, message="every mail")
+    await wait_until(lambda: group_idle(mail_redis))
+
+    ids = accepted_ids(smtp_server)
+    assert len(ids) == len(set(ids)), "a Message-ID was delivered twice"
+    assert set(ids) == {o.message_id for o in orders}
+    assert await dead_letters(mail_redis) == []
+    helos = {s.helo for s in smtp_server.sessions if s.mails}
+    assert {"w2.test", "w3.test", "w4.test"} <= helos  # the work was shared
+    assert max(s.mails for s in smtp_server.sessions) <= 10
+
+
+# -- a send is never taken over mid-way (issue 13, item 6) -------------------------------
+
+
+async def test_slow_server_two_workers_never_send_one_mail_twice(
+    mail_redis: Redis, smtp_server: SmtpServer, mail_workers: WorkerPool
+) -> None:
+    # The first connection answers each of EHLO, MAIL, RCPT and DATA after 1.2 s:
+    # every command within SMTP_TIMEOUT (1.4 s), the whole send (4.8 s) past
+    # MAIL_CLAIM_IDLE_SECONDS (3 s), when the other worker's XAUTOCLAIM may take
+    # the entry. The send must give up first, at the deadline (1.5 s).
+    smtp_server.handler.slow_connections = {1: 1.2}
+    order = await seed_order(mail_redis)
+    await add_event(mail_redis, "order.completed", order)
+    first = await mail_workers.start(worker_name="first")
+    second = await mail_workers.start(worker_name="second")
+    await wait_until(lambda: is_sent(mail_redis, order))
+    await wait_until(lambda: group_idle(mail_redis))
+    await wait_until(lambda: not smtp_server.sessions[0].open, message="the slow session closed")
+
+    assert accepted_ids(smtp_server) == [order.message_id]
+    assert smtp_server.sessions[0].mails == 0
+    assert first.stats["retries"] + second.stats["retries"] == 1
+    assert first.stats["sent"] + second.stats["sent"] == 1
+    assert await dead_letters(mail_redis) == []
+
+
+# -- sessions a stock MTA delivers at once (issue 18, item 1) ---------------------------
+
+
+async def test_sessions_carry_at_most_max_per_connection_mails_and_the_helo_name(
+    mail_redis: Redis, smtp_server: SmtpServer, mail_workers: WorkerPool
+) -> None:
+    orders = [await seed_order(mail_redis) for _ in range(10)]
+    async with mail_redis.pipeline(transaction=False) as pipe:
+        for order in orders:
+            pipe.xadd(keys.EVENTS, event_fields("order.completed", order))
+        await pipe.execute()
+    await mail_workers.start(
+        max_per_connection=3, idle_timeout=0.3, helo_name="mailer.phoneshop.test"
+    )
+    await wait_until(lambda: all_sent(mail_redis, orders))
+    # An idle session is closed by the worker, without a mail to send.
+    await wait_until(
+        lambda: not any(s.open for s in smtp_server.sessions), message="idle sessions closed"
+    )
+    sessions = smtp_server.sessions
+    assert [s.mails for s in sessions] == [3, 3, 3, 1]
+    assert {s.helo for s in sessions} == {"mailer.phoneshop.test"}
+
+    later = await seed_order(mail_redis)
+    await add_event(mail_redis, "order.completed", later)
+    await wait_until(lambda: is_sent(mail_redis, later))
+    assert [s.mails for s in smtp_server.sessions] == [3, 3, 3, 1, 1]
+
+
+def test_session_settings_default_to_what_a_stock_mta_delivers_at_once() -> None:
+    settings = MailSettings.from_env({})
+    assert settings.max_per_connection == 10  # exim4: smtp_accept_queue_per_connection
+    assert settings.concurrency == 8
+    assert settings.ehlo_name not in ("localhost", "localhost.localdomain")
+    assert "." in settings.ehlo_name
+    named = MailSettings.from_env({"MAIL_HELO_NAME": "[192.0.2.7]"})
+    assert named.ehlo_name == "[192.0.2.7]"
+    for bad in ("two words", "a_b.example", "[not an address]"):
+        with pytest.raises(SettingsError, match="MAIL_HELO_NAME"):
+            MailSettings.from_env({"MAIL_HELO_NAME": bad})
+    with pytest.raises(SettingsError, match="MAIL_MAX_PER_CONNECTION"):
+        MailSettings.from_env({"MAIL_MAX_PER_CONNECTION": "0"})
+    with pytest.raises(SettingsError, match="MAIL_CONCURRENCY"):
+        MailSettings.from_env({"MAIL_CONCURRENCY": "0"})
+
+
+# -- the backlog when Redis cannot say the lag (issue 18, item 4) ------------------------
+
+
+async def test_backlog_counts_undelivered_entries_when_redis_reports_no_lag(
+    mail_redis: Redis, mail_settings: MailSettings
+) -> None:
+    worker = MailWorker(mail_settings, mail_redis)
+    await worker.ensure_group()
+    orders = [await seed_order(mail_redis) for _ in range(30)]
+    ids = []
+    for order in orders:
+        await add_event(mail_redis, "order.placed", order)
+        ids.append(await add_event(mail_redis, "order.completed", order))
+    await mail_redis.xreadgroup(keys.MAIL_GROUP, "reader", {keys.EVENTS: ">"}, count=4)
+    # XDEL of an undelivered entry: Redis can no longer tell the group's lag.
+    await mail_redis.xdel(keys.EVENTS, ids[5])
+    [group] = await mail_redis.xinfo_groups(keys.EVENTS)
+    assert group["lag"] is None
+
+    backlog = await read_mail_backlog(mail_redis)
+    assert backlog is not None
+    assert (backlog.undelivered, backlog.exact) == (60 - 4 - 1, True)
+    assert backlog.pending == 4
+    [(first, _)] = await mail_redis.xrange(keys.EVENTS, count=1)
+    assert backlog.oldest_ms == int(first.split("-")[0])  # the oldest pending entry
+    assert "lag=55 " in backlog.describe(backlog.oldest_ms)
+
+    # The count is bounded: past the bound it says "at least".
+    assert await count_after(mail_redis, first, limit=10) == (10, False)
+    assert await count_after(mail_redis, first, limit=58) == (58, True)
