@@ -145,3 +145,13 @@ bench: setup
 .PHONY: soak
 soak: setup
 	$(PY) -m loadtests.soak
+
+# make redis-cluster: the local Redis Cluster of issue 11 (3 primaries + 3 replicas, AOF
+# always, data in var/redis-cluster/) in the foreground; Ctrl-C stops every node. The app
+# does not use it yet (docs/data-tier.md). make cluster-status: every node with its role.
+.PHONY: redis-cluster cluster-status
+redis-cluster: setup
+	$(PY) -m ops.redis_cluster run
+
+cluster-status: $(STAMP)
+	@$(PY) -m ops.redis_cluster status

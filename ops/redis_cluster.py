@@ -26,6 +26,7 @@ import ctypes
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -213,6 +214,18 @@ def poll(check: Callable[[], object], timeout: float, what: str) -> object:
         time.sleep(POLL_INTERVAL)
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports of 127.0.0.1 that were free a moment ago (the kernel's pick)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        with socket.socket() as sock:
+            sock.bind((HOST, 0))
+            port = sock.getsockname()[1]
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
 def die_with_parent() -> None:
     """preexec_fn for the CLI: the kernel SIGTERMs a node whose runner died (even by SIGKILL)."""
     with contextlib.suppress(OSError, AttributeError):
@@ -258,6 +271,19 @@ class LocalCluster:
     ) -> LocalCluster:
         count = primaries * (replicas + 1)
         return cls(directory, [base_port + i for i in range(count)], replicas=replicas, **options)  # type: ignore[arg-type]
+
+    @classmethod
+    def on_free_ports(
+        cls,
+        directory: Path,
+        primaries: int = DEFAULT_PRIMARIES,
+        replicas: int = DEFAULT_REPLICAS,
+        **options: object,
+    ) -> LocalCluster:
+        """Node and bus ports all picked free: for tests and benchmarks beside other work."""
+        count = primaries * (replicas + 1)
+        ports = free_ports(2 * count)
+        return cls(directory, ports[:count], bus_ports=ports[count:], replicas=replicas, **options)  # type: ignore[arg-type]
 
     @property
     def primaries_expected(self) -> int:
@@ -366,6 +392,9 @@ class LocalCluster:
             raise
 
     def create(self, timeout: float) -> None:
+        if self.primaries_expected == 1:
+            self._create_single_primary(timeout)
+            return
         redis_cli = shutil.which("redis-cli")
         if redis_cli is None:
             raise ClusterError("redis-cli is not installed (it comes with redis-server)")
@@ -378,6 +407,28 @@ class LocalCluster:
             raise ClusterError(
                 f"redis-cli --cluster create failed: {result.stdout[-800:]}{result.stderr[-400:]}"
             )
+
+    def _create_single_primary(self, timeout: float) -> None:
+        """redis-cli --cluster create wants 3 primaries; one (the 1-shard baseline of the
+        benchmarks) takes every slot itself, and its replicas meet it and follow it."""
+        primary, *replicas = self.ports
+        with client(primary) as node:
+            node.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, SLOTS - 1)
+            primary_id = node.execute_command("CLUSTER", "MYID")
+        # MEET needs the bus port when it is not port + 10000.
+        bus = [] if self.bus_ports is None else [self.bus_ports[0]]
+        for port in replicas:
+            with client(port) as node:
+                node.execute_command("CLUSTER", "MEET", HOST, primary, *bus)
+
+        def met(port: int) -> bool:
+            view = topology_from(port)
+            return view is not None and any(n.node_id == primary_id for n in view.nodes)
+
+        for port in replicas:
+            poll(lambda port=port: met(port), timeout, f"{port} to meet {primary}")
+            with client(port) as node:
+                node.execute_command("CLUSTER", "REPLICATE", primary_id)
 
     def topology(self) -> Topology:
         """CLUSTER NODES as the first running node that answers sees it."""

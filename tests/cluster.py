@@ -9,32 +9,15 @@ from pathlib import Path
 import pytest
 
 from ops.redis_cluster import LocalCluster
-from tests.servers import free_port
 
 # The fault tests wait out failure detection: shorter than make run's 2000 ms, still
 # well clear of a busy shared box's pauses.
 TEST_NODE_TIMEOUT_MS = 1500
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports (the node ports and, apart, their bus ports)."""
-    ports: list[int] = []
-    while len(ports) < count:
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-    return ports
-
-
 def new_cluster(directory: Path, primaries: int = 3, replicas: int = 1) -> LocalCluster:
-    count = primaries * (replicas + 1)
-    ports = free_ports(2 * count)
-    return LocalCluster(
-        directory,
-        ports[:count],
-        bus_ports=ports[count:],
-        replicas=replicas,
-        node_timeout_ms=TEST_NODE_TIMEOUT_MS,
+    return LocalCluster.on_free_ports(
+        directory, primaries, replicas, node_timeout_ms=TEST_NODE_TIMEOUT_MS
     )
 
 

@@ -22,6 +22,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, ResponseError
 
+from loadtests.datatier import run_ceiling
 from ops.redis_cluster import (
     SLOTS,
     LocalCluster,
@@ -355,3 +356,18 @@ def test_a_script_over_two_slots_is_refused_even_on_one_node(redis_cluster: Loca
         pytest.raises(RedisClusterException, match="same key slot"),
     ):
         routed.eval("return 1", 2, first, second)
+
+
+@pytest.mark.parametrize("primaries", [1, 3])
+def test_the_data_tier_harness_places_real_orders_on_every_primary(
+    tmp_path: Path, primaries: int
+) -> None:
+    """loadtests/datatier.py's ceiling run: every redis-benchmark EVALSHA of today's
+    place_order.lua, with one order's keys under one tag, placed an order (no CROSSSLOT,
+    no refusal), on each primary, and the per-order CPU figure comes from real work."""
+    run = run_ceiling(tmp_path, primaries, 0, 300, 4, "everysec")
+    assert run["primaries"] == primaries
+    assert run["calls"] == 300 * primaries
+    # __rand_int__ collisions would answer 500 with nothing written; 300 of 10^9 never collide.
+    assert run["orders_placed"] == run["calls"]
+    assert run["primary_cpu_us_per_order"] > 0
