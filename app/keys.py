@@ -18,6 +18,18 @@ Hashes and their fields (all numbers are integers, money in cents):
                     items ("phone_id:quantity:unit_price_cents;..."),
                     total_cents, seq, created_at, request_id
 
+Hash ``ledger``: the shop's running totals, moved by the same script and in
+the same step as the rows they sum, so they are one consistent figure at every
+moment (app/admin/audit.py checks them against a paged recount of the rows).
+Money in cents: balance_cents (all balances), added_cents (all opening
+balances + deposits), open_cents and completed_cents (the totals of open and
+of completed orders). Units: stock_units, added_units, open_units,
+completed_units. Counts: phones, customers, orders_open, orders_completed,
+orders_cancelled. changes: one more for every script run that wrote, so an
+unchanged count means nothing moved. At every moment
+balance + open + completed = added, in cents and in units. Every order script
+touches it, so a move to Redis Cluster would keep one ledger per hash tag.
+
 Stream ``events``: one entry per order change, appended by the script that made
 the change. Fields: type (order.placed|order.completed|order.cancelled),
 order_id, customer_id, status, request_id, at (ms since the epoch);
@@ -45,6 +57,8 @@ MAIL_GROUP = "mailer"
 MAIL_DEAD = "mail:dead"
 
 ORDER_STATUSES = ("open", "completed", "cancelled")
+
+LEDGER = "ledger"
 
 
 def phone(phone_id: str) -> str:

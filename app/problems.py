@@ -42,7 +42,6 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "service_unavailable": (503, "The service is unavailable; retry later"),
     "overloaded": (503, "Too many requests in flight; retry later"),
     "queued_too_long": (503, "The request waited too long in line; retry later"),
-    "audit_busy": (503, "The data kept changing during the audit; retry later"),
 }
 
 

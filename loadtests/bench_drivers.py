@@ -197,6 +197,7 @@ def ceiling_b(
         keys.customer_orders_by_status(customer_id, "completed"),
         keys.ORDERS_SEQ,
         keys.EVENTS,
+        keys.LEDGER,
         keys.phone(phone_id),
     ]
     args = [rand, customer_id, str(int(time.time() * 1000)), "0" * 32, "1", "1", "f" * 64]

@@ -94,7 +94,7 @@ async def test_scripts_reload_after_a_script_flush(fast: MultiplexedRedis, redis
     # create_phone through the multiplexed connection: NOSCRIPT, SCRIPT LOAD, EVALSHA.
     result = await scripts.run(
         "create_phone",
-        ["phone:AAAAAAAAAAAAAAAAAAAAAA", "phones", "phones:seq"],
+        ["phone:AAAAAAAAAAAAAAAAAAAAAA", "phones", "phones:seq", "ledger"],
         ["AAAAAAAAAAAAAAAAAAAAAA", "P", "", "", 100, 3, 1],
     )
     assert result.status == 201

@@ -91,10 +91,10 @@ async def test_limit_rejections_change_nothing(shop: Shop, redis: Redis) -> None
     scripts = Scripts(redis)
     before = await snapshot(redis)
     with pytest.raises(ProblemError) as stock:
-        await scripts.run("restock", [keys.phone(phone["id"])], [1, 10**9])
+        await scripts.run("restock", [keys.phone(phone["id"]), keys.LEDGER], [1, 10**9])
     assert stock.value.code == "stock_limit"
     with pytest.raises(ProblemError) as balance:
-        await scripts.run("deposit", [keys.customer(customer["id"])], [1, 10**12])
+        await scripts.run("deposit", [keys.customer(customer["id"]), keys.LEDGER], [1, 10**12])
     assert balance.value.code == "balance_limit"
     assert await snapshot(redis) == before
 
@@ -134,6 +134,8 @@ async def test_scripts_refuse_keys_that_do_not_fit_the_order(shop: Shop, redis: 
                 keys.customer_orders_by_status(other["id"], "open"),
                 keys.customer_orders_by_status(other["id"], "completed"),
                 keys.EVENTS,
+                keys.customer(other["id"]),
+                keys.LEDGER,
             ],
             [other["id"], "", 0, "req"],
         )
@@ -149,6 +151,7 @@ async def test_scripts_refuse_keys_that_do_not_fit_the_order(shop: Shop, redis: 
                 keys.customer_orders_by_status(owner["id"], "open"),
                 keys.customer_orders_by_status(owner["id"], "cancelled"),
                 keys.EVENTS,
+                keys.LEDGER,
                 keys.phone(phone["id"]),
             ],
             [owner["id"], "", 0, "req", f"{phone['id']}:5:10"],

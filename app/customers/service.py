@@ -42,6 +42,7 @@ async def create_customer(scripts: Scripts, data: CustomerCreate) -> tuple[Custo
             keys.CUSTOMERS_SEQ,
             keys.CUSTOMER_EMAILS,
             keys.customer_token(digest),
+            keys.LEDGER,
         ],
         [
             customer_id,
@@ -68,6 +69,6 @@ async def get_customer(redis: Redis, customer_id: str) -> Customer:
 
 async def deposit(scripts: Scripts, customer_id: str, amount_cents: int) -> Customer:
     result = await scripts.run(
-        "deposit", [keys.customer(customer_id)], [amount_cents, BALANCE_LIMIT]
+        "deposit", [keys.customer(customer_id), keys.LEDGER], [amount_cents, BALANCE_LIMIT]
     )
     return customer_from_fields(result.payload)

@@ -1,5 +1,6 @@
 -- cancel_order: move an open order to cancelled, refund its total to the
--- customer and put every line back in stock, then append order.cancelled.
+-- customer and put every line back in stock, move the ledger's running totals
+-- the same way, then append order.cancelled.
 -- Cancelling a cancelled order again changes nothing; a completed one is refused.
 --
 -- KEYS[1]  order:{order_id}                          hash
@@ -9,7 +10,8 @@
 -- KEYS[5]  customer:{owner_id}:orders:open           zset
 -- KEYS[6]  customer:{owner_id}:orders:cancelled      zset
 -- KEYS[7]  events                                    stream
--- KEYS[8..7+n]  phone:{phone_id} for each line of the order, in order
+-- KEYS[8]  ledger                                    hash, the running totals (app/keys.py)
+-- KEYS[9..8+n]  phone:{phone_id} for each line of the order, in order
 -- ARGV[1]  owner id the keys above were built for
 -- ARGV[2]  requesting customer id, or "" for the admin
 -- ARGV[3]  now, ms since the epoch
@@ -33,7 +35,7 @@ local owner, status, seq, order_id, items, total = order[1], order[2], order[3],
 if not owner or (ARGV[2] ~= '' and ARGV[2] ~= owner) then
   return {404, cjson.encode({code = 'order_not_found'}), 0}
 end
-if owner ~= ARGV[1] or items ~= ARGV[5] then
+if owner ~= ARGV[1] or items ~= ARGV[5] or #KEYS ~= 8 + select(2, string.gsub(items, ';', '')) + 1 then
   return {409, cjson.encode({code = 'order_owner_changed'}), 0}
 end
 
@@ -60,15 +62,17 @@ end
 local lines = {}
 for phone_id, quantity in string.gmatch(items, '([^:;]+):(%d+):%d+') do
   lines[#lines + 1] = quantity
-  local stock = redis.call('HGET', KEYS[7 + #lines], 'stock') or '0'
+  local stock = redis.call('HGET', KEYS[8 + #lines], 'stock') or '0'
   if tonumber(stock) + tonumber(quantity) > tonumber(ARGV[7]) then
     return {409, cjson.encode({code = 'stock_limit', phone_id = phone_id, stock = stock, limit = ARGV[7]}), 0}
   end
 end
 
 -- Every check passed: write.
+local units = 0
 for i, quantity in ipairs(lines) do
-  redis.call('HINCRBY', KEYS[7 + i], 'stock', quantity)
+  redis.call('HINCRBY', KEYS[8 + i], 'stock', quantity)
+  units = units + tonumber(quantity)
 end
 redis.call('HINCRBY', KEYS[2], 'balance_cents', total)
 redis.call('HSET', KEYS[1], 'status', 'cancelled')
@@ -76,6 +80,13 @@ redis.call('ZREM', KEYS[3], order_id)
 redis.call('ZADD', KEYS[4], seq, order_id)
 redis.call('ZREM', KEYS[5], order_id)
 redis.call('ZADD', KEYS[6], seq, order_id)
+redis.call('HINCRBY', KEYS[8], 'open_cents', -tonumber(total))
+redis.call('HINCRBY', KEYS[8], 'balance_cents', total)
+redis.call('HINCRBY', KEYS[8], 'open_units', -units)
+redis.call('HINCRBY', KEYS[8], 'stock_units', units)
+redis.call('HINCRBY', KEYS[8], 'orders_open', -1)
+redis.call('HINCRBY', KEYS[8], 'orders_cancelled', 1)
+redis.call('HINCRBY', KEYS[8], 'changes', 1)
 redis.call('XADD', KEYS[7], '*', 'type', 'order.cancelled', 'order_id', order_id,
   'customer_id', owner, 'status', 'cancelled', 'request_id', ARGV[4], 'at', ARGV[3])
 return {200, fields(), 1}

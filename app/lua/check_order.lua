@@ -1,4 +1,5 @@
--- check_order: move an open order to completed and append order.completed.
+-- check_order: move an open order to completed, move its amount and units
+-- from open to completed in the ledger, and append order.completed.
 -- Checking a completed order again changes nothing; a cancelled one is refused.
 --
 -- KEYS[1]  order:{order_id}                          hash
@@ -8,6 +9,7 @@
 -- KEYS[5]  customer:{owner_id}:orders:completed      zset
 -- KEYS[6]  events                                    stream
 -- KEYS[7]  customer:{owner_id}                       hash (read: the balance for the mail)
+-- KEYS[8]  ledger                                    hash, the running totals (app/keys.py)
 -- ARGV[1]  owner id the keys above were built for
 -- ARGV[2]  requesting customer id, or "" for the admin
 -- ARGV[3]  now, ms since the epoch
@@ -19,8 +21,8 @@
 --   409, {code="order_cancelled"}      nothing written
 --   409, {code="order_owner_changed"}  the caller's keys do not fit; nothing written
 
-local order = redis.call('HMGET', KEYS[1], 'customer_id', 'status', 'seq', 'id')
-local owner, status, seq, order_id = order[1], order[2], order[3], order[4]
+local order = redis.call('HMGET', KEYS[1], 'customer_id', 'status', 'seq', 'id', 'items', 'total_cents')
+local owner, status, seq, order_id, items, total = order[1], order[2], order[3], order[4], order[5], order[6]
 if not owner or (ARGV[2] ~= '' and ARGV[2] ~= owner) then
   return {404, cjson.encode({code = 'order_not_found'}), 0}
 end
@@ -44,11 +46,22 @@ if status ~= 'open' then
   return {409, cjson.encode({code = 'order_cancelled'}), 0}
 end
 
+local units = 0
+for quantity in string.gmatch(items, '[^:;]+:(%d+):%d+') do
+  units = units + tonumber(quantity)
+end
 redis.call('HSET', KEYS[1], 'status', 'completed')
 redis.call('ZREM', KEYS[2], order_id)
 redis.call('ZADD', KEYS[3], seq, order_id)
 redis.call('ZREM', KEYS[4], order_id)
 redis.call('ZADD', KEYS[5], seq, order_id)
+redis.call('HINCRBY', KEYS[8], 'open_cents', -tonumber(total))
+redis.call('HINCRBY', KEYS[8], 'completed_cents', total)
+redis.call('HINCRBY', KEYS[8], 'open_units', -units)
+redis.call('HINCRBY', KEYS[8], 'completed_units', units)
+redis.call('HINCRBY', KEYS[8], 'orders_open', -1)
+redis.call('HINCRBY', KEYS[8], 'orders_completed', 1)
+redis.call('HINCRBY', KEYS[8], 'changes', 1)
 redis.call('XADD', KEYS[6], '*', 'type', 'order.completed', 'order_id', order_id,
   'customer_id', owner, 'status', 'completed', 'request_id', ARGV[4], 'at', ARGV[3],
   'balance_cents', redis.call('HGET', KEYS[7], 'balance_cents'))

@@ -1,11 +1,13 @@
 -- create_customer: store a customer with an opening balance, reserve the
--- email (unique, case-insensitive) and map the token's hash to the id.
+-- email (unique, case-insensitive), map the token's hash to the id, and add
+-- the opening balance to the ledger's running totals.
 --
 -- KEYS[1]  customer:{customer_id}   hash, must not exist
 -- KEYS[2]  customers                zset, by seq
 -- KEYS[3]  customers:seq            counter
 -- KEYS[4]  customers:email          hash, lower-cased email -> id
 -- KEYS[5]  token:{token_sha256}     string -> customer id
+-- KEYS[6]  ledger                   hash, the running totals (app/keys.py)
 -- ARGV[1]  customer id
 -- ARGV[2]  name
 -- ARGV[3]  surname
@@ -33,5 +35,9 @@ redis.call('HSET', KEYS[1], 'id', ARGV[1], 'name', ARGV[2], 'surname', ARGV[3], 
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
 redis.call('HSET', KEYS[4], ARGV[5], ARGV[1])
 redis.call('SET', KEYS[5], ARGV[1])
+redis.call('HINCRBY', KEYS[6], 'customers', 1)
+redis.call('HINCRBY', KEYS[6], 'balance_cents', ARGV[6])
+redis.call('HINCRBY', KEYS[6], 'added_cents', ARGV[6])
+redis.call('HINCRBY', KEYS[6], 'changes', 1)
 return {201, cjson.encode({id = ARGV[1], name = ARGV[2], surname = ARGV[3], email = ARGV[4],
   balance_cents = ARGV[6], created_at = ARGV[8]})}

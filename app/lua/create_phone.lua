@@ -1,8 +1,10 @@
--- create_phone: store a new phone with its opening stock and index it.
+-- create_phone: store a new phone with its opening stock and index it, and
+-- add it to the running totals of the ledger.
 --
 -- KEYS[1]  phone:{phone_id}  hash, must not exist
 -- KEYS[2]  phones            zset, by seq
 -- KEYS[3]  phones:seq        counter
+-- KEYS[4]  ledger            hash, the running totals (app/keys.py)
 -- ARGV[1]  phone id
 -- ARGV[2]  name
 -- ARGV[3]  description
@@ -23,6 +25,10 @@ redis.call('HSET', KEYS[1], 'id', ARGV[1], 'name', ARGV[2], 'description', ARGV[
   'image_url', ARGV[4], 'price_cents', ARGV[5], 'stock', ARGV[6], 'added_units', ARGV[6],
   'seq', seq, 'created_at', ARGV[7])
 redis.call('ZADD', KEYS[2], seq, ARGV[1])
+redis.call('HINCRBY', KEYS[4], 'phones', 1)
+redis.call('HINCRBY', KEYS[4], 'stock_units', ARGV[6])
+redis.call('HINCRBY', KEYS[4], 'added_units', ARGV[6])
+redis.call('HINCRBY', KEYS[4], 'changes', 1)
 local flat = redis.call('HGETALL', KEYS[1])
 local map = {}
 for i = 1, #flat, 2 do

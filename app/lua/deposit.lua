@@ -1,7 +1,8 @@
 -- deposit: add money to a customer's balance, and to the money ever added
--- that the audit balances against.
+-- that the audit balances against; the ledger's totals move with them.
 --
 -- KEYS[1]  customer:{customer_id}  hash, must exist
+-- KEYS[2]  ledger                   hash, the running totals (app/keys.py)
 -- ARGV[1]  amount_cents (1..10^12, checked by the caller)
 -- ARGV[2]  balance ceiling: the deposit is refused past it (keeps every sum
 --          below 2^53, where Lua numbers stop being exact)
@@ -20,6 +21,9 @@ if tonumber(balance) + tonumber(ARGV[1]) > tonumber(ARGV[2]) then
 end
 redis.call('HINCRBY', KEYS[1], 'balance_cents', ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'added_cents', ARGV[1])
+redis.call('HINCRBY', KEYS[2], 'balance_cents', ARGV[1])
+redis.call('HINCRBY', KEYS[2], 'added_cents', ARGV[1])
+redis.call('HINCRBY', KEYS[2], 'changes', 1)
 local row = redis.call('HMGET', KEYS[1], 'id', 'name', 'surname', 'email', 'balance_cents', 'created_at')
 return {200, cjson.encode({id = row[1], name = row[2], surname = row[3], email = row[4],
   balance_cents = row[5], created_at = row[6]})}

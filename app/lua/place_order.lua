@@ -1,7 +1,7 @@
 -- place_order: validate every line, stock and the balance, then (only then)
 -- decrement stock, debit the customer, store and index the order and append
--- its events. Redis never rolls back a half-run script, so no write happens
--- before the last check.
+-- its events, and move the ledger's running totals. Redis never rolls back a
+-- half-run script, so no write happens before the last check.
 --
 -- KEYS[1]  customer:{customer_id}            hash
 -- KEYS[2]  idem:{customer_id}:{sha256(key)}  hash (ignored unless ARGV[6] == "1")
@@ -12,7 +12,8 @@
 -- KEYS[7]  customer:{customer_id}:orders:{status}  zset
 -- KEYS[8]  orders:seq                        counter
 -- KEYS[9]  events                            stream
--- KEYS[10..9+n]  phone:{phone_id}, one per line, same order as the lines
+-- KEYS[10] ledger                            hash, the running totals (app/keys.py)
+-- KEYS[11..10+n]  phone:{phone_id}, one per line, same order as the lines
 -- ARGV[1]  order id
 -- ARGV[2]  customer id
 -- ARGV[3]  now, ms since the epoch
@@ -32,9 +33,15 @@
 --   402, {code="insufficient_funds", balance_cents, total_cents}
 --   422, {code="idempotency_key_reused"}          same key, other body
 --   any stored status and payload, 1              replay of the first answer
+--   error reply "place_order: ..."               KEYS do not fit ARGV; nothing written
 
 local function fmt(n)
   return string.format('%d', n)
+end
+
+local n = (#ARGV - 8) / 2
+if #KEYS ~= 10 + n then
+  return redis.error_reply('place_order: expected ' .. (10 + n) .. ' keys, got ' .. #KEYS)
 end
 
 local use_idem = ARGV[6] == '1'
@@ -65,7 +72,6 @@ if redis.call('EXISTS', KEYS[3]) == 1 then
   return {500, cjson.encode({code = 'order_id_collision'}), 0}
 end
 
-local n = (#ARGV - 8) / 2
 local missing = {}
 local short = {}
 local prices = {}
@@ -73,7 +79,7 @@ local total = 0
 for i = 1, n do
   local phone_id = ARGV[7 + 2 * i]
   local quantity = tonumber(ARGV[8 + 2 * i])
-  local row = redis.call('HMGET', KEYS[9 + i], 'price_cents', 'stock')
+  local row = redis.call('HMGET', KEYS[10 + i], 'price_cents', 'stock')
   if not row[1] then
     missing[#missing + 1] = phone_id
   else
@@ -98,10 +104,12 @@ end
 
 -- Every check passed: write.
 local items = {}
+local units = 0
 for i = 1, n do
   local phone_id = ARGV[7 + 2 * i]
   local quantity = ARGV[8 + 2 * i]
-  redis.call('HINCRBY', KEYS[9 + i], 'stock', -tonumber(quantity))
+  redis.call('HINCRBY', KEYS[10 + i], 'stock', -tonumber(quantity))
+  units = units + tonumber(quantity)
   items[i] = phone_id .. ':' .. quantity .. ':' .. fmt(prices[i])
 end
 redis.call('HINCRBY', KEYS[1], 'balance_cents', -total)
@@ -128,6 +136,12 @@ redis.call('ZADD', KEYS[4], seq, ARGV[1])
 redis.call('ZADD', KEYS[5], seq, ARGV[1])
 redis.call('ZADD', KEYS[6], seq, ARGV[1])
 redis.call('ZADD', KEYS[7], seq, ARGV[1])
+redis.call('HINCRBY', KEYS[10], 'balance_cents', -total)
+redis.call('HINCRBY', KEYS[10], status .. '_cents', total)
+redis.call('HINCRBY', KEYS[10], 'stock_units', -units)
+redis.call('HINCRBY', KEYS[10], status .. '_units', units)
+redis.call('HINCRBY', KEYS[10], 'orders_' .. status, 1)
+redis.call('HINCRBY', KEYS[10], 'changes', 1)
 
 redis.call('XADD', KEYS[9], '*', 'type', 'order.placed', 'order_id', ARGV[1],
   'customer_id', ARGV[2], 'status', 'open', 'request_id', ARGV[4], 'at', ARGV[3])

@@ -1,7 +1,8 @@
 -- restock: add units to a phone's stock, and to the units ever added that
--- the audit balances against.
+-- the audit balances against; the ledger's totals move with them.
 --
 -- KEYS[1]  phone:{phone_id}  hash, must exist
+-- KEYS[2]  ledger            hash, the running totals (app/keys.py)
 -- ARGV[1]  quantity (1..10^9, checked by the caller)
 -- ARGV[2]  stock ceiling: the restock is refused past it
 --
@@ -19,6 +20,9 @@ if tonumber(stock) + tonumber(ARGV[1]) > tonumber(ARGV[2]) then
 end
 redis.call('HINCRBY', KEYS[1], 'stock', ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'added_units', ARGV[1])
+redis.call('HINCRBY', KEYS[2], 'stock_units', ARGV[1])
+redis.call('HINCRBY', KEYS[2], 'added_units', ARGV[1])
+redis.call('HINCRBY', KEYS[2], 'changes', 1)
 local flat = redis.call('HGETALL', KEYS[1])
 local map = {}
 for i = 1, #flat, 2 do

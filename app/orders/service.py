@@ -82,6 +82,7 @@ async def place_order(
         keys.customer_orders_by_status(customer_id, status),
         keys.ORDERS_SEQ,
         keys.EVENTS,
+        keys.LEDGER,
     ] + [keys.phone(phone_id) for phone_id, _ in lines]
     args: list[str | int] = [
         order_id,
@@ -140,6 +141,7 @@ async def check_order(
             keys.customer_orders_by_status(owner, "completed"),
             keys.EVENTS,
             keys.customer(owner),
+            keys.LEDGER,
         ],
         [owner, principal.customer_id or "", int(time.time() * 1000), request_id],
     )
@@ -165,6 +167,7 @@ async def cancel_order(
             keys.customer_orders_by_status(owner_id, "open"),
             keys.customer_orders_by_status(owner_id, "cancelled"),
             keys.EVENTS,
+            keys.LEDGER,
         ]
         + [keys.phone(line.phone_id) for line in parse_items(items_field)],
         [

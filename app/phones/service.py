@@ -32,7 +32,7 @@ async def create_phone(scripts: Scripts, data: PhoneCreate) -> Phone:
     phone_id = new_id()
     result = await scripts.run(
         "create_phone",
-        [keys.phone(phone_id), keys.PHONES, keys.PHONES_SEQ],
+        [keys.phone(phone_id), keys.PHONES, keys.PHONES_SEQ, keys.LEDGER],
         [
             phone_id,
             data.name,
@@ -71,5 +71,7 @@ async def update_phone(scripts: Scripts, phone_id: str, data: PhoneUpdate) -> Ph
 
 
 async def restock(scripts: Scripts, phone_id: str, quantity: int) -> Phone:
-    result = await scripts.run("restock", [keys.phone(phone_id)], [quantity, STOCK_LIMIT])
+    result = await scripts.run(
+        "restock", [keys.phone(phone_id), keys.LEDGER], [quantity, STOCK_LIMIT]
+    )
     return phone_from_fields(result.payload)

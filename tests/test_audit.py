@@ -1,0 +1,192 @@
+"""The audit finishes while orders flow, says what it checked and as of when,
+and catches rows changed outside the scripts, at rest and under load."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+from redis.asyncio import Redis
+
+from app import keys
+from app.admin.audit import BATCH
+from app.auth import Principal
+from app.orders.service import cancel_order, check_order, place_order
+from app.scripts import Scripts
+from tests.conftest import Shop
+
+PREFILL = 4 * BATCH  # enough rows that one audit takes several round trips
+WRITES = 3000  # the writer's bound: it stops here even if no audit overlapped it
+
+
+def check(audit: dict, name: str) -> dict:
+    (found,) = [c for c in audit["checks"] if c["name"] == name]
+    return found
+
+
+async def _world(shop: Shop, redis: Redis) -> tuple[list[str], list[tuple[str, dict]]]:
+    phones = [(await shop.phone(price_cents=100, stock=10**6))["id"] for _ in range(4)]
+    customers = [await shop.customer(balance_cents=10**9) for _ in range(4)]
+    scripts = Scripts(redis)
+    counter = itertools.count()
+
+    async def one() -> None:
+        i = next(counter)
+        await place_order(
+            scripts,
+            customer_id=customers[i % 4][0]["id"],
+            lines=[(phones[i % 4], 1 + i % 3)],
+            autocheck=i % 2 == 0,
+            idempotency_key=None,
+            idempotency_ttl=60,
+            request_id="prefill",
+        )
+
+    for _ in range(PREFILL // 100):
+        await asyncio.gather(*(one() for _ in range(100)))
+    return phones, [(c["id"], auth) for c, auth in customers]
+
+
+async def _writer(
+    shop: Shop, phones: list[str], customers: list[tuple[str, dict]], stop: asyncio.Event
+) -> int:
+    """Orders placed, checked and cancelled through the API until told to stop."""
+    for i in range(WRITES):
+        if stop.is_set():
+            return i
+        _, auth = customers[i % len(customers)]
+        placed = await shop.order(auth, [(phones[i % len(phones)], 1)], autocheck=i % 3 == 0)
+        assert placed.status == 201, await placed.text()
+        order_id = (await placed.json())["order"]["id"]
+        if i % 3 == 1:
+            assert (await shop.client.post(f"/orders/{order_id}/check", headers=auth)).status == 200
+        elif i % 3 == 2:
+            assert (
+                await shop.client.post(f"/orders/{order_id}/cancel", headers=auth)
+            ).status == 200
+    return WRITES
+
+
+async def _audit_under_load(shop: Shop) -> dict:
+    """Audit until one overlaps the writer's changes (bounded by the writer's WRITES)."""
+    while True:
+        audit = await shop.audit()
+        if audit["writes_during"] > 0:
+            return audit
+
+
+async def test_audit_finishes_and_holds_while_orders_are_placed(shop: Shop, redis: Redis) -> None:
+    phones, customers = await _world(shop, redis)
+    stop = asyncio.Event()
+    writer = asyncio.create_task(_writer(shop, phones, customers, stop))
+    try:
+        audits = [await asyncio.wait_for(_audit_under_load(shop), 120) for _ in range(2)]
+    finally:
+        stop.set()
+        written = await writer
+    for audit in audits:
+        assert audit["ok"] is True, audit["checks"]
+        assert audit["at_rest"] is False and audit["as_of"] is None
+        assert check(audit, "ledger_balances_plus_orders_equal_added")["ok"] is True
+        # Exact only at rest: bounded under load, or reported as not checked.
+        assert check(audit, "recount_equals_ledger")["checked"].startswith("bounds")
+        assert check(audit, "every_phone_stock_plus_sold_equals_added")["ok"] is None
+        assert audit["orders"]["total"] >= PREFILL
+    assert written < WRITES, "the writer finished before the audits overlapped it"
+
+    at_rest = await shop.audit()
+    assert at_rest["ok"] is True and at_rest["at_rest"] is True
+    assert at_rest["as_of"] == at_rest["finished_at"]
+    assert {c["checked"] for c in at_rest["checks"] if c["holds"] == "at_rest"} == {"exact"}
+    assert at_rest["orders"]["total"] == PREFILL + written
+    ledger = at_rest["ledger"]["at_end"]
+    assert ledger["orders_open"] + ledger["orders_completed"] + ledger["orders_cancelled"] == (
+        PREFILL + written
+    )
+    assert at_rest["money"]["balances_cents"] == ledger["balance_cents"]
+
+
+async def test_audit_under_load_catches_a_row_changed_outside_the_scripts(
+    shop: Shop, redis: Redis
+) -> None:
+    phones, customers = await _world(shop, redis)
+    # Units ever added only grow, so even under load the recount must stay
+    # within the ledger's figures; a write no script made breaks that.
+    await redis.hincrby(keys.phone(phones[0]), "added_units", 10**7)
+    stop = asyncio.Event()
+    writer = asyncio.create_task(_writer(shop, phones, customers, stop))
+    try:
+        audit = await asyncio.wait_for(_audit_under_load(shop), 120)
+    finally:
+        stop.set()
+        await writer
+    assert audit["ok"] is False
+    differing = check(audit, "recount_equals_ledger")["differing"]
+    assert differing["added_units"]["recount"] > differing["added_units"]["ledger_at_end"]
+
+
+async def test_audit_at_rest_catches_every_kind_of_tampering(shop: Shop, redis: Redis) -> None:
+    phone = await shop.phone(price_cents=100, stock=10)
+    customer, auth = await shop.customer(balance_cents=1000)
+    order = (await (await shop.order(auth, [(phone["id"], 2)], autocheck=False)).json())["order"]
+    assert (await shop.audit())["ok"] is True
+
+    await redis.hincrby(keys.customer(customer["id"]), "balance_cents", 1)
+    audit = await shop.audit()
+    assert audit["ok"] is False and audit["money"]["ok"] is False
+    assert check(audit, "recount_equals_ledger")["differing"] == {
+        "balance_cents": {"ledger": 800, "recount": 801}
+    }
+    await redis.hincrby(keys.customer(customer["id"]), "balance_cents", -1)
+
+    await redis.hincrby(keys.phone(phone["id"]), "stock", -1)
+    audit = await shop.audit()
+    assert audit["ok"] is False and audit["stock"]["ok"] is False
+    assert audit["stock"]["mismatches"] == [
+        {"phone_id": phone["id"], "stock": 7, "sold": 2, "added": 10}
+    ]
+    await redis.hincrby(keys.phone(phone["id"]), "stock", 1)
+
+    await redis.hset(keys.order(order["id"]), "total_cents", 150)
+    audit = await shop.audit()
+    assert check(audit, "rows_consistent")["rows"] == [
+        {"order_id": order["id"], "total": 150, "lines": 200}
+    ]
+    await redis.hset(keys.order(order["id"]), "total_cents", 200)
+
+    # The ledger itself: its identity holds at every moment, so this shows at once.
+    await redis.hincrby(keys.LEDGER, "open_cents", 5)
+    audit = await shop.audit()
+    assert check(audit, "ledger_balances_plus_orders_equal_added")["ok"] is False
+    await redis.hincrby(keys.LEDGER, "open_cents", -5)
+    assert (await shop.audit())["ok"] is True
+
+
+async def test_cancel_and_check_move_the_ledger(shop: Shop, redis: Redis) -> None:
+    phone = await shop.phone(price_cents=100, stock=10)
+    _, auth = await shop.customer(balance_cents=1000)
+    principal_orders = []
+    for _ in range(2):
+        placed = await shop.order(auth, [(phone["id"], 3)], autocheck=False)
+        principal_orders.append((await placed.json())["order"]["id"])
+    scripts = Scripts(redis)
+    admin = Principal(customer_id=None)
+    await check_order(redis, scripts, admin, principal_orders[0], "r1")
+    await cancel_order(redis, scripts, admin, principal_orders[1], "r2")
+    ledger = {k.decode(): int(v) for k, v in (await redis.hgetall(keys.LEDGER)).items()}
+    assert ledger == {
+        "phones": 1,
+        "customers": 1,
+        "orders_open": 0,
+        "orders_completed": 1,
+        "orders_cancelled": 1,
+        "balance_cents": 700,
+        "added_cents": 1000,
+        "open_cents": 0,
+        "completed_cents": 300,
+        "stock_units": 7,
+        "added_units": 10,
+        "open_units": 0,
+        "completed_units": 3,
+        "changes": 6,
+    }
