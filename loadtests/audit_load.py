@@ -1,0 +1,307 @@
+"""The audit at size and under writes, on a fresh redis-server of its own.
+
+Fills Redis with ``--orders`` orders through the real place_order script, then
+runs the audit (app/admin/audit.py, as GET /admin/audit does) while a writer
+places orders at ``--rate`` per second, and reports:
+
+- how long the audit took and what it concluded;
+- the writer's achieved rate during the audit;
+- the longest any single command kept Redis busy meanwhile (SLOWLOG, every
+  command of 1 ms or more, from any client), and the worst PING round trip a
+  separate client saw.
+
+    python -m loadtests.audit_load --orders 1000000 --rate 2000
+
+Everything runs on 127.0.0.1 and stops on its own: the writer stops with the
+audit, and the audit with --timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import redis as sync_redis
+from redis.asyncio import Redis
+
+from app import keys
+from app.admin.audit import run_audit
+from app.ids import new_id
+from app.scripts import load_source
+
+PHONES = 100
+CUSTOMERS = 100
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_redis(directory: Path) -> tuple[subprocess.Popen, int]:
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        cwd=directory,
+        stdout=subprocess.DEVNULL,
+    )
+    client = sync_redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            break
+        except sync_redis.ConnectionError:
+            if time.monotonic() > deadline:
+                server.kill()
+                raise
+            time.sleep(0.05)  # polling for the server to accept
+    client.close()
+    return server, port
+
+
+class Shop:
+    """Calls the real scripts with the keys app/*/service.py builds."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self.shas: dict[str, str] = {}
+        self.phones: list[str] = []
+        self.customers: list[str] = []
+        self.placed = 0
+
+    async def load(self) -> None:
+        for name in ("create_phone", "create_customer", "place_order"):
+            self.shas[name] = await self.redis.script_load(load_source(name))
+
+    async def create(self) -> None:
+        now = int(time.time() * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _ in range(PHONES):
+                phone_id = new_id()
+                self.phones.append(phone_id)
+                pipe.evalsha(
+                    self.shas["create_phone"],
+                    4,
+                    keys.phone(phone_id),
+                    keys.PHONES,
+                    keys.PHONES_SEQ,
+                    keys.LEDGER,
+                    phone_id,
+                    "P",
+                    "",
+                    "",
+                    100,
+                    10**9,
+                    now,
+                )
+            for i in range(CUSTOMERS):
+                customer_id = new_id()
+                self.customers.append(customer_id)
+                pipe.evalsha(
+                    self.shas["create_customer"],
+                    6,
+                    keys.customer(customer_id),
+                    keys.CUSTOMERS,
+                    keys.CUSTOMERS_SEQ,
+                    keys.CUSTOMER_EMAILS,
+                    keys.customer_token(f"{i:064x}"),
+                    keys.LEDGER,
+                    customer_id,
+                    "A",
+                    "B",
+                    f"c{i}@example.com",
+                    f"c{i}@example.com",
+                    10**12,
+                    f"{i:064x}",
+                    now,
+                )
+            await pipe.execute()
+
+    async def place(self, count: int) -> None:
+        """``count`` orders in one pipeline, half completed at once."""
+        now = int(time.time() * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _ in range(count):
+                i = self.placed
+                self.placed += 1
+                order_id, customer_id, phone_id = (
+                    new_id(),
+                    self.customers[i % CUSTOMERS],
+                    self.phones[i % PHONES],
+                )
+                status = "completed" if i % 2 else "open"
+                pipe.evalsha(
+                    self.shas["place_order"],
+                    11,
+                    keys.customer(customer_id),
+                    keys.idempotency(customer_id, ""),
+                    keys.order(order_id),
+                    keys.ORDERS,
+                    keys.orders_by_status(status),
+                    keys.customer_orders(customer_id),
+                    keys.customer_orders_by_status(customer_id, status),
+                    keys.ORDERS_SEQ,
+                    keys.EVENTS,
+                    keys.LEDGER,
+                    keys.phone(phone_id),
+                    order_id,
+                    customer_id,
+                    now,
+                    "audit-load",
+                    "1" if i % 2 else "0",
+                    "0",
+                    "",
+                    60,
+                    phone_id,
+                    1,
+                )
+            replies = await pipe.execute()
+        refused = [reply for reply in replies if int(reply[0]) != 201]
+        if refused:
+            raise RuntimeError(f"place_order refused: {refused[0]}")
+
+
+async def fill(shop: Shop, orders: int) -> float:
+    started = time.monotonic()
+    while shop.placed < orders:
+        await asyncio.gather(*(shop.place(min(1000, orders - shop.placed)) for _ in range(2)))
+        # The stream is the mail worker's, trimmed by it in production; here
+        # nobody reads it, and it is not part of the audit.
+        await shop.redis.xtrim(keys.EVENTS, maxlen=10_000, approximate=True)
+        if shop.placed % 100_000 < 2000:
+            print(f"  {shop.placed:,} orders", file=sys.stderr, flush=True)
+    return time.monotonic() - started
+
+
+async def write_at(shop: Shop, rate: int, stop: asyncio.Event) -> tuple[int, float]:
+    """Place ``rate`` orders a second in 10 ms ticks until ``stop``."""
+    started, placed = time.monotonic(), 0
+    while not stop.is_set():
+        due = int((time.monotonic() - started) * rate) - placed
+        if due > 0:
+            await shop.place(due)
+            placed += due
+        await asyncio.sleep(0.01)  # pacing the writer, not synchronising
+    return placed, time.monotonic() - started
+
+
+def ping_probe(port: int, stop: threading.Event, worst: list[float]) -> None:
+    client = sync_redis.Redis(port=port)
+    while not stop.is_set():
+        began = time.perf_counter()
+        client.ping()
+        worst[0] = max(worst[0], time.perf_counter() - began)
+        time.sleep(0.001)  # pacing the probe
+    client.close()
+
+
+async def measure(
+    port: int,
+    orders: int,
+    rate: int,
+    audit_limit: float,
+    audit: Callable[[Redis], Awaitable[Any]] = run_audit,
+) -> dict[str, Any]:
+    redis = Redis(port=port)
+    writer_redis = Redis(port=port)
+    try:
+        shop = Shop(redis)
+        await shop.load()
+        await shop.create()
+        fill_seconds = await fill(shop, orders)
+        writer_shop = Shop(writer_redis)
+        writer_shop.shas, writer_shop.phones, writer_shop.customers = (
+            shop.shas,
+            shop.phones,
+            shop.customers,
+        )
+        await redis.config_set("slowlog-log-slower-than", 1000)  # microseconds
+        await redis.slowlog_reset()
+        stop, probe_stop, worst = asyncio.Event(), threading.Event(), [0.0]
+        probe = threading.Thread(target=ping_probe, args=(port, probe_stop, worst))
+        probe.start()
+        writer = asyncio.create_task(write_at(writer_shop, rate, stop)) if rate else None
+        started = time.monotonic()
+        error = None
+        try:
+            answer = await asyncio.wait_for(audit(redis), audit_limit)
+        except Exception as failure:  # the old audit's 503, a time-out: reported
+            answer, error = None, f"{type(failure).__name__}: {failure}"
+        seconds = time.monotonic() - started
+        stop.set()
+        placed, writer_seconds = await writer if writer else (0, seconds)
+        probe_stop.set()
+        probe.join()
+        slow = await redis.slowlog_get(128)
+    finally:
+        await redis.aclose()
+        await writer_redis.aclose()
+    summary = None
+    if isinstance(answer, dict):
+        summary = {name: answer.get(name) for name in ("ok", "at_rest", "writes_during", "orders")}
+        summary["checks"] = {c["name"]: c["ok"] for c in answer.get("checks", [])}
+    return {
+        "orders_before": orders,
+        "fill_seconds": round(fill_seconds, 1),
+        "audit_seconds": round(seconds, 2),
+        "audit_error": error,
+        "audit": summary,
+        "writer_orders_per_second": round(placed / writer_seconds) if writer_seconds else 0,
+        "commands_over_1ms": len(slow),
+        # Longest single command per name (SLOWLOG's wall time: on a busy box
+        # it includes the time the server was descheduled mid-command).
+        "longest_ms_by_command": {
+            name: max(e["duration"] for e in slow if _name(e) == name) / 1000
+            for name in sorted({_name(e) for e in slow})
+        },
+        "worst_ping_ms": round(worst[0] * 1000, 2),
+    }
+
+
+def _name(entry: dict[str, Any]) -> str:
+    return entry["command"].split(b" ", 1)[0].decode().upper()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--orders", type=int, default=1_000_000)
+    parser.add_argument("--rate", type=int, default=2000, help="orders/s placed during the audit")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds the audit may take")
+    options = parser.parse_args()
+    directory = Path(tempfile.mkdtemp(prefix="audit-load-"))
+    server, port = start_redis(directory)
+    try:
+        result = asyncio.run(measure(port, options.orders, options.rate, options.timeout))
+    finally:
+        server.terminate()
+        server.wait(10)
+        shutil.rmtree(directory, ignore_errors=True)
+    print(json.dumps(result, indent=2))
+    return 0 if result["audit_error"] is None and result["audit"]["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
