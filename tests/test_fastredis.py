@@ -74,7 +74,11 @@ async def test_a_lost_connection_fails_in_flight_and_reconnects(
 ) -> None:
     await fast.execute("CLIENT", "SETNAME", "fast-under-test")
     blocked = asyncio.ensure_future(fast.execute("BLPOP", "nothing-here", "5"))
-    await asyncio.sleep(0.1)
+    # Kill only once the BLPOP is in flight, blocked in Redis.
+    while not any(  # noqa: ASYNC110 - polling Redis for the blocked client
+        c["name"] == "fast-under-test" and c["cmd"] == "blpop" for c in await redis.client_list()
+    ):
+        await asyncio.sleep(0.01)
     await redis.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
     with pytest.raises(rx.ConnectionError):
         await blocked

@@ -100,10 +100,16 @@ async def test_inflight_cap_sheds_with_503(
 ) -> None:
     monkeypatch.setenv("MAX_INFLIGHT", "3")
     client: TestClient = await aiohttp_client(await create_app())
-    responses = await asyncio.gather(*(client.get("/bench/sleep?ms=300") for _ in range(10)))
-    statuses = sorted(response.status for response in responses)
-    assert statuses == [200] * 3 + [503] * 7
-    shed = next(r for r in responses if r.status == 503)
+    gauge = client.app[appkeys.INFLIGHT]
+    held = [asyncio.ensure_future(client.get("/bench/sleep?ms=3000")) for _ in range(3)]
+    while gauge.current < 3:  # noqa: ASYNC110 - polling the worker's own gauge
+        await asyncio.sleep(0.01)
+    # The cap is full: every further request is shed while the three are served.
+    responses = await asyncio.gather(*(client.get("/bench/sleep?ms=1") for _ in range(7)))
+    assert gauge.current == 3, "the held requests ended before the others were refused"
+    assert [response.status for response in responses] == [503] * 7
+    assert [response.status for response in await asyncio.gather(*held)] == [200] * 3
+    shed = responses[0]
     assert int(shed.headers["Retry-After"]) >= 1
     assert (await shed.json(content_type="application/problem+json"))["code"] == "overloaded"
     # Health stays reachable while saturated; the cap frees up afterwards.

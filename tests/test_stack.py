@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from redis.asyncio import Redis
 
 from tests.stack import FullStack, start_full_stack
 
@@ -342,9 +343,30 @@ async def test_post_retried_with_idempotency_key_across_a_kill_makes_one_order(
                 await asyncio.sleep(0.05)
             raise AssertionError(f"never answered 201: {answers}")
 
-        poster = asyncio.create_task(post_until_answered())
-        await asyncio.to_thread(full_stack.kill_instance, 1)
-        first = await poster
+        # The fault must hit the first attempt: with Redis pausing writes, send
+        # it to instance 1 and kill that instance while its script waits in Redis.
+        redis = Redis.from_url(full_stack.redis.url)
+        try:
+            await redis.execute_command("CLIENT", "PAUSE", "30000", "WRITE")
+            first_attempt = asyncio.ensure_future(
+                http.post(f"{full_stack.instance_urls[1]}/orders", json=body, headers=headers)
+            )
+            deadline = time.monotonic() + 30
+            while not any(c["cmd"] == "evalsha" for c in await redis.client_list()):
+                assert time.monotonic() < deadline, "the first attempt never reached Redis"
+                await asyncio.sleep(0.02)
+            await asyncio.to_thread(full_stack.kill_instance, 1)
+        finally:
+            await redis.execute_command("CLIENT", "UNPAUSE")
+            await redis.aclose()
+        try:
+            answer = await first_attempt
+            answers.append(answer.status)
+            answer.release()
+        except aiohttp.ClientError as error:
+            answers.append(repr(error))
+        assert not isinstance(answers[0], int), f"the first attempt was answered: {answers}"
+        first = await post_until_answered()
         replay = await post_until_answered()
         assert replay == first
 
@@ -352,7 +374,19 @@ async def test_post_retried_with_idempotency_key_across_a_kill_makes_one_order(
             assert len((await response.json())["orders"]) == 1
         async with http.get(f"{full_stack.http_url}/customers/{customer['id']}", headers=auth) as r:
             assert (await r.json())["customer"]["balance_cents"] == 1_000_000 - 1000
-    assert set(answers) <= {201, 409, 503}, answers  # 409: first attempt still in flight
+    # After the killed first attempt, nginx answers every retry (409: an attempt in flight).
+    assert set(answers[1:]) <= {201, 409, 503}, answers
+
+
+async def in_flight(http: aiohttp.ClientSession, instance_url: str) -> float:
+    """Requests an instance's workers are serving now, from its /metrics."""
+    async with http.get(f"{instance_url}/metrics") as response:
+        text = await response.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("phoneshop_http_requests_in_flight")
+    )
 
 
 async def test_sigterm_during_slow_requests_completes_every_one(full_stack: FullStack) -> None:
@@ -371,15 +405,18 @@ async def test_sigterm_during_slow_requests_completes_every_one(full_stack: Full
     async with aiohttp.ClientSession(timeout=TIMEOUT, trace_configs=[tracing]) as http:
 
         async def slow(base: str) -> int:
-            async with http.get(f"{base}/bench/sleep", params={"ms": "1500"}) as response:
-                assert (await response.json())["slept_ms"] == 1500
+            async with http.get(f"{base}/bench/sleep", params={"ms": "3000"}) as response:
+                assert (await response.json())["slept_ms"] == 3000
                 return response.status
 
         direct = [asyncio.create_task(slow(instance.url)) for _ in range(10)]
         proxied = [asyncio.create_task(slow(full_stack.http_url)) for _ in range(10)]
-        # Every request is on the wire; give the workers a moment to pick them up.
+        # Every request is on the wire; SIGTERM once the workers are serving all 20.
         await asyncio.wait_for(all_sent.wait(), 30)
-        await asyncio.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while sum([await in_flight(http, url) for url in full_stack.instance_urls]) < 20:
+            assert time.monotonic() < deadline, "the 20 requests never were in flight together"
+            await asyncio.sleep(0.02)
         status = await asyncio.to_thread(full_stack.terminate_instance, 0)
         results = await asyncio.gather(*direct, *proxied)
 
