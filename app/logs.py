@@ -21,13 +21,16 @@ Stdlib only, and no prometheus_client: gunicorn's master imports this module
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import logging.config
+import os
 import re
+import sys
 import time
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, TextIO
 
 # The request being handled in this task: set by the observe middleware
 # (app/observe.py) and by the mail worker around each mail.
@@ -44,14 +47,27 @@ _RECORD_FIELDS = frozenset(
 )
 
 
+# One encoder for every line: json.dumps with arguments builds a new one per call.
+_encode = json.JSONEncoder(ensure_ascii=False, default=str).encode
+
+
 class JsonFormatter(logging.Formatter):
     """A LogRecord as one JSON line (see the module docstring)."""
 
+    # The formatted whole seconds of the last line: most lines share them.
+    _second = -1
+    _second_text = ""
+
+    def _timestamp(self, created: float) -> str:
+        seconds = int(created)
+        if seconds != self._second:
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+            self._second = seconds
+        return f"{self._second_text}.{int((created - seconds) * 1000):03d}Z"
+
     def format(self, record: logging.LogRecord) -> str:
-        seconds = int(record.created)
-        millis = int((record.created - seconds) * 1000)
         line: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z",
+            "time": self._timestamp(record.created),
             "level": record.levelname,
             "logger": record.name,
             "pid": record.process,
@@ -69,8 +85,111 @@ class JsonFormatter(logging.Formatter):
             line["exc"] = record.exc_text
         if record.stack_info:
             line["stack"] = self.formatStack(record.stack_info)
-        text = json.dumps(line, ensure_ascii=False, default=str)
-        return _BEARER.sub(r"\1 [redacted]", text)
+        text = _encode(line)
+        # The regex only where the word is: a plain search is ten times cheaper.
+        if "bearer" in text.lower():
+            text = _BEARER.sub(r"\1 [redacted]", text)
+        return text
+
+
+class AccessLogHandler(logging.Handler):
+    """The access log's handler: each line formatted when it is logged, and all the
+    lines of one event-loop turn written together at its end, in one write, instead
+    of a write and a flush each (and, for a file, a stat each to notice rotation,
+    as WatchedFileHandler does: here at most once a second). Outside a running
+    loop each line is written at once; with batching off (OBSERVE_BATCHING=0,
+    for A/B runs) each line is written at once after a rotation check, which is
+    what this handler replaced.
+
+    ``filename`` None writes to stdout; a path is appended to, and reopened when
+    it was rotated (moved or removed) since.
+    """
+
+    batching = True
+    # How often, at most, a file's identity is checked for rotation.
+    rotation_check_s = 1.0
+
+    def __init__(self, filename: str | None = None) -> None:
+        super().__init__()
+        self.filename = filename
+        self.lines: list[str] = []
+        self.scheduled = False
+        self.checked_at = 0.0
+        self.identity: tuple[int, int] | None = None
+        self.stream: TextIO = sys.stdout if filename is None else self._open()
+
+    def _open(self) -> TextIO:
+        assert self.filename is not None
+        stream = open(self.filename, "a", encoding="utf-8")  # noqa: SIM115 - kept open
+        stat = os.fstat(stream.fileno())
+        self.identity = (stat.st_dev, stat.st_ino)
+        self.checked_at = time.monotonic()
+        return stream
+
+    def _reopen_if_rotated(self) -> None:
+        now = time.monotonic()
+        if self.filename is None or now - self.checked_at < self.rotation_check_s:
+            return
+        self.checked_at = now
+        try:
+            stat = os.stat(self.filename)
+            current: tuple[int, int] | None = (stat.st_dev, stat.st_ino)
+        except FileNotFoundError:
+            current = None
+        if current != self.identity:
+            self.stream.close()
+            self.stream = self._open()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.lines.append(self.format(record))
+        except Exception:
+            self.handleError(record)
+            return
+        if not self.batching:
+            self.flush()
+            return
+        if self.scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self.scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self.scheduled = False
+            if not self.lines:
+                return
+            text = "\n".join(self.lines) + "\n"
+            self.lines.clear()
+            self._reopen_if_rotated()
+            self.stream.write(text)
+            self.stream.flush()
+        finally:
+            self.release()
+
+    def close(self) -> None:
+        self.flush()
+        if self.filename is not None:
+            self.stream.close()
+        super().close()
+
+
+def set_batching(enabled: bool) -> None:
+    """Write the access lines of a loop turn together and check a file for rotation
+    at most once a second (default); or, off, write each line at once and check the
+    file before each, as the stdlib's WatchedFileHandler does (the A side of the
+    bench's A/B)."""
+    for handler in logging.getLogger(ACCESS_LOGGER).handlers:
+        if isinstance(handler, AccessLogHandler):
+            handler.flush()
+    AccessLogHandler.batching = enabled
+    AccessLogHandler.rotation_check_s = 1.0 if enabled else 0.0
 
 
 def logging_config(level: str = "INFO", access_log: str = "-") -> dict[str, Any]:
@@ -89,15 +208,13 @@ def logging_config(level: str = "INFO", access_log: str = "-") -> dict[str, Any]
             "stream": "ext://sys.stdout",
         },
     }
-    if access_log == "-":
-        access_handlers, access_level = ["stdout"], "INFO"
-    elif access_log:
-        handlers["access_file"] = {
-            "class": "logging.handlers.WatchedFileHandler",
+    if access_log:
+        handlers["access"] = {
+            "()": f"{__name__}.AccessLogHandler",
             "formatter": "json",
-            "filename": access_log,
+            "filename": None if access_log == "-" else access_log,
         }
-        access_handlers, access_level = ["access_file"], "INFO"
+        access_handlers, access_level = ["access"], "INFO"
     else:
         access_handlers, access_level = [], "WARNING"  # off: the middleware skips the line
     return {

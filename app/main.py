@@ -20,7 +20,7 @@ from app.events.hub import close_event_sockets, events_ctx
 from app.fastredis import MultiplexedRedis
 from app.health import Readiness
 from app.middlewares import front_middleware
-from app.observe import instrument
+from app.observe import flush_observations, instrument
 from app.openapi import openapi_json
 from app.overload import OverloadControl
 from app.routes import SPECLESS_ROUTES, add_routes, route_table
@@ -71,6 +71,7 @@ def build_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(events_ctx)  # after redis_ctx: replays use its pool
     app.on_startup.append(instrument)  # runs after every cleanup_ctx: wraps its clients
     app.on_shutdown.append(close_event_sockets)
+    app.on_cleanup.append(flush_observations)
     add_routes(app, route_table(settings.bench_routes) + SPECLESS_ROUTES)
     app.router.add_get("/openapi.json", openapi_json)
     app.router.add_get("/metrics", get_metrics)  # Prometheus text: app/admin/metrics.py

@@ -14,10 +14,19 @@ import it (or this module) in a process before PROMETHEUS_MULTIPROC_DIR is set.
 Labels come only from bounded sets: route templates
 (``request.match_info.route.resource.canonical``, never the raw path), HTTP
 methods and statuses, problem codes, script and Redis command names.
+
+Per-request updates are batched: the hot path adds to plain Python numbers, and
+the sums are written to prometheus_client's values (a lock and an mmap write
+each) once at the end of the event-loop turn, for every request that turn
+finished. A scrape writes its own worker's pending sums first.
+``set_batching(False)`` (OBSERVE_BATCHING=0) writes every update at once, as
+before, for A/B runs.
 """
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import os
 from typing import Any
 
@@ -122,18 +131,119 @@ REDIS_DURATION = Histogram(
 )
 
 
+class _Batch:
+    """The updates made during this event-loop turn, written out at its end."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.dirty: list[Any] = []
+        self.scheduled = False
+
+    def mark(self, updates: Any) -> None:
+        if not updates.dirty:
+            updates.dirty = True
+            self.dirty.append(updates)
+        if self.scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a script, a sync test): write now
+            self.flush()
+            return
+        self.scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        pending, self.dirty = self.dirty, []
+        for updates in pending:
+            updates.dirty = False
+            updates.write()
+
+
+_BATCH = _Batch()
+
+
+def set_batching(enabled: bool) -> None:
+    """Batch updates per event-loop turn (the default), or write each one at once."""
+    flush()
+    _BATCH.enabled = enabled
+
+
+def flush() -> None:
+    """Write this process's pending updates now (before a scrape, at shutdown)."""
+    _BATCH.flush()
+
+
+class CounterUpdates:
+    """``inc`` on a counter child, summed until the end of the loop turn."""
+
+    __slots__ = ("amount", "child", "dirty")
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.amount = 0.0
+        self.dirty = False
+
+    def inc(self, amount: float = 1.0) -> None:
+        if not _BATCH.enabled:
+            self.child.inc(amount)
+            return
+        self.amount += amount
+        _BATCH.mark(self)
+
+    def write(self) -> None:
+        amount, self.amount = self.amount, 0.0
+        if amount:
+            self.child.inc(amount)
+
+
+class HistogramUpdates:
+    """``observe`` on a histogram child: bucket counts and the sum kept here until
+    the end of the loop turn, then added to the child's own values, exactly as
+    that many ``observe`` calls would (each value counts in the first bucket whose
+    upper bound is not below it)."""
+
+    __slots__ = ("bounds", "child", "counts", "dirty", "total")
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.bounds: list[float] = list(child._upper_bounds)
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+        self.dirty = False
+
+    def observe(self, amount: float) -> None:
+        if not _BATCH.enabled:
+            self.child.observe(amount)
+            return
+        self.counts[bisect.bisect_left(self.bounds, amount)] += 1
+        self.total += amount
+        _BATCH.mark(self)
+
+    def write(self) -> None:
+        counts, total = self.counts, self.total
+        self.counts, self.total = [0] * len(self.bounds), 0.0
+        self.child._sum.inc(total)
+        for bucket, count in zip(self.child._buckets, counts, strict=True):
+            if count:
+                bucket.inc(count)
+
+
 class Children:
-    """``metric.labels(*values)``, cached: the hot path skips prometheus_client's
-    label validation and lock after the first call per label set."""
+    """``metric.labels(*values)``, cached and wrapped in its batched updates: the hot
+    path skips prometheus_client's label validation and lock after the first call
+    per label set."""
 
     def __init__(self, metric: Any) -> None:
         self._metric = metric
+        self._wrap = HistogramUpdates if isinstance(metric, Histogram) else CounterUpdates
         self._children: dict[tuple[str, ...], Any] = {}
 
     def __call__(self, *values: str) -> Any:
         child = self._children.get(values)
         if child is None:
-            child = self._children[values] = self._metric.labels(*values)
+            child = self._children[values] = self._wrap(self._metric.labels(*values))
         return child
 
 
@@ -142,6 +252,11 @@ http_duration = Children(HTTP_DURATION)
 http_shed = Children(HTTP_SHED)
 orders_rejected = Children(ORDERS_REJECTED)
 redis_duration = Children(REDIS_DURATION)
+orders_placed = CounterUpdates(ORDERS_PLACED)
+orders_completed = CounterUpdates(ORDERS_COMPLETED)
+orders_cancelled = CounterUpdates(ORDERS_CANCELLED)
+idempotent_replays = CounterUpdates(IDEMPOTENT_REPLAYS)
+request_queue = HistogramUpdates(REQUEST_QUEUE)
 
 for _reason in SHED_REASONS:
     http_shed(_reason)
@@ -159,6 +274,7 @@ def exposition(accept: str | None) -> tuple[bytes, str]:
     In multiprocess mode a fresh registry reads every worker's files (the
     prometheus-client way: nothing registers into it by accident).
     """
+    flush()
     if multiprocess_dir() is not None:
         registry = CollectorRegistry()
         MultiProcessCollector(registry)

@@ -94,7 +94,7 @@ async def front_middleware(request: web.Request, handler: Handler) -> web.Stream
         if behind_proxy:
             waited = queue_delay(request.headers.get("X-Request-Start"), time.time())
             if waited:
-                metrics.REQUEST_QUEUE.observe(waited)
+                metrics.request_queue.observe(waited)
         refused = control.admit(priority_of(request.method, request.path, route), waited)
         if refused is not None:
             metrics.http_shed(refused).inc()

@@ -8,6 +8,9 @@
   also puts the request id into :data:`app.logs.request_id_var`, so every log
   line written while the request is handled carries it. Requests the overload
   control refuses (app/overload.py) are only counted, never timed or logged.
+* Both are batched per event-loop turn (app/metrics.py, app/logs.py
+  AccessLogHandler): the hot path adds numbers and formats a line, and one
+  write per turn carries them all.
 * ``instrument`` (an on_startup hook, after redis_ctx made the clients):
   wraps the Scripts holder in :class:`ObservedScripts`, which times every Lua
   script and counts order outcomes from the script's own answer, and times the
@@ -27,7 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
-from app import appkeys, metrics
+from app import appkeys, logs, metrics
 from app.logs import ACCESS_LOGGER
 from app.problems import PROBLEM_CODE, ProblemError
 
@@ -147,15 +150,15 @@ class ObservedScripts:
         # Third reply element: place_order's "replayed", check/cancel's "changed".
         if name == "place_order":
             if result.flag:
-                metrics.IDEMPOTENT_REPLAYS.inc()
+                metrics.idempotent_replays.inc()
             else:
-                metrics.ORDERS_PLACED.inc()
+                metrics.orders_placed.inc()
                 if result.payload.get("status") == "completed":
-                    metrics.ORDERS_COMPLETED.inc()
+                    metrics.orders_completed.inc()
         elif name == "check_order" and result.flag:
-            metrics.ORDERS_COMPLETED.inc()
+            metrics.orders_completed.inc()
         elif name == "cancel_order" and result.flag:
-            metrics.ORDERS_CANCELLED.inc()
+            metrics.orders_cancelled.inc()
         return result
 
 
@@ -198,6 +201,17 @@ def time_redis_commands(redis: Any) -> None:
 
 
 async def instrument(app: web.Application) -> None:
-    """on_startup, after redis_ctx: time what the app asks of Redis."""
+    """on_startup, after redis_ctx: time what the app asks of Redis, and batch the
+    metric updates and access lines per loop turn unless OBSERVE_BATCHING=0."""
+    batching = app[appkeys.SETTINGS].observe_batching
+    metrics.set_batching(batching)
+    logs.set_batching(batching)
     app[appkeys.SCRIPTS] = ObservedScripts(app[appkeys.SCRIPTS])  # type: ignore[assignment]
     time_redis_commands(app[appkeys.REDIS])
+
+
+async def flush_observations(app: web.Application) -> None:
+    """on_cleanup: write what the last loop turn left pending."""
+    metrics.flush()
+    for handler in access_log.handlers:
+        handler.flush()

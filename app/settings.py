@@ -83,6 +83,9 @@ class Settings:
     # Take the X-Request-ID that nginx in front of us sets; when off, every
     # request gets an id made here, whatever the client sent.
     behind_proxy: bool = True
+    # Write the metric updates and access lines of one event-loop turn together
+    # (app/metrics.py, app/logs.py); 0 writes each at once, for A/B runs.
+    observe_batching: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -129,6 +132,7 @@ class Settings:
             ),
             bench_routes=_bool(env, "BENCH_ROUTES", cls.bench_routes),
             behind_proxy=_bool(env, "BEHIND_PROXY", cls.behind_proxy),
+            observe_batching=_bool(env, "OBSERVE_BATCHING", cls.observe_batching),
         )
 
     def __repr__(self) -> str:

@@ -40,6 +40,7 @@ import secrets
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 import urllib.error
 from collections.abc import Callable, Iterator
@@ -95,7 +96,17 @@ class Comparison:
 
 
 # Each gain of issue 12's item 3 as an A/B in one run. Add a row per switch.
-AB_COMPARISONS: list[Comparison] = []
+AB_COMPARISONS: list[Comparison] = [
+    Comparison(
+        name="per-request metrics and access log (app/metrics.py, app/logs.py)",
+        a_label="OBSERVE_BATCHING=0: every metric update and access line written at once, "
+        "the log file checked for rotation before each line (as before)",
+        a_env={"OBSERVE_BATCHING": "0"},
+        b_label="OBSERVE_BATCHING=1: written once per event-loop turn, rotation checked "
+        "once a second",
+        b_env={"OBSERVE_BATCHING": "1"},
+    ),
+]
 
 # Report sections of their own modules: a callable (args, the run's folder) ->
 # {"title": ..., "markdown": ...}, run after the main stack has stopped.
@@ -116,6 +127,12 @@ def step(name: str) -> Iterator[None]:
 
 
 # ---- the stack's processes --------------------------------------------------------------
+
+
+def stack_env(access_log: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The bench stack's environment: nginx's limits out of the way, and the app's
+    access log written to a file, as ``make run`` does."""
+    return {**BENCH_LIMITS, "WEB_ACCESS_LOG": str(access_log), **(extra or {})}
 
 
 def stack_pids(stack: LoadStack) -> list[int]:
@@ -269,7 +286,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load_cpus = split.load or None
     log(f"rig: {split.describe()}")
     results: dict[str, Any] = {"sections": []}
-    with launch(env=BENCH_LIMITS, instances=2, workers=1) as stack:
+    with (
+        tempfile.TemporaryDirectory(prefix="phoneshop-bench-") as logs,
+        launch(env=stack_env(Path(logs) / "web-access.log"), instances=2, workers=1) as stack,
+    ):
         pinning = pin(stack, split)
         log(f"stack up: {stack.http_url}; pinned {pinning['threads']} threads")
         with step("provision"):
@@ -395,8 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--level-scale", type=float, default=1.0, help="scale the overload levels' lengths"
     )
-    parser.add_argument("--ab-rounds", type=int, default=4, help="wrk rounds per A/B side")
-    parser.add_argument("--ab-seconds", type=int, default=5, help="seconds per A/B round")
+    parser.add_argument("--ab-rounds", type=int, default=6, help="wrk rounds per A/B side")
+    parser.add_argument("--ab-seconds", type=int, default=4, help="seconds per A/B round")
     args = parser.parse_args(argv)
     for binary in ("wrk", "redis-benchmark", "redis-cli"):
         if shutil.which(binary) is None:

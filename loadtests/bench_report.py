@@ -320,7 +320,8 @@ Machine: {env["machine"]}.
 
 **Rig.** {over["split"]} (STACK_CPUS / LOAD_CPUS move it). The stack is nginx (1 worker
 process) -> {env["instances"]} gunicorn instances x {env["workers"]} worker (aiohttp, uvloop) -> one
-redis-server 7 with AOF, `appendfsync {results["ceiling_b"]["appendfsync"]}`; no mail worker. Ceilings
+redis-server 7 with AOF, `appendfsync {results["ceiling_b"]["appendfsync"]}`; the app writes its JSON access
+log to a file, as `make run` does; no mail worker. Ceilings
 are wrk (closed loop, {env["wrk"]}). The overload levels are open loop
 (loadtests/openloop.py): every request is due at a fixed time whatever the answers do, its
 latency counts from that due time, and each level reports the rate actually sent; a level that
