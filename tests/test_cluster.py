@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from redis.exceptions import RedisClusterException, ResponseError
 from loadtests.datatier import run_ceiling
 from ops.redis_cluster import (
     SLOTS,
+    ClusterError,
     LocalCluster,
     Topology,
     client,
@@ -33,6 +35,7 @@ from ops.redis_cluster import (
     poll,
     topology_from,
 )
+from tests.cluster import new_cluster
 from tests.servers import clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,6 +145,45 @@ def test_kill_9_of_a_primary_hands_its_slots_to_its_replica(
     with client(victim.port) as replica:
         assert replica.execute_command("READONLY")
         assert replica.get(key) == "before the crash"
+
+
+def test_a_restart_on_the_same_folder_rejoins_with_the_data(tmp_path: Path) -> None:
+    cluster = new_cluster(tmp_path / "cluster")
+    cluster.start()
+    try:
+        view = cluster.topology()
+        written = {}
+        for primary in view.primaries():
+            key = key_on(view, primary.port, "kept:")
+            with client(primary.port) as node:
+                node.set(key, primary.node_id)
+            written[key] = primary.node_id
+        cluster.stop()  # SIGTERM: every node writes its AOF and exits
+
+        cluster.start()  # the nodes find their nodes.conf: no second create
+        again = cluster.topology()
+        assert {(n.node_id, n.role) for n in again.nodes} == {
+            (n.node_id, n.role) for n in view.nodes
+        }
+        for key, node_id in written.items():
+            owner = again.primary_for_slot(key_slot(key.encode()))
+            with client(owner.port) as node:
+                assert node.get(key) == node_id
+    finally:
+        cluster.stop()
+
+
+def test_a_folder_holding_a_half_made_cluster_is_refused(tmp_path: Path) -> None:
+    cluster = new_cluster(tmp_path / "cluster")
+    cluster.start()
+    cluster.stop()
+    # Three nodes lose their state: they come back empty while the others remember six.
+    for port in cluster.ports[3:]:
+        shutil.rmtree(cluster.node_dir(port))
+    with pytest.raises(ClusterError, match="half-made"):
+        cluster.start()
+    assert cluster.running() == []  # it stopped what it had started
+    assert all(_refuses(port) for port in cluster.ports)
 
 
 def _bindable(port: int) -> bool:
