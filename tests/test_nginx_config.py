@@ -51,12 +51,16 @@ def test_defaults_pass_nginx_t(tmp_path: Path) -> None:
     upstreams = dict(re.findall(r"upstream (\w+) \{(.*?)\}", text, flags=re.DOTALL))
     # Ordinary requests: a connection cap per instance, so overload is answered
     # at once by nginx instead of overflowing the instances' accept queues.
-    assert "server 127.0.0.1:8001 max_fails=3 fail_timeout=5s max_conns=256;" in upstreams["app"]
-    assert "server 127.0.0.1:8002 max_fails=3 fail_timeout=5s max_conns=256;" in upstreams["app"]
+    assert "server 127.0.0.1:8001 max_fails=3 fail_timeout=5s max_conns=32;" in upstreams["app"]
+    assert "server 127.0.0.1:8002 max_fails=3 fail_timeout=5s max_conns=32;" in upstreams["app"]
     # WebSockets stay open for hours: their own upstream, uncapped.
     assert "server 127.0.0.1:8001 max_fails=3 fail_timeout=5s;" in upstreams["app_ws"]
     events = re.search(r"location = /orders/events \{(.*?)\}", text, flags=re.DOTALL)
     assert events and "proxy_pass http://app_ws;" in events.group(1)
+    # One count per instance over every nginx worker, not one per worker.
+    assert "zone app_upstream 64k;" in upstreams["app"]
+    # The app measures how long a request queued in front of it from here.
+    assert 'proxy_set_header X-Request-Start "t=${msec}";' in text
     uncapped = render(NginxConfig.from_env({"UPSTREAM_MAX_CONNS": "0"}))
     assert not re.search(r"^\s*server .*max_conns", uncapped, flags=re.MULTILINE)
 
