@@ -75,18 +75,21 @@ def cpu_seconds(port: int) -> float:
 
 
 def _seed_partition(port: int, tag: str) -> tuple[str, str]:
-    """One customer and one phone under ``tag``, created by the real scripts."""
+    """One customer and one phone under ``tag``, created by the real scripts. Their KEYS
+    follow the scripts' headers by hand, like loadtests/bench_drivers.py's ceiling B;
+    tests/test_cluster.py's harness test fails when a header changes."""
     customer_id, phone_id = f"{{{tag}}}customer", f"{{{tag}}}phone"
     now = str(int(time.time() * 1000))
     with client(port) as node:
         node.eval(
             load_source("create_customer"),
-            5,
+            6,
             keys.customer(customer_id),
             tagged(keys.CUSTOMERS, tag),
             tagged(keys.CUSTOMERS_SEQ, tag),
             tagged(keys.CUSTOMER_EMAILS, tag),
             keys.customer_token(f"{{{tag}}}{hashlib.sha256(tag.encode()).hexdigest()}"),
+            tagged(keys.LEDGER, tag),
             customer_id,
             "Bench",
             "Mark",
@@ -98,10 +101,11 @@ def _seed_partition(port: int, tag: str) -> tuple[str, str]:
         )
         node.eval(
             load_source("create_phone"),
-            3,
+            4,
             keys.phone(phone_id),
             tagged(keys.PHONES, tag),
             tagged(keys.PHONES_SEQ, tag),
+            tagged(keys.LEDGER, tag),
             phone_id,
             "Pixel",
             "",
@@ -126,6 +130,7 @@ def _benchmark_argv(port: int, sha: str, tag: str, requests: int, clients: int) 
         keys.customer_orders_by_status(customer_id, "completed"),
         tagged(keys.ORDERS_SEQ, tag),
         tagged(keys.EVENTS, tag),
+        tagged(keys.LEDGER, tag),
         keys.phone(phone_id),
     ]
     args = [rand, customer_id, str(int(time.time() * 1000)), "0" * 32, "1", "1", "f" * 64]
