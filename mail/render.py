@@ -1,11 +1,16 @@
-"""The order confirmation mail: an EmailMessage (default policy) with a text and
+"""The order confirmation mail: a multipart/alternative message with a text and
 an HTML part rendered from ``mail/templates/``.
+
+The MIME structure is fixed, so it is written directly (about 0.3 ms a mail)
+rather than through ``email.message.EmailMessage`` (about 4.7 ms a mail, which
+capped one worker near 200 mails/s); the one customer-derived header, To, is
+still built by ``email`` (RFC 2047 for a non-ASCII display name).
 
 Nothing a customer typed can become a header or a recipient:
 
 - the recipient is an ``email.headerregistry.Address`` built from the stored
-  address, which must parse as exactly one addr-spec (CR, LF, NUL, commas and
-  angle brackets are refused with :class:`InvalidRecipient`);
+  address, which must parse as exactly one ASCII addr-spec (CR, LF, NUL, commas
+  and angle brackets are refused with :class:`InvalidRecipient`);
 - the display name keeps only letters, marks, digits, spaces, apostrophes and
   hyphens (:func:`display_name`): no control or line-separator character, and
   no ``=?``, so an RFC 2047 encoded word typed by the customer, such as
@@ -20,14 +25,17 @@ from __future__ import annotations
 
 import email.errors
 import email.utils
+import functools
+import quopri
 import re
+import secrets
 import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import policy
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.parser import BytesParser
+from email.parser import BytesHeaderParser
 from pathlib import Path
 
 import jinja2
@@ -135,9 +143,10 @@ def recipient(mail: OrderMail) -> Address:
         or _WHITESPACE.search(addr)
         or any(unicodedata.category(c)[0] == "C" for c in addr)
         or "=?" in addr
+        or not addr.isascii()
     ):
         raise InvalidRecipient(
-            "the address is empty, too long, or holds spaces or control characters"
+            "the address is empty, too long, not ASCII, or holds spaces or control characters"
         )
     display = display_name(mail.customer_name, mail.customer_surname)
     try:
@@ -151,12 +160,43 @@ def recipient(mail: OrderMail) -> Address:
 
 @dataclass(frozen=True, slots=True)
 class RenderedMail:
-    """The message, and its bytes as sent (CRLF line ends), flattened and checked once."""
+    """The message as sent (CRLF line ends), checked once, and its envelope."""
 
-    message: EmailMessage
     raw: bytes
     recipient: str
     message_id: str
+
+
+@functools.lru_cache(maxsize=8)
+def _header_line(name: str, value: str) -> bytes:
+    """One header as ``email`` folds and encodes it (RFC 2047 where needed), CRLF-ended."""
+    msg = EmailMessage(policy=policy.SMTP)
+    msg[name] = value
+    return msg.as_bytes().split(b"\r\n\r\n", 1)[0] + b"\r\n"
+
+
+def _to_line(to: Address) -> bytes:
+    name = to.display_name
+    if not name:
+        return f"To: {to.addr_spec}\r\n".encode()
+    if name.isascii():  # letters, digits, spaces, ' and - only (display_name): atoms
+        return f"To: {name} <{to.addr_spec}>\r\n".encode()
+    return _header_line("To", str(to))
+
+
+def _part(subtype: str, text: str) -> bytes:
+    """A text part: 7bit when it is ASCII with short lines, else quoted-printable."""
+    body = text.replace("\r\n", "\n").encode()
+    if body.isascii() and all(len(line) <= 900 for line in body.split(b"\n")):
+        encoding, payload = b"7bit", body
+    else:
+        encoding, payload = b"quoted-printable", quopri.encodestring(body)
+    if not payload.endswith(b"\n"):
+        payload += b"\n"
+    return (
+        b"Content-Type: text/" + subtype.encode() + b'; charset="utf-8"\r\n'
+        b"Content-Transfer-Encoding: " + encoding + b"\r\n\r\n" + payload.replace(b"\n", b"\r\n")
+    )
 
 
 def render_confirmation(
@@ -178,28 +218,44 @@ def render_confirmation(
         "total": money(mail.total_cents),
         "balance": money(mail.balance_cents),
     }
-    msg = EmailMessage(policy=policy.default)
-    msg["From"] = sender
-    msg["To"] = to
-    msg["Subject"] = SUBJECT.format(order_id=mail.order_id)
-    msg["Date"] = email.utils.format_datetime(now or datetime.now(UTC))
-    msg["Message-ID"] = message_id(mail.order_id, mail_domain)
-    msg["Auto-Submitted"] = "auto-generated"  # RFC 3834: no auto-replies, please
-    msg.set_content(_environment.get_template("confirmation.txt").render(context))
-    msg.add_alternative(
-        _environment.get_template("confirmation.html").render(context), subtype="html"
+    parts = [
+        _part("plain", _environment.get_template("confirmation.txt").render(context)),
+        _part("html", _environment.get_template("confirmation.html").render(context)),
+    ]
+    boundary = f"==============={secrets.token_hex(12)}==".encode()
+    while any(boundary in part for part in parts):  # never inside a body
+        boundary = f"==============={secrets.token_hex(12)}==".encode()
+    mid = message_id(mail.order_id, mail_domain)
+    date = email.utils.format_datetime(now or datetime.now(UTC))
+    head = (
+        _header_line("From", str(sender))
+        + _to_line(to)
+        + (
+            f"Subject: {SUBJECT.format(order_id=mail.order_id)}\r\n"
+            f"Date: {date}\r\n"
+            f"Message-ID: {mid}\r\n"
+            # RFC 3834: no auto-replies, please.
+            "Auto-Submitted: auto-generated\r\n"
+            "MIME-Version: 1.0\r\n"
+        ).encode()
+        + b'Content-Type: multipart/alternative; boundary="'
+        + boundary
+        + b'"\r\n'
     )
-    raw = msg.as_bytes(policy=policy.SMTP)
+    body = b"".join(b"\r\n--" + boundary + b"\r\n" + part for part in parts)
+    raw = head + body + b"\r\n--" + boundary + b"--\r\n"
     check_headers(raw, to)
-    return RenderedMail(msg, raw, to.addr_spec, str(msg["Message-ID"]))
+    return RenderedMail(raw, to.addr_spec, mid)
 
 
 def check_headers(raw: bytes, to: Address) -> None:
-    """Parse the serialized message back: exactly HEADERS, and To is exactly ``to``."""
-    parsed = BytesParser(policy=policy.default).parsebytes(raw, headersonly=True)
+    """Parse the serialized message back: exactly HEADERS, and To is exactly ``to``.
+    (compat32's parser: a tenth of the default policy's cost, and the same header
+    boundaries; the To value is read with ``email.utils.getaddresses``.)"""
+    parsed = BytesHeaderParser(policy=policy.compat32).parsebytes(raw)
     names = tuple(parsed.keys())
     if names != HEADERS:
         raise UnsafeMessage(f"unexpected headers {names!r}")
-    addresses = parsed["To"].addresses
-    if len(addresses) != 1 or addresses[0].addr_spec != to.addr_spec:
+    addresses = email.utils.getaddresses(parsed.get_all("To", []))
+    if len(addresses) != 1 or addresses[0][1] != to.addr_spec:
         raise UnsafeMessage("the To header does not hold exactly the one recipient")
