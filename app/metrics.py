@@ -230,6 +230,27 @@ class HistogramUpdates:
                 bucket.inc(count)
 
 
+class GaugeValue:
+    """``set`` on a gauge: the last value of the loop turn is written at its end."""
+
+    __slots__ = ("child", "dirty", "value")
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self.value = 0.0
+        self.dirty = False
+
+    def set(self, value: float) -> None:
+        if not _BATCH.enabled:
+            self.child.set(value)
+            return
+        self.value = value
+        _BATCH.mark(self)
+
+    def write(self) -> None:
+        self.child.set(self.value)
+
+
 class Children:
     """``metric.labels(*values)``, cached and wrapped in its batched updates: the hot
     path skips prometheus_client's label validation and lock after the first call
@@ -257,6 +278,9 @@ orders_completed = CounterUpdates(ORDERS_COMPLETED)
 orders_cancelled = CounterUpdates(ORDERS_CANCELLED)
 idempotent_replays = CounterUpdates(IDEMPOTENT_REPLAYS)
 request_queue = HistogramUpdates(REQUEST_QUEUE)
+# Set by each worker's overload control (app/overload.py); livesum adds the workers up.
+http_in_flight = GaugeValue(HTTP_IN_FLIGHT)
+overload_limit = GaugeValue(OVERLOAD_LIMIT)
 
 for _reason in SHED_REASONS:
     http_shed(_reason)

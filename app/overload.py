@@ -152,7 +152,7 @@ class OverloadControl:
         self.refused_rate = 0.0
         self.served_rate = 0.0
         self.retry_after = "1"
-        metrics.OVERLOAD_LIMIT.set(self.limit)
+        metrics.overload_limit.set(self.limit)
 
     @staticmethod
     def _caps_for(limit: float) -> dict[Priority, int]:
@@ -168,8 +168,8 @@ class OverloadControl:
 
     @current.setter
     def current(self, value: int) -> None:
-        metrics.HTTP_IN_FLIGHT.inc(value - self._current)
         self._current = value
+        metrics.http_in_flight.set(value)
 
     def admit(self, priority: Priority, waited: float) -> str | None:
         """Take the request (counted in flight) or say why not: a refusal code."""
@@ -256,7 +256,7 @@ class OverloadControl:
             limit += math.sqrt(limit)
         self.limit = min(max(limit, self.min_limit), self.max_limit)
         self._caps = self._caps_for(self.limit)
-        metrics.OVERLOAD_LIMIT.set(self.limit)
+        metrics.overload_limit.set(self.limit)
         self.target = min(max(self.tolerance * self.mix_baseline, self.target_floor), self.interval)
 
     def _learn_baselines(self, elapsed: float) -> None:

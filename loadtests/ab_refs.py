@@ -1,0 +1,184 @@
+"""A/B of two versions of the code in one run: ``POST /orders`` and ``GET /bench/hello``
+through nginx, wrk rounds alternating between the two stacks.
+
+    python -m loadtests.ab_refs --a 194c2af --b HEAD [--rounds 4] [--seconds 5]
+        [--a-env OVERLOAD_ADAPTIVE=0] [--b-env ...]
+
+For a change that no setting switches off (the middleware chain), the A/B of
+loadtests/bench.py (two stacks differing in one setting) cannot show it; this
+one runs each side from its own checkout (``git worktree add --detach`` in a
+temp folder, removed after; ``--a .``/``--b .`` is this working tree as it is).
+Each side is that checkout's own ``loadtests.stack.launch`` (redis with AOF
+always, 2 instances x 1 worker, nginx with the bench's raised limits) in a
+process of its own, started with the checkout first on ``sys.path``; both are
+pinned to the stack CPUs and wrk to the load CPUs (loadtests/rig.py). Rounds
+alternate A first, then B first, so drift on the shared box hits both alike;
+the report is the median per side and B/A, of the rates and of the app
+workers' CPU time per request (steadier than the rates on a shared box). Bounded: 2 x rounds x 2 wrk runs
+of ``seconds`` each, 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from loadtests import rig
+from loadtests.bench import BENCH_LIMITS
+from loadtests.bench_drivers import wrk
+from nginx.instances import ROOT
+
+# Run inside a side's checkout: start its stack, provision it, say where it is,
+# then hold it until stdin closes.
+_SIDE = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    from loadtests.bench_data import provision
+    from loadtests.bench_drivers import write_wrk_data
+    from loadtests.stack import launch
+    env = json.loads(sys.argv[1])
+    data = Path(sys.argv[2])
+    with launch(env=env, instances=2, workers=1) as stack:
+        phone_ids, people = provision(stack, phones=20, customers=200)
+        write_wrk_data(data, phone_ids, people)
+        print(json.dumps({"http_url": stack.http_url}), flush=True)
+        sys.stdin.read()
+    """
+)
+
+
+@contextlib.contextmanager
+def checkout(ref: str, folder: Path) -> Iterator[Path]:
+    if ref == ".":
+        yield ROOT
+        return
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(folder), ref],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield folder
+    finally:
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(folder)],
+            capture_output=True,
+        )
+
+
+def app_cpu_seconds(root_pid: int) -> float:
+    """CPU time used so far by the gunicorn processes under ``root_pid``: on a
+    shared box the CPU each request costs is steadier than the rate."""
+    ticks = 0
+    for pid in rig.process_tree(root_pid):
+        with contextlib.suppress(OSError):
+            if b"gunicorn" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                continue
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def side(
+    tree: Path, env: dict[str, str], data: Path, split: rig.CpuSplit
+) -> Iterator[tuple[str, int]]:
+    """The side's stack, pinned to the stack CPUs; yields its nginx URL and root pid."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SIDE, json.dumps(env), str(data)],
+        cwd=tree,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the stack in {tree} did not start")
+        if split.pinned:
+            rig.pin_tree(proc.pid, split.stack)
+        yield json.loads(line)["http_url"], proc.pid
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def measure(url: str, pid: int, data: Path, seconds: int, cpus: Any) -> dict[str, float]:
+    row: dict[str, float] = {}
+    for name, path, script, script_args in (
+        ("orders", "/orders", "orders.lua", [str(data), secrets.token_hex(6), "0"]),
+        ("hello", "/bench/hello", "hello.lua", None),
+    ):
+        before = app_cpu_seconds(pid)
+        result = wrk(
+            f"{url}{path}", script=script, script_args=script_args, seconds=seconds, cpus=cpus
+        )
+        used = app_cpu_seconds(pid) - before
+        row[name] = result["ok_rps"] if name == "orders" else result["rps"]
+        row[f"{name}_app_cpu_us"] = used * 1e6 / max(result["requests"], 1)
+    return row
+
+
+def parse_env(pairs: list[str]) -> dict[str, str]:
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.ab_refs", description=__doc__)
+    parser.add_argument("--a", required=True, help="git ref of side A ('.' = this tree)")
+    parser.add_argument("--b", default=".", help="git ref of side B ('.' = this tree)")
+    parser.add_argument("--a-env", action="append", default=[], help="KEY=VALUE for side A")
+    parser.add_argument("--b-env", action="append", default=[], help="KEY=VALUE for side B")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seconds", type=int, default=5)
+    args = parser.parse_args(argv)
+    split = rig.cpu_split()
+    cpus = split.load or None
+    rows: dict[str, list[dict[str, float]]] = {"a": [], "b": []}
+    with tempfile.TemporaryDirectory(prefix="phoneshop-ab-") as temp:
+        folder = Path(temp)
+        with (
+            checkout(args.a, folder / "a") as tree_a,
+            checkout(args.b, folder / "b") as tree_b,
+            side(tree_a, {**BENCH_LIMITS, **parse_env(args.a_env)}, folder / "a.lua", split) as a,
+            side(tree_b, {**BENCH_LIMITS, **parse_env(args.b_env)}, folder / "b.lua", split) as b,
+        ):
+            sides = {"a": (*a, folder / "a.lua"), "b": (*b, folder / "b.lua")}
+            for url, pid, data in sides.values():  # warm-up, not counted
+                measure(url, pid, data, 2, cpus)
+            for round_ in range(args.rounds):
+                for label in ("a", "b") if round_ % 2 == 0 else ("b", "a"):
+                    url, pid, data = sides[label]
+                    rows[label].append(measure(url, pid, data, args.seconds, cpus))
+    report: dict[str, Any] = {"a": args.a, "b": args.b, "split": split.describe(), "rounds": rows}
+    for key in ("orders", "hello", "orders_app_cpu_us", "hello_app_cpu_us"):
+        a_med = statistics.median(r[key] for r in rows["a"])
+        b_med = statistics.median(r[key] for r in rows["b"])
+        report[key] = {"a": a_med, "b": b_med, "b_over_a": b_med / a_med if a_med else 0.0}
+    for label in ("a", "b"):
+        orders = statistics.median(r["orders"] for r in rows[label])
+        hello = statistics.median(r["hello"] for r in rows[label])
+        report[f"p1_{label}"] = orders / hello if hello else 0.0
+    print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
