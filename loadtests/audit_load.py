@@ -34,6 +34,8 @@ from typing import Any
 
 import redis as sync_redis
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from app import keys
 from app.admin.audit import run_audit
@@ -225,8 +227,9 @@ async def measure(
     audit_limit: float,
     audit: Callable[[Redis], Awaitable[Any]] = run_audit,
 ) -> dict[str, Any]:
-    redis = Redis(port=port)
-    writer_redis = Redis(port=port)
+    # No silent retries: a resent pipeline would place its orders twice.
+    redis = Redis(port=port, retry=Retry(NoBackoff(), 0))
+    writer_redis = Redis(port=port, retry=Retry(NoBackoff(), 0))
     try:
         shop = Shop(redis)
         await shop.load()
