@@ -227,9 +227,11 @@ async def measure(
     audit_limit: float,
     audit: Callable[[Redis], Awaitable[Any]] = run_audit,
 ) -> dict[str, Any]:
-    # No silent retries: a resent pipeline would place its orders twice.
-    redis = Redis(port=port, retry=Retry(NoBackoff(), 0))
-    writer_redis = Redis(port=port, retry=Retry(NoBackoff(), 0))
+    # No silent retries (a resent pipeline would place its orders twice), and
+    # room for a box so busy that Redis is descheduled for seconds.
+    options: dict[str, Any] = {"retry": Retry(NoBackoff(), 0), "socket_timeout": 120}
+    redis = Redis(port=port, **options)
+    writer_redis = Redis(port=port, **options)
     try:
         shop = Shop(redis)
         await shop.load()
