@@ -13,12 +13,18 @@ WORKDIR /srv/phoneshop
 RUN useradd --system --uid 10001 --user-group --no-create-home \
         --home-dir /srv/phoneshop --shell /usr/sbin/nologin phoneshop
 
-COPY pyproject.toml README.md ./
+# The locked runtime dependencies first (exact versions, hashes checked), so
+# this layer is rebuilt only when the lock changes, not with every code change.
+COPY requirements/base.txt requirements/base.txt
+RUN pip install --require-hashes --no-deps -r requirements/base.txt
+
+# Only what the image runs: the app and the mail worker (no tests, load tests,
+# nginx or ops tooling; .dockerignore keeps those out of the context too). They
+# run from here, not installed, so nothing is resolved again at build time.
 COPY app ./app
 COPY mail ./mail
-COPY loadtests ./loadtests
-RUN pip install .
 COPY gunicorn.conf.py ./
+ENV PYTHONPATH=/srv/phoneshop
 
 USER phoneshop
 

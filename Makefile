@@ -1,72 +1,153 @@
 # PhoneShop: two commands.
-#   make run    install what is missing, then run the whole stack in the foreground
-#   make test   install what is missing, then run the test suite
-#   make status is every process of a running `make run` stack up? (exit 1 if not)
-# Every target is idempotent: a second run only does what is still missing.
+#   make run    install what running needs, then run the whole stack in the foreground
+#   make test   install what the tests need too, then run the test suite
+# `make help` lists every target. Each one installs only what it needs and only
+# what is missing, so a second run does nothing more.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
 
+# The interpreter the .venv is made from: 3.11 or newer (`make run PYTHON=python3.12`).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# Touched after every successful `pip install`; pip runs again only when
-# pyproject.toml is newer than it.
-STAMP := $(VENV)/.installed-from-pyproject
-EXTRAS := test,dev,load
 PYTEST_ARGS ?=
 
-# System binaries, each from the Debian package of the same name.
+# ---- system packages (Debian/Ubuntu), each target only what it uses -----------
+# Binaries, each from the Debian package of the same name.
+RUN_BINARIES := redis-server nginx
 # chromium: the headless browser of the /live page test (tests/test_live.py).
-SYSTEM_BINARIES := redis-server nginx wrk chromium
+TEST_BINARIES := chromium
+# wrk: the HTTP ceilings of make bench.
+LOAD_BINARIES := wrk
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
 # Debian installs nginx in /usr/sbin, which is not on every user's PATH.
 export PATH := $(PATH):/usr/sbin:/sbin
 
-.PHONY: help setup system-packages run test lint status
-
-help:
-	@echo "make run    start redis, the app instances and nginx in the foreground (Ctrl-C stops all)"
-	@echo "make test   run the test suite (PYTEST_ARGS='-k name' to narrow it)"
-	@echo "make lint   ruff check and ruff format --check"
-	@echo "make status the health of every process of a running make run stack (exit 1 if one is down)"
-	@echo "make setup  only install what is missing (apt packages, .venv)"
-
-setup: system-packages $(STAMP)
-
-system-packages:
+# $(call apt-packages,PACKAGE...): apt-get install the ones not installed yet.
+define apt-packages
 	@missing=""; \
-	for binary in $(SYSTEM_BINARIES); do \
-	  command -v "$$binary" >/dev/null 2>&1 || missing="$$missing $$binary"; \
+	for package in $(1); do \
+	  command -v "$$package" >/dev/null 2>&1 || missing="$$missing $$package"; \
 	done; \
 	if [ -n "$$missing" ]; then \
+	  if ! command -v apt-get >/dev/null; then \
+	    echo "Missing:$$missing. Install them with your package manager, then run make again." >&2; exit 1; \
+	  fi; \
 	  echo "Installing with apt-get:$$missing"; \
 	  if ! compgen -G '/var/lib/apt/lists/*_Packages' >/dev/null; then $(SUDO) apt-get update; fi; \
 	  $(APT_INSTALL) $$missing || { $(SUDO) apt-get update && $(APT_INSTALL) $$missing; }; \
 	fi
+endef
 
-$(PY):
-	$(PYTHON) -m venv $(VENV)
+.PHONY: help setup venv run-packages test-packages load-packages run test lint status lock
 
-$(STAMP): pyproject.toml | $(PY)
-	$(VENV)/bin/pip install -e '.[$(EXTRAS)]'
+help:
+	@echo "make run       install what running needs, then start redis, the app instances, nginx,"
+	@echo "               the mail worker and a dev SMTP sink in the foreground (Ctrl-C stops all)"
+	@echo "make test      install the test tools too, then run the test suite (PYTEST_ARGS='-k name')"
+	@echo "make lint      ruff check and ruff format --check"
+	@echo "make status    the health of every process of a running make run stack (exit 1 if one is down)"
+	@echo "make loadtest  a bounded headless Locust run against a fresh stack, then the verifier"
+	@echo "make bench     the measurements behind loadtests/reports/BENCH.md (under 10 minutes)"
+	@echo "make soak      SOAK_SECONDS (300) of mixed traffic with faults, then the books"
+	@echo "make secrets   the secret files docker compose needs (secrets/, random, kept once made)"
+	@echo "make redis-cluster   a local Redis Cluster (3 primaries + 3 replicas) in the foreground"
+	@echo "make cluster-status  every node of that cluster with its role"
+	@echo "make lock      recompile requirements/*.txt from pyproject.toml (needs the package index)"
+	@echo "make setup     only install what make run needs (apt packages, .venv)"
+	@echo "make help      this list"
+	@echo "Variables: PYTHON=python3.12 picks the interpreter for .venv (3.11+); ports: README.md."
+
+# ---- the .venv and the locked Python packages ---------------------------------
+# venv: a working .venv with pip, whatever state a previous run left.
+#  - PYTHON must be 3.11+;
+#  - Debian's python3 makes venvs only with python3.X-venv (its ensurepip);
+#    without it `python3 -m venv` fails halfway and leaves a .venv without pip,
+#    so that package is installed first;
+#  - a .venv whose python or pip does not run (that half-made one, or one
+#    whose interpreter was removed) is deleted and made again.
+venv:
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	  found="$$($(PYTHON) -V 2>&1 || true)"; \
+	  echo "PhoneShop needs Python 3.11 or newer; PYTHON=$(PYTHON) is $${found:-not found}." >&2; \
+	  echo "Install one (Debian 12 and Ubuntu 24.04 ship 3.11+) and point make at it: make run PYTHON=python3.12" >&2; \
+	  exit 1; }
+	@if [ -e $(VENV) ] && ! $(PY) -m pip --version >/dev/null 2>&1; then \
+	  echo "$(VENV) is incomplete (no working python or pip: a python -m venv that failed halfway?): making it again"; \
+	  rm -rf $(VENV); \
+	fi
+	@if [ ! -e $(VENV) ] && ! $(PYTHON) -c 'import ensurepip' 2>/dev/null; then \
+	  package="python$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')-venv"; \
+	  if command -v apt-get >/dev/null; then \
+	    echo "$(PYTHON) cannot make a venv without $$package: installing it with apt-get"; \
+	    $(APT_INSTALL) $$package || { $(SUDO) apt-get update && $(APT_INSTALL) $$package; }; \
+	  else \
+	    echo "$(PYTHON) has no ensurepip, so it cannot make a venv: install its venv module ($$package)" >&2; exit 1; \
+	  fi; \
+	fi
+	@if [ ! -e $(VENV) ]; then \
+	  $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "$(PYTHON) -m venv $(VENV) failed (above); nothing left behind" >&2; exit 1; }; \
+	fi
+
+# $(VENV)/.synced-NAME: requirements/NAME.txt installed exactly (hashes checked)
+# with the project itself (editable, no dependencies of its own). Redone when
+# the lock changes; `python3 -m ops.lock check` first fails on a stale lock.
+$(VENV)/.synced-%: requirements/%.txt requirements/all.txt pyproject.toml | venv
+	@$(PYTHON) -m ops.lock check
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r $<
+	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $@
 
-test: setup
+run-packages:
+	$(call apt-packages,$(RUN_BINARIES))
+test-packages: run-packages
+	$(call apt-packages,$(TEST_BINARIES))
+load-packages: run-packages
+	$(call apt-packages,$(LOAD_BINARIES))
+
+# What each target needs; every one also checks that the locks are fresh.
+setup: run-packages venv $(VENV)/.synced-run
+	@$(PYTHON) -m ops.lock check
+test-setup: test-packages venv $(VENV)/.synced-test
+	@$(PYTHON) -m ops.lock check
+load-setup: load-packages venv $(VENV)/.synced-load
+	@$(PYTHON) -m ops.lock check
+.PHONY: test-setup load-setup
+
+test: test-setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-lint: setup
+lint: test-setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# make lock: pip-compile every requirements/*.txt afresh from pyproject.toml's
+# ranges (ops/lock.py says which groups each holds). Commit the result.
+lock: venv
+	$(PY) -m pip install --quiet pip-tools
+	$(PY) -m ops.lock compile
+
+# make secrets: the compose stack's secret files (docker-compose.yml), random
+# and URL-safe, each written only when missing. The folder is private to you;
+# the files are readable by the containers' unprivileged users.
+COMPOSE_SECRETS := secrets/redis_password secrets/admin_token
+.PHONY: secrets
+secrets: $(COMPOSE_SECRETS)
+$(COMPOSE_SECRETS):
+	@mkdir -p secrets && chmod 700 secrets
+	@$(PYTHON) -c 'import secrets; print(secrets.token_urlsafe(32))' > $@.tmp && chmod 644 $@.tmp && mv $@.tmp $@
+	@echo "Wrote $@"
 
 # make run:
 #  1. writes a random ADMIN_TOKEN into .env when neither the environment nor
 #     .env has one, and prints it (only then);
 #  2. loads .env (as honcho does: .env wins over the environment), derives
-#     REDIS_URL from REDIS_PORT when unset, prints every URL and where logs
-#     and data go;
+#     REDIS_URL from REDIS_PORT when unset, stops if a port the stack needs
+#     is taken (ops/ports.py says which, by whom and the variable that moves
+#     it), prints every URL and where logs and data go;
 #  3. execs honcho on the Procfile, with MAIL_WORKERS (default 2) mail worker
 #     processes sharing the mailer group (each its own {host}-{pid} name and the
 #     next free metrics port from MAIL_METRICS_PORT). Ctrl-C or SIGTERM (make forwards it)
@@ -81,11 +162,12 @@ run: setup
 	  echo "  ADMIN_TOKEN=$$token"; \
 	fi
 	@set -a; if [ -f .env ]; then . ./.env; fi; set +a; \
-	export REDIS_PORT="$${REDIS_PORT:-6379}"; \
+	export REDIS_PORT="$${REDIS_PORT:-6390}"; \
 	export REDIS_URL="$${REDIS_URL:-redis://127.0.0.1:$$REDIS_PORT/0}"; \
 	export BEHIND_PROXY="$${BEHIND_PROXY:-1}"; \
 	export WEB_ACCESS_LOG="$${WEB_ACCESS_LOG:-var/log/web-access.log}"; \
 	export MAIL_METRICS_PORT="$${MAIL_METRICS_PORT:-9101}"; \
+	$(PY) -m ops.ports; \
 	http="$${HTTP_PORT:-8080}"; phones="$${SEED_PHONES_PORT:-5555}"; orders="$${SEED_ORDERS_PORT:-7777}"; \
 	base="$${APP_BASE_PORT:-8001}"; count="$${WEB_INSTANCES:-2}"; instances=""; \
 	for ((i = 0; i < count; i++)); do instances="$$instances http://127.0.0.1:$$((base + i))/"; done; \
@@ -120,11 +202,11 @@ run: setup
 	echo; \
 	exec $(VENV)/bin/honcho start -f Procfile -c "mail=$$mail_workers" $$procs
 
-# make status: app/status.py reads .env and make run's defaults as above, checks
+# make status: ops/status.py reads .env and make run's defaults as above, checks
 # redis, every instance, nginx, the mail worker, its backlog and dead letters,
 # the SMTP server, and exits 1 when one of them is down.
-status: $(STAMP)
-	@$(PY) -m app.status
+status: setup
+	@$(PY) -m ops.status
 
 # make loadtest: a bounded headless Locust run against a fresh stack, then the
 # verifier (loadtests/__main__.py). make bench: the measurements, written to
@@ -133,17 +215,17 @@ status: $(STAMP)
 # generator to disjoint CPUs: STACK_CPUS=0 LOAD_CPUS=1 by default on 2 cores
 # (loadtests/rig.py). Each under 10 minutes.
 .PHONY: loadtest bench
-loadtest: setup
+loadtest: load-setup
 	$(PY) -m loadtests
 
-bench: setup
+bench: load-setup
 	$(PY) -m loadtests.bench --publish docs
 
 # make soak: SOAK_SECONDS (default 300) of mixed traffic with faults on a seeded
 # schedule against a fresh stack, then the books (loadtests/soak.py). Replay a
 # run with SOAK_SEED=<the seed it printed>.
 .PHONY: soak
-soak: setup
+soak: load-setup
 	$(PY) -m loadtests.soak
 
 # make redis-cluster: the local Redis Cluster of issue 11 (3 primaries + 3 replicas, AOF
@@ -153,5 +235,5 @@ soak: setup
 redis-cluster: setup
 	$(PY) -m ops.redis_cluster run
 
-cluster-status: $(STAMP)
+cluster-status: setup
 	@$(PY) -m ops.redis_cluster status

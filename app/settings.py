@@ -9,7 +9,8 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 # What may follow "Bearer " (RFC 6750's b64token, at most 512 characters):
 # app/auth.py parses headers with it, so an ADMIN_TOKEN outside it never matches.
@@ -56,9 +57,65 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise SettingsError(f"{name} must be a boolean (1/0, true/false), got {raw!r}")
 
 
+def secret(env: Mapping[str, str], name: str) -> str:
+    """NAME from the environment, or the contents of the file NAME_FILE names.
+
+    The file form is for Docker secrets: a secret in a plain environment
+    variable shows in `docker inspect` and in every child's environment.
+    """
+    path = env.get(f"{name}_FILE", "").strip()
+    if not path:
+        return env.get(name, "").strip()
+    if env.get(name, "").strip():
+        raise SettingsError(f"set {name} or {name}_FILE, not both")
+    try:
+        return Path(path).read_text().strip()
+    except OSError as error:
+        raise SettingsError(f"{name}_FILE: cannot read {path}: {error.strerror}") from None
+
+
+def redis_url_from_env(env: Mapping[str, str], default: str) -> str:
+    """REDIS_URL (or the default), with the password of REDIS_PASSWORD_FILE when set.
+
+    Only the file form: a REDIS_PASSWORD left in .env for compose must not
+    make `make run`'s password-less redis refuse the app.
+    """
+    redis_url = env.get("REDIS_URL", "").strip() or default
+    parts = urlsplit(redis_url)
+    if parts.scheme not in {"redis", "rediss", "unix"}:
+        raise SettingsError(
+            f"REDIS_URL must be a redis://, rediss:// or unix:// URL, got {redis_url!r}"
+        )
+    path = env.get("REDIS_PASSWORD_FILE", "").strip()
+    if not path:
+        return redis_url
+    try:
+        password = Path(path).read_text().strip()
+    except OSError as error:
+        raise SettingsError(f"REDIS_PASSWORD_FILE: cannot read {path}: {error.strerror}") from None
+    if not password or parts.scheme == "unix" or parts.password is not None:
+        raise SettingsError(
+            "REDIS_PASSWORD_FILE needs a non-empty file and a redis:// URL without a password"
+        )
+    host = parts.netloc.rsplit("@", 1)[-1]
+    user = quote(parts.username, safe="") if parts.username else ""
+    netloc = f"{user}:{quote(password, safe='')}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def redacted_url(url: str) -> str:
+    """A Redis URL without its password, for logs and reprs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
 @dataclass(frozen=True)
 class Settings:
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = "redis://127.0.0.1:6390/0"
     # Socket and connect timeouts of every Redis call: past them a request gets 503.
     redis_timeout: float = 2.0
     redis_max_connections: int = 64
@@ -90,12 +147,8 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
-        redis_url = env.get("REDIS_URL", "").strip() or cls.redis_url
-        if urlsplit(redis_url).scheme not in {"redis", "rediss", "unix"}:
-            raise SettingsError(
-                f"REDIS_URL must be a redis://, rediss:// or unix:// URL, got {redis_url!r}"
-            )
-        admin_token = env.get("ADMIN_TOKEN", "").strip()
+        redis_url = redis_url_from_env(env, cls.redis_url)
+        admin_token = secret(env, "ADMIN_TOKEN")
         if not admin_token:
             raise SettingsError("ADMIN_TOKEN is required (make run generates one into .env)")
         if len(admin_token) < 16:
@@ -136,5 +189,5 @@ class Settings:
         )
 
     def __repr__(self) -> str:
-        # Never let the admin token reach a log through a repr.
-        return f"Settings(redis_url={self.redis_url!r}, max_inflight={self.max_inflight}, admin_token=<hidden>)"
+        # Never let the admin token or the Redis password reach a log through a repr.
+        return f"Settings(redis_url={redacted_url(self.redis_url)!r}, max_inflight={self.max_inflight}, admin_token=<hidden>)"

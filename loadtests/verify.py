@@ -1,7 +1,7 @@
 """After the storm: is the shop still correct, and was every client told the truth?
 
     python -m loadtests.verify --ledger loadtests/reports/ledger.json \\
-        [--host URL] [--redis-url redis://127.0.0.1:6379/0] [--mail-timeout 120]
+        [--host URL] [--redis-url redis://127.0.0.1:6390/0] [--mail-timeout 120]
 
 Reads the ledger the locustfile wrote when Locust quit (every acknowledged
 order, what its owner was last told about it, the provisioned customers and

@@ -14,9 +14,8 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.headerregistry import Address
-from urllib.parse import urlsplit
 
-from app.settings import SettingsError, _float, _int
+from app.settings import SettingsError, _float, _int, redis_url_from_env
 
 SMTP_TLS_MODES = ("none", "starttls", "tls")
 
@@ -67,7 +66,7 @@ def parse_mail_from(value: str) -> Address:
 # No slots=True: with slots, cls.<field> is a member descriptor, not the default.
 @dataclass(frozen=True)
 class MailSettings:
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = field(default="redis://127.0.0.1:6390/0", repr=False)
     # Defaults point at the dev sink, `python -m mail.sink`.
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 1025
@@ -145,11 +144,7 @@ class MailSettings:
         def text(name: str, default: str) -> str:
             return env.get(name, "").strip() or default
 
-        redis_url = text("REDIS_URL", cls.redis_url)
-        if urlsplit(redis_url).scheme not in {"redis", "rediss", "unix"}:
-            raise SettingsError(
-                f"REDIS_URL must be a redis://, rediss:// or unix:// URL, got {redis_url!r}"
-            )
+        redis_url = redis_url_from_env(env, cls.redis_url)
         smtp_tls = text("SMTP_TLS", cls.smtp_tls).lower()
         if smtp_tls not in SMTP_TLS_MODES:
             raise SettingsError(

@@ -43,6 +43,8 @@ PROBLEM_TYPE_BASE = "https://phoneshop.example/problems/"
 # In the compose stack the app service answers on this port inside the network.
 COMPOSE_UPSTREAM = "app:8000"
 COMPOSE_MAIL_UI = "mailpit:8025"
+# Docker's embedded DNS server, inside every compose network.
+COMPOSE_RESOLVER = "127.0.0.11"
 
 RATE_RE = re.compile(r"^([1-9][0-9]{0,6})(?:r/([sm]))?$")
 DURATION_RE = re.compile(r"^[1-9][0-9]{0,5}(?:ms|s|m)?$")
@@ -112,6 +114,11 @@ class NginxConfig:
     # one service publishing ports. "" / 0 = no such server.
     mail_ui_upstream: str = ""
     mail_ui_port: int = 0
+    # Compose only: the DNS server that `server app:8000 resolve` asks again
+    # and again, so that `--scale app=N` is followed without a reload (nginx
+    # >= 1.27.3). "" (make run, Debian's nginx 1.22): the addresses are fixed
+    # when nginx loads its config, as they are for 127.0.0.1 ports.
+    resolver: str = ""
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -180,6 +187,7 @@ class NginxConfig:
             error_log="stderr",
             mail_ui_upstream=COMPOSE_MAIL_UI,
             mail_ui_port=8025,
+            resolver=COMPOSE_RESOLVER,
         )
 
 
@@ -458,13 +466,29 @@ def _mail_ui_server(config: NginxConfig) -> str:
     )
 
 
-def _upstream_servers(config: NginxConfig, *, capped: bool) -> str:
+def _upstream_servers(config: NginxConfig, *, zone: str, capped: bool) -> str:
     if not config.upstreams:
         raise RenderError("no upstream instance to proxy to")
     cap = f" max_conns={config.max_conns}" if capped and config.max_conns else ""
-    return "\n".join(
-        f"        server {address} max_fails={config.max_fails} fail_timeout={config.fail_timeout}{cap};"
+    # `resolve` keeps the addresses in shared memory, which needs a zone.
+    resolve = " resolve" if config.resolver else ""
+    lines = [f"        zone {zone} 64k;"] if config.resolver else []
+    lines += [
+        f"        server {address}{resolve} max_fails={config.max_fails} fail_timeout={config.fail_timeout}{cap};"
         for address in config.upstreams
+    ]
+    return "\n".join(lines)
+
+
+def _resolver(config: NginxConfig) -> str:
+    if not config.resolver:
+        return (
+            "    # Fixed addresses: no resolver (nginx 1.22 has no `resolve` on upstream servers)."
+        )
+    return (
+        "    # Docker's DNS, asked again every 10 s for the replicas of `server ... resolve`.\n"
+        f"    resolver {config.resolver} valid=10s ipv6=off;\n"
+        "    resolver_timeout 5s;"
     )
 
 
@@ -483,8 +507,9 @@ def render(config: NginxConfig) -> str:
         "LIMIT_WRITE_RATE": config.limit_write_rate,
         "LIMIT_READ_RATE": config.limit_read_rate,
         "LIMIT_ADDRESS_RATE": config.address_rate,
-        "UPSTREAM_SERVERS": _upstream_servers(config, capped=True),
-        "WS_UPSTREAM_SERVERS": _upstream_servers(config, capped=False),
+        "RESOLVER": _resolver(config),
+        "UPSTREAM_SERVERS": _upstream_servers(config, zone="app", capped=True),
+        "WS_UPSTREAM_SERVERS": _upstream_servers(config, zone="app_ws", capped=False),
         "SERVERS": _servers(config),
         "SEED_SERVICE_PORTS": _seed_service_ports(config),
         **config.extra,

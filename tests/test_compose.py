@@ -9,10 +9,13 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from urllib.parse import quote, unquote, urlsplit
 
 import pytest
 import yaml
 
+from app.settings import Settings, SettingsError
+from mail.settings import MailSettings
 from nginx.render import COMPOSE_CONF, NginxConfig, render
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,15 +77,106 @@ def test_only_nginx_publishes_ports_and_app_scales(services: dict[str, dict]) ->
     assert {"8080", "5555", "7777"} <= set(published)
 
 
-def test_redis_has_aof_and_requires_a_password(services: dict[str, dict]) -> None:
+def _script(service: dict) -> str:
+    """The shell script of a `sh -ec <script>` command."""
+    command = service["command"]
+    assert command[:2] == ["sh", "-ec"], command
+    return command[2]
+
+
+def test_redis_has_aof_and_requires_a_password_from_a_file(services: dict[str, dict]) -> None:
     redis = services["redis"]
-    command = redis["command"]
-    assert command[command.index("--appendonly") + 1] == "yes"
-    password = command[command.index("--requirepass") + 1]
-    assert password.startswith("${REDIS_PASSWORD:?")  # compose refuses to start without it
-    assert "${REDIS_PASSWORD:?" in services["app"]["environment"]["REDIS_URL"]
-    assert "${REDIS_PASSWORD:?" in services["mail"]["environment"]["REDIS_URL"]
+    script = _script(redis)
+    start = script.strip().splitlines()[-1]
+    assert start.startswith("exec docker-entrypoint.sh redis-server /tmp/secret.conf ")
+    assert "--appendonly yes" in start and "--requirepass" not in script
+    assert "read -r password < /run/secrets/redis_password" in script
+    assert 'printf \'requirepass "%s"\\n\' "$$password" > /tmp/secret.conf' in script
+    assert redis["secrets"] == ["redis_password"]
     assert "ports" not in redis
+    for name in ("app", "mail"):
+        environment = services[name]["environment"]
+        assert environment["REDIS_URL"] == "redis://redis:6379/0"  # no password in it
+        assert environment["REDIS_PASSWORD_FILE"] == "/run/secrets/redis_password"
+        assert "redis_password" in services[name]["secrets"]
+
+
+def test_no_secret_on_a_command_line_or_in_an_environment(compose: dict) -> None:
+    """The Redis password and the admin token travel only as secret files."""
+    for name, service in compose["services"].items():
+        environment = service.get("environment", {})
+        for variable, value in environment.items():
+            assert variable not in {"ADMIN_TOKEN", "REDIS_PASSWORD", "REDISCLI_AUTH"}, name
+            assert not re.search(r"\$\{(ADMIN_TOKEN|REDIS_PASSWORD)\b", str(value)), name
+            assert "@" not in str(value) or variable != "REDIS_URL", name
+        words = json.dumps([service.get("command"), service.get("healthcheck", {}).get("test")])
+        assert not re.search(r"\$\{(ADMIN_TOKEN|REDIS_PASSWORD)\b", words), name
+        assert not re.search(r"redis-cli[^|]* -a ", words), name
+    assert compose["secrets"] == {
+        "redis_password": {"file": "./secrets/redis_password"},
+        "admin_token": {"file": "./secrets/admin_token"},
+    }
+    # `make secrets` writes them, and git never sees them.
+    assert "secrets/" in (ROOT / ".gitignore").read_text().splitlines()
+    makefile = (ROOT / "Makefile").read_text()
+    assert "COMPOSE_SECRETS := secrets/redis_password secrets/admin_token" in makefile
+
+
+def test_the_app_and_the_mail_worker_read_their_secret_files(tmp_path: Path) -> None:
+    token, password = "t" * 20 + "-file", "p@ss/word:1"
+    (tmp_path / "admin_token").write_text(token + "\n")
+    (tmp_path / "redis_password").write_text(password + "\n")
+    env = {
+        "REDIS_URL": "redis://redis:6379/0",
+        "REDIS_PASSWORD_FILE": str(tmp_path / "redis_password"),
+        "ADMIN_TOKEN_FILE": str(tmp_path / "admin_token"),
+    }
+    settings = Settings.from_env(env)
+    assert settings.admin_token == token
+    parts = urlsplit(settings.redis_url)
+    assert (unquote(parts.password), parts.hostname, parts.port) == (password, "redis", 6379)
+    assert password not in repr(settings) and quote(password, safe="") not in repr(settings)
+    assert MailSettings.from_env(env).redis_url == settings.redis_url
+    assert quote(password, safe="") not in repr(MailSettings.from_env(env))
+    with pytest.raises(SettingsError, match="not both"):
+        Settings.from_env({**env, "ADMIN_TOKEN": token})
+    with pytest.raises(SettingsError, match="cannot read"):
+        Settings.from_env({**env, "ADMIN_TOKEN_FILE": str(tmp_path / "missing")})
+    # A REDIS_PASSWORD left in .env for compose changes nothing for make run.
+    plain = Settings.from_env(
+        {"REDIS_URL": "redis://127.0.0.1:6390/0", "REDIS_PASSWORD": "x", "ADMIN_TOKEN": token}
+    )
+    assert plain.redis_url == "redis://127.0.0.1:6390/0"
+
+
+def test_mail_workers_scale(services: dict[str, dict]) -> None:
+    mail = services["mail"]
+    # Each replica names itself {hostname}-{pid}: a fixed name would make two
+    # replicas one consumer and one health key.
+    assert "MAIL_WORKER_NAME" not in mail["environment"]
+    assert "container_name" not in mail and "ports" not in mail
+    assert "hostname" not in mail
+
+
+def test_nginx_follows_app_replicas_without_a_reload(services: dict[str, dict]) -> None:
+    image = services["nginx"]["image"]
+    match = re.fullmatch(r"nginx:(\d+)\.(\d+)(?:\.(\d+))?-bookworm", image)
+    assert match, image
+    version = tuple(int(part or 0) for part in match.groups())
+    assert version >= (1, 27, 3), "`resolve` on upstream servers needs nginx 1.27.3"
+    text = COMPOSE_CONF.read_text()
+    assert "resolver 127.0.0.11 valid=10s ipv6=off;" in text  # Docker's DNS
+    servers = re.findall(r"^\s*server app:8000[^;]*;", text, flags=re.MULTILINE)
+    assert len(servers) == 2 and all(" resolve " in server for server in servers)
+    assert "zone app 64k;" in text and "zone app_ws 64k;" in text
+    # make run's copy, for Debian's nginx 1.22, keeps its fixed list.
+    local = "\n".join(
+        line
+        for line in render(NginxConfig.from_env({})).splitlines()
+        if not line.lstrip().startswith("#")
+    )
+    assert " resolve" not in local and "resolver " not in local
+    assert "server 127.0.0.1:8001 max_fails" in local
 
 
 def test_app_runs_gunicorn_conf_and_stops_after_graceful_timeout(
@@ -93,7 +187,8 @@ def test_app_runs_gunicorn_conf_and_stops_after_graceful_timeout(
     grace = int(app["stop_grace_period"].removesuffix("s"))
     graceful = int(re.search(r":-(\d+)", app["environment"]["WEB_GRACEFUL_TIMEOUT"]).group(1))
     assert graceful < grace
-    assert "${ADMIN_TOKEN:?" in app["environment"]["ADMIN_TOKEN"]
+    assert app["environment"]["ADMIN_TOKEN_FILE"] == "/run/secrets/admin_token"
+    assert "admin_token" in app["secrets"]
 
 
 def test_dockerfile_runs_gunicorn_conf_as_non_root() -> None:
@@ -124,7 +219,9 @@ def test_compose_nginx_config_passes_nginx_t(tmp_path: Path) -> None:
     paths swapped for local ones, since nginx -t resolves upstream hosts."""
     text = COMPOSE_CONF.read_text()
     swaps = {
-        "server app:8000 ": "server 127.0.0.1:8000 ",
+        # Debian's nginx 1.22 knows neither `resolve` nor, so, Docker's resolver.
+        "server app:8000 resolve ": "server 127.0.0.1:8000 ",
+        "resolver 127.0.0.11 valid=10s ipv6=off;": "",
         "proxy_pass http://mailpit:8025;": "proxy_pass http://127.0.0.1:8025;",
         "/var/cache/nginx": str(tmp_path / "var"),
     }
@@ -170,14 +267,14 @@ def test_metrics_profile_scrapes_every_app_replica_and_the_mail_worker(
     token_file = app_job["authorization"]["credentials_file"]
     [secret] = prometheus["secrets"]
     assert token_file == f"/run/secrets/{secret['target']}"
-    assert compose["secrets"][secret["source"]] == {"environment": "ADMIN_TOKEN"}
+    assert compose["secrets"][secret["source"]] == {"file": "./secrets/admin_token"}
     assert "ADMIN_TOKEN" not in json.dumps(config)  # the token is never in the file
 
     mail_job = jobs["phoneshop-mail"]
-    [target] = mail_job["static_configs"][0]["targets"]
-    host, port = target.split(":")
+    [discovery] = mail_job["dns_sd_configs"]  # every mail replica
+    assert discovery["names"] == ["mail"] and discovery["type"] == "A"
+    port = str(discovery["port"])
     mail = services["mail"]
-    assert host == "mail"
     assert mail["environment"]["MAIL_METRICS_PORT"] == port
     assert mail["environment"]["MAIL_METRICS_ADDRESS"] == "0.0.0.0"
     assert port in mail["expose"]

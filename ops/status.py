@@ -1,10 +1,10 @@
-"""``make status`` (``python -m app.status``): is every process of a ``make run`` stack up?
+"""``make status`` (``python -m ops.status``): is every process of a ``make run`` stack up?
 
 Reads what ``make run`` reads: the environment with ``.env`` on top (``.env``
 wins, as in make run and honcho) and make run's defaults. Prints one line per
 process, then exits 1 when any of them is DOWN, 0 otherwise::
 
-    OK    redis          redis://127.0.0.1:6379/0 role=master aof=on appendfsync=always ...
+    OK    redis          redis://127.0.0.1:6390/0 role=master aof=on appendfsync=always ...
     OK    app :8001      ready
     DOWN  app :8002      not answering: connection refused
     OK    nginx :8080    ready
@@ -61,18 +61,10 @@ from redis.exceptions import RedisError, ResponseError
 from app import keys
 from app.mail_backlog import MailBacklog, read_mail_backlog
 from nginx.instances import instance_ports
+from ops.ports import DEFAULTS as MAKE_RUN_DEFAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 2.0
-# make run's defaults (Makefile, Procfile), where app/settings.py has none.
-MAKE_RUN_DEFAULTS = {
-    "REDIS_PORT": "6379",
-    "HTTP_PORT": "8080",
-    "SEED_PHONES_PORT": "5555",
-    "SEED_ORDERS_PORT": "7777",
-    "SMTP_PORT": "1025",
-    "MAIL_METRICS_PORT": "9101",
-}
 
 OK, DOWN, WARN, UNKNOWN = "OK", "DOWN", "WARN", "UNKNOWN"
 # The oldest waiting confirmation older than this is a WARN (issue 16's lag target: 10 s p99).
@@ -325,7 +317,7 @@ def run_checks(env: Mapping[str, str]) -> list[Check]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m app.status", description=__doc__.splitlines()[0]
+        prog="python -m ops.status", description=__doc__.splitlines()[0]
     )
     parser.add_argument(
         "--env-file",
