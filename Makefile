@@ -26,19 +26,24 @@ APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --n
 # Debian installs nginx in /usr/sbin, which is not on every user's PATH.
 export PATH := $(PATH):/usr/sbin:/sbin
 
-# $(call apt-packages,PACKAGE...): apt-get install the ones not installed yet.
+# $(call apt-packages,PACKAGE...[,optional]): apt-get install the ones whose
+# binary is missing. With "optional", a package apt cannot install (Ubuntu has
+# no chromium deb, only a snap) is a warning, not a failure.
 define apt-packages
 	@missing=""; \
 	for package in $(1); do \
 	  command -v "$$package" >/dev/null 2>&1 || missing="$$missing $$package"; \
 	done; \
 	if [ -n "$$missing" ]; then \
-	  if ! command -v apt-get >/dev/null; then \
-	    echo "Missing:$$missing. Install them with your package manager, then run make again." >&2; exit 1; \
+	  fail() { \
+	    if [ "$(2)" = optional ]; then echo "WARNING: could not install$$missing; the tests that need it are skipped (README: Troubleshooting)" >&2; \
+	    else echo "Could not install$$missing: install it by hand (README: Troubleshooting), then run make again." >&2; exit 1; fi; }; \
+	  if ! command -v apt-get >/dev/null; then fail; \
+	  else \
+	    echo "Installing with apt-get:$$missing"; \
+	    if ! compgen -G '/var/lib/apt/lists/*_Packages' >/dev/null; then $(SUDO) apt-get update || true; fi; \
+	    $(APT_INSTALL) $$missing || { $(SUDO) apt-get update && $(APT_INSTALL) $$missing; } || fail; \
 	  fi; \
-	  echo "Installing with apt-get:$$missing"; \
-	  if ! compgen -G '/var/lib/apt/lists/*_Packages' >/dev/null; then $(SUDO) apt-get update; fi; \
-	  $(APT_INSTALL) $$missing || { $(SUDO) apt-get update && $(APT_INSTALL) $$missing; }; \
 	fi
 endef
 
@@ -51,13 +56,16 @@ help:
 	@echo "make lint      ruff check and ruff format --check"
 	@echo "make status    the health of every process of a running make run stack (exit 1 if one is down)"
 	@echo "make loadtest  a bounded headless Locust run against a fresh stack, then the verifier"
-	@echo "make bench     the measurements behind loadtests/reports/BENCH.md (under 10 minutes)"
-	@echo "make soak      SOAK_SECONDS (300) of mixed traffic with faults, then the books"
+	@echo "make bench     the measurements, published to docs/BENCH.md and docs/bench.png (under 10 minutes)"
+	@echo "make soak      SOAK_SECONDS (300) of mixed traffic with faults, then the books (loadtests/reports/SOAK.md)"
 	@echo "make secrets   the secret files docker compose needs (secrets/, random, kept once made)"
 	@echo "make redis-cluster   a local Redis Cluster (3 primaries + 3 replicas) in the foreground"
 	@echo "make cluster-status  every node of that cluster with its role"
 	@echo "make lock      recompile requirements/*.txt from pyproject.toml (needs the package index)"
 	@echo "make setup     only install what make run needs (apt packages, .venv)"
+	@echo "make test-setup, make load-setup   only install what make test, or the load targets, need"
+	@echo "make venv      only make .venv (again, when a previous one is half-made)"
+	@echo "make run-packages, make test-packages, make load-packages   only the apt packages of each"
 	@echo "make help      this list"
 	@echo "Variables: PYTHON=python3.12 picks the interpreter for .venv (3.11+); ports: README.md."
 
@@ -71,7 +79,7 @@ help:
 #    whose interpreter was removed) is deleted and made again.
 venv:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
-	  found="$$($(PYTHON) -V 2>&1 || true)"; \
+	  found="$$($(PYTHON) -V 2>/dev/null || true)"; \
 	  echo "PhoneShop needs Python 3.11 or newer; PYTHON=$(PYTHON) is $${found:-not found}." >&2; \
 	  echo "Install one (Debian 12 and Ubuntu 24.04 ship 3.11+) and point make at it: make run PYTHON=python3.12" >&2; \
 	  exit 1; }
@@ -104,7 +112,7 @@ $(VENV)/.synced-%: requirements/%.txt requirements/all.txt pyproject.toml | venv
 run-packages:
 	$(call apt-packages,$(RUN_BINARIES))
 test-packages: run-packages
-	$(call apt-packages,$(TEST_BINARIES))
+	$(call apt-packages,$(TEST_BINARIES),optional)
 load-packages: run-packages
 	$(call apt-packages,$(LOAD_BINARIES))
 

@@ -14,6 +14,11 @@ status its last acknowledged check or cancel gave it, the audit must hold, and
 every completed order must end with a delivered mail or a dead letter, nothing
 pending. One summary is printed; the exit status is non-zero when anything
 acknowledged is missing or an invariant failed. Bounded in time and count.
+
+While it runs, a line every PROGRESS_SECONDS (5 s) says the phase, the time
+elapsed, the orders acknowledged and the faults injected so far, through the
+checks and the wait for mail too. The summary and that timeline are written to
+``loadtests/reports/SOAK.md``, beside make bench's BENCH.md.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 from redis.asyncio import Redis
@@ -40,6 +46,9 @@ CUSTOMERS = 16
 PHONES = 5
 TIMEOUT = aiohttp.ClientTimeout(total=15)
 SETTLE_SECONDS = 180
+# How often a progress line is printed: "at least every 10 s" with room to spare.
+PROGRESS_SECONDS = 5.0
+REPORTS = ROOT / "loadtests" / "reports"
 # Every soak customer stays far below the write limit; reads get room.
 SOAK_LIMITS = {"LIMIT_READ_RATE": "5000r/s", "LIMIT_READ_BURST": "10000", "REDIS_TIMEOUT": "1"}
 
@@ -52,6 +61,42 @@ class Books:
     expected_status: dict[str, str] = field(default_factory=dict)  # order id -> status
     acknowledged: int = 0
     faults: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class Progress:
+    """The phase the soak is in, printed with the books every PROGRESS_SECONDS."""
+
+    books: Books
+    seconds: float
+    started: float = field(default_factory=time.monotonic)
+    phase: str = "starting the stack"
+    timeline: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.started
+        faults = sum(self.books.faults.values())
+        kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(self.books.faults.items()))
+        refused = sum(
+            count
+            for answer, count in self.books.answers.items()
+            if answer.startswith("POST /orders ") and not answer.endswith(" 201")
+        )
+        return (
+            f"{elapsed:5.0f} s  {self.phase:<22} orders {self.books.acknowledged:>6} "
+            f"(other answers to POST /orders {refused})  faults {faults}"
+            + (f" ({kinds})" if kinds else "")
+        )
+
+    def tick(self) -> None:
+        line = self.line()
+        self.timeline.append(line)
+        print(f"soak: {line}", flush=True)
+
+    async def report_every(self, interval: float = PROGRESS_SECONDS) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.tick()
 
 
 async def request(
@@ -223,80 +268,133 @@ async def settle_mail(redis: Redis, completed: list[str]) -> tuple[int, int, int
 
 
 async def soak(seconds: float, seed: int) -> int:
+    books = Books()
+    progress = Progress(books, seconds)
+    reporter = asyncio.create_task(progress.report_every())
+    try:
+        return await _soak(seconds, seed, books, progress)
+    finally:
+        reporter.cancel()
+
+
+async def _soak(seconds: float, seed: int, books: Books, progress: Progress) -> int:
     rng = random.Random(seed)
-    with launch(mail=True, env=SOAK_LIMITS, instances=2, workers=1) as running:
-        sink = SmtpSink(running)
-        books = Books()
-        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
-            phones, tokens = await provision(session, running, rng)
-            end = time.monotonic() + seconds
-            faults = asyncio.create_task(fault_schedule(running, sink, books, rng, end))
-            await asyncio.gather(
-                *(
-                    customer_life(
-                        session,
-                        running.http_url,
-                        token,
-                        phones,
-                        books,
-                        random.Random(rng.random()),
-                        end,
-                    )
-                    for token in tokens
-                )
-            )
-            await faults
-            running.stack.heal()
-            admin = {"Authorization": f"Bearer {running.admin_token}"}
-            missing, wrong_status = [], []
-            for order_id, expected in books.expected_status.items():
-                status, body = await until_answered(
+    # The stack starts in a thread, so that progress lines keep coming meanwhile.
+    stack = launch(mail=True, env=SOAK_LIMITS, instances=2, workers=1)
+    running = await asyncio.to_thread(stack.__enter__)
+    try:
+        result = await _traffic_and_books(seconds, seed, books, progress, rng, running)
+    finally:
+        progress.phase = "stopping the stack"
+        await asyncio.to_thread(stack.__exit__, None, None, None)
+    return result
+
+
+async def _traffic_and_books(
+    seconds: float,
+    seed: int,
+    books: Books,
+    progress: Progress,
+    rng: random.Random,
+    running: LoadStack,
+) -> int:
+    sink = SmtpSink(running)
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+        progress.phase = "provisioning"
+        phones, tokens = await provision(session, running, rng)
+        progress.phase = f"traffic + faults ({seconds:.0f} s)"
+        end = time.monotonic() + seconds
+        faults = asyncio.create_task(fault_schedule(running, sink, books, rng, end))
+        await asyncio.gather(
+            *(
+                customer_life(
                     session,
-                    "GET",
-                    f"{running.direct_url}/orders/{order_id}",
-                    time.monotonic() + 30,
-                    headers=admin,
+                    running.http_url,
+                    token,
+                    phones,
+                    books,
+                    random.Random(rng.random()),
+                    end,
                 )
-                if status != 200:
-                    missing.append(order_id)
-                elif body["order"]["status"] != expected:
-                    wrong_status.append(order_id)
-            _, audit = await until_answered(
+                for token in tokens
+            )
+        )
+        await faults
+        progress.phase = "checking every order"
+        running.stack.heal()
+        admin = {"Authorization": f"Bearer {running.admin_token}"}
+        missing, wrong_status = [], []
+        for order_id, expected in books.expected_status.items():
+            status, body = await until_answered(
                 session,
                 "GET",
-                f"{running.direct_url}/admin/audit",
+                f"{running.direct_url}/orders/{order_id}",
                 time.monotonic() + 30,
                 headers=admin,
             )
-        redis = Redis.from_url(running.redis_url, decode_responses=True)
-        try:
-            completed = [o for o, s in books.expected_status.items() if s == "completed"]
-            sent, dead, pending = await settle_mail(redis, completed)
-            stored = await redis.zcard(keys.ORDERS)
-        finally:
-            await redis.aclose()
+            if status != 200:
+                missing.append(order_id)
+            elif body["order"]["status"] != expected:
+                wrong_status.append(order_id)
+        _, audit = await until_answered(
+            session,
+            "GET",
+            f"{running.direct_url}/admin/audit",
+            time.monotonic() + 30,
+            headers=admin,
+        )
+    progress.phase = "waiting for the mail"
+    redis = Redis.from_url(running.redis_url, decode_responses=True)
+    try:
+        completed = [o for o, s in books.expected_status.items() if s == "completed"]
+        sent, dead, pending = await settle_mail(redis, completed)
+        stored = await redis.zcard(keys.ORDERS)
+    finally:
+        await redis.aclose()
     ok = not missing and not wrong_status and audit.get("ok") is True and pending == 0
     ok = ok and sent + dead == len(completed)
-    print(
-        "\n".join(
-            [
-                "",
-                f"soak summary (seed {seed}, {seconds:.0f} s)",
-                f"  orders acknowledged   {books.acknowledged}",
-                f"  orders found          {books.acknowledged - len(missing)} (stored in all: {stored})",
-                f"  missing               {len(missing)}  wrong status {len(wrong_status)}",
-                f"  audit                 ok={audit.get('ok')} stock={audit.get('stock', {}).get('ok')} "
-                f"money={audit.get('money', {}).get('ok')}",
-                f"  mails                 delivered {sent}, dead-lettered {dead}, pending {pending} "
-                f"(of {len(completed)} completed orders)",
-                f"  faults injected       {dict(books.faults)}",
-                f"  answers               {dict(sorted(books.answers.items()))}",
-                f"  verdict               {'OK' if ok else 'FAILED'}",
-            ]
-        ),
-        flush=True,
-    )
+    summary = [
+        f"soak summary (seed {seed}, {seconds:.0f} s)",
+        f"  orders acknowledged   {books.acknowledged}",
+        f"  orders found          {books.acknowledged - len(missing)} (stored in all: {stored})",
+        f"  missing               {len(missing)}  wrong status {len(wrong_status)}",
+        f"  audit                 ok={audit.get('ok')} stock={audit.get('stock', {}).get('ok')} "
+        f"money={audit.get('money', {}).get('ok')}",
+        f"  mails                 delivered {sent}, dead-lettered {dead}, pending {pending} "
+        f"(of {len(completed)} completed orders)",
+        f"  faults injected       {dict(books.faults)}",
+        f"  answers               {dict(sorted(books.answers.items()))}",
+        f"  verdict               {'OK' if ok else 'FAILED'}",
+    ]
+    print("\n".join(["", *summary]), flush=True)
+    path = write_report(summary, progress.timeline, seed)
+    print(f"soak: report written to {path.relative_to(ROOT)}", flush=True)
     return 0 if ok else 1
+
+
+def write_report(summary: list[str], timeline: list[str], seed: int) -> Path:
+    """loadtests/reports/SOAK.md: the summary, then the progress lines of the run."""
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    path = REPORTS / "SOAK.md"
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [
+        f"# make soak, {stamp}",
+        "",
+        f"Replay with `SOAK_SEED={seed} make soak`. Written by loadtests/soak.py.",
+        "",
+        "```",
+        *summary,
+        "```",
+        "",
+        f"## Progress (every {PROGRESS_SECONDS:.0f} s: elapsed, phase, orders acknowledged, faults)",
+        "",
+        "```",
+        *timeline,
+        "```",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+    return path
 
 
 def main() -> int:

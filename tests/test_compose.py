@@ -13,10 +13,13 @@ from urllib.parse import quote, unquote, urlsplit
 
 import pytest
 import yaml
+from redis import Redis
+from redis.exceptions import AuthenticationError
 
 from app.settings import Settings, SettingsError
 from mail.settings import MailSettings
 from nginx.render import COMPOSE_CONF, NginxConfig, render
+from tests.servers import free_port, stop_process, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -278,3 +281,45 @@ def test_metrics_profile_scrapes_every_app_replica_and_the_mail_worker(
     assert mail["environment"]["MAIL_METRICS_PORT"] == port
     assert mail["environment"]["MAIL_METRICS_ADDRESS"] == "0.0.0.0"
     assert port in mail["expose"]
+
+
+def test_the_redis_start_script_and_health_check_keep_the_password_off_command_lines(
+    services: dict[str, dict], tmp_path: Path
+) -> None:
+    """The compose redis service's own shell lines, run here against a real
+    redis-server: only the secret file's path and Docker's wrappers swapped."""
+    redis = services["redis"]
+    password = "s3cret-" + "x" * 20
+    secret = tmp_path / "redis_password"
+    secret.write_text(password)  # no trailing newline: `read` must still take it
+    port = free_port()
+    script = _script(redis).replace("$$", "$")  # compose's escape for a literal $
+    swaps = {
+        "/run/secrets/redis_password": str(secret),
+        "/tmp/secret.conf": str(tmp_path / "secret.conf"),
+        f"chown redis:redis {tmp_path / 'secret.conf'}\n": "",
+        "exec docker-entrypoint.sh redis-server": "exec redis-server",
+    }
+    for old, new in swaps.items():
+        assert old in script, old
+        script = script.replace(old, new)
+    script = script.rstrip("\n") + f" --port {port} --bind 127.0.0.1 --dir {tmp_path} --save ''\n"
+    server = subprocess.Popen(["sh", "-ec", script], env={"PATH": "/usr/bin:/bin"})
+    try:
+        wait_for_port(port, proc=server)
+        assert password not in Path(f"/proc/{server.pid}/cmdline").read_text()
+        assert (tmp_path / "secret.conf").stat().st_mode & 0o077 == 0
+        with Redis(port=port, password=password) as client:
+            assert client.ping() is True
+            assert client.config_get("appendonly") == {"appendonly": "yes"}
+        with Redis(port=port) as anonymous, pytest.raises(AuthenticationError):
+            anonymous.ping()
+
+        check = redis["healthcheck"]["test"][1].replace("$$", "$")
+        check = check.replace("/run/secrets/redis_password", str(secret))
+        check = check.replace("| redis-cli |", f"| redis-cli -p {port} |")
+        assert subprocess.run(["sh", "-c", check], timeout=30).returncode == 0
+        secret.write_text("wrong-password")
+        assert subprocess.run(["sh", "-c", check], timeout=30).returncode != 0
+    finally:
+        stop_process(server)
