@@ -34,6 +34,7 @@ DEFAULTS = {
     "SEED_PHONES_PORT": "5555",
     "SEED_ORDERS_PORT": "7777",
     "SMTP_PORT": "1025",
+    # The first of the mail workers' metrics ports; not checked (see needed_ports).
     "MAIL_METRICS_PORT": "9101",
 }
 HOST = "127.0.0.1"
@@ -71,7 +72,8 @@ def needed_ports(env: Mapping[str, str]) -> list[Need]:
         needs.append(Need(port, variable, f"app instance {index + 1} of {len(ports)}"))
     if not env.get("SMTP_HOST", "").strip():
         needs.append(Need(_port(env, "SMTP_PORT"), "SMTP_PORT", "the dev SMTP sink"))
-    needs.append(Need(_port(env, "MAIL_METRICS_PORT"), "MAIL_METRICS_PORT", "mail worker metrics"))
+    # Not MAIL_METRICS_PORT: each mail worker takes the first free port from it
+    # (mail/metrics.py), so a taken one stops nothing.
     return [need for need in needs if need.port]
 
 

@@ -20,7 +20,6 @@ PORT_VARIABLES = (
     "SEED_PHONES_PORT",
     "SEED_ORDERS_PORT",
     "SMTP_PORT",
-    "MAIL_METRICS_PORT",
 )
 
 
@@ -89,8 +88,8 @@ def test_every_port_of_the_stack_is_checked(free_env: dict[str, str]) -> None:
     without_sink = needed_ports({**free_env, "SMTP_HOST": "smtp.example.com"})
     assert "SMTP_PORT" not in {need.variable for need in without_sink}
     # 0 turns a listener off.
-    off = needed_ports({**free_env, "SEED_PHONES_PORT": "0", "MAIL_METRICS_PORT": "0"})
-    assert {"SEED_PHONES_PORT", "MAIL_METRICS_PORT"}.isdisjoint(need.variable for need in off)
+    off = needed_ports({**free_env, "SEED_PHONES_PORT": "0"})
+    assert "SEED_PHONES_PORT" not in {need.variable for need in off}
 
 
 def test_the_default_redis_port_is_not_the_system_one() -> None:
