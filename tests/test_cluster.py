@@ -23,7 +23,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, ResponseError
 
-from loadtests.datatier import run_ceiling
+from loadtests.datatier import run_ceiling, run_memory
 from ops.redis_cluster import (
     SLOTS,
     ClusterError,
@@ -413,3 +413,16 @@ def test_the_data_tier_harness_places_real_orders_on_every_primary(
     # __rand_int__ collisions would answer 500 with nothing written; 300 of 10^9 never collide.
     assert run["orders_placed"] == run["calls"]
     assert run["primary_cpu_us_per_order"] > 0
+
+
+def test_the_memory_harness_tells_todays_layout_from_the_designed_one(tmp_path: Path) -> None:
+    """loadtests/datatier.py memory on both servers: today's order layout (22-char ids in a
+    hash and 4 indexes) must come out far above the designed one. Small sizes keep every
+    collection a listpack, so only the order of magnitude is checked, not the figures."""
+    result = run_memory(tmp_path, 1000)
+    today = result["bytes"]["order: today's layout (hash + 4 zsets, 22-char ids)"]
+    designed = result["bytes"][
+        "order: as designed (8-byte id keys and members, all + status chunked)"
+    ]
+    for mode in ("one redis-server", "1-node cluster"):
+        assert today[mode] > 2 * designed[mode] > 0, (mode, today, designed)
