@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from app import keys
-from loadtests import rig
+from loadtests import bench_mail_lag, rig
 from loadtests.bench_data import (
     bulk_load,
     memory_per_order,
@@ -110,7 +110,9 @@ AB_COMPARISONS: list[Comparison] = [
 
 # Report sections of their own modules: a callable (args, the run's folder) ->
 # {"title": ..., "markdown": ...}, run after the main stack has stopped.
-EXTRA_SECTIONS: list[Callable[[argparse.Namespace, Path], dict[str, str]]] = []
+EXTRA_SECTIONS: list[Callable[[argparse.Namespace, Path], dict[str, str]]] = [
+    bench_mail_lag.section
+]
 
 
 def log(message: str) -> None:

@@ -1,0 +1,417 @@
+"""Does confirmation mail keep pace with orders at the stack's capacity?
+
+    .venv/bin/python -m loadtests.bench_mail_lag [--seconds 60] [--workers 2]
+
+Also a section of ``make bench`` (loadtests/bench.py's EXTRA_SECTIONS). One fresh
+stack (loadtests/stack.py, nginx's limits out of the way), pinned like the main
+bench (loadtests/rig.py): redis, the app instances, nginx and the mail workers on
+the stack CPUs; wrk and the SMTP sink on the load CPUs. The sink
+(loadtests/smtp_discard.py) accepts and discards, so what is measured is the
+worker, not the sink. Then:
+
+1. the capacity: wrk closed loop on ``POST /orders`` (every order completes at
+   once) for a few seconds, no mail worker running (their events are skipped);
+2. per worker count (1, then ``--workers``, make run's MAIL_WORKERS default),
+   ``python -m mail`` processes with make run's default settings: wrk closed
+   loop on ``POST /orders`` for ``--seconds`` (at least 60), the mail backlog
+   sampled every 2 s (app/mail_backlog.py), then up to ``--drain`` seconds for
+   the rest to go out. For every order completed in the window: its lag, from
+   the ``order.completed`` event (the entry id's time) to the worker's
+   ``mail:sent`` marker, written right after the server's 250.
+
+Reported per run: completed orders/s, mails/s while the orders came and over the
+whole run, lag p50/p99/max, the backlog at the end of the load and its trend
+over the second half, the time to drain, duplicates by Message-ID (the sink's
+count), dead letters, mails still unsent. Targets (issue 16) are reported, never
+asserted. Run alone, it writes ``loadtests/reports/BENCH-mail.md`` and replaces
+its section in ``loadtests/reports/BENCH.md`` when that exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis
+
+from app import keys
+from app.mail_backlog import ORDER_COMPLETED, entry_ms, read_mail_backlog
+from loadtests import rig
+from loadtests.bench_data import provision
+from loadtests.bench_drivers import orders_wrk, write_wrk_data
+from loadtests.stack import LoadStack, launch
+from nginx.instances import ROOT
+from tests.servers import clean_env, free_port, stop_process, wait_for_port
+
+TITLE = "Mail keeps pace with orders (issue 16)"
+REPORTS = ROOT / "loadtests" / "reports"
+LIMITS = {
+    "LIMIT_WRITE_RATE": "1000000r/s",
+    "LIMIT_WRITE_BURST": "1000000",
+    "LIMIT_READ_RATE": "1000000r/s",
+    "LIMIT_READ_BURST": "1000000",
+    "LIMIT_CONN": "60000",
+}
+TARGET_LAG_P99_S = 10.0
+SAMPLE_EVERY_S = 2.0
+CAPACITY_SECONDS = 8
+
+
+def log(message: str) -> None:
+    print(f"[bench-mail {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return rig.percentile(sorted(values), q)
+
+
+# ---- processes ----------------------------------------------------------------------------
+
+
+def start_sink(directory: Path, cpus: Any) -> tuple[subprocess.Popen, int, Path]:
+    port, summary = free_port(), directory / f"sink-{time.monotonic_ns()}.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loadtests.smtp_discard", str(port), str(summary)],
+        cwd=ROOT,
+        env=clean_env(PYTHONPATH=str(ROOT)),
+        preexec_fn=rig.pinned_to(cpus),
+    )
+    wait_for_port(port, proc=proc)
+    return proc, port, summary
+
+
+def stop_sink(proc: subprocess.Popen, summary: Path) -> dict[str, Any]:
+    stop_process(proc)
+    return json.loads(summary.read_text()) if summary.exists() else {}
+
+
+def start_workers(
+    count: int, redis_url: str, smtp_port: int, directory: Path, cpus: Any
+) -> list[subprocess.Popen]:
+    """``python -m mail`` x count with make run's defaults (only where to connect set)."""
+    procs = []
+    for index in range(count):
+        env = clean_env(
+            REDIS_URL=redis_url,
+            SMTP_HOST="127.0.0.1",
+            SMTP_PORT=str(smtp_port),
+            MAIL_WORKER_NAME=f"bench-mail-{count}-{index}",
+            LOG_LEVEL="WARNING",
+            PYTHONPATH=str(ROOT),
+        )
+        log_file = (directory / f"mail-{count}-{index}.log").open("ab")
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "mail"],
+                cwd=ROOT,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                preexec_fn=rig.pinned_to(cpus),
+            )
+        )
+        log_file.close()
+    return procs
+
+
+def stack_pids(stack: LoadStack) -> list[int]:
+    procs = [
+        stack.stack.redis.proc,
+        *(i.proc for i in stack.stack.instances),
+        stack.stack.nginx.proc,
+    ]
+    return [p.pid for p in procs if p is not None]
+
+
+# ---- what Redis says ----------------------------------------------------------------------
+
+
+async def _backlog(url: str) -> tuple[int, float]:
+    client = Redis.from_url(url, decode_responses=True)
+    try:
+        backlog = await read_mail_backlog(client)
+    finally:
+        await client.aclose()
+    if backlog is None:
+        return 0, 0.0
+    return backlog.pending + backlog.undelivered, backlog.oldest_age_s(time.time_ns() // 10**6)
+
+
+def backlog(url: str) -> tuple[int, float]:
+    """(mails waiting, age of the oldest in seconds)."""
+    return asyncio.run(_backlog(url))
+
+
+def completed_between(redis: SyncRedis, start_ms: int, end_ms: int) -> dict[str, int]:
+    """order id -> event time (ms) of the order.completed entries in the window."""
+    found: dict[str, int] = {}
+    cursor = f"{start_ms}-0"
+    while True:
+        page = redis.xrange(keys.EVENTS, cursor, f"{end_ms}-18446744073709551615", count=5000)
+        for entry_id, fields in page:
+            if fields.get("type") == ORDER_COMPLETED:
+                found[fields["order_id"]] = entry_ms(entry_id)
+        if len(page) < 5000:
+            return found
+        cursor = f"({page[-1][0]}"
+
+
+def sent_at(redis: SyncRedis, order_ids: list[str]) -> dict[str, int]:
+    """order id -> when its mail:sent marker says the server accepted it (ms)."""
+    out = {}
+    for start in range(0, len(order_ids), 2000):
+        chunk = order_ids[start : start + 2000]
+        for order_id, raw in zip(
+            chunk, redis.mget([keys.mail_sent(o) for o in chunk]), strict=True
+        ):
+            if raw:
+                out[order_id] = int(json.loads(raw)["at"])
+    return out
+
+
+# ---- one run --------------------------------------------------------------------------------
+
+
+def one_run(
+    stack: LoadStack,
+    data: Path,
+    workers: int,
+    seconds: int,
+    drain_s: int,
+    split: rig.CpuSplit,
+    directory: Path,
+) -> dict[str, Any]:
+    redis = SyncRedis.from_url(stack.redis_url, decode_responses=True)
+    # Each run starts from an empty backlog: what an earlier run left unsent is
+    # counted there, not carried over (the group restarts at the stream's end).
+    redis.xgroup_destroy(keys.EVENTS, keys.MAIL_GROUP)
+    redis.xgroup_create(keys.EVENTS, keys.MAIL_GROUP, id="$", mkstream=True)
+    redis.delete(keys.MAIL_RETRY)
+    dead_before = redis.xlen(keys.MAIL_DEAD)
+    sink, port, summary_path = start_sink(directory, split.load or None)
+    procs = start_workers(workers, stack.redis_url, port, directory, split.stack or None)
+    try:
+        deadline = time.monotonic() + 30
+        names = [keys.mail_worker_alive(f"bench-mail-{workers}-{i}") for i in range(workers)]
+        while redis.exists(*names) < workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the mail workers did not start")
+            time.sleep(0.1)
+        samples: list[tuple[float, int, float]] = []
+        start_ms = time.time_ns() // 10**6
+        began = time.monotonic()
+        load = {}
+
+        def drive() -> None:
+            load.update(orders_wrk(stack, data, seconds=seconds, cpus=split.load or None))
+
+        driver = threading.Thread(target=drive)
+        driver.start()
+        while driver.is_alive():
+            waiting, oldest = backlog(stack.redis_url)
+            samples.append((time.monotonic() - began, waiting, oldest))
+            driver.join(SAMPLE_EVERY_S)
+        end_ms = time.time_ns() // 10**6
+        waiting_at_end, oldest_at_end = backlog(stack.redis_url)
+        drained_at = None
+        drain_deadline = time.monotonic() + drain_s
+        while time.monotonic() < drain_deadline:
+            if backlog(stack.redis_url)[0] == 0:
+                drained_at = time.monotonic()
+                break
+            time.sleep(0.2)
+        window_s = (end_ms - start_ms) / 1000
+        completed = completed_between(redis, start_ms, end_ms)
+        accepted = sent_at(redis, list(completed))
+        # A mail still unsent after the drain counts with its wait so far: a lower bound.
+        now = time.time_ns() // 10**6
+        lags = [(accepted.get(o, now) - at) / 1000 for o, at in completed.items()]
+        in_window = sum(1 for at in accepted.values() if at <= end_ms)
+        last_sent = max(accepted.values(), default=end_ms)
+    finally:
+        for proc in procs:
+            stop_process(proc)
+        sink_summary = stop_sink(sink, summary_path)
+    half = [s for s in samples if s[0] >= samples[-1][0] / 2] if samples else []
+    trend = (
+        (half[-1][1] - half[0][1]) / (half[-1][0] - half[0][0])
+        if len(half) >= 2 and half[-1][0] > half[0][0]
+        else 0.0
+    )
+    result = {
+        "workers": workers,
+        "window_s": window_s,
+        "orders": len(completed),
+        "orders_per_s": len(completed) / window_s,
+        "wrk_ok_rps": load.get("ok_rps", 0.0),
+        "mails_in_window_per_s": in_window / window_s,
+        "mails": len(accepted),
+        "mails_per_s_overall": len(accepted) / max(0.001, (last_sent - start_ms) / 1000),
+        "lag_p50_s": percentile(lags, 0.50),
+        "lag_p99_s": percentile(lags, 0.99),
+        "lag_max_s": max(lags, default=0.0),
+        "unsent": len(completed) - len(accepted),
+        "backlog_at_end": waiting_at_end,
+        "oldest_at_end_s": oldest_at_end,
+        "backlog_max": max((s[1] for s in samples), default=0),
+        "backlog_trend_per_s": trend,
+        "drain_s": (drained_at - began - window_s) if drained_at is not None else None,
+        "duplicates": sink_summary.get("duplicates"),
+        "sink_mails": sink_summary.get("mails"),
+        "peak_sessions": sink_summary.get("peak_open_sessions"),
+        "dead_letters": redis.xlen(keys.MAIL_DEAD) - dead_before,
+        "samples": samples,
+    }
+    redis.close()
+    return result
+
+
+def measure(
+    seconds: int, worker_counts: list[int], drain_s: int, directory: Path
+) -> dict[str, Any]:
+    split = rig.cpu_split()
+    load_before = os.getloadavg()[0]
+    with launch(env=LIMITS, instances=2, workers=1) as stack:
+        if split.pinned:
+            rig.pin_stack(stack_pids(stack), split.stack)
+        log(f"stack up ({split.describe()}); provisioning")
+        phone_ids, people = provision(stack, phones=20, customers=200)
+        data = directory / "wrk-data.lua"
+        write_wrk_data(data, phone_ids, people)
+        redis = SyncRedis.from_url(stack.redis_url, decode_responses=True)
+        orders_wrk(stack, data, seconds=2, cpus=split.load or None)  # warm-up
+        capacity = orders_wrk(stack, data, seconds=CAPACITY_SECONDS, cpus=split.load or None)
+        log(f"capacity without mail workers: {capacity['ok_rps']:,.0f} orders/s")
+        # The mailer group starts at each run (one_run): these orders are not mailed.
+        redis.xgroup_create(keys.EVENTS, keys.MAIL_GROUP, id="$", mkstream=True)
+        redis.close()
+        runs = []
+        for workers in worker_counts:
+            log(f"{workers} worker(s): {seconds} s of orders, then up to {drain_s} s to drain")
+            run = one_run(stack, data, workers, seconds, drain_s, split, directory)
+            log(
+                f"  orders {run['orders_per_s']:,.0f}/s, mails {run['mails_in_window_per_s']:,.0f}/s,"
+                f" lag p50 {run['lag_p50_s']:.2f} s p99 {run['lag_p99_s']:.2f} s"
+                f" max {run['lag_max_s']:.2f} s, backlog at end {run['backlog_at_end']},"
+                f" duplicates {run['duplicates']}, dead {run['dead_letters']}"
+            )
+            runs.append(run)
+    return {
+        "capacity": capacity,
+        "runs": runs,
+        "split": split.describe(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg()[0],
+        "machine": f"{os.cpu_count()} cores",
+    }
+
+
+# ---- the report ---------------------------------------------------------------------------
+
+
+def _ok(good: bool) -> str:
+    return "met" if good else "**not met**"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    cap = results["capacity"]["ok_rps"]
+    lines = [
+        f"`python -m loadtests.bench_mail_lag` ({results['machine']}, {results['split']};"
+        f" load average {results['loadavg_before']:.1f} before, {results['loadavg_after']:.1f}"
+        " after). `POST /orders` with wrk, closed loop (every order completes at once),"
+        " against the stack with its mail workers (make run's defaults: MAIL_CONCURRENCY 8,"
+        " MAIL_MAX_PER_CONNECTION 10) sending to a discarding SMTP sink. Lag: the"
+        " order.completed event to the worker's sent marker, right after the server's 250;"
+        " a mail still unsent after the drain counts with its wait so far.",
+        "",
+        f"Capacity without mail workers: **{cap:,.0f} orders/s** (wrk, {CAPACITY_SECONDS} s).",
+        "",
+        "| workers | orders/s | mails/s during | mails/s overall | lag p50 | lag p99 | lag max"
+        " | backlog at end | trend (2nd half) | drained in | dup | dead | unsent |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for run in results["runs"]:
+        drain = "never" if run["drain_s"] is None else f"{max(0.0, run['drain_s']):.1f} s"
+        lines.append(
+            f"| {run['workers']} | {run['orders_per_s']:,.0f} | {run['mails_in_window_per_s']:,.0f}"
+            f" | {run['mails_per_s_overall']:,.0f} | {run['lag_p50_s']:.2f} s"
+            f" | {run['lag_p99_s']:.2f} s | {run['lag_max_s']:.2f} s | {run['backlog_at_end']:,}"
+            f" | {run['backlog_trend_per_s']:+,.0f}/s | {drain} | {run['duplicates']}"
+            f" | {run['dead_letters']} | {run['unsent']} |"
+        )
+    lines += ["", "Targets (issue 16), per run:", ""]
+    for run in results["runs"]:
+        keeps_up = run["mails_in_window_per_s"] >= 0.99 * run["orders_per_s"]
+        lines.append(
+            f"- {run['workers']} worker(s): mails/s >= orders/s {_ok(keeps_up)}"
+            f" ({run['mails_in_window_per_s']:,.0f} vs {run['orders_per_s']:,.0f});"
+            f" lag p99 <= {TARGET_LAG_P99_S:.0f} s {_ok(run['lag_p99_s'] <= TARGET_LAG_P99_S)};"
+            f" no growing backlog {_ok(run['backlog_trend_per_s'] <= 0 or run['backlog_at_end'] < 100)};"
+            f" 0 duplicates {_ok(run['duplicates'] == 0)};"
+            f" 0 dead letters {_ok(run['dead_letters'] == 0)}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def section(args: argparse.Namespace, out: Path) -> dict[str, str]:
+    """loadtests/bench.py's hook: the section, measured with its own stack."""
+    seconds = max(60, int(getattr(args, "mail_seconds", 60)))
+    workers = int(getattr(args, "mail_workers", 0) or os.environ.get("MAIL_WORKERS") or 2)
+    directory = out / "mail-lag"
+    directory.mkdir(parents=True, exist_ok=True)
+    results = measure(seconds, sorted({1, workers}), 120, directory)
+    (directory / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    return {"title": TITLE, "markdown": markdown(results)}
+
+
+def replace_section(report: str, body: str) -> str:
+    """``report`` with its ``## TITLE`` section replaced by (or appended as) ``body``."""
+    heading = f"## {TITLE}"
+    start = report.find(heading)
+    block = f"{heading}\n\n{body}"
+    if start < 0:
+        return report.rstrip("\n") + "\n\n" + block
+    end = report.find("\n## ", start + len(heading))
+    return report[:start] + block + ("" if end < 0 else report[end:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.bench_mail_lag", description=__doc__)
+    parser.add_argument("--seconds", type=int, default=60, help="seconds of orders per run (>= 60)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("MAIL_WORKERS") or 2),
+        help="the N of the second run (make run's MAIL_WORKERS)",
+    )
+    parser.add_argument("--drain", type=int, default=120, help="seconds allowed to drain")
+    parser.add_argument("--out", type=Path, default=REPORTS)
+    args = parser.parse_args(argv)
+    if args.seconds < 60:
+        print("--seconds must be at least 60 (issue 16)", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench-mail-lag-") as tmp:
+        results = measure(args.seconds, sorted({1, args.workers}), args.drain, Path(tmp))
+    (args.out / "bench-mail-lag.json").write_text(json.dumps(results, indent=2, default=str))
+    body = markdown(results)
+    (args.out / "BENCH-mail.md").write_text(f"## {TITLE}\n\n{body}")
+    bench = args.out / "BENCH.md"
+    if bench.exists():
+        bench.write_text(replace_section(bench.read_text(), body))
+    print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
