@@ -285,7 +285,9 @@ def findings(results: dict[str, Any]) -> str:
                 else ""
             )
         )
-        + f" The generator used {over['generator_cpu_share']:.0%} of a CPU over the run.",
+        + f" The generator used {over['generator_cpu_share']:.0%} of a CPU over the run (its "
+        "process time; loopback TCP's softirq work on its CPU is not counted there) and opened "
+        f"{over['connections_opened']:,} connections.",
         f"- **Orders ÷ hello.** The data tier alone, with `appendfsync always`, ran the real "
         f"script at {b:,.0f}/s with redis-benchmark as its only client ({b_everysec:,.0f}/s with "
         f"everysec); orders cannot exceed that, and each order also costs app CPU on the same "
