@@ -14,7 +14,7 @@ import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from app import appkeys, keys
 from app.problems import ProblemError
@@ -138,11 +138,41 @@ async def authenticate(request: web.Request) -> Principal:
     return Principal(customer_id=customer_id)
 
 
-async def require_admin(request: web.Request) -> Principal:
-    principal = await authenticate(request)
+def check_admin(principal: Principal) -> Principal:
     if not principal.is_admin:
         raise ProblemError("forbidden", "Only the admin token may do that")
     return principal
+
+
+async def require_admin(request: web.Request) -> Principal:
+    """For what is not in the route table (GET /metrics from elsewhere); routes
+    declare ``auth="admin"`` instead (app/routing.py)."""
+    return check_admin(await authenticate(request))
+
+
+# Browsers cannot set Authorization on a WebSocket: they offer the subprotocols
+# ["bearer", "<token>"] instead and the server answers with "bearer".
+BEARER_PROTOCOL = "bearer"
+
+
+async def authenticate_websocket(request: web.Request) -> Principal:
+    """The Authorization header when present, else a token offered as the
+    subprotocol after "bearer"; 401 before any upgrade otherwise."""
+    if hdrs.AUTHORIZATION not in request.headers:
+        token = _protocol_token(request.headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL, ""))
+        if token is None:
+            raise unauthorized(request, token_sent=False)
+        # The very same check as every other route: it reads the header.
+        request = request.clone(headers={**request.headers, "Authorization": f"Bearer {token}"})
+    return await authenticate(request)
+
+
+def _protocol_token(header: str) -> str | None:
+    offered = [value.strip() for value in header.split(",") if value.strip()]
+    if BEARER_PROTOCOL not in offered:
+        return None
+    position = offered.index(BEARER_PROTOCOL)
+    return offered[position + 1] if position + 1 < len(offered) else None
 
 
 def check_owner_or_admin(principal: Principal, customer_id: str, not_found_code: str) -> None:

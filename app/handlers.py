@@ -1,4 +1,5 @@
-"""Helpers every domain's handlers share: path ids and the app's resources."""
+"""The app's resources, as every domain's handlers reach them (the path id is
+``Call.id``, app/routing.py)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,6 @@ from redis.asyncio import Redis
 
 from app import appkeys
 from app.scripts import Scripts
-
-
-def path_id(request: web.Request) -> str:
-    """The path's id; the route's pattern (app.routes) already checked it, so
-    nothing else can reach a key name."""
-    return request.match_info["id"]
 
 
 def redis_of(request: web.Request) -> Redis:

@@ -8,10 +8,11 @@ from aiohttp import web
 
 from app import appkeys
 from app.models import json_response, query_int
+from app.routing import Call
 from app.scripts import Scripts
 
 
-async def healthz(request: web.Request) -> web.Response:
+async def healthz(call: Call[None]) -> web.Response:
     return json_response({"status": "ok"})
 
 
@@ -59,19 +60,20 @@ class Readiness:
             task.exception()  # retrieved, even when every probe waiting on it hung up
 
 
-async def readyz(request: web.Request) -> web.Response:
+async def readyz(call: Call[None]) -> web.Response:
     """Ready means Redis answers on the hot-path connection and every script is loaded."""
+    request = call.request
     await request.app[appkeys.READINESS].check(request.app[appkeys.SCRIPTS])
     return json_response({"status": "ready"})
 
 
-async def bench_hello(request: web.Request) -> web.Response:
+async def bench_hello(call: Call[None]) -> web.Response:
     """The bench's ceiling: the cheapest JSON answer this stack can give."""
     return json_response({"hello": "world"})
 
 
-async def bench_sleep(request: web.Request) -> web.Response:
+async def bench_sleep(call: Call[None]) -> web.Response:
     """A slow in-flight request for the graceful-shutdown and in-flight-cap tests."""
-    ms = query_int(request, "ms", 100, 0, 10_000)
+    ms = query_int(call.request, "ms", 100, 0, 10_000)
     await asyncio.sleep(ms / 1000)
     return json_response({"slept_ms": ms})

@@ -23,7 +23,8 @@ from app.middlewares import front_middleware
 from app.observe import flush_observations, instrument
 from app.openapi import openapi_json
 from app.overload import OverloadControl
-from app.routes import SPECLESS_ROUTES, add_routes, route_table
+from app.routes import SPECLESS_ROUTES, route_table
+from app.routing import add_routes
 from app.scripts import Scripts
 from app.settings import Settings
 

@@ -13,7 +13,8 @@ from app.models import IDEMPOTENCY_KEY_PATTERN, QUERY_SCHEMAS, json_response
 from app.orders.models import OrderEnvelope, OrderPage
 from app.phones.models import PhoneEnvelope, PhonePage
 from app.problems import PROBLEMS
-from app.routes import Route, route_table
+from app.routes import route_table
+from app.routing import Route
 
 PROBLEM_SCHEMA = {
     "type": "object",

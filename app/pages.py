@@ -19,7 +19,7 @@ from pathlib import Path
 from aiohttp import web
 from swagger_ui_bundle import swagger_ui_path
 
-from app.handlers import path_id
+from app.routing import Call
 
 _SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
 _HEADERS = {
@@ -66,16 +66,16 @@ def _html(name: str) -> web.Response:
     )
 
 
-async def live_page(request: web.Request) -> web.Response:
+async def live_page(call: Call[None]) -> web.Response:
     return _html("live.html")
 
 
-async def docs_page(request: web.Request) -> web.Response:
+async def docs_page(call: Call[None]) -> web.Response:
     return _html("docs.html")
 
 
-async def docs_asset(request: web.Request) -> web.StreamResponse:
-    name = path_id(request)
+async def docs_asset(call: Call[None]) -> web.StreamResponse:
+    name = call.id
     if name not in DOCS_ASSETS:
         raise web.HTTPNotFound()
     # The package's files change only with its version: let browsers keep them a day.

@@ -1,11 +1,8 @@
-"""Every route of the service, in one table that also feeds /openapi.json."""
+"""Every route of the service, in one table: what it serves, who may call it,
+the body it takes, its seed aliases. app/routing.py makes each entry true when
+it registers it; app/openapi.py publishes the same entries as /openapi.json."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-
-from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from app import health, pages
 from app.admin import handlers as admin
@@ -13,7 +10,6 @@ from app.admin import mail as admin_mail
 from app.customers import handlers as customers
 from app.customers.models import CustomerCreate, CustomerCreated, CustomerEnvelope, Deposit
 from app.events import handlers as events
-from app.ids import ID_PATTERN
 from app.orders import handlers as orders
 from app.orders.models import OrderCreate, OrderEnvelope, OrderPage
 from app.phones import handlers as phones
@@ -25,28 +21,7 @@ from app.phones.models import (
     Restock,
     SeedPhoneCreate,
 )
-
-
-@dataclass(frozen=True)
-class Route:
-    method: str
-    path: str
-    handler: Handler
-    summary: str
-    auth: str = "anyone"  # anyone | customer | admin | owner-or-admin
-    body: type | None = None
-    answer: type | None = None
-    status: int = 200
-    query: tuple[str, ...] = ()
-    idempotent_key: bool = False
-    # Error statuses the operation itself decides (auth, body and query errors
-    # are added by openapi.py from the other fields).
-    errors: tuple[int, ...] = ()
-    # What {id} must look like: anything else does not match the route, so
-    # /phones/create is never read as the phone "create".
-    id_pattern: str = ID_PATTERN
-    alias_of: str | None = None  # seed paths: same operation, hidden from the spec's tags
-
+from app.routing import Alias, Route, expand
 
 ROUTES: list[Route] = [
     Route("GET", "/healthz", health.healthz, "Liveness"),
@@ -68,17 +43,14 @@ ROUTES: list[Route] = [
         body=PhoneCreate,
         answer=PhoneEnvelope,
         status=201,
-    ),
-    Route(
-        "POST",
-        "/phones/create",
-        phones.create_phone_seed,
-        "Create a phone (seed alias: imageurl and price accepted)",
-        auth="admin",
-        body=SeedPhoneCreate,
-        answer=PhoneEnvelope,
-        status=201,
-        alias_of="/phones",
+        aliases=(
+            Alias(
+                "/phones/create",
+                "Create a phone (seed alias: imageurl and price accepted)",
+                body=SeedPhoneCreate,
+                to_body=SeedPhoneCreate.to_create,
+            ),
+        ),
     ),
     Route(
         "GET", "/phones/{id}", phones.get_phone, "One phone with its stock", answer=PhoneEnvelope
@@ -141,18 +113,7 @@ ROUTES: list[Route] = [
         answer=OrderEnvelope,
         status=201,
         idempotent_key=True,
-    ),
-    Route(
-        "POST",
-        "/orders/create",
-        orders.place_order,
-        "Place an order (seed alias)",
-        auth="customer",
-        body=OrderCreate,
-        answer=OrderEnvelope,
-        status=201,
-        idempotent_key=True,
-        alias_of="/orders",
+        aliases=(Alias("/orders/create", "Place an order (seed alias)"),),
     ),
     Route(
         "GET",
@@ -179,26 +140,10 @@ ROUTES: list[Route] = [
         auth="owner-or-admin",
         answer=OrderEnvelope,
         errors=(409,),
-    ),
-    Route(
-        "POST",
-        "/orders/check/{id}",
-        orders.check_order,
-        "Complete an open order (seed alias)",
-        auth="owner-or-admin",
-        answer=OrderEnvelope,
-        alias_of="/orders/{id}/check",
-        errors=(409,),
-    ),
-    Route(
-        "POST",
-        "/phones/check/{id}",
-        orders.check_order,
-        "Complete an open order (the seed README's path)",
-        auth="owner-or-admin",
-        answer=OrderEnvelope,
-        alias_of="/orders/{id}/check",
-        errors=(409,),
+        aliases=(
+            Alias("/orders/check/{id}", "Complete an open order (seed alias)"),
+            Alias("/phones/check/{id}", "Complete an open order (the seed README's path)"),
+        ),
     ),
     Route(
         "POST",
@@ -255,6 +200,7 @@ SPECLESS_ROUTES: list[Route] = [
         auth="customer",
         status=101,
         query=("last_id",),
+        websocket=True,
     ),
     Route("GET", "/live", pages.live_page, "A page showing your orders change state live"),
     Route("GET", "/docs", pages.docs_page, "API docs: Swagger UI over /openapi.json"),
@@ -268,11 +214,6 @@ SPECLESS_ROUTES: list[Route] = [
 ]
 
 
-def add_routes(app: web.Application, routes: list[Route]) -> None:
-    for route in routes:
-        path = route.path.replace("{id}", "{id:" + route.id_pattern.strip("^$") + "}")
-        app.router.add_route(route.method, path, route.handler)
-
-
 def route_table(bench: bool) -> list[Route]:
-    return ROUTES + (BENCH_ROUTES if bench else [])
+    """Every path served and published: each route and, after it, its aliases."""
+    return expand(ROUTES + (BENCH_ROUTES if bench else []))

@@ -19,12 +19,12 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from app import keys
-from app.auth import require_admin
 from app.handlers import redis_of
 from app.ids import is_valid_id
 from app.middlewares import REQUEST_ID
 from app.models import iso_time, json_response, page_params
 from app.problems import ProblemError
+from app.routing import Call
 from mail import scripts
 
 # Stream entry ids: "<ms>-<seq>".
@@ -129,11 +129,11 @@ async def requeue_dead_letter(
     return Requeued(dead_id=dead_id, order_id=letter.order_id, event_id=_text(event_id))
 
 
-# -- handlers (admin only) ------------------------------------------------------------
+# -- handlers (the routes declare auth="admin") ---------------------------------------------------------
 
 
-async def get_dead_letters(request: web.Request) -> web.Response:
-    await require_admin(request)
+async def get_dead_letters(call: Call[None]) -> web.Response:
+    request = call.request
     paging = page_params(request, default_per_page=50)
     total, letters = await list_dead_letters(
         redis_of(request), page=paging.page, per_page=paging.per_page
@@ -141,9 +141,8 @@ async def get_dead_letters(request: web.Request) -> web.Response:
     return json_response(DeadLetterPage(dead_letters=letters, **paging.counts(total)))
 
 
-async def retry_dead_letter(request: web.Request) -> web.Response:
-    await require_admin(request)
-    dead_id = request.match_info["id"]
+async def retry_dead_letter(call: Call[None]) -> web.Response:
+    request, dead_id = call.request, call.id
     try:
         requeued = await requeue_dead_letter(
             redis_of(request), dead_id, request_id=request.get(REQUEST_ID, "")

@@ -1,34 +1,31 @@
-"""Thin HTTP handlers of customers."""
+"""Thin HTTP handlers of customers.
+
+Who may call each, and the body it takes, are the route's (app/routes.py)."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from app.auth import authenticate, check_owner_or_admin, require_admin
+from app.auth import check_owner_or_admin
 from app.customers import service
 from app.customers.models import CustomerCreate, CustomerCreated, CustomerEnvelope, Deposit
-from app.handlers import path_id, redis_of, scripts_of
-from app.models import decode_body, json_response
+from app.handlers import redis_of, scripts_of
+from app.models import json_response
+from app.routing import Call
 
 
-async def create_customer(request: web.Request) -> web.Response:
-    await require_admin(request)
-    data = await decode_body(request, CustomerCreate)
-    customer, token = await service.create_customer(scripts_of(request), data)
+async def create_customer(call: Call[CustomerCreate]) -> web.Response:
+    customer, token = await service.create_customer(scripts_of(call.request), call.body)
     return json_response(CustomerCreated(customer=customer, token=token), status=201)
 
 
-async def get_customer(request: web.Request) -> web.Response:
-    principal = await authenticate(request)
-    customer_id = path_id(request)
-    check_owner_or_admin(principal, customer_id, "customer_not_found")
-    customer = await service.get_customer(redis_of(request), customer_id)
+async def get_customer(call: Call[None]) -> web.Response:
+    customer_id = call.id
+    check_owner_or_admin(call.principal, customer_id, "customer_not_found")
+    customer = await service.get_customer(redis_of(call.request), customer_id)
     return json_response(CustomerEnvelope(customer=customer))
 
 
-async def deposit(request: web.Request) -> web.Response:
-    await require_admin(request)
-    customer_id = path_id(request)
-    data = await decode_body(request, Deposit)
-    customer = await service.deposit(scripts_of(request), customer_id, data.amount_cents)
+async def deposit(call: Call[Deposit]) -> web.Response:
+    customer = await service.deposit(scripts_of(call.request), call.id, call.body.amount_cents)
     return json_response(CustomerEnvelope(customer=customer))

@@ -7,23 +7,22 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 
-from aiohttp import hdrs, web
+from aiohttp import web
 
 from app import appkeys
-from app.auth import Principal, authenticate, unauthorized
+from app.auth import BEARER_PROTOCOL
 from app.events.sockets import CloseCode, EventSocket
 from app.events.stream import StreamId
 from app.problems import ProblemError, retry_later
+from app.routing import Call
 
-# Browsers cannot set Authorization on a WebSocket: they offer the subprotocols
-# ["bearer", "<token>"] instead and the server answers with "bearer".
-BEARER_PROTOCOL = "bearer"
 # Clients only ever send control frames (pong, close); keep their messages tiny.
 MAX_CLIENT_MESSAGE = 4096
 
 
-async def orders_events(request: web.Request) -> web.StreamResponse:
-    principal = await _authenticate_socket(request)
+async def orders_events(call: Call[None]) -> web.StreamResponse:
+    # The route (websocket=True) took the token from the header or the subprotocol.
+    request, principal = call.request, call.principal
     resume_from = _last_id(request)
     hub = request.app[appkeys.EVENT_HUB]
     config = hub.config
@@ -64,26 +63,6 @@ async def orders_events(request: web.Request) -> web.StreamResponse:
         sockets.discard(socket)
         await socket.close(CloseCode.NORMAL)
     return ws
-
-
-async def _authenticate_socket(request: web.Request) -> Principal:
-    """The Authorization header when present, else a token offered as the
-    subprotocol after "bearer"; 401 before any upgrade otherwise."""
-    if hdrs.AUTHORIZATION not in request.headers:
-        token = _protocol_token(request.headers.get(hdrs.SEC_WEBSOCKET_PROTOCOL, ""))
-        if token is None:
-            raise unauthorized(request, token_sent=False)
-        # The very same check as every other route: it reads the header.
-        request = request.clone(headers={**request.headers, "Authorization": f"Bearer {token}"})
-    return await authenticate(request)
-
-
-def _protocol_token(header: str) -> str | None:
-    offered = [value.strip() for value in header.split(",") if value.strip()]
-    if BEARER_PROTOCOL not in offered:
-        return None
-    position = offered.index(BEARER_PROTOCOL)
-    return offered[position + 1] if position + 1 < len(offered) else None
 
 
 def _last_id(request: web.Request) -> StreamId | None:

@@ -1,41 +1,28 @@
-"""Thin HTTP handlers of orders."""
+"""Thin HTTP handlers of orders.
+
+Who may call each, the body it takes and the Idempotency-Key are the route's
+(app/routes.py)."""
 
 from __future__ import annotations
-
-import re
 
 from aiohttp import web
 
 from app import appkeys
-from app.auth import authenticate
-from app.handlers import path_id, redis_of, scripts_of
+from app.handlers import redis_of, scripts_of
 from app.ids import is_valid_id
 from app.middlewares import REQUEST_ID
-from app.models import IDEMPOTENCY_KEY_PATTERN, decode_body, json_response, page_params
+from app.models import json_response, page_params
 from app.orders import service
 from app.orders.models import OrderCreate, OrderEnvelope, OrderPage
 from app.problems import ProblemError
+from app.routing import Call
 from app.seed import order_for
 
-_IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 _STATUSES = {"open", "completed", "cancelled"}
 
 
-def idempotency_key(request: web.Request) -> str | None:
-    key = request.headers.get("Idempotency-Key")
-    if key is None:
-        return None
-    if not _IDEMPOTENCY_KEY.fullmatch(key):
-        raise ProblemError(
-            "invalid_idempotency_key", "Idempotency-Key must be 1 to 255 printable ASCII characters"
-        )
-    return key
-
-
-async def place_order(request: web.Request) -> web.Response:
-    principal = await authenticate(request)
-    key = idempotency_key(request)
-    data = await decode_body(request, OrderCreate)
+async def place_order(call: Call[OrderCreate]) -> web.Response:
+    request, principal, data = call.request, call.principal, call.body
     on_behalf_of = data.for_customer()
     if principal.is_admin:
         if on_behalf_of is None:
@@ -52,7 +39,7 @@ async def place_order(request: web.Request) -> web.Response:
         customer_id=customer_id,
         lines=data.lines(),
         autocheck=data.autocheck,
-        idempotency_key=key,
+        idempotency_key=call.idempotency_key,
         idempotency_ttl=request.app[appkeys.SETTINGS].idempotency_ttl_seconds,
         request_id=request[REQUEST_ID],
     )
@@ -64,8 +51,8 @@ async def place_order(request: web.Request) -> web.Response:
     )
 
 
-async def list_orders(request: web.Request) -> web.Response:
-    principal = await authenticate(request)
+async def list_orders(call: Call[None]) -> web.Response:
+    request, principal = call.request, call.principal
     page = page_params(request)
     status = request.query.get("status")
     if status is not None and status not in _STATUSES:
@@ -88,23 +75,22 @@ async def list_orders(request: web.Request) -> web.Response:
     return json_response(OrderPage(orders=orders, **page.counts(total)))
 
 
-async def get_order(request: web.Request) -> web.Response:
-    principal = await authenticate(request)
-    order = await service.get_order(redis_of(request), principal, path_id(request))
-    return json_response(OrderEnvelope(order=order_for(request, order)))
+async def get_order(call: Call[None]) -> web.Response:
+    order = await service.get_order(redis_of(call.request), call.principal, call.id)
+    return json_response(OrderEnvelope(order=order_for(call.request, order)))
 
 
-async def _change_status(request: web.Request, change: service.StatusChange) -> web.Response:
-    principal = await authenticate(request)
+async def _change_status(call: Call[None], change: service.StatusChange) -> web.Response:
+    request = call.request
     order = await change(
-        redis_of(request), scripts_of(request), principal, path_id(request), request[REQUEST_ID]
+        redis_of(request), scripts_of(request), call.principal, call.id, request[REQUEST_ID]
     )
     return json_response(OrderEnvelope(order=order_for(request, order)))
 
 
-async def check_order(request: web.Request) -> web.Response:
-    return await _change_status(request, service.check_order)
+async def check_order(call: Call[None]) -> web.Response:
+    return await _change_status(call, service.check_order)
 
 
-async def cancel_order(request: web.Request) -> web.Response:
-    return await _change_status(request, service.cancel_order)
+async def cancel_order(call: Call[None]) -> web.Response:
+    return await _change_status(call, service.cancel_order)
