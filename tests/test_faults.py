@@ -66,7 +66,8 @@ class MailSide:
             SMTP_PORT=str(self.smtp_port),
             SMTP_TIMEOUT_SECONDS="3",
             MAIL_SINK_DIR=str(self.mail_dir),
-            MAIL_CLAIM_IDLE_SECONDS="4",
+            # Above twice SMTP_TIMEOUT_SECONDS: a whole send may take half of it.
+            MAIL_CLAIM_IDLE_SECONDS="7",
             MAIL_BACKOFF_BASE_SECONDS="0.2",
             MAIL_BACKOFF_MAX_SECONDS="1",
             MAIL_MAX_ATTEMPTS="40",
