@@ -4,6 +4,7 @@ the redis-py and server behaviours that docs/data-tier.md builds on."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import shutil
@@ -23,6 +24,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, ResponseError
 
+from app import partitions
 from loadtests.datatier import run_ceiling, run_memory
 from ops.redis_cluster import (
     SLOTS,
@@ -426,3 +428,20 @@ def test_the_memory_harness_tells_todays_layout_from_the_designed_one(tmp_path: 
     ]
     for mode in ("one redis-server", "1-node cluster"):
         assert today[mode] > 2 * designed[mode] > 0, (mode, today, designed)
+
+
+def test_the_partition_tags_land_in_their_slots_on_the_real_cluster(
+    redis_cluster: LocalCluster,
+) -> None:
+    """app/partitions.py against the server's own hashing, and the spread the design
+    counts on: 43, 43 and 42 partitions on the three primaries."""
+    port = redis_cluster.ports[0]
+    with client(port) as node:
+        for p in range(partitions.PARTITIONS):
+            key = f"e{{{partitions.tag(p)}}}"
+            assert node.execute_command("CLUSTER", "KEYSLOT", key) == partitions.slot(p)
+    view = redis_cluster.topology()
+    per_primary = collections.Counter(
+        view.primary_for_slot(partitions.slot(p)).port for p in range(partitions.PARTITIONS)
+    )
+    assert sorted(per_primary.values()) == [42, 43, 43]

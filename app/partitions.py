@@ -1,0 +1,72 @@
+"""The data tier's fixed logical partitions (docs/data-tier.md, section 2).
+
+Nothing uses these yet: issue 11's next step builds app/keys.py's per-partition key names
+on them. They are fixed here, with their tests, so that step starts from checked facts.
+
+* There are 128 partitions, fixed for a data directory. Partition ``p`` owns exactly one
+  Redis Cluster slot, ``128 * p``, through its hash tag ``PARTITION_TAGS[p]``: every key
+  holding ``{tag}`` lives there, so resharding moves whole partitions and code never changes.
+* An id is 16 bytes in URL-safe base64 (22 characters, ``app/ids.py``'s pattern) whose first
+  byte is its partition; ``partition_of`` reads it from the first two characters, so routing
+  never needs a lookup.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+
+PARTITIONS = 128
+SLOTS = 16384
+SLOTS_PER_PARTITION = SLOTS // PARTITIONS
+
+# PARTITION_TAGS[p]: the first alphanumeric string (by length, then in the order of
+# string.ascii_letters + string.digits) whose CRC16 slot is 128 * p. tests/test_partitions.py
+# recomputes every one.
+# fmt: off
+PARTITION_TAGS = (
+    "fHh", "cMO", "nbd", "jwb", "fJH", "cOo", "ope", "aL9", "dlj", "aiM", "lFf", "aJY", "Bh", "akm", "g95", "aHy",
+    "bDe", "fQc", "bgq", "dR5", "bFE", "fSC", "aU2", "fpW", "apF", "YC", "aSR", "zW", "arf", "dwA", "aQr", "xw",
+    "fYj", "bLl", "nsf", "box", "gKk", "bNL", "06", "bmX", "QJ", "axO", "6V", "bk8", "Sj", "azo", "4v", "cy9",
+    "bUg", "nIy", "bvs", "dC7", "bWG", "fBA", "aD0", "m5", "aaD", "HA", "aBP", "kU", "acd", "Ja", "hYI", "iu",
+    "fjl", "coK", "fIx", "jUf", "fhL", "b9B", "G8", "jWF", "bL", "aKI", "AX", "hqd", "dLN", "aIi", "Cx", "hsD",
+    "bfa", "fsg", "bEu", "dp1", "bdA", "fqG", "aw6", "eb0", "aRB", "dWe", "aqV", "XS", "aPb", "yg", "asv", "Zs",
+    "gkO", "bnh", "dx8", "jDd", "fyN", "blH", "ej9", "jFD", "sN", "aZK", "PZ", "ipG", "qn", "aXk", "Rz", "hbF",
+    "bwc", "fbe", "bTw", "da3", "buC", "gpd", "af4", "O1", "hZy", "jE", "bP7", "IQ", "hXY", "he", "abt", "Kq",
+)
+# fmt: on
+
+_B64 = {
+    c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+}
+
+
+def tag(partition: int) -> str:
+    return PARTITION_TAGS[partition]
+
+
+def slot(partition: int) -> int:
+    """The one cluster slot partition ``partition`` lives in."""
+    return partition * SLOTS_PER_PARTITION
+
+
+def partition_of(entity_id: str) -> int:
+    """The partition an id (already checked against app/ids.py's pattern) names: the low
+    7 bits of its first byte, which its first two base64 characters carry."""
+    first_byte = (_B64[entity_id[0]] << 2) | (_B64[entity_id[1]] >> 4)
+    return first_byte & (PARTITIONS - 1)
+
+
+def new_id(partition: int) -> str:
+    """A random id in ``partition``: 15 random bytes after the partition byte."""
+    if not 0 <= partition < PARTITIONS:
+        raise ValueError(f"no partition {partition}")
+    raw = bytes([partition]) + secrets.token_bytes(15)
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def partition_for_email(email_lower: str) -> int:
+    """A customer's partition: from the lower-cased email, so the email's uniqueness index
+    and the customer live in one partition and creating a customer stays one script."""
+    return hashlib.sha256(email_lower.encode()).digest()[0] & (PARTITIONS - 1)
