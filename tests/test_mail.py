@@ -20,6 +20,7 @@ from email.parser import BytesParser
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 import mail.worker
@@ -984,6 +985,13 @@ async def test_backlog_counts_undelivered_entries_when_redis_reports_no_lag(
     [(first, _)] = await mail_redis.xrange(keys.EVENTS, count=1)
     assert backlog.oldest_ms == int(first.split("-")[0])  # the oldest pending entry
     assert "lag=55 " in backlog.describe(backlog.oldest_ms)
+    # The worker's gauges say the same, never 0.
+    observer = MailWorker(replace(mail_settings, metrics_port=1), mail_redis)
+    await observer._observe_backlog()
+    assert REGISTRY.get_sample_value("phoneshop_mail_lag_entries") == 55
+    assert REGISTRY.get_sample_value("phoneshop_mail_lag_exact") == 1
+    assert REGISTRY.get_sample_value("phoneshop_mail_pending_entries") == 4
+    assert REGISTRY.get_sample_value("phoneshop_mail_oldest_waiting_seconds") > 0
 
     # The count is bounded: past the bound it says "at least".
     assert await count_after(mail_redis, first, limit=10) == (10, False)
