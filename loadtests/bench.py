@@ -77,11 +77,11 @@ BENCH_LIMITS = {
 
 # The overload levels: (name, multiple of the capacity, seconds), run back to back.
 LEVELS = (
-    ("half", 0.5, 10.0),
-    ("1x", 1.0, 10.0),
-    ("3x", 3.0, 12.0),
+    ("half", 0.5, 8.0),
+    ("1x", 1.0, 8.0),
+    ("3x", 3.0, 10.0),
     ("10x", 10.0, 10.0),
-    ("recovery", 0.5, 12.0),
+    ("recovery", 0.5, 10.0),
 )
 
 
@@ -466,13 +466,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--publish", type=Path, default=None, help="also copy BENCH.md and bench.png here"
     )
-    parser.add_argument("--seconds", type=int, default=8, help="wrk seconds per measurement")
+    parser.add_argument("--seconds", type=int, default=6, help="wrk seconds per measurement")
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the large list")
-    parser.add_argument("--scripts", type=int, default=50_000, help="redis-benchmark calls")
+    parser.add_argument("--scripts", type=int, default=25_000, help="redis-benchmark calls")
     parser.add_argument(
         "--level-scale", type=float, default=1.0, help="scale the overload levels' lengths"
     )
-    parser.add_argument("--ab-rounds", type=int, default=6, help="wrk rounds per A/B side")
+    parser.add_argument("--ab-rounds", type=int, default=4, help="wrk rounds per A/B side")
     parser.add_argument("--ab-seconds", type=int, default=4, help="seconds per A/B round")
     args = parser.parse_args(argv)
     for binary in ("wrk", "redis-benchmark", "redis-cli"):

@@ -265,7 +265,23 @@ def findings(results: dict[str, Any]) -> str:
     mem = results["memory"]
     over = results["overload"]
     invalid = [row for row in over["levels"] if not row["valid"]]
-    capped = [row["phase"] for row in invalid if row["waited_for_connection"]]
+    reasons = []
+    for row in invalid:
+        if row["generator_lag_p99_ms"] > 100:
+            reasons.append(
+                f"at {row['phase']} the generator itself wrote requests late even on open "
+                f"connections (lag p99 {row['generator_lag_p99_ms']:,.0f} ms): a limit of the "
+                "rig's one load CPU (shared with other work on this box, and doing the kernel's "
+                "loopback TCP work for every request it sends)"
+            )
+        elif row["waited_for_connection"]:
+            reasons.append(
+                f"at {row['phase']} {row['waited_for_connection']:,} requests were sent late "
+                "for want of a connection: the stack held the generator's connections with "
+                "unanswered requests and did not accept new ones fast enough"
+            )
+        else:
+            reasons.append(f"at {row['phase']} the cause is not in the figures")
     lines = [
         f"- **The rig.** {over['split']}. Pinning read back from /proc: "
         f"{over['pinning']['checked']} stack threads, "
@@ -274,16 +290,9 @@ def findings(results: dict[str, Any]) -> str:
             "Every level offered at least 95% of its plan."
             if not invalid
             else f"Levels {', '.join(r['phase'] for r in invalid)} fell more than 5% short: "
-            "their rows are marked INVALID and do not show the shop at that load."
-            + (
-                f" At {', '.join(capped)} requests were sent late (or never) for want of a "
-                "connection: the generator's connections were all held by unanswered requests "
-                f"(it may open {over['max_connections']:,}) and nginx did not accept new ones "
-                "fast enough, so the shortfall is the stack not answering; the generator's own "
-                "lag on connections it had is in the last column."
-                if capped
-                else ""
-            )
+            "their rows are marked INVALID and do not show the shop at that load: "
+            + "; ".join(reasons)
+            + "."
         )
         + f" The generator used {over['generator_cpu_share']:.0%} of a CPU over the run (its "
         "process time; loopback TCP's softirq work on its CPU is not counted there) and opened "

@@ -1,0 +1,119 @@
+"""BENCH.md from figures (loadtests/bench_report.py): an under-offered level is shown
+INVALID and fails the validity target, and the targets are judged from the rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loadtests.bench_report import overload_targets, render
+
+
+def level(phase: str, planned: float, offered: float, **figures: Any) -> dict[str, Any]:
+    row = {
+        "phase": phase,
+        "planned_rps": planned,
+        "offered_rps": offered,
+        "offered_share": offered / planned,
+        "valid": offered >= 0.95 * planned,
+        "goodput_rps": min(offered, 100.0),
+        "accepted_p50_ms": 5.0,
+        "accepted_p99_ms": 10.0,
+        "refused": 0,
+        "refused_p99_ms": 0.0,
+        "failures": 0,
+        "statuses": {"201": 100},
+        "waited_for_connection": 0,
+        "generator_lag_p99_ms": 1.0,
+    }
+    return {**row, **figures}
+
+
+def wrk_row(rps: float) -> dict[str, Any]:
+    return {"ok_rps": rps, "p50_ms": 1.0, "p99_ms": 2.0, "statuses": {201: 10}}
+
+
+def results(levels: list[dict[str, Any]]) -> dict[str, Any]:
+    bench = {"rps": 500.0, "p50_ms": 1.0, "p99_ms": 2.0, "appendfsync": "always"}
+    return {
+        "hello": wrk_row(400.0),
+        "phones": wrk_row(300.0),
+        "orders": wrk_row(100.0),
+        "orders_256": wrk_row(90.0),
+        "ceiling_b": bench,
+        "ceiling_b_everysec": bench,
+        "lists": {
+            name: {"1k": wrk_row(100.0), "1M": wrk_row(90.0)} for name in ("phones", "orders")
+        },
+        "memory": {
+            "bytes_per_order": 250.0,
+            "order_hash_bytes": 100.0,
+            "index_share_bytes": {"orders": 150.0},
+            "idempotency_hash_bytes": 80.0,
+            "event_entry_bytes": 40.0,
+        },
+        "overload": {
+            "capacity_rps": 100.0,
+            "levels": levels,
+            "timeline": [],
+            "phase_spans": [],
+            "recovery_s": 1.0,
+            "processes": {"all_up": True, "detail": "all up"},
+            "split": "stack on CPU 0, load generator on CPU 1",
+            "pinning": {"checked": 11, "stray": []},
+            "max_connections": 3000,
+            "generator_cpu_share": 0.1,
+            "connections_opened": 300,
+        },
+        "ab": [],
+        "sections": [{"title": "Extra", "markdown": "extra body"}],
+        "profile": {},
+        "environment": {
+            "when": "now",
+            "duration_s": 1.0,
+            "machine": "test",
+            "instances": 2,
+            "workers": 1,
+            "limits": "none",
+            "wrk": "1 thread",
+            "loadavg_before": 0.0,
+        },
+    }
+
+
+def healthy_levels() -> list[dict[str, Any]]:
+    return [
+        level("half", 50, 50),
+        level("1x", 100, 100),
+        level("3x", 300, 300, goodput_rps=95.0, accepted_p99_ms=25.0, refused=200),
+        level("10x", 1000, 990, goodput_rps=92.0, accepted_p99_ms=28.0, refused=900),
+        level("recovery", 50, 50),
+    ]
+
+
+def test_a_level_offered_short_is_invalid_in_the_report_and_the_targets() -> None:
+    levels = healthy_levels()
+    levels[3] = level("10x", 1000, 600, generator_lag_p99_ms=450.0)
+    text = render(results(levels))
+    row = next(line for line in text.splitlines() if line.startswith("| 10x |"))
+    assert "**INVALID**" in row and "600 (60%)" in row
+    assert "the generator itself wrote requests late" in text
+    judged = {measure: verdict for measure, _, _, verdict in overload_targets(results(levels))}
+    assert judged["the rig valid at every level (offered ≥ 95% of planned)"] == "**missed**"
+
+
+def test_targets_are_judged_from_the_rows() -> None:
+    judged = {m: (r, v) for m, r, _, v in overload_targets(results(healthy_levels()))}
+    assert judged["accepted p99 at 3x ÷ half-load p99"] == ("2.50 (25.0 / 10.0 ms)", "met")
+    assert judged["goodput at 3x ÷ capacity"][1] == "met"
+    assert judged["goodput at 10x ÷ capacity"][1] == "met"
+    assert judged["P1: orders/s ÷ hello/s, both through nginx (wrk)"] == (
+        "0.25 (100 / 400)",
+        "**missed**",
+    )
+    assert judged["the rig valid at every level (offered ≥ 95% of planned)"][1] == "met"
+    assert judged["recovery to half-load latency after the overload"] == ("1.0 s", "met")
+
+
+def test_extra_sections_are_rendered() -> None:
+    text = render(results(healthy_levels()))
+    assert "## Extra\n\nextra body" in text
