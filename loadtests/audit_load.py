@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import shutil
 import socket
@@ -245,6 +246,7 @@ async def measure(
         )
         await redis.config_set("slowlog-log-slower-than", 1000)  # microseconds
         await redis.slowlog_reset()
+        await redis.config_resetstat()
         stop, probe_stop, worst = asyncio.Event(), threading.Event(), [0.0]
         probe = threading.Thread(target=ping_probe, args=(port, probe_stop, worst))
         probe.start()
@@ -261,6 +263,7 @@ async def measure(
         probe_stop.set()
         probe.join()
         slow = await redis.slowlog_get(128)
+        stats = await redis.info("commandstats")
     finally:
         await redis.aclose()
         await writer_redis.aclose()
@@ -283,11 +286,34 @@ async def measure(
             for name in sorted({_name(e) for e in slow})
         },
         "worst_ping_ms": round(worst[0] * 1000, 2),
+        # Redis's own accounting of the time spent in each command meanwhile (EXEC
+        # includes the commands it ran; EVALSHA the scripts', the audit's
+        # read_rows alone when --rate is 0).
+        "commandstats": {
+            name.removeprefix("cmdstat_"): {
+                "calls": row["calls"],
+                "usec_per_call": row["usec_per_call"],
+                "usec": row["usec"],
+            }
+            for name, row in stats.items()
+            if name.removeprefix("cmdstat_")
+            in ("evalsha", "exec", "hmget", "zrange", "zrangebyscore")
+        },
     }
 
 
+# EVALSHA entries named by their script: the audit's reads vs the writer's orders.
+_SCRIPT_NAMES = {
+    hashlib.sha1(load_source(name).encode()).hexdigest(): name
+    for name in ("read_rows", "place_order", "create_phone", "create_customer")
+}
+
+
 def _name(entry: dict[str, Any]) -> str:
-    return entry["command"].split(b" ", 1)[0].decode().upper()
+    words = entry["command"].decode(errors="replace").split(" ")
+    if words[0].upper() == "EVALSHA" and len(words) > 1:
+        return f"EVALSHA {_SCRIPT_NAMES.get(words[1], words[1][:8])}"
+    return words[0].upper()
 
 
 def main() -> int:

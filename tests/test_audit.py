@@ -67,12 +67,13 @@ async def _writer(
     return WRITES
 
 
-async def _audit_under_load(shop: Shop) -> dict:
+async def _audit_under_load(shop: Shop, writer: asyncio.Task) -> dict:
     """Audit until one overlaps the writer's changes (bounded by the writer's WRITES)."""
-    while True:
+    while not writer.done():
         audit = await shop.audit()
         if audit["writes_during"] > 0:
             return audit
+    raise AssertionError(f"no audit overlapped the writer's {await writer} writes")
 
 
 async def test_audit_finishes_and_holds_while_orders_are_placed(shop: Shop, redis: Redis) -> None:
@@ -80,7 +81,7 @@ async def test_audit_finishes_and_holds_while_orders_are_placed(shop: Shop, redi
     stop = asyncio.Event()
     writer = asyncio.create_task(_writer(shop, phones, customers, stop))
     try:
-        audits = [await asyncio.wait_for(_audit_under_load(shop), 120) for _ in range(2)]
+        audits = [await asyncio.wait_for(_audit_under_load(shop, writer), 120) for _ in range(2)]
     finally:
         stop.set()
         written = await writer
@@ -116,7 +117,7 @@ async def test_audit_under_load_catches_a_row_changed_outside_the_scripts(
     stop = asyncio.Event()
     writer = asyncio.create_task(_writer(shop, phones, customers, stop))
     try:
-        audit = await asyncio.wait_for(_audit_under_load(shop), 120)
+        audit = await asyncio.wait_for(_audit_under_load(shop, writer), 120)
     finally:
         stop.set()
         await writer
