@@ -337,6 +337,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     split = rig.cpu_split()
     load_cpus = split.load or None
     log(f"rig: {split.describe()}")
+    own_cpus = os.sched_getaffinity(0)
     if split.pinned:
         # This process encodes the bulk rows and drives every step: it is load too.
         os.sched_setaffinity(0, split.load)
@@ -434,6 +435,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["ab"].append(
                 ab_compare(comparison, split, out, rounds=args.ab_rounds, seconds=args.ab_seconds)
             )
+    # Sections make their own split (loadtests/rig.py) from what this process may use.
+    os.sched_setaffinity(0, own_cpus)
     for section in EXTRA_SECTIONS:
         with step(f"section {section.__module__}"):
             results["sections"].append(section(args, out))
@@ -471,6 +474,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scripts", type=int, default=25_000, help="redis-benchmark calls")
     parser.add_argument(
         "--level-scale", type=float, default=1.0, help="scale the overload levels' lengths"
+    )
+    parser.add_argument(
+        "--mail-drain",
+        type=int,
+        default=30,
+        help="seconds the mail-lag section waits for its backlog to drain (its own default: 120)",
     )
     parser.add_argument("--ab-rounds", type=int, default=4, help="wrk rounds per A/B side")
     parser.add_argument("--ab-seconds", type=int, default=4, help="seconds per A/B round")
