@@ -14,10 +14,14 @@ if TYPE_CHECKING:
     from app.events.sockets import EventSocket
     from app.health import Readiness
     from app.overload import OverloadControl
+    from app.redis_gateway import RedisGateway
     from app.scripts import Scripts
     from app.settings import Settings
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
+# The request paths' Redis (app/redis_gateway.py): scripts, reads, list pages, tokens.
+REDIS_GATEWAY: web.AppKey[RedisGateway] = web.AppKey("redis_gateway")
+# redis-py's client, for what the gateway does not cover (streams, transactions).
 REDIS: web.AppKey[Redis] = web.AppKey("redis")
 SCRIPTS: web.AppKey[Scripts] = web.AppKey("scripts")
 TOKEN_CACHE: web.AppKey[TokenCache] = web.AppKey("token_cache")

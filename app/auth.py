@@ -130,7 +130,7 @@ async def authenticate(request: web.Request) -> Principal:
     cache = request.app[appkeys.TOKEN_CACHE]
     customer_id = cache.get(digest)
     if customer_id is None:
-        found = await request.app[appkeys.REDIS].get(keys.customer_token(digest))
+        found = await request.app[appkeys.REDIS_GATEWAY].get(keys.customer_token(digest))
         if found is None:
             raise unauthorized(request, token_sent=True)
         customer_id = found.decode()

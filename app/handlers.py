@@ -7,7 +7,12 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from app import appkeys
+from app.redis_gateway import RedisGateway
 from app.scripts import Scripts
+
+
+def gateway_of(request: web.Request) -> RedisGateway:
+    return request.app[appkeys.REDIS_GATEWAY]
 
 
 def redis_of(request: web.Request) -> Redis:

@@ -33,7 +33,7 @@ class Readiness:
         self._checking: asyncio.Task[None] | None = None
 
     def _still_good(self, scripts: Scripts) -> bool:
-        connection = scripts.fast.connection if scripts.fast is not None else None
+        connection = scripts.connection
         fresh = asyncio.get_running_loop().time() < self._good_at + self.ttl
         return fresh and connection is self._good_on
 
@@ -51,7 +51,7 @@ class Readiness:
         if not await scripts.loaded():
             # Redis restarted without its script cache (or was flushed): load again.
             await scripts.load()
-        self._good_on = scripts.fast.connection if scripts.fast is not None else None
+        self._good_on = scripts.connection
         self._good_at = asyncio.get_running_loop().time()
 
     def _checked(self, task: asyncio.Task[None]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -17,12 +17,12 @@ from app import appkeys
 from app.admin.metrics import get_metrics
 from app.auth import TokenCache
 from app.events.hub import close_event_sockets, events_ctx
-from app.fastredis import MultiplexedRedis
 from app.health import Readiness
 from app.middlewares import front_middleware
 from app.observe import flush_observations, instrument
 from app.openapi import openapi_json
 from app.overload import OverloadControl
+from app.redis_gateway import TimedRedis, open_gateway
 from app.routes import SPECLESS_ROUTES, route_table
 from app.routing import add_routes
 from app.scripts import Scripts
@@ -47,15 +47,15 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
         # Idempotency-Key instead.
         retry=Retry(NoBackoff(), 0),
     )
-    redis = Redis.from_pool(pool)
+    redis = TimedRedis.from_pool(pool)
     app[appkeys.REDIS] = redis
-    # The order scripts run over one multiplexed connection (app/fastredis.py):
-    # about 30 us of CPU per call instead of about 200 through the pool.
-    fast = MultiplexedRedis.for_pool(pool, settings.redis_timeout)
-    app[appkeys.SCRIPTS] = Scripts(redis, fast)
+    # Chosen once: the multiplexed connection (app/fastredis.py), about 30 us
+    # of CPU per call instead of about 200 through the pool, unless TLS.
+    gateway = open_gateway(pool, settings.redis_timeout)
+    app[appkeys.REDIS_GATEWAY] = gateway
+    app[appkeys.SCRIPTS] = Scripts(gateway)
     yield
-    if fast is not None:
-        await fast.aclose()
+    await gateway.aclose()
     await redis.aclose()
 
 

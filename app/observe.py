@@ -12,10 +12,9 @@
   AccessLogHandler): the hot path adds numbers and formats a line, and one
   write per turn carries them all.
 * ``instrument`` (an on_startup hook, after redis_ctx made the clients):
-  wraps the Scripts holder in :class:`ObservedScripts`, which times every Lua
-  script and counts order outcomes from the script's own answer, and times the
-  single commands and pipelines of the shared redis-py client. Nothing in
-  app/scripts.py or the services changes.
+  wraps the Scripts holder in :class:`ObservedScripts`, which counts order
+  outcomes from the script's own answer. Redis calls are timed where they are
+  made, in app/redis_gateway.py.
 
 Durations are measured from routing to the handler's answer, before the body
 is written to the socket; nginx's ``request_time`` covers the whole exchange.
@@ -25,7 +24,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import time
 from typing import Any
 
 from aiohttp import web
@@ -119,14 +117,10 @@ def _log_access(
 # ---- Redis and order outcomes ------------------------------------------------------
 
 
-def _observe_redis(call: str, started: float) -> None:
-    metrics.redis_duration(call).observe(time.perf_counter() - started)
-
-
 class ObservedScripts:
-    """The Scripts holder with every ``run`` timed, and the order outcomes read
-    off the script's answer: placed / completed / cancelled, rejections by
-    problem code, idempotent replays. Everything else is the holder's own."""
+    """The Scripts holder with the order outcomes read off the script's answer:
+    placed / completed / cancelled, rejections by problem code, idempotent
+    replays. Everything else is the holder's own (the gateway times the call)."""
 
     def __init__(self, scripts: Any) -> None:
         self._scripts = scripts
@@ -135,18 +129,12 @@ class ObservedScripts:
         return getattr(self._scripts, name)
 
     async def run(self, name: str, keys: list[str], args: list[str | int]) -> Any:
-        started = time.perf_counter()
         try:
             result = await self._scripts.run(name, keys, args)
         except ProblemError as error:  # the script refused: nothing was written
-            _observe_redis(f"script:{name}", started)
             if name == "place_order":
                 metrics.orders_rejected(error.code).inc()
             raise
-        except BaseException:
-            _observe_redis(f"script:{name}", started)
-            raise
-        _observe_redis(f"script:{name}", started)
         # Third reply element: place_order's "replayed", check/cancel's "changed".
         if name == "place_order":
             if result.flag:
@@ -162,52 +150,13 @@ class ObservedScripts:
         return result
 
 
-# Scripts are timed by ObservedScripts; blocking reads would time the wait.
-_UNTIMED = frozenset({"EVALSHA", "EVAL", "XREAD", "XREADGROUP", "BLPOP", "BRPOP", "BZPOPMIN"})
-
-
-def time_redis_commands(redis: Any) -> None:
-    """Time the single commands and pipelines of one redis-py client (the
-    service reads, the token lookup, the readiness check), by command name."""
-    execute = redis.execute_command
-    make_pipeline = redis.pipeline
-
-    async def execute_command(*args: Any, **options: Any) -> Any:
-        name = args[0].upper() if args and isinstance(args[0], str) else ""
-        if not name or name in _UNTIMED:
-            return await execute(*args, **options)
-        started = time.perf_counter()
-        try:
-            return await execute(*args, **options)
-        finally:
-            _observe_redis(name, started)
-
-    def pipeline(*args: Any, **kwargs: Any) -> Any:
-        pipe = make_pipeline(*args, **kwargs)
-        run = pipe.execute
-
-        async def execute_pipeline(*a: Any, **kw: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                return await run(*a, **kw)
-            finally:
-                _observe_redis("PIPELINE", started)
-
-        pipe.execute = execute_pipeline
-        return pipe
-
-    redis.execute_command = execute_command
-    redis.pipeline = pipeline
-
-
 async def instrument(app: web.Application) -> None:
-    """on_startup, after redis_ctx: time what the app asks of Redis, and batch the
+    """on_startup, after redis_ctx: count order outcomes, and batch the
     metric updates and access lines per loop turn unless OBSERVE_BATCHING=0."""
     batching = app[appkeys.SETTINGS].observe_batching
     metrics.set_batching(batching)
     logs.set_batching(batching)
     app[appkeys.SCRIPTS] = ObservedScripts(app[appkeys.SCRIPTS])  # type: ignore[assignment]
-    time_redis_commands(app[appkeys.REDIS])
 
 
 async def flush_observations(app: web.Application) -> None:

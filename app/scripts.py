@@ -1,4 +1,5 @@
-"""The Lua scripts, loaded once from ``lua/*.lua`` and registered with redis-py.
+"""The Lua scripts, read once from ``lua/*.lua`` and run through the Redis
+gateway (app/redis_gateway.py), which times them and reloads after NOSCRIPT.
 
 Every script answers ``{http_status, payload_json, ...}``; ``run`` turns an
 error status into the matching ``ProblemError`` so handlers never see raw
@@ -12,12 +13,9 @@ from importlib import resources
 from typing import Any
 
 import msgspec
-from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
 
-from app.fastredis import MultiplexedRedis
 from app.problems import PROBLEMS, ProblemError
+from app.redis_gateway import LuaScript, RedisGateway
 
 SCRIPT_NAMES = (
     "place_order",
@@ -45,46 +43,29 @@ class ScriptResult:
 
 
 class Scripts:
-    """One registered script per money-or-stock operation."""
+    """One loaded script per money-or-stock operation, run through the gateway."""
 
-    def __init__(self, redis: Redis, fast: MultiplexedRedis | None = None) -> None:
-        self._scripts: dict[str, AsyncScript] = {
-            name: redis.register_script(load_source(name)) for name in SCRIPT_NAMES
-        }
-        # The hot path: EVALSHA over one multiplexed connection when given
-        # (app/fastredis.py), else through redis-py's pool.
-        self._fast = fast
+    def __init__(self, gateway: RedisGateway) -> None:
+        self._gateway = gateway
+        self._scripts = {name: LuaScript.of(name, load_source(name)) for name in SCRIPT_NAMES}
 
     async def load(self) -> None:
         """SCRIPT LOAD every script so /readyz can tell they are there."""
         for script in self._scripts.values():
-            await script.registered_client.script_load(script.script)
+            await self._gateway.execute("SCRIPT", "LOAD", script.source)
 
     async def loaded(self) -> bool:
+        """Over the connection the orders use: ready must mean they can run."""
         shas = [script.sha for script in self._scripts.values()]
-        if self._fast is not None:
-            # Over the connection the orders use: ready must mean they can run.
-            return all(await self._fast.execute("SCRIPT", "EXISTS", *shas))
-        client = next(iter(self._scripts.values())).registered_client
-        return all(await client.script_exists(*shas))
+        return all(await self._gateway.execute("SCRIPT", "EXISTS", *shas))
 
     @property
-    def fast(self) -> MultiplexedRedis | None:
-        """The multiplexed connection, for other hot reads (the list pages)."""
-        return self._fast
-
-    async def _call(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Any:
-        if self._fast is None:
-            return await script(keys=keys, args=args)
-        try:
-            return await self._fast.execute("EVALSHA", script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            # Redis restarted without its script cache (or was flushed): load it again.
-            await self._fast.execute("SCRIPT", "LOAD", script.script)
-            return await self._fast.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+    def connection(self) -> object | None:
+        """The connection the scripts run over, as the gateway's opaque token."""
+        return self._gateway.connection
 
     async def run(self, name: str, keys: list[str], args: list[str | int]) -> ScriptResult:
-        reply = await self._call(self._scripts[name], keys, args)
+        reply = await self._gateway.run_script(self._scripts[name], keys, args)
         status = int(reply[0])
         raw = reply[1] if isinstance(reply[1], bytes) else str(reply[1]).encode()
         payload = msgspec.json.decode(raw)

@@ -12,6 +12,7 @@ from app import keys
 from app.admin.audit import BATCH
 from app.auth import Principal
 from app.orders.service import cancel_order, check_order, place_order
+from app.redis_gateway import gateway_over
 from app.scripts import Scripts
 from tests.conftest import Shop
 
@@ -27,7 +28,7 @@ def check(audit: dict, name: str) -> dict:
 async def _world(shop: Shop, redis: Redis) -> tuple[list[str], list[tuple[str, dict]]]:
     phones = [(await shop.phone(price_cents=100, stock=10**6))["id"] for _ in range(4)]
     customers = [await shop.customer(balance_cents=10**9) for _ in range(4)]
-    scripts = Scripts(redis)
+    scripts = Scripts(gateway_over(redis))
     counter = itertools.count()
 
     async def one() -> None:
@@ -170,10 +171,11 @@ async def test_cancel_and_check_move_the_ledger(shop: Shop, redis: Redis) -> Non
     for _ in range(2):
         placed = await shop.order(auth, [(phone["id"], 3)], autocheck=False)
         principal_orders.append((await placed.json())["order"]["id"])
-    scripts = Scripts(redis)
+    gateway = gateway_over(redis)
+    scripts = Scripts(gateway)
     admin = Principal(customer_id=None)
-    await check_order(redis, scripts, admin, principal_orders[0], "r1")
-    await cancel_order(redis, scripts, admin, principal_orders[1], "r2")
+    await check_order(gateway, scripts, admin, principal_orders[0], "r1")
+    await cancel_order(gateway, scripts, admin, principal_orders[1], "r2")
     ledger = {k.decode(): int(v) for k, v in (await redis.hgetall(keys.LEDGER)).items()}
     assert ledger == {
         "phones": 1,

@@ -14,6 +14,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from app import appkeys
 from app.fastredis import MultiplexedRedis
 from app.main import create_app
+from app.redis_gateway import RedisGateway, gateway_over
 from app.scripts import Scripts
 from tests.conftest import Shop
 from tests.servers import RedisServer
@@ -93,7 +94,7 @@ async def test_nothing_listening_is_a_connection_error() -> None:
 
 
 async def test_scripts_reload_after_a_script_flush(fast: MultiplexedRedis, redis: Redis) -> None:
-    scripts = Scripts(redis, fast)
+    scripts = Scripts(RedisGateway(fast))
     await redis.script_flush()
     # create_phone through the multiplexed connection: NOSCRIPT, SCRIPT LOAD, EVALSHA.
     result = await scripts.run(
@@ -120,7 +121,7 @@ async def test_execute_many_answers_in_order_and_raises_the_error(
     assert await fast.execute("ECHO", "still") == b"still"
 
 
-async def test_list_pages_are_the_same_through_both_clients(
+async def test_list_pages_are_the_same_through_both_transports(
     fast: MultiplexedRedis, redis: Redis
 ) -> None:
     from app import keys
@@ -133,10 +134,10 @@ async def test_list_pages_are_the_same_through_both_clients(
     for newest_first in (False, True):
         for page in (Page(1, 10), Page(3, 10), Page(4, 10)):
             slow = await page_of_hashes(
-                redis, keys.PHONES, page, keys.phone, newest_first=newest_first
+                gateway_over(redis), keys.PHONES, page, keys.phone, newest_first=newest_first
             )
             quick = await page_of_hashes(
-                redis, keys.PHONES, page, keys.phone, newest_first=newest_first, fast=fast
+                RedisGateway(fast), keys.PHONES, page, keys.phone, newest_first=newest_first
             )
             assert quick == slow
 

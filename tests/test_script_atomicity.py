@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 
 from app import keys
 from app.problems import ProblemError
+from app.redis_gateway import gateway_over
 from app.scripts import Scripts
 from tests.conftest import ADMIN, Shop
 
@@ -88,7 +89,7 @@ async def test_insufficient_funds_changes_nothing(shop: Shop, redis: Redis) -> N
 async def test_limit_rejections_change_nothing(shop: Shop, redis: Redis) -> None:
     phone = await shop.phone(stock=10**9)
     customer, _ = await shop.customer(balance_cents=10**12)
-    scripts = Scripts(redis)
+    scripts = Scripts(gateway_over(redis))
     before = await snapshot(redis)
     with pytest.raises(ProblemError) as stock:
         await scripts.run("restock", [keys.phone(phone["id"]), keys.LEDGER], [1, 10**9])
@@ -122,7 +123,7 @@ async def test_scripts_refuse_keys_that_do_not_fit_the_order(shop: Shop, redis: 
     owner, auth = await shop.customer()
     other, _ = await shop.customer()
     order = (await (await shop.order(auth, [(phone["id"], 1)], autocheck=False)).json())["order"]
-    scripts = Scripts(redis)
+    scripts = Scripts(gateway_over(redis))
     before = await snapshot(redis)
     with pytest.raises(ProblemError) as wrong_owner:
         await scripts.run(

@@ -54,11 +54,11 @@ async def test_readyz_reuses_its_answer_instead_of_asking_redis_each_time(
     assert await script_exists_calls(redis) - before == 1  # was 200: one per probe
 
     # A dropped hot-path connection is news at once: the next probe checks again.
-    fast = app[appkeys.SCRIPTS].fast
-    assert fast is not None and fast.connection is not None
+    gateway = app[appkeys.REDIS_GATEWAY]
+    assert gateway.connection is not None
     await redis.client_kill_filter(_type="normal", skipme=True)
     deadline = time.monotonic() + 10
-    while fast.connection is not None:
+    while gateway.connection is not None:
         assert time.monotonic() < deadline, "the app never saw its connection killed"
         await asyncio.sleep(0.01)
     assert (await shop.client.get("/readyz")).status == 200

@@ -9,7 +9,7 @@ from aiohttp import web
 from app.auth import check_owner_or_admin
 from app.customers import service
 from app.customers.models import CustomerCreate, CustomerCreated, CustomerEnvelope, Deposit
-from app.handlers import redis_of, scripts_of
+from app.handlers import gateway_of, scripts_of
 from app.models import json_response
 from app.routing import Call
 
@@ -22,7 +22,7 @@ async def create_customer(call: Call[CustomerCreate]) -> web.Response:
 async def get_customer(call: Call[None]) -> web.Response:
     customer_id = call.id
     check_owner_or_admin(call.principal, customer_id, "customer_not_found")
-    customer = await service.get_customer(redis_of(call.request), customer_id)
+    customer = await service.get_customer(gateway_of(call.request), customer_id)
     return json_response(CustomerEnvelope(customer=customer))
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import time
 
-from redis.asyncio import Redis
-
 from app import keys
 from app.auth import new_token, token_sha256
 from app.customers.models import Customer, CustomerCreate
 from app.ids import new_id
 from app.models import BALANCE_LIMIT, iso_time
 from app.problems import ProblemError
+from app.redis_gateway import RedisGateway
 from app.scripts import Scripts
 
 # What a customer's answer shows (never token_sha256 or added_cents).
@@ -58,8 +57,8 @@ async def create_customer(scripts: Scripts, data: CustomerCreate) -> tuple[Custo
     return customer_from_fields(result.payload), token
 
 
-async def get_customer(redis: Redis, customer_id: str) -> Customer:
-    fields = await redis.hmget(keys.customer(customer_id), _PUBLIC_FIELDS)
+async def get_customer(gateway: RedisGateway, customer_id: str) -> Customer:
+    fields = await gateway.hmget(keys.customer(customer_id), list(_PUBLIC_FIELDS))
     if fields[0] is None:
         raise ProblemError("customer_not_found")
     return customer_from_fields(

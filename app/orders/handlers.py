@@ -8,7 +8,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from app import appkeys
-from app.handlers import redis_of, scripts_of
+from app.handlers import gateway_of, scripts_of
 from app.ids import is_valid_id
 from app.middlewares import REQUEST_ID
 from app.models import json_response, page_params
@@ -65,25 +65,21 @@ async def list_orders(call: Call[None]) -> web.Response:
             raise ProblemError("forbidden", "A customer may only list their own orders")
         customer_id = principal.customer_id
     total, orders = await service.list_orders(
-        redis_of(request),
-        page,
-        customer_id=customer_id,
-        status=status,
-        fast=scripts_of(request).fast,
+        gateway_of(request), page, customer_id=customer_id, status=status
     )
     orders = [order_for(request, order) for order in orders]
     return json_response(OrderPage(orders=orders, **page.counts(total)))
 
 
 async def get_order(call: Call[None]) -> web.Response:
-    order = await service.get_order(redis_of(call.request), call.principal, call.id)
+    order = await service.get_order(gateway_of(call.request), call.principal, call.id)
     return json_response(OrderEnvelope(order=order_for(call.request, order)))
 
 
 async def _change_status(call: Call[None], change: service.StatusChange) -> web.Response:
     request = call.request
     order = await change(
-        redis_of(request), scripts_of(request), call.principal, call.id, request[REQUEST_ID]
+        gateway_of(request), scripts_of(request), call.principal, call.id, request[REQUEST_ID]
     )
     return json_response(OrderEnvelope(order=order_for(request, order)))
 

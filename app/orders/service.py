@@ -9,16 +9,15 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import msgspec
-from redis.asyncio import Redis
 
 from app import keys
 from app.auth import Principal
-from app.fastredis import MultiplexedRedis
 from app.ids import new_id
 from app.models import BALANCE_LIMIT, STOCK_LIMIT, Page, iso_time
 from app.orders.models import Order, OrderItem
-from app.paging import decoded_hash, page_of_hashes
+from app.paging import page_of_hashes
 from app.problems import ProblemError
+from app.redis_gateway import RedisGateway
 from app.scripts import Scripts, problem_from_script
 
 
@@ -104,33 +103,33 @@ async def place_order(
     return PlacedOrder(order=order_from_fields(result.payload), replayed=result.flag)
 
 
-async def get_order(redis: Redis, principal: Principal, order_id: str) -> Order:
-    fields = await redis.hgetall(keys.order(order_id))
+async def get_order(gateway: RedisGateway, principal: Principal, order_id: str) -> Order:
+    fields = await gateway.hgetall(keys.order(order_id))
     if not fields:
         raise ProblemError("order_not_found")
-    order = order_from_fields(decoded_hash(fields))
+    order = order_from_fields(fields)
     if not principal.is_admin and order.customer_id != principal.customer_id:
         raise ProblemError("order_not_found")
     return order
 
 
-async def _order_owner(redis: Redis, principal: Principal, order_id: str) -> str:
+async def _order_owner(gateway: RedisGateway, principal: Principal, order_id: str) -> str:
     if principal.customer_id is not None:
         return principal.customer_id  # the script refuses the order if it is not theirs
-    owner = await redis.hget(keys.order(order_id), "customer_id")
+    [owner] = await gateway.hmget(keys.order(order_id), ["customer_id"])
     if owner is None:
         raise ProblemError("order_not_found")
     return owner.decode()
 
 
-# check_order and cancel_order: (redis, scripts, principal, order id, request id) -> Order
-StatusChange = Callable[[Redis, Scripts, Principal, str, str], Awaitable[Order]]
+# check_order and cancel_order: (gateway, scripts, principal, order id, request id) -> Order
+StatusChange = Callable[[RedisGateway, Scripts, Principal, str, str], Awaitable[Order]]
 
 
 async def check_order(
-    redis: Redis, scripts: Scripts, principal: Principal, order_id: str, request_id: str
+    gateway: RedisGateway, scripts: Scripts, principal: Principal, order_id: str, request_id: str
 ) -> Order:
-    owner = await _order_owner(redis, principal, order_id)
+    owner = await _order_owner(gateway, principal, order_id)
     result = await scripts.run(
         "check_order",
         [
@@ -149,11 +148,11 @@ async def check_order(
 
 
 async def cancel_order(
-    redis: Redis, scripts: Scripts, principal: Principal, order_id: str, request_id: str
+    gateway: RedisGateway, scripts: Scripts, principal: Principal, order_id: str, request_id: str
 ) -> Order:
     # The phone keys come from the order's items, so read them first; the
     # script proves they are still the order's before it writes.
-    owner, items = await redis.hmget(keys.order(order_id), ["customer_id", "items"])
+    owner, items = await gateway.hmget(keys.order(order_id), ["customer_id", "items"])
     if owner is None or (not principal.is_admin and owner.decode() != principal.customer_id):
         raise ProblemError("order_not_found")
     owner_id, items_field = owner.decode(), items.decode()
@@ -184,12 +183,7 @@ async def cancel_order(
 
 
 async def list_orders(
-    redis: Redis,
-    page: Page,
-    *,
-    customer_id: str | None,
-    status: str | None,
-    fast: MultiplexedRedis | None = None,
+    gateway: RedisGateway, page: Page, *, customer_id: str | None, status: str | None
 ) -> tuple[int, list[Order]]:
     """Newest first, one page by rank: the cost does not grow with the number of orders."""
     if customer_id is None:
@@ -198,5 +192,5 @@ async def list_orders(
         index = keys.customer_orders(customer_id)
     else:
         index = keys.customer_orders_by_status(customer_id, status)
-    total, rows = await page_of_hashes(redis, index, page, keys.order, newest_first=True, fast=fast)
+    total, rows = await page_of_hashes(gateway, index, page, keys.order, newest_first=True)
     return total, [order_from_fields(row) for row in rows]

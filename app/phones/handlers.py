@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from app.handlers import redis_of, scripts_of
+from app.handlers import gateway_of, scripts_of
 from app.models import json_response, page_params
 from app.phones import service
 from app.phones.models import PhoneCreate, PhoneEnvelope, PhonePage, PhoneUpdate, Restock
@@ -23,13 +23,13 @@ async def create_phone(call: Call[PhoneCreate]) -> web.Response:
 async def list_phones(call: Call[None]) -> web.Response:
     request = call.request
     page = page_params(request)
-    total, phones = await service.list_phones(redis_of(request), page, scripts_of(request).fast)
+    total, phones = await service.list_phones(gateway_of(request), page)
     phones = [phone_for(request, phone) for phone in phones]
     return json_response(PhonePage(phones=phones, **page.counts(total)))
 
 
 async def get_phone(call: Call[None]) -> web.Response:
-    phone = await service.get_phone(redis_of(call.request), call.id)
+    phone = await service.get_phone(gateway_of(call.request), call.id)
     return json_response(PhoneEnvelope(phone=phone_for(call.request, phone)))
 
 

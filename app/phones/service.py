@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import time
 
-from redis.asyncio import Redis
-
 from app import keys
-from app.fastredis import MultiplexedRedis
 from app.ids import new_id
 from app.models import STOCK_LIMIT, Page, iso_time
-from app.paging import decoded_hash, page_of_hashes
+from app.paging import page_of_hashes
 from app.phones.models import Phone, PhoneCreate, PhoneUpdate
 from app.problems import ProblemError
+from app.redis_gateway import RedisGateway
 from app.scripts import Scripts
 
 
@@ -46,19 +44,15 @@ async def create_phone(scripts: Scripts, data: PhoneCreate) -> Phone:
     return phone_from_fields(result.payload)
 
 
-async def get_phone(redis: Redis, phone_id: str) -> Phone:
-    fields = await redis.hgetall(keys.phone(phone_id))
+async def get_phone(gateway: RedisGateway, phone_id: str) -> Phone:
+    fields = await gateway.hgetall(keys.phone(phone_id))
     if not fields:
         raise ProblemError("phone_not_found", f"No phone with id {phone_id}")
-    return phone_from_fields(decoded_hash(fields))
+    return phone_from_fields(fields)
 
 
-async def list_phones(
-    redis: Redis, page: Page, fast: MultiplexedRedis | None = None
-) -> tuple[int, list[Phone]]:
-    total, rows = await page_of_hashes(
-        redis, keys.PHONES, page, keys.phone, newest_first=False, fast=fast
-    )
+async def list_phones(gateway: RedisGateway, page: Page) -> tuple[int, list[Phone]]:
+    total, rows = await page_of_hashes(gateway, keys.PHONES, page, keys.phone, newest_first=False)
     return total, [phone_from_fields(row) for row in rows]
 
 

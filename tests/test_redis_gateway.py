@@ -1,0 +1,148 @@
+"""app/redis_gateway.py: one interface over either transport, chosen at start-up,
+with every call timed inside it (the multiplexed fast path included)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from prometheus_client import REGISTRY
+from redis import exceptions as rx
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from app import appkeys, keys, metrics
+from app.fastredis import MultiplexedRedis
+from app.redis_gateway import (
+    ClientTransport,
+    LuaScript,
+    RedisGateway,
+    TimedRedis,
+    gateway_over,
+    open_gateway,
+)
+from tests.conftest import Shop
+from tests.servers import RedisServer
+
+CALLS = "phoneshop_redis_call_duration_seconds_count"
+
+
+def timed(call: str) -> float:
+    """How many calls labelled ``call`` this process has timed so far."""
+    metrics.flush()  # the updates of this loop turn, written now
+    return REGISTRY.get_sample_value(CALLS, {"call": call}) or 0.0
+
+
+@pytest.fixture
+async def gateways(redis: Redis, redis_server: RedisServer) -> AsyncIterator[list[RedisGateway]]:
+    """The same server through each transport."""
+    pool = BlockingConnectionPool.from_url(redis_server.url)
+    fast = MultiplexedRedis.for_pool(pool, timeout=2.0)
+    assert fast is not None
+    both = [RedisGateway(fast), gateway_over(redis)]
+    yield both
+    for gateway in both:
+        await gateway.aclose()
+    await pool.aclose()
+
+
+async def test_both_transports_answer_alike(gateways: list[RedisGateway], redis: Redis) -> None:
+    await redis.hset("h", mapping={"a": "1", "b": "2"})
+    await redis.set("s", "x")
+    await redis.zadd("z", {"m1": 1, "m2": 2})
+    answers = []
+    for gateway in gateways:
+        answers.append(
+            (
+                await gateway.get("s"),
+                await gateway.get("missing"),
+                await gateway.hgetall("h"),
+                await gateway.hgetall("missing"),
+                await gateway.hmget("h", ["b", "nope", "a"]),
+                await gateway.execute_many([("ZCARD", "z"), ("ZREVRANGE", "z", 0, -1)]),
+                await gateway.hgetall_many(["h", "missing"]),
+            )
+        )
+    assert answers[0] == answers[1]
+    assert answers[0] == (
+        b"x",
+        None,
+        {"a": "1", "b": "2"},
+        {},
+        [b"2", None, b"1"],
+        [2, [b"m2", b"m1"]],
+        [{"a": "1", "b": "2"}, {}],
+    )
+    for gateway in gateways:
+        with pytest.raises(rx.ResponseError, match="WRONGTYPE"):
+            await gateway.hgetall("s")
+
+
+async def test_scripts_run_and_reload_after_noscript_on_both(
+    gateways: list[RedisGateway], redis: Redis
+) -> None:
+    script = LuaScript.of("count", "return redis.call('INCRBY', KEYS[1], ARGV[1])")
+    totals = []
+    for gateway in gateways:
+        await redis.script_flush()
+        assert await gateway.execute("SCRIPT", "EXISTS", script.sha) == [0]
+        before = timed("script:count")
+        # NOSCRIPT, SCRIPT LOAD, EVALSHA: it ran once, and counts as one call.
+        totals.append(await gateway.run_script(script, ["n"], [2]))
+        assert timed("script:count") - before == 1
+        assert await gateway.execute("SCRIPT", "EXISTS", script.sha) == [1]
+    assert totals == [2, 4]
+
+
+async def test_the_fast_path_is_timed_by_command(shop: Shop) -> None:
+    """Before the gateway, the list pages and reads over the multiplexed
+    connection were never timed; now every call is, by what it sends."""
+    app = shop.client.app
+    assert isinstance(app[appkeys.REDIS_GATEWAY].transport, MultiplexedRedis)
+    phone = await shop.phone()
+    _, auth = await shop.customer()
+    before = {call: timed(call) for call in ("PIPELINE", "HGETALL", "GET", "script:place_order")}
+
+    assert (await shop.client.get("/phones")).status == 200  # ZCARD+ZRANGE, then the rows
+    assert (await shop.client.get(f"/phones/{phone['id']}")).status == 200
+    assert (await shop.order(auth, [(phone["id"], 1)])).status == 201  # token GET + script
+    assert (await shop.order(auth, [(phone["id"], 1)])).status == 201  # token now cached
+
+    after = {call: timed(call) for call in before}
+    assert {call: after[call] - before[call] for call in before} == {
+        "PIPELINE": 2,
+        "HGETALL": 1,
+        "GET": 1,
+        "script:place_order": 2,
+    }
+
+
+async def test_the_client_for_the_rest_is_timed_the_same_way(
+    redis: Redis, redis_server: RedisServer
+) -> None:
+    client = TimedRedis.from_url(redis_server.url)
+    try:
+        before = {call: timed(call) for call in ("XLEN", "PIPELINE", "EVALSHA")}
+        await client.xlen(keys.EVENTS)
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.xlen(keys.EVENTS).xlen(keys.EVENTS)
+            assert await pipe.execute() == [0, 0]
+        # Scripts are timed by name in the gateway; here they stay untimed.
+        await client.register_script("return 1")()
+        after = {call: timed(call) for call in before}
+    finally:
+        await client.aclose()
+    assert {call: after[call] - before[call] for call in before} == {
+        "XLEN": 1,
+        "PIPELINE": 1,
+        "EVALSHA": 0,
+    }
+
+
+async def test_the_transport_is_chosen_once_from_the_url() -> None:
+    plain = BlockingConnectionPool.from_url("redis://127.0.0.1:1/0")
+    tls = BlockingConnectionPool.from_url("rediss://127.0.0.1:1/0")
+    for pool, transport in ((plain, MultiplexedRedis), (tls, ClientTransport)):
+        gateway = open_gateway(pool, timeout=1.0)
+        assert isinstance(gateway.transport, transport)
+        await gateway.aclose()
+        await pool.aclose()
