@@ -159,6 +159,22 @@ def stack_pids(stack: LoadStack) -> list[int]:
     return [p.pid for p in procs if p is not None]
 
 
+def stack_cpu_seconds(stack: LoadStack) -> float:
+    """CPU time used so far by every process of the stack (redis, the app instances'
+    masters and workers, nginx), from /proc: a cost per request that other work on
+    a shared box does not move the way it moves throughput."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for top in stack_pids(stack):
+        for pid in rig.process_tree(top):
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / tick
+
+
 def pin(stack: LoadStack, split: rig.CpuSplit) -> dict[str, Any]:
     if not split.pinned:
         return {"cpus": "", "threads": 0, "checked": 0, "stray": []}
@@ -292,11 +308,11 @@ def ab_compare(
     alternate wrk rounds of POST /orders between them, A first in odd rounds and B
     first in even ones, so that drift on the shared box hits both alike."""
     rates: dict[str, list[float]] = {"a": [], "b": []}
-    env_a = {**BENCH_LIMITS, **comparison.a_env}
-    env_b = {**BENCH_LIMITS, **comparison.b_env}
+    cpu: dict[str, list[float]] = {"a": [], "b": []}
     with (
-        launch(env=env_a, instances=2, workers=1) as a,
-        launch(env=env_b, instances=2, workers=1) as b,
+        tempfile.TemporaryDirectory(prefix="phoneshop-ab-") as logs,
+        launch(env=stack_env(Path(logs) / "a.log", comparison.a_env), instances=2, workers=1) as a,
+        launch(env=stack_env(Path(logs) / "b.log", comparison.b_env), instances=2, workers=1) as b,
     ):
         data = {}
         for label, stack in (("a", a), ("b", b)):
@@ -309,9 +325,13 @@ def ab_compare(
             for round_ in range(rounds):
                 order = (("a", a), ("b", b)) if round_ % 2 == 0 else (("b", b), ("a", a))
                 for label, stack in order:
+                    before = stack_cpu_seconds(stack)
                     row = orders_wrk(stack, data[label], seconds=seconds, cpus=split.load or None)
+                    used = stack_cpu_seconds(stack) - before
                     rates[label].append(row["ok_rps"])
+                    cpu[label].append(used / row["requests"] * 1e6 if row["requests"] else 0.0)
     a_rps, b_rps = statistics.median(rates["a"]), statistics.median(rates["b"])
+    a_cpu, b_cpu = statistics.median(cpu["a"]), statistics.median(cpu["b"])
     return {
         "name": comparison.name,
         "a_label": comparison.a_label,
@@ -321,6 +341,11 @@ def ab_compare(
         "a_rps": a_rps,
         "b_rps": b_rps,
         "gain": b_rps / a_rps if a_rps else 0.0,
+        "a_cpu_us": a_cpu,
+        "b_cpu_us": b_cpu,
+        "a_cpu_rounds": cpu["a"],
+        "b_cpu_rounds": cpu["b"],
+        "cpu_gain": a_cpu / b_cpu if b_cpu else 0.0,
     }
 
 

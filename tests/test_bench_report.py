@@ -117,3 +117,25 @@ def test_targets_are_judged_from_the_rows() -> None:
 def test_extra_sections_are_rendered() -> None:
     text = render(results(healthy_levels()))
     assert "## Extra\n\nextra body" in text
+
+
+def test_an_ab_row_reports_cpu_per_request_and_throughput() -> None:
+    figures = results(healthy_levels())
+    figures["ab"] = [
+        {
+            "name": "switch",
+            "a_label": "off",
+            "b_label": "on",
+            "a_rounds": [100.0, 110.0],
+            "b_rounds": [120.0, 130.0],
+            "a_rps": 105.0,
+            "b_rps": 125.0,
+            "gain": 125.0 / 105.0,
+            "a_cpu_us": 500.0,
+            "b_cpu_us": 400.0,
+            "cpu_gain": 1.25,
+        }
+    ]
+    row = next(line for line in render(figures).splitlines() if line.startswith("| switch |"))
+    assert "| 500 -> 400 | 1.25 |" in row
+    assert "105 -> 125 (A: 100, 110; B: 120, 130) | 1.19 |" in row
