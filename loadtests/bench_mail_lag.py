@@ -96,12 +96,14 @@ def stop_sink(proc: subprocess.Popen, summary: Path) -> dict[str, Any]:
 
 
 def start_workers(
-    count: int, redis_url: str, smtp_port: int, directory: Path, cpus: Any
+    count: int, redis_url: str, smtp_port: int, directory: Path, cpus: Any, settings: dict
 ) -> list[subprocess.Popen]:
-    """``python -m mail`` x count with make run's defaults (only where to connect set)."""
+    """``python -m mail`` x count with make run's defaults, but where to connect and
+    ``settings`` (MAIL_* variables from --set)."""
     procs = []
     for index in range(count):
         env = clean_env(
+            **settings,
             REDIS_URL=redis_url,
             SMTP_HOST="127.0.0.1",
             SMTP_PORT=str(smtp_port),
@@ -204,6 +206,7 @@ def one_run(
     drain_s: int,
     split: rig.CpuSplit,
     directory: Path,
+    settings: dict[str, str],
 ) -> dict[str, Any]:
     redis = SyncRedis.from_url(stack.redis_url, decode_responses=True)
     # Each run starts from an empty backlog: what an earlier run left unsent is
@@ -213,7 +216,7 @@ def one_run(
     redis.delete(keys.MAIL_RETRY)
     dead_before = redis.xlen(keys.MAIL_DEAD)
     sink, port, summary_path = start_sink(directory, split.load or None)
-    procs = start_workers(workers, stack.redis_url, port, directory, split.stack or None)
+    procs = start_workers(workers, stack.redis_url, port, directory, split.stack or None, settings)
     try:
         deadline = time.monotonic() + 30
         names = [keys.mail_worker_alive(f"bench-mail-{workers}-{i}") for i in range(workers)]
@@ -299,8 +302,13 @@ def one_run(
 
 
 def measure(
-    seconds: int, worker_counts: list[int], drain_s: int, directory: Path
+    seconds: int,
+    worker_counts: list[int],
+    drain_s: int,
+    directory: Path,
+    settings: dict[str, str] | None = None,
 ) -> dict[str, Any]:
+    settings = settings or {}
     split = rig.cpu_split()
     load_before = os.getloadavg()[0]
     with launch(env=LIMITS, instances=2, workers=1) as stack:
@@ -320,7 +328,7 @@ def measure(
         runs = []
         for workers in worker_counts:
             log(f"{workers} worker(s): {seconds} s of orders, then up to {drain_s} s to drain")
-            run = one_run(stack, data, workers, seconds, drain_s, split, directory)
+            run = one_run(stack, data, workers, seconds, drain_s, split, directory, settings)
             log(
                 f"  orders {run['orders_per_s']:,.0f}/s, mails {run['mails_in_window_per_s']:,.0f}/s,"
                 f" lag p50 {run['lag_p50_s']:.2f} s p99 {run['lag_p99_s']:.2f} s"
@@ -335,6 +343,7 @@ def measure(
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg()[0],
         "machine": f"{os.cpu_count()} cores",
+        "settings": settings,
     }
 
 
@@ -352,7 +361,8 @@ def markdown(results: dict[str, Any]) -> str:
         f" load average {results['loadavg_before']:.1f} before, {results['loadavg_after']:.1f}"
         " after). `POST /orders` with wrk, closed loop (every order completes at once),"
         " against the stack with its mail workers (make run's defaults: MAIL_CONCURRENCY 8,"
-        " MAIL_MAX_PER_CONNECTION 10) sending to a discarding SMTP sink. Lag: the"
+        f" MAIL_MAX_PER_CONNECTION 10; changed: {results.get('settings') or 'none'})"
+        " sending to a discarding SMTP sink. Lag: the"
         " order.completed event to the worker's sent marker, right after the server's 250;"
         " a mail still unsent after the drain counts with its wait so far.",
         "",
@@ -430,6 +440,14 @@ def main(argv: list[str] | None = None) -> int:
         help="the N of the second run (make run's MAIL_WORKERS)",
     )
     parser.add_argument("--drain", type=int, default=120, help="seconds allowed to drain")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="MAIL_X=value",
+        help="a worker setting other than make run's default (repeatable)",
+    )
+    parser.add_argument("--only-n", action="store_true", help="skip the 1-worker run")
     parser.add_argument("--out", type=Path, default=REPORTS)
     args = parser.parse_args(argv)
     if args.seconds < 60:
@@ -437,7 +455,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-mail-lag-") as tmp:
-        results = measure(args.seconds, sorted({1, args.workers}), args.drain, Path(tmp))
+        settings = dict(item.split("=", 1) for item in args.set)
+        counts = [args.workers] if args.only_n else sorted({1, args.workers})
+        results = measure(args.seconds, counts, args.drain, Path(tmp), settings)
     (args.out / "bench-mail-lag.json").write_text(json.dumps(results, indent=2, default=str))
     body = markdown(results)
     (args.out / "BENCH-mail.md").write_text(f"## {TITLE}\n\n{body}")

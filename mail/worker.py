@@ -19,11 +19,12 @@ Per ``order.completed`` (or ``mail.requeued``) entry, on its lane:
 
 - the ``mail:sent:{order_id}`` marker exists -> XACK, nothing sent (a redelivery);
 - the order, customer or address is unusable -> dead letter at once;
-- right before the send, ``hold_entry.lua``: the entry is still pending for this
-  worker (else skip it: another took it over), its idle time is reset and
-  ``mail:attempts:{order_id}`` counted. The whole send (connect, EHLO, MAIL,
-  RCPT, DATA) must end within MAIL_CLAIM_IDLE_SECONDS / 2, so no other worker
-  can take the entry over while it is being sent;
+- with the customer's data, in the same round trip, ``hold_entry.lua``: the
+  entry is still pending for this worker (else skip it: another took it over),
+  its idle time is reset and ``mail:attempts:{order_id}`` counted. Only the
+  render (about a millisecond) follows before the send, and the whole send
+  (connect, EHLO, MAIL, RCPT, DATA) must end within MAIL_CLAIM_IDLE_SECONDS / 2,
+  so no other worker can take the entry over while it is being sent;
 - send with the stable Message-ID ``<order-{id}@{MAIL_DOMAIN}>``;
 - accepted -> MULTI: SET the marker NX, DEL attempts, XACK, ZREM retry;
 - 5xx -> MULTI: XADD ``mail:dead``, XACK, ZREM retry, DEL attempts. Never retried;
@@ -744,8 +745,7 @@ class MailWorker:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.exists(sent_key)
             pipe.hgetall(keys.order(order_id))
-            pipe.get(attempts_key)
-            already_sent, order, attempts = await pipe.execute()
+            already_sent, order = await pipe.execute()
         if already_sent:
             await self._ack_sent(entry_id, order_id, None)
             self._count("duplicates")
@@ -753,24 +753,22 @@ class MailWorker:
                 "order %s: confirmation already sent; acknowledged entry %s", order_id, entry_id
             )
             return "duplicate"
-        attempts = int(attempts or 0)
+        # The rest of the data and, in the same round trip, the hold: the entry is
+        # still ours, its idle time reset and the attempt counted. Only the render
+        # (about a millisecond) comes between it and the send, and the send ends
+        # before MAIL_CLAIM_IDLE_SECONDS / 2, so nobody takes the entry over meanwhile.
+        mail, attempts = await self._load(order_id, order, fields, entry_id, attempts_key)
+        if not attempts:
+            log.info("order %s: entry %s was taken over by another worker", order_id, entry_id)
+            return "taken"
         try:
-            mail = await self._load(order_id, order, fields)
             rendered = render_confirmation(
                 mail, sender=self.from_address, mail_domain=self.settings.mail_domain
             )
         except (InvalidRecipient, UnsafeMessage) as error:
-            await self.dead_letter(entry_id, fields, clip(f"invalid recipient: {error}"), attempts)
+            reason = clip(f"invalid recipient: {error}")
+            await self.dead_letter(entry_id, fields, reason, attempts - 1)  # nothing sent
             return "dead"
-
-        # Right before the send: still ours, idle time reset, attempt counted. The
-        # send below ends before MAIL_CLAIM_IDLE_SECONDS, so nobody takes it over.
-        attempts = await self._hold(
-            keys=[STREAM, attempts_key], args=[GROUP, self.name, entry_id, ATTEMPTS_TTL_S]
-        )
-        if not attempts:
-            log.info("order %s: entry %s was taken over by another worker", order_id, entry_id)
-            return "taken"
         if attempts > self.settings.max_attempts:  # only after crashes mid-send
             await self.dead_letter(entry_id, fields, "max attempts reached", attempts - 1)
             return "dead"
@@ -810,8 +808,14 @@ class MailWorker:
         return "sent"
 
     async def _load(
-        self, order_id: str, order: dict[str, str], fields: dict[str, str]
-    ) -> OrderMail:
+        self,
+        order_id: str,
+        order: dict[str, str],
+        fields: dict[str, str],
+        entry_id: str,
+        attempts_key: str,
+    ) -> tuple[OrderMail, int]:
+        """The mail's data, and hold_entry's answer (0: the entry is not ours)."""
         if not order:
             raise BadEvent(f"order {order_id} not found")
         customer_id = order.get("customer_id", "")
@@ -831,7 +835,14 @@ class MailWorker:
             pipe.hmget(keys.customer(customer_id), ["name", "surname", "email", "balance_cents"])
             for phone_id, _, _ in lines:
                 pipe.hget(keys.phone(phone_id), "name")
-            (name, surname, address, balance), *phone_names = await pipe.execute()
+            await self._hold(
+                keys=[STREAM, attempts_key],
+                args=[GROUP, self.name, entry_id, ATTEMPTS_TTL_S],
+                client=pipe,
+            )
+            (name, surname, address, balance), *phone_names, held = await pipe.execute()
+        if not held:
+            return OrderMail(order_id, "", "", "", (), 0, 0), 0
         if address is None:
             raise BadEvent(f"customer {customer_id} of order {order_id} not found")
         # The balance right after the event, when the event carries it; else now.
@@ -840,7 +851,7 @@ class MailWorker:
             balance_cents = int(raw_balance)
         except ValueError:
             balance_cents = int(balance or 0)
-        return OrderMail(
+        mail = OrderMail(
             order_id=order_id,
             customer_name=name or "",
             customer_surname=surname or "",
@@ -852,6 +863,7 @@ class MailWorker:
             total_cents=total,
             balance_cents=balance_cents,
         )
+        return mail, held
 
     async def _ack_sent(self, entry_id: str, order_id: str, mid: str | None) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:

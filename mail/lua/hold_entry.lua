@@ -1,4 +1,5 @@
--- hold_entry: right before a send, make sure a stream entry is still pending
+-- hold_entry: just before a send (with the mail's data, before its render),
+-- make sure a stream entry is still pending
 -- for this consumer (no other worker took it over with XAUTOCLAIM meanwhile),
 -- reset its idle time so that nobody takes it over while it is being sent (the
 -- send is cut off well before MAIL_CLAIM_IDLE_SECONDS), and count the attempt.
