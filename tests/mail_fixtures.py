@@ -389,6 +389,7 @@ def settings_env(settings: MailSettings, **extra: str) -> dict[str, str]:
         MAIL_MAX_PER_CONNECTION=str(settings.max_per_connection),
         MAIL_IDLE_TIMEOUT_SECONDS=str(settings.idle_timeout),
         MAIL_HELO_NAME=settings.helo_name,
+        MAIL_METRICS_PORT=str(settings.metrics_port),
         MAIL_BATCH_SIZE=str(settings.batch_size),
         EVENTS_RETENTION_SECONDS=str(settings.events_retention),
         EVENTS_TRIM_INTERVAL_SECONDS=str(settings.trim_interval),

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, replace
 from email import policy
 from email.parser import BytesParser
@@ -43,7 +45,7 @@ from tests.mail_fixtures import (
     settings_env,
     wait_until,
 )
-from tests.servers import running_redis
+from tests.servers import free_port, running_redis
 
 DOMAIN = "phoneshop.test"
 
@@ -996,3 +998,26 @@ async def test_backlog_counts_undelivered_entries_when_redis_reports_no_lag(
     # The count is bounded: past the bound it says "at least".
     assert await count_after(mail_redis, first, limit=10) == (10, False)
     assert await count_after(mail_redis, first, limit=58) == (58, True)
+
+
+async def test_workers_sharing_one_metrics_port_setting_each_serve_their_own(
+    mail_redis: Redis, mail_processes: ProcessPool
+) -> None:
+    """make run's MAIL_WORKERS processes share MAIL_METRICS_PORT: each takes the next
+    free port and says which in its health key, where make status reads it."""
+    port = free_port()
+    for name in ("m1", "m2"):
+        mail_processes.start(name, metrics_port=port)
+    ports = {}
+    for name in ("m1", "m2"):
+        await wait_until(lambda n=name: mail_redis.exists(keys.mail_worker_alive(n)))
+        alive = json.loads(await mail_redis.get(keys.mail_worker_alive(name)))
+        ports[name] = alive["metrics_port"]
+    assert len(set(ports.values())) == 2 and min(ports.values()) == port
+    for metrics_port in ports.values():
+        body = await asyncio.to_thread(
+            lambda p=metrics_port: urllib.request.urlopen(
+                f"http://127.0.0.1:{p}/metrics", timeout=10
+            ).read()
+        )
+        assert b"phoneshop_mail_sent_total" in body
