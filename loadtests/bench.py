@@ -159,13 +159,13 @@ def stack_pids(stack: LoadStack) -> list[int]:
     return [p.pid for p in procs if p is not None]
 
 
-def stack_cpu_seconds(stack: LoadStack) -> float:
-    """CPU time used so far by every process of the stack (redis, the app instances'
-    masters and workers, nginx), from /proc: a cost per request that other work on
-    a shared box does not move the way it moves throughput."""
+def cpu_seconds(tops: list[int]) -> float:
+    """CPU time used so far by the processes ``tops`` and all their descendants, from
+    /proc: a cost per request that other work on a shared box does not move the way
+    it moves throughput."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
-    for top in stack_pids(stack):
+    for top in tops:
         for pid in rig.process_tree(top):
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -173,6 +173,12 @@ def stack_cpu_seconds(stack: LoadStack) -> float:
                 continue
             total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
     return total / tick
+
+
+def stack_cpu_seconds(stack: LoadStack) -> tuple[float, float]:
+    """CPU used so far by the whole stack, and by the app instances alone."""
+    apps = [i.proc.pid for i in stack.stack.instances if i.proc is not None]
+    return cpu_seconds(stack_pids(stack)), cpu_seconds(apps)
 
 
 def pin(stack: LoadStack, split: rig.CpuSplit) -> dict[str, Any]:
@@ -309,6 +315,7 @@ def ab_compare(
     first in even ones, so that drift on the shared box hits both alike."""
     rates: dict[str, list[float]] = {"a": [], "b": []}
     cpu: dict[str, list[float]] = {"a": [], "b": []}
+    app_cpu: dict[str, list[float]] = {"a": [], "b": []}
     with (
         tempfile.TemporaryDirectory(prefix="phoneshop-ab-") as logs,
         launch(env=stack_env(Path(logs) / "a.log", comparison.a_env), instances=2, workers=1) as a,
@@ -325,13 +332,16 @@ def ab_compare(
             for round_ in range(rounds):
                 order = (("a", a), ("b", b)) if round_ % 2 == 0 else (("b", b), ("a", a))
                 for label, stack in order:
-                    before = stack_cpu_seconds(stack)
+                    stack_before, app_before = stack_cpu_seconds(stack)
                     row = orders_wrk(stack, data[label], seconds=seconds, cpus=split.load or None)
-                    used = stack_cpu_seconds(stack) - before
+                    stack_after, app_after = stack_cpu_seconds(stack)
+                    per = 1e6 / row["requests"] if row["requests"] else 0.0
                     rates[label].append(row["ok_rps"])
-                    cpu[label].append(used / row["requests"] * 1e6 if row["requests"] else 0.0)
+                    cpu[label].append((stack_after - stack_before) * per)
+                    app_cpu[label].append((app_after - app_before) * per)
     a_rps, b_rps = statistics.median(rates["a"]), statistics.median(rates["b"])
     a_cpu, b_cpu = statistics.median(cpu["a"]), statistics.median(cpu["b"])
+    a_app, b_app = statistics.median(app_cpu["a"]), statistics.median(app_cpu["b"])
     return {
         "name": comparison.name,
         "a_label": comparison.a_label,
@@ -346,6 +356,11 @@ def ab_compare(
         "a_cpu_rounds": cpu["a"],
         "b_cpu_rounds": cpu["b"],
         "cpu_gain": a_cpu / b_cpu if b_cpu else 0.0,
+        "a_app_cpu_us": a_app,
+        "b_app_cpu_us": b_app,
+        "a_app_cpu_rounds": app_cpu["a"],
+        "b_app_cpu_rounds": app_cpu["b"],
+        "app_cpu_gain": a_app / b_app if b_app else 0.0,
     }
 
 

@@ -134,8 +134,11 @@ def test_an_ab_row_reports_cpu_per_request_and_throughput() -> None:
             "a_cpu_us": 500.0,
             "b_cpu_us": 400.0,
             "cpu_gain": 1.25,
+            "a_app_cpu_us": 300.0,
+            "b_app_cpu_us": 200.0,
+            "app_cpu_gain": 1.5,
         }
     ]
     row = next(line for line in render(figures).splitlines() if line.startswith("| switch |"))
-    assert "| 500 -> 400 | 1.25 |" in row
+    assert "| 300 -> 200 | 1.50 | 500 -> 400 | 1.25 |" in row
     assert "105 -> 125 (A: 100, 110; B: 120, 130) | 1.19 |" in row
