@@ -9,23 +9,26 @@ generator runs on the other CPUs (loadtests/rig.py: STACK_CPUS / LOAD_CPUS).
 Then:
 
 1. ceilings with wrk (closed loop): ``GET /bench/hello``, ``GET /phones?page=1``
-   and ``POST /orders`` (loadtests/wrk/orders.lua) through nginx. The orders
-   rate is the capacity, and orders ÷ hello is P1;
+   and ``POST /orders`` (loadtests/wrk/orders.lua, 64 and 256 connections)
+   through nginx. The better orders rate is the capacity; orders ÷ hello at 64
+   connections is P1;
 2. the overload levels, open loop (loadtests/openloop.py): half the capacity,
    1x, 3x, 10x, then half again for the recovery, in one continuous run; per
    level the rate actually offered (INVALID when > 5% short), accepted
    p50/p99, goodput, refused p99, status mix, failures; then whether every
    process is still up;
-3. A/B comparisons, each in this run: two stacks that differ in one setting,
-   wrk rounds alternating between them (:data:`AB_COMPARISONS`);
-4. a py-spy profile of one worker during ``POST /orders``;
-5. ceiling B: ``redis-benchmark`` running the real ``place_order`` script;
-6. list cost with 1k and with 1M stored rows (loadtests/bench_data.py) and
+3. a py-spy profile of one worker during ``POST /orders``;
+4. ceiling B: ``redis-benchmark`` running the real ``place_order`` script;
+5. list cost with 1k and with 1M stored rows (loadtests/bench_data.py) and
    Redis memory per stored order;
-7. extra sections from their own modules (:data:`EXTRA_SECTIONS`).
+6. A/B comparisons, each in this run: two stacks that differ in one setting,
+   wrk rounds alternating between them, orders/s and CPU per request from /proc
+   (:data:`AB_COMPARISONS`);
+7. extra sections from their own modules (:data:`EXTRA_SECTIONS`): the mail lag.
 
 Targets are reported, never asserted: a benchmark is not a test. Runs in about
-6 minutes; everything goes to 127.0.0.1 and every step is bounded.
+8 minutes, the mail-lag section's 4 included; everything goes to 127.0.0.1 and
+every step is bounded.
 """
 
 from __future__ import annotations
