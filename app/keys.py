@@ -14,8 +14,9 @@ Hashes and their fields (all numbers are integers, money in cents):
 ``customer:{id}``   id, name, surname, email, balance_cents,
                     added_cents (initial balance + deposits, ever),
                     token_sha256, seq, created_at
-``order:{id}``      id, customer_id, status (open|completed|cancelled),
-                    items ("phone_id:quantity:unit_price_cents;..."),
+``order:{id}``      id, customer_id, status (app/vocabulary.py: STATUSES),
+                    items ("phone_id:quantity:unit_price_cents;...",
+                    app/vocabulary.py: encode_items, decode_items),
                     total_cents, seq, created_at, request_id
 
 Hash ``ledger``: the shop's running totals, moved by the same script and in
@@ -25,13 +26,14 @@ Money in cents: balance_cents (all balances), added_cents (all opening
 balances + deposits), open_cents and completed_cents (the totals of open and
 of completed orders). Units: stock_units, added_units, open_units,
 completed_units. Counts: phones, customers, orders_open, orders_completed,
-orders_cancelled. changes: one more for every script run that wrote, so an
+orders_cancelled. (So orders_<status> for every status, and <status>_cents and
+<status>_units for each that keeps the money: app/vocabulary.py.) changes: one more for every script run that wrote, so an
 unchanged count means nothing moved. At every moment
 balance + open + completed = added, in cents and in units. Every order script
 touches it, so a move to Redis Cluster would keep one ledger per hash tag.
 
 Stream ``events``: one entry per order change, appended by the script that made
-the change. Fields: type (order.placed|order.completed|order.cancelled),
+the change. Fields: type (the event of the order's new status, app/vocabulary.py),
 order_id, customer_id, status, request_id, at (ms since the epoch);
 order.completed also carries balance_cents, the customer's balance at that
 moment (for the mail). ``mail.requeued`` entries (app/admin/mail.py) put a
@@ -55,8 +57,6 @@ ORDERS_SEQ = "orders:seq"
 EVENTS = "events"
 MAIL_GROUP = "mailer"
 MAIL_DEAD = "mail:dead"
-
-ORDER_STATUSES = ("open", "completed", "cancelled")
 
 LEDGER = "ledger"
 

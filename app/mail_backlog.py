@@ -23,9 +23,10 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from app import keys
+from app.vocabulary import COMPLETED, STATUSES
 
 # Event types the `mailer` group sends a confirmation for (mail/__init__.py).
-ORDER_COMPLETED = "order.completed"
+ORDER_COMPLETED = STATUSES[COMPLETED].event
 MAIL_REQUEUED = "mail.requeued"
 MAIL_EVENT_TYPES = frozenset({ORDER_COMPLETED, MAIL_REQUEUED})
 

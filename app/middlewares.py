@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 import uuid
 
@@ -39,11 +38,11 @@ from app.problems import (
     problem_response,
     retry_later,
 )
+from app.vocabulary import is_request_id
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id")
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 _HTTP_CODES = {
     400: "malformed_json",
@@ -78,7 +77,7 @@ def _refusal(code: str, retry_after: str, request_id: str) -> web.Response:
 
 def _request_id(request: web.Request, behind_proxy: bool) -> str:
     given = request.headers.get("X-Request-ID", "")
-    return given if behind_proxy and _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    return given if behind_proxy and is_request_id(given) else uuid.uuid4().hex
 
 
 @web.middleware

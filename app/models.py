@@ -16,6 +16,7 @@ from aiohttp import web
 
 from app.ids import ID_PATTERN
 from app.problems import ProblemError
+from app.vocabulary import ORDER_STATUSES
 
 # No C0/C1 control characters (CR, LF, NUL, tab, ...) nor Unicode line
 # separators anywhere: nothing a client types can become a mail header.
@@ -81,7 +82,7 @@ IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
 QUERY_SCHEMAS: dict[str, dict[str, Any]] = {
     "page": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
     "per_page": {"type": "integer", "minimum": 1, "maximum": MAX_PER_PAGE},
-    "status": {"type": "string", "enum": ["open", "completed", "cancelled"]},
+    "status": {"type": "string", "enum": list(ORDER_STATUSES)},
     "customer_id": {"type": "string", "pattern": ID_PATTERN},
     "ms": {"type": "integer", "minimum": 0, "maximum": 10_000},
 }

@@ -31,6 +31,7 @@ from aiohttp import web
 from app import appkeys, logs, metrics
 from app.logs import ACCESS_LOGGER
 from app.problems import PROBLEM_CODE, ProblemError
+from app.vocabulary import COMPLETED
 
 access_log = logging.getLogger(ACCESS_LOGGER)
 
@@ -141,7 +142,7 @@ class ObservedScripts:
                 metrics.idempotent_replays.inc()
             else:
                 metrics.orders_placed.inc()
-                if result.payload.get("status") == "completed":
+                if result.payload.get("status") == COMPLETED:
                     metrics.orders_completed.inc()
         elif name == "check_order" and result.flag:
             metrics.orders_completed.inc()

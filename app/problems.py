@@ -8,6 +8,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from app.vocabulary import OPEN, ORDER_STATUSES
+
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 # The code of a problem answer, kept on the response for the metrics (app/observe.py).
 PROBLEM_CODE: web.ResponseKey[str] = web.ResponseKey("problem_code")
@@ -28,8 +30,13 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "method_not_allowed": (405, "Method not allowed"),
     "out_of_stock": (409, "Not enough stock"),
     "email_taken": (409, "That email already belongs to a customer"),
-    "order_cancelled": (409, "The order is cancelled"),
-    "order_completed": (409, "The order is completed"),
+    # A check or cancel of an order that is no longer open is refused with its
+    # status (app/lua/check_order.lua, cancel_order.lua): order_cancelled, ...
+    **{
+        f"order_{status}": (409, f"The order is {status}")
+        for status in ORDER_STATUSES
+        if status != OPEN
+    },
     "order_owner_changed": (409, "The order changed while being read; retry"),
     "idempotency_key_in_use": (409, "A request with this Idempotency-Key is in progress"),
     "stock_limit": (409, "The stock would exceed its limit"),

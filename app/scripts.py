@@ -1,6 +1,10 @@
 """The Lua scripts, read once from ``lua/*.lua`` and run through the Redis
 gateway (app/redis_gateway.py), which times them and reloads after NOSCRIPT.
 
+Each is sent with app/lua_prelude.py's prelude before it (the words of
+app/vocabulary.py and the helpers every script shares), and its SHA1 is taken
+over the two.
+
 Every script answers ``{http_status, payload_json, ...}``; ``run`` turns an
 error status into the matching ``ProblemError`` so handlers never see raw
 replies.
@@ -14,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from app.lua_prelude import with_prelude
 from app.problems import PROBLEMS, ProblemError
 from app.redis_gateway import LuaScript, RedisGateway
 
@@ -30,7 +35,8 @@ SCRIPT_NAMES = (
 
 
 def load_source(name: str) -> str:
-    return resources.files("app").joinpath("lua", f"{name}.lua").read_text()
+    """The script as Redis runs it: with the prelude."""
+    return with_prelude(resources.files("app").joinpath("lua", f"{name}.lua").read_text())
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,7 @@ from app import keys
 from app.admin.audit import run_audit
 from app.ids import new_id
 from app.scripts import load_source
+from app.vocabulary import COMPLETED, OPEN
 
 PHONES = 100
 CUSTOMERS = 100
@@ -155,7 +156,7 @@ class Shop:
                     self.customers[i % CUSTOMERS],
                     self.phones[i % PHONES],
                 )
-                status = "completed" if i % 2 else "open"
+                status = COMPLETED if i % 2 else OPEN
                 pipe.evalsha(
                     self.shas["place_order"],
                     11,

@@ -15,6 +15,7 @@ from typing import Any
 from redis import Redis as SyncRedis
 
 from app import keys
+from app.vocabulary import COMPLETED, encode_items
 from loadtests.stack import LoadStack
 
 
@@ -132,7 +133,7 @@ def bulk_load(
             proc.stdin.write("".join(chunk))
             chunk.clear()
     customer_orders = keys.customer_orders(customer_id)
-    customer_completed = keys.customer_orders_by_status(customer_id, "completed")
+    customer_completed = keys.customer_orders_by_status(customer_id, COMPLETED)
     order_hash = _Command(
         "HSET",
         None,
@@ -141,9 +142,9 @@ def bulk_load(
         "customer_id",
         customer_id,
         "status",
-        "completed",
+        COMPLETED,
         "items",
-        f"{phone_id}:1:100",
+        encode_items([(phone_id, 1, 100)]),
         "total_cents",
         "100",
         "seq",
@@ -157,7 +158,7 @@ def bulk_load(
         _Command("ZADD", index, None, None)
         for index in (
             keys.ORDERS,
-            keys.orders_by_status("completed"),
+            keys.orders_by_status(COMPLETED),
             customer_orders,
             customer_completed,
         )
@@ -192,9 +193,9 @@ def memory_per_order(stack: LoadStack, customer_id: str, sample_ids: list[str]) 
         indexes = {}
         for index in (
             keys.ORDERS,
-            keys.orders_by_status("completed"),
+            keys.orders_by_status(COMPLETED),
             keys.customer_orders(customer_id),
-            keys.customer_orders_by_status(customer_id, "completed"),
+            keys.customer_orders_by_status(customer_id, COMPLETED),
         ):
             card = client.zcard(index)
             usage = client.memory_usage(index, samples=0) or 0

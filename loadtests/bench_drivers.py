@@ -18,6 +18,7 @@ from typing import Any
 
 from app import keys
 from app.scripts import load_source
+from app.vocabulary import COMPLETED
 from loadtests.rig import pinned_to
 from loadtests.stack import LoadStack
 from nginx.instances import ROOT
@@ -192,9 +193,9 @@ def ceiling_b(
         f"idem:{customer_id}:{rand}",
         f"order:{rand}",
         keys.ORDERS,
-        keys.orders_by_status("completed"),
+        keys.orders_by_status(COMPLETED),
         keys.customer_orders(customer_id),
-        keys.customer_orders_by_status(customer_id, "completed"),
+        keys.customer_orders_by_status(customer_id, COMPLETED),
         keys.ORDERS_SEQ,
         keys.EVENTS,
         keys.LEDGER,

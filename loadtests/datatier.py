@@ -46,6 +46,7 @@ from redis.crc import key_slot
 
 from app import keys
 from app.scripts import load_source
+from app.vocabulary import COMPLETED, encode_items
 from ops.redis_cluster import LocalCluster, Topology, client, free_ports, poll
 
 MS_2026 = 1_764_600_000_000
@@ -125,9 +126,9 @@ def _benchmark_argv(port: int, sha: str, tag: str, requests: int, clients: int) 
         f"idem:{customer_id}:{rand}",
         keys.order(f"{{{tag}}}{rand}"),
         tagged(keys.ORDERS, tag),
-        tagged(keys.orders_by_status("completed"), tag),
+        tagged(keys.orders_by_status(COMPLETED), tag),
         keys.customer_orders(customer_id),
-        keys.customer_orders_by_status(customer_id, "completed"),
+        keys.customer_orders_by_status(customer_id, COMPLETED),
         tagged(keys.ORDERS_SEQ, tag),
         tagged(keys.EVENTS, tag),
         tagged(keys.LEDGER, tag),
@@ -290,8 +291,8 @@ def _fill_today(node: Any, n_orders: int, customers: int) -> None:
             mapping={
                 "id": order_id,
                 "customer_id": customer_id,
-                "status": "completed",
-                "items": f"{secrets.token_urlsafe(16)}:1:49900",
+                "status": COMPLETED,
+                "items": encode_items([(secrets.token_urlsafe(16), 1, 49_900)]),
                 "total_cents": "49900",
                 "seq": str(n),
                 "created_at": str(MS_2026 + n),
@@ -299,9 +300,9 @@ def _fill_today(node: Any, n_orders: int, customers: int) -> None:
             },
         )
         pipe.zadd(keys.ORDERS, {order_id: n})
-        pipe.zadd(keys.orders_by_status("completed"), {order_id: n})
+        pipe.zadd(keys.orders_by_status(COMPLETED), {order_id: n})
         pipe.zadd(keys.customer_orders(customer_id), {order_id: n})
-        pipe.zadd(keys.customer_orders_by_status(customer_id, "completed"), {order_id: n})
+        pipe.zadd(keys.customer_orders_by_status(customer_id, COMPLETED), {order_id: n})
         if n % 1000 == 999:
             pipe.execute()
     pipe.execute()
@@ -320,7 +321,7 @@ def _fill_lean(status_index: str) -> Any:
                 mapping={
                     "c": customer,
                     "s": "c",
-                    "i": f"{(n * 7) % 9000}:1:49900",
+                    "i": encode_items([(str((n * 7) % 9000), 1, 49_900)]),
                     "t": 49_900,
                     "a": MS_2026 // 1000 + n,
                 },
@@ -351,7 +352,7 @@ def _fill_design(node: Any, n_orders: int, customers: int) -> None:
             mapping={
                 "c": customer,
                 "s": "c",
-                "i": f"{(n * 7) % 9000}:1:49900",
+                "i": encode_items([(str((n * 7) % 9000), 1, 49_900)]),
                 "t": 49_900,
                 "a": MS_2026 // 1000 + n,
                 "n": number,
@@ -374,8 +375,8 @@ def _fill_idem_today(node: Any, n_records: int, _customers: int) -> None:
             {
                 "id": secrets.token_urlsafe(16),
                 "customer_id": secrets.token_urlsafe(16),
-                "status": "completed",
-                "items": f"{secrets.token_urlsafe(16)}:1:49900",
+                "status": COMPLETED,
+                "items": encode_items([(secrets.token_urlsafe(16), 1, 49_900)]),
                 "total_cents": "49900",
                 "seq": str(n),
                 "created_at": str(MS_2026),

@@ -49,6 +49,7 @@ from locust import FastHttpUser, constant_throughput, events, task
 from locust.env import Environment
 from locust.stats import StatsEntry
 
+from app.vocabulary import OPEN, ORDER_STATUSES
 from loadtests import shapes
 
 log = logging.getLogger("phoneshop.locust")
@@ -56,7 +57,9 @@ log = logging.getLogger("phoneshop.locust")
 SHED_PREFIX = "[shed] "
 BUSINESS_CODES = {
     402: {"insufficient_funds"},
-    409: {"out_of_stock", "order_cancelled", "order_completed", "idempotency_key_in_use"},
+    # order_<status>: a check or cancel of an order no longer open (app/problems.py).
+    409: {"out_of_stock", "idempotency_key_in_use"}
+    | {f"order_{status}" for status in ORDER_STATUSES if status != OPEN},
 }
 # Answers that prove a POST /orders was not placed: nginx's limiter and the
 # app's in-flight cap refuse before any handler runs.
@@ -258,7 +261,7 @@ def _valid_order(body: Any) -> bool:
     return (
         isinstance(order, dict)
         and isinstance(order.get("id"), str)
-        and order.get("status") in ("open", "completed", "cancelled")
+        and order.get("status") in ORDER_STATUSES
         and isinstance(order.get("total_cents"), int)
         and isinstance(order.get("items"), list)
     )

@@ -39,6 +39,7 @@ import aiohttp
 from redis.asyncio import Redis
 
 from app import keys
+from app.vocabulary import COMPLETED
 from loadtests.stack import ROOT, LoadStack, launch
 from tests.servers import clean_env, stop_process, wait_for_port
 
@@ -346,7 +347,7 @@ async def _traffic_and_books(
     progress.phase = "waiting for the mail"
     redis = Redis.from_url(running.redis_url, decode_responses=True)
     try:
-        completed = [o for o, s in books.expected_status.items() if s == "completed"]
+        completed = [o for o, s in books.expected_status.items() if s == COMPLETED]
         sent, dead, pending = await settle_mail(redis, completed)
         stored = await redis.zcard(keys.ORDERS)
     finally:

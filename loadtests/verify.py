@@ -38,6 +38,7 @@ import aiohttp
 from redis.asyncio import Redis
 
 from app import keys
+from app.vocabulary import COMPLETED, MONEY_KEEPING_STATUSES
 
 CONCURRENCY = 8
 
@@ -170,7 +171,7 @@ async def verify(
     balance_mismatches = []
     live_by_customer: dict[str, int] = {}
     for order in stored.values():
-        if order["status"] in ("open", "completed"):
+        if order["status"] in MONEY_KEEPING_STATUSES:
             live_by_customer[order["customer_id"]] = (
                 live_by_customer.get(order["customer_id"], 0) + order["total_cents"]
             )
@@ -216,7 +217,7 @@ async def verify(
         },
     }
     if redis_url:
-        completed = [oid for oid, order in stored.items() if order["status"] == "completed"]
+        completed = [oid for oid, order in stored.items() if order["status"] == COMPLETED]
         checks["mail"] = await check_mail(redis_url, completed, mail_timeout)
     return {"ok": all(check["ok"] for check in checks.values()), "checks": checks}
 

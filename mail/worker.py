@@ -56,7 +56,6 @@ import json
 import logging
 import os
 import random
-import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -71,6 +70,7 @@ from app import keys
 from app.ids import is_valid_id
 from app.logs import request_id_var
 from app.mail_backlog import entry_ms, read_mail_backlog
+from app.vocabulary import decode_items, is_request_id
 from mail import MAIL_EVENT_TYPES, metrics, scripts
 from mail.render import (
     InvalidRecipient,
@@ -99,8 +99,6 @@ PRUNE_IDLE_S = 3600.0
 RELEASED_IDLE_MS = 365 * 86400 * 1000
 # With metrics on, the backlog gauges are refreshed at most this often (seconds).
 BACKLOG_INTERVAL = 1.0
-# What an event's request_id may look like (the app's pattern) to be logged.
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
 def now_ms() -> int:
@@ -701,7 +699,7 @@ class MailWorker:
         # caused the event (the order scripts put it in): one grep follows an
         # order from nginx's access log to here.
         request_id = fields.get("request_id", "")
-        token = request_id_var.set(request_id if _REQUEST_ID.fullmatch(request_id) else None)
+        token = request_id_var.set(request_id if is_request_id(request_id) else None)
         try:
             return await self._handle_entry(entry_id, fields, sender)
         finally:
@@ -822,12 +820,7 @@ class MailWorker:
         if not is_valid_id(customer_id):
             raise BadEvent(f"order {order_id} has an invalid customer id")
         try:
-            lines = []
-            for item in filter(None, order.get("items", "").split(";")):
-                phone_id, quantity, price = item.split(":")
-                if not is_valid_id(phone_id):
-                    raise ValueError("phone id")
-                lines.append((phone_id, int(quantity), int(price)))
+            lines = decode_items(order.get("items", ""))
             total = int(order["total_cents"])
         except (ValueError, KeyError):
             raise BadEvent(f"order {order_id} is malformed") from None

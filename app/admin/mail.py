@@ -11,7 +11,6 @@ attempt counter and deletes the dead letter, in one script
 
 from __future__ import annotations
 
-import re
 import time
 
 import msgspec
@@ -25,10 +24,8 @@ from app.middlewares import REQUEST_ID
 from app.models import iso_time, json_response, page_params
 from app.problems import ProblemError
 from app.routing import Call
+from app.vocabulary import StreamId
 from mail import scripts
-
-# Stream entry ids: "<ms>-<seq>".
-_ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 
 
 class DeadLetter(msgspec.Struct, kw_only=True):
@@ -86,14 +83,6 @@ def _dead_letter(entry_id: bytes | str, fields: dict) -> DeadLetter:
     )
 
 
-def is_entry_id(value: str) -> bool:
-    """A Redis stream id: two unsigned 64-bit integers (Redis refuses bigger
-    ones with an error, which must be a 404 here, not a 500)."""
-    return _ENTRY_ID.fullmatch(value) is not None and all(
-        int(part) < 2**64 for part in value.split("-")
-    )
-
-
 async def list_dead_letters(
     redis: Redis, *, page: int = 1, per_page: int = 50
 ) -> tuple[int, list[DeadLetter]]:
@@ -111,7 +100,8 @@ async def requeue_dead_letter(
 ) -> Requeued | None:
     """Put one dead-lettered mail back to be sent. None when no such dead letter
     exists (any more: a second requeue of the same id finds nothing)."""
-    if not is_entry_id(dead_id):
+    # Redis answers an id past 64 bits with an error, which must be a 404 here, not a 500.
+    if StreamId.parse(dead_id) is None:
         return None
     found = await redis.xrange(keys.MAIL_DEAD, dead_id, dead_id)
     if not found:

@@ -1,47 +1,19 @@
-"""The ``events`` stream as the WebSocket sees it: entry ids, the order events
-clients are sent, and whether a resume point still has everything after it.
+"""The ``events`` stream as the WebSocket sees it: entry ids (app/vocabulary.py's
+StreamId), the order events clients are sent, and whether a resume point still
+has everything after it.
 
-Stream entry ids are ``<ms>-<seq>``; they only grow, so "after" is a tuple
-comparison of the two integers.
+Only the order events (vocabulary.ORDER_EVENT_TYPES) reach clients; other
+entries of the stream (mail.requeued, ...) are read past silently.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
-_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
-_U64 = 2**64 - 1
-
-# Only these reach clients; other entries of the stream (mail.requeued, ...)
-# are read past silently.
-ORDER_EVENT_TYPES = frozenset({"order.placed", "order.completed", "order.cancelled"})
-
-
-@dataclass(frozen=True, order=True, slots=True)
-class StreamId:
-    ms: int
-    seq: int
-
-    def __str__(self) -> str:
-        return f"{self.ms}-{self.seq}"
-
-    @classmethod
-    def parse(cls, text: str | bytes) -> StreamId | None:
-        """``<ms>-<seq>`` with both parts within 64 bits, else None."""
-        if isinstance(text, bytes):
-            text = text.decode("ascii", "replace")
-        match = _ID.fullmatch(text)
-        if match is None:
-            return None
-        ms, seq = int(match.group(1)), int(match.group(2))
-        if ms > _U64 or seq > _U64:
-            return None
-        return cls(ms, seq)
-
+from app.vocabulary import ORDER_EVENT_TYPES, StreamId
 
 ZERO = StreamId(0, 0)
 

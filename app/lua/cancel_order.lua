@@ -1,7 +1,8 @@
 -- cancel_order: move an open order to cancelled, refund its total to the
 -- customer and put every line back in stock, move the ledger's running totals
 -- the same way, then append order.cancelled.
--- Cancelling a cancelled order again changes nothing; a completed one is refused.
+-- Cancelling a cancelled order again changes nothing; one in any other status
+-- (completed today) is refused with that status.
 --
 -- KEYS[1]  order:{order_id}                          hash
 -- KEYS[2]  customer:{owner_id}                       hash
@@ -24,35 +25,36 @@
 -- Returns {http_status, payload_json, changed}:
 --   200, order fields (strings), 1|0   cancelled now | was already cancelled
 --   404, {code="order_not_found"}      missing, or not the requester's
---   409, {code="order_completed"}      nothing written
+--   409, {code="order_<status>"}       not open, e.g. order_completed; nothing written
 --   409, {code="order_owner_changed"}  the caller's keys do not fit; nothing written
 --   409, {code="balance_limit", balance_cents, limit}  the refund would cross
 --        the ceiling; nothing written (spend some, or complete the order)
 --   409, {code="stock_limit", phone_id, stock, limit}  likewise for a line's restock
+--
+-- STATUS, ORDER_EVENT, decode_items, hgetall_map: the prelude (app/lua_prelude.py).
 
 local order = redis.call('HMGET', KEYS[1], 'customer_id', 'status', 'seq', 'id', 'items', 'total_cents')
 local owner, status, seq, order_id, items, total = order[1], order[2], order[3], order[4], order[5], order[6]
 if not owner or (ARGV[2] ~= '' and ARGV[2] ~= owner) then
   return {404, cjson.encode({code = 'order_not_found'}), 0}
 end
-if owner ~= ARGV[1] or items ~= ARGV[5] or #KEYS ~= 8 + select(2, string.gsub(items, ';', '')) + 1 then
+if owner ~= ARGV[1] or items ~= ARGV[5] then
+  return {409, cjson.encode({code = 'order_owner_changed'}), 0}
+end
+local line_count = 0
+for _ in decode_items(items) do
+  line_count = line_count + 1
+end
+if #KEYS ~= 8 + line_count then
   return {409, cjson.encode({code = 'order_owner_changed'}), 0}
 end
 
-local function fields()
-  local flat = redis.call('HGETALL', KEYS[1])
-  local map = {}
-  for i = 1, #flat, 2 do
-    map[flat[i]] = flat[i + 1]
-  end
-  return cjson.encode(map)
+if status == STATUS.cancelled then
+  return {200, cjson.encode(hgetall_map(KEYS[1])), 0}
 end
-
-if status == 'cancelled' then
-  return {200, fields(), 0}
-end
-if status ~= 'open' then
-  return {409, cjson.encode({code = 'order_completed'}), 0}
+if status ~= STATUS.open then
+  -- Only an open order can be cancelled; any other is refused by its status.
+  return {409, cjson.encode({code = 'order_' .. status}), 0}
 end
 
 local balance = redis.call('HGET', KEYS[2], 'balance_cents') or '0'
@@ -60,7 +62,7 @@ if tonumber(balance) + tonumber(total) > tonumber(ARGV[6]) then
   return {409, cjson.encode({code = 'balance_limit', balance_cents = balance, limit = ARGV[6]}), 0}
 end
 local lines = {}
-for phone_id, quantity in string.gmatch(items, '([^:;]+):(%d+):%d+') do
+for phone_id, quantity in decode_items(items) do
   lines[#lines + 1] = quantity
   local stock = redis.call('HGET', KEYS[8 + #lines], 'stock') or '0'
   if tonumber(stock) + tonumber(quantity) > tonumber(ARGV[7]) then
@@ -75,7 +77,7 @@ for i, quantity in ipairs(lines) do
   units = units + tonumber(quantity)
 end
 redis.call('HINCRBY', KEYS[2], 'balance_cents', total)
-redis.call('HSET', KEYS[1], 'status', 'cancelled')
+redis.call('HSET', KEYS[1], 'status', STATUS.cancelled)
 redis.call('ZREM', KEYS[3], order_id)
 redis.call('ZADD', KEYS[4], seq, order_id)
 redis.call('ZREM', KEYS[5], order_id)
@@ -87,6 +89,6 @@ redis.call('HINCRBY', KEYS[8], 'stock_units', units)
 redis.call('HINCRBY', KEYS[8], 'orders_open', -1)
 redis.call('HINCRBY', KEYS[8], 'orders_cancelled', 1)
 redis.call('HINCRBY', KEYS[8], 'changes', 1)
-redis.call('XADD', KEYS[7], '*', 'type', 'order.cancelled', 'order_id', order_id,
-  'customer_id', owner, 'status', 'cancelled', 'request_id', ARGV[4], 'at', ARGV[3])
-return {200, fields(), 1}
+redis.call('XADD', KEYS[7], '*', 'type', ORDER_EVENT.cancelled, 'order_id', order_id,
+  'customer_id', owner, 'status', STATUS.cancelled, 'request_id', ARGV[4], 'at', ARGV[3])
+return {200, cjson.encode(hgetall_map(KEYS[1])), 1}

@@ -1,6 +1,7 @@
 -- check_order: move an open order to completed, move its amount and units
 -- from open to completed in the ledger, and append order.completed.
--- Checking a completed order again changes nothing; a cancelled one is refused.
+-- Checking a completed order again changes nothing; one in any other status
+-- (cancelled today) is refused with that status.
 --
 -- KEYS[1]  order:{order_id}                          hash
 -- KEYS[2]  orders:status:open                        zset
@@ -18,8 +19,10 @@
 -- Returns {http_status, payload_json, changed}:
 --   200, order fields (strings), 1|0   completed now | was already completed
 --   404, {code="order_not_found"}      missing, or not the requester's
---   409, {code="order_cancelled"}      nothing written
+--   409, {code="order_<status>"}       not open, e.g. order_cancelled; nothing written
 --   409, {code="order_owner_changed"}  the caller's keys do not fit; nothing written
+--
+-- STATUS, ORDER_EVENT, decode_items, hgetall_map: the prelude (app/lua_prelude.py).
 
 local order = redis.call('HMGET', KEYS[1], 'customer_id', 'status', 'seq', 'id', 'items', 'total_cents')
 local owner, status, seq, order_id, items, total = order[1], order[2], order[3], order[4], order[5], order[6]
@@ -30,27 +33,19 @@ if owner ~= ARGV[1] then
   return {409, cjson.encode({code = 'order_owner_changed'}), 0}
 end
 
-local function fields()
-  local flat = redis.call('HGETALL', KEYS[1])
-  local map = {}
-  for i = 1, #flat, 2 do
-    map[flat[i]] = flat[i + 1]
-  end
-  return cjson.encode(map)
+if status == STATUS.completed then
+  return {200, cjson.encode(hgetall_map(KEYS[1])), 0}
 end
-
-if status == 'completed' then
-  return {200, fields(), 0}
-end
-if status ~= 'open' then
-  return {409, cjson.encode({code = 'order_cancelled'}), 0}
+if status ~= STATUS.open then
+  -- Only an open order can be completed; any other is refused by its status.
+  return {409, cjson.encode({code = 'order_' .. status}), 0}
 end
 
 local units = 0
-for quantity in string.gmatch(items, '[^:;]+:(%d+):%d+') do
+for _, quantity in decode_items(items) do
   units = units + tonumber(quantity)
 end
-redis.call('HSET', KEYS[1], 'status', 'completed')
+redis.call('HSET', KEYS[1], 'status', STATUS.completed)
 redis.call('ZREM', KEYS[2], order_id)
 redis.call('ZADD', KEYS[3], seq, order_id)
 redis.call('ZREM', KEYS[4], order_id)
@@ -62,7 +57,7 @@ redis.call('HINCRBY', KEYS[8], 'completed_units', units)
 redis.call('HINCRBY', KEYS[8], 'orders_open', -1)
 redis.call('HINCRBY', KEYS[8], 'orders_completed', 1)
 redis.call('HINCRBY', KEYS[8], 'changes', 1)
-redis.call('XADD', KEYS[6], '*', 'type', 'order.completed', 'order_id', order_id,
-  'customer_id', owner, 'status', 'completed', 'request_id', ARGV[4], 'at', ARGV[3],
+redis.call('XADD', KEYS[6], '*', 'type', ORDER_EVENT.completed, 'order_id', order_id,
+  'customer_id', owner, 'status', STATUS.completed, 'request_id', ARGV[4], 'at', ARGV[3],
   'balance_cents', redis.call('HGET', KEYS[7], 'balance_cents'))
-return {200, fields(), 1}
+return {200, cjson.encode(hgetall_map(KEYS[1])), 1}

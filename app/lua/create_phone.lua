@@ -16,6 +16,8 @@
 -- Returns {http_status, payload_json}:
 --   201, phone fields (strings)
 --   500, {code="phone_id_collision"}   nothing written
+--
+-- hgetall_map: the prelude (app/lua_prelude.py).
 
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {500, cjson.encode({code = 'phone_id_collision'})}
@@ -29,9 +31,4 @@ redis.call('HINCRBY', KEYS[4], 'phones', 1)
 redis.call('HINCRBY', KEYS[4], 'stock_units', ARGV[6])
 redis.call('HINCRBY', KEYS[4], 'added_units', ARGV[6])
 redis.call('HINCRBY', KEYS[4], 'changes', 1)
-local flat = redis.call('HGETALL', KEYS[1])
-local map = {}
-for i = 1, #flat, 2 do
-  map[flat[i]] = flat[i + 1]
-end
-return {201, cjson.encode(map)}
+return {201, cjson.encode(hgetall_map(KEYS[1]))}

@@ -34,6 +34,8 @@
 --   422, {code="idempotency_key_reused"}          same key, other body
 --   any stored status and payload, 1              replay of the first answer
 --   error reply "place_order: ..."               KEYS do not fit ARGV; nothing written
+--
+-- STATUS, ORDER_EVENT, encode_item(s): the prelude (app/lua_prelude.py).
 
 local function fmt(n)
   return string.format('%d', n)
@@ -110,20 +112,20 @@ for i = 1, n do
   local quantity = ARGV[8 + 2 * i]
   redis.call('HINCRBY', KEYS[10 + i], 'stock', -tonumber(quantity))
   units = units + tonumber(quantity)
-  items[i] = phone_id .. ':' .. quantity .. ':' .. fmt(prices[i])
+  items[i] = encode_item(phone_id, quantity, fmt(prices[i]))
 end
 redis.call('HINCRBY', KEYS[1], 'balance_cents', -total)
 
-local status = 'open'
+local status = STATUS.open
 if ARGV[5] == '1' then
-  status = 'completed'
+  status = STATUS.completed
 end
 local seq = redis.call('INCR', KEYS[8])
 local order = {
   id = ARGV[1],
   customer_id = ARGV[2],
   status = status,
-  items = table.concat(items, ';'),
+  items = encode_items(items),
   total_cents = fmt(total),
   seq = fmt(seq),
   created_at = ARGV[3],
@@ -143,12 +145,12 @@ redis.call('HINCRBY', KEYS[10], status .. '_units', units)
 redis.call('HINCRBY', KEYS[10], 'orders_' .. status, 1)
 redis.call('HINCRBY', KEYS[10], 'changes', 1)
 
-redis.call('XADD', KEYS[9], '*', 'type', 'order.placed', 'order_id', ARGV[1],
-  'customer_id', ARGV[2], 'status', 'open', 'request_id', ARGV[4], 'at', ARGV[3])
-if status == 'completed' then
+redis.call('XADD', KEYS[9], '*', 'type', ORDER_EVENT.open, 'order_id', ARGV[1],
+  'customer_id', ARGV[2], 'status', STATUS.open, 'request_id', ARGV[4], 'at', ARGV[3])
+if status == STATUS.completed then
   -- The balance right after this order, for the confirmation mail.
-  redis.call('XADD', KEYS[9], '*', 'type', 'order.completed', 'order_id', ARGV[1],
-    'customer_id', ARGV[2], 'status', 'completed', 'request_id', ARGV[4], 'at', ARGV[3],
+  redis.call('XADD', KEYS[9], '*', 'type', ORDER_EVENT.completed, 'order_id', ARGV[1],
+    'customer_id', ARGV[2], 'status', STATUS.completed, 'request_id', ARGV[4], 'at', ARGV[3],
     'balance_cents', fmt(balance - total))
 end
 return answer(201, order)

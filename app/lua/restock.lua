@@ -10,6 +10,8 @@
 --   200, phone fields (strings)
 --   404, {code="phone_not_found"}                      nothing written
 --   409, {code="stock_limit", stock, limit}            nothing written
+--
+-- hgetall_map: the prelude (app/lua_prelude.py).
 
 local stock = redis.call('HGET', KEYS[1], 'stock')
 if not stock then
@@ -23,9 +25,4 @@ redis.call('HINCRBY', KEYS[1], 'added_units', ARGV[1])
 redis.call('HINCRBY', KEYS[2], 'stock_units', ARGV[1])
 redis.call('HINCRBY', KEYS[2], 'added_units', ARGV[1])
 redis.call('HINCRBY', KEYS[2], 'changes', 1)
-local flat = redis.call('HGETALL', KEYS[1])
-local map = {}
-for i = 1, #flat, 2 do
-  map[flat[i]] = flat[i + 1]
-end
-return {200, cjson.encode(map)}
+return {200, cjson.encode(hgetall_map(KEYS[1]))}

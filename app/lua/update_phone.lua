@@ -9,6 +9,8 @@
 -- Returns {http_status, payload_json}:
 --   200, phone fields (strings)
 --   404, {code="phone_not_found"}   nothing written
+--
+-- hgetall_map: the prelude (app/lua_prelude.py).
 
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {404, cjson.encode({code = 'phone_not_found'})}
@@ -16,9 +18,4 @@ end
 if #ARGV > 0 then
   redis.call('HSET', KEYS[1], unpack(ARGV))
 end
-local flat = redis.call('HGETALL', KEYS[1])
-local map = {}
-for i = 1, #flat, 2 do
-  map[flat[i]] = flat[i + 1]
-end
-return {200, cjson.encode(map)}
+return {200, cjson.encode(hgetall_map(KEYS[1]))}

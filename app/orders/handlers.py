@@ -17,8 +17,7 @@ from app.orders.models import OrderCreate, OrderEnvelope, OrderPage
 from app.problems import ProblemError
 from app.routing import Call
 from app.seed import order_for
-
-_STATUSES = {"open", "completed", "cancelled"}
+from app.vocabulary import ORDER_STATUSES
 
 
 async def place_order(call: Call[OrderCreate]) -> web.Response:
@@ -55,8 +54,8 @@ async def list_orders(call: Call[None]) -> web.Response:
     request, principal = call.request, call.principal
     page = page_params(request)
     status = request.query.get("status")
-    if status is not None and status not in _STATUSES:
-        raise ProblemError("validation_error", "status must be one of open, completed, cancelled")
+    if status is not None and status not in ORDER_STATUSES:
+        raise ProblemError("validation_error", f"status must be one of {', '.join(ORDER_STATUSES)}")
     customer_id = request.query.get("customer_id")
     if customer_id is not None and not is_valid_id(customer_id):
         raise ProblemError("validation_error", "customer_id is not a valid id")

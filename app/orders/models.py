@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from decimal import Decimal
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar
 
 import msgspec
 
@@ -15,8 +15,6 @@ MAX_QUANTITY = 100
 # The seed's list form: at most this many entries, so at most 50 distinct
 # phones and 50 units of one, both within the line limits.
 MAX_SEED_PHONES = MAX_LINES
-
-OrderStatus = Literal["open", "completed", "cancelled"]
 
 
 class OrderLine(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -19,21 +19,19 @@ from app.paging import page_of_hashes
 from app.problems import ProblemError
 from app.redis_gateway import RedisGateway
 from app.scripts import Scripts, problem_from_script
+from app.vocabulary import CANCELLED, COMPLETED, OPEN, decode_items
 
 
-def parse_items(items: str) -> list[OrderItem]:
-    lines = []
-    for entry in items.split(";"):
-        phone_id, quantity, unit_price = entry.split(":")
-        lines.append(
-            OrderItem(
-                phone_id=phone_id,
-                quantity=int(quantity),
-                unit_price_cents=int(unit_price),
-                line_total_cents=int(quantity) * int(unit_price),
-            )
+def order_items(items: str) -> list[OrderItem]:
+    return [
+        OrderItem(
+            phone_id=line.phone_id,
+            quantity=line.quantity,
+            unit_price_cents=line.unit_price_cents,
+            line_total_cents=line.quantity * line.unit_price_cents,
         )
-    return lines
+        for line in decode_items(items)
+    ]
 
 
 def order_from_fields(fields: dict[str, str]) -> Order:
@@ -41,7 +39,7 @@ def order_from_fields(fields: dict[str, str]) -> Order:
         id=fields["id"],
         customer_id=fields["customer_id"],
         status=fields["status"],
-        items=parse_items(fields["items"]),
+        items=order_items(fields["items"]),
         total_cents=int(fields["total_cents"]),
         created_at=iso_time(fields["created_at"]),
     )
@@ -70,7 +68,7 @@ async def place_order(
     request_id: str,
 ) -> PlacedOrder:
     order_id = new_id()
-    status = "completed" if autocheck else "open"
+    status = COMPLETED if autocheck else OPEN
     script_keys = [
         keys.customer(customer_id),
         keys.idempotency(customer_id, idempotency_key or ""),
@@ -134,10 +132,10 @@ async def check_order(
         "check_order",
         [
             keys.order(order_id),
-            keys.orders_by_status("open"),
-            keys.orders_by_status("completed"),
-            keys.customer_orders_by_status(owner, "open"),
-            keys.customer_orders_by_status(owner, "completed"),
+            keys.orders_by_status(OPEN),
+            keys.orders_by_status(COMPLETED),
+            keys.customer_orders_by_status(owner, OPEN),
+            keys.customer_orders_by_status(owner, COMPLETED),
             keys.EVENTS,
             keys.customer(owner),
             keys.LEDGER,
@@ -161,14 +159,14 @@ async def cancel_order(
         [
             keys.order(order_id),
             keys.customer(owner_id),
-            keys.orders_by_status("open"),
-            keys.orders_by_status("cancelled"),
-            keys.customer_orders_by_status(owner_id, "open"),
-            keys.customer_orders_by_status(owner_id, "cancelled"),
+            keys.orders_by_status(OPEN),
+            keys.orders_by_status(CANCELLED),
+            keys.customer_orders_by_status(owner_id, OPEN),
+            keys.customer_orders_by_status(owner_id, CANCELLED),
             keys.EVENTS,
             keys.LEDGER,
         ]
-        + [keys.phone(line.phone_id) for line in parse_items(items_field)],
+        + [keys.phone(line.phone_id) for line in decode_items(items_field)],
         [
             owner_id,
             principal.customer_id or "",

@@ -10,6 +10,8 @@
 -- ARGV[3]  consumer never to delete (the caller itself)
 --
 -- Returns the number of consumers deleted.
+--
+-- pairs_to_map: the prelude (app/lua_prelude.py).
 
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return 0
@@ -20,10 +22,7 @@ if not ok then
 end
 local deleted = 0
 for _, flat in ipairs(consumers) do
-  local consumer = {}
-  for i = 1, #flat, 2 do
-    consumer[flat[i]] = flat[i + 1]
-  end
+  local consumer = pairs_to_map(flat)
   if consumer['name'] ~= ARGV[3] and tonumber(consumer['pending']) == 0
       and tonumber(consumer['idle']) >= tonumber(ARGV[2]) then
     redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], consumer['name'])

@@ -14,16 +14,14 @@
 -- Returns the new events entry id; false (nil) when the dead letter no longer
 -- exists (already requeued); an error reply, with nothing written, when the
 -- dead letter names another order than ARGV[2].
+--
+-- STATUS, pairs_to_map: the prelude (app/lua_prelude.py).
 
 local found = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
 if #found == 0 then
   return false
 end
-local flat = found[1][2]
-local letter = {}
-for i = 1, #flat, 2 do
-  letter[flat[i]] = flat[i + 1]
-end
+local letter = pairs_to_map(found[1][2])
 if letter['order_id'] ~= ARGV[2] then
   return redis.error_reply('ERR dead letter ' .. ARGV[1] .. ' is not for order ' .. ARGV[2])
 end
@@ -31,7 +29,7 @@ end
 -- XADD first: it is the only call that can fail (wrong key type), and then
 -- nothing has been written yet.
 local id = redis.call('XADD', KEYS[2], '*', 'type', 'mail.requeued', 'order_id', ARGV[2],
-  'customer_id', letter['customer_id'] or '', 'status', 'completed', 'request_id', ARGV[4],
+  'customer_id', letter['customer_id'] or '', 'status', STATUS.completed, 'request_id', ARGV[4],
   'at', ARGV[3], 'dead_id', ARGV[1])
 redis.call('DEL', KEYS[3])
 redis.call('XDEL', KEYS[1], ARGV[1])

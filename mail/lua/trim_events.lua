@@ -11,6 +11,8 @@
 --
 -- Returns {trimmed, minid}: the number of entries removed and the MINID used
 -- ({0, ""} when the stream or the group does not exist).
+--
+-- pairs_to_map: the prelude (app/lua_prelude.py).
 
 local function parse(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
@@ -33,10 +35,7 @@ end
 local floor = ARGV[2]
 local found = false
 for _, flat in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  local group = {}
-  for i = 1, #flat, 2 do
-    group[flat[i]] = flat[i + 1]
-  end
+  local group = pairs_to_map(flat)
   if group['name'] == ARGV[1] then
     found = true
   end

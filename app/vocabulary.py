@@ -1,0 +1,160 @@
+"""The words the parts of PhoneShop share: order statuses and their events,
+the order items field, stream entry ids and request ids.
+
+Python reads them from here. The Lua scripts read the statuses, the events and
+the items codec from the prelude app/scripts.py puts before every script
+(``lua_definitions`` below), so no script spells a status itself.
+
+Adding a status: add it to STATUSES, write the script that moves orders into
+it (its ledger fields are ``orders_<status>``, and ``<status>_cents`` and
+``<status>_units`` when it keeps the money), and add its route. The audit,
+the ``status`` filter, /openapi.json and the WebSocket's event types follow
+from this table.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from app.ids import is_valid_id
+
+# ---- order statuses -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    name: str
+    # The type of the events-stream entry appended when an order enters it.
+    event: str
+    # The order keeps the customer's money and the phones' units, so the
+    # ledger counts them in <name>_cents and <name>_units; otherwise they went back.
+    keeps_money: bool
+    # No order ever leaves it, so its ledger counts only grow.
+    final: bool
+
+
+OPEN = "open"
+COMPLETED = "completed"
+CANCELLED = "cancelled"
+
+STATUSES: dict[str, Status] = {
+    status.name: status
+    for status in (
+        Status(OPEN, event="order.placed", keeps_money=True, final=False),
+        Status(COMPLETED, event="order.completed", keeps_money=True, final=True),
+        Status(CANCELLED, event="order.cancelled", keeps_money=False, final=True),
+    )
+}
+ORDER_STATUSES = tuple(STATUSES)
+MONEY_KEEPING_STATUSES = tuple(name for name, s in STATUSES.items() if s.keeps_money)
+FINAL_STATUSES = tuple(name for name, s in STATUSES.items() if s.final)
+ORDER_EVENT_TYPES = frozenset(status.event for status in STATUSES.values())
+
+
+# ---- the order items field --------------------------------------------------------------
+# An order hash's ``items``: "phone_id:quantity:unit_price_cents;..." in the
+# order of the request's lines, written by place_order.lua and never changed.
+
+ITEM_FIELD_SEPARATOR = ":"
+ITEM_LINE_SEPARATOR = ";"
+
+
+class ItemLine(NamedTuple):
+    phone_id: str
+    quantity: int
+    unit_price_cents: int
+
+
+def encode_items(lines: Iterable[tuple[str, int, int]]) -> str:
+    return ITEM_LINE_SEPARATOR.join(
+        f"{phone_id}{ITEM_FIELD_SEPARATOR}{quantity}{ITEM_FIELD_SEPARATOR}{unit_price}"
+        for phone_id, quantity, unit_price in lines
+    )
+
+
+def decode_items(text: str) -> list[ItemLine]:
+    """The lines of an items field; ValueError when it is not one (its phone
+    ids name Redis keys, so they are checked like any id)."""
+    if not text:
+        return []
+    lines = []
+    for entry in text.split(ITEM_LINE_SEPARATOR):
+        phone_id, quantity, unit_price = entry.split(ITEM_FIELD_SEPARATOR)
+        if not (is_valid_id(phone_id) and quantity.isdigit() and unit_price.isdigit()):
+            raise ValueError(f"not an order line: {entry!r}")
+        lines.append(ItemLine(phone_id, int(quantity), int(unit_price)))
+    return lines
+
+
+# ---- stream entry ids -------------------------------------------------------------------
+# "<ms>-<seq>", two unsigned 64-bit integers. Redis answers a bigger one with an
+# error, so a caller's id is checked before it reaches a command.
+
+STREAM_ID_PATTERN = r"^[0-9]{1,20}-[0-9]{1,20}$"
+_STREAM_ID = re.compile(STREAM_ID_PATTERN)
+_U64 = 2**64 - 1
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class StreamId:
+    """Ids only grow, so "after" is the tuple comparison of the two integers."""
+
+    ms: int
+    seq: int
+
+    def __str__(self) -> str:
+        return f"{self.ms}-{self.seq}"
+
+    @classmethod
+    def parse(cls, text: str | bytes) -> StreamId | None:
+        """``<ms>-<seq>`` with both parts within 64 bits, else None."""
+        if isinstance(text, bytes):
+            text = text.decode("ascii", "replace")
+        if _STREAM_ID.fullmatch(text) is None:
+            return None
+        ms, seq = (int(part) for part in text.split("-"))
+        if ms > _U64 or seq > _U64:
+            return None
+        return cls(ms, seq)
+
+
+# ---- request ids ------------------------------------------------------------------------
+# A client's X-Request-ID is kept when it matches (nginx's map in
+# nginx/nginx.conf.template uses the same pattern), and the order scripts carry
+# it into the events, where the mail worker logs it again.
+
+REQUEST_ID_PATTERN = r"[A-Za-z0-9._-]{1,128}"
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+
+
+def is_request_id(value: str) -> bool:
+    return _REQUEST_ID.fullmatch(value) is not None
+
+
+# ---- the same words for the Lua scripts -------------------------------------------------
+
+
+def _lua_table(mapping: dict[str, str]) -> str:
+    return "{" + ", ".join(f"{key} = '{value}'" for key, value in mapping.items()) + "}"
+
+
+def lua_definitions() -> list[str]:
+    """Lua statements (one per item, no comments) defining:
+    STATUS.<name> and ORDER_EVENT.<status name>, which raise on an unknown name;
+    encode_item(phone_id, quantity, unit_price) and encode_items(list of those);
+    decode_items(items): an iterator of phone_id, quantity, unit_price (strings)."""
+    field, line = ITEM_FIELD_SEPARATOR, ITEM_LINE_SEPARATOR
+    strict = "{__index = function(_, name) error('unknown name ' .. tostring(name)) end}"
+    return [
+        f"local STATUS = setmetatable({_lua_table({name: name for name in STATUSES})}, {strict})",
+        "local ORDER_EVENT = setmetatable("
+        f"{_lua_table({name: s.event for name, s in STATUSES.items()})}, {strict})",
+        "local function encode_item(phone_id, quantity, unit_price)"
+        f" return phone_id .. '{field}' .. quantity .. '{field}' .. unit_price end",
+        f"local function encode_items(lines) return table.concat(lines, '{line}') end",
+        "local function decode_items(items)"
+        f" return string.gmatch(items, '([^{field}{line}]+){field}(%d+){field}(%d+)') end",
+    ]

@@ -1,0 +1,100 @@
+"""The prelude every Lua script is sent with (app/lua_prelude.py): the helpers
+are defined there once, every script compiles and runs with it, a ``#!lua``
+shebang line stays first, and Redis's error line numbers stay the file's."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from app import keys
+from app.lua_prelude import PRELUDE, with_prelude
+from app.redis_gateway import gateway_over
+from app.scripts import Scripts, load_source
+from mail import scripts as mail_scripts
+from tests.conftest import Shop
+
+ROOT = Path(__file__).resolve().parent.parent
+LUA_FILES = sorted([*(ROOT / "app" / "lua").glob("*.lua"), *(ROOT / "mail" / "lua").glob("*.lua")])
+FILE_TEXT = {path: path.read_text() for path in LUA_FILES}
+
+
+def _as_sent(path: Path) -> str:
+    if path.parent.parent.name == "mail":
+        return mail_scripts.source(path.stem)
+    return load_source(path.stem)
+
+
+def test_the_helpers_are_defined_once_in_the_prelude() -> None:
+    assert "\n" not in PRELUDE and "--" not in PRELUDE
+    copies = []
+    for text in FILE_TEXT.values():
+        # The flat-reply-to-table loop, or a helper of the prelude defined again.
+        if re.search(r"\[\s*\w+\[i\]\s*\]\s*=\s*\w+\[i \+ 1\]", text) or re.search(
+            r"function (pairs_to_map|hgetall_map|encode_items?|decode_items)\b", text
+        ):
+            copies.append(text.splitlines()[0])
+    assert not copies
+
+
+@pytest.mark.parametrize("path", LUA_FILES, ids=lambda path: path.name)
+async def test_every_script_is_sent_with_the_prelude_and_keeps_its_line_numbers(
+    redis: Redis, path: Path
+) -> None:
+    text, sent = FILE_TEXT[path], _as_sent(path)
+    assert sent == f"{PRELUDE} {text}"
+    assert sent.splitlines()[1:] == text.splitlines()[1:]
+    # It compiles: SCRIPT LOAD refuses a syntax error or an unknown global.
+    await redis.script_load(sent)
+
+
+async def test_the_scripts_that_use_hgetall_map_answer_the_whole_hash(
+    shop: Shop, redis: Redis
+) -> None:
+    """create_phone, update_phone and restock answer the phone's hash; check_order
+    and cancel_order the order's, whether they changed it or not."""
+    scripts = Scripts(gateway_over(redis))
+
+    async def stored(key: str) -> dict[str, str]:
+        return {f.decode(): v.decode() for f, v in (await redis.hgetall(key)).items()}
+
+    phone = await shop.phone(price_cents=250, stock=4)
+    phone_key = keys.phone(phone["id"])
+    updated = await scripts.run("update_phone", [phone_key], ["name", "Fairphone"])
+    assert updated.payload == await stored(phone_key)
+    assert updated.payload["name"] == "Fairphone"
+    restocked = await scripts.run("restock", [phone_key, keys.LEDGER], [3, 10**12])
+    assert restocked.payload == await stored(phone_key)
+    assert restocked.payload["stock"] == "7"
+
+    _, auth = await shop.customer()
+    for action in ("check", "cancel"):
+        response = await shop.order(auth, [(phone["id"], 1)], autocheck=False)
+        order = (await response.json())["order"]
+        for _ in range(2):  # changed now, then answered as it is
+            answer = await shop.client.post(f"/orders/{order['id']}/{action}", headers=auth)
+            assert answer.status == 200
+            body = (await answer.json())["order"]
+            row = await stored(keys.order(order["id"]))
+            assert (body["id"], body["status"], body["total_cents"]) == (
+                row["id"],
+                row["status"],
+                int(row["total_cents"]),
+            )
+
+
+async def test_a_shebang_line_stays_first_and_error_lines_are_the_files(redis: Redis) -> None:
+    read_only = with_prelude("#!lua flags=no-writes\nlocal n = 1\nreturn STATUS.open")
+    assert read_only.startswith("#!lua flags=no-writes\n" + PRELUDE)
+    assert await redis.eval(read_only, 0) == b"open"
+    # Redis read the flags: the script may not write.
+    writes = with_prelude("#!lua flags=no-writes\nreturn redis.call('SET', KEYS[1], 'x')")
+    with pytest.raises(ResponseError, match="Write commands are not allowed"):
+        await redis.eval(writes, 1, "prelude:test")
+    for source in ("-- a comment\nlocal n = 1\nerror('boom')", "#!lua\nlocal n = 1\nerror('boom')"):
+        with pytest.raises(ResponseError, match=r"user_script:3: boom"):
+            await redis.eval(with_prelude(source), 0)
