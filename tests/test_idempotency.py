@@ -5,9 +5,16 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+import pytest
 from redis.asyncio import Redis
 
-from tests.conftest import Shop
+from tests.conftest import Shop, without_shedding
+
+
+@pytest.fixture
+def app_env(app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Bursts here test one key under concurrency, not overload: nothing of them is shed."""
+    return without_shedding(app_env, monkeypatch)
 
 
 async def test_concurrent_requests_with_one_key_make_one_order(shop: Shop, redis: Redis) -> None:
