@@ -13,6 +13,7 @@ Environment (defaults in brackets, all documented in .env.example):
     LIMIT_ADDRESS_RATE, LIMIT_ADDRESS_BURST [twice the read ones]   per address, any token
     LIMIT_CONN [200]          open connections per client address
     UPSTREAM_MAX_FAILS [3], UPSTREAM_FAIL_TIMEOUT [5s]  passive health checks
+    AUDIT_READ_TIMEOUT [300s]  how long nginx waits for GET /admin/audit's answer
     NGINX_WORKER_PROCESSES [auto]
 
 Every error nginx itself produces gets an RFC 9457 problem+json body with the
@@ -106,6 +107,12 @@ class NginxConfig:
     # x 1 worker: 256 -> refusals p99 4.5 s, goodput 42% of capacity; 32 ->
     # refusals p99 38 ms, goodput 96% (docs in /work/notes, overflow-control).
     max_conns: int = 32
+    # GET /admin/audit answers only once it has recounted every row: 10 s at
+    # 1M orders on a quiet box, 68.5 s on a loaded one under 2,000 orders/s
+    # (/work/notes/review-b.md). The 30 s of every other location would cut
+    # it off and retry it on the other instance (a second audit); its own
+    # location waits this long and never retries.
+    audit_read_timeout: str = "300s"
     worker_processes: str = "auto"
     var_dir: str = "var/nginx"  # pid and temp files
     access_log: str = "var/log/nginx-access.log"
@@ -149,6 +156,7 @@ class NginxConfig:
             max_fails=_int(env, "UPSTREAM_MAX_FAILS", 3, 0, 1000),
             fail_timeout=_duration(env, "UPSTREAM_FAIL_TIMEOUT", "5s"),
             max_conns=_int(env, "UPSTREAM_MAX_CONNS", 32, 0, 1_000_000),
+            audit_read_timeout=_duration(env, "AUDIT_READ_TIMEOUT", "300s"),
             worker_processes=workers,
         )
         return dataclasses.replace(config, **overrides)
@@ -339,9 +347,15 @@ def _limits(config: NginxConfig) -> list[str]:
 
 
 def _location(
-    match: str, config: NginxConfig, *, limited: bool = True, websocket: bool = False
+    match: str,
+    config: NginxConfig,
+    *,
+    limited: bool = True,
+    websocket: bool = False,
+    extra: Sequence[str] = (),
 ) -> str:
     body = _limits(config) if limited else []
+    body += extra
     if websocket:
         # A WebSocket stays open for as long as the client listens.
         body += ["proxy_read_timeout 1h;", "proxy_send_timeout 1h;"]
@@ -350,6 +364,25 @@ def _location(
     body.append(f"proxy_pass http://{'app_ws' if websocket else 'app'};")
     inner = "\n".join(f"            {line}" for line in body)
     return f"        location {match} {{\n{inner}\n        }}"
+
+
+def _audit_location(config: NginxConfig) -> str:
+    """GET /admin/audit: as long as a whole recount takes, and never twice.
+
+    The audit sends nothing until it has read every row, so the read timeout
+    bounds the whole audit. Retrying it on another instance (after a time-out
+    or an error mid-answer) would only start a second full recount. Limits,
+    headers and request id are the same as every other location's (the app
+    checks the admin token).
+    """
+    return _location(
+        "= /admin/audit",
+        config,
+        extra=[
+            f"proxy_read_timeout {config.audit_read_timeout};",
+            "proxy_next_upstream off;",
+        ],
+    )
 
 
 def _server(name: str, port: int, config: NginxConfig, locations: list[str]) -> str:
@@ -391,6 +424,7 @@ def _servers(config: NginxConfig) -> str:
                 config,
                 [
                     _location("= /orders/events", config, websocket=True),
+                    _audit_location(config),
                     _location("/", config),
                 ],
             )
