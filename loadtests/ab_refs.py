@@ -14,7 +14,7 @@ process of its own, started with the checkout first on ``sys.path``; both are
 pinned to the stack CPUs and wrk to the load CPUs (loadtests/rig.py). Rounds
 alternate A first, then B first, so drift on the shared box hits both alike;
 the report is the median per side and B/A, of the rates and of the app
-workers' CPU time per request (steadier than the rates on a shared box). Bounded: 2 x rounds x 2 wrk runs
+workers' CPU time per answer served (steadier than the rates on a shared box). Bounded: 2 x rounds x 2 wrk runs
 of ``seconds`` each, 127.0.0.1 only.
 """
 
@@ -132,7 +132,10 @@ def measure(url: str, pid: int, data: Path, seconds: int, cpus: Any) -> dict[str
         )
         used = app_cpu_seconds(pid) - before
         row[name] = result["ok_rps"] if name == "orders" else result["rps"]
-        row[f"{name}_app_cpu_us"] = used * 1e6 / max(result["requests"], 1)
+        # Per answer served (2xx): refusals by nginx cost the app nothing, and
+        # what the app spends refusing is part of what each served answer costs.
+        served = sum(n for status, n in result["statuses"].items() if 200 <= status < 300)
+        row[f"{name}_app_cpu_us"] = used * 1e6 / max(served, 1)
     return row
 
 
