@@ -7,27 +7,48 @@ put it before each), so no script copies a helper or spells a shared word:
   entry's fields, XINFO) as a table of field -> value;
 - hgetall_map(key): the hash at key as such a table ({} when it is missing).
 
-It is one line, put on the script's first line (after a ``#!lua`` shebang
-line, which Redis wants first), so the line numbers in Redis's errors are the
-file's. Defining its locals costs each run a few table and closure allocations.
+A script gets only the definitions it names (and those they use): each costs
+every run of the script a table or a closure, about 0.1 µs. They go on one
+line, the script's first (after a ``#!lua`` shebang line, which Redis wants
+first), so the line numbers in Redis's errors are the file's.
 """
 
 from __future__ import annotations
 
+import re
+
 from app.vocabulary import lua_definitions
 
-_HELPERS = [
-    "local function pairs_to_map(flat) local map = {}"
+# Name -> the statement defining it; a definition comes before those that use it.
+DEFINITIONS: dict[str, str] = {
+    **lua_definitions(),
+    "pairs_to_map": "local function pairs_to_map(flat) local map = {}"
     " for i = 1, #flat, 2 do map[flat[i]] = flat[i + 1] end return map end",
-    "local function hgetall_map(key) return pairs_to_map(redis.call('HGETALL', key)) end",
-]
-# No statement may hold a comment or a newline: the prelude stays one line.
-PRELUDE = "; ".join([*lua_definitions(), *_HELPERS]) + ";"
+    "hgetall_map": "local function hgetall_map(key)"
+    " return pairs_to_map(redis.call('HGETALL', key)) end",
+}
+
+
+def _names_in(text: str) -> set[str]:
+    return {name for name in DEFINITIONS if re.search(rf"\b{name}\b", text)}
+
+
+def prelude_for(source: str) -> str:
+    """The definitions the source names, with what they use, in one line ("" for none)."""
+    wanted, todo = set(), _names_in(source)
+    while todo:
+        name = todo.pop()
+        wanted.add(name)
+        todo |= _names_in(DEFINITIONS[name]) - wanted - {name}
+    return " ".join(f"{statement};" for name, statement in DEFINITIONS.items() if name in wanted)
 
 
 def with_prelude(source: str) -> str:
+    prelude = prelude_for(source)
+    if not prelude:
+        return source
     shebang = ""
     if source.startswith("#!"):
         first_line, _, source = source.partition("\n")
         shebang = first_line + "\n"
-    return f"{shebang}{PRELUDE} {source}"
+    return f"{shebang}{prelude} {source}"

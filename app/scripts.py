@@ -1,9 +1,9 @@
 """The Lua scripts, read once from ``lua/*.lua`` and run through the Redis
 gateway (app/redis_gateway.py), which times them and reloads after NOSCRIPT.
 
-Each is sent with app/lua_prelude.py's prelude before it (the words of
-app/vocabulary.py and the helpers every script shares), and its SHA1 is taken
-over the two.
+Each is sent with the part of app/lua_prelude.py's prelude it uses before it
+(the words of app/vocabulary.py, the helpers the scripts share), and its SHA1
+is taken over the two.
 
 Every script answers ``{http_status, payload_json, ...}``; ``run`` turns an
 error status into the matching ``ProblemError`` so handlers never see raw

@@ -141,20 +141,24 @@ def _lua_table(mapping: dict[str, str]) -> str:
     return "{" + ", ".join(f"{key} = '{value}'" for key, value in mapping.items()) + "}"
 
 
-def lua_definitions() -> list[str]:
-    """Lua statements (one per item, no comments) defining:
+def lua_definitions() -> dict[str, str]:
+    """Lua statements (no comments, no newlines) by the name each defines:
     STATUS.<name> and ORDER_EVENT.<status name>, which raise on an unknown name;
     encode_item(phone_id, quantity, unit_price) and encode_items(list of those);
     decode_items(items): an iterator of phone_id, quantity, unit_price (strings)."""
     field, line = ITEM_FIELD_SEPARATOR, ITEM_LINE_SEPARATOR
-    strict = "{__index = function(_, name) error('unknown name ' .. tostring(name)) end}"
-    return [
-        f"local STATUS = setmetatable({_lua_table({name: name for name in STATUSES})}, {strict})",
-        "local ORDER_EVENT = setmetatable("
+    strict = "strict_names"
+    return {
+        strict: f"local {strict} = {{__index = function(_, name)"
+        " error('unknown name ' .. tostring(name)) end}",
+        "STATUS": "local STATUS = setmetatable("
+        f"{_lua_table({name: name for name in STATUSES})}, {strict})",
+        "ORDER_EVENT": "local ORDER_EVENT = setmetatable("
         f"{_lua_table({name: s.event for name, s in STATUSES.items()})}, {strict})",
-        "local function encode_item(phone_id, quantity, unit_price)"
+        "encode_item": "local function encode_item(phone_id, quantity, unit_price)"
         f" return phone_id .. '{field}' .. quantity .. '{field}' .. unit_price end",
-        f"local function encode_items(lines) return table.concat(lines, '{line}') end",
-        "local function decode_items(items)"
+        "encode_items": "local function encode_items(lines)"
+        f" return table.concat(lines, '{line}') end",
+        "decode_items": "local function decode_items(items)"
         f" return string.gmatch(items, '([^{field}{line}]+){field}(%d+){field}(%d+)') end",
-    ]
+    }

@@ -1,6 +1,7 @@
-"""The prelude every Lua script is sent with (app/lua_prelude.py): the helpers
-are defined there once, every script compiles and runs with it, a ``#!lua``
-shebang line stays first, and Redis's error line numbers stay the file's."""
+"""The prelude the Lua scripts are sent with (app/lua_prelude.py): the helpers
+are defined there once, every script compiles and runs with the part it
+uses, a ``#!lua`` shebang line stays first, and Redis's error line numbers
+stay the file's."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from app import keys
-from app.lua_prelude import PRELUDE, with_prelude
+from app.lua_prelude import DEFINITIONS, prelude_for, with_prelude
 from app.redis_gateway import gateway_over
 from app.scripts import Scripts, load_source
 from mail import scripts as mail_scripts
@@ -30,7 +31,8 @@ def _as_sent(path: Path) -> str:
 
 
 def test_the_helpers_are_defined_once_in_the_prelude() -> None:
-    assert "\n" not in PRELUDE and "--" not in PRELUDE
+    for statement in DEFINITIONS.values():
+        assert "\n" not in statement and "--" not in statement
     copies = []
     for text in FILE_TEXT.values():
         # The flat-reply-to-table loop, or a helper of the prelude defined again.
@@ -46,7 +48,7 @@ async def test_every_script_is_sent_with_the_prelude_and_keeps_its_line_numbers(
     redis: Redis, path: Path
 ) -> None:
     text, sent = FILE_TEXT[path], _as_sent(path)
-    assert sent == f"{PRELUDE} {text}"
+    assert sent == (f"{prelude_for(text)} {text}" if prelude_for(text) else text)
     assert sent.splitlines()[1:] == text.splitlines()[1:]
     # It compiles: SCRIPT LOAD refuses a syntax error or an unknown global.
     await redis.script_load(sent)
@@ -89,12 +91,26 @@ async def test_the_scripts_that_use_hgetall_map_answer_the_whole_hash(
 
 async def test_a_shebang_line_stays_first_and_error_lines_are_the_files(redis: Redis) -> None:
     read_only = with_prelude("#!lua flags=no-writes\nlocal n = 1\nreturn STATUS.open")
-    assert read_only.startswith("#!lua flags=no-writes\n" + PRELUDE)
+    assert read_only.startswith("#!lua flags=no-writes\nlocal strict_names = ")
     assert await redis.eval(read_only, 0) == b"open"
     # Redis read the flags: the script may not write.
     writes = with_prelude("#!lua flags=no-writes\nreturn redis.call('SET', KEYS[1], 'x')")
     with pytest.raises(ResponseError, match="Write commands are not allowed"):
         await redis.eval(writes, 1, "prelude:test")
-    for source in ("-- a comment\nlocal n = 1\nerror('boom')", "#!lua\nlocal n = 1\nerror('boom')"):
+    for source in (
+        "-- a comment\nlocal map = pairs_to_map({})\nerror('boom')",
+        "#!lua\nlocal map = hgetall_map('prelude:none')\nerror('boom')",
+    ):
+        assert with_prelude(source) != source
         with pytest.raises(ResponseError, match=r"user_script:3: boom"):
             await redis.eval(with_prelude(source), 0)
+
+
+def test_a_script_gets_the_definitions_it_names_and_what_they_use() -> None:
+    assert prelude_for("return 1") == ""
+    assert with_prelude("return 1") == "return 1"
+    hashes = prelude_for("return hgetall_map(KEYS[1])")
+    assert hashes.startswith("local function pairs_to_map(") and "hgetall_map" in hashes
+    assert "STATUS" not in hashes
+    statuses = prelude_for("return ORDER_EVENT.open")
+    assert statuses.startswith("local strict_names = ") and "local STATUS" not in statuses
