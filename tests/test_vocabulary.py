@@ -24,10 +24,12 @@ from app.vocabulary import (
     OPEN,
     ORDER_EVENT_TYPES,
     ORDER_STATUSES,
+    REQUEST_ID_PATTERN,
     STATUSES,
     ItemLine,
     decode_items,
     encode_items,
+    is_request_id,
 )
 from tests.conftest import Shop
 
@@ -185,3 +187,13 @@ def test_no_module_but_the_vocabulary_spells_a_status_or_the_items_layout() -> N
                 if _LUA_SPELLED.search(text.split("--", 1)[0]):
                     spelled.append(f"{path.relative_to(ROOT)}:{line}: {text.strip()}")
     assert not spelled, "\n".join(spelled)
+
+
+def test_nginx_keeps_the_request_ids_the_app_keeps() -> None:
+    """nginx passes a client's X-Request-ID on when it matches, and the app
+    trusts it from nginx when it matches: the same pattern, or one side logs
+    an id the other replaced."""
+    template = (ROOT / "nginx" / "nginx.conf.template").read_text()
+    assert f'"~^{REQUEST_ID_PATTERN}$"    $http_x_request_id;' in template
+    assert is_request_id("a" * 128) and not is_request_id("a" * 129)
+    assert not is_request_id("two words") and not is_request_id("")
