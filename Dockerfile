@@ -15,8 +15,8 @@ RUN useradd --system --uid 10001 --user-group --no-create-home \
 
 # The locked runtime dependencies first (exact versions, hashes checked), so
 # this layer is rebuilt only when the lock changes, not with every code change.
-COPY requirements/base.txt requirements/base.txt
-RUN pip install --require-hashes --no-deps -r requirements/base.txt
+COPY app/ops/requirements/base.txt app/ops/requirements/base.txt
+RUN pip install --require-hashes --no-deps -r app/ops/requirements/base.txt
 
 # Only what the image runs: the app and the mail worker (no tests, load tests,
 # nginx or ops tooling; .dockerignore keeps those out of the context too). They

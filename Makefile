@@ -61,7 +61,7 @@ help:
 	@echo "make secrets   the secret files docker compose needs (secrets/, random, kept once made)"
 	@echo "make redis-cluster   a local Redis Cluster (3 primaries + 3 replicas) in the foreground"
 	@echo "make cluster-status  every node of that cluster with its role"
-	@echo "make lock      recompile requirements/*.txt from pyproject.toml (needs the package index)"
+	@echo "make lock      recompile app/ops/requirements/*.txt from pyproject.toml (needs the package index)"
 	@echo "make setup     only install what make run needs (apt packages, .venv)"
 	@echo "make test-setup, make load-setup   only install what make test, or the load targets, need"
 	@echo "make venv      only make .venv (again, when a previous one is half-made)"
@@ -100,11 +100,11 @@ venv:
 	  $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); echo "$(PYTHON) -m venv $(VENV) failed (above); nothing left behind" >&2; exit 1; }; \
 	fi
 
-# $(VENV)/.synced-NAME: requirements/NAME.txt installed exactly (hashes checked)
+# $(VENV)/.synced-NAME: app/ops/requirements/NAME.txt installed exactly (hashes checked)
 # with the project itself (editable, no dependencies of its own). Redone when
-# the lock changes; `python3 -m ops.lock check` first fails on a stale lock.
-$(VENV)/.synced-%: requirements/%.txt requirements/all.txt pyproject.toml | venv
-	@$(PYTHON) -m ops.lock check
+# the lock changes; `python3 -m app.ops.lock check` first fails on a stale lock.
+$(VENV)/.synced-%: app/ops/requirements/%.txt app/ops/requirements/all.txt pyproject.toml | venv
+	@$(PYTHON) -m app.ops.lock check
 	$(PY) -m pip install --quiet --require-hashes --no-deps -r $<
 	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $@
@@ -118,11 +118,11 @@ load-packages: run-packages
 
 # What each target needs; every one also checks that the locks are fresh.
 setup: run-packages venv $(VENV)/.synced-run
-	@$(PYTHON) -m ops.lock check
+	@$(PYTHON) -m app.ops.lock check
 test-setup: test-packages venv $(VENV)/.synced-test
-	@$(PYTHON) -m ops.lock check
+	@$(PYTHON) -m app.ops.lock check
 load-setup: load-packages venv $(VENV)/.synced-load
-	@$(PYTHON) -m ops.lock check
+	@$(PYTHON) -m app.ops.lock check
 .PHONY: test-setup load-setup
 
 test: test-setup
@@ -132,11 +132,11 @@ lint: test-setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# make lock: pip-compile every requirements/*.txt afresh from pyproject.toml's
-# ranges (ops/lock.py says which groups each holds). Commit the result.
+# make lock: pip-compile every app/ops/requirements/*.txt afresh from pyproject.toml's
+# ranges (app/ops/lock.py says which groups each holds). Commit the result.
 lock: venv
 	$(PY) -m pip install --quiet pip-tools
-	$(PY) -m ops.lock compile
+	$(PY) -m app.ops.lock compile
 
 # make secrets: the compose stack's secret files (docker-compose.yml), random
 # and URL-safe, each written only when missing. The folder is private to you;
@@ -154,7 +154,7 @@ $(COMPOSE_SECRETS):
 #     .env has one, and prints it (only then);
 #  2. loads .env (as honcho does: .env wins over the environment), derives
 #     REDIS_URL from REDIS_PORT when unset, stops if a port the stack needs
-#     is taken (ops/ports.py says which, by whom and the variable that moves
+#     is taken (app/ops/ports.py says which, by whom and the variable that moves
 #     it), prints every URL and where logs and data go;
 #  3. execs honcho on the Procfile, with MAIL_WORKERS (default 2) mail worker
 #     processes sharing the mailer group (each its own {host}-{pid} name and the
@@ -175,7 +175,7 @@ run: setup
 	export BEHIND_PROXY="$${BEHIND_PROXY:-1}"; \
 	export WEB_ACCESS_LOG="$${WEB_ACCESS_LOG:-var/log/web-access.log}"; \
 	export MAIL_METRICS_PORT="$${MAIL_METRICS_PORT:-9101}"; \
-	$(PY) -m ops.ports; \
+	$(PY) -m app.ops.ports; \
 	http="$${HTTP_PORT:-8080}"; phones="$${SEED_PHONES_PORT:-5555}"; orders="$${SEED_ORDERS_PORT:-7777}"; \
 	base="$${APP_BASE_PORT:-8001}"; count="$${WEB_INSTANCES:-2}"; instances=""; \
 	for ((i = 0; i < count; i++)); do instances="$$instances http://127.0.0.1:$$((base + i))/"; done; \
@@ -210,11 +210,11 @@ run: setup
 	echo; \
 	exec $(VENV)/bin/honcho start -f Procfile -c "mail=$$mail_workers" $$procs
 
-# make status: ops/status.py reads .env and make run's defaults as above, checks
+# make status: app/ops/status.py reads .env and make run's defaults as above, checks
 # redis, every instance, nginx, the mail worker, its backlog and dead letters,
 # the SMTP server, and exits 1 when one of them is down.
 status: setup
-	@$(PY) -m ops.status
+	@$(PY) -m app.ops.status
 
 # make loadtest: a bounded headless Locust run against a fresh stack, then the
 # verifier (loadtests/__main__.py). make bench: the measurements, written to
@@ -241,7 +241,7 @@ soak: load-setup
 # does not use it yet (docs/data-tier.md). make cluster-status: every node with its role.
 .PHONY: redis-cluster cluster-status
 redis-cluster: setup
-	$(PY) -m ops.redis_cluster run
+	$(PY) -m app.ops.redis_cluster run
 
 cluster-status: setup
-	@$(PY) -m ops.redis_cluster status
+	@$(PY) -m app.ops.redis_cluster status

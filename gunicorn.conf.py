@@ -1,6 +1,6 @@
 """gunicorn settings for one PhoneShop instance; every value comes from the environment.
 
-Used unchanged by `make run` (nginx/instances.py starts WEB_INSTANCES of these),
+Used unchanged by `make run` (app/ops/instances.py starts WEB_INSTANCES of these),
 by the test stack (tests/stack.py) and by the Docker image's CMD:
 
     gunicorn --config gunicorn.conf.py
@@ -29,7 +29,7 @@ def _int(name: str, default: int, low: int = 1, high: int = 100_000) -> int:
 # The app: a zero-argument async factory returning the aiohttp Application.
 wsgi_app = "app.main:create_app"
 
-# WEB_BIND: where this instance listens. nginx/instances.py sets it per
+# WEB_BIND: where this instance listens. app/ops/instances.py sets it per
 # instance (127.0.0.1:8001, :8002, ...); the image sets 0.0.0.0:8000.
 bind = [os.environ.get("WEB_BIND", "").strip() or "127.0.0.1:8000"]
 

@@ -1,7 +1,7 @@
 """How far behind the confirmation mails are, read from Redis alone.
 
 The mail worker exports it as metrics (mail/worker.py) and ``make status``
-prints it (ops/status.py), so it lives on the app side, which both may import.
+prints it (app/ops/status.py), so it lives on the app side, which both may import.
 
 - ``pending``: entries delivered to the ``mailer`` group and not acknowledged
   (being sent, or waiting in ``mail:retry``);

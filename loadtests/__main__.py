@@ -31,9 +31,9 @@ import sys
 import time
 from pathlib import Path
 
+from app.ops.instances import ROOT
 from loadtests import rig, verify
 from loadtests.stack import LoadStack, launch
-from nginx.instances import ROOT
 
 REPORTS = ROOT / "loadtests" / "reports"
 LOCUST_CONF = ROOT / "locust.conf"

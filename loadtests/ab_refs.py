@@ -34,10 +34,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from app.ops.instances import ROOT
 from loadtests import rig
 from loadtests.bench import BENCH_LIMITS
 from loadtests.bench_drivers import wrk
-from nginx.instances import ROOT
 
 # Run inside a side's checkout: start its stack, provision it, say where it is,
 # then hold it until stdin closes.

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from app import keys
+from app.ops.instances import ROOT
 from loadtests import bench_mail_lag, rig
 from loadtests.bench_data import (
     bulk_load,
@@ -65,7 +66,6 @@ from loadtests.bench_drivers import ceiling_b, orders_wrk, profile_orders, write
 from loadtests.bench_plot import plot
 from loadtests.bench_report import render
 from loadtests.stack import LoadStack, launch
-from nginx.instances import ROOT
 
 REPORTS = ROOT / "loadtests" / "reports"
 

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from app import keys
+from app.ops.instances import ROOT
 from app.scripts import load_source
 from app.vocabulary import COMPLETED
 from loadtests.rig import pinned_to
 from loadtests.stack import LoadStack
-from nginx.instances import ROOT
 
 WRK_DIR = ROOT / "loadtests" / "wrk"
 

@@ -46,11 +46,11 @@ from redis.asyncio import Redis
 
 from app import keys
 from app.mail_backlog import ORDER_COMPLETED, entry_ms, read_mail_backlog
+from app.ops.instances import ROOT
 from loadtests import rig
 from loadtests.bench_data import provision
 from loadtests.bench_drivers import orders_wrk, write_wrk_data
 from loadtests.stack import LoadStack, launch
-from nginx.instances import ROOT
 from tests.servers import clean_env, free_port, stop_process, wait_for_port
 
 TITLE = "Mail keeps pace with orders (issue 16)"

@@ -45,9 +45,9 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 
 from app import keys
+from app.ops.redis_cluster import LocalCluster, Topology, client, free_ports, poll
 from app.scripts import load_source
 from app.vocabulary import COMPLETED, encode_items
-from ops.redis_cluster import LocalCluster, Topology, client, free_ports, poll
 
 MS_2026 = 1_764_600_000_000
 

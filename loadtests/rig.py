@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nginx.instances import ROOT
+from app.ops.instances import ROOT
 
 # A level whose generator offered less than this share of the plan is invalid.
 VALID_SHARE = 0.95

@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nginx.instances import ROOT, die_with_parent
+from app.ops.instances import ROOT, die_with_parent
 from tests.servers import clean_env, free_port, stop_process, wait_for_port
 from tests.stack import FullStack, start_full_stack
 

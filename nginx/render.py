@@ -7,7 +7,7 @@ Environment (defaults in brackets, all documented in .env.example):
     HTTP_PORT [8080]          the whole API; 0 turns it off
     SEED_PHONES_PORT [5555]   the seed's phones service: /phones, /phones/... ; 0 = off
     SEED_ORDERS_PORT [7777]   the seed's orders service: /orders..., /phones/check/{id}; 0 = off
-    WEB_INSTANCES [2], APP_BASE_PORT [8001]   the upstream instances (see nginx/instances.py)
+    WEB_INSTANCES [2], APP_BASE_PORT [8001]   the upstream instances (see app/ops/instances.py)
     LIMIT_WRITE_RATE [20r/s], LIMIT_WRITE_BURST [40]    POST/PATCH/PUT/DELETE, per token or address
     LIMIT_READ_RATE [200r/s], LIMIT_READ_BURST [400]    everything else
     LIMIT_ADDRESS_RATE, LIMIT_ADDRESS_BURST [twice the read ones]   per address, any token
@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nginx.instances import instance_ports
+from app.ops.instances import instance_ports
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -1,5 +1,5 @@
 """A real local Redis Cluster for the tests: 3 primaries + 3 replicas on free ports in a
-temp folder, started and stopped with ``ops.redis_cluster`` (what ``make run`` will use)."""
+temp folder, started and stopped with ``app.ops.redis_cluster`` (what ``make run`` will use)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ops.redis_cluster import LocalCluster
+from app.ops.redis_cluster import LocalCluster
 
 # The fault tests wait out failure detection: shorter than make run's 2000 ms, still
 # well clear of a busy shared box's pauses.

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import pytest
 
-from nginx.instances import ROOT, die_with_parent, gunicorn_argv
+from app.ops.instances import ROOT, die_with_parent, gunicorn_argv
 from nginx.render import NginxConfig, write
 from tests.servers import RedisServer, clean_env, free_port, wait_for_port
 

@@ -1,4 +1,4 @@
-"""The local Redis Cluster runner (ops/redis_cluster.py) against real redis-server nodes:
+"""The local Redis Cluster runner (app/ops/redis_cluster.py) against real redis-server nodes:
 its shape, failover after kill -9 of a primary, and the CLI that make run will use; then
 the redis-py and server behaviours that docs/data-tier.md builds on."""
 
@@ -25,8 +25,7 @@ from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, ResponseError
 
 from app import partitions
-from loadtests.datatier import run_ceiling, run_memory
-from ops.redis_cluster import (
+from app.ops.redis_cluster import (
     SLOTS,
     ClusterError,
     LocalCluster,
@@ -37,6 +36,7 @@ from ops.redis_cluster import (
     poll,
     topology_from,
 )
+from loadtests.datatier import run_ceiling, run_memory
 from tests.cluster import new_cluster
 from tests.servers import clean_env
 
@@ -218,7 +218,7 @@ def test_the_runner_cli_starts_the_cluster_and_ctrl_c_leaves_nothing_running(
     data = tmp_path / "var" / "redis-cluster"
     env = clean_env(REDIS_CLUSTER_BASE_PORT=str(base), REDIS_CLUSTER_DIR=str(data))
     runner = subprocess.Popen(
-        [sys.executable, "-m", "ops.redis_cluster", "run"],
+        [sys.executable, "-m", "app.ops.redis_cluster", "run"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -234,7 +234,7 @@ def test_the_runner_cli_starts_the_cluster_and_ctrl_c_leaves_nothing_running(
                 break
         assert any("ready:" in line for line in lines), "".join(lines)
         status = subprocess.run(
-            [sys.executable, "-m", "ops.redis_cluster", "status"],
+            [sys.executable, "-m", "app.ops.redis_cluster", "status"],
             cwd=ROOT,
             env=env,
             capture_output=True,

@@ -43,10 +43,10 @@ def test_locked_dependencies_are_installed_before_the_code() -> None:
         if instruction == "RUN" and "pip install" in args
     )
     assert "--require-hashes" in steps[install][1]
-    assert "-r requirements/base.txt" in steps[install][1]
+    assert "-r app/ops/requirements/base.txt" in steps[install][1]
     before = [args for instruction, args in steps[:install] if instruction == "COPY"]
     # Only the lock comes before it, so a code change keeps that layer cached.
-    assert before == ["requirements/base.txt requirements/base.txt"]
+    assert before == ["app/ops/requirements/base.txt app/ops/requirements/base.txt"]
     after = [args for instruction, args in steps[install + 1 :] if instruction == "COPY"]
     assert after and all("requirements" not in args for args in after)
     # No second resolution: nothing else is pip-installed.
@@ -56,7 +56,7 @@ def test_locked_dependencies_are_installed_before_the_code() -> None:
 def test_tests_and_load_tests_stay_out_of_the_image() -> None:
     sources = _copied_sources()
     assert sorted(sources) == sorted(
-        ["requirements/base.txt", "app", "mail", "gunicorn.conf.py"]
+        ["app/ops/requirements/base.txt", "app", "mail", "gunicorn.conf.py"]
     ), sources
     # The build context itself: .dockerignore lets in only what is copied.
     patterns = [
@@ -66,8 +66,13 @@ def test_tests_and_load_tests_stay_out_of_the_image() -> None:
     ]
     assert patterns[0] == "*"
     allowed = [pattern[1:].rstrip("/") for pattern in patterns if pattern.startswith("!")]
-    for path in ("tests", "loadtests", "nginx", "ops", ".env", "secrets", ".venv", "var"):
+    for path in ("tests", "loadtests", "nginx", ".env", "secrets", ".venv", "var"):
         assert not any(fnmatch.fnmatch(path, pattern) for pattern in allowed), path
+    # Operator tooling lives inside app/ but stays out; only its runtime lock is let back in.
+    ops = patterns.index("app/ops/")
+    assert patterns.index("!app/") < ops
+    assert patterns[ops + 1] == "!app/ops/requirements/base.txt"
+    assert [p for p in patterns if p.startswith("!app/ops")] == ["!app/ops/requirements/base.txt"]
     assert set(allowed) == set(sources)
 
 
@@ -123,7 +128,7 @@ def _closure(entries: list[str], first_party: set[str]) -> tuple[set[str], set[s
 def test_everything_the_image_runs_imports_from_the_image() -> None:
     """gunicorn (gunicorn.conf.py, app.main:create_app), `python -m mail` and its
     `--check`: every module they import is copied into the image, in the
-    standard library, or installed from requirements/base.txt."""
+    standard library, or installed from app/ops/requirements/base.txt."""
     copied = {source for source in _copied_sources() if (ROOT / source).is_dir()}
     first_party = {path.name for path in ROOT.iterdir() if (path / "__init__.py").is_file()}
     gunicorn_conf = _imports(ROOT / "gunicorn.conf.py", "")
@@ -137,7 +142,7 @@ def test_everything_the_image_runs_imports_from_the_image() -> None:
 
     locked = {
         match.group(1).lower().replace("_", "-")
-        for line in (ROOT / "requirements" / "base.txt").read_text().splitlines()
+        for line in (ROOT / "app" / "ops" / "requirements" / "base.txt").read_text().splitlines()
         if (match := PIN.match(line))
     }
     provided = importlib.metadata.packages_distributions()
@@ -146,16 +151,18 @@ def test_everything_the_image_runs_imports_from_the_image() -> None:
         distributions = {dist.lower().replace("_", "-") for dist in provided.get(name, [])}
         if not distributions & locked:
             missing.append(f"{name} (from {sorted(distributions) or 'nothing installed'})")
-    assert not missing, f"imported by the image but not in requirements/base.txt: {missing}"
+    assert not missing, f"imported by the image but not in app/ops/requirements/base.txt: {missing}"
 
 
 def test_no_module_in_the_image_imports_a_package_left_out() -> None:
     # What used to break: app/status.py imported nginx/, which the image lacks.
     copied = {source for source in _copied_sources() if (ROOT / source).is_dir()}
     left_out = {path.name for path in ROOT.iterdir() if (path / "__init__.py").is_file()} - copied
-    assert {"nginx", "ops", "loadtests", "tests"} <= left_out
+    assert {"nginx", "loadtests", "tests"} <= left_out
     for package in sorted(copied):
         for path in sorted((ROOT / package).rglob("*.py")):
+            if path.is_relative_to(ROOT / "app" / "ops"):
+                continue  # left out by .dockerignore (above)
             dotted = ".".join(path.relative_to(ROOT).with_suffix("").parts)
             names = _imports(
                 path, dotted.rpartition(".")[0] if path.name != "__init__.py" else dotted

@@ -16,9 +16,9 @@ from pathlib import Path
 import honcho.environ
 import pytest
 
+from app.ops.status import read_env_file
 from app.settings import Settings
 from mail.settings import MailSettings
-from ops.status import read_env_file
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / ".env.example"

@@ -1,4 +1,4 @@
-"""The lock files (requirements/*.txt, ops/lock.py): fresh, exact, hashed, and used."""
+"""The lock files (app/ops/requirements/*.txt, app/ops/lock.py): fresh, exact, hashed, and used."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ops.lock import LOCKS, check, dependencies_hash, lock_path, stale_locks
+from app.ops.lock import LOCK_DIR, LOCKS, check, dependencies_hash, lock_path, stale_locks
 
 ROOT = Path(__file__).resolve().parent.parent
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^ \\]+) \\$")
@@ -29,7 +29,7 @@ def test_the_committed_locks_are_fresh() -> None:
     # Fails after a change to pyproject.toml's dependencies without `make lock`.
     assert stale_locks() == []
     result = subprocess.run(
-        [sys.executable, "-m", "ops.lock", "check"], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "app.ops.lock", "check"], cwd=ROOT, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
 
@@ -38,7 +38,7 @@ def test_a_changed_dependency_makes_every_lock_stale(tmp_path: Path, capsys) -> 
     pyproject = tmp_path / "pyproject.toml"
     text = (ROOT / "pyproject.toml").read_text()
     locks = tmp_path / "requirements"
-    shutil.copytree(ROOT / "requirements", locks)
+    shutil.copytree(LOCK_DIR, locks)
     pyproject.write_text(text)
     assert check(pyproject, locks) == 0
 
@@ -59,7 +59,7 @@ def test_a_changed_dependency_makes_every_lock_stale(tmp_path: Path, capsys) -> 
 
 def test_a_lock_without_its_stamp_is_stale(tmp_path: Path) -> None:
     locks = tmp_path / "requirements"
-    shutil.copytree(ROOT / "requirements", locks)
+    shutil.copytree(LOCK_DIR, locks)
     run = locks / "run.txt"
     run.write_text(run.read_text().split("\n", 1)[1])
     assert stale_locks(ROOT / "pyproject.toml", locks) == ["run"]
@@ -115,6 +115,6 @@ def test_redis_py_is_pinned_narrowly() -> None:
 def test_make_and_the_dockerfile_install_from_the_locks() -> None:
     makefile = (ROOT / "Makefile").read_text()
     assert "pip install --quiet --require-hashes --no-deps -r $<" in makefile
-    assert "$(PYTHON) -m ops.lock check" in makefile
+    assert "$(PYTHON) -m app.ops.lock check" in makefile
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert "--require-hashes" in dockerfile and "requirements/base.txt" in dockerfile
+    assert "--require-hashes" in dockerfile and "app/ops/requirements/base.txt" in dockerfile

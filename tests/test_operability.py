@@ -32,7 +32,7 @@ from app import appkeys, keys, metrics
 from app.ids import new_id
 from app.logs import JsonFormatter, request_id_var
 from app.main import create_app
-from ops.status import stack_env
+from app.ops.status import stack_env
 from tests.conftest import ADMIN, Shop
 from tests.mail_fixtures import (
     ROOT,
@@ -592,7 +592,7 @@ async def test_mail_worker_metrics_count_sent_retried_and_dead_letters(
 
 def run_status(env: dict[str, str]) -> tuple[int, dict[str, Any]]:
     result = subprocess.run(
-        [sys.executable, "-m", "ops.status", "--json", "--env-file", os.devnull],
+        [sys.executable, "-m", "app.ops.status", "--json", "--env-file", os.devnull],
         cwd=ROOT,
         env=clean_env(**env),
         capture_output=True,

@@ -1,4 +1,4 @@
-"""make run's port check (ops/ports.py), against real sockets holding real ports."""
+"""make run's port check (app/ops/ports.py), against real sockets holding real ports."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ops.ports import DEFAULTS, needed_ports, problems
+from app.ops.ports import DEFAULTS, needed_ports, problems
 
 ROOT = Path(__file__).resolve().parent.parent
 PORT_VARIABLES = (
@@ -67,7 +67,7 @@ def held() -> Iterator[socket.socket]:
 
 def _check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ops.ports"],
+        [sys.executable, "-m", "app.ops.ports"],
         cwd=ROOT,
         env={"PATH": os.environ["PATH"], **env},
         capture_output=True,

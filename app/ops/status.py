@@ -1,4 +1,4 @@
-"""``make status`` (``python -m ops.status``): is every process of a ``make run`` stack up?
+"""``make status`` (``python -m app.ops.status``): is every process of a ``make run`` stack up?
 
 Reads what ``make run`` reads: the environment with ``.env`` on top (``.env``
 wins, as in make run and honcho) and make run's defaults. Prints one line per
@@ -60,10 +60,10 @@ from redis.exceptions import RedisError, ResponseError
 
 from app import keys
 from app.mail_backlog import MailBacklog, read_mail_backlog
-from nginx.instances import instance_ports
-from ops.ports import DEFAULTS as MAKE_RUN_DEFAULTS
+from app.ops.instances import instance_ports
+from app.ops.ports import DEFAULTS as MAKE_RUN_DEFAULTS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 2.0
 
 OK, DOWN, WARN, UNKNOWN = "OK", "DOWN", "WARN", "UNKNOWN"
@@ -317,7 +317,7 @@ def run_checks(env: Mapping[str, str]) -> list[Check]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ops.status", description=__doc__.splitlines()[0]
+        prog="python -m app.ops.status", description=__doc__.splitlines()[0]
     )
     parser.add_argument(
         "--env-file",

@@ -1,7 +1,7 @@
 """A local Redis Cluster (3 primaries + 3 replicas by default) for ``make run`` and the tests.
 
-    python -m ops.redis_cluster run      # foreground; Ctrl-C or SIGTERM stops every node
-    python -m ops.redis_cluster status   # one line per node with its role; exit 1 unless healthy
+    python -m app.ops.redis_cluster run      # foreground; Ctrl-C or SIGTERM stops every node
+    python -m app.ops.redis_cluster status   # one line per node with its role; exit 1 unless healthy
 
 The CLI reads REDIS_CLUSTER_BASE_PORT (default 7001; nodes on BASE..BASE+5),
 REDIS_CLUSTER_DIR (default var/redis-cluster), REDIS_CLUSTER_NODE_TIMEOUT_MS (default
@@ -581,7 +581,7 @@ def run(cluster: LocalCluster) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m ops.redis_cluster", description=__doc__.split("\n\n")[0]
+        prog="python -m app.ops.redis_cluster", description=__doc__.split("\n\n")[0]
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="start the local cluster in the foreground")

@@ -1,4 +1,4 @@
-"""The lock files in requirements/: exact versions with hashes, one per use.
+"""The lock files in app/ops/requirements/: exact versions with hashes, one per use.
 
 pyproject.toml keeps version ranges; the locks pin what `make` and the
 Dockerfile install (``pip install --require-hashes --no-deps -r ...``), so a
@@ -19,11 +19,11 @@ all.txt    dependencies + every extra              the constraint of the above
 Every lock is compiled against all.txt, so a package that two locks share has
 the same version in both and one .venv can hold them together.
 
-``python -m ops.lock check`` (stdlib only, offline; make runs it before every
+``python -m app.ops.lock check`` (stdlib only, offline; make runs it before every
 install and a test runs it): each lock's first line records the SHA-256 of
 pyproject's dependency sections it was compiled from; a lock whose hash is
 not the current one is stale and the check fails, naming ``make lock``.
-``python -m ops.lock compile`` (``make lock``) recompiles them all with
+``python -m app.ops.lock compile`` (``make lock``) recompiles them all with
 pip-compile (pip-tools) and records the hash.
 """
 
@@ -38,9 +38,9 @@ import sys
 import tomllib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = ROOT / "pyproject.toml"
-LOCK_DIR = ROOT / "requirements"
+LOCK_DIR = Path(__file__).resolve().parent / "requirements"
 # The constraint every other lock is compiled against: compiled first.
 ALL = "all"
 LOCKS: dict[str, tuple[str, ...] | None] = {
@@ -90,7 +90,7 @@ def check(pyproject: Path = PYPROJECT, lock_dir: Path = LOCK_DIR) -> int:
     names = ", ".join(f"{lock_dir.name}/{name}.txt" for name in stale)
     print(
         f"Stale lock: {names} not compiled from the dependencies now in {pyproject.name}.\n"
-        "Run `make lock` (it needs the package index) and commit requirements/.",
+        "Run `make lock` (it needs the package index) and commit app/ops/requirements/.",
         file=sys.stderr,
     )
     return 1
@@ -130,13 +130,15 @@ def compile_all() -> int:
     LOCK_DIR.mkdir(exist_ok=True)
     stamp = dependencies_hash()
     for name, extras in LOCKS.items():
-        print(f"make lock: requirements/{name}.txt", flush=True)
+        print(f"make lock: app/ops/requirements/{name}.txt", flush=True)
         _pip_compile(name, extras, stamp)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ops.lock", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m app.ops.lock", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("action", choices=("check", "compile"))
     args = parser.parse_args(argv)
     return check() if args.action == "check" else compile_all()

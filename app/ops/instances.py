@@ -1,6 +1,6 @@
 """The app instances nginx balances over, and the launcher `make run` uses.
 
-``python -m nginx.instances`` (the Procfile's ``web`` line) starts
+``python -m app.ops.instances`` (the Procfile's ``web`` line) starts
 ``WEB_INSTANCES`` gunicorn instances (default 2), instance ``i`` listening on
 ``127.0.0.1:APP_BASE_PORT+i`` (default 8001, 8002, ...), each with
 ``gunicorn.conf.py`` and so ``WEB_CONCURRENCY`` workers.
@@ -32,7 +32,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GUNICORN_CONF = ROOT / "gunicorn.conf.py"
 DEFAULT_INSTANCES = 2
 DEFAULT_BASE_PORT = 8001

@@ -1,6 +1,6 @@
 """Before ``make run`` starts anything: is every port its stack needs free?
 
-``python -m ops.ports`` (run by make run after it loaded ``.env``) lists the
+``python -m app.ops.ports`` (run by make run after it loaded ``.env``) lists the
 ports the stack is about to listen on, from the same variables and defaults
 make run uses, and tries to bind each one on 127.0.0.1 the way the servers
 do (SO_REUSEADDR, so a port left in TIME_WAIT by a previous run counts as
@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from nginx.instances import instance_ports
+from app.ops.instances import instance_ports
 
 # make run's defaults for every port it listens on (mirrored in the Makefile's
 # run recipe, the Procfile and .env.example). REDIS_PORT is not 6379: that is
