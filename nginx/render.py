@@ -1,20 +1,21 @@
-"""Render nginx/nginx.conf.template into a complete nginx.conf (stdlib only).
+"""Render nginx/nginx.conf.template (jinja2) into a complete nginx.conf.
 
     python -m nginx.render --out var/nginx/nginx.conf     # make run: from the environment
     python -m nginx.render --compose --out nginx/compose.conf   # the compose stack's copy
 
-Environment (defaults in brackets, all documented in .env.example):
-    HTTP_PORT [8080]          the whole API; 0 turns it off
-    SEED_PHONES_PORT [5555]   the seed's phones service: /phones, /phones/... ; 0 = off
-    SEED_ORDERS_PORT [7777]   the seed's orders service: /orders..., /phones/check/{id}; 0 = off
-    WEB_INSTANCES [2], APP_BASE_PORT [8001]   the upstream instances (see app/ops/instances.py)
-    LIMIT_WRITE_RATE [20r/s], LIMIT_WRITE_BURST [40]    POST/PATCH/PUT/DELETE, per token or address
-    LIMIT_READ_RATE [200r/s], LIMIT_READ_BURST [400]    everything else
-    LIMIT_ADDRESS_RATE, LIMIT_ADDRESS_BURST [twice the read ones]   per address, any token
-    LIMIT_CONN [200]          open connections per client address
-    UPSTREAM_MAX_FAILS [3], UPSTREAM_FAIL_TIMEOUT [5s]  passive health checks
-    AUDIT_READ_TIMEOUT [300s]  how long nginx waits for GET /admin/audit's answer
-    NGINX_WORKER_PROCESSES [auto]
+Environment (each default is its NginxConfig field's, mirrored in .env.example):
+    HTTP_PORT                 the whole API; 0 turns it off
+    SEED_PHONES_PORT          the seed's phones service: /phones, /phones/... ; 0 = off
+    SEED_ORDERS_PORT          the seed's orders service: /orders..., /phones/check/{id}; 0 = off
+    WEB_INSTANCES, APP_BASE_PORT   the upstream instances (defaults in app/ops/instances.py)
+    LIMIT_WRITE_RATE, LIMIT_WRITE_BURST    POST/PATCH/PUT/DELETE, per token or address
+    LIMIT_READ_RATE, LIMIT_READ_BURST      everything else
+    LIMIT_ADDRESS_RATE, LIMIT_ADDRESS_BURST   per address, any token [twice the read ones]
+    LIMIT_CONN                open connections per client address
+    UPSTREAM_MAX_FAILS, UPSTREAM_FAIL_TIMEOUT   passive health checks
+    UPSTREAM_MAX_CONNS        requests in progress at one instance (0 = no cap)
+    AUDIT_READ_TIMEOUT        how long nginx waits for GET /admin/audit's answer
+    NGINX_WORKER_PROCESSES
 
 Every error nginx itself produces gets an RFC 9457 problem+json body with the
 same ``type`` base and fields as the app's (app/problems.py); no HTML page ever
@@ -29,9 +30,11 @@ import json
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+import jinja2
 
 from app.ops.instances import instance_ports
 
@@ -55,35 +58,76 @@ class RenderError(ValueError):
     """The environment holds a value nginx cannot be configured with."""
 
 
-def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    if not raw.isascii() or not raw.isdigit() or not low <= int(raw) <= high:
-        raise RenderError(f"{name} must be an integer from {low} to {high}, got {raw!r}")
-    return int(raw)
+# ---- parsing one environment variable (set and not blank) -----------------------
+
+Parser = Callable[[str, str], object]
 
 
-def _rate(env: Mapping[str, str], name: str, default: str) -> str:
-    raw = env.get(name, "").strip() or default
+def _integer(low: int, high: int) -> Parser:
+    def parse(name: str, raw: str) -> int:
+        if not raw.isascii() or not raw.isdigit() or not low <= int(raw) <= high:
+            raise RenderError(f"{name} must be an integer from {low} to {high}, got {raw!r}")
+        return int(raw)
+
+    return parse
+
+
+def _rate(name: str, raw: str) -> str:
     match = RATE_RE.match(raw)
     if match is None:
         raise RenderError(f"{name} must look like 20r/s, 600r/m or 20, got {raw!r}")
     return f"{match.group(1)}r/{match.group(2) or 's'}"
 
 
-def _duration(env: Mapping[str, str], name: str, default: str) -> str:
-    raw = env.get(name, "").strip() or default
+def _duration(name: str, raw: str) -> str:
     if DURATION_RE.match(raw) is None:
         raise RenderError(f"{name} must be an nginx duration like 5s or 500ms, got {raw!r}")
     return raw
 
 
+def _workers(name: str, raw: str) -> str:
+    if raw != "auto" and not (raw.isascii() and raw.isdigit() and int(raw) > 0):
+        raise RenderError(f"{name} must be auto or a count, got {raw!r}")
+    return raw
+
+
+_PORT = _integer(0, 65535)
+_COUNT = _integer(0, 1_000_000)
+
+# environment variable -> (NginxConfig field, parser). Unset or blank: the
+# field's default.
+ENVIRONMENT: Mapping[str, tuple[str, Parser]] = {
+    "HTTP_PORT": ("http_port", _PORT),
+    "SEED_PHONES_PORT": ("seed_phones_port", _PORT),
+    "SEED_ORDERS_PORT": ("seed_orders_port", _PORT),
+    "LIMIT_WRITE_RATE": ("limit_write_rate", _rate),
+    "LIMIT_WRITE_BURST": ("limit_write_burst", _COUNT),
+    "LIMIT_READ_RATE": ("limit_read_rate", _rate),
+    "LIMIT_READ_BURST": ("limit_read_burst", _COUNT),
+    "LIMIT_ADDRESS_RATE": ("limit_address_rate", _rate),
+    "LIMIT_ADDRESS_BURST": ("limit_address_burst", _integer(0, 2_000_000)),
+    "LIMIT_CONN": ("limit_conn", _integer(1, 1_000_000)),
+    "UPSTREAM_MAX_FAILS": ("max_fails", _integer(0, 1000)),
+    "UPSTREAM_FAIL_TIMEOUT": ("fail_timeout", _duration),
+    "UPSTREAM_MAX_CONNS": ("max_conns", _COUNT),
+    "AUDIT_READ_TIMEOUT": ("audit_read_timeout", _duration),
+    "NGINX_WORKER_PROCESSES": ("worker_processes", _workers),
+}
+
+
+def _local_upstreams(env: Mapping[str, str]) -> tuple[str, ...]:
+    return tuple(f"127.0.0.1:{port}" for port in instance_ports(env))
+
+
 @dataclass(frozen=True)
 class NginxConfig:
-    """Everything the template needs; ``from_env`` reads it, tests build it directly."""
+    """Everything the template needs, with the one set of defaults.
 
-    upstreams: Sequence[str] = ("127.0.0.1:8001", "127.0.0.1:8002")
+    ``from_env`` reads it (ENVIRONMENT names the variable of each field), tests
+    build it directly.
+    """
+
+    upstreams: Sequence[str] = _local_upstreams({})
     listen_host: str = "127.0.0.1"  # "" listens on every address (the container)
     http_port: int = 8080
     seed_phones_port: int = 5555
@@ -126,40 +170,16 @@ class NginxConfig:
     # >= 1.27.3). "" (make run, Debian's nginx 1.22): the addresses are fixed
     # when nginx loads its config, as they are for 127.0.0.1 ports.
     resolver: str = ""
-    extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> NginxConfig:
         env = os.environ if env is None else env
-        workers = env.get("NGINX_WORKER_PROCESSES", "").strip() or "auto"
-        if workers != "auto" and not (workers.isascii() and workers.isdigit() and int(workers) > 0):
-            raise RenderError(f"NGINX_WORKER_PROCESSES must be auto or a count, got {workers!r}")
-
-        def set_(suffix: str) -> bool:
-            return bool(env.get(f"LIMIT_ADDRESS_{suffix}", "").strip())
-
-        config = cls(
-            upstreams=tuple(f"127.0.0.1:{port}" for port in instance_ports(env)),
-            http_port=_int(env, "HTTP_PORT", 8080, 0, 65535),
-            seed_phones_port=_int(env, "SEED_PHONES_PORT", 5555, 0, 65535),
-            seed_orders_port=_int(env, "SEED_ORDERS_PORT", 7777, 0, 65535),
-            limit_write_rate=_rate(env, "LIMIT_WRITE_RATE", "20r/s"),
-            limit_write_burst=_int(env, "LIMIT_WRITE_BURST", 40, 0, 1_000_000),
-            limit_read_rate=_rate(env, "LIMIT_READ_RATE", "200r/s"),
-            limit_read_burst=_int(env, "LIMIT_READ_BURST", 400, 0, 1_000_000),
-            # Unset: derived from the read limits (NginxConfig.address_rate/_burst).
-            limit_address_rate=_rate(env, "LIMIT_ADDRESS_RATE", "") if set_("RATE") else "",
-            limit_address_burst=(
-                _int(env, "LIMIT_ADDRESS_BURST", 0, 0, 2_000_000) if set_("BURST") else None
-            ),
-            limit_conn=_int(env, "LIMIT_CONN", 200, 1, 1_000_000),
-            max_fails=_int(env, "UPSTREAM_MAX_FAILS", 3, 0, 1000),
-            fail_timeout=_duration(env, "UPSTREAM_FAIL_TIMEOUT", "5s"),
-            max_conns=_int(env, "UPSTREAM_MAX_CONNS", 32, 0, 1_000_000),
-            audit_read_timeout=_duration(env, "AUDIT_READ_TIMEOUT", "300s"),
-            worker_processes=workers,
-        )
-        return dataclasses.replace(config, **overrides)
+        values: dict[str, object] = {"upstreams": _local_upstreams(env)}
+        for name, (field_name, parse) in ENVIRONMENT.items():
+            raw = env.get(name, "").strip()
+            if raw:
+                values[field_name] = parse(name, raw)
+        return dataclasses.replace(cls(**values), **overrides)
 
     @property
     def address_rate(self) -> str:
@@ -186,8 +206,7 @@ class NginxConfig:
         ports), proxies to the ``app`` service, logs to the container's
         stdout/stderr and keeps its scratch files where the nginx image has them.
         """
-        return dataclasses.replace(
-            cls.from_env({}),
+        return cls(
             upstreams=(COMPOSE_UPSTREAM,),
             listen_host="",
             var_dir="/var/cache/nginx",
@@ -306,7 +325,8 @@ ERROR_PAGES: tuple[tuple[str, str], ...] = (
 )
 
 
-def _problem_location(problem: NginxProblem) -> str:
+def problem_body(problem: NginxProblem) -> str:
+    """The JSON body of a problem nginx answers, quoted in the template with '...'."""
     body = {
         "type": PROBLEM_TYPE_BASE + problem.code,
         "title": problem.title,
@@ -320,53 +340,43 @@ def _problem_location(problem: NginxProblem) -> str:
     text = json.dumps(body, separators=(",", ":")).replace("__REQ_ID__", "$req_id")
     if "'" in text or "\\" in text:
         raise RenderError(f"problem body for {problem.code} cannot be quoted for nginx")
-    lines = [
-        f"        location {problem.location} {{",
-        "            internal;",
-        "            default_type application/problem+json;",
-        "            add_header X-Request-ID $req_id always;",
-        "            add_header Cache-Control no-store always;",
-    ]
-    if problem.retry_after is not None:
-        lines.append(f"            add_header Retry-After {problem.retry_after} always;")
-    if problem.allow is not None:
-        lines.append(f'            add_header Allow "{problem.allow}" always;')
-    lines += [f"            return {problem.status} '{text}';", "        }"]
-    return "\n".join(lines)
+    return text
 
 
-# ---- server blocks ---------------------------------------------------------------
+# ---- which port serves which locations --------------------------------------------
 
 
-def _limits(config: NginxConfig) -> list[str]:
-    return [
-        f"limit_req zone=writes burst={config.limit_write_burst} nodelay;",
-        f"limit_req zone=reads burst={config.limit_read_burst} nodelay;",
-        f"limit_req zone=addresses burst={config.address_burst} nodelay;",
-    ]
+@dataclass(frozen=True)
+class Location:
+    """One proxied ``location`` block (the template's location_block)."""
+
+    match: str
+    limited: bool = True
+    websocket: bool = False
+    read_timeout: str = ""  # "" keeps the http block's proxy_read_timeout
+    send_timeout: str = ""
+    retried: bool = True  # proxy_next_upstream as in the http block
+    not_found: bool = False  # answers 404 itself instead of proxying
 
 
-def _location(
-    match: str,
-    config: NginxConfig,
-    *,
-    limited: bool = True,
-    websocket: bool = False,
-    extra: Sequence[str] = (),
-) -> str:
-    body = _limits(config) if limited else []
-    body += extra
-    if websocket:
-        # A WebSocket stays open for as long as the client listens.
-        body += ["proxy_read_timeout 1h;", "proxy_send_timeout 1h;"]
-    # WebSockets stay open for hours: they go through their own upstream, not
-    # counted against the connection cap of ordinary requests.
-    body.append(f"proxy_pass http://{'app_ws' if websocket else 'app'};")
-    inner = "\n".join(f"            {line}" for line in body)
-    return f"        location {match} {{\n{inner}\n        }}"
+@dataclass(frozen=True)
+class Server:
+    name: str
+    port: int
+    locations: tuple[Location, ...]
 
 
-def _audit_location(config: NginxConfig) -> str:
+# Probes are never rate limited: an overloaded stack must still say so.
+PROBES = (Location("= /healthz", limited=False), Location("= /readyz", limited=False))
+NOT_FOUND = Location("/", not_found=True)
+
+
+def _websocket(match: str) -> Location:
+    # A WebSocket stays open for as long as the client listens.
+    return Location(match, websocket=True, read_timeout="1h", send_timeout="1h")
+
+
+def _audit(config: NginxConfig) -> Location:
     """GET /admin/audit: as long as a whole recount takes, and never twice.
 
     The audit sends nothing until it has read every row, so the read timeout
@@ -375,188 +385,72 @@ def _audit_location(config: NginxConfig) -> str:
     headers and request id are the same as every other location's (the app
     checks the admin token).
     """
-    return _location(
-        "= /admin/audit",
-        config,
-        extra=[
-            f"proxy_read_timeout {config.audit_read_timeout};",
-            "proxy_next_upstream off;",
-        ],
-    )
+    return Location("= /admin/audit", read_timeout=config.audit_read_timeout, retried=False)
 
 
-def _server(name: str, port: int, config: NginxConfig, locations: list[str]) -> str:
-    listen = f"{config.listen_host}:{port}" if config.listen_host else str(port)
-    error_pages = "\n".join(
-        f"        error_page {codes} {target};" for codes, target in ERROR_PAGES
-    )
-    probes = [
-        # Probes are never rate limited: an overloaded stack must still say so.
-        _location("= /healthz", config, limited=False),
-        _location("= /readyz", config, limited=False),
-    ]
-    problems = "\n".join(_problem_location(p) for p in PROBLEMS)
-    parts = [
-        f"    # {name}",
-        "    server {",
-        f"        listen {listen} default_server;",
-        "        server_name _;",
-        f"        limit_conn per_address {config.limit_conn};",
-        "        add_header X-Request-ID $req_id always;",
-        error_pages,
-        "",
-        *probes,
-        *locations,
-        "",
-        problems,
-        "    }",
-    ]
-    return "\n".join(parts)
-
-
-def _servers(config: NginxConfig) -> str:
-    servers = []
-    if config.http_port:
-        servers.append(
-            _server(
-                "HTTP_PORT: the whole API",
-                config.http_port,
-                config,
-                [
-                    _location("= /orders/events", config, websocket=True),
-                    _audit_location(config),
-                    _location("/", config),
-                ],
-            )
-        )
-    not_found = "        location / {\n            return 404;\n        }"
-    if config.seed_phones_port:
-        servers.append(
-            _server(
-                "SEED_PHONES_PORT: the seed's phones service (/phones, /phones/...)",
-                config.seed_phones_port,
-                config,
-                [
-                    _location("= /phones", config),
-                    _location("/phones/", config),
-                    not_found,
-                ],
-            )
-        )
-    if config.seed_orders_port:
-        servers.append(
-            _server(
-                "SEED_ORDERS_PORT: the seed's orders service (/orders..., /phones/check/{id})",
-                config.seed_orders_port,
-                config,
-                [
-                    _location("= /orders", config),
-                    _location("= /orders/events", config, websocket=True),
-                    _location("/orders/", config),
-                    _location("/phones/check/", config),
-                    not_found,
-                ],
-            )
-        )
-    if config.mail_ui_upstream and config.mail_ui_port:
-        servers.append(_mail_ui_server(config))
-    ports = [
-        p
-        for p in (
+def servers(config: NginxConfig) -> list[Server]:
+    """The app's servers, one per port that is on, each after the probes."""
+    table = [
+        (
+            "HTTP_PORT: the whole API",
             config.http_port,
+            (_websocket("= /orders/events"), _audit(config), Location("/")),
+        ),
+        (
+            "SEED_PHONES_PORT: the seed's phones service (/phones, /phones/...)",
             config.seed_phones_port,
+            (Location("= /phones"), Location("/phones/"), NOT_FOUND),
+        ),
+        (
+            "SEED_ORDERS_PORT: the seed's orders service (/orders..., /phones/check/{id})",
             config.seed_orders_port,
-            config.mail_ui_port if config.mail_ui_upstream else 0,
-        )
-        if p
+            (
+                Location("= /orders"),
+                _websocket("= /orders/events"),
+                Location("/orders/"),
+                Location("/phones/check/"),
+                NOT_FOUND,
+            ),
+        ),
     ]
+    ports = [port for _, port, _ in table if port]
+    if config.mail_ui_upstream and config.mail_ui_port:
+        ports.append(config.mail_ui_port)
     if len(set(ports)) != len(ports):
         raise RenderError(f"HTTP_PORT, SEED_PHONES_PORT and SEED_ORDERS_PORT must differ: {ports}")
-    if not servers:
+    if not any(port for _, port, _ in table):
         raise RenderError("every listener is off: set HTTP_PORT or a SEED_*_PORT")
-    return "\n\n".join(servers)
+    return [Server(name, port, PROBES + locations) for name, port, locations in table if port]
 
 
-def _mail_ui_server(config: NginxConfig) -> str:
-    """Mailpit's web UI (the compose stack's dev mail sink), WebSocket included."""
-    listen = (
-        f"{config.listen_host}:{config.mail_ui_port}"
-        if config.listen_host
-        else str(config.mail_ui_port)
-    )
-    return "\n".join(
-        [
-            "    # Mailpit's web UI: the dev mail sink of the compose stack",
-            "    server {",
-            f"        listen {listen} default_server;",
-            "        server_name _;",
-            f"        limit_conn per_address {config.limit_conn};",
-            "        location / {",
-            "            proxy_read_timeout 1h;",
-            f"            proxy_pass http://{config.mail_ui_upstream};",
-            "        }",
-            "    }",
-        ]
-    )
-
-
-def _upstream_servers(config: NginxConfig, *, zone: str, capped: bool) -> str:
-    if not config.upstreams:
-        raise RenderError("no upstream instance to proxy to")
-    cap = f" max_conns={config.max_conns}" if capped and config.max_conns else ""
-    # `resolve` keeps the addresses in shared memory, which needs a zone.
-    resolve = " resolve" if config.resolver else ""
-    lines = [f"        zone {zone} 64k;"] if config.resolver else []
-    lines += [
-        f"        server {address}{resolve} max_fails={config.max_fails} fail_timeout={config.fail_timeout}{cap};"
-        for address in config.upstreams
-    ]
-    return "\n".join(lines)
-
-
-def _resolver(config: NginxConfig) -> str:
-    if not config.resolver:
-        return (
-            "    # Fixed addresses: no resolver (nginx 1.22 has no `resolve` on upstream servers)."
-        )
-    return (
-        "    # Docker's DNS, asked again every 10 s for the replicas of `server ... resolve`.\n"
-        f"    resolver {config.resolver} valid=10s ipv6=off;\n"
-        "    resolver_timeout 5s;"
-    )
-
-
-def _seed_service_ports(config: NginxConfig) -> str:
-    """The $server_port -> seed service lines of the $seed_service map."""
-    ports = [(config.seed_phones_port, "phones"), (config.seed_orders_port, "orders")]
-    return "\n".join(f"        {port} {service};" for port, service in ports if port)
+_ENVIRONMENT = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(HERE),
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    keep_trailing_newline=True,
+    autoescape=False,  # an nginx config, not HTML
+)
 
 
 def render(config: NginxConfig) -> str:
-    values = {
-        "WORKER_PROCESSES": config.worker_processes,
-        "VAR_DIR": config.var_dir.rstrip("/"),
-        "ERROR_LOG": config.error_log,
-        "ACCESS_LOG": config.access_log,
-        "LIMIT_WRITE_RATE": config.limit_write_rate,
-        "LIMIT_READ_RATE": config.limit_read_rate,
-        "LIMIT_ADDRESS_RATE": config.address_rate,
-        "RESOLVER": _resolver(config),
-        "UPSTREAM_SERVERS": _upstream_servers(config, zone="app", capped=True),
-        "WS_UPSTREAM_SERVERS": _upstream_servers(config, zone="app_ws", capped=False),
-        "SERVERS": _servers(config),
-        "SEED_SERVICE_PORTS": _seed_service_ports(config),
-        **config.extra,
-    }
-    text = TEMPLATE.read_text()
+    if not config.upstreams:
+        raise RenderError("no upstream instance to proxy to")
 
-    def fill(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name not in values:
-            raise RenderError(f"the template needs {{{{{name}}}}}, which nothing provides")
-        return values[name]
+    def listen(port: int) -> str:
+        return f"{config.listen_host}:{port}" if config.listen_host else str(port)
 
-    return re.sub(r"\{\{([A-Z_]+)\}\}", fill, text)
+    ports = [(config.seed_phones_port, "phones"), (config.seed_orders_port, "orders")]
+    return _ENVIRONMENT.get_template(TEMPLATE.name).render(
+        config=config,
+        var_dir=config.var_dir.rstrip("/"),
+        seed_services=[(port, service) for port, service in ports if port],
+        servers=servers(config),
+        error_pages=ERROR_PAGES,
+        problems=PROBLEMS,
+        problem_body=problem_body,
+        listen=listen,
+    )
 
 
 def write(config: NginxConfig, out: Path) -> None:
