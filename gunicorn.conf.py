@@ -14,16 +14,15 @@ import stat
 import tempfile
 from pathlib import Path
 
+from app.env import SettingsError, env_int
 from app.logs import logging_config
 
 
 def _int(name: str, default: int, low: int = 1, high: int = 100_000) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    if not raw.isascii() or not raw.isdigit() or not low <= int(raw) <= high:
-        raise SystemExit(f"gunicorn.conf.py: {name} must be an integer from {low} to {high}")
-    return int(raw)
+    try:
+        return env_int(os.environ, name, default, low, high)
+    except SettingsError as error:
+        raise SystemExit(f"gunicorn.conf.py: {error}") from None
 
 
 # The app: a zero-argument async factory returning the aiohttp Application.

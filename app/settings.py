@@ -12,49 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from app.env import SettingsError, env_bool, env_float, env_int
+
 # What may follow "Bearer " (RFC 6750's b64token, at most 512 characters):
 # app/auth.py parses headers with it, so an ADMIN_TOKEN outside it never matches.
 BEARER_TOKEN = re.compile(r"[A-Za-z0-9._~+/-]{1,512}=*")
-
-
-class SettingsError(ValueError):
-    """The environment holds a value the service cannot run with."""
-
-
-def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    if not raw.isascii() or not raw.lstrip("-").isdigit():
-        raise SettingsError(f"{name} must be an integer, got {raw!r}")
-    value = int(raw)
-    if not low <= value <= high:
-        raise SettingsError(f"{name} must be between {low} and {high}, got {value}")
-    return value
-
-
-def _float(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
-    if not low <= value <= high:  # also rejects nan
-        raise SettingsError(f"{name} must be between {low} and {high}, got {raw}")
-    return value
-
-
-def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in {"1", "true", "yes", "on"}:
-        return True
-    if raw in {"0", "false", "no", "off"}:
-        return False
-    raise SettingsError(f"{name} must be a boolean (1/0, true/false), got {raw!r}")
 
 
 def secret(env: Mapping[str, str], name: str) -> str:
@@ -162,30 +124,34 @@ class Settings:
             )
         return cls(
             redis_url=redis_url,
-            redis_timeout=_float(env, "REDIS_TIMEOUT", cls.redis_timeout, 0.05, 60.0),
-            redis_max_connections=_int(
+            redis_timeout=env_float(env, "REDIS_TIMEOUT", cls.redis_timeout, 0.05, 60.0),
+            redis_max_connections=env_int(
                 env, "REDIS_MAX_CONNECTIONS", cls.redis_max_connections, 1, 10_000
             ),
             admin_token=admin_token,
-            max_inflight=_int(env, "MAX_INFLIGHT", cls.max_inflight, 1, 100_000),
-            overload_adaptive=_bool(env, "OVERLOAD_ADAPTIVE", cls.overload_adaptive),
-            overload_min_limit=_int(env, "OVERLOAD_MIN_LIMIT", cls.overload_min_limit, 1, 100_000),
-            overload_latency_tolerance=_float(
+            max_inflight=env_int(env, "MAX_INFLIGHT", cls.max_inflight, 1, 100_000),
+            overload_adaptive=env_bool(env, "OVERLOAD_ADAPTIVE", cls.overload_adaptive),
+            overload_min_limit=env_int(
+                env, "OVERLOAD_MIN_LIMIT", cls.overload_min_limit, 1, 100_000
+            ),
+            overload_latency_tolerance=env_float(
                 env, "OVERLOAD_LATENCY_TOLERANCE", cls.overload_latency_tolerance, 1.1, 100.0
             ),
-            overload_window_ms=_int(env, "OVERLOAD_WINDOW_MS", cls.overload_window_ms, 10, 60_000),
-            overload_queue_target_min_ms=_int(
+            overload_window_ms=env_int(
+                env, "OVERLOAD_WINDOW_MS", cls.overload_window_ms, 10, 60_000
+            ),
+            overload_queue_target_min_ms=env_int(
                 env, "OVERLOAD_QUEUE_TARGET_MIN_MS", cls.overload_queue_target_min_ms, 1, 60_000
             ),
-            overload_queue_interval_ms=_int(
+            overload_queue_interval_ms=env_int(
                 env, "OVERLOAD_QUEUE_INTERVAL_MS", cls.overload_queue_interval_ms, 1, 60_000
             ),
-            idempotency_ttl_seconds=_int(
+            idempotency_ttl_seconds=env_int(
                 env, "IDEMPOTENCY_TTL_SECONDS", cls.idempotency_ttl_seconds, 1, 30 * 24 * 3600
             ),
-            bench_routes=_bool(env, "BENCH_ROUTES", cls.bench_routes),
-            behind_proxy=_bool(env, "BEHIND_PROXY", cls.behind_proxy),
-            observe_batching=_bool(env, "OBSERVE_BATCHING", cls.observe_batching),
+            bench_routes=env_bool(env, "BENCH_ROUTES", cls.bench_routes),
+            behind_proxy=env_bool(env, "BEHIND_PROXY", cls.behind_proxy),
+            observe_batching=env_bool(env, "OBSERVE_BATCHING", cls.observe_batching),
         )
 
     def __repr__(self) -> str:

@@ -3,7 +3,7 @@ validated object. Defaults are mirrored in ``.env.example``.
 
 The worker is its own process (``python -m mail``) and does not need the API's
 settings (ADMIN_TOKEN and friends), so it has its own object; the parsing rules
-are the API's, imported from :mod:`app.settings`.
+are the API's (:mod:`app.env`, :func:`app.settings.redis_url_from_env`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email.headerregistry import Address
 
-from app.settings import SettingsError, _float, _int, redis_url_from_env
+from app.env import SettingsError, env_float, env_int
+from app.settings import redis_url_from_env
 
 SMTP_TLS_MODES = ("none", "starttls", "tls")
 
@@ -153,39 +154,41 @@ class MailSettings:
         settings = cls(
             redis_url=redis_url,
             smtp_host=text("SMTP_HOST", cls.smtp_host),
-            smtp_port=_int(env, "SMTP_PORT", cls.smtp_port, 1, 65535),
+            smtp_port=env_int(env, "SMTP_PORT", cls.smtp_port, 1, 65535),
             smtp_username=env.get("SMTP_USERNAME", ""),
             smtp_password=env.get("SMTP_PASSWORD", ""),
             smtp_tls=smtp_tls,
             smtp_ca_file=env.get("SMTP_CA_FILE", "").strip(),
-            smtp_timeout=_float(env, "SMTP_TIMEOUT_SECONDS", cls.smtp_timeout, 0.1, 600.0),
+            smtp_timeout=env_float(env, "SMTP_TIMEOUT_SECONDS", cls.smtp_timeout, 0.1, 600.0),
             mail_from=text("MAIL_FROM", cls.mail_from),
             mail_domain=text("MAIL_DOMAIN", cls.mail_domain),
-            max_attempts=_int(env, "MAIL_MAX_ATTEMPTS", cls.max_attempts, 1, 1000),
-            backoff_base=_float(env, "MAIL_BACKOFF_BASE_SECONDS", cls.backoff_base, 0.001, 3600.0),
-            backoff_max=_float(
+            max_attempts=env_int(env, "MAIL_MAX_ATTEMPTS", cls.max_attempts, 1, 1000),
+            backoff_base=env_float(
+                env, "MAIL_BACKOFF_BASE_SECONDS", cls.backoff_base, 0.001, 3600.0
+            ),
+            backoff_max=env_float(
                 env, "MAIL_BACKOFF_MAX_SECONDS", cls.backoff_max, 0.001, 7 * 86400.0
             ),
-            claim_idle=_float(env, "MAIL_CLAIM_IDLE_SECONDS", cls.claim_idle, 0.1, 86400.0),
-            concurrency=_int(env, "MAIL_CONCURRENCY", cls.concurrency, 1, 256),
-            max_per_connection=_int(
+            claim_idle=env_float(env, "MAIL_CLAIM_IDLE_SECONDS", cls.claim_idle, 0.1, 86400.0),
+            concurrency=env_int(env, "MAIL_CONCURRENCY", cls.concurrency, 1, 256),
+            max_per_connection=env_int(
                 env, "MAIL_MAX_PER_CONNECTION", cls.max_per_connection, 1, 1_000_000
             ),
-            idle_timeout=_float(env, "MAIL_IDLE_TIMEOUT_SECONDS", cls.idle_timeout, 0.1, 3600.0),
+            idle_timeout=env_float(env, "MAIL_IDLE_TIMEOUT_SECONDS", cls.idle_timeout, 0.1, 3600.0),
             helo_name=text("MAIL_HELO_NAME", cls.helo_name),
-            batch_size=_int(env, "MAIL_BATCH_SIZE", cls.batch_size, 1, 1000),
-            events_retention=_float(
+            batch_size=env_int(env, "MAIL_BATCH_SIZE", cls.batch_size, 1, 1000),
+            events_retention=env_float(
                 env, "EVENTS_RETENTION_SECONDS", cls.events_retention, 0.0, 365 * 86400.0
             ),
-            trim_interval=_float(
+            trim_interval=env_float(
                 env, "EVENTS_TRIM_INTERVAL_SECONDS", cls.trim_interval, 0.01, 86400.0
             ),
-            heartbeat=_float(env, "MAIL_HEARTBEAT_SECONDS", cls.heartbeat, 0.1, 3600.0),
-            heartbeat_log=_float(
+            heartbeat=env_float(env, "MAIL_HEARTBEAT_SECONDS", cls.heartbeat, 0.1, 3600.0),
+            heartbeat_log=env_float(
                 env, "MAIL_HEARTBEAT_LOG_SECONDS", cls.heartbeat_log, 0.1, 86400.0
             ),
             worker_name=text("MAIL_WORKER_NAME", "") or default_worker_name(),
-            metrics_port=_int(env, "MAIL_METRICS_PORT", cls.metrics_port, 0, 65535),
+            metrics_port=env_int(env, "MAIL_METRICS_PORT", cls.metrics_port, 0, 65535),
             metrics_address=text("MAIL_METRICS_ADDRESS", cls.metrics_address),
         )
         settings.validate()

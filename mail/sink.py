@@ -24,7 +24,7 @@ from pathlib import Path
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from app.settings import SettingsError, _int
+from app.env import SettingsError, env_int
 
 log = logging.getLogger("mail.sink")
 
@@ -102,7 +102,7 @@ def main() -> int:
     # aiosmtpd logs every SMTP command at INFO; one line per saved mail is enough.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     try:
-        port = _int(os.environ, "SMTP_PORT", DEFAULT_PORT, 1, 65535)
+        port = env_int(os.environ, "SMTP_PORT", DEFAULT_PORT, 1, 65535)
     except SettingsError as error:
         print(f"mail sink: {error}", file=sys.stderr)
         return 2

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import jinja2
 
+from app.env import env_int
 from app.ops.instances import instance_ports
 
 HERE = Path(__file__).resolve().parent
@@ -65,9 +66,7 @@ Parser = Callable[[str, str], object]
 
 def _integer(low: int, high: int) -> Parser:
     def parse(name: str, raw: str) -> int:
-        if not raw.isascii() or not raw.isdigit() or not low <= int(raw) <= high:
-            raise RenderError(f"{name} must be an integer from {low} to {high}, got {raw!r}")
-        return int(raw)
+        return env_int({name: raw}, name, low, low, high, error=RenderError)
 
     return parse
 

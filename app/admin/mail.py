@@ -4,7 +4,8 @@ The mail worker (``mail/worker.py``) moves a mail to the ``mail:dead`` stream
 after a 5xx reply or MAIL_MAX_ATTEMPTS temporary failures. Requeueing appends a
 fresh ``mail.requeued`` entry for the order to ``events``, resets the order's
 attempt counter and deletes the dead letter, in one script
-(``mail/lua/requeue_mail.lua``). The worker then sends it like a new
+(``app/lua/requeue_mail.lua``: the app owns the keys and the scripts; the
+mail worker only reads what it appends). The worker then sends it like a new
 ``order.completed``; if the mail was meanwhile sent after all, the
 ``mail:sent`` marker stops a second copy.
 """
@@ -24,8 +25,8 @@ from app.middlewares import REQUEST_ID
 from app.models import iso_time, json_response, page_params
 from app.problems import ProblemError
 from app.routing import Call
+from app.scripts import load_source
 from app.vocabulary import StreamId
-from mail import scripts
 
 
 class DeadLetter(msgspec.Struct, kw_only=True):
@@ -109,7 +110,7 @@ async def requeue_dead_letter(
     letter = _dead_letter(*found[0])
     if not is_valid_id(letter.order_id):
         raise DeadLetterNotRequeueable(f"dead letter {dead_id} names no valid order id")
-    script = redis.register_script(scripts.source("requeue_mail"))
+    script = redis.register_script(load_source("requeue_mail"))
     event_id = await script(
         keys=[keys.MAIL_DEAD, keys.EVENTS, keys.mail_attempts(letter.order_id)],
         args=[dead_id, letter.order_id, time.time_ns() // 1_000_000, request_id],

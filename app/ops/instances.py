@@ -32,6 +32,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from app.env import env_int
+
 ROOT = Path(__file__).resolve().parents[2]
 GUNICORN_CONF = ROOT / "gunicorn.conf.py"
 DEFAULT_INSTANCES = 2
@@ -42,20 +44,11 @@ MIN_UPTIME = 10.0
 MAX_QUICK_DEATHS = 3
 
 
-def _env_int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    if not raw.isascii() or not raw.isdigit() or not low <= int(raw) <= high:
-        raise SystemExit(f"{name} must be an integer from {low} to {high}, got {raw!r}")
-    return int(raw)
-
-
 def instance_ports(env: Mapping[str, str] | None = None) -> list[int]:
     """Ports of the local instances: APP_BASE_PORT, APP_BASE_PORT+1, ..."""
     env = os.environ if env is None else env
-    count = _env_int(env, "WEB_INSTANCES", DEFAULT_INSTANCES, 1, 64)
-    base = _env_int(env, "APP_BASE_PORT", DEFAULT_BASE_PORT, 1, 65535 - count + 1)
+    count = env_int(env, "WEB_INSTANCES", DEFAULT_INSTANCES, 1, 64, error=SystemExit)
+    base = env_int(env, "APP_BASE_PORT", DEFAULT_BASE_PORT, 1, 65535 - count + 1, error=SystemExit)
     return [base + i for i in range(count)]
 
 
@@ -95,7 +88,7 @@ def _log(message: str) -> None:
 
 def main() -> int:
     ports = instance_ports()
-    graceful = _env_int(os.environ, "WEB_GRACEFUL_TIMEOUT", 4, 1, 3600)
+    graceful = env_int(os.environ, "WEB_GRACEFUL_TIMEOUT", 4, 1, 3600, error=SystemExit)
     stop_requested = False
 
     def request_stop(signum: int, _frame: object) -> None:

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.env import env_int
 from app.ops.instances import instance_ports
 
 # make run's defaults for every port it listens on (mirrored in the Makefile's
@@ -51,10 +52,7 @@ class Need:
 
 
 def _port(env: Mapping[str, str], name: str) -> int:
-    raw = env.get(name, "").strip() or DEFAULTS[name]
-    if not (raw.isascii() and raw.isdigit() and int(raw) <= 65535):
-        raise SystemExit(f"{name} must be a port number (0 to 65535), got {raw!r}")
-    return int(raw)
+    return env_int(env, name, int(DEFAULTS[name]), 0, 65535, error=SystemExit)
 
 
 def needed_ports(env: Mapping[str, str]) -> list[Need]:

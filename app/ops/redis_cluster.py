@@ -38,6 +38,8 @@ from pathlib import Path
 import redis
 from redis.exceptions import RedisError
 
+from app.env import env_int
+
 SLOTS = 16384
 HOST = "127.0.0.1"
 DEFAULT_BASE_PORT = 7001
@@ -489,27 +491,25 @@ class LocalCluster:
 # -- the CLI -----------------------------------------------------------------------------
 
 
-def _env_int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    if not raw.isascii() or not raw.isdigit() or not low <= int(raw) <= high:
-        raise SystemExit(f"{name} must be an integer from {low} to {high}, got {raw!r}")
-    return int(raw)
-
-
 def from_env(env: Mapping[str, str]) -> LocalCluster:
     count = DEFAULT_PRIMARIES * (DEFAULT_REPLICAS + 1)
     # The bus port is port + 10000, so the base port leaves room for it.
-    base = _env_int(env, "REDIS_CLUSTER_BASE_PORT", DEFAULT_BASE_PORT, 1024, 55535 - count)
+    base = env_int(
+        env, "REDIS_CLUSTER_BASE_PORT", DEFAULT_BASE_PORT, 1024, 55535 - count, error=SystemExit
+    )
     appendfsync = env.get("APPENDFSYNC", "").strip() or "always"
     if appendfsync not in ("always", "everysec", "no"):
         raise SystemExit(f"APPENDFSYNC must be always, everysec or no, got {appendfsync!r}")
     return LocalCluster.on_base_port(
         Path(env.get("REDIS_CLUSTER_DIR", "").strip() or DEFAULT_DIR),
         base,
-        node_timeout_ms=_env_int(
-            env, "REDIS_CLUSTER_NODE_TIMEOUT_MS", DEFAULT_NODE_TIMEOUT_MS, 100, 600_000
+        node_timeout_ms=env_int(
+            env,
+            "REDIS_CLUSTER_NODE_TIMEOUT_MS",
+            DEFAULT_NODE_TIMEOUT_MS,
+            100,
+            600_000,
+            error=SystemExit,
         ),
         appendfsync=appendfsync,
     )

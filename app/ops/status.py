@@ -59,6 +59,7 @@ from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError, ResponseError
 
 from app import keys
+from app.env import SettingsError, env_int
 from app.mail_backlog import MailBacklog, read_mail_backlog
 from app.ops.instances import instance_ports
 from app.ops.ports import DEFAULTS as MAKE_RUN_DEFAULTS
@@ -123,8 +124,10 @@ def redacted(url: str) -> str:
 
 
 def _port(env: Mapping[str, str], name: str) -> int:
-    raw = env.get(name, "").strip()
-    return int(raw) if raw.isdigit() and int(raw) <= 65535 else 0
+    try:
+        return env_int(env, name, 0, 0, 65535)
+    except SettingsError:  # the status of a stack with a bad port: that port is not checked
+        return 0
 
 
 def http_get(url: str) -> tuple[int | None, str]:
