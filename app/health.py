@@ -7,7 +7,8 @@ import asyncio
 from aiohttp import web
 
 from app import appkeys
-from app.models import json_response, query_int
+from app.query import query_int
+from app.responses import json_response
 from app.routing import Call
 from app.scripts import Scripts
 

@@ -9,10 +9,12 @@ import msgspec
 from aiohttp import web
 
 from app import appkeys
-from app.models import IDEMPOTENCY_KEY_PATTERN, QUERY_SCHEMAS, json_response
+from app.fields import IDEMPOTENCY_KEY_PATTERN
 from app.orders.models import OrderEnvelope, OrderPage
 from app.phones.models import PhoneEnvelope, PhonePage
 from app.problems import PROBLEMS
+from app.query import QUERY_SCHEMAS
+from app.responses import json_response
 from app.routes import route_table
 from app.routing import Route
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from app.models import Page
+from app.query import Page
 from app.redis_gateway import RedisGateway
 
 

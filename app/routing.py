@@ -25,8 +25,9 @@ from typing import Any, Generic, TypeVar
 from aiohttp import web
 
 from app.auth import Principal, authenticate, authenticate_websocket, check_admin
+from app.fields import IDEMPOTENCY_KEY_PATTERN
 from app.ids import ID_PATTERN
-from app.models import IDEMPOTENCY_KEY_PATTERN, decode_body
+from app.json_body import decode_body
 from app.problems import ProblemError
 
 Body = TypeVar("Body")

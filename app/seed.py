@@ -5,7 +5,7 @@ header (nginx/nginx.conf.template), replacing any the client sent. Answers to
 such requests carry the seed's field names as well, next to ours: a phone's
 ``imageurl`` and ``price`` (a currency amount), an order line's ``price``.
 Money stays integer cents everywhere else; the amounts are exact Decimals,
-written as JSON numbers (app.models.json_response).
+written as JSON numbers (app.responses.json_response).
 """
 
 from __future__ import annotations

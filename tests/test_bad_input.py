@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
-from app.models import MAX_JSON_DEPTH
+from app.json_body import MAX_JSON_DEPTH
 from tests.conftest import ADMIN, Shop
 from tests.test_script_atomicity import snapshot
 

@@ -125,8 +125,8 @@ async def test_list_pages_are_the_same_through_both_transports(
     fast: MultiplexedRedis, redis: Redis
 ) -> None:
     from app import keys
-    from app.models import Page
     from app.paging import page_of_hashes
+    from app.query import Page
 
     for i in range(25):
         await redis.hset(keys.phone(f"id{i}"), mapping={"id": f"id{i}", "name": f"P{i}"})

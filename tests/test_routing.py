@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from app.main import build_app
-from app.models import json_response
+from app.responses import json_response
 from app.routes import ROUTES, SPECLESS_ROUTES, route_table
 from app.routing import Call, Route, add_routes
 from app.settings import Settings

@@ -38,8 +38,8 @@ from typing import Any
 from redis.asyncio import Redis
 
 from app import keys
-from app.models import iso_time
 from app.scripts import load_source
+from app.timestamps import iso_time
 from app.vocabulary import FINAL_STATUSES, MONEY_KEEPING_STATUSES, ORDER_STATUSES, decode_items
 
 LEDGER_MISSING = (

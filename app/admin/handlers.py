@@ -6,7 +6,7 @@ from aiohttp import web
 
 from app.admin.audit import run_audit
 from app.handlers import redis_of
-from app.models import json_response
+from app.responses import json_response
 from app.routing import Call
 
 

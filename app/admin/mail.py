@@ -22,10 +22,12 @@ from app import keys
 from app.handlers import redis_of
 from app.ids import is_valid_id
 from app.middlewares import REQUEST_ID
-from app.models import iso_time, json_response, page_params
 from app.problems import ProblemError
+from app.query import page_params
+from app.responses import json_response
 from app.routing import Call
 from app.scripts import load_source
+from app.timestamps import iso_time
 from app.vocabulary import StreamId
 
 

@@ -10,7 +10,7 @@ from app.auth import check_owner_or_admin
 from app.customers import service
 from app.customers.models import CustomerCreate, CustomerCreated, CustomerEnvelope, Deposit
 from app.handlers import gateway_of, scripts_of
-from app.models import json_response
+from app.responses import json_response
 from app.routing import Call
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from app.models import AmountCents, BalanceCents, Email, Name
+from app.fields import AmountCents, BalanceCents, Email, Name
 
 
 class CustomerCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -7,11 +7,12 @@ import time
 from app import keys
 from app.auth import new_token, token_sha256
 from app.customers.models import Customer, CustomerCreate
+from app.fields import BALANCE_LIMIT
 from app.ids import new_id
-from app.models import BALANCE_LIMIT, iso_time
 from app.problems import ProblemError
 from app.redis_gateway import RedisGateway
 from app.scripts import Scripts
+from app.timestamps import iso_time
 
 # What a customer's answer shows (never token_sha256 or added_cents).
 _PUBLIC_FIELDS = ("id", "name", "surname", "email", "balance_cents", "created_at")

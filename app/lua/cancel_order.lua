@@ -20,7 +20,7 @@
 -- ARGV[5]  the order's items field as the caller read it (the phone keys were
 --          built from it; an order's items never change, this proves it)
 -- ARGV[6]  balance ceiling, ARGV[7] stock ceiling: a refund or a restock that
---          would cross one is refused (app/models.py: every sum below 2^53)
+--          would cross one is refused (app/fields.py: every sum below 2^53)
 --
 -- Returns {http_status, payload_json, changed}:
 --   200, order fields (strings), 1|0   cancelled now | was already cancelled

@@ -11,10 +11,11 @@ from app import appkeys
 from app.handlers import gateway_of, scripts_of
 from app.ids import is_valid_id
 from app.middlewares import REQUEST_ID
-from app.models import json_response, page_params
 from app.orders import service
 from app.orders.models import OrderCreate, OrderEnvelope, OrderPage
 from app.problems import ProblemError
+from app.query import page_params
+from app.responses import json_response
 from app.routing import Call
 from app.seed import order_for
 from app.vocabulary import ORDER_STATUSES

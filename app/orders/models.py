@@ -8,7 +8,7 @@ from typing import Annotated, ClassVar
 
 import msgspec
 
-from app.models import Id, Quantity
+from app.fields import Id, Quantity
 
 MAX_LINES = 50
 MAX_QUANTITY = 100

@@ -12,13 +12,15 @@ import msgspec
 
 from app import keys
 from app.auth import Principal
+from app.fields import BALANCE_LIMIT, STOCK_LIMIT
 from app.ids import new_id
-from app.models import BALANCE_LIMIT, STOCK_LIMIT, Page, iso_time
 from app.orders.models import Order, OrderItem
 from app.paging import page_of_hashes
 from app.problems import ProblemError
+from app.query import Page
 from app.redis_gateway import RedisGateway
 from app.scripts import Scripts, problem_from_script
+from app.timestamps import iso_time
 from app.vocabulary import CANCELLED, COMPLETED, OPEN, decode_items
 
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 from aiohttp import web
 
 from app.handlers import gateway_of, scripts_of
-from app.models import json_response, page_params
 from app.phones import service
 from app.phones.models import PhoneCreate, PhoneEnvelope, PhonePage, PhoneUpdate, Restock
+from app.query import page_params
+from app.responses import json_response
 from app.routing import Call
 from app.seed import phone_for
 

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from app.models import Description, ImageUrl, Name, PriceCents, RestockUnits, StockUnits
+from app.fields import Description, ImageUrl, Name, PriceCents, RestockUnits, StockUnits
 
 
 class PhoneCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -28,7 +28,7 @@ _PRICE = re.compile(PRICE_PATTERN)
 
 def _seed_price(value: Any) -> Decimal:
     """The seed's price as an exact Decimal: from a JSON number (already an int
-    or Decimal, see app.models.decode_body) or a decimal string."""
+    or Decimal, see app.json_body.decode_body) or a decimal string."""
     if isinstance(value, str) and _PRICE.fullmatch(value):
         return Decimal(value)
     if isinstance(value, int | Decimal) and not isinstance(value, bool):

@@ -5,13 +5,15 @@ from __future__ import annotations
 import time
 
 from app import keys
+from app.fields import STOCK_LIMIT
 from app.ids import new_id
-from app.models import STOCK_LIMIT, Page, iso_time
 from app.paging import page_of_hashes
 from app.phones.models import Phone, PhoneCreate, PhoneUpdate
 from app.problems import ProblemError
+from app.query import Page
 from app.redis_gateway import RedisGateway
 from app.scripts import Scripts
+from app.timestamps import iso_time
 
 
 def phone_from_fields(fields: dict[str, str]) -> Phone:
