@@ -25,8 +25,8 @@ Fixtures:
 
         with start_full_stack(tmp_path, env={"MAX_INFLIGHT": "2"}) as stack: ...
 
-The rate limits are the production defaults for writes (20 r/s, burst 40,
-per bearer token or address) and higher for reads (2000 r/s, burst 4000), so
+The rate limits are the production defaults for writes (NginxConfig's, per
+bearer token or address) and higher for reads (2000 r/s, burst 4000), so
 that GET loops in fault tests measure failover, not the read limiter. Bulk
 set-up writes should go to ``stack.direct_url`` (one instance, no nginx) or
 use several tokens.

@@ -19,6 +19,7 @@ import pytest
 from app.ops.status import read_env_file
 from app.settings import Settings
 from mail.settings import MailSettings
+from nginx.render import ENVIRONMENT, NginxConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / ".env.example"
@@ -90,3 +91,17 @@ def test_the_uncommented_defaults_are_valid_settings(uncommented: tuple[Path, li
     assert settings.redis_url == Settings.redis_url
     mail = MailSettings.from_env(env)
     assert mail.mail_from == MailSettings.mail_from, json.dumps(mail.mail_from)
+
+
+def test_the_nginx_lines_are_the_renderers_defaults() -> None:
+    """Every variable nginx/render.py reads is in .env.example, with NginxConfig's
+    default (or empty, for the derived ones): changing a default there and not
+    here fails."""
+    example = dict(
+        match.groups() for match in map(ASSIGNMENT.match, EXAMPLE.read_text().splitlines()) if match
+    )
+    assert set(ENVIRONMENT) <= set(example), set(ENVIRONMENT) - set(example)
+    defaults = NginxConfig.from_env({})
+    for name in ENVIRONMENT:
+        if example[name]:
+            assert NginxConfig.from_env({name: example[name]}) == defaults, name
