@@ -5,7 +5,7 @@ per mail, to the local dev sink, in one run.
 
 Starts ``python -m mail.sink`` on a free 127.0.0.1 port (saving into a temp
 folder that is removed afterwards), renders the confirmation mails first, then
-sends them one after the other with ``mail.worker.SmtpSender`` in both modes,
+sends them one after the other with ``mail.smtp.SmtpSender`` in both modes,
 alternating which mode goes first each round, and prints mails/s per mode (the
 median round) and the ratio. Goal: reuse >= 3x. It runs once over plain SMTP
 and once over STARTTLS (a self-signed certificate made with openssl, trusted
@@ -26,7 +26,7 @@ from pathlib import Path
 from app.ids import new_id
 from mail.render import MailLine, OrderMail, render_confirmation
 from mail.settings import MailSettings
-from mail.worker import SmtpSender
+from mail.smtp import SmtpSender
 from tests.mail_fixtures import running_sink
 
 

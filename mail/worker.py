@@ -1,6 +1,6 @@
 """The mail worker: consumer group ``mailer`` on the ``events`` stream.
 
-One loop feeds MAIL_CONCURRENCY lanes (``Lanes``), each an SMTP session
+One loop feeds MAIL_CONCURRENCY lanes (``Lanes``, mail/smtp.py), each an SMTP session
 (``SmtpSender``) sending one mail at a time. Several workers share the work
 through the consumer group. The loop:
 
@@ -58,11 +58,8 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass
 
-import aiosmtplib
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
@@ -80,6 +77,7 @@ from mail.render import (
     render_confirmation,
 )
 from mail.settings import MailSettings
+from mail.smtp import Lanes, SmtpSender, classify
 
 log = logging.getLogger("mail.worker")
 
@@ -88,8 +86,6 @@ STREAM = keys.EVENTS
 # Longest XREADGROUP block: the loop comes round at least this often to
 # heartbeat, trim, claim and notice SIGTERM.
 MAX_BLOCK_MS = 1000
-# Sends in a row without a refused connection before one more SMTP session is tried.
-GROW_AFTER = 50
 MAX_REASON = 500
 # An attempt counter outlives any retry schedule, then expires with its mail.
 ATTEMPTS_TTL_S = 30 * 86400
@@ -115,257 +111,8 @@ def connect_redis(settings: MailSettings) -> Redis:
     )
 
 
-class SmtpConnectFailed(Exception):
-    """Connecting, TLS, EHLO or login failed: about the server, not this mail."""
-
-
-class SmtpSender:
-    """One SMTP session at a time, reused for up to MAIL_MAX_PER_CONNECTION mails
-    and closed after MAIL_IDLE_TIMEOUT_SECONDS unused; reopened when it fails.
-
-    ``reuse=False`` opens a connection per mail (only the benchmark does that).
-    """
-
-    def __init__(self, settings: MailSettings, *, reuse: bool = True) -> None:
-        self.settings = settings
-        self.reuse = reuse
-        self._client: aiosmtplib.SMTP | None = None
-        self._last_used = 0.0
-        self._sent_on_session = 0
-        self._closing: set[asyncio.Task] = set()
-        self._random = random.Random()
-        self.connections_opened = 0
-        # Throttles in a row on this session (421, 451, 452, refused): it backs off.
-        self.throttled = 0
-
-    @property
-    def throttle_pause(self) -> float:
-        """Seconds this session waits after its latest throttle: exponential in the
-        throttles in a row, capped, half of it random so sessions spread out."""
-        s = self.settings
-        cap = min(s.backoff_max, s.backoff_base * 2 ** min(max(self.throttled, 1) - 1, 60))
-        return cap / 2 + self._random.uniform(0, cap / 2)
-
-    @property
-    def connected(self) -> bool:
-        return self._client is not None and self._client.is_connected
-
-    @property
-    def spent(self) -> bool:
-        """The open session carried MAIL_MAX_PER_CONNECTION mails: the next opens anew."""
-        return self.connected and self._sent_on_session >= self.settings.max_per_connection
-
-    def idle_for(self, now: float) -> float:
-        return now - self._last_used if self.connected else 0.0
-
-    async def _connect(self) -> aiosmtplib.SMTP:
-        s = self.settings
-        client = aiosmtplib.SMTP(
-            hostname=s.smtp_host,
-            port=s.smtp_port,
-            username=s.smtp_username or None,
-            password=s.smtp_password or None,
-            use_tls=s.smtp_tls == "tls",
-            start_tls=s.smtp_tls == "starttls",
-            timeout=s.smtp_timeout,
-            cert_bundle=s.smtp_ca_file or None,
-            local_hostname=s.ehlo_name,
-        )
-        try:
-            await client.connect()
-        except Exception as error:
-            client.close()
-            raise SmtpConnectFailed(f"{type(error).__name__}: {error}") from error
-        self.connections_opened += 1
-        self._sent_on_session = 0
-        return client
-
-    async def _ready(self) -> aiosmtplib.SMTP:
-        if self.connected and (
-            self._sent_on_session >= self.settings.max_per_connection
-            or self.idle_for(time.monotonic()) >= self.settings.idle_timeout
-        ):
-            # QUIT first, then connect: a relay counting sessions has this one
-            # closed before the next arrives.
-            client, self._client = self._client, None
-            await self._quit(client)
-        if self._client is None or not self._client.is_connected:
-            self._drop()
-            self._client = await self._connect()
-        return self._client
-
-    async def send(self, raw: bytes, sender: str, recipients: list[str]) -> None:
-        """Send an already flattened message (CRLF line ends)."""
-        client = await self._ready()
-        options = [] if raw.isascii() else ["BODY=8BITMIME"]
-        try:
-            await client.sendmail(sender, recipients, raw, mail_options=options)
-        except BaseException:
-            # After a failure the session state is unknown: start clean next time.
-            self._drop()
-            raise
-        self._last_used = time.monotonic()
-        self._sent_on_session += 1
-        if not self.reuse:
-            await self.close()
-
-    def release_session(self) -> None:
-        """QUIT the open session in the background; the next send opens a new one."""
-        client, self._client = self._client, None
-        if client is not None and client.is_connected:
-            task = asyncio.get_running_loop().create_task(self._quit(client))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
-
-    async def _quit(self, client: aiosmtplib.SMTP) -> None:
-        try:
-            await asyncio.wait_for(client.quit(), self.settings.smtp_timeout)
-        except Exception:
-            client.close()
-
-    def _drop(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-
-    async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None and client.is_connected:
-            await self._quit(client)
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
-
-
-# Replies that mean "not now" from the relay, whatever the mail (RFC 5321 4.2.2,
-# RFC 3463): service not available, local error, insufficient storage.
-THROTTLE_CODES = frozenset({421, 451, 452})
-
-
-@dataclass(frozen=True)
-class Failure:
-    """How a failed send is handled. ``kind``: permanent (dead letter at once),
-    throttle (retry, no attempt counted, the lane backs off), temporary (retry,
-    counted against MAIL_MAX_ATTEMPTS). ``refused``: the relay refused the
-    connection itself, so fewer connections are used."""
-
-    kind: str
-    reason: str
-    refused: bool = False
-
-
-def classify(error: BaseException) -> Failure:
-    """RFC 5321 4.5.4.1: 5xx is final; 421/451/452 and refused connections are throttles."""
-    if isinstance(error, SmtpConnectFailed):
-        return Failure("throttle", f"connect failed: {error}", refused=True)
-    if isinstance(error, aiosmtplib.SMTPRecipientsRefused):
-        refused = error.recipients
-        codes = [r.code for r in refused]
-        detail = f"{refused[0].code} {refused[0].message}" if refused else str(error)
-        if codes and all(500 <= code < 600 for code in codes):
-            kind = "permanent"
-        elif codes and all(code in THROTTLE_CODES for code in codes):
-            kind = "throttle"
-        else:
-            kind = "temporary"
-        return Failure(kind, f"recipient refused: {detail}")
-    if isinstance(error, aiosmtplib.SMTPResponseException):
-        if 500 <= error.code < 600:
-            kind = "permanent"
-        elif error.code in THROTTLE_CODES:
-            kind = "throttle"
-        else:
-            kind = "temporary"
-        return Failure(kind, f"{error.code} {error.message}")
-    if isinstance(error, TimeoutError):
-        return Failure("temporary", f"send took longer than its deadline or timeout: {error}")
-    return Failure("temporary", f"{type(error).__name__}: {error}")
-
-
 def clip(reason: str) -> str:
     return " ".join(reason.split())[:MAX_REASON]
-
-
-class Lanes:
-    """MAIL_CONCURRENCY SmtpSenders, each sending one mail at a time.
-
-    ``limit`` lanes may be busy at once. When the relay refuses a connection, the
-    limit drops to the sessions the relay does hold open (at least 1); every
-    GROW_AFTER sends in a row without a refusal it grows by one again, up to
-    MAIL_CONCURRENCY. A lane is taken last-in first-out, so light traffic keeps
-    few sessions open and the others time out idle.
-    """
-
-    def __init__(self, settings: MailSettings, make: Callable[[], SmtpSender]) -> None:
-        self.size = settings.concurrency
-        self.limit = self.size
-        self.lowest_limit = self.size
-        self.busy = 0
-        self._free = [make() for _ in range(self.size)]
-        self._all = list(self._free)
-        self._changed = asyncio.Condition()
-        self._sends_since_refusal = 0
-
-    @property
-    def free(self) -> int:
-        return max(0, self.limit - self.busy)
-
-    async def acquire(self) -> SmtpSender:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.busy < self.limit)
-            self.busy += 1
-            # A lane with an open session first: a new one is opened only when no
-            # free lane has one, so sessions never outnumber busy lanes.
-            for index in range(len(self._free) - 1, -1, -1):
-                if self._free[index].connected:
-                    return self._free.pop(index)
-            return self._free.pop()
-
-    async def wait_free(self, seconds: float) -> bool:
-        """Wait up to ``seconds`` for a free lane; True when one is free."""
-        async with self._changed:
-            with suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self.busy < self.limit), seconds
-                )
-            return self.busy < self.limit
-
-    async def release(self, sender: SmtpSender) -> None:
-        # Past the limit (it was lowered), the session is closed, QUIT awaited,
-        # while the lane still counts as busy: the relay gets its slot back first.
-        if sender.connected and self.open_sessions() > self.limit:
-            await sender.close()
-        async with self._changed:
-            self.busy -= 1
-            self._free.append(sender)
-            self._changed.notify_all()
-
-    def open_sessions(self) -> int:
-        return sum(1 for sender in self._all if sender.connected)
-
-    def sent(self) -> None:
-        self._sends_since_refusal += 1
-        if self._sends_since_refusal >= GROW_AFTER and self.limit < self.size:
-            self._sends_since_refusal = 0
-            self.limit += 1
-            metrics.CONNECTIONS_LIMIT.set(self.limit)
-            log.info("relay accepting again: up to %d SMTP sessions", self.limit)
-
-    def refused(self) -> None:
-        self._sends_since_refusal = 0
-        limit = max(1, min(self.limit - 1, self.open_sessions()))
-        if limit < self.limit:
-            self.limit = limit
-            self.lowest_limit = min(self.lowest_limit, limit)
-            metrics.CONNECTIONS_LIMIT.set(limit)
-            log.warning("relay refused a connection: down to %d SMTP session(s)", limit)
-
-    def close_idle(self, now: float, idle_timeout: float) -> None:
-        for sender in self._free:
-            if sender.idle_for(now) >= idle_timeout or sender.spent:
-                sender.release_session()
-
-    async def close(self) -> None:
-        await asyncio.gather(*(sender.close() for sender in self._all), return_exceptions=True)
 
 
 class BadEvent(Exception):
