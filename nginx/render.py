@@ -422,7 +422,7 @@ def servers(config: NginxConfig) -> list[Server]:
     return [Server(name, port, PROBES + locations) for name, port, locations in table if port]
 
 
-_ENVIRONMENT = jinja2.Environment(
+_TEMPLATES = jinja2.Environment(
     loader=jinja2.FileSystemLoader(HERE),
     undefined=jinja2.StrictUndefined,
     trim_blocks=True,
@@ -440,7 +440,7 @@ def render(config: NginxConfig) -> str:
         return f"{config.listen_host}:{port}" if config.listen_host else str(port)
 
     ports = [(config.seed_phones_port, "phones"), (config.seed_orders_port, "orders")]
-    return _ENVIRONMENT.get_template(TEMPLATE.name).render(
+    return _TEMPLATES.get_template(TEMPLATE.name).render(
         config=config,
         var_dir=config.var_dir.rstrip("/"),
         seed_services=[(port, service) for port, service in ports if port],
