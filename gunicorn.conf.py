@@ -1,7 +1,7 @@
 """gunicorn settings for one PhoneShop instance; every value comes from the environment.
 
 Used unchanged by `make run` (app/ops/instances.py starts WEB_INSTANCES of these),
-by the test stack (tests/stack.py) and by the Docker image's CMD:
+by the test stack (loadtests/support/stack.py) and by the Docker image's CMD:
 
     gunicorn --config gunicorn.conf.py
 

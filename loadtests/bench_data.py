@@ -60,7 +60,7 @@ def provision(stack: LoadStack, phones: int, customers: int) -> tuple[list[str],
     return phone_ids, people
 
 
-class _Command:
+class ProtocolCommand:
     """A RESP command whose constant parts are encoded once: ``fill`` supplies the
     variable ones (None in the template), in order. Two million rows are encoded
     per bench run, and encoding every part each time took minutes."""
@@ -98,7 +98,7 @@ def bulk_load(
         text=True,
     )
     assert proc.stdin is not None
-    phone_hash = _Command(
+    phone_hash = ProtocolCommand(
         "HSET",
         None,
         "id",
@@ -120,7 +120,7 @@ def bulk_load(
         "created_at",
         now,
     )
-    phone_index = _Command("ZADD", keys.PHONES, None, None)
+    phone_index = ProtocolCommand("ZADD", keys.PHONES, None, None)
     chunk: list[str] = []
     for i in range(start, phones):
         pid = _bulk_id("bulkPhn_", i)
@@ -134,7 +134,7 @@ def bulk_load(
             chunk.clear()
     customer_orders = keys.customer_orders(customer_id)
     customer_completed = keys.customer_orders_by_status(customer_id, COMPLETED)
-    order_hash = _Command(
+    order_hash = ProtocolCommand(
         "HSET",
         None,
         "id",
@@ -155,7 +155,7 @@ def bulk_load(
         None,
     )
     order_indexes = [
-        _Command("ZADD", index, None, None)
+        ProtocolCommand("ZADD", index, None, None)
         for index in (
             keys.ORDERS,
             keys.orders_by_status(COMPLETED),

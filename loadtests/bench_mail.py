@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 
 from app.ids import new_id
+from loadtests.support.mail_sink import running_sink
 from mail.render import MailLine, OrderMail, render_confirmation
 from mail.settings import MailSettings
 from mail.smtp import SmtpSender
-from tests.mail_fixtures import running_sink
 
 
 def messages(settings: MailSettings, count: int) -> list:

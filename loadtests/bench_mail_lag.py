@@ -46,12 +46,12 @@ from redis.asyncio import Redis
 
 from app import keys
 from app.mail_backlog import ORDER_COMPLETED, entry_ms, read_mail_backlog
-from app.ops.instances import ROOT
+from app.ops.instances import ROOT, mail_argv
 from loadtests import rig
 from loadtests.bench_data import provision
 from loadtests.bench_drivers import orders_wrk, write_wrk_data
 from loadtests.stack import LoadStack, launch
-from tests.servers import clean_env, free_port, stop_process, wait_for_port
+from loadtests.support.servers import clean_env, free_port, stop_process, wait_for_port
 
 TITLE = "Mail keeps pace with orders (issue 16)"
 REPORTS = ROOT / "loadtests" / "reports"
@@ -114,7 +114,7 @@ def start_workers(
         log_file = (directory / f"mail-{count}-{index}.log").open("ab")
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "mail"],
+                mail_argv(),
                 cwd=ROOT,
                 env=env,
                 stdout=log_file,

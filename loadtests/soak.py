@@ -39,9 +39,10 @@ import aiohttp
 from redis.asyncio import Redis
 
 from app import keys
+from app.ops.instances import mail_sink_argv
 from app.vocabulary import COMPLETED
 from loadtests.stack import ROOT, LoadStack, launch
-from tests.servers import clean_env, stop_process, wait_for_port
+from loadtests.support.servers import clean_env, stop_process, wait_for_port
 
 CUSTOMERS = 16
 PHONES = 5
@@ -183,7 +184,7 @@ class SmtpSink:
         assert mail is not None
         env = clean_env(SMTP_PORT=str(mail.smtp_port), MAIL_SINK_DIR=str(mail.sink_dir))
         mail.sink = subprocess.Popen(
-            [sys.executable, "-m", "mail.sink"],
+            mail_sink_argv(),
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,

@@ -1,6 +1,6 @@
 """A fresh PhoneShop stack for `make loadtest` and `make bench`, on 127.0.0.1 only.
 
-It is the test suite's stack (tests/stack.py: redis-server with AOF, gunicorn
+It is the test suite's stack (loadtests/support/stack.py: redis-server with AOF, gunicorn
 instances, nginx rendered by nginx/render.py), started in a temp folder on free
 ports (or HTTP_PORT when set), plus, when asked, the mail worker
 (``python -m mail``) and the dev SMTP sink (``python -m mail.sink``). Everything
@@ -23,9 +23,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.ops.instances import ROOT, die_with_parent
-from tests.servers import clean_env, free_port, stop_process, wait_for_port
-from tests.stack import FullStack, start_full_stack
+from app.ops.instances import ROOT, die_with_parent, mail_argv, mail_sink_argv
+from loadtests.support.servers import clean_env, free_port, stop_process, wait_for_port
+from loadtests.support.stack import FullStack, start_full_stack
 
 # Rate limits of the load-test stack. The write limit is left at the production
 # default (NginxConfig's, per bearer token): each simulated customer has its
@@ -110,7 +110,7 @@ def _start_mail(directory: Path, redis_url: str) -> MailProcesses:
     )
     log = (directory / "mail.log").open("ab")
     sink = subprocess.Popen(
-        [sys.executable, "-m", "mail.sink"],
+        mail_sink_argv(),
         cwd=ROOT,
         env=env,
         stdout=log,
@@ -119,7 +119,7 @@ def _start_mail(directory: Path, redis_url: str) -> MailProcesses:
     )
     wait_for_port(smtp_port, proc=sink)
     worker = subprocess.Popen(
-        [sys.executable, "-m", "mail"],
+        mail_argv(),
         cwd=ROOT,
         env=env,
         stdout=log,

@@ -19,12 +19,9 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
-import sys
 import threading
-import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 from email import policy
 from email.message import EmailMessage
@@ -39,11 +36,12 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from app import keys
+from app.ops.instances import ROOT, mail_argv
+from loadtests.support.mail_sink import MailSink, running_sink
+from loadtests.support.servers import RedisServer, clean_env, free_port, stop_process
 from mail.settings import MailSettings
 from mail.worker import MailWorker
-from tests.servers import RedisServer, clean_env, free_port, stop_process, wait_for_port
 
-ROOT = Path(__file__).resolve().parents[1]
 DROP = "drop"  # scripted action: take the data, then close the connection unanswered
 
 
@@ -257,72 +255,6 @@ def smtp_server() -> Iterator[SmtpServer]:
         controller.stop()
 
 
-@dataclass
-class MailSink:
-    """A ``python -m mail.sink`` process saving .eml files into ``directory``;
-    ``cert`` is its self-signed certificate when it offers STARTTLS."""
-
-    port: int
-    directory: Path
-    proc: subprocess.Popen
-    cert: Path | None = None
-
-
-def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
-    """(cert, key) PEM files for 127.0.0.1, made with the openssl command."""
-    cert, key = directory / "sink-cert.pem", directory / "sink-key.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
-
-
-@contextmanager
-def running_sink(directory: Path, *, tls: bool = False) -> Iterator[MailSink]:
-    """Start ``python -m mail.sink`` on a free port, saving into ``directory/mail``."""
-    port = free_port()
-    env = clean_env(
-        SMTP_PORT=str(port), MAIL_SINK_DIR=str(directory / "mail"), PYTHONPATH=str(ROOT)
-    )
-    cert = None
-    if tls:
-        cert, key = self_signed_certificate(directory)
-        env.update(MAIL_SINK_TLS_CERT=str(cert), MAIL_SINK_TLS_KEY=str(key))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mail.sink"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, proc=proc)
-        yield MailSink(port, directory / "mail", proc, cert)
-    finally:
-        stop_process(proc)
-
-
 @pytest.fixture
 def mail_sink(tmp_path: Path) -> Iterator[MailSink]:
     with running_sink(tmp_path) as sink:
@@ -450,7 +382,7 @@ class ProcessPool:
         settings = replace(self.settings, worker_name=name, **changes)
         log = (self.log_dir / f"{name}.log").open("ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mail"],
+            mail_argv(),
             cwd=ROOT,
             env=settings_env(settings),
             stdout=log,
@@ -478,25 +410,6 @@ def mail_processes(
         yield pool
     finally:
         pool.stop_all()
-
-
-async def wait_until(
-    condition: Callable[[], Awaitable[bool] | bool],
-    deadline_s: float = 60.0,
-    interval: float = 0.05,
-    message: str = "condition",
-) -> None:
-    """Poll until ``condition`` holds; a generous deadline, never a timing assertion."""
-    deadline = time.monotonic() + deadline_s
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {deadline_s}s waiting for {message}")
-        await asyncio.sleep(interval)
 
 
 async def group_idle(redis: Redis) -> bool:

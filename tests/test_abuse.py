@@ -24,9 +24,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
+from loadtests.support.servers import free_port
+from loadtests.support.stack import FullStack, NginxServer
 from nginx.render import NginxConfig
-from tests.servers import free_port
-from tests.stack import FullStack, NginxServer
 
 SLOW_CONNECTIONS = 300
 

@@ -14,7 +14,7 @@ from app.auth import Principal
 from app.orders.service import cancel_order, check_order, place_order
 from app.redis_gateway import gateway_over
 from app.scripts import Scripts
-from tests.conftest import Shop
+from tests.helpers import Shop
 
 PREFILL = 4 * BATCH  # enough rows that one audit takes several round trips
 WRITES = 3000  # the writer's bound: it stops here even if no audit overlapped it

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import socket
 
-from loadtests.bench_data import _Command
-from tests.servers import RedisServer
+from loadtests.bench_data import ProtocolCommand
+from loadtests.support.servers import RedisServer
 
 
 def test_a_filled_command_is_the_command_redis_runs(redis_server: RedisServer) -> None:
     key = "bench-test:{hash}"  # braces in a key and in a constant must survive the template
-    command = _Command("HSET", None, "id", None, "note{x}", "braces {kept}", "seq", None)
+    command = ProtocolCommand("HSET", None, "id", None, "note{x}", "braces {kept}", "seq", None)
     with socket.create_connection(("127.0.0.1", redis_server.port), timeout=5) as conn:
         conn.sendall(command.fill(key, "p-1", "42").encode())
         reply = b""

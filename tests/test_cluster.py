@@ -37,8 +37,8 @@ from app.ops.redis_cluster import (
     topology_from,
 )
 from loadtests.datatier import run_ceiling, run_memory
+from loadtests.support.servers import clean_env
 from tests.cluster import new_cluster
-from tests.servers import clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,9 +17,9 @@ from redis import Redis
 from redis.exceptions import AuthenticationError
 
 from app.settings import Settings, SettingsError
+from loadtests.support.servers import free_port, stop_process, wait_for_port
 from mail.settings import MailSettings
 from nginx.render import COMPOSE_CONF, NginxConfig, render
-from tests.servers import free_port, stop_process, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"

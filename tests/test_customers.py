@@ -6,7 +6,7 @@ import hashlib
 
 from redis.asyncio import Redis
 
-from tests.conftest import ADMIN, Shop
+from tests.helpers import ADMIN, Shop
 
 
 async def test_create_customer_returns_token_once_stored_hashed(shop: Shop, redis: Redis) -> None:

@@ -13,7 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from app.pages import DOCS_ASSETS
-from tests.stack import FullStack
+from loadtests.support.stack import FullStack
 from tests.test_live import CHROMIUM, CHROMIUM_ARGS
 
 DEADLINE_MS = 30_000

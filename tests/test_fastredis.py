@@ -16,8 +16,8 @@ from app.fastredis import MultiplexedRedis
 from app.main import create_app
 from app.redis_gateway import RedisGateway, gateway_over
 from app.scripts import Scripts
-from tests.conftest import Shop
-from tests.servers import RedisServer
+from loadtests.support.servers import RedisServer
+from tests.helpers import Shop
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import asyncio
 import json
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -28,8 +27,10 @@ from redis.asyncio import Redis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app import keys
-from tests.servers import clean_env, free_port, stop_process, wait_for_port
-from tests.stack import FullStack, start_full_stack
+from app.ops.instances import mail_argv, mail_sink_argv
+from app.ops.poll import wait_until_async
+from loadtests.support.servers import clean_env, free_port, stop_process, wait_for_port
+from loadtests.support.stack import FullStack, start_full_stack
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=15)
@@ -78,7 +79,7 @@ class MailSide:
     def start_sink(self) -> None:
         with (self.directory / "sink.log").open("ab") as log:
             self.sink = subprocess.Popen(
-                [sys.executable, "-m", "mail.sink"],
+                mail_sink_argv(),
                 cwd=ROOT,
                 env=self.env(),
                 stdout=log,
@@ -94,7 +95,7 @@ class MailSide:
     def start_worker(self, name: str) -> None:
         with (self.directory / f"{name}.log").open("ab") as log:
             self.workers[name] = subprocess.Popen(
-                [sys.executable, "-m", "mail"],
+                mail_argv(),
                 cwd=ROOT,
                 env=self.env(MAIL_WORKER_NAME=name),
                 stdout=log,
@@ -286,19 +287,6 @@ async def placed_events(redis_url: str) -> set[str]:
         await redis.aclose()
 
 
-async def wait_until(condition, what: str, seconds: float = 60.0) -> None:
-    """Poll ``condition`` (sync, or async when it returns an awaitable) until true."""
-    deadline = time.monotonic() + seconds
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        assert time.monotonic() < deadline, f"{what}: not after {seconds:.0f} s"
-        await asyncio.sleep(0.05)
-
-
 # ---- the faults ----------------------------------------------------------------------
 
 
@@ -316,7 +304,7 @@ async def test_redis_kill_9_during_orders_loses_nothing_acknowledged(stack: Full
         for _ in range(3):
             # Every kill lands while orders flow: some acknowledged since the last restart.
             acked = len(storm.acked)
-            await wait_until(
+            await wait_until_async(
                 lambda acked=acked: len(storm.acked) >= acked + 10,
                 f"orders before kill {kills + 1}",
             )
@@ -324,12 +312,14 @@ async def test_redis_kill_9_during_orders_loses_nothing_acknowledged(stack: Full
             await asyncio.to_thread(stack.kill_redis)
             kills += 1
             # ...and the clients see this outage before Redis comes back.
-            await wait_until(
+            await wait_until_async(
                 lambda problems=problems: storm.problems_503 > problems, f"503s after kill {kills}"
             )
             await asyncio.to_thread(stack.start_redis)
         acked = len(storm.acked)
-        await wait_until(lambda: len(storm.acked) >= acked + 10, "orders after the last restart")
+        await wait_until_async(
+            lambda: len(storm.acked) >= acked + 10, "orders after the last restart"
+        )
         until.set()
         await load
         audit = await check_books(session, stack, storm)
@@ -463,7 +453,7 @@ async def test_slow_redis_fails_fast_and_recovers(stack: FullStack) -> None:
             finally:
                 await probe.aclose()
 
-        await wait_until(asleep, "Redis never went to sleep", 10)
+        await wait_until_async(asleep, "Redis never went to sleep", 10)
         started = time.monotonic()
         answers = await asyncio.gather(
             *(call(session, "GET", f"{instance}/phones/{phones[0]}") for _ in range(150)),

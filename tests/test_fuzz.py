@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.stack import FullStack, start_full_stack
+from loadtests.support.stack import FullStack, start_full_stack
 
 HERE = Path(__file__).resolve().parent
 # Examples per operation and phase; 26 operations are tested in each run.

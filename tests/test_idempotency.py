@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 from redis.asyncio import Redis
 
-from tests.conftest import Shop, without_shedding
+from tests.helpers import Shop, without_shedding
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from app import keys
 from app.admin.audit import BATCH, LEDGER_FIELDS
 from app.admin.ledger_rebuild import LedgerRebuildError, recount_ledger, write_ledger
-from tests.conftest import ADMIN, Shop
+from tests.helpers import ADMIN, Shop
 
 
 def check(audit: dict, name: str) -> dict:

@@ -2,7 +2,7 @@
 
 In-process (the ``client`` fixture: the real app on a real redis-server) for the
 protocol, and through the real stack (nginx + 2 gunicorn instances,
-tests/stack.py) for nginx, the seed port, cross-instance delivery and SIGTERM.
+loadtests/support/stack.py) for nginx, the seed port, cross-instance delivery and SIGTERM.
 Nothing is mocked; every wait is for a condition, with a generous deadline.
 """
 
@@ -31,10 +31,11 @@ from app import appkeys, keys
 from app.events.sockets import CloseCode, EventsConfig
 from app.events.stream import StreamId
 from app.main import create_app
+from app.ops.poll import wait_until_async
+from loadtests.support.servers import RedisServer, free_port
+from loadtests.support.stack import FullStack
 from nginx.render import NginxConfig, render
-from tests.conftest import ADMIN, Shop
-from tests.servers import RedisServer, free_port
-from tests.stack import FullStack
+from tests.helpers import ADMIN, Shop
 
 DEADLINE = 30.0
 PROBLEM = "application/problem+json"
@@ -71,11 +72,10 @@ class Listener:
         return self.events[-1]["id"]
 
     async def wait_for(self, condition: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + DEADLINE
-        while not condition():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not within {DEADLINE}s: {what}; got {self.messages[-5:]}")
-            await asyncio.sleep(0.02)
+        try:
+            await wait_until_async(condition, what, DEADLINE)
+        except TimeoutError as error:
+            raise AssertionError(f"{error}; got {self.messages[-5:]}") from None
 
     async def wait_live(self) -> dict[str, Any]:
         await self.wait_for(lambda: any(m["type"] == "live" for m in self.messages), "live")
@@ -417,7 +417,7 @@ async def test_slow_consumer_is_closed_while_another_client_keeps_receiving(
     hub = app[appkeys.EVENT_HUB]
     healthy = await listen(shop.client, "/orders/events", ADMIN)
     slow = await RawWebSocket.connect(shop.client.host, shop.client.port, ADMIN)
-    await wait_until(lambda: hub.subscribers == 2, "both sockets subscribed")
+    await wait_until_async(lambda: hub.subscribers == 2, "both sockets subscribed", DEADLINE)
 
     produced = 0
     batch = 1000
@@ -542,7 +542,9 @@ async def test_upgrade_refused_with_503_past_the_socket_cap(shop: Shop) -> None:
     assert refused.headers["Retry-After"]
     assert (await refused.json(content_type=PROBLEM))["code"] == "overloaded"
     await first.close()
-    await wait_until(lambda: not shop.client.app[appkeys.EVENT_SOCKETS], "the first one gone")
+    await wait_until_async(
+        lambda: not shop.client.app[appkeys.EVENT_SOCKETS], "the first one gone", DEADLINE
+    )
     second = await listen(shop.client, "/orders/events", ADMIN)
     await second.close()
 
@@ -607,7 +609,9 @@ async def test_idle_sockets_are_pinged_and_silent_ones_dropped(shop: Shop) -> No
     async for message in ws:  # answers nothing: no pong
         kinds.append(message.type)
     assert aiohttp.WSMsgType.PING in kinds
-    await wait_until(lambda: not app[appkeys.EVENT_SOCKETS], "the silent socket forgotten")
+    await wait_until_async(
+        lambda: not app[appkeys.EVENT_SOCKETS], "the silent socket forgotten", DEADLINE
+    )
     assert hub.subscribers == 0
 
 
@@ -689,14 +693,6 @@ class RawWebSocket:
             frames.append((opcode, data[offset : offset + length]))
             data = data[offset + length :]
         return frames
-
-
-async def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {DEADLINE}s: {what}")
-        await asyncio.sleep(0.02)
 
 
 # ---- through the real stack: nginx, the seed port, 2 instances --------------------------

@@ -19,7 +19,7 @@ from redis import Redis
 
 from loadtests import shapes, verify
 from loadtests.__main__ import locust_command
-from tests.stack import FullStack
+from loadtests.support.stack import FullStack
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -17,7 +17,7 @@ from app.lua_prelude import DEFINITIONS, prelude_for, with_prelude
 from app.redis_gateway import gateway_over
 from app.scripts import Scripts, load_source
 from mail import scripts as mail_scripts
-from tests.conftest import Shop
+from tests.helpers import Shop
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA_FILES = sorted([*(ROOT / "app" / "lua").glob("*.lua"), *(ROOT / "mail" / "lua").glob("*.lua")])

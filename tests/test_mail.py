@@ -12,7 +12,6 @@ import base64
 import json
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -30,22 +29,23 @@ from app import keys
 from app.admin.mail import list_dead_letters, requeue_dead_letter
 from app.ids import new_id
 from app.mail_backlog import count_after, read_mail_backlog
+from app.ops.instances import mail_argv
+from app.ops.poll import wait_until_async
 from app.settings import SettingsError
+from loadtests.support.mail_sink import MailSink
+from loadtests.support.servers import free_port, running_redis
 from mail.render import HEADERS
 from mail.settings import MailSettings, default_worker_name
 from mail.worker import MailWorker
 from tests.mail_fixtures import (
     DROP,
     ROOT,
-    MailSink,
     ProcessPool,
     SmtpServer,
     WorkerPool,
     group_idle,
     settings_env,
-    wait_until,
 )
-from tests.servers import free_port, running_redis
 
 DOMAIN = "phoneshop.test"
 
@@ -164,7 +164,7 @@ async def test_completed_order_produces_exactly_one_mail(
     await add_event(mail_redis, "order.placed", order)
     await add_event(mail_redis, "order.completed", order)
     worker = await mail_workers.start()
-    await wait_until(lambda: group_idle(mail_redis), message="the group to drain")
+    await wait_until_async(lambda: group_idle(mail_redis), what="the group to drain")
 
     [received] = smtp_server.received
     assert received.accepted
@@ -195,7 +195,7 @@ async def test_completed_order_produces_exactly_one_mail(
 
     # A redelivered event (same order completed "again") is not mailed twice.
     await add_event(mail_redis, "order.completed", order)
-    await wait_until(lambda: group_idle(mail_redis))
+    await wait_until_async(lambda: group_idle(mail_redis))
     assert len(smtp_server.received) == 1
     assert worker.stats["duplicates"] == 1
 
@@ -209,14 +209,14 @@ async def test_open_order_mails_once_checked_cancelled_never(
     await add_event(mail_redis, "order.placed", cancelled)
     await add_event(mail_redis, "order.cancelled", cancelled)
     worker = await mail_workers.start()
-    await wait_until(lambda: group_idle(mail_redis))
+    await wait_until_async(lambda: group_idle(mail_redis))
     assert smtp_server.received == []
     assert worker.stats["ignored"] == 3
 
     await mail_redis.hset(keys.order(open_order.order_id), "status", "completed")
     await add_event(mail_redis, "order.completed", open_order)
-    await wait_until(lambda: is_sent(mail_redis, open_order))
-    await wait_until(lambda: group_idle(mail_redis))
+    await wait_until_async(lambda: is_sent(mail_redis, open_order))
+    await wait_until_async(lambda: group_idle(mail_redis))
     assert smtp_server.message_ids() == [open_order.message_id]
     assert not await is_sent(mail_redis, cancelled)
 
@@ -235,8 +235,8 @@ async def test_451_k_times_then_accepted_is_delivered_once_without_blocking_othe
     await add_event(mail_redis, "order.completed", second)
     # Backoff of at least 0.5 s: the second mail is sent while the first waits.
     worker = await mail_workers.start(backoff_base=1.0, backoff_max=2.0)
-    await wait_until(lambda: all_sent(mail_redis, [first, second]))
-    await wait_until(lambda: group_idle(mail_redis))
+    await wait_until_async(lambda: all_sent(mail_redis, [first, second]))
+    await wait_until_async(lambda: group_idle(mail_redis))
 
     assert smtp_server.message_ids() == [second.message_id, first.message_id]
     assert smtp_server.data_commands == k + 2
@@ -253,8 +253,8 @@ async def test_connection_dropped_after_data_is_delivered_with_one_message_id(
     order = await seed_order(mail_redis)
     await add_event(mail_redis, "order.completed", order)
     worker = await mail_workers.start()
-    await wait_until(lambda: is_sent(mail_redis, order))
-    await wait_until(lambda: group_idle(mail_redis))
+    await wait_until_async(lambda: is_sent(mail_redis, order))
+    await wait_until_async(lambda: group_idle(mail_redis))
 
     received = smtp_server.received
     # The server got the data twice: once before it hung up, once on the retry.
@@ -271,7 +271,7 @@ async def test_550_is_dead_lettered_after_one_attempt_and_requeueable(
     order = await seed_order(mail_redis)
     entry_id = await add_event(mail_redis, "order.completed", order)
     worker = await mail_workers.start()
-    await wait_until(lambda: mail_redis.xlen(keys.MAIL_DEAD))
+    await wait_until_async(lambda: mail_redis.xlen(keys.MAIL_DEAD))
 
     [(dead_id, letter)] = await dead_letters(mail_redis)
     assert letter["order_id"] == order.order_id
@@ -282,8 +282,8 @@ async def test_550_is_dead_lettered_after_one_attempt_and_requeueable(
     # Acknowledged, not waiting for a retry, not marked sent: nothing will resend it.
     later = await seed_order(mail_redis)
     await add_event(mail_redis, "order.completed", later)
-    await wait_until(lambda: is_sent(mail_redis, later))
-    await wait_until(lambda: group_idle(mail_redis))
+    await wait_until_async(lambda: is_sent(mail_redis, later))
+    await wait_until_async(lambda: group_idle(mail_redis))
     assert smtp_server.data_commands == 2
     assert await mail_redis.zcard(keys.MAIL_RETRY) == 0
     assert not await is_sent(mail_redis, order)
@@ -293,7 +293,7 @@ async def test_550_is_dead_lettered_after_one_attempt_and_requeueable(
     assert total == 1 and [d.id for d in listed] == [dead_id]
     requeued = await requeue_dead_letter(mail_redis, dead_id)
     assert requeued is not None and requeued.order_id == order.order_id
-    await wait_until(lambda: is_sent(mail_redis, order))
+    await wait_until_async(lambda: is_sent(mail_redis, order))
     assert smtp_server.message_ids() == [later.message_id, order.message_id]
     assert await mail_redis.xlen(keys.MAIL_DEAD) == 0
     assert await requeue_dead_letter(mail_redis, dead_id) is None  # already requeued
@@ -308,7 +308,7 @@ async def test_max_attempts_dead_letters_and_bad_events_do_not_stop_the_worker(
     ghost = SeededOrder(new_id(), new_id(), "", [], 0, 0)  # no order hash behind it
     await add_event(mail_redis, "order.completed", ghost)
     await mail_workers.start(max_attempts=3)
-    await wait_until(lambda: group_idle(mail_redis))
+    await wait_until_async(lambda: group_idle(mail_redis))
 
     letters = {f["order_id"]: f for _, f in await dead_letters(mail_redis)}
     assert letters[flaky.order_id]["attempts"] == "3"
@@ -352,8 +352,8 @@ async def test_header_injection_in_name_or_email_adds_no_header_or_recipient(
     for order in good + bad:
         await add_event(mail_redis, "order.completed", order)
     await mail_workers.start()
-    await wait_until(lambda: all_sent(mail_redis, good))
-    await wait_until(lambda: group_idle(mail_redis))
+    await wait_until_async(lambda: all_sent(mail_redis, good))
+    await wait_until_async(lambda: group_idle(mail_redis))
 
     received = smtp_server.received
     assert sorted(r.message_id for r in received) == sorted(o.message_id for o in good)
@@ -395,7 +395,7 @@ async def test_worker_killed_mid_batch_another_delivers_everything(
     for order in orders:
         await add_event(mail_redis, "order.completed", order)
     victim = mail_processes.start("victim")
-    await wait_until(lambda: len(smtp_server.received) >= 5, message="the victim to send")
+    await wait_until_async(lambda: len(smtp_server.received) >= 5, what="the victim to send")
     victim.kill()
     await asyncio.to_thread(victim.wait, 30)
     assert len(smtp_server.received) < len(orders), "the batch must have been cut short"
@@ -404,8 +404,8 @@ async def test_worker_killed_mid_batch_another_delivers_everything(
     assert [c["name"] for c in pending["consumers"]] == ["victim"]
 
     await mail_workers.start(worker_name="rescuer")
-    await wait_until(lambda: all_sent(mail_redis, orders), message="every mail")
-    await wait_until(lambda: group_idle(mail_redis))
+    await wait_until_async(lambda: all_sent(mail_redis, orders), what="every mail")
+    await wait_until_async(lambda: group_idle(mail_redis))
     ids = smtp_server.message_ids()
     assert set(ids) == {o.message_id for o in orders}
     # At most the mail in hand when the victim died went out twice (same Message-ID).
@@ -418,13 +418,13 @@ async def test_two_workers_in_parallel_send_no_duplicates(
     for name in ("left", "right"):
         mail_processes.start(name, batch_size=5)
     for name in ("left", "right"):
-        await wait_until(lambda n=name: mail_redis.exists(keys.mail_worker_alive(n)))
+        await wait_until_async(lambda n=name: mail_redis.exists(keys.mail_worker_alive(n)))
     smtp_server.handler.delay = 0.01
     orders = [await seed_order(mail_redis) for _ in range(60)]
     for order in orders:
         await add_event(mail_redis, "order.completed", order)
-    await wait_until(lambda: all_sent(mail_redis, orders), message="every mail")
-    await wait_until(lambda: group_idle(mail_redis))
+    await wait_until_async(lambda: all_sent(mail_redis, orders), what="every mail")
+    await wait_until_async(lambda: group_idle(mail_redis))
     ids = smtp_server.message_ids()
     assert sorted(ids) == sorted(o.message_id for o in orders)
     consumers = await mail_redis.xinfo_consumers(keys.EVENTS, keys.MAIL_GROUP)
@@ -439,12 +439,12 @@ async def test_sigterm_finishes_the_mail_in_hand_then_exits(
 ) -> None:
     proc = mail_processes.start("graceful")
     alive = keys.mail_worker_alive("graceful")
-    await wait_until(lambda: mail_redis.exists(alive), message="the health key")
+    await wait_until_async(lambda: mail_redis.exists(alive), what="the health key")
     assert 0 < await mail_redis.ttl(alive) <= mail_processes.settings.alive_ttl
     check = settings_env(mail_processes.settings, MAIL_WORKER_NAME="graceful")
     health = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "mail", "--check"],
+        mail_argv("--check"),
         cwd=ROOT,
         env=check,
         capture_output=True,
@@ -459,11 +459,11 @@ async def test_sigterm_finishes_the_mail_in_hand_then_exits(
         for order in orders:
             pipe.xadd(keys.EVENTS, event_fields("order.completed", order))
         await pipe.execute()
-    await wait_until(lambda: smtp_server.handler.in_data.is_set(), message="a mail in hand")
+    await wait_until_async(lambda: smtp_server.handler.in_data.is_set(), what="a mail in hand")
     proc.send_signal(signal.SIGTERM)
-    await wait_until(
+    await wait_until_async(
         lambda: "stopping after the mail in hand" in mail_processes.log("graceful"),
-        message="the worker to take the signal",
+        what="the worker to take the signal",
     )
     gate.set()
     assert await asyncio.to_thread(proc.wait, 30) == 0
@@ -478,7 +478,7 @@ async def test_sigterm_finishes_the_mail_in_hand_then_exits(
     assert "stopped: sent=1" in mail_processes.log("graceful")
     health = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "mail", "--check"],
+        mail_argv("--check"),
         cwd=ROOT,
         env=check,
         capture_output=True,
@@ -489,7 +489,7 @@ async def test_sigterm_finishes_the_mail_in_hand_then_exits(
     # The rest was handed back: another worker sends it without waiting for the
     # claim timeout.
     await mail_workers.start(worker_name="heir", claim_idle=600.0)
-    await wait_until(lambda: all_sent(mail_redis, orders))
+    await wait_until_async(lambda: all_sent(mail_redis, orders))
     assert sorted(smtp_server.message_ids()) == sorted(o.message_id for o in orders)
 
 
@@ -500,14 +500,14 @@ async def test_health_check_finds_a_default_named_worker_of_this_host(
     del env["MAIL_WORKER_NAME"]
 
     def check() -> int:
-        command = [sys.executable, "-m", "mail", "--check"]
+        command = mail_argv("--check")
         return subprocess.run(
             command, cwd=ROOT, env=env, capture_output=True, timeout=30
         ).returncode
 
     assert await asyncio.to_thread(check) == 1
     worker = await mail_workers.start(worker_name=default_worker_name())
-    await wait_until(lambda: mail_redis.exists(keys.mail_worker_alive(worker.name)))
+    await wait_until_async(lambda: mail_redis.exists(keys.mail_worker_alive(worker.name)))
     assert await asyncio.to_thread(check) == 0
 
 
@@ -521,7 +521,7 @@ async def test_worker_rides_out_a_redis_restart(
             await pool.start()
             before = await seed_order(redis)
             await add_event(redis, "order.completed", before)
-            await wait_until(lambda: is_sent(redis, before))
+            await wait_until_async(lambda: is_sent(redis, before))
 
             await asyncio.to_thread(server.stop)
             await asyncio.to_thread(server.start)  # same port, data back from the AOF
@@ -529,13 +529,13 @@ async def test_worker_rides_out_a_redis_restart(
             redis = Redis.from_url(server.url, decode_responses=True)
             after = await seed_order(redis)
             await add_event(redis, "order.completed", after)
-            await wait_until(lambda: is_sent(redis, after), message="a mail after the restart")
+            await wait_until_async(lambda: is_sent(redis, after), what="a mail after the restart")
 
             # Even a wiped database (stream and group gone) is taken in stride.
             await redis.flushall()
             last = await seed_order(redis)
             await add_event(redis, "order.completed", last)
-            await wait_until(lambda: is_sent(redis, last), message="a mail after FLUSHALL")
+            await wait_until_async(lambda: is_sent(redis, last), what="a mail after FLUSHALL")
             assert smtp_server.message_ids() == [
                 before.message_id,
                 after.message_id,
@@ -600,9 +600,9 @@ async def test_retention_never_trims_unsent_mail_while_the_worker_was_stopped(
         await add_event(mail_redis, "order.placed", order)
         await add_event(mail_redis, "order.completed", order)
     first = await mail_workers.start(worker_name="before", **tiny)
-    await wait_until(lambda: all_sent(mail_redis, early))
-    await wait_until(lambda: group_idle(mail_redis))
-    await wait_until(lambda: stream_length_is(mail_redis, 1), message="the trim")
+    await wait_until_async(lambda: all_sent(mail_redis, early))
+    await wait_until_async(lambda: group_idle(mail_redis))
+    await wait_until_async(lambda: stream_length_is(mail_redis, 1), what="the trim")
     await mail_workers.stop(first)
 
     # The worker is down while many events arrive: nothing trims them.
@@ -629,9 +629,9 @@ async def test_retention_never_trims_unsent_mail_while_the_worker_was_stopped(
 
     watcher = asyncio.create_task(watch())
     await mail_workers.start(worker_name="after", **tiny)
-    await wait_until(lambda: all_sent(mail_redis, early + late), message="every mail")
-    await wait_until(lambda: group_idle(mail_redis))
-    await wait_until(lambda: stream_length_is(mail_redis, 1), message="the final trim")
+    await wait_until_async(lambda: all_sent(mail_redis, early + late), what="every mail")
+    await wait_until_async(lambda: group_idle(mail_redis))
+    await wait_until_async(lambda: stream_length_is(mail_redis, 1), what="the final trim")
     watching = False
     await watcher
     assert violations == []
@@ -645,13 +645,13 @@ async def test_retention_never_trims_unsent_mail_while_the_worker_was_stopped(
 async def test_dead_letter_endpoints_list_and_requeue(
     client, shop, mail_redis: Redis, smtp_server: SmtpServer, mail_workers: WorkerPool
 ) -> None:
-    from tests.conftest import ADMIN
+    from tests.helpers import ADMIN
 
     smtp_server.answer("554 5.7.1 Rejected")
     order = await seed_order(mail_redis)
     await add_event(mail_redis, "order.completed", order)
     await mail_workers.start()
-    await wait_until(lambda: mail_redis.xlen(keys.MAIL_DEAD))
+    await wait_until_async(lambda: mail_redis.xlen(keys.MAIL_DEAD))
 
     response = await client.get("/admin/mail/dead", headers=ADMIN)
     assert response.status == 200
@@ -672,7 +672,7 @@ async def test_dead_letter_endpoints_list_and_requeue(
     assert response.status == 200, await response.text()
     requeued = (await response.json())["requeued"]
     assert requeued["order_id"] == order.order_id and requeued["dead_id"] == letter["id"]
-    await wait_until(lambda: is_sent(mail_redis, order))
+    await wait_until_async(lambda: is_sent(mail_redis, order))
     assert smtp_server.message_ids() == [order.message_id]
     assert (await client.post(retry, headers=ADMIN)).status == 404
     assert (await client.post("/admin/mail/dead/nope/retry", headers=ADMIN)).status == 404
@@ -700,7 +700,7 @@ async def test_orders_placed_through_the_api_are_mailed_once_completed(
     cancelled = (await response.json())["order"]
     assert (await client.post(f"/orders/{cancelled['id']}/cancel", headers=auth)).status == 200
 
-    await wait_until(lambda: group_idle(mail_redis))
+    await wait_until_async(lambda: group_idle(mail_redis))
     assert smtp_server.message_ids() == [f"<order-{completed['id']}@{DOMAIN}>"]
     [received] = smtp_server.received
     assert received.rcpt_tos == (customer["email"],)
@@ -709,7 +709,7 @@ async def test_orders_placed_through_the_api_are_mailed_once_completed(
     assert "Total: 1,000.00" in text
 
     assert (await client.post(f"/orders/{waiting['id']}/check", headers=auth)).status == 200
-    await wait_until(lambda: group_idle(mail_redis))
+    await wait_until_async(lambda: group_idle(mail_redis))
     assert smtp_server.message_ids() == [
         f"<order-{completed['id']}@{DOMAIN}>",
         f"<order-{waiting['id']}@{DOMAIN}>",
@@ -727,7 +727,7 @@ async def test_sink_saves_each_mail_as_an_eml_file(
         await add_event(mail_redis, "order.completed", order)
     await mail_workers.start(smtp_port=mail_sink.port)
     directory = mail_sink.directory
-    await wait_until(lambda: len(list(directory.glob("*.eml"))) == 3)
+    await wait_until_async(lambda: len(list(directory.glob("*.eml"))) == 3)
     files = sorted(directory.glob("*.eml"))  # names sort by arrival
     parsed = [BytesParser(policy=policy.default).parsebytes(f.read_bytes()) for f in files]
     assert [m["Message-ID"] for m in parsed] == [o.message_id for o in orders]
@@ -744,7 +744,7 @@ async def test_starttls_to_a_sink_whose_certificate_is_trusted(
     await mail_workers.start(
         smtp_port=mail_sink_tls.port, smtp_tls="starttls", smtp_ca_file=str(mail_sink_tls.cert)
     )
-    await wait_until(lambda: is_sent(mail_redis, order))
+    await wait_until_async(lambda: is_sent(mail_redis, order))
     [saved] = mail_sink_tls.directory.glob("*.eml")
     parsed = BytesParser(policy=policy.default).parsebytes(saved.read_bytes())
     assert parsed["Message-ID"] == order.message_id
@@ -756,7 +756,7 @@ async def test_starttls_with_an_untrusted_certificate_is_retried_not_sent(
     order = await seed_order(mail_redis)
     await add_event(mail_redis, "order.completed", order)
     worker = await mail_workers.start(smtp_port=mail_sink_tls.port, smtp_tls="starttls")
-    await wait_until(lambda: worker.stats["retries"] >= 2)
+    await wait_until_async(lambda: worker.stats["retries"] >= 2)
     assert not await is_sent(mail_redis, order)
     assert list(mail_sink_tls.directory.glob("*.eml")) == []
 
@@ -812,8 +812,8 @@ async def test_relay_throttles_421_every_third_connection_and_451_some_mails(
     for order in orders:
         await add_event(mail_redis, "order.completed", order)
     worker = await mail_workers.start(concurrency=4, max_per_connection=3, max_attempts=2)
-    await wait_until(lambda: all_sent(mail_redis, orders), message="every mail")
-    await wait_until(lambda: group_idle(mail_redis))
+    await wait_until_async(lambda: all_sent(mail_redis, orders), what="every mail")
+    await wait_until_async(lambda: group_idle(mail_redis))
 
     ids = accepted_ids(smtp_server)
     assert sorted(ids) == sorted(o.message_id for o in orders)  # each exactly once
@@ -836,8 +836,8 @@ async def test_relay_capping_connections_gets_fewer_sessions_and_every_mail(
     for order in orders:
         await add_event(mail_redis, "order.completed", order)
     worker = await mail_workers.start(concurrency=8, max_per_connection=5)
-    await wait_until(lambda: all_sent(mail_redis, orders), message="every mail")
-    await wait_until(lambda: group_idle(mail_redis))
+    await wait_until_async(lambda: all_sent(mail_redis, orders), what="every mail")
+    await wait_until_async(lambda: group_idle(mail_redis))
 
     assert sorted(accepted_ids(smtp_server)) == sorted(o.message_id for o in orders)
     assert await dead_letters(mail_redis) == []
@@ -867,18 +867,18 @@ async def test_four_workers_of_eight_sessions_no_duplicate_and_a_kill_9_loses_no
         for name in names
     }
     for name in names:
-        await wait_until(lambda n=name: mail_redis.exists(keys.mail_worker_alive(n)))
+        await wait_until_async(lambda n=name: mail_redis.exists(keys.mail_worker_alive(n)))
     orders = [await seed_order(mail_redis) for _ in range(300)]
     async with mail_redis.pipeline(transaction=False) as pipe:
         for order in orders:
             pipe.xadd(keys.EVENTS, event_fields("order.completed", order))
         await pipe.execute()
-    await wait_until(lambda: handler.gated >= 1, message="the victim mid-send")
+    await wait_until_async(lambda: handler.gated >= 1, what="the victim mid-send")
     procs["victim"].kill()
     await asyncio.to_thread(procs["victim"].wait, 30)
     handler.gate.set()
-    await wait_until(lambda: all_sent(mail_redis, orders), deadline_s=120, message="every mail")
-    await wait_until(lambda: group_idle(mail_redis))
+    await wait_until_async(lambda: all_sent(mail_redis, orders), seconds=120, what="every mail")
+    await wait_until_async(lambda: group_idle(mail_redis))
 
     ids = accepted_ids(smtp_server)
     assert len(ids) == len(set(ids)), "a Message-ID was delivered twice"
@@ -904,9 +904,9 @@ async def test_slow_server_two_workers_never_send_one_mail_twice(
     await add_event(mail_redis, "order.completed", order)
     first = await mail_workers.start(worker_name="first")
     second = await mail_workers.start(worker_name="second")
-    await wait_until(lambda: is_sent(mail_redis, order))
-    await wait_until(lambda: group_idle(mail_redis))
-    await wait_until(lambda: not smtp_server.sessions[0].open, message="the slow session closed")
+    await wait_until_async(lambda: is_sent(mail_redis, order))
+    await wait_until_async(lambda: group_idle(mail_redis))
+    await wait_until_async(lambda: not smtp_server.sessions[0].open, what="the slow session closed")
 
     assert accepted_ids(smtp_server) == [order.message_id]
     assert smtp_server.sessions[0].mails == 0
@@ -929,10 +929,10 @@ async def test_sessions_carry_at_most_max_per_connection_mails_and_the_helo_name
     await mail_workers.start(
         max_per_connection=3, idle_timeout=0.3, helo_name="mailer.phoneshop.test"
     )
-    await wait_until(lambda: all_sent(mail_redis, orders))
+    await wait_until_async(lambda: all_sent(mail_redis, orders))
     # An idle session is closed by the worker, without a mail to send.
-    await wait_until(
-        lambda: not any(s.open for s in smtp_server.sessions), message="idle sessions closed"
+    await wait_until_async(
+        lambda: not any(s.open for s in smtp_server.sessions), what="idle sessions closed"
     )
     sessions = smtp_server.sessions
     assert [s.mails for s in sessions] == [3, 3, 3, 1]
@@ -940,7 +940,7 @@ async def test_sessions_carry_at_most_max_per_connection_mails_and_the_helo_name
 
     later = await seed_order(mail_redis)
     await add_event(mail_redis, "order.completed", later)
-    await wait_until(lambda: is_sent(mail_redis, later))
+    await wait_until_async(lambda: is_sent(mail_redis, later))
     assert [s.mails for s in smtp_server.sessions] == [3, 3, 3, 1, 1]
 
 
@@ -1010,7 +1010,7 @@ async def test_workers_sharing_one_metrics_port_setting_each_serve_their_own(
         mail_processes.start(name, metrics_port=port)
     ports = {}
     for name in ("m1", "m2"):
-        await wait_until(lambda n=name: mail_redis.exists(keys.mail_worker_alive(n)))
+        await wait_until_async(lambda n=name: mail_redis.exists(keys.mail_worker_alive(n)))
         alive = json.loads(await mail_redis.get(keys.mail_worker_alive(name)))
         ports[name] = alive["metrics_port"]
     assert len(set(ports.values())) == 2 and min(ports.values()) == port

@@ -16,9 +16,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from loadtests.support.servers import free_port
+from loadtests.support.stack import NginxServer
 from nginx.render import PROBLEMS, NginxConfig, RenderError, render, write
-from tests.servers import free_port
-from tests.stack import NginxServer
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 

@@ -1,6 +1,6 @@
 """Issue 8: metrics, JSON logs with one request id, `make status`.
 
-Real processes only (tests/stack.py, tests/mail_fixtures.py): a stack of nginx,
+Real processes only (loadtests/support/, tests/mail_fixtures.py): a stack of nginx,
 one gunicorn instance with 2 workers and redis, the mail worker
 (``python -m mail``) and the dev SMTP sink. Metrics are asserted as exact
 differences of counters around known traffic, never as timings.
@@ -32,18 +32,18 @@ from app import appkeys, keys, metrics
 from app.ids import new_id
 from app.logs import JsonFormatter, request_id_var
 from app.main import create_app
+from app.ops.instances import mail_argv
+from app.ops.poll import wait_until_async
 from app.ops.status import stack_env
-from tests.conftest import ADMIN, Shop
+from loadtests.support.mail_sink import MailSink, running_sink
+from loadtests.support.servers import clean_env, free_port, stop_process, wait_for_port
+from loadtests.support.stack import FullStack, start_full_stack
+from tests.helpers import ADMIN, Shop
 from tests.mail_fixtures import (
     ROOT,
-    MailSink,
     SmtpServer,
-    running_sink,
     settings_env,
-    wait_until,
 )
-from tests.servers import clean_env, free_port, stop_process, wait_for_port
-from tests.stack import FullStack, start_full_stack
 from tests.test_mail import event_fields, seed_order
 
 TIMEOUT = aiohttp.ClientTimeout(total=60)
@@ -106,7 +106,7 @@ def start_mail_worker(log_path: Path, env: dict[str, str]) -> subprocess.Popen:
     """``python -m mail`` logging into ``log_path``, once its metrics port listens."""
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mail"],
+            mail_argv(),
             cwd=ROOT,
             env=env,
             stdout=log,
@@ -365,7 +365,7 @@ async def test_one_request_id_in_nginx_app_and_mail_worker_logs(ops: Ops) -> Non
     def mail_lines() -> list[dict[str, Any]]:
         return [line for line in json_lines(ops.mail_log) if line.get("request_id") == request_id]
 
-    await wait_until(lambda: bool(mail_lines()), message="the mail worker's line")
+    await wait_until_async(lambda: bool(mail_lines()), what="the mail worker's line")
     [sent] = mail_lines()
     assert sent["logger"] == "mail.worker" and sent["level"] == "INFO"
     assert f"order {order_id}: confirmation sent" in sent["message"]
@@ -417,7 +417,7 @@ async def test_no_token_in_any_log_line(ops: Ops) -> None:
         # Let the mail worker log its mail.
         redis = Redis.from_url(ops.stack.redis.url)
         try:
-            await wait_until(lambda: _mailer_idle(redis), message="the mailer group idle")
+            await wait_until_async(lambda: _mailer_idle(redis), what="the mailer group idle")
         finally:
             await redis.aclose()
 
@@ -515,7 +515,7 @@ async def test_the_apps_own_503s_are_counted_by_reason(
         return await client.get("/bench/sleep", params={"ms": "2000"})
 
     slow = asyncio.create_task(slow_request())
-    await wait_until(lambda: client.app[appkeys.INFLIGHT].current == 1, message="one in flight")
+    await wait_until_async(lambda: client.app[appkeys.INFLIGHT].current == 1, what="one in flight")
     in_flight = parse_metrics(await (await client.get("/metrics")).text())
     shed = await client.get("/bench/hello")
     assert shed.status == 503 and (await shed.json())["code"] == "overloaded"
@@ -569,7 +569,7 @@ async def test_mail_worker_metrics_count_sent_retried_and_dead_letters(
                 and value(samples, "phoneshop_mail_retry_queue") == 0
             )
 
-        await wait_until(settled, message="one mail sent after a retry, one dead-lettered")
+        await wait_until_async(settled, what="one mail sent after a retry, one dead-lettered")
         samples = await current()
     finally:
         stop_process(proc)
@@ -635,9 +635,9 @@ def test_status_reports_every_process_then_a_killed_one(tmp_path: Path) -> None:
             # The worker refreshes its health key once it runs its loop.
             redis_cli = stack.redis.cli
             asyncio.run(
-                wait_until(
+                wait_until_async(
                     lambda: redis_cli("EXISTS", keys.mail_worker_alive("status-mail")) == "1",
-                    message="the mail worker alive",
+                    what="the mail worker alive",
                 )
             )
             code, report = run_status(env)

@@ -7,7 +7,7 @@ import asyncio
 from redis.asyncio import Redis
 
 from app.fields import BALANCE_LIMIT, STOCK_LIMIT
-from tests.conftest import ADMIN, Shop
+from tests.helpers import ADMIN, Shop
 from tests.test_script_atomicity import snapshot
 
 

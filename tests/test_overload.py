@@ -28,6 +28,7 @@ from aiohttp.test_utils import TestClient
 
 from app import appkeys
 from app.main import create_app
+from app.ops.poll import wait_until_async
 from app.overload import (
     REFUSED_LIMIT,
     REFUSED_QUEUE,
@@ -37,8 +38,8 @@ from app.overload import (
     queue_delay,
 )
 from app.settings import Settings
-from tests.conftest import Shop
-from tests.stack import FullStack, start_full_stack
+from loadtests.support.stack import FullStack, start_full_stack
+from tests.helpers import Shop
 
 PROBLEM = "application/problem+json"
 TIMEOUT = aiohttp.ClientTimeout(total=30)
@@ -207,7 +208,7 @@ async def test_at_the_limit_checks_pass_new_orders_are_refused_and_probes_answer
     slow = [
         asyncio.create_task(client.get("/bench/sleep", params={"ms": "5000"})) for _ in range(9)
     ]
-    await wait_for(lambda: control.current == 9, "nine slow reads in flight")
+    await wait_until_async(lambda: control.current == 9, "nine slow reads in flight")
 
     refused = await shop.order(auth, [(phone["id"], 1)])
     assert refused.status == 503
@@ -224,14 +225,6 @@ async def test_at_the_limit_checks_pass_new_orders_are_refused_and_probes_answer
     assert [(await task).status for task in slow] == [200] * 9
     assert control.current == 0
     assert (await shop.order(auth, [(phone["id"], 1)])).status == 201
-
-
-async def wait_for(condition: Any, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + DEADLINE
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"not within {DEADLINE}s: {what}")
-        await asyncio.sleep(0.02)
 
 
 # ---- real processes: a slow Redis, a stopped worker -------------------------------------
@@ -292,7 +285,7 @@ async def test_slow_redis_shrinks_the_limit_refuses_fast_and_recovers(
                     answers[response.status, code] += 1
 
         readers = [asyncio.create_task(reader(n)) for n in range(32)]
-        await wait_for(lambda: answers[200, ""] >= 300, "normal reads served")
+        await wait_until_async(lambda: answers[200, ""] >= 300, "normal reads served")
         await wait_until_async(
             lambda: limit_at_least(http, stack, 60), "the limit at its ceiling under light traffic"
         )
@@ -316,7 +309,9 @@ async def test_slow_redis_shrinks_the_limit_refuses_fast_and_recovers(
             await wait_until_async(
                 lambda: limit_at_most(http, stack, 16), "the limit came down under slow Redis"
             )
-            await wait_for(lambda: answers[503, "overloaded"] > 0, "reads refused at the limit")
+            await wait_until_async(
+                lambda: answers[503, "overloaded"] > 0, "reads refused at the limit"
+            )
             # Probes pass while the worker refuses reads, directly and through nginx.
             for base in (stack.direct_url, stack.http_url):
                 for probe in ("/healthz", "/readyz"):
@@ -332,7 +327,9 @@ async def test_slow_redis_shrinks_the_limit_refuses_fast_and_recovers(
             lambda: limit_at_least(http, stack, 60), "the limit grew back after Redis recovered"
         )
         served_before = answers[200, ""]
-        await wait_for(lambda: answers[200, ""] >= served_before + 100, "reads served again")
+        await wait_until_async(
+            lambda: answers[200, ""] >= served_before + 100, "reads served again"
+        )
         stop_readers.set()
         await asyncio.gather(*readers)
 
@@ -349,14 +346,6 @@ async def limit_at_least(http: aiohttp.ClientSession, stack: FullStack, value: f
     v = await overload_limit(http, stack)
     print("limit", v, flush=True)
     return v >= value
-
-
-async def wait_until_async(condition: Any, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + DEADLINE
-    while not await condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"not within {DEADLINE}s: {what}")
-        await asyncio.sleep(0.05)
 
 
 async def test_requests_that_queued_behind_a_stopped_worker_are_refused_probes_are_not(

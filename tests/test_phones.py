@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
-from tests.conftest import ADMIN, Shop
+from tests.helpers import ADMIN, Shop
 
 
 async def test_create_phone_returns_it_wrapped(shop: Shop) -> None:

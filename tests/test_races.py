@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 from redis.asyncio import Redis
 
-from tests.conftest import ADMIN, Shop, without_shedding
+from tests.helpers import ADMIN, Shop, without_shedding
 
 
 @pytest.fixture

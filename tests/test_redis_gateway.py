@@ -20,8 +20,8 @@ from app.redis_gateway import (
     gateway_over,
     open_gateway,
 )
-from tests.conftest import Shop
-from tests.servers import RedisServer
+from loadtests.support.servers import RedisServer
+from tests.helpers import Shop
 
 CALLS = "phoneshop_redis_call_duration_seconds_count"
 

@@ -17,7 +17,7 @@ import pytest
 
 from loadtests import rig
 from loadtests.openloop import NO_ANSWER
-from tests.stack import FullStack
+from loadtests.support.stack import FullStack
 
 pytestmark = pytest.mark.timeout(120)
 

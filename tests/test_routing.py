@@ -18,7 +18,7 @@ from app.responses import json_response
 from app.routes import ROUTES, SPECLESS_ROUTES, route_table
 from app.routing import Call, Route, add_routes
 from app.settings import Settings
-from tests.conftest import ADMIN, Shop
+from tests.helpers import ADMIN, Shop
 
 PROBLEM = "application/problem+json"
 

@@ -14,7 +14,7 @@ from app import keys
 from app.problems import ProblemError
 from app.redis_gateway import gateway_over
 from app.scripts import Scripts
-from tests.conftest import ADMIN, Shop
+from tests.helpers import ADMIN, Shop
 
 
 async def snapshot(redis: Redis) -> dict[bytes, bytes]:

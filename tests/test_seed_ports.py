@@ -21,8 +21,8 @@ from app.ids import ID_PATTERN, new_id
 from app.openapi import seed_services
 from app.routes import route_table
 from app.seed import SEED_HEADER
-from tests.conftest import ADMIN
-from tests.stack import FullStack
+from loadtests.support.stack import FullStack
+from tests.helpers import ADMIN
 
 TIMEOUT = aiohttp.ClientTimeout(total=60)
 PROBLEM = "application/problem+json"

@@ -15,8 +15,8 @@ from app import appkeys
 from app.main import create_app
 from app.routes import route_table
 from app.settings import Settings, SettingsError
-from tests.conftest import ADMIN_TOKEN, Shop
-from tests.servers import free_port
+from loadtests.support.servers import free_port
+from tests.helpers import ADMIN_TOKEN, Shop
 
 
 async def test_health_and_readiness(shop: Shop) -> None:

@@ -1,5 +1,5 @@
 """Issue 3 through the real stack: nginx in front of 2 gunicorn instances x 2
-workers on a real redis-server (tests/stack.py). Routing, the seed ports,
+workers on a real redis-server (loadtests/support/stack.py). Routing, the seed ports,
 overflow protection, failover, graceful shutdown, load shedding and outages."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from tests.stack import FullStack, start_full_stack
+from loadtests.support.stack import FullStack, start_full_stack
 
 PROBLEM = "application/problem+json"
 TIMEOUT = aiohttp.ClientTimeout(total=60)

@@ -29,7 +29,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from tests.stack import FullStack
+from loadtests.support.stack import FullStack
 
 
 class Api:

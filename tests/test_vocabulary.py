@@ -31,7 +31,7 @@ from app.vocabulary import (
     encode_items,
     is_request_id,
 )
-from tests.conftest import Shop
+from tests.helpers import Shop
 
 ROOT = Path(__file__).resolve().parent.parent
 

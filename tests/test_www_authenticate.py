@@ -11,8 +11,8 @@ from aiohttp.test_utils import TestClient
 
 from app.ids import ID_PATTERN, new_id
 from app.routes import SPECLESS_ROUTES, Route, route_table
-from tests.conftest import Shop
-from tests.stack import FullStack
+from loadtests.support.stack import FullStack
+from tests.helpers import Shop
 from tests.test_live import UPGRADE
 
 PROBLEM = "application/problem+json"

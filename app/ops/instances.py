@@ -57,6 +57,16 @@ def gunicorn_argv(python: str = sys.executable) -> list[str]:
     return [python, "-m", "gunicorn", "--config", str(GUNICORN_CONF)]
 
 
+def mail_argv(*args: str, python: str = sys.executable) -> list[str]:
+    """The mail worker as the tests and load runs start it (the Procfile's mail line); ``args``: e.g. --check."""
+    return [python, "-m", "mail", *args]
+
+
+def mail_sink_argv(python: str = sys.executable) -> list[str]:
+    """The dev SMTP sink as the tests and load runs start it (the Procfile's smtp line)."""
+    return [python, "-m", "mail.sink"]
+
+
 def instance_env(port: int, env: Mapping[str, str] | None = None) -> dict[str, str]:
     merged = dict(os.environ if env is None else env)
     merged["WEB_BIND"] = f"127.0.0.1:{port}"

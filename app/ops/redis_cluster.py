@@ -30,7 +30,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ import redis
 from redis.exceptions import RedisError
 
 from app.env import env_int
+from app.ops.poll import wait_until
 
 SLOTS = 16384
 HOST = "127.0.0.1"
@@ -206,14 +206,7 @@ def topology_from(port: int, host: str = HOST) -> Topology | None:
 
 def poll(check: Callable[[], object], timeout: float, what: str) -> object:
     """Call ``check`` until it returns something truthy; ClusterError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise ClusterError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(POLL_INTERVAL)
+    return wait_until(check, what, timeout, interval=POLL_INTERVAL, error=ClusterError)
 
 
 def free_ports(count: int) -> list[int]:

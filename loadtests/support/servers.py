@@ -1,6 +1,6 @@
-"""Real processes for the tests: each started on a free 127.0.0.1 port in a temp folder.
+"""Real processes for the tests and load tests: each on a free 127.0.0.1 port in a temp folder.
 
-Fixtures in conftest.py wrap these; nothing here is mocked.
+Fixtures in tests/conftest.py wrap these; nothing here is mocked.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from app.ops.poll import wait_until
 
 
 def free_port() -> int:
@@ -24,14 +25,15 @@ def free_port() -> int:
 
 
 def wait_for_port(port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def listening() -> bool:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} within {timeout}s")
+            return True
+        return False
+
+    wait_until(listening, f"something to listen on 127.0.0.1:{port}", timeout)
 
 
 def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
@@ -91,12 +93,7 @@ class RedisServer:
         )
         wait_for_port(self.port, proc=self.proc)
         # The port accepts before the AOF is loaded; PING answers LOADING until then.
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if self.cli("PING") == "PONG":
-                return
-            time.sleep(0.05)
-        raise TimeoutError("redis-server did not finish loading")
+        wait_until(lambda: self.cli("PING") == "PONG", "redis-server to finish loading", 15)
 
     def cli(self, *args: str) -> str:
         out = subprocess.run(
