@@ -45,6 +45,7 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from app import keys
+from app.env import env_int
 from app.mail_backlog import ORDER_COMPLETED, entry_ms, read_mail_backlog
 from app.ops.instances import ROOT, mail_argv
 from loadtests import rig
@@ -436,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers",
         type=int,
-        default=int(os.environ.get("MAIL_WORKERS") or 2),
+        default=env_int(os.environ, "MAIL_WORKERS", 2, 1, 99, error=SystemExit),
         help="the N of the second run (make run's MAIL_WORKERS)",
     )
     parser.add_argument("--drain", type=int, default=120, help="seconds allowed to drain")

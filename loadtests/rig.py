@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.env import env_int
 from app.ops.instances import ROOT
 
 # A level whose generator offered less than this share of the plan is invalid.
@@ -194,10 +195,8 @@ def priority() -> int:
     """BENCH_NICE: the niceness given to the stack and the generators (default -10
     when this process may raise priority, else 0), so that on a shared box other
     work does not delay their wake-ups; 0 leaves them as they are."""
-    raw = os.environ.get("BENCH_NICE", "").strip()
-    if raw:
-        return int(raw)
-    return -10 if os.geteuid() == 0 else 0
+    default = -10 if os.geteuid() == 0 else 0
+    return env_int(os.environ, "BENCH_NICE", default, -20, 19, error=SystemExit)
 
 
 def renice(pid: int, nice: int) -> None:

@@ -39,6 +39,7 @@ import aiohttp
 from redis.asyncio import Redis
 
 from app import keys
+from app.env import SettingsError, env_float, env_int
 from app.ops.instances import mail_sink_argv
 from app.vocabulary import COMPLETED
 from loadtests.stack import ROOT, LoadStack, launch
@@ -400,11 +401,12 @@ def write_report(summary: list[str], timeline: list[str], seed: int) -> Path:
 
 
 def main() -> int:
-    seconds = float(os.environ.get("SOAK_SECONDS", "300"))
-    if not 10 <= seconds <= 3600:
-        print("SOAK_SECONDS must be from 10 to 3600", file=sys.stderr)
+    try:
+        seconds = env_float(os.environ, "SOAK_SECONDS", 300.0, 10.0, 3600.0)
+        seed = env_int(os.environ, "SOAK_SEED", random.SystemRandom().randrange(2**32), 0, 2**63)
+    except SettingsError as error:
+        print(error, file=sys.stderr)
         return 2
-    seed = int(os.environ.get("SOAK_SEED") or random.SystemRandom().randrange(2**32))
     print(f"soak: seed {seed} (replay with SOAK_SEED={seed}), {seconds:.0f} s", flush=True)
     return asyncio.run(soak(seconds, seed))
 

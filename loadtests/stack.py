@@ -23,6 +23,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.env import env_int
 from app.ops.instances import ROOT, die_with_parent, mail_argv, mail_sink_argv
 from loadtests.support.servers import clean_env, free_port, stop_process, wait_for_port
 from loadtests.support.stack import FullStack, start_full_stack
@@ -150,8 +151,7 @@ def launch(
     if owned:
         directory = Path(tempfile.mkdtemp(prefix="phoneshop-load-"))
     if http_port is None:
-        raw = os.environ.get("HTTP_PORT", "").strip()
-        http_port = int(raw) if raw.isdigit() else 0
+        http_port = env_int(os.environ, "HTTP_PORT", 0, 0, 65535, error=SystemExit)
     nginx = {"http_port": http_port} if http_port else None
     merged = {**LOADTEST_LIMITS, **(env or {})}
     with contextlib.ExitStack() as cleanup:

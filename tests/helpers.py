@@ -1,15 +1,18 @@
 """What the test files share that is not a fixture: the admin token, the API driver
-(``Shop``) and the no-shedding environment. Fixtures live in conftest.py and its plugins;
+(``Shop``), the no-shedding environment, a snapshot of every key, a WebSocket
+upgrade's headers and the headless browser. Fixtures live in conftest.py and its plugins;
 processes in loadtests/support/; waiting in app/ops/poll.py."""
 
 from __future__ import annotations
 
+import base64
 import itertools
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
@@ -76,3 +79,29 @@ class Shop:
         response = await self.client.get("/admin/audit", headers=ADMIN)
         assert response.status == 200
         return await response.json()
+
+
+async def snapshot(redis: Redis) -> dict[bytes, bytes]:
+    """Every key's DUMP: the same before and after a refused call means it changed nothing."""
+    return {key: await redis.dump(key) for key in sorted(await redis.keys("*"))}
+
+
+# The headers of a WebSocket upgrade request (RFC 6455 4.1), for raw requests.
+UPGRADE = {
+    "Upgrade": "websocket",
+    "Connection": "Upgrade",
+    "Sec-WebSocket-Version": "13",
+    "Sec-WebSocket-Key": base64.b64encode(b"0123456789abcdef").decode(),
+}
+
+
+# The headless browser of the /live and /docs page tests.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]

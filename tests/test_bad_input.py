@@ -6,8 +6,7 @@ import pytest
 from redis.asyncio import Redis
 
 from app.json_body import MAX_JSON_DEPTH
-from tests.helpers import ADMIN, Shop
-from tests.test_script_atomicity import snapshot
+from tests.helpers import ADMIN, Shop, snapshot
 
 # Raw JSON texts put where an integer is expected.
 BAD_NUMBERS = [

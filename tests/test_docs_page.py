@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 
 from app.pages import DOCS_ASSETS
 from loadtests.support.stack import FullStack
-from tests.test_live import CHROMIUM, CHROMIUM_ARGS
+from tests.helpers import CHROMIUM, CHROMIUM_ARGS
 
 DEADLINE_MS = 30_000
 

@@ -416,10 +416,7 @@ async def test_mail_worker_kill_and_smtp_outage_end_in_mail_or_dead_letter(
             groups = await redis.xinfo_groups(keys.EVENTS)
             return all(g["pending"] == 0 for g in groups if g["name"] == keys.MAIL_GROUP)
 
-        deadline = time.monotonic() + 90
-        while not await settled():
-            assert time.monotonic() < deadline, "mail still pending after 90 s"
-            await asyncio.sleep(0.2)
+        await wait_until_async(settled, "no mail pending", 90, interval=0.2)
         sent = [o for o in completed if await redis.exists(keys.mail_sent(o))]
         dead = await redis.xlen(keys.MAIL_DEAD)
     finally:

@@ -9,7 +9,6 @@ Nothing is mocked; every wait is for a condition, with a generous deadline.
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import itertools
 import json
@@ -18,7 +17,6 @@ import re
 import shutil
 import socket
 import struct
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -35,7 +33,7 @@ from app.ops.poll import wait_until_async
 from loadtests.support.servers import RedisServer, free_port
 from loadtests.support.stack import FullStack
 from nginx.render import NginxConfig, render
-from tests.helpers import ADMIN, Shop
+from tests.helpers import ADMIN, CHROMIUM, CHROMIUM_ARGS, UPGRADE, Shop
 
 DEADLINE = 30.0
 PROBLEM = "application/problem+json"
@@ -381,10 +379,7 @@ async def test_resync_when_entries_were_trimmed_while_the_reader_was_cut_off(
                 return client["id"]
         return None
 
-    deadline = time.monotonic() + DEADLINE
-    while (reader_id := await reader_client_id()) is None:
-        assert time.monotonic() < deadline, "no blocked XREAD"
-        await asyncio.sleep(0.02)
+    reader_id = await wait_until_async(reader_client_id, "a blocked XREAD", DEADLINE)
     await redis.config_set("requirepass", "live-test-password")
     try:
         await redis.client_kill_filter(_id=reader_id)
@@ -645,13 +640,6 @@ async def test_live_page_is_served_with_a_strict_policy(client: TestClient) -> N
 
 # ---- a raw client that reads nothing until told to ---------------------------------------
 
-UPGRADE = {
-    "Upgrade": "websocket",
-    "Connection": "Upgrade",
-    "Sec-WebSocket-Version": "13",
-    "Sec-WebSocket-Key": base64.b64encode(b"0123456789abcdef").decode(),
-}
-
 
 class RawWebSocket:
     """A WebSocket client on a bare socket with a small receive buffer that reads
@@ -835,16 +823,6 @@ async def test_stack_sigterm_closes_sockets_with_going_away(
 
 
 # ---- the /live page in headless Chromium ---------------------------------------------------
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
 
 
 @pytest.mark.skipif(shutil.which(CHROMIUM) is None, reason="chromium: run `make setup`")

@@ -7,8 +7,7 @@ import asyncio
 from redis.asyncio import Redis
 
 from app.fields import BALANCE_LIMIT, STOCK_LIMIT
-from tests.helpers import ADMIN, Shop
-from tests.test_script_atomicity import snapshot
+from tests.helpers import ADMIN, Shop, snapshot
 
 
 def problem_of(body: dict) -> str:

@@ -8,13 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from app.ops.poll import wait_until
 from loadtests import rig
 from loadtests.openloop import NO_ANSWER
 from loadtests.support.stack import FullStack
@@ -69,9 +69,7 @@ def test_pin_tree_pins_every_thread_of_every_descendant() -> None:
     script = "import os, time\nif os.fork() == 0:\n    time.sleep(60)\nelse:\n    time.sleep(60)\n"
     parent = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
     try:
-        deadline = time.monotonic() + 10
-        while len(rig.process_tree(parent.pid)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)  # polling for the fork, not a wait for time to pass
+        wait_until(lambda: len(rig.process_tree(parent.pid)) >= 2, "the fork", 10)
         tree = rig.process_tree(parent.pid)
         assert len(tree) == 2
         assert all(aff == set(cpus) for aff in rig.tree_affinity(parent.pid).values())

@@ -14,11 +14,7 @@ from app import keys
 from app.problems import ProblemError
 from app.redis_gateway import gateway_over
 from app.scripts import Scripts
-from tests.helpers import ADMIN, Shop
-
-
-async def snapshot(redis: Redis) -> dict[bytes, bytes]:
-    return {key: await redis.dump(key) for key in sorted(await redis.keys("*"))}
+from tests.helpers import ADMIN, Shop, snapshot
 
 
 @pytest.fixture

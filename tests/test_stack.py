@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
+from app.ops.poll import wait_until_async
 from loadtests.support.stack import FullStack, start_full_stack
 
 PROBLEM = "application/problem+json"
@@ -351,10 +352,11 @@ async def test_post_retried_with_idempotency_key_across_a_kill_makes_one_order(
             first_attempt = asyncio.ensure_future(
                 http.post(f"{full_stack.instance_urls[1]}/orders", json=body, headers=headers)
             )
-            deadline = time.monotonic() + 30
-            while not any(c["cmd"] == "evalsha" for c in await redis.client_list()):
-                assert time.monotonic() < deadline, "the first attempt never reached Redis"
-                await asyncio.sleep(0.02)
+
+            async def reached_redis() -> bool:
+                return any(c["cmd"] == "evalsha" for c in await redis.client_list())
+
+            await wait_until_async(reached_redis, "the first attempt to reach Redis", 30)
             await asyncio.to_thread(full_stack.kill_instance, 1)
         finally:
             await redis.execute_command("CLIENT", "UNPAUSE")
@@ -413,10 +415,11 @@ async def test_sigterm_during_slow_requests_completes_every_one(full_stack: Full
         proxied = [asyncio.create_task(slow(full_stack.http_url)) for _ in range(10)]
         # Every request is on the wire; SIGTERM once the workers are serving all 20.
         await asyncio.wait_for(all_sent.wait(), 30)
-        deadline = time.monotonic() + 30
-        while sum([await in_flight(http, url) for url in full_stack.instance_urls]) < 20:
-            assert time.monotonic() < deadline, "the 20 requests never were in flight together"
-            await asyncio.sleep(0.02)
+
+        async def all_in_flight() -> bool:
+            return sum([await in_flight(http, url) for url in full_stack.instance_urls]) >= 20
+
+        await wait_until_async(all_in_flight, "the 20 requests to be in flight together", 30)
         status = await asyncio.to_thread(full_stack.terminate_instance, 0)
         results = await asyncio.gather(*direct, *proxied)
 

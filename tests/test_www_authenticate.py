@@ -12,8 +12,7 @@ from aiohttp.test_utils import TestClient
 from app.ids import ID_PATTERN, new_id
 from app.routes import SPECLESS_ROUTES, Route, route_table
 from loadtests.support.stack import FullStack
-from tests.helpers import Shop
-from tests.test_live import UPGRADE
+from tests.helpers import UPGRADE, Shop
 
 PROBLEM = "application/problem+json"
 NO_TOKEN = 'Bearer realm="phoneshop"'
