@@ -110,7 +110,13 @@ async def test_a_seed_client_reads_imageurl_and_price_on_the_seed_ports(
         cheap = await admin.create_phone("Cheap", "img/c.png", "0.01")
         assert cheap["price"] == Decimal("0.01")
 
-        listed = (await admin.list_phones(page=1))["phones"]
+        # The session's stack holds other tests' phones too: walk every page the seed shape
+        # reports, as a seed client would, instead of hoping ours are on page 1.
+        first = await admin.list_phones(page=1)
+        listed = list(first["phones"])
+        for page in range(2, first["pageCount"] + 1):
+            listed += (await admin.list_phones(page=page))["phones"]
+        assert len(listed) == first["total"]
         by_id = {phone["id"]: phone for phone in listed}
         assert by_id[created["id"]]["price"] == Decimal("49.99")
         assert by_id[cheap["id"]]["imageurl"] == "img/c.png"
