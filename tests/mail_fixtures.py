@@ -10,6 +10,8 @@
 - ``mail_settings``: MailSettings pointed at both, with short backoffs;
 - ``mail_workers``: starts ``MailWorker``s in this loop and stops them at the end;
 - ``mail_processes``: starts ``python -m mail`` subprocesses, killed at the end;
+- ``seed_order`` and ``event_fields``: an order's hashes and its ``events`` entry, as the
+  order scripts write them;
 - ``mail_sink``: a ``python -m mail.sink`` process writing into a temp folder;
   ``mail_sink_tls`` the same offering STARTTLS with a self-signed certificate.
 """
@@ -20,6 +22,7 @@ import asyncio
 import shutil
 import subprocess
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
@@ -36,6 +39,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from app import keys
+from app.ids import new_id
 from app.ops.instances import ROOT, mail_argv
 from loadtests.support.mail_sink import MailSink, running_sink
 from loadtests.support.servers import RedisServer, clean_env, free_port, stop_process
@@ -410,6 +414,85 @@ def mail_processes(
         yield pool
     finally:
         pool.stop_all()
+
+
+# Orders as the order scripts leave them, for the mail tests to send.
+DOMAIN = "phoneshop.test"
+
+
+@dataclass
+class SeededOrder:
+    order_id: str
+    customer_id: str
+    email: str
+    lines: list[tuple[str, str, int, int]]  # phone id, name, quantity, unit price
+    total_cents: int
+    balance_cents: int
+
+    @property
+    def message_id(self) -> str:
+        return f"<order-{self.order_id}@{DOMAIN}>"
+
+
+_emails = iter(range(10**9))
+
+
+async def seed_order(
+    redis: Redis,
+    *,
+    name: str = "Ada",
+    surname: str = "Lovelace",
+    email: str | None = None,
+    lines: tuple[tuple[str, int, int], ...] = (("Pixel 9", 1, 79_900),),
+    status: str = "completed",
+    balance_cents: int = 12_345,
+) -> SeededOrder:
+    """Write the hashes an order's scripts would have written (app/keys.py)."""
+    order_id, customer_id = new_id(), new_id()
+    email = email if email is not None else f"customer{next(_emails)}@example.test"
+    seeded = []
+    for phone_name, quantity, price in lines:
+        phone_id = new_id()
+        await redis.hset(keys.phone(phone_id), mapping={"id": phone_id, "name": phone_name})
+        seeded.append((phone_id, phone_name, quantity, price))
+    total = sum(q * p for _, _, q, p in seeded)
+    await redis.hset(
+        keys.customer(customer_id),
+        mapping={
+            "id": customer_id,
+            "name": name,
+            "surname": surname,
+            "email": email,
+            "balance_cents": balance_cents,
+        },
+    )
+    await redis.hset(
+        keys.order(order_id),
+        mapping={
+            "id": order_id,
+            "customer_id": customer_id,
+            "status": status,
+            "items": ";".join(f"{p}:{q}:{c}" for p, _, q, c in seeded),
+            "total_cents": total,
+            "seq": 1,
+            "created_at": time.time_ns() // 1_000_000,
+            "request_id": "test",
+        },
+    )
+    return SeededOrder(order_id, customer_id, email, seeded, total, balance_cents)
+
+
+def event_fields(event_type: str, order: SeededOrder) -> dict[str, str]:
+    """An `events` entry as the order scripts append it (app/keys.py)."""
+    status = {"order.placed": "open", "order.cancelled": "cancelled"}.get(event_type, "completed")
+    return {
+        "type": event_type,
+        "order_id": order.order_id,
+        "customer_id": order.customer_id,
+        "status": status,
+        "request_id": "test",
+        "at": str(time.time_ns() // 1_000_000),
+    }
 
 
 async def group_idle(redis: Redis) -> bool:

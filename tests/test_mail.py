@@ -13,9 +13,8 @@ import json
 import signal
 import subprocess
 import threading
-import time
 import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
@@ -38,91 +37,18 @@ from mail.render import HEADERS
 from mail.settings import MailSettings, default_worker_name
 from mail.worker import MailWorker
 from tests.mail_fixtures import (
+    DOMAIN,
     DROP,
     ROOT,
     ProcessPool,
+    SeededOrder,
     SmtpServer,
     WorkerPool,
+    event_fields,
     group_idle,
+    seed_order,
     settings_env,
 )
-
-DOMAIN = "phoneshop.test"
-
-
-@dataclass
-class SeededOrder:
-    order_id: str
-    customer_id: str
-    email: str
-    lines: list[tuple[str, str, int, int]]  # phone id, name, quantity, unit price
-    total_cents: int
-    balance_cents: int
-
-    @property
-    def message_id(self) -> str:
-        return f"<order-{self.order_id}@{DOMAIN}>"
-
-
-_emails = iter(range(10**9))
-
-
-async def seed_order(
-    redis: Redis,
-    *,
-    name: str = "Ada",
-    surname: str = "Lovelace",
-    email: str | None = None,
-    lines: tuple[tuple[str, int, int], ...] = (("Pixel 9", 1, 79_900),),
-    status: str = "completed",
-    balance_cents: int = 12_345,
-) -> SeededOrder:
-    """Write the hashes an order's scripts would have written (app/keys.py)."""
-    order_id, customer_id = new_id(), new_id()
-    email = email if email is not None else f"customer{next(_emails)}@example.test"
-    seeded = []
-    for phone_name, quantity, price in lines:
-        phone_id = new_id()
-        await redis.hset(keys.phone(phone_id), mapping={"id": phone_id, "name": phone_name})
-        seeded.append((phone_id, phone_name, quantity, price))
-    total = sum(q * p for _, _, q, p in seeded)
-    await redis.hset(
-        keys.customer(customer_id),
-        mapping={
-            "id": customer_id,
-            "name": name,
-            "surname": surname,
-            "email": email,
-            "balance_cents": balance_cents,
-        },
-    )
-    await redis.hset(
-        keys.order(order_id),
-        mapping={
-            "id": order_id,
-            "customer_id": customer_id,
-            "status": status,
-            "items": ";".join(f"{p}:{q}:{c}" for p, _, q, c in seeded),
-            "total_cents": total,
-            "seq": 1,
-            "created_at": time.time_ns() // 1_000_000,
-            "request_id": "test",
-        },
-    )
-    return SeededOrder(order_id, customer_id, email, seeded, total, balance_cents)
-
-
-def event_fields(event_type: str, order: SeededOrder) -> dict[str, str]:
-    """An `events` entry as the order scripts append it (app/keys.py)."""
-    status = {"order.placed": "open", "order.cancelled": "cancelled"}.get(event_type, "completed")
-    return {
-        "type": event_type,
-        "order_id": order.order_id,
-        "customer_id": order.customer_id,
-        "status": status,
-        "request_id": "test",
-        "at": str(time.time_ns() // 1_000_000),
-    }
 
 
 async def add_event(redis: Redis, event_type: str, order: SeededOrder) -> str:

@@ -42,9 +42,10 @@ from tests.helpers import ADMIN, Shop
 from tests.mail_fixtures import (
     ROOT,
     SmtpServer,
+    event_fields,
+    seed_order,
     settings_env,
 )
-from tests.test_mail import event_fields, seed_order
 
 TIMEOUT = aiohttp.ClientTimeout(total=60)
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
