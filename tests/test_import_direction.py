@@ -7,7 +7,9 @@
 app is the core and imports none of the others; mail and nginx import app only;
 loadtests (and its support/ package, which the tests use too) may import app,
 mail and nginx; tests may import everything, and nothing imports tests. No
-package imports another package's private name (``_x``), a module or a name.
+package imports another package's private name (``_x``), a module or a name,
+and no test module imports another (what they share is in tests/helpers.py and
+the fixture plugins).
 
 Every ``import`` statement of every module is read with ast, those inside
 functions included, so a lazy import cannot slip through.
@@ -63,9 +65,11 @@ def violations(module: str, source: str, *, is_package: bool = False) -> list[st
     problems = []
     for imported in imports_of(module, source, is_package=is_package):
         top, *rest = imported.target.split(".")
+        where = f"{module}:{imported.line}"
+        if top == "tests" and rest and rest[0].startswith("test_"):
+            problems.append(f"{where} imports {imported.target}: a test module imports no other")
         if top not in PACKAGES or top == own:
             continue
-        where = f"{module}:{imported.line}"
         if top in FORBIDDEN.get(own, set()):
             problems.append(f"{where} imports {imported.target}: {own} must not import {top}")
         private = [p for p in rest if _private(p)] + [n for n in imported.names if _private(n)]
@@ -112,6 +116,7 @@ def test_a_forbidden_import_is_caught_wherever_it_hides() -> None:
         ("mail.settings", "from app.settings import _int, redis_url_from_env"): "_int of app",
         ("tests.test_x", "from loadtests.bench_data import _Command"): "_Command of",
         ("tests.test_x", "from app._private import thing"): "_private of app._private",
+        ("tests.test_x", "from tests.test_mail import seed_order"): "imports no other",
     }
     for (module, source), message in bad.items():
         found = violations(module, source)
