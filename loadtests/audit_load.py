@@ -41,6 +41,7 @@ from redis.backoff import NoBackoff
 from app import keys
 from app.admin.audit import run_audit
 from app.ids import new_id
+from app.orders.service import place_order_keys
 from app.scripts import load_source
 from app.vocabulary import COMPLETED, OPEN
 
@@ -157,20 +158,11 @@ class Shop:
                     self.phones[i % PHONES],
                 )
                 status = COMPLETED if i % 2 else OPEN
+                script_keys = place_order_keys(customer_id, order_id, status, None, [phone_id])
                 pipe.evalsha(
                     self.shas["place_order"],
-                    11,
-                    keys.customer(customer_id),
-                    keys.idempotency(customer_id, ""),
-                    keys.order(order_id),
-                    keys.ORDERS,
-                    keys.orders_by_status(status),
-                    keys.customer_orders(customer_id),
-                    keys.customer_orders_by_status(customer_id, status),
-                    keys.ORDERS_SEQ,
-                    keys.EVENTS,
-                    keys.LEDGER,
-                    keys.phone(phone_id),
+                    len(script_keys),
+                    *script_keys,
                     order_id,
                     customer_id,
                     now,

@@ -59,6 +59,28 @@ def fingerprint(customer_id: str, lines: list[tuple[str, int]], autocheck: bool)
     return hashlib.sha256(canonical).hexdigest()
 
 
+def place_order_keys(
+    customer_id: str,
+    order_id: str,
+    status: str,
+    idempotency_key: str | None,
+    phone_ids: list[str],
+) -> list[str]:
+    """place_order.lua's KEYS, in the order its header lists them."""
+    return [
+        keys.customer(customer_id),
+        keys.idempotency(customer_id, idempotency_key or ""),
+        keys.order(order_id),
+        keys.ORDERS,
+        keys.orders_by_status(status),
+        keys.customer_orders(customer_id),
+        keys.customer_orders_by_status(customer_id, status),
+        keys.ORDERS_SEQ,
+        keys.EVENTS,
+        keys.LEDGER,
+    ] + [keys.phone(phone_id) for phone_id in phone_ids]
+
+
 async def place_order(
     scripts: Scripts,
     *,
@@ -71,18 +93,9 @@ async def place_order(
 ) -> PlacedOrder:
     order_id = new_id()
     status = COMPLETED if autocheck else OPEN
-    script_keys = [
-        keys.customer(customer_id),
-        keys.idempotency(customer_id, idempotency_key or ""),
-        keys.order(order_id),
-        keys.ORDERS,
-        keys.orders_by_status(status),
-        keys.customer_orders(customer_id),
-        keys.customer_orders_by_status(customer_id, status),
-        keys.ORDERS_SEQ,
-        keys.EVENTS,
-        keys.LEDGER,
-    ] + [keys.phone(phone_id) for phone_id, _ in lines]
+    script_keys = place_order_keys(
+        customer_id, order_id, status, idempotency_key, [phone_id for phone_id, _ in lines]
+    )
     args: list[str | int] = [
         order_id,
         customer_id,
