@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import signal
 import subprocess
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,12 +266,33 @@ class FullStack:
             if not instance.running:
                 instance.proc = None
                 instance.start()
-        # nginx may still hold instances as failed (fail_timeout) after a fault.
+        # nginx may still hold an instance as failed (fail_timeout) after a fault, and
+        # sends everything to the others meanwhile; a later fault on those would then
+        # find no live upstream. Wait until nginx itself has served a probe from each.
         wait_until(
-            lambda: all(http_status(f"{self.http_url}/readyz") == 200 for _ in self.instances),
-            "nginx to serve /readyz from the instances again",
+            lambda: self._instances_nginx_served() >= {i.port for i in self.instances},
+            "nginx to serve /readyz from every instance again",
             timeout,
         )
+
+    def _instances_nginx_served(self) -> set[int]:
+        """Ports of the instances that served this round of probes through nginx."""
+        probe = f"heal-{uuid.uuid4().hex}"
+        for _ in range(2 * len(self.instances)):
+            request = urllib.request.Request(
+                f"{self.http_url}/readyz", headers={"X-Request-ID": probe}
+            )
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(request, timeout=5).close()
+        ports = set()
+        with contextlib.suppress(FileNotFoundError):
+            for line in self.nginx.access_log.read_text().splitlines():
+                if probe in line:
+                    entry = json.loads(line)
+                    if entry.get("status") == 200:
+                        # "a:1, b:2" when nginx tried more than one: the last one answered.
+                        ports.add(int(entry["upstream_addr"].rsplit(":", 1)[1]))
+        return ports
 
     def stop(self) -> None:
         self.nginx.stop()
