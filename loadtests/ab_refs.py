@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import secrets
 import statistics
 import subprocess
@@ -78,19 +77,6 @@ def checkout(ref: str, folder: Path) -> Iterator[Path]:
         )
 
 
-def app_cpu_seconds(root_pid: int) -> float:
-    """CPU time used so far by the gunicorn processes under ``root_pid``: on a
-    shared box the CPU each request costs is steadier than the rate."""
-    ticks = 0
-    for pid in rig.process_tree(root_pid):
-        with contextlib.suppress(OSError):
-            if b"gunicorn" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-                continue
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
 @contextlib.contextmanager
 def side(
     tree: Path, env: dict[str, str], data: Path, split: rig.CpuSplit
@@ -126,11 +112,11 @@ def measure(url: str, pid: int, data: Path, seconds: int, cpus: Any) -> dict[str
         ("orders", "/orders", "orders.lua", [str(data), secrets.token_hex(6), "0"]),
         ("hello", "/bench/hello", "hello.lua", None),
     ):
-        before = app_cpu_seconds(pid)
+        before = rig.cpu_seconds([pid], only=b"gunicorn")
         result = wrk(
             f"{url}{path}", script=script, script_args=script_args, seconds=seconds, cpus=cpus
         )
-        used = app_cpu_seconds(pid) - before
+        used = rig.cpu_seconds([pid], only=b"gunicorn") - before
         row[name] = result["ok_rps"] if name == "orders" else result["rps"]
         # Per answer served (2xx): refusals by nginx cost the app nothing, and
         # what the app spends refusing is part of what each served answer costs.

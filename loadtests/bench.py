@@ -162,26 +162,10 @@ def stack_pids(stack: LoadStack) -> list[int]:
     return [p.pid for p in procs if p is not None]
 
 
-def cpu_seconds(tops: list[int]) -> float:
-    """CPU time used so far by the processes ``tops`` and all their descendants, from
-    /proc: a cost per request that other work on a shared box does not move the way
-    it moves throughput."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for top in tops:
-        for pid in rig.process_tree(top):
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-    return total / tick
-
-
 def stack_cpu_seconds(stack: LoadStack) -> tuple[float, float]:
     """CPU used so far by the whole stack, and by the app instances alone."""
     apps = [i.proc.pid for i in stack.stack.instances if i.proc is not None]
-    return cpu_seconds(stack_pids(stack)), cpu_seconds(apps)
+    return rig.cpu_seconds(stack_pids(stack)), rig.cpu_seconds(apps)
 
 
 def pin(stack: LoadStack, split: rig.CpuSplit) -> dict[str, Any]:

@@ -127,20 +127,6 @@ def start_workers(
     return procs
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU of these processes and their descendants so far (/proc)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        for member in rig.process_tree(pid):
-            try:
-                fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / tick
-
-
 def stack_pids(stack: LoadStack) -> list[int]:
     procs = [
         stack.stack.redis.proc,
@@ -226,7 +212,7 @@ def one_run(
                 raise RuntimeError("the mail workers did not start")
             time.sleep(0.1)
         samples: list[tuple[float, int, float]] = []
-        stack_cpu_before = cpu_seconds(stack_pids(stack))
+        stack_cpu_before = rig.cpu_seconds(stack_pids(stack))
         start_ms = time.time_ns() // 10**6
         began = time.monotonic()
         load = {}
@@ -241,7 +227,7 @@ def one_run(
             samples.append((time.monotonic() - began, waiting, oldest))
             driver.join(SAMPLE_EVERY_S)
         end_ms = time.time_ns() // 10**6
-        stack_cpu = cpu_seconds(stack_pids(stack)) - stack_cpu_before
+        stack_cpu = rig.cpu_seconds(stack_pids(stack)) - stack_cpu_before
         waiting_at_end, oldest_at_end = backlog(stack.redis_url)
         drained_at = None
         drain_deadline = time.monotonic() + drain_s
@@ -259,7 +245,7 @@ def one_run(
         in_window = sum(1 for at in accepted.values() if at <= end_ms)
         last_sent = max(accepted.values(), default=end_ms)
         after = len(accepted) - in_window
-        worker_cpu = cpu_seconds([p.pid for p in procs])
+        worker_cpu = rig.cpu_seconds([p.pid for p in procs])
     finally:
         for proc in procs:
             stop_process(proc)
