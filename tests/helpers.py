@@ -6,13 +6,18 @@ processes in loadtests/support/; waiting in app/ops/poll.py."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import itertools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
+
+from loadtests.support.servers import free_port
+from nginx.render import NginxConfig
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
@@ -105,3 +110,21 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--no-first-run",
 ]
+
+
+def nginx_in_front_of(
+    upstreams: tuple[str, ...], directory: Path, env: dict[str, str]
+) -> NginxConfig:
+    """A one-worker nginx of a test's own on a free port, in front of ``upstreams``,
+    with the settings ``env`` gives and its files in ``directory``."""
+    return dataclasses.replace(
+        NginxConfig.from_env(env),
+        upstreams=upstreams,
+        http_port=free_port(),
+        seed_phones_port=0,
+        seed_orders_port=0,
+        worker_processes="1",
+        var_dir=str(directory / "var"),
+        access_log=str(directory / "access.log"),
+        error_log="stderr",
+    )

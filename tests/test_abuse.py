@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import math
 import secrets
@@ -24,9 +23,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from loadtests.support.servers import free_port
 from loadtests.support.stack import FullStack, NginxServer
-from nginx.render import NginxConfig
+from tests.helpers import nginx_in_front_of
 
 SLOW_CONNECTIONS = 300
 
@@ -156,17 +154,7 @@ async def test_tokens_are_stored_hashed_and_never_logged(full_stack: FullStack) 
 def own_nginx(stack: FullStack, directory: Path, env: dict[str, str]) -> Iterator[NginxServer]:
     """A fresh nginx (empty limit zones) with the limits ``env`` gives, in front of
     the stack's instances."""
-    config = dataclasses.replace(
-        NginxConfig.from_env(env),
-        upstreams=stack.nginx.config.upstreams,
-        http_port=free_port(),
-        seed_phones_port=0,
-        seed_orders_port=0,
-        worker_processes="1",
-        var_dir=str(directory / "var"),
-        access_log=str(directory / "access.log"),
-        error_log="stderr",
-    )
+    config = nginx_in_front_of(stack.nginx.config.upstreams, directory, env)
     server = NginxServer(directory=directory, config=config)
     server.start()
     try:

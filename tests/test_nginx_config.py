@@ -19,6 +19,7 @@ from aiohttp import web
 from loadtests.support.servers import free_port
 from loadtests.support.stack import NginxServer
 from nginx.render import PROBLEMS, NginxConfig, RenderError, render, write
+from tests.helpers import nginx_in_front_of
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
@@ -267,16 +268,8 @@ async def test_a_slow_audit_is_asked_of_one_instance_only(tmp_path: Path) -> Non
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         runners.append(runner)
-    config = dataclasses.replace(
-        NginxConfig.from_env({"AUDIT_READ_TIMEOUT": "1s"}),
-        upstreams=tuple(f"127.0.0.1:{port}" for port in ports),
-        http_port=free_port(),
-        seed_phones_port=0,
-        seed_orders_port=0,
-        worker_processes="1",
-        var_dir=str(tmp_path / "var"),
-        access_log=str(tmp_path / "access.log"),
-        error_log="stderr",
+    config = nginx_in_front_of(
+        tuple(f"127.0.0.1:{port}" for port in ports), tmp_path, {"AUDIT_READ_TIMEOUT": "1s"}
     )
     nginx = NginxServer(directory=tmp_path, config=config)
     await asyncio.to_thread(nginx.start)
