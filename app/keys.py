@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import hashlib
 
+from app import partitions
+
 # Sorted sets scored by a creation sequence number: stable pagination with
 # ZRANGE by rank, O(log N + page) whatever the size.
 PHONES = "phones"
@@ -117,3 +119,54 @@ def mail_worker_alive(worker_name: str) -> str:
 # (ms since the epoch). The entries stay pending in the `mailer` group, so the
 # stream is never trimmed past them.
 MAIL_RETRY = "mail:retry"
+
+
+# ---- the reservation saga (docs/data-tier.md, sections 2.3, 3 and 11) -----------------
+# Each is one partition's key: ``{tag}`` puts it in that partition's one cluster slot,
+# with the phone (or order) hashes its scripts touch beside it. Arguments are partition
+# numbers (app.partitions.partition_of of a phone or order id).
+
+
+def _in_partition(prefix: str, partition: int) -> str:
+    return f"{prefix}{{{partitions.tag(partition)}}}"
+
+
+def reservations(partition: int) -> str:
+    """Hash: order id -> the lines a phone partition holds for it, with unit prices."""
+    return _in_partition("rv", partition)
+
+
+def reservations_due(partition: int) -> str:
+    """Zset: order id by reservation expiry (ms), the settler's work list."""
+    return _in_partition("rd", partition)
+
+
+def releases(partition: int) -> str:
+    """Hash: order id -> "released", the tombstone that refuses a late reserve."""
+    return _in_partition("rx", partition)
+
+
+def aborts(partition: int) -> str:
+    """Hash on the order's partition: order id -> the abort marker, the saga's fence."""
+    return _in_partition("ab", partition)
+
+
+def take_backs_due(partition: int) -> str:
+    """Zset on the order's partition: cancelled order id by when its stock is due back."""
+    return _in_partition("ro", partition)
+
+
+def taken_back(partition: int) -> str:
+    """Set on a phone partition: order ids whose stock it already took back."""
+    return _in_partition("rr", partition)
+
+
+def settler_lease(partition: int) -> str:
+    """String: the web worker sweeping this partition's due work (SET NX PX)."""
+    return _in_partition("lease", partition)
+
+
+def partition_ledger(partition: int) -> str:
+    """Hash: one partition's running totals (section 2.3's lg{P}); the saga's scripts move
+    a phone partition's stock_units, held_units and sold_units in it."""
+    return _in_partition("lg", partition)

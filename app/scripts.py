@@ -31,6 +31,11 @@ SCRIPT_NAMES = (
     "restock",
     "create_customer",
     "deposit",
+    # The reservation saga (docs/data-tier.md, section 3).
+    "reserve_stock",
+    "settle_reservation",
+    "fence_orders",
+    "return_stock",
 )
 
 
@@ -70,14 +75,19 @@ class Scripts:
         """The connection the scripts run over, as the gateway's opaque token."""
         return self._gateway.connection
 
-    async def run(self, name: str, keys: list[str], args: list[str | int]) -> ScriptResult:
+    async def call(self, name: str, keys: list[str], args: list[str | int]) -> ScriptResult:
+        """The script's answer as it is, refusals included: for callers (the saga's
+        steps) that act on a refusal instead of answering it to a client."""
         reply = await self._gateway.run_script(self._scripts[name], keys, args)
         status = int(reply[0])
         raw = reply[1] if isinstance(reply[1], bytes) else str(reply[1]).encode()
         payload = msgspec.json.decode(raw)
-        result = ScriptResult(status, payload, len(reply) > 2 and int(reply[2]) == 1, raw)
-        if status >= 400 and not result.flag:
-            raise problem_from_script(status, payload)
+        return ScriptResult(status, payload, len(reply) > 2 and int(reply[2]) == 1, raw)
+
+    async def run(self, name: str, keys: list[str], args: list[str | int]) -> ScriptResult:
+        result = await self.call(name, keys, args)
+        if result.status >= 400 and not result.flag:
+            raise problem_from_script(result.status, result.payload)
         return result
 
 

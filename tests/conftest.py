@@ -17,7 +17,7 @@ from loadtests.support.servers import RedisServer, free_port
 from tests.helpers import ADMIN_TOKEN, Shop
 
 # The whole stack (redis, gunicorn instances, nginx) as one fixture.
-pytest_plugins = ["tests.stack", "tests.mail_fixtures", "tests.cluster"]
+pytest_plugins = ["tests.stack", "tests.mail_fixtures", "tests.cluster", "tests.saga_fixtures"]
 
 
 @pytest.fixture(scope="session")

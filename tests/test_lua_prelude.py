@@ -48,8 +48,14 @@ async def test_every_script_is_sent_with_the_prelude_and_keeps_its_line_numbers(
     redis: Redis, path: Path
 ) -> None:
     text, sent = FILE_TEXT[path], _as_sent(path)
-    assert sent == (f"{prelude_for(text)} {text}" if prelude_for(text) else text)
-    assert sent.splitlines()[1:] == text.splitlines()[1:]
+    # A #!lua shebang stays the first line; the prelude joins the line after it, so
+    # every other line keeps its number.
+    shebang, body = text.split("\n", 1) if text.startswith("#!") else ("", text)
+    head = f"{shebang}\n" if shebang else ""
+    prelude = prelude_for(text)
+    assert sent == (f"{head}{prelude} {body}" if prelude else text)
+    kept_from = 2 if shebang else 1
+    assert sent.splitlines()[kept_from:] == text.splitlines()[kept_from:]
     # It compiles: SCRIPT LOAD refuses a syntax error or an unknown global.
     await redis.script_load(sent)
 

@@ -1,0 +1,35 @@
+#!lua
+-- fence_orders: decide the outcome of orders whose reservations outlived their expiry,
+-- on the orders' own partition P (docs/data-tier.md, 3.2). For each order id:
+--   the order exists                 -> committed (its commit ran);
+--   an abort marker exists           -> aborted (a refusal, or an earlier fence);
+--   neither                          -> write the abort marker "swept" -> aborted.
+-- The commit refuses an order id with an abort marker and runs on this same partition,
+-- so the fence and the commit are serialised: whichever runs first decides, and the
+-- settler gives stock back only after this made the order impossible.
+-- Idempotent: a second run finds the order or the marker and answers the same.
+--
+-- KEYS[1]  ab{P}  hash: order id -> the refusal the commit answers (the abort markers)
+-- KEYS[2..1+n]  the order hash of each order id asked, same order
+-- ARGV[1..n]  the order ids
+--
+-- Returns {200, payload_json, wrote}:
+--   200, {outcomes=["committed"|"aborted", ...] (one per order id), fenced="k"}, 1|0
+--        k markers written by this run; wrote = 1 when k > 0
+--   error reply "fence_orders: ..."   KEYS do not fit ARGV; nothing written
+
+if #ARGV < 1 or #KEYS ~= 1 + #ARGV then
+  return redis.error_reply('fence_orders: ' .. #KEYS .. ' keys for ' .. #ARGV .. ' orders')
+end
+local outcomes, fenced = {}, 0
+for i, order_id in ipairs(ARGV) do
+  if redis.call('EXISTS', KEYS[1 + i]) == 1 then
+    outcomes[i] = 'committed'
+  else
+    if redis.call('HSETNX', KEYS[1], order_id, 'swept') == 1 then
+      fenced = fenced + 1
+    end
+    outcomes[i] = 'aborted'
+  end
+end
+return {200, cjson.encode({outcomes = outcomes, fenced = tostring(fenced)}), fenced > 0 and 1 or 0}

@@ -1,0 +1,86 @@
+#!lua
+-- reserve_stock: the saga's try step on one phone partition Q (docs/data-tier.md, 3.1).
+-- Validates every line of this partition (the phone exists, stock >= quantity), then
+-- moves the units from stock to held, records the reservation with the unit prices
+-- read now (atomically with the units held, so the commit charges exactly these) and
+-- its expiry, and moves the partition's ledger the same way. Nothing is written
+-- before the last check.
+-- Idempotent by order id: redis-py's cluster client retries after a connection error
+-- and the first run may have happened, so a second run finds the reservation and
+-- answers the same lines without holding anything again. Refused once this partition
+-- released the order (its tombstone): a late try must not run after its cancel.
+--
+-- KEYS[1]  rv{Q}  hash: order id -> reserved lines "phone_id:quantity:unit_price_cents;..."
+-- KEYS[2]  rd{Q}  zset: order id by expiry (ms), the settler's work list
+-- KEYS[3]  rx{Q}  hash: order id -> released (the release tombstones)
+-- KEYS[4]  lg{Q}  hash: the partition's ledger (stock_units, held_units, changes)
+-- KEYS[5..4+n]  the phone hash of each line, same order as the lines
+-- ARGV[1]  order id
+-- ARGV[2]  expiry, ms since the epoch (now + RESERVATION_TTL)
+-- ARGV[3..2+2n]  phone_id, quantity for each line of this partition (quantities
+--                1..100 and distinct phone ids, checked by the caller)
+--
+-- Returns {http_status, payload_json, replayed}:
+--   200, {lines="..."}, 0                       reserved now
+--   200, {lines="..."}, 1                       reserved by an earlier run; nothing written
+--   404, {code="phone_not_found", phone_ids=[]}, 0     nothing written
+--   409, {code="out_of_stock", lines=[...]}, 0         nothing written
+--   409, {code="order_released"}, 0             this partition already released the order
+--   error reply "reserve_stock: ..."            KEYS do not fit ARGV; nothing written
+--
+-- encode_item(s): the prelude (app/lua_prelude.py).
+
+local n = (#ARGV - 2) / 2
+if n < 1 or n ~= math.floor(n) or #KEYS ~= 4 + n then
+  return redis.error_reply('reserve_stock: ' .. #KEYS .. ' keys do not fit ' .. #ARGV .. ' arguments')
+end
+local order_id = ARGV[1]
+
+if redis.call('HEXISTS', KEYS[3], order_id) == 1 then
+  return {409, cjson.encode({code = 'order_released'}), 0}
+end
+local reserved = redis.call('HGET', KEYS[1], order_id)
+if reserved then
+  return {200, cjson.encode({lines = reserved}), 1}
+end
+
+local missing, short, prices = {}, {}, {}
+for i = 1, n do
+  local phone_id, quantity = ARGV[1 + 2 * i], tonumber(ARGV[2 + 2 * i])
+  if not quantity or quantity < 1 then
+    return redis.error_reply('reserve_stock: bad quantity for ' .. phone_id)
+  end
+  local row = redis.call('HMGET', KEYS[4 + i], 'price_cents', 'stock')
+  if not row[1] then
+    missing[#missing + 1] = phone_id
+  else
+    local stock = tonumber(row[2])
+    if stock < quantity then
+      short[#short + 1] = {phone_id = phone_id, requested = ARGV[2 + 2 * i], available = row[2]}
+    end
+    prices[i] = row[1]
+  end
+end
+if #missing > 0 then
+  return {404, cjson.encode({code = 'phone_not_found', phone_ids = missing}), 0}
+end
+if #short > 0 then
+  return {409, cjson.encode({code = 'out_of_stock', lines = short}), 0}
+end
+
+-- Every check passed: write.
+local lines, units = {}, 0
+for i = 1, n do
+  local quantity = ARGV[2 + 2 * i]
+  redis.call('HINCRBY', KEYS[4 + i], 'stock', -tonumber(quantity))
+  redis.call('HINCRBY', KEYS[4 + i], 'held', quantity)
+  units = units + tonumber(quantity)
+  lines[i] = encode_item(ARGV[1 + 2 * i], quantity, prices[i])
+end
+local encoded = encode_items(lines)
+redis.call('HSET', KEYS[1], order_id, encoded)
+redis.call('ZADD', KEYS[2], ARGV[2], order_id)
+redis.call('HINCRBY', KEYS[4], 'stock_units', -units)
+redis.call('HINCRBY', KEYS[4], 'held_units', units)
+redis.call('HINCRBY', KEYS[4], 'changes', 1)
+return {200, cjson.encode({lines = encoded}), 0}

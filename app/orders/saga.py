@@ -1,0 +1,120 @@
+"""The reservation saga's steps on the phone partitions and the fence on the order's
+partition (docs/data-tier.md, section 3): each is one script on one partition's keys,
+idempotent by order id, so a call the Redis client retried after a lost reply gives the
+same answer and moves nothing twice. This module only builds their keys and arguments;
+the settler (app/orders/settler.py) and the order path call them.
+
+Outcomes of an order, as the fence decides them: ``committed`` (the order exists) or
+``aborted`` (it never will: an abort marker is there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from app import keys
+from app.fields import STOCK_LIMIT
+from app.partitions import partition_of
+from app.scripts import ScriptResult, Scripts
+from app.vocabulary import ItemLine, decode_items, encode_items
+
+COMMITTED = "committed"
+ABORTED = "aborted"
+OUTCOMES = (COMMITTED, ABORTED)
+
+# A settle meets a reservation other than the one its caller read only when a late
+# reserve landed in between; the script answers the stored lines, and one more try
+# with them settles it. More than that is a broken invariant, not a race.
+SETTLE_ATTEMPTS = 3
+
+
+def lines_by_partition(lines: Iterable[tuple[str, int]]) -> dict[int, list[tuple[str, int]]]:
+    """An order's (phone id, quantity) lines grouped by their phone's partition, each
+    group in the order's line order."""
+    groups: dict[int, list[tuple[str, int]]] = {}
+    for phone_id, quantity in lines:
+        groups.setdefault(partition_of(phone_id), []).append((phone_id, quantity))
+    return groups
+
+
+def items_by_partition(items: str) -> dict[int, str]:
+    """An order's items field split by phone partition, each part an items field itself
+    (return_stock's lines)."""
+    groups: dict[int, list[ItemLine]] = {}
+    for line in decode_items(items):
+        groups.setdefault(partition_of(line.phone_id), []).append(line)
+    return {partition: encode_items(lines) for partition, lines in groups.items()}
+
+
+def _partition_keys(partition: int) -> list[str]:
+    return [
+        keys.reservations(partition),
+        keys.reservations_due(partition),
+        keys.releases(partition),
+        keys.partition_ledger(partition),
+    ]
+
+
+async def reserve(
+    scripts: Scripts,
+    order_id: str,
+    partition: int,
+    lines: list[tuple[str, int]],
+    expires_at_ms: int,
+) -> ScriptResult:
+    """reserve_stock.lua on one phone partition: 200 with the reserved ``lines`` (prices
+    included), or the 404/409 of that partition's lines, or 409 ``order_released``."""
+    args: list[str | int] = [order_id, expires_at_ms]
+    for phone_id, quantity in lines:
+        args += [phone_id, quantity]
+    script_keys = [*_partition_keys(partition), *(keys.phone(phone_id) for phone_id, _ in lines)]
+    return await scripts.call("reserve_stock", script_keys, args)
+
+
+async def settle(
+    scripts: Scripts, partition: int, order_id: str, outcome: str, reserved_lines: str
+) -> ScriptResult:
+    """settle_reservation.lua on one phone partition, with the reservation's lines as the
+    caller read them ("" for none: an abort then still leaves its tombstone)."""
+    if outcome not in OUTCOMES:
+        raise ValueError(f"not an outcome: {outcome!r}")
+    for _ in range(SETTLE_ATTEMPTS):
+        phone_keys = [keys.phone(line.phone_id) for line in decode_items(reserved_lines)]
+        result = await scripts.call(
+            "settle_reservation",
+            [*_partition_keys(partition), *phone_keys],
+            [order_id, outcome, reserved_lines],
+        )
+        if result.payload.get("code") != "reservation_changed":
+            return result
+        reserved_lines = result.payload["lines"]
+    return result
+
+
+async def fence(scripts: Scripts, partition: int, order_ids: list[str]) -> list[str]:
+    """fence_orders.lua on the orders' partition: each order's outcome, in order."""
+    result = await scripts.call(
+        "fence_orders",
+        [keys.aborts(partition), *(keys.order(order_id) for order_id in order_ids)],
+        list(order_ids),
+    )
+    return list(result.payload["outcomes"])
+
+
+async def return_stock(
+    scripts: Scripts, partition: int, order_id: str, partition_items: str
+) -> ScriptResult:
+    """return_stock.lua on one phone partition, with the order's lines of that partition
+    (``items_by_partition``)."""
+    phone_keys = [keys.phone(line.phone_id) for line in decode_items(partition_items)]
+    return await scripts.call(
+        "return_stock",
+        [
+            keys.taken_back(partition),
+            keys.reservations(partition),
+            keys.reservations_due(partition),
+            keys.partition_ledger(partition),
+            *phone_keys,
+        ],
+        [order_id, partition_items, STOCK_LIMIT],
+    )
