@@ -50,7 +50,7 @@ endef
 .PHONY: help setup venv run-packages test-packages load-packages run test lint status lock
 
 help:
-	@echo "make run       install what running needs, then start redis, the app instances, nginx,"
+	@echo "make run       install what running needs, then start redis (REDIS_CLUSTER=1: a local cluster), the app instances, nginx,"
 	@echo "               the mail worker and a dev SMTP sink in the foreground (Ctrl-C stops all)"
 	@echo "make test      install the test tools too, then run the test suite (PYTEST_ARGS='-k name')"
 	@echo "make lint      ruff check and ruff format --check"
@@ -156,6 +156,10 @@ $(COMPOSE_SECRETS):
 #     REDIS_URL from REDIS_PORT when unset, stops if a port the stack needs
 #     is taken (app/ops/ports.py says which, by whom and the variable that moves
 #     it), prints every URL and where logs and data go;
+#     With REDIS_CLUSTER=1 it runs a local Redis Cluster (the Procfile's cluster
+#     line, 3 primaries + 3 replicas on REDIS_CLUSTER_BASE_PORT..+5) instead of one
+#     redis-server and sets REDIS_CLUSTER_NODES to it; with REDIS_CLUSTER_NODES set
+#     (and REDIS_CLUSTER unset) it starts no Redis and uses that cluster;
 #  3. execs honcho on the Procfile, with MAIL_WORKERS (default 2) mail worker
 #     processes sharing the mailer group (each its own {host}-{pid} name and the
 #     next free metrics port from MAIL_METRICS_PORT). Ctrl-C or SIGTERM (make forwards it)
@@ -172,6 +176,16 @@ run: setup
 	@set -a; if [ -f .env ]; then . ./.env; fi; set +a; \
 	export REDIS_PORT="$${REDIS_PORT:-6390}"; \
 	export REDIS_URL="$${REDIS_URL:-redis://127.0.0.1:$$REDIS_PORT/0}"; \
+	if [ "$${REDIS_CLUSTER:-0}" = 1 ]; then \
+	  cbase="$${REDIS_CLUSTER_BASE_PORT:-7001}"; \
+	  [[ "$$cbase" =~ ^[0-9]+$$ ]] || { echo "REDIS_CLUSTER_BASE_PORT must be a port, got '$$cbase'" >&2; exit 2; }; \
+	  export REDIS_CLUSTER_NODES="$$(for ((i = 0; i < 6; i++)); do printf '127.0.0.1:%d,' $$((cbase + i)); done | sed 's/,$$//')"; \
+	  redis_proc=cluster; redis_line="local cluster $$REDIS_CLUSTER_NODES (3 primaries + 3 replicas)"; \
+	elif [ -n "$${REDIS_CLUSTER_NODES:-}" ]; then \
+	  redis_proc=""; redis_line="the cluster REDIS_CLUSTER_NODES=$$REDIS_CLUSTER_NODES (not started here)"; \
+	else \
+	  redis_proc=redis; redis_line="$$REDIS_URL"; \
+	fi; \
 	export BEHIND_PROXY="$${BEHIND_PROXY:-1}"; \
 	export WEB_ACCESS_LOG="$${WEB_ACCESS_LOG:-var/log/web-access.log}"; \
 	export MAIL_METRICS_PORT="$${MAIL_METRICS_PORT:-9101}"; \
@@ -188,14 +202,14 @@ run: setup
 	echo "  seed phones     $$(url "$$phones" /phones)"; \
 	echo "  seed orders     $$(url "$$orders" /orders)"; \
 	echo "  app instances  $$instances  (direct, bypassing nginx)"; \
-	echo "  redis           $$REDIS_URL"; \
+	echo "  redis           $$redis_line"; \
 	echo "  metrics         $$(url "$$http" /metrics) from this box (elsewhere: the admin token)"; \
 	echo "                  per instance:$$scrape; mail worker: $$(url "$$MAIL_METRICS_PORT" /metrics)"; \
 	if [ -z "$${SMTP_HOST:-}" ]; then \
-	  export SMTP_HOST=127.0.0.1 SMTP_PORT="$${SMTP_PORT:-1025}"; procs="redis web nginx mail smtp"; \
+	  export SMTP_HOST=127.0.0.1 SMTP_PORT="$${SMTP_PORT:-1025}"; procs="$$redis_proc web nginx mail smtp"; \
 	  echo "  mail            dev SMTP sink 127.0.0.1:$$SMTP_PORT, every mail saved in $${MAIL_SINK_DIR:-var/mail}/"; \
 	else \
-	  procs="redis web nginx mail"; \
+	  procs="$$redis_proc web nginx mail"; \
 	  echo "  mail            worker sending through $$SMTP_HOST:$${SMTP_PORT:-1025} (no dev sink)"; \
 	fi; \
 	echo "  admin token     ADMIN_TOKEN in .env (or your environment)"; \
@@ -206,7 +220,7 @@ run: setup
 	[[ "$$mail_workers" =~ ^[1-9][0-9]?$$ ]] || { echo "MAIL_WORKERS must be 1 to 99, got '$$mail_workers'" >&2; exit 2; }; \
 	echo "  mail workers    $$mail_workers (MAIL_WORKERS), each MAIL_CONCURRENCY SMTP sessions"; \
 	echo "  health          make status (in another terminal)"; \
-	echo "  data            redis AOF in var/redis/; rendered nginx config var/nginx/nginx.conf"; \
+	echo "  data            redis AOF in var/redis/ (a local cluster: $${REDIS_CLUSTER_DIR:-var/redis-cluster}/); rendered nginx config var/nginx/nginx.conf"; \
 	echo; \
 	exec $(VENV)/bin/honcho start -f Procfile -c "mail=$$mail_workers" $$procs
 
@@ -237,8 +251,9 @@ soak: load-setup
 	$(PY) -m loadtests.soak
 
 # make redis-cluster: the local Redis Cluster of issue 11 (3 primaries + 3 replicas, AOF
-# always, data in var/redis-cluster/) in the foreground; Ctrl-C stops every node. The app
-# does not use it yet (docs/data-tier.md). make cluster-status: every node with its role.
+# always, data in var/redis-cluster/) alone in the foreground; Ctrl-C stops every node.
+# REDIS_CLUSTER=1 make run runs it with the rest of the stack (docs/data-tier.md).
+# make cluster-status: every node with its role (make status shows them too).
 .PHONY: redis-cluster cluster-status
 redis-cluster: setup
 	$(PY) -m app.ops.redis_cluster run

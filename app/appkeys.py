@@ -8,6 +8,7 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
 
     from app.auth import TokenCache
     from app.events.hub import EventHub
@@ -21,8 +22,9 @@ if TYPE_CHECKING:
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 # The request paths' Redis (app/redis_gateway.py): scripts, reads, list pages, tokens.
 REDIS_GATEWAY: web.AppKey[RedisGateway] = web.AppKey("redis_gateway")
-# redis-py's client, for what the gateway does not cover (streams, transactions).
-REDIS: web.AppKey[Redis] = web.AppKey("redis")
+# redis-py's client, for what the gateway does not cover (streams, transactions):
+# a RedisCluster when REDIS_CLUSTER_NODES is set (app/redis_clients.py).
+REDIS: web.AppKey[Redis | RedisCluster] = web.AppKey("redis")
 SCRIPTS: web.AppKey[Scripts] = web.AppKey("scripts")
 TOKEN_CACHE: web.AppKey[TokenCache] = web.AppKey("token_cache")
 # This worker's overload control: its in-flight count and adaptive limit.

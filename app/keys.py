@@ -121,6 +121,21 @@ def mail_worker_alive(worker_name: str) -> str:
 MAIL_RETRY = "mail:retry"
 
 
+def write_ack(key: str) -> str:
+    """A string in ``key``'s slot that app/cluster_gateway.py writes (with an expiry)
+    to prove, with WAIT on the same connection, that a script's write on that slot
+    reached the replica. Its hash tag is ``key``'s own, or ``key`` itself when it has
+    none, so it lands in the same slot either way (Redis hashes only the first
+    non-empty ``{...}``)."""
+    start = key.find("{")
+    if start < 0:
+        return f"ack{{{key}}}"
+    end = key.find("}", start + 1)
+    if end > start + 1:
+        return f"ack{{{key[start + 1 : end]}}}"
+    raise ValueError(f"{key!r} has a brace but no hash tag: no ack key shares its slot")
+
+
 # ---- the reservation saga (docs/data-tier.md, sections 2.3, 3 and 11) -----------------
 # Each is one partition's key: ``{tag}`` puts it in that partition's one cluster slot,
 # with the phone (or order) hashes its scripts touch beside it. Arguments are partition

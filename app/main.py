@@ -16,13 +16,15 @@ from redis.backoff import NoBackoff
 from app import appkeys
 from app.admin.metrics import get_metrics
 from app.auth import TokenCache
+from app.cluster_gateway import open_cluster_gateway
 from app.events.hub import close_event_sockets, events_ctx
 from app.health import Readiness
 from app.middlewares import front_middleware
 from app.observe import flush_observations, instrument
 from app.openapi import openapi_json
 from app.overload import OverloadControl
-from app.redis_gateway import TimedRedis, open_gateway
+from app.redis_clients import cluster_client
+from app.redis_gateway import TimedRedis, TimedRedisCluster, open_gateway
 from app.routes import SPECLESS_ROUTES, route_table
 from app.routing import add_routes
 from app.scripts import Scripts
@@ -34,6 +36,10 @@ CLIENT_MAX_SIZE = 64 * 1024
 
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[appkeys.SETTINGS]
+    if settings.redis_cluster_nodes:
+        async for _ in redis_cluster_ctx(app):
+            yield
+        return
     # A blocking pool: past max_connections a request waits (up to the
     # timeout) for a free connection instead of failing at once.
     pool = BlockingConnectionPool.from_url(
@@ -52,6 +58,37 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     # Chosen once: the multiplexed connection (app/fastredis.py), about 30 us
     # of CPU per call instead of about 200 through the pool, unless TLS.
     gateway = open_gateway(pool, settings.redis_timeout)
+    app[appkeys.REDIS_GATEWAY] = gateway
+    app[appkeys.SCRIPTS] = Scripts(gateway)
+    yield
+    await gateway.aclose()
+    await redis.aclose()
+
+
+async def redis_cluster_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The same two clients on a Redis Cluster (REDIS_CLUSTER_NODES): the gateway's
+    scripts wait for the replica (app/cluster_gateway.py), and the redis-py client of
+    the events, audit and dead-letter admin routes by key. Neither retries after a
+    connection error, for the reason above."""
+    settings = app[appkeys.SETTINGS]
+    gateway = await open_cluster_gateway(
+        settings.redis_url,
+        settings.redis_cluster_nodes,
+        settings.redis_wait_replicas,
+        settings.redis_wait_ms,
+        settings.redis_timeout,
+        settings.redis_max_connections,
+    )
+    redis = cluster_client(
+        settings.redis_url,
+        settings.redis_cluster_nodes,
+        cluster_class=TimedRedisCluster,
+        socket_timeout=settings.redis_timeout,
+        socket_connect_timeout=settings.redis_timeout,
+        max_connections=settings.redis_max_connections,
+        retry=Retry(NoBackoff(), 0),
+    )
+    app[appkeys.REDIS] = redis
     app[appkeys.REDIS_GATEWAY] = gateway
     app[appkeys.SCRIPTS] = Scripts(gateway)
     yield

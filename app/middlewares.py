@@ -158,12 +158,26 @@ async def _redis_unavailable(request: web.Request, error: Exception) -> web.Resp
         # One dead connection means Redis went away: its idle siblings are
         # dead too. Drop them now, so the first requests after Redis comes
         # back reconnect instead of each failing on a stale socket.
-        await request.app[appkeys.REDIS].connection_pool.disconnect(inuse_connections=False)
+        # (A cluster client has a pool per node and drops a failed node's itself.)
+        pool = getattr(request.app[appkeys.REDIS], "connection_pool", None)
+        if pool is not None:
+            await pool.disconnect(inuse_connections=False)
     return problem_response(retry_later("service_unavailable", 1, "The data store is unavailable"))
 
 
+# Refusals that pass: a long script, a loading server, a replica (or, on a cluster,
+# a primary that lost its replica: NOREPLICAS; a failover or reshard under way).
+_BUSY_REPLIES = ("BUSY", "LOADING", "READONLY", "NOREPLICAS", "CLUSTERDOWN", "TRYAGAIN")
+_BUSY_ERRORS = (
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+)
+
+
 def _redis_refused(request: web.Request, error: redis.exceptions.ResponseError) -> web.Response:
-    if "BUSY" in str(error) or "LOADING" in str(error) or "READONLY" in str(error):
+    busy = isinstance(error, _BUSY_ERRORS) or any(word in str(error) for word in _BUSY_REPLIES)
+    if busy:
         return problem_response(retry_later("service_unavailable", 1, "The data store is busy"))
     log.exception("redis error on %s %s", request.method, request.path)
     return problem_response(ProblemError("internal_error"))

@@ -49,6 +49,13 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "service_unavailable": (503, "The service is unavailable; retry later"),
     "overloaded": (503, "Too many requests in flight; retry later"),
     "queued_too_long": (503, "The request waited too long in line; retry later"),
+    # On a Redis Cluster: the write is on the primary but its replica did not
+    # confirm it in time (docs/data-tier.md, section 6). Retrying with the same
+    # Idempotency-Key replays the answer if the write survived.
+    "write_unconfirmed": (
+        503,
+        "The write is not confirmed yet; retry with the same Idempotency-Key",
+    ),
 }
 
 

@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from app import metrics
@@ -59,6 +60,21 @@ class LuaScript:
     @classmethod
     def of(cls, name: str, source: str) -> LuaScript:
         return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
+
+
+class WriteUnconfirmed(Exception):
+    """A script ran on its primary but fewer replicas than asked confirmed it within
+    REDIS_WAIT_MS (app/cluster_gateway.py): it may vanish with that primary. It is
+    answered 503 ``write_unconfirmed`` (app/scripts.py), never as a success."""
+
+    def __init__(self, script: str, reply: Any, replicas: int | None, wanted: int) -> None:
+        heard = "no answer" if replicas is None else f"{replicas} of {wanted} replicas"
+        super().__init__(f"{script}: the write is not confirmed ({heard})")
+        self.script = script
+        # The script's own answer (None when it is unknown), for the ids it names.
+        self.reply = reply
+        self.replicas = replicas
+        self.wanted = wanted
 
 
 class Transport(Protocol):
@@ -212,6 +228,20 @@ class TimedRedis(Redis):
 
     def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
         return TimedPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+
+class TimedRedisCluster(RedisCluster):
+    """redis-py's cluster client with its single commands timed by name, as TimedRedis."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        name = args[0].upper() if args and isinstance(args[0], str) else ""
+        if not name or name in _UNTIMED:
+            return await super().execute_command(*args, **kwargs)
+        started = time.perf_counter()
+        try:
+            return await super().execute_command(*args, **kwargs)
+        finally:
+            observe(name, started)
 
 
 def gateway_over(redis: Redis) -> RedisGateway:

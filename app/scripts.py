@@ -19,8 +19,8 @@ from typing import Any
 import msgspec
 
 from app.lua_prelude import with_prelude
-from app.problems import PROBLEMS, ProblemError
-from app.redis_gateway import LuaScript, RedisGateway
+from app.problems import PROBLEMS, ProblemError, retry_later
+from app.redis_gateway import LuaScript, RedisGateway, WriteUnconfirmed
 
 SCRIPT_NAMES = (
     "place_order",
@@ -77,7 +77,8 @@ class Scripts:
 
     async def call(self, name: str, keys: list[str], args: list[str | int]) -> ScriptResult:
         """The script's answer as it is, refusals included: for callers (the saga's
-        steps) that act on a refusal instead of answering it to a client."""
+        steps) that act on a refusal instead of answering it to a client. A write its
+        replica did not confirm raises WriteUnconfirmed (app/redis_gateway.py)."""
         reply = await self._gateway.run_script(self._scripts[name], keys, args)
         status = int(reply[0])
         raw = reply[1] if isinstance(reply[1], bytes) else str(reply[1]).encode()
@@ -85,10 +86,41 @@ class Scripts:
         return ScriptResult(status, payload, len(reply) > 2 and int(reply[2]) == 1, raw)
 
     async def run(self, name: str, keys: list[str], args: list[str | int]) -> ScriptResult:
-        result = await self.call(name, keys, args)
+        try:
+            result = await self.call(name, keys, args)
+        except WriteUnconfirmed as error:
+            raise unconfirmed_problem(error) from None
         if result.status >= 400 and not result.flag:
             raise problem_from_script(result.status, result.payload)
         return result
+
+
+def unconfirmed_problem(error: WriteUnconfirmed) -> ProblemError:
+    """503 + Retry-After for a write its replica did not confirm: never a silent
+    success. It names the order the script placed, when it placed one, so the
+    client can also look it up."""
+    problem = retry_later(
+        "write_unconfirmed",
+        1,
+        "The change was applied but its copy on a replica is not confirmed. Retry the "
+        "same request with the same Idempotency-Key: it is answered as the first one was "
+        "if the change survived, and made again if it did not.",
+    )
+    order_id = _placed_order_id(error.script, error.reply)
+    if order_id is not None:
+        problem.extra["order_id"] = order_id
+    return problem
+
+
+def _placed_order_id(script: str, reply: Any) -> str | None:
+    if script != "place_order" or not isinstance(reply, list) or len(reply) < 2:
+        return None
+    try:
+        payload = msgspec.json.decode(reply[1])
+    except (msgspec.DecodeError, TypeError):
+        return None
+    order_id = payload.get("id") if isinstance(payload, dict) else None
+    return order_id if isinstance(order_id, str) and int(reply[0]) < 400 else None
 
 
 def problem_from_script(status: int, payload: dict[str, Any]) -> ProblemError:

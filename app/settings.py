@@ -65,6 +65,21 @@ def redis_url_from_env(env: Mapping[str, str], default: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def cluster_nodes_from_env(env: Mapping[str, str]) -> tuple[tuple[str, int], ...]:
+    """REDIS_CLUSTER_NODES, ``host:port,...``: where a Redis Cluster client starts
+    (it learns every other node from them). Empty: one redis-server at REDIS_URL."""
+    raw = env.get("REDIS_CLUSTER_NODES", "").strip()
+    nodes = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isascii() or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise SettingsError(
+                f"REDIS_CLUSTER_NODES must be host:port,... with ports 1 to 65535, got {item!r}"
+            )
+        nodes.append((host.strip("[]"), int(port)))
+    return tuple(nodes)
+
+
 def redacted_url(url: str) -> str:
     """A Redis URL without its password, for logs and reprs."""
     parts = urlsplit(url)
@@ -81,6 +96,15 @@ class Settings:
     # Socket and connect timeouts of every Redis call: past them a request gets 503.
     redis_timeout: float = 2.0
     redis_max_connections: int = 64
+    # A Redis Cluster's start-up nodes (docs/data-tier.md); empty: the one redis-server
+    # of redis_url. The cluster uses redis_url's password and TLS, not its address.
+    redis_cluster_nodes: tuple[tuple[str, int], ...] = ()
+    # Acknowledged on a cluster means the primary's replica has the write too
+    # (docs/data-tier.md, section 6): every script is followed by WAIT <replicas> <ms>
+    # on its connection, and fewer replicas than this answer 503 write_unconfirmed.
+    # 0 (the default on one redis-server) sends no WAIT; 1 is the cluster's default.
+    redis_wait_replicas: int = 0
+    redis_wait_ms: int = 500
     admin_token: str = ""
     # Concurrent requests one worker ever serves: the ceiling of the adaptive limit.
     max_inflight: int = 256
@@ -122,9 +146,29 @@ class Settings:
                 "- . _ ~ + / (then optional = padding), at most 512 of them (RFC 6750 b64token); "
                 "generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
             )
+        redis_timeout = env_float(env, "REDIS_TIMEOUT", cls.redis_timeout, 0.05, 60.0)
+        cluster_nodes = cluster_nodes_from_env(env)
+        if cluster_nodes and urlsplit(redis_url).scheme == "unix":
+            # The cluster takes REDIS_URL's password and TLS; a socket path says neither.
+            raise SettingsError("REDIS_CLUSTER_NODES needs a redis:// or rediss:// REDIS_URL")
+        wait_replicas = env_int(env, "REDIS_WAIT_REPLICAS", 1 if cluster_nodes else 0, 0, 16)
+        if wait_replicas and not cluster_nodes:
+            # One redis-server has no replica to wait for: its promise is its own AOF.
+            raise SettingsError(
+                "REDIS_WAIT_REPLICAS needs REDIS_CLUSTER_NODES (0 on one redis-server)"
+            )
+        wait_ms = env_int(env, "REDIS_WAIT_MS", cls.redis_wait_ms, 1, 60_000)
+        if wait_replicas and wait_ms >= redis_timeout * 1000:
+            # Else the socket times out first, and a slow replica reads as a dead primary.
+            raise SettingsError(
+                f"REDIS_WAIT_MS ({wait_ms}) must be below REDIS_TIMEOUT ({redis_timeout} s)"
+            )
         return cls(
             redis_url=redis_url,
-            redis_timeout=env_float(env, "REDIS_TIMEOUT", cls.redis_timeout, 0.05, 60.0),
+            redis_timeout=redis_timeout,
+            redis_cluster_nodes=cluster_nodes,
+            redis_wait_replicas=wait_replicas,
+            redis_wait_ms=wait_ms,
             redis_max_connections=env_int(
                 env, "REDIS_MAX_CONNECTIONS", cls.redis_max_connections, 1, 10_000
             ),
@@ -156,4 +200,4 @@ class Settings:
 
     def __repr__(self) -> str:
         # Never let the admin token or the Redis password reach a log through a repr.
-        return f"Settings(redis_url={redacted_url(self.redis_url)!r}, max_inflight={self.max_inflight}, admin_token=<hidden>)"
+        return f"Settings(redis_url={redacted_url(self.redis_url)!r}, redis_cluster_nodes={self.redis_cluster_nodes!r}, max_inflight={self.max_inflight}, admin_token=<hidden>)"

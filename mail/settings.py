@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from email.headerregistry import Address
 
 from app.env import SettingsError, env_float, env_int
-from app.settings import redis_url_from_env
+from app.settings import cluster_nodes_from_env, redis_url_from_env
 
 SMTP_TLS_MODES = ("none", "starttls", "tls")
 
@@ -68,6 +68,8 @@ def parse_mail_from(value: str) -> Address:
 @dataclass(frozen=True)
 class MailSettings:
     redis_url: str = field(default="redis://127.0.0.1:6390/0", repr=False)
+    # REDIS_CLUSTER_NODES, as the app reads it (app/settings.py): empty for one redis-server.
+    redis_cluster_nodes: tuple[tuple[str, int], ...] = ()
     # Defaults point at the dev sink, `python -m mail.sink`.
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 1025
@@ -153,6 +155,7 @@ class MailSettings:
             )
         settings = cls(
             redis_url=redis_url,
+            redis_cluster_nodes=cluster_nodes_from_env(env),
             smtp_host=text("SMTP_HOST", cls.smtp_host),
             smtp_port=env_int(env, "SMTP_PORT", cls.smtp_port, 1, 65535),
             smtp_username=env.get("SMTP_USERNAME", ""),

@@ -67,6 +67,7 @@ from app import keys
 from app.ids import is_valid_id
 from app.logs import request_id_var
 from app.mail_backlog import entry_ms, read_mail_backlog
+from app.redis_clients import redis_client
 from app.vocabulary import decode_items, is_request_id
 from mail import MAIL_EVENT_TYPES, metrics, scripts
 from mail.render import (
@@ -102,8 +103,10 @@ def now_ms() -> int:
 
 
 def connect_redis(settings: MailSettings) -> Redis:
-    return Redis.from_url(
+    """One redis-server, or the cluster when REDIS_CLUSTER_NODES is set (app/redis_clients.py)."""
+    return redis_client(  # type: ignore[return-value]
         settings.redis_url,
+        settings.redis_cluster_nodes,
         decode_responses=True,
         socket_timeout=MAX_BLOCK_MS / 1000 + 10,
         socket_connect_timeout=5,

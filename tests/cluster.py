@@ -21,9 +21,10 @@ def new_cluster(directory: Path, primaries: int = 3, replicas: int = 1) -> Local
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """One cluster per test module, for tests that leave its topology as they found it."""
+    """One cluster per test session (it takes seconds to form), for tests that leave its
+    topology as they found it and their keys to themselves."""
     cluster = new_cluster(tmp_path_factory.mktemp("cluster"))
     cluster.start()
     yield cluster

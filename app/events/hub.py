@@ -33,6 +33,7 @@ from redis.backoff import NoBackoff
 from app import appkeys, keys
 from app.events.sockets import CloseCode, EventsConfig, EventSocket, Outgoing
 from app.events.stream import ZERO, StreamId, StreamState, decode_entry, resync_message
+from app.redis_clients import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +207,9 @@ async def events_ctx(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx: this worker's stream reader, on its own Redis connection."""
     settings = app[appkeys.SETTINGS]
     config = EventsConfig()
-    reader = Redis.from_url(
+    reader = redis_client(
         settings.redis_url,
+        settings.redis_cluster_nodes,
         single_connection_client=True,
         # A blocked XREAD answers within read_block_ms; give it that much more.
         socket_timeout=config.read_block_ms / 1000 + settings.redis_timeout,

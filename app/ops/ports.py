@@ -31,6 +31,8 @@ from app.ops.instances import instance_ports
 # where a distribution's own redis-server already listens.
 DEFAULTS = {
     "REDIS_PORT": "6390",
+    # REDIS_CLUSTER=1: the local cluster's first node (app/ops/redis_cluster.py).
+    "REDIS_CLUSTER_BASE_PORT": "7001",
     "HTTP_PORT": "8080",
     "SEED_PHONES_PORT": "5555",
     "SEED_ORDERS_PORT": "7777",
@@ -39,6 +41,8 @@ DEFAULTS = {
     "MAIL_METRICS_PORT": "9101",
 }
 HOST = "127.0.0.1"
+# The local cluster: 3 primaries + 3 replicas.
+CLUSTER_NODES = 6
 _LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp
 
 
@@ -55,9 +59,33 @@ def _port(env: Mapping[str, str], name: str) -> int:
     return env_int(env, name, int(DEFAULTS[name]), 0, 65535, error=SystemExit)
 
 
+def redis_ports(env: Mapping[str, str]) -> list[Need]:
+    """One redis-server's port; with REDIS_CLUSTER=1 the local cluster's six nodes and
+    their bus ports (+10000); none when REDIS_CLUSTER_NODES names a cluster run elsewhere."""
+    if env.get("REDIS_CLUSTER", "").strip() == "1":
+        base = env_int(
+            env,
+            "REDIS_CLUSTER_BASE_PORT",
+            int(DEFAULTS["REDIS_CLUSTER_BASE_PORT"]),
+            1024,
+            65535 - 10_000 - CLUSTER_NODES,
+            error=SystemExit,
+        )
+        needs = []
+        for index in range(CLUSTER_NODES):
+            variable = "REDIS_CLUSTER_BASE_PORT" + (f" (+{index})" if index else "")
+            what = f"redis cluster node {index + 1} of {CLUSTER_NODES}"
+            needs.append(Need(base + index, variable, what))
+            needs.append(Need(base + index + 10_000, variable, f"{what}: its cluster bus"))
+        return needs
+    if env.get("REDIS_CLUSTER_NODES", "").strip():
+        return []
+    return [Need(_port(env, "REDIS_PORT"), "REDIS_PORT", "redis-server")]
+
+
 def needed_ports(env: Mapping[str, str]) -> list[Need]:
     """Every port make run's processes listen on; a port set to 0 is off."""
-    needs = [Need(_port(env, "REDIS_PORT"), "REDIS_PORT", "redis-server")]
+    needs = redis_ports(env)
     for name, what in (
         ("HTTP_PORT", "nginx, the whole API"),
         ("SEED_PHONES_PORT", "nginx, the seed's phones service"),

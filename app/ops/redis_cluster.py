@@ -2,14 +2,16 @@
 
     python -m app.ops.redis_cluster run      # foreground; Ctrl-C or SIGTERM stops every node
     python -m app.ops.redis_cluster status   # one line per node with its role; exit 1 unless healthy
+    python -m app.ops.redis_cluster wait     # until REDIS_CLUSTER_NODES is ok (Procfile: web, mail)
 
 The CLI reads REDIS_CLUSTER_BASE_PORT (default 7001; nodes on BASE..BASE+5),
 REDIS_CLUSTER_DIR (default var/redis-cluster), REDIS_CLUSTER_NODE_TIMEOUT_MS (default
 2000) and APPENDFSYNC (default always); ``status --nodes host:port,...`` asks an
 existing cluster instead (what REDIS_CLUSTER_NODES will name).
 
-Every node is ``redis-server --cluster-enabled yes`` with AOF and ``appendfsync
-always`` in its own folder ``<dir>/<port>/`` (nodes.conf, the AOF, redis.log). The
+Every node is ``redis-server --cluster-enabled yes`` with AOF, ``appendfsync
+always`` and ``min-replicas-to-write 1`` (when it has replicas) in its own folder
+``<dir>/<port>/`` (nodes.conf, the AOF, redis.log). The
 first start creates the cluster with ``redis-cli --cluster create ... --cluster-replicas
 1``; a later start on the same folder lets the nodes rejoin from their nodes.conf, so
 the data survives a restart. A folder holding a half-made cluster is refused with
@@ -51,6 +53,8 @@ DEFAULT_REPLICAS = 1
 # busy 2-core box.
 DEFAULT_NODE_TIMEOUT_MS = 2000
 DEFAULT_DIR = Path("var/redis-cluster")
+# A replica silent this long no longer counts for min-replicas-to-write (Redis's default).
+MIN_REPLICAS_MAX_LAG_S = 10
 POLL_INTERVAL = 0.05
 
 
@@ -308,6 +312,10 @@ class LocalCluster:
             "--save", "",
             "--daemonize", "no",
             "--logfile", "redis.log",
+            # docs/data-tier.md, section 6: a primary that lost its replica refuses
+            # writes (NOREPLICAS) rather than make each one wait out WAIT for nothing.
+            "--min-replicas-to-write", str(min(self.replicas, 1)),
+            "--min-replicas-max-lag", str(MIN_REPLICAS_MAX_LAG_S),
         ]  # fmt: skip
         if self.bus_ports is not None:
             argv += ["--cluster-port", str(self.bus_ports[self.ports.index(port)])]
@@ -545,6 +553,35 @@ def status(seeds: list[tuple[str, int]]) -> int:
     return 1
 
 
+def wait_ready(seeds: list[tuple[str, int]], timeout: float) -> int:
+    """Return 0 once every seed answers cluster_state:ok (what the app and the mail
+    worker need before their first command: a slot map with every slot served), 1
+    after ``timeout``. No seeds: 0 at once (one redis-server needs no waiting)."""
+
+    def every_node_ok() -> bool:
+        infos = [cluster_info(port, host) for host, port in seeds]
+        return all(info is not None and info.get("cluster_state") == "ok" for info in infos)
+
+    if not seeds:
+        return 0
+    try:
+        poll(every_node_ok, timeout, "the cluster to be ok")
+    except ClusterError as error:
+        print(f"[redis-cluster] {error}: {','.join(f'{h}:{p}' for h, p in seeds)}", flush=True)
+        return 1
+    return 0
+
+
+def parse_seeds(text: str) -> list[tuple[str, int]]:
+    seeds = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        host, _, port = item.rpartition(":")
+        if not port.isdigit():
+            raise SystemExit(f"want host:port,..., got {item!r}")
+        seeds.append((host or HOST, int(port)))
+    return seeds
+
+
 def run(cluster: LocalCluster) -> int:
     """Start the cluster, print it, and keep it up until SIGINT or SIGTERM."""
     stopping = threading.Event()
@@ -582,16 +619,18 @@ def main(argv: list[str] | None = None) -> int:
     status_parser.add_argument(
         "--nodes", help="host:port,... of an existing cluster (default: the local one)"
     )
+    wait_parser = sub.add_parser(
+        "wait",
+        help="until every node of REDIS_CLUSTER_NODES says cluster_state:ok (at once when unset)",
+    )
+    wait_parser.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args(argv)
     if args.command == "run":
         return run(from_env(os.environ))
+    if args.command == "wait":
+        return wait_ready(parse_seeds(os.environ.get("REDIS_CLUSTER_NODES", "")), args.timeout)
     if args.nodes:
-        seeds = []
-        for item in args.nodes.split(","):
-            host, _, port = item.strip().rpartition(":")
-            if not port.isdigit():
-                raise SystemExit(f"--nodes wants host:port,..., got {item!r}")
-            seeds.append((host or HOST, int(port)))
+        seeds = parse_seeds(args.nodes)
     else:
         seeds = [(HOST, port) for port in from_env(os.environ).ports]
     return status(seeds)

@@ -1,0 +1,262 @@
+"""The Redis gateway on a Redis Cluster: redis-py routes, the write path waits for the replica.
+
+``open_cluster_gateway`` (app/main.py, when REDIS_CLUSTER_NODES is set) makes a
+``RedisGateway`` whose transport is redis-py's ``redis.asyncio.RedisCluster``: every
+command, EVALSHA included, goes to the primary of its keys' slot; MOVED, ASK and a
+new topology after a failover are the library's business, never ours.
+``SCRIPT LOAD`` and ``SCRIPT EXISTS`` go to every primary.
+
+What the cluster adds is the promise of docs/data-tier.md, section 6: a script's
+write is acknowledged only once the primary's replica has it. A script is sent as
+``[EVALSHA ..., WAIT <replicas> <ms>]`` in one write on ONE connection of the
+primary that serves its first key (``WAIT`` counts only its own connection's
+writes, so a WAIT on any other connection would answer for nothing):
+
+* WAIT heard from ``replicas`` replicas: the script's reply;
+* fewer (a stopped or lagging replica): ``WriteUnconfirmed``, answered 503
+  ``write_unconfirmed``: the write stays on the primary, and the client's retry
+  with the same Idempotency-Key settles whether it survived;
+* the script did not run there (MOVED or ASK after a reshard or failover,
+  TRYAGAIN, CLUSTERDOWN, NOSCRIPT on a new primary, or no connection could be
+  opened): the library's own routed EVALSHA runs it (loading it on every primary
+  after NOSCRIPT), then ``[SET <ack key of the same slot>, WAIT]`` on one connection
+  of that slot's primary proves it: replication is in order, so the replica that
+  acknowledged the later write has the script's too;
+* the connection broke after the script was sent: it may have run, and today's
+  scripts are not all safe to run twice (a deposit would add twice), so this is a
+  ConnectionError (503 + Retry-After) as on one redis-server; the topology is
+  refreshed for the next call. (Once every script is idempotent by its id,
+  docs/data-tier.md 3.5, this case can take the fallback too.)
+
+Connection errors are never retried by the library either (``retry`` 0), for the
+same reason as app/main.py's pool: a lost reply may belong to a script that ran.
+With ``REDIS_WAIT_REPLICAS=0`` scripts go through the library alone, without WAIT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import Connection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from app import keys
+from app.redis_clients import cluster_client
+from app.redis_gateway import (
+    LuaScript,
+    RedisGateway,
+    WriteUnconfirmed,
+    observe,
+)
+
+# Replies that mean the script did not run on the node it was sent to.
+NOT_RUN = (MovedError, AskError, TryAgainError, ClusterDownError, NoScriptError)
+# How long an ack key lives: one per slot written through the fallback, so they
+# would otherwise pile up; a minute is far past any WAIT.
+ACK_TTL_MS = 60_000
+
+
+class NotSent(RedisConnectionError):
+    """No connection to the node could be opened: nothing was sent, nothing ran."""
+
+
+def _routable(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """redis-py's cluster client knows SCRIPT's subcommands (LOAD, EXISTS: every
+    primary) only as one word, "SCRIPT LOAD"."""
+    if len(args) > 1 and isinstance(args[0], str) and args[0].upper() == "SCRIPT":
+        return (f"SCRIPT {str(args[1]).upper()}", *args[2:])
+    return args
+
+
+async def ready(connection: Connection) -> None:
+    """Connected, and not a pooled socket the server closed meanwhile (a restarted or
+    failed-over node): redis-py's own pool check, so a stale socket is replaced
+    before anything is sent on it rather than failing after."""
+    await connection.connect()
+    try:
+        if await connection.can_read():
+            raise RedisConnectionError("the connection has unread data")
+    except (RedisConnectionError, RedisTimeoutError, OSError):
+        await connection.disconnect()
+        await connection.connect()
+
+
+async def on_one_connection(node: ClusterNode, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """``commands`` in one write on one connection of ``node``; their replies in
+    order, a server error as the exception object in its place. ``NotSent`` when
+    no connection could be opened."""
+    connection = node.acquire_connection()
+    try:
+        try:
+            await ready(connection)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+            raise NotSent(f"cannot connect to {node.name}: {error}") from error
+        await connection.send_packed_command(connection.pack_commands(commands), False)
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(await connection.read_response())
+            except ResponseError as error:
+                replies.append(error)
+        return replies
+    except BaseException:
+        # Replies may still be owed on it: it must never serve another call.
+        await connection.disconnect(nowait=True)
+        raise
+    finally:
+        node.release(connection)
+
+
+class ClusterTransport:
+    """RedisCluster as the gateway's transport: each command routed by its keys,
+    a pipeline split per node by the library."""
+
+    def __init__(self, cluster: RedisCluster) -> None:
+        self.cluster = cluster
+
+    async def execute(self, *args: Any) -> Any:
+        return await self.cluster.execute_command(*_routable(args))
+
+    async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        pipe = self.cluster.pipeline(transaction=False)
+        for args in commands:
+            pipe.execute_command(*_routable(args))
+        return await pipe.execute()
+
+    @property
+    def connection(self) -> object | None:
+        # A pool per node: no one connection whose loss /readyz should notice.
+        return None
+
+    async def aclose(self) -> None:
+        await self.cluster.aclose()
+
+
+class ClusterGateway(RedisGateway):
+    """The gateway over ``ClusterTransport``, whose scripts wait for ``replicas``."""
+
+    transport: ClusterTransport
+
+    def __init__(self, cluster: RedisCluster, replicas: int, wait_ms: int) -> None:
+        super().__init__(ClusterTransport(cluster))
+        self.cluster = cluster
+        self.replicas = replicas
+        self.wait_ms = wait_ms
+        self._refreshing: asyncio.Future[None] | None = None
+
+    async def run_script(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
+        started = time.perf_counter()
+        try:
+            evalsha = ("EVALSHA", script.sha, len(keys), *keys, *args)
+            if not self.replicas or not keys:
+                return await self._routed(script, evalsha)
+            return await self._run_and_wait(script, evalsha, keys[0])
+        finally:
+            observe(f"script:{script.name}", started)
+
+    async def _run_and_wait(self, script: LuaScript, evalsha: tuple[Any, ...], key: str) -> Any:
+        wait = ("WAIT", self.replicas, self.wait_ms)
+        try:
+            reply, replicas = await on_one_connection(
+                self.cluster.get_node_from_key(key), [evalsha, wait]
+            )
+        except NotSent:
+            await self._refresh_topology()
+            reply, replicas = NotSent(), None
+        except (RedisConnectionError, RedisTimeoutError):
+            # Sent, and maybe run: no second run (the module's docstring says why).
+            await self._refresh_topology()
+            raise
+        if isinstance(reply, (*NOT_RUN, NotSent)):
+            reply = await self._routed(script, evalsha)
+            replicas = await self._ack(key)
+        if isinstance(reply, Exception):
+            raise reply
+        if not isinstance(replicas, int) or replicas < self.replicas:
+            raise WriteUnconfirmed(
+                script.name, reply, replicas if isinstance(replicas, int) else None, self.replicas
+            )
+        return reply
+
+    async def _routed(self, script: LuaScript, evalsha: tuple[Any, ...]) -> Any:
+        """The library's EVALSHA: routed, redirected; after NOSCRIPT (a flushed node, a
+        new primary), load on every primary and run: NOSCRIPT means it did not run."""
+        try:
+            return await self.cluster.execute_command(*evalsha)
+        except NoScriptError:
+            await self.cluster.execute_command("SCRIPT LOAD", script.source)
+            return await self.cluster.execute_command(*evalsha)
+
+    async def _ack(self, key: str) -> int | None:
+        """WAIT's answer after a write of our own in ``key``'s slot, on one connection
+        of its primary; None when that could not be done (the write stays unconfirmed)."""
+        ack = ("SET", keys.write_ack(key), "1", "PX", ACK_TTL_MS)
+        wait = ("WAIT", self.replicas, self.wait_ms)
+        try:
+            written, replicas = await on_one_connection(
+                self.cluster.get_node_from_key(key), [ack, wait]
+            )
+        except RedisError:
+            await self._refresh_topology()
+            return None
+        if isinstance(written, Exception) or not isinstance(replicas, int):
+            return None
+        return replicas
+
+    async def _refresh_topology(self) -> None:
+        """Ask the cluster who serves what now (one question at a time, shared by every
+        caller that failed meanwhile), so the next call goes to the right node."""
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._refresh())
+        with contextlib.suppress(RedisError, OSError):
+            await asyncio.shield(self._refreshing)
+
+    async def _refresh(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self.cluster.nodes_manager.initialize()
+
+    async def aclose(self) -> None:
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refreshing
+        await super().aclose()
+
+
+async def open_cluster_gateway(
+    url: str,
+    nodes: tuple[tuple[str, int], ...],
+    replicas: int,
+    wait_ms: int,
+    socket_timeout: float,
+    max_connections: int,
+) -> ClusterGateway:
+    """A gateway on the cluster whose start-up nodes are ``nodes``, with ``url``'s
+    credentials; it has learnt the slot map when this returns."""
+    # Untimed: the gateway times each call itself.
+    cluster = cluster_client(
+        url,
+        nodes,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=socket_timeout,
+        max_connections=max_connections,
+        retry=Retry(NoBackoff(), 0),
+    )
+    await cluster.initialize()
+    return ClusterGateway(cluster, replicas, wait_ms)

@@ -1,0 +1,60 @@
+"""redis-py clients of the configured data store, made one way for every user.
+
+One redis-server is ``REDIS_URL``; a Redis Cluster is ``REDIS_CLUSTER_NODES`` (its
+start-up nodes) with ``REDIS_URL``'s credentials and TLS. The request paths' scripts
+and reads go through app/redis_gateway.py instead; this is for the rest: the event
+streams (app/events), the audit and the dead-letter admin (app/admin), the mail
+worker (mail/worker.py) and the operator tools.
+
+redis-py's ``RedisCluster`` routes every keyed command by its slot, follows MOVED and
+ASK, and learns a new topology after a failover; no slot map of our own. A cluster
+client has no ``connection_pool`` (a pool per node instead) and refuses a few
+single-server options, which ``redis_client`` drops.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import SSLConnection, parse_url
+
+# Single-server options a RedisCluster has no parameter for: the cluster keeps a pool
+# per node, and a single connection could not reach more than one node.
+_SINGLE_SERVER_ONLY = frozenset({"single_connection_client", "connection_pool", "timeout"})
+# What a cluster client takes from REDIS_URL: who we are and how we talk, not where.
+_CREDENTIALS = ("username", "password")
+
+
+def cluster_options(url: str) -> dict[str, Any]:
+    """REDIS_URL's username, password and TLS, as RedisCluster's keyword arguments."""
+    parsed = parse_url(url)
+    options = {name: parsed[name] for name in _CREDENTIALS if parsed.get(name)}
+    if parsed.get("connection_class") is SSLConnection:
+        options["ssl"] = True
+    return options
+
+
+def cluster_client(
+    url: str,
+    nodes: tuple[tuple[str, int], ...],
+    cluster_class: type[RedisCluster] = RedisCluster,
+    **options: Any,
+) -> RedisCluster:
+    for name in _SINGLE_SERVER_ONLY & options.keys():
+        del options[name]
+    return cluster_class(
+        startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+        **cluster_options(url),
+        **options,
+    )
+
+
+def redis_client(
+    url: str, cluster_nodes: tuple[tuple[str, int], ...], **options: Any
+) -> Redis | RedisCluster:
+    """A client of one redis-server at ``url``, or of the cluster when ``cluster_nodes``."""
+    if cluster_nodes:
+        return cluster_client(url, cluster_nodes, **options)
+    return Redis.from_url(url, **options)

@@ -1,0 +1,315 @@
+"""The gateway on a real Redis Cluster (app/cluster_gateway.py): scripts routed by key,
+[EVALSHA, WAIT] on one connection of the key's primary, NOSCRIPT reloaded, a WAIT
+shortfall answered 503 write_unconfirmed, never a silent success; the settings
+that turn it on; the app itself wired to the cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from redis.asyncio.cluster import RedisCluster
+
+from app import keys
+from app.cluster_gateway import ClusterGateway, open_cluster_gateway
+from app.env import SettingsError
+from app.ids import new_id
+from app.main import create_app
+from app.ops.redis_cluster import LocalCluster, client, poll, topology_from
+from app.redis_clients import cluster_client, redis_client
+from app.redis_gateway import LuaScript, WriteUnconfirmed
+from app.settings import Settings
+from mail.settings import MailSettings
+from mail.worker import connect_redis
+from tests.helpers import ADMIN, ADMIN_TOKEN
+
+# Counts its runs in one hash and touches a second key of the same slot, so a
+# cross-slot route or a second run shows in the figures.
+COUNT = LuaScript.of(
+    "test_count",
+    "redis.call('SET', KEYS[2], ARGV[1]) return redis.call('HINCRBY', KEYS[1], 'n', 1)",
+)
+# The replica stays stopped well past REDIS_WAIT_MS and well inside min-replicas-max-lag.
+WAIT_MS = 300
+
+
+def nodes_of(cluster: LocalCluster) -> tuple[tuple[str, int], ...]:
+    return tuple(("127.0.0.1", port) for port in cluster.ports[:3])
+
+
+@pytest.fixture
+async def gateway(redis_cluster: LocalCluster) -> AsyncIterator[ClusterGateway]:
+    opened = await open_cluster_gateway(
+        "redis://127.0.0.1/0", nodes_of(redis_cluster), 1, WAIT_MS, 2.0, 8
+    )
+    yield opened
+    await opened.aclose()
+
+
+def owner_and_replica(cluster: LocalCluster, key: str) -> tuple[int, int]:
+    """Ports of the primary serving ``key`` and of its one replica, as the cluster says."""
+    view = cluster.topology()
+    with client(cluster.ports[0]) as node:
+        slot = node.execute_command("CLUSTER", "KEYSLOT", key)
+    primary = view.primary_for_slot(slot)
+    (replica,) = view.replicas_of(primary)
+    return primary.port, replica.port
+
+
+@contextmanager
+def stopped(cluster: LocalCluster, port: int) -> Iterator[None]:
+    """The node on ``port`` frozen (SIGSTOP), and always thawed again."""
+    cluster.procs[port].send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        cluster.procs[port].send_signal(signal.SIGCONT)
+
+
+def read_on_replica(port: int, key: str) -> str | None:
+    with client(port) as replica:
+        replica.execute_command("READONLY")
+        return replica.hget(key, "n")
+
+
+async def test_a_script_runs_once_on_the_primary_of_its_keys_and_its_replica_has_it(
+    redis_cluster: LocalCluster, gateway: ClusterGateway
+) -> None:
+    tag = new_id()
+    counter, marker = f"count{{{tag}}}", f"marker{{{tag}}}"
+    primary, replica = owner_and_replica(redis_cluster, counter)
+
+    assert await gateway.run_script(COUNT, [counter, marker], ["first"]) == 1
+    assert await gateway.run_script(COUNT, [counter, marker], ["second"]) == 2
+
+    with client(primary) as node:
+        assert node.hget(counter, "n") == "2"
+        assert node.get(marker) == "second"
+    # WAIT answered 1 before the reply came back: the replica already holds it.
+    assert read_on_replica(replica, counter) == "2"
+
+
+async def test_noscript_after_script_flush_reloads_everywhere_and_runs_once(
+    redis_cluster: LocalCluster, gateway: ClusterGateway
+) -> None:
+    tag = new_id()
+    counter, marker = f"count{{{tag}}}", f"marker{{{tag}}}"
+    primary, replica = owner_and_replica(redis_cluster, counter)
+    assert await gateway.run_script(COUNT, [counter, marker], ["x"]) == 1
+
+    with client(primary) as node:
+        node.execute_command("SCRIPT", "FLUSH")
+        assert node.execute_command("SCRIPT", "EXISTS", COUNT.sha) == [0]
+
+    # NOSCRIPT means it did not run: loaded again, run once, and still confirmed.
+    assert await gateway.run_script(COUNT, [counter, marker], ["y"]) == 2
+    for port in {n.port for n in redis_cluster.topology().primaries()}:
+        with client(port) as node:
+            assert node.execute_command("SCRIPT", "EXISTS", COUNT.sha) == [1], port
+    assert read_on_replica(replica, counter) == "2"
+
+
+async def test_a_wait_that_hears_no_replica_raises_write_unconfirmed(
+    redis_cluster: LocalCluster, gateway: ClusterGateway
+) -> None:
+    tag = new_id()
+    counter, marker = f"count{{{tag}}}", f"marker{{{tag}}}"
+    primary, replica = owner_and_replica(redis_cluster, counter)
+    assert await gateway.run_script(COUNT, [counter, marker], ["before"]) == 1
+
+    with stopped(redis_cluster, replica), pytest.raises(WriteUnconfirmed) as raised:
+        await gateway.run_script(COUNT, [counter, marker], ["unconfirmed"])
+    assert (raised.value.replicas, raised.value.wanted) == (0, 1)
+    assert raised.value.reply == 2  # the script's own answer travels with the error
+    # The write is on the primary: only its copy was not confirmed.
+    with client(primary) as node:
+        assert node.hget(counter, "n") == "2"
+
+    # Thawed, the replica catches up and the next write is confirmed again.
+    poll(lambda: read_on_replica(replica, counter) == "2", 30, "the replica to catch up")
+    assert await gateway.run_script(COUNT, [counter, marker], ["after"]) == 3
+    redis_cluster.wait_healthy()
+
+
+async def test_the_single_slot_commands_and_pipelines_route_by_key(
+    redis_cluster: LocalCluster, gateway: ClusterGateway
+) -> None:
+    """The gateway's reads: keys of different slots, each from its own primary."""
+    names = [f"row:{new_id()}" for _ in range(6)]
+    admin = cluster_client("redis://127.0.0.1/0", nodes_of(redis_cluster))
+    try:
+        for name in names:
+            await admin.hset(name, mapping={"id": name})
+        assert len({admin.get_node_from_key(name).name for name in names}) > 1
+        assert await gateway.hgetall(names[0]) == {"id": names[0]}
+        assert await gateway.hgetall_many(names) == [{"id": name} for name in names]
+        assert await gateway.get(f"absent:{new_id()}") is None
+        await admin.delete(*names)
+    finally:
+        await admin.aclose()
+
+
+def test_settings_turn_the_cluster_and_its_wait_on_together() -> None:
+    base = {"ADMIN_TOKEN": ADMIN_TOKEN}
+    single = Settings.from_env(base)
+    assert (single.redis_cluster_nodes, single.redis_wait_replicas) == ((), 0)
+
+    cluster = Settings.from_env({**base, "REDIS_CLUSTER_NODES": " 10.0.0.1:7001, node-b:7002 "})
+    assert cluster.redis_cluster_nodes == (("10.0.0.1", 7001), ("node-b", 7002))
+    assert (cluster.redis_wait_replicas, cluster.redis_wait_ms) == (1, 500)
+    assert "node-b" in repr(cluster)
+
+    chosen = Settings.from_env(
+        {**base, "REDIS_CLUSTER_NODES": "h:1", "REDIS_WAIT_REPLICAS": "0", "REDIS_WAIT_MS": "50"}
+    )
+    assert (chosen.redis_wait_replicas, chosen.redis_wait_ms) == (0, 50)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"REDIS_CLUSTER_NODES": "127.0.0.1"}, "host:port"),
+        ({"REDIS_CLUSTER_NODES": "127.0.0.1:0"}, "host:port"),
+        ({"REDIS_CLUSTER_NODES": ":7001"}, "host:port"),
+        ({"REDIS_CLUSTER_NODES": "h:7001,h:x"}, "host:port"),
+        ({"REDIS_WAIT_REPLICAS": "1"}, "needs REDIS_CLUSTER_NODES"),
+        ({"REDIS_CLUSTER_NODES": "h:1", "REDIS_WAIT_REPLICAS": "-1"}, "REDIS_WAIT_REPLICAS"),
+        ({"REDIS_CLUSTER_NODES": "h:1", "REDIS_WAIT_MS": "0"}, "REDIS_WAIT_MS"),
+        ({"REDIS_CLUSTER_NODES": "h:1", "REDIS_WAIT_MS": "2000"}, "below REDIS_TIMEOUT"),
+        ({"REDIS_CLUSTER_NODES": "h:1", "REDIS_URL": "unix:///tmp/r.sock"}, "redis://"),
+    ],
+)
+def test_settings_refuse_a_cluster_they_cannot_use(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env({"ADMIN_TOKEN": ADMIN_TOKEN, **env})
+
+
+async def test_the_other_redis_users_get_a_cluster_client(redis_cluster: LocalCluster) -> None:
+    """The events' reader and the mail worker take the same factory: one stream key
+    written and read back through the cluster, whichever primary serves it."""
+    nodes = ",".join(f"127.0.0.1:{port}" for port in redis_cluster.ports)
+    worker = connect_redis(MailSettings.from_env({"REDIS_CLUSTER_NODES": nodes}))
+    reader = redis_client("redis://127.0.0.1/0", nodes_of(redis_cluster), socket_timeout=2)
+    stream = f"stream:{new_id()}"
+    try:
+        assert isinstance(worker, RedisCluster) and isinstance(reader, RedisCluster)
+        entry = await worker.xadd(stream, {"type": "test"})
+        [[name, [(read_id, fields)]]] = await reader.xread({stream: "0"})
+        assert (name, read_id, fields) == (stream.encode(), entry.encode(), {b"type": b"test"})
+        await worker.delete(stream)
+    finally:
+        await worker.aclose()
+        await reader.aclose()
+
+
+@pytest.fixture
+async def cluster_app(
+    aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch, redis_cluster: LocalCluster
+) -> TestClient:
+    nodes = ",".join(f"127.0.0.1:{port}" for port in redis_cluster.ports[:3])
+    for name, value in {
+        "REDIS_URL": "redis://127.0.0.1/0",
+        "REDIS_CLUSTER_NODES": nodes,
+        "REDIS_WAIT_MS": str(WAIT_MS),
+        "ADMIN_TOKEN": ADMIN_TOKEN,
+    }.items():
+        monkeypatch.setenv(name, value)
+    return await aiohttp_client(await create_app())
+
+
+async def seed_phone(cluster: LocalCluster) -> str:
+    """A phone hash written straight into the cluster: today's create_phone.lua spans
+    global keys of other slots (the layout change moves them under one tag)."""
+    phone_id = new_id()
+    admin = cluster_client("redis://127.0.0.1/0", nodes_of(cluster))
+    try:
+        await admin.hset(
+            keys.phone(phone_id),
+            mapping={
+                "id": phone_id,
+                "name": "Cluster phone",
+                "description": "seeded",
+                "image_url": "https://example.com/p.png",
+                "price_cents": 1000,
+                "stock": 5,
+                "added_units": 5,
+                "seq": 1,
+                "created_at": 1_700_000_000_000,
+            },
+        )
+    finally:
+        await admin.aclose()
+    return phone_id
+
+
+async def test_the_app_on_the_cluster_is_ready_and_answers_an_unconfirmed_write_with_503(
+    redis_cluster: LocalCluster, cluster_app: TestClient
+) -> None:
+    # Ready means every script is loaded, here on every primary.
+    ready = await cluster_app.get("/readyz")
+    assert ready.status == 200, await ready.text()
+
+    phone_id = await seed_phone(redis_cluster)
+    renamed = await cluster_app.patch(f"/phones/{phone_id}", json={"name": "A"}, headers=ADMIN)
+    assert renamed.status == 200, await renamed.text()
+    assert (await renamed.json())["phone"]["name"] == "A"
+    assert (await (await cluster_app.get(f"/phones/{phone_id}")).json())["phone"]["name"] == "A"
+
+    _, replica = owner_and_replica(redis_cluster, keys.phone(phone_id))
+    with stopped(redis_cluster, replica):
+        refused = await cluster_app.patch(f"/phones/{phone_id}", json={"name": "B"}, headers=ADMIN)
+    assert refused.status == 503
+    assert refused.headers["Content-Type"].startswith("application/problem+json")
+    assert refused.headers["Retry-After"] == "1"
+    problem = await refused.json()
+    assert problem["code"] == "write_unconfirmed"
+    assert "Idempotency-Key" in problem["detail"]
+    redis_cluster.wait_healthy()
+
+
+async def test_after_a_failover_the_gateway_follows_the_slots_and_reloads_its_scripts(
+    own_redis_cluster: LocalCluster,
+) -> None:
+    """kill -9 of the primary of a key: the gateway's next call goes to the old
+    address (now a replica, MOVED), the library follows it to the new primary, which
+    never loaded the script (NOSCRIPT), loads it, runs it once, and the write is
+    confirmed by the old primary, back as the new one's replica."""
+    cluster = own_redis_cluster
+    gateway = await open_cluster_gateway("redis://127.0.0.1/0", nodes_of(cluster), 1, 1000, 2.0, 8)
+    try:
+        tag = new_id()
+        counter, marker = f"count{{{tag}}}", f"marker{{{tag}}}"
+        old_primary, heir = owner_and_replica(cluster, counter)
+        assert await gateway.run_script(COUNT, [counter, marker], ["before"]) == 1
+
+        cluster.kill(old_primary)
+        witness = next(p for p in cluster.ports if p not in (old_primary, heir))
+
+        def heir_serves() -> bool:
+            view = topology_from(witness)
+            return view is not None and view.by_port(heir).role == "primary"
+
+        def fail_over_and_rejoin() -> None:
+            poll(heir_serves, 60, "the replica to take over")
+            # Back as the heir's replica: until then the heir refuses writes (NOREPLICAS,
+            # min-replicas-to-write 1), which is the promise of section 6 at work.
+            cluster.start_node(old_primary)
+            cluster.wait_healthy()
+
+        # In a thread, so this event loop runs meanwhile as an app's does: it sees the
+        # gateway's pooled sockets to the killed node close.
+        await asyncio.to_thread(fail_over_and_rejoin)
+        with client(heir) as node:
+            assert node.execute_command("SCRIPT", "EXISTS", COUNT.sha) == [0]
+
+        assert await gateway.run_script(COUNT, [counter, marker], ["after"]) == 2
+        with client(heir) as node:
+            assert node.hget(counter, "n") == "2"
+        assert read_on_replica(old_primary, counter) == "2"
+    finally:
+        await gateway.aclose()
