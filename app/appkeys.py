@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from app.events.hub import EventHub
     from app.events.sockets import EventSocket
     from app.health import Readiness
+    from app.orders.settler import Settler
     from app.overload import OverloadControl
     from app.redis_gateway import RedisGateway
     from app.scripts import Scripts
@@ -26,6 +27,8 @@ REDIS_GATEWAY: web.AppKey[RedisGateway] = web.AppKey("redis_gateway")
 # a RedisCluster when REDIS_CLUSTER_NODES is set (app/redis_clients.py).
 REDIS: web.AppKey[Redis | RedisCluster] = web.AppKey("redis")
 SCRIPTS: web.AppKey[Scripts] = web.AppKey("scripts")
+# The reservation saga's settler of this worker (only with Settings.order_saga).
+SETTLER: web.AppKey[Settler] = web.AppKey("settler")
 TOKEN_CACHE: web.AppKey[TokenCache] = web.AppKey("token_cache")
 # This worker's overload control: its in-flight count and adaptive limit.
 INFLIGHT: web.AppKey[OverloadControl] = web.AppKey("inflight")

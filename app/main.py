@@ -22,6 +22,7 @@ from app.health import Readiness
 from app.middlewares import front_middleware
 from app.observe import flush_observations, instrument
 from app.openapi import openapi_json
+from app.orders.settler import settler_ctx
 from app.overload import OverloadControl
 from app.redis_clients import cluster_client
 from app.redis_gateway import TimedRedis, TimedRedisCluster, open_gateway
@@ -107,6 +108,8 @@ def build_app(settings: Settings) -> web.Application:
     app[appkeys.READINESS] = Readiness()
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(events_ctx)  # after redis_ctx: replays use its pool
+    if settings.order_saga:
+        app.cleanup_ctx.append(settler_ctx)  # after redis_ctx: it settles over its gateway
     app.on_startup.append(instrument)  # runs after every cleanup_ctx: wraps its clients
     app.on_shutdown.append(close_event_sockets)
     app.on_cleanup.append(flush_observations)

@@ -36,6 +36,9 @@ SCRIPT_NAMES = (
     "settle_reservation",
     "fence_orders",
     "return_stock",
+    "commit_order",
+    "reject_order",
+    "refund_order",
 )
 
 

@@ -129,6 +129,9 @@ class Settings:
     # Write the metric updates and access lines of one event-loop turn together
     # (app/metrics.py, app/logs.py); 0 writes each at once, for A/B runs.
     observe_batching: bool = True
+    # Orders by the reservation saga (app/orders/saga_service.py) instead of one
+    # place_order script; the settler runs in every worker then. Off: today's path.
+    order_saga: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -196,6 +199,7 @@ class Settings:
             bench_routes=env_bool(env, "BENCH_ROUTES", cls.bench_routes),
             behind_proxy=env_bool(env, "BEHIND_PROXY", cls.behind_proxy),
             observe_batching=env_bool(env, "OBSERVE_BATCHING", cls.observe_batching),
+            order_saga=env_bool(env, "ORDER_SAGA", cls.order_saga),
         )
 
     def __repr__(self) -> str:

@@ -5,13 +5,15 @@ Who may call each, the body it takes and the Idempotency-Key are the route's
 
 from __future__ import annotations
 
+import functools
+
 from aiohttp import web
 
 from app import appkeys
 from app.handlers import gateway_of, scripts_of
 from app.ids import is_valid_id
 from app.middlewares import REQUEST_ID
-from app.orders import service
+from app.orders import saga_service, service
 from app.orders.models import OrderCreate, OrderEnvelope, OrderPage
 from app.problems import ProblemError
 from app.query import page_params
@@ -34,13 +36,19 @@ async def place_order(call: Call[OrderCreate]) -> web.Response:
         if on_behalf_of is not None and on_behalf_of != principal.customer_id:
             raise ProblemError("forbidden", "A customer may only order for themselves")
         customer_id = principal.customer_id
-    placed = await service.place_order(
-        scripts_of(request),
+    settings = request.app[appkeys.SETTINGS]
+    if settings.order_saga:
+        placing = functools.partial(
+            saga_service.place_order, scripts_of(request), request.app[appkeys.SETTLER].spawn
+        )
+    else:
+        placing = functools.partial(service.place_order, scripts_of(request))
+    placed = await placing(
         customer_id=customer_id,
         lines=data.lines(),
         autocheck=data.autocheck,
         idempotency_key=call.idempotency_key,
-        idempotency_ttl=request.app[appkeys.SETTINGS].idempotency_ttl_seconds,
+        idempotency_ttl=settings.idempotency_ttl_seconds,
         request_id=request[REQUEST_ID],
     )
     headers = {"Location": f"/orders/{placed.order.id}"}
@@ -89,4 +97,6 @@ async def check_order(call: Call[None]) -> web.Response:
 
 
 async def cancel_order(call: Call[None]) -> web.Response:
+    if call.request.app[appkeys.SETTINGS].order_saga:
+        return await _change_status(call, saga_service.cancel_order)
     return await _change_status(call, service.cancel_order)

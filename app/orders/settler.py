@@ -14,8 +14,8 @@ order the same outcome and move its units once.
 * Due take-backs: the order's lines, grouped by phone partition, go back to stock with
   return_stock; then the order leaves the take-back list.
 
-``settler_ctx`` is for the app's cleanup_ctx, once the order path runs the saga (until
-then nothing writes ``rd`` or ``ro`` but the saga's own tests, so build_app leaves it out).
+``settler_ctx`` joins the app's cleanup_ctx when the order path runs the saga
+(``Settings.order_saga``); the order path hands it the settles of its answers (``spawn``).
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 from redis.exceptions import RedisError
@@ -71,6 +72,21 @@ class Settler:
     lease_ms: int = LEASE_MS
     batch: int = BATCH
     holder: str = field(default_factory=_holder_name)
+    # Settling steps the order path hands over after its answer (spawn), kept referenced
+    # until done: a task nobody holds may be collected before it runs.
+    pending: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
+
+    def spawn(self, step: Coroutine[Any, Any, Any]) -> None:
+        """Run a settling step in the background. If it fails, its work stays due for
+        the sweep, which is why nobody awaits it."""
+        task = asyncio.create_task(step)
+        self.pending.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self.pending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("settling step failed, left to the sweep: %s", task.exception())
 
     async def run(self) -> None:
         """Sweep every interval until cancelled; a Redis error waits for the next tick
@@ -198,8 +214,11 @@ class Settler:
 async def settler_ctx(app: web.Application) -> AsyncIterator[None]:
     """The settler's task for this worker's lifetime (after redis_ctx: it uses its gateway)."""
     settler = Settler(app[appkeys.REDIS_GATEWAY], app[appkeys.SCRIPTS])
+    app[appkeys.SETTLER] = settler
     task = asyncio.create_task(settler.run(), name="settler")
     yield
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    # Let the last answers' settles finish while the connection is still open.
+    await asyncio.gather(*settler.pending, return_exceptions=True)

@@ -1,0 +1,159 @@
+#!lua
+-- commit_order: the saga's commit point, on the customer's partition P (docs/data-tier.md,
+-- 3.1 step 2). The stock is already held by reserve_stock on each phone's partition, with
+-- the unit prices the reserves read; this checks, in this order, the abort marker, a
+-- commit that already ran, the Idempotency-Key record, the customer and the balance, then
+-- debits, stores and indexes the order, appends its events, moves the customer side of
+-- the ledger and stores the key's answer. Nothing is written before the last check but
+-- the refusal itself: any refusal writes the abort marker ab{P}[order id] (and the key's
+-- record, as place_order does), so a late or retried commit answers the same and the
+-- settler releases the stock.
+-- Idempotent by order id: a second run finds the order (answers it) or the marker
+-- (answers the stored refusal).
+--
+-- KEYS[1]  customer:{customer_id}            hash
+-- KEYS[2]  idem:{customer_id}:{sha256(key)}  hash (ignored unless ARGV[6] == "1")
+-- KEYS[3]  order:{order_id}                  hash
+-- KEYS[4]  orders                            zset, all orders by seq
+-- KEYS[5]  orders:status:{status}            zset, the new order's status
+-- KEYS[6]  customer:{customer_id}:orders     zset
+-- KEYS[7]  customer:{customer_id}:orders:{status}  zset
+-- KEYS[8]  orders:seq                        counter
+-- KEYS[9]  events                            stream
+-- KEYS[10] the customer partition's ledger   hash (balance_cents, <status>_cents and _units,
+--          orders_<status>, changes; the units' stock side moves on the phones' partitions)
+-- KEYS[11] ab{P}                             hash: order id -> refusal (the abort markers)
+-- ARGV[1]  order id (minted in the customer's partition)
+-- ARGV[2]  customer id
+-- ARGV[3]  now, ms since the epoch
+-- ARGV[4]  request id (carried into the events)
+-- ARGV[5]  "1" autocheck (complete at once) or "0" (stay open)
+-- ARGV[6]  "1" when an Idempotency-Key was given, else "0"
+-- ARGV[7]  request fingerprint (sha256 of the canonical body)
+-- ARGV[8]  idempotency TTL, seconds
+-- ARGV[9]  the order's items "phone_id:quantity:unit_price_cents;..." in the request's
+--          line order, with the prices the reserves answered (the app relays them)
+--
+-- Returns {http_status, payload_json, replayed}:
+--   201, order fields (all strings), 0            committed now, or by an earlier run
+--   404, {code="customer_not_found"}, 0           marker written
+--   402, {code="insufficient_funds", balance_cents, total_cents}, 0   marker written
+--   422, {code="idempotency_key_reused"}, 0       same key, other body; marker written
+--   any stored status and payload, 1              the key's first answer, replayed (this
+--                                                 order id is aborted: marker written)
+--   the stored refusal, 0                         the order id was aborted before (by a
+--                                                 refusal, or by the settler's fence:
+--                                                 503 {code="service_unavailable"})
+--   error reply "commit_order: ..."               bad items; nothing written
+--
+-- STATUS, ORDER_EVENT, decode_items, hgetall_map: the prelude (app/lua_prelude.py).
+
+local order_id = ARGV[1]
+local use_idem = ARGV[6] == '1'
+
+-- The abort marker holds "<status> <payload_json>", "swept" from the settler's fence, or
+-- "replayed" when the key's record answered instead (answered again below).
+local marker = redis.call('HGET', KEYS[11], order_id)
+if marker == 'swept' then
+  return {503, cjson.encode({code = 'service_unavailable'}), 0}
+end
+if marker and marker ~= 'replayed' then
+  local space = string.find(marker, ' ', 1, true)
+  return {tonumber(string.sub(marker, 1, space - 1)), string.sub(marker, space + 1), 0}
+end
+if not marker and redis.call('EXISTS', KEYS[3]) == 1 then
+  return {201, cjson.encode(hgetall_map(KEYS[3])), 0}
+end
+
+local function abort(status, encoded, replayed)
+  redis.call('HSET', KEYS[11], order_id, status .. ' ' .. encoded)
+  return {status, encoded, replayed}
+end
+
+if use_idem then
+  local stored = redis.call('HMGET', KEYS[2], 'fingerprint', 'status', 'payload')
+  if stored[1] then
+    if stored[1] ~= ARGV[7] then
+      return abort(422, cjson.encode({code = 'idempotency_key_reused'}), 0)
+    end
+    -- The replay names another order (or a refusal): this order id never commits.
+    redis.call('HSET', KEYS[11], order_id, 'replayed')
+    return {tonumber(stored[2]), stored[3], 1}
+  end
+end
+if marker then
+  -- Replayed before, and the key's record has expired since: still never commit.
+  return {503, cjson.encode({code = 'service_unavailable'}), 0}
+end
+
+local function answer(status, payload)
+  local encoded = cjson.encode(payload)
+  if use_idem then
+    redis.call('HSET', KEYS[2], 'fingerprint', ARGV[7], 'status', status, 'payload', encoded)
+    redis.call('EXPIRE', KEYS[2], ARGV[8])
+  end
+  if status >= 400 then
+    return abort(status, encoded, 0)
+  end
+  return {status, encoded, 0}
+end
+
+local total, units, lines = 0, 0, 0
+for _, quantity, unit_price in decode_items(ARGV[9]) do
+  total = total + tonumber(quantity) * tonumber(unit_price)
+  units = units + tonumber(quantity)
+  lines = lines + 1
+end
+if lines == 0 then
+  return redis.error_reply('commit_order: no items')
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return answer(404, {code = 'customer_not_found'})
+end
+local function fmt(n)
+  return string.format('%d', n)
+end
+local balance = tonumber(redis.call('HGET', KEYS[1], 'balance_cents'))
+if balance < total then
+  return answer(402, {code = 'insufficient_funds', balance_cents = fmt(balance), total_cents = fmt(total)})
+end
+
+-- Every check passed: write.
+redis.call('HINCRBY', KEYS[1], 'balance_cents', -total)
+local status = STATUS.open
+if ARGV[5] == '1' then
+  status = STATUS.completed
+end
+local seq = redis.call('INCR', KEYS[8])
+local order = {
+  id = order_id,
+  customer_id = ARGV[2],
+  status = status,
+  items = ARGV[9],
+  total_cents = fmt(total),
+  seq = fmt(seq),
+  created_at = ARGV[3],
+  request_id = ARGV[4],
+}
+redis.call('HSET', KEYS[3], 'id', order.id, 'customer_id', order.customer_id, 'status', status,
+  'items', order.items, 'total_cents', order.total_cents, 'seq', order.seq,
+  'created_at', order.created_at, 'request_id', order.request_id)
+redis.call('ZADD', KEYS[4], seq, order_id)
+redis.call('ZADD', KEYS[5], seq, order_id)
+redis.call('ZADD', KEYS[6], seq, order_id)
+redis.call('ZADD', KEYS[7], seq, order_id)
+redis.call('HINCRBY', KEYS[10], 'balance_cents', -total)
+redis.call('HINCRBY', KEYS[10], status .. '_cents', total)
+redis.call('HINCRBY', KEYS[10], status .. '_units', units)
+redis.call('HINCRBY', KEYS[10], 'orders_' .. status, 1)
+redis.call('HINCRBY', KEYS[10], 'changes', 1)
+
+redis.call('XADD', KEYS[9], '*', 'type', ORDER_EVENT.open, 'order_id', order_id,
+  'customer_id', ARGV[2], 'status', STATUS.open, 'request_id', ARGV[4], 'at', ARGV[3])
+if status == STATUS.completed then
+  -- The balance right after this order, for the confirmation mail.
+  redis.call('XADD', KEYS[9], '*', 'type', ORDER_EVENT.completed, 'order_id', order_id,
+    'customer_id', ARGV[2], 'status', STATUS.completed, 'request_id', ARGV[4], 'at', ARGV[3],
+    'balance_cents', fmt(balance - total))
+end
+return answer(201, order)

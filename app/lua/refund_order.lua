@@ -1,0 +1,75 @@
+#!lua
+-- refund_order: a cancel's first step for an order placed by the reservation saga, on the
+-- order's partition P (docs/data-tier.md, 3.3): move an open order to cancelled, refund
+-- its total to the customer, move the customer side of the ledger, append
+-- order.cancelled, and put the order on the take-back list ro{P}, due at ARGV[6]. The
+-- stock goes back afterwards on each phone's partition (return_stock.lua), by the
+-- request or, if its app died, by the settler when the entry falls due.
+-- Cancelling a cancelled order again changes nothing (the take-back list keeps it until
+-- the stock is back); one in any other status is refused with that status.
+--
+-- KEYS[1]  order:{order_id}                          hash
+-- KEYS[2]  customer:{owner_id}                       hash
+-- KEYS[3]  orders:status:open                        zset
+-- KEYS[4]  orders:status:cancelled                   zset
+-- KEYS[5]  customer:{owner_id}:orders:open           zset
+-- KEYS[6]  customer:{owner_id}:orders:cancelled      zset
+-- KEYS[7]  events                                    stream
+-- KEYS[8]  the order partition's ledger              hash (customer side)
+-- KEYS[9]  ro{P}                                     zset: order id by take-back due time
+-- ARGV[1]  owner id the keys above were built for
+-- ARGV[2]  requesting customer id, or "" for the admin
+-- ARGV[3]  now, ms since the epoch
+-- ARGV[4]  request id (carried into the event)
+-- ARGV[5]  balance ceiling: a refund that would cross it is refused (app/fields.py)
+-- ARGV[6]  when the take-back falls due for the settler, ms since the epoch
+--
+-- Returns {http_status, payload_json, changed}:
+--   200, order fields (strings), 1|0   cancelled now | was already cancelled
+--   404, {code="order_not_found"}      missing, or not the requester's
+--   409, {code="order_<status>"}       not open, e.g. order_completed; nothing written
+--   409, {code="order_owner_changed"}  the caller's keys do not fit; nothing written
+--   409, {code="balance_limit", balance_cents, limit}  nothing written
+--
+-- STATUS, ORDER_EVENT, decode_items, hgetall_map: the prelude (app/lua_prelude.py).
+
+local order = redis.call('HMGET', KEYS[1], 'customer_id', 'status', 'seq', 'id', 'items', 'total_cents')
+local owner, status, seq, order_id, items, total = order[1], order[2], order[3], order[4], order[5], order[6]
+if not owner or (ARGV[2] ~= '' and ARGV[2] ~= owner) then
+  return {404, cjson.encode({code = 'order_not_found'}), 0}
+end
+if owner ~= ARGV[1] then
+  return {409, cjson.encode({code = 'order_owner_changed'}), 0}
+end
+if status == STATUS.cancelled then
+  return {200, cjson.encode(hgetall_map(KEYS[1])), 0}
+end
+if status ~= STATUS.open then
+  return {409, cjson.encode({code = 'order_' .. status}), 0}
+end
+local balance = redis.call('HGET', KEYS[2], 'balance_cents') or '0'
+if tonumber(balance) + tonumber(total) > tonumber(ARGV[5]) then
+  return {409, cjson.encode({code = 'balance_limit', balance_cents = balance, limit = ARGV[5]}), 0}
+end
+
+-- Every check passed: write.
+local units = 0
+for _, quantity in decode_items(items) do
+  units = units + tonumber(quantity)
+end
+redis.call('HINCRBY', KEYS[2], 'balance_cents', total)
+redis.call('HSET', KEYS[1], 'status', STATUS.cancelled)
+redis.call('ZREM', KEYS[3], order_id)
+redis.call('ZADD', KEYS[4], seq, order_id)
+redis.call('ZREM', KEYS[5], order_id)
+redis.call('ZADD', KEYS[6], seq, order_id)
+redis.call('ZADD', KEYS[9], ARGV[6], order_id)
+redis.call('HINCRBY', KEYS[8], 'open_cents', -tonumber(total))
+redis.call('HINCRBY', KEYS[8], 'balance_cents', total)
+redis.call('HINCRBY', KEYS[8], 'open_units', -units)
+redis.call('HINCRBY', KEYS[8], 'orders_open', -1)
+redis.call('HINCRBY', KEYS[8], 'orders_cancelled', 1)
+redis.call('HINCRBY', KEYS[8], 'changes', 1)
+redis.call('XADD', KEYS[7], '*', 'type', ORDER_EVENT.cancelled, 'order_id', order_id,
+  'customer_id', owner, 'status', STATUS.cancelled, 'request_id', ARGV[4], 'at', ARGV[3])
+return {200, cjson.encode(hgetall_map(KEYS[1])), 1}

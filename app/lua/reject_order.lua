@@ -1,0 +1,57 @@
+#!lua
+-- reject_order: the saga's answer when a reserve refused a line (docs/data-tier.md, 3.1),
+-- on the customer's partition P, with today's precedence: the Idempotency-Key record
+-- first (a stored answer wins: a replayed 201 is never turned into a fresh 409), then
+-- customer_not_found, then the phones' refusal the app merged from the reserves
+-- (phone_not_found before out_of_stock). The refusal is stored for the key, as
+-- place_order does, and as the order id's abort marker, so the commit can never run for
+-- it and a retried call answers the same.
+--
+-- KEYS[1]  customer:{customer_id}            hash
+-- KEYS[2]  idem:{customer_id}:{sha256(key)}  hash (ignored unless ARGV[2] == "1")
+-- KEYS[3]  ab{P}                             hash: order id -> refusal (the abort markers)
+-- ARGV[1]  order id
+-- ARGV[2]  "1" when an Idempotency-Key was given, else "0"
+-- ARGV[3]  request fingerprint
+-- ARGV[4]  idempotency TTL, seconds
+-- ARGV[5]  the phones' refusal: HTTP status (404 or 409)
+-- ARGV[6]  its payload, JSON ({code="phone_not_found", ...} or {code="out_of_stock", ...})
+--
+-- Returns {http_status, payload_json, replayed}:
+--   the stored refusal, 0                 rejected before (a retried call)
+--   any stored status and payload, 1      the key's first answer, replayed
+--   422, {code="idempotency_key_reused"}, 0
+--   404, {code="customer_not_found"}, 0
+--   ARGV[5], ARGV[6], 0                   the phones' refusal
+
+local order_id = ARGV[1]
+local marker = redis.call('HGET', KEYS[3], order_id)
+if marker and marker ~= 'replayed' and marker ~= 'swept' then
+  local space = string.find(marker, ' ', 1, true)
+  return {tonumber(string.sub(marker, 1, space - 1)), string.sub(marker, space + 1), 0}
+end
+
+local use_idem = ARGV[2] == '1'
+if use_idem then
+  local stored = redis.call('HMGET', KEYS[2], 'fingerprint', 'status', 'payload')
+  if stored[1] then
+    if stored[1] ~= ARGV[3] then
+      local reused = cjson.encode({code = 'idempotency_key_reused'})
+      redis.call('HSET', KEYS[3], order_id, '422 ' .. reused)
+      return {422, reused, 0}
+    end
+    redis.call('HSET', KEYS[3], order_id, 'replayed')
+    return {tonumber(stored[2]), stored[3], 1}
+  end
+end
+
+local status, payload = tonumber(ARGV[5]), ARGV[6]
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  status, payload = 404, cjson.encode({code = 'customer_not_found'})
+end
+if use_idem then
+  redis.call('HSET', KEYS[2], 'fingerprint', ARGV[3], 'status', status, 'payload', payload)
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+end
+redis.call('HSET', KEYS[3], order_id, status .. ' ' .. payload)
+return {status, payload, 0}

@@ -1,0 +1,239 @@
+"""Placing and cancelling an order by the reservation saga (docs/data-tier.md, 3.1 and
+3.3), the order path when ``Settings.order_saga`` is on: reserve on every phone
+partition in parallel, then commit (or reject) on the customer's partition, then settle
+the reservations after the answer. A cancel refunds on the order's partition, then gives
+the stock back on each phone's partition.
+
+Whatever this request does not finish (its worker died, a call failed) is left in a state
+the settler (app/orders/settler.py) finishes: every step is idempotent by order id, and
+a reservation is released only after the commit was made impossible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import msgspec
+
+from app import keys
+from app.auth import Principal
+from app.fields import BALANCE_LIMIT, STOCK_LIMIT
+from app.orders import saga
+from app.orders.models import Order
+from app.orders.service import PlacedOrder, fingerprint, order_from_fields
+from app.partitions import new_id, partition_of
+from app.problems import ProblemError
+from app.redis_gateway import RedisGateway
+from app.scripts import ScriptResult, Scripts, problem_from_script
+from app.vocabulary import CANCELLED, COMPLETED, OPEN, decode_items, encode_items
+
+# The longest an app may take from its reserves to its commit: past it the settler may
+# fence the order and release its stock (docs/data-tier.md, 3.2). Well above
+# REDIS_TIMEOUT, so only a dead or stuck app is overtaken.
+RESERVATION_TTL_MS = 10_000
+# A cancel gives the stock back itself; the settler's take-back is for a dead app.
+TAKE_BACK_GRACE_MS = 10_000
+
+# Runs a settling step after the answer was sent (the Settler's spawn).
+Spawn = Callable[[Coroutine[Any, Any, Any]], None]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _merged_refusal(refusals: list[ScriptResult]) -> tuple[int, dict[str, Any]]:
+    """One answer for the lines every partition refused, with today's precedence:
+    phone_not_found (all missing phones) before out_of_stock (all short lines)."""
+    missing = [
+        phone_id
+        for result in refusals
+        if result.payload.get("code") == "phone_not_found"
+        for phone_id in result.payload["phone_ids"]
+    ]
+    if missing:
+        return 404, {"code": "phone_not_found", "phone_ids": missing}
+    short = [
+        line
+        for result in refusals
+        if result.payload.get("code") == "out_of_stock"
+        for line in result.payload["lines"]
+    ]
+    return 409, {"code": "out_of_stock", "lines": short}
+
+
+async def _settle_all(
+    scripts: Scripts, order_id: str, outcome: str, reserved: dict[int, str]
+) -> None:
+    await asyncio.gather(
+        *(
+            saga.settle(scripts, partition, order_id, outcome, lines)
+            for partition, lines in reserved.items()
+        )
+    )
+
+
+def _answer(result: ScriptResult) -> PlacedOrder:
+    """A commit's or a rejection's answer as the order path gives it."""
+    if result.status >= 400:
+        error = problem_from_script(result.status, result.payload)
+        if result.flag:  # a stored rejection, replayed
+            error.headers["Idempotent-Replayed"] = "true"
+        raise error
+    return PlacedOrder(order=order_from_fields(result.payload), replayed=result.flag)
+
+
+async def place_order(
+    scripts: Scripts,
+    spawn: Spawn,
+    *,
+    customer_id: str,
+    lines: list[tuple[str, int]],
+    autocheck: bool,
+    idempotency_key: str | None,
+    idempotency_ttl: int,
+    request_id: str,
+) -> PlacedOrder:
+    order_partition = partition_of(customer_id)
+    order_id = new_id(order_partition)
+    groups = saga.lines_by_partition(lines)
+    expires = _now_ms() + RESERVATION_TTL_MS
+    outcomes = await asyncio.gather(
+        *(saga.reserve(scripts, order_id, p, group, expires) for p, group in groups.items()),
+        return_exceptions=True,
+    )
+    reserved = {
+        partition: result.payload["lines"]
+        for partition, result in zip(groups, outcomes, strict=True)
+        if isinstance(result, ScriptResult) and result.status == 200
+    }
+    failed = [result for result in outcomes if isinstance(result, BaseException)]
+    if failed:
+        # This app will not commit: release what it holds and tombstone the rest, so a
+        # reserve still on its way is refused. What this cannot reach, the settler does.
+        everywhere = {partition: reserved.get(partition, "") for partition in groups}
+        spawn(_settle_all(scripts, order_id, saga.ABORTED, everywhere))
+        raise failed[0]
+
+    idempotency = [
+        "1" if idempotency_key is not None else "0",
+        fingerprint(customer_id, lines, autocheck),
+        idempotency_ttl,
+    ]
+    refusals = [result for result in outcomes if result.status != 200]
+    if refusals:
+        status, payload = _merged_refusal(refusals)
+        result = await scripts.call(
+            "reject_order",
+            [
+                keys.customer(customer_id),
+                keys.idempotency(customer_id, idempotency_key or ""),
+                keys.aborts(order_partition),
+            ],
+            [order_id, *idempotency, status, msgspec.json.encode(payload).decode()],
+        )
+        spawn(_settle_all(scripts, order_id, saga.ABORTED, reserved))
+        return _answer(result)
+
+    prices = {
+        line.phone_id: line.unit_price_cents
+        for lines_of_partition in reserved.values()
+        for line in decode_items(lines_of_partition)
+    }
+    items = encode_items([(phone_id, qty, prices[phone_id]) for phone_id, qty in lines])
+    status = COMPLETED if autocheck else OPEN
+    result = await scripts.call(
+        "commit_order",
+        [
+            keys.customer(customer_id),
+            keys.idempotency(customer_id, idempotency_key or ""),
+            keys.order(order_id),
+            keys.ORDERS,
+            keys.orders_by_status(status),
+            keys.customer_orders(customer_id),
+            keys.customer_orders_by_status(customer_id, status),
+            keys.ORDERS_SEQ,
+            keys.EVENTS,
+            keys.LEDGER,
+            keys.aborts(order_partition),
+        ],
+        [
+            order_id,
+            customer_id,
+            _now_ms(),
+            request_id,
+            "1" if autocheck else "0",
+            idempotency[0],
+            idempotency[1],
+            idempotency[2],
+            items,
+        ],
+    )
+    committed = result.status == 201 and not result.flag
+    outcome = saga.COMMITTED if committed else saga.ABORTED
+    spawn(_settle_all(scripts, order_id, outcome, reserved))
+    return _answer(result)
+
+
+async def _refuse_a_give_back_past_the_ceiling(gateway: RedisGateway, items: str) -> None:
+    """Today's cancel refuses up front a restock that would cross the stock ceiling; the
+    phones are on other partitions than the refund, so this reads them first. A restock
+    reaching the ceiling in between leaves the give-back refused and due (logged by the
+    settler), never more stock than the ceiling."""
+    lines = decode_items(items)
+    stocks = await gateway.execute_many(
+        [("HGET", keys.phone(line.phone_id), "stock") for line in lines]
+    )
+    for line, stock in zip(lines, stocks, strict=True):
+        if int(stock or 0) + line.quantity > STOCK_LIMIT:
+            raise ProblemError(
+                "stock_limit", stock=int(stock or 0), limit=STOCK_LIMIT, phone_id=line.phone_id
+            )
+
+
+async def cancel_order(
+    gateway: RedisGateway, scripts: Scripts, principal: Principal, order_id: str, request_id: str
+) -> Order:
+    """Refund on the order's partition, then give each phone partition its units back;
+    the settler's take-back list covers a death in between."""
+    owner, items = await gateway.hmget(keys.order(order_id), ["customer_id", "items"])
+    if owner is None or (not principal.is_admin and owner.decode() != principal.customer_id):
+        raise ProblemError("order_not_found")
+    owner_id, items_field = owner.decode(), items.decode()
+    await _refuse_a_give_back_past_the_ceiling(gateway, items_field)
+    order_partition = partition_of(order_id)
+    now = _now_ms()
+    result = await scripts.run(
+        "refund_order",
+        [
+            keys.order(order_id),
+            keys.customer(owner_id),
+            keys.orders_by_status(OPEN),
+            keys.orders_by_status(CANCELLED),
+            keys.customer_orders_by_status(owner_id, OPEN),
+            keys.customer_orders_by_status(owner_id, CANCELLED),
+            keys.EVENTS,
+            keys.LEDGER,
+            keys.take_backs_due(order_partition),
+        ],
+        [
+            owner_id,
+            principal.customer_id or "",
+            now,
+            request_id,
+            BALANCE_LIMIT,
+            now + TAKE_BACK_GRACE_MS,
+        ],
+    )
+    returned = await asyncio.gather(
+        *(
+            saga.return_stock(scripts, partition, order_id, lines)
+            for partition, lines in saga.items_by_partition(items_field).items()
+        )
+    )
+    if all(answer.status == 200 for answer in returned):
+        await gateway.execute("ZREM", keys.take_backs_due(order_partition), order_id)
+    return order_from_fields(result.payload)
