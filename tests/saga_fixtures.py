@@ -2,7 +2,8 @@
 cluster (tests/cluster.py): the scripts run through the gateway the app uses, over
 redis-py's RedisCluster on the cluster; a decoding client reads and seeds the hashes.
 
-Phones are seeded as their hashes (id, price_cents, stock, added_units), so these tests
+On the cluster the scripts go through the app's own cluster gateway (app/cluster_gateway.py),
+so each is also acknowledged by its primary's replica. Phones are seeded as their hashes (id, price_cents, stock, added_units), so these tests
 depend only on the saga's scripts and on app/keys.py's names, not on how phones are
 created. The order's partition and the phones' partitions are chosen on different
 primaries of the cluster (partition p lives in slot 128·p; with 3 primaries 0-42, 43-85
@@ -13,13 +14,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from app import keys, partitions
+from app.cluster_gateway import open_cluster_gateway
 from app.redis_gateway import ClientTransport, RedisGateway
 from app.scripts import Scripts
 from loadtests.support.servers import RedisServer
@@ -78,25 +79,36 @@ async def _single(server: RedisServer) -> AsyncIterator[SagaWorld]:
     await redis.aclose()
 
 
-class ClusterScriptsTransport(ClientTransport):
-    """ClientTransport over a RedisCluster, which routes EVALSHA by its keys; only the
-    gateway's keyless ``SCRIPT LOAD`` (after NOSCRIPT) needs a target: every primary.
-    The app's own cluster transport (issue 11, redis_gateway) takes this one's place."""
-
-    async def execute(self, *args: Any) -> Any:
-        if args[:2] == ("SCRIPT", "LOAD"):
-            return await self._client.execute_command(
-                "SCRIPT LOAD", *args[2:], target_nodes=RedisCluster.PRIMARIES
-            )
-        return await super().execute(*args)
+def _partition_keys(partition: int) -> list[str]:
+    return [
+        keys.reservations(partition),
+        keys.reservations_due(partition),
+        keys.releases(partition),
+        keys.aborts(partition),
+        keys.take_backs_due(partition),
+        keys.taken_back(partition),
+        keys.settler_lease(partition),
+        keys.partition_ledger(partition),
+    ]
 
 
 async def _cluster(ports: list[int]) -> AsyncIterator[SagaWorld]:
+    """The app's own cluster gateway (every script as [EVALSHA, WAIT 1] on one connection
+    of its primary). The cluster is the session's, shared with other modules: only the
+    partition-wide keys of the partitions used here are cleared, never the whole cluster."""
     nodes = [ClusterNode("127.0.0.1", port) for port in ports]
     redis = RedisCluster(startup_nodes=nodes, decode_responses=True)
     await redis.initialize()
-    await redis.execute_command("FLUSHALL", target_nodes=RedisCluster.PRIMARIES)
-    gateway = RedisGateway(ClusterScriptsTransport(RedisCluster(startup_nodes=nodes)))
+    for partition in (ORDER_PARTITION, PHONE_PARTITION, OTHER_PHONE_PARTITION):
+        await redis.delete(*_partition_keys(partition))
+    gateway = await open_cluster_gateway(
+        "redis://127.0.0.1",
+        tuple(("127.0.0.1", port) for port in ports),
+        replicas=1,
+        wait_ms=2000,
+        socket_timeout=5.0,
+        max_connections=32,
+    )
     yield SagaWorld("cluster", Scripts(gateway), gateway, redis)
     await gateway.aclose()
     await redis.aclose()
