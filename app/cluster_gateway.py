@@ -49,6 +49,7 @@ from redis.exceptions import (
     ClusterDownError,
     MovedError,
     NoScriptError,
+    RedisClusterException,
     RedisError,
     ResponseError,
     TryAgainError,
@@ -130,10 +131,21 @@ class ClusterTransport:
     def __init__(self, cluster: RedisCluster) -> None:
         self.cluster = cluster
 
+    async def ready(self) -> None:
+        """The slot map, learnt at the first call (and again after the library dropped
+        it): a cluster that cannot be reached is a ConnectionError, 503 + Retry-After
+        as one redis-server that is down, not the library's RedisClusterException."""
+        try:
+            await self.cluster.initialize()
+        except RedisClusterException as error:
+            raise RedisConnectionError(f"no Redis Cluster node answers: {error}") from error
+
     async def execute(self, *args: Any) -> Any:
+        await self.ready()
         return await self.cluster.execute_command(*_routable(args))
 
     async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        await self.ready()
         pipe = self.cluster.pipeline(transaction=False)
         for args in commands:
             pipe.execute_command(*_routable(args))
@@ -164,6 +176,7 @@ class ClusterGateway(RedisGateway):
         started = time.perf_counter()
         try:
             evalsha = ("EVALSHA", script.sha, len(keys), *keys, *args)
+            await self.transport.ready()
             if not self.replicas or not keys:
                 return await self._routed(script, evalsha)
             return await self._run_and_wait(script, evalsha, keys[0])
@@ -239,7 +252,7 @@ class ClusterGateway(RedisGateway):
         await super().aclose()
 
 
-async def open_cluster_gateway(
+def open_cluster_gateway(
     url: str,
     nodes: tuple[tuple[str, int], ...],
     replicas: int,
@@ -248,7 +261,8 @@ async def open_cluster_gateway(
     max_connections: int,
 ) -> ClusterGateway:
     """A gateway on the cluster whose start-up nodes are ``nodes``, with ``url``'s
-    credentials; it has learnt the slot map when this returns."""
+    credentials. It connects at its first call, so an app started before its cluster
+    is up answers 503 (and /readyz is not ready) until it is."""
     # Untimed: the gateway times each call itself.
     cluster = cluster_client(
         url,
@@ -258,5 +272,4 @@ async def open_cluster_gateway(
         max_connections=max_connections,
         retry=Retry(NoBackoff(), 0),
     )
-    await cluster.initialize()
     return ClusterGateway(cluster, replicas, wait_ms)

@@ -72,7 +72,7 @@ async def redis_cluster_ctx(app: web.Application) -> AsyncIterator[None]:
     the events, audit and dead-letter admin routes by key. Neither retries after a
     connection error, for the reason above."""
     settings = app[appkeys.SETTINGS]
-    gateway = await open_cluster_gateway(
+    gateway = open_cluster_gateway(
         settings.redis_url,
         settings.redis_cluster_nodes,
         settings.redis_wait_replicas,

@@ -24,6 +24,7 @@ from app.ops.redis_cluster import LocalCluster, client, poll, topology_from
 from app.redis_clients import cluster_client, redis_client
 from app.redis_gateway import LuaScript, WriteUnconfirmed
 from app.settings import Settings
+from loadtests.support.servers import free_port
 from mail.settings import MailSettings
 from mail.worker import connect_redis
 from tests.helpers import ADMIN, ADMIN_TOKEN
@@ -44,7 +45,7 @@ def nodes_of(cluster: LocalCluster) -> tuple[tuple[str, int], ...]:
 
 @pytest.fixture
 async def gateway(redis_cluster: LocalCluster) -> AsyncIterator[ClusterGateway]:
-    opened = await open_cluster_gateway(
+    opened = open_cluster_gateway(
         "redis://127.0.0.1/0", nodes_of(redis_cluster), 1, WAIT_MS, 2.0, 8
     )
     yield opened
@@ -280,7 +281,7 @@ async def test_after_a_failover_the_gateway_follows_the_slots_and_reloads_its_sc
     never loaded the script (NOSCRIPT), loads it, runs it once, and the write is
     confirmed by the old primary, back as the new one's replica."""
     cluster = own_redis_cluster
-    gateway = await open_cluster_gateway("redis://127.0.0.1/0", nodes_of(cluster), 1, 1000, 2.0, 8)
+    gateway = open_cluster_gateway("redis://127.0.0.1/0", nodes_of(cluster), 1, 1000, 2.0, 8)
     try:
         tag = new_id()
         counter, marker = f"count{{{tag}}}", f"marker{{{tag}}}"
@@ -313,3 +314,23 @@ async def test_after_a_failover_the_gateway_follows_the_slots_and_reloads_its_sc
         assert read_on_replica(old_primary, counter) == "2"
     finally:
         await gateway.aclose()
+
+
+async def test_an_app_whose_cluster_does_not_answer_is_not_ready_and_says_503(
+    aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It starts anyway (make run and compose start it beside the cluster), and every
+    Redis call is a 503 with Retry-After until the cluster answers, never a 500."""
+    nobody = free_port()
+    for name, value in {
+        "REDIS_URL": "redis://127.0.0.1/0",
+        "REDIS_CLUSTER_NODES": f"127.0.0.1:{nobody}",
+        "ADMIN_TOKEN": ADMIN_TOKEN,
+    }.items():
+        monkeypatch.setenv(name, value)
+    app = await aiohttp_client(await create_app())
+    for path in ("/readyz", f"/phones/{new_id()}"):
+        answer = await app.get(path)
+        assert answer.status == 503, (path, await answer.text())
+        assert answer.headers["Retry-After"] == "1"
+        assert (await answer.json())["code"] == "service_unavailable"

@@ -335,6 +335,11 @@ class LocalCluster:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             preexec_fn=die_with_parent if self.die_with_parent else None,
+            # Under honcho (make run) the runner's process group is signalled as a whole:
+            # nodes of their own group are left for stop() to take down primaries first
+            # (a primary told to stop at the same moment as its replica waits out
+            # shutdown-timeout for it, and honcho kills everything at 5 s).
+            start_new_session=self.die_with_parent,
         )
         proc = self.procs[port]
 
@@ -553,14 +558,30 @@ def status(seeds: list[tuple[str, int]]) -> int:
     return 1
 
 
+def takes_writes(host: str, port: int) -> bool:
+    """A replica, or a primary with as many live replicas as its min-replicas-to-write
+    asks (else it answers NOREPLICAS: right after the cluster forms, until they link)."""
+    replication = node_query(port, "INFO", "replication", host=host)
+    if not isinstance(replication, dict):
+        return False
+    if replication.get("role") != "master" or "min_slaves_good_slaves" not in replication:
+        return True
+    wanted = node_query(port, "CONFIG", "GET", "min-replicas-to-write", host=host)
+    needed = int(wanted.get("min-replicas-to-write", 0)) if isinstance(wanted, dict) else 0
+    return int(replication["min_slaves_good_slaves"]) >= needed
+
+
 def wait_ready(seeds: list[tuple[str, int]], timeout: float) -> int:
     """Return 0 once every seed answers cluster_state:ok (what the app and the mail
-    worker need before their first command: a slot map with every slot served), 1
+    worker need before their first command: a slot map with every slot served) and
+    takes writes, 1
     after ``timeout``. No seeds: 0 at once (one redis-server needs no waiting)."""
 
     def every_node_ok() -> bool:
         infos = [cluster_info(port, host) for host, port in seeds]
-        return all(info is not None and info.get("cluster_state") == "ok" for info in infos)
+        if not all(info is not None and info.get("cluster_state") == "ok" for info in infos):
+            return False
+        return all(takes_writes(host, port) for host, port in seeds)
 
     if not seeds:
         return 0

@@ -5,6 +5,10 @@ wins, as in make run and honcho) and make run's defaults. Prints one line per
 process, then exits 1 when any of them is DOWN, 0 otherwise::
 
     OK    redis          redis://127.0.0.1:6390/0 role=master aof=on appendfsync=always ...
+    (on a cluster, REDIS_CLUSTER=1 or REDIS_CLUSTER_NODES, a line per node instead:)
+    OK    redis 127.0.0.1:7001  primary  slots=5461 replicas=1 appendfsync=always
+    OK    redis 127.0.0.1:7004  replica of 127.0.0.1:7002 appendfsync=always
+    OK    redis cluster  cluster_state=ok slots_ok=16384 known_nodes=6
     OK    app :8001      ready
     DOWN  app :8002      not answering: connection refused
     OK    nginx :8080    ready
@@ -55,14 +59,17 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
-from redis.asyncio import Redis as AsyncRedis
-from redis.exceptions import RedisError, ResponseError
+import redis.cluster
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from app import keys
 from app.env import SettingsError, env_int
 from app.mail_backlog import MailBacklog, read_mail_backlog
 from app.ops.instances import instance_ports
 from app.ops.ports import DEFAULTS as MAKE_RUN_DEFAULTS
+from app.ops.redis_cluster import cluster_info, node_query, topology_from
+from app.redis_clients import cluster_options, redis_client
+from app.settings import cluster_nodes_from_env
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 2.0
@@ -110,7 +117,18 @@ def stack_env(environ: Mapping[str, str], env_file: Path | None) -> dict[str, st
             env[name] = default
     if not env.get("REDIS_URL", "").strip():
         env["REDIS_URL"] = f"redis://127.0.0.1:{env['REDIS_PORT']}/0"
+    if env.get("REDIS_CLUSTER", "").strip() == "1":
+        # As make run: the local cluster's six nodes, whatever REDIS_CLUSTER_NODES says.
+        base = _port(env, "REDIS_CLUSTER_BASE_PORT")
+        env["REDIS_CLUSTER_NODES"] = ",".join(f"127.0.0.1:{base + i}" for i in range(6))
     return env
+
+
+def cluster_nodes(env: Mapping[str, str]) -> tuple[tuple[str, int], ...]:
+    try:
+        return cluster_nodes_from_env(env)
+    except SettingsError:  # a bad list: status says the cluster does not answer
+        return ()
 
 
 def redacted(url: str) -> str:
@@ -160,6 +178,47 @@ def check_tcp(name: str, host: str, port: int, note: str = "") -> Check:
     return Check(OK, name, f"{host}:{port} accepts connections{note}")
 
 
+def check_cluster(nodes: tuple[tuple[str, int], ...]) -> list[Check]:
+    """A Redis Cluster (REDIS_CLUSTER_NODES): one line per node with its role, as the
+    first node that answers sees the cluster, then the cluster's own state. A node
+    marked failing, or a primary without a replica (its writes are refused:
+    min-replicas-to-write), is DOWN."""
+    for host, port in nodes:
+        view, info = topology_from(port, host), cluster_info(port, host)
+        if view is not None and info is not None:
+            break
+    else:
+        seeds = ",".join(f"{host}:{port}" for host, port in nodes)
+        return [Check(DOWN, "redis cluster", f"no node of {seeds} answers")]
+    checks = []
+    addresses = {node.node_id: node.address for node in view.nodes}
+    for node in sorted(view.nodes, key=lambda n: (n.role != "primary", n.host, n.port)):
+        fsync = node_query(node.port, "CONFIG", "GET", "appendfsync", host=node.host)
+        detail = f"appendfsync={fsync.get('appendfsync', '?') if isinstance(fsync, dict) else '?'}"
+        if node.role == "primary":
+            replicas = view.replicas_of(node)
+            state = OK if replicas else DOWN
+            detail = f"primary  slots={node.slot_count} replicas={len(replicas)} {detail}" + (
+                "" if replicas else ": no replica, so writes are refused"
+            )
+        else:
+            state = OK
+            detail = f"replica of {addresses.get(node.primary_id or '', '?')} {detail}"
+        if node.failed or not (node.connected or "myself" in node.flags):
+            state, detail = DOWN, f"{detail}: marked {','.join(sorted(node.flags))}"
+        checks.append(Check(state, f"redis {node.address}", detail))
+    cluster_state = info.get("cluster_state", "?")
+    checks.append(
+        Check(
+            OK if cluster_state == "ok" else DOWN,
+            "redis cluster",
+            f"cluster_state={cluster_state} slots_ok={info.get('cluster_slots_ok', '?')}"
+            f" known_nodes={info.get('cluster_known_nodes', '?')}",
+        )
+    )
+    return checks
+
+
 def check_redis(client: redis.Redis, url: str) -> Check:
     """DOWN with "not answering" when nothing answered; see the module docstring."""
     try:
@@ -193,12 +252,16 @@ def check_redis(client: redis.Redis, url: str) -> Check:
     return Check(OK, "redis", detail)
 
 
-def read_backlog(url: str) -> MailBacklog | None:
+def read_backlog(url: str, nodes: tuple[tuple[str, int], ...] = ()) -> MailBacklog | None:
     """app/mail_backlog.py over its own (asyncio) client: the worker's figures."""
 
     async def read() -> MailBacklog | None:
-        client = AsyncRedis.from_url(
-            url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT, decode_responses=True
+        client = redis_client(
+            url,
+            nodes,
+            socket_timeout=TIMEOUT,
+            socket_connect_timeout=TIMEOUT,
+            decode_responses=True,
         )
         try:
             return await read_mail_backlog(client)
@@ -208,7 +271,11 @@ def read_backlog(url: str) -> MailBacklog | None:
     return asyncio.run(read())
 
 
-def check_mail(client: redis.Redis, url: str) -> list[Check]:
+def check_mail(
+    client: redis.Redis | redis.cluster.RedisCluster,
+    url: str,
+    nodes: tuple[tuple[str, int], ...] = (),
+) -> list[Check]:
     """The workers' health keys, the group's backlog and lag, the dead letters."""
     try:
         alive = {}
@@ -216,7 +283,7 @@ def check_mail(client: redis.Redis, url: str) -> list[Check]:
             value = client.get(key)
             if value is not None:
                 alive[key.removeprefix("mail:worker:").removesuffix(":alive")] = value
-        backlog = read_backlog(url)
+        backlog = read_backlog(url, nodes)
         retrying = client.zcard(keys.MAIL_RETRY)
         dead = client.xlen(keys.MAIL_DEAD)
     except RedisError as error:
@@ -267,16 +334,39 @@ def metrics_ports(client: redis.Redis) -> list[int]:
     return sorted(ports)
 
 
+def _cluster_client(
+    nodes: tuple[tuple[str, int], ...], url: str
+) -> redis.cluster.RedisCluster | None:
+    """redis-py's cluster client (it asks for the slot map at once); None if it cannot."""
+    try:
+        return redis.cluster.RedisCluster(
+            startup_nodes=[redis.cluster.ClusterNode(host, port) for host, port in nodes],
+            socket_timeout=TIMEOUT,
+            socket_connect_timeout=TIMEOUT,
+            decode_responses=True,
+            **cluster_options(url),
+        )
+    except (RedisError, RedisClusterException):
+        return None
+
+
 def run_checks(env: Mapping[str, str]) -> list[Check]:
     url = env["REDIS_URL"]
     checks: list[Check] = []
-    client = redis.Redis.from_url(
-        url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT, decode_responses=True
-    )
-    worker_ports: list[int] = []
-    try:
+    nodes = cluster_nodes(env)
+    client: redis.Redis | redis.cluster.RedisCluster | None
+    if nodes:
+        checks += check_cluster(nodes)
+        client = _cluster_client(nodes, url) if checks[-1].state == OK else None
+        redis_answers = client is not None
+    else:
+        client = redis.Redis.from_url(
+            url, socket_timeout=TIMEOUT, socket_connect_timeout=TIMEOUT, decode_responses=True
+        )
         checks.append(check_redis(client, url))
         redis_answers = "not answering" not in checks[-1].detail
+    worker_ports: list[int] = []
+    try:
         for port in instance_ports(env):
             checks.append(check_readyz(f"app :{port}", f"http://127.0.0.1:{port}"))
         for name in ("HTTP_PORT", "SEED_PHONES_PORT", "SEED_ORDERS_PORT"):
@@ -284,13 +374,14 @@ def run_checks(env: Mapping[str, str]) -> list[Check]:
             if port:
                 checks.append(check_readyz(f"nginx :{port}", f"http://127.0.0.1:{port}"))
         if redis_answers:
-            checks += check_mail(client, url)
+            checks += check_mail(client, url, nodes)
             with contextlib.suppress(RedisError):
                 worker_ports = metrics_ports(client)
         else:
             checks.append(Check(UNKNOWN, "mail worker", "cannot tell: Redis is down"))
     finally:
-        client.close()
+        if client is not None:
+            client.close()
     smtp_host = env.get("SMTP_HOST", "").strip()
     checks.append(
         check_tcp(
