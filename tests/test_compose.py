@@ -44,6 +44,8 @@ def test_the_services(services: dict[str, dict]) -> None:
 
 def test_every_service_has_a_healthcheck(services: dict[str, dict]) -> None:
     for name, service in services.items():
+        if service.get("restart") == "no":
+            continue  # a one-shot job (the cluster profile's init): its exit status says
         check = service.get("healthcheck")
         assert check and check.get("test") and not check.get("disable"), name
     app_check = " ".join(services["app"]["healthcheck"]["test"])
@@ -321,5 +323,88 @@ def test_the_redis_start_script_and_health_check_keep_the_password_off_command_l
         assert subprocess.run(["sh", "-c", check], timeout=30).returncode == 0
         secret.write_text("wrong-password")
         assert subprocess.run(["sh", "-c", check], timeout=30).returncode != 0
+    finally:
+        stop_process(server)
+
+
+CLUSTER_NODES = [f"redis-node-{i}" for i in range(1, 7)]
+
+
+def test_the_cluster_profile_is_six_nodes_formed_once_with_the_password_off_command_lines(
+    services: dict[str, dict],
+) -> None:
+    """docs/data-tier.md's cluster under compose: 3 primaries + 3 replicas, AOF always,
+    min-replicas-to-write 1, the same password secret; only with --profile cluster."""
+    in_profile = {
+        name for name, service in services.items() if service.get("profiles") == ["cluster"]
+    }
+    assert in_profile == {*CLUSTER_NODES, "redis-cluster-init"}
+    for name in CLUSTER_NODES:
+        node = services[name]
+        start = _script(node).strip().splitlines()[-1]
+        assert start.startswith("exec docker-entrypoint.sh redis-server /tmp/secret.conf "), name
+        for option in (
+            "--cluster-enabled yes",
+            "--appendonly yes",
+            '--appendfsync "${APPENDFSYNC:-always}"',
+            "--min-replicas-to-write 1",
+            '--cluster-announce-hostname "$$(hostname)"',
+        ):
+            assert option in start, (name, option)
+        assert node["hostname"] == name  # what it announces, and its name on the network
+        assert node["volumes"] == [f"{name}:/data"]
+        assert node["secrets"] == ["redis_password"] and "ports" not in node
+    init = services["redis-cluster-init"]
+    script = _script(init)
+    assert "--cluster create $$nodes --cluster-replicas 1 --cluster-yes" in script
+    # The password reaches redis-cli on its stdin, on every call.
+    calls = [line for line in script.splitlines() if "redis-cli " in line]
+    assert calls and all(
+        "--askpass" in line and "< /run/secrets/redis_password" in line for line in calls
+    )
+    assert "grep -q '^cluster_known_nodes:6'" in script  # formed once, left alone after
+    assert set(init["depends_on"]) == set(CLUSTER_NODES)
+    # The app and the mail worker follow REDIS_CLUSTER_NODES when it is given.
+    for name in ("app", "mail"):
+        assert services[name]["environment"]["REDIS_CLUSTER_NODES"] == "${REDIS_CLUSTER_NODES:-}"
+
+
+def test_the_cluster_node_start_script_runs_a_cluster_node_with_the_password_from_its_file(
+    services: dict[str, dict], tmp_path: Path
+) -> None:
+    """One node's shell lines, run here against a real redis-server as the redis
+    service's are above: cluster mode, AOF, min-replicas-to-write, requirepass and
+    masterauth from the secret file, none of it on the command line."""
+    password = "s3cret-" + "y" * 20
+    secret = tmp_path / "redis_password"
+    secret.write_text(password + "\n")
+    port = free_port()
+    script = _script(services["redis-node-1"]).replace("$$", "$")
+    swaps = {
+        "/run/secrets/redis_password": str(secret),
+        "/tmp/secret.conf": str(tmp_path / "secret.conf"),
+        f"chown redis:redis {tmp_path / 'secret.conf'}\n": "",
+        "exec docker-entrypoint.sh redis-server": "exec redis-server",
+        '"${APPENDFSYNC:-always}"': "always",
+    }
+    for old, new in swaps.items():
+        assert old in script, old
+        script = script.replace(old, new)
+    # The bus port is port + 10000 unless told: a free one, beside other tests' ports.
+    local = f" --port {port} --cluster-port {free_port()} --bind 127.0.0.1 --dir {tmp_path}"
+    script = script.rstrip("\n") + local + " --save ''\n"
+    server = subprocess.Popen(["sh", "-ec", script], env={"PATH": "/usr/bin:/bin"})
+    try:
+        wait_for_port(port, proc=server)
+        assert password not in Path(f"/proc/{server.pid}/cmdline").read_text()
+        with Redis(port=port, password=password, decode_responses=True) as client:
+            assert client.info("cluster")["cluster_enabled"] == 1
+            settings = client.config_get("*")
+            assert settings["appendonly"] == "yes" and settings["appendfsync"] == "always"
+            assert settings["min-replicas-to-write"] == "1"
+            assert settings["masterauth"] == password  # its replica role authenticates too
+            assert settings["cluster-preferred-endpoint-type"] == "hostname"
+        with Redis(port=port) as anonymous, pytest.raises(AuthenticationError):
+            anonymous.ping()
     finally:
         stop_process(server)
