@@ -11,11 +11,7 @@ from loadtests.saga_cost import run
 async def test_the_cost_run_counts_the_calls_of_each_phase(tmp_path: Path) -> None:
     results = await run(orders=200, inflight=4, directory=tmp_path)
     calls = {row["phase"]: row["script_calls_per_order"] for row in results}
-    assert list(calls.values()) == [1, 1, 1, 3, 3]
-    for row in results[:4]:
+    assert list(calls.values()) == [1, 3, 1, 1, 3]
+    for row in results:
         assert row["orders"] == 200
         assert row["redis_cpu_us_per_order"] > 0 and row["script_us_per_call"] > 0
-    upper_bound = results[4]
-    assert upper_bound["redis_cpu_us_per_order"] == round(
-        sum(row["redis_cpu_us_per_order"] for row in results[:3]), 1
-    )
