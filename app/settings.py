@@ -90,6 +90,18 @@ def redacted_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
+# Where SAGA_FAULT_POINT may kill a worker: after the reserves answered, after the commit
+# answered, after a cancel's refund answered (app/orders/saga_service.py).
+SAGA_FAULT_POINTS = ("reserved", "committed", "refunded")
+
+
+def _fault_point(env: Mapping[str, str]) -> str:
+    point = env.get("SAGA_FAULT_POINT", "").strip()
+    if point and point not in SAGA_FAULT_POINTS:
+        raise SettingsError(f"SAGA_FAULT_POINT must be one of {', '.join(SAGA_FAULT_POINTS)}")
+    return point
+
+
 @dataclass(frozen=True)
 class Settings:
     redis_url: str = "redis://127.0.0.1:6390/0"
@@ -132,6 +144,12 @@ class Settings:
     # Orders by the reservation saga (app/orders/saga_service.py) instead of one
     # place_order script; the settler runs in every worker then. Off: today's path.
     order_saga: bool = False
+    # The longest an app may take from its reserves to its commit before the settler
+    # may fence the order and release its stock (docs/data-tier.md, 3.2).
+    reservation_ttl_ms: int = 10_000
+    # Test-only: the worker SIGKILLs itself right after this saga step (one of
+    # SAGA_FAULT_POINTS), so the crash-point tests kill it exactly there. Empty: never.
+    saga_fault_point: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -200,6 +218,10 @@ class Settings:
             behind_proxy=env_bool(env, "BEHIND_PROXY", cls.behind_proxy),
             observe_batching=env_bool(env, "OBSERVE_BATCHING", cls.observe_batching),
             order_saga=env_bool(env, "ORDER_SAGA", cls.order_saga),
+            reservation_ttl_ms=env_int(
+                env, "SAGA_RESERVATION_TTL_MS", cls.reservation_ttl_ms, 100, 600_000
+            ),
+            saga_fault_point=_fault_point(env),
         )
 
     def __repr__(self) -> str:

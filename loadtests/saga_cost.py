@@ -149,6 +149,7 @@ async def run(orders: int, inflight: int, directory: Path) -> list[dict[str, Any
                 idempotency_key=None,
                 idempotency_ttl=86400,
                 request_id=f"cost-{i}",
+                reservation_ttl_ms=10_000,
             )
             await asyncio.gather(*settles)  # after the answer, as the settler's spawn runs it
 

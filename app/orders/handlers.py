@@ -39,7 +39,11 @@ async def place_order(call: Call[OrderCreate]) -> web.Response:
     settings = request.app[appkeys.SETTINGS]
     if settings.order_saga:
         placing = functools.partial(
-            saga_service.place_order, scripts_of(request), request.app[appkeys.SETTLER].spawn
+            saga_service.place_order,
+            scripts_of(request),
+            request.app[appkeys.SETTLER].spawn,
+            reservation_ttl_ms=settings.reservation_ttl_ms,
+            fault_point=settings.saga_fault_point,
         )
     else:
         placing = functools.partial(service.place_order, scripts_of(request))
@@ -97,6 +101,12 @@ async def check_order(call: Call[None]) -> web.Response:
 
 
 async def cancel_order(call: Call[None]) -> web.Response:
-    if call.request.app[appkeys.SETTINGS].order_saga:
-        return await _change_status(call, saga_service.cancel_order)
+    settings = call.request.app[appkeys.SETTINGS]
+    if settings.order_saga:
+        cancel = functools.partial(
+            saga_service.cancel_order,
+            take_back_after_ms=settings.reservation_ttl_ms,
+            fault_point=settings.saga_fault_point,
+        )
+        return await _change_status(call, cancel)
     return await _change_status(call, service.cancel_order)

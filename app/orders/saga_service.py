@@ -12,6 +12,8 @@ a reservation is released only after the commit was made impossible.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -30,15 +32,15 @@ from app.redis_gateway import RedisGateway
 from app.scripts import ScriptResult, Scripts, problem_from_script
 from app.vocabulary import CANCELLED, COMPLETED, OPEN, decode_items, encode_items
 
-# The longest an app may take from its reserves to its commit: past it the settler may
-# fence the order and release its stock (docs/data-tier.md, 3.2). Well above
-# REDIS_TIMEOUT, so only a dead or stuck app is overtaken.
-RESERVATION_TTL_MS = 10_000
-# A cancel gives the stock back itself; the settler's take-back is for a dead app.
-TAKE_BACK_GRACE_MS = 10_000
-
 # Runs a settling step after the answer was sent (the Settler's spawn).
 Spawn = Callable[[Coroutine[Any, Any, Any]], None]
+
+
+def crash_if(point: str, fault_point: str) -> None:
+    """Test-only (SAGA_FAULT_POINT): die here as kill -9 would kill the worker, with
+    nothing after this step run, so the crash-point tests see what the settler finds."""
+    if point == fault_point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _now_ms() -> int:
@@ -96,11 +98,13 @@ async def place_order(
     idempotency_key: str | None,
     idempotency_ttl: int,
     request_id: str,
+    reservation_ttl_ms: int,
+    fault_point: str = "",
 ) -> PlacedOrder:
     order_partition = partition_of(customer_id)
     order_id = new_id(order_partition)
     groups = saga.lines_by_partition(lines)
-    expires = _now_ms() + RESERVATION_TTL_MS
+    expires = _now_ms() + reservation_ttl_ms
     outcomes = await asyncio.gather(
         *(saga.reserve(scripts, order_id, p, group, expires) for p, group in groups.items()),
         return_exceptions=True,
@@ -117,6 +121,7 @@ async def place_order(
         everywhere = {partition: reserved.get(partition, "") for partition in groups}
         spawn(_settle_all(scripts, order_id, saga.ABORTED, everywhere))
         raise failed[0]
+    crash_if("reserved", fault_point)
 
     idempotency = [
         "1" if idempotency_key is not None else "0",
@@ -172,6 +177,7 @@ async def place_order(
             items,
         ],
     )
+    crash_if("committed", fault_point)
     committed = result.status == 201 and not result.flag
     outcome = saga.COMMITTED if committed else saga.ABORTED
     spawn(_settle_all(scripts, order_id, outcome, reserved))
@@ -195,7 +201,13 @@ async def _refuse_a_give_back_past_the_ceiling(gateway: RedisGateway, items: str
 
 
 async def cancel_order(
-    gateway: RedisGateway, scripts: Scripts, principal: Principal, order_id: str, request_id: str
+    gateway: RedisGateway,
+    scripts: Scripts,
+    principal: Principal,
+    order_id: str,
+    request_id: str,
+    take_back_after_ms: int,
+    fault_point: str = "",
 ) -> Order:
     """Refund on the order's partition, then give each phone partition its units back;
     the settler's take-back list covers a death in between."""
@@ -225,9 +237,10 @@ async def cancel_order(
             now,
             request_id,
             BALANCE_LIMIT,
-            now + TAKE_BACK_GRACE_MS,
+            now + take_back_after_ms,  # the request gives it back; this is for a dead app
         ],
     )
+    crash_if("refunded", fault_point)
     returned = await asyncio.gather(
         *(
             saga.return_stock(scripts, partition, order_id, lines)
