@@ -27,6 +27,7 @@ from app.env import env_int
 from app.ops.instances import ROOT, die_with_parent, mail_argv, mail_sink_argv
 from loadtests.support.servers import clean_env, free_port, stop_process, wait_for_port
 from loadtests.support.stack import FullStack, start_full_stack
+from nginx.render import NginxConfig
 
 # Rate limits of the load-test stack. The write limit is left at the production
 # default (NginxConfig's, per bearer token): each simulated customer has its
@@ -153,7 +154,12 @@ def launch(
     if http_port is None:
         http_port = env_int(os.environ, "HTTP_PORT", 0, 0, 65535, error=SystemExit)
     nginx = {"http_port": http_port} if http_port else None
-    merged = {**LOADTEST_LIMITS, **(env or {})}
+    # nginx's access log as make run writes it (buffered), not the test stack's.
+    merged = {
+        **LOADTEST_LIMITS,
+        "NGINX_ACCESS_LOG_BUFFER": NginxConfig.access_log_buffer,
+        **(env or {}),
+    }
     with contextlib.ExitStack() as cleanup:
         if owned:
             cleanup.callback(shutil.rmtree, directory, ignore_errors=True)

@@ -14,6 +14,8 @@ Environment (each default is its NginxConfig field's, mirrored in .env.example):
     LIMIT_CONN                open connections per client address
     UPSTREAM_MAX_FAILS, UPSTREAM_FAIL_TIMEOUT   passive health checks
     UPSTREAM_MAX_CONNS        requests in progress at one instance (0 = no cap)
+    NGINX_ACCESS_LOG_BUFFER   access lines gathered per write, flushed at least each second (off = a write per line)
+    NGINX_PROXY_ERROR_LOG_LEVEL   the least severe error-log line of proxied requests
     AUDIT_READ_TIMEOUT        how long nginx waits for GET /admin/audit's answer
     NGINX_WORKER_PROCESSES
 
@@ -53,6 +55,8 @@ COMPOSE_RESOLVER = "127.0.0.11"
 
 RATE_RE = re.compile(r"^([1-9][0-9]{0,6})(?:r/([sm]))?$")
 DURATION_RE = re.compile(r"^[1-9][0-9]{0,5}(?:ms|s|m)?$")
+SIZE_RE = re.compile(r"^[1-9][0-9]{0,5}[km]?$")
+LOG_LEVELS = ("debug", "info", "notice", "warn", "error", "crit", "alert", "emerg")
 
 
 class RenderError(ValueError):
@@ -84,6 +88,18 @@ def _duration(name: str, raw: str) -> str:
     return raw
 
 
+def _buffer(name: str, raw: str) -> str:
+    if raw != "off" and SIZE_RE.match(raw) is None:
+        raise RenderError(f"{name} must be off or an nginx size like 64k, got {raw!r}")
+    return raw
+
+
+def _log_level(name: str, raw: str) -> str:
+    if raw not in LOG_LEVELS:
+        raise RenderError(f"{name} must be one of {', '.join(LOG_LEVELS)}, got {raw!r}")
+    return raw
+
+
 def _workers(name: str, raw: str) -> str:
     if raw != "auto" and not (raw.isascii() and raw.isdigit() and int(raw) > 0):
         raise RenderError(f"{name} must be auto or a count, got {raw!r}")
@@ -111,6 +127,8 @@ ENVIRONMENT: Mapping[str, tuple[str, Parser]] = {
     "UPSTREAM_MAX_CONNS": ("max_conns", _COUNT),
     "AUDIT_READ_TIMEOUT": ("audit_read_timeout", _duration),
     "NGINX_WORKER_PROCESSES": ("worker_processes", _workers),
+    "NGINX_ACCESS_LOG_BUFFER": ("access_log_buffer", _buffer),
+    "NGINX_PROXY_ERROR_LOG_LEVEL": ("proxy_error_log_level", _log_level),
 }
 
 
@@ -159,7 +177,20 @@ class NginxConfig:
     worker_processes: str = "auto"
     var_dir: str = "var/nginx"  # pid and temp files
     access_log: str = "var/log/nginx-access.log"
+    # Access lines are gathered and written together, at least once a second
+    # ("off": one write per line). Per line, the write cost nginx ~1 µs of
+    # the ~18 µs it spends refusing a request at 10x capacity, where it refuses
+    # 20,000 a second on the app's CPU (/work/notes, overflow3).
+    access_log_buffer: str = "64k"
     error_log: str = "stderr"
+    # Proxied requests (not probes, not WebSockets) log from this level up.
+    # At "error", nginx writes "no live upstreams" for every request it
+    # refuses because each instance has UPSTREAM_MAX_CONNS in progress: one
+    # line per refusal, 20,000 a second at 10x capacity, ~2 µs of nginx's CPU
+    # each (measured; the app's CPU). Upstream failures stay in the access
+    # log (status, upstream_status, upstream_addr); "error" brings back their
+    # reasons, with that flood.
+    proxy_error_log_level: str = "crit"
     # Compose only: nginx also fronts Mailpit's web UI, so that nginx stays the
     # one service publishing ports. "" / 0 = no such server.
     mail_ui_upstream: str = ""
@@ -356,6 +387,9 @@ class Location:
     send_timeout: str = ""
     retried: bool = True  # proxy_next_upstream as in the http block
     not_found: bool = False  # answers 404 itself instead of proxying
+    # Counted against UPSTREAM_MAX_CONNS (upstream `app`); probes and WebSockets
+    # are not (upstream `app_uncapped`).
+    capped: bool = True
 
 
 @dataclass(frozen=True)
@@ -365,14 +399,18 @@ class Server:
     locations: tuple[Location, ...]
 
 
-# Probes are never rate limited: an overloaded stack must still say so.
-PROBES = (Location("= /healthz", limited=False), Location("= /readyz", limited=False))
+# Probes are never rate limited nor capped: an overloaded stack must still say
+# so, not have its probes refused with the overflow (the app never sheds them).
+PROBES = (
+    Location("= /healthz", limited=False, capped=False),
+    Location("= /readyz", limited=False, capped=False),
+)
 NOT_FOUND = Location("/", not_found=True)
 
 
 def _websocket(match: str) -> Location:
     # A WebSocket stays open for as long as the client listens.
-    return Location(match, websocket=True, read_timeout="1h", send_timeout="1h")
+    return Location(match, websocket=True, read_timeout="1h", send_timeout="1h", capped=False)
 
 
 def _audit(config: NginxConfig) -> Location:

@@ -173,7 +173,7 @@ def test_nginx_follows_app_replicas_without_a_reload(services: dict[str, dict]) 
     assert "resolver 127.0.0.11 valid=10s ipv6=off;" in text  # Docker's DNS
     servers = re.findall(r"^\s*server app:8000[^;]*;", text, flags=re.MULTILINE)
     assert len(servers) == 2 and all(" resolve " in server for server in servers)
-    assert "zone app 64k;" in text and "zone app_ws 64k;" in text
+    assert "zone app 64k;" in text and "zone app_uncapped 64k;" in text
     # make run's copy, for Debian's nginx 1.22, keeps its fixed list.
     local = "\n".join(
         line

@@ -59,10 +59,12 @@ def test_defaults_pass_nginx_t(tmp_path: Path) -> None:
     # at once by nginx instead of overflowing the instances' accept queues.
     assert "server 127.0.0.1:8001 max_fails=3 fail_timeout=5s max_conns=32;" in upstreams["app"]
     assert "server 127.0.0.1:8002 max_fails=3 fail_timeout=5s max_conns=32;" in upstreams["app"]
-    # WebSockets stay open for hours: their own upstream, uncapped.
-    assert "server 127.0.0.1:8001 max_fails=3 fail_timeout=5s;" in upstreams["app_ws"]
-    events = re.search(r"location = /orders/events \{(.*?)\}", text, flags=re.DOTALL)
-    assert events and "proxy_pass http://app_ws;" in events.group(1)
+    # WebSockets stay open for hours, and probes must answer whatever the load:
+    # their own upstream, uncapped.
+    assert "server 127.0.0.1:8001 max_fails=3 fail_timeout=5s;" in upstreams["app_uncapped"]
+    for path in ("/orders/events", "/healthz", "/readyz"):
+        block = re.search(rf"location = {path} \{{(.*?)\}}", text, flags=re.DOTALL)
+        assert block and "proxy_pass http://app_uncapped;" in block.group(1), path
     # One count per instance over every nginx worker, not one per worker.
     assert "zone app_upstream 64k;" in upstreams["app"]
     # The app measures how long a request queued in front of it from here.
@@ -131,6 +133,9 @@ def test_environment_sets_ports_instances_and_limits() -> None:
         {"LIMIT_ADDRESS_BURST": "-3"},
         {"AUDIT_READ_TIMEOUT": "forever"},
         {"AUDIT_READ_TIMEOUT": "300s; proxy_next_upstream timeout"},
+        {"NGINX_ACCESS_LOG_BUFFER": "64k flush=1h"},
+        {"NGINX_ACCESS_LOG_BUFFER": "0"},
+        {"NGINX_PROXY_ERROR_LOG_LEVEL": "loud"},
     ],
 )
 def test_bad_environment_is_refused(env: dict[str, str]) -> None:
@@ -180,6 +185,28 @@ def test_only_token_shaped_headers_get_a_bucket_of_their_own() -> None:
     assert limited > 0
     assert text.count("limit_req zone=addresses burst=800 nodelay;") == limited
     assert "limit_req_zone $binary_remote_addr zone=addresses:10m rate=400r/s;" in text
+
+
+def test_access_log_buffering_and_proxy_error_level_pass_nginx_t(tmp_path: Path) -> None:
+    """Per refused request at 10x capacity, nginx's own log writes were a tenth of
+    its CPU: access lines are written in batches, and "no live upstreams" (one per
+    refusal) is below the proxied locations' default level."""
+    default = render(NginxConfig.from_env({}))
+    assert re.search(r"access_log \S+ json buffer=64k flush=1s;", default)
+    (rest,) = [
+        block for block in _location_block(default, "/") if "proxy_pass http://app;" in block
+    ]
+    assert "error_log stderr crit;" in rest
+    for probe in ("= /healthz", "= /readyz", "= /orders/events"):
+        assert not [line for line in _location_block(default, probe)[0] if "error_log" in line]
+    env = {"NGINX_ACCESS_LOG_BUFFER": "off", "NGINX_PROXY_ERROR_LOG_LEVEL": "error"}
+    config = NginxConfig.from_env(env)
+    text = render(config)
+    assert re.search(r"access_log \S+ json;", text)
+    assert "error_log stderr error;" in text and "error_log stderr crit;" not in text
+    for each in (NginxConfig.from_env({"NGINX_ACCESS_LOG_BUFFER": "1m"}), config):
+        result = nginx_test(each, tmp_path)
+        assert result.returncode == 0, result.stderr
 
 
 def test_access_log_is_json_and_never_has_the_authorization_header() -> None:
@@ -297,3 +324,62 @@ async def test_a_slow_audit_is_asked_of_one_instance_only(tmp_path: Path) -> Non
         await asyncio.to_thread(nginx.stop)
         for runner in runners:
             await runner.cleanup()
+
+
+@pytest.mark.parametrize("level", ["crit", "error"])
+async def test_a_full_stack_is_refused_by_nginx_and_its_probes_still_pass(
+    tmp_path: Path, level: str
+) -> None:
+    """A real nginx before one instance whose cap (UPSTREAM_MAX_CONNS=1) is taken
+    by a request that does not finish: the next request is refused at once with
+    503 problem+json and Retry-After, probes still reach the instance, and the
+    refusal writes an error line only when asked to (NGINX_PROXY_ERROR_LOG_LEVEL)."""
+    release, holding = asyncio.Event(), asyncio.Event()
+    arrived: list[str] = []
+
+    async def order(request: web.Request) -> web.Response:
+        arrived.append(request.headers.get("X-Request-ID", ""))
+        holding.set()
+        await release.wait()
+        return web.json_response({"ok": True}, status=201)
+
+    async def probe(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.router.add_post("/orders", order)
+    app.router.add_get("/healthz", probe)
+    app.router.add_get("/readyz", probe)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    env = {"UPSTREAM_MAX_CONNS": "1", "NGINX_PROXY_ERROR_LOG_LEVEL": level}
+    config = nginx_in_front_of((f"127.0.0.1:{port}",), tmp_path, env)
+    nginx = NginxServer(directory=tmp_path, config=config)
+    await asyncio.to_thread(nginx.start)
+    base = f"http://127.0.0.1:{config.http_port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            held = asyncio.create_task(
+                session.post(f"{base}/orders", json={}, headers={"X-Request-ID": "holds-the-cap"})
+            )
+            await asyncio.wait_for(holding.wait(), 30)  # the instance holds the cap now
+            async with session.post(f"{base}/orders", json={}) as refused:
+                assert refused.status == 503
+                assert refused.headers["Retry-After"] == "1"
+                body = await refused.json(content_type="application/problem+json")
+                assert body["code"] == "upstream_unavailable"
+            for path in ("/healthz", "/readyz"):
+                async with session.get(f"{base}{path}") as answer:
+                    assert answer.status == 200, path
+            release.set()
+            async with await held as served:
+                assert served.status == 201
+        assert arrived == ["holds-the-cap"]
+    finally:
+        release.set()
+        await asyncio.to_thread(nginx.stop)
+        await runner.cleanup()
+    logged = nginx.error_log.read_text().count("no live upstreams")
+    assert logged == (1 if level == "error" else 0), nginx.error_log.read_text()

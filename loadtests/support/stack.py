@@ -269,15 +269,17 @@ class FullStack:
         # nginx may still hold an instance as failed (fail_timeout) after a fault, and
         # sends everything to the others meanwhile; a later fault on those would then
         # find no live upstream. Wait until nginx itself has served a probe from each.
+        # One probe id for the whole wait: a buffered access log (make run's) shows
+        # the lines of earlier rounds once it flushes.
+        probe = f"heal-{uuid.uuid4().hex}"
         wait_until(
-            lambda: self._instances_nginx_served() >= {i.port for i in self.instances},
+            lambda: self._instances_nginx_served(probe) >= {i.port for i in self.instances},
             "nginx to serve /readyz from every instance again",
             timeout,
         )
 
-    def _instances_nginx_served(self) -> set[int]:
-        """Ports of the instances that served this round of probes through nginx."""
-        probe = f"heal-{uuid.uuid4().hex}"
+    def _instances_nginx_served(self, probe: str) -> set[int]:
+        """Ports of the instances that served a probe with this id through nginx."""
         for _ in range(2 * len(self.instances)):
             request = urllib.request.Request(
                 f"{self.http_url}/readyz", headers={"X-Request-ID": probe}
@@ -349,6 +351,9 @@ def start_full_stack(
         access_log=str(directory / "nginx" / "access.log"),
         error_log="stderr",
     )
+    if "NGINX_ACCESS_LOG_BUFFER" not in render_env:
+        # Tests read the access log as soon as their request is answered.
+        config = dataclasses.replace(config, access_log_buffer="off")
     if nginx:
         config = dataclasses.replace(config, **nginx)
     stack = FullStack(
