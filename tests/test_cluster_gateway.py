@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app import keys
 from app.cluster_gateway import ClusterGateway, open_cluster_gateway
@@ -334,3 +335,37 @@ async def test_an_app_whose_cluster_does_not_answer_is_not_ready_and_says_503(
         assert answer.status == 503, (path, await answer.text())
         assert answer.headers["Retry-After"] == "1"
         assert (await answer.json())["code"] == "service_unavailable"
+
+
+# Counts its run like COUNT, then keeps its primary busy for half a second: longer
+# than the gateway's socket timeout below, shorter than the cluster's node timeout.
+SLOW_COUNT = LuaScript.of(
+    "test_slow_count",
+    """local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
+local t = redis.call('TIME')
+repeat
+  local now = redis.call('TIME')
+until (now[1] - t[1]) * 1000000 + (now[2] - t[2]) > 500000
+return n""",
+)
+
+
+async def test_a_script_whose_reply_never_came_is_not_sent_again(
+    redis_cluster: LocalCluster,
+) -> None:
+    """It ran, and its reply came after the socket timed out: today's scripts are not
+    all safe to run twice, so the caller gets the timeout (503: retry with the same
+    Idempotency-Key) and the gateway does not send the script again."""
+    gateway = open_cluster_gateway("redis://127.0.0.1/0", nodes_of(redis_cluster), 1, 100, 0.3, 8)
+    counter = f"count{{{new_id()}}}"
+    primary, _ = owner_and_replica(redis_cluster, counter)
+    try:
+        with pytest.raises(RedisTimeoutError):
+            await gateway.run_script(SLOW_COUNT, [counter], [])
+        # Read once the script is done (Redis runs one thing at a time): it ran once.
+        with client(primary, timeout=5) as node:
+            assert node.hget(counter, "n") == "1"
+        assert await gateway.run_script(COUNT, [counter, f"marker{{{counter[6:-1]}}}"], ["x"]) == 2
+    finally:
+        await gateway.aclose()
+    redis_cluster.wait_healthy()
