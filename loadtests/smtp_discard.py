@@ -4,7 +4,7 @@ that accepts every mail and keeps nothing but its Message-ID.
 The mail bench (loadtests/bench_mail_lag.py) sends to it so that what is measured
 is the mail worker, not the sink: one small asyncio protocol on uvloop, no
 parsing beyond the command verb and the Message-ID header, nothing written to
-disk. It answers EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP and QUIT on
+disk. It offers PIPELINING, as production relays do, and answers EHLO/HELO, MAIL, RCPT, DATA, RSET, NOOP and QUIT on
 127.0.0.1:PORT until SIGTERM or SIGINT, then writes SUMMARY (JSON): mails
 accepted, distinct Message-IDs, the Message-IDs accepted more than once, and
 the most sessions open at once.
@@ -57,6 +57,7 @@ class DiscardingSMTP(asyncio.Protocol):
         self.tally = tally
         self.buffer = bytearray()
         self.in_data = False
+        self.outgoing: list[bytes] = []
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -70,6 +71,16 @@ class DiscardingSMTP(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        # The replies to everything in this read go out in one write, as a relay
+        # offering PIPELINING does (RFC 2920: the server may buffer its replies).
+        self.outgoing = []
+        try:
+            self._take()
+        finally:
+            if self.outgoing and self.transport is not None and not self.transport.is_closing():
+                self.transport.write(b"".join(self.outgoing))
+
+    def _take(self) -> None:
         while self.transport is not None and not self.transport.is_closing():
             if self.in_data:
                 end = self.buffer.find(b"\r\n.\r\n")
@@ -94,19 +105,21 @@ class DiscardingSMTP(asyncio.Protocol):
             self.command(line)
 
     def reply(self, line: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(line + b"\r\n")
+        self.outgoing.append(line + b"\r\n")
 
     def command(self, line: bytes) -> None:
         verb = line[:4].upper()
         if verb == b"EHLO":
-            self.reply(b"250-discard\r\n250-8BITMIME\r\n250 SIZE 10485760")
+            # Commands are taken from the buffer one after the other, so a
+            # pipelined group (RFC 2920) is answered in order, as a relay does.
+            self.reply(b"250-discard\r\n250-PIPELINING\r\n250-8BITMIME\r\n250 SIZE 10485760")
         elif verb == b"DATA":
             self.in_data = True
             self.reply(b"354 end with <CRLF>.<CRLF>")
         elif verb == b"QUIT":
-            self.reply(b"221 bye")
             assert self.transport is not None
+            self.transport.write(b"".join(self.outgoing) + b"221 bye\r\n")
+            self.outgoing = []
             self.transport.close()
         elif verb in (b"HELO", b"MAIL", b"RCPT", b"RSET", b"NOOP"):
             self.reply(b"250 OK")

@@ -108,8 +108,9 @@ class MailSettings:
     idle_timeout: float = 5.0
     # EHLO name; empty: this host's FQDN when it has one, else mail_domain.
     helo_name: str = ""
-    # Entries read per XREADGROUP / XAUTOCLAIM call.
-    batch_size: int = 50
+    # Most entries read per XREADGROUP / XAUTOCLAIM call (a worker reads about
+    # 16 per free session, mail/worker.py's CHUNK).
+    batch_size: int = 128
     # Acknowledged `events` entries are kept at least this long, then trimmed.
     # Entries the `mailer` group has not acknowledged are never trimmed.
     events_retention: float = 3600.0

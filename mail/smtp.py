@@ -17,20 +17,15 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 
-import aiosmtplib
-
 from mail import metrics
 from mail.settings import MailSettings
+from mail.smtp_wire import SmtpConnectFailed, SmtpConnection, SmtpReplyError
 
 # The worker's logger: the relay's refusals read as the worker's lines.
 log = logging.getLogger("mail.worker")
 
 # Sends in a row without a refused connection before one more SMTP session is tried.
 GROW_AFTER = 50
-
-
-class SmtpConnectFailed(Exception):
-    """Connecting, TLS, EHLO or login failed: about the server, not this mail."""
 
 
 class SmtpSender:
@@ -43,7 +38,7 @@ class SmtpSender:
     def __init__(self, settings: MailSettings, *, reuse: bool = True) -> None:
         self.settings = settings
         self.reuse = reuse
-        self._client: aiosmtplib.SMTP | None = None
+        self._client: SmtpConnection | None = None
         self._last_used = 0.0
         self._sent_on_session = 0
         self._closing: set[asyncio.Task] = set()
@@ -72,29 +67,23 @@ class SmtpSender:
     def idle_for(self, now: float) -> float:
         return now - self._last_used if self.connected else 0.0
 
-    async def _connect(self) -> aiosmtplib.SMTP:
+    async def _connect(self) -> SmtpConnection:
         s = self.settings
-        client = aiosmtplib.SMTP(
-            hostname=s.smtp_host,
-            port=s.smtp_port,
+        client = await SmtpConnection.open(
+            s.smtp_host,
+            s.smtp_port,
+            timeout=s.smtp_timeout,
+            ehlo_name=s.ehlo_name,
+            tls=s.smtp_tls,
+            ca_file=s.smtp_ca_file or None,
             username=s.smtp_username or None,
             password=s.smtp_password or None,
-            use_tls=s.smtp_tls == "tls",
-            start_tls=s.smtp_tls == "starttls",
-            timeout=s.smtp_timeout,
-            cert_bundle=s.smtp_ca_file or None,
-            local_hostname=s.ehlo_name,
         )
-        try:
-            await client.connect()
-        except Exception as error:
-            client.close()
-            raise SmtpConnectFailed(f"{type(error).__name__}: {error}") from error
         self.connections_opened += 1
         self._sent_on_session = 0
         return client
 
-    async def _ready(self) -> aiosmtplib.SMTP:
+    async def _ready(self) -> SmtpConnection:
         if self.connected and (
             self._sent_on_session >= self.settings.max_per_connection
             or self.idle_for(time.monotonic()) >= self.settings.idle_timeout
@@ -111,9 +100,8 @@ class SmtpSender:
     async def send(self, raw: bytes, sender: str, recipients: list[str]) -> None:
         """Send an already flattened message (CRLF line ends)."""
         client = await self._ready()
-        options = [] if raw.isascii() else ["BODY=8BITMIME"]
         try:
-            await client.sendmail(sender, recipients, raw, mail_options=options)
+            await client.send_mail(sender, recipients, raw)
         except BaseException:
             # After a failure the session state is unknown: start clean next time.
             self._drop()
@@ -131,15 +119,13 @@ class SmtpSender:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
-    async def _quit(self, client: aiosmtplib.SMTP) -> None:
-        try:
-            await asyncio.wait_for(client.quit(), self.settings.smtp_timeout)
-        except Exception:
-            client.close()
+    async def _quit(self, client: SmtpConnection) -> None:
+        with suppress(Exception):
+            await client.quit()  # each reply waits at most SMTP_TIMEOUT_SECONDS
 
     def _drop(self) -> None:
         if self._client is not None:
-            self._client.close()
+            self._client.abort()
             self._client = None
 
     async def close(self) -> None:
@@ -171,25 +157,15 @@ def classify(error: BaseException) -> Failure:
     """RFC 5321 4.5.4.1: 5xx is final; 421/451/452 and refused connections are throttles."""
     if isinstance(error, SmtpConnectFailed):
         return Failure("throttle", f"connect failed: {error}", refused=True)
-    if isinstance(error, aiosmtplib.SMTPRecipientsRefused):
-        refused = error.recipients
-        codes = [r.code for r in refused]
-        detail = f"{refused[0].code} {refused[0].message}" if refused else str(error)
-        if codes and all(500 <= code < 600 for code in codes):
-            kind = "permanent"
-        elif codes and all(code in THROTTLE_CODES for code in codes):
-            kind = "throttle"
-        else:
-            kind = "temporary"
-        return Failure(kind, f"recipient refused: {detail}")
-    if isinstance(error, aiosmtplib.SMTPResponseException):
+    if isinstance(error, SmtpReplyError):
         if 500 <= error.code < 600:
             kind = "permanent"
         elif error.code in THROTTLE_CODES:
             kind = "throttle"
         else:
             kind = "temporary"
-        return Failure(kind, f"{error.code} {error.message}")
+        what = "recipient refused: " if error.command == "RCPT" else ""
+        return Failure(kind, f"{what}{error.code} {error.message}")
     if isinstance(error, TimeoutError):
         return Failure("temporary", f"send took longer than its deadline or timeout: {error}")
     return Failure("temporary", f"{type(error).__name__}: {error}")

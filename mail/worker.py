@@ -58,7 +58,9 @@ import os
 import random
 import time
 from collections import Counter
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, replace
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
@@ -70,10 +72,12 @@ from app.mail_backlog import entry_ms, read_mail_backlog
 from app.redis_clients import redis_client
 from app.vocabulary import decode_items, is_request_id
 from mail import MAIL_EVENT_TYPES, metrics, scripts
+from mail.batch_redis import BatchRedis, Loaded
 from mail.render import (
     InvalidRecipient,
     MailLine,
     OrderMail,
+    RenderedMail,
     UnsafeMessage,
     render_confirmation,
 )
@@ -94,6 +98,9 @@ ATTEMPTS_TTL_S = 30 * 86400
 PRUNE_IDLE_S = 3600.0
 # Idle time given to entries a stopping worker hands back: past any claim timeout.
 RELEASED_IDLE_MS = 365 * 86400 * 1000
+# Most mails one lane takes at once (sent one after the other on its session):
+# the chunk's Redis work is three round trips whatever its size.
+CHUNK = 16
 # With metrics on, the backlog gauges are refreshed at most this often (seconds).
 BACKLOG_INTERVAL = 1.0
 
@@ -122,6 +129,48 @@ class BadEvent(Exception):
     """The event or the data it points at cannot make a mail: dead-letter it."""
 
 
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """A mail held, rendered and about to be sent; ``held_at``: loop time of its hold."""
+
+    entry_id: str
+    fields: dict[str, str]
+    order_id: str
+    attempts: int
+    rendered: RenderedMail
+    held_at: float
+
+
+@contextmanager
+def request_context(fields: dict[str, str]) -> Iterator[None]:
+    """Every log line about a mail carries the id of the request that caused its
+    event (the order scripts put it in): one grep follows an order from nginx's
+    access log to here."""
+    request_id = fields.get("request_id", "")
+    token = request_id_var.set(request_id if is_request_id(request_id) else None)
+    try:
+        yield
+    finally:
+        request_id_var.reset(token)
+
+
+def parse_order(
+    order_id: str, order: dict[str, str]
+) -> tuple[str, list[tuple[str, int, int]], int]:
+    """(customer id, lines, total) of an order hash, or BadEvent."""
+    if not order:
+        raise BadEvent(f"order {order_id} not found")
+    customer_id = order.get("customer_id", "")
+    if not is_valid_id(customer_id):
+        raise BadEvent(f"order {order_id} has an invalid customer id")
+    try:
+        lines = decode_items(order.get("items", ""))
+        total = int(order["total_cents"])
+    except (ValueError, KeyError):
+        raise BadEvent(f"order {order_id} is malformed") from None
+    return customer_id, lines, total
+
+
 class MailWorker:
     def __init__(self, settings: MailSettings, redis: Redis) -> None:
         self.settings = settings
@@ -132,7 +181,7 @@ class MailWorker:
         self.stats: Counter[str] = Counter()
         self._stopping = asyncio.Event()
         self._in_flight: set[asyncio.Task] = set()
-        self._hold = redis.register_script(scripts.source("hold_entry"))
+        self.batch = BatchRedis(redis, self.name, ATTEMPTS_TTL_S, MAX_BLOCK_MS / 1000 + 10)
         self._trim = redis.register_script(scripts.source("trim_events"))
         self._prune = redis.register_script(scripts.source("prune_consumers"))
         self._random = random.Random()
@@ -141,6 +190,7 @@ class MailWorker:
         self._next_alive = 0.0
         self._next_log = 0.0
         self._next_backlog = 0.0
+        self._next_due_ms: float | None = None
         self._group_ready = False
         metrics.CONNECTIONS_LIMIT.set(self.lanes.limit)
 
@@ -205,6 +255,7 @@ class MailWorker:
             if self._in_flight:
                 await asyncio.gather(*self._in_flight, return_exceptions=True)
             await self.lanes.close()
+            await self.batch.aclose()
             with suppress(RedisError, OSError):
                 await self.redis.delete(keys.mail_worker_alive(self.name))
             log.info("mail worker %s stopped: %s", self.name, self._stats_line())
@@ -212,7 +263,7 @@ class MailWorker:
     async def run_once(self) -> None:
         """One pass of the loop (see the module docstring)."""
         loop = asyncio.get_running_loop()
-        await self._heartbeat(force=True)
+        await self._heartbeat()
         if loop.time() >= self._next_trim:
             await self.trim_events()
             await self.prune_consumers()
@@ -226,13 +277,13 @@ class MailWorker:
             self._next_claim = loop.time() + max(0.05, self.settings.claim_idle / 4)
         if self.stopping:
             return
-        # Read about as many entries as lanes are free (and one more round): an
-        # entry read is an entry this worker holds, and the others should get theirs.
+        # Read about a chunk for each free lane (and one more): an entry read is
+        # an entry this worker holds, and the other workers should get theirs.
         if not await self.lanes.wait_free(MAX_BLOCK_MS / 1000):
             return
         # After due retries, look for new entries without waiting: more retries may be due.
-        block = None if took_retries else await self._block_ms()
-        count = min(self.settings.batch_size, self.lanes.free + self.lanes.limit)
+        block = None if took_retries else self._block_ms()
+        count = min(self.settings.batch_size, CHUNK * (self.lanes.free + 1))
         reply = await self.redis.xreadgroup(
             GROUP, self.name, {STREAM: ">"}, count=count, block=block
         )
@@ -307,18 +358,23 @@ class MailWorker:
 
     # -- where entries come from ----------------------------------------------------
 
-    async def _block_ms(self) -> int:
-        due = await self.redis.zrange(keys.MAIL_RETRY, 0, 0, withscores=True)
-        if not due:
+    def _block_ms(self) -> int:
+        """How long XREADGROUP may block: until the next retry is due (as _due_retries saw it)."""
+        if self._next_due_ms is None:
             return MAX_BLOCK_MS
-        return int(max(1, min(MAX_BLOCK_MS, due[0][1] - now_ms())))
+        return int(max(1, min(MAX_BLOCK_MS, self._next_due_ms - now_ms())))
 
     async def _due_retries(self) -> int:
         """Send the mails whose retry is due. Returns how many were taken."""
+        # The first one alone first: most passes find nothing due, in one call.
+        first = await self.redis.zrange(keys.MAIL_RETRY, 0, 0, withscores=True)
+        self._next_due_ms = first[0][1] if first else None
+        if self._next_due_ms is None or self._next_due_ms > now_ms():
+            return 0
         due = await self.redis.zrangebyscore(
             keys.MAIL_RETRY, "-inf", now_ms(), start=0, num=self.settings.batch_size
         )
-        taken = 0
+        taken, entries = 0, []
         for entry_id in due:
             if self.stopping:
                 break
@@ -326,10 +382,9 @@ class MailWorker:
                 continue  # another worker took it
             taken += 1
             claimed = await self.redis.xclaim(STREAM, GROUP, self.name, 0, [entry_id])
-            if not claimed or not claimed[0][1]:
-                continue  # acknowledged meanwhile, or gone from the stream
-            if not await self._dispatch(claimed[0][0], claimed[0][1], reclaimed=False):
-                await self._release([entry_id])
+            if claimed and claimed[0][1]:  # else acknowledged meanwhile, or gone
+                entries.append(claimed[0])
+        await self._handle_batch(entries, reclaimed=False)
         return taken
 
     async def _reclaim_idle(self) -> None:
@@ -383,43 +438,44 @@ class MailWorker:
         mails = [
             (entry_id, f) for entry_id, f in entries if f and f.get("type") in MAIL_EVENT_TYPES
         ]
-        for index, (entry_id, fields) in enumerate(mails):
-            if not await self._dispatch(entry_id, fields, reclaimed=reclaimed):
-                await self._release([entry_id for entry_id, _ in mails[index:]])
+        while mails:
+            # Spread the mails over the free lanes, at most CHUNK to one: a chunk
+            # costs three Redis round trips whatever its size.
+            size = min(CHUNK, -(-len(mails) // max(1, self.lanes.free)))
+            if not await self._dispatch(mails[:size], reclaimed=reclaimed):
+                await self._release([entry_id for entry_id, _ in mails])
                 return
+            mails = mails[size:]
 
-    async def _dispatch(self, entry_id: str, fields: dict[str, str], *, reclaimed: bool) -> bool:
-        """Wait for a free lane, then send the entry's mail on it in a task of its
-        own. False when the worker is stopping: the entry was not taken."""
+    async def _dispatch(self, chunk: list[tuple[str, dict[str, str]]], *, reclaimed: bool) -> bool:
+        """Wait for a free lane, then send the chunk's mails on it in a task of its
+        own. False when the worker is stopping: the chunk was not taken."""
         if self.stopping:
             return False
         sender = await self.lanes.acquire()
         if self.stopping:  # told to stop while waiting for the lane
             await self.lanes.release(sender)
             return False
-        task = asyncio.get_running_loop().create_task(
-            self._on_lane(sender, entry_id, fields, reclaimed)
-        )
+        task = asyncio.get_running_loop().create_task(self._on_lane(sender, chunk, reclaimed))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
         return True
 
     async def _on_lane(
-        self, sender: SmtpSender, entry_id: str, fields: dict[str, str], reclaimed: bool
+        self, sender: SmtpSender, chunk: list[tuple[str, dict[str, str]]], reclaimed: bool
     ) -> None:
         pause = 0.0
         try:
             await self._heartbeat()
-            if reclaimed and not await self._take_from_retry(entry_id):
-                return
-            outcome = await self._handle(entry_id, fields, sender)
-            if outcome == "throttled":
-                pause = sender.throttle_pause
+            if reclaimed:
+                chunk = [entry for entry in chunk if await self._take_from_retry(entry[0])]
+            if chunk:
+                pause = await self.process(chunk, sender)
         except (RedisError, OSError) as error:
-            # The entry stays pending; XAUTOCLAIM takes it again after the claim timeout.
-            log.warning("redis unavailable while sending entry %s: %s", entry_id, error)
+            # The entries stay pending; XAUTOCLAIM takes them again after the claim timeout.
+            log.warning("redis unavailable while sending %d mail(s): %s", len(chunk), error)
         except Exception:
-            log.exception("entry %s: unexpected error on a lane", entry_id)
+            log.exception("unexpected error on a lane (%d mail(s))", len(chunk))
         finally:
             if pause:  # this session backs off; the other lanes go on
                 await self._sleep(pause)
@@ -442,87 +498,182 @@ class MailWorker:
                 STREAM, GROUP, self.name, 0, entry_ids, idle=RELEASED_IDLE_MS, justid=True
             )
 
-    # -- one mail --------------------------------------------------------------------
+    # -- a chunk of mails on one lane -----------------------------------------------
 
-    async def _handle(self, entry_id: str, fields: dict[str, str], sender: SmtpSender) -> str:
-        # Every log line about this mail carries the id of the request that
-        # caused the event (the order scripts put it in): one grep follows an
-        # order from nginx's access log to here.
-        request_id = fields.get("request_id", "")
-        token = request_id_var.set(request_id if is_request_id(request_id) else None)
+    async def process(self, chunk: list[tuple[str, dict[str, str]]], sender: SmtpSender) -> float:
+        """Send the chunk's mails one after the other on ``sender``: two Redis round
+        trips for the whole chunk before the first send (mail/batch_redis.py), one
+        MULTI after each. Returns the seconds the lane backs off (after a
+        throttle), else 0."""
+        done: list[tuple[str, str, str | None, int]] = []  # redeliveries: one MULTI
         try:
-            return await self._handle_entry(entry_id, fields, sender)
+            ready = await self._prepare(chunk, done)
         finally:
-            request_id_var.reset(token)
+            await self.batch.ack_sent(done)
+        return await self._send_all(ready, sender)
 
-    async def _handle_entry(self, entry_id: str, fields: dict[str, str], sender: SmtpSender) -> str:
-        try:
-            return await self.process(entry_id, fields, sender)
-        except BadEvent as error:
-            await self.dead_letter(entry_id, fields, clip(str(error)), attempts=0)
-            return "dead"
-        except (RedisError, OSError):
-            raise  # Redis is down: the entry stays pending
-        except Exception as error:
-            # A bug, not the server: retry like a 4xx, so that a poison entry ends
-            # in the dead letters after MAIL_MAX_ATTEMPTS instead of looping.
-            log.exception("order %s: unexpected error", fields.get("order_id", "")[:64])
-            return await self._unexpected(entry_id, fields, error)
+    async def _prepare(self, chunk: list[tuple[str, dict[str, str]]], done: list) -> list[Ready]:
+        """The chunk's data, the hold and the render: the mails to send, in order."""
+        valid = []
+        for entry_id, fields in chunk:
+            order_id = fields.get("order_id", "")
+            if is_valid_id(order_id):
+                valid.append((entry_id, fields, order_id))
+            else:
+                await self._bad(entry_id, fields, f"invalid order id {order_id[:64]!r}")
+        if not valid:
+            return []
+        already, orders = await self.batch.prefetch([order_id for _, _, order_id in valid])
+        wanted = []
+        for (entry_id, fields, order_id), sent, order in zip(valid, already, orders, strict=True):
+            if sent:  # a redelivery: acknowledge, send nothing
+                done.append((entry_id, order_id, None, 0))
+                self._count("duplicates")
+                with request_context(fields):
+                    log.info(
+                        "order %s: confirmation already sent; acknowledged entry %s",
+                        order_id,
+                        entry_id,
+                    )
+                continue
+            try:
+                customer_id, lines, total = parse_order(order_id, order)
+            except BadEvent as error:
+                await self._bad(entry_id, fields, str(error))
+                continue
+            wanted.append((entry_id, fields, order_id, customer_id, lines, total))
+        if not wanted:
+            return []
+        # The rest of the data and, in the same round trip, the hold: the entries
+        # are still ours, their idle time reset and the attempt counted. Only the
+        # renders (tens of microseconds each) come before the first send, and
+        # every send ends before MAIL_CLAIM_IDLE_SECONDS / 2 after the hold, so
+        # nobody takes an entry over meanwhile (see _send_all for a slow chunk).
+        loaded = await self.batch.load_and_hold(
+            [(e, o, c, [p for p, _, _ in lines]) for e, _, o, c, lines, _ in wanted]
+        )
+        held_at = asyncio.get_running_loop().time()
+        ready = []
+        for (entry_id, fields, order_id, customer_id, lines, total), data in zip(
+            wanted, loaded, strict=True
+        ):
+            if not data.attempts:
+                with request_context(fields):
+                    log.info(
+                        "order %s: entry %s was taken over by another worker", order_id, entry_id
+                    )
+                continue
+            item = await self._render(entry_id, fields, order_id, customer_id, lines, total, data)
+            if item is not None:
+                ready.append(replace(item, held_at=held_at))
+        return ready
 
-    async def _unexpected(self, entry_id: str, fields: dict[str, str], error: Exception) -> str:
-        order_id = fields.get("order_id", "")
-        reason = clip(f"internal error: {type(error).__name__}: {error}")
-        if not is_valid_id(order_id):
-            await self.dead_letter(entry_id, fields, reason, attempts=0)
-            return "dead"
-        attempts = await self.redis.incr(keys.mail_attempts(order_id))
-        await self.redis.expire(keys.mail_attempts(order_id), ATTEMPTS_TTL_S)
-        if attempts >= self.settings.max_attempts:
-            await self.dead_letter(entry_id, fields, reason, attempts)
-            return "dead"
-        await self._schedule_retry(entry_id, order_id, attempts, reason)
-        return "retry"
+    async def _render(
+        self,
+        entry_id: str,
+        fields: dict[str, str],
+        order_id: str,
+        customer_id: str,
+        lines: list[tuple[str, int, int]],
+        total: int,
+        data: Loaded,
+    ) -> Ready | None:
+        name, surname, address, balance = data.customer
+        attempts = data.attempts
+        with request_context(fields):
+            try:
+                if address is None:
+                    raise BadEvent(f"customer {customer_id} of order {order_id} not found")
+                # The balance right after the event, when the event carries it; else now.
+                raw_balance = fields.get("balance_cents") or balance or "0"
+                try:
+                    balance_cents = int(raw_balance)
+                except ValueError:
+                    balance_cents = int(balance or 0)
+                mail = OrderMail(
+                    order_id=order_id,
+                    customer_name=name or "",
+                    customer_surname=surname or "",
+                    email=address,
+                    lines=tuple(
+                        MailLine(phone_id, phone_name or phone_id, quantity, price)
+                        for (phone_id, quantity, price), phone_name in zip(
+                            lines, data.phone_names, strict=True
+                        )
+                    ),
+                    total_cents=total,
+                    balance_cents=balance_cents,
+                )
+                rendered = render_confirmation(
+                    mail, sender=self.from_address, mail_domain=self.settings.mail_domain
+                )
+            except BadEvent as error:
+                await self.dead_letter(entry_id, fields, clip(str(error)), attempts=0)
+                return None
+            except (InvalidRecipient, UnsafeMessage) as error:
+                reason = clip(f"invalid recipient: {error}")
+                await self.dead_letter(entry_id, fields, reason, attempts - 1)  # nothing sent
+                return None
+            except Exception as error:
+                # A bug, not the server: retry like a 4xx, so that a poison entry ends
+                # in the dead letters after MAIL_MAX_ATTEMPTS instead of looping.
+                log.exception("order %s: unexpected error", order_id)
+                await self._unexpected(entry_id, fields, error)
+                return None
+            if attempts > self.settings.max_attempts:  # only after crashes mid-send
+                await self.dead_letter(entry_id, fields, "max attempts reached", attempts - 1)
+                return None
+        return Ready(entry_id, fields, order_id, attempts, rendered, 0.0)
 
-    async def process(self, entry_id: str, fields: dict[str, str], sender: SmtpSender) -> str:
-        """Send one entry's mail on ``sender``.
-        Returns sent | duplicate | retry | throttled | dead | taken."""
-        order_id = fields.get("order_id", "")
-        if not is_valid_id(order_id):
-            raise BadEvent(f"invalid order id {order_id[:64]!r}")
-        sent_key, attempts_key = keys.mail_sent(order_id), keys.mail_attempts(order_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.exists(sent_key)
-            pipe.hgetall(keys.order(order_id))
-            already_sent, order = await pipe.execute()
-        if already_sent:
-            await self._ack_sent(entry_id, order_id, None)
-            self._count("duplicates")
-            log.info(
-                "order %s: confirmation already sent; acknowledged entry %s", order_id, entry_id
-            )
-            return "duplicate"
-        # The rest of the data and, in the same round trip, the hold: the entry is
-        # still ours, its idle time reset and the attempt counted. Only the render
-        # (about a millisecond) comes between it and the send, and the send ends
-        # before MAIL_CLAIM_IDLE_SECONDS / 2, so nobody takes the entry over meanwhile.
-        mail, attempts = await self._load(order_id, order, fields, entry_id, attempts_key)
-        if not attempts:
-            log.info("order %s: entry %s was taken over by another worker", order_id, entry_id)
-            return "taken"
-        try:
-            rendered = render_confirmation(
-                mail, sender=self.from_address, mail_domain=self.settings.mail_domain
-            )
-        except (InvalidRecipient, UnsafeMessage) as error:
-            reason = clip(f"invalid recipient: {error}")
-            await self.dead_letter(entry_id, fields, reason, attempts - 1)  # nothing sent
-            return "dead"
-        if attempts > self.settings.max_attempts:  # only after crashes mid-send
-            await self.dead_letter(entry_id, fields, "max attempts reached", attempts - 1)
-            return "dead"
+    async def _send_all(self, ready: list[Ready], sender: SmtpSender) -> float:
+        loop = asyncio.get_running_loop()
+        renew_after = self.settings.claim_idle / 4
+        index = 0
+        while index < len(ready):
+            item = ready[index]
+            if self.stopping:  # the mail in hand is finished; the rest is handed back
+                await self._hand_back(ready[index:], for_takeover=True)
+                return 0.0
+            if loop.time() - item.held_at > renew_after:
+                # Slow sends: the rest is held again before it is sent.
+                rest = ready[index:]
+                renewed = await self.batch.hold([(r.entry_id, r.order_id) for r in rest])
+                held_at = loop.time()
+                ready[index:] = [
+                    replace(r, held_at=held_at)
+                    for r, attempts in zip(rest, renewed, strict=True)
+                    if attempts
+                ]
+                continue
+            index += 1
+            with request_context(item.fields):
+                outcome = await self._send(item, sender)
+            if outcome == "throttled":
+                # The relay said "later" on this session: the rest of the chunk goes
+                # back to the retry queue, due now, for a lane that is not backing off.
+                await self._hand_back(ready[index:])
+                return sender.throttle_pause
+            if outcome == "sent":
+                # Acknowledged before the next send, so a crash re-sends at most the
+                # mail in hand. The lanes' acknowledgements of one event-loop turn
+                # share one write (app/fastredis.py) and one AOF fsync.
+                await self.batch.ack_sent(
+                    [(item.entry_id, item.order_id, item.rendered.message_id, now_ms())]
+                )
+        return 0.0
+
+    async def _send(self, item: Ready, sender: SmtpSender) -> str:
+        """One mail on the lane's session. Returns sent | retry | throttled | dead."""
+        entry_id, fields, order_id, attempts = (
+            item.entry_id,
+            item.fields,
+            item.order_id,
+            item.attempts,
+        )
+        rendered = item.rendered
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self.settings.send_deadline):
+            async with asyncio.timeout_at(item.held_at + self.settings.send_deadline):
                 await sender.send(rendered.raw, self.from_address.addr_spec, [rendered.recipient])
         except Exception as error:
             metrics.SEND_DURATION.labels("failed").observe(time.perf_counter() - started)
@@ -550,76 +701,42 @@ class MailWorker:
         self.lanes.sent()
         metrics.SEND_DURATION.labels("accepted").observe(time.perf_counter() - started)
         metrics.DELIVERY_LAG.observe(max(0.0, (now_ms() - entry_ms(entry_id)) / 1000))
-        await self._ack_sent(entry_id, order_id, rendered.message_id)
         self._count("sent")
         log.info("order %s: confirmation sent (attempt %d)", order_id, attempts)
         return "sent"
 
-    async def _load(
-        self,
-        order_id: str,
-        order: dict[str, str],
-        fields: dict[str, str],
-        entry_id: str,
-        attempts_key: str,
-    ) -> tuple[OrderMail, int]:
-        """The mail's data, and hold_entry's answer (0: the entry is not ours)."""
-        if not order:
-            raise BadEvent(f"order {order_id} not found")
-        customer_id = order.get("customer_id", "")
-        if not is_valid_id(customer_id):
-            raise BadEvent(f"order {order_id} has an invalid customer id")
-        try:
-            lines = decode_items(order.get("items", ""))
-            total = int(order["total_cents"])
-        except (ValueError, KeyError):
-            raise BadEvent(f"order {order_id} is malformed") from None
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(keys.customer(customer_id), ["name", "surname", "email", "balance_cents"])
-            for phone_id, _, _ in lines:
-                pipe.hget(keys.phone(phone_id), "name")
-            await self._hold(
-                keys=[STREAM, attempts_key],
-                args=[GROUP, self.name, entry_id, ATTEMPTS_TTL_S],
-                client=pipe,
-            )
-            (name, surname, address, balance), *phone_names, held = await pipe.execute()
-        if not held:
-            return OrderMail(order_id, "", "", "", (), 0, 0), 0
-        if address is None:
-            raise BadEvent(f"customer {customer_id} of order {order_id} not found")
-        # The balance right after the event, when the event carries it; else now.
-        raw_balance = fields.get("balance_cents") or balance or "0"
-        try:
-            balance_cents = int(raw_balance)
-        except ValueError:
-            balance_cents = int(balance or 0)
-        mail = OrderMail(
-            order_id=order_id,
-            customer_name=name or "",
-            customer_surname=surname or "",
-            email=address,
-            lines=tuple(
-                MailLine(phone_id, phone_name or phone_id, quantity, price)
-                for (phone_id, quantity, price), phone_name in zip(lines, phone_names, strict=True)
-            ),
-            total_cents=total,
-            balance_cents=balance_cents,
-        )
-        return mail, held
-
-    async def _ack_sent(self, entry_id: str, order_id: str, mid: str | None) -> None:
+    async def _hand_back(self, rest: list[Ready], *, for_takeover: bool = False) -> None:
+        """Mails held but not sent, their attempt taken back: due in the retry
+        queue now, or (``for_takeover``, a stopping worker) left pending but idle
+        for a year, so the next XAUTOCLAIM of any worker takes them at once."""
+        if not rest:
+            return
         async with self.redis.pipeline(transaction=True) as pipe:
-            if mid is not None:
-                pipe.set(
-                    keys.mail_sent(order_id),
-                    json.dumps({"message_id": mid, "at": now_ms()}),
-                    nx=True,
-                )
-            pipe.delete(keys.mail_attempts(order_id))
-            pipe.xack(STREAM, GROUP, entry_id)
-            pipe.zrem(keys.MAIL_RETRY, entry_id)
+            if not for_takeover:
+                pipe.zadd(keys.MAIL_RETRY, {r.entry_id: now_ms() for r in rest})
+            for r in rest:
+                pipe.decr(keys.mail_attempts(r.order_id))
             await pipe.execute()
+        if for_takeover:
+            await self._release([r.entry_id for r in rest])
+
+    async def _unexpected(self, entry_id: str, fields: dict[str, str], error: Exception) -> str:
+        order_id = fields.get("order_id", "")
+        reason = clip(f"internal error: {type(error).__name__}: {error}")
+        if not is_valid_id(order_id):
+            await self.dead_letter(entry_id, fields, reason, attempts=0)
+            return "dead"
+        attempts = await self.redis.incr(keys.mail_attempts(order_id))
+        await self.redis.expire(keys.mail_attempts(order_id), ATTEMPTS_TTL_S)
+        if attempts >= self.settings.max_attempts:
+            await self.dead_letter(entry_id, fields, reason, attempts)
+            return "dead"
+        await self._schedule_retry(entry_id, order_id, attempts, reason)
+        return "retry"
+
+    async def _bad(self, entry_id: str, fields: dict[str, str], reason: str) -> None:
+        with request_context(fields):
+            await self.dead_letter(entry_id, fields, clip(reason), attempts=0)
 
     def backoff(self, attempts: int) -> float:
         """Seconds before attempt ``attempts + 1``: exponential, capped, with jitter

@@ -1,0 +1,159 @@
+"""The mail worker's Redis work for a chunk of mails, a few round trips for many.
+
+A lane (mail/worker.py) sends a chunk of mails; per chunk, not per mail:
+
+1. ``prefetch``: the ``mail:sent`` marker and the order hash of every mail;
+2. ``load_and_hold``: the customers and phone names, and ``hold_entries.lua``
+   (every entry still ours, its idle time reset, its attempt counted);
+3. ``ack_sent``: one MULTI with the sent markers (SET NX), the attempt
+   counters deleted, one XACK and one ZREM for the whole chunk.
+
+These go over one multiplexed connection (app/fastredis.py: hiredis, every
+command of an event-loop turn in one write), not redis-py's client, which costs
+about 145 us of CPU per call: that and one AOF write per mail were a third of
+the worker's CPU. For rediss:// (TLS), which that connection does not speak,
+redis-py's client with its reply parsing turned off carries the same commands.
+Replies are raw (bytes, or str from redis-py); ``text`` reads both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+from app import keys
+from app.fastredis import MultiplexedRedis
+from mail import scripts
+
+GROUP = keys.MAIL_GROUP
+STREAM = keys.EVENTS
+
+
+def text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _pairs(reply: Any) -> dict[str, str]:
+    """HGETALL's raw reply: RESP2's flat list or RESP3's map."""
+    if isinstance(reply, dict):
+        return {text(k): text(v) for k, v in reply.items()}
+    return {text(reply[i]): text(reply[i + 1]) for i in range(0, len(reply), 2)}
+
+
+class _ClientTransport:
+    """redis-py's client as raw commands (for rediss://)."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._client = Redis(connection_pool=redis.connection_pool)
+        self._client.response_callbacks = {}
+
+    async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for args in commands:
+                pipe.execute_command(*args)
+            return await pipe.execute()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """One mail's data as Redis holds it, and hold_entries' answer."""
+
+    customer: tuple[str | None, str | None, str | None, str | None]  # name, surname, email, balance
+    phone_names: list[str | None]
+    attempts: int  # 0: the entry is no longer ours
+
+
+class BatchRedis:
+    def __init__(self, redis: Redis, consumer: str, attempts_ttl: int, timeout: float) -> None:
+        fast = MultiplexedRedis.for_pool(redis.connection_pool, timeout)
+        self._transport: MultiplexedRedis | _ClientTransport = fast or _ClientTransport(redis)
+        self._consumer = consumer
+        self._ttl = attempts_ttl
+        self._hold_source = scripts.source("hold_entries")
+        self._hold_sha = hashlib.sha1(self._hold_source.encode()).hexdigest()
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+    async def prefetch(self, order_ids: list[str]) -> tuple[list[bool], list[dict[str, str]]]:
+        """Per order: its confirmation was already sent; its hash ({} when missing)."""
+        commands: list[tuple[Any, ...]] = [("EXISTS", keys.mail_sent(o)) for o in order_ids]
+        commands += [("HGETALL", keys.order(o)) for o in order_ids]
+        replies = await self._transport.execute_many(commands)
+        n = len(order_ids)
+        return [bool(r) for r in replies[:n]], [_pairs(r) for r in replies[n:]]
+
+    async def load_and_hold(
+        self,
+        mails: list[tuple[str, str, str, list[str]]],
+    ) -> list[Loaded]:
+        """``mails``: (entry id, order id, customer id, phone ids) each. Their
+        customers and phone names, and, in the same round trip, the hold."""
+        commands: list[tuple[Any, ...]] = []
+        for _, _, customer_id, phone_ids in mails:
+            commands.append(
+                ("HMGET", keys.customer(customer_id), "name", "surname", "email", "balance_cents")
+            )
+            commands += [("HGET", keys.phone(p), "name") for p in phone_ids]
+        pairs = [(entry_id, order_id) for entry_id, order_id, _, _ in mails]
+        replies = await self._with_hold(commands, pairs, count=True)
+        held = replies[-1]
+        out = []
+        at = 0
+        for index, (_, _, _, phone_ids) in enumerate(mails):
+            customer = tuple(None if v is None else text(v) for v in replies[at])
+            names = [
+                None if v is None else text(v) for v in replies[at + 1 : at + 1 + len(phone_ids)]
+            ]
+            at += 1 + len(phone_ids)
+            out.append(Loaded(customer, names, int(held[index])))  # type: ignore[arg-type]
+        return out
+
+    async def hold(self, entries: list[tuple[str, str]]) -> list[int]:
+        """Renew the hold of (entry id, order id) pairs held earlier and not sent
+        yet, without counting another attempt. Per entry: its attempt, 0 when lost."""
+        return [int(n) for n in (await self._with_hold([], entries, count=False))[-1]]
+
+    async def _with_hold(
+        self, commands: list[tuple[Any, ...]], entries: list[tuple[str, str]], *, count: bool
+    ) -> list[Any]:
+        """``commands``, then hold_entries.lua on ``entries``, in one round trip."""
+        hold_keys = [STREAM] + [keys.mail_attempts(order_id) for _, order_id in entries]
+        hold_args = [GROUP, self._consumer, self._ttl, 1 if count else 0]
+        hold_args += [entry_id for entry_id, _ in entries]
+        hold = ("EVALSHA", self._hold_sha, len(hold_keys), *hold_keys, *hold_args)
+        try:
+            return await self._transport.execute_many([*commands, hold])
+        except NoScriptError:  # a restarted Redis: EVAL loads it (the reads before only read)
+            load = ("EVAL", self._hold_source, len(hold_keys), *hold_keys, *hold_args)
+            return await self._transport.execute_many([*commands, load])
+
+    async def ack_sent(self, sent: list[tuple[str, str, str | None, int]]) -> None:
+        """One MULTI for the chunk: per (entry id, order id, Message-ID or None for a
+        mail found already sent, when the server accepted it in ms), the sent marker
+        SET NX, and for all of them the attempt counters deleted, XACK and ZREM from
+        the retry queue."""
+        if not sent:
+            return
+        commands: list[tuple[Any, ...]] = [("MULTI",)]
+        for _, order_id, mid, at_ms in sent:
+            if mid is not None:
+                marker = json.dumps({"message_id": mid, "at": at_ms})
+                commands.append(("SET", keys.mail_sent(order_id), marker, "NX"))
+        entry_ids = [entry_id for entry_id, _, _, _ in sent]
+        commands.append(("DEL", *(keys.mail_attempts(o) for _, o, _, _ in sent)))
+        commands.append(("XACK", STREAM, GROUP, *entry_ids))
+        commands.append(("ZREM", keys.MAIL_RETRY, *entry_ids))
+        commands.append(("EXEC",))
+        replies = await self._transport.execute_many(commands)
+        for reply in replies[-1] or ():
+            if isinstance(reply, Exception):
+                raise reply
