@@ -12,8 +12,9 @@ These go over one multiplexed connection (app/fastredis.py: hiredis, every
 command of an event-loop turn in one write), not redis-py's client, which costs
 about 145 us of CPU per call: that and one AOF write per mail were a third of
 the worker's CPU. For rediss:// (TLS), which that connection does not speak,
-redis-py's client with its reply parsing turned off carries the same commands.
-Replies are raw (bytes, or str from redis-py); ``text`` reads both.
+and a cluster client, the worker's redis-py client carries the same commands.
+Replies are raw bytes, or what redis-py makes of them; ``text`` and ``_pairs``
+read both.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from redis._parsers.base import BaseParser
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
@@ -30,6 +32,7 @@ from app import keys
 from app.fastredis import MultiplexedRedis
 from mail import scripts
 
+_parse_error = BaseParser.parse_error  # redis-py's exception class for an error reply
 GROUP = keys.MAIL_GROUP
 STREAM = keys.EVENTS
 
@@ -45,12 +48,32 @@ def _pairs(reply: Any) -> dict[str, str]:
     return {text(reply[i]): text(reply[i + 1]) for i in range(0, len(reply), 2)}
 
 
-class _ClientTransport:
-    """redis-py's client as raw commands (for rediss://)."""
+class _FastTransport:
+    def __init__(self, fast: MultiplexedRedis) -> None:
+        self._fast = fast
 
-    def __init__(self, redis: Redis) -> None:
-        self._client = Redis(connection_pool=redis.connection_pool)
-        self._client.response_callbacks = {}
+    async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        return await self._fast.execute_many(commands)
+
+    async def transaction(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        replies = await self._fast.execute_many([("MULTI",), *commands, ("EXEC",)])
+        for reply in replies[-1] or ():
+            if isinstance(reply, Exception):
+                raise _parse_error(str(reply))
+        return replies[-1]
+
+    async def aclose(self) -> None:
+        await self._fast.aclose()
+
+
+class _ClientTransport:
+    """The worker's redis-py client itself (rediss://, or a cluster client, which
+    has no one connection pool). Its reply parsing stays on: every reply read
+    here comes as the multiplexed connection's or as a type ``text`` and
+    ``_pairs`` read too (an int, a str, a dict)."""
+
+    def __init__(self, redis: Any) -> None:
+        self._client = redis
 
     async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         async with self._client.pipeline(transaction=False) as pipe:
@@ -58,8 +81,14 @@ class _ClientTransport:
                 pipe.execute_command(*args)
             return await pipe.execute()
 
+    async def transaction(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        async with self._client.pipeline(transaction=True) as pipe:
+            for args in commands:
+                pipe.execute_command(*args)
+            return await pipe.execute()
+
     async def aclose(self) -> None:
-        await self._client.aclose()
+        return None  # the worker closes its own client
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +102,11 @@ class Loaded:
 
 class BatchRedis:
     def __init__(self, redis: Redis, consumer: str, attempts_ttl: int, timeout: float) -> None:
-        fast = MultiplexedRedis.for_pool(redis.connection_pool, timeout)
-        self._transport: MultiplexedRedis | _ClientTransport = fast or _ClientTransport(redis)
+        pool = getattr(redis, "connection_pool", None)
+        fast = MultiplexedRedis.for_pool(pool, timeout) if pool is not None else None
+        self._transport: _FastTransport | _ClientTransport = (
+            _FastTransport(fast) if fast is not None else _ClientTransport(redis)
+        )
         self._consumer = consumer
         self._ttl = attempts_ttl
         self._hold_source = scripts.source("hold_entries")
@@ -143,7 +175,7 @@ class BatchRedis:
         the retry queue."""
         if not sent:
             return
-        commands: list[tuple[Any, ...]] = [("MULTI",)]
+        commands: list[tuple[Any, ...]] = []
         for _, order_id, mid, at_ms in sent:
             if mid is not None:
                 marker = json.dumps({"message_id": mid, "at": at_ms})
@@ -152,8 +184,4 @@ class BatchRedis:
         commands.append(("DEL", *(keys.mail_attempts(o) for _, o, _, _ in sent)))
         commands.append(("XACK", STREAM, GROUP, *entry_ids))
         commands.append(("ZREM", keys.MAIL_RETRY, *entry_ids))
-        commands.append(("EXEC",))
-        replies = await self._transport.execute_many(commands)
-        for reply in replies[-1] or ():
-            if isinstance(reply, Exception):
-                raise reply
+        await self._transport.transaction(commands)
