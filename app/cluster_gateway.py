@@ -8,11 +8,13 @@ new topology after a failover are the library's business, never ours.
 
 What the cluster adds is the promise of docs/data-tier.md, section 6: a script's
 write is acknowledged only once the primary's replica has it. A script is sent as
-``[EVALSHA ..., WAIT <replicas> <ms>]`` in one write on ONE connection of the
-primary that serves its first key (``WAIT`` counts only its own connection's
-writes, so a WAIT on any other connection would answer for nothing):
+``[EVALSHA ..., SET <ack key>, WAIT <replicas> <ms>]`` in one write on ONE
+connection of the primary that serves its first key (``WAIT`` counts only its own
+connection's writes, so a WAIT on any other connection would answer for nothing):
 
-* WAIT heard from ``replicas`` replicas: the script's reply;
+* WAIT heard from ``replicas`` replicas: the script's reply. A ``SET`` of an ack key
+  in the same slot goes between them (``[EVALSHA, SET, WAIT]``), so the WAIT also
+  covers what a script answers from without writing (an Idempotency-Key replay);
 * fewer (a stopped or lagging replica): ``WriteUnconfirmed``, answered 503
   ``write_unconfirmed``: the write stays on the primary, and the client's retry
   with the same Idempotency-Key settles whether it survived;
@@ -184,10 +186,9 @@ class ClusterGateway(RedisGateway):
             observe(f"script:{script.name}", started)
 
     async def _run_and_wait(self, script: LuaScript, evalsha: tuple[Any, ...], key: str) -> Any:
-        wait = ("WAIT", self.replicas, self.wait_ms)
         try:
-            reply, replicas = await on_one_connection(
-                self.cluster.get_node_from_key(key), [evalsha, wait]
+            reply, _, replicas = await on_one_connection(
+                self.cluster.get_node_from_key(key), [evalsha, *self._proof(key)]
             )
         except NotSent:
             await self._refresh_topology()
@@ -216,14 +217,24 @@ class ClusterGateway(RedisGateway):
             await self.cluster.execute_command("SCRIPT LOAD", script.source)
             return await self.cluster.execute_command(*evalsha)
 
+    def _proof(self, key: str) -> list[tuple[Any, ...]]:
+        """A write of our own in ``key``'s slot, then WAIT, for the same connection as
+        the script. The write makes WAIT answer for everything its primary applied
+        before it (replication is in order), whichever connection applied it: the
+        script's own writes, and the earlier ones a script that wrote nothing answers
+        from (an Idempotency-Key replay, an order checked again). Without it, WAIT
+        would count only this connection's last write."""
+        return [
+            ("SET", keys.write_ack(key), "1", "PX", ACK_TTL_MS),
+            ("WAIT", self.replicas, self.wait_ms),
+        ]
+
     async def _ack(self, key: str) -> int | None:
         """WAIT's answer after a write of our own in ``key``'s slot, on one connection
         of its primary; None when that could not be done (the write stays unconfirmed)."""
-        ack = ("SET", keys.write_ack(key), "1", "PX", ACK_TTL_MS)
-        wait = ("WAIT", self.replicas, self.wait_ms)
         try:
             written, replicas = await on_one_connection(
-                self.cluster.get_node_from_key(key), [ack, wait]
+                self.cluster.get_node_from_key(key), self._proof(key)
             )
         except RedisError:
             await self._refresh_topology()

@@ -369,3 +369,29 @@ async def test_a_script_whose_reply_never_came_is_not_sent_again(
     finally:
         await gateway.aclose()
     redis_cluster.wait_healthy()
+
+
+READ = LuaScript.of("test_read", "return redis.call('HGET', KEYS[1], 'n')")
+
+
+async def test_an_answer_that_reads_an_unreplicated_write_is_unconfirmed_too(
+    redis_cluster: LocalCluster, gateway: ClusterGateway
+) -> None:
+    """A script that writes nothing (an Idempotency-Key replay, a check answered again)
+    answers from earlier writes: those must be on the replica too before it counts.
+    (Redis 7.0, here, makes WAIT wait for the offset of the connection's previous
+    command, whatever it was; from 7.2 only for its last write, redis PR #12439, which
+    is why the gateway writes its ack key before WAIT: this holds on both.)"""
+    counter = f"count{{{new_id()}}}"
+    primary, replica = owner_and_replica(redis_cluster, counter)
+    assert await gateway.run_script(READ, [counter], []) is None  # confirmed: nothing pending
+
+    with stopped(redis_cluster, replica):
+        with client(primary) as other_connection:  # the write being answered from
+            other_connection.hset(counter, "n", 7)
+        with pytest.raises(WriteUnconfirmed) as raised:
+            await gateway.run_script(READ, [counter], [])
+    assert raised.value.reply == b"7"
+    poll(lambda: read_on_replica(replica, counter) == "7", 30, "the replica to catch up")
+    assert await gateway.run_script(READ, [counter], []) == b"7"
+    redis_cluster.wait_healthy()
