@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from app.ops.poll import wait_until
-from app.ops.status import read_env_file
+from app.ops.redis_cluster import LocalCluster
+from app.ops.status import check_cluster, read_env_file
 from loadtests.support.servers import clean_env, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,3 +136,21 @@ def test_redis_cluster_1_make_run_serves_status_lists_nodes_and_ctrl_c_stops_all
     ] + cluster_ports
     assert [port for port in listening if not _refuses(port)] == []
     assert all((data / str(port) / "appendonlydir").is_dir() for port in cluster_ports)
+
+
+def test_status_checks_every_node_of_a_cluster_and_says_when_none_answers(
+    redis_cluster: LocalCluster,
+) -> None:
+    nodes = tuple(("127.0.0.1", port) for port in redis_cluster.ports[:2])
+    checks = check_cluster(nodes)
+    by_name = {check.name: check for check in checks}
+    assert set(by_name) == {f"redis 127.0.0.1:{port}" for port in redis_cluster.ports} | {
+        "redis cluster"
+    }
+    assert all(check.state == "OK" for check in checks), checks
+    roles = [check.detail.split()[0] for check in checks[:-1]]
+    assert sorted(roles) == ["primary"] * 3 + ["replica"] * 3
+    assert "cluster_state=ok" in by_name["redis cluster"].detail
+
+    (down,) = check_cluster((("127.0.0.1", free_port()),))
+    assert (down.state, down.name) == ("DOWN", "redis cluster")
