@@ -83,7 +83,11 @@ class SmtpSender:
         self._sent_on_session = 0
         return client
 
-    async def _ready(self) -> SmtpConnection:
+    async def _ready(self, sender: str, recipients: list[str]) -> SmtpConnection:
+        if self._client is not None and self._client.announced():
+            if self._client.announced(sender, recipients):
+                return self._client  # its envelope is out already: send its content
+            self._drop()  # another mail was announced and is not coming: no mail there
         if self.connected and (
             self._sent_on_session >= self.settings.max_per_connection
             or self.idle_for(time.monotonic()) >= self.settings.idle_timeout
@@ -97,11 +101,21 @@ class SmtpSender:
             self._client = await self._connect()
         return self._client
 
-    async def send(self, raw: bytes, sender: str, recipients: list[str]) -> None:
-        """Send an already flattened message (CRLF line ends)."""
-        client = await self._ready()
+    async def send(
+        self,
+        raw: bytes,
+        sender: str,
+        recipients: list[str],
+        then: tuple[str, list[str], bytes] | None = None,
+    ) -> None:
+        """Send an already flattened message (CRLF line ends). ``then``: the mail
+        the caller sends next on this lane; when the relay offers PIPELINING and
+        this session carries it too, its envelope goes out with this content."""
+        client = await self._ready(sender, recipients)
+        if not self.reuse or self._sent_on_session + 1 >= self.settings.max_per_connection:
+            then = None
         try:
-            await client.send_mail(sender, recipients, raw)
+            await client.send_mail(sender, recipients, raw, then)
         except BaseException:
             # After a failure the session state is unknown: start clean next time.
             self._drop()

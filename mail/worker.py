@@ -646,8 +646,9 @@ class MailWorker:
                 ]
                 continue
             index += 1
+            following = ready[index] if index < len(ready) else None
             with request_context(item.fields):
-                outcome = await self._send(item, sender)
+                outcome = await self._send(item, sender, following)
             if outcome == "throttled":
                 # The relay said "later" on this session: the rest of the chunk goes
                 # back to the retry queue, due now, for a lane that is not backing off.
@@ -662,8 +663,9 @@ class MailWorker:
                 )
         return 0.0
 
-    async def _send(self, item: Ready, sender: SmtpSender) -> str:
-        """One mail on the lane's session. Returns sent | retry | throttled | dead."""
+    async def _send(self, item: Ready, sender: SmtpSender, following: Ready | None) -> str:
+        """One mail on the lane's session (``following``: the lane's next mail, whose
+        envelope may go out with this content). Returns sent | retry | throttled | dead."""
         entry_id, fields, order_id, attempts = (
             item.entry_id,
             item.fields,
@@ -674,7 +676,18 @@ class MailWorker:
         started = time.perf_counter()
         try:
             async with asyncio.timeout_at(item.held_at + self.settings.send_deadline):
-                await sender.send(rendered.raw, self.from_address.addr_spec, [rendered.recipient])
+                await sender.send(
+                    rendered.raw,
+                    self.from_address.addr_spec,
+                    [rendered.recipient],
+                    then=None
+                    if following is None
+                    else (
+                        self.from_address.addr_spec,
+                        [following.rendered.recipient],
+                        following.rendered.raw,
+                    ),
+                )
         except Exception as error:
             metrics.SEND_DURATION.labels("failed").observe(time.perf_counter() - started)
             failure = classify(error)

@@ -6,6 +6,8 @@
   or to drop the connection after the data; like a relay, it can also refuse
   every k-th connection or those past a cap with 421 at the greeting, answer
   slowly on chosen connections, and it records each session (EHLO name, mails);
+  parametrized with ``BOTH_WAYS``, a test runs once against it offering
+  PIPELINING (RFC 2920) too;
 - ``mail_redis``: a str-decoding client on the suite's ``redis_server``, flushed;
 - ``mail_settings``: MailSettings pointed at both, with short backoffs;
 - ``mail_workers``: starts ``MailWorker``s in this loop and stops them at the end;
@@ -19,6 +21,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 import threading
@@ -106,6 +109,12 @@ class ScriptedHandler:
     slow_connections: dict[int, float] = field(default_factory=dict)
     sessions: list[Session] = field(default_factory=list)
     peak_open: int = 0
+    # Offer PIPELINING (RFC 2920) in the EHLO answer. aiosmtpd reads a command at a
+    # time from its buffer, so it answers a pipelined group in order anyway.
+    pipelining: bool = False
+    # MAIL commands that arrived with their RCPT already behind them in the
+    # server's buffer: the client did pipeline.
+    pipelined_envelopes: int = 0
 
     def admit(self) -> Session:
         """A new connection: its Session, ``refused`` when it gets 421 at once."""
@@ -137,12 +146,17 @@ class ScriptedHandler:
         with self.lock:
             server.relay_session.helo = hostname
         session.host_name = hostname
+        if self.pipelining:
+            responses.insert(1, "250-PIPELINING")
         return responses
 
     async def handle_MAIL(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
         await self._slow(server)
+        if b"RCPT TO" in bytes(getattr(server._reader, "_buffer", b"")):
+            with self.lock:
+                self.pipelined_envelopes += 1
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         return "250 OK"
@@ -245,9 +259,24 @@ class SmtpServer:
         return [r.message_id for r in self.received]
 
 
+# For a test to run against both ways the worker's client talks:
+#     @BOTH_WAYS
+#     async def test_x(smtp_server: SmtpServer, ...)
+BOTH_WAYS = pytest.mark.parametrize(
+    "smtp_server", [False, True], ids=["lockstep", "pipelining"], indirect=True
+)
+
+
 @pytest.fixture
-def smtp_server() -> Iterator[SmtpServer]:
-    handler = ScriptedHandler()
+def smtp_server(request: pytest.FixtureRequest) -> Iterator[SmtpServer]:
+    """Offers PIPELINING when parametrized with True (``BOTH_WAYS``)."""
+    with running_smtp_server(pipelining=getattr(request, "param", False)) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_smtp_server(*, pipelining: bool = False) -> Iterator[SmtpServer]:
+    handler = ScriptedHandler(pipelining=pipelining)
     port = free_port()
     controller = RelayController(handler, hostname="127.0.0.1", port=port)
     controller.start()

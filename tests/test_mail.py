@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 import mail.worker
 from app import keys
 from app.admin.mail import list_dead_letters, requeue_dead_letter
+from app.fastredis import MultiplexedRedis
 from app.ids import new_id
 from app.mail_backlog import count_after, read_mail_backlog
 from app.ops.instances import mail_argv
@@ -35,8 +36,10 @@ from loadtests.support.mail_sink import MailSink
 from loadtests.support.servers import free_port, running_redis
 from mail.render import HEADERS
 from mail.settings import MailSettings, default_worker_name
+from mail.smtp_wire import SmtpConnection, SmtpReplyError
 from mail.worker import MailWorker
 from tests.mail_fixtures import (
+    BOTH_WAYS,
     DOMAIN,
     DROP,
     ROOT,
@@ -79,6 +82,7 @@ def stream_id(value: str) -> tuple[int, int]:
 # -- the message -----------------------------------------------------------------------
 
 
+@BOTH_WAYS
 async def test_completed_order_produces_exactly_one_mail(
     mail_redis: Redis, smtp_server: SmtpServer, mail_workers: WorkerPool
 ) -> None:
@@ -124,6 +128,7 @@ async def test_completed_order_produces_exactly_one_mail(
     await wait_until_async(lambda: group_idle(mail_redis))
     assert len(smtp_server.received) == 1
     assert worker.stats["duplicates"] == 1
+    assert smtp_server.handler.pipelined_envelopes == (1 if smtp_server.handler.pipelining else 0)
 
 
 async def test_open_order_mails_once_checked_cancelled_never(
@@ -726,6 +731,7 @@ def accepted_ids(smtp_server: SmtpServer) -> list[str]:
     return [r.message_id for r in smtp_server.received if r.accepted]
 
 
+@BOTH_WAYS
 async def test_relay_throttles_421_every_third_connection_and_451_some_mails(
     mail_redis: Redis, smtp_server: SmtpServer, mail_workers: WorkerPool
 ) -> None:
@@ -751,8 +757,11 @@ async def test_relay_throttles_421_every_third_connection_and_451_some_mails(
     assert len([s for s in sessions if s.refused]) >= 3
     assert worker.stats["throttled"] >= 4 + len(orders[1::7])
     assert not await mail_redis.exists(keys.mail_attempts(orders[0].order_id))
+    if smtp_server.handler.pipelining:
+        assert smtp_server.handler.pipelined_envelopes >= len(orders)
 
 
+@BOTH_WAYS
 async def test_relay_capping_connections_gets_fewer_sessions_and_every_mail(
     mail_redis: Redis, smtp_server: SmtpServer, mail_workers: WorkerPool
 ) -> None:
@@ -778,6 +787,7 @@ async def test_relay_capping_connections_gets_fewer_sessions_and_every_mail(
     assert len(refused) < len(served)
 
 
+@BOTH_WAYS
 async def test_four_workers_of_eight_sessions_no_duplicate_and_a_kill_9_loses_nothing(
     mail_redis: Redis, smtp_server: SmtpServer, mail_processes: ProcessPool
 ) -> None:
@@ -947,3 +957,58 @@ async def test_workers_sharing_one_metrics_port_setting_each_serve_their_own(
             ).read()
         )
         assert b"phoneshop_mail_sent_total" in body
+
+
+# -- the SMTP client and the batch Redis path (issue 16) ------------------------------------
+
+
+@pytest.mark.parametrize("smtp_server", [True], ids=["pipelining"], indirect=True)
+async def test_smtp_client_pipelines_the_envelope_and_dot_stuffs_the_content(
+    smtp_server: SmtpServer,
+) -> None:
+    connection = await SmtpConnection.open(
+        "127.0.0.1", smtp_server.port, timeout=5.0, ehlo_name="client.test"
+    )
+    assert connection.pipelining
+    content = (
+        b"Subject: dots\r\nMessage-ID: <dots@phoneshop.test>\r\n\r\n"
+        b".one dot\r\n..two dots\r\n.\r\nlast line without its end"
+    )
+    await connection.send_mail("orders@phoneshop.test", ["a@example.test"], content)
+    smtp_server.answer("451 4.3.0 Try again later")
+    with pytest.raises(SmtpReplyError) as refused:
+        await connection.send_mail("orders@phoneshop.test", ["b@example.test"], content)
+    assert (refused.value.code, refused.value.command) == (451, "DATA")
+    await connection.quit()
+
+    first = smtp_server.received[0]
+    # What the server took in is the content exactly (its end completed with CRLF):
+    # every dot the client added for the transfer was taken off again.
+    assert first.raw == content + b"\r\n"
+    assert (first.mail_from, first.rcpt_tos) == ("orders@phoneshop.test", ("a@example.test",))
+    assert smtp_server.handler.pipelined_envelopes == 2
+    assert smtp_server.data_commands == 2
+
+
+async def test_worker_sends_through_redis_py_when_the_multiplexed_connection_cannot(
+    mail_redis: Redis,
+    smtp_server: SmtpServer,
+    mail_workers: WorkerPool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As for rediss:// or a cluster client: the chunk's commands go through redis-py.
+    monkeypatch.setattr(MultiplexedRedis, "for_pool", classmethod(lambda cls, *args: None))
+    orders = [await seed_order(mail_redis) for _ in range(5)]
+    await mail_redis.set(keys.mail_sent(orders[0].order_id), '{"message_id": "x", "at": 1}')
+    for order in orders:
+        await add_event(mail_redis, "order.completed", order)
+    worker = await mail_workers.start(concurrency=2)
+    await wait_until_async(lambda: all_sent(mail_redis, orders))
+    await wait_until_async(lambda: group_idle(mail_redis))
+
+    assert sorted(smtp_server.message_ids()) == sorted(o.message_id for o in orders[1:])
+    assert worker.stats["sent"] == 4 and worker.stats["duplicates"] == 1
+    marker = json.loads(await mail_redis.get(keys.mail_sent(orders[1].order_id)))
+    assert marker["message_id"] == orders[1].message_id
+    for order in orders:
+        assert not await mail_redis.exists(keys.mail_attempts(order.order_id))
