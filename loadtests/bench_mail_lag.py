@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -52,6 +53,7 @@ from typing import Any
 
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from app import keys
 from app.env import env_int
@@ -199,6 +201,22 @@ def mails_between(redis: SyncRedis, order_ids: list[str], start_ms: int, end_ms:
     return sum(1 for at in sent_at(redis, order_ids).values() if start_ms <= at <= end_ms)
 
 
+def aof_rewrites(redis: SyncRedis) -> int:
+    return int(redis.info("persistence").get("aof_rewrites", 0))
+
+
+def rewrite_aof(redis: SyncRedis, seconds: float = 120) -> None:
+    """BGREWRITEAOF and wait (bounded) until it is done."""
+    with contextlib.suppress(ResponseError):  # one is running already
+        redis.bgrewriteaof()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        info = redis.info("persistence")
+        if not info.get("aof_rewrite_in_progress") and not info.get("aof_rewrite_scheduled"):
+            return
+        time.sleep(0.2)
+
+
 def wait_drained(url: str, seconds: float) -> float | None:
     """Seconds until nothing waits for its mail, or None when it did not happen in time."""
     began = time.monotonic()
@@ -293,6 +311,10 @@ def one_run(
     redis.xgroup_create(keys.EVENTS, keys.MAIL_GROUP, id="$", mkstream=True)
     redis.delete(keys.MAIL_RETRY)
     dead_before = redis.xlen(keys.MAIL_DEAD)
+    # An AOF rewrite (a fork that copies the whole data set) is due once the
+    # AOF doubled: start each run right after one, not with one half way.
+    rewrite_aof(redis)
+    rewrites_before = aof_rewrites(redis)
     sink, port, summary_path = start_sink(directory, split.load or None)
     procs = start_workers(workers, stack.redis_url, port, directory, split.stack or None, settings)
     try:
@@ -388,6 +410,7 @@ def one_run(
         "sink_mails": sink_summary.get("mails"),
         "peak_sessions": sink_summary.get("peak_open_sessions"),
         "dead_letters": redis.xlen(keys.MAIL_DEAD) - dead_before,
+        "aof_rewrites": aof_rewrites(redis) - rewrites_before,
         "samples": samples,
     }
     redis.close()
@@ -497,6 +520,7 @@ def markdown(results: dict[str, Any]) -> str:
             f" | {run['backlog_at_end']:,} | {run['backlog_trend_per_s']:+,.0f}/s | {drain}"
             f" | {run['duplicates']} | {run['dead_letters']} | {run['unsent']} |"
         )
+    rewrites = sum(run.get("aof_rewrites", 0) for run in results["runs"])
     lines += [
         "",
         "CPU during the window (user + system, process trees): "
@@ -506,7 +530,7 @@ def markdown(results: dict[str, Any]) -> str:
             f" order p99 {run['accepted_p99_ms']:.0f} ms"
             for run in results["runs"]
         )
-        + ".",
+        + f". Each run starts right after an AOF rewrite; rewrites during the runs: {rewrites}.",
     ]
     lines += ["", "Targets (issue 16), per run:", ""]
     for run in results["runs"]:

@@ -1,37 +1,45 @@
 """The mail worker: consumer group ``mailer`` on the ``events`` stream.
 
 One loop feeds MAIL_CONCURRENCY lanes (``Lanes``, mail/smtp.py), each an SMTP session
-(``SmtpSender``) sending one mail at a time. Several workers share the work
-through the consumer group. The loop:
+(``SmtpSender``) sending one mail at a time, a chunk of up to CHUNK after another.
+Several workers share the work through the consumer group. The loop:
 
 1. refresh the health key ``mail:worker:{name}:alive`` (log a line now and then);
 2. every EVENTS_TRIM_INTERVAL_SECONDS, trim ``events`` by MINID, never past an
    entry the group has not acknowledged (``mail/lua/trim_events.lua``);
 3. close SMTP sessions idle for MAIL_IDLE_TIMEOUT_SECONDS;
 4. take the mails whose retry is due from the ``mail:retry`` zset (ZREM decides
-   which worker gets one), XCLAIM them and hand each to a free lane;
+   which worker gets one), XCLAIM them and hand them to free lanes;
 5. every MAIL_CLAIM_IDLE_SECONDS / 4, XAUTOCLAIM entries idle past
    MAIL_CLAIM_IDLE_SECONDS: a crashed worker's mail is taken over;
-6. once a lane is free, XREADGROUP about as many new entries as lanes are free
-   (blocking at most until the next retry is due), each to a lane.
+6. once a lane is free, XREADGROUP about a chunk per free lane (blocking at most
+   until the next retry is due), spread over the free lanes. This is the one
+   place new entries are read (``run_once``): a stream per partition later
+   changes only it.
 
-Per ``order.completed`` (or ``mail.requeued``) entry, on its lane:
+Per chunk, on its lane (the Redis work: mail/batch_redis.py, over one
+multiplexed connection, so the lanes' commands of one event-loop turn share a
+write):
 
-- the ``mail:sent:{order_id}`` marker exists -> XACK, nothing sent (a redelivery);
+- one round trip: every ``mail:sent:{order_id}`` marker and order hash. A mail
+  already marked -> XACK, nothing sent (a redelivery);
 - the order, customer or address is unusable -> dead letter at once;
-- with the customer's data, in the same round trip, ``hold_entry.lua``: the
+- one round trip: the customers and phone names and ``hold_entries.lua``: each
   entry is still pending for this worker (else skip it: another took it over),
   its idle time is reset and ``mail:attempts:{order_id}`` counted. Only the
-  render (about a millisecond) follows before the send, and the whole send
-  (connect, EHLO, MAIL, RCPT, DATA) must end within MAIL_CLAIM_IDLE_SECONDS / 2,
-  so no other worker can take the entry over while it is being sent;
+  renders (tens of microseconds each) follow before the first send, and each
+  send must end within MAIL_CLAIM_IDLE_SECONDS / 2 of the hold; once a quarter
+  of it has passed (a slow relay), the rest of the chunk is held again, so no
+  other worker can take an entry over while it is being sent;
 - send with the stable Message-ID ``<order-{id}@{MAIL_DOMAIN}>``;
-- accepted -> MULTI: SET the marker NX, DEL attempts, XACK, ZREM retry;
+- accepted -> MULTI: SET the marker NX, DEL attempts, XACK, ZREM retry, before
+  the next mail of the lane is sent (a crash re-sends at most the mail in hand);
 - 5xx -> MULTI: XADD ``mail:dead``, XACK, ZREM retry, DEL attempts. Never retried;
 - a throttle (421, 451, 452, a connection refused at connect or greeting) ->
   ZADD ``mail:retry`` and take the attempt back: a relay saying "later" never
-  makes a dead letter. The lane backs off (exponential, with jitter) before its
-  next mail; a refused connection also lowers the sessions used (``Lanes``);
+  makes a dead letter. The lane backs off (exponential, with jitter) and the rest
+  of its chunk goes back to the retry queue, due at once, for the other lanes;
+  a refused connection also lowers the sessions used (``Lanes``);
 - another 4xx, a timeout, a dropped connection -> ZADD ``mail:retry`` with a
   due time (exponential backoff with jitter); at MAIL_MAX_ATTEMPTS it is
   dead-lettered instead.
