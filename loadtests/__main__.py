@@ -102,7 +102,8 @@ def pin_load_stack(stack: LoadStack, split: rig.CpuSplit) -> dict | None:
     procs = [s.redis.proc, *(i.proc for i in s.instances), s.nginx.proc]
     if stack.mail is not None:
         procs += [stack.mail.sink, stack.mail.worker]
-    return rig.pin_stack([p.pid for p in procs if p is not None], split.stack)
+    front = [s.nginx.proc.pid] if s.nginx.proc is not None else []
+    return rig.pin_stack([p.pid for p in procs if p is not None], split.stack, front=front)
 
 
 def offered_by_phase(ledger: dict, user_rate: float) -> list[dict]:

@@ -99,6 +99,9 @@ class Comparison:
     b_env: dict[str, str]
     # Keep a live-events WebSocket open on each instance of A (its hubs read every event).
     a_sockets: bool = False
+    # wrk's connections: 64 is the capacity measurement; many more keep nginx
+    # refusing most requests (UPSTREAM_MAX_CONNS x instances = 64 in progress).
+    connections: int = 64
 
 
 # Each gain of issue 12's item 3 as an A/B in one run. Add a row per switch.
@@ -120,6 +123,16 @@ AB_COMPARISONS: list[Comparison] = [
         b_label="no socket: the hub idles",
         b_env={},
         a_sockets=True,
+    ),
+    Comparison(
+        name="nginx refusing the overflow (nginx/nginx.conf.template), wrk with 512 connections: "
+        "~9 of 10 requests refused by nginx at UPSTREAM_MAX_CONNS",
+        a_label="NGINX_ACCESS_LOG_BUFFER=off, NGINX_PROXY_ERROR_LOG_LEVEL=error: a write per "
+        'access line, and a "no live upstreams" error line per refusal (as before)',
+        a_env={"NGINX_ACCESS_LOG_BUFFER": "off", "NGINX_PROXY_ERROR_LOG_LEVEL": "error"},
+        b_label="the defaults: access lines written 64k at a time, no error line per refusal",
+        b_env={},
+        connections=512,
     ),
 ]
 
@@ -162,16 +175,42 @@ def stack_pids(stack: LoadStack) -> list[int]:
     return [p.pid for p in procs if p is not None]
 
 
-def stack_cpu_seconds(stack: LoadStack) -> tuple[float, float]:
-    """CPU used so far by the whole stack, and by the app instances alone."""
-    apps = [i.proc.pid for i in stack.stack.instances if i.proc is not None]
-    return rig.cpu_seconds(stack_pids(stack)), rig.cpu_seconds(apps)
+def stack_parts(stack: LoadStack) -> dict[str, list[int]]:
+    """The top pid of each part of the stack: nginx, the app instances, redis."""
+    procs = {
+        "nginx": [stack.stack.nginx.proc],
+        "app": [i.proc for i in stack.stack.instances],
+        "redis": [stack.stack.redis.proc],
+    }
+    return {name: [p.pid for p in ps if p is not None] for name, ps in procs.items()}
+
+
+def cpu_by_part(stack: LoadStack) -> dict[str, float]:
+    """CPU seconds used so far by each part of the stack (its whole process tree)."""
+    return {name: rig.cpu_seconds(pids) for name, pids in stack_parts(stack).items()}
+
+
+def costed(stack: LoadStack, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``measure()``'s result plus the stack CPU it cost, per part, in µs per answer
+    served (2xx): what nginx, the app and redis spend on each request that
+    counts, refusals included in the price."""
+    before, began = cpu_by_part(stack), time.monotonic()
+    result = measure()
+    wall = time.monotonic() - began
+    after = cpu_by_part(stack)
+    served = sum(n for status, n in result["statuses"].items() if 200 <= status < 300)
+    used = {name: after[name] - before[name] for name in before}
+    result["cpu_us"] = {name: seconds * 1e6 / max(served, 1) for name, seconds in used.items()}
+    # Share of one CPU the stack used meanwhile: near 1 means the stack CPU was the limit.
+    result["stack_cpu_share"] = sum(used.values()) / wall if wall else 0.0
+    return result
 
 
 def pin(stack: LoadStack, split: rig.CpuSplit) -> dict[str, Any]:
     if not split.pinned:
         return {"cpus": "", "threads": 0, "checked": 0, "stray": []}
-    return rig.pin_stack(stack_pids(stack), split.stack)
+    nginx = stack.stack.nginx.proc
+    return rig.pin_stack(stack_pids(stack), split.stack, front=[nginx.pid] if nginx else [])
 
 
 def processes_up(stack: LoadStack, workers_before: list[int]) -> dict[str, Any]:
@@ -303,6 +342,7 @@ def ab_compare(
     rates: dict[str, list[float]] = {"a": [], "b": []}
     cpu: dict[str, list[float]] = {"a": [], "b": []}
     app_cpu: dict[str, list[float]] = {"a": [], "b": []}
+    nginx_cpu: dict[str, list[float]] = {"a": [], "b": []}
     with (
         tempfile.TemporaryDirectory(prefix="phoneshop-ab-") as logs,
         launch(env=stack_env(Path(logs) / "a.log", comparison.a_env), instances=2, workers=1) as a,
@@ -319,17 +359,29 @@ def ab_compare(
             for round_ in range(rounds):
                 order = (("a", a), ("b", b)) if round_ % 2 == 0 else (("b", b), ("a", a))
                 for label, stack in order:
-                    stack_before, app_before = stack_cpu_seconds(stack)
-                    row = orders_wrk(stack, data[label], seconds=seconds, cpus=split.load or None)
-                    stack_after, app_after = stack_cpu_seconds(stack)
+                    before = cpu_by_part(stack)
+                    row = orders_wrk(
+                        stack,
+                        data[label],
+                        seconds=seconds,
+                        connections=comparison.connections,
+                        cpus=split.load or None,
+                    )
+                    used = {k: v - before[k] for k, v in cpu_by_part(stack).items()}
                     per = 1e6 / row["requests"] if row["requests"] else 0.0
                     rates[label].append(row["ok_rps"])
-                    cpu[label].append((stack_after - stack_before) * per)
-                    app_cpu[label].append((app_after - app_before) * per)
+                    cpu[label].append(sum(used.values()) * per)
+                    app_cpu[label].append(used["app"] * per)
+                    nginx_cpu[label].append(used["nginx"] * per)
     a_rps, b_rps = statistics.median(rates["a"]), statistics.median(rates["b"])
     a_cpu, b_cpu = statistics.median(cpu["a"]), statistics.median(cpu["b"])
     a_app, b_app = statistics.median(app_cpu["a"]), statistics.median(app_cpu["b"])
+    a_nginx, b_nginx = statistics.median(nginx_cpu["a"]), statistics.median(nginx_cpu["b"])
     return {
+        "connections": comparison.connections,
+        "a_nginx_cpu_us": a_nginx,
+        "b_nginx_cpu_us": b_nginx,
+        "nginx_cpu_gain": a_nginx / b_nginx if b_nginx else 0.0,
         "name": comparison.name,
         "a_label": comparison.a_label,
         "b_label": comparison.b_label,
@@ -386,11 +438,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             orders_wrk(stack, data, seconds=2, cpus=load_cpus)
         secs = args.seconds
         with step("hello through nginx"):
-            results["hello"] = wrk(f"{stack.http_url}/bench/hello", seconds=secs, cpus=load_cpus)
+            results["hello"] = costed(
+                stack, lambda: wrk(f"{stack.http_url}/bench/hello", seconds=secs, cpus=load_cpus)
+            )
         with step("GET /phones?page=1"):
             results["phones"] = wrk(f"{stack.http_url}/phones?page=1", seconds=secs, cpus=load_cpus)
         with step("POST /orders: capacity"):
-            results["orders"] = orders_wrk(stack, data, seconds=secs, cpus=load_cpus)
+            results["orders"] = costed(
+                stack, lambda: orders_wrk(stack, data, seconds=secs, cpus=load_cpus)
+            )
             # More connections let Redis fold more scripts into one fsync: the
             # capacity is the better of the two.
             results["orders_256"] = orders_wrk(

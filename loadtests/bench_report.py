@@ -229,9 +229,10 @@ def ab_table(comparisons: list[dict[str, Any]]) -> str:
         return "No A/B comparison ran."
     lines = [
         "| comparison | A | B | app CPU per request, A -> B (µs, median of rounds) | A ÷ B "
+        "| nginx CPU per request, A -> B (µs) | A ÷ B "
         "| whole stack's CPU per request, A -> B (µs) | A ÷ B "
         "| orders/s, A -> B (median; rounds) | B ÷ A |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in comparisons:
         a_rounds = ", ".join(f"{r:,.0f}" for r in c["a_rounds"])
@@ -239,10 +240,68 @@ def ab_table(comparisons: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {c['name']} | {c['a_label']} | {c['b_label']} "
             f"| {c['a_app_cpu_us']:,.0f} -> {c['b_app_cpu_us']:,.0f} | {c['app_cpu_gain']:.2f} "
+            f"| {c.get('a_nginx_cpu_us', 0):,.1f} -> {c.get('b_nginx_cpu_us', 0):,.1f} "
+            f"| {c.get('nginx_cpu_gain', 0):.2f} "
             f"| {c['a_cpu_us']:,.0f} -> {c['b_cpu_us']:,.0f} | {c['cpu_gain']:.2f} "
             f"| {c['a_rps']:,.0f} -> {c['b_rps']:,.0f} (A: {a_rounds}; B: {b_rounds}) "
             f"| {c['gain']:.2f} |"
         )
+    return "\n".join(lines)
+
+
+def cost_section(results: dict[str, Any]) -> str:
+    """Where a hello and an order spend the stack's CPU, and the best P1 those costs allow."""
+    hello, orders = results["hello"], results["orders"]
+    if "cpu_us" not in hello or "cpu_us" not in orders:
+        return "Not measured in this run."
+    parts = ("nginx", "app", "redis")
+    lines = [
+        "| per answer served | nginx µs | app µs | redis µs | whole stack µs | rate (wrk) "
+        "| stack CPU busy |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, row in (("hello: GET /bench/hello", hello), ("order: POST /orders", orders)):
+        cost = row["cpu_us"]
+        lines.append(
+            f"| {label} | "
+            + " | ".join(f"{cost[p]:,.0f}" for p in parts)
+            + f" | {sum(cost.values()):,.0f} | {row['ok_rps']:,.0f}/s "
+            f"| {row['stack_cpu_share']:.0%} |"
+        )
+    h = sum(hello["cpu_us"].values())
+    o = orders["cpu_us"]
+    outside_app = o["nginx"] + o["redis"]
+    p1 = orders["ok_rps"] / hello["ok_rps"] if hello["ok_rps"] else 0.0
+    app_budget = h / TARGETS["p1_orders_over_hello"] - outside_app
+    bounds = [
+        ("measured (wrk rates)", p1),
+        ("from the CPU costs above (hello's ÷ order's)", h / sum(o.values())),
+        (
+            "if the order's handler cost the app no more than hello's does "
+            f"(the framework's own {hello['cpu_us']['app']:,.0f} µs)",
+            h / (outside_app + hello["cpu_us"]["app"]),
+        ),
+        ("if the app cost nothing at all (nginx and redis only)", h / outside_app),
+    ]
+    lines += [
+        "",
+        "| P1 = orders/s ÷ hello/s | value |",
+        "|---|---|",
+        *(f"| {label} | {value:.2f} |" for label, value in bounds),
+        "",
+        f"With the stack CPU the limit, P1 = hello's cost ÷ an order's. P1 = "
+        f"{TARGETS['p1_orders_over_hello']} needs an order to cost at most "
+        f"{h / TARGETS['p1_orders_over_hello']:,.0f} µs of stack CPU, "
+        f"{outside_app:,.0f} µs of which go to nginx and redis (redis runs the Lua script "
+        "and fsyncs the AOF before answering): "
+        + (
+            f"that leaves the app {app_budget:,.0f} µs per order, against the "
+            f"{hello['cpu_us']['app']:,.0f} µs aiohttp spends on a hello that does nothing "
+            f"and the {o['app']:,.0f} µs an order costs it now."
+            if app_budget > 0
+            else "nothing is left for the app, whatever it does."
+        ),
+    ]
     return "\n".join(lines)
 
 
@@ -372,6 +431,13 @@ moves much less, so it is the measure of what a change saves.
 ## Ceilings
 
 {chr(10).join(ceilings)}
+
+## Where the stack's CPU goes: a hello against an order (P1)
+
+CPU time of each part of the stack (its process tree, from /proc) during the wrk runs above
+(64 connections), per answer served; for orders the few refusals are paid by the orders served.
+
+{cost_section(results)}
 
 ## Lists and memory
 

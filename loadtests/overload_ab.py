@@ -33,24 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from loadtests import rig
-from loadtests.bench import stack_env
+from loadtests.bench import cpu_by_part, stack_env, stack_parts
 from loadtests.bench_data import provision
 from loadtests.bench_drivers import orders_wrk, write_wrk_data
 from loadtests.stack import LoadStack, launch
-
-
-def parts(stack: LoadStack) -> dict[str, list[int]]:
-    """The top pid of each part of the stack."""
-    procs = {
-        "nginx": [stack.stack.nginx.proc],
-        "app": [i.proc for i in stack.stack.instances],
-        "redis": [stack.stack.redis.proc],
-    }
-    return {name: [p.pid for p in ps if p is not None] for name, ps in procs.items()}
-
-
-def cpu_by_part(stack: LoadStack) -> dict[str, float]:
-    return {name: rig.cpu_seconds(pids) for name, pids in parts(stack).items()}
 
 
 def app_refusals(stack: LoadStack) -> float:
@@ -77,9 +63,13 @@ def side(
 ) -> Iterator[tuple[LoadStack, list[str], list[dict]]]:
     with launch(env=stack_env(folder / "web-access.log", env), instances=2, workers=1) as stack:
         if split.pinned:
-            rig.pin_stack([pid for pids in parts(stack).values() for pid in pids], split.stack)
+            rig.pin_stack(
+                [pid for pids in stack_parts(stack).values() for pid in pids],
+                split.stack,
+                front=stack_parts(stack)["nginx"],
+            )
         if nginx_nice is not None:
-            rig.renice(parts(stack)["nginx"][0], nginx_nice)
+            rig.renice(stack_parts(stack)["nginx"][0], nginx_nice)
         phone_ids, people = provision(stack, phones=20, customers=200)
         yield stack, phone_ids, people
 
@@ -168,7 +158,9 @@ def nothing() -> Iterator[None]:
 def perf(stack: LoadStack, out: Path, seconds: float) -> Iterator[None]:
     """``perf record -g`` of nginx's worker process(es) while the block runs."""
     workers = [
-        p for p in rig.process_tree(parts(stack)["nginx"][0]) if p != parts(stack)["nginx"][0]
+        p
+        for p in rig.process_tree(stack_parts(stack)["nginx"][0])
+        if p != stack_parts(stack)["nginx"][0]
     ]
     recorder = subprocess.Popen(
         [
@@ -210,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--perf", type=Path, default=None, help="perf record nginx's worker during A's first round"
     )
-    parser.add_argument("--a-nginx-nice", type=int, default=None, help="nginx's niceness on A")
+    parser.add_argument(
+        "--a-nginx-nice",
+        type=int,
+        default=None,
+        help="nginx's niceness on A (default: BENCH_NGINX_NICE's)",
+    )
     parser.add_argument("--b-nginx-nice", type=int, default=None, help="nginx's niceness on B")
     args = parser.parse_args(argv)
     split = rig.cpu_split()

@@ -137,8 +137,39 @@ def test_an_ab_row_reports_cpu_per_request_and_throughput() -> None:
             "a_app_cpu_us": 300.0,
             "b_app_cpu_us": 200.0,
             "app_cpu_gain": 1.5,
+            "a_nginx_cpu_us": 20.0,
+            "b_nginx_cpu_us": 16.0,
+            "nginx_cpu_gain": 1.25,
         }
     ]
     row = next(line for line in render(figures).splitlines() if line.startswith("| switch |"))
-    assert "| 300 -> 200 | 1.50 | 500 -> 400 | 1.25 |" in row
+    assert "| 300 -> 200 | 1.50 | 20.0 -> 16.0 | 1.25 | 500 -> 400 | 1.25 |" in row
     assert "105 -> 125 (A: 100, 110; B: 120, 130) | 1.19 |" in row
+
+
+def test_the_cost_breakdown_bounds_p1_from_the_measured_costs() -> None:
+    """A hello costing 90 µs of stack CPU and an order 330 µs, 130 of them in nginx
+    and redis: P1 from the costs is 90/330, at most 90/190 if the order's handler
+    cost the app what hello's does, 90/130 with a free app; 0.6 leaves the app
+    90/0.6 - 130 = 20 µs per order."""
+    figures = results(healthy_levels())
+    figures["hello"] = {
+        **wrk_row(10_000.0),
+        "cpu_us": {"nginx": 30.0, "app": 60.0, "redis": 0.0},
+        "stack_cpu_share": 0.97,
+    }
+    figures["orders"] = {
+        **wrk_row(2_700.0),
+        "cpu_us": {"nginx": 40.0, "app": 200.0, "redis": 90.0},
+        "stack_cpu_share": 0.95,
+    }
+    text = render(figures)
+    assert "| hello: GET /bench/hello | 30 | 60 | 0 | 90 | 10,000/s | 97% |" in text
+    assert "| order: POST /orders | 40 | 200 | 90 | 330 | 2,700/s | 95% |" in text
+    assert "| measured (wrk rates) | 0.27 |" in text
+    assert "| from the CPU costs above (hello's ÷ order's) | 0.27 |" in text
+    assert "(the framework's own 60 µs) | 0.47 |" in text
+    assert "| if the app cost nothing at all (nginx and redis only) | 0.69 |" in text
+    assert "that leaves the app 20 µs per order" in text
+    figures["orders"]["cpu_us"]["redis"] = 200.0
+    assert "nothing is left for the app, whatever it does." in render(figures)

@@ -85,6 +85,35 @@ def test_pin_tree_pins_every_thread_of_every_descendant() -> None:
         parent.wait()
 
 
+def test_nginx_gets_a_better_niceness_than_the_rest_of_the_stack(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At 10x nginx needs more than an equal share of the stack CPU: it goes first."""
+    monkeypatch.delenv("BENCH_NGINX_NICE", raising=False)
+    monkeypatch.setenv("BENCH_NICE", "-10")
+    assert rig.front_priority() == -15
+    monkeypatch.setenv("BENCH_NICE", "-18")
+    assert rig.front_priority() == -20
+    monkeypatch.setenv("BENCH_NICE", "0")  # left alone: nginx too
+    assert rig.front_priority() == 0
+    # Raising niceness needs no privilege: two real processes, one of them "nginx".
+    monkeypatch.setenv("BENCH_NICE", "10")
+    monkeypatch.setenv("BENCH_NGINX_NICE", "5")
+    cpus = sorted(os.sched_getaffinity(0))
+    procs = [
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)
+    ]
+    try:
+        applied = rig.pin_stack([p.pid for p in procs], cpus, front=[procs[1].pid])
+        assert (applied["nice"], applied["front_nice"]) == (10, 5)
+        assert os.getpriority(os.PRIO_PROCESS, procs[0].pid) == 10
+        assert os.getpriority(os.PRIO_PROCESS, procs[1].pid) == 5
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
 def test_pinned_to_pins_a_started_generator() -> None:
     cpu = min(os.sched_getaffinity(0))
     done = subprocess.run(
