@@ -8,7 +8,8 @@ multiplexed connection) with K calls in flight:
 
 ``place_order``   today's order: one script call per order;
 ``saga order``    the same order by the saga's order path (app/orders/saga_service.py):
-                  reserve, commit, then the settle it hands over after the answer;
+                  reserve, commit, then the settle it hands the settler after the
+                  answer (one call per phone partition every 50 ms);
 ``reserve``       the saga's try on the phone's partition alone (reserve_stock.lua);
 ``settle``        confirming those reservations alone (settle_reservation.lua, committed);
 ``fence+settle``  what the settler spends on an order a dead app left: the fence on the
@@ -30,7 +31,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from app import keys, partitions
 from app.orders import saga, saga_service
 from app.orders.service import place_order
+from app.orders.settler import Settler
 from app.redis_gateway import open_gateway
 from app.scripts import Scripts
 from loadtests.support.servers import RedisServer, free_port
@@ -58,9 +60,15 @@ def _cpu_and_script_time(info: dict[str, Any], stats: dict[str, Any]) -> tuple[f
 
 
 async def _measure(
-    redis: Redis, name: str, orders: int, inflight: int, one: Callable[[int], Awaitable[None]]
+    redis: Redis,
+    name: str,
+    orders: int,
+    inflight: int,
+    one: Callable[[int], Awaitable[None]],
+    then: Callable[[], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:
-    """Run ``one(i)`` for every order, K at a time; the script calls are the server's count."""
+    """Run ``one(i)`` for every order, K at a time, then ``then()`` (work an order left
+    running after its answer); the script calls are the server's count."""
     await redis.config_resetstat()
     cpu_before = _cpu_and_script_time(await redis.info("cpu"), {})[0]
     started = time.perf_counter()
@@ -71,6 +79,8 @@ async def _measure(
             await one(i)
 
     await asyncio.gather(*(worker() for _ in range(inflight)))
+    if then is not None:
+        await then()
     elapsed = time.perf_counter() - started
     cpu_after, evalsha_calls, evalsha_usec = _cpu_and_script_time(
         await redis.info("cpu"), await redis.info("commandstats")
@@ -137,12 +147,13 @@ async def run(orders: int, inflight: int, directory: Path) -> list[dict[str, Any
                 request_id=f"cost-{i}",
             )
 
+        settler = Settler(gateway, scripts)
+
         async def by_saga(i: int) -> None:
             customer_id, phone_id, _ = line(i)
-            settles: list[Coroutine[Any, Any, Any]] = []
             await saga_service.place_order(
                 scripts,
-                settles.append,
+                settler.settle_soon,
                 customer_id=customer_id,
                 lines=[(phone_id, 1)],
                 autocheck=True,
@@ -151,7 +162,6 @@ async def run(orders: int, inflight: int, directory: Path) -> list[dict[str, Any
                 request_id=f"cost-{i}",
                 reservation_ttl_ms=10_000,
             )
-            await asyncio.gather(*settles)  # after the answer, as the settler's spawn runs it
 
         order_ids = [
             partitions.new_id(partitions.partition_of(line(i)[0])) for i in range(orders * 2)
@@ -180,7 +190,12 @@ async def run(orders: int, inflight: int, directory: Path) -> list[dict[str, Any
         results = [
             await _measure(redis, "place_order (today)", orders, inflight, today),
             await _measure(
-                redis, "saga order (reserve, commit, settle)", orders, inflight, by_saga
+                redis,
+                "saga order (reserve, commit, settles batched per partition every 50 ms)",
+                orders,
+                inflight,
+                by_saga,
+                settler.drain,
             ),
             await _measure(redis, "reserve_stock alone", orders, inflight, reserve),
             await _measure(redis, "settle_reservation alone (committed)", orders, inflight, settle),

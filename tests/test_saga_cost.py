@@ -11,7 +11,11 @@ from loadtests.saga_cost import run
 async def test_the_cost_run_counts_the_calls_of_each_phase(tmp_path: Path) -> None:
     results = await run(orders=200, inflight=4, directory=tmp_path)
     calls = {row["phase"]: row["script_calls_per_order"] for row in results}
-    assert list(calls.values()) == [1, 3, 1, 1, 3]
+    today, by_saga, reserve, settle, swept = calls.values()
+    assert (today, reserve, settle, swept) == (1, 1, 1, 3)
+    # Reserve and commit per order; the settles of one phone partition's orders answered
+    # within the settler's delay share a call.
+    assert 2 < by_saga <= 3
     for row in results:
         assert row["orders"] == 200
         assert row["redis_cpu_us_per_order"] > 0 and row["script_us_per_call"] > 0

@@ -85,8 +85,8 @@ async def test_settle_committed_moves_held_to_sold_once(saga: SagaWorld) -> None
     ).payload["lines"]
     first = await steps.settle(saga.scripts, PHONE_PARTITION, order, steps.COMMITTED, lines)
     second = await steps.settle(saga.scripts, PHONE_PARTITION, order, steps.COMMITTED, "")
-    assert first.payload == {"outcome": "committed", "settled": "1"}
-    assert second.payload == {"outcome": "committed", "settled": "0"}
+    assert first == {"outcome": "committed", "settled": "1"}
+    assert second == {"outcome": "committed", "settled": "0"}
     assert await saga.units(phone) == {"stock": 1, "held": 0, "sold": 3, "added": 4}
     assert await saga.redis.zcard(keys.reservations_due(PHONE_PARTITION)) == 0
     assert not await saga.redis.hexists(keys.releases(PHONE_PARTITION), order)
@@ -99,8 +99,70 @@ async def test_settle_with_stale_lines_rereads_the_reservation(saga: SagaWorld) 
     order = order_id()
     await steps.reserve(saga.scripts, order, PHONE_PARTITION, [(phone, 1)], LATER_MS)
     settled = await steps.settle(saga.scripts, PHONE_PARTITION, order, steps.ABORTED, "")
-    assert settled.payload == {"outcome": "aborted", "settled": "1"}
+    assert settled == {"outcome": "aborted", "settled": "1"}
     assert await saga.units(phone) == {"stock": 4, "held": 0, "sold": 0, "added": 4}
+
+
+async def test_one_call_settles_several_orders_each_once(saga: SagaWorld) -> None:
+    """The order path's batch: orders of one partition, committed and aborted, one of
+    them named twice and one already settled, in one call; each moves exactly once."""
+    phone = await saga.phone(PHONE_PARTITION, price_cents=100, stock=10)
+    other = await saga.phone(PHONE_PARTITION, price_cents=100, stock=10)
+    orders = [order_id() for _ in range(3)]
+    lines = [
+        (
+            await steps.reserve(
+                saga.scripts, order, PHONE_PARTITION, [(phone, 1), (other, 2)], LATER_MS
+            )
+        ).payload["lines"]
+        for order in orders
+    ]
+    await steps.settle(saga.scripts, PHONE_PARTITION, orders[2], steps.COMMITTED, lines[2])
+    results = await steps.settle_many(
+        saga.scripts,
+        PHONE_PARTITION,
+        [
+            (orders[0], steps.COMMITTED, lines[0]),
+            (orders[1], steps.ABORTED, lines[1]),
+            (orders[0], steps.COMMITTED, lines[0]),
+            (orders[2], steps.COMMITTED, ""),
+        ],
+    )
+    assert results == [
+        {"outcome": "committed", "settled": "1"},
+        {"outcome": "aborted", "settled": "1"},
+        {"outcome": "committed", "settled": "0"},
+        {"outcome": "committed", "settled": "0"},
+    ]
+    assert await saga.units(phone) == {"stock": 8, "held": 0, "sold": 2, "added": 10}
+    assert await saga.units(other) == {"stock": 6, "held": 0, "sold": 4, "added": 10}
+    assert await saga.redis.hkeys(keys.releases(PHONE_PARTITION)) == [orders[1]]
+    ledger = await saga.ledger(PHONE_PARTITION)
+    assert (ledger["held_units"], ledger["sold_units"], ledger["stock_units"]) == (0, 6, -6)
+
+
+async def test_a_batch_with_a_broken_invariant_writes_nothing(saga: SagaWorld) -> None:
+    phone = await saga.phone(PHONE_PARTITION, price_cents=100, stock=10)
+    first, second = order_id(), order_id()
+    lines = [
+        (await steps.reserve(saga.scripts, o, PHONE_PARTITION, [(phone, 3)], LATER_MS)).payload[
+            "lines"
+        ]
+        for o in (first, second)
+    ]
+    # Something outside the scripts took held units away: 6 reserved, 4 held.
+    await saga.redis.hincrby(keys.phone(phone), "held", -2)
+    before = await saga.units(phone)
+    results = await steps.settle_many(
+        saga.scripts,
+        PHONE_PARTITION,
+        [(first, steps.COMMITTED, lines[0]), (second, steps.ABORTED, lines[1])],
+    )
+    assert [result["code"] for result in results] == ["held_short", "held_short"]
+    assert results[0]["phone_id"] == phone
+    assert await saga.units(phone) == before
+    assert await saga.redis.hlen(keys.reservations(PHONE_PARTITION)) == 2
+    assert not await saga.redis.exists(keys.releases(PHONE_PARTITION))
 
 
 async def test_abort_gives_stock_back_once_and_a_late_reserve_is_refused(
@@ -113,7 +175,7 @@ async def test_abort_gives_stock_back_once_and_a_late_reserve_is_refused(
     ).payload["lines"]
     first = await steps.settle(saga.scripts, PHONE_PARTITION, order, steps.ABORTED, lines)
     again = await steps.settle(saga.scripts, PHONE_PARTITION, order, steps.ABORTED, "")
-    assert (first.payload["settled"], again.payload["settled"]) == ("1", "0")
+    assert (first["settled"], again["settled"]) == ("1", "0")
     assert await saga.units(phone) == {"stock": 2, "held": 0, "sold": 0, "added": 2}
     # Anti-suspension: the same order's try, arriving after its cancel, holds nothing.
     late = await steps.reserve(saga.scripts, order, PHONE_PARTITION, [(phone, 2)], LATER_MS)
@@ -128,7 +190,7 @@ async def test_an_abort_where_nothing_was_reserved_still_refuses_the_late_reserv
     phone = await saga.phone(OTHER_PHONE_PARTITION, price_cents=100, stock=2)
     order = order_id()
     released = await steps.settle(saga.scripts, OTHER_PHONE_PARTITION, order, steps.ABORTED, "")
-    assert released.payload == {"outcome": "aborted", "settled": "0"}
+    assert released == {"outcome": "aborted", "settled": "0"}
     late = await steps.reserve(saga.scripts, order, OTHER_PHONE_PARTITION, [(phone, 1)], LATER_MS)
     assert late.payload == {"code": "order_released"}
     assert await saga.units(phone) == {"stock": 2, "held": 0, "sold": 0, "added": 2}
@@ -183,7 +245,7 @@ async def test_return_stock_settles_a_still_held_reservation_first(saga: SagaWor
     assert await saga.redis.hlen(keys.reservations(PHONE_PARTITION)) == 0
     # The settle that the dead app owed now finds nothing to move.
     late = await steps.settle(saga.scripts, PHONE_PARTITION, order, steps.COMMITTED, "")
-    assert late.payload["settled"] == "0"
+    assert late["settled"] == "0"
     assert await saga.units(phone) == {"stock": 3, "held": 0, "sold": 0, "added": 3}
 
 

@@ -1,81 +1,121 @@
 #!lua
 -- settle_reservation: the saga's confirm or cancel step on one phone partition Q
--- (docs/data-tier.md, 3.1 and 3.2), once the order's outcome is known (the commit's
--- answer, or the fence's on the order's partition).
+-- (docs/data-tier.md, 3.1 and 3.2) for one or several orders whose outcome is known (the
+-- commit's answer, or the fence's on the order's partition). Several in one call because
+-- a call costs Redis about as much as the work of settling one order (section 9): the
+-- order path settles every order of an event-loop tick together, the settler a sweep's.
 --   committed: the reserved units move from held to sold; the reservation goes.
 --   aborted:   they move from held back to stock; the reservation goes, and a release
 --              tombstone stays, so a reserve arriving late for this order is refused
 --              (it is written even when there was no reservation here: that late
 --              reserve is exactly the one that would find none).
 -- Idempotent by order id: a second run finds no reservation and moves nothing (an
--- abort rewrites the same tombstone), so a retried call answers settled = "0".
--- Nothing is written before the last check.
+-- abort rewrites the same tombstone), so a retried call answers settled = "0"; an order
+-- named twice in one call is settled once.
+-- An order whose stored reservation is not the lines its caller read is left as it is
+-- and answered reservation_changed (the caller settles it again with the stored lines).
+-- Nothing is written before the last check of the whole call.
 --
 -- KEYS[1]  rv{Q}  hash: order id -> reserved lines
 -- KEYS[2]  rd{Q}  zset: order id by expiry
 -- KEYS[3]  rx{Q}  hash: order id -> released
 -- KEYS[4]  lg{Q}  hash: the partition's ledger (stock_units, held_units, sold_units, changes)
--- KEYS[5..4+n]  the phone hash of each reserved line, in the reservation's order
--- ARGV[1]  order id
--- ARGV[2]  "committed" or "aborted"
--- ARGV[3]  the reservation's lines as the caller read them (rv{Q}[order id]), or ""
---          when it found none; the phone keys were built from them
+-- KEYS[5..]  for each order in turn, the phone hash of each line of ITS ARGV lines
+-- ARGV[3i-2], ARGV[3i-1], ARGV[3i]  for order i: its id, "committed" or "aborted", and the
+--          reservation's lines as the caller read them (rv{Q}[id]), or "" when it found
+--          none; that order's phone keys were built from them
 --
 -- Returns {http_status, payload_json, settled}:
---   200, {outcome, settled="1"}, 1      the units moved now
---   200, {outcome, settled="0"}, 0      no reservation (settled before); an abort
---                                       (re)wrote the tombstone
---   409, {code="reservation_changed", lines}, 0   the stored reservation is not the
---        caller's ARGV[3] (read it again); nothing written
+--   200, {results=[...]} one per order, in order, each
+--          {outcome, settled="1"}          the units moved now
+--          {outcome, settled="0"}          no reservation (settled before, or named
+--                                          earlier in this call); an abort (re)wrote
+--                                          the tombstone
+--          {code="reservation_changed", lines}   left as it is
+--        settled = 1 when any order's units moved
 --   409, {code="held_short", phone_id, held, quantity}, 0   a phone holds fewer units
---        than the reservation (a broken invariant); nothing written
+--        than the reservations to settle (a broken invariant); nothing written
 --   error reply "settle_reservation: ..."  bad outcome or KEYS do not fit; nothing written
 --
 -- decode_items: the prelude (app/lua_prelude.py).
 
-local order_id, outcome, caller_lines = ARGV[1], ARGV[2], ARGV[3]
-if outcome ~= 'committed' and outcome ~= 'aborted' then
-  return redis.error_reply('settle_reservation: outcome must be committed or aborted')
-end
-local stored = redis.call('HGET', KEYS[1], order_id)
-if (stored or '') ~= caller_lines then
-  return {409, cjson.encode({code = 'reservation_changed', lines = stored or ''}), 0}
+local orders = #ARGV / 3
+if orders < 1 or orders ~= math.floor(orders) then
+  return redis.error_reply('settle_reservation: ARGV must be order, outcome, lines triples')
 end
 
-local lines = {}
-if stored then
-  for phone_id, quantity in decode_items(stored) do
-    lines[#lines + 1] = {phone_id, tonumber(quantity)}
+-- Check every order and add up what each phone must hold, before any write.
+local plans, need, phone_of, next_key, seen = {}, {}, {}, 5, {}
+for i = 1, orders do
+  local order_id, outcome, caller_lines = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
+  if outcome ~= 'committed' and outcome ~= 'aborted' then
+    return redis.error_reply('settle_reservation: outcome must be committed or aborted')
   end
+  local plan = {order_id = order_id, outcome = outcome, lines = {}}
+  for phone_id, quantity in decode_items(caller_lines) do
+    if not KEYS[next_key] then
+      return redis.error_reply('settle_reservation: too few keys for the lines')
+    end
+    plan.lines[#plan.lines + 1] = {phone_id, tonumber(quantity), KEYS[next_key]}
+    next_key = next_key + 1
+  end
+  local stored = redis.call('HGET', KEYS[1], order_id)
+  if seen[order_id] then
+    plan.result = {outcome = outcome, settled = '0'}
+  elseif (stored or '') ~= caller_lines then
+    plan.result = {code = 'reservation_changed', lines = stored or ''}
+  elseif not stored then
+    plan.result = {outcome = outcome, settled = '0'}
+  else
+    plan.moves = true
+    for _, line in ipairs(plan.lines) do
+      need[line[3]] = (need[line[3]] or 0) + line[2]
+      phone_of[line[3]] = line[1]
+    end
+  end
+  seen[order_id] = true
+  plans[i] = plan
 end
-if #KEYS ~= 4 + #lines then
-  return redis.error_reply('settle_reservation: ' .. #KEYS .. ' keys for ' .. #lines .. ' lines')
+if next_key ~= #KEYS + 1 then
+  return redis.error_reply('settle_reservation: ' .. #KEYS .. ' keys for ' .. (next_key - 1))
 end
-for i, line in ipairs(lines) do
-  local held = tonumber(redis.call('HGET', KEYS[4 + i], 'held') or '0')
-  if held < line[2] then
-    return {409, cjson.encode({code = 'held_short', phone_id = line[1], held = tostring(held),
-      quantity = tostring(line[2])}), 0}
+for key, quantity in pairs(need) do
+  local held = tonumber(redis.call('HGET', key, 'held') or '0')
+  if held < quantity then
+    return {409, cjson.encode({code = 'held_short', phone_id = phone_of[key], held = tostring(held),
+      quantity = tostring(quantity)}), 0}
   end
 end
 
 -- Every check passed: write.
-if outcome == 'aborted' then
-  redis.call('HSET', KEYS[3], order_id, 'released')
+local results, moved = {}, {committed = 0, aborted = 0}
+for i, plan in ipairs(plans) do
+  local changed = plan.result and plan.result.code
+  if plan.outcome == 'aborted' and not changed then
+    redis.call('HSET', KEYS[3], plan.order_id, 'released')
+  end
+  if plan.moves then
+    local target = plan.outcome == 'committed' and 'sold' or 'stock'
+    for _, line in ipairs(plan.lines) do
+      redis.call('HINCRBY', line[3], 'held', -line[2])
+      redis.call('HINCRBY', line[3], target, line[2])
+      moved[plan.outcome] = moved[plan.outcome] + line[2]
+    end
+    redis.call('HDEL', KEYS[1], plan.order_id)
+    redis.call('ZREM', KEYS[2], plan.order_id)
+    plan.result = {outcome = plan.outcome, settled = '1'}
+  end
+  results[i] = plan.result
 end
-if not stored then
-  return {200, cjson.encode({outcome = outcome, settled = '0'}), 0}
+local units = moved.committed + moved.aborted
+if units > 0 then
+  redis.call('HINCRBY', KEYS[4], 'held_units', -units)
+  if moved.committed > 0 then
+    redis.call('HINCRBY', KEYS[4], 'sold_units', moved.committed)
+  end
+  if moved.aborted > 0 then
+    redis.call('HINCRBY', KEYS[4], 'stock_units', moved.aborted)
+  end
+  redis.call('HINCRBY', KEYS[4], 'changes', 1)
 end
-local target = outcome == 'committed' and 'sold' or 'stock'
-local units = 0
-for i, line in ipairs(lines) do
-  redis.call('HINCRBY', KEYS[4 + i], 'held', -line[2])
-  redis.call('HINCRBY', KEYS[4 + i], target, line[2])
-  units = units + line[2]
-end
-redis.call('HDEL', KEYS[1], order_id)
-redis.call('ZREM', KEYS[2], order_id)
-redis.call('HINCRBY', KEYS[4], 'held_units', -units)
-redis.call('HINCRBY', KEYS[4], target .. '_units', units)
-redis.call('HINCRBY', KEYS[4], 'changes', 1)
-return {200, cjson.encode({outcome = outcome, settled = '1'}), 1}
+return {200, cjson.encode({results = results}), units > 0 and 1 or 0}

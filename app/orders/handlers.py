@@ -41,7 +41,7 @@ async def place_order(call: Call[OrderCreate]) -> web.Response:
         placing = functools.partial(
             saga_service.place_order,
             scripts_of(request),
-            request.app[appkeys.SETTLER].spawn,
+            request.app[appkeys.SETTLER].settle_soon,
             reservation_ttl_ms=settings.reservation_ttl_ms,
             fault_point=settings.saga_fault_point,
         )

@@ -11,6 +11,7 @@ Outcomes of an order, as the fence decides them: ``committed`` (the order exists
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from app import keys
 from app.fields import STOCK_LIMIT
@@ -71,23 +72,52 @@ async def reserve(
     return await scripts.call("reserve_stock", script_keys, args)
 
 
+# One order to settle on a phone partition: its id, its outcome, and the reservation's
+# lines as the caller read them ("" for none: an abort still leaves its tombstone).
+Settlement = tuple[str, str, str]
+
+
+async def settle_many(
+    scripts: Scripts, partition: int, settlements: list[Settlement]
+) -> list[dict[str, Any]]:
+    """settle_reservation.lua on one phone partition for several orders in one call:
+    each order's result, in order (``{"outcome", "settled"}``). An order a late reserve
+    changed meanwhile is settled again with the lines the script answered."""
+    for _, outcome, _ in settlements:
+        if outcome not in OUTCOMES:
+            raise ValueError(f"not an outcome: {outcome!r}")
+    results: list[dict[str, Any]] = [{} for _ in settlements]
+    todo = list(range(len(settlements)))
+    for _ in range(SETTLE_ATTEMPTS):
+        script_keys = _partition_keys(partition)
+        args: list[str | int] = []
+        for i in todo:
+            order_id, outcome, lines = settlements[i]
+            script_keys += [keys.phone(line.phone_id) for line in decode_items(lines)]
+            args += [order_id, outcome, lines]
+        answer = await scripts.call("settle_reservation", script_keys, args)
+        if answer.status != 200:
+            for i in todo:
+                results[i] = answer.payload
+            return results
+        retry = []
+        for i, result in zip(todo, answer.payload["results"], strict=True):
+            results[i] = result
+            if result.get("code") == "reservation_changed":
+                order_id, outcome, _ = settlements[i]
+                settlements[i] = (order_id, outcome, result["lines"])
+                retry.append(i)
+        if not retry:
+            break
+        todo = retry
+    return results
+
+
 async def settle(
     scripts: Scripts, partition: int, order_id: str, outcome: str, reserved_lines: str
-) -> ScriptResult:
-    """settle_reservation.lua on one phone partition, with the reservation's lines as the
-    caller read them ("" for none: an abort then still leaves its tombstone)."""
-    if outcome not in OUTCOMES:
-        raise ValueError(f"not an outcome: {outcome!r}")
-    for _ in range(SETTLE_ATTEMPTS):
-        phone_keys = [keys.phone(line.phone_id) for line in decode_items(reserved_lines)]
-        result = await scripts.call(
-            "settle_reservation",
-            [*_partition_keys(partition), *phone_keys],
-            [order_id, outcome, reserved_lines],
-        )
-        if result.payload.get("code") != "reservation_changed":
-            return result
-        reserved_lines = result.payload["lines"]
+) -> dict[str, Any]:
+    """One order's settle (``settle_many`` of one)."""
+    [result] = await settle_many(scripts, partition, [(order_id, outcome, reserved_lines)])
     return result
 
 

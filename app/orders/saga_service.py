@@ -1,7 +1,7 @@
 """Placing and cancelling an order by the reservation saga (docs/data-tier.md, 3.1 and
 3.3), the order path when ``Settings.order_saga`` is on: reserve on every phone
 partition in parallel, then commit (or reject) on the customer's partition, then settle
-the reservations after the answer. A cancel refunds on the order's partition, then gives
+the reservations after the answer (batched per phone partition by the settler). A cancel refunds on the order's partition, then gives
 the stock back on each phone's partition.
 
 Whatever this request does not finish (its worker died, a call failed) is left in a state
@@ -15,7 +15,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -32,8 +32,9 @@ from app.redis_gateway import RedisGateway
 from app.scripts import ScriptResult, Scripts, problem_from_script
 from app.vocabulary import CANCELLED, COMPLETED, OPEN, decode_items, encode_items
 
-# Runs a settling step after the answer was sent (the Settler's spawn).
-Spawn = Callable[[Coroutine[Any, Any, Any]], None]
+# Settles one order's reservation on a phone partition after the answer is sent:
+# (partition, order id, outcome, reserved lines); the Settler's settle_soon.
+SettleSoon = Callable[[int, str, str, str], None]
 
 
 def crash_if(point: str, fault_point: str) -> None:
@@ -67,15 +68,11 @@ def _merged_refusal(refusals: list[ScriptResult]) -> tuple[int, dict[str, Any]]:
     return 409, {"code": "out_of_stock", "lines": short}
 
 
-async def _settle_all(
-    scripts: Scripts, order_id: str, outcome: str, reserved: dict[int, str]
+def _settle_all(
+    settle_soon: SettleSoon, order_id: str, outcome: str, reserved: dict[int, str]
 ) -> None:
-    await asyncio.gather(
-        *(
-            saga.settle(scripts, partition, order_id, outcome, lines)
-            for partition, lines in reserved.items()
-        )
-    )
+    for partition, lines in reserved.items():
+        settle_soon(partition, order_id, outcome, lines)
 
 
 def _answer(result: ScriptResult) -> PlacedOrder:
@@ -90,7 +87,7 @@ def _answer(result: ScriptResult) -> PlacedOrder:
 
 async def place_order(
     scripts: Scripts,
-    spawn: Spawn,
+    settle_soon: SettleSoon,
     *,
     customer_id: str,
     lines: list[tuple[str, int]],
@@ -119,7 +116,7 @@ async def place_order(
         # This app will not commit: release what it holds and tombstone the rest, so a
         # reserve still on its way is refused. What this cannot reach, the settler does.
         everywhere = {partition: reserved.get(partition, "") for partition in groups}
-        spawn(_settle_all(scripts, order_id, saga.ABORTED, everywhere))
+        _settle_all(settle_soon, order_id, saga.ABORTED, everywhere)
         raise failed[0]
     crash_if("reserved", fault_point)
 
@@ -140,7 +137,7 @@ async def place_order(
             ],
             [order_id, *idempotency, status, msgspec.json.encode(payload).decode()],
         )
-        spawn(_settle_all(scripts, order_id, saga.ABORTED, reserved))
+        _settle_all(settle_soon, order_id, saga.ABORTED, reserved)
         return _answer(result)
 
     prices = {
@@ -180,7 +177,7 @@ async def place_order(
     crash_if("committed", fault_point)
     committed = result.status == 201 and not result.flag
     outcome = saga.COMMITTED if committed else saga.ABORTED
-    spawn(_settle_all(scripts, order_id, outcome, reserved))
+    _settle_all(settle_soon, order_id, outcome, reserved)
     return _answer(result)
 
 
