@@ -6,6 +6,7 @@ A token never changes owner, so each worker caches hash -> customer id.
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import hmac
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from aiohttp import hdrs, web
 
 from app import appkeys, keys
+from app.partitions import PARTITIONS
 from app.problems import ProblemError
 from app.seed import seed_service
 from app.settings import BEARER_TOKEN
@@ -33,8 +35,13 @@ WHAT_TO_SEND = (
 )
 
 
-def new_token() -> str:
-    return secrets.token_urlsafe(32)
+def new_token(partition: int) -> str:
+    """32 bytes, the first its customer's partition (as in an id, app/partitions.py),
+    so the token's key (keys.customer_token) is found from the token alone."""
+    if not 0 <= partition < PARTITIONS:
+        raise ValueError(f"no partition {partition}")
+    raw = bytes([partition]) + secrets.token_bytes(31)
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
 # Every customer token is new_token()'s: 43 URL-safe characters. Anything else
@@ -130,7 +137,7 @@ async def authenticate(request: web.Request) -> Principal:
     cache = request.app[appkeys.TOKEN_CACHE]
     customer_id = cache.get(digest)
     if customer_id is None:
-        found = await request.app[appkeys.REDIS_GATEWAY].get(keys.customer_token(digest))
+        found = await request.app[appkeys.REDIS_GATEWAY].get(keys.customer_token(token, digest))
         if found is None:
             raise unauthorized(request, token_sent=True)
         customer_id = found.decode()

@@ -3,34 +3,66 @@
 Ids reach these functions only after ``app.ids`` checked them against a strict
 pattern, so no caller-controlled text can widen or collide a key.
 
-A single Redis node holds everything today; all keys of one order operation
-(customer, phones, indexes, events) are passed to its script through KEYS, so a
-move to Redis Cluster only needs a hash tag added here.
+The layout (docs/data-tier.md, section 2): the data lives in 128 fixed
+partitions (app/partitions.py). Every key of partition ``P`` holds its hash tag
+``{T}`` (``T = PARTITION_TAGS[P]``), so on Redis Cluster all of it is one slot
+and a script over one partition's keys never fails with CROSSSLOT; on one
+redis-server the tags are just part of the names. An id's first byte is its
+partition, so a key is built from the id alone:
+
+* a customer and everything of its orders (the order hashes, the customer's
+  indexes, its Idempotency-Key records, the partition's order indexes and
+  counter, the partition's ledger) live in the customer's partition, which the
+  lower-cased email chose;
+* a phone, with the partition's catalogue index and counter and the phone
+  side of its ledger, lives in the phone's (random) partition.
+
+Names are short because every byte is paid per order (docs/data-tier.md,
+section 10): ``c`` customer, ``k`` token, ``ce`` emails, ``cs``/``cq``
+customers index and clock, ``p`` phone, ``ps``/``pq`` phones index and clock,
+``o`` order, ``oa``/``os``/``oq`` all orders, orders by status and their
+clock, ``co`` a customer's orders, ``i`` Idempotency-Key record, ``lg``
+ledger. Still global: ``events`` (one stream per partition is the next step,
+docs/data-tier.md section 7), the ``mail:*`` keys and ``layout``.
 
 Hashes and their fields (all numbers are integers, money in cents):
 
-``phone:{id}``      id, name, description, image_url, price_cents, stock,
-                    added_units (created + restocked, ever), seq, created_at
-``customer:{id}``   id, name, surname, email, balance_cents,
-                    added_cents (initial balance + deposits, ever),
-                    token_sha256, seq, created_at
-``order:{id}``      id, customer_id, status (app/vocabulary.py: STATUSES),
-                    items ("phone_id:quantity:unit_price_cents;...",
-                    app/vocabulary.py: encode_items, decode_items),
-                    total_cents, seq, created_at, request_id
+``c{P}<id>``      customer: id, name, surname, email, balance_cents,
+                  added_cents (initial balance + deposits, ever),
+                  token_sha256, seq, created_at
+``p{Q}<id>``      phone: id, name, description, image_url, price_cents, stock,
+                  added_units (created + restocked, ever), seq, created_at
+``o{P}<id>``      order: id, customer_id, status (app/vocabulary.py: STATUSES),
+                  items ("phone_id:quantity:unit_price_cents;...",
+                  app/vocabulary.py: encode_items, decode_items),
+                  total_cents, seq, created_at, request_id
+``i{P}<customer id>:<sha256 of the key>``  the first answer to an
+                  Idempotency-Key: fingerprint, status, payload (with a TTL)
+``ce{P}``         lower-cased email -> customer id, for the emails of partition P
 
-Hash ``ledger``: the shop's running totals, moved by the same script and in
-the same step as the rows they sum, so they are one consistent figure at every
-moment (app/admin/audit.py checks them against a paged recount of the rows).
-Money in cents: balance_cents (all balances), added_cents (all opening
-balances + deposits), open_cents and completed_cents (the totals of open and
-of completed orders). Units: stock_units, added_units, open_units,
-completed_units. Counts: phones, customers, orders_open, orders_completed,
-orders_cancelled. (So orders_<status> for every status, and <status>_cents and
-<status>_units for each that keeps the money: app/vocabulary.py.) changes: one more for every script run that wrote, so an
-unchanged count means nothing moved. At every moment
-balance + open + completed = added, in cents and in units. Every order script
-touches it, so a move to Redis Cluster would keep one ledger per hash tag.
+``seq`` orders every list: the script that creates a row takes it from its
+partition's clock (``cq``/``pq``/``oq``: Redis TIME in microseconds, raised to
+one more than the last value so it strictly grows within the partition).
+Scores of different partitions compare as times, which is what lists over
+all partitions merge by (app/paging.py); a tie across partitions is broken by
+the partition number.
+
+Sorted sets scored by seq: ``cs{P}`` the customers, ``ps{Q}`` the phones,
+``oa{P}`` all orders, ``os{P}<status>`` orders by status,
+``co{P}<customer id>`` and ``co{P}<customer id>:<status>`` one customer's.
+
+Hash ``lg{P}``: the running totals of partition P, moved by the same script
+and in the same step as the rows they sum (app/admin/audit.py checks them
+against a paged recount of the rows). On a customer's partition: customers,
+balance_cents (its balances), added_cents (opening balances + deposits),
+orders_<status> for every status, <status>_cents and <status>_units for each
+that keeps the money (app/vocabulary.py): open and completed. On a phone's
+partition: phones, stock_units, added_units, sold_units (units in open or
+completed orders). changes: one more for every script run that moved this
+ledger, so an unchanged count means nothing of the partition moved. At every
+moment, per partition: balance + open + completed = added, in cents; stock +
+sold = added, in units. Over all partitions, at rest: the sold units = the
+open + completed units.
 
 Stream ``events``: one entry per order change, appended by the script that made
 the change. Fields: type (the event of the order's new status, app/vocabulary.py),
@@ -38,6 +70,9 @@ order_id, customer_id, status, request_id, at (ms since the epoch);
 order.completed also carries balance_cents, the customer's balance at that
 moment (for the mail). ``mail.requeued`` entries (app/admin/mail.py) put a
 dead-lettered mail back: status=completed plus dead_id.
+
+String ``layout``: the layout version of this data (LAYOUT_VERSION), written
+on first start (app/layout.py).
 """
 
 from __future__ import annotations
@@ -45,51 +80,84 @@ from __future__ import annotations
 import hashlib
 
 from app import partitions
+from app.partitions import PARTITION_TAGS, partition_of
 
-# Sorted sets scored by a creation sequence number: stable pagination with
-# ZRANGE by rank, O(log N + page) whatever the size.
-PHONES = "phones"
-PHONES_SEQ = "phones:seq"
-CUSTOMERS = "customers"
-CUSTOMERS_SEQ = "customers:seq"
-CUSTOMER_EMAILS = "customers:email"  # hash: lower-cased email -> customer id
-ORDERS = "orders"
-ORDERS_SEQ = "orders:seq"
+# The version of the key layout above; app/layout.py refuses data of another.
+LAYOUT_VERSION = 2
+LAYOUT = "layout"
+# Keys only the previous layout (one global index per kind, one ledger) had:
+# finding one without LAYOUT means data from before the partitions.
+OLD_LAYOUT_KEYS = (
+    "ledger",
+    "phones",
+    "phones:seq",
+    "customers",
+    "customers:seq",
+    "customers:email",
+    "orders",
+    "orders:seq",
+)
 
 EVENTS = "events"
 MAIL_GROUP = "mailer"
 MAIL_DEAD = "mail:dead"
 
-LEDGER = "ledger"
+
+def _tag(partition: int) -> str:
+    return "{" + PARTITION_TAGS[partition] + "}"
 
 
-def phone(phone_id: str) -> str:
-    return f"phone:{phone_id}"
+def _tag_of(entity_id: str) -> str:
+    return _tag(partition_of(entity_id))
+
+
+# ---- a customer's partition -------------------------------------------------------------
 
 
 def customer(customer_id: str) -> str:
-    return f"customer:{customer_id}"
+    return f"c{_tag_of(customer_id)}{customer_id}"
 
 
-def customer_token(token_sha256: str) -> str:
-    """String key: sha256 of a customer's bearer token -> customer id."""
-    return f"token:{token_sha256}"
+def customer_token(token: str, token_sha256: str) -> str:
+    """String key: sha256 of a customer's bearer token -> customer id. The token's
+    first byte is its customer's partition (app/auth.py: new_token)."""
+    return f"k{_tag_of(token)}{token_sha256}"
+
+
+def customer_emails(partition: int) -> str:
+    return f"ce{_tag(partition)}"
+
+
+def customers(partition: int) -> str:
+    return f"cs{_tag(partition)}"
+
+
+def customers_seq(partition: int) -> str:
+    return f"cq{_tag(partition)}"
 
 
 def order(order_id: str) -> str:
-    return f"order:{order_id}"
+    return f"o{_tag_of(order_id)}{order_id}"
 
 
-def orders_by_status(status: str) -> str:
-    return f"orders:status:{status}"
+def orders(partition: int) -> str:
+    return f"oa{_tag(partition)}"
+
+
+def orders_by_status(partition: int, status: str) -> str:
+    return f"os{_tag(partition)}{status}"
+
+
+def orders_seq(partition: int) -> str:
+    return f"oq{_tag(partition)}"
 
 
 def customer_orders(customer_id: str) -> str:
-    return f"customer:{customer_id}:orders"
+    return f"co{_tag_of(customer_id)}{customer_id}"
 
 
 def customer_orders_by_status(customer_id: str, status: str) -> str:
-    return f"customer:{customer_id}:orders:{status}"
+    return f"co{_tag_of(customer_id)}{customer_id}:{status}"
 
 
 def idempotency(customer_id: str, idempotency_key: str) -> str:
@@ -97,8 +165,53 @@ def idempotency(customer_id: str, idempotency_key: str) -> str:
 
     The client's key is hashed so its length and characters never shape a key.
     """
-    digest = hashlib.sha256(idempotency_key.encode()).hexdigest()
-    return f"idem:{customer_id}:{digest}"
+    return idempotency_of_digest(customer_id, hashlib.sha256(idempotency_key.encode()).hexdigest())
+
+
+def idempotency_of_digest(customer_id: str, digest: str) -> str:
+    return f"i{_tag_of(customer_id)}{customer_id}:{digest}"
+
+
+# SCAN/KEYS pattern matching every Idempotency-Key record (for measurements).
+IDEMPOTENCY_MATCH = "i{*"
+
+
+# ---- a phone's partition ----------------------------------------------------------------
+
+
+def phone(phone_id: str) -> str:
+    return f"p{_tag_of(phone_id)}{phone_id}"
+
+
+def phones(partition: int) -> str:
+    return f"ps{_tag(partition)}"
+
+
+def phones_seq(partition: int) -> str:
+    return f"pq{_tag(partition)}"
+
+
+# ---- either -----------------------------------------------------------------------------
+
+
+def ledger(partition: int) -> str:
+    return f"lg{_tag(partition)}"
+
+
+def partition_events(partition: int) -> str:
+    """The stream of one partition's order events (docs/data-tier.md section 7): the next
+    step. The app still appends to EVENTS; only the data tier's harness
+    (loadtests/datatier.py) runs place_order.lua with this one on a cluster, where the
+    global stream would be in another slot."""
+    return f"e{_tag(partition)}"
+
+
+def ledger_of(entity_id: str) -> str:
+    """The ledger of the partition an id (customer, phone or order) lives in."""
+    return ledger(partition_of(entity_id))
+
+
+# ---- global (the next steps of docs/data-tier.md move them into partitions) ------------
 
 
 def mail_sent(order_id: str) -> str:
@@ -182,6 +295,6 @@ def settler_lease(partition: int) -> str:
 
 
 def partition_ledger(partition: int) -> str:
-    """Hash: one partition's running totals (section 2.3's lg{P}); the saga's scripts move
-    a phone partition's stock_units, held_units and sold_units in it."""
-    return _in_partition("lg", partition)
+    """Hash: one partition's running totals, ``ledger(partition)`` above; the saga's
+    scripts move a phone partition's stock_units, held_units and sold_units in it."""
+    return ledger(partition)

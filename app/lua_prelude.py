@@ -5,7 +5,11 @@ put it before each), so no script copies a helper or spells a shared word:
   decode_items: app/vocabulary.py in Lua;
 - pairs_to_map(flat): a flat field, value, ... reply (HGETALL, a stream
   entry's fields, XINFO) as a table of field -> value;
-- hgetall_map(key): the hash at key as such a table ({} when it is missing).
+- hgetall_map(key): the hash at key as such a table ({} when it is missing);
+- next_seq(clock): the next ``seq`` of a partition (app/keys.py): Redis TIME in
+  microseconds, or one more than the clock's last value when that is not
+  later, stored back in the clock; returned as a string of digits. It writes,
+  so a script calls it only after its last check.
 
 A script gets only the definitions it names (and those they use): each costs
 every run of the script a table or a closure, about 0.1 µs. They go on one
@@ -26,6 +30,13 @@ DEFINITIONS: dict[str, str] = {
     " for i = 1, #flat, 2 do map[flat[i]] = flat[i + 1] end return map end",
     "hgetall_map": "local function hgetall_map(key)"
     " return pairs_to_map(redis.call('HGETALL', key)) end",
+    # TIME keeps lists of different partitions in one time order; the clock
+    # makes seq strictly grow within its partition even if TIME does not.
+    "next_seq": "local function next_seq(clock) local t = redis.call('TIME')"
+    " local seq = tonumber(t[1]) * 1000000 + tonumber(t[2])"
+    " local last = tonumber(redis.call('GET', clock) or '0')"
+    " if seq <= last then seq = last + 1 end"
+    " seq = string.format('%d', seq) redis.call('SET', clock, seq) return seq end",
 }
 
 

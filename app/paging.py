@@ -1,15 +1,43 @@
-"""One page of hashes listed by a sorted-set index, in two round trips.
+"""Pages of hashes listed by sorted-set indexes: one index, or one per partition merged.
 
-ZRANGE by rank costs O(log N + page), so a page costs the same with a thousand
-or a million rows; nothing ever loads a whole collection.
+A page never costs more with more rows: nothing loads a whole collection.
+
+* One index (a customer's own orders): ZCARD and ZRANGE by rank, O(log N + page),
+  in one round trip, then the page's hashes in a second.
+* One index per partition (the phones, all orders), merged into one list ordered by
+  score. Every score is a ``seq`` (app/keys.py): microseconds, strictly growing within
+  a partition, so scores of different partitions compare as times; a tie across
+  partitions is broken by the partition's place in the list. Page ``N`` of ``k`` rows
+  starts at offset ``o = (N-1)·k``:
+
+  - **Near the head** (``o + k <= HEAD_LIMIT``): every partition's first
+    ``c = ceil((o+k)/m) + 2`` rows come in the round trip that counts them (m indexes).
+    The ``o+k``-th best of those bounds the page: a partition whose ``c``-th row is
+    still better than that bound may hold more of the page, and only those are read
+    further, up to the bound (rarely: it takes 3 of the page's rows in one partition).
+    2 round trips, 3 at times; about ``m·c`` rows read, whatever the data size.
+  - **Deeper**: the score of the row at offset ``o`` is found by bisecting on scores,
+    each probe one round trip of ``m`` ZCOUNTs (O(log N) each): about log2 of the
+    span of scores in microseconds, 37 probes for a day of data, 45 for a year, and
+    never more than 53; then the page is read from that score on as near the head.
+    Independent of the number of rows, and far costlier than one ZRANGE: the price of
+    page numbers over partitions (docs/data-tier.md, section 2.4).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Any
 
 from app.query import Page
 from app.redis_gateway import RedisGateway
+
+# Above this offset + page size, a page is found by bisection instead of from the heads.
+HEAD_LIMIT = 512
+
+# (score, index of the partition's index in the list, member)
+_Row = tuple[int, int, bytes]
 
 
 async def page_of_hashes(
@@ -29,3 +57,164 @@ async def page_of_hashes(
         return total, []
     rows = await gateway.hgetall_many([hash_key(member.decode()) for member in ids])
     return total, [row for row in rows if row]
+
+
+async def merged_page_of_hashes(
+    gateway: RedisGateway,
+    indexes: list[str],
+    page: Page,
+    hash_key: Callable[[str], str],
+    *,
+    newest_first: bool,
+) -> tuple[int, list[dict[str, str]]]:
+    """Page ``page`` of the rows of all ``indexes`` merged by score, and their total."""
+    total, members = await merged_page(
+        gateway,
+        indexes,
+        (page.page - 1) * page.per_page,
+        page.per_page,
+        newest_first=newest_first,
+    )
+    if not members:
+        return total, []
+    rows = await gateway.hgetall_many([hash_key(member.decode()) for member in members])
+    return total, [row for row in rows if row]
+
+
+class _Order:
+    """The Redis ranges of one direction of the merge: ascending or newest first."""
+
+    def __init__(self, newest_first: bool) -> None:
+        self.newest_first = newest_first
+
+    def key(self, row: _Row) -> tuple[int, int]:
+        return (-row[0], -row[1]) if self.newest_first else (row[0], row[1])
+
+    def read(self, index: str, start: str, end: str, count: int) -> tuple[Any, ...]:
+        """Up to ``count`` rows from ``start`` to ``end`` (Redis score bounds), in order."""
+        command = "ZREVRANGEBYSCORE" if self.newest_first else "ZRANGEBYSCORE"
+        return (command, index, start, end, "LIMIT", 0, count, "WITHSCORES")
+
+    def everything_from(self, score: int | None) -> tuple[str, str]:
+        """The bounds from ``score`` (inclusive; None: the very first) to the end."""
+        start = ("+inf" if self.newest_first else "-inf") if score is None else str(score)
+        return start, ("-inf" if self.newest_first else "+inf")
+
+    def count_before(self, index: str, score: int) -> tuple[Any, ...]:
+        """ZCOUNT of the rows that come before ``score`` (exclusive)."""
+        if self.newest_first:
+            return ("ZCOUNT", index, f"({score}", "+inf")
+        return ("ZCOUNT", index, "-inf", f"({score}")
+
+
+def _pairs(reply: list[Any]) -> list[tuple[bytes, Any]]:
+    """A WITHSCORES reply's (member, score): flat in RESP2, pairs in RESP3."""
+    if reply and isinstance(reply[0], list):
+        return [(member, score) for member, score in reply]
+    return [(reply[i], reply[i + 1]) for i in range(0, len(reply), 2)]
+
+
+def _rows(reply: list[Any], position: int) -> list[_Row]:
+    return [(int(float(score)), position, member) for member, score in _pairs(reply)]
+
+
+async def merged_page(
+    gateway: RedisGateway, indexes: list[str], offset: int, count: int, *, newest_first: bool
+) -> tuple[int, list[bytes]]:
+    """The total of all indexes and the members at ``offset`` .. ``offset+count-1`` of
+    their merge."""
+    order = _Order(newest_first)
+    want = offset + count
+    if want <= HEAD_LIMIT:
+        head = math.ceil(want / len(indexes)) + 2
+        start, end = order.everything_from(None)
+        replies = await gateway.execute_many(
+            [("ZCARD", index) for index in indexes]
+            + [order.read(index, start, end, head) for index in indexes]
+        )
+        total = sum(replies[: len(indexes)])
+        firsts = [_rows(reply, i) for i, reply in enumerate(replies[len(indexes) :])]
+        rows = await _complete(gateway, order, indexes, firsts, head, want)
+        return total, [member for _, _, member in rows[offset:want]]
+
+    cards = await gateway.execute_many([("ZCARD", index) for index in indexes])
+    total = sum(cards)
+    if offset >= total:
+        return total, []
+    score, skip = await _score_at(gateway, order, indexes, cards, offset)
+    want = skip + count
+    head = math.ceil(want / len(indexes)) + 2
+    start, end = order.everything_from(score)
+    replies = await gateway.execute_many([order.read(index, start, end, head) for index in indexes])
+    firsts = [_rows(reply, i) for i, reply in enumerate(replies)]
+    rows = await _complete(gateway, order, indexes, firsts, head, want, end_bound=end)
+    return total, [member for _, _, member in rows[skip:want]]
+
+
+async def _complete(
+    gateway: RedisGateway,
+    order: _Order,
+    indexes: list[str],
+    firsts: list[list[_Row]],
+    head: int,
+    want: int,
+    end_bound: str | None = None,
+) -> list[_Row]:
+    """The first ``want`` rows of the merge, given each index's first ``head`` rows
+    (from the same start): reads further only the indexes that may hold more of them."""
+    rows = sorted((row for first in firsts for row in first), key=order.key)
+    bound = rows[want - 1] if len(rows) >= want else None
+    if end_bound is None:
+        end_bound = order.everything_from(None)[1]
+    more = []
+    for i, first in enumerate(firsts):
+        if len(first) < head:
+            continue  # the index ran out: all of it is here
+        last = first[-1]
+        if bound is not None and order.key(last) >= order.key(bound):
+            continue  # its next rows all come after the bound
+        # Scores are unique within an index, so "after its last row" is by score.
+        end = end_bound if bound is None else str(bound[0])
+        more.append((i, order.read(indexes[i], f"({last[0]}", end, want)))
+    if not more:
+        return rows[:want]
+    replies = await gateway.execute_many([command for _, command in more])
+    for (i, _), reply in zip(more, replies, strict=True):
+        rows.extend(_rows(reply, i))
+    rows.sort(key=order.key)
+    return rows[:want]
+
+
+async def _score_at(
+    gateway: RedisGateway, order: _Order, indexes: list[str], cards: list[int], offset: int
+) -> tuple[int, int]:
+    """The score of the row at ``offset`` of the merge, and how many rows of that very
+    score come before it: bisection on scores, one round trip of ZCOUNTs per probe."""
+    live = [index for index, card in zip(indexes, cards, strict=True) if card]
+    ends = await gateway.execute_many(
+        [("ZRANGE", index, 0, 0, "WITHSCORES") for index in live]
+        + [("ZRANGE", index, -1, -1, "WITHSCORES") for index in live]
+    )
+    scores = [int(float(_pairs(reply)[0][1])) for reply in ends]
+    low, high = min(scores), max(scores)
+
+    async def before(score: int) -> int:
+        counts = await gateway.execute_many([order.count_before(index, score) for index in live])
+        return sum(counts)
+
+    # The row at `offset` has the last score (in the merge's order) with before() <= offset:
+    # ascending, the greatest such score; newest first, the least.
+    while low < high:
+        if order.newest_first:
+            middle = (low + high) // 2
+            if await before(middle) <= offset:
+                high = middle
+            else:
+                low = middle + 1
+        else:
+            middle = (low + high + 1) // 2
+            if await before(middle) <= offset:
+                low = middle
+            else:
+                high = middle - 1
+    return low, offset - await before(low)

@@ -10,16 +10,42 @@ it (its ledger fields are ``orders_<status>``, and ``<status>_cents`` and
 ``<status>_units`` when it keeps the money), and add its route. The audit,
 the ``status`` filter, /openapi.json and the WebSocket's event types follow
 from this table.
+
+Ids: every id names its partition (app/partitions.py, docs/data-tier.md 2.2);
+the functions below say which partition each kind of id is minted in.
 """
 
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from app.ids import is_valid_id
+from app.partitions import PARTITIONS, new_id, partition_for_email, partition_of
+
+# ---- ids: each carries its partition --------------------------------------------------
+
+
+def new_customer_id(email: str) -> str:
+    """In the partition of the lower-cased email: the email's uniqueness index
+    (keys.customer_emails) and the customer are then one partition."""
+    return new_id(partition_for_email(email.lower()))
+
+
+def new_phone_id() -> str:
+    """In a random partition: phones (the stock) spread over every partition."""
+    return new_id(secrets.randbelow(PARTITIONS))
+
+
+def new_order_id(customer_id: str) -> str:
+    """In its customer's partition, minted before the script runs: the order is
+    written with the customer's money in one partition, and GET, check and
+    cancel find it from the id alone."""
+    return new_id(partition_of(customer_id))
+
 
 # ---- order statuses -------------------------------------------------------------------
 

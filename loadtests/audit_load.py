@@ -40,10 +40,13 @@ from redis.backoff import NoBackoff
 
 from app import keys
 from app.admin.audit import run_audit
-from app.ids import new_id
+from app.auth import new_token, token_sha256
+from app.customers.service import create_customer_keys
 from app.orders.service import place_order_keys
+from app.partitions import partition_of
+from app.phones.service import create_phone_keys
 from app.scripts import load_source
-from app.vocabulary import COMPLETED, OPEN
+from app.vocabulary import COMPLETED, OPEN, new_customer_id, new_order_id, new_phone_id
 
 PHONES = 100
 CUSTOMERS = 100
@@ -105,15 +108,12 @@ class Shop:
         now = int(time.time() * 1000)
         async with self.redis.pipeline(transaction=False) as pipe:
             for _ in range(PHONES):
-                phone_id = new_id()
+                phone_id = new_phone_id()
                 self.phones.append(phone_id)
                 pipe.evalsha(
                     self.shas["create_phone"],
                     4,
-                    keys.phone(phone_id),
-                    keys.PHONES,
-                    keys.PHONES_SEQ,
-                    keys.LEDGER,
+                    *create_phone_keys(phone_id),
                     phone_id,
                     "P",
                     "",
@@ -123,24 +123,22 @@ class Shop:
                     now,
                 )
             for i in range(CUSTOMERS):
-                customer_id = new_id()
+                email = f"c{i}@example.com"
+                customer_id = new_customer_id(email)
+                token = new_token(partition_of(customer_id))
+                digest = token_sha256(token)
                 self.customers.append(customer_id)
                 pipe.evalsha(
                     self.shas["create_customer"],
                     6,
-                    keys.customer(customer_id),
-                    keys.CUSTOMERS,
-                    keys.CUSTOMERS_SEQ,
-                    keys.CUSTOMER_EMAILS,
-                    keys.customer_token(f"{i:064x}"),
-                    keys.LEDGER,
+                    *create_customer_keys(customer_id, token, digest),
                     customer_id,
                     "A",
                     "B",
-                    f"c{i}@example.com",
-                    f"c{i}@example.com",
+                    email,
+                    email,
                     10**12,
-                    f"{i:064x}",
+                    digest,
                     now,
                 )
             await pipe.execute()
@@ -152,11 +150,8 @@ class Shop:
             for _ in range(count):
                 i = self.placed
                 self.placed += 1
-                order_id, customer_id, phone_id = (
-                    new_id(),
-                    self.customers[i % CUSTOMERS],
-                    self.phones[i % PHONES],
-                )
+                customer_id, phone_id = self.customers[i % CUSTOMERS], self.phones[i % PHONES]
+                order_id = new_order_id(customer_id)
                 status = COMPLETED if i % 2 else OPEN
                 script_keys = place_order_keys(customer_id, order_id, status, None, [phone_id])
                 pipe.evalsha(

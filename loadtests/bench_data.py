@@ -4,6 +4,7 @@ hash fields of app/keys.py) and Redis memory per stored order."""
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import secrets
@@ -15,6 +16,7 @@ from typing import Any
 from redis import Redis as SyncRedis
 
 from app import keys
+from app.partitions import PARTITIONS, partition_of
 from app.vocabulary import COMPLETED, encode_items
 from loadtests.stack import LoadStack
 
@@ -79,17 +81,23 @@ class ProtocolCommand:
         return self._format(*[item for value in values for item in (len(value), value)])
 
 
-def _bulk_id(prefix: str, i: int) -> str:
-    return f"{prefix}{i:014d}"  # 8 + 14 = 22 characters of the id alphabet
+def _bulk_id(partition: int, kind: int, i: int) -> str:
+    """A valid id (app/ids.py) in ``partition``: the partition byte, a kind byte, the number."""
+    raw = bytes([partition, kind]) + i.to_bytes(14, "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
 def bulk_load(
     stack: LoadStack, *, phones: int, orders: int, customer_id: str, phone_id: str, start: int
 ) -> float:
-    """Add phones ``start..phones`` and orders ``start..orders`` straight into Redis,
-    with the fields app/keys.py documents, through ``redis-cli --pipe``."""
+    """Add phones ``start..phones`` (spread over every partition) and orders
+    ``start..orders`` (all the customer's, so in its partition) straight into Redis,
+    with the keys and fields app/keys.py documents, through ``redis-cli --pipe``.
+    Their ``seq`` follow the partition clocks' present values, which are then raised
+    past them so scores stay unique within each partition."""
     began = time.monotonic()
     now = str(int(time.time() * 1000))
+    base_seq = int(time.time() * 1_000_000)
     proc = subprocess.Popen(
         ["redis-cli", "-p", str(stack.redis_port), "--pipe"],
         stdin=subprocess.PIPE,
@@ -120,18 +128,23 @@ def bulk_load(
         "created_at",
         now,
     )
-    phone_index = ProtocolCommand("ZADD", keys.PHONES, None, None)
+    index_entry = ProtocolCommand("ZADD", None, None, None)
+    clock = ProtocolCommand("SET", None, None)
     chunk: list[str] = []
     for i in range(start, phones):
-        pid = _bulk_id("bulkPhn_", i)
-        seq = str(10_000_000 + i)
+        partition = i % PARTITIONS
+        pid = _bulk_id(partition, 1, i)
+        seq = str(base_seq + i)
         chunk.append(
             phone_hash.fill(keys.phone(pid), pid, f"Bulk phone {i}", f"/img/bulk-{i}.png", seq)
         )
-        chunk.append(phone_index.fill(seq, pid))
+        chunk.append(index_entry.fill(keys.phones(partition), seq, pid))
         if len(chunk) >= 20_000:
             proc.stdin.write("".join(chunk))
             chunk.clear()
+    for partition in range(PARTITIONS):
+        chunk.append(clock.fill(keys.phones_seq(partition), str(base_seq + phones)))
+    own = partition_of(customer_id)
     customer_orders = keys.customer_orders(customer_id)
     customer_completed = keys.customer_orders_by_status(customer_id, COMPLETED)
     order_hash = ProtocolCommand(
@@ -157,21 +170,22 @@ def bulk_load(
     order_indexes = [
         ProtocolCommand("ZADD", index, None, None)
         for index in (
-            keys.ORDERS,
-            keys.orders_by_status(COMPLETED),
+            keys.orders(own),
+            keys.orders_by_status(own, COMPLETED),
             customer_orders,
             customer_completed,
         )
     ]
     for i in range(start, orders):
-        oid = _bulk_id("bulkOrd_", i)
-        seq = str(10_000_000 + i)
+        oid = _bulk_id(own, 2, i)
+        seq = str(base_seq + i)
         chunk.append(order_hash.fill(keys.order(oid), oid, seq, secrets.token_hex(16)))
         for index in order_indexes:
             chunk.append(index.fill(seq, oid))
         if len(chunk) >= 20_000:
             proc.stdin.write("".join(chunk))
             chunk.clear()
+    chunk.append(clock.fill(keys.orders_seq(own), str(base_seq + orders)))
     proc.stdin.write("".join(chunk))
     proc.stdin.close()
     output = proc.stdout.read() if proc.stdout else ""
@@ -191,15 +205,19 @@ def memory_per_order(stack: LoadStack, customer_id: str, sample_ids: list[str]) 
                 pipe.memory_usage(keys.order(oid), samples=0)
             hashes = [n for n in pipe.execute() if n]
         indexes = {}
-        for index in (
-            keys.ORDERS,
-            keys.orders_by_status(COMPLETED),
-            keys.customer_orders(customer_id),
-            keys.customer_orders_by_status(customer_id, COMPLETED),
+        own = partition_of(customer_id)
+        for label, index in (
+            ("orders of a partition", keys.orders(own)),
+            ("completed orders of a partition", keys.orders_by_status(own, COMPLETED)),
+            ("a customer's orders", keys.customer_orders(customer_id)),
+            (
+                "a customer's completed orders",
+                keys.customer_orders_by_status(customer_id, COMPLETED),
+            ),
         ):
             card = client.zcard(index)
             usage = client.memory_usage(index, samples=0) or 0
-            indexes[index.replace(customer_id, "{customer}")] = usage / card if card else 0.0
+            indexes[label] = usage / card if card else 0.0
     finally:
         client.close()
     hash_avg = sum(hashes) / len(hashes) if hashes else 0.0
@@ -223,7 +241,9 @@ def transient_per_order(stack: LoadStack) -> dict[str, float]:
     """Keys an order adds for a while: its Idempotency-Key hash (24 h) and stream entries."""
     client = SyncRedis.from_url(stack.redis_url)
     try:
-        idem = list(itertools.islice(client.scan_iter(match="idem:*", count=1000), 200))
+        idem = list(
+            itertools.islice(client.scan_iter(match=keys.IDEMPOTENCY_MATCH, count=1000), 200)
+        )
         sizes = [client.memory_usage(k, samples=0) or 0 for k in idem]
         events = client.xlen(keys.EVENTS)
         stream = client.memory_usage(keys.EVENTS, samples=0) or 0

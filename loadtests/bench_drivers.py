@@ -18,6 +18,7 @@ from typing import Any
 
 from app import keys
 from app.ops.instances import ROOT
+from app.orders.service import place_order_keys
 from app.scripts import load_source
 from app.vocabulary import COMPLETED
 from loadtests.rig import pinned_to
@@ -188,20 +189,13 @@ def ceiling_b(
     sha = hashlib.sha1(source.encode()).hexdigest()
     stack.stack.redis.cli("SCRIPT", "LOAD", source)
     rand = "__rand_int__"
-    command_keys = [
-        keys.customer(customer_id),
-        f"idem:{customer_id}:{rand}",
-        f"order:{rand}",
-        keys.ORDERS,
-        keys.orders_by_status(COMPLETED),
-        keys.customer_orders(customer_id),
-        keys.customer_orders_by_status(customer_id, COMPLETED),
-        keys.ORDERS_SEQ,
-        keys.EVENTS,
-        keys.LEDGER,
-        keys.phone(phone_id),
-    ]
-    args = [rand, customer_id, str(int(time.time() * 1000)), "0" * 32, "1", "1", "f" * 64]
+    # redis-benchmark puts a fresh number in place of each __rand_int__: a new order
+    # and a new Idempotency-Key record per call, in the customer's partition (the
+    # order id's first two characters are the customer's, which carry its partition).
+    order_id = customer_id[:2] + rand
+    command_keys = place_order_keys(customer_id, order_id, COMPLETED, None, [phone_id])
+    command_keys[1] = keys.idempotency_of_digest(customer_id, rand)
+    args = [order_id, customer_id, str(int(time.time() * 1000)), "0" * 32, "1", "1", "f" * 64]
     args += ["86400", phone_id, "1"]
     command = [
         "redis-benchmark",

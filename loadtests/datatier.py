@@ -9,12 +9,10 @@
 ``memory``    bytes per stored order and per Idempotency-Key record, today's layout
               against the per-partition layout of docs/data-tier.md section 10.
 
-What ``ceiling`` is and is not: the script is the real one, but the key layout of issue 11
-does not exist yet, so every key of one order is given one hash tag here (the customer
-and the phone in one partition: the single-partition order). It measures how the
-per-script work scales with primaries; the saga's reserve + commit will cost more per
-order, and this command line is to be replaced by the real per-partition keys from
-app/keys.py once they exist. On a 2-core machine three primaries and their generators
+What ``ceiling`` is and is not: the script and its keys are the real ones (app/keys.py),
+with the customer and the phone in one partition served by each primary (the
+single-partition order). It measures how the per-script work scales with primaries;
+the saga's reserve + commit will cost more per order. On a 2-core machine three primaries and their generators
 share two cores, so the orders/s ratio cannot reach 3; the CPU per order can be compared.
 
 Traffic goes only to 127.0.0.1, to servers this module starts on free ports in a temp
@@ -25,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import hashlib
 import json
@@ -42,28 +41,34 @@ from pathlib import Path
 from typing import Any
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.crc import key_slot
 
 from app import keys
+from app.auth import new_token, token_sha256
+from app.customers.service import create_customer_keys
 from app.ops.redis_cluster import LocalCluster, Topology, client, free_ports, poll
+from app.orders.service import place_order_keys
+from app.partitions import PARTITIONS, partition_of, slot
+from app.phones.service import create_phone_keys
 from app.scripts import load_source
 from app.vocabulary import COMPLETED, encode_items
 
 MS_2026 = 1_764_600_000_000
 
 
-def tag_for(view: Topology, port: int) -> str:
-    """A hash tag whose slot the primary on ``port`` serves."""
-    for n in range(100_000):
-        tag = f"t{n}"
-        if view.primary_for_slot(key_slot(tag.encode())).port == port:
-            return tag
-    raise RuntimeError(f"no tag for {port}")
+def partition_for(view: Topology, port: int) -> int:
+    """A partition whose slot the primary on ``port`` serves."""
+    for partition in range(PARTITIONS):
+        if view.primary_for_slot(slot(partition)).port == port:
+            return partition
+    raise RuntimeError(f"no partition on {port}")
 
 
-def tagged(name: str, tag: str) -> str:
-    """Stand-in for issue 11's per-partition names: today's global name plus the tag."""
-    return f"{name}{{{tag}}}"
+def _seeded_ids(partition: int) -> tuple[str, str]:
+    """The bench customer's and phone's ids in ``partition`` (fixed, so that
+    _seed_partition and _benchmark_argv agree)."""
+    customer_id = base64.urlsafe_b64encode(bytes([partition]) + b"c" * 15).decode().rstrip("=")
+    phone_id = base64.urlsafe_b64encode(bytes([partition]) + b"p" * 15).decode().rstrip("=")
+    return customer_id, phone_id
 
 
 def cpu_seconds(port: int) -> float:
@@ -75,38 +80,30 @@ def cpu_seconds(port: int) -> float:
 # ---- ceiling ------------------------------------------------------------------------------
 
 
-def _seed_partition(port: int, tag: str) -> tuple[str, str]:
-    """One customer and one phone under ``tag``, created by the real scripts. Their KEYS
-    follow the scripts' headers by hand, like loadtests/bench_drivers.py's ceiling B;
-    tests/test_cluster.py's harness test fails when a header changes."""
-    customer_id, phone_id = f"{{{tag}}}customer", f"{{{tag}}}phone"
+def _seed_partition(port: int, partition: int) -> tuple[str, str]:
+    """One customer and one phone in ``partition``, created by the real scripts with the
+    app's own key lists."""
+    customer_id, phone_id = _seeded_ids(partition)
+    token = new_token(partition)
     now = str(int(time.time() * 1000))
     with client(port) as node:
         node.eval(
             load_source("create_customer"),
             6,
-            keys.customer(customer_id),
-            tagged(keys.CUSTOMERS, tag),
-            tagged(keys.CUSTOMERS_SEQ, tag),
-            tagged(keys.CUSTOMER_EMAILS, tag),
-            keys.customer_token(f"{{{tag}}}{hashlib.sha256(tag.encode()).hexdigest()}"),
-            tagged(keys.LEDGER, tag),
+            *create_customer_keys(customer_id, token, token_sha256(token)),
             customer_id,
             "Bench",
             "Mark",
-            f"{tag}@example.com",
-            f"{tag}@example.com",
+            f"{partition}@example.com",
+            f"{partition}@example.com",
             10**12,
-            "0" * 64,
+            token_sha256(token),
             now,
         )
         node.eval(
             load_source("create_phone"),
             4,
-            keys.phone(phone_id),
-            tagged(keys.PHONES, tag),
-            tagged(keys.PHONES_SEQ, tag),
-            tagged(keys.LEDGER, tag),
+            *create_phone_keys(phone_id),
             phone_id,
             "Pixel",
             "",
@@ -118,23 +115,17 @@ def _seed_partition(port: int, tag: str) -> tuple[str, str]:
     return customer_id, phone_id
 
 
-def _benchmark_argv(port: int, sha: str, tag: str, requests: int, clients: int) -> list[str]:
-    customer_id, phone_id = f"{{{tag}}}customer", f"{{{tag}}}phone"
+def _benchmark_argv(port: int, sha: str, partition: int, requests: int, clients: int) -> list[str]:
+    customer_id, phone_id = _seeded_ids(partition)
     rand = "__rand_int__"  # redis-benchmark puts a fresh random number in each
-    script_keys = [
-        keys.customer(customer_id),
-        f"idem:{customer_id}:{rand}",
-        keys.order(f"{{{tag}}}{rand}"),
-        tagged(keys.ORDERS, tag),
-        tagged(keys.orders_by_status(COMPLETED), tag),
-        keys.customer_orders(customer_id),
-        keys.customer_orders_by_status(customer_id, COMPLETED),
-        tagged(keys.ORDERS_SEQ, tag),
-        tagged(keys.EVENTS, tag),
-        tagged(keys.LEDGER, tag),
-        keys.phone(phone_id),
-    ]
-    args = [rand, customer_id, str(int(time.time() * 1000)), "0" * 32, "1", "1", "f" * 64]
+    # A new order and Idempotency-Key record per call, in the customer's partition (the
+    # order id's first two characters are the customer's, which carry its partition).
+    order_id = customer_id[:2] + rand
+    script_keys = place_order_keys(customer_id, order_id, COMPLETED, None, [phone_id])
+    script_keys[1] = keys.idempotency_of_digest(customer_id, rand)
+    # The global stream is in another slot: the partition's own, as section 7 plans.
+    script_keys[script_keys.index(keys.EVENTS)] = keys.partition_events(partition)
+    args = [order_id, customer_id, str(int(time.time() * 1000)), "0" * 32, "1", "1", "f" * 64]
     args += ["86400", phone_id, "1"]
     return [
         "redis-benchmark",
@@ -162,18 +153,18 @@ def run_ceiling(
         source = load_source("place_order")
         sha = hashlib.sha1(source.encode()).hexdigest()
         ports = sorted(p.port for p in view.primaries())
-        tags = {port: tag_for(view, port) for port in ports}
+        partitions = {port: partition_for(view, port) for port in ports}
         for port in ports:
             with client(port) as node:
                 assert node.script_load(source) == sha
-            _seed_partition(port, tags[port])
+            _seed_partition(port, partitions[port])
         all_ports = cluster.running()
         cpu_before = {port: cpu_seconds(port) for port in all_ports}
         children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         generators = [
             subprocess.Popen(
-                _benchmark_argv(port, sha, tags[port], requests, clients),
+                _benchmark_argv(port, sha, partitions[port], requests, clients),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -190,7 +181,7 @@ def run_ceiling(
         placed = 0
         for port in ports:
             with client(port) as node:
-                placed += int(node.get(tagged(keys.ORDERS_SEQ, tags[port])) or 0)
+                placed += node.zcard(keys.orders(partitions[port]))
         primary_cpu = sum(cpu_after[p] - cpu_before[p] for p in ports)
         replica_cpu = sum(cpu_after[p] - cpu_before[p] for p in all_ports if p not in ports)
         generator_cpu = (children_after.ru_utime + children_after.ru_stime) - (
@@ -299,8 +290,8 @@ def _fill_today(node: Any, n_orders: int, customers: int) -> None:
                 "request_id": secrets.token_hex(16),
             },
         )
-        pipe.zadd(keys.ORDERS, {order_id: n})
-        pipe.zadd(keys.orders_by_status(COMPLETED), {order_id: n})
+        pipe.zadd(keys.orders(partition_of(order_id)), {order_id: n})
+        pipe.zadd(keys.orders_by_status(partition_of(order_id), COMPLETED), {order_id: n})
         pipe.zadd(keys.customer_orders(customer_id), {order_id: n})
         pipe.zadd(keys.customer_orders_by_status(customer_id, COMPLETED), {order_id: n})
         if n % 1000 == 999:

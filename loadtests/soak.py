@@ -41,6 +41,7 @@ from redis.asyncio import Redis
 from app import keys
 from app.env import SettingsError, env_float, env_int
 from app.ops.instances import mail_sink_argv
+from app.partitions import PARTITIONS
 from app.vocabulary import COMPLETED
 from loadtests.stack import ROOT, LoadStack, launch
 from loadtests.support.servers import clean_env, stop_process, wait_for_port
@@ -351,7 +352,10 @@ async def _traffic_and_books(
     try:
         completed = [o for o, s in books.expected_status.items() if s == COMPLETED]
         sent, dead, pending = await settle_mail(redis, completed)
-        stored = await redis.zcard(keys.ORDERS)
+        async with redis.pipeline(transaction=False) as pipe:
+            for p in range(PARTITIONS):
+                pipe.zcard(keys.orders(p))
+            stored = sum(await pipe.execute())
     finally:
         await redis.aclose()
     ok = not missing and not wrong_status and audit.get("ok") is True and pending == 0

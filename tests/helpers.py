@@ -16,6 +16,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
+from app import keys
+from app.partitions import PARTITIONS
 from loadtests.support.servers import free_port
 from nginx.render import NginxConfig
 
@@ -84,6 +86,14 @@ class Shop:
         response = await self.client.get("/admin/audit", headers=ADMIN)
         assert response.status == 200
         return await response.json()
+
+
+async def orders_stored(redis: Redis) -> int:
+    """Orders in every partition's index of all orders."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for p in range(PARTITIONS):
+            pipe.zcard(keys.orders(p))
+        return sum(await pipe.execute())
 
 
 async def snapshot(redis: Redis) -> dict[bytes, bytes]:

@@ -6,6 +6,8 @@ import hashlib
 
 from redis.asyncio import Redis
 
+from app import keys
+from app.partitions import partition_for_email, partition_of
 from tests.helpers import ADMIN, Shop
 
 
@@ -34,7 +36,10 @@ async def test_create_customer_returns_token_once_stored_hashed(shop: Shop, redi
     )
     assert token.encode() not in dump
     digest = hashlib.sha256(token.encode()).hexdigest()
-    assert await redis.get(f"token:{digest}") == customer["id"].encode()
+    assert await redis.get(keys.customer_token(token, digest)) == customer["id"].encode()
+    # The token, the customer and its email index share the partition the email chose.
+    partition = partition_for_email("grace@example.com")
+    assert partition_of(token) == partition_of(customer["id"]) == partition
     own = await shop.client.get(
         f"/customers/{customer['id']}", headers={"Authorization": f"Bearer {token}"}
     )
@@ -67,7 +72,7 @@ async def test_deposit_adds_money(shop: Shop, redis: Redis) -> None:
     )
     assert response.status == 200
     assert (await response.json())["customer"]["balance_cents"] == 350
-    assert await redis.hget(f"customer:{customer['id']}", "added_cents") == b"350"
+    assert await redis.hget(keys.customer(customer["id"]), "added_cents") == b"350"
     by_customer = await shop.client.post(
         f"/customers/{customer['id']}/deposit", json={"amount_cents": 1}, headers=auth
     )

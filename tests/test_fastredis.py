@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient
 from redis import exceptions as rx
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from app import appkeys
+from app import appkeys, keys
 from app.fastredis import MultiplexedRedis
 from app.main import create_app
 from app.redis_gateway import RedisGateway, gateway_over
@@ -97,14 +97,15 @@ async def test_scripts_reload_after_a_script_flush(fast: MultiplexedRedis, redis
     scripts = Scripts(RedisGateway(fast))
     await redis.script_flush()
     # create_phone through the multiplexed connection: NOSCRIPT, SCRIPT LOAD, EVALSHA.
+    phone_id = "AAAAAAAAAAAAAAAAAAAAAA"  # partition 0
     result = await scripts.run(
         "create_phone",
-        ["phone:AAAAAAAAAAAAAAAAAAAAAA", "phones", "phones:seq", "ledger"],
-        ["AAAAAAAAAAAAAAAAAAAAAA", "P", "", "", 100, 3, 1],
+        [keys.phone(phone_id), keys.phones(0), keys.phones_seq(0), keys.ledger(0)],
+        [phone_id, "P", "", "", 100, 3, 1],
     )
     assert result.status == 201
     assert result.payload["stock"] == "3"
-    assert await redis.hget("phone:AAAAAAAAAAAAAAAAAAAAAA", "stock") == b"3"
+    assert await redis.hget(keys.phone(phone_id), "stock") == b"3"
 
 
 async def test_execute_many_answers_in_order_and_raises_the_error(
@@ -124,22 +125,30 @@ async def test_execute_many_answers_in_order_and_raises_the_error(
 async def test_list_pages_are_the_same_through_both_transports(
     fast: MultiplexedRedis, redis: Redis
 ) -> None:
-    from app import keys
-    from app.paging import page_of_hashes
+    from app.paging import merged_page_of_hashes, page_of_hashes
+    from app.partitions import PARTITIONS, new_id
     from app.query import Page
 
+    indexes = [keys.phones(p) for p in range(PARTITIONS)]
     for i in range(25):
-        await redis.hset(keys.phone(f"id{i}"), mapping={"id": f"id{i}", "name": f"P{i}"})
-        await redis.zadd(keys.PHONES, {f"id{i}": i})
+        phone_id = new_id(i % 3)
+        await redis.hset(keys.phone(phone_id), mapping={"id": phone_id, "name": f"P{i}"})
+        await redis.zadd(keys.phones(i % 3), {phone_id: i})
     for newest_first in (False, True):
         for page in (Page(1, 10), Page(3, 10), Page(4, 10)):
             slow = await page_of_hashes(
-                gateway_over(redis), keys.PHONES, page, keys.phone, newest_first=newest_first
+                gateway_over(redis), keys.phones(0), page, keys.phone, newest_first=newest_first
             )
             quick = await page_of_hashes(
-                RedisGateway(fast), keys.PHONES, page, keys.phone, newest_first=newest_first
+                RedisGateway(fast), keys.phones(0), page, keys.phone, newest_first=newest_first
             )
             assert quick == slow
+            merged = await merged_page_of_hashes(
+                RedisGateway(fast), indexes, page, keys.phone, newest_first=newest_first
+            )
+            assert merged == await merged_page_of_hashes(
+                gateway_over(redis), indexes, page, keys.phone, newest_first=newest_first
+            )
 
 
 # ---- recovery from time-outs (issue 13, item 2) ------------------------------------

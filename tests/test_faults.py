@@ -31,6 +31,7 @@ from app.ops.instances import mail_argv, mail_sink_argv
 from app.ops.poll import wait_until_async
 from loadtests.support.servers import clean_env, free_port, stop_process, wait_for_port
 from loadtests.support.stack import FullStack, start_full_stack
+from tests.helpers import orders_stored
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=15)
@@ -294,7 +295,7 @@ async def test_redis_kill_9_during_orders_loses_nothing_acknowledged(stack: Full
     async with aiohttp.ClientSession(timeout=CLIENT_TIMEOUT) as session:
         phones, tokens = await provision(session, stack, customers=12, stock=10**6)
         redis = Redis.from_url(stack.redis.url, decode_responses=True)
-        orders_before = await redis.zcard(keys.ORDERS)
+        orders_before = await orders_stored(redis)
         await redis.aclose()
         storm, until = Storm(), asyncio.Event()
         load = asyncio.create_task(

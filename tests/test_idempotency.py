@@ -8,7 +8,8 @@ from collections import Counter
 import pytest
 from redis.asyncio import Redis
 
-from tests.helpers import Shop, without_shedding
+from app import keys
+from tests.helpers import Shop, orders_stored, without_shedding
 
 
 @pytest.fixture
@@ -32,8 +33,8 @@ async def test_concurrent_requests_with_one_key_make_one_order(shop: Shop, redis
     assert len(created) == 1  # every 201 carries the same body: one order
     replays = [r for r in responses if r.headers.get("Idempotent-Replayed") == "true"]
     assert len(replays) == statuses[201] - 1
-    assert await redis.hget(f"customer:{customer['id']}", "balance_cents") == b"99800"
-    assert await redis.zcard("orders") == 1
+    assert await redis.hget(keys.customer(customer["id"]), "balance_cents") == b"99800"
+    assert await orders_stored(redis) == 1
     later = await shop.client.post("/orders", json=body, headers=headers)
     assert later.status == 201
     assert await later.read() == created.pop()
@@ -54,7 +55,7 @@ async def test_changed_body_with_same_key_is_422(shop: Shop, redis: Redis) -> No
     assert changed.status == 422
     body = await changed.json(content_type="application/problem+json")
     assert body["code"] == "idempotency_key_reused"
-    assert await redis.zcard("orders") == 1
+    assert await orders_stored(redis) == 1
 
 
 async def test_business_rejection_is_stored_and_replayed(shop: Shop) -> None:
@@ -101,7 +102,7 @@ async def test_keys_are_scoped_to_the_customer(shop: Shop, redis: Redis) -> None
     b = await shop.client.post("/orders", json=body, headers={**bob, "Idempotency-Key": "same"})
     assert a.status == b.status == 201
     assert (await a.json())["order"]["id"] != (await b.json())["order"]["id"]
-    ttl = [await redis.ttl(key) for key in await redis.keys("idem:*")]
+    ttl = [await redis.ttl(key) for key in await redis.keys(keys.IDEMPOTENCY_MATCH)]
     assert len(ttl) == 2 and all(23 * 3600 < t <= 24 * 3600 for t in ttl)
 
 

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from app import keys
 from app.admin.audit import BATCH, LEDGER_FIELDS
 from app.admin.ledger_rebuild import LedgerRebuildError, recount_ledger, write_ledger
+from app.partitions import PARTITIONS
 from tests.helpers import ADMIN, Shop
 
 
@@ -23,8 +24,18 @@ def check(audit: dict, name: str) -> dict:
     return found
 
 
-async def _ledger(redis: Redis) -> dict[str, int]:
-    return {f.decode(): int(v) for f, v in (await redis.hgetall(keys.LEDGER)).items()}
+async def _ledgers(redis: Redis) -> dict[int, dict[str, int]]:
+    """Every partition's ledger that exists."""
+    found = {}
+    for p in range(PARTITIONS):
+        ledger = {f.decode(): int(v) for f, v in (await redis.hgetall(keys.ledger(p))).items()}
+        if ledger:
+            found[p] = ledger
+    return found
+
+
+async def _delete_ledgers(redis: Redis) -> None:
+    await redis.delete(*[keys.ledger(p) for p in range(PARTITIONS)])
 
 
 async def _fill(shop: Shop) -> None:
@@ -75,10 +86,10 @@ async def test_a_missing_ledger_is_named_and_the_rebuild_makes_the_audit_exact_a
     empty = await shop.audit()  # no rows, no ledger yet: nothing is missing
     assert empty["ok"] and check(empty, "ledger_present")["ok"] is True
     await _fill(shop)
-    kept = await _ledger(redis)
+    kept = await _ledgers(redis)
     assert (await shop.audit())["ok"]
 
-    await redis.delete(keys.LEDGER)  # as a database from before the ledger
+    await _delete_ledgers(redis)  # as a database from before the ledger
     audit = await shop.audit()
     assert audit["ok"] is False
     assert audit["at_rest"] is True
@@ -105,13 +116,17 @@ async def test_a_missing_ledger_is_named_and_the_rebuild_makes_the_audit_exact_a
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
     assert answer["rebuilt"] is True
-    rebuilt = await _ledger(redis)
-    assert set(rebuilt) == set(LEDGER_FIELDS)
-    # Every figure as the scripts had kept it; `changes` counts the rebuild alone.
-    assert {f: v for f, v in rebuilt.items() if f != "changes"} == {
-        f: v for f, v in kept.items() if f != "changes"
-    }
-    assert rebuilt["changes"] == answer["ledger"]["changes"] == 1
+    rebuilt = await _ledgers(redis)
+    assert set(rebuilt) == set(kept) and answer["partitions"] == len(kept)
+    for p, ledger in rebuilt.items():
+        assert set(ledger) == set(LEDGER_FIELDS)
+        # Every figure as the scripts had kept it (a figure the scripts never
+        # moved is written as 0); `changes` counts the rebuild alone.
+        assert {f: v for f, v in ledger.items() if f != "changes"} == {
+            f: kept[p].get(f, 0) for f in LEDGER_FIELDS if f != "changes"
+        }
+        assert ledger["changes"] == 1
+    assert answer["ledger"]["changes"] == len(kept)
     audit = await shop.audit()
     assert audit["ok"] is True and audit["at_rest"] is True
     assert check(audit, "ledger_present")["ok"] is True
@@ -135,17 +150,17 @@ async def test_the_rebuild_writes_nothing_when_a_script_ran_during_its_recount(
     shop: Shop, redis: Redis
 ) -> None:
     await _fill(shop)
-    await redis.delete(keys.LEDGER)
+    await _delete_ledgers(redis)
     recount = await recount_ledger(redis)
-    assert recount.changes == 0
-    # A write between the recount and its writing: the new order moves a
+    assert set(recount.changes.values()) == {0}
+    # A write between the recount and its writing: the new phone moves a
     # ledger the recount does not include.
     await shop.phone(price_cents=300, stock=2)
-    partial = await _ledger(redis)
-    assert partial["changes"] == 1
+    partial = await _ledgers(redis)
+    assert [ledger["changes"] for ledger in partial.values()] == [1]
     with pytest.raises(LedgerRebuildError, match="1 script run"):
         await write_ledger(redis, recount)
-    assert await _ledger(redis) == partial
+    assert await _ledgers(redis) == partial
     assert (await shop.audit())["ok"] is False
 
     # At rest, the same command succeeds and counts the new phone too.
@@ -153,13 +168,14 @@ async def test_the_rebuild_writes_nothing_when_a_script_ran_during_its_recount(
     assert result.returncode == 0, result.stderr
     audit = await shop.audit()
     assert audit["ok"] is True and audit["stock"]["phones"] == 4
-    assert (await _ledger(redis))["stock_units"] == 3 * 1000 + 7 + 2 - audit["stock"]["sold_units"]
+    stock_units = sum(ledger["stock_units"] for ledger in (await _ledgers(redis)).values())
+    assert stock_units == 3 * 1000 + 7 + 2 - audit["stock"]["sold_units"]
 
 
 async def test_rows_the_ledger_cannot_sum_stop_the_rebuild(shop: Shop, redis: Redis) -> None:
     await _fill(shop)
-    await redis.delete(keys.LEDGER)
-    await redis.zadd(keys.ORDERS, {"no-such-order": 10**9})
+    await _delete_ledgers(redis)
+    await redis.zadd(keys.orders(0), {"no-such-order": 10**9})
     before = {key: await redis.dump(key) for key in await redis.keys("*")}
     result = await asyncio.to_thread(_run_rebuild, redis)
     assert result.returncode == 1

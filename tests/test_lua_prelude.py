@@ -75,7 +75,7 @@ async def test_the_scripts_that_use_hgetall_map_answer_the_whole_hash(
     updated = await scripts.run("update_phone", [phone_key], ["name", "Fairphone"])
     assert updated.payload == await stored(phone_key)
     assert updated.payload["name"] == "Fairphone"
-    restocked = await scripts.run("restock", [phone_key, keys.LEDGER], [3, 10**12])
+    restocked = await scripts.run("restock", [phone_key, keys.ledger_of(phone["id"])], [3, 10**12])
     assert restocked.payload == await stored(phone_key)
     assert restocked.payload["stock"] == "7"
 

@@ -6,8 +6,10 @@ import asyncio
 
 from redis.asyncio import Redis
 
+from app import keys
 from app.fields import BALANCE_LIMIT, STOCK_LIMIT
-from tests.helpers import ADMIN, Shop, snapshot
+from app.partitions import partition_of
+from tests.helpers import ADMIN, Shop, orders_stored, snapshot
 
 
 def problem_of(body: dict) -> str:
@@ -29,9 +31,9 @@ async def test_place_order_autochecks_debits_and_decrements(shop: Shop, redis: R
         {"phone_id": b["id"], "quantity": 3, "unit_price_cents": 250, "line_total_cents": 750},
     ]
     assert response.headers["Location"] == f"/orders/{order['id']}"
-    assert await redis.hget(f"customer:{customer['id']}", "balance_cents") == b"7250"
-    assert await redis.hget(f"phone:{a['id']}", "stock") == b"3"
-    assert await redis.hget(f"phone:{b['id']}", "stock") == b"2"
+    assert await redis.hget(keys.customer(customer["id"]), "balance_cents") == b"7250"
+    assert await redis.hget(keys.phone(a["id"]), "stock") == b"3"
+    assert await redis.hget(keys.phone(b["id"]), "stock") == b"2"
     events = await redis.xrange("events")
     assert [fields[b"type"] for _, fields in events] == [b"order.placed", b"order.completed"]
     assert events[1][1][b"balance_cents"] == b"7250"
@@ -81,16 +83,16 @@ async def test_cancel_refunds_and_restocks(shop: Shop, redis: Redis) -> None:
     order = (await (await shop.order(auth, [(a["id"], 2), (b["id"], 1)], autocheck=False)).json())[
         "order"
     ]
-    assert await redis.hget(f"customer:{customer['id']}", "balance_cents") == b"3700"
+    assert await redis.hget(keys.customer(customer["id"]), "balance_cents") == b"3700"
     cancelled = await shop.client.post(f"/orders/{order['id']}/cancel", headers=auth)
     assert cancelled.status == 200
     assert (await cancelled.json())["order"]["status"] == "cancelled"
-    assert await redis.hget(f"customer:{customer['id']}", "balance_cents") == b"5000"
-    assert await redis.hget(f"phone:{a['id']}", "stock") == b"4"
-    assert await redis.hget(f"phone:{b['id']}", "stock") == b"4"
+    assert await redis.hget(keys.customer(customer["id"]), "balance_cents") == b"5000"
+    assert await redis.hget(keys.phone(a["id"]), "stock") == b"4"
+    assert await redis.hget(keys.phone(b["id"]), "stock") == b"4"
     again = await shop.client.post(f"/orders/{order['id']}/cancel", headers=auth)
     assert again.status == 200
-    assert await redis.hget(f"customer:{customer['id']}", "balance_cents") == b"5000"
+    assert await redis.hget(keys.customer(customer["id"]), "balance_cents") == b"5000"
     types = [f[b"type"] for _, f in await redis.xrange("events")]
     assert types == [b"order.placed", b"order.cancelled"]
     check = await shop.client.post(f"/orders/{order['id']}/check", headers=auth)
@@ -132,10 +134,10 @@ async def test_multi_line_order_is_all_or_nothing(shop: Shop, redis: Redis) -> N
     customer, auth = await shop.customer(balance_cents=10_000)
     response = await shop.order(auth, [(plenty["id"], 10), (scarce["id"], 2)])
     assert response.status == 409
-    assert await redis.hget(f"phone:{plenty['id']}", "stock") == b"50"
-    assert await redis.hget(f"phone:{scarce['id']}", "stock") == b"1"
-    assert await redis.hget(f"customer:{customer['id']}", "balance_cents") == b"10000"
-    assert await redis.exists("events", "orders") == 0
+    assert await redis.hget(keys.phone(plenty["id"]), "stock") == b"50"
+    assert await redis.hget(keys.phone(scarce["id"]), "stock") == b"1"
+    assert await redis.hget(keys.customer(customer["id"]), "balance_cents") == b"10000"
+    assert await redis.exists(keys.EVENTS) == 0 and await orders_stored(redis) == 0
 
 
 async def test_seed_aliases(shop: Shop) -> None:
@@ -264,10 +266,12 @@ async def test_audit_reports_an_index_entry_without_its_order(shop: Shop, redis:
     phone = await shop.phone()
     _, auth = await shop.customer()
     order = (await (await shop.order(auth, [(phone["id"], 1)])).json())["order"]
-    await redis.delete(f"order:{order['id']}")  # the books are now broken
+    await redis.delete(keys.order(order["id"]))  # the books are now broken
     audit = await shop.audit()
     assert audit["ok"] is False
-    assert audit["dangling_index_entries"] == [{"index": "orders", "id": order["id"]}]
+    assert audit["dangling_index_entries"] == [
+        {"index": keys.orders(partition_of(order["id"])), "id": order["id"]}
+    ]
 
 
 async def _fill_to(shop: Shop, path: str, field: str, step: int, current: int, limit: int) -> None:
@@ -324,7 +328,7 @@ async def test_cancel_never_lifts_a_balance_or_a_stock_past_its_ceiling(
     assert (await shop.order(auth, [(phones[0]["id"], 100)])).status == 201
     cancelled = await shop.client.post(f"/orders/{order['id']}/cancel", headers=auth)
     assert cancelled.status == 200
-    balance = await redis.hget(f"customer:{customer['id']}", "balance_cents")
+    balance = await redis.hget(keys.customer(customer["id"]), "balance_cents")
     assert int(balance) == BALANCE_LIMIT - 5 * 10**12 - 10**11 + 4_999_000_000_000
-    assert int(await redis.hget(f"phone:{phones[0]['id']}", "stock")) == STOCK_LIMIT
+    assert int(await redis.hget(keys.phone(phones[0]["id"]), "stock")) == STOCK_LIMIT
     assert (await shop.audit())["ok"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
+from app import keys
 from tests.helpers import ADMIN, Shop
 
 
@@ -125,7 +126,7 @@ async def test_restock_adds_units_atomically(shop: Shop, redis: Redis) -> None:
     )
     assert response.status == 200
     assert (await response.json())["phone"]["stock"] == 10
-    assert await redis.hget(f"phone:{phone['id']}", "added_units") == b"10"
+    assert await redis.hget(keys.phone(phone["id"]), "added_units") == b"10"
     for quantity in (0, -1, 10**9 + 1, 1.5, "3", True):
         refused = await shop.client.post(
             f"/phones/{phone['id']}/restock", json={"quantity": quantity}, headers=ADMIN

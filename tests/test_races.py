@@ -12,6 +12,7 @@ from collections import Counter
 import pytest
 from redis.asyncio import Redis
 
+from app import keys
 from tests.helpers import ADMIN, Shop, without_shedding
 
 
@@ -28,7 +29,7 @@ async def test_oversell_race_exactly_stock_succeeds(shop: Shop, redis: Redis) ->
     responses = await asyncio.gather(*requests)
     statuses = Counter(response.status for response in responses)
     assert statuses == {201: 10, 409: 490}
-    assert await redis.hget(f"phone:{phone['id']}", "stock") == b"0"
+    assert await redis.hget(keys.phone(phone["id"]), "stock") == b"0"
     audit = await shop.audit()
     assert audit["ok"] and audit["orders"]["total"] == 10
 
@@ -39,7 +40,7 @@ async def test_balance_race_never_overdraws(shop: Shop, redis: Redis) -> None:
     responses = await asyncio.gather(*(shop.order(auth, [(phone["id"], 1)]) for _ in range(50)))
     statuses = Counter(response.status for response in responses)
     assert statuses == {201: 3, 402: 47}
-    assert await redis.hget(f"customer:{customer['id']}", "balance_cents") == b"0"
+    assert await redis.hget(keys.customer(customer["id"]), "balance_cents") == b"0"
     assert (await shop.audit())["ok"]
 
 

@@ -11,6 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from app import keys
+from app.orders.service import cancel_order_keys, check_order_keys
 from app.problems import ProblemError
 from app.redis_gateway import gateway_over
 from app.scripts import Scripts
@@ -88,10 +89,14 @@ async def test_limit_rejections_change_nothing(shop: Shop, redis: Redis) -> None
     scripts = Scripts(gateway_over(redis))
     before = await snapshot(redis)
     with pytest.raises(ProblemError) as stock:
-        await scripts.run("restock", [keys.phone(phone["id"]), keys.LEDGER], [1, 10**9])
+        await scripts.run(
+            "restock", [keys.phone(phone["id"]), keys.ledger_of(phone["id"])], [1, 10**9]
+        )
     assert stock.value.code == "stock_limit"
     with pytest.raises(ProblemError) as balance:
-        await scripts.run("deposit", [keys.customer(customer["id"]), keys.LEDGER], [1, 10**12])
+        await scripts.run(
+            "deposit", [keys.customer(customer["id"]), keys.ledger_of(customer["id"])], [1, 10**12]
+        )
     assert balance.value.code == "balance_limit"
     assert await snapshot(redis) == before
 
@@ -124,33 +129,14 @@ async def test_scripts_refuse_keys_that_do_not_fit_the_order(shop: Shop, redis: 
     with pytest.raises(ProblemError) as wrong_owner:
         await scripts.run(
             "check_order",
-            [
-                keys.order(order["id"]),
-                keys.orders_by_status("open"),
-                keys.orders_by_status("completed"),
-                keys.customer_orders_by_status(other["id"], "open"),
-                keys.customer_orders_by_status(other["id"], "completed"),
-                keys.EVENTS,
-                keys.customer(other["id"]),
-                keys.LEDGER,
-            ],
+            check_order_keys(order["id"], other["id"]),
             [other["id"], "", 0, "req"],
         )
     assert wrong_owner.value.code == "order_owner_changed"
     with pytest.raises(ProblemError) as wrong_items:
         await scripts.run(
             "cancel_order",
-            [
-                keys.order(order["id"]),
-                keys.customer(owner["id"]),
-                keys.orders_by_status("open"),
-                keys.orders_by_status("cancelled"),
-                keys.customer_orders_by_status(owner["id"], "open"),
-                keys.customer_orders_by_status(owner["id"], "cancelled"),
-                keys.EVENTS,
-                keys.LEDGER,
-                keys.phone(phone["id"]),
-            ],
+            cancel_order_keys(order["id"], owner["id"], [phone["id"]]),
             [owner["id"], "", 0, "req", f"{phone['id']}:5:10"],
         )
     assert wrong_items.value.code == "order_owner_changed"

@@ -18,6 +18,7 @@ from redis.exceptions import ResponseError
 from app import keys
 from app.ids import new_id
 from app.lua_prelude import with_prelude
+from app.orders.service import cancel_order_keys, check_order_keys
 from app.problems import PROBLEMS
 from app.scripts import load_source, problem_from_script
 from app.vocabulary import (
@@ -112,29 +113,10 @@ async def test_an_order_in_a_status_the_script_does_not_handle_is_refused_by_tha
     await redis.hset(keys.order(order["id"]), "status", "refunded")
     before = {key: await redis.dump(key) for key in await redis.keys("*")}
     if script == "check_order":
-        script_keys = [
-            keys.order(order["id"]),
-            keys.orders_by_status("open"),
-            keys.orders_by_status("completed"),
-            keys.customer_orders_by_status(owner, "open"),
-            keys.customer_orders_by_status(owner, "completed"),
-            keys.EVENTS,
-            keys.customer(owner),
-            keys.LEDGER,
-        ]
+        script_keys = check_order_keys(order["id"], owner)
         args = [owner, "", 0, "req"]
     else:
-        script_keys = [
-            keys.order(order["id"]),
-            keys.customer(owner),
-            keys.orders_by_status("open"),
-            keys.orders_by_status("cancelled"),
-            keys.customer_orders_by_status(owner, "open"),
-            keys.customer_orders_by_status(owner, "cancelled"),
-            keys.EVENTS,
-            keys.LEDGER,
-            keys.phone(phone["id"]),
-        ]
+        script_keys = cancel_order_keys(order["id"], owner, [phone["id"]])
         items = (await redis.hget(keys.order(order["id"]), "items")).decode()
         args = [owner, "", 0, "req", items, 10**15, 10**12]
     status, payload, changed = await redis.eval(

@@ -1,26 +1,34 @@
 """The conservation audit: stock and money balance against everything ever added.
 
 It never holds Redis for more than one small batch, so it finishes at any size
-while orders keep flowing:
+while orders keep flowing. It works partition by partition (app/keys.py) and
+sums, so every step reads keys of one partition (one slot on Redis Cluster):
 
-1. The ledger (``keys.LEDGER``), the running totals every money-or-stock script
-   moves in the same step as its rows, is read atomically with the newest
-   member of each index. Its identities (balances + open + completed = money
-   ever added; the same in units) hold at every moment, so they are checked
-   exactly whatever the load.
+1. Each partition's ledger (``keys.ledger(P)``), the running totals every
+   money-or-stock script moves in the same step as its rows, is read
+   atomically with the newest member of that partition's indexes
+   (app/lua/read_ledger.lua, all partitions in one pipeline). Its identities
+   hold at every moment in each partition (balances + open + completed =
+   money ever added, on a customer's partition; stock + sold = units ever
+   added, on a phone's), so they are checked exactly whatever the load.
 2. Every phone, customer and order that existed then is recounted from its
-   row, BATCH at a time: one ZRANGE BYSCORE page of an index, then one
-   read-only script reading that page's rows (no MULTI, no WATCH). Checks on a single row
-   (no negative stock or balance, an order's total is the sum of its lines,
-   no index entry without its row) hold at every moment too.
-3. The ledger is read again. When no script wrote in between (its ``changes``
-   count did not move), the recount is a snapshot of that moment and must
-   equal the ledger field by field, and every phone's stock + units sold must
-   equal its units ever added: exact, as of the end of the audit. When writes
-   came in, those checks cannot be exact; the totals that only ever grow
-   (money and units ever added, completed orders...) must still lie between
-   the ledger's figures at start and at end, and the rest are reported as
-   not checked. The answer says which checks ran, how, and as of when.
+   row, BATCH at a time, partition by partition: one ZRANGE BYSCORE page of
+   an index, then one read-only script reading that page's rows (no MULTI,
+   no WATCH). Checks on a single row (no negative stock or balance, an
+   order's total is the sum of its lines, no index entry without its row)
+   hold at every moment too.
+3. The ledgers are read again. When no script wrote in between (the sum of
+   their ``changes`` counts did not move; each only grows), every partition
+   was still at the state of its first read when its rows were recounted, and
+   all first reads came before all last reads: the recount is the shop at one
+   moment and must equal the ledgers field by field, partition by partition,
+   and every phone's stock + units sold must equal its units ever added:
+   exact, as of the end of the audit. When writes came in, those checks
+   cannot be exact; the totals that only ever grow (money and units ever
+   added, completed orders...) must still lie between the ledgers' figures at
+   start and at end, and the rest are reported as not checked. The answer
+   says which checks ran, how, and as of when; its figures are sums over the
+   partitions.
 
 A database written before the ledger existed has rows but no ledger: the
 audit then says so (check ``ledger_present``) and how to rebuild it
@@ -38,6 +46,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from app import keys
+from app.partitions import PARTITIONS, partition_of
 from app.scripts import load_source
 from app.timestamps import iso_time
 from app.vocabulary import FINAL_STATUSES, MONEY_KEEPING_STATUSES, ORDER_STATUSES, decode_items
@@ -65,6 +74,7 @@ LEDGER_FIELDS = (
     *(f"{status}_cents" for status in MONEY_KEEPING_STATUSES),
     "stock_units",
     "added_units",
+    "sold_units",
     *(f"{status}_units" for status in MONEY_KEEPING_STATUSES),
     "changes",
 )
@@ -87,9 +97,11 @@ GROWING = frozenset(
 
 @dataclass
 class Recount:
-    """The same figures as the ledger, summed from the rows."""
+    """The same figures as the ledgers, summed from the rows, per partition."""
 
-    totals: Counter[str] = field(default_factory=Counter)
+    partitions: dict[int, Counter[str]] = field(
+        default_factory=lambda: {p: Counter() for p in range(PARTITIONS)}
+    )
     sold: Counter[str] = field(default_factory=Counter)  # phone id -> units in open+completed
     phone_rows: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> stock, added
     negative_stock: list[str] = field(default_factory=list)
@@ -98,39 +110,69 @@ class Recount:
     dangling: list[dict[str, str]] = field(default_factory=list)
     statuses: Counter[str] = field(default_factory=Counter)
 
+    @property
+    def totals(self) -> Counter[str]:
+        return _sum(self.partitions.values())
+
+
+def _sum(figures: Any) -> Counter[str]:
+    total: Counter[str] = Counter()
+    for one in figures:
+        total.update(one)
+    return total
+
 
 @dataclass(frozen=True)
 class Start:
-    """What the audit (or a ledger rebuild) reads first, in one atomic step."""
+    """What the audit (or a ledger rebuild) reads first: each partition's ledger
+    with its indexes' newest scores, each partition in one atomic step."""
 
-    ledger: dict[str, int]
-    ledger_present: bool
+    ledgers: dict[int, dict[str, int]]
+    present: dict[int, bool]
     last: dict[str, float]  # index -> its newest score: the rows to recount
     at_ms: int
 
+    @property
+    def ledger(self) -> dict[str, int]:
+        """The sum over the partitions."""
+        return dict(_sum(self.ledgers.values()))
+
+
+def _indexes(partition: int) -> tuple[str, str, str]:
+    return keys.phones(partition), keys.customers(partition), keys.orders(partition)
+
+
+async def _read_ledgers(
+    redis: Redis, with_indexes: bool
+) -> tuple[dict[int, dict[str, int]], dict[int, bool], dict[str, float], int]:
+    """Every partition's ledger (and newest index scores), each atomically, in one
+    round trip; then Redis's clock."""
+    read_ledger = redis.register_script(load_source("read_ledger"))
+    async with redis.pipeline(transaction=False) as pipe:
+        for p in range(PARTITIONS):
+            indexes = _indexes(p) if with_indexes else ()
+            await read_ledger(keys=[keys.ledger(p), *indexes], args=LEDGER_FIELDS, client=pipe)
+        pipe.time()
+        *replies, (seconds, micros) = await pipe.execute()
+    ledgers, present, last = {}, {}, {}
+    for p, (exists, values, newest) in enumerate(replies):
+        ledgers[p] = _ledger(values)
+        present[p] = bool(exists)
+        if with_indexes:
+            for index, score in zip(_indexes(p), newest, strict=True):
+                last[index] = float(score) if score else 0.0
+    return ledgers, present, last, seconds * 1000 + micros // 1000
+
 
 async def read_start(redis: Redis) -> Start:
-    """The ledger and each index's newest score, in one atomic step."""
-    indexes = (keys.PHONES, keys.CUSTOMERS, keys.ORDERS)
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.exists(keys.LEDGER)
-        pipe.hmget(keys.LEDGER, LEDGER_FIELDS)
-        for index in indexes:
-            pipe.zrange(index, -1, -1, withscores=True)
-        pipe.time()
-        present, ledger, *newest, (seconds, micros) = await pipe.execute()
-    last = {
-        index: (rows[0][1] if rows else 0.0) for index, rows in zip(indexes, newest, strict=True)
-    }
-    return Start(_ledger(ledger), bool(present), last, seconds * 1000 + micros // 1000)
+    """Each partition's ledger and its indexes' newest scores."""
+    ledgers, present, last, at_ms = await _read_ledgers(redis, with_indexes=True)
+    return Start(ledgers, present, last, at_ms)
 
 
-async def _end(redis: Redis) -> tuple[dict[str, int], int]:
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.hmget(keys.LEDGER, LEDGER_FIELDS)
-        pipe.time()
-        ledger, (seconds, micros) = await pipe.execute()
-    return _ledger(ledger), seconds * 1000 + micros // 1000
+async def _end(redis: Redis) -> tuple[dict[int, dict[str, int]], int]:
+    ledgers, _, _, at_ms = await _read_ledgers(redis, with_indexes=False)
+    return ledgers, at_ms
 
 
 def _ledger(values: list[bytes | None]) -> dict[str, int]:
@@ -143,6 +185,8 @@ async def _rows(
     """Every member of ``index`` scored up to ``last_score``, BATCH at a time,
     with the given fields of its row: one ZRANGE BYSCORE page, then one
     read_rows call (each row read atomically, the batch too)."""
+    if not last_score:
+        return  # the index was empty at the start
     read_rows = redis.register_script(load_source("read_rows"))
     width = len(fields)
     after = "-inf"
@@ -160,13 +204,20 @@ async def _rows(
 
 async def recount_rows(redis: Redis, last: dict[str, float]) -> Recount:
     found = Recount()
-    totals = found.totals
-    async for batch in _rows(
-        redis, keys.PHONES, last[keys.PHONES], keys.phone, ["stock", "added_units"]
-    ):
+    for partition in range(PARTITIONS):
+        await _recount_partition(redis, last, partition, found)
+    return found
+
+
+async def _recount_partition(
+    redis: Redis, last: dict[str, float], partition: int, found: Recount
+) -> None:
+    totals = found.partitions[partition]
+    phones, customers, orders = _indexes(partition)
+    async for batch in _rows(redis, phones, last[phones], keys.phone, ["stock", "added_units"]):
         for phone_id, (stock, added) in batch:
             if stock is None:
-                found.dangling.append({"index": keys.PHONES, "id": phone_id})
+                found.dangling.append({"index": phones, "id": phone_id})
                 continue
             stock, added = int(stock), int(added)
             totals["phones"] += 1
@@ -179,11 +230,11 @@ async def recount_rows(redis: Redis, last: dict[str, float]) -> Recount:
                 found.bad_rows.append({"phone_id": phone_id, "stock": stock, "added": added})
 
     async for batch in _rows(
-        redis, keys.CUSTOMERS, last[keys.CUSTOMERS], keys.customer, ["balance_cents", "added_cents"]
+        redis, customers, last[customers], keys.customer, ["balance_cents", "added_cents"]
     ):
         for customer_id, (balance, added) in batch:
             if balance is None:
-                found.dangling.append({"index": keys.CUSTOMERS, "id": customer_id})
+                found.dangling.append({"index": customers, "id": customer_id})
                 continue
             balance, added = int(balance), int(added)
             totals["customers"] += 1
@@ -197,11 +248,11 @@ async def recount_rows(redis: Redis, last: dict[str, float]) -> Recount:
                 )
 
     async for batch in _rows(
-        redis, keys.ORDERS, last[keys.ORDERS], keys.order, ["status", "items", "total_cents"]
+        redis, orders, last[orders], keys.order, ["status", "items", "total_cents"]
     ):
         for order_id, (status, items, total) in batch:
             if status is None:
-                found.dangling.append({"index": keys.ORDERS, "id": order_id})
+                found.dangling.append({"index": orders, "id": order_id})
                 continue
             status = status.decode()
             found.statuses[status] += 1
@@ -216,6 +267,8 @@ async def recount_rows(redis: Redis, last: dict[str, float]) -> Recount:
                 lines_total += quantity * unit_price
                 if keeps_money:
                     found.sold[phone_id] += quantity
+                    # The phone side of the ledger: its own partition's.
+                    found.partitions[partition_of(phone_id)]["sold_units"] += quantity
             if lines_total != int(total):
                 found.bad_rows.append(
                     {"order_id": order_id, "total": int(total), "lines": lines_total}
@@ -223,7 +276,6 @@ async def recount_rows(redis: Redis, last: dict[str, float]) -> Recount:
             if keeps_money:
                 totals[f"{status}_cents"] += int(total)
                 totals[f"{status}_units"] += units
-    return found
 
 
 def _check(name: str, holds: str, how: str, ok: bool | None, **detail: Any) -> dict[str, Any]:
@@ -239,8 +291,9 @@ def _kept(figures: dict[str, int] | Counter[str], unit: str) -> int:
 
 
 def _identities(ledger: dict[str, int]) -> bool:
+    """One partition's: its customers' money, and its phones' units."""
     money = ledger["balance_cents"] + _kept(ledger, "cents")
-    units = ledger["stock_units"] + _kept(ledger, "units")
+    units = ledger["stock_units"] + ledger["sold_units"]
     return money == ledger["added_cents"] and units == ledger["added_units"]
 
 
@@ -249,12 +302,14 @@ async def run_audit(redis: Redis) -> dict[str, Any]:
     first = await read_start(redis)
     start, started_ms = first.ledger, first.at_ms
     found = await recount_rows(redis, first.last)
-    end, finished_ms = await _end(redis)
+    end_ledgers, finished_ms = await _end(redis)
+    end = dict(_sum(end_ledgers.values()))
     at_rest = end["changes"] == start["changes"]
     totals = found.totals
     # Rows but no ledger: written before the ledger existed (or it was deleted).
-    has_rows = bool(totals["phones"] or totals["customers"] or found.statuses or found.dangling)
-    ledger_missing = has_rows and not first.ledger_present
+    ledger_missing = any(
+        not first.present[p] and any(found.partitions[p].values()) for p in range(PARTITIONS)
+    )
 
     mismatched_phones = [
         {"phone_id": phone_id, "stock": stock, "sold": found.sold[phone_id], "added": added}
@@ -264,10 +319,12 @@ async def run_audit(redis: Redis) -> dict[str, Any]:
     recount_money_ok = totals["balance_cents"] + _kept(totals, "cents") == totals["added_cents"]
     ledger_fields = [name for name in LEDGER_FIELDS if name != "changes"]
     if at_rest:
+        # Partition by partition: a figure moved from one partition's ledger to
+        # another's would leave the sums equal.
         differing = {
             name: {"ledger": start[name], "recount": totals[name]}
             for name in ledger_fields
-            if start[name] != totals[name]
+            if any(first.ledgers[p][name] != found.partitions[p][name] for p in range(PARTITIONS))
         }
         recount_check = _check(
             "recount_equals_ledger", "at_rest", "exact", not differing, differing=differing
@@ -309,8 +366,10 @@ async def run_audit(redis: Redis) -> dict[str, Any]:
     ledger_check = _check(
         "ledger_balances_plus_orders_equal_added",
         "always",
-        "exact, at start and at end",
-        _identities(start) and _identities(end),
+        "exact, partition by partition, at start and at end",
+        all(
+            _identities(first.ledgers[p]) and _identities(end_ledgers[p]) for p in range(PARTITIONS)
+        ),
     )
     if ledger_missing:
         # Nothing to hold the rows against: say so once, not as 14 differences.

@@ -1,12 +1,15 @@
-"""Rebuild the ledger (``keys.LEDGER``) of a database written before it existed.
+"""Rebuild the ledgers (``keys.ledger(P)``, one per partition) of a database written
+before they existed.
 
     python -m app.admin.ledger_rebuild          # REDIS_URL as the app reads it
 
 Run it at rest: stop every app instance first. The rows are recounted in
-pages (the audit's own recount, app/admin/audit.py), which is not one moment
-of the shop while scripts write. A script of this version that runs meanwhile
-moves the ledger's ``changes``, and the final step (app/lua/rebuild_ledger.lua)
-then writes nothing and says so; a writer that predates the ledger moves
+pages (the audit's own recount, app/admin/audit.py, partition by partition),
+which is not one moment of the shop while scripts write. A script of this
+version that runs meanwhile moves a ledger's ``changes``: the rebuild then
+writes nothing and says so (it compares every partition's ``changes`` before
+writing any, and app/lua/rebuild_ledger.lua checks its own partition's again
+as it writes); a writer that predates the ledger moves
 nothing it could see, hence "stop every writer". Why not at start-up or in
 one script: a single script summing a million rows would hold Redis for
 seconds, and an instance starting up cannot know that no other instance (an
@@ -30,6 +33,7 @@ from redis.asyncio import Redis
 
 from app import keys
 from app.admin.audit import LEDGER_FIELDS, read_start, recount_rows
+from app.partitions import PARTITIONS
 from app.scripts import load_source
 from app.settings import Settings, SettingsError, redis_url_from_env
 
@@ -42,12 +46,16 @@ class LedgerRebuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class LedgerRecount:
-    changes: int  # the ledger's `changes` when the recount began
-    figures: dict[str, int]
+    changes: dict[int, int]  # partition -> its ledger's `changes` when the recount began
+    figures: dict[int, dict[str, int]]  # partition -> its figures; only partitions with rows
+
+    @property
+    def totals(self) -> dict[str, int]:
+        return {name: sum(f[name] for f in self.figures.values()) for name in FIGURES}
 
 
 async def recount_ledger(redis: Redis) -> LedgerRecount:
-    """Every ledger figure summed from the rows, and the `changes` it starts from."""
+    """Every partition's ledger figures summed from its rows, and the `changes` it starts from."""
     start = await read_start(redis)
     found = await recount_rows(redis, start.last)
     if found.dangling or found.bad_rows:
@@ -55,27 +63,49 @@ async def recount_ledger(redis: Redis) -> LedgerRecount:
             "rows the ledger cannot sum; fix them first (GET /admin/audit lists them): "
             + json.dumps({"dangling": found.dangling, "bad_rows": found.bad_rows[:20]})
         )
-    figures = {name: found.totals[name] for name in FIGURES}
-    return LedgerRecount(start.ledger["changes"], figures)
+    figures = {
+        p: {name: found.partitions[p][name] for name in FIGURES}
+        for p in range(PARTITIONS)
+        if any(found.partitions[p].values()) or start.present[p]
+    }
+    return LedgerRecount({p: start.ledgers[p]["changes"] for p in range(PARTITIONS)}, figures)
 
 
 async def write_ledger(redis: Redis, recount: LedgerRecount) -> int:
-    """Write the recount unless a script ran since it began; the new `changes`."""
-    script = redis.register_script(load_source("rebuild_ledger"))
-    pairs = [item for name, value in recount.figures.items() for item in (name, value)]
-    written, changes = await script(keys=[keys.LEDGER], args=[recount.changes, *pairs])
-    if not written:
+    """Write every partition's recount unless a script ran since it began; the sum of
+    the new `changes`."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for p in range(PARTITIONS):
+            pipe.hget(keys.ledger(p), "changes")
+        now = [int(value or 0) for value in await pipe.execute()]
+    moved = sum(now) - sum(recount.changes.values())
+    if moved:
         raise LedgerRebuildError(
-            f"{int(changes) - recount.changes} script run(s) wrote while the rows were "
+            f"{moved} script run(s) wrote while the rows were "
             "recounted: nothing written. Stop every app instance and run it again."
         )
-    return int(changes)
+    script = redis.register_script(load_source("rebuild_ledger"))
+    total = 0
+    for p, figures in recount.figures.items():
+        pairs = [item for name, value in figures.items() for item in (name, value)]
+        written, changes = await script(keys=[keys.ledger(p)], args=[recount.changes[p], *pairs])
+        if not written:
+            raise LedgerRebuildError(
+                f"{int(changes) - recount.changes[p]} script run(s) wrote in partition {p} "
+                "while the ledgers were written: run it again once every app instance stopped."
+            )
+        total += int(changes)
+    return total
 
 
 async def rebuild_ledger(redis: Redis) -> dict[str, Any]:
     recount = await recount_ledger(redis)
     changes = await write_ledger(redis, recount)
-    return {"rebuilt": True, "ledger": {**recount.figures, "changes": changes}}
+    return {
+        "rebuilt": True,
+        "partitions": len(recount.figures),
+        "ledger": {**recount.totals, "changes": changes},
+    }
 
 
 async def _main(redis_url: str) -> int:

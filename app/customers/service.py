@@ -8,11 +8,12 @@ from app import keys
 from app.auth import new_token, token_sha256
 from app.customers.models import Customer, CustomerCreate
 from app.fields import BALANCE_LIMIT
-from app.ids import new_id
+from app.partitions import partition_of
 from app.problems import ProblemError
 from app.redis_gateway import RedisGateway
 from app.scripts import Scripts
 from app.timestamps import iso_time
+from app.vocabulary import new_customer_id
 
 # What a customer's answer shows (never token_sha256 or added_cents).
 _PUBLIC_FIELDS = ("id", "name", "surname", "email", "balance_cents", "created_at")
@@ -29,21 +30,27 @@ def customer_from_fields(fields: dict[str, str]) -> Customer:
     )
 
 
+def create_customer_keys(customer_id: str, token: str, digest: str) -> list[str]:
+    """create_customer.lua's KEYS, in the order its header lists them."""
+    partition = partition_of(customer_id)
+    return [
+        keys.customer(customer_id),
+        keys.customers(partition),
+        keys.customers_seq(partition),
+        keys.customer_emails(partition),
+        keys.customer_token(token, digest),
+        keys.ledger(partition),
+    ]
+
+
 async def create_customer(scripts: Scripts, data: CustomerCreate) -> tuple[Customer, str]:
     """The new customer and their bearer token, which is never stored in clear."""
-    customer_id = new_id()
-    token = new_token()
+    customer_id = new_customer_id(data.email)
+    token = new_token(partition_of(customer_id))
     digest = token_sha256(token)
     result = await scripts.run(
         "create_customer",
-        [
-            keys.customer(customer_id),
-            keys.CUSTOMERS,
-            keys.CUSTOMERS_SEQ,
-            keys.CUSTOMER_EMAILS,
-            keys.customer_token(digest),
-            keys.LEDGER,
-        ],
+        create_customer_keys(customer_id, token, digest),
         [
             customer_id,
             data.name,
@@ -69,6 +76,8 @@ async def get_customer(gateway: RedisGateway, customer_id: str) -> Customer:
 
 async def deposit(scripts: Scripts, customer_id: str, amount_cents: int) -> Customer:
     result = await scripts.run(
-        "deposit", [keys.customer(customer_id), keys.LEDGER], [amount_cents, BALANCE_LIMIT]
+        "deposit",
+        [keys.customer(customer_id), keys.ledger_of(customer_id)],
+        [amount_cents, BALANCE_LIMIT],
     )
     return customer_from_fields(result.payload)

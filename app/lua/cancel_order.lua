@@ -4,15 +4,20 @@
 -- Cancelling a cancelled order again changes nothing; one in any other status
 -- (completed today) is refused with that status.
 --
--- KEYS[1]  order:{order_id}                          hash
--- KEYS[2]  customer:{owner_id}                       hash
--- KEYS[3]  orders:status:open                        zset
--- KEYS[4]  orders:status:cancelled                   zset
--- KEYS[5]  customer:{owner_id}:orders:open           zset
--- KEYS[6]  customer:{owner_id}:orders:cancelled      zset
--- KEYS[7]  events                                    stream
--- KEYS[8]  ledger                                    hash, the running totals (app/keys.py)
--- KEYS[9..8+n]  phone:{phone_id} for each line of the order, in order
+-- Key names: app/keys.py; P is the order's (and its owner's) partition, Q a
+-- phone's: the phones may live in other partitions until the reservation saga
+-- (docs/data-tier.md, section 3.3) gives stock back in their own steps.
+--
+-- KEYS[1]  o{P}<order_id>                    hash
+-- KEYS[2]  c{P}<owner_id>                    hash
+-- KEYS[3]  os{P}open                         zset
+-- KEYS[4]  os{P}cancelled                    zset
+-- KEYS[5]  co{P}<owner_id>:open              zset
+-- KEYS[6]  co{P}<owner_id>:cancelled         zset
+-- KEYS[7]  events                            stream
+-- KEYS[8]  lg{P}                             hash, the customer side's running totals
+-- KEYS[9..8+n]  p{Q}<phone_id> for each line of the order, in order
+-- KEYS[9+n..8+2n]  lg{Q} of each line's phone, same order (may repeat)
 -- ARGV[1]  owner id the keys above were built for
 -- ARGV[2]  requesting customer id, or "" for the admin
 -- ARGV[3]  now, ms since the epoch
@@ -45,7 +50,7 @@ local line_count = 0
 for _ in decode_items(items) do
   line_count = line_count + 1
 end
-if #KEYS ~= 8 + line_count then
+if #KEYS ~= 8 + 2 * line_count then
   return {409, cjson.encode({code = 'order_owner_changed'}), 0}
 end
 
@@ -72,9 +77,17 @@ end
 
 -- Every check passed: write.
 local units = 0
+local moved = {[KEYS[8]] = true}
 for i, quantity in ipairs(lines) do
   redis.call('HINCRBY', KEYS[8 + i], 'stock', quantity)
   units = units + tonumber(quantity)
+  local ledger = KEYS[8 + line_count + i]
+  redis.call('HINCRBY', ledger, 'stock_units', quantity)
+  redis.call('HINCRBY', ledger, 'sold_units', -tonumber(quantity))
+  if not moved[ledger] then
+    moved[ledger] = true
+    redis.call('HINCRBY', ledger, 'changes', 1)
+  end
 end
 redis.call('HINCRBY', KEYS[2], 'balance_cents', total)
 redis.call('HSET', KEYS[1], 'status', STATUS.cancelled)
@@ -85,7 +98,6 @@ redis.call('ZADD', KEYS[6], seq, order_id)
 redis.call('HINCRBY', KEYS[8], 'open_cents', -tonumber(total))
 redis.call('HINCRBY', KEYS[8], 'balance_cents', total)
 redis.call('HINCRBY', KEYS[8], 'open_units', -units)
-redis.call('HINCRBY', KEYS[8], 'stock_units', units)
 redis.call('HINCRBY', KEYS[8], 'orders_open', -1)
 redis.call('HINCRBY', KEYS[8], 'orders_cancelled', 1)
 redis.call('HINCRBY', KEYS[8], 'changes', 1)

@@ -3,14 +3,17 @@
 -- Checking a completed order again changes nothing; one in any other status
 -- (cancelled today) is refused with that status.
 --
--- KEYS[1]  order:{order_id}                          hash
--- KEYS[2]  orders:status:open                        zset
--- KEYS[3]  orders:status:completed                   zset
--- KEYS[4]  customer:{owner_id}:orders:open           zset
--- KEYS[5]  customer:{owner_id}:orders:completed      zset
--- KEYS[6]  events                                    stream
--- KEYS[7]  customer:{owner_id}                       hash (read: the balance for the mail)
--- KEYS[8]  ledger                                    hash, the running totals (app/keys.py)
+-- Key names: app/keys.py; P is the order's (and its owner's) partition, and
+-- every key but `events` is in it.
+--
+-- KEYS[1]  o{P}<order_id>                    hash
+-- KEYS[2]  os{P}open                         zset
+-- KEYS[3]  os{P}completed                    zset
+-- KEYS[4]  co{P}<owner_id>:open              zset
+-- KEYS[5]  co{P}<owner_id>:completed         zset
+-- KEYS[6]  events                            stream
+-- KEYS[7]  c{P}<owner_id>                    hash (read: the balance for the mail)
+-- KEYS[8]  lg{P}                             hash, the running totals
 -- ARGV[1]  owner id the keys above were built for
 -- ARGV[2]  requesting customer id, or "" for the admin
 -- ARGV[3]  now, ms since the epoch

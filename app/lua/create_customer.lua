@@ -2,12 +2,15 @@
 -- email (unique, case-insensitive), map the token's hash to the id, and add
 -- the opening balance to the ledger's running totals.
 --
--- KEYS[1]  customer:{customer_id}   hash, must not exist
--- KEYS[2]  customers                zset, by seq
--- KEYS[3]  customers:seq            counter
--- KEYS[4]  customers:email          hash, lower-cased email -> id
--- KEYS[5]  token:{token_sha256}     string -> customer id
--- KEYS[6]  ledger                   hash, the running totals (app/keys.py)
+-- Key names: app/keys.py. P is the partition of the lower-cased email, which
+-- the customer id and the token were minted in: every key is in it.
+--
+-- KEYS[1]  c{P}<customer_id>        hash, must not exist
+-- KEYS[2]  cs{P}                    zset, by seq
+-- KEYS[3]  cq{P}                    the partition's seq clock
+-- KEYS[4]  ce{P}                    hash, lower-cased email -> id
+-- KEYS[5]  k{P}<token_sha256>       string -> customer id
+-- KEYS[6]  lg{P}                    hash, the running totals
 -- ARGV[1]  customer id
 -- ARGV[2]  name
 -- ARGV[3]  surname
@@ -21,6 +24,8 @@
 --   201, customer fields (strings, token hash left out)
 --   409, {code="email_taken"}            nothing written
 --   500, {code="customer_id_collision"}  nothing written
+--
+-- next_seq: the prelude (app/lua_prelude.py).
 
 if redis.call('HEXISTS', KEYS[4], ARGV[5]) == 1 then
   return {409, cjson.encode({code = 'email_taken'})}
@@ -28,7 +33,7 @@ end
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[5]) == 1 then
   return {500, cjson.encode({code = 'customer_id_collision'})}
 end
-local seq = redis.call('INCR', KEYS[3])
+local seq = next_seq(KEYS[3])
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'name', ARGV[2], 'surname', ARGV[3], 'email', ARGV[4],
   'balance_cents', ARGV[6], 'added_cents', ARGV[6], 'token_sha256', ARGV[7],
   'seq', seq, 'created_at', ARGV[8])

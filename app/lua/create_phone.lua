@@ -1,10 +1,12 @@
 -- create_phone: store a new phone with its opening stock and index it, and
 -- add it to the running totals of the ledger.
 --
--- KEYS[1]  phone:{phone_id}  hash, must not exist
--- KEYS[2]  phones            zset, by seq
--- KEYS[3]  phones:seq        counter
--- KEYS[4]  ledger            hash, the running totals (app/keys.py)
+-- Key names: app/keys.py; Q is the phone's partition, and every key is in it.
+--
+-- KEYS[1]  p{Q}<phone_id>    hash, must not exist
+-- KEYS[2]  ps{Q}             zset, by seq
+-- KEYS[3]  pq{Q}             the partition's seq clock
+-- KEYS[4]  lg{Q}             hash, the running totals
 -- ARGV[1]  phone id
 -- ARGV[2]  name
 -- ARGV[3]  description
@@ -17,12 +19,12 @@
 --   201, phone fields (strings)
 --   500, {code="phone_id_collision"}   nothing written
 --
--- hgetall_map: the prelude (app/lua_prelude.py).
+-- hgetall_map, next_seq: the prelude (app/lua_prelude.py).
 
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {500, cjson.encode({code = 'phone_id_collision'})}
 end
-local seq = redis.call('INCR', KEYS[3])
+local seq = next_seq(KEYS[3])
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'name', ARGV[2], 'description', ARGV[3],
   'image_url', ARGV[4], 'price_cents', ARGV[5], 'stock', ARGV[6], 'added_units', ARGV[6],
   'seq', seq, 'created_at', ARGV[7])

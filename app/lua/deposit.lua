@@ -1,8 +1,8 @@
 -- deposit: add money to a customer's balance, and to the money ever added
 -- that the audit balances against; the ledger's totals move with them.
 --
--- KEYS[1]  customer:{customer_id}  hash, must exist
--- KEYS[2]  ledger                   hash, the running totals (app/keys.py)
+-- KEYS[1]  c{P}<customer_id>  hash, must exist (key names: app/keys.py)
+-- KEYS[2]  lg{P}              hash, the running totals of its partition
 -- ARGV[1]  amount_cents (1..10^12, checked by the caller)
 -- ARGV[2]  balance ceiling: the deposit is refused past it (keeps every sum
 --          below 2^53, where Lua numbers stop being exact)

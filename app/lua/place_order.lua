@@ -1,19 +1,25 @@
 -- place_order: validate every line, stock and the balance, then (only then)
 -- decrement stock, debit the customer, store and index the order and append
--- its events, and move the ledger's running totals. Redis never rolls back a
+-- its events, and move the ledgers' running totals. Redis never rolls back a
 -- half-run script, so no write happens before the last check.
 --
--- KEYS[1]  customer:{customer_id}            hash
--- KEYS[2]  idem:{customer_id}:{sha256(key)}  hash (ignored unless ARGV[6] == "1")
--- KEYS[3]  order:{order_id}                  hash, must not exist
--- KEYS[4]  orders                            zset, all orders by seq
--- KEYS[5]  orders:status:{status}            zset, the new order's status
--- KEYS[6]  customer:{customer_id}:orders     zset
--- KEYS[7]  customer:{customer_id}:orders:{status}  zset
--- KEYS[8]  orders:seq                        counter
--- KEYS[9]  events                            stream
--- KEYS[10] ledger                            hash, the running totals (app/keys.py)
--- KEYS[11..10+n]  phone:{phone_id}, one per line, same order as the lines
+-- Key names: app/keys.py. P is the customer's partition (the order id was
+-- minted in it); each phone's partition Q may be another one: this script and
+-- cancel_order are the two that span partitions until the reservation saga
+-- (docs/data-tier.md, section 3) replaces them.
+--
+-- KEYS[1]  c{P}<customer_id>                   hash
+-- KEYS[2]  i{P}<customer_id>:<sha256(key)>     hash (ignored unless ARGV[6] == "1")
+-- KEYS[3]  o{P}<order_id>                      hash, must not exist
+-- KEYS[4]  oa{P}                               zset, the partition's orders by seq
+-- KEYS[5]  os{P}<status>                       zset, the new order's status
+-- KEYS[6]  co{P}<customer_id>                  zset
+-- KEYS[7]  co{P}<customer_id>:<status>         zset
+-- KEYS[8]  oq{P}                               the partition's seq clock
+-- KEYS[9]  events                              stream
+-- KEYS[10] lg{P}                               hash, the customer side's running totals
+-- KEYS[11..10+n]  p{Q}<phone_id>, one per line, same order as the lines
+-- KEYS[11+n..10+2n]  lg{Q} of each line's phone, same order (may repeat)
 -- ARGV[1]  order id
 -- ARGV[2]  customer id
 -- ARGV[3]  now, ms since the epoch
@@ -35,15 +41,15 @@
 --   any stored status and payload, 1              replay of the first answer
 --   error reply "place_order: ..."               KEYS do not fit ARGV; nothing written
 --
--- STATUS, ORDER_EVENT, encode_item(s): the prelude (app/lua_prelude.py).
+-- STATUS, ORDER_EVENT, encode_item(s), next_seq: the prelude (app/lua_prelude.py).
 
 local function fmt(n)
   return string.format('%d', n)
 end
 
 local n = (#ARGV - 8) / 2
-if #KEYS ~= 10 + n then
-  return redis.error_reply('place_order: expected ' .. (10 + n) .. ' keys, got ' .. #KEYS)
+if #KEYS ~= 10 + 2 * n then
+  return redis.error_reply('place_order: expected ' .. (10 + 2 * n) .. ' keys, got ' .. #KEYS)
 end
 
 local use_idem = ARGV[6] == '1'
@@ -120,14 +126,14 @@ local status = STATUS.open
 if ARGV[5] == '1' then
   status = STATUS.completed
 end
-local seq = redis.call('INCR', KEYS[8])
+local seq = next_seq(KEYS[8])
 local order = {
   id = ARGV[1],
   customer_id = ARGV[2],
   status = status,
   items = encode_items(items),
   total_cents = fmt(total),
-  seq = fmt(seq),
+  seq = seq,
   created_at = ARGV[3],
   request_id = ARGV[4],
 }
@@ -140,10 +146,21 @@ redis.call('ZADD', KEYS[6], seq, ARGV[1])
 redis.call('ZADD', KEYS[7], seq, ARGV[1])
 redis.call('HINCRBY', KEYS[10], 'balance_cents', -total)
 redis.call('HINCRBY', KEYS[10], status .. '_cents', total)
-redis.call('HINCRBY', KEYS[10], 'stock_units', -units)
 redis.call('HINCRBY', KEYS[10], status .. '_units', units)
 redis.call('HINCRBY', KEYS[10], 'orders_' .. status, 1)
 redis.call('HINCRBY', KEYS[10], 'changes', 1)
+-- The phone side: each ledger's `changes` moves once, however many lines it has.
+local moved = {[KEYS[10]] = true}
+for i = 1, n do
+  local ledger = KEYS[10 + n + i]
+  local quantity = tonumber(ARGV[8 + 2 * i])
+  redis.call('HINCRBY', ledger, 'stock_units', -quantity)
+  redis.call('HINCRBY', ledger, 'sold_units', quantity)
+  if not moved[ledger] then
+    moved[ledger] = true
+    redis.call('HINCRBY', ledger, 'changes', 1)
+  end
+end
 
 redis.call('XADD', KEYS[9], '*', 'type', ORDER_EVENT.open, 'order_id', ARGV[1],
   'customer_id', ARGV[2], 'status', STATUS.open, 'request_id', ARGV[4], 'at', ARGV[3])

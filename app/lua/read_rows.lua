@@ -2,7 +2,8 @@
 -- paged recount (app/admin/audit.py). Reads only; writes nothing. One call
 -- costs Redis about a microsecond per hash, so the caller keeps batches small.
 --
--- KEYS[1..n]  the hashes, in the order wanted
+-- KEYS[1..n]  the hashes, in the order wanted: all of one partition (the
+--             audit reads one page of one partition's index per call)
 -- ARGV[1..m]  the field names
 --
 -- Returns a flat array of n * m values: the m fields of KEYS[1], then of

@@ -2,7 +2,7 @@
 -- (app/admin/ledger_rebuild.py), unless a script wrote while it was counted.
 -- For a database written before the ledger existed; run at rest.
 --
--- KEYS[1]     the ledger (keys.LEDGER)
+-- KEYS[1]     one partition's ledger (keys.ledger(P))
 -- ARGV[1]     the ledger's `changes` when the recount began (0: no ledger)
 -- ARGV[2..]   field, value, field, value, ...: every ledger figure but
 --             `changes`, each an integer

@@ -1,8 +1,8 @@
 -- restock: add units to a phone's stock, and to the units ever added that
 -- the audit balances against; the ledger's totals move with them.
 --
--- KEYS[1]  phone:{phone_id}  hash, must exist
--- KEYS[2]  ledger            hash, the running totals (app/keys.py)
+-- KEYS[1]  p{Q}<phone_id>  hash, must exist (key names: app/keys.py)
+-- KEYS[2]  lg{Q}           hash, the running totals of its partition
 -- ARGV[1]  quantity (1..10^9, checked by the caller)
 -- ARGV[2]  stock ceiling: the restock is refused past it
 --

@@ -2,7 +2,7 @@
 -- touched here (restock.lua and the order scripts own it). Orders already
 -- placed keep the unit price they were placed at.
 --
--- KEYS[1]  phone:{phone_id}  hash, must exist
+-- KEYS[1]  p{Q}<phone_id>  hash, must exist (key names: app/keys.py)
 -- ARGV     field, value, field, value, ... (fields limited by the caller to
 --          name, description, image_url, price_cents; possibly none)
 --

@@ -14,6 +14,9 @@ It is a small supervisor, stdlib only:
   over) is started again after a second. One that keeps dying right after
   starting (an import error, a port in use) stops the launcher with status 1,
   and honcho then stops the whole stack instead of looping.
+* Before the first instance it checks the key layout of the data (app/layout.py):
+  an older layout's data stops the launcher with status 2 and the message
+  saying what to do, and honcho then stops the whole stack.
 * On Linux every instance gets PR_SET_PDEATHSIG, so even a SIGKILLed launcher
   leaves no orphan behind (honcho also signals the whole process group).
 
@@ -99,6 +102,14 @@ def _log(message: str) -> None:
 def main() -> int:
     ports = instance_ports()
     graceful = env_int(os.environ, "WEB_GRACEFUL_TIMEOUT", 4, 1, 3600, error=SystemExit)
+    # Imported here: the rest of this module (instance_ports, which nginx/render.py
+    # reads) stays stdlib only.
+    from app.layout import check_at_start
+
+    refused = check_at_start()
+    if refused is not None:
+        _log(f"not starting: {refused}")
+        return 2
     stop_requested = False
 
     def request_stop(signum: int, _frame: object) -> None:

@@ -1,5 +1,8 @@
 """Order operations. Placing, checking and cancelling are one Lua script each;
-this module only builds their keys and arguments and shapes their answers."""
+this module only builds their keys and arguments and shapes their answers.
+
+An order lives in its customer's partition (app/keys.py): its id is minted
+there before the script runs, so every later step finds it from the id alone."""
 
 from __future__ import annotations
 
@@ -13,15 +16,15 @@ import msgspec
 from app import keys
 from app.auth import Principal
 from app.fields import BALANCE_LIMIT, STOCK_LIMIT
-from app.ids import new_id
 from app.orders.models import Order, OrderItem
-from app.paging import page_of_hashes
+from app.paging import merged_page_of_hashes, page_of_hashes
+from app.partitions import PARTITIONS, partition_of
 from app.problems import ProblemError
 from app.query import Page
 from app.redis_gateway import RedisGateway
 from app.scripts import Scripts, problem_from_script
 from app.timestamps import iso_time
-from app.vocabulary import CANCELLED, COMPLETED, OPEN, decode_items
+from app.vocabulary import CANCELLED, COMPLETED, OPEN, decode_items, new_order_id
 
 
 def order_items(items: str) -> list[OrderItem]:
@@ -67,18 +70,53 @@ def place_order_keys(
     phone_ids: list[str],
 ) -> list[str]:
     """place_order.lua's KEYS, in the order its header lists them."""
+    partition = partition_of(order_id)
     return [
         keys.customer(customer_id),
         keys.idempotency(customer_id, idempotency_key or ""),
         keys.order(order_id),
-        keys.ORDERS,
-        keys.orders_by_status(status),
+        keys.orders(partition),
+        keys.orders_by_status(partition, status),
         keys.customer_orders(customer_id),
         keys.customer_orders_by_status(customer_id, status),
-        keys.ORDERS_SEQ,
+        keys.orders_seq(partition),
         keys.EVENTS,
-        keys.LEDGER,
-    ] + [keys.phone(phone_id) for phone_id in phone_ids]
+        keys.ledger(partition),
+        *[keys.phone(phone_id) for phone_id in phone_ids],
+        *[keys.ledger_of(phone_id) for phone_id in phone_ids],
+    ]
+
+
+def check_order_keys(order_id: str, owner_id: str) -> list[str]:
+    """check_order.lua's KEYS, in the order its header lists them."""
+    partition = partition_of(order_id)
+    return [
+        keys.order(order_id),
+        keys.orders_by_status(partition, OPEN),
+        keys.orders_by_status(partition, COMPLETED),
+        keys.customer_orders_by_status(owner_id, OPEN),
+        keys.customer_orders_by_status(owner_id, COMPLETED),
+        keys.EVENTS,
+        keys.customer(owner_id),
+        keys.ledger(partition),
+    ]
+
+
+def cancel_order_keys(order_id: str, owner_id: str, phone_ids: list[str]) -> list[str]:
+    """cancel_order.lua's KEYS, in the order its header lists them."""
+    partition = partition_of(order_id)
+    return [
+        keys.order(order_id),
+        keys.customer(owner_id),
+        keys.orders_by_status(partition, OPEN),
+        keys.orders_by_status(partition, CANCELLED),
+        keys.customer_orders_by_status(owner_id, OPEN),
+        keys.customer_orders_by_status(owner_id, CANCELLED),
+        keys.EVENTS,
+        keys.ledger(partition),
+        *[keys.phone(phone_id) for phone_id in phone_ids],
+        *[keys.ledger_of(phone_id) for phone_id in phone_ids],
+    ]
 
 
 async def place_order(
@@ -91,7 +129,7 @@ async def place_order(
     idempotency_ttl: int,
     request_id: str,
 ) -> PlacedOrder:
-    order_id = new_id()
+    order_id = new_order_id(customer_id)
     status = COMPLETED if autocheck else OPEN
     script_keys = place_order_keys(
         customer_id, order_id, status, idempotency_key, [phone_id for phone_id, _ in lines]
@@ -128,6 +166,9 @@ async def get_order(gateway: RedisGateway, principal: Principal, order_id: str) 
 
 async def _order_owner(gateway: RedisGateway, principal: Principal, order_id: str) -> str:
     if principal.customer_id is not None:
+        if partition_of(order_id) != partition_of(principal.customer_id):
+            # A customer's orders are all in the customer's partition.
+            raise ProblemError("order_not_found")
         return principal.customer_id  # the script refuses the order if it is not theirs
     [owner] = await gateway.hmget(keys.order(order_id), ["customer_id"])
     if owner is None:
@@ -145,16 +186,7 @@ async def check_order(
     owner = await _order_owner(gateway, principal, order_id)
     result = await scripts.run(
         "check_order",
-        [
-            keys.order(order_id),
-            keys.orders_by_status(OPEN),
-            keys.orders_by_status(COMPLETED),
-            keys.customer_orders_by_status(owner, OPEN),
-            keys.customer_orders_by_status(owner, COMPLETED),
-            keys.EVENTS,
-            keys.customer(owner),
-            keys.LEDGER,
-        ],
+        check_order_keys(order_id, owner),
         [owner, principal.customer_id or "", int(time.time() * 1000), request_id],
     )
     return order_from_fields(result.payload)
@@ -169,19 +201,10 @@ async def cancel_order(
     if owner is None or (not principal.is_admin and owner.decode() != principal.customer_id):
         raise ProblemError("order_not_found")
     owner_id, items_field = owner.decode(), items.decode()
+    phone_ids = [line.phone_id for line in decode_items(items_field)]
     result = await scripts.run(
         "cancel_order",
-        [
-            keys.order(order_id),
-            keys.customer(owner_id),
-            keys.orders_by_status(OPEN),
-            keys.orders_by_status(CANCELLED),
-            keys.customer_orders_by_status(owner_id, OPEN),
-            keys.customer_orders_by_status(owner_id, CANCELLED),
-            keys.EVENTS,
-            keys.LEDGER,
-        ]
-        + [keys.phone(line.phone_id) for line in decode_items(items_field)],
+        cancel_order_keys(order_id, owner_id, phone_ids),
         [
             owner_id,
             principal.customer_id or "",
@@ -198,12 +221,22 @@ async def cancel_order(
 async def list_orders(
     gateway: RedisGateway, page: Page, *, customer_id: str | None, status: str | None
 ) -> tuple[int, list[Order]]:
-    """Newest first, one page by rank: the cost does not grow with the number of orders."""
+    """Newest first. A customer's orders are one index in one partition, paged by
+    rank; all orders (the admin's) merge the partitions' indexes (app/paging.py).
+    Either way the cost does not grow with the number of orders."""
     if customer_id is None:
-        index = keys.ORDERS if status is None else keys.orders_by_status(status)
-    elif status is None:
-        index = keys.customer_orders(customer_id)
+        indexes = [
+            keys.orders(p) if status is None else keys.orders_by_status(p, status)
+            for p in range(PARTITIONS)
+        ]
+        total, rows = await merged_page_of_hashes(
+            gateway, indexes, page, keys.order, newest_first=True
+        )
     else:
-        index = keys.customer_orders_by_status(customer_id, status)
-    total, rows = await page_of_hashes(gateway, index, page, keys.order, newest_first=True)
+        index = (
+            keys.customer_orders(customer_id)
+            if status is None
+            else keys.customer_orders_by_status(customer_id, status)
+        )
+        total, rows = await page_of_hashes(gateway, index, page, keys.order, newest_first=True)
     return total, [order_from_fields(row) for row in rows]

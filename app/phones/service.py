@@ -6,14 +6,15 @@ import time
 
 from app import keys
 from app.fields import STOCK_LIMIT
-from app.ids import new_id
-from app.paging import page_of_hashes
+from app.paging import merged_page_of_hashes
+from app.partitions import PARTITIONS, partition_of
 from app.phones.models import Phone, PhoneCreate, PhoneUpdate
 from app.problems import ProblemError
 from app.query import Page
 from app.redis_gateway import RedisGateway
 from app.scripts import Scripts
 from app.timestamps import iso_time
+from app.vocabulary import new_phone_id
 
 
 def phone_from_fields(fields: dict[str, str]) -> Phone:
@@ -28,11 +29,22 @@ def phone_from_fields(fields: dict[str, str]) -> Phone:
     )
 
 
+def create_phone_keys(phone_id: str) -> list[str]:
+    """create_phone.lua's KEYS, in the order its header lists them."""
+    partition = partition_of(phone_id)
+    return [
+        keys.phone(phone_id),
+        keys.phones(partition),
+        keys.phones_seq(partition),
+        keys.ledger(partition),
+    ]
+
+
 async def create_phone(scripts: Scripts, data: PhoneCreate) -> Phone:
-    phone_id = new_id()
+    phone_id = new_phone_id()
     result = await scripts.run(
         "create_phone",
-        [keys.phone(phone_id), keys.PHONES, keys.PHONES_SEQ, keys.LEDGER],
+        create_phone_keys(phone_id),
         [
             phone_id,
             data.name,
@@ -54,7 +66,11 @@ async def get_phone(gateway: RedisGateway, phone_id: str) -> Phone:
 
 
 async def list_phones(gateway: RedisGateway, page: Page) -> tuple[int, list[Phone]]:
-    total, rows = await page_of_hashes(gateway, keys.PHONES, page, keys.phone, newest_first=False)
+    """Oldest first, over every partition's catalogue (app/paging.py)."""
+    indexes = [keys.phones(p) for p in range(PARTITIONS)]
+    total, rows = await merged_page_of_hashes(
+        gateway, indexes, page, keys.phone, newest_first=False
+    )
     return total, [phone_from_fields(row) for row in rows]
 
 
@@ -68,6 +84,6 @@ async def update_phone(scripts: Scripts, phone_id: str, data: PhoneUpdate) -> Ph
 
 async def restock(scripts: Scripts, phone_id: str, quantity: int) -> Phone:
     result = await scripts.run(
-        "restock", [keys.phone(phone_id), keys.LEDGER], [quantity, STOCK_LIMIT]
+        "restock", [keys.phone(phone_id), keys.ledger_of(phone_id)], [quantity, STOCK_LIMIT]
     )
     return phone_from_fields(result.payload)

@@ -1,0 +1,112 @@
+"""Lists over the 128 partitions (app/paging.py): every page is the slice of one merged,
+ordered list, near the head and deep into it, with ties across partitions; and a page
+costs the same commands whatever the number of rows."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from app import keys
+from app.paging import HEAD_LIMIT, merged_page
+from app.partitions import PARTITIONS, new_id
+from app.redis_gateway import ClientTransport, RedisGateway
+
+INDEXES = [keys.phones(p) for p in range(PARTITIONS)]
+
+
+class CountingTransport(ClientTransport):
+    """Counts round trips and commands, for the cost test."""
+
+    def __init__(self, redis: Redis) -> None:
+        super().__init__(Redis(connection_pool=redis.connection_pool))
+        self.round_trips = 0
+        self.commands = 0
+
+    async def execute(self, *args: Any) -> Any:
+        self.round_trips += 1
+        self.commands += 1
+        return await super().execute(*args)
+
+    async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        self.round_trips += 1
+        self.commands += len(commands)
+        return await super().execute_many(commands)
+
+
+async def _fill(
+    redis: Redis, rows: int, seed: int, span: int | None = None
+) -> list[tuple[int, int, bytes]]:
+    """Rows spread unevenly (a third in partition 7, a few partitions empty), scores
+    unique within a partition, within ``span`` (default: twice the rows, so that
+    scores often tie across partitions). Returns (score, partition, member) for each."""
+    rng = random.Random(seed)
+    stored = []
+    used: set[tuple[int, int]] = set()
+    async with redis.pipeline(transaction=False) as pipe:
+        for _ in range(rows):
+            partition = 7 if rng.random() < 0.33 else rng.randrange(PARTITIONS - 5)
+            score = 1_700_000_000_000_000 + rng.randrange(span or rows * 2)
+            while (partition, score) in used:
+                score += 1
+            used.add((partition, score))
+            member = new_id(partition).encode()
+            pipe.zadd(INDEXES[partition], {member: score})
+            stored.append((score, partition, member))
+        await pipe.execute()
+    return stored
+
+
+def _expected(stored: list[tuple[int, int, bytes]], newest_first: bool) -> list[bytes]:
+    ordered = sorted(stored, key=lambda row: (row[0], row[1]), reverse=newest_first)
+    return [member for _, _, member in ordered]
+
+
+@pytest.mark.parametrize("newest_first", [False, True], ids=["oldest_first", "newest_first"])
+async def test_every_page_is_a_slice_of_the_merged_list(redis: Redis, newest_first: bool) -> None:
+    stored = await _fill(redis, 3000, seed=11)
+    expected = _expected(stored, newest_first)
+    gateway = RedisGateway(ClientTransport.on_pool(redis.connection_pool))
+    offsets = [0, 1, 9, 100, HEAD_LIMIT - 10, HEAD_LIMIT - 9, HEAD_LIMIT, 1234, 2990, 2999, 3000]
+    for offset in offsets:
+        for count in (1, 10, 100):
+            total, members = await merged_page(
+                gateway, INDEXES, offset, count, newest_first=newest_first
+            )
+            assert total == 3000
+            assert members == expected[offset : offset + count], (offset, count)
+
+
+async def test_an_empty_list_and_a_page_past_its_end(redis: Redis) -> None:
+    gateway = RedisGateway(ClientTransport.on_pool(redis.connection_pool))
+    assert await merged_page(gateway, INDEXES, 0, 10, newest_first=False) == (0, [])
+    assert await merged_page(gateway, INDEXES, 10**6, 10, newest_first=True) == (0, [])
+    await _fill(redis, 20, seed=3)
+    assert await merged_page(gateway, INDEXES, 10**6, 10, newest_first=True) == (20, [])
+
+
+@pytest.mark.parametrize("offset", [0, 2000], ids=["head", "deep"])
+async def test_a_page_costs_the_same_with_50_times_the_rows(redis: Redis, offset: int) -> None:
+    """The same round trips and commands for 3,000 and 150,000 rows (what the list-cost
+    ratio of make bench measures in time), over the same hour of scores: the bisection
+    of a deep page takes a probe per bit of the span of scores, not of the row count."""
+    costs = []
+    for rows in (3_000, 150_000):
+        await redis.flushall()
+        stored = await _fill(redis, rows, seed=rows, span=3_600 * 10**6)
+        transport = CountingTransport(redis)
+        total, members = await merged_page(
+            RedisGateway(transport), INDEXES, offset, 10, newest_first=True
+        )
+        assert total == rows and members == _expected(stored, True)[offset : offset + 10]
+        costs.append((transport.round_trips, transport.commands))
+    (trips_small, commands_small), (trips_large, commands_large) = costs
+    # Within one probe (the bisection's bounds differ by a few microseconds) and a
+    # few reads past a partition's first rows (depending on where the rows fell).
+    assert abs(trips_large - trips_small) <= 1
+    assert abs(commands_large - commands_small) <= PARTITIONS + 16
+    if offset == 0:
+        assert trips_small <= 3 and commands_small <= 2 * PARTITIONS + 16
