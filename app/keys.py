@@ -57,11 +57,11 @@ against a paged recount of the rows). On a customer's partition: customers,
 balance_cents (its balances), added_cents (opening balances + deposits),
 orders_<status> for every status, <status>_cents and <status>_units for each
 that keeps the money (app/vocabulary.py): open and completed. On a phone's
-partition: phones, stock_units, added_units, sold_units (units in open or
-completed orders). changes: one more for every script run that moved this
+partition: phones, stock_units, added_units, held_units (reserved by the
+saga), sold_units (units in open or completed orders). changes: one more for every script run that moved this
 ledger, so an unchanged count means nothing of the partition moved. At every
 moment, per partition: balance + open + completed = added, in cents; stock +
-sold = added, in units. Over all partitions, at rest: the sold units = the
+held + sold = added, in units. Over all partitions, at rest: the sold units = the
 open + completed units.
 
 Stream ``events``: one entry per order change, appended by the script that made

@@ -101,7 +101,7 @@ async def _cluster(ports: list[int]) -> AsyncIterator[SagaWorld]:
     await redis.initialize()
     for partition in (ORDER_PARTITION, PHONE_PARTITION, OTHER_PHONE_PARTITION):
         await redis.delete(*_partition_keys(partition))
-    gateway = await open_cluster_gateway(
+    gateway = open_cluster_gateway(
         "redis://127.0.0.1",
         tuple(("127.0.0.1", port) for port in ports),
         replicas=1,

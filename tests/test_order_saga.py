@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from app import keys, partitions
 from app.ops.poll import wait_until_async
 from app.orders import saga
+from app.orders.saga_service import commit_order_keys
 from app.redis_gateway import gateway_over
 from app.scripts import Scripts
 from app.vocabulary import encode_items
@@ -119,19 +120,7 @@ async def test_a_commit_after_the_fence_is_refused(shop: Shop, redis: Redis) -> 
     phone_partition = partitions.partition_of(phone["id"])
     reserved = await saga.reserve(scripts, order_id, phone_partition, [(phone["id"], 1)], 0)
     assert await saga.fence(scripts, order_partition, [order_id]) == [saga.ABORTED]
-    commit_keys = [
-        keys.customer(customer["id"]),
-        keys.idempotency(customer["id"], ""),
-        keys.order(order_id),
-        keys.ORDERS,
-        keys.orders_by_status("open"),
-        keys.customer_orders(customer["id"]),
-        keys.customer_orders_by_status(customer["id"], "open"),
-        keys.ORDERS_SEQ,
-        keys.EVENTS,
-        keys.LEDGER,
-        keys.aborts(order_partition),
-    ]
+    commit_keys = commit_order_keys(customer["id"], order_id, "open", None)
     items = encode_items([(phone["id"], 1, 100)])
     args = [order_id, customer["id"], 1, "r", "0", "0", "f", 60, items]
     late = await scripts.call("commit_order", commit_keys, args)

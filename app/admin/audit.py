@@ -9,8 +9,8 @@ sums, so every step reads keys of one partition (one slot on Redis Cluster):
    atomically with the newest member of that partition's indexes
    (app/lua/read_ledger.lua, all partitions in one pipeline). Its identities
    hold at every moment in each partition (balances + open + completed =
-   money ever added, on a customer's partition; stock + sold = units ever
-   added, on a phone's), so they are checked exactly whatever the load.
+   money ever added, on a customer's partition; stock + held + sold = units
+   ever added, on a phone's), so they are checked exactly whatever the load.
 2. Every phone, customer and order that existed then is recounted from its
    row, BATCH at a time, partition by partition: one ZRANGE BYSCORE page of
    an index, then one read-only script reading that page's rows (no MULTI,
@@ -74,6 +74,7 @@ LEDGER_FIELDS = (
     *(f"{status}_cents" for status in MONEY_KEEPING_STATUSES),
     "stock_units",
     "added_units",
+    "held_units",
     "sold_units",
     *(f"{status}_units" for status in MONEY_KEEPING_STATUSES),
     "changes",
@@ -291,9 +292,10 @@ def _kept(figures: dict[str, int] | Counter[str], unit: str) -> int:
 
 
 def _identities(ledger: dict[str, int]) -> bool:
-    """One partition's: its customers' money, and its phones' units."""
+    """One partition's: its customers' money, and its phones' units (held: reserved by
+    the saga, app/lua/reserve_stock.lua)."""
     money = ledger["balance_cents"] + _kept(ledger, "cents")
-    units = ledger["stock_units"] + ledger["sold_units"]
+    units = ledger["stock_units"] + ledger["held_units"] + ledger["sold_units"]
     return money == ledger["added_cents"] and units == ledger["added_units"]
 
 

@@ -11,16 +11,17 @@
 -- Idempotent by order id: a second run finds the order (answers it) or the marker
 -- (answers the stored refusal).
 --
--- KEYS[1]  customer:{customer_id}            hash
--- KEYS[2]  idem:{customer_id}:{sha256(key)}  hash (ignored unless ARGV[6] == "1")
--- KEYS[3]  order:{order_id}                  hash
--- KEYS[4]  orders                            zset, all orders by seq
--- KEYS[5]  orders:status:{status}            zset, the new order's status
--- KEYS[6]  customer:{customer_id}:orders     zset
--- KEYS[7]  customer:{customer_id}:orders:{status}  zset
--- KEYS[8]  orders:seq                        counter
+-- Key names: app/keys.py; every key but `events` is in P.
+-- KEYS[1]  c{P}<customer_id>                 hash
+-- KEYS[2]  i{P}<customer_id>:<sha256(key)>   hash (ignored unless ARGV[6] == "1")
+-- KEYS[3]  o{P}<order_id>                    hash
+-- KEYS[4]  oa{P}                             zset, the partition's orders by seq
+-- KEYS[5]  os{P}<status>                     zset, the new order's status
+-- KEYS[6]  co{P}<customer_id>                zset
+-- KEYS[7]  co{P}<customer_id>:<status>       zset
+-- KEYS[8]  oq{P}                             the partition's seq clock
 -- KEYS[9]  events                            stream
--- KEYS[10] the customer partition's ledger   hash (balance_cents, <status>_cents and _units,
+-- KEYS[10] lg{P}, the customer partition's ledger   hash (balance_cents, <status>_cents and _units,
 --          orders_<status>, changes; the units' stock side moves on the phones' partitions)
 -- KEYS[11] ab{P}                             hash: order id -> refusal (the abort markers)
 -- ARGV[1]  order id (minted in the customer's partition)
@@ -46,7 +47,7 @@
 --                                                 503 {code="service_unavailable"})
 --   error reply "commit_order: ..."               bad items; nothing written
 --
--- STATUS, ORDER_EVENT, decode_items, hgetall_map: the prelude (app/lua_prelude.py).
+-- STATUS, ORDER_EVENT, decode_items, hgetall_map, next_seq: the prelude (app/lua_prelude.py).
 
 local order_id = ARGV[1]
 local use_idem = ARGV[6] == '1'
@@ -124,14 +125,14 @@ local status = STATUS.open
 if ARGV[5] == '1' then
   status = STATUS.completed
 end
-local seq = redis.call('INCR', KEYS[8])
+local seq = next_seq(KEYS[8])
 local order = {
   id = order_id,
   customer_id = ARGV[2],
   status = status,
   items = ARGV[9],
   total_cents = fmt(total),
-  seq = fmt(seq),
+  seq = seq,
   created_at = ARGV[3],
   request_id = ARGV[4],
 }

@@ -8,14 +8,15 @@
 -- Cancelling a cancelled order again changes nothing (the take-back list keeps it until
 -- the stock is back); one in any other status is refused with that status.
 --
--- KEYS[1]  order:{order_id}                          hash
--- KEYS[2]  customer:{owner_id}                       hash
--- KEYS[3]  orders:status:open                        zset
--- KEYS[4]  orders:status:cancelled                   zset
--- KEYS[5]  customer:{owner_id}:orders:open           zset
--- KEYS[6]  customer:{owner_id}:orders:cancelled      zset
--- KEYS[7]  events                                    stream
--- KEYS[8]  the order partition's ledger              hash (customer side)
+-- Key names: app/keys.py; every key but `events` is in P.
+-- KEYS[1]  o{P}<order_id>                    hash
+-- KEYS[2]  c{P}<owner_id>                    hash
+-- KEYS[3]  os{P}open                         zset
+-- KEYS[4]  os{P}cancelled                    zset
+-- KEYS[5]  co{P}<owner_id>:open              zset
+-- KEYS[6]  co{P}<owner_id>:cancelled         zset
+-- KEYS[7]  events                            stream
+-- KEYS[8]  lg{P}, the order partition's ledger    hash (customer side)
 -- KEYS[9]  ro{P}                                     zset: order id by take-back due time
 -- ARGV[1]  owner id the keys above were built for
 -- ARGV[2]  requesting customer id, or "" for the admin

@@ -149,19 +149,7 @@ async def place_order(
     status = COMPLETED if autocheck else OPEN
     result = await scripts.call(
         "commit_order",
-        [
-            keys.customer(customer_id),
-            keys.idempotency(customer_id, idempotency_key or ""),
-            keys.order(order_id),
-            keys.ORDERS,
-            keys.orders_by_status(status),
-            keys.customer_orders(customer_id),
-            keys.customer_orders_by_status(customer_id, status),
-            keys.ORDERS_SEQ,
-            keys.EVENTS,
-            keys.LEDGER,
-            keys.aborts(order_partition),
-        ],
+        commit_order_keys(customer_id, order_id, status, idempotency_key),
         [
             order_id,
             customer_id,
@@ -179,6 +167,44 @@ async def place_order(
     outcome = saga.COMMITTED if committed else saga.ABORTED
     _settle_all(settle_soon, order_id, outcome, reserved)
     return _answer(result)
+
+
+def commit_order_keys(
+    customer_id: str, order_id: str, status: str, idempotency_key: str | None
+) -> list[str]:
+    """commit_order.lua's KEYS, in the order its header lists them: all of the customer's
+    partition (the order id was minted in it) but ``events``."""
+    partition = partition_of(order_id)
+    return [
+        keys.customer(customer_id),
+        keys.idempotency(customer_id, idempotency_key or ""),
+        keys.order(order_id),
+        keys.orders(partition),
+        keys.orders_by_status(partition, status),
+        keys.customer_orders(customer_id),
+        keys.customer_orders_by_status(customer_id, status),
+        keys.orders_seq(partition),
+        keys.EVENTS,
+        keys.ledger(partition),
+        keys.aborts(partition),
+    ]
+
+
+def refund_order_keys(order_id: str, owner_id: str) -> list[str]:
+    """refund_order.lua's KEYS, in the order its header lists them (the order's partition,
+    and ``events``)."""
+    partition = partition_of(order_id)
+    return [
+        keys.order(order_id),
+        keys.customer(owner_id),
+        keys.orders_by_status(partition, OPEN),
+        keys.orders_by_status(partition, CANCELLED),
+        keys.customer_orders_by_status(owner_id, OPEN),
+        keys.customer_orders_by_status(owner_id, CANCELLED),
+        keys.EVENTS,
+        keys.ledger(partition),
+        keys.take_backs_due(partition),
+    ]
 
 
 async def _refuse_a_give_back_past_the_ceiling(gateway: RedisGateway, items: str) -> None:
@@ -217,17 +243,7 @@ async def cancel_order(
     now = _now_ms()
     result = await scripts.run(
         "refund_order",
-        [
-            keys.order(order_id),
-            keys.customer(owner_id),
-            keys.orders_by_status(OPEN),
-            keys.orders_by_status(CANCELLED),
-            keys.customer_orders_by_status(owner_id, OPEN),
-            keys.customer_orders_by_status(owner_id, CANCELLED),
-            keys.EVENTS,
-            keys.LEDGER,
-            keys.take_backs_due(order_partition),
-        ],
+        refund_order_keys(order_id, owner_id),
         [
             owner_id,
             principal.customer_id or "",
