@@ -10,6 +10,8 @@ before it starts any instance:
   a fresh database, so write ``layout`` (the first start) and go on;
 * an old layout's keys without ``layout``, or another version: refuse, saying what to
   do. There is no migration yet: start from a fresh data directory.
+
+The same on a Redis Cluster (REDIS_CLUSTER_NODES): each command is on one key.
 """
 
 from __future__ import annotations
@@ -18,11 +20,19 @@ import os
 from collections.abc import Mapping
 
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from app import keys
 from app.ops.poll import wait_until
-from app.settings import Settings, SettingsError, redacted_url, redis_url_from_env
+from app.redis_clients import cluster_options
+from app.settings import (
+    Settings,
+    SettingsError,
+    cluster_nodes_from_env,
+    redacted_url,
+    redis_url_from_env,
+)
 
 # make run starts redis-server beside the launcher: how long to wait for it to answer.
 REDIS_WAIT_S = 30.0
@@ -44,7 +54,7 @@ def refusal(found: str) -> str:
     )
 
 
-def check_layout(redis: Redis) -> bool:
+def check_layout(redis: Redis | RedisCluster) -> bool:
     """True when this call wrote the marker (a fresh database); LayoutError when the
     data is of another layout."""
     found = redis.get(keys.LAYOUT)
@@ -60,28 +70,45 @@ def check_layout(redis: Redis) -> bool:
     return False
 
 
+def _client(url: str, nodes: tuple[tuple[str, int], ...]) -> Redis | RedisCluster:
+    """A client of the configured store (app/redis_clients.py's choice, synchronously):
+    every command here is on one key, so a cluster client routes each."""
+    if nodes:
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+            socket_timeout=5,
+            socket_connect_timeout=5,
+            **cluster_options(url),
+        )
+    return Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+
+
 def check_at_start(env: Mapping[str, str] | None = None) -> str | None:
     """None when the app may start; otherwise why not (for the launcher to print)."""
     env = os.environ if env is None else env
     try:
         url = redis_url_from_env(env, Settings.redis_url)
+        nodes = cluster_nodes_from_env(env)
     except SettingsError as error:
         return str(error)
-    redis = Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    clients: list[Redis | RedisCluster] = []
 
-    def answers() -> bool:
+    def answers() -> Redis | RedisCluster | None:
         try:
-            return bool(redis.ping())
-        except RedisError:
-            return False
+            if not clients:
+                clients.append(_client(url, nodes))  # a cluster client connects here
+            return clients[0] if clients[0].ping() else None
+        except (RedisError, RedisClusterException):
+            return None
 
+    where = f"Redis Cluster at {nodes}" if nodes else f"Redis at {redacted_url(url)}"
     try:
-        wait_until(answers, f"Redis at {redacted_url(url)}", REDIS_WAIT_S)
-        check_layout(redis)
+        check_layout(wait_until(answers, where, REDIS_WAIT_S))
     except TimeoutError as error:
         return f"{error}: the key layout check needs it before any instance starts"
     except LayoutError as error:
         return str(error)
     finally:
-        redis.close()
+        for client in clients:
+            client.close()
     return None
