@@ -147,7 +147,7 @@ async def merged_page(
     start, end = order.everything_from(score)
     replies = await gateway.execute_many([order.read(index, start, end, head) for index in indexes])
     firsts = [_rows(reply, i) for i, reply in enumerate(replies)]
-    rows = await _complete(gateway, order, indexes, firsts, head, want, end_bound=end)
+    rows = await _complete(gateway, order, indexes, firsts, head, want)
     return total, [member for _, _, member in rows[skip:want]]
 
 
@@ -158,14 +158,12 @@ async def _complete(
     firsts: list[list[_Row]],
     head: int,
     want: int,
-    end_bound: str | None = None,
 ) -> list[_Row]:
     """The first ``want`` rows of the merge, given each index's first ``head`` rows
     (from the same start): reads further only the indexes that may hold more of them."""
     rows = sorted((row for first in firsts for row in first), key=order.key)
     bound = rows[want - 1] if len(rows) >= want else None
-    if end_bound is None:
-        end_bound = order.everything_from(None)[1]
+    very_end = order.everything_from(None)[1]
     more = []
     for i, first in enumerate(firsts):
         if len(first) < head:
@@ -174,7 +172,7 @@ async def _complete(
         if bound is not None and order.key(last) >= order.key(bound):
             continue  # its next rows all come after the bound
         # Scores are unique within an index, so "after its last row" is by score.
-        end = end_bound if bound is None else str(bound[0])
+        end = very_end if bound is None else str(bound[0])
         more.append((i, order.read(indexes[i], f"({last[0]}", end, want)))
     if not more:
         return rows[:want]
