@@ -420,8 +420,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if split.pinned:
         # This process encodes the bulk rows and drives every step: it is load too.
         os.sched_setaffinity(0, split.load)
-        if rig.priority():
-            os.setpriority(os.PRIO_PROCESS, 0, rig.priority())
+        if rig.load_priority():
+            os.setpriority(os.PRIO_PROCESS, 0, rig.load_priority())
     results: dict[str, Any] = {"sections": []}
     with (
         tempfile.TemporaryDirectory(prefix="phoneshop-bench-") as logs,
