@@ -224,31 +224,6 @@ async def cluster_app(
     return await aiohttp_client(await create_app())
 
 
-async def seed_phone(cluster: LocalCluster) -> str:
-    """A phone hash written straight into the cluster: today's create_phone.lua spans
-    global keys of other slots (the layout change moves them under one tag)."""
-    phone_id = new_id()
-    admin = cluster_client("redis://127.0.0.1/0", nodes_of(cluster))
-    try:
-        await admin.hset(
-            keys.phone(phone_id),
-            mapping={
-                "id": phone_id,
-                "name": "Cluster phone",
-                "description": "seeded",
-                "image_url": "https://example.com/p.png",
-                "price_cents": 1000,
-                "stock": 5,
-                "added_units": 5,
-                "seq": 1,
-                "created_at": 1_700_000_000_000,
-            },
-        )
-    finally:
-        await admin.aclose()
-    return phone_id
-
-
 async def test_the_app_on_the_cluster_is_ready_and_answers_an_unconfirmed_write_with_503(
     redis_cluster: LocalCluster, cluster_app: TestClient
 ) -> None:
@@ -256,7 +231,11 @@ async def test_the_app_on_the_cluster_is_ready_and_answers_an_unconfirmed_write_
     ready = await cluster_app.get("/readyz")
     assert ready.status == 200, await ready.text()
 
-    phone_id = await seed_phone(redis_cluster)
+    created = await cluster_app.post(
+        "/phones", json={"name": "Cluster phone", "price_cents": 1000, "stock": 5}, headers=ADMIN
+    )
+    assert created.status == 201, await created.text()
+    phone_id = (await created.json())["phone"]["id"]
     renamed = await cluster_app.patch(f"/phones/{phone_id}", json={"name": "A"}, headers=ADMIN)
     assert renamed.status == 200, await renamed.text()
     assert (await renamed.json())["phone"]["name"] == "A"
