@@ -6,7 +6,9 @@ that turn it on; the app itself wired to the cluster."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app import keys
@@ -21,6 +24,7 @@ from app.cluster_gateway import ClusterGateway, open_cluster_gateway
 from app.env import SettingsError
 from app.ids import new_id
 from app.main import create_app
+from app.ops.poll import wait_until
 from app.ops.redis_cluster import LocalCluster, client, poll, topology_from
 from app.redis_clients import cluster_client, redis_client
 from app.redis_gateway import LuaScript, WriteUnconfirmed
@@ -28,6 +32,7 @@ from app.settings import Settings
 from loadtests.support.servers import free_port
 from mail.settings import MailSettings
 from mail.worker import connect_redis
+from tests.cluster import new_cluster
 from tests.helpers import ADMIN, ADMIN_TOKEN
 
 # Counts its runs in one hash and touches a second key of the same slot, so a
@@ -42,6 +47,16 @@ WAIT_MS = 300
 
 def nodes_of(cluster: LocalCluster) -> tuple[tuple[str, int], ...]:
     return tuple(("127.0.0.1", port) for port in cluster.ports[:3])
+
+
+@pytest.fixture(scope="module")
+def fault_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A cluster for this module's kill -9 tests: each leaves it healthy again (the old
+    primary back as a replica), so they share it rather than start one each."""
+    cluster = new_cluster(tmp_path_factory.mktemp("fault-cluster"))
+    cluster.start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture
@@ -254,13 +269,13 @@ async def test_the_app_on_the_cluster_is_ready_and_answers_an_unconfirmed_write_
 
 
 async def test_after_a_failover_the_gateway_follows_the_slots_and_reloads_its_scripts(
-    own_redis_cluster: LocalCluster,
+    fault_cluster: LocalCluster,
 ) -> None:
     """kill -9 of the primary of a key: the gateway's next call goes to the old
     address (now a replica, MOVED), the library follows it to the new primary, which
     never loaded the script (NOSCRIPT), loads it, runs it once, and the write is
     confirmed by the old primary, back as the new one's replica."""
-    cluster = own_redis_cluster
+    cluster = fault_cluster
     gateway = open_cluster_gateway("redis://127.0.0.1/0", nodes_of(cluster), 1, 1000, 2.0, 8)
     try:
         tag = new_id()
@@ -374,3 +389,79 @@ async def test_an_answer_that_reads_an_unreplicated_write_is_unconfirmed_too(
     poll(lambda: read_on_replica(replica, counter) == "7", 30, "the replica to catch up")
     assert await gateway.run_script(READ, [counter], []) == b"7"
     redis_cluster.wait_healthy()
+
+
+PUT = LuaScript.of("test_put", "return redis.call('SET', KEYS[1], ARGV[1])")
+
+
+async def test_every_acknowledged_write_survives_kill_9_of_its_primary(
+    fault_cluster: LocalCluster, record_property: pytest.RecordProperty
+) -> None:
+    """docs/data-tier.md, section 6, under a crash: writes keep coming to one primary's
+    slots while it is SIGKILLed; its replica takes over, the old primary comes back as
+    the heir's replica (until then the heir refuses writes: min-replicas-to-write 1),
+    and every write the gateway acknowledged is on the new primary. The failures in
+    between are 503s the client retries, never a success that was lost."""
+    cluster = fault_cluster
+    gateway = open_cluster_gateway("redis://127.0.0.1/0", nodes_of(cluster), 1, 1000, 2.0, 8)
+    tag = new_id()
+    victim, heir = owner_and_replica(cluster, f"w{{{tag}}}")
+    witness = next(p for p in cluster.ports if p not in (victim, heir))
+    acknowledged: list[int] = []
+    failures: collections.Counter[str] = collections.Counter()
+    killed_at: float | None = None
+    resumed_at: float | None = None
+
+    async def write_until(done: asyncio.Event) -> None:
+        nonlocal resumed_at
+        n = 0
+        while not done.is_set():
+            n += 1
+            try:
+                await gateway.run_script(PUT, [f"w{{{tag}}}:{n}"], [n])
+            except (RedisError, WriteUnconfirmed) as error:
+                failures[type(error).__name__] += 1
+                await asyncio.sleep(0.01)  # pacing the retries, not synchronisation
+                continue
+            acknowledged.append(n)
+            if killed_at is not None and resumed_at is None:
+                resumed_at = time.monotonic()
+
+    def crash_and_recover() -> None:
+        nonlocal killed_at
+        wait_until(lambda: len(acknowledged) >= 50, "50 acknowledged writes", 30)
+        cluster.kill(victim)
+        killed_at = time.monotonic()
+        wait_until(
+            lambda: (
+                (view := topology_from(witness)) is not None
+                and view.by_port(heir).role == "primary"
+            ),
+            "the replica to take over",
+            60,
+        )
+        cluster.start_node(victim)
+        cluster.wait_healthy()
+        before = len(acknowledged)
+        wait_until(lambda: len(acknowledged) >= before + 50, "50 writes after recovery", 60)
+
+    done = asyncio.Event()
+    writer = asyncio.create_task(write_until(done))
+    try:
+        await asyncio.to_thread(crash_and_recover)
+    finally:
+        done.set()
+        await writer
+        await gateway.aclose()
+
+    assert killed_at is not None and resumed_at is not None
+    resumed_after = resumed_at - killed_at
+    record_property("writes_resumed_after_kill_seconds", round(resumed_after, 2))
+    print(
+        f"\nwrites resumed {resumed_after:.2f} s after kill -9, {len(acknowledged)} acknowledged;"
+        f" failures meanwhile: {dict(failures)}"
+    )
+    with client(heir) as new_primary:
+        stored = new_primary.mget([f"w{{{tag}}}:{n}" for n in acknowledged])
+    lost = [n for n, value in zip(acknowledged, stored, strict=True) if value != str(n)]
+    assert lost == [], f"{len(lost)} of {len(acknowledged)} acknowledged writes lost"
