@@ -205,7 +205,7 @@ def _refuses(port: int) -> bool:
     return True
 
 
-def test_the_runner_cli_starts_the_cluster_and_ctrl_c_leaves_nothing_running(
+def test_the_runner_cli_starts_the_cluster_restarts_a_dead_node_and_ctrl_c_stops_all(
     tmp_path: Path,
 ) -> None:
     # The CLI takes a base port (its bus ports are +10000, as Redis's default):
@@ -216,7 +216,11 @@ def test_the_runner_cli_starts_the_cluster_and_ctrl_c_leaves_nothing_running(
         if all(_bindable(p) and _bindable(p + 10_000) for p in range(b, b + 6))
     )
     data = tmp_path / "var" / "redis-cluster"
-    env = clean_env(REDIS_CLUSTER_BASE_PORT=str(base), REDIS_CLUSTER_DIR=str(data))
+    env = clean_env(
+        REDIS_CLUSTER_BASE_PORT=str(base),
+        REDIS_CLUSTER_DIR=str(data),
+        REDIS_CLUSTER_NODE_TIMEOUT_MS="1500",
+    )
     runner = subprocess.Popen(
         [sys.executable, "-m", "app.ops.redis_cluster", "run"],
         cwd=ROOT,
@@ -246,6 +250,31 @@ def test_the_runner_cli_starts_the_cluster_and_ctrl_c_leaves_nothing_running(
         assert status.stdout.count(" primary ") == 3
         assert status.stdout.count(" replica ") == 3
         assert "cluster_state=ok" in status.stdout
+
+        # kill -9 of a primary: the runner starts it again once its replica took over, and
+        # it rejoins as that replica's replica (else the heir would refuse every write).
+        victim = next(p for p in range(base, base + 6) if node_query(p, "ROLE")[0] == "master")
+        pid = int(node_query(victim, "INFO", "server")["process_id"])
+        os.kill(pid, signal.SIGKILL)
+        for line in runner.stdout:
+            lines.append(line)
+            if f"node {victim} is back" in line:
+                break
+        assert any(f"node {victim} is back" in line for line in lines), "".join(lines)
+
+        def whole_again() -> bool:
+            again = subprocess.run(
+                [sys.executable, "-m", "app.ops.redis_cluster", "status"],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            return again.returncode == 0 and again.stdout.count(" replica ") == 3
+
+        poll(whole_again, 60, "the cluster to be whole again")
 
         runner.send_signal(signal.SIGINT)  # what Ctrl-C sends
         assert runner.wait(60) == 0

@@ -1,6 +1,7 @@
 """A local Redis Cluster (3 primaries + 3 replicas by default) for ``make run`` and the tests.
 
-    python -m app.ops.redis_cluster run      # foreground; Ctrl-C or SIGTERM stops every node
+    python -m app.ops.redis_cluster run      # foreground; Ctrl-C or SIGTERM stops every node,
+                                             # a node that dies is started again
     python -m app.ops.redis_cluster status   # one line per node with its role; exit 1 unless healthy
     python -m app.ops.redis_cluster wait     # until REDIS_CLUSTER_NODES is ok (Procfile: web, mail)
 
@@ -32,6 +33,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -617,13 +619,35 @@ def run(cluster: LocalCluster) -> int:
     for line in describe(cluster.topology()):
         print(f"[redis-cluster] {line}", flush=True)
     print(f"[redis-cluster] ready: REDIS_CLUSTER_NODES={cluster.startup_nodes}", flush=True)
-    reported: set[int] = set()
+    # A node that exits is started again once the cluster has had time to fail over
+    # (twice the node timeout): it rejoins as its heir's replica. Left down, its heir would
+    # have no replica and refuse every write (min-replicas-to-write 1), so that shard
+    # would stay read-only until someone restarted it by hand.
+    restart_after = 2 * cluster.node_timeout_ms / 1000
+    due: dict[int, float] = {}
     try:
-        while not stopping.wait(1.0):
-            for port, proc in cluster.procs.items():
-                if proc.poll() is not None and port not in reported:
-                    reported.add(port)  # left down: watching the failover is the point
-                    print(f"[redis-cluster] node {port} exited with {proc.returncode}", flush=True)
+        while not stopping.wait(0.5):
+            now = time.monotonic()
+            for port, proc in list(cluster.procs.items()):
+                if proc.poll() is not None:
+                    del cluster.procs[port]
+                    due[port] = now + restart_after
+                    print(
+                        f"[redis-cluster] node {port} exited with {proc.returncode};"
+                        f" starting it again in {restart_after:.0f} s",
+                        flush=True,
+                    )
+            for port, when in list(due.items()):
+                if now < when or stopping.is_set():
+                    continue
+                del due[port]
+                try:
+                    cluster.start_node(port)
+                    print(f"[redis-cluster] node {port} is back", flush=True)
+                except ClusterError as error:
+                    print(f"[redis-cluster] node {port} did not come back: {error}", flush=True)
+                    cluster.procs.pop(port, None)
+                    due[port] = time.monotonic() + 4 * restart_after
     finally:
         print("[redis-cluster] stopping every node", flush=True)
         cluster.stop()
