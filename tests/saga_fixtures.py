@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from app import keys, partitions
@@ -73,9 +73,13 @@ class SagaWorld:
 async def _single(server: RedisServer) -> AsyncIterator[SagaWorld]:
     redis = Redis.from_url(server.url, decode_responses=True)
     await redis.flushall()
-    gateway = RedisGateway(ClientTransport(Redis.from_url(server.url)))
+    # A blocking pool, as the app's: a burst of calls waits for a connection instead of
+    # failing (the race tests send hundreds at once).
+    pool = BlockingConnectionPool.from_url(server.url, max_connections=64)
+    gateway = RedisGateway(ClientTransport(Redis(connection_pool=pool)))
     yield SagaWorld("single", Scripts(gateway), gateway, redis)
     await gateway.aclose()
+    await pool.aclose()  # a client does not close a pool it was given
     await redis.aclose()
 
 

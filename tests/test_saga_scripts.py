@@ -6,7 +6,9 @@ stock + held + sold = added_units (section 5)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections import Counter
 
 import pytest
 
@@ -319,3 +321,18 @@ async def test_reserve_answers_prices_read_with_the_units(saga: SagaWorld) -> No
     await saga.redis.hset(keys.phone(phone), "price_cents", 5)
     again = await steps.reserve(saga.scripts, order, PHONE_PARTITION, [(phone, 1)], LATER_MS)
     assert reserved.payload == again.payload == {"lines": encode_items([(phone, 1, 999)])}
+
+
+async def test_racing_reserves_hold_exactly_the_stock(saga: SagaWorld) -> None:
+    """The oversell race at the saga's try step: reserves of one phone serialise on its
+    partition (on the cluster: its primary), so 200 at once against stock 10 hold 10."""
+    phone = await saga.phone(PHONE_PARTITION, price_cents=100, stock=10)
+    answers = await asyncio.gather(
+        *(
+            steps.reserve(saga.scripts, order_id(), PHONE_PARTITION, [(phone, 1)], LATER_MS)
+            for _ in range(200)
+        )
+    )
+    assert Counter(answer.status for answer in answers) == {200: 10, 409: 190}
+    assert await saga.units(phone) == {"stock": 0, "held": 10, "sold": 0, "added": 10}
+    assert await saga.redis.hlen(keys.reservations(PHONE_PARTITION)) == 10
