@@ -12,8 +12,9 @@ and 86-127 are each on one).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -21,6 +22,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from app import keys, partitions
 from app.cluster_gateway import open_cluster_gateway
+from app.ops.redis_cluster import wait_ready
 from app.redis_gateway import ClientTransport, RedisGateway
 from app.scripts import Scripts
 from loadtests.support.servers import RedisServer
@@ -59,9 +61,23 @@ class SagaWorld:
             zip(("stock", "held", "sold", "added"), (int(v or 0) for v in row), strict=True)
         )
 
-    async def ledger(self, partition: int) -> dict[str, int]:
-        fields = await self.redis.hgetall(keys.partition_ledger(partition))
+    # Each partition's ledger as the test found it: on the session's cluster other tests'
+    # data may share these partitions, so the tests see only their own moves.
+    ledger_before: dict[int, dict[str, int]] = field(default_factory=dict)
+
+    async def _ledger_now(self, partition: int) -> dict[str, int]:
+        fields = await self.redis.hgetall(keys.ledger(partition))
         return {name: int(value) for name, value in fields.items()}
+
+    async def remember_ledgers(self) -> None:
+        for partition in (ORDER_PARTITION, PHONE_PARTITION, OTHER_PHONE_PARTITION):
+            self.ledger_before[partition] = await self._ledger_now(partition)
+
+    async def ledger(self, partition: int) -> dict[str, int]:
+        """The moves of the partition's ledger since the test began (fields that moved)."""
+        now, before = await self._ledger_now(partition), self.ledger_before.get(partition, {})
+        moved = {name: value - before.get(name, 0) for name, value in now.items()}
+        return {name: value for name, value in moved.items() if value}
 
     def node_of(self, key: str) -> str:
         """The primary serving the key (one name for every key on one node)."""
@@ -83,7 +99,8 @@ async def _single(server: RedisServer) -> AsyncIterator[SagaWorld]:
     await redis.aclose()
 
 
-def _partition_keys(partition: int) -> list[str]:
+def _saga_keys(partition: int) -> list[str]:
+    """The partition's keys only the saga writes (its ledger is everyone's: not here)."""
     return [
         keys.reservations(partition),
         keys.reservations_due(partition),
@@ -92,7 +109,6 @@ def _partition_keys(partition: int) -> list[str]:
         keys.take_backs_due(partition),
         keys.taken_back(partition),
         keys.settler_lease(partition),
-        keys.partition_ledger(partition),
     ]
 
 
@@ -100,18 +116,24 @@ async def _cluster(ports: list[int]) -> AsyncIterator[SagaWorld]:
     """The app's own cluster gateway (every script as [EVALSHA, WAIT 1] on one connection
     of its primary). The cluster is the session's, shared with other modules: only the
     partition-wide keys of the partitions used here are cleared, never the whole cluster."""
+    # Right after the session's cluster formed, a primary refuses writes (NOREPLICAS)
+    # until its replica links: wait for every node to take them.
+    seeds = [("127.0.0.1", port) for port in ports]
+    assert await asyncio.to_thread(wait_ready, seeds, 60.0) == 0
     nodes = [ClusterNode("127.0.0.1", port) for port in ports]
     redis = RedisCluster(startup_nodes=nodes, decode_responses=True)
     await redis.initialize()
     for partition in (ORDER_PARTITION, PHONE_PARTITION, OTHER_PHONE_PARTITION):
-        await redis.delete(*_partition_keys(partition))
+        await redis.delete(*_saga_keys(partition))
     gateway = open_cluster_gateway(
         "redis://127.0.0.1",
         tuple(("127.0.0.1", port) for port in ports),
         replicas=1,
         wait_ms=2000,
         socket_timeout=5.0,
-        max_connections=32,
+        # redis-py's per-node pools do not wait for a free connection (MaxConnectionsError
+        # past the limit), and the race tests send 200 calls to one node at once.
+        max_connections=256,
     )
     yield SagaWorld("cluster", Scripts(gateway), gateway, redis)
     await gateway.aclose()
@@ -124,10 +146,7 @@ async def saga(request: pytest.FixtureRequest) -> AsyncIterator[SagaWorld]:
     if request.param == "single":
         world = _single(request.getfixturevalue("redis_server"))
     else:
-        if "{" not in keys.phone(partitions.new_id(PHONE_PARTITION)):
-            # Until app/keys.py's phone and order names carry their partition's hash tag
-            # (issue 11's key layout), a phone is in no partition's slot: CROSSSLOT.
-            pytest.skip("app/keys.py's phone and order keys have no hash tag yet")
-        world = _cluster(request.getfixturevalue("redis_cluster").ports[:3])
+        world = _cluster(request.getfixturevalue("redis_cluster").ports)
     async for value in world:
+        await value.remember_ledgers()
         yield value
