@@ -8,6 +8,7 @@ are the API's (:mod:`app.env`, :func:`app.settings.redis_url_from_env`).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
@@ -39,6 +40,7 @@ def default_worker_name() -> str:
     return f"{host_label()}-{os.getpid()}"
 
 
+@functools.lru_cache(maxsize=8)  # a DNS look-up: once, not at every new SMTP session
 def default_helo_name(mail_domain: str) -> str:
     """This host's fully qualified name when it has one, else MAIL_DOMAIN: relays
     judge the EHLO name, and ``localhost`` (what getfqdn often says) reads as spam."""
