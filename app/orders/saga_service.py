@@ -12,6 +12,7 @@ a reservation is released only after the commit was made impossible.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
@@ -31,6 +32,8 @@ from app.problems import ProblemError
 from app.redis_gateway import RedisGateway
 from app.scripts import ScriptResult, Scripts, problem_from_script
 from app.vocabulary import CANCELLED, COMPLETED, OPEN, decode_items, encode_items
+
+log = logging.getLogger("app.orders.saga")
 
 # Settles one order's reservation on a phone partition after the answer is sent:
 # (partition, order id, outcome, reserved lines); the Settler's settle_soon.
@@ -73,6 +76,22 @@ def _settle_all(
 ) -> None:
     for partition, lines in reserved.items():
         settle_soon(partition, order_id, outcome, lines)
+
+
+async def _release_now(scripts: Scripts, order_id: str, reserved: dict[int, str]) -> None:
+    """An aborted order's units go back before its refusal is answered, so the next
+    request sees them in stock (a 402 must not make the next order a 409). If this
+    fails, the reservations stay due and the settler releases them."""
+    outcomes = await asyncio.gather(
+        *(
+            saga.settle(scripts, partition, order_id, saga.ABORTED, lines)
+            for partition, lines in reserved.items()
+        ),
+        return_exceptions=True,
+    )
+    for outcome in outcomes:
+        if isinstance(outcome, Exception):
+            log.warning("releasing %s failed, left to the settler: %s", order_id, outcome)
 
 
 def _answer(result: ScriptResult) -> PlacedOrder:
@@ -137,7 +156,7 @@ async def place_order(
             ],
             [order_id, *idempotency, status, msgspec.json.encode(payload).decode()],
         )
-        _settle_all(settle_soon, order_id, saga.ABORTED, reserved)
+        await _release_now(scripts, order_id, reserved)
         return _answer(result)
 
     prices = {
@@ -163,9 +182,11 @@ async def place_order(
         ],
     )
     crash_if("committed", fault_point)
-    committed = result.status == 201 and not result.flag
-    outcome = saga.COMMITTED if committed else saga.ABORTED
-    _settle_all(settle_soon, order_id, outcome, reserved)
+    if result.status == 201 and not result.flag:
+        # Held units are not in stock either way: selling them can wait for a batch.
+        _settle_all(settle_soon, order_id, saga.COMMITTED, reserved)
+    else:
+        await _release_now(scripts, order_id, reserved)
     return _answer(result)
 
 
