@@ -49,6 +49,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import (
     AskError,
     ClusterDownError,
+    MaxConnectionsError,
     MovedError,
     NoScriptError,
     RedisClusterException,
@@ -70,8 +71,8 @@ from app.redis_gateway import (
 
 # Replies that mean the script did not run on the node it was sent to.
 NOT_RUN = (MovedError, AskError, TryAgainError, ClusterDownError, NoScriptError)
-# How long an ack key lives: one per slot written through the fallback, so they
-# would otherwise pile up; a minute is far past any WAIT.
+# How long an ack key lives: one per slot, rewritten by every script there; the
+# expiry clears the slots nobody writes any more. A minute is far past any WAIT.
 ACK_TTL_MS = 60_000
 
 
@@ -190,6 +191,8 @@ class ClusterGateway(RedisGateway):
             reply, _, replicas = await on_one_connection(
                 self.cluster.get_node_from_key(key), [evalsha, *self._proof(key)]
             )
+        except MaxConnectionsError:
+            raise  # this pool is full (nothing sent): 503, and the topology is fine
         except NotSent:
             await self._refresh_topology()
             reply, replicas = NotSent(), None
