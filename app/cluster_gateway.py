@@ -24,11 +24,11 @@ connection's writes, so a WAIT on any other connection would answer for nothing)
   after NOSCRIPT), then ``[SET <ack key of the same slot>, WAIT]`` on one connection
   of that slot's primary proves it: replication is in order, so the replica that
   acknowledged the later write has the script's too;
-* the connection broke after the script was sent: it may have run, and today's
-  scripts are not all safe to run twice (a deposit would add twice), so this is a
-  ConnectionError (503 + Retry-After) as on one redis-server; the topology is
-  refreshed for the next call. (Once every script is idempotent by its id,
-  docs/data-tier.md 3.5, this case can take the fallback too.)
+* the connection broke (or timed out) after the script was sent: it may have run.
+  A script marked ``rerunnable`` (the saga's steps, idempotent by order id:
+  app/scripts.py) takes the fallback above; any other is a ConnectionError (503 +
+  Retry-After) as on one redis-server, since running it twice could add twice (a
+  deposit). Either way the topology is read again for the next call.
 
 Connection errors are never retried by the library either (``retry`` 0), for the
 same reason as app/main.py's pool: a lost reply may belong to a script that ran.
@@ -187,6 +187,9 @@ class ClusterGateway(RedisGateway):
             observe(f"script:{script.name}", started)
 
     async def _run_and_wait(self, script: LuaScript, evalsha: tuple[Any, ...], key: str) -> Any:
+        reply: Any = None
+        replicas: Any = None
+        again = False
         try:
             reply, _, replicas = await on_one_connection(
                 self.cluster.get_node_from_key(key), [evalsha, *self._proof(key)]
@@ -195,12 +198,14 @@ class ClusterGateway(RedisGateway):
             raise  # this pool is full (nothing sent): 503, and the topology is fine
         except NotSent:
             await self._refresh_topology()
-            reply, replicas = NotSent(), None
+            again = True
         except (RedisConnectionError, RedisTimeoutError):
-            # Sent, and maybe run: no second run (the module's docstring says why).
+            # Sent, and maybe run: again only if running twice is safe (the docstring).
             await self._refresh_topology()
-            raise
-        if isinstance(reply, (*NOT_RUN, NotSent)):
+            if not script.rerunnable:
+                raise
+            again = True
+        if again or isinstance(reply, NOT_RUN):
             reply = await self._routed(script, evalsha)
             replicas = await self._ack(key)
         if isinstance(reply, Exception):

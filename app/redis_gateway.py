@@ -56,10 +56,13 @@ class LuaScript:
     name: str
     source: str
     sha: str
+    # Safe to run twice with the same arguments (same answer, no second effect): the
+    # cluster gateway may then send it again when a connection broke after sending it.
+    rerunnable: bool = False
 
     @classmethod
-    def of(cls, name: str, source: str) -> LuaScript:
-        return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
+    def of(cls, name: str, source: str, *, rerunnable: bool = False) -> LuaScript:
+        return cls(name, source, hashlib.sha1(source.encode()).hexdigest(), rerunnable)
 
 
 class WriteUnconfirmed(Exception):

@@ -42,6 +42,22 @@ SCRIPT_NAMES = (
 )
 
 
+# The saga's steps, idempotent by order id (docs/data-tier.md, 3.5): a second run finds
+# its own first run's record and answers the same. The cluster gateway sends these again
+# after a connection that broke once they were sent; never the others (a deposit or a
+# restock run twice adds twice; a cancel run twice answers 409 to a cancel that worked).
+RERUNNABLE = frozenset(
+    {
+        "reserve_stock",
+        "settle_reservation",
+        "fence_orders",
+        "return_stock",
+        "commit_order",
+        "reject_order",
+    }
+)
+
+
 def load_source(name: str) -> str:
     """The script as Redis runs it: with the prelude."""
     return with_prelude(resources.files("app").joinpath("lua", f"{name}.lua").read_text())
@@ -61,7 +77,10 @@ class Scripts:
 
     def __init__(self, gateway: RedisGateway) -> None:
         self._gateway = gateway
-        self._scripts = {name: LuaScript.of(name, load_source(name)) for name in SCRIPT_NAMES}
+        self._scripts = {
+            name: LuaScript.of(name, load_source(name), rerunnable=name in RERUNNABLE)
+            for name in SCRIPT_NAMES
+        }
 
     async def load(self) -> None:
         """SCRIPT LOAD every script so /readyz can tell they are there."""

@@ -354,6 +354,8 @@ async def test_a_script_whose_reply_never_came_is_not_sent_again(
     counter = f"count{{{new_id()}}}"
     primary, _ = owner_and_replica(redis_cluster, counter)
     try:
+        # Loaded first, so the call below runs on its first send (no NOSCRIPT detour).
+        await gateway.execute("SCRIPT", "LOAD", SLOW_COUNT.source)
         with pytest.raises(RedisTimeoutError):
             await gateway.run_script(SLOW_COUNT, [counter], [])
         # Read once the script is done (Redis runs one thing at a time): it ran once.
@@ -465,3 +467,42 @@ async def test_every_acknowledged_write_survives_kill_9_of_its_primary(
         stored = new_primary.mget([f"w{{{tag}}}:{n}" for n in acknowledged])
     lost = [n for n, value in zip(acknowledged, stored, strict=True) if value != str(n)]
     assert lost == [], f"{len(lost)} of {len(acknowledged)} acknowledged writes lost"
+
+
+# Idempotent like the saga's steps: a second run finds the first run's record and
+# answers the same, at once. The first run keeps its primary busy for half a second.
+SLOW_ONCE = LuaScript.of(
+    "test_slow_once",
+    """if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('GET', KEYS[1]) end
+redis.call('SET', KEYS[1], ARGV[1])
+local t = redis.call('TIME')
+repeat
+  local now = redis.call('TIME')
+until (now[1] - t[1]) * 1000000 + (now[2] - t[2]) > 500000
+return ARGV[1]""",
+    rerunnable=True,
+)
+
+
+async def test_a_rerunnable_script_whose_reply_never_came_is_run_again_and_confirmed(
+    redis_cluster: LocalCluster,
+) -> None:
+    """The same lost reply as above, for a script marked safe to run twice: the gateway
+    sends it again through the library (it answers from its first run's record) and
+    proves that with [SET, WAIT] on the primary, so the caller gets the answer."""
+    # 0.45 s: the first run's reply (0.5 s of work) always comes too late, the second's
+    # (queued behind it, then instant) well within.
+    gateway = open_cluster_gateway("redis://127.0.0.1/0", nodes_of(redis_cluster), 1, 300, 0.45, 8)
+    record = f"record{{{new_id()}}}"
+    try:
+        await gateway.execute("SCRIPT", "LOAD", SLOW_ONCE.source)  # no NOSCRIPT detour
+        assert await gateway.run_script(SLOW_ONCE, [record], ["first"]) == b"first"
+    finally:
+        await gateway.aclose()
+    primary, replica = owner_and_replica(redis_cluster, record)
+    with client(primary) as node:
+        assert node.get(record) == "first"
+    with client(replica) as node:
+        node.execute_command("READONLY")
+        assert node.get(record) == "first"
+    redis_cluster.wait_healthy()

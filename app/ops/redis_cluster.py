@@ -459,7 +459,8 @@ class LocalCluster:
 
     def problems(self) -> list[str]:
         """Why the cluster is not healthy right now; empty when it is: every running
-        node says cluster_state:ok and sees the full shape, every replica's link is up."""
+        node says cluster_state:ok and sees the full shape, every replica's link is up,
+        every primary takes writes."""
         found = []
         for port in self.running():
             info = cluster_info(port)
@@ -473,6 +474,10 @@ class LocalCluster:
                 f"{port} sees: {p}" for p in view.problems(self.primaries_expected, self.replicas)
             ]
             me = next((n for n in view.nodes if "myself" in n.flags), None)
+            if me is not None and me.role == "primary" and not takes_writes(HOST, port):
+                # Its replica is linked, but a primary recounts its good replicas once a
+                # second: until then it still answers NOREPLICAS.
+                found.append(f"{port}: refuses writes (min-replicas-to-write not met yet)")
             if me is not None and me.role == "replica":
                 replication = node_query(port, "INFO", "replication")
                 if (
