@@ -49,6 +49,8 @@ SETTLE_INTERVAL_S = 1.0
 LEASE_MS = 5000
 # How long the order path's settles are gathered before one call per phone partition.
 SETTLE_DELAY_S = 0.05
+# Settle calls of one flush in flight at once.
+SETTLE_CALLS = 8
 # Orders settled per partition per tick: a backlog drains over a few ticks instead of
 # one long sweep holding the event loop's attention.
 BATCH = 100
@@ -95,15 +97,23 @@ class Settler:
 
     def _flush(self) -> None:
         queued, self._queued = self._queued, {}
-        for partition, settlements in queued.items():
-            task = asyncio.create_task(saga.settle_many(self.scripts, partition, settlements))
-            self.pending.add(task)
-            task.add_done_callback(self._finished)
+        task = asyncio.create_task(self._settle_queued(queued))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
 
-    def _finished(self, task: asyncio.Task[Any]) -> None:
-        self.pending.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("settling failed, left to the sweep: %s", task.exception())
+    async def _settle_queued(self, queued: dict[int, list[saga.Settlement]]) -> None:
+        """One call per partition, at most SETTLE_CALLS at once: a flush may name every
+        partition, and a node's connection pool refuses calls past its size."""
+        calls = asyncio.Semaphore(SETTLE_CALLS)
+
+        async def settle(partition: int, settlements: list[saga.Settlement]) -> None:
+            async with calls:
+                try:
+                    await saga.settle_many(self.scripts, partition, settlements)
+                except (RedisError, OSError) as error:
+                    log.warning("settling on %d failed, left to the sweep: %r", partition, error)
+
+        await asyncio.gather(*(settle(p, settlements) for p, settlements in queued.items()))
 
     async def drain(self) -> None:
         """Until every settle handed over so far has run (shutdown; measurements)."""
