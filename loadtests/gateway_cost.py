@@ -54,9 +54,12 @@ def redis_cpu(ports: list[int]) -> float:
     return total
 
 
-async def drive(gateway: RedisGateway, calls: int, inflight: int) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds) for ``calls`` script calls, K at a time."""
-    keys = [f"cost{{{partitions.tag(p)}}}" for p in range(partitions.PARTITIONS)]
+async def drive(
+    gateway: RedisGateway, calls: int, inflight: int, prefix: str = "cost"
+) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) for ``calls`` script calls, K at a time,
+    on one counter per partition named ``prefix{tag}`` (one more call warms up the first)."""
+    keys = [f"{prefix}{{{partitions.tag(p)}}}" for p in range(partitions.PARTITIONS)]
     await gateway.run_script(SCRIPT, [keys[0]], [])  # loaded, and connections open
 
     async def worker(first: int) -> None:
@@ -69,11 +72,16 @@ async def drive(gateway: RedisGateway, calls: int, inflight: int) -> tuple[float
 
 
 async def measure(
-    name: str, gateway: RedisGateway, ports: list[int], calls: int, inflight: int
+    name: str,
+    gateway: RedisGateway,
+    ports: list[int],
+    calls: int,
+    inflight: int,
+    prefix: str = "cost",
 ) -> dict[str, Any]:
     try:
         before = redis_cpu(ports)
-        wall, cpu = await drive(gateway, calls, inflight)
+        wall, cpu = await drive(gateway, calls, inflight, prefix)
         server_cpu = redis_cpu(ports) - before
     finally:
         await gateway.aclose()

@@ -19,7 +19,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from app import keys
+from app import keys, partitions
 from app.cluster_gateway import ClusterGateway, open_cluster_gateway
 from app.env import SettingsError
 from app.ids import new_id
@@ -29,6 +29,7 @@ from app.ops.redis_cluster import LocalCluster, client, poll, topology_from
 from app.redis_clients import cluster_client, redis_client
 from app.redis_gateway import LuaScript, WriteUnconfirmed
 from app.settings import Settings
+from loadtests.gateway_cost import measure
 from loadtests.support.servers import free_port
 from mail.settings import MailSettings
 from mail.worker import connect_redis
@@ -506,3 +507,24 @@ async def test_a_rerunnable_script_whose_reply_never_came_is_run_again_and_confi
         node.execute_command("READONLY")
         assert node.get(record) == "first"
     redis_cluster.wait_healthy()
+
+
+async def test_the_gateway_cost_harness_runs_every_call_through_the_cluster(
+    redis_cluster: LocalCluster,
+) -> None:
+    """loadtests/gateway_cost.py's cluster + WAIT 1 row: each of its calls incremented a
+    counter on the primary of its partition, and the CPU figures come from real work."""
+    prefix = f"cost-{new_id()}"
+    gateway = open_cluster_gateway("redis://127.0.0.1/0", nodes_of(redis_cluster), 1, 1000, 2.0, 8)
+    row = await measure("cluster + WAIT 1", gateway, redis_cluster.ports, 300, 4, prefix)
+    assert (row["calls"], row["inflight"]) == (300, 4)
+    assert row["app_cpu_us_per_call"] > 0 and row["redis_cpu_us_per_call"] > 0
+    admin = cluster_client("redis://127.0.0.1/0", nodes_of(redis_cluster))
+    try:
+        names = [f"{prefix}{{{partitions.tag(p)}}}" for p in range(partitions.PARTITIONS)]
+        counts = [int(await admin.hget(name, "n") or 0) for name in names]
+        for name in names:
+            await admin.delete(name)
+    finally:
+        await admin.aclose()
+    assert sum(counts) == 300 + 1  # and the warm-up call
