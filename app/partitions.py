@@ -1,7 +1,7 @@
 """The data tier's fixed logical partitions (docs/data-tier.md, section 2).
 
-Nothing uses these yet: issue 11's next step builds app/keys.py's per-partition key names
-on them. They are fixed here, with their tests, so that step starts from checked facts.
+app/keys.py builds every key name on them; app/vocabulary.py says which partition each
+kind of id is minted in.
 
 * There are 128 partitions, fixed for a data directory. Partition ``p`` owns exactly one
   Redis Cluster slot, ``128 * p``, through its hash tag ``PARTITION_TAGS[p]``: every key

@@ -93,8 +93,10 @@ async def test_another_layout_version_is_refused(redis: Redis) -> None:
 async def test_make_runs_web_launcher_refuses_an_old_data_directory(redis: Redis) -> None:
     """What `make run` shows on an old var/redis: the launcher stops with status 2
     before any instance starts (honcho then stops the stack), saying what to do."""
-    await redis.hset("ledger", mapping={"balance_cents": 100, "changes": 1})
-    await redis.zadd("phones", {"AAAAAAAAAAAAAAAAAAAAAA": 1})
+    old_ledger, old_phones = "ledger", "phones"  # as the previous layout named them
+    assert {old_ledger, old_phones} <= set(keys.OLD_LAYOUT_KEYS)
+    await redis.hset(old_ledger, mapping={"balance_cents": 100, "changes": 1})
+    await redis.zadd(old_phones, {"AAAAAAAAAAAAAAAAAAAAAA": 1})
     result = await asyncio.to_thread(_launch, redis)
     assert result.returncode == 2, result.stderr
     assert "not starting" in result.stderr
