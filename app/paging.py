@@ -36,7 +36,8 @@ from app.redis_gateway import RedisGateway
 # Above this offset + page size, a page is found by bisection instead of from the heads.
 HEAD_LIMIT = 512
 
-# (score, index of the partition's index in the list, member)
+# A row as the merge sorts it: (score, the index's place in the list, member), both
+# numbers negated for newest first, so plain tuple order is the merge's order.
 _Row = tuple[int, int, bytes]
 
 
@@ -86,9 +87,21 @@ class _Order:
 
     def __init__(self, newest_first: bool) -> None:
         self.newest_first = newest_first
+        self.sign = -1 if newest_first else 1
 
-    def key(self, row: _Row) -> tuple[int, int]:
-        return (-row[0], -row[1]) if self.newest_first else (row[0], row[1])
+    def rows(self, reply: list[Any], position: int) -> list[_Row]:
+        """A WITHSCORES reply as rows: flat in RESP2, pairs in RESP3. Scores are seqs,
+        integers (app/keys.py)."""
+        sign = self.sign
+        if reply and isinstance(reply[0], list):
+            pairs: Any = reply
+        else:
+            flat = iter(reply)
+            pairs = zip(flat, flat, strict=True)
+        return [(sign * int(score), sign * position, member) for member, score in pairs]
+
+    def score(self, row: _Row) -> int:
+        return self.sign * row[0]
 
     def read(self, index: str, start: str, end: str, count: int) -> tuple[Any, ...]:
         """Up to ``count`` rows from ``start`` to ``end`` (Redis score bounds), in order."""
@@ -107,17 +120,6 @@ class _Order:
         return ("ZCOUNT", index, "-inf", f"({score}")
 
 
-def _pairs(reply: list[Any]) -> list[tuple[bytes, Any]]:
-    """A WITHSCORES reply's (member, score): flat in RESP2, pairs in RESP3."""
-    if reply and isinstance(reply[0], list):
-        return [(member, score) for member, score in reply]
-    return [(reply[i], reply[i + 1]) for i in range(0, len(reply), 2)]
-
-
-def _rows(reply: list[Any], position: int) -> list[_Row]:
-    return [(int(float(score)), position, member) for member, score in _pairs(reply)]
-
-
 async def merged_page(
     gateway: RedisGateway, indexes: list[str], offset: int, count: int, *, newest_first: bool
 ) -> tuple[int, list[bytes]]:
@@ -133,7 +135,7 @@ async def merged_page(
             + [order.read(index, start, end, head) for index in indexes]
         )
         total = sum(replies[: len(indexes)])
-        firsts = [_rows(reply, i) for i, reply in enumerate(replies[len(indexes) :])]
+        firsts = [order.rows(reply, i) for i, reply in enumerate(replies[len(indexes) :])]
         rows = await _complete(gateway, order, indexes, firsts, head, want)
         return total, [member for _, _, member in rows[offset:want]]
 
@@ -146,7 +148,7 @@ async def merged_page(
     head = math.ceil(want / len(indexes)) + 2
     start, end = order.everything_from(score)
     replies = await gateway.execute_many([order.read(index, start, end, head) for index in indexes])
-    firsts = [_rows(reply, i) for i, reply in enumerate(replies)]
+    firsts = [order.rows(reply, i) for i, reply in enumerate(replies)]
     rows = await _complete(gateway, order, indexes, firsts, head, want)
     return total, [member for _, _, member in rows[skip:want]]
 
@@ -161,7 +163,7 @@ async def _complete(
 ) -> list[_Row]:
     """The first ``want`` rows of the merge, given each index's first ``head`` rows
     (from the same start): reads further only the indexes that may hold more of them."""
-    rows = sorted((row for first in firsts for row in first), key=order.key)
+    rows = sorted(row for first in firsts for row in first)
     bound = rows[want - 1] if len(rows) >= want else None
     very_end = order.everything_from(None)[1]
     more = []
@@ -169,17 +171,17 @@ async def _complete(
         if len(first) < head:
             continue  # the index ran out: all of it is here
         last = first[-1]
-        if bound is not None and order.key(last) >= order.key(bound):
+        if bound is not None and last >= bound:
             continue  # its next rows all come after the bound
         # Scores are unique within an index, so "after its last row" is by score.
-        end = very_end if bound is None else str(bound[0])
-        more.append((i, order.read(indexes[i], f"({last[0]}", end, want)))
+        end = very_end if bound is None else str(order.score(bound))
+        more.append((i, order.read(indexes[i], f"({order.score(last)}", end, want)))
     if not more:
         return rows[:want]
     replies = await gateway.execute_many([command for _, command in more])
     for (i, _), reply in zip(more, replies, strict=True):
-        rows.extend(_rows(reply, i))
-    rows.sort(key=order.key)
+        rows.extend(order.rows(reply, i))
+    rows.sort()
     return rows[:want]
 
 
@@ -193,7 +195,7 @@ async def _score_at(
         [("ZRANGE", index, 0, 0, "WITHSCORES") for index in live]
         + [("ZRANGE", index, -1, -1, "WITHSCORES") for index in live]
     )
-    scores = [int(float(_pairs(reply)[0][1])) for reply in ends]
+    scores = [order.score(order.rows(reply, 0)[0]) for reply in ends]
     low, high = min(scores), max(scores)
 
     async def before(score: int) -> int:
