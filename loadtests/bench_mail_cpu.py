@@ -34,6 +34,7 @@ from redis import Redis
 from app import keys
 from app.ids import new_id
 from app.ops.instances import ROOT, mail_argv
+from app.vocabulary import COMPLETED, STATUSES, encode_items
 from loadtests import rig
 from loadtests.support.servers import (
     clean_env,
@@ -73,8 +74,8 @@ def seed(redis: Redis, mails: int) -> None:
                 mapping={
                     "id": order_id,
                     "customer_id": customer_id,
-                    "status": "completed",
-                    "items": ";".join(f"{p}:{q}:{c}" for p, q, c in lines),
+                    "status": COMPLETED,
+                    "items": encode_items(lines),
                     "total_cents": sum(q * c for _, q, c in lines),
                     "seq": 1,
                     "created_at": time.time_ns() // 1_000_000,
@@ -84,10 +85,10 @@ def seed(redis: Redis, mails: int) -> None:
             pipe.xadd(
                 keys.EVENTS,
                 {
-                    "type": "order.completed",
+                    "type": STATUSES[COMPLETED].event,
                     "order_id": order_id,
                     "customer_id": customer_id,
-                    "status": "completed",
+                    "status": COMPLETED,
                     "request_id": "bench",
                     "balance_cents": "90000",
                     "at": str(time.time_ns() // 1_000_000),
