@@ -12,8 +12,8 @@ its events to the customer's partition stream (``keys.partition_events``, sectio
 docs/data-tier.md), since the app's one global stream would be in another slot.
 
 Figures per shard count: script calls per order (the primaries' EVALSHA counts), Redis
-CPU per order (``used_cpu_sys + used_cpu_user`` deltas summed over the primaries) and
-orders/s; then the 3-to-1 ratios (issue 11 asks CPU per order within 1.3x).
+CPU per order (``used_cpu_sys + used_cpu_user`` deltas summed over the primaries), the
+scripts' own time per order (EVALSHA usec in INFO commandstats) and orders/s; then the 3-to-1 ratios (issue 11 asks CPU per order within 1.3x).
 
 Traffic goes only to 127.0.0.1, to servers this module starts and stops.
 """
@@ -44,16 +44,18 @@ from app.vocabulary import COMPLETED, encode_items
 CUSTOMERS = 256
 
 
-def _primary_stats(ports: list[int]) -> tuple[float, int]:
-    """Used CPU seconds and EVALSHA calls, summed over the nodes."""
-    cpu, calls = 0.0, 0
+def _primary_stats(ports: list[int]) -> tuple[float, int, int]:
+    """Used CPU seconds, EVALSHA calls and their usec (the scripts alone), summed over
+    the nodes."""
+    cpu, calls, usec = 0.0, 0, 0
     for port in ports:
         with client(port) as node:
             info = node.info("cpu")
             stats = node.info("commandstats").get("cmdstat_evalsha", {})
         cpu += float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
         calls += int(stats.get("calls", 0))
-    return cpu, calls
+        usec += int(stats.get("usec", 0))
+    return cpu, calls, usec
 
 
 async def _seed(redis: RedisCluster) -> tuple[list[str], list[str]]:
@@ -133,7 +135,7 @@ async def _one_shard_count(
             settler.settle_soon(phone_partition, order_id, saga.COMMITTED, lines)
 
         ports = cluster.ports
-        cpu_before, calls_before = _primary_stats(ports)
+        cpu_before, calls_before, usec_before = _primary_stats(ports)
         started = time.perf_counter()
         queue = iter(range(orders))
 
@@ -144,12 +146,13 @@ async def _one_shard_count(
         await asyncio.gather(*(worker() for _ in range(inflight)))
         await settler.drain()
         elapsed = time.perf_counter() - started
-        cpu_after, calls_after = _primary_stats(ports)
+        cpu_after, calls_after, usec_after = _primary_stats(ports)
         return {
             "primaries": primaries,
             "orders": orders,
             "script_calls_per_order": round((calls_after - calls_before) / orders, 2),
             "redis_cpu_us_per_order": round((cpu_after - cpu_before) * 1e6 / orders, 1),
+            "script_us_per_order": round((usec_after - usec_before) / orders, 1),
             "orders_per_s": round(orders / elapsed),
         }
     finally:
