@@ -563,7 +563,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"`python -m loadtests.bench_mail_lag` ({results['machine']}, {results['split']};"
         f" load average {results['loadavg_before']:.1f} before, {results['loadavg_after']:.1f}"
-        " after), make run's mail defaults (MAIL_CONCURRENCY 8, MAIL_MAX_PER_CONNECTION 10;"
+        " after), make run's mail defaults (MAIL_CONCURRENCY 32, MAIL_MAX_PER_CONNECTION 10;"
         f" changed: {results.get('settings') or 'none'}), a discarding SMTP sink that"
         " offers PIPELINING, a fresh stack per run. The stack a user runs includes its"
         " mail workers, so its capacity is measured with them running, on the same CPU:"

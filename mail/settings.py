@@ -99,8 +99,12 @@ class MailSettings:
     # so no live worker's mail is ever taken over mid-send.
     claim_idle: float = 60.0
     # SMTP sessions a worker keeps open at once, each sending one mail at a time.
-    # Fewer are used while the relay refuses connections (421 at connect, refused).
-    concurrency: int = 8
+    # Fewer are used while the relay refuses connections (421 at connect, refused):
+    # a stock exim4 takes 20 at once (smtp_accept_max), and the worker comes down
+    # to what it holds. 32 because a lane waits for a round trip per mail: with 8
+    # a worker sharing the stack's CPU sent too few mails at the stack's capacity
+    # (loadtests/bench_mail_lag.py: 732 against 1,007 orders/s with 2 workers).
+    concurrency: int = 32
     # Mails per SMTP session before it is closed and a new one opened: Debian's
     # exim4 delivers only the first 10 of a session at once and queues the rest
     # for its next queue run (smtp_accept_queue_per_connection).

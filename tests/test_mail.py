@@ -883,7 +883,9 @@ async def test_sessions_carry_at_most_max_per_connection_mails_and_the_helo_name
 def test_session_settings_default_to_what_a_stock_mta_delivers_at_once() -> None:
     settings = MailSettings.from_env({})
     assert settings.max_per_connection == 10  # exim4: smtp_accept_queue_per_connection
-    assert settings.concurrency == 8
+    # More than a stock exim4 takes at once (20): the lanes come down to what the
+    # relay holds when it refuses (test_relay_capping_connections_...).
+    assert settings.concurrency == 32
     assert settings.ehlo_name not in ("localhost", "localhost.localdomain")
     assert "." in settings.ehlo_name
     named = MailSettings.from_env({"MAIL_HELO_NAME": "[192.0.2.7]"})

@@ -12,7 +12,7 @@ process, then exits 1 when any of them is DOWN, 0 otherwise::
     OK    app :8001      ready
     DOWN  app :8002      not answering: connection refused
     OK    nginx :8080    ready
-    OK    mail worker    1 alive: host-4242 (sent=3 retries=0 dead=0 sessions=8)
+    OK    mail worker    1 alive: host-4242 (sent=3 retries=0 dead=0 sessions=32)
     OK    mail backlog   pending=2 lag=0 retry=0 oldest=0.3s
     WARN  dead letters   2 in mail:dead (GET /admin/mail/dead lists them)
     OK    smtp           127.0.0.1:1025 accepts connections (dev sink)
