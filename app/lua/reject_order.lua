@@ -7,8 +7,8 @@
 -- place_order does, and as the order id's abort marker, so the commit can never run for
 -- it and a retried call answers the same.
 --
--- KEYS[1]  customer:{customer_id}            hash
--- KEYS[2]  idem:{customer_id}:{sha256(key)}  hash (ignored unless ARGV[2] == "1")
+-- KEYS[1]  c{P}<customer_id>                 hash
+-- KEYS[2]  i{P}<customer_id>:<sha256(key)>   hash (ignored unless ARGV[2] == "1")
 -- KEYS[3]  ab{P}                             hash: order id -> refusal (the abort markers)
 -- ARGV[1]  order id
 -- ARGV[2]  "1" when an Idempotency-Key was given, else "0"
