@@ -336,3 +336,18 @@ async def test_racing_reserves_hold_exactly_the_stock(saga: SagaWorld) -> None:
     assert Counter(answer.status for answer in answers) == {200: 10, 409: 190}
     assert await saga.units(phone) == {"stock": 0, "held": 10, "sold": 0, "added": 10}
     assert await saga.redis.hlen(keys.reservations(PHONE_PARTITION)) == 10
+
+
+async def test_a_restock_counts_held_units_against_the_ceiling(saga: SagaWorld) -> None:
+    """Held units return to stock if their order aborts: a restock may not fill the
+    ceiling with them outside, or that release would cross it."""
+    phone = await saga.phone(PHONE_PARTITION, price_cents=100, stock=10)
+    await steps.reserve(saga.scripts, order_id(), PHONE_PARTITION, [(phone, 4)], LATER_MS)
+    ceiling = 20
+    ledger = keys.ledger(PHONE_PARTITION)
+    # stock 6 + held 4: 11 more would make 21 once the reservation is released.
+    refused = await saga.scripts.call("restock", [keys.phone(phone), ledger], [11, ceiling])
+    assert (refused.status, refused.payload.get("code")) == (409, "stock_limit")
+    allowed = await saga.scripts.call("restock", [keys.phone(phone), ledger], [10, ceiling])
+    assert allowed.status == 200
+    assert await saga.units(phone) == {"stock": 16, "held": 4, "sold": 0, "added": 20}

@@ -4,7 +4,8 @@
 -- KEYS[1]  p{Q}<phone_id>  hash, must exist (key names: app/keys.py)
 -- KEYS[2]  lg{Q}           hash, the running totals of its partition
 -- ARGV[1]  quantity (1..10^9, checked by the caller)
--- ARGV[2]  stock ceiling: the restock is refused past it
+-- ARGV[2]  stock ceiling: the restock is refused when stock + held (units reserved by
+--          the saga, which an abort gives back) would pass it
 --
 -- Returns {http_status, payload_json}:
 --   200, phone fields (strings)
@@ -13,11 +14,14 @@
 --
 -- hgetall_map: the prelude (app/lua_prelude.py).
 
-local stock = redis.call('HGET', KEYS[1], 'stock')
+local row = redis.call('HMGET', KEYS[1], 'stock', 'held')
+local stock = row[1]
 if not stock then
   return {404, cjson.encode({code = 'phone_not_found'})}
 end
-if tonumber(stock) + tonumber(ARGV[1]) > tonumber(ARGV[2]) then
+-- Units held by the reservation saga come back to stock if their order aborts, so
+-- they count against the ceiling too.
+if tonumber(stock) + tonumber(row[2] or '0') + tonumber(ARGV[1]) > tonumber(ARGV[2]) then
   return {409, cjson.encode({code = 'stock_limit', stock = stock, limit = ARGV[2]})}
 end
 redis.call('HINCRBY', KEYS[1], 'stock', ARGV[1])
