@@ -6,15 +6,20 @@ while it holds that partition's lease. Every wait polls the data; nothing sleeps
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import time
 from collections.abc import AsyncIterator
 
 import pytest
+from redis.crc import key_slot
 
 from app import keys, partitions
 from app.ops.poll import wait_until_async
+from app.ops.redis_cluster import LocalCluster
 from app.orders import saga as steps
 from app.orders.settler import Settler
+from app.redis_gateway import WriteUnconfirmed
 from app.vocabulary import encode_items
 from tests.saga_fixtures import (
     ORDER_PARTITION,
@@ -137,3 +142,38 @@ async def test_a_sweep_leaves_reservations_that_are_not_due(saga: SagaWorld) -> 
     assert await Settler(saga.gateway, saga.scripts).sweep() == 0
     assert (await saga.units(phone))["held"] == 1
     assert not await saga.redis.hexists(keys.aborts(ORDER_PARTITION), order)
+
+
+@pytest.mark.parametrize("saga", ["cluster"], indirect=True)
+async def test_nothing_is_released_until_the_fence_is_acknowledged_by_the_replica(
+    saga: SagaWorld, redis_cluster: LocalCluster
+) -> None:
+    """docs/data-tier.md section 4: a fence lost with its primary would let a late commit
+    through after the stock was given back, so the release waits for the replica to
+    have the fence (the gateway's WAIT). Replica frozen: the sweep settles nothing."""
+    phone = await saga.phone(PHONE_PARTITION, price_cents=100, stock=3)
+    order = partitions.new_id(ORDER_PARTITION)
+    await steps.reserve(saga.scripts, order, PHONE_PARTITION, [(phone, 2)], now_ms())
+    view = redis_cluster.topology()
+    fence_primary = view.primary_for_slot(key_slot(keys.aborts(ORDER_PARTITION).encode()))
+    (replica,) = view.replicas_of(fence_primary)
+    settler = Settler(saga.gateway, saga.scripts)
+
+    redis_cluster.procs[replica.port].send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(WriteUnconfirmed):
+            await settler.sweep()
+        # The marker is on the primary; the units stay held until the replica has it.
+        assert await saga.redis.hget(keys.aborts(ORDER_PARTITION), order) == "swept"
+        assert await saga.units(phone) == {"stock": 1, "held": 2, "sold": 0, "added": 3}
+    finally:
+        redis_cluster.procs[replica.port].send_signal(signal.SIGCONT)
+
+    async def released() -> bool:
+        with contextlib.suppress(WriteUnconfirmed):
+            await settler.sweep()
+        return (await saga.units(phone))["held"] == 0
+
+    await wait_until_async(released, "the sweep after the replica is back", 60)
+    assert await saga.units(phone) == {"stock": 3, "held": 0, "sold": 0, "added": 3}
+    await asyncio.to_thread(redis_cluster.wait_healthy)

@@ -38,7 +38,7 @@ from redis.exceptions import RedisError
 from app import appkeys, keys
 from app.orders import saga
 from app.partitions import PARTITIONS, partition_of
-from app.redis_gateway import RedisGateway
+from app.redis_gateway import RedisGateway, WriteUnconfirmed
 from app.scripts import Scripts
 
 log = logging.getLogger("app.settler")
@@ -129,7 +129,8 @@ class Settler:
         while True:
             try:
                 await self.sweep()
-            except (RedisError, OSError) as error:
+            except (RedisError, OSError, WriteUnconfirmed) as error:
+                # Unconfirmed: a fence the replica may not have; nothing after it ran.
                 log.warning("settler sweep failed: %s", error)
             except Exception:
                 # A bug in one sweep must not end the worker's settling for good: held
