@@ -45,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 from collections.abc import Callable, Iterator
@@ -267,8 +268,24 @@ def overload_levels(
         "phases": phases,
     }
     workers_before = stack.app_pids
-    raw = rig.run_openloop(spec, out, split.load or None)
+    with sampling(stack, split) as samples:
+        raw = rig.run_openloop(spec, out, split.load or None)
     levels = rig.phase_figures(raw, phases)
+    per_phase = rig.cpu_per_phase(samples, raw["epoch"], phases, raw["phase_starts"])
+    for row, used, phase in zip(levels, per_phase, phases, strict=True):
+        parts = {name: used[name] for name in ("nginx", "app", "redis")}
+        stack_seconds = sum(parts.values())
+        requests = max(1, row["answered"])
+        capacity = phase["seconds"] * max(1, len(split.stack))
+        row["cpu"] = {
+            # Shares of the stack CPUs: the stack's processes, the kernel's softirq
+            # work (loopback TCP, mostly the stack's), and whatever else ran there.
+            "stack_share": stack_seconds / capacity,
+            "softirq_share": used["cpus_softirq"] / capacity,
+            "others_share": max(0.0, used["cpus_busy"] - used["cpus_softirq"] - stack_seconds)
+            / capacity,
+            **{f"{name}_us": seconds * 1e6 / requests for name, seconds in parts.items()},
+        }
     windows = rig.timeline(raw, [p["name"] for p in phases])
     half = next(row for row in levels if row["phase"] == "half")
     spans = [
@@ -287,6 +304,32 @@ def overload_levels(
         "max_connections": spec["max_connections"],
         "generator_cpu_share": raw["cpu_s"] / raw["wall_s"] if raw["wall_s"] else 0.0,
     }
+
+
+@contextlib.contextmanager
+def sampling(stack: LoadStack, split: rig.CpuSplit, every: float = 0.5) -> Iterator[list]:
+    """Every ``every`` s while the block runs: the wall time, each part's CPU seconds
+    so far, and how long the stack CPUs have been busy (whoever ran on them) and in
+    softirq."""
+    samples: list[tuple[float, dict[str, float]]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        samples.append((time.time(), {**cpu_by_part(stack), **rig.cpu_times(split.stack)}))
+
+    def loop() -> None:
+        while not done.wait(every):
+            sample()
+
+    sample()
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        done.set()
+        thread.join()
+        sample()
 
 
 # ---- A/B --------------------------------------------------------------------------------

@@ -118,18 +118,28 @@ def levels_table(over: dict[str, Any]) -> str:
     lines = [
         "| level | planned/s | offered/s (share) | valid | goodput/s | accepted p50 / p99 ms "
         "| refused | refused p99 ms | failures | statuses | sent late for want of a connection "
-        "| generator lag p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| generator lag p99 ms | stack CPU: the stack's / softirq / other processes' share "
+        "| per request: nginx / app / redis µs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in over["levels"]:
         mix = ", ".join(f"{k}: {v:,}" for k, v in row["statuses"].items())
+        cpu = row.get("cpu")
+        cpu_cells = (
+            f"{cpu['stack_share']:.0%} / {cpu.get('softirq_share', 0):.0%} / "
+            f"{cpu['others_share']:.0%} "
+            f"| {cpu['nginx_us']:,.0f} / {cpu['app_us']:,.0f} / {cpu['redis_us']:,.0f}"
+            if cpu
+            else "- | -"
+        )
         lines.append(
             f"| {row['phase']} | {row['planned_rps']:,.0f} | {row['offered_rps']:,.0f} "
             f"({row['offered_share']:.0%}) | {'yes' if row['valid'] else '**INVALID**'} "
             f"| {row['goodput_rps']:,.0f} | {_ms(row['accepted_p50_ms'])} / "
             f"{_ms(row['accepted_p99_ms'])} | {row['refused']:,} | "
             f"{_ms(row['refused_p99_ms']) if row['refused'] else '-'} | {row['failures']:,} "
-            f"| {mix} | {row['waited_for_connection']:,} | {row['generator_lag_p99_ms']:.1f} |"
+            f"| {mix} | {row['waited_for_connection']:,} | {row['generator_lag_p99_ms']:.1f} "
+            f"| {cpu_cells} |"
         )
     return "\n".join(lines)
 
@@ -416,6 +426,12 @@ Targets are reported, not asserted. Recovery: from the start of the recovery pha
 ## Overload levels: POST /orders through nginx, open loop, capacity {over["capacity_rps"]:,.0f}/s
 
 {levels_table(over)}
+
+Stack CPU per level: CPU time of nginx, the app instances and redis (process trees, /proc), sampled
+every 0.5 s during the run and cut at the level's ends. Shares are of the stack CPUs over the
+level: the stack's processes; softirq, the kernel's network work, which no process is charged
+for (loopback TCP to and from the stack, mostly); and other processes, the rest of the time those
+CPUs were busy (this box's other work). Per request is per request of that level, refused or served.
 
 Processes after the run: {over["processes"]["detail"]}.
 

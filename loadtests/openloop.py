@@ -321,6 +321,8 @@ class Generator:
     async def run(self) -> dict[str, Any]:
         await self.warm()
         self.start = time.perf_counter()
+        # The same instant on the wall clock, for figures taken by other processes.
+        epoch = time.time()
         phase_starts = []
         begin = 0.2  # a moment to settle before the first due time
         for index, phase in enumerate(self.spec.phases):
@@ -350,6 +352,7 @@ class Generator:
             conn.abort()
         return {
             "phase_starts": phase_starts,
+            "epoch": epoch,
             "end": begin,
             "connect_errors": self.connect_errors,
             "connections_opened": self.opened,

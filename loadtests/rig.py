@@ -296,6 +296,51 @@ def run_openloop(spec: dict[str, Any], workdir: Path, cpus: Iterable[int] | None
     return json.loads(result_path.read_text())
 
 
+# ---- where the stack CPU went, sampled while a generator runs ----------------------------
+
+
+def cpu_times(cpus: Iterable[int]) -> dict[str, float]:
+    """Seconds ``cpus`` have spent busy (not idle, whoever ran) and, of that, in
+    softirq (the kernel's network work: loopback TCP is processed there, outside
+    any process's CPU time) since boot (/proc/stat)."""
+    wanted = {f"cpu{c}" for c in cpus}
+    busy = softirq = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        fields = line.split()
+        if fields and fields[0] in wanted:
+            ticks = [int(x) for x in fields[1:8]]  # user nice system idle iowait irq softirq
+            busy += sum(ticks) - ticks[3] - ticks[4]
+            softirq += ticks[6]
+    tick = os.sysconf("SC_CLK_TCK")
+    return {"cpus_busy": busy / tick, "cpus_softirq": softirq / tick}
+
+
+def cpu_per_phase(
+    samples: Sequence[tuple[float, dict[str, float]]],
+    epoch: float,
+    phases: Sequence[dict[str, Any]],
+    starts: Sequence[float],
+) -> list[dict[str, float]]:
+    """Per phase, the CPU seconds each counter of ``samples`` (wall time, cumulative
+    counters) gained from the phase's start to its end (``epoch`` + the generator's
+    phase starts), interpolated between the samples around each end."""
+
+    def at(moment: float) -> dict[str, float]:
+        before = [s for s in samples if s[0] <= moment]
+        after = [s for s in samples if s[0] >= moment]
+        if not before or not after:
+            return (before or after)[-1 if before else 0][1]
+        (t0, a), (t1, b) = before[-1], after[0]
+        share = (moment - t0) / (t1 - t0) if t1 > t0 else 0.0
+        return {k: a[k] + (b[k] - a[k]) * share for k in a}
+
+    out = []
+    for phase, start in zip(phases, starts, strict=True):
+        first, last = at(epoch + start), at(epoch + start + float(phase["seconds"]))
+        out.append({k: last[k] - first[k] for k in first})
+    return out
+
+
 # ---- figures per level -------------------------------------------------------------------
 
 

@@ -114,6 +114,22 @@ def test_targets_are_judged_from_the_rows() -> None:
     assert judged["recovery to half-load latency after the overload"] == ("1.0 s", "met")
 
 
+def test_a_level_row_shows_where_the_stack_cpu_went() -> None:
+    levels = healthy_levels()
+    levels[3]["cpu"] = {
+        "stack_share": 0.93,
+        "softirq_share": 0.12,
+        "others_share": 0.05,
+        "nginx_us": 15.2,
+        "app_us": 20.4,
+        "redis_us": 6.6,
+    }
+    rows = [line for line in render(results(levels)).splitlines() if line.startswith("| 10x |")]
+    assert rows[0].endswith("| 93% / 12% / 5% | 15 / 20 / 7 |")
+    half = next(line for line in render(results(levels)).splitlines() if line.startswith("| half"))
+    assert half.endswith("| - | - |")
+
+
 def test_extra_sections_are_rendered() -> None:
     text = render(results(healthy_levels()))
     assert "## Extra\n\nextra body" in text

@@ -314,3 +314,29 @@ def test_a_request_without_a_connection_in_time_is_given_up(
     assert level["failures"] >= 1
     assert set(level["statuses"]) == {"0", "200"}
     assert sum(level["statuses"].values()) == 20
+
+
+def test_cpu_per_phase_cuts_cumulative_counters_at_the_phase_ends() -> None:
+    # A counter growing 1 s per s from wall time 100; phases of 2 s and 3 s starting
+    # 0.5 s after the generator's epoch 100.0, samples every second.
+    samples = [(100.0 + t, {"app": float(t), "nginx": 2.0 * t}) for t in range(8)]
+    phases = [{"name": "a", "seconds": 2.0}, {"name": "b", "seconds": 3.0}]
+    used = rig.cpu_per_phase(samples, 100.0, phases, [0.5, 2.5])
+    assert used == [{"app": 2.0, "nginx": 4.0}, {"app": 3.0, "nginx": 6.0}]
+
+
+def test_busy_seconds_of_a_cpu_grow_while_it_works() -> None:
+    cpu = min(os.sched_getaffinity(0))
+    before = rig.cpu_times([cpu])["cpus_busy"]
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass",
+        ],
+        check=True,
+        preexec_fn=rig.pinned_to({cpu}, nice=0),
+    )
+    after = rig.cpu_times([cpu])
+    assert after["cpus_busy"] - before >= 0.25
+    assert 0 <= after["cpus_softirq"] <= after["cpus_busy"]
