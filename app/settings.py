@@ -123,7 +123,14 @@ class Settings:
     # Overload control (app/overload.py), per worker. Off: a fixed cap at
     # MAX_INFLIGHT and no queue-time refusals (the before of an A/B).
     overload_adaptive: bool = True
-    overload_min_limit: int = 4
+    # The floor of the adaptive limit: above what nginx's cap (UPSTREAM_MAX_CONNS,
+    # 32 per instance) can hand one worker, new orders' share (80%) included.
+    # Below it, each request the worker refuses frees a slot nginx refills at
+    # once: with the CPU saturated (latency up, limit down) the worker spent its
+    # CPU refusing (37,000 refusals, 3x goodput 206/s in one run; 0 and
+    # 1,314/s with 40, /work/notes overflow3). Directly reached workers (no
+    # nginx) want a lower floor (tests set 4).
+    overload_min_limit: int = 40
     # The limit shrinks when the p90 latency of a window exceeds this many times
     # the no-load latency; the queue-time target is the same multiple of it.
     overload_latency_tolerance: float = 2.0
