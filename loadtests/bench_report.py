@@ -330,6 +330,43 @@ def profile_lines(prof: dict[str, Any]) -> list[str]:
     return lines
 
 
+def goodput_bound(over: dict[str, Any]) -> list[str]:
+    """How many orders the stack CPU left after nginx's refusals at 10x could pay for,
+    at what an order cost the app and redis at 3x."""
+    rows = {row["phase"]: row for row in over["levels"]}
+    top, three = rows.get("10x"), rows.get("3x")
+    if not top or not three or "cpu" not in top or "cpu" not in three:
+        return []
+    seconds = top["planned"] / top["planned_rps"] if top["planned_rps"] else 0.0
+    rate = top["answered"] / seconds if seconds else 0.0
+    nginx_share = top["cpu"]["nginx_us"] * rate / 1e6
+    left = max(0.0, top["cpu"]["stack_share"] - nginx_share)
+    per_order = (
+        (three["cpu"]["app_us"] + three["cpu"]["redis_us"])
+        * three["answered"]
+        / three["goodput_rps"]
+        if three["goodput_rps"]
+        else 0.0
+    )
+    three_seconds = three["planned"] / three["planned_rps"] if three["planned_rps"] else 1.0
+    per_order /= three_seconds
+    if not per_order:
+        return []
+    best = left / (per_order / 1e6)
+    capacity = over["capacity_rps"]
+    return [
+        f"- **Goodput at 10x.** nginx spent {top['cpu']['nginx_us']:.1f} µs of stack CPU per "
+        f"request at 10x ({rate:,.0f}/s answered), {nginx_share:.0%} of the stack CPU, nearly all "
+        f"of it refusing; the stack's processes had {top['cpu']['stack_share']:.0%} of it (softirq "
+        f"{top['cpu'].get('softirq_share', 0):.0%}, other processes "
+        f"{top['cpu']['others_share']:.0%}). At the {per_order:,.0f} µs an order cost the app and "
+        f"redis at 3x, the rest pays for at most {best:,.0f} orders/s = {best / capacity:.0%} of "
+        f"the capacity; measured {top['goodput_rps']:,.0f}/s. 90% of the capacity at 10x would "
+        "need a refusal to cost nginx about "
+        f"{max(0.0, (top['cpu']['stack_share'] - 0.9 * capacity * per_order / 1e6)) / rate * 1e6 if rate else 0:.1f} µs."
+    ]
+
+
 def findings(results: dict[str, Any]) -> str:
     """What the figures say (computed), and the standing facts behind them."""
     a = results["hello"]["ok_rps"]
@@ -376,6 +413,7 @@ def findings(results: dict[str, Any]) -> str:
         f"everysec); orders cannot exceed that, and each order also costs app CPU on the same "
         f"stack core. 0.6 x hello = {0.6 * a:,.0f}/s; measured {orders:,.0f} orders/s = "
         f"{orders / b if b else 0:.2f} x ceiling B.",
+        *goodput_bound(over),
         f"- **Memory per order** ({mem['bytes_per_order']:.0f} bytes): the order hash is "
         f"{mem['order_hash_bytes']:.0f} bytes, and each of the 4 index zsets (all orders, by "
         "status, by customer, by customer and status) costs ~120 bytes per member once it is "

@@ -189,3 +189,22 @@ def test_the_cost_breakdown_bounds_p1_from_the_measured_costs() -> None:
     assert "that leaves the app 20 µs per order" in text
     figures["orders"]["cpu_us"]["redis"] = 200.0
     assert "nothing is left for the app, whatever it does." in render(figures)
+
+
+def test_the_goodput_bound_at_10x_comes_from_the_measured_cpu() -> None:
+    """3x: 300 answered in 1 s, 95 served, app + redis 95 µs per request -> 300 µs
+    per order. 10x: 10,000 answered per s, nginx 15 µs each = 15% of the CPU, the
+    stack had 90%: 75% left pays for 2,500 orders/s = 2,500% of a capacity of 100."""
+    levels = healthy_levels()
+    cpu = {"stack_share": 0.9, "softirq_share": 0.05, "others_share": 0.0}
+    levels[2] = {**levels[2], "planned": 300, "answered": 300}
+    levels[2]["cpu"] = {**cpu, "nginx_us": 20.0, "app_us": 70.0, "redis_us": 25.0}
+    levels[3] = {**levels[3], "planned": 10_000, "answered": 100_000}
+    levels[3]["cpu"] = {**cpu, "nginx_us": 15.0, "app_us": 10.0, "redis_us": 3.0}
+    text = render(results(levels))
+    line = next(line for line in text.splitlines() if line.startswith("- **Goodput at 10x.**"))
+    assert "nginx spent 15.0 µs of stack CPU per request at 10x (10,000/s answered), 15%" in line
+    assert "At the 300 µs an order cost the app and redis at 3x" in line
+    assert "at most 2,500 orders/s = 2500% of the capacity; measured 92/s" in line
+    # (0.9 - 0.9 x 100 x 300e-6) / 10,000 per s = 87.3 µs.
+    assert "cost nginx about 87.3 µs." in line
