@@ -135,6 +135,15 @@ AB_COMPARISONS: list[Comparison] = [
         b_env={},
         connections=512,
     ),
+    Comparison(
+        name="the app's limit floor behind nginx's cap (app/overload.py), wrk with 512 connections",
+        a_label="OVERLOAD_MIN_LIMIT=4 (as before): the limit may drop below the 32 nginx sends "
+        "an instance; each refusal frees a slot nginx refills at once",
+        a_env={"OVERLOAD_MIN_LIMIT": "4"},
+        b_label="OVERLOAD_MIN_LIMIT=40 (the default): never below what nginx's cap sends",
+        b_env={},
+        connections=512,
+    ),
 ]
 
 # Report sections of their own modules: a callable (args, the run's folder) ->
