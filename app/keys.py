@@ -22,8 +22,9 @@ section 10): ``c`` customer, ``k`` token, ``ce`` emails, ``cs``/``cq``
 customers index and clock, ``p`` phone, ``ps``/``pq`` phones index and clock,
 ``o`` order, ``oa``/``os``/``oq`` all orders, orders by status and their
 clock, ``co`` a customer's orders, ``i`` Idempotency-Key record, ``lg``
-ledger. Still global: ``events`` (one stream per partition is the next step,
-docs/data-tier.md section 7), the ``mail:*`` keys and ``layout``.
+ledger, ``e`` events, ``ms``/``ma``/``mr``/``md`` the confirmation mail's sent
+marker, attempt counter, retry queue and dead letters. Still global:
+``mail:worker:<name>:alive`` (one key, no script) and ``layout``.
 
 Hashes and their fields (all numbers are integers, money in cents):
 
@@ -64,8 +65,8 @@ moment, per partition: balance + open + completed = added, in cents; stock +
 held + sold = added, in units. Over all partitions, at rest: the sold units = the
 open + completed units.
 
-Stream ``events``: one entry per order change, appended by the script that made
-the change. Fields: type (the event of the order's new status, app/vocabulary.py),
+Stream ``e{P}``: one per partition (docs/data-tier.md section 7), one entry per
+change of an order of partition P, appended by the script that made the change. Fields: type (the event of the order's new status, app/vocabulary.py),
 order_id, customer_id, status, request_id, at (ms since the epoch);
 order.completed also carries balance_cents, the customer's balance at that
 moment (for the mail). ``mail.requeued`` entries (app/admin/mail.py) put a
@@ -83,7 +84,8 @@ from app import partitions
 from app.partitions import PARTITION_TAGS, partition_of
 
 # The version of the key layout above; app/layout.py refuses data of another.
-LAYOUT_VERSION = 2
+# 3: the events stream and the mail keys per partition (2 had them global).
+LAYOUT_VERSION = 3
 LAYOUT = "layout"
 # Keys only the previous layout (one global index per kind, one ledger) had:
 # finding one without LAYOUT means data from before the partitions.
@@ -96,11 +98,12 @@ OLD_LAYOUT_KEYS = (
     "customers:email",
     "orders",
     "orders:seq",
+    "events",
+    "mail:retry",
+    "mail:dead",
 )
 
-EVENTS = "events"
 MAIL_GROUP = "mailer"
-MAIL_DEAD = "mail:dead"
 
 
 def _tag(partition: int) -> str:
@@ -198,11 +201,10 @@ def ledger(partition: int) -> str:
     return f"lg{_tag(partition)}"
 
 
-def partition_events(partition: int) -> str:
-    """The stream of one partition's order events (docs/data-tier.md section 7): the next
-    step. The app still appends to EVENTS; only the data tier's harness
-    (loadtests/datatier.py) runs place_order.lua with this one on a cluster, where the
-    global stream would be in another slot."""
+def events(partition: int) -> str:
+    """Stream of partition ``partition``'s order events (docs/data-tier.md section 7): the
+    order scripts append to their order's, the mail worker has a consumer group on each,
+    the WebSocket hub reads those its sockets may see."""
     return f"e{_tag(partition)}"
 
 
@@ -211,27 +213,35 @@ def ledger_of(entity_id: str) -> str:
     return ledger(partition_of(entity_id))
 
 
-# ---- global (the next steps of docs/data-tier.md move them into partitions) ------------
+# ---- the confirmation mail, in its order's partition (mail/worker.py) ------------------
+# With the order's events stream, so that the worker's MULTIs (sent marker + XACK,
+# dead letter + XACK) and requeue_mail.lua touch one slot.
 
 
 def mail_sent(order_id: str) -> str:
     """Set once the SMTP server accepted an order's confirmation mail."""
-    return f"mail:sent:{order_id}"
+    return f"ms{_tag_of(order_id)}{order_id}"
 
 
 def mail_attempts(order_id: str) -> str:
-    return f"mail:attempts:{order_id}"
+    return f"ma{_tag_of(order_id)}{order_id}"
+
+
+def mail_retry(partition: int) -> str:
+    """Zset: entry ids of ``events(partition)`` whose mail waits for its next attempt
+    after a temporary failure, scored by when it is due (ms since the epoch). The
+    entries stay pending in the ``mailer`` group, so the stream is never trimmed
+    past them."""
+    return f"mr{_tag(partition)}"
+
+
+def mail_dead(partition: int) -> str:
+    """Stream of the dead-lettered mails of partition ``partition``'s orders."""
+    return f"md{_tag(partition)}"
 
 
 def mail_worker_alive(worker_name: str) -> str:
     return f"mail:worker:{worker_name}:alive"
-
-
-# Mail worker (mail/worker.py). Stream entry ids of mails waiting for their
-# next attempt after a temporary failure, scored by when that attempt is due
-# (ms since the epoch). The entries stay pending in the `mailer` group, so the
-# stream is never trimmed past them.
-MAIL_RETRY = "mail:retry"
 
 
 def write_ack(key: str) -> str:

@@ -22,7 +22,7 @@ from app.phones.models import (
     SeedPhoneCreate,
 )
 from app.routing import Alias, Route, expand
-from app.vocabulary import STREAM_ID_PATTERN
+from app.vocabulary import PARTITION_ENTRY_ID_PATTERN
 
 ROUTES: list[Route] = [
     Route("GET", "/healthz", health.healthz, "Liveness"),
@@ -180,7 +180,7 @@ ROUTES: list[Route] = [
         auth="admin",
         answer=admin_mail.RequeuedEnvelope,
         errors=(422,),
-        id_pattern=STREAM_ID_PATTERN,
+        id_pattern=PARTITION_ENTRY_ID_PATTERN,
     ),
 ]
 

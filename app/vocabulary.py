@@ -147,6 +147,37 @@ class StreamId:
         return cls(ms, seq)
 
 
+# ---- ids of entries of a partition's stream ------------------------------------------
+# Each partition has its own streams (app/keys.py: events, mail_dead), whose entry ids
+# may repeat across partitions; an id a client sees names its partition:
+# "<partition>.<ms>-<seq>".
+
+PARTITION_ENTRY_ID_PATTERN = r"^[0-9]{1,3}\.[0-9]{1,20}-[0-9]{1,20}$"
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionEntryId:
+    partition: int
+    entry: StreamId
+
+    def __str__(self) -> str:
+        return f"{self.partition}.{self.entry}"
+
+    @classmethod
+    def parse(cls, text: str | bytes, partitions: int = PARTITIONS) -> PartitionEntryId | None:
+        """``<partition>.<ms>-<seq>`` with a partition below ``partitions``, else None."""
+        if isinstance(text, bytes):
+            text = text.decode("ascii", "replace")
+        head, dot, tail = text.partition(".")
+        if not dot or not head.isdigit() or len(head) > 3 or not head.isascii():
+            return None
+        partition = int(head)
+        entry = StreamId.parse(tail)
+        if entry is None or partition >= partitions:
+            return None
+        return cls(partition, entry)
+
+
 # ---- request ids ------------------------------------------------------------------------
 # A client's X-Request-ID is kept when it matches (nginx's map in
 # nginx/nginx.conf.template uses the same pattern), and the order scripts carry

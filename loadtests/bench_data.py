@@ -245,8 +245,9 @@ def transient_per_order(stack: LoadStack) -> dict[str, float]:
             itertools.islice(client.scan_iter(match=keys.IDEMPOTENCY_MATCH, count=1000), 200)
         )
         sizes = [client.memory_usage(k, samples=0) or 0 for k in idem]
-        events = client.xlen(keys.EVENTS)
-        stream = client.memory_usage(keys.EVENTS, samples=0) or 0
+        streams = [keys.events(p) for p in range(PARTITIONS)]
+        events = sum(client.xlen(s) for s in streams)
+        stream = sum(client.memory_usage(s, samples=0) or 0 for s in streams)
     finally:
         client.close()
     return {

@@ -34,6 +34,7 @@ from redis import Redis
 from app import keys
 from app.ids import new_id
 from app.ops.instances import ROOT, mail_argv
+from app.partitions import PARTITIONS, partition_of
 from app.vocabulary import COMPLETED, STATUSES, encode_items
 from loadtests import rig
 from loadtests.support.servers import (
@@ -83,7 +84,7 @@ def seed(redis: Redis, mails: int) -> None:
                 },
             )
             pipe.xadd(
-                keys.EVENTS,
+                keys.events(partition_of(order_id)),
                 {
                     "type": STATUSES[COMPLETED].event,
                     "order_id": order_id,
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         running_redis(Path(tmp) / "redis") as server,
     ):
         redis = Redis.from_url(server.url, decode_responses=True)
-        redis.xgroup_create(keys.EVENTS, keys.MAIL_GROUP, id="0", mkstream=True)
+        for partition in range(PARTITIONS):
+            redis.xgroup_create(keys.events(partition), keys.MAIL_GROUP, id="0", mkstream=True)
         seed(redis, args.mails)
         port, summary = free_port(), Path(tmp) / "sink.json"
         sink = subprocess.Popen(
@@ -163,9 +165,13 @@ def main(argv: list[str] | None = None) -> int:
             sent = 0
             while sent < args.mails and time.monotonic() - began < 600:
                 time.sleep(0.2)
-                sent = redis.xpending(keys.EVENTS, keys.MAIL_GROUP)["pending"]
-                info = [g for g in redis.xinfo_groups(keys.EVENTS) if g["name"] == keys.MAIL_GROUP]
-                sent = args.mails - (info[0]["lag"] or 0) - sent
+                pending = lag = 0
+                for partition in range(PARTITIONS):
+                    stream = keys.events(partition)
+                    pending += redis.xpending(stream, keys.MAIL_GROUP)["pending"]
+                    info = [g for g in redis.xinfo_groups(stream) if g["name"] == keys.MAIL_GROUP]
+                    lag += info[0]["lag"] or 0
+                sent = args.mails - lag - pending
             elapsed = time.monotonic() - began
             worker_cpu = rig.cpu_seconds([p.pid for p in procs])
             redis_cpu = rig.cpu_seconds([server.proc.pid]) - redis_cpu
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             for proc in procs:
                 stop_process(proc)
             stop_process(sink)
-        dead = redis.xlen(keys.MAIL_DEAD)
+        dead = sum(redis.xlen(keys.mail_dead(p)) for p in range(PARTITIONS))
         redis.close()
         tally = json.loads(summary.read_text()) if summary.exists() else {}
     print(

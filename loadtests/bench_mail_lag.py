@@ -25,7 +25,7 @@ the worker, not the sink. Then:
       every 2 s (app/mail_backlog.py), then up to ``--drain`` seconds for the
       rest. For every order completed in the window: its lag, from the
       ``order.completed`` event (the entry id's time) to the worker's
-      ``mail:sent`` marker, written right after the server's 250.
+      sent marker (``keys.mail_sent``), written right after the server's 250.
 
 Reported per run: the capacity and its CPU figures, the rate offered, completed
 orders/s, mails/s, lag p50/p99/max, the backlog at the end of the load and its
@@ -59,6 +59,7 @@ from app import keys
 from app.env import env_int
 from app.mail_backlog import ORDER_COMPLETED, entry_ms, read_mail_backlog
 from app.ops.instances import ROOT, mail_argv
+from app.partitions import PARTITIONS
 from loadtests import rig
 from loadtests.bench_data import provision
 from loadtests.bench_drivers import orders_wrk, write_wrk_data
@@ -171,19 +172,27 @@ def backlog(url: str) -> tuple[int, float]:
 def completed_between(redis: SyncRedis, start_ms: int, end_ms: int) -> dict[str, int]:
     """order id -> event time (ms) of the order.completed entries in the window."""
     found: dict[str, int] = {}
-    cursor = f"{start_ms}-0"
-    while True:
-        page = redis.xrange(keys.EVENTS, cursor, f"{end_ms}-18446744073709551615", count=5000)
-        for entry_id, fields in page:
-            if fields.get("type") == ORDER_COMPLETED:
-                found[fields["order_id"]] = entry_ms(entry_id)
-        if len(page) < 5000:
-            return found
-        cursor = f"({page[-1][0]}"
+    for partition in range(PARTITIONS):
+        cursor = f"{start_ms}-0"
+        while True:
+            page = redis.xrange(
+                keys.events(partition), cursor, f"{end_ms}-18446744073709551615", count=5000
+            )
+            for entry_id, fields in page:
+                if fields.get("type") == ORDER_COMPLETED:
+                    found[fields["order_id"]] = entry_ms(entry_id)
+            if len(page) < 5000:
+                break
+            cursor = f"({page[-1][0]}"
+    return found
+
+
+def dead_letters(redis: SyncRedis) -> int:
+    return sum(redis.xlen(keys.mail_dead(p)) for p in range(PARTITIONS))
 
 
 def sent_at(redis: SyncRedis, order_ids: list[str]) -> dict[str, int]:
-    """order id -> when its mail:sent marker says the server accepted it (ms)."""
+    """order id -> when its sent marker says the server accepted it (ms)."""
     out = {}
     for start in range(0, len(order_ids), 2000):
         chunk = order_ids[start : start + 2000]
@@ -349,10 +358,11 @@ def one_run(
     redis = SyncRedis.from_url(stack.redis_url, decode_responses=True)
     # Each run starts from an empty backlog: what an earlier run left unsent is
     # counted there, not carried over (the group restarts at the stream's end).
-    redis.xgroup_destroy(keys.EVENTS, keys.MAIL_GROUP)
-    redis.xgroup_create(keys.EVENTS, keys.MAIL_GROUP, id="$", mkstream=True)
-    redis.delete(keys.MAIL_RETRY)
-    dead_before = redis.xlen(keys.MAIL_DEAD)
+    for partition in range(PARTITIONS):
+        redis.xgroup_destroy(keys.events(partition), keys.MAIL_GROUP)
+        redis.xgroup_create(keys.events(partition), keys.MAIL_GROUP, id="$", mkstream=True)
+        redis.delete(keys.mail_retry(partition))
+    dead_before = dead_letters(redis)
     # An AOF rewrite (a fork that copies the whole data set) is due once the
     # AOF doubled: start each run right after one, not with one half way.
     rewrite_aof(redis)
@@ -482,7 +492,7 @@ def one_run(
         "duplicates": sink_summary.get("duplicates"),
         "sink_mails": sink_summary.get("mails"),
         "peak_sessions": sink_summary.get("peak_open_sessions"),
-        "dead_letters": redis.xlen(keys.MAIL_DEAD) - dead_before,
+        "dead_letters": dead_letters(redis) - dead_before,
         "aof_rewrites": aof_rewrites(redis) - rewrites_before,
         "samples": samples,
     }
@@ -517,7 +527,8 @@ def measure(
             capacity = orders_wrk(stack, data, seconds=CAPACITY_SECONDS, cpus=split.load or None)
             log(f"capacity without mail workers: {capacity['ok_rps']:,.0f} orders/s")
             # The mailer group starts at the run (one_run): these orders are not mailed.
-            redis.xgroup_create(keys.EVENTS, keys.MAIL_GROUP, id="$", mkstream=True)
+            for partition in range(PARTITIONS):
+                redis.xgroup_create(keys.events(partition), keys.MAIL_GROUP, id="$", mkstream=True)
             redis.close()
             log(f"{workers} worker(s): capacity, then {seconds} s of orders at it, then the drain")
             run = one_run(

@@ -123,8 +123,6 @@ def _benchmark_argv(port: int, sha: str, partition: int, requests: int, clients:
     order_id = customer_id[:2] + rand
     script_keys = place_order_keys(customer_id, order_id, COMPLETED, None, [phone_id])
     script_keys[1] = keys.idempotency_of_digest(customer_id, rand)
-    # The global stream is in another slot: the partition's own, as section 7 plans.
-    script_keys[script_keys.index(keys.EVENTS)] = keys.partition_events(partition)
     args = [order_id, customer_id, str(int(time.time() * 1000)), "0" * 32, "1", "1", "f" * 64]
     args += ["86400", phone_id, "1"]
     return [

@@ -7,9 +7,8 @@ and 256 customers. Each order is the saga's three steps as app/orders/saga_servi
 runs them, through the app's cluster gateway: ``reserve_stock`` on the phone's partition,
 ``commit_order`` on the customer's, then the settle handed to a Settler (batched per
 partition every 50 ms). The phone and the customer are in different partitions, so on 3
-primaries most orders span two of them. One difference from the app: the commit appends
-its events to the customer's partition stream (``keys.partition_events``, section 7 of
-docs/data-tier.md), since the app's one global stream would be in another slot.
+primaries most orders span two of them. The commit appends its events to the
+customer's partition stream (``keys.events``, section 7 of docs/data-tier.md), as the app's.
 
 Figures per shard count: script calls per order (the primaries' EVALSHA counts), Redis
 CPU per order (``used_cpu_sys + used_cpu_user`` deltas summed over the primaries), the
@@ -115,7 +114,6 @@ async def _one_shard_count(
             )
             lines = reserved.payload["lines"]
             script_keys = commit_order_keys(customer_id, order_id, COMPLETED, None)
-            script_keys[script_keys.index(keys.EVENTS)] = keys.partition_events(order_partition)
             committed = await scripts.call(
                 "commit_order",
                 script_keys,

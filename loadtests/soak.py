@@ -259,13 +259,17 @@ async def settle_mail(redis: Redis, completed: list[str]) -> tuple[int, int, int
     """Wait until every completed order is mailed or dead-lettered; (sent, dead, pending)."""
     deadline = time.monotonic() + SETTLE_SECONDS
     while True:
-        dead_ids = {f["order_id"] for _, f in await redis.xrange(keys.MAIL_DEAD)}
+        dead_ids = set()
+        for partition in range(PARTITIONS):
+            dead_ids |= {f["order_id"] for _, f in await redis.xrange(keys.mail_dead(partition))}
         sent = 0
         for order_id in completed:
             sent += await redis.exists(keys.mail_sent(order_id))
         dead = len([o for o in completed if o in dead_ids])
-        groups = await redis.xinfo_groups(keys.EVENTS)
-        pending = sum(g["pending"] for g in groups if g["name"] == keys.MAIL_GROUP)
+        pending = 0
+        for partition in range(PARTITIONS):
+            groups = await redis.xinfo_groups(keys.events(partition))
+            pending += sum(g["pending"] for g in groups if g["name"] == keys.MAIL_GROUP)
         if (sent + dead == len(completed) and pending == 0) or time.monotonic() > deadline:
             return sent, dead, pending
         await asyncio.sleep(1)

@@ -16,8 +16,8 @@ their opening balances) and checks, through the admin API:
 4. every run customer's balance is the opening balance minus the totals of
    their open and completed orders;
 5. with ``--redis-url`` (the mail worker running): every completed order of
-   the run has a sent mail (``mail:sent:{order_id}``) or a dead letter in the
-   ``mail:dead`` stream, waiting up to ``--mail-timeout`` seconds for the
+   the run has a sent mail (``keys.mail_sent``) or a dead letter in its
+   partition's dead-letter stream, waiting up to ``--mail-timeout`` seconds for the
    worker to catch up.
 
 Exits 0 when everything holds, 1 otherwise; ``--out`` writes the result as JSON.
@@ -38,6 +38,7 @@ import aiohttp
 from redis.asyncio import Redis
 
 from app import keys
+from app.partitions import PARTITIONS
 from app.vocabulary import COMPLETED, MONEY_KEEPING_STATUSES
 
 CONCURRENCY = 8
@@ -85,7 +86,7 @@ async def check_mail(redis_url: str, completed: list[str], wait_seconds: float) 
         waiting = set(completed)
         dead: set[str] = set()
         sent = 0
-        last_dead_id = "-"
+        last_dead_ids = dict.fromkeys(range(PARTITIONS), "-")  # per partition's md{P}
         while True:
             ids = sorted(waiting)
             for start in range(0, len(ids), 1000):
@@ -98,14 +99,13 @@ async def check_mail(redis_url: str, completed: list[str], wait_seconds: float) 
                     if exists:
                         waiting.discard(order_id)
                         sent += 1
-            # Dead letters, read incrementally.
-            while True:
-                entries = await redis.xrange(keys.MAIL_DEAD, min=last_dead_id, count=1000)
-                entries = [e for e in entries if e[0] != last_dead_id]
-                if not entries:
-                    break
+            # Dead letters, read incrementally, partition by partition.
+            for partition, last_dead_id in last_dead_ids.items():
+                dead_key = keys.mail_dead(partition)
+                start = "-" if last_dead_id == "-" else f"({last_dead_id}"
+                entries = await redis.xrange(dead_key, min=start, count=100_000)
                 for entry_id, fields in entries:
-                    last_dead_id = entry_id
+                    last_dead_ids[partition] = entry_id
                     order_id = fields.get("order_id", "")
                     if order_id in waiting:
                         waiting.discard(order_id)

@@ -1,8 +1,9 @@
 """The mail worker's Redis work for a chunk of mails, a few round trips for many.
 
-A lane (mail/worker.py) sends a chunk of mails; per chunk, not per mail:
+A lane (mail/worker.py) sends a chunk of mails, all of one partition's stream
+``e{P}`` (so that the hold and the MULTI touch one slot); per chunk, not per mail:
 
-1. ``prefetch``: the ``mail:sent`` marker and the order hash of every mail;
+1. ``prefetch``: the sent marker ``ms{P}`` and the order hash of every mail;
 2. ``load_and_hold``: the customers and phone names, and ``hold_entries.lua``
    (every entry still ours, its idle time reset, its attempt counted);
 3. ``ack_sent``: one MULTI with the sent markers (SET NX), the attempt
@@ -30,11 +31,11 @@ from redis.exceptions import NoScriptError
 
 from app import keys
 from app.fastredis import MultiplexedRedis
+from app.partitions import PARTITIONS
 from mail import scripts
 
 _parse_error = BaseParser.parse_error  # redis-py's exception class for an error reply
 GROUP = keys.MAIL_GROUP
-STREAM = keys.EVENTS
 
 
 def text(value: Any) -> str:
@@ -107,6 +108,7 @@ class BatchRedis:
         self._transport: _FastTransport | _ClientTransport = (
             _FastTransport(fast) if fast is not None else _ClientTransport(redis)
         )
+        self._redis = redis
         self._consumer = consumer
         self._ttl = attempts_ttl
         self._hold_source = scripts.source("hold_entries")
@@ -123,8 +125,28 @@ class BatchRedis:
         n = len(order_ids)
         return [bool(r) for r in replies[:n]], [_pairs(r) for r in replies[n:]]
 
+    async def script_each(self, name: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """mail/lua/<name>.lua once per (keys, args), every call in one round (a
+        partition's keys each: a cluster client splits them per node)."""
+        source = scripts.source(name)
+        sha = hashlib.sha1(source.encode()).hexdigest()
+        commands = [("EVALSHA", sha, len(ks), *ks, *args) for ks, args in calls]
+        try:
+            return await self._transport.execute_many(commands)
+        except NoScriptError:  # a restarted Redis; on a cluster, every primary loads it
+            await self._redis.script_load(source)
+            return await self._transport.execute_many(commands)
+
+    async def first_retries(self) -> dict[int, float]:
+        """Per partition with a mail waiting for its retry: when the first is due (ms)."""
+        replies = await self._transport.execute_many(
+            [("ZRANGE", keys.mail_retry(p), 0, 0, "WITHSCORES") for p in range(PARTITIONS)]
+        )
+        return {p: float(text(reply[1])) for p, reply in enumerate(replies) if reply}
+
     async def load_and_hold(
         self,
+        partition: int,
         mails: list[tuple[str, str, str, list[str]]],
     ) -> list[Loaded]:
         """``mails``: (entry id, order id, customer id, phone ids) each. Their
@@ -136,7 +158,7 @@ class BatchRedis:
             )
             commands += [("HGET", keys.phone(p), "name") for p in phone_ids]
         pairs = [(entry_id, order_id) for entry_id, order_id, _, _ in mails]
-        replies = await self._with_hold(commands, pairs, count=True)
+        replies = await self._with_hold(partition, commands, pairs, count=True)
         held = replies[-1]
         out = []
         at = 0
@@ -149,16 +171,24 @@ class BatchRedis:
             out.append(Loaded(customer, names, int(held[index])))  # type: ignore[arg-type]
         return out
 
-    async def hold(self, entries: list[tuple[str, str]]) -> list[int]:
+    async def hold(self, partition: int, entries: list[tuple[str, str]]) -> list[int]:
         """Renew the hold of (entry id, order id) pairs held earlier and not sent
         yet, without counting another attempt. Per entry: its attempt, 0 when lost."""
-        return [int(n) for n in (await self._with_hold([], entries, count=False))[-1]]
+        replies = await self._with_hold(partition, [], entries, count=False)
+        return [int(n) for n in replies[-1]]
 
     async def _with_hold(
-        self, commands: list[tuple[Any, ...]], entries: list[tuple[str, str]], *, count: bool
+        self,
+        partition: int,
+        commands: list[tuple[Any, ...]],
+        entries: list[tuple[str, str]],
+        *,
+        count: bool,
     ) -> list[Any]:
-        """``commands``, then hold_entries.lua on ``entries``, in one round trip."""
-        hold_keys = [STREAM] + [keys.mail_attempts(order_id) for _, order_id in entries]
+        """``commands``, then hold_entries.lua on ``entries`` (of the partition's
+        stream), in one round trip."""
+        hold_keys = [keys.events(partition)]
+        hold_keys += [keys.mail_attempts(order_id) for _, order_id in entries]
         hold_args = [GROUP, self._consumer, self._ttl, 1 if count else 0]
         hold_args += [entry_id for entry_id, _ in entries]
         hold = ("EVALSHA", self._hold_sha, len(hold_keys), *hold_keys, *hold_args)
@@ -168,8 +198,8 @@ class BatchRedis:
             load = ("EVAL", self._hold_source, len(hold_keys), *hold_keys, *hold_args)
             return await self._transport.execute_many([*commands, load])
 
-    async def ack_sent(self, sent: list[tuple[str, str, str | None, int]]) -> None:
-        """One MULTI for the chunk: per (entry id, order id, Message-ID or None for a
+    async def ack_sent(self, partition: int, sent: list[tuple[str, str, str | None, int]]) -> None:
+        """One MULTI for the chunk (of one partition: one slot): per (entry id, order id, Message-ID or None for a
         mail found already sent, when the server accepted it in ms), the sent marker
         SET NX, and for all of them the attempt counters deleted, XACK and ZREM from
         the retry queue."""
@@ -182,6 +212,6 @@ class BatchRedis:
                 commands.append(("SET", keys.mail_sent(order_id), marker, "NX"))
         entry_ids = [entry_id for entry_id, _, _, _ in sent]
         commands.append(("DEL", *(keys.mail_attempts(o) for _, o, _, _ in sent)))
-        commands.append(("XACK", STREAM, GROUP, *entry_ids))
-        commands.append(("ZREM", keys.MAIL_RETRY, *entry_ids))
+        commands.append(("XACK", keys.events(partition), GROUP, *entry_ids))
+        commands.append(("ZREM", keys.mail_retry(partition), *entry_ids))
         await self._transport.transaction(commands)

@@ -25,7 +25,7 @@ RETRIED = Counter(
 )
 DEAD_LETTERED = Counter(
     "phoneshop_mail_dead_lettered_total",
-    "Mails moved to mail:dead (a 5xx, MAIL_MAX_ATTEMPTS failures, or an unusable order)",
+    "Mails dead-lettered (a 5xx, MAIL_MAX_ATTEMPTS failures, or an unusable order)",
 )
 DUPLICATES = Counter(
     "phoneshop_mail_duplicates_total",
@@ -71,7 +71,9 @@ CONNECTIONS_LIMIT = Gauge(
     "SMTP sessions this worker may use now (MAIL_CONCURRENCY, less while the relay refuses)",
 )
 RETRY_QUEUE = Gauge("phoneshop_mail_retry_queue", "Mails waiting for their next attempt")
-DEAD_LETTERS = Gauge("phoneshop_mail_dead_letters", "Entries in the mail:dead stream")
+DEAD_LETTERS = Gauge(
+    "phoneshop_mail_dead_letters", "Entries in the partitions' dead-letter streams md{P}"
+)
 
 # MailWorker.stats names -> their counters.
 COUNTERS = {

@@ -1,32 +1,46 @@
-"""The mail worker: consumer group ``mailer`` on the ``events`` stream.
+"""The mail worker: consumer group ``mailer`` on each partition's events stream.
+
+Every partition P has its stream ``e{P}`` (docs/data-tier.md section 7), and the
+worker has the group ``mailer`` on each (created with MKSTREAM at start). An
+entry's mail keys (``ms{P}``/``ma{P}`` of its order, the retry queue ``mr{P}``,
+the dead letters ``md{P}``) are in the same partition, so every MULTI and script
+below touches one slot on a Redis Cluster. Entry ids are per stream: the worker
+keeps each entry's partition with it, and a chunk holds entries of one partition.
 
 One loop feeds MAIL_CONCURRENCY lanes (``Lanes``, mail/smtp.py), each an SMTP session
 (``SmtpSender``) sending one mail at a time, a chunk of up to CHUNK after another.
 Several workers share the work through the consumer group. The loop:
 
 1. refresh the health key ``mail:worker:{name}:alive`` (log a line now and then);
-2. every EVENTS_TRIM_INTERVAL_SECONDS, trim ``events`` by MINID, never past an
+2. every EVENTS_TRIM_INTERVAL_SECONDS, trim each stream by MINID, never past an
    entry the group has not acknowledged (``mail/lua/trim_events.lua``);
 3. close SMTP sessions idle for MAIL_IDLE_TIMEOUT_SECONDS;
-4. take the mails whose retry is due from the ``mail:retry`` zset (ZREM decides
-   which worker gets one), XCLAIM them and hand them to free lanes;
+4. take the mails whose retry is due from the partitions' ``mr{P}`` zsets (ZREM
+   decides which worker gets one), XCLAIM them and hand them to free lanes. The
+   128 queues' heads are looked at once a second (one pipelined round), and
+   sooner when a retry this worker scheduled is due;
 5. every MAIL_CLAIM_IDLE_SECONDS / 4, XAUTOCLAIM entries idle past
    MAIL_CLAIM_IDLE_SECONDS: a crashed worker's mail is taken over;
-6. once a lane is free, XREADGROUP about a chunk per free lane (blocking at most
-   until the next retry is due), spread over the free lanes. This is the one
-   place new entries are read (``run_once``): a stream per partition later
-   changes only it.
+6. once a lane is free, XREADGROUP about a chunk per free lane and stream,
+   spread over the free lanes (``_read_new``). On one redis-server that is one
+   XREADGROUP over the 128 streams, blocking at most until the next retry is
+   due: Redis wakes it when any stream gets an entry. On a cluster, where one
+   command cannot span slots, each stream is read without blocking (pipelined,
+   a round trip per node) when the doorbell (app/stream_doorbell.py: keyspace
+   notifications of XADD on every primary) names it, and every stream once a
+   second (the sweep: the backstop for a lost notification, or a cluster where
+   CONFIG SET is refused).
 
 Per chunk, on its lane (the Redis work: mail/batch_redis.py, over one
 multiplexed connection, so the lanes' commands of one event-loop turn share a
 write):
 
-- one round trip: every ``mail:sent:{order_id}`` marker and order hash. A mail
+- one round trip: every ``ms{P}<order id>`` sent marker and order hash. A mail
   already marked -> XACK, nothing sent (a redelivery);
 - the order, customer or address is unusable -> dead letter at once;
 - one round trip: the customers and phone names and ``hold_entries.lua``: each
   entry is still pending for this worker (else skip it: another took it over),
-  its idle time is reset and ``mail:attempts:{order_id}`` counted. Only the
+  its idle time is reset and ``ma{P}<order id>`` counted. Only the
   renders (tens of microseconds each) follow before the first send, and each
   send must end within MAIL_CLAIM_IDLE_SECONDS / 2 of the hold; once a quarter
   of it has passed (a slow relay), the rest of the chunk is held again, so no
@@ -34,13 +48,13 @@ write):
 - send with the stable Message-ID ``<order-{id}@{MAIL_DOMAIN}>``;
 - accepted -> MULTI: SET the marker NX, DEL attempts, XACK, ZREM retry, before
   the next mail of the lane is sent (a crash re-sends at most the mail in hand);
-- 5xx -> MULTI: XADD ``mail:dead``, XACK, ZREM retry, DEL attempts. Never retried;
+- 5xx -> MULTI: XADD ``md{P}``, XACK, ZREM retry, DEL attempts. Never retried;
 - a throttle (421, 451, 452, a connection refused at connect or greeting) ->
-  ZADD ``mail:retry`` and take the attempt back: a relay saying "later" never
+  ZADD ``mr{P}`` and take the attempt back: a relay saying "later" never
   makes a dead letter. The lane backs off (exponential, with jitter) and the rest
   of its chunk goes back to the retry queue, due at once, for the other lanes;
   a refused connection also lowers the sessions used (``Lanes``);
-- another 4xx, a timeout, a dropped connection -> ZADD ``mail:retry`` with a
+- another 4xx, a timeout, a dropped connection -> ZADD ``mr{P}`` with a
   due time (exponential backoff with jitter); at MAIL_MAX_ATTEMPTS it is
   dead-lettered instead.
 
@@ -71,13 +85,16 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
 
 from app import keys
 from app.ids import is_valid_id
 from app.logs import request_id_var
 from app.mail_backlog import entry_ms, read_mail_backlog
+from app.partitions import PARTITIONS, partition_of
 from app.redis_clients import redis_client
+from app.stream_doorbell import Doorbell
 from app.vocabulary import decode_items, is_request_id
 from mail import MAIL_EVENT_TYPES, metrics, scripts
 from mail.batch_redis import BatchRedis, Loaded
@@ -95,7 +112,13 @@ from mail.smtp import Lanes, SmtpSender, classify
 log = logging.getLogger("mail.worker")
 
 GROUP = keys.MAIL_GROUP
-STREAM = keys.EVENTS
+STREAMS = tuple(keys.events(p) for p in range(PARTITIONS))
+PARTITION_OF_STREAM = {stream: p for p, stream in enumerate(STREAMS)}
+# On a cluster, every stream is read at least this often (seconds), doorbell or not.
+SWEEP_S = 1.0
+# The heads of the 128 retry queues are looked at least this often (seconds); a
+# retry this worker schedules is also remembered, and looked for when due.
+RETRY_PROBE_S = 1.0
 # Longest XREADGROUP block: the loop comes round at least this often to
 # heartbeat, trim, claim and notice SIGTERM.
 MAX_BLOCK_MS = 1000
@@ -141,6 +164,7 @@ class BadEvent(Exception):
 class Ready:
     """A mail held, rendered and about to be sent; ``held_at``: loop time of its hold."""
 
+    partition: int
     entry_id: str
     fields: dict[str, str]
     order_id: str
@@ -191,7 +215,6 @@ class MailWorker:
         self._in_flight: set[asyncio.Task] = set()
         self.batch = BatchRedis(redis, self.name, ATTEMPTS_TTL_S, MAX_BLOCK_MS / 1000 + 10)
         self._trim = redis.register_script(scripts.source("trim_events"))
-        self._prune = redis.register_script(scripts.source("prune_consumers"))
         self._random = random.Random()
         self._next_trim = 0.0
         self._next_claim = 0.0
@@ -199,6 +222,11 @@ class MailWorker:
         self._next_log = 0.0
         self._next_backlog = 0.0
         self._next_due_ms: float | None = None
+        self._next_retry_probe = 0.0
+        self._retry_heads: dict[int, float] = {}  # partition -> its first retry's due ms
+        self._next_sweep = 0.0
+        # One redis-server: a blocking XREADGROUP over every stream. A cluster: the doorbell.
+        self._doorbell = Doorbell(redis) if isinstance(redis, RedisCluster) else None
         self._group_ready = False
         metrics.CONNECTIONS_LIMIT.set(self.lanes.limit)
 
@@ -219,19 +247,26 @@ class MailWorker:
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def ensure_group(self) -> None:
-        """Create the `mailer` group from the stream's start (MKSTREAM) if missing."""
-        try:
-            await self.redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
-            log.info("created consumer group %s on %s", GROUP, STREAM)
-        except ResponseError as error:
-            if "BUSYGROUP" not in str(error):
-                raise
+        """Create the `mailer` group on every partition's stream, from its start
+        (MKSTREAM), where it is missing: one pipelined round."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in STREAMS:
+                pipe.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            replies = await pipe.execute(raise_on_error=False)
+        created = 0
+        for reply in replies:
+            if not isinstance(reply, Exception):
+                created += 1
+            elif "BUSYGROUP" not in str(reply):
+                raise reply
+        if created:
+            log.info("created consumer group %s on %d partition stream(s)", GROUP, created)
 
     async def run(self) -> None:
         s = self.settings
         log.info(
             "mail worker %s starting: SMTP %s:%d tls=%s helo=%s, %d session(s) of up to %d"
-            " mails, group %s on stream %s",
+            " mails, group %s on %d partition streams (%s)",
             self.name,
             s.smtp_host,
             s.smtp_port,
@@ -240,9 +275,12 @@ class MailWorker:
             s.concurrency,
             s.max_per_connection,
             GROUP,
-            STREAM,
+            len(STREAMS),
+            "doorbell and sweep" if self._doorbell is not None else "one blocking read",
         )
         failures = 0
+        if self._doorbell is not None:
+            self._doorbell.start()
         try:
             while not self.stopping:
                 try:
@@ -260,6 +298,8 @@ class MailWorker:
                     log.warning("redis unavailable (%s); retrying in %.1fs", error, delay)
                     await self._sleep(delay)
         finally:
+            if self._doorbell is not None:
+                await self._doorbell.stop()
             if self._in_flight:
                 await asyncio.gather(*self._in_flight, return_exceptions=True)
             await self.lanes.close()
@@ -292,11 +332,41 @@ class MailWorker:
         # After due retries, look for new entries without waiting: more retries may be due.
         block = None if took_retries else self._block_ms()
         count = min(self.settings.batch_size, CHUNK * (self.lanes.free + 1))
-        reply = await self.redis.xreadgroup(
-            GROUP, self.name, {STREAM: ">"}, count=count, block=block
-        )
-        for _stream, entries in reply or ():
-            await self._handle_batch(entries, reclaimed=False)
+        for partition, entries in await self._read_new(count, block):
+            await self._handle_batch(partition, entries, reclaimed=False)
+
+    async def _read_new(self, count: int, block: int | None) -> list[tuple[int, list]]:
+        """New entries, up to ``count`` per stream, as (partition, entries): see the
+        module docstring (6.)."""
+        if self._doorbell is None:
+            reply = await self.redis.xreadgroup(
+                GROUP, self.name, dict.fromkeys(STREAMS, ">"), count=count, block=block
+            )
+            return [(PARTITION_OF_STREAM[stream], entries) for stream, entries in reply or ()]
+        loop = asyncio.get_running_loop()
+        rung = self._doorbell.take()
+        if loop.time() >= self._next_sweep:
+            self._next_sweep = loop.time() + SWEEP_S
+            wanted = list(range(PARTITIONS))
+        elif rung:
+            wanted = sorted(rung)
+        else:
+            if block is not None:
+                wait_s = min(block / 1000, self._next_sweep - loop.time())
+                await self._doorbell.wait(wait_s)
+            return []  # the next pass reads what rang meanwhile
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for partition in wanted:
+                pipe.xreadgroup(GROUP, self.name, {STREAMS[partition]: ">"}, count=count)
+            replies = await pipe.execute()
+        found = []
+        for partition, reply in zip(wanted, replies, strict=True):
+            for _stream, entries in reply or ():
+                if entries:
+                    found.append((partition, entries))
+                    if len(entries) >= count:  # more may follow: no XADD will say so
+                        self._doorbell.ring(partition)
+        return found
 
     # -- health and retention -------------------------------------------------------
 
@@ -345,21 +415,37 @@ class MailWorker:
         names = ("sent", "duplicates", "retries", "throttled", "dead", "ignored", "trimmed")
         return " ".join(f"{name}={self.stats[name]}" for name in names)
 
-    async def trim_events(self) -> tuple[int, str]:
-        """XTRIM events MINID up to the oldest entry any group still needs, and
-        not within EVENTS_RETENTION_SECONDS. Returns (entries removed, MINID)."""
-        cutoff = now_ms() - int(self.settings.events_retention * 1000)
-        trimmed, minid = await self._trim(keys=[STREAM], args=[GROUP, f"{max(cutoff, 0)}-0"])
+    async def trim_events(self) -> int:
+        """Every partition's stream trimmed (``trim_stream``). Returns entries removed."""
+        cutoff = f"{max(now_ms() - int(self.settings.events_retention * 1000), 0)}-0"
+        replies = await self.batch.script_each(
+            "trim_events", [([stream], [GROUP, cutoff]) for stream in STREAMS]
+        )
+        trimmed = sum(int(reply[0]) for reply in replies)
         if trimmed:
             self._count("trimmed", trimmed)
-            log.debug("trimmed %d events entries before %s", trimmed, minid)
+            log.debug("trimmed %d events entries", trimmed)
+        return trimmed
+
+    async def trim_stream(self, partition: int) -> tuple[int, str]:
+        """XTRIM one partition's stream by MINID up to the oldest entry any group still
+        needs, and not within EVENTS_RETENTION_SECONDS. Returns (entries removed, MINID)."""
+        cutoff = now_ms() - int(self.settings.events_retention * 1000)
+        stream = STREAMS[partition]
+        trimmed, minid = await self._trim(keys=[stream], args=[GROUP, f"{max(cutoff, 0)}-0"])
+        if trimmed:
+            self._count("trimmed", trimmed)
+            log.debug("trimmed %d entries of %s before %s", trimmed, stream, minid)
         return trimmed, minid
 
     async def prune_consumers(self) -> int:
         """Delete consumers with nothing pending that have not read for an hour
-        (stopped workers; the default name carries the pid)."""
+        (stopped workers; the default name carries the pid), in every partition's group."""
         idle_ms = int(PRUNE_IDLE_S * 1000)
-        deleted = await self._prune(keys=[STREAM], args=[GROUP, idle_ms, self.name])
+        replies = await self.batch.script_each(
+            "prune_consumers", [([stream], [GROUP, idle_ms, self.name]) for stream in STREAMS]
+        )
+        deleted = sum(int(reply) for reply in replies)
         if deleted:
             log.info("deleted %d idle consumer(s) without pending mail from %s", deleted, GROUP)
         return deleted
@@ -374,74 +460,114 @@ class MailWorker:
 
     async def _due_retries(self) -> int:
         """Send the mails whose retry is due. Returns how many were taken."""
-        # The first one alone first: most passes find nothing due, in one call.
-        first = await self.redis.zrange(keys.MAIL_RETRY, 0, 0, withscores=True)
-        self._next_due_ms = first[0][1] if first else None
-        if self._next_due_ms is None or self._next_due_ms > now_ms():
-            return 0
+        loop_now = asyncio.get_running_loop().time()
+        due_now = self._next_due_ms is not None and self._next_due_ms <= now_ms()
+        if loop_now >= self._next_retry_probe or due_now:
+            # The head of every partition's queue, in one round; most find nothing.
+            self._next_retry_probe = loop_now + RETRY_PROBE_S
+            self._retry_heads = await self.batch.first_retries()
+        self._next_due_ms = min(self._retry_heads.values(), default=None)
+        now = now_ms()
+        due = [p for p, at in self._retry_heads.items() if at <= now]
+        taken = 0
+        for partition in due:
+            if self.stopping:
+                break
+            del self._retry_heads[partition]  # looked at again below, with the rest
+            taken += await self._due_retries_of(partition)
+        if due:
+            self._next_retry_probe = 0.0  # more may be due: look again on the next pass
+        return taken
+
+    async def _due_retries_of(self, partition: int) -> int:
+        retry, stream = keys.mail_retry(partition), STREAMS[partition]
         due = await self.redis.zrangebyscore(
-            keys.MAIL_RETRY, "-inf", now_ms(), start=0, num=self.settings.batch_size
+            retry, "-inf", now_ms(), start=0, num=self.settings.batch_size
         )
         taken, entries = 0, []
         for entry_id in due:
             if self.stopping:
                 break
-            if await self.redis.zrem(keys.MAIL_RETRY, entry_id) == 0:
+            if await self.redis.zrem(retry, entry_id) == 0:
                 continue  # another worker took it
             taken += 1
-            claimed = await self.redis.xclaim(STREAM, GROUP, self.name, 0, [entry_id])
+            claimed = await self.redis.xclaim(stream, GROUP, self.name, 0, [entry_id])
             if claimed and claimed[0][1]:  # else acknowledged meanwhile, or gone
                 entries.append(claimed[0])
-        await self._handle_batch(entries, reclaimed=False)
+        await self._handle_batch(partition, entries, reclaimed=False)
         return taken
+
+    def _retry_scheduled(self, partition: int, due_ms: float) -> None:
+        """Remember a retry this worker queued, so it is looked for when due."""
+        head = self._retry_heads.get(partition)
+        self._retry_heads[partition] = due_ms if head is None else min(head, due_ms)
+        self._next_due_ms = min(self._retry_heads.values())
 
     async def _reclaim_idle(self) -> None:
         """XAUTOCLAIM entries idle past MAIL_CLAIM_IDLE_SECONDS (a crashed or stopped
-        worker's), then handle them, except those still waiting for their retry."""
+        worker's) in every partition's stream, then handle them, except those still
+        waiting for their retry. The first page of every stream in one round."""
         min_idle = int(self.settings.claim_idle * 1000)
-        cursor = "0-0"
+        cursors = {partition: "0-0" for partition in range(PARTITIONS)}
         for _ in range(100):  # bounded; the rest waits for the next round
-            if self.stopping:
+            if self.stopping or not cursors:
                 return
-            reply = await self.redis.xautoclaim(
-                STREAM,
-                GROUP,
-                self.name,
-                min_idle,
-                start_id=cursor,
-                count=self.settings.batch_size,
-            )
-            cursor, entries = reply[0], reply[1]
-            deleted = reply[2] if len(reply) > 2 else []
-            if deleted:
-                log.error(
-                    "pending entries gone from %s (trimmed by someone else?): %s", STREAM, deleted
-                )
-            if entries:
-                await self._handle_batch(entries, reclaimed=True)
-            if cursor == "0-0":
-                return
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for partition, cursor in cursors.items():
+                    pipe.xautoclaim(
+                        STREAMS[partition],
+                        GROUP,
+                        self.name,
+                        min_idle,
+                        start_id=cursor,
+                        count=self.settings.batch_size,
+                    )
+                replies = await pipe.execute()
+            following = {}
+            for partition, reply in zip(list(cursors), replies, strict=True):
+                cursor, entries = reply[0], reply[1]
+                deleted = reply[2] if len(reply) > 2 else []
+                if deleted:
+                    log.error(
+                        "pending entries gone from %s (trimmed by someone else?): %s",
+                        STREAMS[partition],
+                        deleted,
+                    )
+                if entries:
+                    await self._handle_batch(partition, entries, reclaimed=True)
+                if cursor != "0-0":
+                    following[partition] = cursor
+            cursors = following
 
     async def _own_backlog(self) -> None:
         """At start, entries still pending for this worker's name (a restart)."""
-        start = "0"
-        while not self.stopping:
-            reply = await self.redis.xreadgroup(
-                GROUP, self.name, {STREAM: start}, count=self.settings.batch_size
-            )
-            entries = reply[0][1] if reply else []
-            if not entries:
-                return
-            await self._handle_batch(entries, reclaimed=True)
-            start = entries[-1][0]
+        starts = {partition: "0" for partition in range(PARTITIONS)}
+        while starts and not self.stopping:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for partition, start in starts.items():
+                    pipe.xreadgroup(
+                        GROUP,
+                        self.name,
+                        {STREAMS[partition]: start},
+                        count=self.settings.batch_size,
+                    )
+                replies = await pipe.execute()
+            following = {}
+            for partition, reply in zip(list(starts), replies, strict=True):
+                entries = reply[0][1] if reply else []
+                if entries:
+                    await self._handle_batch(partition, entries, reclaimed=True)
+                    following[partition] = entries[-1][0]
+            starts = following
 
-    async def _handle_batch(self, entries: list, *, reclaimed: bool) -> None:
+    async def _handle_batch(self, partition: int, entries: list, *, reclaimed: bool) -> None:
+        """Entries of one partition's stream."""
         others = [
             entry_id for entry_id, f in entries if f and f.get("type") not in MAIL_EVENT_TYPES
         ]
         gone = [entry_id for entry_id, f in entries if not f]
         if others or gone:
-            await self.redis.xack(STREAM, GROUP, *others, *gone)
+            await self.redis.xack(STREAMS[partition], GROUP, *others, *gone)
             self._count("ignored", len(others))
         mails = [
             (entry_id, f) for entry_id, f in entries if f and f.get("type") in MAIL_EVENT_TYPES
@@ -450,12 +576,14 @@ class MailWorker:
             # Spread the mails over the free lanes, at most CHUNK to one: a chunk
             # costs three Redis round trips whatever its size.
             size = min(CHUNK, -(-len(mails) // max(1, self.lanes.free)))
-            if not await self._dispatch(mails[:size], reclaimed=reclaimed):
-                await self._release([entry_id for entry_id, _ in mails])
+            if not await self._dispatch(partition, mails[:size], reclaimed=reclaimed):
+                await self._release(partition, [entry_id for entry_id, _ in mails])
                 return
             mails = mails[size:]
 
-    async def _dispatch(self, chunk: list[tuple[str, dict[str, str]]], *, reclaimed: bool) -> bool:
+    async def _dispatch(
+        self, partition: int, chunk: list[tuple[str, dict[str, str]]], *, reclaimed: bool
+    ) -> bool:
         """Wait for a free lane, then send the chunk's mails on it in a task of its
         own. False when the worker is stopping: the chunk was not taken."""
         if self.stopping:
@@ -464,21 +592,29 @@ class MailWorker:
         if self.stopping:  # told to stop while waiting for the lane
             await self.lanes.release(sender)
             return False
-        task = asyncio.get_running_loop().create_task(self._on_lane(sender, chunk, reclaimed))
+        task = asyncio.get_running_loop().create_task(
+            self._on_lane(sender, partition, chunk, reclaimed)
+        )
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
         return True
 
     async def _on_lane(
-        self, sender: SmtpSender, chunk: list[tuple[str, dict[str, str]]], reclaimed: bool
+        self,
+        sender: SmtpSender,
+        partition: int,
+        chunk: list[tuple[str, dict[str, str]]],
+        reclaimed: bool,
     ) -> None:
         pause = 0.0
         try:
             await self._heartbeat()
             if reclaimed:
-                chunk = [entry for entry in chunk if await self._take_from_retry(entry[0])]
+                chunk = [
+                    entry for entry in chunk if await self._take_from_retry(partition, entry[0])
+                ]
             if chunk:
-                pause = await self.process(chunk, sender)
+                pause = await self.process(partition, chunk, sender)
         except (RedisError, OSError) as error:
             # The entries stay pending; XAUTOCLAIM takes them again after the claim timeout.
             log.warning("redis unavailable while sending %d mail(s): %s", len(chunk), error)
@@ -489,46 +625,63 @@ class MailWorker:
                 await self._sleep(pause)
             await self.lanes.release(sender)
 
-    async def _take_from_retry(self, entry_id: str) -> bool:
-        """A reclaimed entry waiting in mail:retry is left alone until it is due."""
-        score = await self.redis.zscore(keys.MAIL_RETRY, entry_id)
+    async def _take_from_retry(self, partition: int, entry_id: str) -> bool:
+        """A reclaimed entry waiting in its retry queue is left alone until it is due."""
+        retry = keys.mail_retry(partition)
+        score = await self.redis.zscore(retry, entry_id)
         if score is None:
             return True
         if score > now_ms():
             return False
-        return await self.redis.zrem(keys.MAIL_RETRY, entry_id) == 1
+        return await self.redis.zrem(retry, entry_id) == 1
 
-    async def _release(self, entry_ids: list[str]) -> None:
+    async def _release(self, partition: int, entry_ids: list[str]) -> None:
         """On stop: the unsent rest of this batch stays pending but is marked idle
         for a year, so the next XAUTOCLAIM of any worker takes it at once."""
         if entry_ids:
             await self.redis.xclaim(
-                STREAM, GROUP, self.name, 0, entry_ids, idle=RELEASED_IDLE_MS, justid=True
+                STREAMS[partition],
+                GROUP,
+                self.name,
+                0,
+                entry_ids,
+                idle=RELEASED_IDLE_MS,
+                justid=True,
             )
 
     # -- a chunk of mails on one lane -----------------------------------------------
 
-    async def process(self, chunk: list[tuple[str, dict[str, str]]], sender: SmtpSender) -> float:
+    async def process(
+        self, partition: int, chunk: list[tuple[str, dict[str, str]]], sender: SmtpSender
+    ) -> float:
         """Send the chunk's mails one after the other on ``sender``: two Redis round
         trips for the whole chunk before the first send (mail/batch_redis.py), one
         MULTI after each. Returns the seconds the lane backs off (after a
         throttle), else 0."""
         done: list[tuple[str, str, str | None, int]] = []  # redeliveries: one MULTI
         try:
-            ready = await self._prepare(chunk, done)
+            ready = await self._prepare(partition, chunk, done)
         finally:
-            await self.batch.ack_sent(done)
-        return await self._send_all(ready, sender)
+            await self.batch.ack_sent(partition, done)
+        return await self._send_all(partition, ready, sender)
 
-    async def _prepare(self, chunk: list[tuple[str, dict[str, str]]], done: list) -> list[Ready]:
+    async def _prepare(
+        self, partition: int, chunk: list[tuple[str, dict[str, str]]], done: list
+    ) -> list[Ready]:
         """The chunk's data, the hold and the render: the mails to send, in order."""
         valid = []
         for entry_id, fields in chunk:
             order_id = fields.get("order_id", "")
-            if is_valid_id(order_id):
-                valid.append((entry_id, fields, order_id))
+            if not is_valid_id(order_id):
+                await self._bad(partition, entry_id, fields, f"invalid order id {order_id[:64]!r}")
+            elif partition_of(order_id) != partition:
+                # Its mail keys would be in another slot than this stream: never written
+                # by the order scripts, which append to their order's partition.
+                await self._bad(
+                    partition, entry_id, fields, f"order {order_id} is of another partition"
+                )
             else:
-                await self._bad(entry_id, fields, f"invalid order id {order_id[:64]!r}")
+                valid.append((entry_id, fields, order_id))
         if not valid:
             return []
         already, orders = await self.batch.prefetch([order_id for _, _, order_id in valid])
@@ -547,7 +700,7 @@ class MailWorker:
             try:
                 customer_id, lines, total = parse_order(order_id, order)
             except BadEvent as error:
-                await self._bad(entry_id, fields, str(error))
+                await self._bad(partition, entry_id, fields, str(error))
                 continue
             wanted.append((entry_id, fields, order_id, customer_id, lines, total))
         if not wanted:
@@ -558,7 +711,7 @@ class MailWorker:
         # every send ends before MAIL_CLAIM_IDLE_SECONDS / 2 after the hold, so
         # nobody takes an entry over meanwhile (see _send_all for a slow chunk).
         loaded = await self.batch.load_and_hold(
-            [(e, o, c, [p for p, _, _ in lines]) for e, _, o, c, lines, _ in wanted]
+            partition, [(e, o, c, [p for p, _, _ in lines]) for e, _, o, c, lines, _ in wanted]
         )
         held_at = asyncio.get_running_loop().time()
         ready = []
@@ -571,13 +724,16 @@ class MailWorker:
                         "order %s: entry %s was taken over by another worker", order_id, entry_id
                     )
                 continue
-            item = await self._render(entry_id, fields, order_id, customer_id, lines, total, data)
+            item = await self._render(
+                partition, entry_id, fields, order_id, customer_id, lines, total, data
+            )
             if item is not None:
                 ready.append(replace(item, held_at=held_at))
         return ready
 
     async def _render(
         self,
+        partition: int,
         entry_id: str,
         fields: dict[str, str],
         order_id: str,
@@ -616,36 +772,38 @@ class MailWorker:
                     mail, sender=self.from_address, mail_domain=self.settings.mail_domain
                 )
             except BadEvent as error:
-                await self.dead_letter(entry_id, fields, clip(str(error)), attempts=0)
+                await self.dead_letter(partition, entry_id, fields, clip(str(error)), attempts=0)
                 return None
             except (InvalidRecipient, UnsafeMessage) as error:
                 reason = clip(f"invalid recipient: {error}")
-                await self.dead_letter(entry_id, fields, reason, attempts - 1)  # nothing sent
+                await self.dead_letter(partition, entry_id, fields, reason, attempts - 1)
                 return None
             except Exception as error:
                 # A bug, not the server: retry like a 4xx, so that a poison entry ends
                 # in the dead letters after MAIL_MAX_ATTEMPTS instead of looping.
                 log.exception("order %s: unexpected error", order_id)
-                await self._unexpected(entry_id, fields, error)
+                await self._unexpected(partition, entry_id, fields, error)
                 return None
             if attempts > self.settings.max_attempts:  # only after crashes mid-send
-                await self.dead_letter(entry_id, fields, "max attempts reached", attempts - 1)
+                await self.dead_letter(
+                    partition, entry_id, fields, "max attempts reached", attempts - 1
+                )
                 return None
-        return Ready(entry_id, fields, order_id, attempts, rendered, 0.0)
+        return Ready(partition, entry_id, fields, order_id, attempts, rendered, 0.0)
 
-    async def _send_all(self, ready: list[Ready], sender: SmtpSender) -> float:
+    async def _send_all(self, partition: int, ready: list[Ready], sender: SmtpSender) -> float:
         loop = asyncio.get_running_loop()
         renew_after = self.settings.claim_idle / 4
         index = 0
         while index < len(ready):
             item = ready[index]
             if self.stopping:  # the mail in hand is finished; the rest is handed back
-                await self._hand_back(ready[index:], for_takeover=True)
+                await self._hand_back(partition, ready[index:], for_takeover=True)
                 return 0.0
             if loop.time() - item.held_at > renew_after:
                 # Slow sends: the rest is held again before it is sent.
                 rest = ready[index:]
-                renewed = await self.batch.hold([(r.entry_id, r.order_id) for r in rest])
+                renewed = await self.batch.hold(partition, [(r.entry_id, r.order_id) for r in rest])
                 held_at = loop.time()
                 ready[index:] = [
                     replace(r, held_at=held_at)
@@ -660,21 +818,22 @@ class MailWorker:
             if outcome == "throttled":
                 # The relay said "later" on this session: the rest of the chunk goes
                 # back to the retry queue, due now, for a lane that is not backing off.
-                await self._hand_back(ready[index:])
+                await self._hand_back(partition, ready[index:])
                 return sender.throttle_pause
             if outcome == "sent":
                 # Acknowledged before the next send, so a crash re-sends at most the
                 # mail in hand. The lanes' acknowledgements of one event-loop turn
                 # share one write (app/fastredis.py) and one AOF fsync.
                 await self.batch.ack_sent(
-                    [(item.entry_id, item.order_id, item.rendered.message_id, now_ms())]
+                    partition, [(item.entry_id, item.order_id, item.rendered.message_id, now_ms())]
                 )
         return 0.0
 
     async def _send(self, item: Ready, sender: SmtpSender, following: Ready | None) -> str:
         """One mail on the lane's session (``following``: the lane's next mail, whose
         envelope may go out with this content). Returns sent | retry | throttled | dead."""
-        entry_id, fields, order_id, attempts = (
+        partition, entry_id, fields, order_id, attempts = (
+            item.partition,
             item.entry_id,
             item.fields,
             item.order_id,
@@ -701,22 +860,32 @@ class MailWorker:
             failure = classify(error)
             reason = clip(failure.reason)
             if failure.kind == "permanent":
-                await self.dead_letter(entry_id, fields, reason, attempts)
+                await self.dead_letter(partition, entry_id, fields, reason, attempts)
                 return "dead"
             if failure.kind == "throttle":
                 if failure.refused:
                     self.lanes.refused()
                 sender.throttled += 1
                 await self._schedule_retry(
-                    entry_id, order_id, attempts, reason, delay=sender.throttle_pause, refund=True
+                    partition,
+                    entry_id,
+                    order_id,
+                    attempts,
+                    reason,
+                    delay=sender.throttle_pause,
+                    refund=True,
                 )
                 return "throttled"
             if attempts >= self.settings.max_attempts:
                 await self.dead_letter(
-                    entry_id, fields, clip(f"max attempts reached; last: {reason}"), attempts
+                    partition,
+                    entry_id,
+                    fields,
+                    clip(f"max attempts reached; last: {reason}"),
+                    attempts,
                 )
                 return "dead"
-            await self._schedule_retry(entry_id, order_id, attempts, reason)
+            await self._schedule_retry(partition, entry_id, order_id, attempts, reason)
             return "retry"
         sender.throttled = 0
         self.lanes.sent()
@@ -726,38 +895,47 @@ class MailWorker:
         log.info("order %s: confirmation sent (attempt %d)", order_id, attempts)
         return "sent"
 
-    async def _hand_back(self, rest: list[Ready], *, for_takeover: bool = False) -> None:
+    async def _hand_back(
+        self, partition: int, rest: list[Ready], *, for_takeover: bool = False
+    ) -> None:
         """Mails held but not sent, their attempt taken back: due in the retry
         queue now, or (``for_takeover``, a stopping worker) left pending but idle
         for a year, so the next XAUTOCLAIM of any worker takes them at once."""
         if not rest:
             return
+        due = now_ms()
         async with self.redis.pipeline(transaction=True) as pipe:
             if not for_takeover:
-                pipe.zadd(keys.MAIL_RETRY, {r.entry_id: now_ms() for r in rest})
+                pipe.zadd(keys.mail_retry(partition), {r.entry_id: due for r in rest})
             for r in rest:
                 pipe.decr(keys.mail_attempts(r.order_id))
             await pipe.execute()
         if for_takeover:
-            await self._release([r.entry_id for r in rest])
+            await self._release(partition, [r.entry_id for r in rest])
+        else:
+            self._retry_scheduled(partition, due)
 
-    async def _unexpected(self, entry_id: str, fields: dict[str, str], error: Exception) -> str:
+    async def _unexpected(
+        self, partition: int, entry_id: str, fields: dict[str, str], error: Exception
+    ) -> str:
         order_id = fields.get("order_id", "")
         reason = clip(f"internal error: {type(error).__name__}: {error}")
-        if not is_valid_id(order_id):
-            await self.dead_letter(entry_id, fields, reason, attempts=0)
+        if not is_valid_id(order_id) or partition_of(order_id) != partition:
+            await self.dead_letter(partition, entry_id, fields, reason, attempts=0)
             return "dead"
         attempts = await self.redis.incr(keys.mail_attempts(order_id))
         await self.redis.expire(keys.mail_attempts(order_id), ATTEMPTS_TTL_S)
         if attempts >= self.settings.max_attempts:
-            await self.dead_letter(entry_id, fields, reason, attempts)
+            await self.dead_letter(partition, entry_id, fields, reason, attempts)
             return "dead"
-        await self._schedule_retry(entry_id, order_id, attempts, reason)
+        await self._schedule_retry(partition, entry_id, order_id, attempts, reason)
         return "retry"
 
-    async def _bad(self, entry_id: str, fields: dict[str, str], reason: str) -> None:
+    async def _bad(
+        self, partition: int, entry_id: str, fields: dict[str, str], reason: str
+    ) -> None:
         with request_context(fields):
-            await self.dead_letter(entry_id, fields, clip(reason), attempts=0)
+            await self.dead_letter(partition, entry_id, fields, clip(reason), attempts=0)
 
     def backoff(self, attempts: int) -> float:
         """Seconds before attempt ``attempts + 1``: exponential, capped, with jitter
@@ -768,6 +946,7 @@ class MailWorker:
 
     async def _schedule_retry(
         self,
+        partition: int,
         entry_id: str,
         order_id: str,
         attempts: int,
@@ -776,15 +955,17 @@ class MailWorker:
         delay: float | None = None,
         refund: bool = False,
     ) -> None:
-        """ZADD the entry to mail:retry. ``refund``: a throttle, whose attempt is
-        taken back, so that a relay saying "later" never ends in a dead letter."""
+        """ZADD the entry to its partition's retry queue. ``refund``: a throttle, whose
+        attempt is taken back, so that a relay saying "later" never ends in a dead letter."""
         if delay is None:
             delay = self.backoff(attempts)
+        due = now_ms() + int(delay * 1000)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.zadd(keys.MAIL_RETRY, {entry_id: now_ms() + int(delay * 1000)})
+            pipe.zadd(keys.mail_retry(partition), {entry_id: due})
             if refund:
                 pipe.decr(keys.mail_attempts(order_id))
             await pipe.execute()
+        self._retry_scheduled(partition, due)
         self._count("retries")
         if refund:
             self._count("throttled")
@@ -798,9 +979,10 @@ class MailWorker:
         )
 
     async def dead_letter(
-        self, entry_id: str, fields: dict[str, str], reason: str, attempts: int
+        self, partition: int, entry_id: str, fields: dict[str, str], reason: str, attempts: int
     ) -> None:
-        """XADD mail:dead and XACK the entry in one MULTI: never one without the other."""
+        """XADD the partition's dead letters and XACK the entry in one MULTI: never one
+        without the other. The attempt counter goes too, when it is this partition's."""
         order_id = fields.get("order_id", "")
         letter = {
             "order_id": order_id[:64],
@@ -812,10 +994,10 @@ class MailWorker:
             "at": str(now_ms()),
         }
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(keys.MAIL_DEAD, letter)
-            pipe.xack(STREAM, GROUP, entry_id)
-            pipe.zrem(keys.MAIL_RETRY, entry_id)
-            if is_valid_id(order_id):
+            pipe.xadd(keys.mail_dead(partition), letter)
+            pipe.xack(STREAMS[partition], GROUP, entry_id)
+            pipe.zrem(keys.mail_retry(partition), entry_id)
+            if is_valid_id(order_id) and partition_of(order_id) == partition:
                 pipe.delete(keys.mail_attempts(order_id))
             await pipe.execute()
         self._count("dead")

@@ -96,6 +96,16 @@ async def orders_stored(redis: Redis) -> int:
         return sum(await pipe.execute())
 
 
+async def all_events(redis: Redis) -> list[tuple[Any, dict[Any, Any]]]:
+    """Every partition's events stream, partition after partition (app/keys.py: events):
+    in order within a partition, which is all the order there is."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for partition in range(PARTITIONS):
+            pipe.xrange(keys.events(partition))
+        streams = await pipe.execute()
+    return [entry for entries in streams for entry in entries]
+
+
 async def snapshot(redis: Redis) -> dict[bytes, bytes]:
     """Every key's DUMP: the same before and after a refused call means it changed nothing."""
     return {key: await redis.dump(key) for key in sorted(await redis.keys("*"))}

@@ -41,7 +41,7 @@ from aiosmtpd.smtp import SMTP
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from app import keys
+from app import keys, partitions
 from app.ids import new_id
 from app.ops.instances import ROOT, mail_argv
 from loadtests.support.mail_sink import MailSink, running_sink
@@ -447,6 +447,9 @@ def mail_processes(
 
 # Orders as the order scripts leave them, for the mail tests to send.
 DOMAIN = "phoneshop.test"
+# The partition seeded orders live in unless a test spreads them: its streams and mail
+# keys (app/keys.py) are the ones the tests look at.
+PARTITION = 5
 
 
 @dataclass
@@ -475,9 +478,12 @@ async def seed_order(
     lines: tuple[tuple[str, int, int], ...] = (("Pixel 9", 1, 79_900),),
     status: str = "completed",
     balance_cents: int = 12_345,
+    partition: int | None = None,
 ) -> SeededOrder:
-    """Write the hashes an order's scripts would have written (app/keys.py)."""
-    order_id, customer_id = new_id(), new_id()
+    """Write the hashes an order's scripts would have written (app/keys.py): the order
+    and its customer in ``partition`` (PARTITION unless told), as the app mints them."""
+    partition = PARTITION if partition is None else partition
+    order_id, customer_id = partitions.new_id(partition), partitions.new_id(partition)
     email = email if email is not None else f"customer{next(_emails)}@example.test"
     seeded = []
     for phone_name, quantity, price in lines:
@@ -525,15 +531,18 @@ def event_fields(event_type: str, order: SeededOrder) -> dict[str, str]:
 
 
 async def group_idle(redis: Redis) -> bool:
-    """The mailer group has been given every entry and has none pending."""
-    try:
-        stream = await redis.xinfo_stream(keys.EVENTS)
-        groups = await redis.xinfo_groups(keys.EVENTS)
-    except ResponseError:  # no stream yet
-        return False
-    for group in groups:
-        if group["name"] == keys.MAIL_GROUP:
-            return (
-                group["pending"] == 0 and group["last-delivered-id"] == stream["last-generated-id"]
-            )
-    return False
+    """Every partition's mailer group has been given every entry and has none pending."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for partition in range(partitions.PARTITIONS):
+            pipe.xinfo_stream(keys.events(partition))
+            pipe.xinfo_groups(keys.events(partition))
+        replies = await pipe.execute(raise_on_error=False)
+    for stream, groups in zip(replies[0::2], replies[1::2], strict=True):
+        if isinstance(stream, ResponseError):  # no stream yet: the worker did not start
+            return False
+        mailer = [g for g in groups if g["name"] == keys.MAIL_GROUP]
+        if not mailer or mailer[0]["pending"] != 0:
+            return False
+        if mailer[0]["last-delivered-id"] != stream["last-generated-id"]:
+            return False
+    return True

@@ -29,9 +29,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from app import keys
 from app.ops.instances import mail_argv, mail_sink_argv
 from app.ops.poll import wait_until_async
+from app.partitions import PARTITIONS, partition_of
 from loadtests.support.servers import clean_env, free_port, stop_process, wait_for_port
 from loadtests.support.stack import FullStack, start_full_stack
-from tests.helpers import orders_stored
+from tests.helpers import all_events, orders_stored
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=15)
@@ -282,7 +283,7 @@ async def check_books(session: aiohttp.ClientSession, stack: FullStack, storm: S
 async def placed_events(redis_url: str) -> set[str]:
     redis = Redis.from_url(redis_url, decode_responses=True)
     try:
-        entries = await redis.xrange(keys.EVENTS)
+        entries = await all_events(redis)
         return {f["order_id"] for _, f in entries if f["type"] == "order.placed"}
     finally:
         await redis.aclose()
@@ -411,15 +412,18 @@ async def test_mail_worker_kill_and_smtp_outage_end_in_mail_or_dead_letter(
         async def settled() -> bool:
             for order_id in completed:
                 if not await redis.exists(keys.mail_sent(order_id)):
-                    dead = await redis.xrange(keys.MAIL_DEAD)
+                    dead = await redis.xrange(keys.mail_dead(partition_of(order_id)))
                     if order_id not in {f["order_id"] for _, f in dead}:
                         return False
-            groups = await redis.xinfo_groups(keys.EVENTS)
-            return all(g["pending"] == 0 for g in groups if g["name"] == keys.MAIL_GROUP)
+            for partition in range(PARTITIONS):
+                groups = await redis.xinfo_groups(keys.events(partition))
+                if any(g["pending"] for g in groups if g["name"] == keys.MAIL_GROUP):
+                    return False
+            return True
 
         await wait_until_async(settled, "no mail pending", 90, interval=0.2)
         sent = [o for o in completed if await redis.exists(keys.mail_sent(o))]
-        dead = await redis.xlen(keys.MAIL_DEAD)
+        dead = sum([await redis.xlen(keys.mail_dead(p)) for p in range(PARTITIONS)])
     finally:
         await redis.aclose()
     ours = {f"<order-{o}@phoneshop.localhost>" for o in completed}

@@ -27,9 +27,11 @@ from redis.asyncio import Redis
 
 from app import appkeys, keys
 from app.events.sockets import CloseCode, EventsConfig
-from app.events.stream import StreamId
+from app.events.stream import ZERO, StreamId, parse_last_id
 from app.main import create_app
 from app.ops.poll import wait_until_async
+from app.partitions import PARTITIONS, partition_of
+from app.vocabulary import PartitionEntryId
 from loadtests.support.servers import RedisServer, free_port
 from loadtests.support.stack import FullStack
 from nginx.render import NginxConfig, render
@@ -112,19 +114,31 @@ async def place(shop: Shop, auth: dict[str, str], phone_id: str, **extra: Any) -
 
 
 async def stream_truth(redis: Redis, after: str, customer_id: str | None) -> list[str]:
-    """Ids of the order events the stream holds after ``after`` (for one customer)."""
-    entries = await redis.xrange(keys.EVENTS, min=f"({after}", max="+")
-    return [
-        entry_id.decode()
-        for entry_id, fields in entries
-        if fields[b"type"].decode() in ORDER_TYPES
-        and (customer_id is None or fields[b"customer_id"].decode() == customer_id)
-    ]
+    """Ids of the order events the streams hold after the resume point ``after``: one
+    customer's (in its partition's stream), or everyone's, partition by partition."""
+    resume = parse_last_id(after)
+    assert resume is not None, after
+    seen = [partition_of(customer_id)] if customer_id is not None else range(PARTITIONS)
+    ids = []
+    for partition in seen:
+        start = resume if isinstance(resume, StreamId) else resume.get(partition, ZERO)
+        entries = await redis.xrange(keys.events(partition), min=f"({start}", max="+")
+        ids += [
+            f"{partition}.{entry_id.decode()}"
+            for entry_id, fields in entries
+            if fields[b"type"].decode() in ORDER_TYPES
+            and (customer_id is None or fields[b"customer_id"].decode() == customer_id)
+        ]
+    return ids
 
 
 def assert_strictly_increasing(ids: list[str]) -> None:
-    parsed = [StreamId.parse(i) for i in ids]
-    assert all(a < b for a, b in itertools.pairwise(parsed)), ids
+    """Within each partition: events of different partitions have no order among them."""
+    parsed = [PartitionEntryId.parse(i) for i in ids]
+    assert None not in parsed, ids
+    for partition in {p.partition for p in parsed if p is not None}:
+        mine = [p.entry for p in parsed if p is not None and p.partition == partition]
+        assert all(a < b for a, b in itertools.pairwise(mine)), ids
 
 
 # ---- in-process: the protocol ----------------------------------------------------------
@@ -157,11 +171,16 @@ async def test_customer_sees_only_own_events_and_admin_sees_all(shop: Shop) -> N
         ("order.cancelled", "cancelled"),
     ]
     await admin.wait_order(later_a, "completed")
-    assert [e["order_id"] for e in admin.events] == [
+    # In order within each partition (a's and b's may differ: no order between them).
+    assert [e["order_id"] for e in admin.events if e["customer_id"] == a["id"]] == [
         *(order_a, order_a),
-        *(order_b, order_b),
         *(later_a, later_a),
     ]
+    assert [e["order_id"] for e in admin.events if e["customer_id"] == b["id"]] == [
+        order_b,
+        order_b,
+    ]
+    assert {e["id"].split(".")[0] for e in listen_a.events} == {str(partition_of(a["id"]))}
     event = listen_a.events[0]
     assert set(event) == {"type", "id", "order_id", "customer_id", "status", "request_id", "at"}
     assert (event["type"], event["status"]) == ("order.placed", "open")
@@ -241,7 +260,7 @@ async def test_the_hub_reads_nothing_while_no_socket_listens_and_resumes_without
     for _ in range(3):
         await place(shop, auth, phone["id"])
     assert await xreads() == start
-    assert hub.position is None and not await blocked_in_xread()
+    assert hub.positions == {} and not await blocked_in_xread()
 
     first = await listen(shop.client, "/orders/events", auth)
     seen = await place(shop, auth, phone["id"])
@@ -309,7 +328,8 @@ async def test_resync_when_last_id_is_older_than_the_trimmed_stream(
     shop: Shop, redis: Redis
 ) -> None:
     phone = await shop.phone()
-    _, auth = await shop.customer()
+    customer, auth = await shop.customer()
+    stream = keys.events(partition_of(customer["id"]))
     first = await listen(shop.client, "/orders/events", auth)
     old = await place(shop, auth, phone["id"])
     await first.wait_order(old, "completed")
@@ -318,15 +338,15 @@ async def test_resync_when_last_id_is_older_than_the_trimmed_stream(
     kept = await place(shop, auth, phone["id"])
     # Trim everything up to and including `old`'s completed event: an entry
     # after stale_id is gone.
-    newest_kept = (await redis.xrange(keys.EVENTS, min="-", max="+"))[-2][0]
-    assert await redis.xtrim(keys.EVENTS, minid=newest_kept, approximate=False) > 0
+    newest_kept = (await redis.xrange(stream, min="-", max="+"))[-2][0]
+    assert await redis.xtrim(stream, minid=newest_kept, approximate=False) > 0
 
     resumed = await listen(shop.client, f"/orders/events?last_id={stale_id}", auth)
     resync = resumed.messages[0]
     assert resync["type"] == "resync"
     assert resync["reason"] == "trimmed"
     assert resync["last_id"] == stale_id
-    assert resync["first_id"] == newest_kept.decode()
+    assert resync["first_id"] == f"{partition_of(customer['id'])}.{newest_kept.decode()}"
     assert "GET /orders" in resync["detail"]
     # Then what the stream still holds, then live.
     assert [e["order_id"] for e in resumed.events] == [kept, kept]
@@ -385,9 +405,10 @@ async def test_resync_when_entries_were_trimmed_while_the_reader_was_cut_off(
         await redis.client_kill_filter(_id=reader_id)
         lost = {**FLOOD_EVENT, "customer_id": customer["id"], "order_id": "L" * 22}
         kept = {**FLOOD_EVENT, "customer_id": customer["id"], "order_id": "K" * 22}
-        await redis.xadd(keys.EVENTS, lost)
-        kept_id = await redis.xadd(keys.EVENTS, kept)
-        await redis.xtrim(keys.EVENTS, minid=kept_id, approximate=False)
+        stream = keys.events(partition_of(customer["id"]))
+        await redis.xadd(stream, lost)
+        kept_id = await redis.xadd(stream, kept)
+        await redis.xtrim(stream, minid=kept_id, approximate=False)
     finally:
         await redis.config_set("requirepass", "")
 
@@ -420,7 +441,7 @@ async def test_slow_consumer_is_closed_while_another_client_keeps_receiving(
         assert produced < 400_000, "the slow client was never closed"
         async with redis.pipeline(transaction=False) as pipe:
             for _ in range(batch):
-                pipe.xadd(keys.EVENTS, FLOOD_EVENT)
+                pipe.xadd(keys.events(0), FLOOD_EVENT)
             await pipe.execute()
         produced += batch
         # The healthy client keeps up: wait for it before producing more.
@@ -455,10 +476,12 @@ async def test_a_resume_from_far_back_reads_a_bounded_part_of_the_stream(
     hub.config = dataclasses.replace(hub.config, replay_page=100, replay_max_entries=1000)
     phone = await shop.phone()
     customer, auth = await shop.customer()
+    partition = partition_of(customer["id"])
+    stream = keys.events(partition)
     early = await place(shop, auth, phone["id"])  # the 2 first entries of the stream
     async with redis.pipeline(transaction=False) as pipe:
         for _ in range(5000):
-            pipe.xadd(keys.EVENTS, FLOOD_EVENT)  # someone else's
+            pipe.xadd(stream, FLOOD_EVENT)  # someone else's, in the customer's partition
         await pipe.execute()
 
     async def xrange_calls() -> int:
@@ -474,12 +497,13 @@ async def test_a_resume_from_far_back_reads_a_bounded_part_of_the_stream(
     assert {e["order_id"] for e in resumed.events} == {early}
     resync = resumed.messages[2]
     assert resync["reason"] == "replay_limit"
-    thousandth = (await redis.xrange(keys.EVENTS, min="-", max="+", count=1000))[-1][0]
-    assert resync["last_id"] == thousandth.decode()  # where the replay stopped reading
+    thousandth = (await redis.xrange(stream, min="-", max="+", count=1000))[-1][0]
+    assert resync["last_id"] == f"{partition}.{thousandth.decode()}"  # where it stopped reading
     assert "GET /orders" in resync["detail"]
     live = resumed.messages[3]
     assert live["replayed"] == 2
-    assert live["last_id"] == (await redis.xinfo_stream(keys.EVENTS))["last-generated-id"].decode()
+    end = (await redis.xinfo_stream(stream))["last-generated-id"].decode()
+    assert live["last_id"] == f"{partition}.{end}"
 
     later = await place(shop, auth, phone["id"])
     await resumed.wait_order(later, "completed")
@@ -517,7 +541,11 @@ async def test_unauthenticated_upgrade_is_refused_with_401(client: TestClient) -
 
 
 async def test_bad_last_id_and_plain_get_are_refused_before_upgrading(client: TestClient) -> None:
-    for last_id in ("abc", "1-2-3", "-1-0", "1", "99999999999999999999999-0", "1-0;x"):
+    for last_id in (
+        *("abc", "1-2-3", "-1-0", "1", "99999999999999999999999-0", "1-0;x"),
+        # per partition: no partition 128, each partition once, nothing empty
+        *("128.1-0", "1.1-0,1.2-0", "1.", ".1-0", "1.1-0,", "0001.1-0"),
+    ):
         response = await client.get(
             "/orders/events", params={"last_id": last_id}, headers={**UPGRADE, **ADMIN}
         )

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 from redis import Redis
 
+from app import keys
 from loadtests import shapes, verify
 from loadtests.__main__ import locust_command
 from loadtests.support.stack import FullStack
@@ -131,10 +132,10 @@ def test_mail_check_finds_sent_and_missing_mails(full_stack: FullStack) -> None:
     mailed, unmailed = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
     client = Redis.from_url(full_stack.redis.url)
     try:
-        client.set(f"mail:sent:{mailed}", "{}", ex=60)
+        client.set(keys.mail_sent(mailed), "{}", ex=60)
         result = asyncio.run(verify.check_mail(full_stack.redis.url, [mailed, unmailed], 0))
     finally:
-        client.delete(f"mail:sent:{mailed}")
+        client.delete(keys.mail_sent(mailed))
         client.close()
     assert result["mailed"] == 1
     assert result["without_mail"] == 1

@@ -24,13 +24,13 @@ from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 import mail.worker
-from app import keys
+from app import keys, partitions
 from app.admin.mail import list_dead_letters, requeue_dead_letter
 from app.fastredis import MultiplexedRedis
-from app.ids import new_id
 from app.mail_backlog import count_after, read_mail_backlog
 from app.ops.instances import mail_argv
 from app.ops.poll import wait_until_async
+from app.partitions import new_id, partition_of
 from app.settings import SettingsError
 from loadtests.support.mail_sink import MailSink
 from loadtests.support.servers import free_port, running_redis
@@ -42,6 +42,7 @@ from tests.mail_fixtures import (
     BOTH_WAYS,
     DOMAIN,
     DROP,
+    PARTITION,
     ROOT,
     ProcessPool,
     SeededOrder,
@@ -55,7 +56,10 @@ from tests.mail_fixtures import (
 
 
 async def add_event(redis: Redis, event_type: str, order: SeededOrder) -> str:
-    return await redis.xadd(keys.EVENTS, event_fields(event_type, order))
+    """Appended to the order's partition's stream, as the order scripts do."""
+    return await redis.xadd(
+        keys.events(partition_of(order.order_id)), event_fields(event_type, order)
+    )
 
 
 async def is_sent(redis: Redis, order: SeededOrder) -> bool:
@@ -67,11 +71,11 @@ async def all_sent(redis: Redis, orders: list[SeededOrder]) -> bool:
 
 
 async def dead_letters(redis: Redis) -> list[tuple[str, dict[str, str]]]:
-    return await redis.xrange(keys.MAIL_DEAD)
+    return await redis.xrange(keys.mail_dead(PARTITION))
 
 
 async def stream_length_is(redis: Redis, length: int) -> bool:
-    return await redis.xlen(keys.EVENTS) == length
+    return await redis.xlen(keys.events(PARTITION)) == length
 
 
 def stream_id(value: str) -> tuple[int, int]:
@@ -173,7 +177,7 @@ async def test_451_k_times_then_accepted_is_delivered_once_without_blocking_othe
     assert smtp_server.data_commands == k + 2
     assert worker.stats["retries"] == k
     assert await dead_letters(mail_redis) == []
-    assert await mail_redis.zcard(keys.MAIL_RETRY) == 0
+    assert await mail_redis.zcard(keys.mail_retry(PARTITION)) == 0
     assert not await mail_redis.exists(keys.mail_attempts(first.order_id))
 
 
@@ -195,6 +199,33 @@ async def test_connection_dropped_after_data_is_delivered_with_one_message_id(
     assert await dead_letters(mail_redis) == []
 
 
+async def test_orders_of_many_partitions_are_mailed_once_each_with_their_own_keys(
+    mail_redis: Redis, smtp_server: SmtpServer, mail_workers: WorkerPool
+) -> None:
+    """One consumer group per partition stream: orders of the first, the last and
+    partitions between are each mailed once; their markers and dead letters are in
+    their own partition; an entry in a stream other than its order's partition's
+    (never written by the order scripts) is dead-lettered, not sent."""
+    spread = (0, 1, PARTITION, 63, 127)
+    orders = [await seed_order(mail_redis, partition=p) for p in spread]
+    await mail_workers.start()
+    for order in orders:
+        await add_event(mail_redis, "order.completed", order)
+    stray = await seed_order(mail_redis, partition=9)
+    await mail_redis.xadd(keys.events(10), event_fields("order.completed", stray))
+    await wait_until_async(lambda: all_sent(mail_redis, orders))
+    await wait_until_async(lambda: group_idle(mail_redis))
+    assert sorted(smtp_server.message_ids()) == sorted(o.message_id for o in orders)
+    for order, partition in zip(orders, spread, strict=True):
+        assert (
+            keys.mail_sent(order.order_id) == f"ms{{{partitions.tag(partition)}}}{order.order_id}"
+        )
+    [(_, letter)] = await mail_redis.xrange(keys.mail_dead(10))
+    assert letter["order_id"] == stray.order_id
+    assert letter["reason"] == f"order {stray.order_id} is of another partition"
+    assert not await is_sent(mail_redis, stray)
+
+
 async def test_550_is_dead_lettered_after_one_attempt_and_requeueable(
     mail_redis: Redis, smtp_server: SmtpServer, mail_workers: WorkerPool
 ) -> None:
@@ -202,7 +233,7 @@ async def test_550_is_dead_lettered_after_one_attempt_and_requeueable(
     order = await seed_order(mail_redis)
     entry_id = await add_event(mail_redis, "order.completed", order)
     worker = await mail_workers.start()
-    await wait_until_async(lambda: mail_redis.xlen(keys.MAIL_DEAD))
+    await wait_until_async(lambda: mail_redis.xlen(keys.mail_dead(PARTITION)))
 
     [(dead_id, letter)] = await dead_letters(mail_redis)
     assert letter["order_id"] == order.order_id
@@ -216,17 +247,18 @@ async def test_550_is_dead_lettered_after_one_attempt_and_requeueable(
     await wait_until_async(lambda: is_sent(mail_redis, later))
     await wait_until_async(lambda: group_idle(mail_redis))
     assert smtp_server.data_commands == 2
-    assert await mail_redis.zcard(keys.MAIL_RETRY) == 0
+    assert await mail_redis.zcard(keys.mail_retry(PARTITION)) == 0
     assert not await is_sent(mail_redis, order)
     assert worker.stats["dead"] == 1 and worker.stats["retries"] == 0
 
     total, listed = await list_dead_letters(mail_redis)
+    dead_id = f"{PARTITION}.{dead_id}"  # the admin's dead-letter ids name their partition
     assert total == 1 and [d.id for d in listed] == [dead_id]
     requeued = await requeue_dead_letter(mail_redis, dead_id)
     assert requeued is not None and requeued.order_id == order.order_id
     await wait_until_async(lambda: is_sent(mail_redis, order))
     assert smtp_server.message_ids() == [later.message_id, order.message_id]
-    assert await mail_redis.xlen(keys.MAIL_DEAD) == 0
+    assert await mail_redis.xlen(keys.mail_dead(PARTITION)) == 0
     assert await requeue_dead_letter(mail_redis, dead_id) is None  # already requeued
 
 
@@ -236,7 +268,7 @@ async def test_max_attempts_dead_letters_and_bad_events_do_not_stop_the_worker(
     smtp_server.answer(*["450 4.2.0 Mailbox temporarily unavailable"] * 3)
     flaky = await seed_order(mail_redis)
     await add_event(mail_redis, "order.completed", flaky)
-    ghost = SeededOrder(new_id(), new_id(), "", [], 0, 0)  # no order hash behind it
+    ghost = SeededOrder(new_id(PARTITION), new_id(PARTITION), "", [], 0, 0)  # no order hash
     await add_event(mail_redis, "order.completed", ghost)
     await mail_workers.start(max_attempts=3)
     await wait_until_async(lambda: group_idle(mail_redis))
@@ -330,7 +362,7 @@ async def test_worker_killed_mid_batch_another_delivers_everything(
     victim.kill()
     await asyncio.to_thread(victim.wait, 30)
     assert len(smtp_server.received) < len(orders), "the batch must have been cut short"
-    pending = await mail_redis.xpending(keys.EVENTS, keys.MAIL_GROUP)
+    pending = await mail_redis.xpending(keys.events(PARTITION), keys.MAIL_GROUP)
     assert pending["pending"] > 0
     assert [c["name"] for c in pending["consumers"]] == ["victim"]
 
@@ -358,7 +390,7 @@ async def test_two_workers_in_parallel_send_no_duplicates(
     await wait_until_async(lambda: group_idle(mail_redis))
     ids = smtp_server.message_ids()
     assert sorted(ids) == sorted(o.message_id for o in orders)
-    consumers = await mail_redis.xinfo_consumers(keys.EVENTS, keys.MAIL_GROUP)
+    consumers = await mail_redis.xinfo_consumers(keys.events(PARTITION), keys.MAIL_GROUP)
     assert {c["name"] for c in consumers} == {"left", "right"}
 
 
@@ -388,7 +420,7 @@ async def test_sigterm_finishes_the_mail_in_hand_then_exits(
     orders = [await seed_order(mail_redis) for _ in range(5)]
     async with mail_redis.pipeline(transaction=True) as pipe:  # one batch for the worker
         for order in orders:
-            pipe.xadd(keys.EVENTS, event_fields("order.completed", order))
+            pipe.xadd(keys.events(PARTITION), event_fields("order.completed", order))
         await pipe.execute()
     await wait_until_async(lambda: smtp_server.handler.in_data.is_set(), what="a mail in hand")
     proc.send_signal(signal.SIGTERM)
@@ -402,7 +434,7 @@ async def test_sigterm_finishes_the_mail_in_hand_then_exits(
     assert await is_sent(mail_redis, orders[0])
     # Those read with it stay pending, handed back for takeover (idle past any
     # claim timeout); the rest was never read.
-    held = await mail_redis.xpending_range(keys.EVENTS, keys.MAIL_GROUP, "-", "+", 10)
+    held = await mail_redis.xpending_range(keys.events(PARTITION), keys.MAIL_GROUP, "-", "+", 10)
     assert held, "the worker reads ahead of its one lane"
     assert all(entry["time_since_delivered"] > 86400_000 for entry in held)
     assert not await mail_redis.exists(alive)
@@ -485,26 +517,31 @@ async def test_trim_stops_at_the_oldest_entry_any_group_still_needs(
 ) -> None:
     worker = MailWorker(replace(mail_settings, events_retention=0.0), mail_redis)
     await worker.ensure_group()
-    ids = [await mail_redis.xadd(keys.EVENTS, {"type": "order.placed"}) for _ in range(10)]
-    await mail_redis.xreadgroup(keys.MAIL_GROUP, "c1", {keys.EVENTS: ">"}, count=6)
-    await mail_redis.xack(keys.EVENTS, keys.MAIL_GROUP, ids[0], ids[1], ids[3], ids[4], ids[5])
+    ids = [
+        await mail_redis.xadd(keys.events(PARTITION), {"type": "order.placed"}) for _ in range(10)
+    ]
+    await mail_redis.xreadgroup(keys.MAIL_GROUP, "c1", {keys.events(PARTITION): ">"}, count=6)
+    await mail_redis.xack(
+        keys.events(PARTITION), keys.MAIL_GROUP, ids[0], ids[1], ids[3], ids[4], ids[5]
+    )
 
-    assert (await worker.trim_events())[1] == ids[2]  # the oldest pending
-    assert [i for i, _ in await mail_redis.xrange(keys.EVENTS)] == ids[2:]
+    assert (await worker.trim_stream(PARTITION))[1] == ids[2]  # the oldest pending
+    assert [i for i, _ in await mail_redis.xrange(keys.events(PARTITION))] == ids[2:]
 
-    await mail_redis.xack(keys.EVENTS, keys.MAIL_GROUP, ids[2])
-    await mail_redis.xgroup_create(keys.EVENTS, "laggard", id=ids[3])
-    assert (await worker.trim_events())[1] == ids[3]  # another group's position
-    await mail_redis.xgroup_destroy(keys.EVENTS, "laggard")
-    assert (await worker.trim_events())[1] == ids[5]  # last delivered; the rest is unread
-    assert [i for i, _ in await mail_redis.xrange(keys.EVENTS)] == ids[5:]
+    await mail_redis.xack(keys.events(PARTITION), keys.MAIL_GROUP, ids[2])
+    await mail_redis.xgroup_create(keys.events(PARTITION), "laggard", id=ids[3])
+    assert (await worker.trim_stream(PARTITION))[1] == ids[3]  # another group's position
+    await mail_redis.xgroup_destroy(keys.events(PARTITION), "laggard")
+    assert (await worker.trim_stream(PARTITION))[1] == ids[5]  # last delivered; the rest unread
+    assert [i for i, _ in await mail_redis.xrange(keys.events(PARTITION))] == ids[5:]
 
     keeper = MailWorker(mail_settings, mail_redis)  # retention one hour
-    await mail_redis.xreadgroup(keys.MAIL_GROUP, "c1", {keys.EVENTS: ">"})
-    await mail_redis.xack(keys.EVENTS, keys.MAIL_GROUP, *ids[6:])
-    assert (await keeper.trim_events())[0] == 0
-    await mail_redis.xgroup_destroy(keys.EVENTS, keys.MAIL_GROUP)
-    assert await worker.trim_events() == (0, "")  # no mailer group: never trim
+    await mail_redis.xreadgroup(keys.MAIL_GROUP, "c1", {keys.events(PARTITION): ">"})
+    await mail_redis.xack(keys.events(PARTITION), keys.MAIL_GROUP, *ids[6:])
+    assert await keeper.trim_events() == 0
+    await keeper.batch.aclose()  # its multiplexed connection, which trim_events opened
+    await mail_redis.xgroup_destroy(keys.events(PARTITION), keys.MAIL_GROUP)
+    assert await worker.trim_stream(PARTITION) == (0, "")  # no mailer group: never trim
 
 
 async def test_idle_consumers_without_pending_mail_are_pruned(
@@ -513,12 +550,13 @@ async def test_idle_consumers_without_pending_mail_are_pruned(
     monkeypatch.setattr(mail.worker, "PRUNE_IDLE_S", 0.0)
     worker = MailWorker(mail_settings, mail_redis)
     await worker.ensure_group()
-    await mail_redis.xadd(keys.EVENTS, {"type": "order.placed"})
-    await mail_redis.xreadgroup(keys.MAIL_GROUP, "holder", {keys.EVENTS: ">"})
+    await mail_redis.xadd(keys.events(PARTITION), {"type": "order.placed"})
+    await mail_redis.xreadgroup(keys.MAIL_GROUP, "holder", {keys.events(PARTITION): ">"})
     for name in ("gone", mail_settings.worker_name):
-        await mail_redis.xgroup_createconsumer(keys.EVENTS, keys.MAIL_GROUP, name)
+        await mail_redis.xgroup_createconsumer(keys.events(PARTITION), keys.MAIL_GROUP, name)
     assert await worker.prune_consumers() == 1
-    consumers = await mail_redis.xinfo_consumers(keys.EVENTS, keys.MAIL_GROUP)
+    await worker.batch.aclose()  # its multiplexed connection, which prune_consumers opened
+    consumers = await mail_redis.xinfo_consumers(keys.events(PARTITION), keys.MAIL_GROUP)
     assert sorted(c["name"] for c in consumers) == sorted(["holder", mail_settings.worker_name])
 
 
@@ -541,7 +579,7 @@ async def test_retention_never_trims_unsent_mail_while_the_worker_was_stopped(
     for order in late:
         await add_event(mail_redis, "order.placed", order)
         await add_event(mail_redis, "order.completed", order)
-    assert await mail_redis.xlen(keys.EVENTS) == 1 + 2 * len(late)
+    assert await mail_redis.xlen(keys.events(PARTITION)) == 1 + 2 * len(late)
     smtp_server.answer(*["451 4.3.0 Try again later"] * 10)  # some wait for retries
 
     violations: list[str] = []
@@ -551,8 +589,8 @@ async def test_retention_never_trims_unsent_mail_while_the_worker_was_stopped(
         """Atomically sample: the stream's first entry is never past a pending one."""
         while watching:
             async with mail_redis.pipeline(transaction=True) as pipe:
-                pipe.xpending(keys.EVENTS, keys.MAIL_GROUP)
-                pipe.xrange(keys.EVENTS, "-", "+", count=1)
+                pipe.xpending(keys.events(PARTITION), keys.MAIL_GROUP)
+                pipe.xrange(keys.events(PARTITION), "-", "+", count=1)
                 summary, head = await pipe.execute()
             if summary["pending"] and stream_id(head[0][0]) > stream_id(summary["min"]):
                 violations.append(f"first {head[0][0]} > pending {summary['min']}")
@@ -582,7 +620,7 @@ async def test_dead_letter_endpoints_list_and_requeue(
     order = await seed_order(mail_redis)
     await add_event(mail_redis, "order.completed", order)
     await mail_workers.start()
-    await wait_until_async(lambda: mail_redis.xlen(keys.MAIL_DEAD))
+    await wait_until_async(lambda: mail_redis.xlen(keys.mail_dead(PARTITION)))
 
     response = await client.get("/admin/mail/dead", headers=ADMIN)
     assert response.status == 200
@@ -608,7 +646,10 @@ async def test_dead_letter_endpoints_list_and_requeue(
     assert (await client.post(retry, headers=ADMIN)).status == 404
     assert (await client.post("/admin/mail/dead/nope/retry", headers=ADMIN)).status == 404
     # Ids past 64 bits would make Redis answer an error: still a plain 404.
-    for dead_id in ("710-66078390005239329459", "18446744073709551616-0"):
+    for dead_id in (
+        *("710-66078390005239329459", "18446744073709551616-0"),
+        *("5.710-66078390005239329459", "5.18446744073709551616-0", "128.1-0"),
+    ):
         missing = await client.post(f"/admin/mail/dead/{dead_id}/retry", headers=ADMIN)
         assert missing.status == 404, dead_id
     body = await (await client.get("/admin/mail/dead", headers=ADMIN)).json()
@@ -807,7 +848,7 @@ async def test_four_workers_of_eight_sessions_no_duplicate_and_a_kill_9_loses_no
     orders = [await seed_order(mail_redis) for _ in range(300)]
     async with mail_redis.pipeline(transaction=False) as pipe:
         for order in orders:
-            pipe.xadd(keys.EVENTS, event_fields("order.completed", order))
+            pipe.xadd(keys.events(PARTITION), event_fields("order.completed", order))
         await pipe.execute()
     await wait_until_async(lambda: handler.gated >= 1, what="the victim mid-send")
     procs["victim"].kill()
@@ -860,7 +901,7 @@ async def test_sessions_carry_at_most_max_per_connection_mails_and_the_helo_name
     orders = [await seed_order(mail_redis) for _ in range(10)]
     async with mail_redis.pipeline(transaction=False) as pipe:
         for order in orders:
-            pipe.xadd(keys.EVENTS, event_fields("order.completed", order))
+            pipe.xadd(keys.events(PARTITION), event_fields("order.completed", order))
         await pipe.execute()
     await mail_workers.start(
         max_per_connection=3, idle_timeout=0.3, helo_name="mailer.phoneshop.test"
@@ -912,17 +953,17 @@ async def test_backlog_counts_undelivered_entries_when_redis_reports_no_lag(
     for order in orders:
         await add_event(mail_redis, "order.placed", order)
         ids.append(await add_event(mail_redis, "order.completed", order))
-    await mail_redis.xreadgroup(keys.MAIL_GROUP, "reader", {keys.EVENTS: ">"}, count=4)
+    await mail_redis.xreadgroup(keys.MAIL_GROUP, "reader", {keys.events(PARTITION): ">"}, count=4)
     # XDEL of an undelivered entry: Redis can no longer tell the group's lag.
-    await mail_redis.xdel(keys.EVENTS, ids[5])
-    [group] = await mail_redis.xinfo_groups(keys.EVENTS)
+    await mail_redis.xdel(keys.events(PARTITION), ids[5])
+    [group] = await mail_redis.xinfo_groups(keys.events(PARTITION))
     assert group["lag"] is None
 
     backlog = await read_mail_backlog(mail_redis)
     assert backlog is not None
     assert (backlog.undelivered, backlog.exact) == (60 - 4 - 1, True)
     assert backlog.pending == 4
-    [(first, _)] = await mail_redis.xrange(keys.EVENTS, count=1)
+    [(first, _)] = await mail_redis.xrange(keys.events(PARTITION), count=1)
     assert backlog.oldest_ms == int(first.split("-")[0])  # the oldest pending entry
     assert "lag=55 " in backlog.describe(backlog.oldest_ms)
     # The worker's gauges say the same, never 0.
@@ -934,8 +975,9 @@ async def test_backlog_counts_undelivered_entries_when_redis_reports_no_lag(
     assert REGISTRY.get_sample_value("phoneshop_mail_oldest_waiting_seconds") > 0
 
     # The count is bounded: past the bound it says "at least".
-    assert await count_after(mail_redis, first, limit=10) == (10, False)
-    assert await count_after(mail_redis, first, limit=58) == (58, True)
+    stream = keys.events(PARTITION)
+    assert await count_after(mail_redis, stream, first, limit=10) == (10, False)
+    assert await count_after(mail_redis, stream, first, limit=58) == (58, True)
 
 
 async def test_workers_sharing_one_metrics_port_setting_each_serve_their_own(

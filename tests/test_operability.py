@@ -35,6 +35,7 @@ from app.main import create_app
 from app.ops.instances import mail_argv
 from app.ops.poll import wait_until_async
 from app.ops.status import stack_env
+from app.partitions import PARTITIONS, partition_of
 from loadtests.support.mail_sink import MailSink, running_sink
 from loadtests.support.servers import clean_env, free_port, stop_process, wait_for_port
 from loadtests.support.stack import FullStack, start_full_stack
@@ -432,13 +433,21 @@ async def test_no_token_in_any_log_line(ops: Ops) -> None:
 
 
 async def _mailer_idle(redis: Redis) -> bool:
-    stream = await redis.xinfo_stream(keys.EVENTS)
-    for group in await redis.xinfo_groups(keys.EVENTS):
-        if group["name"] == keys.MAIL_GROUP.encode():
-            return (
-                group["pending"] == 0 and group["last-delivered-id"] == stream["last-generated-id"]
-            )
-    return False
+    """Every partition's mailer group was given every entry and has none pending."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for partition in range(PARTITIONS):
+            pipe.xinfo_stream(keys.events(partition))
+            pipe.xinfo_groups(keys.events(partition))
+        replies = await pipe.execute(raise_on_error=False)
+    for stream, groups in zip(replies[0::2], replies[1::2], strict=True):
+        if isinstance(stream, Exception):
+            return False
+        mailer = [g for g in groups if g["name"] == keys.MAIL_GROUP.encode()]
+        if not mailer or mailer[0]["pending"] != 0:
+            return False
+        if mailer[0]["last-delivered-id"] != stream["last-generated-id"]:
+            return False
+    return True
 
 
 def test_every_app_and_mail_worker_line_is_json(ops: Ops) -> None:
@@ -548,7 +557,7 @@ async def test_mail_worker_metrics_count_sent_retried_and_dead_letters(
     smtp_server.answer_for(dead.email, "550 5.1.1 no such user")
     for order, request_id in ((retried, "rid-retried"), (dead, "rid-dead")):
         fields = {**event_fields("order.completed", order), "request_id": request_id}
-        await mail_redis.xadd(keys.EVENTS, fields)
+        await mail_redis.xadd(keys.events(partition_of(order.order_id)), fields)
 
     port = free_port()
     log_path = tmp_path / "worker.log"

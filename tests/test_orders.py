@@ -9,7 +9,7 @@ from redis.asyncio import Redis
 from app import keys
 from app.fields import BALANCE_LIMIT, STOCK_LIMIT
 from app.partitions import partition_of
-from tests.helpers import ADMIN, Shop, orders_stored, snapshot
+from tests.helpers import ADMIN, Shop, all_events, orders_stored, snapshot
 
 
 def problem_of(body: dict) -> str:
@@ -34,7 +34,7 @@ async def test_place_order_autochecks_debits_and_decrements(shop: Shop, redis: R
     assert await redis.hget(keys.customer(customer["id"]), "balance_cents") == b"7250"
     assert await redis.hget(keys.phone(a["id"]), "stock") == b"3"
     assert await redis.hget(keys.phone(b["id"]), "stock") == b"2"
-    events = await redis.xrange("events")
+    events = await all_events(redis)
     assert [fields[b"type"] for _, fields in events] == [b"order.placed", b"order.completed"]
     assert events[1][1][b"balance_cents"] == b"7250"
     assert {fields[b"order_id"] for _, fields in events} == {order["id"].encode()}
@@ -59,7 +59,7 @@ async def test_open_order_then_check(shop: Shop, redis: Redis) -> None:
     _, auth = await shop.customer()
     order = (await (await shop.order(auth, [(phone["id"], 1)], autocheck=False)).json())["order"]
     assert order["status"] == "open"
-    assert [f[b"type"] for _, f in await redis.xrange("events")] == [b"order.placed"]
+    assert [f[b"type"] for _, f in await all_events(redis)] == [b"order.placed"]
     checked = await shop.client.post(f"/orders/{order['id']}/check", headers=auth)
     assert checked.status == 200
     assert (await checked.json())["order"]["status"] == "completed"
@@ -67,7 +67,7 @@ async def test_open_order_then_check(shop: Shop, redis: Redis) -> None:
     assert again.status == 200
     assert (await again.json())["order"] == (await checked.json())["order"]
     # Checking twice appends one event, not two.
-    events = await redis.xrange("events")
+    events = await all_events(redis)
     assert [f[b"type"] for _, f in events] == [b"order.placed", b"order.completed"]
     # The completion carries the balance of that moment, for the mail.
     assert events[1][1][b"balance_cents"] == str(1_000_000 - 10_000).encode()
@@ -93,7 +93,7 @@ async def test_cancel_refunds_and_restocks(shop: Shop, redis: Redis) -> None:
     again = await shop.client.post(f"/orders/{order['id']}/cancel", headers=auth)
     assert again.status == 200
     assert await redis.hget(keys.customer(customer["id"]), "balance_cents") == b"5000"
-    types = [f[b"type"] for _, f in await redis.xrange("events")]
+    types = [f[b"type"] for _, f in await all_events(redis)]
     assert types == [b"order.placed", b"order.cancelled"]
     check = await shop.client.post(f"/orders/{order['id']}/check", headers=auth)
     assert check.status == 409
@@ -137,7 +137,7 @@ async def test_multi_line_order_is_all_or_nothing(shop: Shop, redis: Redis) -> N
     assert await redis.hget(keys.phone(plenty["id"]), "stock") == b"50"
     assert await redis.hget(keys.phone(scarce["id"]), "stock") == b"1"
     assert await redis.hget(keys.customer(customer["id"]), "balance_cents") == b"10000"
-    assert await redis.exists(keys.EVENTS) == 0 and await orders_stored(redis) == 0
+    assert not await all_events(redis) and await orders_stored(redis) == 0
 
 
 async def test_seed_aliases(shop: Shop) -> None:

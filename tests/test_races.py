@@ -13,7 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from app import keys
-from tests.helpers import ADMIN, Shop, without_shedding
+from tests.helpers import ADMIN, Shop, all_events, without_shedding
 
 
 @pytest.fixture
@@ -63,5 +63,5 @@ async def test_check_and_cancel_race_exactly_one_wins(shop: Shop, redis: Redis) 
     audit = await shop.audit()
     assert audit["ok"]
     assert audit["orders"]["completed"] + audit["orders"]["cancelled"] == 20
-    events = Counter(f[b"type"] for _, f in await redis.xrange("events"))
+    events = Counter(f[b"type"] for _, f in await all_events(redis))
     assert events[b"order.completed"] + events[b"order.cancelled"] == 20

@@ -122,9 +122,9 @@ async def test_the_client_for_the_rest_is_timed_the_same_way(
     client = TimedRedis.from_url(redis_server.url)
     try:
         before = {call: timed(call) for call in ("XLEN", "PIPELINE", "EVALSHA")}
-        await client.xlen(keys.EVENTS)
+        await client.xlen(keys.events(0))
         async with client.pipeline(transaction=False) as pipe:
-            pipe.xlen(keys.EVENTS).xlen(keys.EVENTS)
+            pipe.xlen(keys.events(0)).xlen(keys.events(1))
             assert await pipe.execute() == [0, 0]
         # Scripts are timed by name in the gateway; here they stay untimed.
         await client.register_script("return 1")()

@@ -28,7 +28,7 @@ PROTECTED = [
 def example_path(route: Route) -> str:
     if route.id_pattern == ID_PATTERN:
         return route.path.replace("{id}", new_id())
-    return route.path.replace("{id}", "1-0")  # the dead-letter stream ids
+    return route.path.replace("{id}", "5.1-0")  # a dead letter's id: partition, stream id
 
 
 async def assert_challenge(response: aiohttp.ClientResponse, expected: str) -> None:

@@ -1,9 +1,13 @@
 """Dead-lettered confirmation mails: list them, and requeue one.
 
-The mail worker (``mail/worker.py``) moves a mail to the ``mail:dead`` stream
-after a 5xx reply or MAIL_MAX_ATTEMPTS temporary failures. Requeueing appends a
-fresh ``mail.requeued`` entry for the order to ``events``, resets the order's
-attempt counter and deletes the dead letter, in one script
+The mail worker (``mail/worker.py``) moves a mail to its order's partition's
+dead-letter stream ``md{P}`` after a 5xx reply or MAIL_MAX_ATTEMPTS temporary
+failures. A dead letter's id names its partition: ``<partition>.<ms>-<seq>``
+(app/vocabulary.py: PartitionEntryId). The list merges the 128 partitions' streams,
+newest first (dead letters are few: each page reads up to page x per_page
+entries of each partition). Requeueing appends a fresh ``mail.requeued`` entry
+for the order to the partition's ``e{P}``, resets the order's attempt counter and
+deletes the dead letter, in one script on one partition
 (``app/lua/requeue_mail.lua``: the app owns the keys and the scripts; the
 mail worker only reads what it appends). The worker then sends it like a new
 ``order.completed``; if the mail was meanwhile sent after all, the
@@ -22,13 +26,14 @@ from app import keys
 from app.handlers import redis_of
 from app.ids import is_valid_id
 from app.middlewares import REQUEST_ID
+from app.partitions import PARTITIONS, partition_of
 from app.problems import ProblemError
 from app.query import page_params
 from app.responses import json_response
 from app.routing import Call
 from app.scripts import load_source
 from app.timestamps import iso_time
-from app.vocabulary import StreamId
+from app.vocabulary import PartitionEntryId, StreamId
 
 
 class DeadLetter(msgspec.Struct, kw_only=True):
@@ -70,12 +75,12 @@ def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _dead_letter(entry_id: bytes | str, fields: dict) -> DeadLetter:
+def _dead_letter(partition: int, entry_id: bytes | str, fields: dict) -> DeadLetter:
     f = {_text(k): _text(v) for k, v in fields.items()}
     attempts = f.get("attempts", "0")
     at = f.get("at", "")
     return DeadLetter(
-        id=_text(entry_id),
+        id=f"{partition}.{_text(entry_id)}",
         order_id=f.get("order_id", ""),
         customer_id=f.get("customer_id", ""),
         reason=f.get("reason", ""),
@@ -89,13 +94,25 @@ def _dead_letter(entry_id: bytes | str, fields: dict) -> DeadLetter:
 async def list_dead_letters(
     redis: Redis, *, page: int = 1, per_page: int = 50
 ) -> tuple[int, list[DeadLetter]]:
-    """(total, one page of dead letters, newest first)."""
+    """(total, one page of dead letters of every partition, newest first)."""
+    wanted = page * per_page
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.xlen(keys.MAIL_DEAD)
-        pipe.xrevrange(keys.MAIL_DEAD, "+", "-", count=page * per_page)
-        total, entries = await pipe.execute()
+        for partition in range(PARTITIONS):
+            pipe.xlen(keys.mail_dead(partition))
+            pipe.xrevrange(keys.mail_dead(partition), "+", "-", count=wanted)
+        replies = await pipe.execute()
+    total = sum(replies[0::2])
+    newest = sorted(
+        (
+            (StreamId.parse(entry_id) or StreamId(0, 0), partition, entry_id, fields)
+            for partition, entries in enumerate(replies[1::2])
+            for entry_id, fields in entries
+        ),
+        key=lambda row: (row[0], row[1]),
+        reverse=True,
+    )
     start = (page - 1) * per_page
-    return total, [_dead_letter(i, f) for i, f in entries[start : start + per_page]]
+    return total, [_dead_letter(p, i, f) for _, p, i, f in newest[start : start + per_page]]
 
 
 async def requeue_dead_letter(
@@ -104,22 +121,29 @@ async def requeue_dead_letter(
     """Put one dead-lettered mail back to be sent. None when no such dead letter
     exists (any more: a second requeue of the same id finds nothing)."""
     # Redis answers an id past 64 bits with an error, which must be a 404 here, not a 500.
-    if StreamId.parse(dead_id) is None:
+    parsed = PartitionEntryId.parse(dead_id, PARTITIONS)
+    if parsed is None:
         return None
-    found = await redis.xrange(keys.MAIL_DEAD, dead_id, dead_id)
+    dead = keys.mail_dead(parsed.partition)
+    entry_id = str(parsed.entry)
+    found = await redis.xrange(dead, entry_id, entry_id)
     if not found:
         return None
-    letter = _dead_letter(*found[0])
-    if not is_valid_id(letter.order_id):
+    letter = _dead_letter(parsed.partition, *found[0])
+    if not is_valid_id(letter.order_id) or partition_of(letter.order_id) != parsed.partition:
         raise DeadLetterNotRequeueable(f"dead letter {dead_id} names no valid order id")
     script = redis.register_script(load_source("requeue_mail"))
     event_id = await script(
-        keys=[keys.MAIL_DEAD, keys.EVENTS, keys.mail_attempts(letter.order_id)],
-        args=[dead_id, letter.order_id, time.time_ns() // 1_000_000, request_id],
+        keys=[dead, keys.events(parsed.partition), keys.mail_attempts(letter.order_id)],
+        args=[entry_id, letter.order_id, time.time_ns() // 1_000_000, request_id],
     )
     if event_id is None:
         return None
-    return Requeued(dead_id=dead_id, order_id=letter.order_id, event_id=_text(event_id))
+    return Requeued(
+        dead_id=dead_id,
+        order_id=letter.order_id,
+        event_id=f"{parsed.partition}.{_text(event_id)}",
+    )
 
 
 # -- handlers (the routes declare auth="admin") ---------------------------------------------------------

@@ -2,21 +2,25 @@
 
 Protocol (server -> client, JSON text frames; the client sends nothing):
 
-* an order event, straight from the ``events`` stream::
+* an order event, straight from its partition's events stream (``e{P}``)::
 
-    {"type": "order.placed"|"order.completed"|"order.cancelled", "id": "<stream id>",
+    {"type": "order.placed"|"order.completed"|"order.cancelled",
+     "id": "<partition>.<stream id>",
      "order_id": ..., "customer_id": ..., "status": ..., "request_id": ..., "at": <ms>}
 
-* ``{"type": "resync", "reason": "trimmed"|"unknown_id"|"replay_limit", "last_id": ...,
-  "first_id": ..., "detail": ...}``: events after ``last_id`` may be gone (or the id is
-  not from this stream, or it is further back than one replay reads:
+* ``{"type": "resync", "reason": "trimmed"|"unknown_id"|"replay_limit", "partition": P,
+  "last_id": "<P>.<id>", "first_id": ..., "detail": ...}``: events of partition P after
+  ``last_id`` may be gone (or the id is not from its stream, or it is further back than one replay reads:
   ``EventsConfig.replay_max_entries``). Reload state with ``GET /orders``; what
   follows is what the stream still holds, or for ``replay_limit`` live events.
-* ``{"type": "live", "last_id": "<id>", "replayed": N}``: the replay is over, live
-  events follow. ``last_id`` is where to resume if nothing else arrives.
+* ``{"type": "live", "last_id": "<resume point>", "replayed": N}``: the replay is
+  over, live events follow. ``last_id`` is where to resume if nothing else arrives.
 
-Resume with ``?last_id=<id>``: every event after it, then live, no gap, no
-duplicate (see app/events/sockets.py for the handover).
+Resume with ``?last_id=<resume point>``: the newest id received of each partition,
+``<P>.<ms>-<seq>`` joined by commas (a partition not named: from its start), or one
+plain ``<ms>-<seq>`` for every partition the socket sees (app/events/stream.py).
+Every event after it, then live, no gap, no duplicate (see app/events/sockets.py for
+the handover).
 
 Auth: ``Authorization: Bearer <token>``, or for browsers the subprotocols
 ``["bearer", "<token>"]`` (the server answers ``bearer``). A customer gets their

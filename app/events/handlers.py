@@ -8,11 +8,12 @@ import contextlib
 from collections.abc import Iterator
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from app import appkeys
 from app.auth import BEARER_PROTOCOL
 from app.events.sockets import CloseCode, EventSocket
-from app.events.stream import StreamId
+from app.events.stream import Cursor, StreamId, parse_last_id
 from app.problems import ProblemError, retry_later
 from app.routing import Call
 
@@ -44,8 +45,8 @@ async def orders_events(call: Call[None]) -> web.StreamResponse:
     try:
         async with asyncio.timeout(request.app[appkeys.SETTINGS].redis_timeout):
             # Before the upgrade and before any replay read.
-            live_from = await hub.join(socket)
-    except TimeoutError:
+            live_from = await hub.join(socket, request.app[appkeys.REDIS])
+    except (TimeoutError, RedisError, OSError):
         hub.unsubscribe(socket)
         raise retry_later("service_unavailable", 1, "The event stream is not readable") from None
     sockets.add(socket)
@@ -65,17 +66,19 @@ async def orders_events(call: Call[None]) -> web.StreamResponse:
     return ws
 
 
-def _last_id(request: web.Request) -> StreamId | None:
+def _last_id(request: web.Request) -> Cursor | StreamId | None:
     raw = request.query.get("last_id")
     if raw is None:
         return None
-    stream_id = StreamId.parse(raw)
-    if stream_id is None:
+    resume_from = parse_last_id(raw)
+    if resume_from is None:
         raise ProblemError(
             "validation_error",
-            "last_id must be a stream id <ms>-<seq>, as sent in the events' id field",
+            "last_id must be the live message's last_id, or an event's id "
+            "<partition>.<ms>-<seq> (several joined by commas, one per partition), "
+            "or one stream id <ms>-<seq> for every partition",
         )
-    return stream_id
+    return resume_from
 
 
 @contextlib.contextmanager

@@ -1,18 +1,22 @@
 """One client's WebSocket: its bounded queue, the task that replays then sends
 live events, and the one way it gets closed.
 
-Handover from replay to live, with no gap and no duplicate:
+Handover from replay to live, with no gap and no duplicate, per partition (a
+customer's socket sees its own partition's stream, the admin's all 128; ids:
+app/events/stream.py):
 
-1. the socket is subscribed to the hub (``EventHub.join``, which wakes an idle
-   reader first) BEFORE anything is read from Redis: from then on every event the worker's reader fans out
-   lands in this socket's queue. The hub answers with its reader position R0;
-   everything queued from now on is after R0;
-2. the replay reads the stream with XRANGE from the client's ``last_id``
-   (exclusive) to its current end E, page by page. E >= R0, so replay and queue
-   overlap and nothing falls between them;
-3. every message carries its stream id and the socket keeps a cursor, the
-   highest id it sent. Queued events at or below the cursor (already replayed)
-   are dropped; nothing is ever sent out of order or twice.
+1. the socket is subscribed to the hub (``EventHub.join``, which makes the reader
+   follow the socket's partitions) BEFORE anything is read from Redis: from then
+   on every event the worker's reader fans out lands in this socket's queue. The
+   hub answers with its reader position R0[p] in each partition; everything
+   queued from now on is after it;
+2. the replay reads each partition's stream with XRANGE from the client's
+   ``last_id`` for it (exclusive) to its current end E[p], page by page.
+   E[p] >= R0[p], so replay and queue overlap and nothing falls between them;
+3. every message carries its partition and stream id and the socket keeps a
+   cursor per partition, the highest id it sent. Queued events at or below it
+   (already replayed) are dropped; nothing of a partition is ever sent out of
+   order or twice. (Events of different partitions have no order among them.)
 
 A client without ``last_id`` starts at R0: it gets what happens after it
 connected.
@@ -35,6 +39,8 @@ from redis.asyncio import Redis
 from app import keys
 from app.auth import Principal
 from app.events.stream import (
+    ZERO,
+    Cursor,
     OrderEvent,
     StreamId,
     StreamState,
@@ -42,6 +48,7 @@ from app.events.stream import (
     live_message,
     resync_message,
 )
+from app.partitions import PARTITIONS, partition_of
 
 log = logging.getLogger(__name__)
 
@@ -80,21 +87,32 @@ class EventsConfig:
     read_count: int = 500
     # XRANGE page size of a replay.
     replay_page: int = 500
-    # Stream entries one replay reads at most, whoever's they are (a customer's
-    # events are scattered among everyone's). A client further behind is sent
+    # Stream entries one replay reads at most (over all its partitions), whoever's
+    # they are (a customer's events are scattered among its partition's). A client further behind is sent
     # a resync and continues live: reconnecting with an old last_id cannot
     # make the server page through the whole stream.
     replay_max_entries: int = 10_000
 
 
 class Outgoing:
-    """An item of a socket's queue: an event, or a control message (id None)."""
+    """An item of a socket's queue: an event of ``partition``, or a control message
+    (id None)."""
 
-    __slots__ = ("id", "payload")
+    __slots__ = ("id", "partition", "payload")
 
-    def __init__(self, id: StreamId | None, payload: bytes) -> None:
+    def __init__(self, partition: int, id: StreamId | None, payload: bytes) -> None:
+        self.partition = partition
         self.id = id
         self.payload = payload
+
+
+def partitions_seen(principal: Principal) -> tuple[int, ...]:
+    """The partitions whose events a socket may see: all for the admin, else the
+    customer's own."""
+    if principal.is_admin:
+        return tuple(range(PARTITIONS))
+    assert principal.customer_id is not None
+    return (partition_of(principal.customer_id),)
 
 
 class EventSocket:
@@ -111,7 +129,8 @@ class EventSocket:
         self.request = request
         self.principal = principal
         self.config = config
-        self.cursor: StreamId | None = None  # highest stream id sent
+        self.partitions = partitions_seen(principal)
+        self.cursor: Cursor = {}  # per partition, the highest stream id sent
         self.close_code: CloseCode | None = None
         self._queue: deque[Outgoing] = deque()
         self._wakeup = asyncio.Event()
@@ -135,8 +154,10 @@ class EventSocket:
         self._wakeup.set()
 
     # ---- lifecycle
-    def start(self, redis: Redis, resume_from: StreamId | None, live_from: StreamId) -> None:
-        """Start sending: the replay after ``resume_from`` (if given), then live events."""
+    def start(self, redis: Redis, resume_from: Cursor | StreamId | None, live_from: Cursor) -> None:
+        """Start sending: the replay after ``resume_from`` (if given: a cursor, a
+        partition not in it from its start; or one id for every partition), then live
+        events."""
         self._sender = asyncio.create_task(self._send(redis, resume_from, live_from))
         self._sender.add_done_callback(self._sender_done)
 
@@ -194,13 +215,20 @@ class EventSocket:
             self.close(CloseCode.INTERNAL_ERROR)
 
     # ---- the sender task
-    async def _send(self, redis: Redis, resume_from: StreamId | None, live_from: StreamId) -> None:
+    async def _send(
+        self, redis: Redis, resume_from: Cursor | StreamId | None, live_from: Cursor
+    ) -> None:
         replayed = 0
         if resume_from is None:
-            self.cursor = live_from
+            self.cursor = dict(live_from)
         else:
-            self.cursor = resume_from
-            replayed = await self._replay(redis, resume_from)
+            if isinstance(resume_from, StreamId):
+                resume_from = dict.fromkeys(self.partitions, resume_from)
+            self.cursor = {p: resume_from.get(p, ZERO) for p in self.partitions}
+            budget = self.config.replay_max_entries
+            for partition in self.partitions:
+                sent, budget = await self._replay(redis, partition, budget, live_from)
+                replayed += sent
         await self._write(live_message(self.cursor, replayed))
         while True:
             while not self._queue:
@@ -208,26 +236,43 @@ class EventSocket:
                 await self._wakeup.wait()
             item = self._queue.popleft()
             if item.id is not None:
-                if item.id <= self.cursor:
+                if item.id <= self.cursor.get(item.partition, ZERO):
                     continue  # already replayed
-                self.cursor = item.id
+                self.cursor[item.partition] = item.id
             await self._write(item.payload)
 
-    async def _replay(self, redis: Redis, last_id: StreamId) -> int:
-        """Send every visible event after ``last_id`` the stream holds, then return
-        how many. A resync message comes first whenever events after the cursor
-        may be gone. Each page is read with XINFO in one MULTI, so the check and
-        the page see the same stream."""
-        assert self.cursor is not None
+    async def _replay(
+        self, redis: Redis, partition: int, budget: int, live_from: Cursor
+    ) -> tuple[int, int]:
+        """Send every visible event of ``partition`` after the cursor its stream holds;
+        returns (how many, the budget of entries left to read). A resync message comes
+        first whenever events after the cursor may be gone. Each page is read with XINFO
+        in one MULTI, so the check and the page see the same stream. With the budget
+        spent, the cursors skip to where the live queue has everything."""
+        stream = keys.events(partition)
+        last_id = self.cursor[partition]
         sent = 0
-        scanned = 0
         first_page = True
         reported_loss: StreamId | None = None
+        if budget <= 0:  # spent on the partitions before: this one goes on live
+            await self._write(
+                resync_message(
+                    "replay_limit",
+                    partition,
+                    last_id,
+                    StreamState(exists=True),
+                    f"more than {self.config.replay_max_entries} stream entries after "
+                    "last_id: reload state with GET /orders; events from now on follow",
+                )
+            )
+            # Subscribed before any read: every event after live_from is queued.
+            self.cursor[partition] = max(last_id, live_from[partition])
+            return sent, budget
         while True:
             async with redis.pipeline(transaction=True) as pipe:
-                pipe.xinfo_stream(keys.EVENTS)
+                pipe.xinfo_stream(stream)
                 pipe.xrange(
-                    keys.EVENTS, min=f"({self.cursor}", max="+", count=self.config.replay_page
+                    stream, min=f"({self.cursor[partition]}", max="+", count=self.config.replay_page
                 )
                 info, entries = await pipe.execute(raise_on_error=False)
             if isinstance(entries, Exception):
@@ -237,22 +282,25 @@ class EventSocket:
                 await self._write(
                     resync_message(
                         "unknown_id",
+                        partition,
                         last_id,
                         state,
                         "last_id is not from this stream: reload state with GET /orders; "
                         "events from now on follow",
                     )
                 )
-                self.cursor = state.last_generated
+                self.cursor[partition] = state.last_generated
                 first_page = False
                 continue
             first_page = False
-            if state.lost_after(self.cursor) and reported_loss != self.cursor:
-                reported_loss = self.cursor
+            cursor = self.cursor[partition]
+            if state.lost_after(cursor) and reported_loss != cursor:
+                reported_loss = cursor
                 await self._write(
                     resync_message(
                         "trimmed",
-                        self.cursor,
+                        partition,
+                        cursor,
                         state,
                         "events after last_id may have been removed from the stream: reload "
                         "state with GET /orders; the events it still holds follow",
@@ -262,28 +310,29 @@ class EventSocket:
                 stream_id = StreamId.parse(entry_id)
                 if stream_id is None:
                     continue
-                self.cursor = stream_id
-                event = decode_entry(entry_id, fields)
+                self.cursor[partition] = stream_id
+                event = decode_entry(partition, entry_id, fields)
                 if event is not None and self.may_see(event):
                     await self._write(event.payload)
                     sent += 1
             if len(entries) < self.config.replay_page:
-                return sent
-            scanned += len(entries)
-            if scanned >= self.config.replay_max_entries:
+                return sent, budget
+            budget -= len(entries)
+            if budget <= 0:
                 await self._write(
                     resync_message(
                         "replay_limit",
-                        self.cursor,
+                        partition,
+                        self.cursor[partition],
                         state,
                         f"more than {self.config.replay_max_entries} stream entries after "
                         "last_id: reload state with GET /orders; events from now on follow",
                     )
                 )
-                # Subscribed before this read: every event after the stream's
-                # end as of this page is in the live queue, so skip to there.
-                self.cursor = max(self.cursor, state.last_generated)
-                return sent
+                # Subscribed before this read: every event after the stream's end as
+                # of this page is in the live queue, so skip to there.
+                self.cursor[partition] = max(self.cursor[partition], state.last_generated)
+                return sent, budget
 
     async def _write(self, payload: bytes) -> None:
         await self.ws.send_frame(payload, WSMsgType.TEXT)

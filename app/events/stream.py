@@ -1,9 +1,16 @@
-"""The ``events`` stream as the WebSocket sees it: entry ids (app/vocabulary.py's
-StreamId), the order events clients are sent, and whether a resume point still
-has everything after it.
+"""The partitions' event streams as the WebSocket sees them: event ids, the order
+events clients are sent, and whether a resume point still has everything after it.
+
+Every partition P has its stream ``e{P}`` (app/keys.py), whose entry ids
+(app/vocabulary.py's StreamId) are its own. An event's id names its partition:
+``<partition>.<ms>-<seq>``. A socket keeps a cursor per partition it may see (a
+customer's: its one partition; the admin's: all 128), and a resume point
+(``last_id``) is such a cursor: ``<p>.<ms>-<seq>`` for each partition, joined by
+commas (a partition not named is read from its start), or one plain ``<ms>-<seq>``
+meaning that id in every partition the socket sees.
 
 Only the order events (vocabulary.ORDER_EVENT_TYPES) reach clients; other
-entries of the stream (mail.requeued, ...) are read past silently.
+entries of the streams (mail.requeued, ...) are read past silently.
 """
 
 from __future__ import annotations
@@ -13,15 +20,47 @@ from typing import Any
 
 import msgspec
 
-from app.vocabulary import ORDER_EVENT_TYPES, StreamId
+from app import keys
+from app.partitions import PARTITIONS
+from app.vocabulary import ORDER_EVENT_TYPES, PartitionEntryId, StreamId
 
 ZERO = StreamId(0, 0)
+# The stream key (str or bytes, as a client answers it) -> its partition.
+PARTITION_OF_STREAM: dict[str | bytes, int] = {}
+for _p in range(PARTITIONS):
+    PARTITION_OF_STREAM[keys.events(_p)] = _p
+    PARTITION_OF_STREAM[keys.events(_p).encode()] = _p
+
+Cursor = dict[int, StreamId]
+
+
+def format_cursor(cursor: Cursor) -> str:
+    """A resume point: every partition's position but those at the start (0-0, which
+    a partition not named means anyway); all at the start: the plain ``0-0``."""
+    text = ",".join(f"{p}.{at}" for p, at in sorted(cursor.items()) if at > ZERO)
+    return text or str(ZERO)
+
+
+def parse_last_id(raw: str) -> Cursor | StreamId | None:
+    """``last_id``: a plain stream id (for every partition), or one ``<p>.<id>`` per
+    partition, joined by commas, each partition at most once. None: malformed."""
+    plain = StreamId.parse(raw)
+    if plain is not None:
+        return plain
+    cursor: Cursor = {}
+    for part in raw.split(","):
+        parsed = PartitionEntryId.parse(part)
+        if parsed is None or parsed.partition in cursor:
+            return None
+        cursor[parsed.partition] = parsed.entry
+    return cursor
 
 
 @dataclass(frozen=True, slots=True)
 class OrderEvent:
     """One order event, encoded once and sent as is to every client that may see it."""
 
+    partition: int
     id: StreamId
     customer_id: str
     payload: bytes  # the JSON text frame
@@ -30,8 +69,9 @@ class OrderEvent:
 _TEXT = ("order_id", "customer_id", "status", "request_id")
 
 
-def decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> OrderEvent | None:
-    """The client-facing event of a stream entry, or None when it is not an order event."""
+def decode_entry(partition: int, entry_id: bytes, fields: dict[bytes, bytes]) -> OrderEvent | None:
+    """The client-facing event of an entry of ``partition``'s stream, or None when it is
+    not an order event."""
     stream_id = StreamId.parse(entry_id)
     kind = fields.get(b"type", b"").decode("utf-8", "replace")
     if stream_id is None or kind not in ORDER_EVENT_TYPES:
@@ -39,8 +79,8 @@ def decode_entry(entry_id: bytes, fields: dict[bytes, bytes]) -> OrderEvent | No
     text = {name: fields.get(name.encode(), b"").decode("utf-8", "replace") for name in _TEXT}
     raw_at = fields.get(b"at", b"")
     at = int(raw_at) if raw_at.isdigit() and len(raw_at) <= 18 else None
-    message = {"type": kind, "id": str(stream_id), **text, "at": at}
-    return OrderEvent(stream_id, text["customer_id"], msgspec.json.encode(message))
+    message = {"type": kind, "id": f"{partition}.{stream_id}", **text, "at": at}
+    return OrderEvent(partition, stream_id, text["customer_id"], msgspec.json.encode(message))
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,19 +146,24 @@ def _id_or_zero(value: Any) -> StreamId:
     return StreamId.parse(value) or ZERO
 
 
-def resync_message(reason: str, last_id: StreamId, state: StreamState, detail: str) -> bytes:
+def resync_message(
+    reason: str, partition: int, last_id: StreamId, state: StreamState, detail: str
+) -> bytes:
+    """Events of ``partition`` after ``last_id`` may be gone (or, for unknown_id, the id
+    is not from its stream)."""
     return msgspec.json.encode(
         {
             "type": "resync",
             "reason": reason,
-            "last_id": str(last_id),
-            "first_id": str(state.first_id) if state.first_id else None,
+            "partition": partition,
+            "last_id": f"{partition}.{last_id}",
+            "first_id": f"{partition}.{state.first_id}" if state.first_id else None,
             "detail": detail,
         }
     )
 
 
-def live_message(last_id: StreamId | None, replayed: int) -> bytes:
+def live_message(cursor: Cursor, replayed: int) -> bytes:
     return msgspec.json.encode(
-        {"type": "live", "last_id": None if last_id is None else str(last_id), "replayed": replayed}
+        {"type": "live", "last_id": format_cursor(cursor), "replayed": replayed}
     )

@@ -14,7 +14,7 @@
 -- KEYS[4]  os{P}cancelled                    zset
 -- KEYS[5]  co{P}<owner_id>:open              zset
 -- KEYS[6]  co{P}<owner_id>:cancelled         zset
--- KEYS[7]  events                            stream
+-- KEYS[7]  e{P}                              the order partition's events stream
 -- KEYS[8]  lg{P}                             hash, the customer side's running totals
 -- KEYS[9..8+n]  p{Q}<phone_id> for each line of the order, in order
 -- KEYS[9+n..8+2n]  lg{Q} of each line's phone, same order (may repeat)

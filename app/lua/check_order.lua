@@ -4,14 +4,14 @@
 -- (cancelled today) is refused with that status.
 --
 -- Key names: app/keys.py; P is the order's (and its owner's) partition, and
--- every key but `events` is in it.
+-- every key is in it.
 --
 -- KEYS[1]  o{P}<order_id>                    hash
 -- KEYS[2]  os{P}open                         zset
 -- KEYS[3]  os{P}completed                    zset
 -- KEYS[4]  co{P}<owner_id>:open              zset
 -- KEYS[5]  co{P}<owner_id>:completed         zset
--- KEYS[6]  events                            stream
+-- KEYS[6]  e{P}                              the order partition's events stream
 -- KEYS[7]  c{P}<owner_id>                    hash (read: the balance for the mail)
 -- KEYS[8]  lg{P}                             hash, the running totals
 -- ARGV[1]  owner id the keys above were built for

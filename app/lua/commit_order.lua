@@ -11,7 +11,7 @@
 -- Idempotent by order id: a second run finds the order (answers it) or the marker
 -- (answers the stored refusal).
 --
--- Key names: app/keys.py; every key but `events` is in P.
+-- Key names: app/keys.py; every key is in P.
 -- KEYS[1]  c{P}<customer_id>                 hash
 -- KEYS[2]  i{P}<customer_id>:<sha256(key)>   hash (ignored unless ARGV[6] == "1")
 -- KEYS[3]  o{P}<order_id>                    hash
@@ -20,7 +20,7 @@
 -- KEYS[6]  co{P}<customer_id>                zset
 -- KEYS[7]  co{P}<customer_id>:<status>       zset
 -- KEYS[8]  oq{P}                             the partition's seq clock
--- KEYS[9]  events                            stream
+-- KEYS[9]  e{P}                              the partition's events stream
 -- KEYS[10] lg{P}, the customer partition's ledger   hash (balance_cents, <status>_cents and _units,
 --          orders_<status>, changes; the units' stock side moves on the phones' partitions)
 -- KEYS[11] ab{P}                             hash: order id -> refusal (the abort markers)

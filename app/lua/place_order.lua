@@ -16,7 +16,7 @@
 -- KEYS[6]  co{P}<customer_id>                  zset
 -- KEYS[7]  co{P}<customer_id>:<status>         zset
 -- KEYS[8]  oq{P}                               the partition's seq clock
--- KEYS[9]  events                              stream
+-- KEYS[9]  e{P}                                the order partition's events stream
 -- KEYS[10] lg{P}                               hash, the customer side's running totals
 -- KEYS[11..10+n]  p{Q}<phone_id>, one per line, same order as the lines
 -- KEYS[11+n..10+2n]  lg{Q} of each line's phone, same order (may repeat)

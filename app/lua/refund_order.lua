@@ -8,14 +8,14 @@
 -- Cancelling a cancelled order again changes nothing (the take-back list keeps it until
 -- the stock is back); one in any other status is refused with that status.
 --
--- Key names: app/keys.py; every key but `events` is in P.
+-- Key names: app/keys.py; every key is in P.
 -- KEYS[1]  o{P}<order_id>                    hash
 -- KEYS[2]  c{P}<owner_id>                    hash
 -- KEYS[3]  os{P}open                         zset
 -- KEYS[4]  os{P}cancelled                    zset
 -- KEYS[5]  co{P}<owner_id>:open              zset
 -- KEYS[6]  co{P}<owner_id>:cancelled         zset
--- KEYS[7]  events                            stream
+-- KEYS[7]  e{P}                              the partition's events stream
 -- KEYS[8]  lg{P}, the order partition's ledger    hash (customer side)
 -- KEYS[9]  ro{P}                                     zset: order id by take-back due time
 -- ARGV[1]  owner id the keys above were built for

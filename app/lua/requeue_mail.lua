@@ -3,9 +3,10 @@
 -- stream (the `mailer` group reads it like order.completed; other readers
 -- ignore the type), reset the order's attempt counter and delete the dead letter.
 --
--- KEYS[1]  mail:dead                  stream of dead letters
--- KEYS[2]  events                     stream the mail worker consumes
--- KEYS[3]  mail:attempts:{order_id}   attempt counter of that order's mail
+-- KEYS[1]  md{P}                      stream of the partition's dead letters
+-- KEYS[2]  e{P}                       the partition's events stream (the mail worker consumes it)
+-- KEYS[3]  ma{P}<order id>            attempt counter of that order's mail
+-- (P: the order's partition, so one slot on a cluster)
 -- ARGV[1]  dead letter id
 -- ARGV[2]  order id the caller read from that dead letter (KEYS[3] is built from it)
 -- ARGV[3]  now, ms since the epoch

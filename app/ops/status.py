@@ -14,7 +14,7 @@ process, then exits 1 when any of them is DOWN, 0 otherwise::
     OK    nginx :8080    ready
     OK    mail worker    1 alive: host-4242 (sent=3 retries=0 dead=0 sessions=32)
     OK    mail backlog   pending=2 lag=0 retry=0 oldest=0.3s
-    WARN  dead letters   2 in mail:dead (GET /admin/mail/dead lists them)
+    WARN  dead letters   2 in the partitions' md{P} streams (GET /admin/mail/dead lists them)
     OK    smtp           127.0.0.1:1025 accepts connections (dev sink)
     OK    mail metrics   http://127.0.0.1:9101/metrics
 
@@ -31,7 +31,7 @@ What each line checks:
   group's pending and lag on ``events`` (counted when Redis cannot say it,
   ``>=`` when the count stopped at its bound), the retry queue, and ``oldest``:
   how long the oldest completed order has waited for its mail to be accepted
-  (WARN past a minute); dead letters are the ``mail:dead`` stream (WARN: a
+  (WARN past a minute); dead letters are the partitions' ``md{P}`` streams (WARN: a
   person should look, nothing is down);
 * smtp: a TCP connection to SMTP_HOST:SMTP_PORT (make run's dev sink when
   SMTP_HOST is unset); every live worker's metrics port when MAIL_METRICS_PORT
@@ -68,6 +68,7 @@ from app.mail_backlog import MailBacklog, read_mail_backlog
 from app.ops.instances import instance_ports
 from app.ops.ports import DEFAULTS as MAKE_RUN_DEFAULTS
 from app.ops.redis_cluster import cluster_info, node_query, topology_from
+from app.partitions import PARTITIONS
 from app.redis_clients import cluster_options, redis_client
 from app.settings import cluster_nodes_from_env
 
@@ -284,8 +285,13 @@ def check_mail(
             if value is not None:
                 alive[key.removeprefix("mail:worker:").removesuffix(":alive")] = value
         backlog = read_backlog(url, nodes)
-        retrying = client.zcard(keys.MAIL_RETRY)
-        dead = client.xlen(keys.MAIL_DEAD)
+        # The retry queues and dead letters of every partition, in one pipeline.
+        pipe = client.pipeline(transaction=False)
+        for partition in range(PARTITIONS):
+            pipe.zcard(keys.mail_retry(partition))
+            pipe.xlen(keys.mail_dead(partition))
+        counts = pipe.execute()
+        retrying, dead = sum(counts[0::2]), sum(counts[1::2])
     except RedisError as error:
         return [Check(UNKNOWN, "mail worker", f"cannot tell: Redis error {error}")]
     checks = []
@@ -316,7 +322,11 @@ def check_mail(
         checks.append(Check(WARN if late else OK, "mail backlog", backlog.describe(now_ms)))
     if dead:
         checks.append(
-            Check(WARN, "dead letters", f"{dead} in mail:dead (GET /admin/mail/dead lists them)")
+            Check(
+                WARN,
+                "dead letters",
+                f"{dead} in the partitions' md{{P}} streams (GET /admin/mail/dead lists them)",
+            )
         )
     else:
         checks.append(Check(OK, "dead letters", "none"))

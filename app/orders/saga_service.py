@@ -194,7 +194,7 @@ def commit_order_keys(
     customer_id: str, order_id: str, status: str, idempotency_key: str | None
 ) -> list[str]:
     """commit_order.lua's KEYS, in the order its header lists them: all of the customer's
-    partition (the order id was minted in it) but ``events``."""
+    partition (the order id was minted in it)."""
     partition = partition_of(order_id)
     return [
         keys.customer(customer_id),
@@ -205,15 +205,14 @@ def commit_order_keys(
         keys.customer_orders(customer_id),
         keys.customer_orders_by_status(customer_id, status),
         keys.orders_seq(partition),
-        keys.EVENTS,
+        keys.events(partition),
         keys.ledger(partition),
         keys.aborts(partition),
     ]
 
 
 def refund_order_keys(order_id: str, owner_id: str) -> list[str]:
-    """refund_order.lua's KEYS, in the order its header lists them (the order's partition,
-    and ``events``)."""
+    """refund_order.lua's KEYS, in the order its header lists them (the order's partition)."""
     partition = partition_of(order_id)
     return [
         keys.order(order_id),
@@ -222,7 +221,7 @@ def refund_order_keys(order_id: str, owner_id: str) -> list[str]:
         keys.orders_by_status(partition, CANCELLED),
         keys.customer_orders_by_status(owner_id, OPEN),
         keys.customer_orders_by_status(owner_id, CANCELLED),
-        keys.EVENTS,
+        keys.events(partition),
         keys.ledger(partition),
         keys.take_backs_due(partition),
     ]

@@ -5,8 +5,9 @@
 -- cut off well before MAIL_CLAIM_IDLE_SECONDS), and count the attempt. One
 -- script for the whole chunk: one round trip and one AOF write, not one a mail.
 --
--- KEYS[1]      events                     stream
--- KEYS[1 + i]  mail:attempts:{order_id}   attempt counter of entry i's mail
+-- KEYS[1]      e{P}                       one partition's events stream
+-- KEYS[1 + i]  ma{P}<order id>            attempt counter of entry i's mail (its
+--              order is of partition P: one slot)
 -- ARGV[1]      group         ("mailer")
 -- ARGV[2]      consumer      this worker's name
 -- ARGV[3]      attempt counter TTL, seconds

@@ -4,7 +4,7 @@
 -- count is checked in the same script as XGROUP DELCONSUMER, so an entry can
 -- never be dropped with its consumer.
 --
--- KEYS[1]  events     stream
+-- KEYS[1]  e{P}       one partition's events stream (run per partition)
 -- ARGV[1]  group      ("mailer")
 -- ARGV[2]  minimum idle time, ms
 -- ARGV[3]  consumer never to delete (the caller itself)

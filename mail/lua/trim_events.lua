@@ -5,7 +5,7 @@
 -- in its pending list. Nothing is trimmed until the required group exists, and
 -- never by MAXLEN. One script, so no group can move between the reads and the trim.
 --
--- KEYS[1]  events                     stream
+-- KEYS[1]  e{P}                       one partition's events stream (run per partition)
 -- ARGV[1]  group that must exist before anything is trimmed ("mailer")
 -- ARGV[2]  retention cutoff id "ms-0": entries older than it may go
 --
