@@ -193,7 +193,8 @@ async def test_customer_sees_only_own_events_and_admin_sees_all(shop: Shop) -> N
 async def test_resume_has_no_gap_and_no_duplicate(shop: Shop, redis: Redis) -> None:
     """Disconnect, let orders happen, reconnect with last_id while orders keep
     being placed: the client gets exactly the stream's events after last_id."""
-    phone = await shop.phone(stock=1000)
+    # Stock and money for the thousands of orders the racing producer may place.
+    phone = await shop.phone(stock=100_000, price_cents=100)
     customer, auth = await shop.customer()
     _, other_auth = await shop.customer()
     first = await listen(shop.client, "/orders/events", auth)
@@ -242,7 +243,9 @@ async def test_the_hub_reads_nothing_while_no_socket_listens_and_resumes_without
     hub = shop.client.app[appkeys.EVENT_HUB]
     # Short blocks: the reader notices sooner that the last socket left.
     hub.config = dataclasses.replace(hub.config, read_block_ms=200)
-    phone = await shop.phone(stock=1000)
+    # The racing producer below places an order a millisecond in-process until the
+    # resumed socket has 10 events (polled every 50 ms): stock and money for thousands.
+    phone = await shop.phone(stock=100_000, price_cents=100)
     customer, auth = await shop.customer()
     _, other_auth = await shop.customer()
 
