@@ -49,6 +49,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import (
     AskError,
     ClusterDownError,
+    ClusterError,
     MaxConnectionsError,
     MovedError,
     NoScriptError,
@@ -74,6 +75,21 @@ NOT_RUN = (MovedError, AskError, TryAgainError, ClusterDownError, NoScriptError)
 # How long an ack key lives: one per slot, rewritten by every script there; the
 # expiry clears the slots nobody writes any more. A minute is far past any WAIT.
 ACK_TTL_MS = 60_000
+# A slot being resharded answers a script whose keys are split between the two nodes
+# TRYAGAIN until MIGRATE has moved the last of them: a slot's keys at a time, one or a
+# few per MIGRATE, so a partition of thousands of keys stays split for seconds
+# (tests/test_cluster_reshard.py). redis-py gives up after 16 tries (about 0.4 s:
+# "TTL exhausted"); the script never ran, so the gateway tries again, this long at most.
+MOVING_SLOT_RETRY_S = 10.0
+MOVING_SLOT_BACKOFF_S = 0.05
+# The ack's own redirections: ASK while its slot moves, MOVED once it has moved.
+ACK_ATTEMPTS = 3
+
+
+def _never_ran(error: ClusterError) -> bool:
+    """redis-py's "TTL exhausted": every try was redirected (MOVED, ASK) or refused
+    (TRYAGAIN), so the command ran nowhere; any other failure it raises as it is."""
+    return type(error) is ClusterError and str(error).startswith("TTL exhausted")
 
 
 class NotSent(RedisConnectionError):
@@ -218,12 +234,20 @@ class ClusterGateway(RedisGateway):
 
     async def _routed(self, script: LuaScript, evalsha: tuple[Any, ...]) -> Any:
         """The library's EVALSHA: routed, redirected; after NOSCRIPT (a flushed node, a
-        new primary), load on every primary and run: NOSCRIPT means it did not run."""
-        try:
-            return await self.cluster.execute_command(*evalsha)
-        except NoScriptError:
-            await self.cluster.execute_command("SCRIPT LOAD", script.source)
-            return await self.cluster.execute_command(*evalsha)
+        new primary), load on every primary and run: NOSCRIPT means it did not run. A
+        slot still being resharded is tried again (MOVING_SLOT_RETRY_S)."""
+        deadline = time.monotonic() + MOVING_SLOT_RETRY_S
+        while True:
+            try:
+                try:
+                    return await self.cluster.execute_command(*evalsha)
+                except NoScriptError:
+                    await self.cluster.execute_command("SCRIPT LOAD", script.source)
+                    return await self.cluster.execute_command(*evalsha)
+            except ClusterError as error:
+                if not _never_ran(error) or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(MOVING_SLOT_BACKOFF_S)
 
     def _proof(self, key: str) -> list[tuple[Any, ...]]:
         """A write of our own in ``key``'s slot, then WAIT, for the same connection as
@@ -240,16 +264,31 @@ class ClusterGateway(RedisGateway):
     async def _ack(self, key: str) -> int | None:
         """WAIT's answer after a write of our own in ``key``'s slot, on one connection
         of its primary; None when that could not be done (the write stays unconfirmed)."""
-        try:
-            written, replicas = await on_one_connection(
-                self.cluster.get_node_from_key(key), self._proof(key)
-            )
-        except RedisError:
-            await self._refresh_topology()
-            return None
-        if isinstance(written, Exception) or not isinstance(replicas, int):
-            return None
-        return replicas
+        node = self.cluster.get_node_from_key(key)
+        asking: list[tuple[Any, ...]] = []
+        for _ in range(ACK_ATTEMPTS):
+            try:
+                *_, written, replicas = await on_one_connection(node, [*asking, *self._proof(key)])
+            except RedisError:
+                await self._refresh_topology()
+                return None
+            if isinstance(written, AskError):
+                # The slot is moving and the ack key went first: write it where it is now.
+                # (The script ran there too if the library followed an ASK; if it ran on
+                # the old node, MIGRATE carries its keys over later: docs in notes/reshard.md.)
+                node = self.cluster.get_node(host=written.host, port=written.port)
+                if node is None:
+                    return None
+                asking = [("ASKING",)]
+                continue
+            if isinstance(written, MovedError):
+                await self._refresh_topology()
+                node, asking = self.cluster.get_node_from_key(key), []
+                continue
+            if isinstance(written, Exception) or not isinstance(replicas, int):
+                return None
+            return replicas
+        return None
 
     async def _refresh_topology(self) -> None:
         """Ask the cluster who serves what now (one question at a time, shared by every

@@ -44,6 +44,12 @@ def cluster_client(
 ) -> RedisCluster:
     for name in _SINGLE_SERVER_ONLY & options.keys():
         del options[name]
+    # redis-py's default (5) re-reads the topology at every 5th MOVED by closing the whole
+    # client, which disconnects every node's connections, those of calls in flight too:
+    # under load a reshard then surfaced "Connection closed by server" to callers whose
+    # own node never moved (tests/test_cluster_reshard.py). 0 patches the moved slot
+    # from the MOVED reply instead; a failover still re-reads it (ConnectionError).
+    options.setdefault("reinitialize_steps", 0)
     return cluster_class(
         startup_nodes=[ClusterNode(host, port) for host, port in nodes],
         **cluster_options(url),

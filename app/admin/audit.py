@@ -37,6 +37,7 @@ audit then says so (check ``ledger_present``) and how to rebuild it
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from app import keys
 from app.partitions import PARTITIONS, partition_of
@@ -149,12 +151,22 @@ async def _read_ledgers(
     """Every partition's ledger (and newest index scores), each atomically, in one
     round trip; then Redis's clock."""
     read_ledger = redis.register_script(load_source("read_ledger"))
-    async with redis.pipeline(transaction=False) as pipe:
-        for p in range(PARTITIONS):
-            indexes = _indexes(p) if with_indexes else ()
-            await read_ledger(keys=[keys.ledger(p), *indexes], args=LEDGER_FIELDS, client=pipe)
-        pipe.time()
-        *replies, (seconds, micros) = await pipe.execute()
+    script_keys = [
+        [keys.ledger(p), *(_indexes(p) if with_indexes else ())] for p in range(PARTITIONS)
+    ]
+    if isinstance(redis, RedisCluster):
+        # A cluster pipeline refuses a script by name (redis-py blocks EVALSHA there):
+        # one routed call per partition instead, all in flight at once.
+        replies = await asyncio.gather(
+            *(read_ledger(keys=names, args=LEDGER_FIELDS) for names in script_keys)
+        )
+        seconds, micros = await redis.time()
+    else:
+        async with redis.pipeline(transaction=False) as pipe:
+            for names in script_keys:
+                await read_ledger(keys=names, args=LEDGER_FIELDS, client=pipe)
+            pipe.time()
+            *replies, (seconds, micros) = await pipe.execute()
     ledgers, present, last = {}, {}, {}
     for p, (exists, values, newest) in enumerate(replies):
         ledgers[p] = _ledger(values)

@@ -449,6 +449,54 @@ class LocalCluster:
             with client(port) as node:
                 node.execute_command("CLUSTER", "REPLICATE", primary_id)
 
+    def reshard(
+        self, source_port: int, target_port: int, slots: int, timeout: float = 120.0
+    ) -> str:
+        """Move the ``slots`` lowest slots of the primary on ``source_port`` to the one on
+        ``target_port`` with ``redis-cli --cluster reshard``, keys included (MIGRATE, one key
+        per call so a live client meets the half-moved slot: ASK, TRYAGAIN), then wait until
+        every running node sees the new owner. redis-cli takes a source's slots lowest first,
+        so ``slots = 128 * n`` from a primary whose range starts at a partition's slot moves
+        exactly ``n`` whole partitions (app/partitions.py: partition p is slot 128 * p).
+        Returns redis-cli's output; ClusterError if it fails."""
+        redis_cli = shutil.which("redis-cli")
+        if redis_cli is None:
+            raise ClusterError("redis-cli is not installed (it comes with redis-server)")
+        view = self.topology()
+        source, target = view.by_port(source_port), view.by_port(target_port)
+        argv = [
+            redis_cli, "--cluster", "reshard", f"{HOST}:{source_port}",
+            "--cluster-from", source.node_id,
+            "--cluster-to", target.node_id,
+            "--cluster-slots", str(slots),
+            "--cluster-pipeline", "1",
+            "--cluster-yes",
+        ]  # fmt: skip
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+        output = result.stdout + result.stderr
+        with (self.directory / "reshard.log").open("a") as log:
+            log.write(output)
+        if result.returncode != 0 or "[ERR]" in output:
+            raise ClusterError(f"redis-cli --cluster reshard failed: {output[-800:]}")
+        # The first and the last slot moved, when the source's slots were one range.
+        lowest = min((first for first, _ in source.slots), default=0)
+
+        def every_node_agrees() -> bool:
+            for port in self.running():
+                seen = topology_from(port)
+                if seen is None:
+                    return False
+                try:
+                    owners = {seen.primary_for_slot(s).port for s in (lowest, lowest + slots - 1)}
+                except KeyError:
+                    return False
+                if owners != {target_port}:
+                    return False
+            return True
+
+        poll(every_node_agrees, timeout, f"every node to see slots moved to {target_port}")
+        return output
+
     def topology(self) -> Topology:
         """CLUSTER NODES as the first running node that answers sees it."""
         for port in self.running():
