@@ -6,10 +6,8 @@ A cluster of the test's own (3 primaries + 3 replicas, tests/cluster.py), driven
 app's cluster gateway ([EVALSHA, SET ack, WAIT 1] per script, app/cluster_gateway.py). The
 load is the saga's order, step by step as app/orders/saga_service.py runs it (reserve_stock
 on the phone's partition, commit_order on the customer's, settle_reservation on the phone's),
-plus deposits and new phones, all in the partitions being moved. commit_order's events go to
-the order partition's stream (keys.partition_events), as loadtests/saga_shards.py does: the
-app's one global ``events`` stream would be in another slot (CROSSSLOT) until the events are
-per partition (docs/data-tier.md section 7).
+plus deposits and new phones, all in the partitions being moved (the orders' events go to
+their partition's own stream, so every step is one slot).
 
 Traffic goes only to 127.0.0.1, bounded by a count and a time limit.
 """
@@ -105,12 +103,9 @@ async def _order(scripts: Scripts, books: Books, customer_id: str, phone_id: str
     if reserved.status != 200:
         books.errors.append(f"reserve {reserved.status} {reserved.payload}")
         return
-    script_keys = commit_order_keys(customer_id, order_id, COMPLETED, None)
-    if keys.EVENTS in script_keys:
-        script_keys[script_keys.index(keys.EVENTS)] = keys.partition_events(order_partition)
     committed = await scripts.call(
         "commit_order",
-        script_keys,
+        commit_order_keys(customer_id, order_id, COMPLETED, None),
         [
             order_id,
             customer_id,
