@@ -70,6 +70,7 @@ class Books:
     deposited: Counter[str] = field(default_factory=Counter)  # customer id -> cents
     calls: int = 0
     errors: list[str] = field(default_factory=list)
+    longest_s: float = 0.0  # the slowest call, printed (a figure, never asserted)
 
 
 def _emails_in(partition: int, count: int) -> list[str]:
@@ -139,6 +140,7 @@ async def _load(scripts: Scripts, books: Books, stop: asyncio.Event) -> None:
         i = w
         while not stop.is_set() and books.calls < MAX_CALLS and time.monotonic() < deadline:
             customer_id = books.customers[i % len(books.customers)]
+            began = time.perf_counter()
             try:
                 if i % 10 == 0:
                     await scripts.run(
@@ -156,6 +158,7 @@ async def _load(scripts: Scripts, books: Books, stop: asyncio.Event) -> None:
             except Exception as error:  # every error a caller saw is the finding
                 books.errors.append(f"{type(error).__name__}: {error}")
             books.calls += 1
+            books.longest_s = max(books.longest_s, time.perf_counter() - began)
             i += WORKERS
 
     await asyncio.gather(*(worker(w) for w in range(WORKERS)))
@@ -228,8 +231,12 @@ async def test_reshard_of_whole_partitions_under_load_shows_no_error_and_the_boo
         assert not load.done(), "the load stopped before the move"
         before = books.calls
         redirects_before = _redirects(source.port) + _redirects(target.port)
+        target_redirects_before = _redirects(target.port)
         output = await asyncio.to_thread(cluster.reshard, source.port, target.port, MOVED_SLOTS)
         during = books.calls - before
+        # MOVED from the target while the slots moved: a redirected call that reached it
+        # without ASKING (printed: notes/reshard.md).
+        target_moved_during = (_redirects(target.port) - target_redirects_before)["MOVED"]
         after_move = books.calls
         await wait_until_async(
             lambda: books.calls >= after_move + AFTER_MOVE or load.done(), "load after", 60
@@ -241,7 +248,9 @@ async def test_reshard_of_whole_partitions_under_load_shows_no_error_and_the_boo
     redirects = _redirects(source.port) + _redirects(target.port)
     redirects.subtract(redirects_before)
     print(
-        f"\ncalls {books.calls}, during the move {during}, redirects {dict(redirects)},"
+        f"\ncalls {books.calls}, during the move {during}, slowest {books.longest_s:.2f} s,"
+        f" redirects {dict(redirects)} (MOVED by the target during the move:"
+        f" {target_moved_during}),"
         f" errors {Counter(books.errors).most_common(5)};"
         f" {MOVED_SLOTS} slots moved ({len(output.splitlines())} lines of redis-cli)"
     )
