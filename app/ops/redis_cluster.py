@@ -450,11 +450,17 @@ class LocalCluster:
                 node.execute_command("CLUSTER", "REPLICATE", primary_id)
 
     def reshard(
-        self, source_port: int, target_port: int, slots: int, timeout: float = 120.0
+        self,
+        source_port: int,
+        target_port: int,
+        slots: int,
+        pipeline: int = 1,
+        timeout: float = 120.0,
     ) -> str:
         """Move the ``slots`` lowest slots of the primary on ``source_port`` to the one on
-        ``target_port`` with ``redis-cli --cluster reshard``, keys included (MIGRATE, one key
-        per call so a live client meets the half-moved slot: ASK, TRYAGAIN), then wait until
+        ``target_port`` with ``redis-cli --cluster reshard``, keys included (MIGRATE,
+        ``pipeline`` keys per call: 1 keeps each slot half-moved longest, the hardest case
+        for a live client: ASK, TRYAGAIN; redis-cli's own default is 10), then wait until
         every running node sees the new owner. redis-cli takes a source's slots lowest first,
         so ``slots = 128 * n`` from a primary whose range starts at a partition's slot moves
         exactly ``n`` whole partitions (app/partitions.py: partition p is slot 128 * p).
@@ -469,7 +475,7 @@ class LocalCluster:
             "--cluster-from", source.node_id,
             "--cluster-to", target.node_id,
             "--cluster-slots", str(slots),
-            "--cluster-pipeline", "1",
+            "--cluster-pipeline", str(pipeline),
             "--cluster-yes",
         ]  # fmt: skip
         result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
