@@ -21,9 +21,8 @@ Several workers share the work through the consumer group. The loop:
    sooner when a retry this worker scheduled is due;
 5. every MAIL_CLAIM_IDLE_SECONDS / 4, XAUTOCLAIM entries idle past
    MAIL_CLAIM_IDLE_SECONDS: a crashed worker's mail is taken over;
-6. once a lane is free, XREADGROUP about a chunk per free lane, spread over the
-   free lanes (``_read_new``; COUNT is per stream, so mails past the chunks go to
-   their partitions' retry queues due now, for any worker: ``_keep_share``). On one redis-server that is one
+6. once a lane is free, XREADGROUP at most a chunk of each stream (COUNT is per
+   stream), spread over the free lanes (``_read_new``). On one redis-server that is one
    XREADGROUP over the 128 streams, blocking at most until the next retry is
    due: Redis wakes it when any stream gets an entry. On a cluster, where one
    command cannot span slots, each stream is read without blocking (pipelined,
@@ -337,43 +336,13 @@ class MailWorker:
             await self._handle_batch(partition, entries, reclaimed=False)
 
     async def _read_new(self, count: int, block: int | None) -> list[tuple[int, list]]:
-        """New entries as (partition, entries), about ``count`` mails in all: see the
-        module docstring (6.)."""
-        return await self._keep_share(await self._read_streams(count, block), count)
-
-    async def _keep_share(
-        self, found: list[tuple[int, list]], count: int
-    ) -> list[tuple[int, list]]:
-        """COUNT bounds each stream's part of a read, not the whole read (128 streams):
-        past ``count`` mails, the rest goes to their partitions' retry queues, due now,
-        for whichever worker looks first (this one too), rather than waiting here for
-        this worker's lanes while another worker idles. No attempt was counted for them
-        yet; they stay pending, so nothing is lost if this worker dies meanwhile."""
-        kept: list[tuple[int, list]] = []
-        excess: list[tuple[int, list[str]]] = []
-        room = count
-        for partition, entries in found:
-            keep, spill = [], []
-            for entry in entries:
-                is_mail = bool(entry[1]) and entry[1].get("type") in MAIL_EVENT_TYPES
-                if not is_mail or room > 0:
-                    keep.append(entry)
-                    room -= is_mail
-                else:
-                    spill.append(entry[0])
-            if keep:
-                kept.append((partition, keep))
-            if spill:
-                excess.append((partition, spill))
-        if excess:
-            due = now_ms()
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for partition, entry_ids in excess:
-                    pipe.zadd(keys.mail_retry(partition), dict.fromkeys(entry_ids, due))
-                await pipe.execute()
-            for partition, _ in excess:
-                self._retry_scheduled(partition, due)
-        return kept
+        """New entries as (partition, entries): see the module docstring (6.). COUNT is per
+        stream, so each stream gives at most a chunk (a lane's work): one read takes at
+        most 128 chunks, however many lanes are free. Handing what is past the free lanes'
+        share back to the retry queues instead cost 2x the worker's CPU and 6x Redis's per
+        mail in a backlog (loadtests/bench_mail_cpu.py): every such mail was written and
+        claimed twice more."""
+        return await self._read_streams(min(count, CHUNK), block)
 
     async def _read_streams(self, count: int, block: int | None) -> list[tuple[int, list]]:
         """Up to ``count`` new entries of each stream, as (partition, entries)."""
