@@ -149,7 +149,8 @@ class Settings:
     # (app/metrics.py, app/logs.py); 0 writes each at once, for A/B runs.
     observe_batching: bool = True
     # Orders by the reservation saga (app/orders/saga_service.py) instead of one
-    # place_order script; the settler runs in every worker then. Off: today's path.
+    # place_order script; the settler runs in every worker then. On by default on a
+    # cluster (place_order's phones live in other partitions there), off on one server.
     order_saga: bool = False
     # The longest an app may take from its reserves to its commit before the settler
     # may fence the order and release its stock (docs/data-tier.md, 3.2).
@@ -191,6 +192,13 @@ class Settings:
             raise SettingsError(
                 f"REDIS_WAIT_MS ({wait_ms}) must be below REDIS_TIMEOUT ({redis_timeout} s)"
             )
+        order_saga = env_bool(env, "ORDER_SAGA", bool(cluster_nodes))
+        if cluster_nodes and not order_saga:
+            # place_order.lua takes stock on phones of other partitions: CROSSSLOT there.
+            raise SettingsError(
+                "ORDER_SAGA=0 cannot place orders on REDIS_CLUSTER_NODES: a cluster places "
+                "them by the reservation saga (leave ORDER_SAGA unset or 1)"
+            )
         return cls(
             redis_url=redis_url,
             redis_timeout=redis_timeout,
@@ -224,7 +232,7 @@ class Settings:
             bench_routes=env_bool(env, "BENCH_ROUTES", cls.bench_routes),
             behind_proxy=env_bool(env, "BEHIND_PROXY", cls.behind_proxy),
             observe_batching=env_bool(env, "OBSERVE_BATCHING", cls.observe_batching),
-            order_saga=env_bool(env, "ORDER_SAGA", cls.order_saga),
+            order_saga=order_saga,
             reservation_ttl_ms=env_int(
                 env, "SAGA_RESERVATION_TTL_MS", cls.reservation_ttl_ms, 100, 600_000
             ),
