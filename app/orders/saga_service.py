@@ -26,12 +26,18 @@ from app.auth import Principal
 from app.fields import BALANCE_LIMIT, STOCK_LIMIT
 from app.orders import saga
 from app.orders.models import Order
-from app.orders.service import PlacedOrder, fingerprint, order_from_fields
+from app.orders.service import (
+    PlacedOrder,
+    cancel_keys,
+    fingerprint,
+    new_order_keys,
+    order_from_fields,
+)
 from app.partitions import new_id, partition_of
 from app.problems import ProblemError
 from app.redis_gateway import RedisGateway
 from app.scripts import ScriptResult, Scripts, problem_from_script
-from app.vocabulary import CANCELLED, COMPLETED, OPEN, decode_items, encode_items
+from app.vocabulary import COMPLETED, OPEN, decode_items, encode_items
 
 log = logging.getLogger("app.orders.saga")
 
@@ -193,38 +199,17 @@ async def place_order(
 def commit_order_keys(
     customer_id: str, order_id: str, status: str, idempotency_key: str | None
 ) -> list[str]:
-    """commit_order.lua's KEYS, in the order its header lists them: all of the customer's
-    partition (the order id was minted in it)."""
-    partition = partition_of(order_id)
+    """commit_order.lua's KEYS, in the order its header lists them: a new order's, then the
+    partition's abort markers (the fence)."""
     return [
-        keys.customer(customer_id),
-        keys.idempotency(customer_id, idempotency_key or ""),
-        keys.order(order_id),
-        keys.orders(partition),
-        keys.orders_by_status(partition, status),
-        keys.customer_orders(customer_id),
-        keys.customer_orders_by_status(customer_id, status),
-        keys.orders_seq(partition),
-        keys.events(partition),
-        keys.ledger(partition),
-        keys.aborts(partition),
+        *new_order_keys(customer_id, order_id, status, idempotency_key),
+        keys.aborts(partition_of(order_id)),
     ]
 
 
 def refund_order_keys(order_id: str, owner_id: str) -> list[str]:
     """refund_order.lua's KEYS, in the order its header lists them (the order's partition)."""
-    partition = partition_of(order_id)
-    return [
-        keys.order(order_id),
-        keys.customer(owner_id),
-        keys.orders_by_status(partition, OPEN),
-        keys.orders_by_status(partition, CANCELLED),
-        keys.customer_orders_by_status(owner_id, OPEN),
-        keys.customer_orders_by_status(owner_id, CANCELLED),
-        keys.events(partition),
-        keys.ledger(partition),
-        keys.take_backs_due(partition),
-    ]
+    return [*cancel_keys(order_id, owner_id), keys.take_backs_due(partition_of(order_id))]
 
 
 async def _refuse_a_give_back_past_the_ceiling(gateway: RedisGateway, items: str) -> None:

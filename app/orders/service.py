@@ -62,14 +62,11 @@ def fingerprint(customer_id: str, lines: list[tuple[str, int]], autocheck: bool)
     return hashlib.sha256(canonical).hexdigest()
 
 
-def place_order_keys(
-    customer_id: str,
-    order_id: str,
-    status: str,
-    idempotency_key: str | None,
-    phone_ids: list[str],
+def new_order_keys(
+    customer_id: str, order_id: str, status: str, idempotency_key: str | None
 ) -> list[str]:
-    """place_order.lua's KEYS, in the order its header lists them."""
+    """The KEYS that place_order.lua and commit_order.lua both start with: everything a
+    new order writes in its customer's partition (the order id was minted in it)."""
     partition = partition_of(order_id)
     return [
         keys.customer(customer_id),
@@ -82,6 +79,19 @@ def place_order_keys(
         keys.orders_seq(partition),
         keys.events(partition),
         keys.ledger(partition),
+    ]
+
+
+def place_order_keys(
+    customer_id: str,
+    order_id: str,
+    status: str,
+    idempotency_key: str | None,
+    phone_ids: list[str],
+) -> list[str]:
+    """place_order.lua's KEYS, in the order its header lists them."""
+    return [
+        *new_order_keys(customer_id, order_id, status, idempotency_key),
         *[keys.phone(phone_id) for phone_id in phone_ids],
         *[keys.ledger_of(phone_id) for phone_id in phone_ids],
     ]
@@ -102,8 +112,9 @@ def check_order_keys(order_id: str, owner_id: str) -> list[str]:
     ]
 
 
-def cancel_order_keys(order_id: str, owner_id: str, phone_ids: list[str]) -> list[str]:
-    """cancel_order.lua's KEYS, in the order its header lists them."""
+def cancel_keys(order_id: str, owner_id: str) -> list[str]:
+    """The KEYS that cancel_order.lua and refund_order.lua both start with: the order's
+    move from open to cancelled and the refund, all in the order's partition."""
     partition = partition_of(order_id)
     return [
         keys.order(order_id),
@@ -114,6 +125,13 @@ def cancel_order_keys(order_id: str, owner_id: str, phone_ids: list[str]) -> lis
         keys.customer_orders_by_status(owner_id, CANCELLED),
         keys.events(partition),
         keys.ledger(partition),
+    ]
+
+
+def cancel_order_keys(order_id: str, owner_id: str, phone_ids: list[str]) -> list[str]:
+    """cancel_order.lua's KEYS, in the order its header lists them."""
+    return [
+        *cancel_keys(order_id, owner_id),
         *[keys.phone(phone_id) for phone_id in phone_ids],
         *[keys.ledger_of(phone_id) for phone_id in phone_ids],
     ]
