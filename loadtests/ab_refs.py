@@ -4,6 +4,10 @@ through nginx, wrk rounds alternating between the two stacks.
     python -m loadtests.ab_refs --a 194c2af --b HEAD [--rounds 4] [--seconds 5]
         [--a-env OVERLOAD_ADAPTIVE=0] [--b-env ...]
 
+Two settings of one tree are the same command with both refs ``.``:
+
+    python -m loadtests.ab_refs --a . --b . --a-env ORDER_SAGA=0 --b-env ORDER_SAGA=1
+
 For a change that no setting switches off (the middleware chain), the A/B of
 loadtests/bench.py (two stacks differing in one setting) cannot show it; this
 one runs each side from its own checkout (``git worktree add --detach`` in a
@@ -13,9 +17,10 @@ always, 2 instances x 1 worker, nginx with the bench's raised limits) in a
 process of its own, started with the checkout first on ``sys.path``; both are
 pinned to the stack CPUs and wrk to the load CPUs (loadtests/rig.py). Rounds
 alternate A first, then B first, so drift on the shared box hits both alike;
-the report is the median per side and B/A, of the rates and of the app
-workers' CPU time per answer served (steadier than the rates on a shared box). Bounded: 2 x rounds x 2 wrk runs
-of ``seconds`` each, 127.0.0.1 only.
+the report is the median per side and B/A, of the rates, of the app
+workers' CPU time per answer served and of redis-server's per order served (CPU
+is steadier than the rates on a shared box), with the load average at start and
+end. Bounded: 2 x rounds x 2 wrk runs of ``seconds`` each, 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import secrets
 import statistics
 import subprocess
@@ -113,15 +119,20 @@ def measure(url: str, pid: int, data: Path, seconds: int, cpus: Any) -> dict[str
         ("hello", "/bench/hello", "hello.lua", None),
     ):
         before = rig.cpu_seconds([pid], only=b"gunicorn")
+        redis_before = rig.cpu_seconds([pid], only=b"redis-server")
         result = wrk(
             f"{url}{path}", script=script, script_args=script_args, seconds=seconds, cpus=cpus
         )
         used = rig.cpu_seconds([pid], only=b"gunicorn") - before
+        redis_used = rig.cpu_seconds([pid], only=b"redis-server") - redis_before
         row[name] = result["ok_rps"] if name == "orders" else result["rps"]
         # Per answer served (2xx): refusals by nginx cost the app nothing, and
         # what the app spends refusing is part of what each served answer costs.
         served = sum(n for status, n in result["statuses"].items() if 200 <= status < 300)
         row[f"{name}_app_cpu_us"] = used * 1e6 / max(served, 1)
+        # The store's side of the same answers: a protocol of several scripts per order
+        # (ORDER_SAGA) shows here more than in the app.
+        row[f"{name}_redis_cpu_us"] = redis_used * 1e6 / max(served, 1)
     return row
 
 
@@ -141,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     split = rig.cpu_split()
     cpus = split.load or None
     rows: dict[str, list[dict[str, float]]] = {"a": [], "b": []}
+    load_at_start = list(os.getloadavg())
     with tempfile.TemporaryDirectory(prefix="phoneshop-ab-") as temp:
         folder = Path(temp)
         with (
@@ -157,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                     url, pid, data = sides[label]
                     rows[label].append(measure(url, pid, data, args.seconds, cpus))
     report: dict[str, Any] = {"a": args.a, "b": args.b, "split": split.describe(), "rounds": rows}
-    for key in ("orders", "hello", "orders_app_cpu_us", "hello_app_cpu_us"):
+    report["load_average"] = {"start": load_at_start, "end": list(os.getloadavg())}
+    for key in ("orders", "hello", "orders_app_cpu_us", "hello_app_cpu_us", "orders_redis_cpu_us"):
         a_med = statistics.median(r[key] for r in rows["a"])
         b_med = statistics.median(r[key] for r in rows["b"])
         report[key] = {"a": a_med, "b": b_med, "b_over_a": b_med / a_med if a_med else 0.0}

@@ -1,7 +1,7 @@
 """What the test files share that is not a fixture: the admin token, the API driver
-(``Shop``), the no-shedding environment, a snapshot of every key, a WebSocket
-upgrade's headers and the headless browser. Fixtures live in conftest.py and its plugins;
-processes in loadtests/support/; waiting in app/ops/poll.py."""
+(``Shop``), the no-shedding environment, a snapshot of every key, waiting for the saga
+to settle, a WebSocket upgrade's headers and the headless browser. Fixtures live in
+conftest.py and its plugins; processes in loadtests/support/; waiting in app/ops/poll.py."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from app import keys
+from app.ops.poll import wait_until_async
 from app.partitions import PARTITIONS
 from loadtests.support.servers import free_port
 from nginx.render import NginxConfig
@@ -109,6 +110,20 @@ async def all_events(redis: Redis) -> list[tuple[Any, dict[Any, Any]]]:
 async def snapshot(redis: Redis) -> dict[bytes, bytes]:
     """Every key's DUMP: the same before and after a refused call means it changed nothing."""
     return {key: await redis.dump(key) for key in sorted(await redis.keys("*"))}
+
+
+async def settled(redis: Redis) -> None:
+    """Wait until no unit is held by the reservation saga (ORDER_SAGA): a commit's units
+    move from held to sold in a batch up to 50 ms after its 201, so a read right after
+    an answer sees the order still in motion. With place_order nothing is ever held."""
+
+    async def nothing_held() -> bool:
+        async with redis.pipeline(transaction=False) as pipe:
+            for partition in range(PARTITIONS):
+                pipe.hget(keys.partition_ledger(partition), "held_units")
+            return not any(int(held or 0) for held in await pipe.execute())
+
+    await wait_until_async(nothing_held, "the saga's reservations to be settled", 30)
 
 
 # The headers of a WebSocket upgrade request (RFC 6455 4.1), for raw requests.
