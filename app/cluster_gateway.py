@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -184,21 +185,58 @@ class ClusterGateway(RedisGateway):
 
     transport: ClusterTransport
 
-    def __init__(self, cluster: RedisCluster, replicas: int, wait_ms: int) -> None:
+    def __init__(
+        self,
+        cluster: RedisCluster,
+        replicas: int,
+        wait_ms: int,
+        *,
+        max_calls: int,
+        wait_s: float,
+    ) -> None:
         super().__init__(ClusterTransport(cluster))
         self.cluster = cluster
         self.replicas = replicas
         self.wait_ms = wait_ms
         self._refreshing: asyncio.Future[None] | None = None
+        # redis-py's per-node pools refuse a connection past max_connections at once
+        # (MaxConnectionsError) where one redis-server's BlockingConnectionPool waits:
+        # a burst of orders then got 503 on the cluster only (tests/test_races.py).
+        # A call holds at most one connection of any node at a time, so at most
+        # ``max_calls`` calls in flight keep every node's pool within its limit, and
+        # a call past them waits for a free one, up to ``wait_s`` as the pool would.
+        self._calls = asyncio.Semaphore(max_calls)
+        self._wait_s = wait_s
+
+    @contextlib.asynccontextmanager
+    async def _call_slot(self) -> AsyncIterator[None]:
+        try:
+            async with asyncio.timeout(self._wait_s):
+                await self._calls.acquire()
+        except TimeoutError:
+            raise MaxConnectionsError(f"no free connection within {self._wait_s} s") from None
+        try:
+            yield
+        finally:
+            self._calls.release()
+
+    async def execute(self, *args: Any) -> Any:
+        async with self._call_slot():
+            return await super().execute(*args)
+
+    async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        async with self._call_slot():
+            return await super().execute_many(commands)
 
     async def run_script(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
         started = time.perf_counter()
         try:
-            evalsha = ("EVALSHA", script.sha, len(keys), *keys, *args)
-            await self.transport.ready()
-            if not self.replicas or not keys:
-                return await self._routed(script, evalsha)
-            return await self._run_and_wait(script, evalsha, keys[0])
+            async with self._call_slot():
+                evalsha = ("EVALSHA", script.sha, len(keys), *keys, *args)
+                await self.transport.ready()
+                if not self.replicas or not keys:
+                    return await self._routed(script, evalsha)
+                return await self._run_and_wait(script, evalsha, keys[0])
         finally:
             observe(f"script:{script.name}", started)
 
@@ -330,4 +368,6 @@ def open_cluster_gateway(
         max_connections=max_connections,
         retry=Retry(NoBackoff(), 0),
     )
-    return ClusterGateway(cluster, replicas, wait_ms)
+    return ClusterGateway(
+        cluster, replicas, wait_ms, max_calls=max_connections, wait_s=socket_timeout
+    )

@@ -5,6 +5,7 @@ conftest.py and its plugins; processes in loadtests/support/; waiting in app/ops
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import itertools
@@ -18,6 +19,7 @@ from redis.asyncio import Redis
 
 from app import keys
 from app.ops.poll import wait_until_async
+from app.ops.redis_cluster import LocalCluster
 from app.partitions import PARTITIONS
 from loadtests.support.servers import free_port
 from nginx.render import NginxConfig
@@ -42,6 +44,40 @@ def without_shedding(app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -
 
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+# The data tiers a test of the API can run on (conftest.py: stack_kind). A test or module
+# marked ON_BOTH_STACKS runs once on each; `-m cluster` selects the cluster runs and
+# `-m "not cluster"` leaves them out.
+ONE_NODE = "one-node"
+CLUSTER = "cluster"
+ON_BOTH_STACKS = pytest.mark.parametrize(
+    "stack_kind", [ONE_NODE, pytest.param(CLUSTER, marks=pytest.mark.cluster)], indirect=True
+)
+# How long a test waits for the saga's settling (50 ms after an answer, app/orders/settler.py)
+# to leave the shop at rest; generous for a busy shared box.
+REST_DEADLINE = 30.0
+
+
+@dataclass
+class Placement:
+    """Which primary serves a key: on the cluster, the slot the cluster itself computes
+    (CLUSTER KEYSLOT) looked up in its CLUSTER NODES; on one redis-server, one name."""
+
+    redis: Redis
+    cluster: LocalCluster | None
+
+    @property
+    def on_cluster(self) -> bool:
+        return self.cluster is not None
+
+    async def primary(self, key: str) -> str:
+        if self.cluster is None:
+            return ONE_NODE
+        slot = int(await self.redis.cluster_keyslot(key))
+        topology = await asyncio.to_thread(self.cluster.topology)
+        return topology.primary_for_slot(slot).address
+
+
 _emails = itertools.count()
 
 
@@ -87,6 +123,16 @@ class Shop:
         response = await self.client.get("/admin/audit", headers=ADMIN)
         assert response.status == 200
         return await response.json()
+
+    async def audit_at_rest(self) -> dict:
+        """The audit once it ran at rest (every at-rest check then ran): on the cluster
+        the saga settles reservations just after the answers, so right after a burst
+        units may still be held."""
+        return await wait_until_async(self._audit_if_at_rest, "an audit at rest", REST_DEADLINE)
+
+    async def _audit_if_at_rest(self) -> dict | None:
+        audit = await self.audit()
+        return audit if audit["at_rest"] else None
 
 
 async def orders_stored(redis: Redis) -> int:
