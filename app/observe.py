@@ -31,6 +31,7 @@ from aiohttp import web
 from app import appkeys, logs, metrics
 from app.logs import ACCESS_LOGGER
 from app.problems import PROBLEM_CODE, ProblemError
+from app.scripts import problem_from_script
 from app.vocabulary import COMPLETED
 
 access_log = logging.getLogger(ACCESS_LOGGER)
@@ -118,10 +119,30 @@ def _log_access(
 # ---- Redis and order outcomes ------------------------------------------------------
 
 
+# The scripts whose answer is a POST /orders answer: place_order, or under the
+# reservation saga (ORDER_SAGA) the commit or the rejection that ends the order.
+_ORDER_ANSWERS = frozenset({"place_order", "commit_order", "reject_order"})
+# The scripts that cancel an order: cancel_order, or the saga's refund step.
+_CANCELS = frozenset({"cancel_order", "refund_order"})
+
+
+def _count_order_answer(result: Any) -> None:
+    # Third reply element of an order answer: "replayed" (a stored answer, 2xx or not).
+    if result.flag:
+        metrics.idempotent_replays.inc()
+    elif result.status >= 400:
+        metrics.orders_rejected(problem_from_script(result.status, result.payload).code).inc()
+    else:
+        metrics.orders_placed.inc()
+        if result.payload.get("status") == COMPLETED:
+            metrics.orders_completed.inc()
+
+
 class ObservedScripts:
     """The Scripts holder with the order outcomes read off the script's answer:
     placed / completed / cancelled, rejections by problem code, idempotent
-    replays. Everything else is the holder's own (the gateway times the call)."""
+    replays, by either order path. Everything else is the holder's own (the gateway
+    times the call)."""
 
     def __init__(self, scripts: Any) -> None:
         self._scripts = scripts
@@ -129,24 +150,26 @@ class ObservedScripts:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._scripts, name)
 
+    async def call(self, name: str, keys: list[str], args: list[str | int]) -> Any:
+        """The saga's steps take answers as they are (refusals included)."""
+        result = await self._scripts.call(name, keys, args)
+        if name in _ORDER_ANSWERS:
+            _count_order_answer(result)
+        return result
+
     async def run(self, name: str, keys: list[str], args: list[str | int]) -> Any:
         try:
             result = await self._scripts.run(name, keys, args)
         except ProblemError as error:  # the script refused: nothing was written
-            if name == "place_order":
+            if name in _ORDER_ANSWERS:
                 metrics.orders_rejected(error.code).inc()
             raise
-        # Third reply element: place_order's "replayed", check/cancel's "changed".
-        if name == "place_order":
-            if result.flag:
-                metrics.idempotent_replays.inc()
-            else:
-                metrics.orders_placed.inc()
-                if result.payload.get("status") == COMPLETED:
-                    metrics.orders_completed.inc()
+        # Third reply element: an order answer's "replayed", check/cancel's "changed".
+        if name in _ORDER_ANSWERS:
+            _count_order_answer(result)
         elif name == "check_order" and result.flag:
             metrics.orders_completed.inc()
-        elif name == "cancel_order" and result.flag:
+        elif name in _CANCELS and result.flag:
             metrics.orders_cancelled.inc()
         return result
 

@@ -16,7 +16,7 @@ from app import keys
 from app.admin.audit import BATCH, LEDGER_FIELDS
 from app.admin.ledger_rebuild import LedgerRebuildError, recount_ledger, write_ledger
 from app.partitions import PARTITIONS
-from tests.helpers import ADMIN, Shop
+from tests.helpers import ADMIN, Shop, settled
 
 
 def check(audit: dict, name: str) -> dict:
@@ -38,7 +38,7 @@ async def _delete_ledgers(redis: Redis) -> None:
     await redis.delete(*[keys.ledger(p) for p in range(PARTITIONS)])
 
 
-async def _fill(shop: Shop) -> None:
+async def _fill(shop: Shop, redis: Redis) -> None:
     """Rows of every kind the ledger sums: phones (one restocked), customers (one
     deposit), open, completed and cancelled orders; more rows than one BATCH."""
     phones = [await shop.phone(price_cents=100 + i, stock=1000) for i in range(3)]
@@ -64,6 +64,8 @@ async def _fill(shop: Shop) -> None:
 
     for start in range(0, BATCH + 30, 10):
         await asyncio.gather(*(one(i) for i in range(start, start + 10)))
+    # At rest: under the saga (ORDER_SAGA) a 201's units are settled after the answer.
+    await settled(redis)
 
 
 def _run_rebuild(redis: Redis) -> subprocess.CompletedProcess:
@@ -85,7 +87,7 @@ async def test_a_missing_ledger_is_named_and_the_rebuild_makes_the_audit_exact_a
 ) -> None:
     empty = await shop.audit()  # no rows, no ledger yet: nothing is missing
     assert empty["ok"] and check(empty, "ledger_present")["ok"] is True
-    await _fill(shop)
+    await _fill(shop, redis)
     kept = await _ledgers(redis)
     assert (await shop.audit())["ok"]
 
@@ -149,7 +151,7 @@ async def test_a_missing_ledger_is_named_and_the_rebuild_makes_the_audit_exact_a
 async def test_the_rebuild_writes_nothing_when_a_script_ran_during_its_recount(
     shop: Shop, redis: Redis
 ) -> None:
-    await _fill(shop)
+    await _fill(shop, redis)
     await _delete_ledgers(redis)
     recount = await recount_ledger(redis)
     assert set(recount.changes.values()) == {0}
@@ -173,7 +175,7 @@ async def test_the_rebuild_writes_nothing_when_a_script_ran_during_its_recount(
 
 
 async def test_rows_the_ledger_cannot_sum_stop_the_rebuild(shop: Shop, redis: Redis) -> None:
-    await _fill(shop)
+    await _fill(shop, redis)
     await _delete_ledgers(redis)
     await redis.zadd(keys.orders(0), {"no-such-order": 10**9})
     before = {key: await redis.dump(key) for key in await redis.keys("*")}

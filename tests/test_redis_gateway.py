@@ -93,14 +93,37 @@ async def test_scripts_run_and_reload_after_noscript_on_both(
     assert totals == [2, 4]
 
 
-async def test_the_fast_path_is_timed_by_command(shop: Shop) -> None:
+async def test_the_fast_path_is_timed_by_command(
+    shop: Shop, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Before the gateway, the list pages and reads over the multiplexed
     connection were never timed; now every call is, by what it sends."""
     app = shop.client.app
     assert isinstance(app[appkeys.REDIS_GATEWAY].transport, MultiplexedRedis)
+    sweeps = 0
+    if by_saga := app[appkeys.SETTINGS].order_saga:
+        # The settler's sweep (one PIPELINE of probes a second, nothing due here) may
+        # land in the window: counted, so that the figure below stays exact.
+        settler = app[appkeys.SETTLER]
+        sweep = settler.sweep
+
+        async def counted_sweep(*args: int) -> int:
+            nonlocal sweeps
+            # Counted once done, in the same step as its PIPELINE's timing (nothing due:
+            # the probe is its last await).
+            done = await sweep(*args)
+            sweeps += 1
+            return done
+
+        monkeypatch.setattr(settler, "sweep", counted_sweep)
+    # The order's one answering script: place_order, or the saga's commit after its reserve.
+    order_scripts = (
+        ("script:reserve_stock", "script:commit_order") if by_saga else ("script:place_order",)
+    )
     phone = await shop.phone()
     _, auth = await shop.customer()
-    before = {call: timed(call) for call in ("PIPELINE", "HGETALL", "GET", "script:place_order")}
+    before = {call: timed(call) for call in ("PIPELINE", "HGETALL", "GET", *order_scripts)}
+    sweeps = 0
 
     assert (await shop.client.get("/phones")).status == 200  # ZCARD+ZRANGE, then the rows
     assert (await shop.client.get(f"/phones/{phone['id']}")).status == 200
@@ -109,10 +132,10 @@ async def test_the_fast_path_is_timed_by_command(shop: Shop) -> None:
 
     after = {call: timed(call) for call in before}
     assert {call: after[call] - before[call] for call in before} == {
-        "PIPELINE": 2,
+        "PIPELINE": 2 + sweeps,
         "HGETALL": 1,
         "GET": 1,
-        "script:place_order": 2,
+        **dict.fromkeys(order_scripts, 2),
     }
 
 
