@@ -285,14 +285,14 @@ def overload_levels(
         parts = {name: used[name] for name in ("nginx", "app", "redis")}
         stack_seconds = sum(parts.values())
         requests = max(1, row["answered"])
-        capacity = phase["seconds"] * max(1, len(split.stack))
+        cpu_time = phase["seconds"] * max(1, len(split.stack))
         row["cpu"] = {
             # Shares of the stack CPUs: the stack's processes, the kernel's softirq
             # work (loopback TCP, mostly the stack's), and whatever else ran there.
-            "stack_share": stack_seconds / capacity,
-            "softirq_share": used["cpus_softirq"] / capacity,
+            "stack_share": stack_seconds / cpu_time,
+            "softirq_share": used["cpus_softirq"] / cpu_time,
             "others_share": max(0.0, used["cpus_busy"] - used["cpus_softirq"] - stack_seconds)
-            / capacity,
+            / cpu_time,
             **{f"{name}_us": seconds * 1e6 / requests for name, seconds in parts.items()},
         }
     windows = rig.timeline(raw, [p["name"] for p in phases])
