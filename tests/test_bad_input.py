@@ -6,7 +6,10 @@ import pytest
 from redis.asyncio import Redis
 
 from app.json_body import MAX_JSON_DEPTH
-from tests.helpers import ADMIN, Shop, snapshot
+from tests.helpers import ADMIN, ON_BOTH_STACKS, Shop, snapshot
+
+# On one redis-server and on the 3+3 Redis Cluster (`-m cluster`: the cluster runs).
+pytestmark = ON_BOTH_STACKS
 
 # Raw JSON texts put where an integer is expected.
 BAD_NUMBERS = [

@@ -8,7 +8,10 @@ from redis.asyncio import Redis
 
 from app import keys
 from app.partitions import partition_for_email, partition_of
-from tests.helpers import ADMIN, Shop
+from tests.helpers import ADMIN, ON_BOTH_STACKS, Shop, all_keys
+
+# On one redis-server and on the 3+3 Redis Cluster (`-m cluster`: the cluster runs).
+pytestmark = ON_BOTH_STACKS
 
 
 async def test_create_customer_returns_token_once_stored_hashed(shop: Shop, redis: Redis) -> None:
@@ -31,7 +34,7 @@ async def test_create_customer_returns_token_once_stored_hashed(shop: Shop, redi
     dump = b"".join(
         [
             key + b"".join(str(v).encode() for v in [await redis.dump(key)])
-            for key in await redis.keys("*")
+            for key in await all_keys(redis)
         ]
     )
     assert token.encode() not in dump

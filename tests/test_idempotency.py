@@ -9,7 +9,10 @@ import pytest
 from redis.asyncio import Redis
 
 from app import keys
-from tests.helpers import Shop, orders_stored, without_shedding
+from tests.helpers import ON_BOTH_STACKS, Shop, all_keys, orders_stored, without_shedding
+
+# On one redis-server and on the 3+3 Redis Cluster (`-m cluster`: the cluster runs).
+pytestmark = ON_BOTH_STACKS
 
 
 @pytest.fixture
@@ -102,7 +105,7 @@ async def test_keys_are_scoped_to_the_customer(shop: Shop, redis: Redis) -> None
     b = await shop.client.post("/orders", json=body, headers={**bob, "Idempotency-Key": "same"})
     assert a.status == b.status == 201
     assert (await a.json())["order"]["id"] != (await b.json())["order"]["id"]
-    ttl = [await redis.ttl(key) for key in await redis.keys(keys.IDEMPOTENCY_MATCH)]
+    ttl = [await redis.ttl(key) for key in await all_keys(redis, keys.IDEMPOTENCY_MATCH)]
     assert len(ttl) == 2 and all(23 * 3600 < t <= 24 * 3600 for t in ttl)
 
 

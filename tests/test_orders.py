@@ -9,7 +9,10 @@ from redis.asyncio import Redis
 from app import keys
 from app.fields import BALANCE_LIMIT, STOCK_LIMIT
 from app.partitions import partition_of
-from tests.helpers import ADMIN, Shop, all_events, orders_stored, snapshot
+from tests.helpers import ADMIN, ON_BOTH_STACKS, Shop, all_events, orders_stored, snapshot
+
+# On one redis-server and on the 3+3 Redis Cluster (`-m cluster`: the cluster runs).
+pytestmark = ON_BOTH_STACKS
 
 
 def problem_of(body: dict) -> str:

@@ -5,7 +5,10 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from app import keys
-from tests.helpers import ADMIN, Shop
+from tests.helpers import ADMIN, ON_BOTH_STACKS, Shop
+
+# On one redis-server and on the 3+3 Redis Cluster (`-m cluster`: the cluster runs).
+pytestmark = ON_BOTH_STACKS
 
 
 async def test_create_phone_returns_it_wrapped(shop: Shop) -> None:
