@@ -1,10 +1,10 @@
 """Concurrency: many requests racing on one phone, one balance, one order, one key.
 
 Each race runs through the real app and the real Redis; the outcome must be
-exactly what a serial execution allows, whatever the interleaving. The oversell and
-the balance races also run on the 3+3 Redis Cluster (ON_BOTH_STACKS), with every
-customer on another primary than the phone, so each order is the reservation saga
-across two shards: the same outcome, and the audit over every shard at rest.
+exactly what a serial execution allows, whatever the interleaving. Each race also
+runs on the 3+3 Redis Cluster (ON_BOTH_STACKS); in the oversell and the balance races
+every customer is on another primary than the phone, so each order is the reservation
+saga across two shards: the same outcome, and the audit over every shard at rest.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ async def test_balance_race_never_overdraws(shop: Shop, redis: Redis, placement:
     assert audit["stock"]["ok"] and audit["money"]["ok"]
 
 
+@ON_BOTH_STACKS
 async def test_check_and_cancel_race_exactly_one_wins(shop: Shop, redis: Redis) -> None:
     phone = await shop.phone(price_cents=100, stock=100)
     _, auth = await shop.customer(balance_cents=100_000)
