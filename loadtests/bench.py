@@ -39,7 +39,6 @@ import datetime as dt
 import json
 import os
 import platform
-import secrets
 import shutil
 import statistics
 import subprocess
@@ -63,7 +62,14 @@ from loadtests.bench_data import (
     sample_order_ids,
     transient_per_order,
 )
-from loadtests.bench_drivers import ceiling_b, orders_wrk, profile_orders, write_wrk_data, wrk
+from loadtests.bench_drivers import (
+    ceiling_b,
+    orders_openloop_spec,
+    orders_wrk,
+    profile_orders,
+    write_wrk_data,
+    wrk,
+)
 from loadtests.bench_plot import plot
 from loadtests.bench_report import render
 from loadtests.stack import LoadStack, launch
@@ -262,20 +268,7 @@ def overload_levels(
         {"name": name, "rate": round(capacity * factor, 1), "seconds": seconds * scale}
         for name, factor, seconds in LEVELS
     ]
-    spec = {
-        "host": "127.0.0.1",
-        "port": stack.stack.nginx.config.http_port,
-        "kind": "orders",
-        "path": "/orders",
-        "tokens": [p["token"] for p in people],
-        "phones": phone_ids,
-        "nonce": secrets.token_hex(4),
-        "timeout_s": 10.0,
-        "connect_timeout_s": 2.0,
-        "max_connections": 3000,
-        "warm_connections": 256,
-        "phases": phases,
-    }
+    spec = orders_openloop_spec(stack, people, phone_ids, phases)
     workers_before = stack.app_pids
     with sampling(stack, split) as samples:
         raw = rig.run_openloop(spec, out, split.load or None)

@@ -95,6 +95,31 @@ def orders_wrk(stack: LoadStack, data: Path, **kwargs: Any) -> dict[str, Any]:
 # ---- py-spy ---------------------------------------------------------------------------------
 
 
+def orders_openloop_spec(
+    stack: LoadStack,
+    people: list[dict],
+    phone_ids: list[str],
+    phases: list[dict[str, Any]],
+    warm_connections: int = 256,
+) -> dict[str, Any]:
+    """loadtests/openloop.py's spec for POST /orders through the stack's nginx: each
+    person's token in turn, one of ``phone_ids`` per order, ``phases`` of rate x seconds."""
+    return {
+        "host": "127.0.0.1",
+        "port": stack.stack.nginx.config.http_port,
+        "kind": "orders",
+        "path": "/orders",
+        "tokens": [p["token"] for p in people],
+        "phones": phone_ids,
+        "nonce": secrets.token_hex(4),
+        "timeout_s": 10.0,
+        "connect_timeout_s": 2.0,
+        "max_connections": 3000,
+        "warm_connections": warm_connections,
+        "phases": phases,
+    }
+
+
 def profile_orders(
     stack: LoadStack,
     data: Path,

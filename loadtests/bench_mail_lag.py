@@ -42,7 +42,6 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import subprocess
 import sys
 import tempfile
@@ -62,7 +61,7 @@ from app.ops.instances import ROOT, mail_argv
 from app.partitions import PARTITIONS
 from loadtests import rig
 from loadtests.bench_data import provision
-from loadtests.bench_drivers import orders_wrk, write_wrk_data
+from loadtests.bench_drivers import orders_openloop_spec, orders_wrk, write_wrk_data
 from loadtests.stack import LoadStack, launch
 from loadtests.support.servers import clean_env, free_port, stop_process, wait_for_port
 
@@ -324,20 +323,7 @@ def drive_open_loop(
 ) -> dict[str, Any]:
     """POST /orders at ``rate`` per second for ``seconds`` (loadtests/openloop.py)."""
     phases = [{"name": "mail-lag", "rate": round(rate, 1), "seconds": seconds}]
-    spec = {
-        "host": "127.0.0.1",
-        "port": stack.stack.nginx.config.http_port,
-        "kind": "orders",
-        "path": "/orders",
-        "tokens": [p["token"] for p in people],
-        "phones": phone_ids,
-        "nonce": secrets.token_hex(4),
-        "timeout_s": 10.0,
-        "connect_timeout_s": 2.0,
-        "max_connections": 3000,
-        "warm_connections": 128,
-        "phases": phases,
-    }
+    spec = orders_openloop_spec(stack, people, phone_ids, phases, warm_connections=128)
     raw = rig.run_openloop(spec, directory / f"openloop-{time.monotonic_ns()}", split.load or None)
     [level] = rig.phase_figures(raw, phases)
     return level

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import secrets
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from typing import Any
 from loadtests import rig
 from loadtests.bench import cpu_by_part, stack_env, stack_parts
 from loadtests.bench_data import provision
-from loadtests.bench_drivers import orders_wrk, write_wrk_data
+from loadtests.bench_drivers import orders_openloop_spec, orders_wrk, write_wrk_data
 from loadtests.stack import LoadStack, launch
 
 
@@ -108,20 +107,7 @@ def one_round(
     out: Path,
 ) -> dict[str, Any]:
     phases = [{"name": "level", "rate": rate, "seconds": seconds}]
-    spec = {
-        "host": "127.0.0.1",
-        "port": stack.stack.nginx.config.http_port,
-        "kind": "orders",
-        "path": "/orders",
-        "tokens": [p["token"] for p in people],
-        "phones": phone_ids,
-        "nonce": secrets.token_hex(4),
-        "timeout_s": 10.0,
-        "connect_timeout_s": 2.0,
-        "max_connections": 3000,
-        "warm_connections": 256,
-        "phases": phases,
-    }
+    spec = orders_openloop_spec(stack, people, phone_ids, phases)
     shed_before = app_refusals(stack)
     cpu_before, lines_before, began = cpu_by_part(stack), error_lines(stack), time.monotonic()
     raw = rig.run_openloop(spec, out, split.load or None)
