@@ -167,9 +167,11 @@ def profile_orders(
     return summarize_profile(raw)
 
 
-def summarize_profile(raw: Path) -> dict[str, Any]:
-    inclusive: dict[str, int] = {}
+def folded_samples(raw: Path) -> tuple[int, dict[str, int], dict[str, int]]:
+    """py-spy's folded stacks: the sample total, and the samples of each frame by own
+    time (the innermost frame) and inclusive time (anywhere in the stack, once)."""
     own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -181,6 +183,11 @@ def summarize_profile(raw: Path) -> dict[str, Any]:
         own[frames[-1]] = own.get(frames[-1], 0) + n
         for frame in set(frames):
             inclusive[frame] = inclusive.get(frame, 0) + n
+    return total, own, inclusive
+
+
+def summarize_profile(raw: Path) -> dict[str, Any]:
+    total, own, inclusive = folded_samples(raw)
 
     def top(table: dict[str, int], count: int, keep: Any = None) -> list[tuple[str, float]]:
         rows = sorted(table.items(), key=lambda kv: -kv[1])

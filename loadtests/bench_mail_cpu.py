@@ -37,6 +37,7 @@ from app.ops.instances import ROOT, mail_argv
 from app.partitions import PARTITIONS, partition_of
 from app.vocabulary import COMPLETED, STATUSES, encode_items
 from loadtests import rig
+from loadtests.bench_drivers import folded_samples
 from loadtests.support.servers import (
     clean_env,
     free_port,
@@ -198,19 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def print_profile(raw: Path, rows: int = 25) -> None:
     """Top frames of py-spy's folded stacks, by own and by inclusive samples."""
-    own: dict[str, int] = {}
-    inclusive: dict[str, int] = {}
-    total = 0
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not count.isdigit():
-            continue
-        n = int(count)
-        total += n
-        frames = stack.split(";")
-        own[frames[-1]] = own.get(frames[-1], 0) + n
-        for frame in set(frames):
-            inclusive[frame] = inclusive.get(frame, 0) + n
+    total, own, inclusive = folded_samples(raw)
     for title, table in (("own", own), ("inclusive", inclusive)):
         print(f"-- py-spy, {total} samples, by {title} time")
         for frame, n in sorted(table.items(), key=lambda kv: -kv[1])[:rows]:
