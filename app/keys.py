@@ -302,9 +302,3 @@ def taken_back(partition: int) -> str:
 def settler_lease(partition: int) -> str:
     """String: the web worker sweeping this partition's due work (SET NX PX)."""
     return _in_partition("lease", partition)
-
-
-def partition_ledger(partition: int) -> str:
-    """Hash: one partition's running totals, ``ledger(partition)`` above; the saga's
-    scripts move a phone partition's stock_units, held_units and sold_units in it."""
-    return ledger(partition)

@@ -175,7 +175,7 @@ async def settled(redis: Redis) -> None:
     async def nothing_held() -> bool:
         async with redis.pipeline(transaction=False) as pipe:
             for partition in range(PARTITIONS):
-                pipe.hget(keys.partition_ledger(partition), "held_units")
+                pipe.hget(keys.ledger(partition), "held_units")
             return not any(int(held or 0) for held in await pipe.execute())
 
     await wait_until_async(nothing_held, "the saga's reservations to be settled", 30)

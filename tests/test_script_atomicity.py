@@ -56,7 +56,7 @@ def _in_every_partition(key_of: Callable[[int], str]) -> dict[bytes, int]:
 
 ABORTS = _in_every_partition(keys.aborts)
 RELEASES = _in_every_partition(keys.releases)
-LEDGERS = _in_every_partition(keys.partition_ledger)
+LEDGERS = _in_every_partition(keys.ledger)
 
 
 def _unexplained_by_a_saga_refusal(before: Hashes, now: Hashes) -> dict[bytes, object]:

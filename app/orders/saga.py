@@ -52,7 +52,7 @@ def _partition_keys(partition: int) -> list[str]:
         keys.reservations(partition),
         keys.reservations_due(partition),
         keys.releases(partition),
-        keys.partition_ledger(partition),
+        keys.ledger(partition),
     ]
 
 
@@ -143,7 +143,7 @@ async def return_stock(
             keys.taken_back(partition),
             keys.reservations(partition),
             keys.reservations_due(partition),
-            keys.partition_ledger(partition),
+            keys.ledger(partition),
             *phone_keys,
         ],
         [order_id, partition_items, STOCK_LIMIT],
