@@ -5,7 +5,9 @@ starts it for a load run.
 
 What runs (nothing mocked):
 
-* one redis-server (loadtests.support.servers.RedisServer, AOF, appendfsync always);
+* one redis-server (loadtests.support.servers.RedisServer, AOF, appendfsync always),
+  or, with ``cluster=``, a Redis Cluster its caller started and stops (the app and
+  the mail worker then reach it through REDIS_CLUSTER_NODES, as ``make run`` wires it);
 * ``instances`` gunicorn instances (default 2) x ``workers`` workers (default 2),
   each ``gunicorn --config gunicorn.conf.py`` i.e. ``app.main:create_app``,
   each in its own process group so it can be killed as a whole;
@@ -42,6 +44,7 @@ from pathlib import Path
 
 from app.ops.instances import ROOT, die_with_parent, gunicorn_argv
 from app.ops.poll import wait_until
+from app.ops.redis_cluster import HOST, LocalCluster
 from loadtests.support.servers import RedisServer, clean_env, free_port, wait_for_port
 from nginx.render import NginxConfig, write
 
@@ -195,11 +198,20 @@ class NginxServer:
 
 @dataclass
 class FullStack:
-    redis: RedisServer
+    # The data tier: the stack's own redis-server, or None on a cluster (``cluster``),
+    # whose nodes its caller starts, kills and stops.
+    redis: RedisServer | None
     instances: list[AppInstance]
     nginx: NginxServer
     admin_token: str = STACK_ADMIN_TOKEN
     env: Mapping[str, str] = field(default_factory=dict)
+    cluster: LocalCluster | None = None
+
+    @property
+    def redis_env(self) -> dict[str, str]:
+        """What points a process at this stack's data tier (the mail worker too)."""
+        names = ("REDIS_URL", "REDIS_CLUSTER_NODES")
+        return {name: self.env[name] for name in names if name in self.env}
 
     # ---- where to send requests ------------------------------------------------
     @property
@@ -247,13 +259,17 @@ class FullStack:
         self.instances[index].restart()
 
     def stop_redis(self) -> None:
+        assert self.redis is not None, "a cluster's nodes are its owner's to stop"
         self.redis.stop()
 
     def kill_redis(self) -> None:
+        assert self.redis is not None, "a cluster's nodes are its owner's to kill"
         self.redis.kill()
 
     def start_redis(self) -> None:
         """Start Redis again on the same port and folder (the AOF brings the data back)."""
+        if self.redis is None:
+            return
         if self.redis.proc is None or self.redis.proc.poll() is not None:
             self.redis.proc = None
             self.redis.start()
@@ -301,7 +317,8 @@ class FullStack:
         for instance in self.instances:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 instance.terminate(timeout=15)
-        self.redis.stop()
+        if self.redis is not None:
+            self.redis.stop()
 
 
 @contextlib.contextmanager
@@ -312,17 +329,28 @@ def start_full_stack(
     workers: int = 2,
     env: Mapping[str, str] | None = None,
     nginx: Mapping[str, object] | None = None,
+    cluster: LocalCluster | None = None,
 ) -> Iterator[FullStack]:
     """Start redis, ``instances`` x ``workers`` app processes and nginx; stop them all after.
 
     ``env`` is added to the app instances' and the renderer's environment
     (e.g. MAX_INFLIGHT, LIMIT_WRITE_RATE); ``nginx`` overrides NginxConfig fields.
+    ``cluster``: a running Redis Cluster to use instead of a redis-server of the stack's own.
     """
     directory.mkdir(parents=True, exist_ok=True)
     extra = dict(env or {})
-    redis = RedisServer(directory=directory / "redis", port=free_port())
+    if cluster is None:
+        redis: RedisServer | None = RedisServer(directory=directory / "redis", port=free_port())
+        data_tier = {"REDIS_URL": redis.url}
+    else:
+        redis = None
+        # REDIS_URL gives the cluster only its password and TLS (none here).
+        data_tier = {
+            "REDIS_URL": f"redis://{HOST}/0",
+            "REDIS_CLUSTER_NODES": ",".join(f"{HOST}:{port}" for port in cluster.ports),
+        }
     defaults = {
-        "REDIS_URL": redis.url,
+        **data_tier,
         "ADMIN_TOKEN": STACK_ADMIN_TOKEN,
         "BENCH_ROUTES": "1",
         "BEHIND_PROXY": "1",
@@ -361,9 +389,11 @@ def start_full_stack(
         instances=app_instances,
         nginx=NginxServer(directory=directory / "nginx", config=config),
         env=app_env,
+        cluster=cluster,
     )
     try:
-        redis.start()
+        if redis is not None:
+            redis.start()
         for instance in app_instances:
             instance.start(wait=False)
         for instance in app_instances:
