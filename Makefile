@@ -53,6 +53,7 @@ help:
 	@echo "make run       install what running needs, then start redis (REDIS_CLUSTER=1: a local cluster), the app instances, nginx,"
 	@echo "               the mail worker and a dev SMTP sink in the foreground (Ctrl-C stops all)"
 	@echo "make test      install the test tools too, then run the test suite (PYTEST_ARGS='-k name')"
+	@echo "make soak-tests  the long fault tests that make test leaves out (pytest marker soak)"
 	@echo "make lint      ruff check and ruff format --check"
 	@echo "make status    the health of every process of a running make run stack (exit 1 if one is down)"
 	@echo "make loadtest  a bounded headless Locust run against a fresh stack, then the verifier"
@@ -125,8 +126,13 @@ load-setup: load-packages venv $(VENV)/.synced-load
 	@$(PYTHON) -m app.ops.lock check
 .PHONY: test-setup load-setup
 
+# make test leaves out the long fault tests (marker soak); make soak-tests runs only them.
 test: test-setup
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not soak" $(PYTEST_ARGS)
+
+soak-tests: test-setup
+	$(VENV)/bin/pytest -m soak $(PYTEST_ARGS)
+.PHONY: soak-tests
 
 lint: test-setup
 	$(VENV)/bin/ruff check .

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from loadtests.support.stack import FullStack, start_full_stack
+from tests.helpers import NO_SHEDDING_ENV
 
 HERE = Path(__file__).resolve().parent
 # Examples per operation and phase; 26 operations are tested in each run.
@@ -34,7 +35,11 @@ HIGH_LIMITS = {
 @pytest.fixture(scope="module")
 def fuzz_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullStack]:
     with start_full_stack(
-        tmp_path_factory.mktemp("fuzz-stack"), instances=1, workers=2, env=HIGH_LIMITS
+        tmp_path_factory.mktemp("fuzz-stack"),
+        instances=1,
+        workers=2,
+        # Fuzzing is not overload: a busy box must not turn a slow answer into a 503.
+        env={**HIGH_LIMITS, **NO_SHEDDING_ENV},
     ) as stack:
         yield stack
 
