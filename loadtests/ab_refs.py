@@ -41,8 +41,10 @@ from typing import Any
 
 from app.ops.instances import ROOT
 from loadtests import rig
-from loadtests.bench import BENCH_LIMITS
-from loadtests.bench_drivers import wrk
+from loadtests.bench_drivers import BENCH_LIMITS, wrk
+
+# What each round measures: POST /orders and GET /bench/hello (its P1 figure).
+PATHS = ("orders", "hello")
 
 # Run inside a side's checkout: start its stack, provision it, say where it is,
 # then hold it until stdin closes.
@@ -112,12 +114,16 @@ def side(
             proc.kill()
 
 
-def measure(url: str, pid: int, data: Path, seconds: int, cpus: Any) -> dict[str, float]:
+def measure(
+    url: str, pid: int, data: Path, seconds: int, cpus: Any, paths: tuple[str, ...] = PATHS
+) -> dict[str, float]:
     row: dict[str, float] = {}
     for name, path, script, script_args in (
         ("orders", "/orders", "orders.lua", [str(data), secrets.token_hex(6), "0"]),
         ("hello", "/bench/hello", "hello.lua", None),
     ):
+        if name not in paths:
+            continue
         before = rig.cpu_seconds([pid], only=b"gunicorn")
         redis_before = rig.cpu_seconds([pid], only=b"redis-server")
         result = wrk(
@@ -140,6 +146,110 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
     return dict(pair.split("=", 1) for pair in pairs)
 
 
+def compare(
+    a: str,
+    b: str,
+    a_env: dict[str, str],
+    b_env: dict[str, str],
+    *,
+    rounds: int,
+    seconds: int,
+    paths: tuple[str, ...] = PATHS,
+) -> dict[str, Any]:
+    """Both sides up at once, ``rounds`` alternating wrk rounds of each of ``paths``; the
+    medians per side and B/A (see the module's docstring)."""
+    split = rig.cpu_split()
+    cpus = split.load or None
+    rows: dict[str, list[dict[str, float]]] = {"a": [], "b": []}
+    load_at_start = list(os.getloadavg())
+    with tempfile.TemporaryDirectory(prefix="phoneshop-ab-") as temp:
+        folder = Path(temp)
+        with (
+            checkout(a, folder / "a") as tree_a,
+            checkout(b, folder / "b") as tree_b,
+            side(tree_a, {**BENCH_LIMITS, **a_env}, folder / "a.lua", split) as side_a,
+            side(tree_b, {**BENCH_LIMITS, **b_env}, folder / "b.lua", split) as side_b,
+        ):
+            sides = {"a": (*side_a, folder / "a.lua"), "b": (*side_b, folder / "b.lua")}
+            for url, pid, data in sides.values():  # warm-up, not counted
+                measure(url, pid, data, 2, cpus, paths)
+            for round_ in range(rounds):
+                for label in ("a", "b") if round_ % 2 == 0 else ("b", "a"):
+                    url, pid, data = sides[label]
+                    rows[label].append(measure(url, pid, data, seconds, cpus, paths))
+    report: dict[str, Any] = {"a": a, "b": b, "split": split.describe(), "rounds": rows}
+    report["load_average"] = {"start": load_at_start, "end": list(os.getloadavg())}
+    for key in rows["a"][0]:
+        a_med = statistics.median(r[key] for r in rows["a"])
+        b_med = statistics.median(r[key] for r in rows["b"])
+        report[key] = {"a": a_med, "b": b_med, "b_over_a": b_med / a_med if a_med else 0.0}
+    if "hello" in paths and "orders" in paths:
+        for label in ("a", "b"):
+            hello = report["hello"][label]
+            report[f"p1_{label}"] = report["orders"][label] / hello if hello else 0.0
+    return report
+
+
+# ---- make bench's section: one redis-server against the baseline (issue 11, item 3) -------
+
+ONE_NODE_TITLE = "One redis-server against the baseline (issue 11, item 3)"
+# Orders/s through nginx on one redis-server must stay within 10% of the baseline's.
+ONE_NODE_TARGET = 0.9
+# main before the data tier's one code path: the figure item 3 keeps.
+BASELINE_REF = "bcd7d5c"
+
+
+def one_node_markdown(report: dict[str, Any], target: float = ONE_NODE_TARGET) -> str:
+    orders, app, redis = (
+        report["orders"],
+        report["orders_app_cpu_us"],
+        report["orders_redis_cpu_us"],
+    )
+    ratio = orders["b_over_a"]
+    verdict = "met" if ratio >= target else "**missed**"
+    start, end = report["load_average"]["start"][0], report["load_average"]["end"][0]
+    rounds = report["rounds"]
+    spread = {
+        label: f"{min(r['orders'] for r in rounds[label]):,.0f} to {max(r['orders'] for r in rounds[label]):,.0f}"
+        for label in ("a", "b")
+    }
+    return f"""| POST /orders through nginx, one redis-server | A: baseline `{report["a"]}` | B: this tree | B / A | target |
+|---|---|---|---|---|
+| orders/s (2xx), median of {len(rounds["a"])} rounds | {orders["a"]:,.0f} | {orders["b"]:,.0f} | {ratio:.2f} | ≥ {target} {verdict} |
+| orders/s, every round | {spread["a"]} | {spread["b"]} | | |
+| app workers' CPU µs per order | {app["a"]:.1f} | {app["b"]:.1f} | {app["b_over_a"]:.2f} | |
+| redis-server CPU µs per order | {redis["a"]:.1f} | {redis["b"]:.1f} | {redis["b_over_a"]:.2f} | |
+
+`python -m loadtests.ab_refs --a {report["a"]} --b . --paths orders`: each side from its own
+checkout with its own defaults (so the baseline's order path is its default, place_order),
+2 instances x 1 worker, redis AOF `always`; {report["split"]}; rounds alternate A first, then B
+first. Load average {start:.1f} at the start, {end:.1f} at the end.
+"""
+
+
+def section(args: argparse.Namespace, out: Path) -> dict[str, str]:
+    """loadtests/bench.py's hook: this tree against the baseline ref, in this run."""
+    ref = getattr(args, "baseline_ref", BASELINE_REF)
+    try:
+        report = compare(
+            ref,
+            ".",
+            {},
+            {},
+            rounds=getattr(args, "ab_rounds", 4),
+            seconds=getattr(args, "ab_seconds", 4),
+            paths=("orders",),
+        )
+    except subprocess.CalledProcessError as error:  # a clone without that commit
+        return {
+            "title": ONE_NODE_TITLE,
+            "markdown": f"Not measured: no checkout of `{ref}` here ({error.stderr!r}).\n",
+        }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "one-node-ab.json").write_text(json.dumps(report, indent=1))
+    return {"title": ONE_NODE_TITLE, "markdown": one_node_markdown(report)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.ab_refs", description=__doc__)
     parser.add_argument("--a", required=True, help="git ref of side A ('.' = this tree)")
@@ -148,36 +258,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--b-env", action="append", default=[], help="KEY=VALUE for side B")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument(
+        "--paths", default=",".join(PATHS), help="what to measure: orders, hello or both"
+    )
     args = parser.parse_args(argv)
-    split = rig.cpu_split()
-    cpus = split.load or None
-    rows: dict[str, list[dict[str, float]]] = {"a": [], "b": []}
-    load_at_start = list(os.getloadavg())
-    with tempfile.TemporaryDirectory(prefix="phoneshop-ab-") as temp:
-        folder = Path(temp)
-        with (
-            checkout(args.a, folder / "a") as tree_a,
-            checkout(args.b, folder / "b") as tree_b,
-            side(tree_a, {**BENCH_LIMITS, **parse_env(args.a_env)}, folder / "a.lua", split) as a,
-            side(tree_b, {**BENCH_LIMITS, **parse_env(args.b_env)}, folder / "b.lua", split) as b,
-        ):
-            sides = {"a": (*a, folder / "a.lua"), "b": (*b, folder / "b.lua")}
-            for url, pid, data in sides.values():  # warm-up, not counted
-                measure(url, pid, data, 2, cpus)
-            for round_ in range(args.rounds):
-                for label in ("a", "b") if round_ % 2 == 0 else ("b", "a"):
-                    url, pid, data = sides[label]
-                    rows[label].append(measure(url, pid, data, args.seconds, cpus))
-    report: dict[str, Any] = {"a": args.a, "b": args.b, "split": split.describe(), "rounds": rows}
-    report["load_average"] = {"start": load_at_start, "end": list(os.getloadavg())}
-    for key in ("orders", "hello", "orders_app_cpu_us", "hello_app_cpu_us", "orders_redis_cpu_us"):
-        a_med = statistics.median(r[key] for r in rows["a"])
-        b_med = statistics.median(r[key] for r in rows["b"])
-        report[key] = {"a": a_med, "b": b_med, "b_over_a": b_med / a_med if a_med else 0.0}
-    for label in ("a", "b"):
-        orders = statistics.median(r["orders"] for r in rows[label])
-        hello = statistics.median(r["hello"] for r in rows[label])
-        report[f"p1_{label}"] = orders / hello if hello else 0.0
+    report = compare(
+        args.a,
+        args.b,
+        parse_env(args.a_env),
+        parse_env(args.b_env),
+        rounds=args.rounds,
+        seconds=args.seconds,
+        paths=tuple(args.paths.split(",")),
+    )
     print(json.dumps(report, indent=1))
     return 0
 

@@ -24,7 +24,9 @@ Then:
 6. A/B comparisons, each in this run: two stacks that differ in one setting,
    wrk rounds alternating between them, orders/s and CPU per request from /proc
    (:data:`AB_COMPARISONS`);
-7. extra sections from their own modules (:data:`EXTRA_SECTIONS`): the mail lag.
+7. extra sections from their own modules (:data:`EXTRA_SECTIONS`): the mail lag, the
+   data tier on 1 and on 3 primaries (loadtests/bench_tier.py), and POST /orders on one
+   redis-server against the baseline ref (loadtests/ab_refs.py, issue 11's item 3).
 
 Targets are reported, never asserted: a benchmark is not a test. Runs in about
 9 minutes, the mail-lag section's 5 included; everything goes to 127.0.0.1 and
@@ -54,7 +56,7 @@ from typing import Any
 
 from app import keys
 from app.ops.instances import ROOT
-from loadtests import bench_mail_lag, rig
+from loadtests import ab_refs, bench_mail_lag, bench_tier, rig
 from loadtests.bench_data import (
     bulk_load,
     memory_per_order,
@@ -63,6 +65,7 @@ from loadtests.bench_data import (
     transient_per_order,
 )
 from loadtests.bench_drivers import (
+    BENCH_LIMITS,
     ceiling_b,
     orders_openloop_spec,
     orders_wrk,
@@ -75,15 +78,6 @@ from loadtests.bench_report import render
 from loadtests.stack import LoadStack, launch
 
 REPORTS = ROOT / "loadtests" / "reports"
-
-# nginx limits for the bench: high enough that they never answer instead of the app.
-BENCH_LIMITS = {
-    "LIMIT_WRITE_RATE": "1000000r/s",
-    "LIMIT_WRITE_BURST": "1000000",
-    "LIMIT_READ_RATE": "1000000r/s",
-    "LIMIT_READ_BURST": "1000000",
-    "LIMIT_CONN": "60000",
-}
 
 # The overload levels: (name, multiple of the capacity, seconds), run back to back.
 LEVELS = (
@@ -155,7 +149,9 @@ AB_COMPARISONS: list[Comparison] = [
 # Report sections of their own modules: a callable (args, the run's folder) ->
 # {"title": ..., "markdown": ...}, run after the main stack has stopped.
 EXTRA_SECTIONS: list[Callable[[argparse.Namespace, Path], dict[str, str]]] = [
-    bench_mail_lag.section
+    bench_mail_lag.section,
+    bench_tier.section,
+    ab_refs.section,
 ]
 
 
@@ -611,6 +607,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--ab-rounds", type=int, default=4, help="wrk rounds per A/B side")
     parser.add_argument("--ab-seconds", type=int, default=4, help="seconds per A/B round")
+    parser.add_argument(
+        "--baseline-ref",
+        default=os.environ.get("BENCH_BASELINE_REF", ab_refs.BASELINE_REF),
+        help="side A of the one-redis-server A/B (BENCH_BASELINE_REF)",
+    )
+    parser.add_argument(
+        "--tier-orders", type=int, default=2000, help="orders recorded per shard count"
+    )
     args = parser.parse_args(argv)
     for binary in ("wrk", "redis-benchmark", "redis-cli"):
         if shutil.which(binary) is None:

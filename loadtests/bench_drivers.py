@@ -26,6 +26,15 @@ from loadtests.stack import LoadStack
 
 WRK_DIR = ROOT / "loadtests" / "wrk"
 
+# nginx limits for the bench: high enough that they never answer instead of the app.
+BENCH_LIMITS = {
+    "LIMIT_WRITE_RATE": "1000000r/s",
+    "LIMIT_WRITE_BURST": "1000000",
+    "LIMIT_READ_RATE": "1000000r/s",
+    "LIMIT_READ_BURST": "1000000",
+    "LIMIT_CONN": "60000",
+}
+
 # ---- wrk ------------------------------------------------------------------------------------
 
 

@@ -1,12 +1,12 @@
-"""loadtests/saga_cost.py and saga_shards.py on small runs: each phase makes the script
-calls it claims per order, and every figure comes from the servers (none reads as free)."""
+"""loadtests/saga_cost.py on a small run: each phase makes the script calls it claims per
+order, and every figure comes from the server (none reads as free). The 1-against-3-primaries
+run is loadtests/bench_tier.py's (tests/test_bench_tier.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from loadtests.saga_cost import run
-from loadtests.saga_shards import run as run_shards
 
 
 async def test_the_cost_run_counts_the_calls_of_each_phase(tmp_path: Path) -> None:
@@ -21,14 +21,3 @@ async def test_the_cost_run_counts_the_calls_of_each_phase(tmp_path: Path) -> No
         assert row["orders"] == 200
         assert row["redis_cpu_us_per_order"] > 0 and row["script_us_per_call"] > 0
 
-
-async def test_the_shards_run_places_cross_partition_orders_on_1_and_3_primaries(
-    tmp_path: Path,
-) -> None:
-    one, three, ratios = await run_shards(orders=60, inflight=4, directory=tmp_path)
-    assert (one["primaries"], three["primaries"]) == (1, 3)
-    for row in (one, three):
-        # Reserve and commit per order, and at most one settle each (batched: fewer).
-        assert 2 < row["script_calls_per_order"] <= 3
-        assert row["redis_cpu_us_per_order"] > 0
-    assert ratios["cpu_per_order_3_to_1"] > 0
