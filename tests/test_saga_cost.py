@@ -20,4 +20,3 @@ async def test_the_cost_run_counts_the_calls_of_each_phase(tmp_path: Path) -> No
     for row in results:
         assert row["orders"] == 200
         assert row["redis_cpu_us_per_order"] > 0 and row["script_us_per_call"] > 0
-
