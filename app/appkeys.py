@@ -27,7 +27,7 @@ REDIS_GATEWAY: web.AppKey[RedisGateway] = web.AppKey("redis_gateway")
 # a RedisCluster when REDIS_CLUSTER_NODES is set (app/redis_clients.py).
 REDIS: web.AppKey[Redis | RedisCluster] = web.AppKey("redis")
 SCRIPTS: web.AppKey[Scripts] = web.AppKey("scripts")
-# The reservation saga's settler of this worker (only with Settings.order_saga).
+# The reservation saga's settler of this worker (on both tiers).
 SETTLER: web.AppKey[Settler] = web.AppKey("settler")
 TOKEN_CACHE: web.AppKey[TokenCache] = web.AppKey("token_cache")
 # This worker's overload control: its in-flight count and adaptive limit.

@@ -66,6 +66,7 @@ from app import keys
 from app.redis_clients import cluster_client
 from app.redis_gateway import (
     LuaScript,
+    NotOnOneNode,
     RedisGateway,
     WriteUnconfirmed,
     observe,
@@ -85,6 +86,13 @@ MOVING_SLOT_RETRY_S = 10.0
 MOVING_SLOT_BACKOFF_S = 0.05
 # The ack's own redirections: ASK while its slot moves, MOVED once it has moved.
 ACK_ATTEMPTS = 3
+
+
+def _not_served_here(error: ResponseError) -> bool:
+    """A node's answer to a script that touched a key of a slot it does not serve
+    (moved away, or migrating without the key): raised by that call, so the script
+    wrote nothing if it touched every such key before its first write."""
+    return "non local key" in str(error)
 
 
 def _never_ran(error: ClusterError) -> bool:
@@ -239,6 +247,36 @@ class ClusterGateway(RedisGateway):
                 return await self._run_and_wait(script, evalsha, keys[0])
         finally:
             observe(f"script:{script.name}", started)
+
+    async def run_on_one_node(
+        self, script: LuaScript, across_slots: LuaScript, keys: list[str], args: list[Any]
+    ) -> Any:
+        """``across_slots`` (app/lua_prelude.py) on the primary that serves every key, by
+        redis-py's slot map; NotOnOneNode, without sending anything, when the map puts
+        them on several, and NotOnOneNode when the node refused a key it does not serve
+        (a reshard or failover the map has not seen yet): the script touches those
+        before its first write, so it wrote nothing. The keys of the first key's slot
+        are declared; EVALSHA goes by them, as any script's."""
+        await self.transport.ready()
+        try:
+            primaries = {self.cluster.get_node_from_key(key).name for key in keys}
+        except RedisClusterException as error:  # a slot no node serves right now
+            raise NotOnOneNode(f"{script.name}: {error}") from error
+        if len(primaries) != 1:
+            raise NotOnOneNode(f"{script.name}: its keys are on {len(primaries)} primaries")
+        slot = self.cluster.keyslot(keys[0])
+        declared = 1
+        while declared < len(keys) and self.cluster.keyslot(keys[declared]) == slot:
+            declared += 1
+        undeclared = keys[declared:]
+        try:
+            return await self.run_script(
+                across_slots, keys[:declared], [len(undeclared), *undeclared, *args]
+            )
+        except ResponseError as error:
+            if _not_served_here(error):
+                raise NotOnOneNode(f"{script.name}: {error}") from error
+            raise
 
     async def _run_and_wait(self, script: LuaScript, evalsha: tuple[Any, ...], key: str) -> Any:
         reply: Any = None

@@ -9,7 +9,9 @@ put it before each), so no script copies a helper or spells a shared word:
 - next_seq(clock): the next ``seq`` of a partition (app/keys.py): Redis TIME in
   microseconds, or one more than the clock's last value when that is not
   later, stored back in the clock; returned as a string of digits. It writes,
-  so a script calls it only after its last check.
+  so a script calls it only after its last check;
+- keys_past_the_declared(declared, argv): a script's whole KEYS when a Redis Cluster
+  node runs it over several slots (``across_slots`` below).
 
 A script gets only the definitions it names (and those they use): each costs
 every run of the script a table or a closure, about 0.1 µs. They go on one
@@ -37,7 +39,20 @@ DEFINITIONS: dict[str, str] = {
     " local last = tonumber(redis.call('GET', clock) or '0')"
     " if seq <= last then seq = last + 1 end"
     " seq = string.format('%d', seq) redis.call('SET', clock, seq) return seq end",
+    # ARGV[1] = u, ARGV[2..1+u] the undeclared keys, then the script's own ARGV. Each
+    # undeclared key is touched first: a key this node does not serve (moved away, or
+    # not yet or no longer here while its slot migrates) fails the script right there,
+    # before the script's own first write, where its first write would have failed it
+    # after others.
+    "keys_past_the_declared": "local function keys_past_the_declared(declared, argv)"
+    " local all, count = {}, tonumber(argv[1])"
+    " for i = 1, #declared do all[i] = declared[i] end"
+    " for i = 2, count + 1 do redis.call('EXISTS', argv[i]) all[#all + 1] = argv[i] end"
+    " return all, {unpack(argv, count + 2)} end",
 }
+
+# What a script needs to run over keys of several slots of one Redis Cluster node.
+ACROSS_SLOTS_SHEBANG = "#!lua flags=allow-cross-slot-keys"
 
 
 def _names_in(text: str) -> set[str]:
@@ -63,3 +78,17 @@ def with_prelude(source: str) -> str:
         first_line, _, source = source.partition("\n")
         shebang = first_line + "\n"
     return f"{shebang}{prelude} {source}"
+
+
+def across_slots(source: str) -> str:
+    """A script (without a shebang of its own) as a Redis Cluster node runs it over keys
+    of several of its slots: a node answers CROSSSLOT to an EVALSHA whose declared keys
+    are in more than one slot, whatever the script's flags, so only the keys of the
+    first key's slot are declared and the rest come first in ARGV
+    (``keys_past_the_declared``); ``allow-cross-slot-keys`` lets the script use them,
+    and the node still refuses any it does not serve. The script's body is unchanged:
+    ``KEYS`` and ``ARGV`` are rebuilt as locals before it, on its first line."""
+    if source.startswith("#!"):
+        raise ValueError("across_slots takes a script without a shebang")
+    rebuilt = "local KEYS, ARGV = keys_past_the_declared(KEYS, ARGV) "
+    return with_prelude(f"{ACROSS_SLOTS_SHEBANG}\n{rebuilt}{source}")

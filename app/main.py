@@ -108,8 +108,9 @@ def build_app(settings: Settings) -> web.Application:
     app[appkeys.READINESS] = Readiness()
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(events_ctx)  # after redis_ctx: replays use its pool
-    if settings.order_saga:
-        app.cleanup_ctx.append(settler_ctx)  # after redis_ctx: it settles over its gateway
+    # On both tiers: it settles the split saga's orders (none on one redis-server unless
+    # SAGA_ALWAYS_SPLIT), and whatever a worker that died midway left.
+    app.cleanup_ctx.append(settler_ctx)  # after redis_ctx: it settles over its gateway
     app.on_startup.append(instrument)  # runs after every cleanup_ctx: wraps its clients
     app.on_shutdown.append(close_event_sockets)
     app.on_cleanup.append(flush_observations)

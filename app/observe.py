@@ -119,8 +119,9 @@ def _log_access(
 # ---- Redis and order outcomes ------------------------------------------------------
 
 
-# The scripts whose answer is a POST /orders answer: place_order, or under the
-# reservation saga (ORDER_SAGA) the commit or the rejection that ends the order.
+# The scripts whose answer is a POST /orders answer: place_order (the saga collapsed
+# into one script on one node), or the split saga's commit or the rejection that ends
+# the order.
 _ORDER_ANSWERS = frozenset({"place_order", "commit_order", "reject_order"})
 # The scripts that cancel an order: cancel_order, or the saga's refund step.
 _CANCELS = frozenset({"cancel_order", "refund_order"})
@@ -150,16 +151,20 @@ class ObservedScripts:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._scripts, name)
 
-    async def call(self, name: str, keys: list[str], args: list[str | int]) -> Any:
+    async def call(
+        self, name: str, keys: list[str], args: list[str | int], *, one_node: bool = False
+    ) -> Any:
         """The saga's steps take answers as they are (refusals included)."""
-        result = await self._scripts.call(name, keys, args)
+        result = await self._scripts.call(name, keys, args, one_node=one_node)
         if name in _ORDER_ANSWERS:
             _count_order_answer(result)
         return result
 
-    async def run(self, name: str, keys: list[str], args: list[str | int]) -> Any:
+    async def run(
+        self, name: str, keys: list[str], args: list[str | int], *, one_node: bool = False
+    ) -> Any:
         try:
-            result = await self._scripts.run(name, keys, args)
+            result = await self._scripts.run(name, keys, args, one_node=one_node)
         except ProblemError as error:  # the script refused: nothing was written
             if name in _ORDER_ANSWERS:
                 metrics.orders_rejected(error.code).inc()

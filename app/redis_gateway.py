@@ -80,6 +80,12 @@ class WriteUnconfirmed(Exception):
         self.wanted = wanted
 
 
+class NotOnOneNode(Exception):
+    """A script over several partitions did not run: its keys are not all served by one
+    node (a Redis Cluster whose slot map says so, or whose node refused a key it no
+    longer serves, before the script's first write). The caller takes the split path."""
+
+
 class Transport(Protocol):
     """Moves commands and raw RESP replies; raises redis-py's exceptions."""
 
@@ -172,6 +178,14 @@ class RedisGateway:
                 return await self.transport.execute("EVALSHA", script.sha, len(keys), *keys, *args)
         finally:
             observe(f"script:{script.name}", started)
+
+    async def run_on_one_node(
+        self, script: LuaScript, across_slots: LuaScript, keys: list[str], args: list[Any]
+    ) -> Any:
+        """A script whose keys span partitions, where one node serves them all: on one
+        redis-server that is always so, and the script runs as it is (``across_slots``,
+        its form for a cluster node's several slots, is the cluster gateway's)."""
+        return await self.run_script(script, keys, args)
 
     async def get(self, key: str) -> bytes | None:
         return await self.execute("GET", key)

@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from app.lua_prelude import with_prelude
+from app.lua_prelude import across_slots, with_prelude
 from app.problems import PROBLEMS, ProblemError, retry_later
 from app.redis_gateway import LuaScript, RedisGateway, WriteUnconfirmed
 
@@ -58,9 +58,24 @@ RERUNNABLE = frozenset(
 )
 
 
+# The scripts whose keys span partitions: the order path's collapsed forms (the saga in
+# one script: app/orders/saga_service.py), run only where one node serves every key.
+ONE_NODE_SCRIPTS = ("place_order", "cancel_order")
+
+
+def _text(name: str) -> str:
+    return resources.files("app").joinpath("lua", f"{name}.lua").read_text()
+
+
 def load_source(name: str) -> str:
     """The script as Redis runs it: with the prelude."""
-    return with_prelude(resources.files("app").joinpath("lua", f"{name}.lua").read_text())
+    return with_prelude(_text(name))
+
+
+def load_across_slots_source(name: str) -> str:
+    """The same script as a Redis Cluster node runs it over several of its slots
+    (app/lua_prelude.py's ``across_slots``)."""
+    return across_slots(_text(name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,15 +96,21 @@ class Scripts:
             name: LuaScript.of(name, load_source(name), rerunnable=name in RERUNNABLE)
             for name in SCRIPT_NAMES
         }
+        self._across_slots = {
+            name: LuaScript.of(name, load_across_slots_source(name)) for name in ONE_NODE_SCRIPTS
+        }
+
+    def _every_form(self) -> list[LuaScript]:
+        return [*self._scripts.values(), *self._across_slots.values()]
 
     async def load(self) -> None:
         """SCRIPT LOAD every script so /readyz can tell they are there."""
-        for script in self._scripts.values():
+        for script in self._every_form():
             await self._gateway.execute("SCRIPT", "LOAD", script.source)
 
     async def loaded(self) -> bool:
         """Over the connection the orders use: ready must mean they can run."""
-        shas = [script.sha for script in self._scripts.values()]
+        shas = [script.sha for script in self._every_form()]
         return all(await self._gateway.execute("SCRIPT", "EXISTS", *shas))
 
     @property
@@ -97,19 +118,31 @@ class Scripts:
         """The connection the scripts run over, as the gateway's opaque token."""
         return self._gateway.connection
 
-    async def call(self, name: str, keys: list[str], args: list[str | int]) -> ScriptResult:
+    async def call(
+        self, name: str, keys: list[str], args: list[str | int], *, one_node: bool = False
+    ) -> ScriptResult:
         """The script's answer as it is, refusals included: for callers (the saga's
         steps) that act on a refusal instead of answering it to a client. A write its
-        replica did not confirm raises WriteUnconfirmed (app/redis_gateway.py)."""
-        reply = await self._gateway.run_script(self._scripts[name], keys, args)
+        replica did not confirm raises WriteUnconfirmed (app/redis_gateway.py).
+        ``one_node``: one of ONE_NODE_SCRIPTS, run only where one node serves every key,
+        else NotOnOneNode and nothing ran (RedisGateway.run_on_one_node)."""
+        script = self._scripts[name]
+        if one_node:
+            reply = await self._gateway.run_on_one_node(
+                script, self._across_slots[name], keys, args
+            )
+        else:
+            reply = await self._gateway.run_script(script, keys, args)
         status = int(reply[0])
         raw = reply[1] if isinstance(reply[1], bytes) else str(reply[1]).encode()
         payload = msgspec.json.decode(raw)
         return ScriptResult(status, payload, len(reply) > 2 and int(reply[2]) == 1, raw)
 
-    async def run(self, name: str, keys: list[str], args: list[str | int]) -> ScriptResult:
+    async def run(
+        self, name: str, keys: list[str], args: list[str | int], *, one_node: bool = False
+    ) -> ScriptResult:
         try:
-            result = await self.call(name, keys, args)
+            result = await self.call(name, keys, args, one_node=one_node)
         except WriteUnconfirmed as error:
             raise unconfirmed_problem(error) from None
         if result.status >= 400 and not result.flag:

@@ -148,16 +148,17 @@ class Settings:
     # Write the metric updates and access lines of one event-loop turn together
     # (app/metrics.py, app/logs.py); 0 writes each at once, for A/B runs.
     observe_batching: bool = True
-    # Orders by the reservation saga (app/orders/saga_service.py) instead of one
-    # place_order script; the settler runs in every worker then. On by default on a
-    # cluster (place_order's phones live in other partitions there), off on one server.
-    order_saga: bool = False
     # The longest an app may take from its reserves to its commit before the settler
     # may fence the order and release its stock (docs/data-tier.md, 3.2).
     reservation_ttl_ms: int = 10_000
     # Test-only: the worker SIGKILLs itself right after this saga step (one of
     # SAGA_FAULT_POINTS), so the crash-point tests kill it exactly there. Empty: never.
     saga_fault_point: str = ""
+    # Test-only: every order and cancel takes the split saga (reserve, commit, settle)
+    # even where one node serves all its partitions, as on one redis-server, where it
+    # would collapse into one script (app/orders/saga_service.py); so the split saga's
+    # steps and crash points can be tested there.
+    saga_always_split: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -192,13 +193,6 @@ class Settings:
             raise SettingsError(
                 f"REDIS_WAIT_MS ({wait_ms}) must be below REDIS_TIMEOUT ({redis_timeout} s)"
             )
-        order_saga = env_bool(env, "ORDER_SAGA", bool(cluster_nodes))
-        if cluster_nodes and not order_saga:
-            # place_order.lua takes stock on phones of other partitions: CROSSSLOT there.
-            raise SettingsError(
-                "ORDER_SAGA=0 cannot place orders on REDIS_CLUSTER_NODES: a cluster places "
-                "them by the reservation saga (leave ORDER_SAGA unset or 1)"
-            )
         return cls(
             redis_url=redis_url,
             redis_timeout=redis_timeout,
@@ -232,11 +226,11 @@ class Settings:
             bench_routes=env_bool(env, "BENCH_ROUTES", cls.bench_routes),
             behind_proxy=env_bool(env, "BEHIND_PROXY", cls.behind_proxy),
             observe_batching=env_bool(env, "OBSERVE_BATCHING", cls.observe_batching),
-            order_saga=order_saga,
             reservation_ttl_ms=env_int(
                 env, "SAGA_RESERVATION_TTL_MS", cls.reservation_ttl_ms, 100, 600_000
             ),
             saga_fault_point=_fault_point(env),
+            saga_always_split=env_bool(env, "SAGA_ALWAYS_SPLIT", cls.saga_always_split),
         )
 
     def __repr__(self) -> str:

@@ -6,7 +6,7 @@ through nginx, wrk rounds alternating between the two stacks.
 
 Two settings of one tree are the same command with both refs ``.``:
 
-    python -m loadtests.ab_refs --a . --b . --a-env ORDER_SAGA=0 --b-env ORDER_SAGA=1
+    python -m loadtests.ab_refs --a . --b . --a-env SAGA_ALWAYS_SPLIT=0 --b-env SAGA_ALWAYS_SPLIT=1
 
 For a change that no setting switches off (the middleware chain), the A/B of
 loadtests/bench.py (two stacks differing in one setting) cannot show it; this
@@ -137,7 +137,7 @@ def measure(
         served = sum(n for status, n in result["statuses"].items() if 200 <= status < 300)
         row[f"{name}_app_cpu_us"] = used * 1e6 / max(served, 1)
         # The store's side of the same answers: a protocol of several scripts per order
-        # (ORDER_SAGA) shows here more than in the app.
+        # (the split saga) shows here more than in the app.
         row[f"{name}_redis_cpu_us"] = redis_used * 1e6 / max(served, 1)
     return row
 

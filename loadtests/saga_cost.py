@@ -7,7 +7,8 @@ folder, seeded with customers and phones; then, each phase on its own with
 multiplexed connection) with K calls in flight:
 
 ``place_order``   today's order: one script call per order;
-``saga order``    the same order by the saga's order path (app/orders/saga_service.py):
+``saga order``    the same order by the saga's order path (app/orders/saga_service.py),
+                  split (``always_split``: on one node it collapses into place_order):
                   reserve, commit, then the settle it hands the settler after the
                   answer (one call per phone partition every 50 ms);
 ``reserve``       the saga's try on the phone's partition alone (reserve_stock.lua);
@@ -43,6 +44,7 @@ from app.orders.service import place_order
 from app.orders.settler import Settler
 from app.redis_gateway import open_gateway
 from app.scripts import Scripts
+from app.vocabulary import new_order_id
 from loadtests.support.servers import RedisServer, free_port
 
 PHONES = 64
@@ -139,6 +141,7 @@ async def run(orders: int, inflight: int, directory: Path) -> list[dict[str, Any
             customer_id, phone_id, _ = line(i)
             await place_order(
                 scripts,
+                order_id=new_order_id(customer_id),
                 customer_id=customer_id,
                 lines=[(phone_id, 1)],
                 autocheck=True,
@@ -161,6 +164,7 @@ async def run(orders: int, inflight: int, directory: Path) -> list[dict[str, Any
                 idempotency_ttl=86400,
                 request_id=f"cost-{i}",
                 reservation_ttl_ms=10_000,
+                always_split=True,  # one redis-server would collapse it into place_order
             )
 
         order_ids = [

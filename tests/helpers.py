@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from app import keys
+from app import keys, metrics
 from app.ops.poll import wait_until_async
 from app.ops.redis_cluster import LocalCluster
 from app.partitions import PARTITIONS
@@ -168,9 +169,9 @@ async def snapshot(redis: Redis) -> dict[bytes, bytes]:
 
 
 async def settled(redis: Redis) -> None:
-    """Wait until no unit is held by the reservation saga (ORDER_SAGA): a commit's units
-    move from held to sold in a batch up to 50 ms after its 201, so a read right after
-    an answer sees the order still in motion. With place_order nothing is ever held."""
+    """Wait until no unit is held by the split reservation saga: a commit's units move
+    from held to sold in a batch up to 50 ms after its 201, so a read right after an
+    answer sees the order still in motion. Collapsed (place_order) nothing is ever held."""
 
     async def nothing_held() -> bool:
         async with redis.pipeline(transaction=False) as pipe:
@@ -218,3 +219,12 @@ def nginx_in_front_of(
         access_log=str(directory / "access.log"),
         error_log="stderr",
     )
+
+
+CALLS = "phoneshop_redis_call_duration_seconds_count"
+
+
+def timed(call: str) -> float:
+    """How many Redis calls labelled ``call`` this process has timed so far."""
+    metrics.flush()  # the updates of this loop turn, written now
+    return REGISTRY.get_sample_value(CALLS, {"call": call}) or 0.0

@@ -13,6 +13,7 @@ from app.admin.audit import BATCH
 from app.orders.service import place_order
 from app.redis_gateway import gateway_over
 from app.scripts import Scripts
+from app.vocabulary import new_order_id
 from tests.helpers import ADMIN, Shop, settled
 
 PREFILL = 4 * BATCH  # enough rows that one audit takes several round trips
@@ -32,9 +33,11 @@ async def _world(shop: Shop, redis: Redis) -> tuple[list[str], list[tuple[str, d
 
     async def one() -> None:
         i = next(counter)
+        customer_id = customers[i % 4][0]["id"]
         await place_order(
             scripts,
-            customer_id=customers[i % 4][0]["id"],
+            order_id=new_order_id(customer_id),
+            customer_id=customer_id,
             lines=[(phones[i % 4], 1 + i % 3)],
             autocheck=i % 2 == 0,
             idempotency_key=None,
@@ -95,7 +98,7 @@ async def test_audit_finishes_and_holds_while_orders_are_placed(shop: Shop, redi
         assert audit["orders"]["total"] >= PREFILL
     assert written < WRITES, "the writer finished before the audits overlapped it"
 
-    # The saga (ORDER_SAGA) settles a 201's units up to 50 ms after the answer: rest
+    # The split saga settles a 201's units up to 50 ms after the answer: rest
     # begins once that is done.
     await settled(redis)
     at_rest = await shop.audit()
@@ -179,14 +182,14 @@ async def _ledger(redis: Redis, key: str) -> dict[str, int]:
 async def test_cancel_and_check_move_the_ledger(shop: Shop, redis: Redis) -> None:
     phone = await shop.phone(price_cents=100, stock=10)
     customer, auth = await shop.customer(balance_cents=1000)
-    by_saga = shop.client.app[appkeys.SETTINGS].order_saga
+    by_saga = shop.client.app[appkeys.SETTINGS].saga_always_split
     principal_orders = []
     for _ in range(2):
         placed = await shop.order(auth, [(phone["id"], 3)], autocheck=False)
         principal_orders.append((await placed.json())["order"]["id"])
         # Each order's saga settle on its own (not both in one batch): the count is exact.
         await settled(redis)
-    # Through the API, so that the order path in use (place_order or the saga) cancels.
+    # Through the API, so that the order path's form in use (collapsed or split) cancels.
     for action, order_id in (("check", principal_orders[0]), ("cancel", principal_orders[1])):
         response = await shop.client.post(f"/orders/{order_id}/{action}", headers=ADMIN)
         assert response.status == 200, await response.text()

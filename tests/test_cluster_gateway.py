@@ -178,12 +178,11 @@ def test_settings_turn_the_cluster_and_its_wait_on_together() -> None:
     base = {"ADMIN_TOKEN": ADMIN_TOKEN}
     single = Settings.from_env(base)
     assert (single.redis_cluster_nodes, single.redis_wait_replicas) == ((), 0)
-    assert not single.order_saga
+    assert not single.saga_always_split, "one redis-server collapses the saga"
 
     cluster = Settings.from_env({**base, "REDIS_CLUSTER_NODES": " 10.0.0.1:7001, node-b:7002 "})
     assert cluster.redis_cluster_nodes == (("10.0.0.1", 7001), ("node-b", 7002))
     assert (cluster.redis_wait_replicas, cluster.redis_wait_ms) == (1, 500)
-    assert cluster.order_saga, "a cluster places orders by the saga"
     assert "node-b" in repr(cluster)
 
     chosen = Settings.from_env(
@@ -204,7 +203,6 @@ def test_settings_turn_the_cluster_and_its_wait_on_together() -> None:
         ({"REDIS_CLUSTER_NODES": "h:1", "REDIS_WAIT_MS": "0"}, "REDIS_WAIT_MS"),
         ({"REDIS_CLUSTER_NODES": "h:1", "REDIS_WAIT_MS": "2000"}, "below REDIS_TIMEOUT"),
         ({"REDIS_CLUSTER_NODES": "h:1", "REDIS_URL": "unix:///tmp/r.sock"}, "redis://"),
-        ({"REDIS_CLUSTER_NODES": "h:1", "ORDER_SAGA": "0"}, "ORDER_SAGA=0"),
     ],
 )
 def test_settings_refuse_a_cluster_they_cannot_use(env: dict[str, str], message: str) -> None:

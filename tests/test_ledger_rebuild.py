@@ -64,7 +64,7 @@ async def _fill(shop: Shop, redis: Redis) -> None:
 
     for start in range(0, BATCH + 30, 10):
         await asyncio.gather(*(one(i) for i in range(start, start + 10)))
-    # At rest: under the saga (ORDER_SAGA) a 201's units are settled after the answer.
+    # At rest: under the split saga a 201's units are settled after the answer.
     await settled(redis)
 
 

@@ -286,7 +286,7 @@ async def test_metrics_move_exactly_with_known_traffic_summed_over_both_workers(
     assert delta(before, after, f"{duration}_count", **phone_route) == reads
     assert delta(before, after, f"{duration}_bucket", le="+Inf", **phone_route) == reads
     redis_calls = "phoneshop_redis_call_duration_seconds_count"
-    if Settings.from_env(ops.stack.env).order_saga:
+    if Settings.from_env(ops.stack.env).saga_always_split:
         # The saga: each of the seven POST /orders reserved (the replay too, under a
         # new order id) and was answered by one script, a commit (3 placed, the replay,
         # the 402) or a rejection (a reserve refused: the 409 and the 404), each timed

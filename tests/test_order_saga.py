@@ -1,5 +1,6 @@
-"""POST /orders and POST /orders/{id}/cancel by the reservation saga (ORDER_SAGA=1,
-app/orders/saga_service.py) through the real app and one real redis-server: the
+"""POST /orders and POST /orders/{id}/cancel by the split reservation saga
+(app/orders/saga_service.py, forced by the test-only SAGA_ALWAYS_SPLIT=1: one
+redis-server would collapse it) through the real app and one real redis-server: the
 answers keep today's codes and precedence, the stock is held, then sold or given back,
 one Idempotency-Key gives one order, and the oversell race sells exactly the stock.
 The settles run after the answer, so the tests poll for them; nothing sleeps."""
@@ -24,8 +25,10 @@ from tests.helpers import ADMIN, Shop, without_shedding
 
 @pytest.fixture
 def app_env(app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    monkeypatch.setenv("ORDER_SAGA", "1")
-    return without_shedding({**app_env, "ORDER_SAGA": "1"}, monkeypatch)
+    # One redis-server serves every partition, where an order collapses into one script:
+    # these are the split saga's own tests (test-only SAGA_ALWAYS_SPLIT).
+    monkeypatch.setenv("SAGA_ALWAYS_SPLIT", "1")
+    return without_shedding({**app_env, "SAGA_ALWAYS_SPLIT": "1"}, monkeypatch)
 
 
 async def units(redis: Redis, phone_id: str) -> dict[str, int]:

@@ -6,11 +6,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from prometheus_client import REGISTRY
 from redis import exceptions as rx
 from redis.asyncio import BlockingConnectionPool, Redis
 
-from app import appkeys, keys, metrics
+from app import appkeys, keys
 from app.fastredis import MultiplexedRedis
 from app.redis_gateway import (
     ClientTransport,
@@ -21,15 +20,7 @@ from app.redis_gateway import (
     open_gateway,
 )
 from loadtests.support.servers import RedisServer
-from tests.helpers import Shop
-
-CALLS = "phoneshop_redis_call_duration_seconds_count"
-
-
-def timed(call: str) -> float:
-    """How many calls labelled ``call`` this process has timed so far."""
-    metrics.flush()  # the updates of this loop turn, written now
-    return REGISTRY.get_sample_value(CALLS, {"call": call}) or 0.0
+from tests.helpers import Shop, timed
 
 
 @pytest.fixture
@@ -101,24 +92,25 @@ async def test_the_fast_path_is_timed_by_command(
     app = shop.client.app
     assert isinstance(app[appkeys.REDIS_GATEWAY].transport, MultiplexedRedis)
     sweeps = 0
-    if by_saga := app[appkeys.SETTINGS].order_saga:
-        # The settler's sweep (one PIPELINE of probes a second, nothing due here) may
-        # land in the window: counted, so that the figure below stays exact.
-        settler = app[appkeys.SETTLER]
-        sweep = settler.sweep
+    # The settler's sweep (one PIPELINE of probes a second, nothing due here) may
+    # land in the window: counted, so that the figure below stays exact.
+    settler = app[appkeys.SETTLER]
+    sweep = settler.sweep
 
-        async def counted_sweep(*args: int) -> int:
-            nonlocal sweeps
-            # Counted once done, in the same step as its PIPELINE's timing (nothing due:
-            # the probe is its last await).
-            done = await sweep(*args)
-            sweeps += 1
-            return done
+    async def counted_sweep(*args: int) -> int:
+        nonlocal sweeps
+        # Counted once done, in the same step as its PIPELINE's timing (nothing due:
+        # the probe is its last await).
+        done = await sweep(*args)
+        sweeps += 1
+        return done
 
-        monkeypatch.setattr(settler, "sweep", counted_sweep)
-    # The order's one answering script: place_order, or the saga's commit after its reserve.
+    monkeypatch.setattr(settler, "sweep", counted_sweep)
+    # The order's one answering script: place_order (the saga collapsed on one node), or
+    # the split saga's commit after its reserve (test-only SAGA_ALWAYS_SPLIT).
+    split = app[appkeys.SETTINGS].saga_always_split
     order_scripts = (
-        ("script:reserve_stock", "script:commit_order") if by_saga else ("script:place_order",)
+        ("script:reserve_stock", "script:commit_order") if split else ("script:place_order",)
     )
     phone = await shop.phone()
     _, auth = await shop.customer()

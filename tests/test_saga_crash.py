@@ -1,6 +1,7 @@
 """The app SIGKILLed at each step of the reservation saga (docs/data-tier.md, section 4),
 then recovery by the settler of another instance: real gunicorn instances on one real
-redis-server, ORDER_SAGA=1. The killed worker dies by its test-only fault point
+redis-server, SAGA_ALWAYS_SPLIT=1 (test-only: one redis-server serves every partition,
+where the saga would collapse into one script and have no steps to die between). The killed worker dies by its test-only fault point
 (SAGA_FAULT_POINT) right after the step, as kill -9 would leave it.
 
 After each: no unit stays held past the bound (polled, with a deadline far above it),
@@ -43,7 +44,7 @@ def _instance(redis: RedisServer, directory: Path, index: int, fault: str) -> Ap
     env = clean_env(
         REDIS_URL=redis.url,
         ADMIN_TOKEN=ADMIN_TOKEN,
-        ORDER_SAGA="1",
+        SAGA_ALWAYS_SPLIT="1",
         SAGA_RESERVATION_TTL_MS=str(TTL_MS),
         SAGA_FAULT_POINT=fault,
         WEB_CONCURRENCY="1",

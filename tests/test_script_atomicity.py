@@ -4,7 +4,8 @@ Redis never rolls back a half-run script, so each script validates before its
 first write; DUMP of the whole database before and after each refused call
 proves it (the database holds only this test's keys).
 
-An order the reservation saga refuses (ORDER_SAGA=1) is several scripts: its reserves
+An order the split reservation saga refuses (on one redis-server only with the test-only
+SAGA_ALWAYS_SPLIT=1: it collapses into one script there) is several scripts: its reserves
 may have held units, given back before the answer, and the refusal is written down so
 that no late step of that order can act (docs/data-tier.md 3.1). "Changes nothing" is
 then: money, stock, orders, indexes, events and every ledger total byte-for-byte as
@@ -124,8 +125,8 @@ async def assert_changed_nothing(
 
 
 def by_saga(shop: Shop) -> bool:
-    """Whether the app under test places orders by the reservation saga."""
-    return shop.client.app[appkeys.SETTINGS].order_saga
+    """Whether the app under test places orders by the split reservation saga."""
+    return shop.client.app[appkeys.SETTINGS].saga_always_split
 
 
 @pytest.fixture
@@ -259,7 +260,7 @@ async def test_a_saga_refusal_is_allowed_its_bookkeeping_and_nothing_more(
 ) -> None:
     """The allowance above is exact: it accepts what a saga refusal writes, and one write
     more (a unit, a cent, a ledger count) is caught."""
-    monkeypatch.setenv("ORDER_SAGA", "1")
+    monkeypatch.setenv("SAGA_ALWAYS_SPLIT", "1")
     shop = Shop(await aiohttp_client(await create_app()))
     phone = await shop.phone(price_cents=1000, stock=5)
     customer, auth = await shop.customer(balance_cents=999)

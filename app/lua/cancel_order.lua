@@ -5,8 +5,8 @@
 -- (completed today) is refused with that status.
 --
 -- Key names: app/keys.py; P is the order's (and its owner's) partition, Q a
--- phone's: the phones may live in other partitions until the reservation saga
--- (docs/data-tier.md, section 3.3) gives stock back in their own steps.
+-- phone's, maybe another: the saga's cancel collapsed (docs/data-tier.md, 3.9), run
+-- only where one node serves P and every Q (app/lua_prelude.py: across_slots).
 --
 -- KEYS[1]  o{P}<order_id>                    hash
 -- KEYS[2]  c{P}<owner_id>                    hash
@@ -80,6 +80,7 @@ local units = 0
 local moved = {[KEYS[8]] = true}
 for i, quantity in ipairs(lines) do
   redis.call('HINCRBY', KEYS[8 + i], 'stock', quantity)
+  redis.call('HINCRBY', KEYS[8 + i], 'sold', -tonumber(quantity))
   units = units + tonumber(quantity)
   local ledger = KEYS[8 + line_count + i]
   redis.call('HINCRBY', ledger, 'stock_units', quantity)

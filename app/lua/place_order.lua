@@ -1,12 +1,12 @@
 -- place_order: validate every line, stock and the balance, then (only then)
--- decrement stock, debit the customer, store and index the order and append
+-- move stock to sold, debit the customer, store and index the order and append
 -- its events, and move the ledgers' running totals. Redis never rolls back a
 -- half-run script, so no write happens before the last check.
 --
 -- Key names: app/keys.py. P is the customer's partition (the order id was
 -- minted in it); each phone's partition Q may be another one: this script and
--- cancel_order are the two that span partitions until the reservation saga
--- (docs/data-tier.md, section 3) replaces them.
+-- cancel_order are the reservation saga collapsed (docs/data-tier.md, 3.9), run
+-- only where one node serves P and every Q (app/lua_prelude.py: across_slots).
 --
 -- KEYS[1]  c{P}<customer_id>                   hash
 -- KEYS[2]  i{P}<customer_id>:<sha256(key)>     hash (ignored unless ARGV[6] == "1")
@@ -117,6 +117,8 @@ for i = 1, n do
   local phone_id = ARGV[7 + 2 * i]
   local quantity = ARGV[8 + 2 * i]
   redis.call('HINCRBY', KEYS[10 + i], 'stock', -tonumber(quantity))
+  -- As the split saga's settle does: its give-back (return_stock) takes units from sold.
+  redis.call('HINCRBY', KEYS[10 + i], 'sold', quantity)
   units = units + tonumber(quantity)
   items[i] = encode_item(phone_id, quantity, fmt(prices[i]))
 end

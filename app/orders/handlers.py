@@ -37,17 +37,12 @@ async def place_order(call: Call[OrderCreate]) -> web.Response:
             raise ProblemError("forbidden", "A customer may only order for themselves")
         customer_id = principal.customer_id
     settings = request.app[appkeys.SETTINGS]
-    if settings.order_saga:
-        placing = functools.partial(
-            saga_service.place_order,
-            scripts_of(request),
-            request.app[appkeys.SETTLER].settle_soon,
-            reservation_ttl_ms=settings.reservation_ttl_ms,
-            fault_point=settings.saga_fault_point,
-        )
-    else:
-        placing = functools.partial(service.place_order, scripts_of(request))
-    placed = await placing(
+    placed = await saga_service.place_order(
+        scripts_of(request),
+        request.app[appkeys.SETTLER].settle_soon,
+        reservation_ttl_ms=settings.reservation_ttl_ms,
+        fault_point=settings.saga_fault_point,
+        always_split=settings.saga_always_split,
         customer_id=customer_id,
         lines=data.lines(),
         autocheck=data.autocheck,
@@ -102,11 +97,10 @@ async def check_order(call: Call[None]) -> web.Response:
 
 async def cancel_order(call: Call[None]) -> web.Response:
     settings = call.request.app[appkeys.SETTINGS]
-    if settings.order_saga:
-        cancel = functools.partial(
-            saga_service.cancel_order,
-            take_back_after_ms=settings.reservation_ttl_ms,
-            fault_point=settings.saga_fault_point,
-        )
-        return await _change_status(call, cancel)
-    return await _change_status(call, service.cancel_order)
+    cancel = functools.partial(
+        saga_service.cancel_order,
+        take_back_after_ms=settings.reservation_ttl_ms,
+        fault_point=settings.saga_fault_point,
+        always_split=settings.saga_always_split,
+    )
+    return await _change_status(call, cancel)

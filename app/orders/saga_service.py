@@ -1,8 +1,15 @@
-"""Placing and cancelling an order by the reservation saga (docs/data-tier.md, 3.1 and
-3.3), the order path when ``Settings.order_saga`` is on: reserve on every phone
-partition in parallel, then commit (or reject) on the customer's partition, then settle
-the reservations after the answer (batched per phone partition by the settler). A cancel refunds on the order's partition, then gives
-the stock back on each phone's partition.
+"""Placing and cancelling an order: the one order path, on one redis-server and on a
+Redis Cluster alike, is the reservation saga (docs/data-tier.md, 3.1, 3.3 and 3.9).
+
+Where one node serves the customer's partition and every phone's (one redis-server
+always; a cluster when they share a primary), the saga collapses into one script:
+place_order.lua, cancel_order.lua (app/orders/service.py). Nothing needs holding there,
+since one script sees and moves every key at once. Where they do not, or where the node
+refused a key it no longer serves (a reshard or failover since the slot map was read:
+nothing written), it runs split: reserve on every phone partition in parallel, then
+commit (or reject) on the customer's partition, then settle the reservations after the
+answer (batched per phone partition by the settler). A split cancel refunds on the
+order's partition, then gives the stock back on each phone's partition.
 
 Whatever this request does not finish (its worker died, a call failed) is left in a state
 the settler (app/orders/settler.py) finishes: every step is idempotent by order id, and
@@ -12,6 +19,7 @@ a reservation is released only after the commit was made impossible.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -24,7 +32,7 @@ import msgspec
 from app import keys
 from app.auth import Principal
 from app.fields import BALANCE_LIMIT, STOCK_LIMIT
-from app.orders import saga
+from app.orders import saga, service
 from app.orders.models import Order
 from app.orders.service import (
     PlacedOrder,
@@ -35,7 +43,7 @@ from app.orders.service import (
 )
 from app.partitions import new_id, partition_of
 from app.problems import ProblemError
-from app.redis_gateway import RedisGateway
+from app.redis_gateway import NotOnOneNode, RedisGateway
 from app.scripts import ScriptResult, Scripts, problem_from_script
 from app.vocabulary import COMPLETED, OPEN, decode_items, encode_items
 
@@ -122,9 +130,25 @@ async def place_order(
     request_id: str,
     reservation_ttl_ms: int,
     fault_point: str = "",
+    always_split: bool = False,
 ) -> PlacedOrder:
+    """``always_split`` (test-only, SAGA_ALWAYS_SPLIT; and the cost runs): the split
+    saga even where one node serves every partition, so its steps and crash points can
+    be reached on one redis-server."""
     order_partition = partition_of(customer_id)
     order_id = new_id(order_partition)
+    if not always_split:
+        with contextlib.suppress(NotOnOneNode):
+            return await service.place_order(
+                scripts,
+                order_id=order_id,
+                customer_id=customer_id,
+                lines=lines,
+                autocheck=autocheck,
+                idempotency_key=idempotency_key,
+                idempotency_ttl=idempotency_ttl,
+                request_id=request_id,
+            )
     groups = saga.lines_by_partition(lines)
     expires = _now_ms() + reservation_ttl_ms
     outcomes = await asyncio.gather(
@@ -236,13 +260,22 @@ async def cancel_order(
     request_id: str,
     take_back_after_ms: int,
     fault_point: str = "",
+    always_split: bool = False,
 ) -> Order:
-    """Refund on the order's partition, then give each phone partition its units back;
-    the settler's take-back list covers a death in between."""
+    """Collapsed: one cancel_order script where one node serves every partition of the
+    order and none still holds its reservation (a split order's settle not yet run:
+    cancel_order would restock units still held). Split: refund on the order's
+    partition, then give each phone partition its units back; the settler's take-back
+    list covers a death in between."""
     owner, items = await gateway.hmget(keys.order(order_id), ["customer_id", "items"])
     if owner is None or (not principal.is_admin and owner.decode() != principal.customer_id):
         raise ProblemError("order_not_found")
     owner_id, items_field = owner.decode(), items.decode()
+    if not always_split and not await saga.held_anywhere(gateway, order_id, items_field):
+        with contextlib.suppress(NotOnOneNode):
+            return await service.cancel_on_one_node(
+                scripts, principal, order_id, owner_id, items_field, request_id
+            )
     await _refuse_a_give_back_past_the_ceiling(gateway, items_field)
     order_partition = partition_of(order_id)
     now = _now_ms()

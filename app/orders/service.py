@@ -1,5 +1,8 @@
-"""Order operations. Placing, checking and cancelling are one Lua script each;
-this module only builds their keys and arguments and shapes their answers.
+"""Order operations. Checking is one Lua script; placing and cancelling are the
+reservation saga (app/orders/saga_service.py), whose collapsed form, when one node
+serves every partition the order touches, is one script each: ``place_order`` and
+``cancel_on_one_node`` here. This module only builds their keys and arguments and
+shapes their answers.
 
 An order lives in its customer's partition (app/keys.py): its id is minted
 there before the script runs, so every later step finds it from the id alone."""
@@ -24,7 +27,7 @@ from app.query import Page
 from app.redis_gateway import RedisGateway
 from app.scripts import Scripts, problem_from_script
 from app.timestamps import iso_time
-from app.vocabulary import CANCELLED, COMPLETED, OPEN, decode_items, new_order_id
+from app.vocabulary import CANCELLED, COMPLETED, OPEN, decode_items
 
 
 def order_items(items: str) -> list[OrderItem]:
@@ -140,6 +143,7 @@ def cancel_order_keys(order_id: str, owner_id: str, phone_ids: list[str]) -> lis
 async def place_order(
     scripts: Scripts,
     *,
+    order_id: str,
     customer_id: str,
     lines: list[tuple[str, int]],
     autocheck: bool,
@@ -147,7 +151,9 @@ async def place_order(
     idempotency_ttl: int,
     request_id: str,
 ) -> PlacedOrder:
-    order_id = new_order_id(customer_id)
+    """The saga collapsed: place_order.lua, where one node serves the customer's
+    partition and every phone's (``order_id`` minted in the customer's); NotOnOneNode,
+    with nothing written, where not."""
     status = COMPLETED if autocheck else OPEN
     script_keys = place_order_keys(
         customer_id, order_id, status, idempotency_key, [phone_id for phone_id, _ in lines]
@@ -164,7 +170,7 @@ async def place_order(
     ]
     for phone_id, quantity in lines:
         args += [phone_id, quantity]
-    result = await scripts.run("place_order", script_keys, args)
+    result = await scripts.run("place_order", script_keys, args, one_node=True)
     if result.status >= 400:  # a stored rejection, replayed
         error = problem_from_script(result.status, result.payload)
         error.headers["Idempotent-Replayed"] = "true"
@@ -210,15 +216,18 @@ async def check_order(
     return order_from_fields(result.payload)
 
 
-async def cancel_order(
-    gateway: RedisGateway, scripts: Scripts, principal: Principal, order_id: str, request_id: str
+async def cancel_on_one_node(
+    scripts: Scripts,
+    principal: Principal,
+    order_id: str,
+    owner_id: str,
+    items_field: str,
+    request_id: str,
 ) -> Order:
-    # The phone keys come from the order's items, so read them first; the
-    # script proves they are still the order's before it writes.
-    owner, items = await gateway.hmget(keys.order(order_id), ["customer_id", "items"])
-    if owner is None or (not principal.is_admin and owner.decode() != principal.customer_id):
-        raise ProblemError("order_not_found")
-    owner_id, items_field = owner.decode(), items.decode()
+    """The saga's cancel collapsed: cancel_order.lua (refund and restock in one script)
+    where one node serves the order's partition and every phone's; NotOnOneNode, with
+    nothing written, where not. The phone keys come from the order's items as the
+    caller read them; the script proves they are still the order's before it writes."""
     phone_ids = [line.phone_id for line in decode_items(items_field)]
     result = await scripts.run(
         "cancel_order",
@@ -232,6 +241,7 @@ async def cancel_order(
             BALANCE_LIMIT,
             STOCK_LIMIT,
         ],
+        one_node=True,
     )
     return order_from_fields(result.payload)
 

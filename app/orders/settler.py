@@ -14,8 +14,8 @@ order the same outcome and move its units once.
 * Due take-backs: the order's lines, grouped by phone partition, go back to stock with
   return_stock; then the order leaves the take-back list.
 
-``settler_ctx`` joins the app's cleanup_ctx when the order path runs the saga
-(``Settings.order_saga``); the order path hands it the settles of its answers
+``settler_ctx`` is in the app's cleanup_ctx on both tiers (a collapsed order leaves it
+nothing to settle); the split order path hands it the settles of its answers
 (``settle_soon``), which it sends one call per phone partition every ``SETTLE_DELAY_S``.
 """
 
