@@ -13,9 +13,15 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from app import keys
-from app.lua_prelude import DEFINITIONS, prelude_for, with_prelude
+from app.lua_prelude import (
+    ACROSS_SLOTS_SHEBANG,
+    DEFINITIONS,
+    across_slots,
+    prelude_for,
+    with_prelude,
+)
 from app.redis_gateway import gateway_over
-from app.scripts import Scripts, load_source
+from app.scripts import ONE_NODE_SCRIPTS, Scripts, load_across_slots_source, load_source
 from mail import scripts as mail_scripts
 from tests.helpers import Shop
 
@@ -120,3 +126,26 @@ def test_a_script_gets_the_definitions_it_names_and_what_they_use() -> None:
     assert "STATUS" not in hashes
     statuses = prelude_for("return ORDER_EVENT.open")
     assert statuses.startswith("local strict_names = ") and "local STATUS" not in statuses
+
+
+@pytest.mark.parametrize("name", ONE_NODE_SCRIPTS)
+async def test_the_across_slots_form_keeps_the_body_and_compiles(redis: Redis, name: str) -> None:
+    """What a cluster node runs over several of its slots: the shebang with the flag, then
+    the body unchanged, each line at its number, with KEYS and ARGV rebuilt before it."""
+    text, sent = (ROOT / "app" / "lua" / f"{name}.lua").read_text(), load_across_slots_source(name)
+    first, rest = sent.split("\n", 1)
+    assert first == ACROSS_SLOTS_SHEBANG
+    assert rest.splitlines()[1:] == text.splitlines()[1:]
+    assert "local KEYS, ARGV = keys_past_the_declared(KEYS, ARGV) " + text.splitlines()[0] in rest
+    await redis.script_load(sent)
+
+
+async def test_the_across_slots_form_rebuilds_keys_and_args_in_order(redis: Redis) -> None:
+    """The declared keys, then the undeclared ones from the head of ARGV, as the script's
+    KEYS; the rest of ARGV as its ARGV; every undeclared key touched (it runs here on one
+    redis-server, where any key is served)."""
+    echo = "return {KEYS, ARGV, redis.call('EXISTS', KEYS[#KEYS])}"
+    await redis.set("k3", "there")
+    reply = await redis.eval(across_slots(echo), 2, "k1", "k2", 2, "k3", "k4", "a1", "a2", "a3")
+    assert reply == [[b"k1", b"k2", b"k3", b"k4"], [b"a1", b"a2", b"a3"], 0]
+    assert await redis.eval(across_slots(echo), 1, "k1", 0) == [[b"k1"], [], 0]
