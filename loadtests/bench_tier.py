@@ -24,9 +24,9 @@ Figures: Redis CPU per order (``used_cpu_sys + used_cpu_user`` deltas of every p
 over its replay, summed); each primary's replay time, from which the tier's **measured**
 ceiling is the slowest primary's orders/s (what the tier sustains when each primary has a
 core of its own and the others keep up); the **derived** ceiling, orders over the busiest
-primary's CPU seconds (a core per shard, CPU-bound); how busy each primary's core was
-while saturated (CPU / wall: below 1 means fsync waits or the pipes, not the CPU, set its
-pace). On a 2-core machine three primaries cannot run saturated at once beside their
+primary's CPU seconds (a core per shard, CPU-bound); the share of its core each primary
+got while saturated (CPU / wall) and how busy that core was whoever ran (never idle: the
+CPU set the pace; idle time: fsync waits or the pipes did). On a 2-core machine three primaries cannot run saturated at once beside their
 driver: that would measure the machine, so they are measured in turn.
 
 Traffic goes only to 127.0.0.1, to servers this module starts and stops.
@@ -354,10 +354,10 @@ def shard_figures(primaries: int, orders: int, rows: list[dict[str, Any]]) -> di
         "measured_ceiling": orders / slowest["wall_s"] if slowest["wall_s"] else 0.0,
         "derived_ceiling": orders / busiest["cpu_s"] if busiest["cpu_s"] else 0.0,
         "core_busy": [_per_wall(row, row["cpu_s"]) for row in rows],
-        # The stack CPU's time other processes took meanwhile (this box is shared).
-        "others_busy": [
-            _per_wall(row, max(0.0, row["stack_busy_s"] - row["cpu_s"])) for row in rows
-        ],
+        # That core's busy time, whoever ran (/proc/stat): near 1 means it was never idle,
+        # so the primary ran as much as this shared box gave it (CPU-bound); well under 1,
+        # fsync waits or the pipes set its pace. Ticks are 10 ms: capped at 1.
+        "core_never_idle": [min(1.0, _per_wall(row, row["stack_busy_s"])) for row in rows],
         "per_primary": rows,
     }
 
@@ -447,8 +447,8 @@ def markdown(result: dict[str, Any]) -> str:
          f"{ratios['derived_ceiling']:.2f}", f"≥ {CEILING_MIN} {_met(ratios['derived_ceiling_met'])}"),
         ("each primary's core busy while saturated (its CPU / wall)", _shares(one["core_busy"]),
          _shares(three["core_busy"]), "", ""),
-        ("the same core's time other processes took meanwhile", _shares(one["others_busy"]),
-         _shares(three["others_busy"]), "", ""),
+        ("that core busy meanwhile, whoever ran (1 = never idle)", _shares(one["core_never_idle"]),
+         _shares(three["core_never_idle"]), "", ""),
     ]  # fmt: skip
     if e2e is not None:
         rows.append(
@@ -471,11 +471,14 @@ primary saturated in turn (`redis-cli --pipe`, on the load CPUs; the primary on 
 {result["split"]}). No replicas, AOF `appendfsync always`. Load average {start:.1f} at the start,
 {end:.1f} at the end.
 
-- **Measured** is what a primary did saturated, alone on its core: the tier's ceiling is its
-  slowest primary (each primary on a core of its own, the others keeping up). **Derived**
-  divides the orders by the busiest primary's CPU seconds: the ceiling if CPU were the only
-  limit. Where a core was busy well under 1, fsync waits (`always`) or the pipes set the pace,
-  not the CPU, and measured stays under derived.
+- **Measured** is what a primary did saturated, alone on the stack CPU: the tier's ceiling is
+  its slowest primary (each primary on a core of its own, the others keeping up). It counts
+  whatever else ran on that core meanwhile: on a shared box the primary got only the share of
+  it shown above. **Derived** divides the orders by the busiest primary's CPU seconds: the
+  ceiling with a core per shard if CPU is the limit, which it is when that core was never idle
+  (1 above); well under 1, fsync waits (`always`) or the pipes set the pace and measured is
+  the figure. Each primary's share of the CPU says whether the work splits evenly: the
+  busiest one sets the tier's ceiling.
 - Three primaries saturated at once beside their driver need at least 4 cores; this box's
   {os.cpu_count()} would measure the box. The even split of CPU over the primaries (each
   one's share above) is what lets the ceiling grow with them.

@@ -103,7 +103,7 @@ def test_the_ceilings_are_set_by_the_busiest_and_the_slowest_primary() -> None:
     one = shard_figures(1, 1000, [row(2500, 1.0, 2.0, 1.5)])
     even = shard_figures(3, 1000, [row(900, 0.4, 0.8), row(800, 0.35, 0.7), row(800, 0.35, 0.4)])
     assert one["measured_ceiling"] == 500 and one["derived_ceiling"] == 1000
-    assert one["core_busy"] == [0.5] and one["others_busy"] == [0.25]
+    assert one["core_busy"] == [0.5] and one["core_never_idle"] == [0.75]
     assert even["calls_per_order"] == 2.5
     assert even["measured_ceiling"] == 1250 and even["derived_ceiling"] == 2500
     ratios = verdicts(one, even)
