@@ -38,6 +38,8 @@ from app.problems import (
     problem_response,
     retry_later,
 )
+from app.redis_gateway import WriteUnconfirmed
+from app.scripts import unconfirmed_problem
 from app.vocabulary import is_request_id
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,10 @@ async def front_middleware(request: web.Request, handler: Handler) -> web.Stream
             if error.status < 400:
                 raise
             response = _http_problem(request, error)
+        except WriteUnconfirmed as error:
+            # A step that runs its script with Scripts.call (the saga's reserve and
+            # commit) gets the shortfall raw: it is the same 503 as Scripts.run's.
+            response = problem_response(unconfirmed_problem(error))
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
             response = await _redis_unavailable(request, error)
         except redis.exceptions.ResponseError as error:

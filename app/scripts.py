@@ -167,8 +167,12 @@ def unconfirmed_problem(error: WriteUnconfirmed) -> ProblemError:
     return problem
 
 
+# The scripts whose success places an order: place_order, and the saga's commit point.
+PLACING_SCRIPTS = ("place_order", "commit_order")
+
+
 def _placed_order_id(script: str, reply: Any) -> str | None:
-    if script != "place_order" or not isinstance(reply, list) or len(reply) < 2:
+    if script not in PLACING_SCRIPTS or not isinstance(reply, list) or len(reply) < 2:
         return None
     try:
         payload = msgspec.json.decode(reply[1])

@@ -209,15 +209,28 @@ async def order_storm(
     await asyncio.gather(*(customer(i, headers) for i, headers in enumerate(shoppers.tokens)))
 
 
+async def read(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
+) -> tuple[int, dict]:
+    """GET ``url`` as a client reads after a fault: a 503 (with Retry-After) is tried
+    again, as the answer asks, until another answer comes."""
+
+    async def answered() -> tuple[int, dict] | None:
+        status, body, _ = await call(session, "GET", url, headers=headers)
+        return None if status == 503 else (status, body)
+
+    return await wait_until_async(answered, f"an answer but 503 from {url}", REST_DEADLINE)
+
+
 async def audit_at_rest(session: aiohttp.ClientSession, stack: FullStack) -> dict:
     """The audit over every partition once it ran at rest: on the cluster the saga
     settles its reservations just after the answers."""
 
     async def audit_if_at_rest() -> dict | None:
-        status, audit, _ = await call(
-            session, "GET", f"{stack.direct_url}/admin/audit", headers=stack.admin_headers
+        status, audit = await read(
+            session, f"{stack.direct_url}/admin/audit", headers=stack.admin_headers
         )
-        assert status == 200
+        assert status == 200, audit
         return audit if audit["at_rest"] else None
 
     return await wait_until_async(audit_if_at_rest, "an audit at rest", REST_DEADLINE)
@@ -228,7 +241,7 @@ async def check_books(session: aiohttp.ClientSession, stack: FullStack, storm: S
     and the audit holds at rest."""
     url, admin = stack.direct_url, stack.admin_headers
     for order_id in storm.acked.values():
-        status, body, _ = await call(session, "GET", f"{url}/orders/{order_id}", headers=admin)
+        status, body = await read(session, f"{url}/orders/{order_id}", headers=admin)
         assert status == 200, f"acknowledged order {order_id} is missing"
         assert body["order"]["status"] == storm.told[order_id], body["order"]
     audit = await audit_at_rest(session, stack)

@@ -272,6 +272,61 @@ async def test_the_app_on_the_cluster_is_ready_and_answers_an_unconfirmed_write_
     redis_cluster.wait_healthy()
 
 
+async def test_an_order_step_its_replica_did_not_confirm_is_503_and_a_retry_replays_it(
+    redis_cluster: LocalCluster, cluster_app: TestClient
+) -> None:
+    """The order's steps (the stock reserve, the commit) run with Scripts.call, which
+    raises the WAIT shortfall as it is: that was a 500 (tests/test_cluster_failover.py
+    met it under a failover). It is 503 write_unconfirmed; the commit's names the order,
+    and the retry with the same Idempotency-Key replays that order."""
+    created = await cluster_app.post(
+        "/phones", json={"name": "Unconfirmed", "price_cents": 1000, "stock": 5}, headers=ADMIN
+    )
+    assert created.status == 201, await created.text()
+    phone_id = (await created.json())["phone"]["id"]
+    phone_primary, phone_replica = owner_and_replica(redis_cluster, keys.phone(phone_id))
+    view = redis_cluster.topology()
+    email = next(
+        e
+        for e in (f"unconfirmed-{new_id()}@example.com" for _ in range(10_000))
+        if view.primary_for_slot(partitions.slot(partitions.partition_for_email(e))).port
+        != phone_primary
+    )
+    made = await cluster_app.post(
+        "/customers",
+        json={"name": "U", "surname": "C", "email": email, "balance_cents": 10_000},
+        headers=ADMIN,
+    )
+    assert made.status == 201, await made.text()
+    customer = await made.json()
+    auth = {"Authorization": f"Bearer {customer['token']}"}
+    _, customer_replica = owner_and_replica(
+        redis_cluster, keys.customer(customer["customer"]["id"])
+    )
+    order = {"items": [{"phone_id": phone_id, "quantity": 1}]}
+
+    with stopped(redis_cluster, phone_replica):
+        reserve_unconfirmed = await cluster_app.post("/orders", json=order, headers=auth)
+    with stopped(redis_cluster, customer_replica):
+        commit_unconfirmed = await cluster_app.post(
+            "/orders", json=order, headers={**auth, "Idempotency-Key": "unconfirmed-1"}
+        )
+    for refused in (reserve_unconfirmed, commit_unconfirmed):
+        assert refused.status == 503, await refused.text()
+        assert refused.headers["Content-Type"].startswith("application/problem+json")
+        assert refused.headers["Retry-After"] == "1"
+        assert (await refused.json())["code"] == "write_unconfirmed"
+    order_id = (await commit_unconfirmed.json())["order_id"]
+
+    retried = await cluster_app.post(
+        "/orders", json=order, headers={**auth, "Idempotency-Key": "unconfirmed-1"}
+    )
+    assert retried.status == 201, await retried.text()
+    assert retried.headers["Idempotent-Replayed"] == "true"
+    assert (await retried.json())["order"]["id"] == order_id
+    redis_cluster.wait_healthy()
+
+
 async def test_after_a_failover_the_gateway_follows_the_slots_and_reloads_its_scripts(
     fault_cluster: LocalCluster,
 ) -> None:

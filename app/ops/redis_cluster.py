@@ -318,6 +318,11 @@ class LocalCluster:
             # writes (NOREPLICAS) rather than make each one wait out WAIT for nothing.
             "--min-replicas-to-write", str(min(self.replicas, 1)),
             "--min-replicas-max-lag", str(MIN_REPLICAS_MAX_LAG_S),
+            # A replica that (re)joins gets its full copy at once, not after Redis's
+            # default 5 s wait for more replicas to share the transfer: there is one per
+            # primary, and until it has its copy the primary refuses writes (above), so
+            # the wait was most of a failover's outage (tests/test_cluster_failover.py).
+            "--repl-diskless-sync-delay", "0",
         ]  # fmt: skip
         if self.bus_ports is not None:
             argv += ["--cluster-port", str(self.bus_ports[self.ports.index(port)])]

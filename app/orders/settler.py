@@ -110,7 +110,9 @@ class Settler:
             async with calls:
                 try:
                     await saga.settle_many(self.scripts, partition, settlements)
-                except (RedisError, OSError) as error:
+                except (RedisError, OSError, WriteUnconfirmed) as error:
+                    # Unconfirmed (a failover under way): settled again by the sweep,
+                    # as idempotent as the first time.
                     log.warning("settling on %d failed, left to the sweep: %r", partition, error)
 
         await asyncio.gather(*(settle(p, settlements) for p, settlements in queued.items()))
