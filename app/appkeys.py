@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from app.health import Readiness
     from app.orders.settler import Settler
     from app.overload import OverloadControl
+    from app.phones.page_cache import CataloguePages
     from app.redis_gateway import RedisGateway
     from app.scripts import Scripts
     from app.settings import Settings
@@ -30,6 +31,8 @@ SCRIPTS: web.AppKey[Scripts] = web.AppKey("scripts")
 # The reservation saga's settler of this worker (on both tiers).
 SETTLER: web.AppKey[Settler] = web.AppKey("settler")
 TOKEN_CACHE: web.AppKey[TokenCache] = web.AppKey("token_cache")
+# This worker's remembered pages of GET /phones, checked against the catalogue's clocks.
+CATALOGUE_PAGES: web.AppKey[CataloguePages] = web.AppKey("catalogue_pages")
 # This worker's overload control: its in-flight count and adaptive limit.
 INFLIGHT: web.AppKey[OverloadControl] = web.AppKey("inflight")
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")

@@ -192,6 +192,7 @@ class ClusterGateway(RedisGateway):
     """The gateway over ``ClusterTransport``, whose scripts wait for ``replicas``."""
 
     transport: ClusterTransport
+    one_node = False
 
     def __init__(
         self,

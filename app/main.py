@@ -24,6 +24,7 @@ from app.observe import flush_observations, instrument
 from app.openapi import openapi_json
 from app.orders.settler import settler_ctx
 from app.overload import OverloadControl
+from app.phones.page_cache import CataloguePages
 from app.redis_clients import cluster_client
 from app.redis_gateway import TimedRedis, TimedRedisCluster, open_gateway
 from app.routes import SPECLESS_ROUTES, route_table
@@ -104,6 +105,7 @@ def build_app(settings: Settings) -> web.Application:
     )
     app[appkeys.SETTINGS] = settings
     app[appkeys.TOKEN_CACHE] = TokenCache()
+    app[appkeys.CATALOGUE_PAGES] = CataloguePages()
     app[appkeys.INFLIGHT] = OverloadControl(settings)
     app[appkeys.READINESS] = Readiness()
     app.cleanup_ctx.append(redis_ctx)

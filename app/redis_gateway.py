@@ -131,7 +131,7 @@ class ClientTransport:
         await self._client.aclose()
 
 
-def _pairs(reply: list[bytes] | dict[bytes, bytes]) -> dict[str, str]:
+def decode_hash(reply: list[bytes] | dict[bytes, bytes]) -> dict[str, str]:
     """HGETALL's raw reply, decoded: RESP2's flat field, value, ... list or RESP3's map."""
     if isinstance(reply, dict):
         return {field.decode(): value.decode() for field, value in reply.items()}
@@ -140,6 +140,10 @@ def _pairs(reply: list[bytes] | dict[bytes, bytes]) -> dict[str, str]:
 
 class RedisGateway:
     """Every Redis call of the request paths, over the transport chosen at start-up."""
+
+    # Every key on one server, so a command may name keys of any partition (MGET of the
+    # 128 catalogue clocks, app/phones/page_cache.py); False on the cluster.
+    one_node = True
 
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
@@ -191,14 +195,14 @@ class RedisGateway:
         return await self.execute("GET", key)
 
     async def hgetall(self, key: str) -> dict[str, str]:
-        return _pairs(await self.execute("HGETALL", key))
+        return decode_hash(await self.execute("HGETALL", key))
 
     async def hmget(self, key: str, fields: list[str]) -> list[bytes | None]:
         return await self.execute("HMGET", key, *fields)
 
     async def hgetall_many(self, keys: list[str]) -> list[dict[str, str]]:
         """Several hashes in one write; a missing one is an empty dict."""
-        return [_pairs(row) for row in await self.execute_many([("HGETALL", k) for k in keys])]
+        return [decode_hash(row) for row in await self.execute_many([("HGETALL", k) for k in keys])]
 
     async def aclose(self) -> None:
         await self.transport.aclose()

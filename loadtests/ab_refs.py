@@ -43,8 +43,10 @@ from app.ops.instances import ROOT
 from loadtests import rig
 from loadtests.bench_drivers import BENCH_LIMITS, wrk
 
-# What each round measures: POST /orders and GET /bench/hello (its P1 figure).
+# What each round measures: POST /orders and GET /bench/hello (its P1 figure); on asking
+# (--paths), GET /phones?page=1 too.
 PATHS = ("orders", "hello")
+ALL_PATHS = (*PATHS, "phones")
 
 # Run inside a side's checkout: start its stack, provision it, say where it is,
 # then hold it until stdin closes.
@@ -121,6 +123,7 @@ def measure(
     for name, path, script, script_args in (
         ("orders", "/orders", "orders.lua", [str(data), secrets.token_hex(6), "0"]),
         ("hello", "/bench/hello", "hello.lua", None),
+        ("phones", "/phones?page=1", "hello.lua", None),
     ):
         if name not in paths:
             continue
@@ -259,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument(
-        "--paths", default=",".join(PATHS), help="what to measure: orders, hello or both"
+        "--paths", default=",".join(PATHS), help=f"what to measure, of {', '.join(ALL_PATHS)}"
     )
     args = parser.parse_args(argv)
     report = compare(

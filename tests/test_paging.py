@@ -1,6 +1,7 @@
 """Lists over the 128 partitions (app/paging.py): every page is the slice of one merged,
 ordered list, near the head and deep into it, with ties across partitions; and a page
-costs the same commands whatever the number of rows."""
+costs the same commands whatever the number of rows. The catalogue's pages remembered
+per worker (app/phones/page_cache.py) cost one round trip until a phone is created."""
 
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ from redis.asyncio import Redis
 from app import keys
 from app.paging import HEAD_LIMIT, merged_page
 from app.partitions import PARTITIONS, new_id
-from app.redis_gateway import ClientTransport, RedisGateway
+from app.phones import service as phones
+from app.phones.models import PhoneCreate
+from app.phones.page_cache import CataloguePages
+from app.query import Page
+from app.redis_gateway import ClientTransport, RedisGateway, gateway_over
+from app.scripts import Scripts
 
 INDEXES = [keys.phones(p) for p in range(PARTITIONS)]
 
@@ -110,3 +116,33 @@ async def test_a_page_costs_the_same_with_50_times_the_rows(redis: Redis, offset
     assert abs(commands_large - commands_small) <= PARTITIONS + 16
     if offset == 0:
         assert trips_small <= 3 and commands_small <= 2 * PARTITIONS + 16
+
+
+async def test_a_remembered_catalogue_page_is_one_round_trip(redis: Redis) -> None:
+    """GET /phones' pages (app/phones/page_cache.py): once merged, a page costs one round
+    trip (the 128 clocks in one MGET and the page's hashes) whatever the catalogue's size,
+    until a phone is created; the next read then merges again and has it."""
+    scripts = Scripts(gateway_over(redis))
+    created = [
+        await phones.create_phone(scripts, PhoneCreate(name=f"p{i}", price_cents=100))
+        for i in range(25)
+    ]
+    transport = CountingTransport(redis)
+    gateway, pages = RedisGateway(transport), CataloguePages()
+    last_page = Page(page=3, per_page=10)
+
+    async def ids(page: Page) -> tuple[int, list[str]]:
+        total, rows = await pages.page(gateway, page)
+        return total, [row["id"] for row in rows]
+
+    assert await ids(last_page) == (25, [phone.id for phone in created[20:]])
+    merged = transport.round_trips
+    assert merged >= 3  # the clocks, the merge (2 or 3), the rows
+    transport.round_trips = transport.commands = 0
+    assert await ids(last_page) == (25, [phone.id for phone in created[20:]])
+    assert (transport.round_trips, transport.commands) == (1, 1 + 5)
+    assert pages.hits == 1 and pages.merges == 1
+
+    created.append(await phones.create_phone(scripts, PhoneCreate(name="new", price_cents=1)))
+    assert await ids(last_page) == (26, [phone.id for phone in created[20:]])
+    assert pages.hits == 1 and pages.merges == 2

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
-from app import keys
+from app import appkeys, keys
+from app.main import create_app
 from tests.helpers import ADMIN, ON_BOTH_STACKS, Shop
 
 # On one redis-server and on the 3+3 Redis Cluster (`-m cluster`: the cluster runs).
@@ -187,3 +191,45 @@ async def test_integral_json_numbers_count_as_integers(shop: Shop) -> None:
         )
         assert response.status == 200, raw
         assert (await response.json())["phone"]["stock"] == stock
+
+
+async def test_a_change_shows_on_the_next_page_read_of_every_worker(
+    aiohttp_client: Any, client: TestClient
+) -> None:
+    """Each worker remembers the pages it merged (app/phones/page_cache.py); a create in
+    any partition, an update or a restock through one worker is on the very next page
+    read of every other, which had the page in memory."""
+    workers = [client, *[await aiohttp_client(await create_app()) for _ in range(2)]]
+    shops = [Shop(worker) for worker in workers]
+
+    async def listing(worker: TestClient) -> dict[str, Any]:
+        response = await worker.get("/phones?page=1&per_page=5")
+        assert response.status == 200
+        return await response.json()
+
+    created = [await shops[0].phone(name=f"phone {i}", stock=1) for i in range(3)]
+    for worker in workers:  # every worker merges the page once, then answers it from memory
+        await listing(worker)
+    hits = [worker.app[appkeys.CATALOGUE_PAGES].hits for worker in workers]
+    for worker in workers:
+        assert [p["id"] for p in (await listing(worker))["phones"]] == [p["id"] for p in created]
+    assert [w.app[appkeys.CATALOGUE_PAGES].hits for w in workers] == [n + 1 for n in hits]
+
+    # New phones land in random partitions: a few creates, each through another worker.
+    for i in range(3, 5):
+        created.append(await shops[i % 3].phone(name=f"phone {i}", stock=1))
+        for worker in workers:
+            body = await listing(worker)
+            assert body["total"] == len(created)
+            assert [p["id"] for p in body["phones"]] == [p["id"] for p in created]
+
+    first = created[0]["id"]
+    renamed = await workers[1].patch(f"/phones/{first}", json={"name": "renamed"}, headers=ADMIN)
+    assert renamed.status == 200
+    restocked = await workers[2].post(
+        f"/phones/{first}/restock", json={"quantity": 6}, headers=ADMIN
+    )
+    assert restocked.status == 200
+    for worker in workers:
+        phone = (await listing(worker))["phones"][0]
+        assert (phone["id"], phone["name"], phone["stock"]) == (first, "renamed", 7)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from app import appkeys
 from app.handlers import gateway_of, scripts_of
 from app.phones import service
 from app.phones.models import PhoneCreate, PhoneEnvelope, PhonePage, PhoneUpdate, Restock
@@ -24,7 +25,8 @@ async def create_phone(call: Call[PhoneCreate]) -> web.Response:
 async def list_phones(call: Call[None]) -> web.Response:
     request = call.request
     page = page_params(request)
-    total, phones = await service.list_phones(gateway_of(request), page)
+    pages = request.app[appkeys.CATALOGUE_PAGES]
+    total, phones = await service.list_phones(gateway_of(request), pages, page)
     phones = [phone_for(request, phone) for phone in phones]
     return json_response(PhonePage(phones=phones, **page.counts(total)))
 

@@ -6,9 +6,9 @@ import time
 
 from app import keys
 from app.fields import STOCK_LIMIT
-from app.paging import merged_page_of_hashes
-from app.partitions import PARTITIONS, partition_of
+from app.partitions import partition_of
 from app.phones.models import Phone, PhoneCreate, PhoneUpdate
+from app.phones.page_cache import CataloguePages
 from app.problems import ProblemError
 from app.query import Page
 from app.redis_gateway import RedisGateway
@@ -65,12 +65,12 @@ async def get_phone(gateway: RedisGateway, phone_id: str) -> Phone:
     return phone_from_fields(fields)
 
 
-async def list_phones(gateway: RedisGateway, page: Page) -> tuple[int, list[Phone]]:
-    """Oldest first, over every partition's catalogue (app/paging.py)."""
-    indexes = [keys.phones(p) for p in range(PARTITIONS)]
-    total, rows = await merged_page_of_hashes(
-        gateway, indexes, page, keys.phone, newest_first=False
-    )
+async def list_phones(
+    gateway: RedisGateway, pages: CataloguePages, page: Page
+) -> tuple[int, list[Phone]]:
+    """Oldest first, over every partition's catalogue (app/paging.py), through this
+    worker's remembered pages (app/phones/page_cache.py)."""
+    total, rows = await pages.page(gateway, page)
     return total, [phone_from_fields(row) for row in rows]
 
 
