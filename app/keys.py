@@ -289,6 +289,17 @@ def aborts(partition: int) -> str:
     return _in_partition("ab", partition)
 
 
+def aborts_due(partition: int) -> str:
+    """Zset beside ``aborts``: order id by when its marker may go (ms; app/orders/saga.py:
+    keep_until), the settler's pruning list."""
+    return _in_partition("ad", partition)
+
+
+def releases_due(partition: int) -> str:
+    """Zset beside ``releases``: order id by when its tombstone may go (ms)."""
+    return _in_partition("xd", partition)
+
+
 def take_backs_due(partition: int) -> str:
     """Zset on the order's partition: cancelled order id by when its stock is due back."""
     return _in_partition("ro", partition)

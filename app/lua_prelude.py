@@ -6,6 +6,7 @@ put it before each), so no script copies a helper or spells a shared word:
 - pairs_to_map(flat): a flat field, value, ... reply (HGETALL, a stream
   entry's fields, XINFO) as a table of field -> value;
 - hgetall_map(key): the hash at key as such a table ({} when it is missing);
+- now_ms(): Redis TIME in milliseconds since the epoch;
 - next_seq(clock): the next ``seq`` of a partition (app/keys.py): Redis TIME in
   microseconds, or one more than the clock's last value when that is not
   later, stored back in the clock; returned as a string of digits. It writes,
@@ -32,6 +33,8 @@ DEFINITIONS: dict[str, str] = {
     " for i = 1, #flat, 2 do map[flat[i]] = flat[i + 1] end return map end",
     "hgetall_map": "local function hgetall_map(key)"
     " return pairs_to_map(redis.call('HGETALL', key)) end",
+    "now_ms": "local function now_ms() local t = redis.call('TIME')"
+    " return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) end",
     # TIME keeps lists of different partitions in one time order; the clock
     # makes seq strictly grow within its partition even if TIME does not.
     "next_seq": "local function next_seq(clock) local t = redis.call('TIME')"

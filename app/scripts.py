@@ -39,6 +39,7 @@ SCRIPT_NAMES = (
     "commit_order",
     "reject_order",
     "refund_order",
+    "prune_tombstones",
 )
 
 
@@ -54,6 +55,7 @@ RERUNNABLE = frozenset(
         "return_stock",
         "commit_order",
         "reject_order",
+        "prune_tombstones",
     }
 )
 

@@ -93,6 +93,10 @@ def redacted_url(url: str) -> str:
 # Where SAGA_FAULT_POINT may kill a worker: after the reserves answered, after the commit
 # answered, after a cancel's refund answered (app/orders/saga_service.py).
 SAGA_FAULT_POINTS = ("reserved", "committed", "refunded")
+# The longest SAGA_RESERVATION_TTL_MS any app may run with: an order's reserve and commit
+# are refused past its reservation's expiry, so an abort marker or release tombstone kept
+# this long (plus a margin) outlives every late step of its order (app/orders/saga.py).
+RESERVATION_TTL_MAX_MS = 600_000
 
 
 def _fault_point(env: Mapping[str, str]) -> str:
@@ -227,7 +231,7 @@ class Settings:
             behind_proxy=env_bool(env, "BEHIND_PROXY", cls.behind_proxy),
             observe_batching=env_bool(env, "OBSERVE_BATCHING", cls.observe_batching),
             reservation_ttl_ms=env_int(
-                env, "SAGA_RESERVATION_TTL_MS", cls.reservation_ttl_ms, 100, 600_000
+                env, "SAGA_RESERVATION_TTL_MS", cls.reservation_ttl_ms, 100, RESERVATION_TTL_MAX_MS
             ),
             saga_fault_point=_fault_point(env),
             saga_always_split=env_bool(env, "SAGA_ALWAYS_SPLIT", cls.saga_always_split),

@@ -98,9 +98,8 @@ async def _order(scripts: Scripts, books: Books, customer_id: str, phone_id: str
     order_partition = partitions.partition_of(customer_id)
     phone_partition = partitions.partition_of(phone_id)
     order_id = partitions.new_id(order_partition)
-    reserved = await saga.reserve(
-        scripts, order_id, phone_partition, [(phone_id, 1)], int(time.time() * 1000) + 60_000
-    )
+    expires = int(time.time() * 1000) + 60_000
+    reserved = await saga.reserve(scripts, order_id, phone_partition, [(phone_id, 1)], expires)
     if reserved.status != 200:
         books.errors.append(f"reserve {reserved.status} {reserved.payload}")
         return
@@ -117,6 +116,8 @@ async def _order(scripts: Scripts, books: Books, customer_id: str, phone_id: str
             "-",
             86400,
             encode_items([(phone_id, 1, PRICE_CENTS)]),
+            expires,
+            saga.keep_until(),
         ],
     )
     if committed.status != 201:

@@ -8,6 +8,7 @@ The settles run after the answer, so the tests poll for them; nothing sleeps."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 
 import pytest
@@ -121,11 +122,13 @@ async def test_a_commit_after_the_fence_is_refused(shop: Shop, redis: Redis) -> 
     order_partition = partitions.partition_of(customer["id"])
     order_id = partitions.new_id(order_partition)
     phone_partition = partitions.partition_of(phone["id"])
-    reserved = await saga.reserve(scripts, order_id, phone_partition, [(phone["id"], 1)], 0)
+    # Not expired: the settler of the app would fence it; here the test does, at once.
+    expires = int(time.time() * 1000) + 60_000
+    reserved = await saga.reserve(scripts, order_id, phone_partition, [(phone["id"], 1)], expires)
     assert await saga.fence(scripts, order_partition, [order_id]) == [saga.ABORTED]
     commit_keys = commit_order_keys(customer["id"], order_id, "open", None)
     items = encode_items([(phone["id"], 1, 100)])
-    args = [order_id, customer["id"], 1, "r", "0", "0", "f", 60, items]
+    args = [order_id, customer["id"], 1, "r", "0", "0", "f", 60, items, expires, saga.keep_until()]
     late = await scripts.call("commit_order", commit_keys, args)
     assert (late.status, late.payload) == (503, {"code": "service_unavailable"})
     assert not await redis.exists(keys.order(order_id))

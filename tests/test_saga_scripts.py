@@ -7,7 +7,6 @@ stock + held + sold = added_units (section 5)."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
 
 import pytest
@@ -315,9 +314,7 @@ async def test_reserve_answers_prices_read_with_the_units(saga: SagaWorld) -> No
     """The unit price is the phone's at the reserve; a later price change does not move it."""
     phone = await saga.phone(PHONE_PARTITION, price_cents=999, stock=1)
     order = order_id()
-    reserved = await steps.reserve(
-        saga.scripts, order, PHONE_PARTITION, [(phone, 1)], int(time.time() * 1000)
-    )
+    reserved = await steps.reserve(saga.scripts, order, PHONE_PARTITION, [(phone, 1)], LATER_MS)
     await saga.redis.hset(keys.phone(phone), "price_cents", 5)
     again = await steps.reserve(saga.scripts, order, PHONE_PARTITION, [(phone, 1)], LATER_MS)
     assert reserved.payload == again.payload == {"lines": encode_items([(phone, 1, 999)])}

@@ -43,12 +43,24 @@ class Before:
     hashes: Hashes
 
 
+async def _fields(redis: Redis, key: bytes) -> dict[bytes, bytes] | None:
+    """A hash's fields, or a sorted set's members with their scores; None for another type."""
+    kind = await redis.type(key)
+    if kind == b"hash":
+        return await redis.hgetall(key)
+    if kind == b"zset":
+        return {
+            m: repr(score).encode() for m, score in await redis.zrange(key, 0, -1, withscores=True)
+        }
+    return None
+
+
 async def before_a_refusal(redis: Redis) -> Before:
     # Earlier answers' settles (up to 50 ms after a saga 201) are not the refusal's.
     await settled(redis)
     dumps = await snapshot(redis)
-    hashes = {key: await redis.hgetall(key) for key in dumps if await redis.type(key) == b"hash"}
-    return Before(dumps, hashes)
+    fields = {key: await _fields(redis, key) for key in dumps}
+    return Before(dumps, {key: value for key, value in fields.items() if value is not None})
 
 
 def _in_every_partition(key_of: Callable[[int], str]) -> dict[bytes, int]:
@@ -57,6 +69,8 @@ def _in_every_partition(key_of: Callable[[int], str]) -> dict[bytes, int]:
 
 ABORTS = _in_every_partition(keys.aborts)
 RELEASES = _in_every_partition(keys.releases)
+ABORTS_DUE = _in_every_partition(keys.aborts_due)
+RELEASES_DUE = _in_every_partition(keys.releases_due)
 LEDGERS = _in_every_partition(keys.ledger)
 
 
@@ -66,13 +80,17 @@ def _unexplained_by_a_saga_refusal(before: Hashes, now: Hashes) -> dict[bytes, o
     - one abort marker: exactly one new field, the refused order's id, in one ``ab{P}``;
     - release tombstones: that order id -> "released" in the ``rx{Q}`` of each phone
       partition where it had reserved (and only there);
+    - the pruning lists beside them: that order id in the marker's ``ad{P}`` and in the
+      ``xd{Q}`` of each of those phone partitions (and nowhere else);
     - on exactly those partitions the reserve and its release, two counted writes: the
       ledger's ``changes`` grows by 2, ``held_units`` may appear at 0, every other
       ledger field unchanged; a reserved phone's ``held`` may appear at 0.
     Anything else (a field changed or gone, another key, another count) is unexplained."""
     unexplained: dict[bytes, object] = {}
     markers: list[bytes] = []
+    marker_partitions: set[int] = set()
     tombstones: dict[int, dict[bytes, bytes]] = {}
+    due: dict[bytes, set[bytes]] = {}
     moved_ledgers: set[int] = set()
     for key, fields in now.items():
         old = before.get(key, {})
@@ -80,6 +98,9 @@ def _unexplained_by_a_saga_refusal(before: Hashes, now: Hashes) -> dict[bytes, o
         kept = all(fields.get(field) == value for field, value in old.items())
         if key in ABORTS and kept:
             markers.extend(added)
+            marker_partitions.add(ABORTS[key])
+        elif (key in ABORTS_DUE or key in RELEASES_DUE) and kept:
+            due[key] = set(added)
         elif key in RELEASES and kept:
             tombstones[RELEASES[key]] = added
         elif key in LEDGERS:
@@ -103,6 +124,10 @@ def _unexplained_by_a_saga_refusal(before: Hashes, now: Hashes) -> dict[bytes, o
     for partition, added in tombstones.items():
         if added != {markers[0]: b"released"}:
             unexplained[b"tombstones of partition %d" % partition] = added
+    expected_due = {keys.aborts_due(p).encode(): {markers[0]} for p in marker_partitions}
+    expected_due |= {keys.releases_due(p).encode(): {markers[0]} for p in tombstones}
+    if due != expected_due:
+        unexplained[b"pruning lists"] = due
     if moved_ledgers != set(tombstones):
         unexplained[b"ledgers moved without a release"] = sorted(moved_ledgers - set(tombstones))
     return unexplained
@@ -118,9 +143,8 @@ async def assert_changed_nothing(
         assert after == before.dumps, what
         return
     changed = [k for k in before.dumps.keys() | after.keys() if before.dumps.get(k) != after.get(k)]
-    types = {key: await redis.type(key) for key in changed}
-    assert set(types.values()) == {b"hash"}, (what, types)
-    now = {key: await redis.hgetall(key) for key in changed}
+    now = {key: await _fields(redis, key) for key in changed}
+    assert None not in now.values(), (what, now)
     assert _unexplained_by_a_saga_refusal(before.hashes, now) == {}, what
 
 

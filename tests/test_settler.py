@@ -18,6 +18,7 @@ from app import keys, partitions
 from app.ops.poll import wait_until_async
 from app.ops.redis_cluster import LocalCluster
 from app.orders import saga as steps
+from app.orders.saga_service import commit_order_keys
 from app.orders.settler import Settler
 from app.redis_gateway import WriteUnconfirmed
 from app.vocabulary import encode_items
@@ -80,7 +81,7 @@ async def test_settler_settles_a_committed_orders_reservation_as_sold(
 ) -> None:
     phone = await saga.phone(PHONE_PARTITION, price_cents=100, stock=3)
     order = partitions.new_id(ORDER_PARTITION)
-    await steps.reserve(saga.scripts, order, PHONE_PARTITION, [(phone, 1)], now_ms())
+    await steps.reserve(saga.scripts, order, PHONE_PARTITION, [(phone, 1)], now_ms() + 200)
     # The app committed (the order exists) and died before settling.
     await saga.redis.hset(keys.order(order), mapping={"id": order})
 
@@ -123,15 +124,17 @@ async def test_a_partition_is_swept_only_by_its_lease_holder(saga: SagaWorld) ->
     phone = await saga.phone(PHONE_PARTITION, price_cents=100, stock=5)
     first, second = Settler(saga.gateway, saga.scripts), Settler(saga.gateway, saga.scripts)
     order = partitions.new_id(ORDER_PARTITION)
-    await steps.reserve(saga.scripts, order, PHONE_PARTITION, [(phone, 1)], now_ms())
-    assert await first.sweep() == 1
+    # Swept as if its expiry had come (a reserve past its expiry is refused).
+    due = now_ms() + 60_000
+    await steps.reserve(saga.scripts, order, PHONE_PARTITION, [(phone, 1)], due)
+    assert await first.sweep(due) == 1
     assert await saga.redis.get(keys.settler_lease(PHONE_PARTITION)) == first.holder
     late = partitions.new_id(ORDER_PARTITION)
-    await steps.reserve(saga.scripts, late, PHONE_PARTITION, [(phone, 1)], now_ms())
+    await steps.reserve(saga.scripts, late, PHONE_PARTITION, [(phone, 1)], due)
     # The other worker finds the work due but the partition leased: it leaves it.
-    assert await second.sweep() == 0
+    assert await second.sweep(due) == 0
     assert (await saga.units(phone))["held"] == 1
-    assert await first.sweep() == 1
+    assert await first.sweep(due) == 1
     assert await saga.units(phone) == {"stock": 5, "held": 0, "sold": 0, "added": 5}
 
 
@@ -153,7 +156,8 @@ async def test_nothing_is_released_until_the_fence_is_acknowledged_by_the_replic
     have the fence (the gateway's WAIT). Replica frozen: the sweep settles nothing."""
     phone = await saga.phone(PHONE_PARTITION, price_cents=100, stock=3)
     order = partitions.new_id(ORDER_PARTITION)
-    await steps.reserve(saga.scripts, order, PHONE_PARTITION, [(phone, 2)], now_ms())
+    due = now_ms() + 60_000  # swept as if its expiry had come
+    await steps.reserve(saga.scripts, order, PHONE_PARTITION, [(phone, 2)], due)
     view = redis_cluster.topology()
     fence_primary = view.primary_for_slot(key_slot(keys.aborts(ORDER_PARTITION).encode()))
     (replica,) = view.replicas_of(fence_primary)
@@ -162,7 +166,7 @@ async def test_nothing_is_released_until_the_fence_is_acknowledged_by_the_replic
     redis_cluster.procs[replica.port].send_signal(signal.SIGSTOP)
     try:
         with pytest.raises(WriteUnconfirmed):
-            await settler.sweep()
+            await settler.sweep(due)
         # The marker is on the primary; the units stay held until the replica has it.
         assert await saga.redis.hget(keys.aborts(ORDER_PARTITION), order) == "swept"
         assert await saga.units(phone) == {"stock": 1, "held": 2, "sold": 0, "added": 3}
@@ -171,9 +175,102 @@ async def test_nothing_is_released_until_the_fence_is_acknowledged_by_the_replic
 
     async def released() -> bool:
         with contextlib.suppress(WriteUnconfirmed):
-            await settler.sweep()
+            await settler.sweep(due)
         return (await saga.units(phone))["held"] == 0
 
     await wait_until_async(released, "the sweep after the replica is back", 60)
     assert await saga.units(phone) == {"stock": 3, "held": 0, "sold": 0, "added": 3}
     await asyncio.to_thread(redis_cluster.wait_healthy)
+
+
+async def _redis_now_ms(saga: SagaWorld) -> int:
+    seconds, micros = await saga.redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+async def test_a_marker_and_a_tombstone_outlive_every_late_step_of_their_order(
+    saga: SagaWorld,
+) -> None:
+    """docs/data-tier.md 3.2: an aborted order's marker (ab{P}) and tombstone (rx{Q})
+    refuse its late commit and reserve; they are pruned only once the order's expiry
+    refuses those by itself (reserve_stock and commit_order read Redis TIME), and then
+    nothing of the order can run."""
+    phone = await saga.phone(PHONE_PARTITION, price_cents=100, stock=3)
+    customer = partitions.new_id(ORDER_PARTITION)
+    await saga.redis.hset(keys.customer(customer), mapping={"id": customer, "balance_cents": 500})
+    order = partitions.new_id(ORDER_PARTITION)
+    expires = now_ms() + 300
+    reserved = await steps.reserve(saga.scripts, order, PHONE_PARTITION, [(phone, 1)], expires)
+    # The app died; the settler fences the order and releases its unit.
+    assert await steps.fence(saga.scripts, ORDER_PARTITION, [order]) == [steps.ABORTED]
+    await steps.settle(
+        saga.scripts, PHONE_PARTITION, order, steps.ABORTED, reserved.payload["lines"]
+    )
+    marker_due = await saga.redis.zscore(keys.aborts_due(ORDER_PARTITION), order)
+    tombstone_due = await saga.redis.zscore(keys.releases_due(PHONE_PARTITION), order)
+    assert marker_due and tombstone_due
+    for keep_until in (marker_due, tombstone_due):
+        assert keep_until >= expires + steps.TOMBSTONE_MARGIN_MS
+
+    commit_keys = commit_order_keys(customer, order, "open", None)
+    items = encode_items([(phone, 1, 100)])
+
+    async def late_steps() -> tuple[dict, dict]:
+        commit = await saga.scripts.call(
+            "commit_order",
+            commit_keys,
+            [order, customer, 1, "r", "0", "0", "f", 60, items, expires, steps.keep_until()],
+        )
+        reserve = await steps.reserve(saga.scripts, order, PHONE_PARTITION, [(phone, 1)], expires)
+        return commit.payload, reserve.payload
+
+    # Within the expiry the marker and the tombstone are what refuses them.
+    assert await late_steps() == ({"code": "service_unavailable"}, {"code": "order_released"})
+    # (The cluster's partitions may hold other tests' markers: only this order's count.)
+    settler = Settler(saga.gateway, saga.scripts)
+    await settler.prune(int(min(marker_due, tombstone_due)) - 1)
+    assert await saga.redis.hexists(keys.aborts(ORDER_PARTITION), order)
+    assert await saga.redis.hexists(keys.releases(PHONE_PARTITION), order)
+
+    async def expired() -> bool:
+        return await _redis_now_ms(saga) > expires
+
+    await wait_until_async(expired, "Redis's clock to pass the order's expiry", 30)
+    prune_time = int(max(marker_due, tombstone_due))
+    pruned = await settler.prune(prune_time)
+    assert pruned["aborts"] >= 1 and pruned["releases"] >= 1
+    assert not await saga.redis.hexists(keys.aborts(ORDER_PARTITION), order)
+    assert not await saga.redis.hexists(keys.releases(PHONE_PARTITION), order)
+    assert await saga.redis.zscore(keys.aborts_due(ORDER_PARTITION), order) is None
+    assert await saga.redis.zscore(keys.releases_due(PHONE_PARTITION), order) is None
+    assert await settler.prune(prune_time) == {"aborts": 0, "releases": 0}  # idempotent
+    # Gone, and the order's expiry alone refuses its late steps: nothing held or debited.
+    assert await late_steps() == ({"code": "service_unavailable"}, {"code": "order_expired"})
+    assert not await saga.redis.exists(keys.order(order))
+    assert await saga.redis.hget(keys.customer(customer), "balance_cents") == "500"
+    assert await saga.units(phone) == {"stock": 3, "held": 0, "sold": 0, "added": 3}
+
+
+async def test_the_running_settler_prunes_what_is_past_its_keep_until(saga: SagaWorld) -> None:
+    order = partitions.new_id(ORDER_PARTITION)
+    # A marker whose keep-until has come (written with one in the past).
+    await saga.scripts.call(
+        "fence_orders",
+        [keys.aborts(ORDER_PARTITION), keys.aborts_due(ORDER_PARTITION), keys.order(order)],
+        [now_ms() - 1, order],
+    )
+    assert await saga.redis.hget(keys.aborts(ORDER_PARTITION), order) == "swept"
+    settler = Settler(saga.gateway, saga.scripts, interval_s=0.05, prune_every=2)
+    task = asyncio.create_task(settler.run())
+    try:
+
+        async def pruned() -> bool:
+            gone = not await saga.redis.hexists(keys.aborts(ORDER_PARTITION), order)
+            due = await saga.redis.zscore(keys.aborts_due(ORDER_PARTITION), order)
+            return gone and due is None
+
+        await wait_until_async(pruned, "the settler to prune the marker", 30)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task

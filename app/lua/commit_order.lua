@@ -10,6 +10,9 @@
 -- settler releases the stock.
 -- Idempotent by order id: a second run finds the order (answers it) or the marker
 -- (answers the stored refusal).
+-- Refused (and marked) past the reservation's expiry by Redis TIME: the settler may have
+-- released the stock by then, and the marker is pruned after its keep-until time, when
+-- the expiry alone refuses the order (docs/data-tier.md, 3.2).
 --
 -- Key names: app/keys.py; every key is in P.
 -- KEYS[1]  c{P}<customer_id>                 hash
@@ -24,6 +27,7 @@
 -- KEYS[10] lg{P}, the customer partition's ledger   hash (balance_cents, <status>_cents and _units,
 --          orders_<status>, changes; the units' stock side moves on the phones' partitions)
 -- KEYS[11] ab{P}                             hash: order id -> refusal (the abort markers)
+-- KEYS[12] ad{P}                             zset: order id by when its marker may be pruned
 -- ARGV[1]  order id (minted in the customer's partition)
 -- ARGV[2]  customer id
 -- ARGV[3]  now, ms since the epoch
@@ -34,6 +38,8 @@
 -- ARGV[8]  idempotency TTL, seconds
 -- ARGV[9]  the order's items "phone_id:quantity:unit_price_cents;..." in the request's
 --          line order, with the prices the reserves answered (the app relays them)
+-- ARGV[10] the reservations' expiry, ms since the epoch (what the reserves were given)
+-- ARGV[11] keep-until of a marker written now, ms since the epoch (app/orders/saga.py)
 --
 -- Returns {http_status, payload_json, replayed}:
 --   201, order fields (all strings), 0            committed now, or by an earlier run
@@ -45,9 +51,10 @@
 --   the stored refusal, 0                         the order id was aborted before (by a
 --                                                 refusal, or by the settler's fence:
 --                                                 503 {code="service_unavailable"})
+--   503, {code="service_unavailable"}, 0          past the expiry; marker written
 --   error reply "commit_order: ..."               bad items; nothing written
 --
--- STATUS, ORDER_EVENT, decode_items, hgetall_map, next_seq: the prelude (app/lua_prelude.py).
+-- STATUS, ORDER_EVENT, decode_items, hgetall_map, next_seq, now_ms: the prelude (app/lua_prelude.py).
 
 local order_id = ARGV[1]
 local use_idem = ARGV[6] == '1'
@@ -66,8 +73,13 @@ if not marker and redis.call('EXISTS', KEYS[3]) == 1 then
   return {201, cjson.encode(hgetall_map(KEYS[3])), 0}
 end
 
+local function mark(value)
+  redis.call('HSET', KEYS[11], order_id, value)
+  redis.call('ZADD', KEYS[12], 'GT', ARGV[11], order_id)
+end
+
 local function abort(status, encoded, replayed)
-  redis.call('HSET', KEYS[11], order_id, status .. ' ' .. encoded)
+  mark(status .. ' ' .. encoded)
   return {status, encoded, replayed}
 end
 
@@ -78,13 +90,18 @@ if use_idem then
       return abort(422, cjson.encode({code = 'idempotency_key_reused'}), 0)
     end
     -- The replay names another order (or a refusal): this order id never commits.
-    redis.call('HSET', KEYS[11], order_id, 'replayed')
+    mark('replayed')
     return {tonumber(stored[2]), stored[3], 1}
   end
 end
 if marker then
   -- Replayed before, and the key's record has expired since: still never commit.
   return {503, cjson.encode({code = 'service_unavailable'}), 0}
+end
+-- Past the expiry the settler may have released the stock: never commit (a replay above
+-- commits nothing, so it is still answered).
+if now_ms() > tonumber(ARGV[10]) then
+  return abort(503, cjson.encode({code = 'service_unavailable'}), 0)
 end
 
 local function answer(status, payload)

@@ -8,25 +8,32 @@
 -- so the fence and the commit are serialised: whichever runs first decides, and the
 -- settler gives stock back only after this made the order impossible.
 -- Idempotent: a second run finds the order or the marker and answers the same.
+-- A marker written here joins the pruning list until ARGV[1] (app/orders/saga.py:
+-- keep_until): past it the commit refuses the order by its expiry alone.
 --
 -- KEYS[1]  ab{P}  hash: order id -> the refusal the commit answers (the abort markers)
--- KEYS[2..1+n]  the order hash of each order id asked, same order
--- ARGV[1..n]  the order ids
+-- KEYS[2]  ad{P}  zset: order id by when its marker may be pruned (ms)
+-- KEYS[3..2+n]  the order hash of each order id asked, same order
+-- ARGV[1]  keep-until of a marker written now, ms since the epoch
+-- ARGV[2..1+n]  the order ids
 --
 -- Returns {200, payload_json, wrote}:
 --   200, {outcomes=["committed"|"aborted", ...] (one per order id), fenced="k"}, 1|0
 --        k markers written by this run; wrote = 1 when k > 0
 --   error reply "fence_orders: ..."   KEYS do not fit ARGV; nothing written
 
-if #ARGV < 1 or #KEYS ~= 1 + #ARGV then
-  return redis.error_reply('fence_orders: ' .. #KEYS .. ' keys for ' .. #ARGV .. ' orders')
+local orders = #ARGV - 1
+if orders < 1 or #KEYS ~= 2 + orders or not tonumber(ARGV[1]) then
+  return redis.error_reply('fence_orders: ' .. #KEYS .. ' keys for ' .. orders .. ' orders')
 end
 local outcomes, fenced = {}, 0
-for i, order_id in ipairs(ARGV) do
-  if redis.call('EXISTS', KEYS[1 + i]) == 1 then
+for i = 1, orders do
+  local order_id = ARGV[1 + i]
+  if redis.call('EXISTS', KEYS[2 + i]) == 1 then
     outcomes[i] = 'committed'
   else
     if redis.call('HSETNX', KEYS[1], order_id, 'swept') == 1 then
+      redis.call('ZADD', KEYS[2], 'GT', ARGV[1], order_id)
       fenced = fenced + 1
     end
     outcomes[i] = 'aborted'

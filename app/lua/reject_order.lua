@@ -10,12 +10,14 @@
 -- KEYS[1]  c{P}<customer_id>                 hash
 -- KEYS[2]  i{P}<customer_id>:<sha256(key)>   hash (ignored unless ARGV[2] == "1")
 -- KEYS[3]  ab{P}                             hash: order id -> refusal (the abort markers)
+-- KEYS[4]  ad{P}                             zset: order id by when its marker may be pruned
 -- ARGV[1]  order id
 -- ARGV[2]  "1" when an Idempotency-Key was given, else "0"
 -- ARGV[3]  request fingerprint
 -- ARGV[4]  idempotency TTL, seconds
 -- ARGV[5]  the phones' refusal: HTTP status (404 or 409)
 -- ARGV[6]  its payload, JSON ({code="phone_not_found", ...} or {code="out_of_stock", ...})
+-- ARGV[7]  keep-until of a marker written now, ms since the epoch (app/orders/saga.py)
 --
 -- Returns {http_status, payload_json, replayed}:
 --   the stored refusal, 0                 rejected before (a retried call)
@@ -25,6 +27,11 @@
 --   ARGV[5], ARGV[6], 0                   the phones' refusal
 
 local order_id = ARGV[1]
+local function mark(value)
+  redis.call('HSET', KEYS[3], order_id, value)
+  redis.call('ZADD', KEYS[4], 'GT', ARGV[7], order_id)
+end
+
 local marker = redis.call('HGET', KEYS[3], order_id)
 if marker and marker ~= 'replayed' and marker ~= 'swept' then
   local space = string.find(marker, ' ', 1, true)
@@ -37,10 +44,10 @@ if use_idem then
   if stored[1] then
     if stored[1] ~= ARGV[3] then
       local reused = cjson.encode({code = 'idempotency_key_reused'})
-      redis.call('HSET', KEYS[3], order_id, '422 ' .. reused)
+      mark('422 ' .. reused)
       return {422, reused, 0}
     end
-    redis.call('HSET', KEYS[3], order_id, 'replayed')
+    mark('replayed')
     return {tonumber(stored[2]), stored[3], 1}
   end
 end
@@ -53,5 +60,5 @@ if use_idem then
   redis.call('HSET', KEYS[2], 'fingerprint', ARGV[3], 'status', status, 'payload', payload)
   redis.call('EXPIRE', KEYS[2], ARGV[4])
 end
-redis.call('HSET', KEYS[3], order_id, status .. ' ' .. payload)
+mark(status .. ' ' .. payload)
 return {status, payload, 0}

@@ -8,7 +8,9 @@
 -- Idempotent by order id: redis-py's cluster client retries after a connection error
 -- and the first run may have happened, so a second run finds the reservation and
 -- answers the same lines without holding anything again. Refused once this partition
--- released the order (its tombstone): a late try must not run after its cancel.
+-- released the order (its tombstone): a late try must not run after its cancel. Refused
+-- too past its expiry by Redis TIME, so that the tombstone need not outlive the expiry
+-- (the settler prunes it later: docs/data-tier.md, 3.2).
 --
 -- KEYS[1]  rv{Q}  hash: order id -> reserved lines "phone_id:quantity:unit_price_cents;..."
 -- KEYS[2]  rd{Q}  zset: order id by expiry (ms), the settler's work list
@@ -26,9 +28,10 @@
 --   404, {code="phone_not_found", phone_ids=[]}, 0     nothing written
 --   409, {code="out_of_stock", lines=[...]}, 0         nothing written
 --   409, {code="order_released"}, 0             this partition already released the order
+--   409, {code="order_expired"}, 0              past the expiry; nothing written
 --   error reply "reserve_stock: ..."            KEYS do not fit ARGV; nothing written
 --
--- encode_item(s): the prelude (app/lua_prelude.py).
+-- encode_item(s), now_ms: the prelude (app/lua_prelude.py).
 
 local n = (#ARGV - 2) / 2
 if n < 1 or n ~= math.floor(n) or #KEYS ~= 4 + n then
@@ -42,6 +45,9 @@ end
 local reserved = redis.call('HGET', KEYS[1], order_id)
 if reserved then
   return {200, cjson.encode({lines = reserved}), 1}
+end
+if now_ms() > tonumber(ARGV[2]) then
+  return {409, cjson.encode({code = 'order_expired'}), 0}
 end
 
 local missing, short, prices = {}, {}, {}

@@ -8,7 +8,9 @@
 --   aborted:   they move from held back to stock; the reservation goes, and a release
 --              tombstone stays, so a reserve arriving late for this order is refused
 --              (it is written even when there was no reservation here: that late
---              reserve is exactly the one that would find none).
+--              reserve is exactly the one that would find none). The tombstone joins
+--              the pruning list until the keep-until time: past it the reserve refuses
+--              the order by its expiry alone (app/orders/saga.py: keep_until).
 -- Idempotent by order id: a second run finds no reservation and moves nothing (an
 -- abort rewrites the same tombstone), so a retried call answers settled = "0"; an order
 -- named twice in one call is settled once.
@@ -20,10 +22,12 @@
 -- KEYS[2]  rd{Q}  zset: order id by expiry
 -- KEYS[3]  rx{Q}  hash: order id -> released
 -- KEYS[4]  lg{Q}  hash: the partition's ledger (stock_units, held_units, sold_units, changes)
--- KEYS[5..]  for each order in turn, the phone hash of each line of ITS ARGV lines
+-- KEYS[5]  xd{Q}  zset: order id by when its release tombstone may be pruned (ms)
+-- KEYS[6..]  for each order in turn, the phone hash of each line of ITS ARGV lines
 -- ARGV[3i-2], ARGV[3i-1], ARGV[3i]  for order i: its id, "committed" or "aborted", and the
 --          reservation's lines as the caller read them (rv{Q}[id]), or "" when it found
 --          none; that order's phone keys were built from them
+-- ARGV[#ARGV]  keep-until of a tombstone written now, ms since the epoch
 --
 -- Returns {http_status, payload_json, settled}:
 --   200, {results=[...]} one per order, in order, each
@@ -39,13 +43,14 @@
 --
 -- decode_items: the prelude (app/lua_prelude.py).
 
-local orders = #ARGV / 3
-if orders < 1 or orders ~= math.floor(orders) then
-  return redis.error_reply('settle_reservation: ARGV must be order, outcome, lines triples')
+local orders = (#ARGV - 1) / 3
+local keep_until = tonumber(ARGV[#ARGV])
+if orders < 1 or orders ~= math.floor(orders) or not keep_until then
+  return redis.error_reply('settle_reservation: ARGV must be order, outcome, lines triples and a keep-until')
 end
 
 -- Check every order and add up what each phone must hold, before any write.
-local plans, need, phone_of, next_key, seen = {}, {}, {}, 5, {}
+local plans, need, phone_of, next_key, seen = {}, {}, {}, 6, {}
 for i = 1, orders do
   local order_id, outcome, caller_lines = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
   if outcome ~= 'committed' and outcome ~= 'aborted' then
@@ -93,6 +98,7 @@ for i, plan in ipairs(plans) do
   local changed = plan.result and plan.result.code
   if plan.outcome == 'aborted' and not changed then
     redis.call('HSET', KEYS[3], plan.order_id, 'released')
+    redis.call('ZADD', KEYS[5], 'GT', keep_until, plan.order_id)
   end
   if plan.moves then
     local target = plan.outcome == 'committed' and 'sold' or 'stock'

@@ -10,6 +10,7 @@ Outcomes of an order, as the fence decides them: ``committed`` (the order exists
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,11 +19,31 @@ from app.fields import STOCK_LIMIT
 from app.partitions import partition_of
 from app.redis_gateway import RedisGateway
 from app.scripts import ScriptResult, Scripts
+from app.settings import RESERVATION_TTL_MAX_MS
 from app.vocabulary import ItemLine, decode_items, encode_items
 
 COMMITTED = "committed"
 ABORTED = "aborted"
 OUTCOMES = (COMMITTED, ABORTED)
+
+# How long past the longest reservation TTL an abort marker or a release tombstone is kept:
+# room for the clocks of the apps (which mint expiries and prune) and of the Redis nodes
+# (which refuse a reserve or commit past its expiry by TIME) to disagree, and for a
+# failover to a node whose clock is behind.
+TOMBSTONE_MARGIN_MS = 60_000
+
+
+def keep_until(now_ms: int | None = None) -> int:
+    """When an abort marker or release tombstone written now may be pruned (ms).
+
+    Every step of an order carries its reservation's expiry, at most
+    RESERVATION_TTL_MAX_MS after its id was minted, and reserve_stock and commit_order
+    refuse it past that expiry by Redis TIME. A marker is written after its order id was
+    minted, so by this time no reserve or commit of that order can run any more, marker
+    or not: the marker has done its work (docs/data-tier.md, 3.2)."""
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    return now + RESERVATION_TTL_MAX_MS + TOMBSTONE_MARGIN_MS
+
 
 # A settle meets a reservation other than the one its caller read only when a late
 # reserve landed in between; the script answers the stored lines, and one more try
@@ -55,6 +76,11 @@ def _partition_keys(partition: int) -> list[str]:
         keys.releases(partition),
         keys.ledger(partition),
     ]
+
+
+def _settle_keys(partition: int) -> list[str]:
+    """settle_reservation.lua's KEYS before the phones'."""
+    return [*_partition_keys(partition), keys.releases_due(partition)]
 
 
 async def reserve(
@@ -90,12 +116,13 @@ async def settle_many(
     results: list[dict[str, Any]] = [{} for _ in settlements]
     todo = list(range(len(settlements)))
     for _ in range(SETTLE_ATTEMPTS):
-        script_keys = _partition_keys(partition)
+        script_keys = _settle_keys(partition)
         args: list[str | int] = []
         for i in todo:
             order_id, outcome, lines = settlements[i]
             script_keys += [keys.phone(line.phone_id) for line in decode_items(lines)]
             args += [order_id, outcome, lines]
+        args.append(keep_until())
         answer = await scripts.call("settle_reservation", script_keys, args)
         if answer.status != 200:
             for i in todo:
@@ -138,10 +165,32 @@ async def fence(scripts: Scripts, partition: int, order_ids: list[str]) -> list[
     """fence_orders.lua on the orders' partition: each order's outcome, in order."""
     result = await scripts.call(
         "fence_orders",
-        [keys.aborts(partition), *(keys.order(order_id) for order_id in order_ids)],
-        list(order_ids),
+        [
+            keys.aborts(partition),
+            keys.aborts_due(partition),
+            *(keys.order(order_id) for order_id in order_ids),
+        ],
+        [keep_until(), *order_ids],
     )
     return list(result.payload["outcomes"])
+
+
+async def prune_tombstones(
+    scripts: Scripts, partition: int, now_ms: int, limit: int
+) -> dict[str, int]:
+    """prune_tombstones.lua on one partition: its abort markers and release tombstones
+    whose keep-until time is past ``now_ms``, up to ``limit`` of each; how many went."""
+    result = await scripts.call(
+        "prune_tombstones",
+        [
+            keys.aborts(partition),
+            keys.aborts_due(partition),
+            keys.releases(partition),
+            keys.releases_due(partition),
+        ],
+        [now_ms, limit],
+    )
+    return {kind: int(count) for kind, count in result.payload.items()}
 
 
 async def return_stock(

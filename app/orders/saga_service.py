@@ -183,8 +183,15 @@ async def place_order(
                 keys.customer(customer_id),
                 keys.idempotency(customer_id, idempotency_key or ""),
                 keys.aborts(order_partition),
+                keys.aborts_due(order_partition),
             ],
-            [order_id, *idempotency, status, msgspec.json.encode(payload).decode()],
+            [
+                order_id,
+                *idempotency,
+                status,
+                msgspec.json.encode(payload).decode(),
+                saga.keep_until(),
+            ],
         )
         await _release_now(scripts, order_id, reserved)
         return _answer(result)
@@ -209,6 +216,8 @@ async def place_order(
             idempotency[1],
             idempotency[2],
             items,
+            expires,
+            saga.keep_until(),
         ],
     )
     crash_if("committed", fault_point)
@@ -224,10 +233,11 @@ def commit_order_keys(
     customer_id: str, order_id: str, status: str, idempotency_key: str | None
 ) -> list[str]:
     """commit_order.lua's KEYS, in the order its header lists them: a new order's, then the
-    partition's abort markers (the fence)."""
+    partition's abort markers (the fence) and their pruning list."""
     return [
         *new_order_keys(customer_id, order_id, status, idempotency_key),
         keys.aborts(partition_of(order_id)),
+        keys.aborts_due(partition_of(order_id)),
     ]
 
 

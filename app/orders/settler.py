@@ -13,6 +13,9 @@ order the same outcome and move its units once.
   will), and only then are they settled on the phone partition.
 * Due take-backs: the order's lines, grouped by phone partition, go back to stock with
   return_stock; then the order leaves the take-back list.
+* Every ``PRUNE_EVERY`` ticks, abort markers and release tombstones past their keep-until
+  time (app/orders/saga.py: keep_until) go, with prune_tombstones on each partition that
+  has any: without it they would pile up for every aborted order, forever.
 
 ``settler_ctx`` is in the app's cleanup_ctx on both tiers (a collapsed order leaves it
 nothing to settle); the split order path hands it the settles of its answers
@@ -54,6 +57,12 @@ SETTLE_CALLS = 8
 # Orders settled per partition per tick: a backlog drains over a few ticks instead of
 # one long sweep holding the event loop's attention.
 BATCH = 100
+# Markers and tombstones pruned per partition per call: aborts may come in bursts (a
+# sold-out phone refuses hundreds of orders), and the pruning runs only every PRUNE_EVERY ticks.
+PRUNE_BATCH = 1000
+# Ticks between two prunings of the abort markers and release tombstones: they are kept
+# for minutes (saga.keep_until), so looking for due ones every tick would be wasted probes.
+PRUNE_EVERY = 30
 
 
 def _now_ms() -> int:
@@ -77,6 +86,7 @@ class Settler:
     lease_ms: int = LEASE_MS
     batch: int = BATCH
     holder: str = field(default_factory=_holder_name)
+    prune_every: int = PRUNE_EVERY
     # Settles the order path hands over after its answers (settle_soon), gathered per
     # phone partition for settle_delay_s, then one call per partition: a call costs Redis
     # about as much as settling one order, and orders rarely share a partition within
@@ -128,9 +138,13 @@ class Settler:
     async def run(self) -> None:
         """Sweep every interval until cancelled; a Redis error waits for the next tick
         (the work stays due, so nothing is lost by skipping one)."""
+        tick = 0
         while True:
+            tick += 1
             try:
                 await self.sweep()
+                if tick % self.prune_every == 0:
+                    await self.prune()
             except (RedisError, OSError, WriteUnconfirmed) as error:
                 # Unconfirmed: a fence the replica may not have; nothing after it ran.
                 log.warning("settler sweep failed: %s", error)
@@ -158,6 +172,27 @@ class Settler:
             if take_backs_due:
                 done += await self._take_back_due(partition, now)
         return done
+
+    async def prune(self, now_ms: int | None = None) -> dict[str, int]:
+        """Abort markers and release tombstones past their keep-until time, from every
+        partition with any: how many of each went. No lease: the script is idempotent and
+        the work is a few deletions."""
+        now = _now_ms() if now_ms is None else now_ms
+        probes = [
+            ("ZRANGEBYSCORE", key(p), "-inf", now, "LIMIT", 0, 1)
+            for p in range(PARTITIONS)
+            for key in (keys.aborts_due, keys.releases_due)
+        ]
+        replies = await self.gateway.execute_many(probes)
+        pruned = {"aborts": 0, "releases": 0}
+        for p in range(PARTITIONS):
+            if not (replies[2 * p] or replies[2 * p + 1]):
+                continue
+            for kind, count in (
+                await saga.prune_tombstones(self.scripts, p, now, PRUNE_BATCH)
+            ).items():
+                pruned[kind] += count
+        return pruned
 
     async def _partitions_with_due_work(self, now: int) -> dict[int, tuple[bool, bool]]:
         probes = [
