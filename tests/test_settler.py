@@ -53,10 +53,11 @@ async def test_settler_gives_back_the_stock_a_dead_app_left_held(
     phone = await saga.phone(PHONE_PARTITION, price_cents=100, stock=3)
     other = await saga.phone(OTHER_PHONE_PARTITION, price_cents=100, stock=3)
     order = partitions.new_id(ORDER_PARTITION)
-    # The app reserved on both phone partitions and died: no commit, no settle.
+    # The app reserved on both phone partitions and died: no commit, no settle. (Its
+    # expiry is seconds away: a reserve that reached Redis past it would be refused.)
     for partition, phone_id in ((PHONE_PARTITION, phone), (OTHER_PHONE_PARTITION, other)):
         reserved = await steps.reserve(
-            saga.scripts, order, partition, [(phone_id, 2)], now_ms() + 200
+            saga.scripts, order, partition, [(phone_id, 2)], now_ms() + 2_000
         )
         assert reserved.status == 200
     assert (await saga.units(phone))["held"] == 2
@@ -81,7 +82,7 @@ async def test_settler_settles_a_committed_orders_reservation_as_sold(
 ) -> None:
     phone = await saga.phone(PHONE_PARTITION, price_cents=100, stock=3)
     order = partitions.new_id(ORDER_PARTITION)
-    await steps.reserve(saga.scripts, order, PHONE_PARTITION, [(phone, 1)], now_ms() + 200)
+    await steps.reserve(saga.scripts, order, PHONE_PARTITION, [(phone, 1)], now_ms() + 2_000)
     # The app committed (the order exists) and died before settling.
     await saga.redis.hset(keys.order(order), mapping={"id": order})
 
@@ -199,7 +200,7 @@ async def test_a_marker_and_a_tombstone_outlive_every_late_step_of_their_order(
     customer = partitions.new_id(ORDER_PARTITION)
     await saga.redis.hset(keys.customer(customer), mapping={"id": customer, "balance_cents": 500})
     order = partitions.new_id(ORDER_PARTITION)
-    expires = now_ms() + 300
+    expires = now_ms() + 2_000  # soon, yet far enough for the reserve to reach Redis within it
     reserved = await steps.reserve(saga.scripts, order, PHONE_PARTITION, [(phone, 1)], expires)
     # The app died; the settler fences the order and releases its unit.
     assert await steps.fence(saga.scripts, ORDER_PARTITION, [order]) == [steps.ABORTED]
