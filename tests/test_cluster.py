@@ -95,6 +95,8 @@ def test_a_cluster_client_reaches_every_primary(redis_cluster: LocalCluster) -> 
             routed.delete(key)
 
 
+# soak: make test has it through the whole stack (test_cluster_failover's small run).
+@pytest.mark.soak
 def test_kill_9_of_a_primary_hands_its_slots_to_its_replica(
     own_redis_cluster: LocalCluster, record_property: pytest.RecordProperty
 ) -> None:
@@ -161,6 +163,8 @@ def test_kill_9_of_a_primary_hands_its_slots_to_its_replica(
         assert replica.get(key) == "before the crash"
 
 
+# soak: make test starts clusters in new folders only; this restart costs 15 s.
+@pytest.mark.soak
 def test_a_restart_on_the_same_folder_rejoins_with_the_data(tmp_path: Path) -> None:
     cluster = new_cluster(tmp_path / "cluster")
     cluster.start()

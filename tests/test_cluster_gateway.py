@@ -327,6 +327,8 @@ async def test_an_order_step_its_replica_did_not_confirm_is_503_and_a_retry_repl
     redis_cluster.wait_healthy()
 
 
+# soak: make test has a failover through the app (test_cluster_failover's small run).
+@pytest.mark.soak
 async def test_after_a_failover_the_gateway_follows_the_slots_and_reloads_its_scripts(
     fault_cluster: LocalCluster,
 ) -> None:

@@ -23,7 +23,7 @@ from tests.helpers import NO_SHEDDING_ENV
 
 HERE = Path(__file__).resolve().parent
 # Examples per operation and phase; 26 operations are tested in each run.
-MAX_EXAMPLES = 25
+MAX_EXAMPLES = 12
 HIGH_LIMITS = {
     "LIMIT_WRITE_RATE": "100000r/s",
     "LIMIT_WRITE_BURST": "100000",
