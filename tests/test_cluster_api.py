@@ -9,16 +9,23 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
 
 from app import partitions
 from app.main import create_app
 from app.ops.redis_cluster import LocalCluster
-from tests.helpers import ADMIN, ADMIN_TOKEN, Shop
+from tests.helpers import ADMIN, ADMIN_TOKEN, CLUSTER, Shop
+
+# The fixture `redis` on the cluster: the session's shared cluster, flushed for this test
+# (the catalogue check below reads page 1, which earlier tests' phones would fill).
+pytestmark = pytest.mark.parametrize(
+    "stack_kind", [pytest.param(CLUSTER, marks=pytest.mark.cluster)], indirect=True
+)
 
 
 @pytest.fixture
 async def cluster_shop(
-    aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch, redis_cluster: LocalCluster
+    aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch, redis_cluster: LocalCluster, redis: Redis
 ) -> Shop:
     nodes = ",".join(f"127.0.0.1:{port}" for port in redis_cluster.ports[:3])
     for name, value in {
