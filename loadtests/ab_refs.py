@@ -224,7 +224,8 @@ def one_node_markdown(report: dict[str, Any], target: float = ONE_NODE_TARGET) -
 | redis-server CPU µs per order | {redis["a"]:.1f} | {redis["b"]:.1f} | {redis["b_over_a"]:.2f} | |
 
 `python -m loadtests.ab_refs --a {report["a"]} --b . --paths orders`: each side from its own
-checkout with its own defaults (so the baseline's order path is its default, place_order),
+checkout with its own defaults (the baseline places an order on one redis-server by its
+default, `place_order`; this tree by its one order path),
 2 instances x 1 worker, redis AOF `always`; {report["split"]}; rounds alternate A first, then B
 first. Load average {start:.1f} at the start, {end:.1f} at the end.
 """
