@@ -68,7 +68,7 @@ def one_primary(tmp_path: Path) -> Iterator[LocalCluster]:
 
 
 def _recorded(cluster: LocalCluster) -> tuple[Recording, int]:
-    return asyncio.run(record(cluster, orders=20, inflight=4))
+    return asyncio.run(record(cluster, orders=20, inflight=4, phones=8, customers=8))
 
 
 def test_the_recorded_orders_replay_to_the_same_keys(
