@@ -95,7 +95,8 @@ def test_a_replay_that_leaves_other_keys_fails(one_primary: LocalCluster, tmp_pa
 
 
 def row(calls: int, cpu_s: float, wall_s: float, busy_s: float = 0.0) -> dict[str, Any]:
-    return {"port": 1, "calls": calls, "scripts": {}, "cpu_s": cpu_s, "wall_s": wall_s,
+    scripts = {"commit_order": calls // 2, "reserve_stock": calls - calls // 2}
+    return {"port": 1, "calls": calls, "scripts": scripts, "cpu_s": cpu_s, "wall_s": wall_s,
             "stack_busy_s": busy_s}  # fmt: skip
 
 
@@ -105,6 +106,7 @@ def test_the_ceilings_are_set_by_the_busiest_and_the_slowest_primary() -> None:
     assert one["measured_ceiling"] == 500 and one["derived_ceiling"] == 1000
     assert one["core_busy"] == [0.5] and one["core_never_idle"] == [0.75]
     assert even["calls_per_order"] == 2.5
+    assert even["calls_per_order_by_script"] == {"commit_order": 1.25, "reserve_stock": 1.25}
     assert even["measured_ceiling"] == 1250 and even["derived_ceiling"] == 2500
     ratios = verdicts(one, even)
     assert ratios["cpu_per_order"] == pytest.approx(1.1) and ratios["cpu_per_order_met"]
@@ -115,6 +117,7 @@ def test_the_ceilings_are_set_by_the_busiest_and_the_slowest_primary() -> None:
     lopsided = verdicts(one, uneven)
     assert lopsided["cpu_per_order_met"] and not lopsided["derived_ceiling_met"]
     assert not lopsided["measured_ceiling_met"]
+    one["orders_per_s_recorded"] = uneven["orders_per_s_recorded"] = 500.0
     text = markdown(
         {"p1": one, "p3": uneven, "ratios": lopsided, "split": "x", "load_average": [1.0, 2.0]}
     )
@@ -126,6 +129,7 @@ def test_the_ceilings_are_set_by_the_busiest_and_the_slowest_primary() -> None:
         "orders / busiest primary's CPU s (b) | 1,000 | 1,250 | 1.25 | ≥ 2.5 **missed** |" in text
     )
     assert "0.73 / 0.14 / 0.14" in text  # each primary's share of the CPU
+    assert "| the same, by script | commit_order 1.25, reserve_stock 1.25 |" in text
 
 
 def one_node_report(a: float, b: float) -> dict[str, Any]:
