@@ -57,7 +57,7 @@ help:
 	@echo "make lint      ruff check and ruff format --check"
 	@echo "make status    the health of every process of a running make run stack (exit 1 if one is down)"
 	@echo "make loadtest  a bounded headless Locust run against a fresh stack, then the verifier"
-	@echo "make bench     the measurements, published to docs/BENCH.md and docs/bench.png (under 10 minutes)"
+	@echo "make bench     the measurements, published to docs/BENCH.md and docs/bench.png (about 11 minutes)"
 	@echo "make soak      SOAK_SECONDS (300) of mixed traffic with faults, then the books (loadtests/reports/SOAK.md)"
 	@echo "make secrets   the secret files docker compose needs (secrets/, random, kept once made)"
 	@echo "make redis-cluster   a local Redis Cluster (3 primaries + 3 replicas) in the foreground"
@@ -241,7 +241,7 @@ status: setup
 # loadtests/reports/ and published to docs/BENCH.md + docs/bench.png, which the
 # repository keeps (loadtests/bench.py). Both pin the stack and the load
 # generator to disjoint CPUs: STACK_CPUS=0 LOAD_CPUS=1 by default on 2 cores
-# (loadtests/rig.py). Each under 10 minutes.
+# (loadtests/rig.py). loadtest under 10 minutes, bench about 11.
 .PHONY: loadtest bench
 loadtest: load-setup
 	$(PY) -m loadtests

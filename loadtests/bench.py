@@ -29,7 +29,8 @@ Then:
    redis-server against the baseline ref (loadtests/ab_refs.py, issue 11's item 3).
 
 Targets are reported, never asserted: a benchmark is not a test. Runs in about
-9 minutes, the mail-lag section's 5 included; everything goes to 127.0.0.1 and
+11 minutes, the mail-lag section's 5, the data tier's 1 and the baseline A/B's 1
+included; everything goes to 127.0.0.1 and
 every step is bounded.
 """
 
