@@ -35,6 +35,7 @@ from app.scripts import problem_from_script
 from app.vocabulary import COMPLETED
 
 access_log = logging.getLogger(ACCESS_LOGGER)
+_direct_access_log = logs.DirectAccessLog(access_log)
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Problem codes of the 503s the app answers itself (app/problems.py).
@@ -113,7 +114,8 @@ def _log_access(
             fields["replayed"] = True
     if problem is not None:
         fields["problem"] = problem
-    access_log.info("%s %s %d", method, request.path, status, extra=fields)
+    if not _direct_access_log.write(f"{method} {request.path} {status}", fields):
+        access_log.info("%s %s %d", method, request.path, status, extra=fields)
 
 
 # ---- Redis and order outcomes ------------------------------------------------------

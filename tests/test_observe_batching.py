@@ -14,7 +14,13 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from app import metrics
-from app.logs import AccessLogHandler, JsonFormatter, set_batching
+from app.logs import (
+    AccessLogHandler,
+    DirectAccessLog,
+    JsonFormatter,
+    request_id_var,
+    set_batching,
+)
 from app.settings import Settings
 
 BUCKETS = (0.001, 0.01, 0.1, 1.0)
@@ -155,6 +161,43 @@ async def test_access_lines_are_written_at_once_without_batching(tmp_path: Path)
     try:
         logger.info("one")
         assert [line["message"] for line in lines(path)] == ["one"]
+    finally:
+        handler.close()
+
+
+def test_a_direct_access_line_is_the_line_logging_writes(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    logger, handler = access_logger(path)
+    fields = {"method": "POST", "route": "/orders", "path": "/orders", "status": 201}
+    fields |= {"duration_ms": 3.5, "remote": "127.0.0.1", "bytes": 412, "replayed": True}
+    token = request_id_var.set("5f0c" * 8)
+    try:  # no running loop: each line written at once
+        logger.info("%s %s %d", "POST", "/orders", 201, extra=fields)
+        assert DirectAccessLog(logger).write("POST /orders 201", fields)
+        via_logging, direct = lines(path)
+    finally:
+        request_id_var.reset(token)
+        handler.close()
+    assert direct.pop("time")[:16] == via_logging.pop("time")[:16]  # the same minute
+    assert list(direct.items()) == list(via_logging.items())  # members, values and order
+    assert direct["request_id"] == "5f0c" * 8 and direct["status"] == 201
+
+
+def test_a_direct_access_line_leaves_any_other_setup_to_logging(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    logger, handler = access_logger(path)
+    try:
+        logger.addFilter(lambda record: False)
+        assert not DirectAccessLog(logger).write("GET / 200", {"status": 200})
+        logger.filters.clear()
+        logger.propagate = True
+        assert not DirectAccessLog(logger).write("GET / 200", {"status": 200})
+        logger.propagate = False
+        plain = logging.StreamHandler()
+        plain.setFormatter(JsonFormatter())
+        logger.handlers = [plain]
+        assert not DirectAccessLog(logger).write("GET / 200", {"status": 200})
+        assert path.read_text() == ""
     finally:
         handler.close()
 
