@@ -64,3 +64,16 @@ def redis_client(
     if cluster_nodes:
         return cluster_client(url, cluster_nodes, **options)
     return Redis.from_url(url, **options)
+
+
+def closed_under_the_call(error: BaseException) -> bool:
+    """A call whose connection was closed under it by redis-py's cluster client, which on
+    a topology change (a failover) disconnects a node's connections in the background,
+    its free ones too while another call may be taking one. The call then fails with
+    uvloop's RuntimeError ("the handler is closed") or an AttributeError on the
+    connection's writer, already None: a lost connection, not a bug of the caller."""
+    if isinstance(error, RuntimeError):
+        return "closed" in str(error)
+    if isinstance(error, AttributeError):
+        return "'NoneType' object has no attribute" in str(error)
+    return False

@@ -20,18 +20,22 @@ read both.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from redis._parsers.base import BaseParser
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from app import keys
 from app.fastredis import MultiplexedRedis
 from app.partitions import PARTITIONS
+from app.redis_clients import closed_under_the_call
 from mail import scripts
 
 _parse_error = BaseParser.parse_error  # redis-py's exception class for an error reply
@@ -67,6 +71,19 @@ class _FastTransport:
         await self._fast.aclose()
 
 
+@contextlib.contextmanager
+def _closed_transport_is_a_lost_connection() -> Iterator[None]:
+    """A connection closed under the call by the cluster client (app/redis_clients.py:
+    closed_under_the_call) is a lost connection, which the worker handles (the lane
+    retries, the loop backs off), instead of a bug."""
+    try:
+        yield
+    except (RuntimeError, AttributeError) as error:
+        if not closed_under_the_call(error):
+            raise
+        raise RedisConnectionError(f"the connection was closed under the call: {error}") from error
+
+
 class _ClientTransport:
     """The worker's redis-py client itself (rediss://, or a cluster client, which
     has no one connection pool). Its reply parsing stays on: every reply read
@@ -77,16 +94,18 @@ class _ClientTransport:
         self._client = redis
 
     async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        async with self._client.pipeline(transaction=False) as pipe:
-            for args in commands:
-                pipe.execute_command(*args)
-            return await pipe.execute()
+        with _closed_transport_is_a_lost_connection():
+            async with self._client.pipeline(transaction=False) as pipe:
+                for args in commands:
+                    pipe.execute_command(*args)
+                return await pipe.execute()
 
     async def transaction(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        async with self._client.pipeline(transaction=True) as pipe:
-            for args in commands:
-                pipe.execute_command(*args)
-            return await pipe.execute()
+        with _closed_transport_is_a_lost_connection():
+            async with self._client.pipeline(transaction=True) as pipe:
+                for args in commands:
+                    pipe.execute_command(*args)
+                return await pipe.execute()
 
     async def aclose(self) -> None:
         return None  # the worker closes its own client

@@ -35,6 +35,11 @@ THROTTLED = Counter(
     "phoneshop_mail_throttled_total",
     "Of the retried: relay throttles (421, 451, 452, refused connection), not counted as attempts",
 )
+RECORD_RETRIES = Counter(
+    "phoneshop_mail_record_retries_total",
+    "Accepted mails whose record (sent marker, XACK) Redis refused and was tried again"
+    " (a failover), instead of leaving the mail to be sent again",
+)
 IGNORED = Counter("phoneshop_mail_ignored_events_total", "Events that need no mail")
 TRIMMED = Counter("phoneshop_mail_trimmed_events_total", "events entries trimmed (XTRIM MINID)")
 SEND_DURATION = Histogram(
@@ -82,6 +87,7 @@ COUNTERS = {
     "throttled": THROTTLED,
     "dead": DEAD_LETTERED,
     "duplicates": DUPLICATES,
+    "record_retries": RECORD_RETRIES,
     "ignored": IGNORED,
     "trimmed": TRIMMED,
 }

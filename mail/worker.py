@@ -47,7 +47,12 @@ write):
   other worker can take an entry over while it is being sent;
 - send with the stable Message-ID ``<order-{id}@{MAIL_DOMAIN}>``;
 - accepted -> MULTI: SET the marker NX, DEL attempts, XACK, ZREM retry, before
-  the next mail of the lane is sent (a crash re-sends at most the mail in hand);
+  the next mail of the lane is sent (a crash re-sends at most the mail in hand).
+  A MULTI Redis refuses (a cluster failover: the primary gone, then its heir
+  refusing writes until its own replica is back) is tried again on the lane until
+  Redis takes it or the worker stops; meanwhile this worker sends that order's
+  mail on no other lane (``_accepted_unrecorded``), so a takeover of its entry
+  records it instead of sending it again;
 - 5xx -> MULTI: XADD ``md{P}``, XACK, ZREM retry, DEL attempts. Never retried;
 - a throttle (421, 451, 452, a connection refused at connect or greeting) ->
   ZADD ``mr{P}`` and take the attempt back: a relay saying "later" never
@@ -66,9 +71,10 @@ dead-lettered.
 SMTP sessions: at most MAIL_MAX_PER_CONNECTION mails each (a stock MTA delivers
 only the first few of a session at once), EHLO MAIL_HELO_NAME.
 
-Delivery is at least once: a crash between the server's 250 and the marker, or a
-server that drops the connection after the data, sends the mail again, with the
-same Message-ID, so the receiving side can deduplicate.
+Delivery is at least once: a crash (or a stop) between the server's 250 and the
+marker, a Redis outage longer than MAIL_CLAIM_IDLE_SECONDS with another worker
+taking the entry over, or a server that drops the connection after the data, sends
+the mail again, with the same Message-ID, so the receiving side can deduplicate.
 """
 
 from __future__ import annotations
@@ -93,7 +99,7 @@ from app.ids import is_valid_id
 from app.logs import request_id_var
 from app.mail_backlog import entry_ms, read_mail_backlog
 from app.partitions import PARTITIONS, partition_of
-from app.redis_clients import redis_client
+from app.redis_clients import closed_under_the_call, redis_client
 from app.stream_doorbell import Doorbell
 from app.vocabulary import decode_items, is_request_id
 from mail import MAIL_EVENT_TYPES, metrics, scripts
@@ -224,6 +230,9 @@ class MailWorker:
         self._next_due_ms: float | None = None
         self._next_retry_probe = 0.0
         self._retry_heads: dict[int, float] = {}  # partition -> its first retry's due ms
+        # Orders whose mail the SMTP server accepted and whose record a lane is still
+        # trying to write (_record_sent): never sent again by this worker meanwhile.
+        self._accepted_unrecorded: set[str] = set()
         self._next_sweep = 0.0
         # One redis-server: a blocking XREADGROUP over every stream. A cluster: the doorbell.
         self._doorbell = Doorbell(redis) if isinstance(redis, RedisCluster) else None
@@ -290,7 +299,12 @@ class MailWorker:
                         await self._own_backlog()
                     await self.run_once()
                     failures = 0
-                except (RedisError, OSError) as error:
+                except (RedisError, OSError, RuntimeError, AttributeError) as error:
+                    # A connection closed under the call by the cluster client is lost
+                    # like any other; anything else of those two types is a bug.
+                    redis_error = isinstance(error, (RedisError, OSError))
+                    if not redis_error and not closed_under_the_call(error):
+                        raise
                     if "NOGROUP" in str(error):  # the stream or group was deleted: recreate
                         self._group_ready = False
                     failures += 1
@@ -420,7 +434,16 @@ class MailWorker:
         metrics.DEAD_LETTERS.set(backlog.dead)
 
     def _stats_line(self) -> str:
-        names = ("sent", "duplicates", "retries", "throttled", "dead", "ignored", "trimmed")
+        names = (
+            "sent",
+            "duplicates",
+            "record_retries",
+            "retries",
+            "throttled",
+            "dead",
+            "ignored",
+            "trimmed",
+        )
         return " ".join(f"{name}={self.stats[name]}" for name in names)
 
     async def trim_events(self) -> int:
@@ -626,8 +649,11 @@ class MailWorker:
         except (RedisError, OSError) as error:
             # The entries stay pending; XAUTOCLAIM takes them again after the claim timeout.
             log.warning("redis unavailable while sending %d mail(s): %s", len(chunk), error)
-        except Exception:
-            log.exception("unexpected error on a lane (%d mail(s))", len(chunk))
+        except Exception as error:
+            if closed_under_the_call(error):
+                log.warning("redis connection lost while sending %d mail(s): %r", len(chunk), error)
+            else:
+                log.exception("unexpected error on a lane (%d mail(s))", len(chunk))
         finally:
             if pause:  # this session backs off; the other lanes go on
                 await self._sleep(pause)
@@ -667,6 +693,13 @@ class MailWorker:
         MULTI after each. Returns the seconds the lane backs off (after a
         throttle), else 0."""
         done: list[tuple[str, str, str | None, int]] = []  # redeliveries: one MULTI
+        # Accepted already, its record still being written by the lane that sent it
+        # (which acknowledges the entry too, whoever holds it now): not sent again.
+        chunk = [
+            (entry_id, fields)
+            for entry_id, fields in chunk
+            if fields.get("order_id") not in self._accepted_unrecorded
+        ]
         try:
             ready = await self._prepare(partition, chunk, done)
         finally:
@@ -832,10 +865,38 @@ class MailWorker:
                 # Acknowledged before the next send, so a crash re-sends at most the
                 # mail in hand. The lanes' acknowledgements of one event-loop turn
                 # share one write (app/fastredis.py) and one AOF fsync.
-                await self.batch.ack_sent(
-                    partition, [(item.entry_id, item.order_id, item.rendered.message_id, now_ms())]
-                )
+                await self._record_sent(partition, item)
         return 0.0
+
+    async def _record_sent(self, partition: int, item: Ready) -> None:
+        """The accepted mail's record: its marker, XACK. Refused (a failover: the primary
+        gone, its heir refusing writes until its own replica is back), it is tried
+        again here until Redis takes it: left pending, the entry would be taken over
+        after MAIL_CLAIM_IDLE_SECONDS and the mail sent a second time. A stop gives up
+        (the mail is then sent again: at least once)."""
+        sent = [(item.entry_id, item.order_id, item.rendered.message_id, now_ms())]
+        self._accepted_unrecorded.add(item.order_id)
+        try:
+            failures = 0
+            while True:
+                try:
+                    await self.batch.ack_sent(partition, sent)
+                    return
+                except (RedisError, OSError) as error:
+                    if self.stopping:
+                        raise
+                    failures += 1
+                    self._count("record_retries")
+                    delay = min(1.0, 0.05 * 2**failures)
+                    log.warning(
+                        "order %s: accepted, its record refused (%s); again in %.2fs",
+                        item.order_id,
+                        clip(str(error)),
+                        delay,
+                    )
+                    await self._sleep(delay)
+        finally:
+            self._accepted_unrecorded.discard(item.order_id)
 
     async def _send(self, item: Ready, sender: SmtpSender, following: Ready | None) -> str:
         """One mail on the lane's session (``following``: the lane's next mail, whose

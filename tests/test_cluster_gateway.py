@@ -26,7 +26,7 @@ from app.ids import new_id
 from app.main import create_app
 from app.ops.poll import wait_until
 from app.ops.redis_cluster import LocalCluster, client, poll, topology_from
-from app.redis_clients import cluster_client, redis_client
+from app.redis_clients import closed_under_the_call, cluster_client, redis_client
 from app.redis_gateway import LuaScript, WriteUnconfirmed
 from app.settings import Settings
 from loadtests.gateway_cost import measure
@@ -588,3 +588,19 @@ async def test_the_gateway_cost_harness_runs_every_call_through_the_cluster(
     finally:
         await admin.aclose()
     assert sum(counts) == 300 + 1  # and the warm-up call
+
+
+def test_a_connection_closed_under_a_call_by_the_cluster_client_reads_as_lost() -> None:
+    """The two ways redis-py's cluster client failed a mail worker's call during a
+    failover (tests/test_cluster_failover.py), their messages as logged then: a lost
+    connection; other errors of those types stay bugs."""
+    assert closed_under_the_call(
+        RuntimeError(
+            "unable to perform operation on <TCPTransport closed=True reading=False"
+            " 0x55dd5421ef80>; the handler is closed"
+        )
+    )
+    assert closed_under_the_call(AttributeError("'NoneType' object has no attribute 'writelines'"))
+    assert not closed_under_the_call(RuntimeError("cannot reuse already awaited coroutine"))
+    assert not closed_under_the_call(AttributeError("'Order' object has no attribute 'id'"))
+    assert not closed_under_the_call(ValueError("closed"))

@@ -402,6 +402,7 @@ def test_the_cluster_node_start_script_runs_a_cluster_node_with_the_password_fro
             settings = client.config_get("*")
             assert settings["appendonly"] == "yes" and settings["appendfsync"] == "always"
             assert settings["min-replicas-to-write"] == "1"
+            assert settings["repl-diskless-sync-delay"] == "0"  # as app/ops/redis_cluster.py
             assert settings["masterauth"] == password  # its replica role authenticates too
             assert settings["cluster-preferred-endpoint-type"] == "hostname"
         with Redis(port=port) as anonymous, pytest.raises(AuthenticationError):

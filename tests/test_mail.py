@@ -33,7 +33,7 @@ from app.ops.poll import wait_until_async
 from app.partitions import new_id, partition_of
 from app.settings import SettingsError
 from loadtests.support.mail_sink import MailSink
-from loadtests.support.servers import free_port, running_redis
+from loadtests.support.servers import RedisServer, free_port, running_redis
 from mail.render import HEADERS
 from mail.settings import MailSettings, default_worker_name
 from mail.smtp_wire import SmtpConnection, SmtpReplyError
@@ -394,6 +394,42 @@ async def test_worker_killed_mid_batch_another_delivers_everything(
     assert set(ids) == {o.message_id for o in orders}
     # At most the mail in hand when the victim died went out twice (same Message-ID).
     assert len(ids) - len(set(ids)) <= 1
+
+
+async def test_an_accepted_mail_whose_record_redis_refuses_is_recorded_later_not_sent_again(
+    mail_redis: Redis, smtp_server: SmtpServer, mail_workers: WorkerPool, redis_server: RedisServer
+) -> None:
+    """A cluster failover's window, on one redis-server: the SMTP server takes the mail
+    while Redis refuses writes (NOREPLICAS, as a promoted primary does until its replica
+    is back). The worker writes the record again until Redis takes it, so the entry,
+    idle past the claim timeout by then, is not taken over and sent a second time (it
+    was: tests/test_cluster_failover.py saw such duplicates)."""
+    handler = smtp_server.handler
+    handler.gate = threading.Event()
+    order = await seed_order(mail_redis)
+    await add_event(mail_redis, "order.completed", order)
+    worker = await mail_workers.start()
+    await wait_until_async(lambda: handler.in_data.is_set(), what="the mail in hand")
+    stream = keys.events(PARTITION)
+
+    async def idle_past_claim_timeout() -> bool:
+        # XPENDING is a read: Redis answers it while refusing writes.
+        [entry] = await mail_redis.xpending_range(stream, keys.MAIL_GROUP, "-", "+", 1)
+        return entry["time_since_delivered"] > worker.settings.claim_idle * 1000
+
+    redis_server.cli("CONFIG", "SET", "min-replicas-to-write", "1")
+    try:
+        handler.gate.set()
+        await wait_until_async(lambda: worker.stats["record_retries"] > 0, what="a refused record")
+        await wait_until_async(
+            idle_past_claim_timeout, what="the entry idle past the claim timeout"
+        )
+    finally:
+        redis_server.cli("CONFIG", "SET", "min-replicas-to-write", "0")
+    await wait_until_async(lambda: is_sent(mail_redis, order), what="the record")
+    await wait_until_async(lambda: group_idle(mail_redis), what="nothing pending")
+    assert smtp_server.message_ids() == [order.message_id]
+    assert worker.stats["sent"] == 1
 
 
 async def test_two_workers_in_parallel_send_no_duplicates(
