@@ -617,7 +617,7 @@ def section(args: argparse.Namespace, out: Path) -> dict[str, str]:
         getattr(args, "tier_orders", 2000),
         getattr(args, "tier_inflight", 32),
         getattr(args, "tier_connections", 8),
-        getattr(args, "tier_replays", 3),
+        getattr(args, "tier_replays", 5),
         getattr(args, "tier_e2e_seconds", 4),
         folder,
     )
@@ -632,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--connections", type=int, default=8, dest="tier_connections", help="pipes per primary"
     )
-    parser.add_argument("--replays", type=int, default=3, dest="tier_replays")
+    parser.add_argument("--replays", type=int, default=5, dest="tier_replays")
     parser.add_argument(
         "--e2e-seconds", type=int, default=4, dest="tier_e2e_seconds", help="0: no end to end"
     )
