@@ -1,8 +1,8 @@
 """make bench's data-tier section (issue 11): the app's order path on 1 and on 3 primaries
 in one run. ``python -m loadtests.bench_tier [--orders N] [--inflight K]`` runs it alone.
 
-Per shard count, a local cluster of its own (no replicas, AOF ``appendfsync always``, on
-free ports in a temp folder, stopped afterwards):
+Per shard count a local cluster of its own, both up at once (no replicas, AOF
+``appendfsync always``, on free ports in a temp folder, stopped afterwards):
 
 1. **Record.** Phones and customers are created, then one-line orders placed, by the app's
    own service functions over the app's cluster gateway (:func:`order_path`: what
@@ -10,14 +10,21 @@ free ports in a temp folder, stopped afterwards):
    with the app's settler. Every script call the app makes is recorded as it is answered:
    the script, its KEYS and ARGV. Customers land in their email's partition and phones in
    random ones, as the app mints them, so orders spread over the partitions as the app's do.
-2. **Replay, saturated.** Every primary is flushed, the creations are replayed, then each
-   primary's own share of the orders' calls is sent to it alone, pipelined as fast as it
-   takes them (``redis-cli --pipe``, ``--connections`` streams per primary split by slot, so
-   each partition's calls keep their order): the primary on the stack CPU, the pipes on the
-   load CPUs. The primary's stream depends on nothing another primary does (a script
-   touches one node's keys), so replaying each in turn is the run the app made. Afterwards
-   every primary must hold exactly the keys it held after the recording.
-3. **End to end.** The stack of make bench (nginx, 2 instances x 1 worker) on that
+2. **Replay, saturated** (``--replays`` times, the two clusters' replays alternating so
+   that drift on the shared box hits both alike; per primary the median). Every primary
+   is flushed, the creations are replayed, then each primary's own share of the orders'
+   calls is sent to it alone, pipelined as fast as it takes them (``redis-cli --pipe``,
+   ``--connections`` streams per primary split by slot, so each partition's calls keep
+   their order): the primary on the stack CPU, the pipes on the load CPUs. The primary's
+   stream depends on nothing another primary does (a script touches one node's keys), so
+   replaying each in turn is the run the app made. Afterwards every primary must hold
+   exactly the keys it held after the recording.
+3. **Settles as at the ceiling.** The settler gathers 50 ms of settles into one call per
+   phone partition, so the recording's batches follow its pace (hundreds of orders/s, not
+   the tier's ceiling). The 3-primary orders are recorded again with that window stretched
+   by the derived ceiling over the recording's pace, and replayed alternating with 1
+   primary again: a second table, a model of the app at its ceiling, said to be one.
+4. **End to end.** The stack of make bench (nginx, 2 instances x 1 worker) on that
    cluster: wrk ``POST /orders`` through nginx.
 
 Figures: Redis CPU per order (``used_cpu_sys + used_cpu_user`` deltas of every primary
