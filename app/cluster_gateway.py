@@ -249,6 +249,17 @@ class ClusterGateway(RedisGateway):
         finally:
             observe(f"script:{script.name}", started)
 
+    def by_primary(self, keys: list[str]) -> list[list[int]] | None:
+        """The positions of ``keys`` grouped by the primary serving each, by redis-py's slot
+        map; None while the map is not known yet or a slot has no primary."""
+        groups: dict[str, list[int]] = {}
+        try:
+            for i, key in enumerate(keys):
+                groups.setdefault(self.cluster.get_node_from_key(key).name, []).append(i)
+        except RedisClusterException:
+            return None
+        return list(groups.values())
+
     async def run_on_one_node(
         self, script: LuaScript, across_slots: LuaScript, keys: list[str], args: list[Any]
     ) -> Any:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from app import appkeys, keys
 from app.main import create_app
-from tests.helpers import ADMIN, ON_BOTH_STACKS, Shop
+from tests.helpers import ADMIN, CLUSTER, ON_BOTH_STACKS, Shop
 
 # On one redis-server and on the 3+3 Redis Cluster (`-m cluster`: the cluster runs).
 pytestmark = ON_BOTH_STACKS
@@ -233,3 +235,30 @@ async def test_a_change_shows_on_the_next_page_read_of_every_worker(
     for worker in workers:
         phone = (await listing(worker))["phones"][0]
         assert (phone["id"], phone["name"], phone["stock"]) == (first, "renamed", 7)
+
+
+async def test_a_page_check_survives_a_flushed_script_cache(
+    shop: Shop, redis: Redis, stack_kind: str
+) -> None:
+    """On the cluster a page's clocks are read by one read_clocks.lua call per primary
+    (app/phones/page_cache.py); a node that lost the script (a failover, SCRIPT FLUSH)
+    makes that read fall back to a GET per clock, then load the script again."""
+    if stack_kind != CLUSTER:
+        pytest.skip("one redis-server reads the clocks with one MGET, no script")
+    pages = shop.client.app[appkeys.CATALOGUE_PAGES]
+    created = [await shop.phone(name=f"phone {i}") for i in range(3)]
+
+    async def ids() -> list[str]:
+        response = await shop.client.get("/phones?page=1")
+        assert response.status == 200
+        return [phone["id"] for phone in (await response.json())["phones"]]
+
+    for _ in range(3):  # merged, then remembered: by GETs, then by the script
+        assert await ids() == [phone["id"] for phone in created]
+    assert pages.hits == 2
+    await redis.execute_command("SCRIPT FLUSH", target_nodes=RedisCluster.PRIMARIES)
+    created.append(await shop.phone(name="after the flush"))
+    assert await ids() == [phone["id"] for phone in created]
+    assert await ids() == [phone["id"] for phone in created]
+    assert await ids() == [phone["id"] for phone in created]
+    assert pages.hits == 4
