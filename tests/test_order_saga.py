@@ -16,8 +16,9 @@ from redis.asyncio import Redis
 
 from app import keys, partitions
 from app.ops.poll import wait_until_async
-from app.orders import saga
+from app.orders import saga, saga_service
 from app.orders.saga_service import commit_order_keys
+from app.problems import ProblemError
 from app.redis_gateway import gateway_over
 from app.scripts import Scripts
 from app.vocabulary import encode_items
@@ -176,3 +177,31 @@ async def test_the_audit_is_not_at_rest_while_units_are_held(shop: Shop, redis: 
     assert checks["ledger_balances_plus_orders_equal_added"]["ok"] is True
     assert checks["every_phone_stock_plus_sold_equals_added"]["ok"] is None
     assert "2 units held" in checks["every_phone_stock_plus_sold_equals_added"]["checked"]
+
+
+async def test_a_reserve_past_the_orders_expiry_answers_503_and_stores_nothing(
+    shop: Shop, redis: Redis
+) -> None:
+    """A request that outlived its own reservation TTL before its reserve reached Redis
+    (reserve_stock refuses it by the expiry): a 503 to retry, not a 409, with nothing
+    held, stored for the Idempotency-Key or marked."""
+    phone = await shop.phone(price_cents=100, stock=2)
+    customer, _ = await shop.customer(balance_cents=1000)
+    with pytest.raises(ProblemError) as refused:
+        await saga_service.place_order(
+            Scripts(gateway_over(redis)),
+            lambda *settlement: None,
+            customer_id=customer["id"],
+            lines=[(phone["id"], 1)],
+            autocheck=True,
+            idempotency_key="late",
+            idempotency_ttl=60,
+            request_id="r",
+            reservation_ttl_ms=-1,  # expired before it is sent
+            always_split=True,
+        )
+    assert (refused.value.status, refused.value.code) == (503, "service_unavailable")
+    assert refused.value.headers["Retry-After"] == "1"
+    assert await units(redis, phone["id"]) == {"stock": 2, "held": 0, "sold": 0}
+    assert not await redis.exists(keys.idempotency(customer["id"], "late"))
+    assert not await redis.exists(keys.aborts(partitions.partition_of(customer["id"])))

@@ -42,7 +42,7 @@ from app.orders.service import (
     order_from_fields,
 )
 from app.partitions import new_id, partition_of
-from app.problems import ProblemError
+from app.problems import ProblemError, retry_later
 from app.redis_gateway import NotOnOneNode, RedisGateway
 from app.scripts import ScriptResult, Scripts, problem_from_script
 from app.vocabulary import COMPLETED, OPEN, decode_items, encode_items
@@ -63,6 +63,11 @@ def crash_if(point: str, fault_point: str) -> None:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+# A reserve's refusals that say the order itself can no longer be placed (reserve_stock.lua),
+# not that its lines cannot: answered 503, never merged into a 409.
+TOO_LATE = frozenset({"order_expired", "order_released"})
 
 
 def _merged_refusal(refusals: list[ScriptResult]) -> tuple[int, dict[str, Any]]:
@@ -175,6 +180,12 @@ async def place_order(
         idempotency_ttl,
     ]
     refusals = [result for result in outcomes if result.status != 200]
+    if any(result.payload.get("code") in TOO_LATE for result in refusals):
+        # This request outlived its own expiry between minting and a reserve: a retry is
+        # a new order. Nothing is stored for the Idempotency-Key and no commit will ever
+        # be sent for this id (the expiry would refuse it anyway).
+        await _release_now(scripts, order_id, reserved)
+        raise retry_later("service_unavailable", 1, "The order took too long; retry it")
     if refusals:
         status, payload = _merged_refusal(refusals)
         result = await scripts.call(
