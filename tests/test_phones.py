@@ -11,6 +11,8 @@ from redis.asyncio.cluster import RedisCluster
 
 from app import appkeys, keys
 from app.main import create_app
+from app.partitions import PARTITIONS, new_id
+from app.phones.service import create_phone_keys
 from tests.helpers import ADMIN, CLUSTER, ON_BOTH_STACKS, Shop
 
 # On one redis-server and on the 3+3 Redis Cluster (`-m cluster`: the cluster runs).
@@ -217,13 +219,23 @@ async def test_a_change_shows_on_the_next_page_read_of_every_worker(
         assert [p["id"] for p in (await listing(worker))["phones"]] == [p["id"] for p in created]
     assert [w.app[appkeys.CATALOGUE_PAGES].hits for w in workers] == [n + 1 for n in hits]
 
-    # New phones land in random partitions: a few creates, each through another worker.
+    # New phones land in random partitions: a few creates, each through another worker ...
     for i in range(3, 5):
         created.append(await shops[i % 3].phone(name=f"phone {i}", stock=1))
         for worker in workers:
             body = await listing(worker)
             assert body["total"] == len(created)
             assert [p["id"] for p in body["phones"]] == [p["id"] for p in created]
+    # ... and, by the same script with the id chosen, in the first, a middle and the last
+    # partition (on the cluster, on each primary): past page 1, the total shows each.
+    scripts = workers[0].app[appkeys.SCRIPTS]
+    for partition in (0, PARTITIONS // 2, PARTITIONS - 1):
+        phone_id = new_id(partition)
+        phone_keys = create_phone_keys(phone_id)
+        await scripts.run("create_phone", phone_keys, [phone_id, "p", "", "", 1, 1, 0])
+        created.append({"id": phone_id})
+        for worker in workers:
+            assert (await listing(worker))["total"] == len(created)
 
     first = created[0]["id"]
     renamed = await workers[1].patch(f"/phones/{first}", json={"name": "renamed"}, headers=ADMIN)
