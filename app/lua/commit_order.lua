@@ -54,7 +54,8 @@
 --   503, {code="service_unavailable"}, 0          past the expiry; marker written
 --   error reply "commit_order: ..."               bad items; nothing written
 --
--- STATUS, ORDER_EVENT, decode_items, hgetall_map, next_seq, now_ms: the prelude (app/lua_prelude.py).
+-- STATUS, ORDER_EVENT, decode_items, hgetall_map, next_seq, now_ms: the prelude
+-- (app/lua_prelude.py).
 
 local order_id = ARGV[1]
 local use_idem = ARGV[6] == '1'

@@ -11,11 +11,12 @@ partition's clock in the same step (``next_seq``); a bulk loader that writes the
 itself must move the clocks too (loadtests/bench_data.py sets them after its rows). So a
 remembered page is still the merge's slice while every clock reads as it did, and a page
 read is then one round trip: the 128 clocks and the page's hashes together (the clocks
-by one MGET on one redis-server, by one read_clocks.lua per primary on the cluster). The rows themselves are never remembered
-(stock moves with every order): they come from Redis in that same round trip. If any clock
-moved, the rows read with it are dropped and the page is merged again, as without this
-cache, from clocks read before the merge; a page merged while a phone was being created
-is tagged with the older clocks and so is merged again at its next read.
+by one MGET on one redis-server, by one read_clocks.lua per primary on the cluster). The
+rows themselves are never remembered (stock moves with every order): they come from Redis
+in that same round trip. If any clock moved, the rows read with it are dropped and the
+page is merged again, as without this cache, from clocks read before the merge; a page
+merged while a phone was being created is tagged with the older clocks and so is merged
+again at its next read.
 
 Never a stale page: a create that finished before a read began moved its clock before
 that read's clock reads, whatever worker served either.
