@@ -448,6 +448,20 @@ def ab_compare(
 # ---- the run ----------------------------------------------------------------------------------
 
 
+def measured_section(
+    section: Callable[[argparse.Namespace, Path], dict[str, str]],
+    args: argparse.Namespace,
+    out: Path,
+) -> dict[str, str]:
+    """The section, or what stopped it: the sections run last, and one that fails (a
+    cluster that did not form on a busy box) must not lose the run's other figures."""
+    try:
+        return section(args, out)
+    except Exception as error:  # any failure: it is reported in BENCH.md instead
+        log(f"section {section.__module__} failed: {error!r}")
+        return {"title": section.__module__, "markdown": f"Not measured: `{error!r}`.\n"}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     out: Path = args.out / "bench"
     if out.exists():
@@ -564,7 +578,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     os.sched_setaffinity(0, own_cpus)
     for section in EXTRA_SECTIONS:
         with step(f"section {section.__module__}"):
-            results["sections"].append(section(args, out))
+            results["sections"].append(measured_section(section, args, out))
     results["environment"] = {
         "when": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "loadavg_before": load_before,

@@ -1,10 +1,12 @@
 """make bench's data-tier section (loadtests/bench_tier.py) and its one-redis-server A/B
 (loadtests/ab_refs.py): the recorded order calls replay to the same data on a real cluster,
 a replay that differs is caught, the split into pipes keeps each partition's order, and
-the figures and verdicts follow from the rows. No timing is asserted."""
+the figures and verdicts follow from the rows; a section that fails is reported in
+BENCH.md instead of losing the run. No timing is asserted."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +20,7 @@ from app.partitions import slot
 from app.scripts import SCRIPT_NAMES
 from loadtests import rig
 from loadtests.ab_refs import one_node_markdown
+from loadtests.bench import measured_section
 from loadtests.bench_tier import (
     Call,
     Recording,
@@ -163,3 +166,17 @@ def test_the_one_node_ab_is_judged_against_ninety_percent_of_the_baseline() -> N
     assert "| 1,000 | 890 | 0.89 | ≥ 0.9 **missed** |" in one_node_markdown(
         one_node_report(1000, 890)
     )
+
+
+def test_a_section_that_fails_is_reported_and_the_run_goes_on(tmp_path: Path) -> None:
+    def broken(_args: argparse.Namespace, _out: Path) -> dict[str, str]:
+        raise RuntimeError("the cluster did not form")
+
+    def fine(_args: argparse.Namespace, out: Path) -> dict[str, str]:
+        return {"title": "T", "markdown": str(out)}
+
+    args = argparse.Namespace()
+    failed = measured_section(broken, args, tmp_path)
+    assert failed["title"] == __name__
+    assert failed["markdown"] == "Not measured: `RuntimeError('the cluster did not form')`.\n"
+    assert measured_section(fine, args, tmp_path) == {"title": "T", "markdown": str(tmp_path)}
