@@ -37,8 +37,10 @@ Hashes and their fields (all numbers are integers, money in cents):
                   items ("phone_id:quantity:unit_price_cents;...",
                   app/vocabulary.py: encode_items, decode_items),
                   total_cents, seq, created_at, request_id
-``i{P}<customer id>:<sha256 of the key>``  the first answer to an
-                  Idempotency-Key: fingerprint, status, payload (with a TTL)
+``i{P}<bucket start, Unix seconds>``  the Idempotency-Key records of
+                  partition P made in one time bucket: field = 16 bytes of
+                  sha256(customer id, key), value = the first answer
+                  (app/orders/idempotency.py); the bucket expires as a whole
 ``ce{P}``         lower-cased email -> customer id, for the emails of partition P
 
 ``seq`` orders every list: the script that creates a row takes it from its
@@ -78,14 +80,13 @@ on first start (app/layout.py).
 
 from __future__ import annotations
 
-import hashlib
-
 from app import partitions
 from app.partitions import PARTITION_TAGS, partition_of
 
 # The version of the key layout above; app/layout.py refuses data of another.
 # 3: the events stream and the mail keys per partition (2 had them global).
-LAYOUT_VERSION = 3
+# 4: Idempotency-Key records as fields of per-partition time buckets (3 had a hash per key).
+LAYOUT_VERSION = 4
 LAYOUT = "layout"
 # Keys only the previous layout (one global index per kind, one ledger) had:
 # finding one without LAYOUT means data from before the partitions.
@@ -163,16 +164,12 @@ def customer_orders_by_status(customer_id: str, status: str) -> str:
     return f"co{_tag_of(customer_id)}{customer_id}:{status}"
 
 
-def idempotency(customer_id: str, idempotency_key: str) -> str:
-    """Hash storing the first answer to an Idempotency-Key, per customer.
-
-    The client's key is hashed so its length and characters never shape a key.
-    """
-    return idempotency_of_digest(customer_id, hashlib.sha256(idempotency_key.encode()).hexdigest())
-
-
-def idempotency_of_digest(customer_id: str, digest: str) -> str:
-    return f"i{_tag_of(customer_id)}{customer_id}:{digest}"
+def idempotency_bucket(partition: int, start_s: int) -> str:
+    """Hash of partition ``partition``'s Idempotency-Key records made from ``start_s`` (Unix
+    seconds, a multiple of the bucket width) on: field = 16-byte digest of (customer id,
+    key), value = the first answer (app/orders/idempotency.py). The bucket expires as a
+    whole; the client's key is hashed so its length and characters never shape a key."""
+    return f"i{_tag(partition)}{start_s}"
 
 
 # SCAN/KEYS pattern matching every Idempotency-Key record (for measurements).

@@ -7,6 +7,12 @@ put it before each), so no script copies a helper or spells a shared word:
   entry's fields, XINFO) as a table of field -> value;
 - hgetall_map(key): the hash at key as such a table ({} when it is missing);
 - now_ms(): Redis TIME in milliseconds since the epoch;
+- record_buckets(newest), find_record(buckets, request), store_record(...) and
+  replay_reply(status, body): the Idempotency-Key record (app/orders/idempotency.py):
+  the buckets a script looks in (KEYS[newest], then the last OLDER_BUCKETS KEYS),
+  the record there (nil, or: same body?, status, body), writing one, and the reply that
+  replays it ({201, {"replay_of": order id}, 1} for an order, which the app rebuilds
+  from the order; a refusal's stored payload as it is);
 - next_seq(clock): the next ``seq`` of a partition (app/keys.py): Redis TIME in
   microseconds, or one more than the clock's last value when that is not
   later, stored back in the clock; returned as a string of digits. It writes,
@@ -24,7 +30,10 @@ from __future__ import annotations
 
 import re
 
+from app.orders.idempotency import FIELD_BYTES, FINGERPRINT_BYTES, OLDER_BUCKETS
 from app.vocabulary import lua_definitions
+
+_FIELD, _FP = FIELD_BYTES, FINGERPRINT_BYTES
 
 # Name -> the statement defining it; a definition comes before those that use it.
 DEFINITIONS: dict[str, str] = {
@@ -35,6 +44,22 @@ DEFINITIONS: dict[str, str] = {
     " return pairs_to_map(redis.call('HGETALL', key)) end",
     "now_ms": "local function now_ms() local t = redis.call('TIME')"
     " return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) end",
+    "record_buckets": "local function record_buckets(newest) local list = {KEYS[newest]}"
+    f" for i = #KEYS - {OLDER_BUCKETS} + 1, #KEYS do list[#list + 1] = KEYS[i] end"
+    " return list end",
+    # request: the record's field then the request's fingerprint (app/orders/idempotency.py).
+    "find_record": "local function find_record(buckets, request)"
+    f" local field = string.sub(request, 1, {_FIELD})"
+    " for _, bucket in ipairs(buckets) do local value = redis.call('HGET', bucket, field)"
+    f" if value then return string.sub(value, 1, {_FP}) == string.sub(request, {_FIELD + 1}),"
+    f" tonumber(string.sub(value, {_FP + 1}, {_FP + 3})), string.sub(value, {_FP + 4}) end"
+    " end return nil end",
+    "store_record": "local function store_record(bucket, request, status, body, expire_at)"
+    f" redis.call('HSET', bucket, string.sub(request, 1, {_FIELD}),"
+    f" string.sub(request, {_FIELD + 1}) .. string.format('%03d', status) .. body)"
+    " redis.call('EXPIREAT', bucket, expire_at) end",
+    "replay_reply": "local function replay_reply(status, body) if status == 201 then"
+    " return {201, cjson.encode({replay_of = body}), 1} end return {status, body, 1} end",
     # TIME keeps lists of different partitions in one time order; the clock
     # makes seq strictly grow within its partition even if TIME does not.
     "next_seq": "local function next_seq(clock) local t = redis.call('TIME')"

@@ -116,12 +116,18 @@ class Scripts:
         return all(await self._gateway.execute("SCRIPT", "EXISTS", *shas))
 
     @property
+    def gateway(self) -> RedisGateway:
+        """The gateway the scripts run through, for a read that completes an answer
+        (a replayed Idempotency-Key's order, app/orders/service.py)."""
+        return self._gateway
+
+    @property
     def connection(self) -> object | None:
         """The connection the scripts run over, as the gateway's opaque token."""
         return self._gateway.connection
 
     async def call(
-        self, name: str, keys: list[str], args: list[str | int], *, one_node: bool = False
+        self, name: str, keys: list[str], args: list[str | bytes | int], *, one_node: bool = False
     ) -> ScriptResult:
         """The script's answer as it is, refusals included: for callers (the saga's
         steps) that act on a refusal instead of answering it to a client. A write its
@@ -141,7 +147,7 @@ class Scripts:
         return ScriptResult(status, payload, len(reply) > 2 and int(reply[2]) == 1, raw)
 
     async def run(
-        self, name: str, keys: list[str], args: list[str | int], *, one_node: bool = False
+        self, name: str, keys: list[str], args: list[str | bytes | int], *, one_node: bool = False
     ) -> ScriptResult:
         try:
             result = await self.call(name, keys, args, one_node=one_node)
@@ -180,7 +186,8 @@ def _placed_order_id(script: str, reply: Any) -> str | None:
         payload = msgspec.json.decode(reply[1])
     except (msgspec.DecodeError, TypeError):
         return None
-    order_id = payload.get("id") if isinstance(payload, dict) else None
+    # A replay names the order it answers (app/lua_prelude.py: replay_reply).
+    order_id = payload.get("id", payload.get("replay_of")) if isinstance(payload, dict) else None
     return order_id if isinstance(order_id, str) and int(reply[0]) < 400 else None
 
 

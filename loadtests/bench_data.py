@@ -238,19 +238,21 @@ def sample_order_ids(stack: LoadStack, index: str, count: int) -> list[str]:
 
 
 def transient_per_order(stack: LoadStack) -> dict[str, float]:
-    """Keys an order adds for a while: its Idempotency-Key hash (24 h) and stream entries."""
+    """What an order adds for a while: its Idempotency-Key record (a field of a bucket
+    hash, kept 24 h: app/orders/idempotency.py) and its stream entries."""
     client = SyncRedis.from_url(stack.redis_url)
     try:
-        idem = list(
+        buckets = list(
             itertools.islice(client.scan_iter(match=keys.IDEMPOTENCY_MATCH, count=1000), 200)
         )
-        sizes = [client.memory_usage(k, samples=0) or 0 for k in idem]
+        sizes = [client.memory_usage(k, samples=0) or 0 for k in buckets]
+        records = sum(client.hlen(k) for k in buckets)
         streams = [keys.events(p) for p in range(PARTITIONS)]
         events = sum(client.xlen(s) for s in streams)
         stream = sum(client.memory_usage(s, samples=0) or 0 for s in streams)
     finally:
         client.close()
     return {
-        "idempotency_hash_bytes": sum(sizes) / len(sizes) if sizes else 0.0,
+        "idempotency_hash_bytes": sum(sizes) / records if records else 0.0,
         "event_entry_bytes": stream / events if events else 0.0,
     }

@@ -16,8 +16,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from app import keys
 from app.ops.instances import ROOT
+from app.orders.idempotency import record_place
 from app.orders.service import place_order_keys
 from app.scripts import load_source
 from app.vocabulary import COMPLETED
@@ -234,10 +234,12 @@ def ceiling_b(
     # and a new Idempotency-Key record per call, in the customer's partition (the
     # order id's first two characters are the customer's, which carry its partition).
     order_id = customer_id[:2] + rand
-    command_keys = place_order_keys(customer_id, order_id, COMPLETED, None, [phone_id])
-    command_keys[1] = keys.idempotency_of_digest(customer_id, rand)
-    args = [order_id, customer_id, str(int(time.time() * 1000)), "0" * 32, "1", "1", "f" * 64]
-    args += ["86400", phone_id, "1"]
+    place = record_place(customer_id, "bench", 86_400, int(time.time()))
+    command_keys = place_order_keys(customer_id, order_id, COMPLETED, place, [phone_id])
+    # The record's field (16 bytes) then the fingerprint (12): a new field per call.
+    request = f"{rand:>16}".replace(" ", "k") + "f" * 12
+    args = [order_id, customer_id, str(int(time.time() * 1000)), "0" * 32, "1", "1", request]
+    args += [str(place.expire_at), phone_id, "1"]
     command = [
         "redis-benchmark",
         "-p",

@@ -46,6 +46,7 @@ from app import keys
 from app.auth import new_token, token_sha256
 from app.customers.service import create_customer_keys
 from app.ops.redis_cluster import LocalCluster, Topology, client, free_ports, poll
+from app.orders.idempotency import record_place
 from app.orders.service import place_order_keys
 from app.partitions import PARTITIONS, partition_of, slot
 from app.phones.service import create_phone_keys
@@ -121,10 +122,12 @@ def _benchmark_argv(port: int, sha: str, partition: int, requests: int, clients:
     # A new order and Idempotency-Key record per call, in the customer's partition (the
     # order id's first two characters are the customer's, which carry its partition).
     order_id = customer_id[:2] + rand
-    script_keys = place_order_keys(customer_id, order_id, COMPLETED, None, [phone_id])
-    script_keys[1] = keys.idempotency_of_digest(customer_id, rand)
-    args = [order_id, customer_id, str(int(time.time() * 1000)), "0" * 32, "1", "1", "f" * 64]
-    args += ["86400", phone_id, "1"]
+    place = record_place(customer_id, "bench", 86_400, int(time.time()))
+    script_keys = place_order_keys(customer_id, order_id, COMPLETED, place, [phone_id])
+    # The record's field (16 bytes) then the fingerprint (12): a new field per call.
+    request = f"{rand:>16}".replace(" ", "k") + "f" * 12
+    args = [order_id, customer_id, str(int(time.time() * 1000)), "0" * 32, "1", "1", request]
+    args += [str(place.expire_at), phone_id, "1"]
     return [
         "redis-benchmark",
         "-p", str(port),
@@ -373,7 +376,8 @@ def _fill_idem_today(node: Any, n_records: int, _customers: int) -> None:
             },
             separators=(",", ":"),
         )
-        key = keys.idempotency(secrets.token_urlsafe(16), secrets.token_hex(8))
+        # Layout 3's record: a hash per key, i{P}<customer id>:<sha256 of the key>.
+        key = f"i{{{n % 128:03d}}}{secrets.token_urlsafe(16)}:{secrets.token_hex(32)}"
         pipe.hset(
             key, mapping={"fingerprint": secrets.token_hex(32), "status": "201", "payload": body}
         )

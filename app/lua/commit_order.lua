@@ -16,7 +16,8 @@
 --
 -- Key names: app/keys.py; every key is in P.
 -- KEYS[1]  c{P}<customer_id>                 hash
--- KEYS[2]  i{P}<customer_id>:<sha256(key)>   hash (ignored unless ARGV[6] == "1")
+-- KEYS[2]  i{P}<bucket>                     hash, the newest Idempotency-Key bucket (a new
+--          record goes here; all of them ignored unless ARGV[6] == "1")
 -- KEYS[3]  o{P}<order_id>                    hash
 -- KEYS[4]  oa{P}                             zset, the partition's orders by seq
 -- KEYS[5]  os{P}<status>                     zset, the new order's status
@@ -28,14 +29,16 @@
 --          orders_<status>, changes; the units' stock side moves on the phones' partitions)
 -- KEYS[11] ab{P}                             hash: order id -> refusal (the abort markers)
 -- KEYS[12] ad{P}                             zset: order id by when its marker may be pruned
+-- KEYS[13..16] i{P}<bucket>                  the 4 older Idempotency-Key buckets, newest first
 -- ARGV[1]  order id (minted in the customer's partition)
 -- ARGV[2]  customer id
 -- ARGV[3]  now, ms since the epoch
 -- ARGV[4]  request id (carried into the events)
 -- ARGV[5]  "1" autocheck (complete at once) or "0" (stay open)
 -- ARGV[6]  "1" when an Idempotency-Key was given, else "0"
--- ARGV[7]  request fingerprint (sha256 of the canonical body)
--- ARGV[8]  idempotency TTL, seconds
+-- ARGV[7]  the key's record field (16 bytes) then the request's fingerprint (12
+--          bytes of the canonical body's sha256): app/orders/idempotency.py
+-- ARGV[8]  when KEYS[2] expires, Unix seconds (app/orders/idempotency.py)
 -- ARGV[9]  the order's items "phone_id:quantity:unit_price_cents;..." in the request's
 --          line order, with the prices the reserves answered (the app relays them)
 -- ARGV[10] the reservations' expiry, ms since the epoch (what the reserves were given)
@@ -46,17 +49,22 @@
 --   404, {code="customer_not_found"}, 0           marker written
 --   402, {code="insufficient_funds", balance_cents, total_cents}, 0   marker written
 --   422, {code="idempotency_key_reused"}, 0       same key, other body; marker written
---   any stored status and payload, 1              the key's first answer, replayed (this
---                                                 order id is aborted: marker written)
+--   201, {replay_of=order id}, 1 or a stored refusal, 1
+--                                                 the key's first answer, replayed (this
+--                                                 order id is aborted: marker written; the
+--                                                 app rebuilds a 201 from the order)
 --   the stored refusal, 0                         the order id was aborted before (by a
 --                                                 refusal, or by the settler's fence:
 --                                                 503 {code="service_unavailable"})
 --   503, {code="service_unavailable"}, 0          past the expiry; marker written
 --   error reply "commit_order: ..."               bad items; nothing written
 --
--- STATUS, ORDER_EVENT, decode_items, hgetall_map, next_seq, now_ms: the prelude
--- (app/lua_prelude.py).
+-- STATUS, ORDER_EVENT, decode_items, hgetall_map, next_seq, now_ms, record_buckets,
+-- find_record, store_record, replay_reply: the prelude (app/lua_prelude.py).
 
+if #KEYS ~= 16 then
+  return redis.error_reply('commit_order: expected 16 keys, got ' .. #KEYS)
+end
 local order_id = ARGV[1]
 local use_idem = ARGV[6] == '1'
 
@@ -85,14 +93,14 @@ local function abort(status, encoded, replayed)
 end
 
 if use_idem then
-  local stored = redis.call('HMGET', KEYS[2], 'fingerprint', 'status', 'payload')
-  if stored[1] then
-    if stored[1] ~= ARGV[7] then
+  local same_body, status, body = find_record(record_buckets(2), ARGV[7])
+  if same_body ~= nil then
+    if not same_body then
       return abort(422, cjson.encode({code = 'idempotency_key_reused'}), 0)
     end
     -- The replay names another order (or a refusal): this order id never commits.
     mark('replayed')
-    return {tonumber(stored[2]), stored[3], 1}
+    return replay_reply(status, body)
   end
 end
 if marker then
@@ -108,8 +116,7 @@ end
 local function answer(status, payload)
   local encoded = cjson.encode(payload)
   if use_idem then
-    redis.call('HSET', KEYS[2], 'fingerprint', ARGV[7], 'status', status, 'payload', encoded)
-    redis.call('EXPIRE', KEYS[2], ARGV[8])
+    store_record(KEYS[2], ARGV[7], status, status == 201 and payload.id or encoded, ARGV[8])
   end
   if status >= 400 then
     return abort(status, encoded, 0)

@@ -9,7 +9,8 @@
 -- only where one node serves P and every Q (app/lua_prelude.py: across_slots).
 --
 -- KEYS[1]  c{P}<customer_id>                   hash
--- KEYS[2]  i{P}<customer_id>:<sha256(key)>     hash (ignored unless ARGV[6] == "1")
+-- KEYS[2]  i{P}<bucket>                       hash, the newest Idempotency-Key bucket (a
+--          new record goes here; all of them ignored unless ARGV[6] == "1")
 -- KEYS[3]  o{P}<order_id>                      hash, must not exist
 -- KEYS[4]  oa{P}                               zset, the partition's orders by seq
 -- KEYS[5]  os{P}<status>                       zset, the new order's status
@@ -20,54 +21,58 @@
 -- KEYS[10] lg{P}                               hash, the customer side's running totals
 -- KEYS[11..10+n]  p{Q}<phone_id>, one per line, same order as the lines
 -- KEYS[11+n..10+2n]  lg{Q} of each line's phone, same order (may repeat)
+-- KEYS[11+2n..14+2n]  i{P}<bucket>, the 4 older Idempotency-Key buckets, newest first
 -- ARGV[1]  order id
 -- ARGV[2]  customer id
 -- ARGV[3]  now, ms since the epoch
 -- ARGV[4]  request id (carried into the events)
 -- ARGV[5]  "1" autocheck (complete at once) or "0" (stay open)
 -- ARGV[6]  "1" when an Idempotency-Key was given, else "0"
--- ARGV[7]  request fingerprint (sha256 of the canonical body)
--- ARGV[8]  idempotency TTL, seconds
+-- ARGV[7]  the key's record field (16 bytes) then the request's fingerprint (12
+--          bytes of the canonical body's sha256): app/orders/idempotency.py
+-- ARGV[8]  when KEYS[2] expires, Unix seconds (app/orders/idempotency.py)
 -- ARGV[9..8+2n]  phone_id, quantity for each line (quantities 1..100, checked
 --                by the caller; phone ids distinct)
 --
 -- Returns {http_status, payload_json, replayed}:
 --   201, order fields (all strings), 0            the order was placed
+--   201, {replay_of=order id}, 1                  the key's order, replayed (the app
+--                                                 rebuilds the first answer from it)
 --   404, {code="customer_not_found"}              nothing written
 --   404, {code="phone_not_found", phone_ids=[]}   nothing written
 --   409, {code="out_of_stock", lines=[...]}       nothing written
 --   402, {code="insufficient_funds", balance_cents, total_cents}
 --   422, {code="idempotency_key_reused"}          same key, other body
---   any stored status and payload, 1              replay of the first answer
+--   stored status and payload, 1                  the key's refusal, replayed
 --   error reply "place_order: ..."               KEYS do not fit ARGV; nothing written
 --
--- STATUS, ORDER_EVENT, encode_item(s), next_seq: the prelude (app/lua_prelude.py).
+-- STATUS, ORDER_EVENT, encode_item(s), next_seq, record_buckets, find_record,
+-- store_record, replay_reply: the prelude (app/lua_prelude.py).
 
 local function fmt(n)
   return string.format('%d', n)
 end
 
 local n = (#ARGV - 8) / 2
-if #KEYS ~= 10 + 2 * n then
-  return redis.error_reply('place_order: expected ' .. (10 + 2 * n) .. ' keys, got ' .. #KEYS)
+if #KEYS ~= 14 + 2 * n then
+  return redis.error_reply('place_order: expected ' .. (14 + 2 * n) .. ' keys, got ' .. #KEYS)
 end
 
 local use_idem = ARGV[6] == '1'
 if use_idem then
-  local stored = redis.call('HMGET', KEYS[2], 'fingerprint', 'status', 'payload')
-  if stored[1] then
-    if stored[1] ~= ARGV[7] then
+  local same_body, status, body = find_record(record_buckets(2), ARGV[7])
+  if same_body ~= nil then
+    if not same_body then
       return {422, cjson.encode({code = 'idempotency_key_reused'}), 0}
     end
-    return {tonumber(stored[2]), stored[3], 1}
+    return replay_reply(status, body)
   end
 end
 
 local function answer(status, payload)
   local encoded = cjson.encode(payload)
   if use_idem then
-    redis.call('HSET', KEYS[2], 'fingerprint', ARGV[7], 'status', status, 'payload', encoded)
-    redis.call('EXPIRE', KEYS[2], ARGV[8])
+    store_record(KEYS[2], ARGV[7], status, status == 201 and payload.id or encoded, ARGV[8])
   end
   return {status, encoded, 0}
 end

@@ -8,23 +8,35 @@
 -- it and a retried call answers the same.
 --
 -- KEYS[1]  c{P}<customer_id>                 hash
--- KEYS[2]  i{P}<customer_id>:<sha256(key)>   hash (ignored unless ARGV[2] == "1")
+-- KEYS[2]  i{P}<bucket>                      hash, the newest Idempotency-Key bucket (a new
+--          record goes here; all of them ignored unless ARGV[2] == "1")
 -- KEYS[3]  ab{P}                             hash: order id -> refusal (the abort markers)
 -- KEYS[4]  ad{P}                             zset: order id by when its marker may be pruned
+-- KEYS[5..8] i{P}<bucket>                    the 4 older Idempotency-Key buckets, newest first
 -- ARGV[1]  order id
 -- ARGV[2]  "1" when an Idempotency-Key was given, else "0"
--- ARGV[3]  request fingerprint
--- ARGV[4]  idempotency TTL, seconds
+-- ARGV[3]  the key's record field (16 bytes) then the request's fingerprint (12
+--          bytes of the canonical body's sha256): app/orders/idempotency.py
+-- ARGV[4]  when KEYS[2] expires, Unix seconds (app/orders/idempotency.py)
 -- ARGV[5]  the phones' refusal: HTTP status (404 or 409)
 -- ARGV[6]  its payload, JSON ({code="phone_not_found", ...} or {code="out_of_stock", ...})
 -- ARGV[7]  keep-until of a marker written now, ms since the epoch (app/orders/saga.py)
 --
 -- Returns {http_status, payload_json, replayed}:
 --   the stored refusal, 0                 rejected before (a retried call)
---   any stored status and payload, 1      the key's first answer, replayed
+--   201, {replay_of=order id}, 1 or a stored refusal, 1
+--                                         the key's first answer, replayed (the app
+--                                         rebuilds a 201 from the order)
 --   422, {code="idempotency_key_reused"}, 0
 --   404, {code="customer_not_found"}, 0
 --   ARGV[5], ARGV[6], 0                   the phones' refusal
+--   error reply "reject_order: ..."       KEYS do not fit; nothing written
+--
+-- record_buckets, find_record, store_record, replay_reply: the prelude (app/lua_prelude.py).
+
+if #KEYS ~= 8 then
+  return redis.error_reply('reject_order: expected 8 keys, got ' .. #KEYS)
+end
 
 local order_id = ARGV[1]
 local function mark(value)
@@ -40,15 +52,15 @@ end
 
 local use_idem = ARGV[2] == '1'
 if use_idem then
-  local stored = redis.call('HMGET', KEYS[2], 'fingerprint', 'status', 'payload')
-  if stored[1] then
-    if stored[1] ~= ARGV[3] then
+  local same_body, stored_status, body = find_record(record_buckets(2), ARGV[3])
+  if same_body ~= nil then
+    if not same_body then
       local reused = cjson.encode({code = 'idempotency_key_reused'})
       mark('422 ' .. reused)
       return {422, reused, 0}
     end
     mark('replayed')
-    return {tonumber(stored[2]), stored[3], 1}
+    return replay_reply(stored_status, body)
   end
 end
 
@@ -57,8 +69,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   status, payload = 404, cjson.encode({code = 'customer_not_found'})
 end
 if use_idem then
-  redis.call('HSET', KEYS[2], 'fingerprint', ARGV[3], 'status', status, 'payload', payload)
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
+  store_record(KEYS[2], ARGV[3], status, payload, ARGV[4])
 end
 mark(status .. ' ' .. payload)
 return {status, payload, 0}

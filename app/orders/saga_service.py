@@ -33,12 +33,16 @@ from app import keys
 from app.auth import Principal
 from app.fields import BALANCE_LIMIT, STOCK_LIMIT
 from app.orders import saga, service
+from app.orders.idempotency import RecordPlace
 from app.orders.models import Order
 from app.orders.service import (
     PlacedOrder,
+    answered_order,
     cancel_keys,
-    fingerprint,
+    idempotency_request,
     new_order_keys,
+    newest_bucket,
+    older_buckets,
     order_from_fields,
 )
 from app.partitions import new_id, partition_of
@@ -113,14 +117,14 @@ async def _release_now(scripts: Scripts, order_id: str, reserved: dict[int, str]
             log.warning("releasing %s failed, left to the settler: %s", order_id, outcome)
 
 
-def _answer(result: ScriptResult) -> PlacedOrder:
+async def _answer(scripts: Scripts, result: ScriptResult, autocheck: bool) -> PlacedOrder:
     """A commit's or a rejection's answer as the order path gives it."""
     if result.status >= 400:
         error = problem_from_script(result.status, result.payload)
         if result.flag:  # a stored rejection, replayed
             error.headers["Idempotent-Replayed"] = "true"
         raise error
-    return PlacedOrder(order=order_from_fields(result.payload), replayed=result.flag)
+    return await answered_order(scripts.gateway, result.payload, result.flag, autocheck)
 
 
 async def place_order(
@@ -174,11 +178,9 @@ async def place_order(
         raise failed[0]
     crash_if("reserved", fault_point)
 
-    idempotency = [
-        "1" if idempotency_key is not None else "0",
-        fingerprint(customer_id, lines, autocheck),
-        idempotency_ttl,
-    ]
+    record, idempotency = idempotency_request(
+        customer_id, lines, autocheck, idempotency_key, idempotency_ttl
+    )
     refusals = [result for result in outcomes if result.status != 200]
     if any(result.payload.get("code") in TOO_LATE for result in refusals):
         # This request outlived its own expiry between minting and a reserve: a retry is
@@ -192,9 +194,10 @@ async def place_order(
             "reject_order",
             [
                 keys.customer(customer_id),
-                keys.idempotency(customer_id, idempotency_key or ""),
+                newest_bucket(customer_id, record),
                 keys.aborts(order_partition),
                 keys.aborts_due(order_partition),
+                *older_buckets(customer_id, record),
             ],
             [
                 order_id,
@@ -205,7 +208,7 @@ async def place_order(
             ],
         )
         await _release_now(scripts, order_id, reserved)
-        return _answer(result)
+        return await _answer(scripts, result, autocheck)
 
     prices = {
         line.phone_id: line.unit_price_cents
@@ -216,16 +219,14 @@ async def place_order(
     status = COMPLETED if autocheck else OPEN
     result = await scripts.call(
         "commit_order",
-        commit_order_keys(customer_id, order_id, status, idempotency_key),
+        commit_order_keys(customer_id, order_id, status, record),
         [
             order_id,
             customer_id,
             _now_ms(),
             request_id,
             "1" if autocheck else "0",
-            idempotency[0],
-            idempotency[1],
-            idempotency[2],
+            *idempotency,
             items,
             expires,
             saga.keep_until(),
@@ -237,18 +238,20 @@ async def place_order(
         _settle_all(settle_soon, order_id, saga.COMMITTED, reserved)
     else:
         await _release_now(scripts, order_id, reserved)
-    return _answer(result)
+    return await _answer(scripts, result, autocheck)
 
 
 def commit_order_keys(
-    customer_id: str, order_id: str, status: str, idempotency_key: str | None
+    customer_id: str, order_id: str, status: str, record: RecordPlace | None
 ) -> list[str]:
-    """commit_order.lua's KEYS, in the order its header lists them: a new order's, then the
-    partition's abort markers (the fence) and their pruning list."""
+    """commit_order.lua's KEYS, in the order its header lists them: a new order's, the
+    partition's abort markers (the fence) and their pruning list, then the older
+    Idempotency-Key buckets."""
     return [
-        *new_order_keys(customer_id, order_id, status, idempotency_key),
+        *new_order_keys(customer_id, order_id, status, record),
         keys.aborts(partition_of(order_id)),
         keys.aborts_due(partition_of(order_id)),
+        *older_buckets(customer_id, record),
     ]
 
 

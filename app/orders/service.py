@@ -9,16 +9,14 @@ there before the script runs, so every later step finds it from the id alone."""
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import msgspec
-
 from app import keys
 from app.auth import Principal
 from app.fields import BALANCE_LIMIT, STOCK_LIMIT
+from app.orders.idempotency import OLDER_BUCKETS, RecordPlace, fingerprint, record_place
 from app.orders.models import Order, OrderItem
 from app.paging import merged_page_of_hashes, page_of_hashes
 from app.partitions import PARTITIONS, partition_of
@@ -59,21 +57,54 @@ class PlacedOrder:
     replayed: bool
 
 
-def fingerprint(customer_id: str, lines: list[tuple[str, int]], autocheck: bool) -> str:
-    """What "the same body" means for an Idempotency-Key: the validated request, canonically encoded."""
-    canonical = msgspec.json.encode([customer_id, lines, autocheck])
-    return hashlib.sha256(canonical).hexdigest()
+async def replayed_order(gateway: RedisGateway, order_id: str, autocheck: bool) -> Order:
+    """The first answer to an Idempotency-Key that placed an order, rebuilt from the order
+    (app/orders/idempotency.py): every field it answered is the order's, which never
+    change but the status; the status it was created with follows from ``autocheck``,
+    which the key's fingerprint covers."""
+    fields = await gateway.hgetall(keys.order(order_id))
+    if not fields:
+        # Orders are never deleted, and the record was written with its order.
+        raise ProblemError("internal_error", "The order this Idempotency-Key placed is gone")
+    return order_from_fields({**fields, "status": COMPLETED if autocheck else OPEN})
+
+
+async def answered_order(
+    gateway: RedisGateway, payload: dict, replayed: bool, autocheck: bool
+) -> PlacedOrder:
+    """A placing script's 201: the order it answered, or the one a replay names."""
+    if replayed:
+        return PlacedOrder(await replayed_order(gateway, payload["replay_of"], autocheck), True)
+    return PlacedOrder(order_from_fields(payload), False)
+
+
+def idempotency_request(
+    customer_id: str,
+    lines: list[tuple[str, int]],
+    autocheck: bool,
+    idempotency_key: str | None,
+    idempotency_ttl: int,
+) -> tuple[RecordPlace | None, list[str | bytes | int]]:
+    """Where the request's Idempotency-Key record is, and the three ARGV the placing
+    scripts take about it: "1"/"0", the record's field then the fingerprint, and when
+    the newest bucket expires."""
+    if idempotency_key is None:
+        return None, ["0", b"", 0]
+    place = record_place(customer_id, idempotency_key, idempotency_ttl, int(time.time()))
+    request = place.field + fingerprint(customer_id, lines, autocheck)
+    return place, ["1", request, place.expire_at]
 
 
 def new_order_keys(
-    customer_id: str, order_id: str, status: str, idempotency_key: str | None
+    customer_id: str, order_id: str, status: str, record: RecordPlace | None
 ) -> list[str]:
     """The KEYS that place_order.lua and commit_order.lua both start with: everything a
-    new order writes in its customer's partition (the order id was minted in it)."""
+    new order writes in its customer's partition (the order id was minted in it). Their
+    last KEYS are ``record_buckets(customer_id, record)``."""
     partition = partition_of(order_id)
     return [
         keys.customer(customer_id),
-        keys.idempotency(customer_id, idempotency_key or ""),
+        newest_bucket(customer_id, record),
         keys.order(order_id),
         keys.orders(partition),
         keys.orders_by_status(partition, status),
@@ -85,18 +116,34 @@ def new_order_keys(
     ]
 
 
+def newest_bucket(customer_id: str, record: RecordPlace | None) -> str:
+    """KEYS[2] of the placing scripts: where a new record goes. Without a key the
+    scripts touch no bucket, and any name of the customer's partition fills the place."""
+    if record is None:
+        return keys.idempotency_bucket(partition_of(customer_id), 0)
+    return record.newest
+
+
+def older_buckets(customer_id: str, record: RecordPlace | None) -> list[str]:
+    """The placing scripts' last KEYS: the older buckets a record may be in."""
+    if record is None:
+        return [keys.idempotency_bucket(partition_of(customer_id), 0)] * OLDER_BUCKETS
+    return record.older
+
+
 def place_order_keys(
     customer_id: str,
     order_id: str,
     status: str,
-    idempotency_key: str | None,
+    record: RecordPlace | None,
     phone_ids: list[str],
 ) -> list[str]:
     """place_order.lua's KEYS, in the order its header lists them."""
     return [
-        *new_order_keys(customer_id, order_id, status, idempotency_key),
+        *new_order_keys(customer_id, order_id, status, record),
         *[keys.phone(phone_id) for phone_id in phone_ids],
         *[keys.ledger_of(phone_id) for phone_id in phone_ids],
+        *older_buckets(customer_id, record),
     ]
 
 
@@ -155,18 +202,19 @@ async def place_order(
     partition and every phone's (``order_id`` minted in the customer's); NotOnOneNode,
     with nothing written, where not."""
     status = COMPLETED if autocheck else OPEN
-    script_keys = place_order_keys(
-        customer_id, order_id, status, idempotency_key, [phone_id for phone_id, _ in lines]
+    record, idempotency = idempotency_request(
+        customer_id, lines, autocheck, idempotency_key, idempotency_ttl
     )
-    args: list[str | int] = [
+    script_keys = place_order_keys(
+        customer_id, order_id, status, record, [phone_id for phone_id, _ in lines]
+    )
+    args: list[str | bytes | int] = [
         order_id,
         customer_id,
         int(time.time() * 1000),
         request_id,
         "1" if autocheck else "0",
-        "1" if idempotency_key is not None else "0",
-        fingerprint(customer_id, lines, autocheck),
-        idempotency_ttl,
+        *idempotency,
     ]
     for phone_id, quantity in lines:
         args += [phone_id, quantity]
@@ -175,7 +223,7 @@ async def place_order(
         error = problem_from_script(result.status, result.payload)
         error.headers["Idempotent-Replayed"] = "true"
         raise error
-    return PlacedOrder(order=order_from_fields(result.payload), replayed=result.flag)
+    return await answered_order(scripts.gateway, result.payload, result.flag, autocheck)
 
 
 async def get_order(gateway: RedisGateway, principal: Principal, order_id: str) -> Order:

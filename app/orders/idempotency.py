@@ -1,0 +1,84 @@
+"""The Idempotency-Key record: what a POST /orders with a key stores so that a retry
+is answered as the first request was (docs/data-tier.md, section 10; issue 17).
+
+A record is one field of a bucket hash (app/keys.py: idempotency_bucket) in the
+customer's partition, not a key of its own: a key with its own TTL costs about 60
+bytes more than the record itself. Each bucket gathers the records of one time window
+of ``ttl / BUCKETS_PER_TTL`` seconds and expires as a whole, ``ttl`` after its window
+ends, so a record is kept at least ``ttl`` and at most ``ttl`` plus one window (a
+quarter more). A lookup reads the newest bucket and the ``OLDER_BUCKETS`` before it:
+every bucket that may still hold a record made in the last ``ttl``.
+
+- field: 16 bytes of sha256 over the customer id and the key, so the key's length and
+  characters never shape what is stored, and one customer's key never finds another's;
+- value (written and read only by the scripts' prelude, app/lua_prelude.py):
+  ``FINGERPRINT_BYTES`` of the request's fingerprint, the HTTP status as 3 digits,
+  then for a 201 the order's id only, for a refusal its JSON payload. A replayed
+  201 is rebuilt from the order (app/orders/service.py: replayed_order): its fields
+  never change but the status, and the status it was created with follows from the
+  request (the fingerprint covers ``autocheck``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import msgspec
+
+from app import keys
+from app.partitions import partition_of
+
+FIELD_BYTES = 16
+# 96 bits tell one request body from another for the same key and customer; a
+# collision would replay the first answer to a changed body instead of a 422.
+FINGERPRINT_BYTES = 12
+BUCKETS_PER_TTL = 4
+# Buckets read besides the newest: with windows of ttl/4, the newest and the 4 before
+# it cover every record younger than ttl.
+OLDER_BUCKETS = BUCKETS_PER_TTL
+
+
+def fingerprint(customer_id: str, lines: list[tuple[str, int]], autocheck: bool) -> bytes:
+    """What "the same body" means for an Idempotency-Key: the validated request,
+    canonically encoded, hashed."""
+    canonical = msgspec.json.encode([customer_id, lines, autocheck])
+    return hashlib.sha256(canonical).digest()[:FINGERPRINT_BYTES]
+
+
+def record_field(customer_id: str, idempotency_key: str) -> bytes:
+    return hashlib.sha256(f"{customer_id}:{idempotency_key}".encode()).digest()[:FIELD_BYTES]
+
+
+def bucket_seconds(ttl_s: int) -> int:
+    return -(-ttl_s // BUCKETS_PER_TTL)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordPlace:
+    """Where a request's record is looked up and written."""
+
+    # b"" without an Idempotency-Key: the scripts then neither read nor write one.
+    field: bytes
+    # The bucket a new record goes in (the newest), then the older ones, newest first.
+    newest: str
+    older: list[str]
+    # When the newest bucket expires (Unix seconds): its window's end plus the TTL.
+    expire_at: int
+
+
+def record_place(
+    customer_id: str, idempotency_key: str | None, ttl_s: int, now_s: int
+) -> RecordPlace:
+    width = bucket_seconds(ttl_s)
+    start = now_s - now_s % width
+    partition = partition_of(customer_id)
+    return RecordPlace(
+        field=b"" if idempotency_key is None else record_field(customer_id, idempotency_key),
+        newest=keys.idempotency_bucket(partition, start),
+        older=[
+            keys.idempotency_bucket(partition, start - back * width)
+            for back in range(1, OLDER_BUCKETS + 1)
+        ],
+        expire_at=start + width + ttl_s,
+    )
