@@ -7,9 +7,9 @@ put it before each), so no script copies a helper or spells a shared word:
   entry's fields, XINFO) as a table of field -> value;
 - hgetall_map(key): the hash at key as such a table ({} when it is missing);
 - now_ms(): Redis TIME in milliseconds since the epoch;
-- record_buckets(newest), find_record(buckets, request), store_record(...) and
+- record_buckets(keys, newest), find_record(buckets, request), store_record(...) and
   replay_reply(status, body): the Idempotency-Key record (app/orders/idempotency.py):
-  the buckets a script looks in (KEYS[newest], then the last OLDER_BUCKETS KEYS),
+  the buckets a script looks in (keys[newest], then the last OLDER_BUCKETS keys),
   the record there (nil, or: same body?, status, body), writing one, and the reply that
   replays it ({201, {"replay_of": order id}, 1} for an order, which the app rebuilds
   from the order; a refusal's stored payload as it is);
@@ -44,8 +44,9 @@ DEFINITIONS: dict[str, str] = {
     " return pairs_to_map(redis.call('HGETALL', key)) end",
     "now_ms": "local function now_ms() local t = redis.call('TIME')"
     " return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) end",
-    "record_buckets": "local function record_buckets(newest) local list = {KEYS[newest]}"
-    f" for i = #KEYS - {OLDER_BUCKETS} + 1, #KEYS do list[#list + 1] = KEYS[i] end"
+    # The script passes its KEYS: the one-node form (across_slots) rebuilds them as a local.
+    "record_buckets": "local function record_buckets(keys, newest) local list = {keys[newest]}"
+    f" for i = #keys - {OLDER_BUCKETS} + 1, #keys do list[#list + 1] = keys[i] end"
     " return list end",
     # request: the record's field then the request's fingerprint (app/orders/idempotency.py).
     "find_record": "local function find_record(buckets, request)"

@@ -93,7 +93,7 @@ local function abort(status, encoded, replayed)
 end
 
 if use_idem then
-  local same_body, status, body = find_record(record_buckets(2), ARGV[7])
+  local same_body, status, body = find_record(record_buckets(KEYS, 2), ARGV[7])
   if same_body ~= nil then
     if not same_body then
       return abort(422, cjson.encode({code = 'idempotency_key_reused'}), 0)

@@ -52,7 +52,7 @@ end
 
 local use_idem = ARGV[2] == '1'
 if use_idem then
-  local same_body, stored_status, body = find_record(record_buckets(2), ARGV[3])
+  local same_body, stored_status, body = find_record(record_buckets(KEYS, 2), ARGV[3])
   if same_body ~= nil then
     if not same_body then
       local reused = cjson.encode({code = 'idempotency_key_reused'})
