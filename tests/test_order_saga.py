@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from app import keys, partitions
 from app.ops.poll import wait_until_async
 from app.orders import saga, saga_service
+from app.orders.idempotency import record_place
 from app.orders.saga_service import commit_order_keys
 from app.problems import ProblemError
 from app.redis_gateway import gateway_over
@@ -203,5 +204,7 @@ async def test_a_reserve_past_the_orders_expiry_answers_503_and_stores_nothing(
     assert (refused.value.status, refused.value.code) == (503, "service_unavailable")
     assert refused.value.headers["Retry-After"] == "1"
     assert await units(redis, phone["id"]) == {"stock": 2, "held": 0, "sold": 0}
-    assert not await redis.exists(keys.idempotency(customer["id"], "late"))
+    record = record_place(customer["id"], "late", 60, int(time.time()))
+    for bucket in (record.newest, *record.older):
+        assert not await redis.hexists(bucket, record.field)
     assert not await redis.exists(keys.aborts(partitions.partition_of(customer["id"])))
