@@ -36,7 +36,8 @@ Hashes and their fields (all numbers are integers, money in cents):
 ``o{P}<id>``      order: id, customer_id, status (app/vocabulary.py: STATUSES),
                   items ("phone_id:quantity:unit_price_cents;...",
                   app/vocabulary.py: encode_items, decode_items),
-                  total_cents, seq, created_at, request_id
+                  total_cents, seq, created_at (the request id is in the
+                  events only: the order never answers it)
 ``i{P}<bucket start, Unix seconds>``  the Idempotency-Key records of
                   partition P made in one time bucket: field = 16 bytes of
                   sha256(customer id, key), value = the first answer

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import itertools
 import json
-import secrets
 import subprocess
 import time
 import urllib.request
@@ -164,8 +163,6 @@ def bulk_load(
         None,
         "created_at",
         now,
-        "request_id",
-        None,
     )
     order_indexes = [
         ProtocolCommand("ZADD", index, None, None)
@@ -179,7 +176,7 @@ def bulk_load(
     for i in range(start, orders):
         oid = _bulk_id(own, 2, i)
         seq = str(base_seq + i)
-        chunk.append(order_hash.fill(keys.order(oid), oid, seq, secrets.token_hex(16)))
+        chunk.append(order_hash.fill(keys.order(oid), oid, seq))
         for index in order_indexes:
             chunk.append(index.fill(seq, oid))
         if len(chunk) >= 20_000:

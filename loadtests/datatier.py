@@ -421,7 +421,7 @@ LAYOUTS = [
 ]
 
 
-def _standalone(directory: Path, port: int) -> subprocess.Popen:
+def standalone(directory: Path, port: int) -> subprocess.Popen:
     binary = shutil.which("redis-server") or "redis-server"
     directory.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
@@ -448,7 +448,7 @@ def run_memory(directory: Path, n_orders: int) -> dict[str, Any]:
     customers = max(1, n_orders // 5)
     results: dict[str, Any] = {"orders": n_orders, "customers": customers, "bytes": {}}
     standalone_port = free_ports(1)[0]
-    standalone = _standalone(directory / "standalone", standalone_port)
+    server = standalone(directory / "standalone", standalone_port)
     cluster = LocalCluster.on_free_ports(directory / "memory-cluster", primaries=1, replicas=0)
     try:
         cluster.start()
@@ -466,8 +466,8 @@ def run_memory(directory: Path, n_orders: int) -> dict[str, Any]:
                 node.flushall()
     finally:
         cluster.stop()
-        standalone.send_signal(signal.SIGTERM)
-        standalone.wait(10)
+        server.send_signal(signal.SIGTERM)
+        server.wait(10)
     return results
 
 

@@ -25,7 +25,7 @@
 -- ARGV[1]  order id
 -- ARGV[2]  customer id
 -- ARGV[3]  now, ms since the epoch
--- ARGV[4]  request id (carried into the events)
+-- ARGV[4]  request id (carried into the events only: the order never answers it)
 -- ARGV[5]  "1" autocheck (complete at once) or "0" (stay open)
 -- ARGV[6]  "1" when an Idempotency-Key was given, else "0"
 -- ARGV[7]  the key's record field (16 bytes) then the request's fingerprint (12
@@ -142,11 +142,10 @@ local order = {
   total_cents = fmt(total),
   seq = seq,
   created_at = ARGV[3],
-  request_id = ARGV[4],
 }
 redis.call('HSET', KEYS[3], 'id', order.id, 'customer_id', order.customer_id, 'status', status,
   'items', order.items, 'total_cents', order.total_cents, 'seq', order.seq,
-  'created_at', order.created_at, 'request_id', order.request_id)
+  'created_at', order.created_at)
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
 redis.call('ZADD', KEYS[5], seq, ARGV[1])
 redis.call('ZADD', KEYS[6], seq, ARGV[1])
