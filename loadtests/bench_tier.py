@@ -32,8 +32,8 @@ over its replay, summed); each primary's replay time, from which the tier's **me
 ceiling is the slowest primary's orders/s (what the tier sustains when each primary has a
 core of its own and the others keep up); the **derived** ceiling, orders over the busiest
 primary's CPU seconds (a core per shard, CPU-bound); the share of its core each primary
-got while saturated (CPU / wall) and how busy that core was whoever ran (never idle: the
-CPU set the pace; idle time: fsync waits or the pipes did). On a 2-core machine three primaries cannot run saturated at once beside their
+got while saturated (CPU / wall) and how busy that core was whoever ran (idle time: fsync
+waits or the pipes, not the CPU, set the pace). On a 2-core machine three primaries cannot run saturated at once beside their
 driver: that would measure the machine, so they are measured in turn.
 
 Traffic goes only to 127.0.0.1, to servers this module starts and stops.
@@ -396,9 +396,9 @@ def shard_figures(primaries: int, orders: int, rows: list[dict[str, Any]]) -> di
         "measured_ceiling": orders / slowest["wall_s"] if slowest["wall_s"] else 0.0,
         "derived_ceiling": orders / busiest["cpu_s"] if busiest["cpu_s"] else 0.0,
         "core_busy": [_per_wall(row, row["cpu_s"]) for row in rows],
-        # That core's busy time, whoever ran (/proc/stat): near 1 means it was never idle,
-        # so the primary ran as much as this shared box gave it (CPU-bound); well under 1,
-        # fsync waits or the pipes set its pace. Ticks are 10 ms: capped at 1.
+        # That core's busy time, whoever ran (/proc/stat): well under 1, fsync waits or the
+        # pipes set the primary's pace, not the CPU; near 1 on a shared box, other processes
+        # may have filled such waits. Ticks are 10 ms: capped at 1.
         "core_never_idle": [min(1.0, _per_wall(row, row["stack_busy_s"])) for row in rows],
         "per_primary": rows,
     }
@@ -587,10 +587,11 @@ primary saturated in turn (`redis-cli --pipe`, on the load CPUs; the primary on 
   its slowest primary (each primary on a core of its own, the others keeping up). It counts
   whatever else ran on that core meanwhile: on a shared box the primary got only the share of
   it shown above. **Derived** divides the orders by the busiest primary's CPU seconds: the
-  ceiling with a core per shard if CPU is the limit, which it is when that core was never idle
-  (1 above); well under 1, fsync waits (`always`) or the pipes set the pace and measured is
-  the figure. Each primary's share of the CPU says whether the work splits evenly: the
-  busiest one sets the tier's ceiling.
+  ceiling with a core per shard if CPU is the limit. Idle time on that core (below 1 above)
+  means something else set the pace (fsync waits with `always`, or the pipes), and then
+  measured is the figure; a core never idle cannot tell the two apart (other processes fill
+  the waits), a quiet machine can. Each primary's share of the CPU says whether the work
+  splits evenly: the busiest one sets the tier's ceiling.
 - The replay sends the calls the app made at the recording's pace ({one["orders_per_s_recorded"]:,.0f} and
   {three["orders_per_s_recorded"]:,.0f} orders/s). The settler gathers 50 ms of settles into one call per phone
   partition, so at a primary's ceiling each call would hold more orders. The second table
