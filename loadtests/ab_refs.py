@@ -216,14 +216,15 @@ def one_node_markdown(report: dict[str, Any], target: float = ONE_NODE_TARGET) -
         label: f"{min(r['orders'] for r in rounds[label]):,.0f} to {max(r['orders'] for r in rounds[label]):,.0f}"
         for label in ("a", "b")
     }
-    return f"""| POST /orders through nginx, one redis-server | A: baseline `{report["a"]}` | B: this tree | B / A | target |
+    b_side = "this tree" if report["b"] == "." else f"`{report['b']}`"
+    return f"""| POST /orders through nginx, one redis-server | A: baseline `{report["a"]}` | B: {b_side} | B / A | target |
 |---|---|---|---|---|
 | orders/s (2xx), median of {len(rounds["a"])} rounds | {orders["a"]:,.0f} | {orders["b"]:,.0f} | {ratio:.2f} | ≥ {target} {verdict} |
 | orders/s, every round | {spread["a"]} | {spread["b"]} | | |
 | app workers' CPU µs per order | {app["a"]:.1f} | {app["b"]:.1f} | {app["b_over_a"]:.2f} | |
 | redis-server CPU µs per order | {redis["a"]:.1f} | {redis["b"]:.1f} | {redis["b_over_a"]:.2f} | |
 
-`python -m loadtests.ab_refs --a {report["a"]} --b . --paths orders`: each side from its own
+`python -m loadtests.ab_refs --a {report["a"]} --b {report["b"]} --paths orders`: each side from its own
 checkout with its own defaults (the baseline places an order on one redis-server by its
 default, `place_order`; this tree by its one order path),
 2 instances x 1 worker, redis AOF `always`; {report["split"]}; rounds alternate A first, then B
