@@ -93,8 +93,10 @@ def start_redis(directory: Path) -> tuple[subprocess.Popen, int]:
 class Shop:
     """Calls the real scripts with the keys app/*/service.py builds."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, *, all_completed: bool = False) -> None:
         self.redis = redis
+        # The audit wants open and completed orders; the mail bench only completed ones.
+        self.all_completed = all_completed
         self.shas: dict[str, str] = {}
         self.phones: list[str] = []
         self.customers: list[str] = []
@@ -152,7 +154,8 @@ class Shop:
                 self.placed += 1
                 customer_id, phone_id = self.customers[i % CUSTOMERS], self.phones[i % PHONES]
                 order_id = new_order_id(customer_id)
-                status = COMPLETED if i % 2 else OPEN
+                completed = self.all_completed or i % 2 == 1
+                status = COMPLETED if completed else OPEN
                 script_keys = place_order_keys(customer_id, order_id, status, None, [phone_id])
                 pipe.evalsha(
                     self.shas["place_order"],
@@ -162,7 +165,7 @@ class Shop:
                     customer_id,
                     now,
                     "audit-load",
-                    "1" if i % 2 else "0",
+                    "1" if completed else "0",
                     "0",
                     "",
                     60,
@@ -190,15 +193,17 @@ async def fill(shop: Shop, orders: int) -> float:
     return time.monotonic() - started
 
 
-async def write_at(shop: Shop, rate: int, stop: asyncio.Event) -> tuple[int, float]:
-    """Place ``rate`` orders a second in 10 ms ticks until ``stop``."""
+async def write_at(
+    shop: Shop, rate: float, stop: asyncio.Event, tick: float = 0.01
+) -> tuple[int, float]:
+    """Place ``rate`` orders a second in ``tick`` second ticks until ``stop``."""
     started, placed = time.monotonic(), 0
     while not stop.is_set():
         due = int((time.monotonic() - started) * rate) - placed
         if due > 0:
             await shop.place(due)
             placed += due
-        await asyncio.sleep(0.01)  # pacing the writer, not synchronising
+        await asyncio.sleep(tick)  # pacing the writer, not synchronising
     return placed, time.monotonic() - started
 
 
