@@ -1,13 +1,16 @@
 """The mail worker's Redis work for a chunk of mails, a few round trips for many.
 
-A lane (mail/worker.py) sends a chunk of mails, all of one partition's stream
-``e{P}`` (so that the hold and the MULTI touch one slot); per chunk, not per mail:
+A lane (mail/worker.py) sends a chunk of mails, of one or several partitions'
+streams ``e{P}``; every script and MULTI below touches one partition (one slot).
+Per chunk, not per mail:
 
 1. ``prefetch``: the sent marker ``ms{P}`` and the order hash of every mail;
 2. ``load_and_hold``: the customers and phone names, and ``hold_entries.lua``
-   (every entry still ours, its idle time reset, its attempt counted);
-3. ``ack_sent``: one MULTI with the sent markers (SET NX), the attempt
-   counters deleted, one XACK and one ZREM for the whole chunk.
+   once per partition of the chunk (every entry still ours, its idle time
+   reset, its attempt counted);
+3. ``ack_sent``: one MULTI per partition with the sent markers (SET NX), the
+   attempt counters deleted, one XACK and one ZREM (the worker sends it for
+   each accepted mail, and once per partition for the redeliveries of a chunk).
 
 These go over one multiplexed connection (app/fastredis.py: hiredis, every
 command of an event-loop turn in one write), not redis-py's client, which costs
@@ -164,58 +167,82 @@ class BatchRedis:
         return {p: float(text(reply[1])) for p, reply in enumerate(replies) if reply}
 
     async def load_and_hold(
-        self,
-        partition: int,
-        mails: list[tuple[str, str, str, list[str]]],
+        self, mails: list[tuple[int, str, str, str, list[str]]]
     ) -> list[Loaded]:
-        """``mails``: (entry id, order id, customer id, phone ids) each. Their
-        customers and phone names, and, in the same round trip, the hold."""
+        """``mails``: (partition, entry id, order id, customer id, phone ids) each, of
+        any partitions. Their customers and phone names, and, in the same round
+        trip, the hold (one hold_entries.lua per partition: one slot each)."""
         commands: list[tuple[Any, ...]] = []
-        for _, _, customer_id, phone_ids in mails:
+        holds: dict[int, list[tuple[str, str]]] = {}
+        for partition, entry_id, order_id, customer_id, phone_ids in mails:
             commands.append(
                 ("HMGET", keys.customer(customer_id), "name", "surname", "email", "balance_cents")
             )
             commands += [("HGET", keys.phone(p), "name") for p in phone_ids]
-        pairs = [(entry_id, order_id) for entry_id, order_id, _, _ in mails]
-        replies = await self._with_hold(partition, commands, pairs, count=True)
-        held = replies[-1]
+            holds.setdefault(partition, []).append((entry_id, order_id))
+        replies = await self._with_holds(commands, holds, count=True)
+        held = self._held(replies[len(commands) :], holds)
         out = []
         at = 0
-        for index, (_, _, _, phone_ids) in enumerate(mails):
+        for partition, entry_id, _, _, phone_ids in mails:
             customer = tuple(None if v is None else text(v) for v in replies[at])
             names = [
                 None if v is None else text(v) for v in replies[at + 1 : at + 1 + len(phone_ids)]
             ]
             at += 1 + len(phone_ids)
-            out.append(Loaded(customer, names, int(held[index])))  # type: ignore[arg-type]
+            out.append(Loaded(customer, names, held[partition, entry_id]))  # type: ignore[arg-type]
         return out
 
-    async def hold(self, partition: int, entries: list[tuple[str, str]]) -> list[int]:
-        """Renew the hold of (entry id, order id) pairs held earlier and not sent
+    async def hold(self, entries: list[tuple[int, str, str]]) -> list[int]:
+        """Renew the hold of (partition, entry id, order id) held earlier and not sent
         yet, without counting another attempt. Per entry: its attempt, 0 when lost."""
-        replies = await self._with_hold(partition, [], entries, count=False)
-        return [int(n) for n in replies[-1]]
+        holds: dict[int, list[tuple[str, str]]] = {}
+        for partition, entry_id, order_id in entries:
+            holds.setdefault(partition, []).append((entry_id, order_id))
+        held = self._held(await self._with_holds([], holds, count=False), holds)
+        return [held[partition, entry_id] for partition, entry_id, _ in entries]
 
-    async def _with_hold(
+    @staticmethod
+    def _held(
+        replies: list[Any], holds: dict[int, list[tuple[str, str]]]
+    ) -> dict[tuple[int, str], int]:
+        """hold_entries' answers (one list per partition, in ``holds``' order) by entry."""
+        return {
+            (partition, entry_id): int(n)
+            for (partition, entries), answer in zip(holds.items(), replies, strict=True)
+            for (entry_id, _), n in zip(entries, answer, strict=True)
+        }
+
+    async def _with_holds(
         self,
-        partition: int,
         commands: list[tuple[Any, ...]],
-        entries: list[tuple[str, str]],
+        holds: dict[int, list[tuple[str, str]]],
         *,
         count: bool,
     ) -> list[Any]:
-        """``commands``, then hold_entries.lua on ``entries`` (of the partition's
-        stream), in one round trip."""
-        hold_keys = [keys.events(partition)]
-        hold_keys += [keys.mail_attempts(order_id) for _, order_id in entries]
-        hold_args = [GROUP, self._consumer, self._ttl, 1 if count else 0]
-        hold_args += [entry_id for entry_id, _ in entries]
-        hold = ("EVALSHA", self._hold_sha, len(hold_keys), *hold_keys, *hold_args)
+        """``commands``, then hold_entries.lua on each partition's (entry id, order id)
+        pairs (of that partition's stream), all in one round trip."""
+        calls = []
+        for partition, entries in holds.items():
+            hold_keys = [keys.events(partition)]
+            hold_keys += [keys.mail_attempts(order_id) for _, order_id in entries]
+            hold_args = [GROUP, self._consumer, self._ttl, 1 if count else 0]
+            hold_args += [entry_id for entry_id, _ in entries]
+            calls.append((len(hold_keys), *hold_keys, *hold_args))
         try:
-            return await self._transport.execute_many([*commands, hold])
+            return await self._transport.execute_many(
+                [*commands, *(("EVALSHA", self._hold_sha, *call) for call in calls)]
+            )
         except NoScriptError:  # a restarted Redis: EVAL loads it (the reads before only read)
-            load = ("EVAL", self._hold_source, len(hold_keys), *hold_keys, *hold_args)
-            return await self._transport.execute_many([*commands, load])
+            return await self._transport.execute_many(
+                [*commands, *(("EVAL", self._hold_source, *call) for call in calls)]
+            )
+
+    async def ack(self, entries: dict[int, list[str]]) -> None:
+        """XACK entries that need no mail, per partition's stream, in one round trip."""
+        await self._transport.execute_many(
+            [("XACK", keys.events(p), GROUP, *ids) for p, ids in entries.items()]
+        )
 
     async def ack_sent(self, partition: int, sent: list[tuple[str, str, str | None, int]]) -> None:
         """One MULTI for the chunk (of one partition: one slot): per (entry id, order id, Message-ID or None for a

@@ -222,6 +222,8 @@ class Lanes:
 
     async def wait_free(self, seconds: float) -> bool:
         """Wait up to ``seconds`` for a free lane; True when one is free."""
+        if self.busy < self.limit:  # the common case, without wait_for's task
+            return True
         async with self._changed:
             with suppress(TimeoutError):
                 await asyncio.wait_for(

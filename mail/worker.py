@@ -5,7 +5,8 @@ worker has the group ``mailer`` on each (created with MKSTREAM at start). An
 entry's mail keys (``ms{P}``/``ma{P}`` of its order, the retry queue ``mr{P}``,
 the dead letters ``md{P}``) are in the same partition, so every MULTI and script
 below touches one slot on a Redis Cluster. Entry ids are per stream: the worker
-keeps each entry's partition with it, and a chunk holds entries of one partition.
+keeps each entry's partition with it. A chunk may hold entries of several
+partitions; every script and MULTI on it touches one partition.
 
 One loop feeds MAIL_CONCURRENCY lanes (``Lanes``, mail/smtp.py), each an SMTP session
 (``SmtpSender``) sending one mail at a time, a chunk of up to CHUNK after another.
@@ -86,9 +87,10 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -128,6 +130,14 @@ RETRY_PROBE_S = 1.0
 # Longest XREADGROUP block: the loop comes round at least this often to
 # heartbeat, trim, claim and notice SIGTERM.
 MAX_BLOCK_MS = 1000
+# The read window: while mails come at least READ_WINDOW_MIN_MAILS per READ_WINDOW_S,
+# a read waits after the previous one until about a chunk has come, at most
+# READ_WINDOW_S: a read, its acknowledgement of the other events, a chunk's Redis
+# round trips and its lane's task then serve several mails instead of one each.
+# Slower than that, a read is made as soon as the previous one is done and blocks
+# until an entry comes: a lone mail goes out at once.
+READ_WINDOW_S = 0.02
+READ_WINDOW_MIN_MAILS = 2
 MAX_REASON = 500
 # An attempt counter outlives any retry schedule, then expires with its mail.
 ATTEMPTS_TTL_S = 30 * 86400
@@ -140,6 +150,19 @@ RELEASED_IDLE_MS = 365 * 86400 * 1000
 CHUNK = 16
 # With metrics on, the backlog gauges are refreshed at most this often (seconds).
 BACKLOG_INTERVAL = 1.0
+
+
+T = TypeVar("T")
+# A new entry as the worker handles it: (partition, entry id, fields).
+Entry = tuple[int, str, dict[str, str]]
+
+
+def by_partition(pairs: Iterable[tuple[int, T]]) -> dict[int, list[T]]:
+    """Items grouped by their partition, in order."""
+    groups: dict[int, list[T]] = {}
+    for partition, item in pairs:
+        groups.setdefault(partition, []).append(item)
+    return groups
 
 
 def now_ms() -> int:
@@ -234,6 +257,8 @@ class MailWorker:
         # trying to write (_record_sent): never sent again by this worker meanwhile.
         self._accepted_unrecorded: set[str] = set()
         self._next_sweep = 0.0
+        self._last_read = 0.0  # loop time the last read of new entries returned
+        self._mail_rate = 0.0  # new mails a second, a moving average over reads
         # One redis-server: a blocking XREADGROUP over every stream. A cluster: the doorbell.
         self._doorbell = Doorbell(redis) if isinstance(redis, RedisCluster) else None
         self._group_ready = False
@@ -346,8 +371,34 @@ class MailWorker:
         # After due retries, look for new entries without waiting: more retries may be due.
         block = None if took_retries else self._block_ms()
         count = min(self.settings.batch_size, CHUNK * (self.lanes.free + 1))
-        for partition, entries in await self._read_new(count, block):
-            await self._handle_batch(partition, entries, reclaimed=False)
+        window = self._read_window(loop.time())
+        if window > 0:
+            await asyncio.sleep(window)  # batching at a high rate, not synchronising
+            if self.stopping:
+                return
+        found = await self._read_new(count, block)
+        mails = sum(
+            1 for _, entries in found for _, f in entries if f and f.get("type") in MAIL_EVENT_TYPES
+        )
+        self._observe_read(loop.time(), mails)
+        await self._handle_entries(
+            [(p, entry_id, fields) for p, entries in found for entry_id, fields in entries],
+            reclaimed=False,
+        )
+
+    def _read_window(self, now: float) -> float:
+        """Seconds to wait before the next read (the read window above), else 0."""
+        rate = self._mail_rate
+        if rate * READ_WINDOW_S < READ_WINDOW_MIN_MAILS:
+            return 0.0
+        return min(READ_WINDOW_S, CHUNK / rate) - (now - self._last_read)
+
+    def _observe_read(self, now: float, mails: int) -> None:
+        """The rate of new mails, from a read that returned ``mails`` at ``now``: half
+        this read's, half the average before (an idle second brings it near 0)."""
+        elapsed = max(now - self._last_read, 1e-3)
+        self._mail_rate = (self._mail_rate + mails / elapsed) / 2
+        self._last_read = now
 
     async def _read_new(self, count: int, block: int | None) -> list[tuple[int, list]]:
         """New entries as (partition, entries): see the module docstring (6.). COUNT is per
@@ -525,7 +576,7 @@ class MailWorker:
             claimed = await self.redis.xclaim(stream, GROUP, self.name, 0, [entry_id])
             if claimed and claimed[0][1]:  # else acknowledged meanwhile, or gone
                 entries.append(claimed[0])
-        await self._handle_batch(partition, entries, reclaimed=False)
+        await self._handle_entries([(partition, e, f) for e, f in entries], reclaimed=False)
         return taken
 
     def _retry_scheduled(self, partition: int, due_ms: float) -> None:
@@ -554,7 +605,7 @@ class MailWorker:
                         count=self.settings.batch_size,
                     )
                 replies = await pipe.execute()
-            following = {}
+            following, taken = {}, []
             for partition, reply in zip(list(cursors), replies, strict=True):
                 cursor, entries = reply[0], reply[1]
                 deleted = reply[2] if len(reply) > 2 else []
@@ -564,10 +615,10 @@ class MailWorker:
                         STREAMS[partition],
                         deleted,
                     )
-                if entries:
-                    await self._handle_batch(partition, entries, reclaimed=True)
+                taken += [(partition, e, f) for e, f in entries]
                 if cursor != "0-0":
                     following[partition] = cursor
+            await self._handle_entries(taken, reclaimed=True)
             cursors = following
 
     async def _own_backlog(self) -> None:
@@ -583,38 +634,45 @@ class MailWorker:
                         count=self.settings.batch_size,
                     )
                 replies = await pipe.execute()
-            following = {}
+            following, taken = {}, []
             for partition, reply in zip(list(starts), replies, strict=True):
                 entries = reply[0][1] if reply else []
                 if entries:
-                    await self._handle_batch(partition, entries, reclaimed=True)
+                    taken += [(partition, e, f) for e, f in entries]
                     following[partition] = entries[-1][0]
+            await self._handle_entries(taken, reclaimed=True)
             starts = following
 
-    async def _handle_batch(self, partition: int, entries: list, *, reclaimed: bool) -> None:
-        """Entries of one partition's stream."""
-        others = [
-            entry_id for entry_id, f in entries if f and f.get("type") not in MAIL_EVENT_TYPES
-        ]
-        gone = [entry_id for entry_id, f in entries if not f]
-        if others or gone:
-            await self.redis.xack(STREAMS[partition], GROUP, *others, *gone)
-            self._count("ignored", len(others))
-        mails = [
-            (entry_id, f) for entry_id, f in entries if f and f.get("type") in MAIL_EVENT_TYPES
-        ]
+    async def _handle_entries(self, entries: list[Entry], *, reclaimed: bool) -> None:
+        """Entries of any partitions' streams: those that need no mail are acknowledged
+        (one round trip), the mails go to lanes in chunks."""
+        ignored: dict[int, list[str]] = {}
+        others = 0
+        mails = []
+        for entry in entries:
+            partition, entry_id, fields = entry
+            if fields and fields.get("type") in MAIL_EVENT_TYPES:
+                mails.append(entry)
+                continue
+            ignored.setdefault(partition, []).append(entry_id)
+            others += 1 if fields else 0  # no fields: deleted from the stream meanwhile
+        if ignored:
+            await self.batch.ack(ignored)
+            self._count("ignored", others)
         while mails:
-            # Spread the mails over the free lanes, at most CHUNK to one: a chunk
-            # costs three Redis round trips whatever its size.
-            size = min(CHUNK, -(-len(mails) // max(1, self.lanes.free)))
-            if not await self._dispatch(partition, mails[:size], reclaimed=reclaimed):
-                await self._release(partition, [entry_id for entry_id, _ in mails])
+            # Chunks of up to CHUNK whatever their partitions: a chunk costs two Redis
+            # round trips and a lane's task before its first send, so at a steady
+            # rate, where a read finds a few mails of as many partitions, a chunk
+            # per partition cost those for every mail. A lane sends a chunk one mail
+            # after the other (a round trip and an acknowledgement each), so more
+            # than a few lanes help only in a backlog, where reads are large.
+            size = min(CHUNK, len(mails))
+            if not await self._dispatch(mails[:size], reclaimed=reclaimed):
+                await self._release_entries(mails)
                 return
             mails = mails[size:]
 
-    async def _dispatch(
-        self, partition: int, chunk: list[tuple[str, dict[str, str]]], *, reclaimed: bool
-    ) -> bool:
+    async def _dispatch(self, chunk: list[Entry], *, reclaimed: bool) -> bool:
         """Wait for a free lane, then send the chunk's mails on it in a task of its
         own. False when the worker is stopping: the chunk was not taken."""
         if self.stopping:
@@ -623,29 +681,19 @@ class MailWorker:
         if self.stopping:  # told to stop while waiting for the lane
             await self.lanes.release(sender)
             return False
-        task = asyncio.get_running_loop().create_task(
-            self._on_lane(sender, partition, chunk, reclaimed)
-        )
+        task = asyncio.get_running_loop().create_task(self._on_lane(sender, chunk, reclaimed))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
         return True
 
-    async def _on_lane(
-        self,
-        sender: SmtpSender,
-        partition: int,
-        chunk: list[tuple[str, dict[str, str]]],
-        reclaimed: bool,
-    ) -> None:
+    async def _on_lane(self, sender: SmtpSender, chunk: list[Entry], reclaimed: bool) -> None:
         pause = 0.0
         try:
             await self._heartbeat()
             if reclaimed:
-                chunk = [
-                    entry for entry in chunk if await self._take_from_retry(partition, entry[0])
-                ]
+                chunk = [entry for entry in chunk if await self._take_from_retry(*entry[:2])]
             if chunk:
-                pause = await self.process(partition, chunk, sender)
+                pause = await self.process(chunk, sender)
         except (RedisError, OSError) as error:
             # The entries stay pending; XAUTOCLAIM takes them again after the claim timeout.
             log.warning("redis unavailable while sending %d mail(s): %s", len(chunk), error)
@@ -669,6 +717,11 @@ class MailWorker:
             return False
         return await self.redis.zrem(retry, entry_id) == 1
 
+    async def _release_entries(self, entries: list[Entry]) -> None:
+        """``_release`` of entries of any partitions."""
+        for partition, entry_ids in by_partition((p, e) for p, e, _ in entries).items():
+            await self._release(partition, entry_ids)
+
     async def _release(self, partition: int, entry_ids: list[str]) -> None:
         """On stop: the unsent rest of this batch stays pending but is marked idle
         for a year, so the next XAUTOCLAIM of any worker takes it at once."""
@@ -685,33 +738,28 @@ class MailWorker:
 
     # -- a chunk of mails on one lane -----------------------------------------------
 
-    async def process(
-        self, partition: int, chunk: list[tuple[str, dict[str, str]]], sender: SmtpSender
-    ) -> float:
+    async def process(self, chunk: list[Entry], sender: SmtpSender) -> float:
         """Send the chunk's mails one after the other on ``sender``: two Redis round
         trips for the whole chunk before the first send (mail/batch_redis.py), one
         MULTI after each. Returns the seconds the lane backs off (after a
         throttle), else 0."""
-        done: list[tuple[str, str, str | None, int]] = []  # redeliveries: one MULTI
+        done: dict[int, list[tuple[str, str, str | None, int]]] = {}  # redeliveries
         # Accepted already, its record still being written by the lane that sent it
         # (which acknowledges the entry too, whoever holds it now): not sent again.
         chunk = [
-            (entry_id, fields)
-            for entry_id, fields in chunk
-            if fields.get("order_id") not in self._accepted_unrecorded
+            entry for entry in chunk if entry[2].get("order_id") not in self._accepted_unrecorded
         ]
         try:
-            ready = await self._prepare(partition, chunk, done)
+            ready = await self._prepare(chunk, done)
         finally:
-            await self.batch.ack_sent(partition, done)
-        return await self._send_all(partition, ready, sender)
+            # One MULTI per partition (one slot each), sent in one write.
+            await asyncio.gather(*(self.batch.ack_sent(p, d) for p, d in done.items()))
+        return await self._send_all(ready, sender)
 
-    async def _prepare(
-        self, partition: int, chunk: list[tuple[str, dict[str, str]]], done: list
-    ) -> list[Ready]:
+    async def _prepare(self, chunk: list[Entry], done: dict[int, list]) -> list[Ready]:
         """The chunk's data, the hold and the render: the mails to send, in order."""
         valid = []
-        for entry_id, fields in chunk:
+        for partition, entry_id, fields in chunk:
             order_id = fields.get("order_id", "")
             if not is_valid_id(order_id):
                 await self._bad(partition, entry_id, fields, f"invalid order id {order_id[:64]!r}")
@@ -722,14 +770,16 @@ class MailWorker:
                     partition, entry_id, fields, f"order {order_id} is of another partition"
                 )
             else:
-                valid.append((entry_id, fields, order_id))
+                valid.append((partition, entry_id, fields, order_id))
         if not valid:
             return []
-        already, orders = await self.batch.prefetch([order_id for _, _, order_id in valid])
+        already, orders = await self.batch.prefetch([order_id for *_, order_id in valid])
         wanted = []
-        for (entry_id, fields, order_id), sent, order in zip(valid, already, orders, strict=True):
+        for (partition, entry_id, fields, order_id), sent, order in zip(
+            valid, already, orders, strict=True
+        ):
             if sent:  # a redelivery: acknowledge, send nothing
-                done.append((entry_id, order_id, None, 0))
+                done.setdefault(partition, []).append((entry_id, order_id, None, 0))
                 self._count("duplicates")
                 with request_context(fields):
                     log.info(
@@ -743,7 +793,7 @@ class MailWorker:
             except BadEvent as error:
                 await self._bad(partition, entry_id, fields, str(error))
                 continue
-            wanted.append((entry_id, fields, order_id, customer_id, lines, total))
+            wanted.append((partition, entry_id, fields, order_id, customer_id, lines, total))
         if not wanted:
             return []
         # The rest of the data and, in the same round trip, the hold: the entries
@@ -752,11 +802,11 @@ class MailWorker:
         # every send ends before MAIL_CLAIM_IDLE_SECONDS / 2 after the hold, so
         # nobody takes an entry over meanwhile (see _send_all for a slow chunk).
         loaded = await self.batch.load_and_hold(
-            partition, [(e, o, c, [p for p, _, _ in lines]) for e, _, o, c, lines, _ in wanted]
+            [(p, e, o, c, [phone for phone, _, _ in lines]) for p, e, _, o, c, lines, _ in wanted]
         )
         held_at = asyncio.get_running_loop().time()
         ready = []
-        for (entry_id, fields, order_id, customer_id, lines, total), data in zip(
+        for (partition, entry_id, fields, order_id, customer_id, lines, total), data in zip(
             wanted, loaded, strict=True
         ):
             if not data.attempts:
@@ -832,19 +882,21 @@ class MailWorker:
                 return None
         return Ready(partition, entry_id, fields, order_id, attempts, rendered, 0.0)
 
-    async def _send_all(self, partition: int, ready: list[Ready], sender: SmtpSender) -> float:
+    async def _send_all(self, ready: list[Ready], sender: SmtpSender) -> float:
         loop = asyncio.get_running_loop()
         renew_after = self.settings.claim_idle / 4
         index = 0
         while index < len(ready):
             item = ready[index]
             if self.stopping:  # the mail in hand is finished; the rest is handed back
-                await self._hand_back(partition, ready[index:], for_takeover=True)
+                await self._hand_back(ready[index:], for_takeover=True)
                 return 0.0
             if loop.time() - item.held_at > renew_after:
                 # Slow sends: the rest is held again before it is sent.
                 rest = ready[index:]
-                renewed = await self.batch.hold(partition, [(r.entry_id, r.order_id) for r in rest])
+                renewed = await self.batch.hold(
+                    [(r.partition, r.entry_id, r.order_id) for r in rest]
+                )
                 held_at = loop.time()
                 ready[index:] = [
                     replace(r, held_at=held_at)
@@ -859,13 +911,13 @@ class MailWorker:
             if outcome == "throttled":
                 # The relay said "later" on this session: the rest of the chunk goes
                 # back to the retry queue, due now, for a lane that is not backing off.
-                await self._hand_back(partition, ready[index:])
+                await self._hand_back(ready[index:])
                 return sender.throttle_pause
             if outcome == "sent":
                 # Acknowledged before the next send, so a crash re-sends at most the
                 # mail in hand. The lanes' acknowledgements of one event-loop turn
                 # share one write (app/fastredis.py) and one AOF fsync.
-                await self._record_sent(partition, item)
+                await self._record_sent(item.partition, item)
         return 0.0
 
     async def _record_sent(self, partition: int, item: Ready) -> None:
@@ -964,25 +1016,23 @@ class MailWorker:
         log.info("order %s: confirmation sent (attempt %d)", order_id, attempts)
         return "sent"
 
-    async def _hand_back(
-        self, partition: int, rest: list[Ready], *, for_takeover: bool = False
-    ) -> None:
+    async def _hand_back(self, rest: list[Ready], *, for_takeover: bool = False) -> None:
         """Mails held but not sent, their attempt taken back: due in the retry
         queue now, or (``for_takeover``, a stopping worker) left pending but idle
-        for a year, so the next XAUTOCLAIM of any worker takes them at once."""
-        if not rest:
-            return
+        for a year, so the next XAUTOCLAIM of any worker takes them at once. One
+        MULTI per partition (one slot each)."""
         due = now_ms()
-        async with self.redis.pipeline(transaction=True) as pipe:
-            if not for_takeover:
-                pipe.zadd(keys.mail_retry(partition), {r.entry_id: due for r in rest})
-            for r in rest:
-                pipe.decr(keys.mail_attempts(r.order_id))
-            await pipe.execute()
-        if for_takeover:
-            await self._release(partition, [r.entry_id for r in rest])
-        else:
-            self._retry_scheduled(partition, due)
+        for partition, items in by_partition((r.partition, r) for r in rest).items():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                if not for_takeover:
+                    pipe.zadd(keys.mail_retry(partition), {r.entry_id: due for r in items})
+                for r in items:
+                    pipe.decr(keys.mail_attempts(r.order_id))
+                await pipe.execute()
+            if for_takeover:
+                await self._release(partition, [r.entry_id for r in items])
+            else:
+                self._retry_scheduled(partition, due)
 
     async def _unexpected(
         self, partition: int, entry_id: str, fields: dict[str, str], error: Exception
