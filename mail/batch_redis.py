@@ -56,6 +56,11 @@ def _pairs(reply: Any) -> dict[str, str]:
     return {text(reply[i]): text(reply[i + 1]) for i in range(0, len(reply), 2)}
 
 
+def _text_pairs(flat: list[bytes]) -> dict[str, str]:
+    """A raw flat field list (RESP2, as hiredis gives it) as text."""
+    return dict(zip(map(bytes.decode, flat[::2]), map(bytes.decode, flat[1::2]), strict=True))
+
+
 class _FastTransport:
     def __init__(self, fast: MultiplexedRedis) -> None:
         self._fast = fast
@@ -130,6 +135,12 @@ class BatchRedis:
         self._transport: _FastTransport | _ClientTransport = (
             _FastTransport(fast) if fast is not None else _ClientTransport(redis)
         )
+        # The blocking read of new entries gets a connection of its own: a command
+        # behind it would wait as long as it blocks.
+        self._reader = MultiplexedRedis.for_pool(pool, timeout) if fast is not None else None
+        streams = [keys.events(p) for p in range(PARTITIONS)]
+        self._read_tail = ("STREAMS", *streams, *(">" for _ in streams))
+        self._partition_of = {stream.encode(): p for p, stream in enumerate(streams)}
         self._redis = redis
         self._consumer = consumer
         self._ttl = attempts_ttl
@@ -138,6 +149,34 @@ class BatchRedis:
 
     async def aclose(self) -> None:
         await self._transport.aclose()
+        if self._reader is not None:
+            await self._reader.aclose()
+
+    @property
+    def reads_fast(self) -> bool:
+        """``read_new`` works here (one redis-server, not over TLS)."""
+        return self._reader is not None
+
+    async def read_new(
+        self, count: int, block: int | None
+    ) -> list[tuple[int, list[tuple[str, dict[str, str]]]]]:
+        """XREADGROUP ``>`` over every partition's stream, COUNT ``count`` each, blocking
+        up to ``block`` ms (None: not at all), as (partition, [(entry id, fields)]).
+        Packed and parsed by hiredis: redis-py's encoder and reply parser cost
+        about a third of a millisecond for this command of 261 arguments."""
+        assert self._reader is not None
+        head: tuple[Any, ...] = ("XREADGROUP", "GROUP", GROUP, self._consumer, "COUNT", count)
+        if block is not None:
+            head += ("BLOCK", block)
+        reply = await self._reader.execute(*head, *self._read_tail)
+        found = []
+        for stream, entries in reply or ():
+            items = [
+                (entry_id.decode(), {} if flat is None else _text_pairs(flat))
+                for entry_id, flat in entries
+            ]
+            found.append((self._partition_of[stream], items))
+        return found
 
     async def prefetch(self, order_ids: list[str]) -> tuple[list[bool], list[dict[str, str]]]:
         """Per order: its confirmation was already sent; its hash ({} when missing)."""

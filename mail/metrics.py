@@ -48,6 +48,9 @@ SEND_DURATION = Histogram(
     ["outcome"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
+# The labelled children, looked up once rather than per mail.
+SEND_ACCEPTED = SEND_DURATION.labels("accepted")
+SEND_FAILED = SEND_DURATION.labels("failed")
 PENDING = Gauge(
     "phoneshop_mail_pending_entries",
     "events entries delivered to the mailer group and not acknowledged yet (XPENDING)",

@@ -33,6 +33,7 @@ import functools
 import quopri
 import re
 import secrets
+import time
 import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -262,7 +263,7 @@ def render_confirmation(
     while any(boundary in part for part in parts):  # never inside a body
         boundary = f"==============={secrets.token_hex(12)}==".encode()
     mid = message_id(mail.order_id, mail_domain)
-    date = email.utils.format_datetime(now or datetime.now(UTC))
+    date = email.utils.format_datetime(now) if now else _date_now(int(time.time()))
     head = (
         _header_line("From", str(sender))
         + to_line
@@ -284,6 +285,12 @@ def render_confirmation(
     if to is not None:  # email folded or encoded the To line: parse it all back
         check_headers(raw, to)
     return RenderedMail(raw, addr, mid)
+
+
+@functools.lru_cache(maxsize=2)
+def _date_now(second: int) -> str:
+    """The Date header of this second, formatted once a second rather than per mail."""
+    return email.utils.format_datetime(datetime.fromtimestamp(second, UTC))
 
 
 @functools.cache

@@ -411,6 +411,8 @@ class MailWorker:
 
     async def _read_streams(self, count: int, block: int | None) -> list[tuple[int, list]]:
         """Up to ``count`` new entries of each stream, as (partition, entries)."""
+        if self._doorbell is None and self.batch.reads_fast:
+            return await self.batch.read_new(count, block)
         if self._doorbell is None:
             reply = await self.redis.xreadgroup(
                 GROUP, self.name, dict.fromkeys(STREAMS, ">"), count=count, block=block
@@ -977,7 +979,7 @@ class MailWorker:
                     ),
                 )
         except Exception as error:
-            metrics.SEND_DURATION.labels("failed").observe(time.perf_counter() - started)
+            metrics.SEND_FAILED.observe(time.perf_counter() - started)
             failure = classify(error)
             reason = clip(failure.reason)
             if failure.kind == "permanent":
@@ -1010,7 +1012,7 @@ class MailWorker:
             return "retry"
         sender.throttled = 0
         self.lanes.sent()
-        metrics.SEND_DURATION.labels("accepted").observe(time.perf_counter() - started)
+        metrics.SEND_ACCEPTED.observe(time.perf_counter() - started)
         metrics.DELIVERY_LAG.observe(max(0.0, (now_ms() - entry_ms(entry_id)) / 1000))
         self._count("sent")
         log.info("order %s: confirmation sent (attempt %d)", order_id, attempts)

@@ -240,6 +240,7 @@ async def test_a_read_over_many_streams_takes_at_most_a_chunk_of_each(
             await add_event(mail_redis, "order.completed", order)
 
     read = await worker._read_new(10 * CHUNK, None)
+    await worker.batch.aclose()  # the connection of its reads
 
     assert sorted((p, len(entries)) for p, entries in read) == [(2, CHUNK), (40, CHUNK)]
     for partition in (2, 40):
