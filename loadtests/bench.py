@@ -19,8 +19,10 @@ Then:
    process is still up;
 3. a py-spy profile of one worker during ``POST /orders``;
 4. ceiling B: ``redis-benchmark`` running the real ``place_order`` script;
-5. list cost with 1k and with 1M stored rows (loadtests/bench_data.py) and
-   Redis memory per stored order;
+5. list cost with 1k and with 1M stored rows (loadtests/bench_data.py), and Redis
+   memory per stored order and per Idempotency-Key record as the real scripts store
+   them, on one redis-server and on a 3-primary cluster, at two sizes
+   (loadtests/order_memory.py);
 6. A/B comparisons, each in this run: two stacks that differ in one setting,
    wrk rounds alternating between them, orders/s and CPU per request from /proc
    (:data:`AB_COMPARISONS`);
@@ -55,16 +57,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app import keys
 from app.ops.instances import ROOT
-from loadtests import ab_refs, bench_mail_lag, bench_tier, rig
-from loadtests.bench_data import (
-    bulk_load,
-    memory_per_order,
-    provision,
-    sample_order_ids,
-    transient_per_order,
-)
+from loadtests import ab_refs, bench_mail_lag, bench_tier, order_memory, rig
+from loadtests.bench_data import bulk_load, provision
 from loadtests.bench_drivers import (
     BENCH_LIMITS,
     ceiling_b,
@@ -562,12 +557,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     f"{stack.http_url}/orders?page=1", seconds=secs, headers=auth, cpus=load_cpus
                 )
         results["lists"] = lists
-        with step("memory per order"):
-            sample = sample_order_ids(stack, keys.customer_orders(bulk_customer["id"]), 2000)
-            results["memory"] = {
-                **memory_per_order(stack, bulk_customer["id"], sample),
-                **transient_per_order(stack),
-            }
+        with step("memory per order (own servers, the real scripts)"):
+            results["memory"] = order_memory.bench_figures(
+                order_memory.run(out / "memory", args.memory_orders)
+            )
     results["ab"] = []
     for comparison in AB_COMPARISONS:
         with step(f"A/B: {comparison.name}"):
@@ -611,6 +604,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=6, help="wrk seconds per measurement")
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows of the large list")
     parser.add_argument("--scripts", type=int, default=25_000, help="redis-benchmark calls")
+    parser.add_argument(
+        "--memory-orders",
+        type=int,
+        default=order_memory.BENCH_ORDERS,
+        help="orders the memory section writes per tier (measured at a tenth and at all)",
+    )
     parser.add_argument(
         "--level-scale", type=float, default=1.0, help="scale the overload levels' lengths"
     )

@@ -1,18 +1,15 @@
-"""The bench's data: customers and phones made through the admin API, rows
+"""The bench's data: customers and phones made through the admin API, and rows
 bulk-loaded straight into Redis (``redis-cli --pipe``, with the key names and
-hash fields of app/keys.py) and Redis memory per stored order."""
+hash fields of app/keys.py) for the list cost. Memory per order is measured on
+orders the real scripts wrote (loadtests/order_memory.py)."""
 
 from __future__ import annotations
 
 import base64
-import itertools
 import json
 import subprocess
 import time
 import urllib.request
-from typing import Any
-
-from redis import Redis as SyncRedis
 
 from app import keys
 from app.partitions import PARTITIONS, partition_of
@@ -190,66 +187,3 @@ def bulk_load(
     if "errors: 0" not in output:
         raise RuntimeError(f"redis-cli --pipe: {output}")
     return time.monotonic() - began
-
-
-def memory_per_order(stack: LoadStack, customer_id: str, sample_ids: list[str]) -> dict[str, Any]:
-    """MEMORY USAGE of order hashes (exact, SAMPLES 0), averaged, plus each index
-    zset's usage divided by its size."""
-    client = SyncRedis.from_url(stack.redis_url)
-    try:
-        with client.pipeline(transaction=False) as pipe:
-            for oid in sample_ids:
-                pipe.memory_usage(keys.order(oid), samples=0)
-            hashes = [n for n in pipe.execute() if n]
-        indexes = {}
-        own = partition_of(customer_id)
-        for label, index in (
-            ("orders of a partition", keys.orders(own)),
-            ("completed orders of a partition", keys.orders_by_status(own, COMPLETED)),
-            ("a customer's orders", keys.customer_orders(customer_id)),
-            (
-                "a customer's completed orders",
-                keys.customer_orders_by_status(customer_id, COMPLETED),
-            ),
-        ):
-            card = client.zcard(index)
-            usage = client.memory_usage(index, samples=0) or 0
-            indexes[label] = usage / card if card else 0.0
-    finally:
-        client.close()
-    hash_avg = sum(hashes) / len(hashes) if hashes else 0.0
-    return {
-        "order_hash_bytes": hash_avg,
-        "index_share_bytes": indexes,
-        "bytes_per_order": hash_avg + sum(indexes.values()),
-        "sampled_orders": len(hashes),
-    }
-
-
-def sample_order_ids(stack: LoadStack, index: str, count: int) -> list[str]:
-    client = SyncRedis.from_url(stack.redis_url, decode_responses=True)
-    try:
-        return client.zrange(index, 0, count - 1)
-    finally:
-        client.close()
-
-
-def transient_per_order(stack: LoadStack) -> dict[str, float]:
-    """What an order adds for a while: its Idempotency-Key record (a field of a bucket
-    hash, kept 24 h: app/orders/idempotency.py) and its stream entries."""
-    client = SyncRedis.from_url(stack.redis_url)
-    try:
-        buckets = list(
-            itertools.islice(client.scan_iter(match=keys.IDEMPOTENCY_MATCH, count=1000), 200)
-        )
-        sizes = [client.memory_usage(k, samples=0) or 0 for k in buckets]
-        records = sum(client.hlen(k) for k in buckets)
-        streams = [keys.events(p) for p in range(PARTITIONS)]
-        events = sum(client.xlen(s) for s in streams)
-        stream = sum(client.memory_usage(s, samples=0) or 0 for s in streams)
-    finally:
-        client.close()
-    return {
-        "idempotency_hash_bytes": sum(sizes) / records if records else 0.0,
-        "event_entry_bytes": stream / events if events else 0.0,
-    }

@@ -56,6 +56,9 @@ from app.vocabulary import COMPLETED, new_order_id
 from loadtests.datatier import standalone
 
 ORDERS_PER_CUSTOMER = 5
+TIERS = ("one redis-server", "3-primary cluster")
+# make bench's size per tier (loadtests/bench.py --memory-orders), and the CLI's.
+BENCH_ORDERS = 1_000_000
 SAMPLE = 2_000
 BATCH = 2_000
 IDEMPOTENCY_TTL_S = 86_400
@@ -253,11 +256,25 @@ def run(directory: Path, orders: int) -> dict[str, Any]:
     return result
 
 
+def bench_figures(result: dict[str, Any]) -> dict[str, Any]:
+    """make bench's memory figures: one redis-server's at the larger size under the
+    names the report reads, and every tier and size as measured."""
+    largest = result["one redis-server"][-1]
+    return {
+        "bytes_per_order": largest["bytes_per_order"],
+        "order_hash_bytes": largest["order_hash_bytes"],
+        "index_share_bytes": largest["index_share_bytes"],
+        "idempotency_hash_bytes": largest["idempotency_record_bytes"],
+        "event_entry_bytes": largest["event_entry_bytes"],
+        "tiers": {tier: result[tier] for tier in TIERS},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loadtests.order_memory", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--orders", type=int, default=1_000_000)
+    parser.add_argument("--orders", type=int, default=BENCH_ORDERS)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="order-memory-") as tmp:

@@ -36,6 +36,7 @@ from app.ops.redis_cluster import (
     poll,
     topology_from,
 )
+from loadtests import order_memory
 from loadtests.datatier import run_ceiling, run_memory
 from loadtests.support.servers import clean_env
 from tests.cluster import new_cluster
@@ -474,6 +475,18 @@ def test_the_memory_harness_tells_todays_layout_from_the_designed_one(tmp_path: 
     ]
     for mode in ("one redis-server", "1-node cluster"):
         assert today[mode] > 1.5 * designed[mode] > 0, (mode, today, designed)
+
+
+def test_order_memory_measures_what_the_real_scripts_store(tmp_path: Path) -> None:
+    """loadtests/order_memory.py on both tiers at 1,000 orders: every order placed by
+    place_order.lua left one Idempotency-Key record, within issue 17's 150 bytes, and
+    the per-order figures count an order hash and its indexes."""
+    result = order_memory.run(tmp_path, 1000)
+    for tier in order_memory.TIERS:
+        tenth, whole = result[tier]
+        assert (tenth["idempotency_records"], whole["idempotency_records"]) == (100, 1000)
+        assert 0 < whole["idempotency_record_bytes"] <= 150, (tier, whole)
+        assert whole["bytes_per_order"] > whole["order_hash_bytes"] > 0, (tier, whole)
 
 
 def test_the_partition_tags_land_in_their_slots_on_the_real_cluster(
