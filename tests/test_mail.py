@@ -226,6 +226,51 @@ async def test_orders_of_many_partitions_are_mailed_once_each_with_their_own_key
     assert not await is_sent(mail_redis, stray)
 
 
+async def test_mails_of_several_partitions_read_together_go_as_one_chunk_on_one_session(
+    mail_redis: Redis, smtp_server: SmtpServer, mail_workers: WorkerPool
+) -> None:
+    """A read that finds mails of several partitions makes one chunk of them, sent one
+    after the other on one session even with free lanes to spare (a chunk per
+    partition cost two round trips and a lane for every mail at a steady rate): each
+    mail once, acknowledged in its own stream; the other events and a redelivery are
+    acknowledged without a mail."""
+    spread = (3, 17, 64, 100, 126)
+    orders = [await seed_order(mail_redis, partition=p) for p in spread]
+    for order in orders:
+        await add_event(mail_redis, "order.placed", order)
+        await add_event(mail_redis, "order.completed", order)
+    redelivered = await seed_order(mail_redis, partition=90)
+    await mail_redis.set(keys.mail_sent(redelivered.order_id), json.dumps({"at": 1}))
+    await add_event(mail_redis, "order.completed", redelivered)
+
+    worker = await mail_workers.start(concurrency=8)
+    await wait_until_async(lambda: all_sent(mail_redis, orders))
+    await wait_until_async(lambda: group_idle(mail_redis))
+
+    assert sorted(smtp_server.message_ids()) == sorted(o.message_id for o in orders)
+    assert [s.mails for s in smtp_server.sessions] == [len(orders)]
+    assert (worker.stats["ignored"], worker.stats["duplicates"]) == (len(orders), 1)
+
+
+def test_the_read_window_waits_only_while_mails_come_fast(mail_settings: MailSettings) -> None:
+    """A read waits for more mails only while they come at READ_WINDOW_MIN_MAILS per
+    READ_WINDOW_S or faster, and never longer than READ_WINDOW_S: a mail on an idle
+    worker, or at a trickle, is read as soon as it comes."""
+    worker = MailWorker(mail_settings, Redis.from_url(mail_settings.redis_url))
+    assert worker._read_window(now=100.0) == 0  # nothing seen yet
+    at = 100.0
+    for _ in range(20):  # one mail every 50 ms: 20/s
+        at += 0.05
+        worker._observe_read(at, 1)
+    assert worker._read_window(at) == 0
+    for _ in range(20):  # 10 mails every 10 ms: 1,000/s
+        at += 0.01
+        worker._observe_read(at, 10)
+    assert 0 < worker._read_window(at) <= mail.worker.READ_WINDOW_S
+    # The time since the last read counts: a read that comes late waits no more.
+    assert worker._read_window(at + mail.worker.READ_WINDOW_S) <= 0
+
+
 async def test_a_read_over_many_streams_takes_at_most_a_chunk_of_each(
     mail_redis: Redis, mail_settings: MailSettings
 ) -> None:
