@@ -164,6 +164,40 @@ def test_kill_9_of_a_primary_hands_its_slots_to_its_replica(
         assert replica.get(key) == "before the crash"
 
 
+def test_a_shard_lost_with_its_replica_leaves_the_other_shards_serving(
+    own_redis_cluster: LocalCluster,
+) -> None:
+    cluster = own_redis_cluster
+    view = cluster.topology()
+    victim = view.primaries()[0]
+    (heir,) = view.replicas_of(victim)
+    witness = next(p for p in view.primaries() if p.node_id != victim.node_id)
+    lost_key = key_on(view, victim.port, "lost:")
+    kept_key = key_on(view, witness.port, "kept:")
+
+    # The replica first, so that nothing takes the primary's slots over.
+    cluster.kill(heir.port)
+    cluster.kill(victim.port)
+
+    def victim_failed() -> bool:
+        reply = node_query(witness.port, "CLUSTER", "NODES")
+        return isinstance(reply, str) and any(
+            line.startswith(victim.node_id) and "fail" in line.split()[2].split(",")
+            for line in reply.splitlines()
+        )
+
+    poll(victim_failed, 60, f"{witness.address} to flag {victim.address} as failed")
+    assert (cluster_info(witness.port) or {}).get("cluster_state") == "ok"
+    with RedisCluster(host="127.0.0.1", port=witness.port, decode_responses=True) as routed:
+        # Refused for every slot under Redis's default cluster-require-full-coverage yes.
+        routed.set(kept_key, "still served")
+        assert routed.get(kept_key) == "still served"
+    with client(witness.port) as direct, pytest.raises(ResponseError) as moved:
+        # The lost shard's own slots are not taken over: they still point at the dead node.
+        direct.set(lost_key, "nowhere to go")
+    assert str(moved.value).endswith(f":{victim.port}"), moved.value
+
+
 # soak: make test starts clusters in new folders only; this restart costs 15 s.
 @pytest.mark.soak
 def test_a_restart_on_the_same_folder_rejoins_with_the_data(tmp_path: Path) -> None:

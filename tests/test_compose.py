@@ -403,6 +403,7 @@ def test_the_cluster_node_start_script_runs_a_cluster_node_with_the_password_fro
             assert settings["appendonly"] == "yes" and settings["appendfsync"] == "always"
             assert settings["min-replicas-to-write"] == "1"
             assert settings["repl-diskless-sync-delay"] == "0"  # as app/ops/redis_cluster.py
+            assert settings["cluster-require-full-coverage"] == "no"  # as the runner
             assert settings["masterauth"] == password  # its replica role authenticates too
             assert settings["cluster-preferred-endpoint-type"] == "hostname"
         with Redis(port=port) as anonymous, pytest.raises(AuthenticationError):
