@@ -136,6 +136,8 @@ def test_environment_sets_ports_instances_and_limits() -> None:
         {"NGINX_ACCESS_LOG_BUFFER": "64k flush=1h"},
         {"NGINX_ACCESS_LOG_BUFFER": "0"},
         {"NGINX_PROXY_ERROR_LOG_LEVEL": "loud"},
+        {"UPSTREAM_FILL_FIRST": "yes"},
+        {"UPSTREAM_FILL_FIRST": "1", "UPSTREAM_MAX_CONNS": "0"},  # nothing would overflow
     ],
 )
 def test_bad_environment_is_refused(env: dict[str, str]) -> None:
@@ -207,6 +209,100 @@ def test_access_log_buffering_and_proxy_error_level_pass_nginx_t(tmp_path: Path)
     for each in (NginxConfig.from_env({"NGINX_ACCESS_LOG_BUFFER": "1m"}), config):
         result = nginx_test(each, tmp_path)
         assert result.returncode == 0, result.stderr
+
+
+def _upstream(text: str, name: str) -> list[str]:
+    block = re.search(rf"upstream {name} \{{(.*?)\}}", text, re.DOTALL)
+    assert block is not None, name
+    return [
+        line.strip() for line in block.group(1).splitlines() if line.strip().startswith("server ")
+    ]
+
+
+def test_fill_first_sends_only_the_overflow_to_the_other_instances(tmp_path: Path) -> None:
+    env = {"WEB_INSTANCES": "3", "APP_BASE_PORT": "8001"}
+    spread = render(NginxConfig.from_env(env))
+    assert not [line for line in _upstream(spread, "app") if "backup" in line]
+    config = NginxConfig.from_env({**env, "UPSTREAM_FILL_FIRST": "1"})
+    text = render(config)
+    first, *others = _upstream(text, "app")
+    assert "backup" not in first and "max_conns=32" in first
+    assert len(others) == 2 and all(line.endswith(" backup;") for line in others)
+    # Probes and WebSockets keep round robin: every instance answers them.
+    assert not [line for line in _upstream(text, "app_uncapped") if "backup" in line]
+    result = nginx_test(config, tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+async def test_fill_first_serves_from_the_first_instance_until_its_cap(tmp_path: Path) -> None:
+    """Two instances behind a real nginx, each capped at one request in progress
+    (UPSTREAM_MAX_CONNS=1). Round robin spreads one-at-a-time requests over both;
+    with UPSTREAM_FILL_FIRST=1 they all go to the first, the second takes the
+    request the first has no room for, and past both caps nginx refuses."""
+    release = asyncio.Event()
+    served: list[int] = []
+    holding = [asyncio.Event(), asyncio.Event()]
+
+    def instance(index: int) -> web.Application:
+        async def order(request: web.Request) -> web.Response:
+            served.append(index)
+            if request.headers.get("X-Hold") == "1":
+                holding[index].set()
+                await release.wait()
+            return web.json_response({"ok": True}, status=201)
+
+        app = web.Application()
+        app.router.add_post("/orders", order)
+        return app
+
+    runners, upstreams = [], []
+    for index in range(2):
+        runner = web.AppRunner(instance(index))
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append(runner)
+        upstreams.append(f"127.0.0.1:{port}")
+    try:
+        async with aiohttp.ClientSession() as session:
+            for fill_first in ("0", "1"):
+                directory = tmp_path / f"fill-{fill_first}"
+                env = {"UPSTREAM_MAX_CONNS": "1", "UPSTREAM_FILL_FIRST": fill_first}
+                config = nginx_in_front_of(tuple(upstreams), directory, env)
+                nginx = NginxServer(directory=directory, config=config)
+                await asyncio.to_thread(nginx.start)
+                base = f"http://127.0.0.1:{config.http_port}"
+                try:
+                    served.clear()
+                    for _ in range(6):
+                        async with session.post(f"{base}/orders", json={}) as answer:
+                            assert answer.status == 201
+                    if fill_first == "0":
+                        assert sorted(set(served)) == [0, 1], served
+                        continue
+                    assert served == [0] * 6
+                    release.clear()
+                    first = asyncio.create_task(
+                        session.post(f"{base}/orders", json={}, headers={"X-Hold": "1"})
+                    )
+                    await asyncio.wait_for(holding[0].wait(), 30)
+                    second = asyncio.create_task(
+                        session.post(f"{base}/orders", json={}, headers={"X-Hold": "1"})
+                    )
+                    await asyncio.wait_for(holding[1].wait(), 30)  # the overflow: instance 1
+                    async with session.post(f"{base}/orders", json={}) as refused:
+                        assert refused.status == 503  # both caps taken
+                    release.set()
+                    for held in (first, second):
+                        async with await held as answer:
+                            assert answer.status == 201
+                    assert served == [0] * 7 + [1]
+                finally:
+                    release.set()
+                    await asyncio.to_thread(nginx.stop)
+    finally:
+        for runner in runners:
+            await runner.cleanup()
 
 
 def test_access_log_is_json_and_never_has_the_authorization_header() -> None:
