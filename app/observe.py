@@ -154,7 +154,7 @@ class ObservedScripts:
         return getattr(self._scripts, name)
 
     async def call(
-        self, name: str, keys: list[str], args: list[str | int], *, one_node: bool = False
+        self, name: str, keys: list[str], args: list[str | bytes | int], *, one_node: bool = False
     ) -> Any:
         """The saga's steps take answers as they are (refusals included)."""
         result = await self._scripts.call(name, keys, args, one_node=one_node)
@@ -163,7 +163,7 @@ class ObservedScripts:
         return result
 
     async def run(
-        self, name: str, keys: list[str], args: list[str | int], *, one_node: bool = False
+        self, name: str, keys: list[str], args: list[str | bytes | int], *, one_node: bool = False
     ) -> Any:
         try:
             result = await self._scripts.run(name, keys, args, one_node=one_node)
