@@ -359,9 +359,8 @@ def steady(args: argparse.Namespace, settings: dict[str, str]) -> int:
         label = f"A ({args.ab})" if side == "A" else "B (this tree)"
         print(
             f"{label}: worker CPU {medians[side]['worker']:.3f} ms/mail, redis CPU"
-            f" {medians[side]['redis']:.3f} ms/mail (medians of rounds); lag p50"
-            f" {1000 * percentile(lags, 0.5):.1f} ms, p99 {1000 * percentile(lags, 0.99):.1f} ms,"
-            f" max {1000 * max(lags, default=0):.1f} ms ({len(lags)} mails)"
+            f" {medians[side]['redis']:.3f} ms/mail (medians of rounds); {lag_text(lags)}"
+            f" ({len(lags)} mails)"
         )
     if "A" in medians:
         a, b = medians["A"], medians["B"]
@@ -376,13 +375,19 @@ def steady(args: argparse.Namespace, settings: dict[str, str]) -> int:
     return 0
 
 
+def lag_text(lags: list[float]) -> str:
+    """p50, p99 and max of sorted lags (seconds), in ms."""
+    return (
+        f"lag p50 {1000 * percentile(lags, 0.5):.1f} ms, p99 {1000 * percentile(lags, 0.99):.1f}"
+        f" ms, max {1000 * max(lags, default=0):.1f} ms"
+    )
+
+
 def summary_line(result: dict[str, Any]) -> str:
-    lags = sorted(result["lags"])
     return (
         f"{result['orders_per_s']:,.0f} orders/s, {result['mails']} mails"
         f" ({result['unsent']} unsent), worker {result['worker_ms_per_mail']:.3f} ms/mail,"
-        f" redis {result['redis_ms_per_mail']:.3f} ms/mail, lag p50"
-        f" {1000 * percentile(lags, 0.5):.1f} ms p99 {1000 * percentile(lags, 0.99):.1f} ms,"
+        f" redis {result['redis_ms_per_mail']:.3f} ms/mail, {lag_text(sorted(result['lags']))},"
         f" duplicates {result['duplicates']}, dead {result['dead']}"
     )
 
