@@ -292,13 +292,21 @@ def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROC_ENV) or None
 
 
-def exposition(accept: str | None) -> tuple[bytes, str]:
+async def scrape(accept: str | None) -> tuple[bytes, str]:
     """The text to answer a scrape with, and its content type.
 
-    In multiprocess mode a fresh registry reads every worker's files (the
-    prometheus-client way: nothing registers into it by accident).
+    This worker's pending updates are written first, on the loop's thread (the
+    batch is the loop's alone: a flush in another thread could race a turn's and
+    lose a mark); reading every worker's files is blocking I/O, so it runs in
+    the default executor.
     """
     flush()
+    return await asyncio.get_running_loop().run_in_executor(None, _exposition, accept)
+
+
+def _exposition(accept: str | None) -> tuple[bytes, str]:
+    # In multiprocess mode a fresh registry reads every worker's files (the
+    # prometheus-client way: nothing registers into it by accident).
     if multiprocess_dir() is not None:
         registry = CollectorRegistry()
         MultiProcessCollector(registry)

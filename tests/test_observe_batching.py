@@ -108,7 +108,7 @@ def test_a_scrape_writes_the_pending_updates_first() -> None:
 
         async def request_then_scrape() -> bytes:
             counter.inc()  # pending until the end of this turn
-            text, _ = metrics.exposition(None)
+            text, _ = await metrics.scrape(None)
             return text
 
         text = loop.run_until_complete(request_then_scrape())

@@ -20,8 +20,6 @@ scrapes each instance's port instead (app/admin/prometheus.yml).
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 
 from app import metrics
@@ -32,11 +30,7 @@ from app.observe import client_address, is_loopback
 async def get_metrics(request: web.Request) -> web.Response:
     if not is_loopback(client_address(request)):
         await require_admin(request)
-    loop = asyncio.get_running_loop()
-    # Reading every worker's files is blocking I/O: off the event loop.
-    body, content_type = await loop.run_in_executor(
-        None, metrics.exposition, request.headers.get("Accept")
-    )
+    body, content_type = await metrics.scrape(request.headers.get("Accept"))
     return web.Response(
         body=body, headers={"Content-Type": content_type, "Cache-Control": "no-store"}
     )
