@@ -137,7 +137,6 @@ def test_environment_sets_ports_instances_and_limits() -> None:
         {"NGINX_ACCESS_LOG_BUFFER": "0"},
         {"NGINX_PROXY_ERROR_LOG_LEVEL": "loud"},
         {"UPSTREAM_FILL_FIRST": "yes"},
-        {"UPSTREAM_FILL_FIRST": "1", "UPSTREAM_MAX_CONNS": "0"},  # nothing would overflow
     ],
 )
 def test_bad_environment_is_refused(env: dict[str, str]) -> None:
@@ -221,8 +220,13 @@ def _upstream(text: str, name: str) -> list[str]:
 
 def test_fill_first_sends_only_the_overflow_to_the_other_instances(tmp_path: Path) -> None:
     env = {"WEB_INSTANCES": "3", "APP_BASE_PORT": "8001"}
-    spread = render(NginxConfig.from_env(env))
-    assert not [line for line in _upstream(spread, "app") if "backup" in line]
+    for off in (
+        {"UPSTREAM_FILL_FIRST": "0"},
+        {"UPSTREAM_FILL_FIRST": "1", "UPSTREAM_MAX_CONNS": "0"},
+    ):
+        # Round robin when asked, and without a cap, where nothing would overflow.
+        spread = render(NginxConfig.from_env({**env, **off}))
+        assert not [line for line in _upstream(spread, "app") if "backup" in line], off
     config = NginxConfig.from_env({**env, "UPSTREAM_FILL_FIRST": "1"})
     text = render(config)
     first, *others = _upstream(text, "app")
