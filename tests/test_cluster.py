@@ -29,6 +29,7 @@ from app.ops.redis_cluster import (
     SLOTS,
     ClusterError,
     LocalCluster,
+    NodeInfo,
     Topology,
     client,
     cluster_info,
@@ -42,6 +43,16 @@ from loadtests.support.servers import clean_env
 from tests.cluster import new_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def a_primary_its_replica_and_another_primary(
+    view: Topology,
+) -> tuple[NodeInfo, NodeInfo, NodeInfo]:
+    """The fault tests' cast: a primary to lose, its replica, a primary that stays."""
+    victim = view.primaries()[0]
+    (heir,) = view.replicas_of(victim)
+    witness = next(p for p in view.primaries() if p.node_id != victim.node_id)
+    return victim, heir, witness
 
 
 def key_on(view: Topology, port: int, prefix: str) -> str:
@@ -103,9 +114,7 @@ def test_kill_9_of_a_primary_hands_its_slots_to_its_replica(
 ) -> None:
     cluster = own_redis_cluster
     view = cluster.topology()
-    victim = view.primaries()[0]
-    (heir,) = view.replicas_of(victim)
-    witness = next(p for p in view.primaries() if p.node_id != victim.node_id)
+    victim, heir, witness = a_primary_its_replica_and_another_primary(view)
 
     # A write acknowledged the way the design promises: applied on the primary
     # (AOF fsynced before the reply) and WAIT 1 on the same connection.
@@ -169,9 +178,7 @@ def test_a_shard_lost_with_its_replica_leaves_the_other_shards_serving(
 ) -> None:
     cluster = own_redis_cluster
     view = cluster.topology()
-    victim = view.primaries()[0]
-    (heir,) = view.replicas_of(victim)
-    witness = next(p for p in view.primaries() if p.node_id != victim.node_id)
+    victim, heir, witness = a_primary_its_replica_and_another_primary(view)
     lost_key = key_on(view, victim.port, "lost:")
     kept_key = key_on(view, witness.port, "kept:")
 
