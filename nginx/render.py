@@ -14,8 +14,8 @@ Environment (each default is its NginxConfig field's, mirrored in .env.example):
     LIMIT_CONN                open connections per client address
     UPSTREAM_MAX_FAILS, UPSTREAM_FAIL_TIMEOUT   passive health checks
     UPSTREAM_MAX_CONNS        requests in progress at one instance (0 = no cap)
-    UPSTREAM_FILL_FIRST       1: the first instance takes all until its cap, the rest the
-                              overflow; 0 (default): round robin
+    UPSTREAM_FILL_FIRST       1 (default): one instance takes all until its cap, the rest
+                              the overflow; 0: round robin
     NGINX_ACCESS_LOG_BUFFER   access lines gathered per write, flushed at least each second (off = a write per line)
     NGINX_PROXY_ERROR_LOG_LEVEL   the least severe error-log line of proxied requests
     AUDIT_READ_TIMEOUT        how long nginx waits for GET /admin/audit's answer
@@ -177,19 +177,19 @@ class NginxConfig:
     # x 1 worker: 256 -> refusals p99 4.5 s, goodput 42% of capacity; 32 ->
     # refusals p99 38 ms, goodput 96% (docs in /work/notes, overflow-control).
     max_conns: int = 32
-    # Send the capped traffic to the first instance until it has max_conns in
-    # progress, and only the overflow to the others (nginx's `backup`: a server
-    # at max_conns is skipped, then the backups are tried), instead of round
-    # robin. Below capacity the requests then stay on one worker: two workers
-    # alternating on one core find their caches cold. Measured with one stack
-    # core, 2 instances x 1 worker, open loop: app CPU per order 0.69x at 600
-    # orders/s, 0.76x at 1,200 (accepted p99 0.41x); goodput 1.06x at 2,400
-    # and 1.32x at ~3x capacity (/work/notes/hotpath.md). Without a cap
-    # (max_conns 0) nothing overflows: round robin then, whatever this says.
-    # Off by default until the test stack's heal also proves the capped
-    # upstream has taken a restarted instance back (its probes go through
-    # app_uncapped; nginx keeps failures per upstream).
-    fill_first: bool = False
+    # Send the capped traffic to one instance until it has max_conns in progress,
+    # and only the overflow to the others (nginx's `hash` on one constant key: a
+    # server at max_conns or failed is skipped and another tried, then round robin
+    # after 20 tries), instead of round robin. Below capacity the requests then stay
+    # on one worker: two workers alternating on one core find their caches cold.
+    # Measured with one stack core, 2 instances x 1 worker, open loop: app CPU per
+    # order 0.69x at 600 orders/s, 0.76x at 1,200 (accepted p99 0.41x); goodput
+    # 1.06x at 2,400 and 1.32x at ~3x capacity (docs/BENCH.md has the bench run).
+    # The first form, `backup` on every server but the first, left no instance to
+    # take orders when the first was still marked failed after a restart and the
+    # other was then killed (tests/test_stack.py's kill test); the hash has no
+    # backups. Without a cap (max_conns 0) nothing overflows: round robin then.
+    fill_first: bool = True
     # GET /admin/audit answers only once it has recounted every row: 10 s at
     # 1M orders on a quiet box, 68.5 s on a loaded one under 2,000 orders/s
     # (/work/notes/review-b.md). The 30 s of every other location would cut

@@ -220,20 +220,28 @@ def _upstream(text: str, name: str) -> list[str]:
 
 def test_fill_first_sends_only_the_overflow_to_the_other_instances(tmp_path: Path) -> None:
     env = {"WEB_INSTANCES": "3", "APP_BASE_PORT": "8001"}
+
+    def balancer(text: str, name: str) -> list[str]:
+        block = re.search(rf"upstream {name} \{{(.*?)\}}", text, re.DOTALL)
+        assert block is not None, name
+        return [
+            line.strip() for line in block.group(1).splitlines() if line.strip().startswith("hash ")
+        ]
+
     for off in (
         {"UPSTREAM_FILL_FIRST": "0"},
         {"UPSTREAM_FILL_FIRST": "1", "UPSTREAM_MAX_CONNS": "0"},
     ):
         # Round robin when asked, and without a cap, where nothing would overflow.
-        spread = render(NginxConfig.from_env({**env, **off}))
-        assert not [line for line in _upstream(spread, "app") if "backup" in line], off
+        assert balancer(render(NginxConfig.from_env({**env, **off})), "app") == [], off
     config = NginxConfig.from_env({**env, "UPSTREAM_FILL_FIRST": "1"})
     text = render(config)
-    first, *others = _upstream(text, "app")
-    assert "backup" not in first and "max_conns=32" in first
-    assert len(others) == 2 and all(line.endswith(" backup;") for line in others)
+    # One key for every request: one instance until its cap, then the others.
+    assert balancer(text, "app") == ['hash "fill-first";']
+    servers = _upstream(text, "app")
+    assert len(servers) == 3 and all("max_conns=32" in line for line in servers)
     # Probes and WebSockets keep round robin: every instance answers them.
-    assert not [line for line in _upstream(text, "app_uncapped") if "backup" in line]
+    assert balancer(text, "app_uncapped") == []
     result = nginx_test(config, tmp_path)
     assert result.returncode == 0, result.stderr
 
@@ -241,8 +249,8 @@ def test_fill_first_sends_only_the_overflow_to_the_other_instances(tmp_path: Pat
 async def test_fill_first_serves_from_the_first_instance_until_its_cap(tmp_path: Path) -> None:
     """Two instances behind a real nginx, each capped at one request in progress
     (UPSTREAM_MAX_CONNS=1). Round robin spreads one-at-a-time requests over both;
-    with UPSTREAM_FILL_FIRST=1 they all go to the first, the second takes the
-    request the first has no room for, and past both caps nginx refuses."""
+    with UPSTREAM_FILL_FIRST=1 they all go to one, the other takes the request the
+    first has no room for, and past both caps nginx refuses."""
     release = asyncio.Event()
     served: list[int] = []
     holding = [asyncio.Event(), asyncio.Event()]
@@ -284,23 +292,26 @@ async def test_fill_first_serves_from_the_first_instance_until_its_cap(tmp_path:
                     if fill_first == "0":
                         assert sorted(set(served)) == [0, 1], served
                         continue
-                    assert served == [0] * 6
+                    # One instance takes them all: the one the constant key hashes to.
+                    (filled,) = set(served)
+                    other = 1 - filled
+                    assert served == [filled] * 6
                     release.clear()
                     first = asyncio.create_task(
                         session.post(f"{base}/orders", json={}, headers={"X-Hold": "1"})
                     )
-                    await asyncio.wait_for(holding[0].wait(), 30)
+                    await asyncio.wait_for(holding[filled].wait(), 30)
                     second = asyncio.create_task(
                         session.post(f"{base}/orders", json={}, headers={"X-Hold": "1"})
                     )
-                    await asyncio.wait_for(holding[1].wait(), 30)  # the overflow: instance 1
+                    await asyncio.wait_for(holding[other].wait(), 30)  # the overflow
                     async with session.post(f"{base}/orders", json={}) as refused:
                         assert refused.status == 503  # both caps taken
                     release.set()
                     for held in (first, second):
                         async with await held as answer:
                             assert answer.status == 201
-                    assert served == [0] * 7 + [1]
+                    assert served == [filled] * 7 + [other]
                 finally:
                     release.set()
                     await asyncio.to_thread(nginx.stop)
