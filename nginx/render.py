@@ -14,8 +14,8 @@ Environment (each default is its NginxConfig field's, mirrored in .env.example):
     LIMIT_CONN                open connections per client address
     UPSTREAM_MAX_FAILS, UPSTREAM_FAIL_TIMEOUT   passive health checks
     UPSTREAM_MAX_CONNS        requests in progress at one instance (0 = no cap)
-    UPSTREAM_FILL_FIRST       1 (default): one instance takes all until its cap, the rest
-                              the overflow; 0: round robin
+    UPSTREAM_FILL_FIRST       1: one instance takes all until its cap, the rest the
+                              overflow; 0 (default): round robin
     NGINX_ACCESS_LOG_BUFFER   access lines gathered per write, flushed at least each second (off = a write per line)
     NGINX_PROXY_ERROR_LOG_LEVEL   the least severe error-log line of proxied requests
     AUDIT_READ_TIMEOUT        how long nginx waits for GET /admin/audit's answer
@@ -189,7 +189,11 @@ class NginxConfig:
     # take orders when the first was still marked failed after a restart and the
     # other was then killed (tests/test_stack.py's kill test); the hash has no
     # backups. Without a cap (max_conns 0) nothing overflows: round robin then.
-    fill_first: bool = True
+    # Off by default: in a whole make bench run with it on (2026-12-02 05:44) the
+    # half-load p99 fell from 42 to 18.5 ms and 3x goodput rose 73% -> 77%, but
+    # the 10x accepted p99 rose 112 -> 139 ms and refused p99 12 -> 22 ms; issue
+    # 12's ratio targets then failed where round robin met them.
+    fill_first: bool = False
     # GET /admin/audit answers only once it has recounted every row: 10 s at
     # 1M orders on a quiet box, 68.5 s on a loaded one under 2,000 orders/s
     # (/work/notes/review-b.md). The 30 s of every other location would cut
