@@ -132,7 +132,7 @@ class Settings:
     # Below it, each request the worker refuses frees a slot nginx refills at
     # once: with the CPU saturated (latency up, limit down) the worker spent its
     # CPU refusing (37,000 refusals, 3x goodput 206/s in one run; 0 and
-    # 1,314/s with 40, /work/notes overflow3). Directly reached workers (no
+    # 1,314/s with 40, an A/B in one make bench run). Directly reached workers (no
     # nginx) want a lower floor (tests set 4).
     overload_min_limit: int = 40
     # The limit shrinks when the p90 latency of a window exceeds this many times

@@ -15,7 +15,7 @@ top frames by own and inclusive time are printed.
 
 What ``make bench``'s mail section (loadtests/bench_mail_lag.py) cannot tell
 apart, because the workers share the stack's CPU there: the worker's own cost.
-Run it under the bench lock (``flock /work/notes/bench.lock ...``).
+Run it on a quiet machine: it measures CPU per mail.
 
 Steady mode: the cost when mails trickle in rather than wait in a backlog.
 

@@ -175,7 +175,7 @@ class NginxConfig:
     # usefully: every request beyond that only waits in its socket, and is
     # refused (or served) seconds late. Measured at 3x capacity, 2 instances
     # x 1 worker: 256 -> refusals p99 4.5 s, goodput 42% of capacity; 32 ->
-    # refusals p99 38 ms, goodput 96% (docs in /work/notes, overflow-control).
+    # refusals p99 38 ms, goodput 96% (one run's A/B, 2026-11-30).
     max_conns: int = 32
     # Send the capped traffic to one instance until it has max_conns in progress,
     # and only the overflow to the others (nginx's `hash` on one constant key: a
@@ -196,7 +196,7 @@ class NginxConfig:
     fill_first: bool = False
     # GET /admin/audit answers only once it has recounted every row: 10 s at
     # 1M orders on a quiet box, 68.5 s on a loaded one under 2,000 orders/s
-    # (/work/notes/review-b.md). The 30 s of every other location would cut
+    # (measured in a review run). The 30 s of every other location would cut
     # it off and retry it on the other instance (a second audit); its own
     # location waits this long and never retries.
     audit_read_timeout: str = "300s"
@@ -206,7 +206,7 @@ class NginxConfig:
     # Access lines are gathered and written together, at least once a second
     # ("off": one write per line). Per line, the write cost nginx ~1 µs of
     # the ~18 µs it spends refusing a request at 10x capacity, where it refuses
-    # 20,000 a second on the app's CPU (/work/notes, overflow3).
+    # 20,000 a second on the app's CPU (docs/BENCH.md's CPU breakdown).
     access_log_buffer: str = "64k"
     error_log: str = "stderr"
     # Proxied requests (not probes, not WebSockets) log from this level up.
