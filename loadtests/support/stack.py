@@ -284,21 +284,25 @@ class FullStack:
                 instance.start()
         # nginx may still hold an instance as failed (fail_timeout) after a fault, and
         # sends everything to the others meanwhile; a later fault on those would then
-        # find no live upstream. Wait until nginx itself has served a probe from each.
-        # One probe id for the whole wait: a buffered access log (make run's) shows
-        # the lines of earlier rounds once it flushes.
-        probe = f"heal-{uuid.uuid4().hex}"
-        wait_until(
-            lambda: self._instances_nginx_served(probe) >= {i.port for i in self.instances},
-            "nginx to serve /readyz from every instance again",
-            timeout,
-        )
+        # find no live upstream. nginx keeps failures per upstream: wait until it has
+        # served each instance through both, the probes' (/readyz, app_uncapped) and
+        # the API's (a catalogue read, app). One id per path for the whole wait: a
+        # buffered access log (make run's) shows the lines of earlier rounds once it
+        # flushes.
+        every = {i.port for i in self.instances}
+        for path in ("/readyz", "/phones?per_page=1"):
+            probe = f"heal-{uuid.uuid4().hex}"
+            wait_until(
+                lambda path=path, probe=probe: self._instances_nginx_served(probe, path) >= every,
+                f"nginx to serve {path} from every instance again",
+                timeout,
+            )
 
-    def _instances_nginx_served(self, probe: str) -> set[int]:
-        """Ports of the instances that served a probe with this id through nginx."""
+    def _instances_nginx_served(self, probe: str, path: str) -> set[int]:
+        """Ports of the instances that served a request with this id through nginx."""
         for _ in range(2 * len(self.instances)):
             request = urllib.request.Request(
-                f"{self.http_url}/readyz", headers={"X-Request-ID": probe}
+                f"{self.http_url}{path}", headers={"X-Request-ID": probe}
             )
             with contextlib.suppress(OSError):
                 urllib.request.urlopen(request, timeout=5).close()
