@@ -185,10 +185,10 @@ class NginxConfig:
     # Measured with one stack core, 2 instances x 1 worker, open loop: app CPU per
     # order 0.69x at 600 orders/s, 0.76x at 1,200 (accepted p99 0.41x); goodput
     # 1.06x at 2,400 and 1.32x at ~3x capacity (docs/BENCH.md has the bench run).
-    # The first form, `backup` on every server but the first, left no instance to
-    # take orders when the first was still marked failed after a restart and the
-    # other was then killed (tests/test_stack.py's kill test); the hash has no
-    # backups. Without a cap (max_conns 0) nothing overflows: round robin then.
+    # A hash has no `backup` servers, which the first form used: with backups the
+    # second instance takes nothing while the first is up, and a backup counts
+    # failures of its own. Without a cap (max_conns 0) nothing overflows: round
+    # robin then.
     # Off by default: in a whole make bench run with it on (2026-12-02 05:44) the
     # half-load p99 fell from 42 to 18.5 ms and 3x goodput rose 73% -> 77%, but
     # the 10x accepted p99 rose 112 -> 139 ms and refused p99 12 -> 22 ms; issue
