@@ -45,11 +45,11 @@ from app.orders.service import (
     older_buckets,
     order_from_fields,
 )
-from app.partitions import new_id, partition_of
+from app.partitions import partition_of
 from app.problems import ProblemError, retry_later
 from app.redis_gateway import NotOnOneNode, RedisGateway
 from app.scripts import ScriptResult, Scripts, problem_from_script
-from app.vocabulary import COMPLETED, OPEN, decode_items, encode_items
+from app.vocabulary import COMPLETED, OPEN, decode_items, encode_items, new_order_id
 
 log = logging.getLogger("app.orders.saga")
 
@@ -144,8 +144,8 @@ async def place_order(
     """``always_split`` (test-only, SAGA_ALWAYS_SPLIT; and the cost runs): the split
     saga even where one node serves every partition, so its steps and crash points can
     be reached on one redis-server."""
-    order_partition = partition_of(customer_id)
-    order_id = new_id(order_partition)
+    order_id = new_order_id(customer_id)
+    order_partition = partition_of(order_id)
     if not always_split:
         with contextlib.suppress(NotOnOneNode):
             return await service.place_order(
