@@ -378,6 +378,44 @@ def goodput_bound(over: dict[str, Any]) -> list[str]:
     ]
 
 
+def goodput_at_3x_needs(results: dict[str, Any]) -> list[str]:
+    """What 90% of the capacity at 3x would take, from this run's CPU figures: nginx's cost
+    per refusal (its CPU at 3x less, for each order served, what nginx spent per order
+    under wrk) and an order's whole-stack cost under wrk, where the capacity comes from."""
+    rows = {row["phase"]: row for row in results["overload"]["levels"]}
+    three, wrk = rows.get("3x"), results["orders"].get("cpu_us")
+    if not three or "cpu" not in three or not wrk or not three["planned_rps"]:
+        return []
+    rate = three["answered"] / (three["planned"] / three["planned_rps"])
+    served = three["goodput_rps"]
+    refused = rate - served
+    capacity = results["overload"]["capacity_rps"]
+    target = TARGETS["goodput_share_at_3x"] * capacity
+    if refused <= 0 or served <= 0 or rate <= target:
+        return []
+    share = three["cpu"]["stack_share"]
+    order_us = sum(wrk.values())
+    refusing = max(0.0, three["cpu"]["nginx_us"] * rate - served * wrk["nginx"]) / 1e6
+    refusal_us = refusing / refused * 1e6
+    best = (share - refusing) / order_us * 1e6
+    served_us = (share - refusing) / served * 1e6
+    budget_us = (share - target * order_us / 1e6) / (rate - target) * 1e6
+    return [
+        f"- **Goodput at 3x.** {refused:,.0f} refusals/s cost nginx about {refusal_us:.1f} µs "
+        f"each (its CPU at 3x less the {wrk['nginx']:,.0f} µs per order it spends under wrk): "
+        f"{refusing:.0%} of the stack CPU. At the {order_us:,.0f} µs of stack CPU an order "
+        f"costs under wrk (where the capacity comes from), the rest of the stack's "
+        f"{share:.0%} pays for at most {best:,.0f} orders/s = {best / capacity:.0%} of the "
+        f"capacity; measured {served:,.0f}/s, so an order served at 3x cost about "
+        f"{served_us:,.0f} µs. 90% of the capacity at 3x needs both: refusals at most "
+        + (
+            f"{budget_us:.1f} µs each, and every order no dearer than under wrk."
+            if budget_us > 0
+            else "free, and orders cheaper than under wrk: out of reach on this stack CPU."
+        )
+    ]
+
+
 def findings(results: dict[str, Any]) -> str:
     """What the figures say (computed), and the standing facts behind them."""
     a = results["hello"]["ok_rps"]
@@ -424,6 +462,7 @@ def findings(results: dict[str, Any]) -> str:
         f"everysec); orders cannot exceed that, and each order also costs app CPU on the same "
         f"stack core. 0.6 x hello = {0.6 * a:,.0f}/s; measured {orders:,.0f} orders/s = "
         f"{orders / b if b else 0:.2f} x ceiling B.",
+        *goodput_at_3x_needs(results),
         *goodput_bound(over),
         f"- **Memory per order** ({mem['bytes_per_order']:.0f} bytes on one redis-server): "
         f"the order hash is {mem['order_hash_bytes']:.0f} bytes; index shares: "

@@ -208,3 +208,25 @@ def test_the_goodput_bound_at_10x_comes_from_the_measured_cpu() -> None:
     assert "at most 2,500 orders/s = 2500% of the capacity; measured 92/s" in line
     # (0.9 - 0.9 x 100 x 300e-6) / 10,000 per s = 87.3 µs.
     assert "cost nginx about 87.3 µs." in line
+
+
+def test_what_goodput_at_3x_needs_comes_from_the_measured_cpu() -> None:
+    """3x: 300 answered in 1 s, 60 served, 240 refused; nginx 20 µs per request = 6,000 µs,
+    of which 60 orders x 40 µs (wrk's nginx per order) = 2,400 are the orders': 3,600 µs
+    over 240 refusals = 15 µs each, 0.36% of the CPU. An order costs 330 µs under wrk, so
+    the 90% - 0.36% left pays for 2,716 orders/s; 90 orders/s (90% of 100) need the
+    refusals to cost at most (0.9 - 90 x 330e-6) / 210 = 4,144 µs each."""
+    levels = healthy_levels()
+    cpu = {"stack_share": 0.9, "softirq_share": 0.05, "others_share": 0.0}
+    levels[2] = {**levels[2], "planned": 300, "answered": 300, "goodput_rps": 60.0}
+    levels[2]["cpu"] = {**cpu, "nginx_us": 20.0, "app_us": 70.0, "redis_us": 25.0}
+    figures = results(levels)
+    figures["orders"]["cpu_us"] = {"nginx": 40.0, "app": 200.0, "redis": 90.0}
+    text = render(figures)
+    line = next(line for line in text.splitlines() if line.startswith("- **Goodput at 3x.**"))
+    assert "240 refusals/s cost nginx about 15.0 µs each" in line
+    assert "At the 330 µs of stack CPU an order costs under wrk" in line
+    assert "pays for at most 2,716 orders/s = 2716% of the capacity; measured 60/s" in line
+    assert "refusals at most 4144.3 µs each" in line
+    figures["orders"]["cpu_us"] = {"nginx": 40.0, "app": 9_000.0, "redis": 1_000.0}
+    assert "out of reach on this stack CPU" in render(figures)
