@@ -20,8 +20,8 @@ partition, so a key is built from the id alone:
 Names are short because every byte is paid per order (docs/data-tier.md,
 section 10): ``c`` customer, ``k`` token, ``ce`` emails, ``cs``/``cq``
 customers index and clock, ``p`` phone, ``ps``/``pq`` phones index and clock,
-``o`` order, ``oa``/``os``/``oq`` all orders, orders by status and their
-clock, ``co`` a customer's orders, ``i`` Idempotency-Key record, ``lg``
+``o`` order, ``os``/``oq`` orders by status and their clock, ``co`` a
+customer's orders by status, ``i`` Idempotency-Key record, ``lg``
 ledger, ``e`` events, ``ms``/``ma``/``mr``/``md`` the confirmation mail's sent
 marker, attempt counter, retry queue and dead letters. Still global:
 ``mail:worker:<name>:alive`` (one key, no script) and ``layout``.
@@ -52,8 +52,10 @@ all partitions merge by (app/paging.py); a tie across partitions is broken by
 the partition number.
 
 Sorted sets scored by seq: ``cs{P}`` the customers, ``ps{Q}`` the phones,
-``oa{P}`` all orders, ``os{P}<status>`` orders by status,
-``co{P}<customer id>`` and ``co{P}<customer id>:<status>`` one customer's.
+``os{P}<status>`` the partition's orders by status, ``co{P}<customer id>:<status>``
+one customer's. Every order is in exactly one status, so there is no index of
+all orders (layout 5): a list of all orders merges the status indexes
+(app/paging.py), which saves an entry per order in each of the two.
 
 Hash ``lg{P}``: the running totals of partition P, moved by the same script
 and in the same step as the rows they sum (app/admin/audit.py checks them
@@ -87,7 +89,8 @@ from app.partitions import PARTITION_TAGS, partition_of
 # The version of the key layout above; app/layout.py refuses data of another.
 # 3: the events stream and the mail keys per partition (2 had them global).
 # 4: Idempotency-Key records as fields of per-partition time buckets (3 had a hash per key).
-LAYOUT_VERSION = 4
+# 5: no all-orders indexes (4 had oa{P} and co{P}<customer id> beside the status ones).
+LAYOUT_VERSION = 5
 LAYOUT = "layout"
 # Keys only the previous layout (one global index per kind, one ledger) had:
 # finding one without LAYOUT means data from before the partitions.
@@ -145,20 +148,12 @@ def order(order_id: str) -> str:
     return f"o{_tag_of(order_id)}{order_id}"
 
 
-def orders(partition: int) -> str:
-    return f"oa{_tag(partition)}"
-
-
 def orders_by_status(partition: int, status: str) -> str:
     return f"os{_tag(partition)}{status}"
 
 
 def orders_seq(partition: int) -> str:
     return f"oq{_tag(partition)}"
-
-
-def customer_orders(customer_id: str) -> str:
-    return f"co{_tag_of(customer_id)}{customer_id}"
 
 
 def customer_orders_by_status(customer_id: str, status: str) -> str:

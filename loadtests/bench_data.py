@@ -141,7 +141,6 @@ def bulk_load(
     for partition in range(PARTITIONS):
         chunk.append(clock.fill(keys.phones_seq(partition), str(base_seq + phones)))
     own = partition_of(customer_id)
-    customer_orders = keys.customer_orders(customer_id)
     customer_completed = keys.customer_orders_by_status(customer_id, COMPLETED)
     order_hash = ProtocolCommand(
         "HSET",
@@ -163,12 +162,7 @@ def bulk_load(
     )
     order_indexes = [
         ProtocolCommand("ZADD", index, None, None)
-        for index in (
-            keys.orders(own),
-            keys.orders_by_status(own, COMPLETED),
-            customer_orders,
-            customer_completed,
-        )
+        for index in (keys.orders_by_status(own, COMPLETED), customer_completed)
     ]
     for i in range(start, orders):
         oid = _bulk_id(own, 2, i)

@@ -48,7 +48,7 @@ from app.customers.service import create_customer_keys
 from app.ops.redis_cluster import LocalCluster, Topology, client, free_ports, poll
 from app.orders.idempotency import record_place
 from app.orders.service import place_order_keys
-from app.partitions import PARTITIONS, partition_of, slot
+from app.partitions import PARTITION_TAGS, PARTITIONS, partition_of, slot
 from app.phones.service import create_phone_keys
 from app.scripts import load_source
 from app.vocabulary import COMPLETED, encode_items
@@ -182,7 +182,7 @@ def run_ceiling(
         placed = 0
         for port in ports:
             with client(port) as node:
-                placed += node.zcard(keys.orders(partitions[port]))
+                placed += node.zcard(keys.orders_by_status(partitions[port], COMPLETED))
         primary_cpu = sum(cpu_after[p] - cpu_before[p] for p in ports)
         replica_cpu = sum(cpu_after[p] - cpu_before[p] for p in all_ports if p not in ports)
         generator_cpu = (children_after.ru_utime + children_after.ru_stime) - (
@@ -291,9 +291,10 @@ def _fill_today(node: Any, n_orders: int, customers: int) -> None:
                 "request_id": secrets.token_hex(16),
             },
         )
-        pipe.zadd(keys.orders(partition_of(order_id)), {order_id: n})
+        # Layout 4's all-orders indexes beside the status ones; app/keys.py names them no more.
+        pipe.zadd(f"oa{{{PARTITION_TAGS[partition_of(order_id)]}}}", {order_id: n})
         pipe.zadd(keys.orders_by_status(partition_of(order_id), COMPLETED), {order_id: n})
-        pipe.zadd(keys.customer_orders(customer_id), {order_id: n})
+        pipe.zadd(f"co{{{PARTITION_TAGS[partition_of(customer_id)]}}}{customer_id}", {order_id: n})
         pipe.zadd(keys.customer_orders_by_status(customer_id, COMPLETED), {order_id: n})
         if n % 1000 == 999:
             pipe.execute()

@@ -11,9 +11,9 @@ the orders, then all of them), so a per-order figure that is flat shows the
 extrapolation to larger counts holds:
 
 - ``order_hash_bytes``: MEMORY USAGE (SAMPLES 0: exact) of 2,000 order hashes;
-- ``index_share_bytes``: every partition's all-orders and status zsets, summed and
-  divided by the orders; the customers' two zsets, over 2,000 customers, divided by
-  their orders;
+- ``index_share_bytes``: every partition's status zsets, summed and divided by the
+  orders; the customers' status zsets, over 2,000 customers, divided by their orders
+  (layout 5 has no all-orders indexes: app/keys.py);
 - ``bytes_per_order``: the hash plus those shares (issue 17's measure);
 - ``used_memory_per_order``: the servers' ``used_memory`` growth over the orders, less
   the Idempotency-Key buckets and the event streams: what MEMORY USAGE does not see
@@ -52,7 +52,7 @@ from app.orders.service import idempotency_request, place_order_keys
 from app.partitions import PARTITIONS, new_id, partition_for_email, partition_of, slot
 from app.phones.service import create_phone_keys
 from app.scripts import load_source
-from app.vocabulary import COMPLETED, new_order_id
+from app.vocabulary import COMPLETED, ORDER_STATUSES, new_order_id
 from loadtests.datatier import standalone
 
 ORDERS_PER_CUSTOMER = 5
@@ -197,18 +197,19 @@ def measure(
 ) -> dict[str, Any]:
     hashes = [tier.memory_usage(partition_of(o), keys.order(o)) for o in sampled]
     partition_indexes = sum(
-        tier.memory_usage(p, keys.orders(p)) + tier.memory_usage(p, keys.orders_by_status(p, s))
+        tier.memory_usage(p, keys.orders_by_status(p, s))
         for p in range(PARTITIONS)
-        for s in (COMPLETED,)
+        for s in ORDER_STATUSES
     )
     with_orders = customers[: -(-orders // ORDERS_PER_CUSTOMER)]
     chosen = random.Random(17).sample(with_orders, min(SAMPLE, len(with_orders)))
     customer_bytes = customer_orders = 0
     for c in chosen:
         p = partition_of(c)
-        customer_bytes += tier.memory_usage(p, keys.customer_orders(c))
-        customer_bytes += tier.memory_usage(p, keys.customer_orders_by_status(c, COMPLETED))
-        customer_orders += int(tier.clients[tier.node_of[p]].zcard(keys.customer_orders(c)))
+        for s in ORDER_STATUSES:
+            index = keys.customer_orders_by_status(c, s)
+            customer_bytes += tier.memory_usage(p, index)
+            customer_orders += int(tier.clients[tier.node_of[p]].zcard(index))
     buckets = records = 0
     for client in tier.clients.values():
         for key in client.scan_iter(match=keys.IDEMPOTENCY_MATCH, count=1000):
@@ -217,8 +218,8 @@ def measure(
     streams = sum(tier.memory_usage(p, keys.events(p)) for p in range(PARTITIONS))
     order_hash = sum(hashes) / len(hashes)
     shares = {
-        "all orders + status zsets of the partitions": partition_indexes / orders,
-        "a customer's two zsets": customer_bytes / customer_orders,
+        "status zsets of the partitions": partition_indexes / orders,
+        "a customer's status zsets": customer_bytes / customer_orders,
     }
     grown = tier.used_memory() - base
     return {

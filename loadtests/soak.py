@@ -42,7 +42,7 @@ from app import keys
 from app.env import SettingsError, env_float, env_int
 from app.ops.instances import mail_sink_argv
 from app.partitions import PARTITIONS
-from app.vocabulary import COMPLETED
+from app.vocabulary import COMPLETED, ORDER_STATUSES
 from loadtests.stack import ROOT, LoadStack, launch
 from loadtests.support.servers import clean_env, stop_process, wait_for_port
 
@@ -358,7 +358,8 @@ async def _traffic_and_books(
         sent, dead, pending = await settle_mail(redis, completed)
         async with redis.pipeline(transaction=False) as pipe:
             for p in range(PARTITIONS):
-                pipe.zcard(keys.orders(p))
+                for status in ORDER_STATUSES:
+                    pipe.zcard(keys.orders_by_status(p, status))
             stored = sum(await pipe.execute())
     finally:
         await redis.aclose()

@@ -23,6 +23,7 @@ from app import keys, metrics
 from app.ops.poll import wait_until_async
 from app.ops.redis_cluster import LocalCluster
 from app.partitions import PARTITIONS
+from app.vocabulary import ORDER_STATUSES
 from loadtests.support.servers import free_port
 from nginx.render import NginxConfig
 
@@ -138,11 +139,23 @@ class Shop:
 
 
 async def orders_stored(redis: Redis) -> int:
-    """Orders in every partition's index of all orders."""
+    """Orders in every partition's status indexes (each order is in exactly one)."""
     async with redis.pipeline(transaction=False) as pipe:
         for p in range(PARTITIONS):
-            pipe.zcard(keys.orders(p))
+            for status in ORDER_STATUSES:
+                pipe.zcard(keys.orders_by_status(p, status))
         return sum(await pipe.execute())
+
+
+async def customer_order_ids(redis: Redis, customer_id: str) -> list[str]:
+    """A customer's order ids as its status indexes hold them, newest first (on a
+    client with or without decode_responses)."""
+    scored: list[tuple[float, str]] = []
+    for status in ORDER_STATUSES:
+        index = keys.customer_orders_by_status(customer_id, status)
+        for member, score in await redis.zrange(index, 0, -1, withscores=True):
+            scored.append((score, member if isinstance(member, str) else member.decode()))
+    return [member for _, member in sorted(scored, reverse=True)]
 
 
 async def all_events(redis: Redis) -> list[tuple[Any, dict[Any, Any]]]:

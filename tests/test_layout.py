@@ -91,6 +91,41 @@ async def test_another_layout_version_is_refused(redis: Redis) -> None:
         client.close()
 
 
+@pytest.mark.parametrize("version", range(2, keys.LAYOUT_VERSION))
+async def test_every_earlier_layout_version_is_refused_saying_what_to_do(
+    redis: Redis, version: int
+) -> None:
+    """Layout 4 had indexes of all orders (oa, co without a status) that layout 5 no
+    longer writes or reads: its lists would miss nothing, but its memory would never
+    come back and the data would be of two layouts. No migration: a fresh directory."""
+    await redis.set(keys.LAYOUT, version)
+    await redis.zadd("oa{A}", {"AAAAAAAAAAAAAAAAAAAAAA": 1})  # as layout 4 indexed all orders
+    before = {key: await redis.dump(key) for key in await redis.keys("*")}
+    client = _sync(redis)
+    try:
+        with pytest.raises(LayoutError) as refused:
+            check_layout(client)
+    finally:
+        client.close()
+    message = str(refused.value)
+    assert f"'layout' is b'{version}'" in message
+    assert f"layout {keys.LAYOUT_VERSION}" in message and "fresh data directory" in message
+    assert "mv var/redis var/redis.old-layout" in message
+    assert {key: await redis.dump(key) for key in await redis.keys("*")} == before
+
+
+async def test_make_runs_web_launcher_refuses_the_previous_layout(redis: Redis) -> None:
+    """What `make run` shows on a var/redis of the previous layout version."""
+    previous = keys.LAYOUT_VERSION - 1
+    await redis.set(keys.LAYOUT, previous)
+    result = await asyncio.to_thread(_launch, redis)
+    assert result.returncode == 2, result.stderr
+    assert "not starting" in result.stderr
+    assert f"'layout' is b'{previous}'" in result.stderr and "mv var/redis" in result.stderr
+    assert "instances on" not in result.stderr
+    assert await redis.get(keys.LAYOUT) == str(previous).encode()
+
+
 async def test_make_runs_web_launcher_refuses_an_old_data_directory(redis: Redis) -> None:
     """What `make run` shows on an old var/redis: the launcher stops with status 2
     before any instance starts (honcho then stops the stack), saying what to do."""

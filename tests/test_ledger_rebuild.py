@@ -16,6 +16,7 @@ from app import keys
 from app.admin.audit import BATCH, LEDGER_FIELDS
 from app.admin.ledger_rebuild import LedgerRebuildError, recount_ledger, write_ledger
 from app.partitions import PARTITIONS
+from app.vocabulary import OPEN
 from tests.helpers import ADMIN, Shop, settled
 
 
@@ -177,7 +178,7 @@ async def test_the_rebuild_writes_nothing_when_a_script_ran_during_its_recount(
 async def test_rows_the_ledger_cannot_sum_stop_the_rebuild(shop: Shop, redis: Redis) -> None:
     await _fill(shop, redis)
     await _delete_ledgers(redis)
-    await redis.zadd(keys.orders(0), {"no-such-order": 10**9})
+    await redis.zadd(keys.orders_by_status(0, OPEN), {"no-such-order": 10**9})
     before = {key: await redis.dump(key) for key in await redis.keys("*")}
     result = await asyncio.to_thread(_run_rebuild, redis)
     assert result.returncode == 1

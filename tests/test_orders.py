@@ -273,7 +273,10 @@ async def test_audit_reports_an_index_entry_without_its_order(shop: Shop, redis:
     audit = await shop.audit()
     assert audit["ok"] is False
     assert audit["dangling_index_entries"] == [
-        {"index": keys.orders(partition_of(order["id"])), "id": order["id"]}
+        {
+            "index": keys.orders_by_status(partition_of(order["id"]), order["status"]),
+            "id": order["id"],
+        }
     ]
 
 

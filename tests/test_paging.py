@@ -20,6 +20,7 @@ from app.phones.page_cache import CataloguePages
 from app.query import Page
 from app.redis_gateway import ClientTransport, RedisGateway, gateway_over
 from app.scripts import Scripts
+from app.vocabulary import ORDER_STATUSES
 
 INDEXES = [keys.phones(p) for p in range(PARTITIONS)]
 
@@ -116,6 +117,38 @@ async def test_a_page_costs_the_same_with_50_times_the_rows(redis: Redis, offset
     assert abs(commands_large - commands_small) <= PARTITIONS + 16
     if offset == 0:
         assert trips_small <= 3 and commands_small <= 2 * PARTITIONS + 16
+
+
+async def test_a_customers_status_indexes_merge_into_its_whole_list(redis: Redis) -> None:
+    """A customer's orders without a status filter (layout 5 keeps no index of all of
+    them): its status indexes, one partition, scores unique across them, merged near the
+    head and by bisection deeper, page cost the same for 1,500 orders and for 15,000."""
+    customer = new_id(5)
+    indexes = [keys.customer_orders_by_status(customer, s) for s in ORDER_STATUSES]
+    costs = []
+    for rows in (1_500, 15_000):
+        await redis.flushall()
+        rng = random.Random(rows)
+        # Unique scores over a day, as one partition's clock gives them.
+        scores = rng.sample(range(1_700_000_000_000_000, 1_700_086_400_000_000), rows)
+        stored = []
+        async with redis.pipeline(transaction=False) as pipe:
+            for score in scores:
+                member = new_id(5).encode()
+                # Most orders completed, some open or cancelled, as a shop's are.
+                index = rng.choices(range(len(indexes)), weights=(1, 8, 1))[0]
+                pipe.zadd(indexes[index], {member: score})
+                stored.append((score, index, member))
+            await pipe.execute()
+        expected = [member for _, _, member in sorted(stored, reverse=True)]
+        transport = CountingTransport(redis)
+        gateway = RedisGateway(transport)
+        for offset in (0, 7, HEAD_LIMIT - 10, HEAD_LIMIT + 3, rows // 2, rows - 10, rows - 1):
+            total, members = await merged_page(gateway, indexes, offset, 10, newest_first=True)
+            assert total == rows and members == expected[offset : offset + 10], offset
+        costs.append(transport.round_trips)
+    # The bisection's probes follow the span of the scores (a day here), not the rows.
+    assert abs(costs[0] - costs[1]) <= 7
 
 
 async def test_a_remembered_catalogue_page_is_one_round_trip(redis: Redis) -> None:

@@ -24,7 +24,7 @@ from app.ops.poll import wait_until_async
 from app.partitions import partition_of
 from loadtests.support.servers import RedisServer, clean_env, free_port
 from loadtests.support.stack import AppInstance
-from tests.helpers import ADMIN, ADMIN_TOKEN
+from tests.helpers import ADMIN, ADMIN_TOKEN, customer_order_ids
 
 # Short, so that the settler's bound (TTL + its 1 s tick + a dead holder's 5 s lease) is
 # seconds; the polls below wait far longer than that before failing. Not shorter: a
@@ -156,7 +156,7 @@ async def test_killed_after_reserving_the_stock_comes_back_and_nothing_is_debite
         # The fence made the order impossible before the stock came back.
         markers = await redis.hgetall(keys.aborts(partition_of(customer["id"])))
         assert "swept" in markers.values()
-        assert await redis.zcard(keys.customer_orders(customer["id"])) == 0
+        assert await customer_order_ids(redis, customer["id"]) == []
     finally:
         dying.kill()
 
@@ -180,7 +180,7 @@ async def test_killed_after_the_commit_the_order_stands_and_a_retry_replays_it(
             assert response.status == 201
             assert response.headers["Idempotent-Replayed"] == "true"
             replayed = (await response.json())["order"]
-        assert await redis.zrange(keys.customer_orders(customer["id"]), 0, -1) == [replayed["id"]]
+        assert await customer_order_ids(redis, customer["id"]) == [replayed["id"]]
         # The retry's own reservation was released; the units were sold once, debited once.
         assert await _at_rest(redis, phone["id"]) == {"stock": 3, "sold": 2, "added": 5}
         assert await _balance(redis, customer["id"]) == 1000 - 200

@@ -14,9 +14,11 @@ sums, so every step reads keys of one partition (one slot on Redis Cluster):
 2. Every phone, customer and order that existed then is recounted from its
    row, BATCH at a time, partition by partition: one ZRANGE BYSCORE page of
    an index, then one read-only script reading that page's rows (no MULTI,
-   no WATCH). Checks on a single row (no negative stock or balance, an
-   order's total is the sum of its lines, no index entry without its row)
-   hold at every moment too.
+   no WATCH). Orders are walked through their status indexes, final statuses
+   first (there is no index of all orders): under writes an order whose
+   status changes meanwhile may be missed, never counted twice. Checks on a
+   single row (no negative stock or balance, an order's total is the sum of
+   its lines, no index entry without its row) hold at every moment too.
 3. The ledgers are read again. When no script wrote in between (the sum of
    their ``changes`` counts did not move; each only grows), every partition
    was still at the state of its first read when its rows were recounted, and
@@ -141,8 +143,20 @@ class Start:
         return dict(_sum(self.ledgers.values()))
 
 
-def _indexes(partition: int) -> tuple[str, str, str]:
-    return keys.phones(partition), keys.customers(partition), keys.orders(partition)
+# The order statuses in the order the recount walks their indexes: the final ones first.
+# An order leaves a status only from ``open`` into a final one, never back, so an order
+# that moves while its partition is walked is read at most once (it can be missed, when
+# it moves into a status already walked past it: the bounds check allows that, and at
+# rest nothing moves). There is no index of all orders (app/keys.py, layout 5).
+_WALK = (*FINAL_STATUSES, *(s for s in ORDER_STATUSES if s not in FINAL_STATUSES))
+
+
+def _order_indexes(partition: int) -> tuple[str, ...]:
+    return tuple(keys.orders_by_status(partition, status) for status in _WALK)
+
+
+def _indexes(partition: int) -> tuple[str, ...]:
+    return keys.phones(partition), keys.customers(partition), *_order_indexes(partition)
 
 
 async def _read_ledgers(
@@ -226,7 +240,7 @@ async def _recount_partition(
     redis: Redis, last: dict[str, float], partition: int, found: Recount
 ) -> None:
     totals = found.partitions[partition]
-    phones, customers, orders = _indexes(partition)
+    phones, customers = keys.phones(partition), keys.customers(partition)
     async for batch in _rows(redis, phones, last[phones], keys.phone, ["stock", "added_units"]):
         for phone_id, (stock, added) in batch:
             if stock is None:
@@ -260,35 +274,46 @@ async def _recount_partition(
                     {"customer_id": customer_id, "balance": balance, "added": added}
                 )
 
-    async for batch in _rows(
-        redis, orders, last[orders], keys.order, ["status", "items", "total_cents"]
-    ):
-        for order_id, (status, items, total) in batch:
-            if status is None:
-                found.dangling.append({"index": orders, "id": order_id})
-                continue
-            status = status.decode()
-            found.statuses[status] += 1
-            if status not in ORDER_STATUSES:
-                found.bad_rows.append({"order_id": order_id, "status": status})
-                continue
-            totals[f"orders_{status}"] += 1
-            lines_total = units = 0
-            keeps_money = status in MONEY_KEEPING_STATUSES
-            for phone_id, quantity, unit_price in decode_items(items.decode()):
-                units += quantity
-                lines_total += quantity * unit_price
-                if keeps_money:
-                    found.sold[phone_id] += quantity
-                    # The phone side of the ledger: its own partition's.
-                    found.partitions[partition_of(phone_id)]["sold_units"] += quantity
-            if lines_total != int(total):
-                found.bad_rows.append(
-                    {"order_id": order_id, "total": int(total), "lines": lines_total}
-                )
+    # One bound for every status index: the partition's newest order at the start (seqs
+    # grow within a partition), so an order that existed then is recounted whichever
+    # status index it has moved to.
+    orders = _order_indexes(partition)
+    newest = max(last[index] for index in orders)
+    for index in orders:
+        async for batch in _rows(
+            redis, index, newest, keys.order, ["status", "items", "total_cents"]
+        ):
+            _recount_orders(found, partition, index, batch)
+
+
+def _recount_orders(
+    found: Recount, partition: int, index: str, batch: list[tuple[str, list[bytes | None]]]
+) -> None:
+    totals = found.partitions[partition]
+    for order_id, (status, items, total) in batch:
+        if status is None:
+            found.dangling.append({"index": index, "id": order_id})
+            continue
+        status = status.decode()
+        found.statuses[status] += 1
+        if status not in ORDER_STATUSES:
+            found.bad_rows.append({"order_id": order_id, "status": status})
+            continue
+        totals[f"orders_{status}"] += 1
+        lines_total = units = 0
+        keeps_money = status in MONEY_KEEPING_STATUSES
+        for phone_id, quantity, unit_price in decode_items(items.decode()):
+            units += quantity
+            lines_total += quantity * unit_price
             if keeps_money:
-                totals[f"{status}_cents"] += int(total)
-                totals[f"{status}_units"] += units
+                found.sold[phone_id] += quantity
+                # The phone side of the ledger: its own partition's.
+                found.partitions[partition_of(phone_id)]["sold_units"] += quantity
+        if lines_total != int(total):
+            found.bad_rows.append({"order_id": order_id, "total": int(total), "lines": lines_total})
+        if keeps_money:
+            totals[f"{status}_cents"] += int(total)
+            totals[f"{status}_units"] += units
 
 
 def _check(name: str, holds: str, how: str, ok: bool | None, **detail: Any) -> dict[str, Any]:

@@ -19,17 +19,16 @@
 -- KEYS[2]  i{P}<bucket>                     hash, the newest Idempotency-Key bucket (a new
 --          record goes here; all of them ignored unless ARGV[6] == "1")
 -- KEYS[3]  o{P}<order_id>                    hash
--- KEYS[4]  oa{P}                             zset, the partition's orders by seq
--- KEYS[5]  os{P}<status>                     zset, the new order's status
--- KEYS[6]  co{P}<customer_id>                zset
--- KEYS[7]  co{P}<customer_id>:<status>       zset
--- KEYS[8]  oq{P}                             the partition's seq clock
--- KEYS[9]  e{P}                              the partition's events stream
--- KEYS[10] lg{P}, the customer partition's ledger   hash (balance_cents, <status>_cents and _units,
+-- KEYS[4]  os{P}<status>                     zset, the partition's orders of the new order's
+--          status by seq (no all-orders index: lists merge the statuses')
+-- KEYS[5]  co{P}<customer_id>:<status>       zset, the customer's, the same
+-- KEYS[6]  oq{P}                             the partition's seq clock
+-- KEYS[7]  e{P}                              the partition's events stream
+-- KEYS[8]  lg{P}, the customer partition's ledger   hash (balance_cents, <status>_cents and _units,
 --          orders_<status>, changes; the units' stock side moves on the phones' partitions)
--- KEYS[11] ab{P}                             hash: order id -> refusal (the abort markers)
--- KEYS[12] ad{P}                             zset: order id by when its marker may be pruned
--- KEYS[13..16] i{P}<bucket>                  the 4 older Idempotency-Key buckets, newest first
+-- KEYS[9]  ab{P}                             hash: order id -> refusal (the abort markers)
+-- KEYS[10] ad{P}                             zset: order id by when its marker may be pruned
+-- KEYS[11..14] i{P}<bucket>                  the 4 older Idempotency-Key buckets, newest first
 -- ARGV[1]  order id (minted in the customer's partition)
 -- ARGV[2]  customer id
 -- ARGV[3]  now, ms since the epoch
@@ -62,15 +61,15 @@
 -- STATUS, ORDER_EVENT, decode_items, hgetall_map, next_seq, now_ms, record_buckets,
 -- find_record, store_record, replay_reply: the prelude (app/lua_prelude.py).
 
-if #KEYS ~= 16 then
-  return redis.error_reply('commit_order: expected 16 keys, got ' .. #KEYS)
+if #KEYS ~= 14 then
+  return redis.error_reply('commit_order: expected 14 keys, got ' .. #KEYS)
 end
 local order_id = ARGV[1]
 local use_idem = ARGV[6] == '1'
 
 -- The abort marker holds "<status> <payload_json>", "swept" from the settler's fence, or
 -- "replayed" when the key's record answered instead (answered again below).
-local marker = redis.call('HGET', KEYS[11], order_id)
+local marker = redis.call('HGET', KEYS[9], order_id)
 if marker == 'swept' then
   return {503, cjson.encode({code = 'service_unavailable'}), 0}
 end
@@ -83,8 +82,8 @@ if not marker and redis.call('EXISTS', KEYS[3]) == 1 then
 end
 
 local function mark(value)
-  redis.call('HSET', KEYS[11], order_id, value)
-  redis.call('ZADD', KEYS[12], 'GT', ARGV[11], order_id)
+  redis.call('HSET', KEYS[9], order_id, value)
+  redis.call('ZADD', KEYS[10], 'GT', ARGV[11], order_id)
 end
 
 local function abort(status, encoded, replayed)
@@ -150,7 +149,7 @@ local status = STATUS.open
 if ARGV[5] == '1' then
   status = STATUS.completed
 end
-local seq = next_seq(KEYS[8])
+local seq = next_seq(KEYS[6])
 local order = {
   id = order_id,
   customer_id = ARGV[2],
@@ -165,19 +164,17 @@ redis.call('HSET', KEYS[3], 'id', order.id, 'customer_id', order.customer_id, 's
   'created_at', order.created_at)
 redis.call('ZADD', KEYS[4], seq, order_id)
 redis.call('ZADD', KEYS[5], seq, order_id)
-redis.call('ZADD', KEYS[6], seq, order_id)
-redis.call('ZADD', KEYS[7], seq, order_id)
-redis.call('HINCRBY', KEYS[10], 'balance_cents', -total)
-redis.call('HINCRBY', KEYS[10], status .. '_cents', total)
-redis.call('HINCRBY', KEYS[10], status .. '_units', units)
-redis.call('HINCRBY', KEYS[10], 'orders_' .. status, 1)
-redis.call('HINCRBY', KEYS[10], 'changes', 1)
+redis.call('HINCRBY', KEYS[8], 'balance_cents', -total)
+redis.call('HINCRBY', KEYS[8], status .. '_cents', total)
+redis.call('HINCRBY', KEYS[8], status .. '_units', units)
+redis.call('HINCRBY', KEYS[8], 'orders_' .. status, 1)
+redis.call('HINCRBY', KEYS[8], 'changes', 1)
 
-redis.call('XADD', KEYS[9], '*', 'type', ORDER_EVENT.open, 'order_id', order_id,
+redis.call('XADD', KEYS[7], '*', 'type', ORDER_EVENT.open, 'order_id', order_id,
   'customer_id', ARGV[2], 'status', STATUS.open, 'request_id', ARGV[4], 'at', ARGV[3])
 if status == STATUS.completed then
   -- The balance right after this order, for the confirmation mail.
-  redis.call('XADD', KEYS[9], '*', 'type', ORDER_EVENT.completed, 'order_id', order_id,
+  redis.call('XADD', KEYS[7], '*', 'type', ORDER_EVENT.completed, 'order_id', order_id,
     'customer_id', ARGV[2], 'status', STATUS.completed, 'request_id', ARGV[4], 'at', ARGV[3],
     'balance_cents', fmt(balance - total))
 end

@@ -12,16 +12,15 @@
 -- KEYS[2]  i{P}<bucket>                       hash, the newest Idempotency-Key bucket (a
 --          new record goes here; all of them ignored unless ARGV[6] == "1")
 -- KEYS[3]  o{P}<order_id>                      hash, must not exist
--- KEYS[4]  oa{P}                               zset, the partition's orders by seq
--- KEYS[5]  os{P}<status>                       zset, the new order's status
--- KEYS[6]  co{P}<customer_id>                  zset
--- KEYS[7]  co{P}<customer_id>:<status>         zset
--- KEYS[8]  oq{P}                               the partition's seq clock
--- KEYS[9]  e{P}                                the order partition's events stream
--- KEYS[10] lg{P}                               hash, the customer side's running totals
--- KEYS[11..10+n]  p{Q}<phone_id>, one per line, same order as the lines
--- KEYS[11+n..10+2n]  lg{Q} of each line's phone, same order (may repeat)
--- KEYS[11+2n..14+2n]  i{P}<bucket>, the 4 older Idempotency-Key buckets, newest first
+-- KEYS[4]  os{P}<status>                       zset, the partition's orders of the new
+--          order's status by seq (no all-orders index: lists merge the statuses')
+-- KEYS[5]  co{P}<customer_id>:<status>         zset, the customer's, the same
+-- KEYS[6]  oq{P}                               the partition's seq clock
+-- KEYS[7]  e{P}                                the order partition's events stream
+-- KEYS[8]  lg{P}                               hash, the customer side's running totals
+-- KEYS[9..8+n]  p{Q}<phone_id>, one per line, same order as the lines
+-- KEYS[9+n..8+2n]  lg{Q} of each line's phone, same order (may repeat)
+-- KEYS[9+2n..12+2n]  i{P}<bucket>, the 4 older Idempotency-Key buckets, newest first
 -- ARGV[1]  order id
 -- ARGV[2]  customer id
 -- ARGV[3]  now, ms since the epoch
@@ -54,8 +53,8 @@ local function fmt(n)
 end
 
 local n = (#ARGV - 8) / 2
-if #KEYS ~= 14 + 2 * n then
-  return redis.error_reply('place_order: expected ' .. (14 + 2 * n) .. ' keys, got ' .. #KEYS)
+if #KEYS ~= 12 + 2 * n then
+  return redis.error_reply('place_order: expected ' .. (12 + 2 * n) .. ' keys, got ' .. #KEYS)
 end
 
 local use_idem = ARGV[6] == '1'
@@ -92,7 +91,7 @@ local total = 0
 for i = 1, n do
   local phone_id = ARGV[7 + 2 * i]
   local quantity = tonumber(ARGV[8 + 2 * i])
-  local row = redis.call('HMGET', KEYS[10 + i], 'price_cents', 'stock')
+  local row = redis.call('HMGET', KEYS[8 + i], 'price_cents', 'stock')
   if not row[1] then
     missing[#missing + 1] = phone_id
   else
@@ -121,9 +120,9 @@ local units = 0
 for i = 1, n do
   local phone_id = ARGV[7 + 2 * i]
   local quantity = ARGV[8 + 2 * i]
-  redis.call('HINCRBY', KEYS[10 + i], 'stock', -tonumber(quantity))
+  redis.call('HINCRBY', KEYS[8 + i], 'stock', -tonumber(quantity))
   -- As the split saga's settle does: its give-back (return_stock) takes units from sold.
-  redis.call('HINCRBY', KEYS[10 + i], 'sold', quantity)
+  redis.call('HINCRBY', KEYS[8 + i], 'sold', quantity)
   units = units + tonumber(quantity)
   items[i] = encode_item(phone_id, quantity, fmt(prices[i]))
 end
@@ -133,7 +132,7 @@ local status = STATUS.open
 if ARGV[5] == '1' then
   status = STATUS.completed
 end
-local seq = next_seq(KEYS[8])
+local seq = next_seq(KEYS[6])
 local order = {
   id = ARGV[1],
   customer_id = ARGV[2],
@@ -148,17 +147,15 @@ redis.call('HSET', KEYS[3], 'id', order.id, 'customer_id', order.customer_id, 's
   'created_at', order.created_at)
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
 redis.call('ZADD', KEYS[5], seq, ARGV[1])
-redis.call('ZADD', KEYS[6], seq, ARGV[1])
-redis.call('ZADD', KEYS[7], seq, ARGV[1])
-redis.call('HINCRBY', KEYS[10], 'balance_cents', -total)
-redis.call('HINCRBY', KEYS[10], status .. '_cents', total)
-redis.call('HINCRBY', KEYS[10], status .. '_units', units)
-redis.call('HINCRBY', KEYS[10], 'orders_' .. status, 1)
-redis.call('HINCRBY', KEYS[10], 'changes', 1)
+redis.call('HINCRBY', KEYS[8], 'balance_cents', -total)
+redis.call('HINCRBY', KEYS[8], status .. '_cents', total)
+redis.call('HINCRBY', KEYS[8], status .. '_units', units)
+redis.call('HINCRBY', KEYS[8], 'orders_' .. status, 1)
+redis.call('HINCRBY', KEYS[8], 'changes', 1)
 -- The phone side: each ledger's `changes` moves once, however many lines it has.
-local moved = {[KEYS[10]] = true}
+local moved = {[KEYS[8]] = true}
 for i = 1, n do
-  local ledger = KEYS[10 + n + i]
+  local ledger = KEYS[8 + n + i]
   local quantity = tonumber(ARGV[8 + 2 * i])
   redis.call('HINCRBY', ledger, 'stock_units', -quantity)
   redis.call('HINCRBY', ledger, 'sold_units', quantity)
@@ -168,11 +165,11 @@ for i = 1, n do
   end
 end
 
-redis.call('XADD', KEYS[9], '*', 'type', ORDER_EVENT.open, 'order_id', ARGV[1],
+redis.call('XADD', KEYS[7], '*', 'type', ORDER_EVENT.open, 'order_id', ARGV[1],
   'customer_id', ARGV[2], 'status', STATUS.open, 'request_id', ARGV[4], 'at', ARGV[3])
 if status == STATUS.completed then
   -- The balance right after this order, for the confirmation mail.
-  redis.call('XADD', KEYS[9], '*', 'type', ORDER_EVENT.completed, 'order_id', ARGV[1],
+  redis.call('XADD', KEYS[7], '*', 'type', ORDER_EVENT.completed, 'order_id', ARGV[1],
     'customer_id', ARGV[2], 'status', STATUS.completed, 'request_id', ARGV[4], 'at', ARGV[3],
     'balance_cents', fmt(balance - total))
 end

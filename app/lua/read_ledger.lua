@@ -4,7 +4,7 @@
 -- (app/keys.py), so on Redis Cluster it runs on that partition's node.
 --
 -- KEYS[1]     lg{P}            hash, the partition's running totals
--- KEYS[2..]   indexes of P     zsets (the phones, customers, orders), possibly none
+-- KEYS[2..]   indexes of P     zsets (the phones, customers, orders by status), possibly none
 -- ARGV[1..m]  the ledger fields wanted
 --
 -- Returns {present, values, newest}: present 1 when the ledger exists, else 0;

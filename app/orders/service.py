@@ -25,7 +25,7 @@ from app.query import Page
 from app.redis_gateway import RedisGateway
 from app.scripts import Scripts, problem_from_script
 from app.timestamps import iso_time
-from app.vocabulary import CANCELLED, COMPLETED, OPEN, decode_items
+from app.vocabulary import CANCELLED, COMPLETED, OPEN, ORDER_STATUSES, decode_items
 
 
 def order_items(items: str) -> list[OrderItem]:
@@ -106,9 +106,7 @@ def new_order_keys(
         keys.customer(customer_id),
         newest_bucket(customer_id, record),
         keys.order(order_id),
-        keys.orders(partition),
         keys.orders_by_status(partition, status),
-        keys.customer_orders(customer_id),
         keys.customer_orders_by_status(customer_id, status),
         keys.orders_seq(partition),
         keys.events(partition),
@@ -297,22 +295,20 @@ async def cancel_on_one_node(
 async def list_orders(
     gateway: RedisGateway, page: Page, *, customer_id: str | None, status: str | None
 ) -> tuple[int, list[Order]]:
-    """Newest first. A customer's orders are one index in one partition, paged by
-    rank; all orders (the admin's) merge the partitions' indexes (app/paging.py).
-    Either way the cost does not grow with the number of orders."""
+    """Newest first. Orders are indexed by status only (every order is in exactly one),
+    so a list without a status merges the status indexes (app/paging.py): a customer's,
+    all in its partition, by rank when one status is asked; the admin's, every
+    partition's. Either way the cost does not grow with the number of orders."""
+    statuses = ORDER_STATUSES if status is None else (status,)
     if customer_id is None:
-        indexes = [
-            keys.orders(p) if status is None else keys.orders_by_status(p, status)
-            for p in range(PARTITIONS)
-        ]
+        # Partition-major, so a tie across partitions is still broken by partition.
+        indexes = [keys.orders_by_status(p, s) for p in range(PARTITIONS) for s in statuses]
+    else:
+        indexes = [keys.customer_orders_by_status(customer_id, s) for s in statuses]
+    if len(indexes) == 1:
+        total, rows = await page_of_hashes(gateway, indexes[0], page, keys.order, newest_first=True)
+    else:
         total, rows = await merged_page_of_hashes(
             gateway, indexes, page, keys.order, newest_first=True
         )
-    else:
-        index = (
-            keys.customer_orders(customer_id)
-            if status is None
-            else keys.customer_orders_by_status(customer_id, status)
-        )
-        total, rows = await page_of_hashes(gateway, index, page, keys.order, newest_first=True)
     return total, [order_from_fields(row) for row in rows]
