@@ -37,9 +37,9 @@ PARTITION_TAGS = (
 )
 # fmt: on
 
-_B64 = {
-    c: i for i, c in enumerate("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
-}
+# URL-safe base64's digits in value order: an id's characters (app/ids.py).
+ID_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_B64 = {c: i for i, c in enumerate(ID_ALPHABET)}
 
 
 def tag(partition: int) -> str:

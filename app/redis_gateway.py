@@ -191,6 +191,11 @@ class RedisGateway:
         its form for a cluster node's several slots, is the cluster gateway's)."""
         return await self.run_script(script, keys, args)
 
+    def one_node_serves(self, keys: list[str]) -> bool:
+        """Whether one node serves every key, so one script may take them all: always,
+        on one redis-server."""
+        return True
+
     async def get(self, key: str) -> bytes | None:
         return await self.execute("GET", key)
 

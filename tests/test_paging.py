@@ -6,7 +6,6 @@ per worker (app/phones/page_cache.py) cost one round trip until a phone is creat
 from __future__ import annotations
 
 import random
-from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -21,27 +20,9 @@ from app.query import Page
 from app.redis_gateway import ClientTransport, RedisGateway, gateway_over
 from app.scripts import Scripts
 from app.vocabulary import ORDER_STATUSES
+from tests.helpers import CountingTransport
 
 INDEXES = [keys.phones(p) for p in range(PARTITIONS)]
-
-
-class CountingTransport(ClientTransport):
-    """Counts round trips and commands, for the cost test."""
-
-    def __init__(self, redis: Redis) -> None:
-        super().__init__(Redis(connection_pool=redis.connection_pool))
-        self.round_trips = 0
-        self.commands = 0
-
-    async def execute(self, *args: Any) -> Any:
-        self.round_trips += 1
-        self.commands += 1
-        return await super().execute(*args)
-
-    async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        self.round_trips += 1
-        self.commands += len(commands)
-        return await super().execute_many(commands)
 
 
 async def _fill(

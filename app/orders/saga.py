@@ -17,7 +17,6 @@ from typing import Any
 from app import keys
 from app.fields import STOCK_LIMIT
 from app.partitions import partition_of
-from app.redis_gateway import RedisGateway
 from app.scripts import ScriptResult, Scripts
 from app.settings import RESERVATION_TTL_MAX_MS
 from app.vocabulary import ItemLine, decode_items, encode_items
@@ -147,18 +146,6 @@ async def settle(
     """One order's settle (``settle_many`` of one)."""
     [result] = await settle_many(scripts, partition, [(order_id, outcome, reserved_lines)])
     return result
-
-
-async def held_anywhere(gateway: RedisGateway, order_id: str, items: str) -> bool:
-    """Whether a phone partition of the order still holds its reservation (a split
-    saga's commit whose settle has not run yet): one read of every such partition."""
-    replies = await gateway.execute_many(
-        [
-            ("HEXISTS", keys.reservations(partition), order_id)
-            for partition in items_by_partition(items)
-        ]
-    )
-    return any(int(reply) for reply in replies)
 
 
 async def fence(scripts: Scripts, partition: int, order_ids: list[str]) -> list[str]:

@@ -276,6 +276,16 @@ async def _refuse_a_give_back_past_the_ceiling(gateway: RedisGateway, items: str
             )
 
 
+async def _read_order(
+    gateway: RedisGateway, principal: Principal, order_id: str
+) -> tuple[str, str]:
+    """The order's owner and items (404 when it is not there or not the requester's)."""
+    owner, items = await gateway.hmget(keys.order(order_id), ["customer_id", "items"])
+    if owner is None or (not principal.is_admin and owner.decode() != principal.customer_id):
+        raise ProblemError("order_not_found")
+    return owner.decode(), items.decode()
+
+
 async def cancel_order(
     gateway: RedisGateway,
     scripts: Scripts,
@@ -288,18 +298,33 @@ async def cancel_order(
 ) -> Order:
     """Collapsed: one cancel_order script where one node serves every partition of the
     order and none still holds its reservation (a split order's settle not yet run:
-    cancel_order would restock units still held). Split: refund on the order's
-    partition, then give each phone partition its units back; the settler's take-back
-    list covers a death in between."""
-    owner, items = await gateway.hmget(keys.order(order_id), ["customer_id", "items"])
-    if owner is None or (not principal.is_admin and owner.decode() != principal.customer_id):
-        raise ProblemError("order_not_found")
-    owner_id, items_field = owner.decode(), items.decode()
-    if not always_split and not await saga.held_anywhere(gateway, order_id, items_field):
+    the script says so and writes nothing). On one redis-server a customer's cancel is
+    that script alone: its keys are the requester's, and the script finds the phones
+    in the order. Otherwise the order is read first: its owner (the admin's cancel),
+    and its phones, whose partitions decide by redis-py's slot map whether one node
+    serves them all (a cluster). Split: refund on the order's partition, then give
+    each phone partition its units back; the settler's take-back list covers a death
+    in between."""
+    items_field: str | None = None  # read only where the script cannot go first
+    if always_split or not gateway.one_node or principal.customer_id is None:
+        owner_id, items_field = await _read_order(gateway, principal, order_id)
+    elif partition_of(order_id) != partition_of(principal.customer_id):
+        raise ProblemError("order_not_found")  # a customer's orders are in its partition
+    else:
+        owner_id = principal.customer_id  # the script refuses the order if it is not theirs
+    if not always_split and (
+        items_field is None or gateway.one_node_serves(service.cancel_reach(order_id, items_field))
+    ):
         with contextlib.suppress(NotOnOneNode):
-            return await service.cancel_on_one_node(
-                scripts, principal, order_id, owner_id, items_field, request_id
+            cancelled = await service.cancel_on_one_node(
+                scripts, principal, order_id, owner_id, request_id
             )
+            if cancelled is not None:
+                return cancelled
+    if items_field is None:  # the script met a reservation still held
+        owner_id, items_field = await _read_order(gateway, principal, order_id)
+    # The split cancel's give-back settles a reservation still held before giving the
+    # units back (return_stock.lua), so it needs no look at the reservations first.
     await _refuse_a_give_back_past_the_ceiling(gateway, items_field)
     order_partition = partition_of(order_id)
     now = _now_ms()

@@ -161,8 +161,9 @@ def check_order_keys(order_id: str, owner_id: str) -> list[str]:
 
 
 def cancel_keys(order_id: str, owner_id: str) -> list[str]:
-    """The KEYS that cancel_order.lua and refund_order.lua both start with: the order's
-    move from open to cancelled and the refund, all in the order's partition."""
+    """cancel_order.lua's KEYS (it finds the phone side itself, from the order's items)
+    and the first of refund_order.lua's: the order's move from open to cancelled and
+    the refund, all in the order's partition."""
     partition = partition_of(order_id)
     return [
         keys.order(order_id),
@@ -176,12 +177,21 @@ def cancel_keys(order_id: str, owner_id: str) -> list[str]:
     ]
 
 
-def cancel_order_keys(order_id: str, owner_id: str, phone_ids: list[str]) -> list[str]:
-    """cancel_order.lua's KEYS, in the order its header lists them."""
+def cancel_reach(order_id: str, items: str) -> list[str]:
+    """Every key cancel_order.lua touches for an order with these items: its KEYS' first
+    (the rest share its slot) and the phone side it builds itself (p, lg and rv of each
+    line's partition): where they are decides whether one node can run it."""
     return [
-        *cancel_keys(order_id, owner_id),
-        *[keys.phone(phone_id) for phone_id in phone_ids],
-        *[keys.ledger_of(phone_id) for phone_id in phone_ids],
+        keys.order(order_id),
+        *(
+            key
+            for line in decode_items(items)
+            for key in (
+                keys.phone(line.phone_id),
+                keys.ledger_of(line.phone_id),
+                keys.reservations(partition_of(line.phone_id)),
+            )
+        ),
     ]
 
 
@@ -262,33 +272,35 @@ async def check_order(
     return order_from_fields(result.payload)
 
 
+# cancel_order.lua's answer when a phone partition still holds the order's reservation:
+# nothing was written, and the split saga cancels it (app/orders/saga_service.py).
+RESERVATION_HELD = 307
+
+
 async def cancel_on_one_node(
-    scripts: Scripts,
-    principal: Principal,
-    order_id: str,
-    owner_id: str,
-    items_field: str,
-    request_id: str,
-) -> Order:
+    scripts: Scripts, principal: Principal, order_id: str, owner_id: str, request_id: str
+) -> Order | None:
     """The saga's cancel collapsed: cancel_order.lua (refund and restock in one script)
     where one node serves the order's partition and every phone's; NotOnOneNode, with
-    nothing written, where not. The phone keys come from the order's items as the
-    caller read them; the script proves they are still the order's before it writes."""
-    phone_ids = [line.phone_id for line in decode_items(items_field)]
+    nothing written, where not. None, with nothing written, while a phone partition
+    still holds the order's reservation. Only ``owner_id``'s keys come from the caller
+    (the requester's own id, or the order's owner as read): the script finds the
+    phones in the order and refuses keys built for another owner."""
     result = await scripts.run(
         "cancel_order",
-        cancel_order_keys(order_id, owner_id, phone_ids),
+        cancel_keys(order_id, owner_id),
         [
             owner_id,
             principal.customer_id or "",
             int(time.time() * 1000),
             request_id,
-            items_field,
             BALANCE_LIMIT,
             STOCK_LIMIT,
         ],
         one_node=True,
     )
+    if result.status == RESERVATION_HELD:
+        return None
     return order_from_fields(result.payload)
 
 
