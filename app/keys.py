@@ -33,11 +33,14 @@ Hashes and their fields (all numbers are integers, money in cents):
                   token_sha256, seq, created_at
 ``p{Q}<id>``      phone: id, name, description, image_url, price_cents, stock,
                   added_units (created + restocked, ever), seq, created_at
-``o{P}<id>``      order: id, customer_id, status (app/vocabulary.py: STATUSES),
+``o{P}<id>``      order: customer_id, status (app/vocabulary.py: STATUSES),
                   items ("phone_id:quantity:unit_price_cents;...",
                   app/vocabulary.py: encode_items, decode_items),
                   total_cents, seq, created_at (the request id is in the
-                  events only: the order never answers it)
+                  events only: the order never answers it). Not its id: the
+                  key holds it, after the hash tag (the tag holds no ``}``),
+                  and every reader adds it back (the Lua prelude's
+                  ``order_id_of``/``order_map``, app/orders/service.py)
 ``i{P}<bucket start, Unix seconds>``  the Idempotency-Key records of
                   partition P made in one time bucket: field = 16 bytes of
                   sha256(customer id, key), value = the first answer

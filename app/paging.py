@@ -48,6 +48,7 @@ async def page_of_hashes(
     hash_key: Callable[[str], str],
     *,
     newest_first: bool,
+    id_field: str | None = None,
 ) -> tuple[int, list[dict[str, str]]]:
     start = (page.page - 1) * page.per_page
     stop = start + page.per_page - 1
@@ -56,8 +57,7 @@ async def page_of_hashes(
     )
     if not ids:
         return total, []
-    rows = await gateway.hgetall_many([hash_key(member.decode()) for member in ids])
-    return total, [row for row in rows if row]
+    return total, await _rows(gateway, ids, hash_key, id_field)
 
 
 async def merged_page_of_hashes(
@@ -67,6 +67,7 @@ async def merged_page_of_hashes(
     hash_key: Callable[[str], str],
     *,
     newest_first: bool,
+    id_field: str | None = None,
 ) -> tuple[int, list[dict[str, str]]]:
     """Page ``page`` of the rows of all ``indexes`` merged by score, and their total."""
     total, members = await merged_page(
@@ -78,8 +79,22 @@ async def merged_page_of_hashes(
     )
     if not members:
         return total, []
-    rows = await gateway.hgetall_many([hash_key(member.decode()) for member in members])
-    return total, [row for row in rows if row]
+    return total, await _rows(gateway, members, hash_key, id_field)
+
+
+async def _rows(
+    gateway: RedisGateway,
+    members: list[bytes],
+    hash_key: Callable[[str], str],
+    id_field: str | None,
+) -> list[dict[str, str]]:
+    """The members' hashes, those that exist; with ``id_field``, each with its member
+    under that name (for hashes that do not store their own id: the key holds it)."""
+    ids = [member.decode() for member in members]
+    rows = await gateway.hgetall_many([hash_key(member) for member in ids])
+    if id_field is None:
+        return [row for row in rows if row]
+    return [{**row, id_field: member} for member, row in zip(ids, rows, strict=True) if row]
 
 
 class _Order:

@@ -145,8 +145,6 @@ def bulk_load(
     order_hash = ProtocolCommand(
         "HSET",
         None,
-        "id",
-        None,
         "customer_id",
         customer_id,
         "status",
@@ -167,7 +165,7 @@ def bulk_load(
     for i in range(start, orders):
         oid = _bulk_id(own, 2, i)
         seq = str(base_seq + i)
-        chunk.append(order_hash.fill(keys.order(oid), oid, seq))
+        chunk.append(order_hash.fill(keys.order(oid), seq))
         for index in order_indexes:
             chunk.append(index.fill(seq, oid))
         if len(chunk) >= 20_000:

@@ -99,14 +99,12 @@ def seed(redis: Redis, mails: int) -> None:
             pipe.hset(
                 keys.order(order_id),
                 mapping={
-                    "id": order_id,
                     "customer_id": customer_id,
                     "status": COMPLETED,
                     "items": encode_items(lines),
                     "total_cents": sum(q * c for _, q, c in lines),
                     "seq": 1,
                     "created_at": time.time_ns() // 1_000_000,
-                    "request_id": "bench",
                 },
             )
             pipe.xadd(

@@ -177,9 +177,22 @@ async def all_keys(redis: Redis, pattern: str = "*") -> list[bytes]:
     return await redis.keys(pattern)
 
 
-async def snapshot(redis: Redis) -> dict[bytes, bytes]:
-    """Every key's DUMP: the same before and after a refused call means it changed nothing."""
-    return {key: await redis.dump(key) for key in sorted(await all_keys(redis))}
+async def snapshot(redis: Redis) -> dict[bytes, Any]:
+    """Every key's content: the same before and after a refused call means it changed
+    nothing. A key's DUMP, but a hash's or a set's sorted items: a large one's DUMP
+    follows its table's internal order, which a mere read may change (Redis rehashes a
+    growing table a step at each lookup)."""
+    contents: dict[bytes, Any] = {}
+    for key in sorted(await all_keys(redis)):
+        kind = await redis.type(key)
+        kind = kind.decode() if isinstance(kind, bytes) else kind
+        if kind == "hash":
+            contents[key] = sorted((await redis.hgetall(key)).items())
+        elif kind == "set":
+            contents[key] = sorted(await redis.smembers(key))
+        else:
+            contents[key] = await redis.dump(key)
+    return contents
 
 
 async def settled(redis: Redis) -> None:

@@ -504,14 +504,12 @@ async def seed_order(
     await redis.hset(
         keys.order(order_id),
         mapping={
-            "id": order_id,
             "customer_id": customer_id,
             "status": status,
             "items": ";".join(f"{p}:{q}:{c}" for p, _, q, c in seeded),
             "total_cents": total,
             "seq": 1,
             "created_at": time.time_ns() // 1_000_000,
-            "request_id": "test",
         },
     )
     return SeededOrder(order_id, customer_id, email, seeded, total, balance_cents)

@@ -41,10 +41,11 @@
 --        the ceiling; nothing written (spend some, or complete the order)
 --   409, {code="stock_limit", phone_id, stock, limit}  likewise for a line's restock
 --
--- STATUS, ORDER_EVENT, decode_items, hgetall_map: the prelude (app/lua_prelude.py).
+-- STATUS, ORDER_EVENT, decode_items, order_id_of, order_map: the prelude (app/lua_prelude.py).
 
-local order = redis.call('HMGET', KEYS[1], 'customer_id', 'status', 'seq', 'id', 'items', 'total_cents')
-local owner, status, seq, order_id, items, total = order[1], order[2], order[3], order[4], order[5], order[6]
+local order = redis.call('HMGET', KEYS[1], 'customer_id', 'status', 'seq', 'items', 'total_cents')
+local owner, status, seq, items, total = order[1], order[2], order[3], order[4], order[5]
+local order_id = order_id_of(KEYS[1])
 if not owner or (ARGV[2] ~= '' and ARGV[2] ~= owner) then
   return {404, cjson.encode({code = 'order_not_found'}), 0}
 end
@@ -53,7 +54,7 @@ if owner ~= ARGV[1] or #KEYS ~= 8 then
 end
 
 if status == STATUS.cancelled then
-  return {200, cjson.encode(hgetall_map(KEYS[1])), 0}
+  return {200, cjson.encode(order_map(KEYS[1])), 0}
 end
 if status ~= STATUS.open then
   -- Only an open order can be cancelled; any other is refused by its status.
@@ -112,4 +113,4 @@ redis.call('HINCRBY', KEYS[8], 'orders_cancelled', 1)
 redis.call('HINCRBY', KEYS[8], 'changes', 1)
 redis.call('XADD', KEYS[7], '*', 'type', ORDER_EVENT.cancelled, 'order_id', order_id,
   'customer_id', owner, 'status', STATUS.cancelled, 'request_id', ARGV[4], 'at', ARGV[3])
-return {200, cjson.encode(hgetall_map(KEYS[1])), 1}
+return {200, cjson.encode(order_map(KEYS[1])), 1}

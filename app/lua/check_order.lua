@@ -25,10 +25,11 @@
 --   409, {code="order_<status>"}       not open, e.g. order_cancelled; nothing written
 --   409, {code="order_owner_changed"}  the caller's keys do not fit; nothing written
 --
--- STATUS, ORDER_EVENT, decode_items, hgetall_map: the prelude (app/lua_prelude.py).
+-- STATUS, ORDER_EVENT, decode_items, order_id_of, order_map: the prelude (app/lua_prelude.py).
 
-local order = redis.call('HMGET', KEYS[1], 'customer_id', 'status', 'seq', 'id', 'items', 'total_cents')
-local owner, status, seq, order_id, items, total = order[1], order[2], order[3], order[4], order[5], order[6]
+local order = redis.call('HMGET', KEYS[1], 'customer_id', 'status', 'seq', 'items', 'total_cents')
+local owner, status, seq, items, total = order[1], order[2], order[3], order[4], order[5]
+local order_id = order_id_of(KEYS[1])
 if not owner or (ARGV[2] ~= '' and ARGV[2] ~= owner) then
   return {404, cjson.encode({code = 'order_not_found'}), 0}
 end
@@ -37,7 +38,7 @@ if owner ~= ARGV[1] then
 end
 
 if status == STATUS.completed then
-  return {200, cjson.encode(hgetall_map(KEYS[1])), 0}
+  return {200, cjson.encode(order_map(KEYS[1])), 0}
 end
 if status ~= STATUS.open then
   -- Only an open order can be completed; any other is refused by its status.
@@ -63,4 +64,4 @@ redis.call('HINCRBY', KEYS[8], 'changes', 1)
 redis.call('XADD', KEYS[6], '*', 'type', ORDER_EVENT.completed, 'order_id', order_id,
   'customer_id', owner, 'status', STATUS.completed, 'request_id', ARGV[4], 'at', ARGV[3],
   'balance_cents', redis.call('HGET', KEYS[7], 'balance_cents'))
-return {200, cjson.encode(hgetall_map(KEYS[1])), 1}
+return {200, cjson.encode(order_map(KEYS[1])), 1}

@@ -58,7 +58,7 @@
 --   503, {code="service_unavailable"}, 0          past the expiry; marker written
 --   error reply "commit_order: ..."               bad items; nothing written
 --
--- STATUS, ORDER_EVENT, decode_items, hgetall_map, next_seq, now_ms, record_buckets,
+-- STATUS, ORDER_EVENT, decode_items, order_map, next_seq, now_ms, record_buckets,
 -- find_record, store_record, replay_reply: the prelude (app/lua_prelude.py).
 
 if #KEYS ~= 14 then
@@ -78,7 +78,7 @@ if marker and marker ~= 'replayed' then
   return {tonumber(string.sub(marker, 1, space - 1)), string.sub(marker, space + 1), 0}
 end
 if not marker and redis.call('EXISTS', KEYS[3]) == 1 then
-  return {201, cjson.encode(hgetall_map(KEYS[3])), 0}
+  return {201, cjson.encode(order_map(KEYS[3])), 0}
 end
 
 local function mark(value)
@@ -159,7 +159,8 @@ local order = {
   seq = seq,
   created_at = ARGV[3],
 }
-redis.call('HSET', KEYS[3], 'id', order.id, 'customer_id', order.customer_id, 'status', status,
+-- The id is not stored: the key holds it (app/keys.py), and every reader adds it back.
+redis.call('HSET', KEYS[3], 'customer_id', order.customer_id, 'status', status,
   'items', order.items, 'total_cents', order.total_cents, 'seq', order.seq,
   'created_at', order.created_at)
 redis.call('ZADD', KEYS[4], seq, order_id)

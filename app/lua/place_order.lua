@@ -142,7 +142,8 @@ local order = {
   seq = seq,
   created_at = ARGV[3],
 }
-redis.call('HSET', KEYS[3], 'id', order.id, 'customer_id', order.customer_id, 'status', status,
+-- The id is not stored: the key holds it (app/keys.py), and every reader adds it back.
+redis.call('HSET', KEYS[3], 'customer_id', order.customer_id, 'status', status,
   'items', order.items, 'total_cents', order.total_cents, 'seq', order.seq,
   'created_at', order.created_at)
 redis.call('ZADD', KEYS[4], seq, ARGV[1])

@@ -41,6 +41,8 @@ def order_items(items: str) -> list[OrderItem]:
 
 
 def order_from_fields(fields: dict[str, str]) -> Order:
+    """An order from its hash's fields and ``id``, which the hash does not store (its key
+    holds it): every reader adds it back, the scripts with the prelude's ``order_map``."""
     return Order(
         id=fields["id"],
         customer_id=fields["customer_id"],
@@ -66,7 +68,7 @@ async def replayed_order(gateway: RedisGateway, order_id: str, autocheck: bool) 
     if not fields:
         # Orders are never deleted, and the record was written with its order.
         raise ProblemError("internal_error", "The order this Idempotency-Key placed is gone")
-    return order_from_fields({**fields, "status": COMPLETED if autocheck else OPEN})
+    return order_from_fields({**fields, "id": order_id, "status": COMPLETED if autocheck else OPEN})
 
 
 async def answered_order(
@@ -238,7 +240,7 @@ async def get_order(gateway: RedisGateway, principal: Principal, order_id: str) 
     fields = await gateway.hgetall(keys.order(order_id))
     if not fields:
         raise ProblemError("order_not_found")
-    order = order_from_fields(fields)
+    order = order_from_fields({**fields, "id": order_id})
     if not principal.is_admin and order.customer_id != principal.customer_id:
         raise ProblemError("order_not_found")
     return order
@@ -318,9 +320,11 @@ async def list_orders(
     else:
         indexes = [keys.customer_orders_by_status(customer_id, s) for s in statuses]
     if len(indexes) == 1:
-        total, rows = await page_of_hashes(gateway, indexes[0], page, keys.order, newest_first=True)
+        total, rows = await page_of_hashes(
+            gateway, indexes[0], page, keys.order, newest_first=True, id_field="id"
+        )
     else:
         total, rows = await merged_page_of_hashes(
-            gateway, indexes, page, keys.order, newest_first=True
+            gateway, indexes, page, keys.order, newest_first=True, id_field="id"
         )
     return total, [order_from_fields(row) for row in rows]
