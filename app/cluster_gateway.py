@@ -40,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -71,7 +71,10 @@ from app.redis_gateway import (
     WriteUnconfirmed,
     observe,
 )
+from app.scripts import load_source
 
+# Several string keys of one node's slots in one call (read_strings_with).
+READ_STRINGS = LuaScript.of("read_strings", load_source("read_strings"))
 # Replies that mean the script did not run on the node it was sent to.
 NOT_RUN = (MovedError, AskError, TryAgainError, ClusterDownError, NoScriptError)
 # How long an ack key lives: one per slot, rewritten by every script there; the
@@ -216,6 +219,9 @@ class ClusterGateway(RedisGateway):
         # a call past them waits for a free one, up to ``wait_s`` as the pool would.
         self._calls = asyncio.Semaphore(max_calls)
         self._wait_s = wait_s
+        # read_strings_with's groups: per key set read (its callers read a fixed one, the
+        # catalogue's clocks), the keys' positions grouped by the primary serving them.
+        self._string_groups: dict[tuple[str, ...], list[list[int]]] = {}
 
     @contextlib.asynccontextmanager
     async def _call_slot(self) -> AsyncIterator[None]:
@@ -248,6 +254,39 @@ class ClusterGateway(RedisGateway):
                 return await self._run_and_wait(script, evalsha, keys[0])
         finally:
             observe(f"script:{script.name}", started)
+
+    async def read_strings_with(
+        self, keys: Sequence[str], commands: list[tuple[Any, ...]]
+    ) -> tuple[list[bytes | None], list[Any]]:
+        """One read_strings.lua per primary for the keys it serves, by redis-py's slot map,
+        in one pipeline with ``commands``: an MGET may name one slot only, and a GET each
+        costs redis-py's cluster pipeline about 20 µs of CPU (2.6 ms for the catalogue's
+        128 clocks). A key set's grouping is learnt at its first read, which is a GET each
+        and loads the script on every primary; after NOSCRIPT (a failover, SCRIPT FLUSH)
+        or a key its node no longer serves (a reshard), nothing was written: that read
+        is a GET each too, and learns again."""
+        wanted = tuple(keys)
+        groups = self._string_groups.get(wanted)
+        if groups is not None:
+            reads = [
+                ("EVALSHA", READ_STRINGS.sha, 1, *(wanted[i] for i in group)) for group in groups
+            ]
+            try:
+                replies = await self.execute_many([*reads, *commands])
+            except (ResponseError, RedisClusterException):
+                del self._string_groups[wanted]
+            else:
+                values: list[bytes | None] = [None] * len(wanted)
+                for group, read in zip(groups, replies[: len(groups)], strict=True):
+                    for i, value in zip(group, read, strict=True):
+                        values[i] = value
+                return values, replies[len(groups) :]
+        replies = await self.execute_many([*(("GET", key) for key in wanted), *commands])
+        learnt = self.by_primary(list(wanted))
+        if learnt is not None:
+            await self.execute("SCRIPT", "LOAD", READ_STRINGS.source)  # reaches every primary
+            self._string_groups[wanted] = learnt
+        return list(replies[: len(wanted)]), replies[len(wanted) :]
 
     def by_primary(self, keys: list[str]) -> list[list[int]] | None:
         """The positions of ``keys`` grouped by the primary serving each, by redis-py's slot

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -141,8 +142,8 @@ def decode_hash(reply: list[bytes] | dict[bytes, bytes]) -> dict[str, str]:
 class RedisGateway:
     """Every Redis call of the request paths, over the transport chosen at start-up."""
 
-    # Every key on one server, so a command may name keys of any partition (MGET of the
-    # 128 catalogue clocks, app/phones/page_cache.py); False on the cluster.
+    # Every key on one server, so a command or a script may name keys of any partition
+    # (a customer's cancel, app/orders/saga_service.py); False on the cluster.
     one_node = True
 
     def __init__(self, transport: Transport) -> None:
@@ -195,6 +196,15 @@ class RedisGateway:
         """Whether one node serves every key, so one script may take them all: always,
         on one redis-server."""
         return True
+
+    async def read_strings_with(
+        self, keys: Sequence[str], commands: list[tuple[Any, ...]]
+    ) -> tuple[list[bytes | None], list[Any]]:
+        """The values of the string ``keys``, which may be of any partitions (None for a
+        missing one), and the raw replies of ``commands``, in one round trip (on a
+        cluster, one per node): here one MGET beside the commands."""
+        replies = await self.execute_many([("MGET", *keys), *commands])
+        return list(replies[0]), replies[1:]
 
     async def get(self, key: str) -> bytes | None:
         return await self.execute("GET", key)

@@ -604,3 +604,56 @@ def test_a_connection_closed_under_a_call_by_the_cluster_client_reads_as_lost() 
     assert not closed_under_the_call(RuntimeError("cannot reuse already awaited coroutine"))
     assert not closed_under_the_call(AttributeError("'Order' object has no attribute 'id'"))
     assert not closed_under_the_call(ValueError("closed"))
+
+
+def _script_calls(cluster: LocalCluster) -> tuple[int, int]:
+    """EVALSHAs the cluster's nodes ran so far, and of those the failed ones (a replica
+    gets a script's effects only)."""
+    calls = failed = 0
+    for port in cluster.ports:
+        with client(port) as node:
+            stats = node.info("commandstats").get("cmdstat_evalsha", {})
+            calls, failed = (
+                calls + int(stats.get("calls", 0)),
+                failed + int(stats.get("failed_calls", 0)),
+            )
+    return calls, failed
+
+
+async def test_string_keys_of_every_partition_are_one_script_per_primary(
+    redis_cluster: LocalCluster, gateway: ClusterGateway
+) -> None:
+    """read_strings_with (the catalogue's page check reads its 128 clocks by it): the
+    first read of a key set is a GET each and learns which primary serves which; the
+    next are one read_strings.lua per primary, in one pipeline with the commands. Nodes
+    that lost the script (SCRIPT FLUSH, a failover) refuse it, and that read falls back
+    to GETs and loads it again."""
+    clocks = [keys.phones_seq(p) for p in range(partitions.PARTITIONS)]
+    phone = keys.phone(partitions.new_id(5))
+    # The session's cluster is shared: every clock is set or cleared here.
+    for p in range(partitions.PARTITIONS):
+        await gateway.execute(*(("SET", clocks[p], str(p)) if p % 3 == 0 else ("DEL", clocks[p])))
+    await gateway.execute("HSET", phone, "name", "x")
+    expected = [str(p).encode() if p % 3 == 0 else None for p in range(partitions.PARTITIONS)]
+    view = redis_cluster.topology()
+    primaries = {view.primary_for_slot(partitions.slot(p)).port for p in range(128)}
+
+    async def read() -> tuple[int, int]:
+        """One read, checked; the scripts it ran, and how many of those failed."""
+        calls, failed = _script_calls(redis_cluster)
+        assert await gateway.read_strings_with(clocks, [("HGET", phone, "name")]) == (
+            expected,
+            [b"x"],
+        )
+        calls_after, failed_after = _script_calls(redis_cluster)
+        return calls_after - calls, failed_after - failed
+
+    assert await read() == (0, 0)  # GETs: the groups are learnt
+    assert await read() == (len(primaries), 0)
+    assert await read() == (len(primaries), 0)
+    for port in primaries:
+        with client(port) as node:
+            node.execute_command("SCRIPT", "FLUSH")
+    # Refused (NOSCRIPT: not run), then GETs, and the script loaded again on each.
+    assert await read() == (len(primaries), len(primaries))
+    assert await read() == (len(primaries), 0)

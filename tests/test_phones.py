@@ -252,9 +252,10 @@ async def test_a_change_shows_on_the_next_page_read_of_every_worker(
 async def test_a_page_check_survives_a_flushed_script_cache(
     shop: Shop, redis: Redis, stack_kind: str
 ) -> None:
-    """On the cluster a page's clocks are read by one read_clocks.lua call per primary
-    (app/phones/page_cache.py); a node that lost the script (a failover, SCRIPT FLUSH)
-    makes that read fall back to a GET per clock, then load the script again."""
+    """On the cluster a page's clocks are read by one read_strings.lua call per primary
+    (the gateway's read_strings_with, app/cluster_gateway.py); a node that lost the
+    script (a failover, SCRIPT FLUSH) makes that read fall back to a GET per clock, then
+    load the script again."""
     if stack_kind != CLUSTER:
         pytest.skip("one redis-server reads the clocks with one MGET, no script")
     pages = shop.client.app[appkeys.CATALOGUE_PAGES]

@@ -12,6 +12,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 
 from app import appkeys, keys
 from app.fastredis import MultiplexedRedis
+from app.partitions import PARTITIONS, new_id
 from app.redis_gateway import (
     ClientTransport,
     LuaScript,
@@ -21,7 +22,7 @@ from app.redis_gateway import (
     open_gateway,
 )
 from loadtests.support.servers import RedisServer
-from tests.helpers import Shop, timed
+from tests.helpers import CountingTransport, Shop, timed
 
 
 @pytest.fixture
@@ -168,3 +169,21 @@ async def test_the_transport_is_chosen_once_from_the_url() -> None:
         assert isinstance(gateway.transport, transport)
         await gateway.aclose()
         await pool.aclose()
+
+
+async def test_string_keys_of_every_partition_and_commands_are_one_round_trip(
+    redis: Redis,
+) -> None:
+    """read_strings_with (what the catalogue's page check reads its 128 clocks by,
+    app/phones/page_cache.py): on one redis-server one MGET beside the commands."""
+    clocks = [keys.phones_seq(p) for p in range(PARTITIONS)]
+    await redis.mset({clocks[p]: str(p) for p in range(0, PARTITIONS, 3)})
+    phone = keys.phone(new_id(5))
+    await redis.hset(phone, "name", "x")
+    transport = CountingTransport(redis)
+    values, replies = await RedisGateway(transport).read_strings_with(
+        clocks, [("HGET", phone, "name"), ("HGET", phone, "stock")]
+    )
+    assert values == [str(p).encode() if p % 3 == 0 else None for p in range(PARTITIONS)]
+    assert replies == [b"x", None]
+    assert transport.round_trips == 1
