@@ -44,9 +44,10 @@ from loadtests import rig
 from loadtests.bench_drivers import BENCH_LIMITS, wrk
 
 # What each round measures: POST /orders and GET /bench/hello (its P1 figure); on asking
-# (--paths), GET /phones?page=1 too.
+# (--paths), GET /phones?page=1 too, and cancels: each open order placed is cancelled by
+# its customer (loadtests/wrk/cancels.lua), the figures per cancel with its order.
 PATHS = ("orders", "hello")
-ALL_PATHS = (*PATHS, "phones")
+ALL_PATHS = (*PATHS, "phones", "cancels")
 
 # Run inside a side's checkout: start its stack, provision it, say where it is,
 # then hold it until stdin closes.
@@ -124,6 +125,7 @@ def measure(
         ("orders", "/orders", "orders.lua", [str(data), secrets.token_hex(6), "0"]),
         ("hello", "/bench/hello", "hello.lua", None),
         ("phones", "/phones?page=1", "hello.lua", None),
+        ("cancels", "/orders", "cancels.lua", [str(data), secrets.token_hex(6)]),
     ):
         if name not in paths:
             continue
@@ -138,6 +140,11 @@ def measure(
         # Per answer served (2xx): refusals by nginx cost the app nothing, and
         # what the app spends refusing is part of what each served answer costs.
         served = sum(n for status, n in result["statuses"].items() if 200 <= status < 300)
+        if name == "cancels":
+            # Per cancel (200) with the order it cancelled (201): less the orders' figure
+            # of the same round, the cancel's own cost.
+            served = result["statuses"].get(200, 0)
+            row[name] = result["rps"] * served / max(result["requests"], 1)
         row[f"{name}_app_cpu_us"] = used * 1e6 / max(served, 1)
         # The store's side of the same answers: a protocol of several scripts per order
         # (the split saga) shows here more than in the app.
