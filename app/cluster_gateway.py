@@ -299,12 +299,6 @@ class ClusterGateway(RedisGateway):
             return None
         return list(groups.values())
 
-    def one_node_serves(self, keys: list[str]) -> bool:
-        """By redis-py's slot map: False while it is not known, or names no primary for
-        a slot, as well as when it puts the keys on several."""
-        groups = self.by_primary(keys)
-        return groups is not None and len(groups) == 1
-
     async def run_on_one_node(
         self, script: LuaScript, across_slots: LuaScript, keys: list[str], args: list[Any]
     ) -> Any:

@@ -309,33 +309,3 @@ def taken_back(partition: int) -> str:
 def settler_lease(partition: int) -> str:
     """String: the web worker sweeping this partition's due work (SET NX PX)."""
     return _in_partition("lease", partition)
-
-
-# ---- the same names in Lua --------------------------------------------------------------
-# For the one script that finds keys in a row it reads instead of in KEYS: cancel_order.lua,
-# whose phones are in its order's items. On one redis-server every key is in reach of a
-# script, and reading the items first would cost a round trip (docs/data-tier.md, 3.9).
-# tests/test_lua_prelude.py checks each against its builder above for every partition.
-
-
-def lua_definitions() -> dict[str, str]:
-    """Lua statements by the name each defines (app/lua_prelude.py): partition_tag(id),
-    the ``{tag}`` of the partition an id names (``partition_of``, then ``_tag``);
-    phone_key(phone_id) as ``phone``; ledger_key_of(id) as ``ledger_of``;
-    reservations_key_of(id) as ``reservations`` of the id's partition."""
-    # The tags at a fixed width, space-padded: the tag of partition p is the word at
-    # width * p + 1, and a string constant costs a script run nothing (a table would).
-    width = max(len(tag) for tag in PARTITION_TAGS) + 1
-    tags = "".join(tag.ljust(width) for tag in PARTITION_TAGS)
-    alphabet = partitions.ID_ALPHABET
-    return {
-        "partition_tag": "local function partition_tag(id)"
-        f" local a = string.find('{alphabet}', string.sub(id, 1, 1), 1, true) - 1"
-        f" local b = string.find('{alphabet}', string.sub(id, 2, 2), 1, true) - 1"
-        f" local p = (a * 4 + math.floor(b / 16)) % {partitions.PARTITIONS}"
-        f" return '{{' .. string.match('{tags}', '%S+', {width} * p + 1) .. '}}' end",
-        "phone_key": "local function phone_key(id) return 'p' .. partition_tag(id) .. id end",
-        "ledger_key_of": "local function ledger_key_of(id) return 'lg' .. partition_tag(id) end",
-        "reservations_key_of": "local function reservations_key_of(id)"
-        " return 'rv' .. partition_tag(id) end",
-    }

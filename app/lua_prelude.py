@@ -3,8 +3,6 @@ put it before each), so no script copies a helper or spells a shared word:
 
 - STATUS.<name>, ORDER_EVENT.<status>, encode_item, encode_items and
   decode_items: app/vocabulary.py in Lua;
-- partition_tag, phone_key, ledger_key_of, reservations_key_of: app/keys.py's names in
-  Lua, for cancel_order.lua, which finds its phones in the order it reads;
 - pairs_to_map(flat): a flat field, value, ... reply (HGETALL, a stream
   entry's fields, XINFO) as a table of field -> value;
 - hgetall_map(key): the hash at key as such a table ({} when it is missing);
@@ -35,7 +33,6 @@ from __future__ import annotations
 
 import re
 
-from app import keys
 from app.orders.idempotency import FIELD_BYTES, FINGERPRINT_BYTES, OLDER_BUCKETS
 from app.vocabulary import lua_definitions
 
@@ -44,7 +41,6 @@ _FIELD, _FP = FIELD_BYTES, FINGERPRINT_BYTES
 # Name -> the statement defining it; a definition comes before those that use it.
 DEFINITIONS: dict[str, str] = {
     **lua_definitions(),
-    **keys.lua_definitions(),
     "pairs_to_map": "local function pairs_to_map(flat) local map = {}"
     " for i = 1, #flat, 2 do map[flat[i]] = flat[i + 1] end return map end",
     "hgetall_map": "local function hgetall_map(key)"

@@ -192,11 +192,6 @@ class RedisGateway:
         its form for a cluster node's several slots, is the cluster gateway's)."""
         return await self.run_script(script, keys, args)
 
-    def one_node_serves(self, keys: list[str]) -> bool:
-        """Whether one node serves every key, so one script may take them all: always,
-        on one redis-server."""
-        return True
-
     async def read_strings_with(
         self, keys: Sequence[str], commands: list[tuple[Any, ...]]
     ) -> tuple[list[bytes | None], list[Any]]:

@@ -1,9 +1,9 @@
 """What a cancel costs in round trips, by form (app/orders/saga_service.py: cancel_order;
-docs/data-tier.md, 3.9 and 9). On one redis-server a customer's cancel is cancel_order.lua
-alone: the script finds the order's phones and their reservations itself. An admin's reads
-the owner first. A reservation still held stops the script before any write, and the split
-cancel gives it back. On the cluster the order is read, and redis-py's slot map chooses the
-form with no look at the reservations.
+docs/data-tier.md, 3.9 and 9). The order's owner and items are read, the keys named from
+them and passed in KEYS, then cancel_order.lua, which checks the reservations itself: two,
+the customer's and the admin's alike (before: three, a read of the reservations between).
+A reservation still held stops the script before any write, and the split cancel gives it
+back. On the cluster redis-py's slot map chooses the form with no look at the reservations.
 
 One redis-server's round trips are counted at the transport, as tests/test_paging.py's cost
 test does; the cluster's from the gateway's own per-call counts (its scripts go past the
@@ -75,7 +75,7 @@ async def _shop(redis: Redis) -> tuple[Scripts, list[str], str]:
     return scripts, phone_ids, customer.id
 
 
-async def test_a_customers_cancel_on_one_redis_server_is_one_round_trip(redis: Redis) -> None:
+async def test_a_customers_cancel_on_one_redis_server_is_two_round_trips(redis: Redis) -> None:
     scripts, (phone, other), customer = await _shop(redis)
     order_id = await _place(scripts, customer, [(phone, 2), (other, 1)])
     transport = CountingTransport(redis)
@@ -84,16 +84,17 @@ async def test_a_customers_cancel_on_one_redis_server_is_one_round_trip(redis: R
     transport.round_trips = 0
 
     assert await _cancel(gateway, Principal(customer), order_id) == CANCELLED
-    # Before: the order's items, its reservations (HEXISTS per phone partition), the script.
-    assert transport.round_trips == 1
+    # The order's owner and items, then the script (before: its reservations between,
+    # HEXISTS per phone partition).
+    assert transport.round_trips == 2
     assert await _units(redis, phone) == [5, 0, 0] and await _units(redis, other) == [5, 0, 0]
     assert await redis.hget(keys.customer(customer), "balance_cents") == b"10000"
-    # Cancelled again: answered as it is, by the same one call.
+    # Cancelled again: answered as it is, by the same two.
     assert await _cancel(gateway, Principal(customer), order_id) == CANCELLED
-    assert transport.round_trips == 2
+    assert transport.round_trips == 4
 
 
-async def test_an_admins_cancel_reads_the_owner_first_and_a_strangers_is_not_found(
+async def test_an_admins_cancel_is_two_round_trips_and_a_strangers_is_not_found(
     redis: Redis,
 ) -> None:
     scripts, (phone, _), customer = await _shop(redis)
@@ -101,7 +102,7 @@ async def test_an_admins_cancel_reads_the_owner_first_and_a_strangers_is_not_fou
     transport = CountingTransport(redis)
     gateway = RedisGateway(transport)
     await Scripts(gateway).load()
-    # Another customer of the order's partition: the script itself says not found.
+    # Another customer of the order's partition: the read says not found, no script.
     stranger = partitions.new_id(partition_of(customer))
     transport.round_trips = 0
     with pytest.raises(ProblemError) as refused:
@@ -114,7 +115,7 @@ async def test_an_admins_cancel_reads_the_owner_first_and_a_strangers_is_not_fou
     assert refused.value.code == "order_not_found" and transport.round_trips == 1
     assert await _units(redis, phone) == [4, 0, 1]
 
-    # The admin's: the owner's keys come from the order, read first.
+    # The admin's: the owner and items, read first, then the script.
     assert await _cancel(gateway, ADMIN, order_id) == CANCELLED
     assert transport.round_trips == 3
     assert await _units(redis, phone) == [5, 0, 0]
@@ -130,7 +131,10 @@ async def test_a_reservation_still_held_stops_the_script_and_the_split_cancel_gi
     order_id = await _place(scripts, customer, [(phone, 2), (other, 1)], always_split=True)
     assert await _units(redis, phone) == [3, 2, 0]
     before = {key: await redis.dump(key) for key in await redis.keys("*")}
-    held = await service.cancel_on_one_node(scripts, Principal(customer), order_id, customer, "r")
+    items = (await redis.hget(keys.order(order_id), "items")).decode()
+    held = await service.cancel_on_one_node(
+        scripts, Principal(customer), order_id, customer, items, "r"
+    )
     assert held is None
     assert {key: await redis.dump(key) for key in await redis.keys("*")} == before
 

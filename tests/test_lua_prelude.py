@@ -5,7 +5,6 @@ stay the file's."""
 
 from __future__ import annotations
 
-import base64
 import re
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from app import keys, partitions
+from app import keys
 from app.lua_prelude import (
     ACROSS_SLOTS_SHEBANG,
     DEFINITIONS,
@@ -152,32 +151,3 @@ async def test_the_across_slots_form_rebuilds_keys_and_args_in_order(redis: Redi
     reply = await redis.eval(across_slots(echo), 2, "k1", "k2", 2, "k3", "k4", "a1", "a2", "a3")
     assert reply == [[b"k1", b"k2", b"k3", b"k4"], [b"a1", b"a2", b"a3"], 0]
     assert await redis.eval(across_slots(echo), 1, "k1", 0) == [[b"k1"], [], 0]
-
-
-async def test_the_key_names_in_lua_are_app_keys_own_for_every_partition(redis: Redis) -> None:
-    """cancel_order.lua builds its phone side from the order's items with the prelude's
-    phone_key, ledger_key_of and reservations_key_of (app/keys.py): each must name what
-    app/keys.py names, for ids of every partition: a first byte of p and of p + 128 (the
-    partition is its low 7 bits), with the bits the second character adds both ways."""
-    source = with_prelude(
-        "local out = {} for i, id in ipairs(ARGV) do"
-        " out[#out + 1] = phone_key(id) out[#out + 1] = ledger_key_of(id)"
-        " out[#out + 1] = reservations_key_of(id) end return out"
-    )
-    ids = [
-        base64.urlsafe_b64encode(bytes([first, rest]) + bytes(14)).rstrip(b"=").decode()
-        for p in range(partitions.PARTITIONS)
-        for first in (p, p + partitions.PARTITIONS)
-        for rest in (0x00, 0xFF)
-    ]
-    built = await redis.eval(source, 0, *ids)
-    expected = [
-        name
-        for phone_id in ids
-        for name in (
-            keys.phone(phone_id),
-            keys.ledger_of(phone_id),
-            keys.reservations(partitions.partition_of(phone_id)),
-        )
-    ]
-    assert [name.decode() for name in built] == expected

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 
 from app import appkeys, keys
 from app.main import create_app
-from app.orders.service import cancel_keys, check_order_keys
+from app.orders.service import cancel_order_keys, check_order_keys
 from app.partitions import PARTITIONS, partition_of
 from app.problems import ProblemError
 from app.redis_gateway import gateway_over
@@ -254,10 +254,11 @@ async def test_idempotency_mismatch_changes_nothing(shop: Shop, redis: Redis) ->
 
 
 async def test_scripts_refuse_keys_that_do_not_fit_the_order(shop: Shop, redis: Redis) -> None:
-    """check/cancel are given the keys of an owner (the requester, or the order's owner
-    as read); if those keys name another owner, the script refuses before writing."""
+    """check/cancel are given keys built from a read of the order; if those keys
+    name another owner or other items, or leave some out, the script refuses before
+    writing."""
     phone = await shop.phone(price_cents=10, stock=5)
-    _, auth = await shop.customer()
+    owner, auth = await shop.customer()
     other, _ = await shop.customer()
     order = (await (await shop.order(auth, [(phone["id"], 1)], autocheck=False)).json())["order"]
     scripts = Scripts(gateway_over(redis))
@@ -269,13 +270,31 @@ async def test_scripts_refuse_keys_that_do_not_fit_the_order(shop: Shop, redis: 
             [other["id"], "", 0, "req"],
         )
     assert wrong_owner.value.code == "order_owner_changed"
+    items = (await redis.hget(keys.order(order["id"]), "items")).decode()
+    limits = [10**15, 10**12]
     with pytest.raises(ProblemError) as wrong_owner:
         await scripts.run(
             "cancel_order",
-            cancel_keys(order["id"], other["id"]),
-            [other["id"], "", 0, "req", 10**15, 10**12],
+            cancel_order_keys(order["id"], other["id"], items),
+            [other["id"], "", 0, "req", items, *limits],
         )
     assert wrong_owner.value.code == "order_owner_changed"
+    other_items = f"{phone['id']}:5:10"
+    with pytest.raises(ProblemError) as wrong_items:
+        await scripts.run(
+            "cancel_order",
+            cancel_order_keys(order["id"], owner["id"], other_items),
+            [owner["id"], "", 0, "req", other_items, *limits],
+        )
+    assert wrong_items.value.code == "order_owner_changed"
+    # The right items, but the reservations' key left out.
+    with pytest.raises(ProblemError) as keys_left_out:
+        await scripts.run(
+            "cancel_order",
+            cancel_order_keys(order["id"], owner["id"], items)[:-1],
+            [owner["id"], "", 0, "req", items, *limits],
+        )
+    assert keys_left_out.value.code == "order_owner_changed"
     await assert_changed_nothing(redis, before)
 
 

@@ -18,7 +18,7 @@ from redis.exceptions import ResponseError
 from app import keys
 from app.ids import new_id
 from app.lua_prelude import with_prelude
-from app.orders.service import cancel_keys, check_order_keys
+from app.orders.service import cancel_order_keys, check_order_keys
 from app.problems import PROBLEMS
 from app.scripts import load_source, problem_from_script
 from app.vocabulary import (
@@ -116,8 +116,9 @@ async def test_an_order_in_a_status_the_script_does_not_handle_is_refused_by_tha
         script_keys = check_order_keys(order["id"], owner)
         args = [owner, "", 0, "req"]
     else:
-        script_keys = cancel_keys(order["id"], owner)
-        args = [owner, "", 0, "req", 10**15, 10**12]
+        items = (await redis.hget(keys.order(order["id"]), "items")).decode()
+        script_keys = cancel_order_keys(order["id"], owner, items)
+        args = [owner, "", 0, "req", items, 10**15, 10**12]
     status, payload, changed = await redis.eval(
         load_source(script), len(script_keys), *script_keys, *args
     )

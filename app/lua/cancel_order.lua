@@ -7,11 +7,6 @@
 -- Key names: app/keys.py; P is the order's (and its owner's) partition, Q a
 -- phone's, maybe another: the saga's cancel collapsed (docs/data-tier.md, 3.9), run
 -- only where one node serves P and every Q (app/lua_prelude.py: across_slots).
--- KEYS are P's only. The phone side (p{Q}<phone_id>, lg{Q}, rv{Q} of each line) is
--- built here from the order's items (phone_key, ledger_key_of, reservations_key_of:
--- app/keys.py's names in the prelude), so the caller need not read the order first:
--- on one redis-server every key is in reach; on a cluster node (across_slots) a key
--- it does not serve is refused at its first read, and each is read before any write.
 --
 -- KEYS[1]  o{P}<order_id>                    hash
 -- KEYS[2]  c{P}<owner_id>                    hash
@@ -21,11 +16,16 @@
 -- KEYS[6]  co{P}<owner_id>:cancelled         zset
 -- KEYS[7]  e{P}                              the order partition's events stream
 -- KEYS[8]  lg{P}                             hash, the customer side's running totals
+-- KEYS[9..8+n]      p{Q}<phone_id> for each of the order's n lines, in order
+-- KEYS[9+n..8+2n]   lg{Q} of each line's phone, same order (may repeat)
+-- KEYS[9+2n..8+3n]  rv{Q} of each line's phone, same order (may repeat): only read
 -- ARGV[1]  owner id the keys above were built for
 -- ARGV[2]  requesting customer id, or "" for the admin
 -- ARGV[3]  now, ms since the epoch
 -- ARGV[4]  request id (carried into the event)
--- ARGV[5]  balance ceiling, ARGV[6] stock ceiling: a refund or a restock that
+-- ARGV[5]  the order's items field as the caller read it (the phone side's keys
+--          were built from it; an order's items never change, this proves it)
+-- ARGV[6]  balance ceiling, ARGV[7] stock ceiling: a refund or a restock that
 --          would cross one is refused (app/fields.py: every sum below 2^53)
 --
 -- Returns {http_status, payload_json, changed}:
@@ -49,7 +49,14 @@ local order_id = order_id_of(KEYS[1])
 if not owner or (ARGV[2] ~= '' and ARGV[2] ~= owner) then
   return {404, cjson.encode({code = 'order_not_found'}), 0}
 end
-if owner ~= ARGV[1] or #KEYS ~= 8 then
+if owner ~= ARGV[1] or items ~= ARGV[5] then
+  return {409, cjson.encode({code = 'order_owner_changed'}), 0}
+end
+local line_count = 0
+for _ in decode_items(items) do
+  line_count = line_count + 1
+end
+if #KEYS ~= 8 + 3 * line_count then
   return {409, cjson.encode({code = 'order_owner_changed'}), 0}
 end
 
@@ -61,27 +68,28 @@ if status ~= STATUS.open then
   return {409, cjson.encode({code = 'order_' .. status}), 0}
 end
 
--- Each line's phone, its partition's ledger, and its reservations: every one read
--- here, before the first write (see the header).
+-- Each line's reservations, phone and ledger: every one read here, before the first
+-- write (on a cluster node a key it does not serve is refused at its first use).
 local lines = {}
 for phone_id, quantity in decode_items(items) do
-  local line = {id = phone_id, phone = phone_key(phone_id), ledger = ledger_key_of(phone_id),
-    quantity = tonumber(quantity)}
-  if redis.call('HEXISTS', reservations_key_of(phone_id), order_id) == 1 then
+  local i = #lines + 1
+  if redis.call('HEXISTS', KEYS[8 + 2 * line_count + i], order_id) == 1 then
     return {307, cjson.encode({code = 'reservation_held'}), 0}
   end
+  local line = {id = phone_id, phone = KEYS[8 + i], ledger = KEYS[8 + line_count + i],
+    quantity = tonumber(quantity)}
   redis.call('EXISTS', line.ledger)
   line.stock = redis.call('HGET', line.phone, 'stock') or '0'
-  lines[#lines + 1] = line
+  lines[i] = line
 end
 
 local balance = redis.call('HGET', KEYS[2], 'balance_cents') or '0'
-if tonumber(balance) + tonumber(total) > tonumber(ARGV[5]) then
-  return {409, cjson.encode({code = 'balance_limit', balance_cents = balance, limit = ARGV[5]}), 0}
+if tonumber(balance) + tonumber(total) > tonumber(ARGV[6]) then
+  return {409, cjson.encode({code = 'balance_limit', balance_cents = balance, limit = ARGV[6]}), 0}
 end
 for _, line in ipairs(lines) do
-  if tonumber(line.stock) + line.quantity > tonumber(ARGV[6]) then
-    return {409, cjson.encode({code = 'stock_limit', phone_id = line.id, stock = line.stock, limit = ARGV[6]}), 0}
+  if tonumber(line.stock) + line.quantity > tonumber(ARGV[7]) then
+    return {409, cjson.encode({code = 'stock_limit', phone_id = line.id, stock = line.stock, limit = ARGV[7]}), 0}
   end
 end
 

@@ -280,6 +280,10 @@ async def _read_order(
     gateway: RedisGateway, principal: Principal, order_id: str
 ) -> tuple[str, str]:
     """The order's owner and items (404 when it is not there or not the requester's)."""
+    if principal.customer_id is not None and (
+        partition_of(order_id) != partition_of(principal.customer_id)
+    ):
+        raise ProblemError("order_not_found")  # a customer's orders are in its partition
     owner, items = await gateway.hmget(keys.order(order_id), ["customer_id", "items"])
     if owner is None or (not principal.is_admin and owner.decode() != principal.customer_id):
         raise ProblemError("order_not_found")
@@ -296,33 +300,22 @@ async def cancel_order(
     fault_point: str = "",
     always_split: bool = False,
 ) -> Order:
-    """Collapsed: one cancel_order script where one node serves every partition of the
-    order and none still holds its reservation (a split order's settle not yet run:
-    the script says so and writes nothing). On one redis-server a customer's cancel is
-    that script alone: its keys are the requester's, and the script finds the phones
-    in the order. Otherwise the order is read first: its owner (the admin's cancel),
-    and its phones, whose partitions decide by redis-py's slot map whether one node
-    serves them all (a cluster). Split: refund on the order's partition, then give
-    each phone partition its units back; the settler's take-back list covers a death
-    in between."""
-    items_field: str | None = None  # read only where the script cannot go first
-    if always_split or not gateway.one_node or principal.customer_id is None:
-        owner_id, items_field = await _read_order(gateway, principal, order_id)
-    elif partition_of(order_id) != partition_of(principal.customer_id):
-        raise ProblemError("order_not_found")  # a customer's orders are in its partition
-    else:
-        owner_id = principal.customer_id  # the script refuses the order if it is not theirs
-    if not always_split and (
-        items_field is None or gateway.one_node_serves(service.cancel_reach(order_id, items_field))
-    ):
+    """The order's owner and items are read first (one round trip): every key the cancel
+    touches is named from them (app/keys.py) and passed in KEYS. Collapsed: one
+    cancel_order script where one node serves every partition of the order (always on
+    one redis-server; on a cluster by redis-py's slot map, with nothing sent where not)
+    and none still holds its reservation (a split order's settle not yet run: the
+    script says so and writes nothing). Split: refund on the order's partition, then
+    give each phone partition its units back; the settler's take-back list covers a
+    death in between."""
+    owner_id, items_field = await _read_order(gateway, principal, order_id)
+    if not always_split:
         with contextlib.suppress(NotOnOneNode):
             cancelled = await service.cancel_on_one_node(
-                scripts, principal, order_id, owner_id, request_id
+                scripts, principal, order_id, owner_id, items_field, request_id
             )
             if cancelled is not None:
                 return cancelled
-    if items_field is None:  # the script met a reservation still held
-        owner_id, items_field = await _read_order(gateway, principal, order_id)
     # The split cancel's give-back settles a reservation still held before giving the
     # units back (return_stock.lua), so it needs no look at the reservations first.
     await _refuse_a_give_back_past_the_ceiling(gateway, items_field)

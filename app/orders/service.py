@@ -163,9 +163,8 @@ def check_order_keys(order_id: str, owner_id: str) -> list[str]:
 
 
 def cancel_keys(order_id: str, owner_id: str) -> list[str]:
-    """cancel_order.lua's KEYS (it finds the phone side itself, from the order's items)
-    and the first of refund_order.lua's: the order's move from open to cancelled and
-    the refund, all in the order's partition."""
+    """The KEYS that cancel_order.lua and refund_order.lua both start with: the order's
+    move from open to cancelled and the refund, all in the order's partition."""
     partition = partition_of(order_id)
     return [
         keys.order(order_id),
@@ -179,21 +178,15 @@ def cancel_keys(order_id: str, owner_id: str) -> list[str]:
     ]
 
 
-def cancel_reach(order_id: str, items: str) -> list[str]:
-    """Every key cancel_order.lua touches for an order with these items: its KEYS' first
-    (the rest share its slot) and the phone side it builds itself (p, lg and rv of each
-    line's partition): where they are decides whether one node can run it."""
+def cancel_order_keys(order_id: str, owner_id: str, items: str) -> list[str]:
+    """cancel_order.lua's KEYS, in the order its header lists them: the order
+    partition's, then each line's phone, its partition's ledger, its reservations."""
+    phone_ids = [line.phone_id for line in decode_items(items)]
     return [
-        keys.order(order_id),
-        *(
-            key
-            for line in decode_items(items)
-            for key in (
-                keys.phone(line.phone_id),
-                keys.ledger_of(line.phone_id),
-                keys.reservations(partition_of(line.phone_id)),
-            )
-        ),
+        *cancel_keys(order_id, owner_id),
+        *[keys.phone(phone_id) for phone_id in phone_ids],
+        *[keys.ledger_of(phone_id) for phone_id in phone_ids],
+        *[keys.reservations(partition_of(phone_id)) for phone_id in phone_ids],
     ]
 
 
@@ -280,22 +273,28 @@ RESERVATION_HELD = 307
 
 
 async def cancel_on_one_node(
-    scripts: Scripts, principal: Principal, order_id: str, owner_id: str, request_id: str
+    scripts: Scripts,
+    principal: Principal,
+    order_id: str,
+    owner_id: str,
+    items_field: str,
+    request_id: str,
 ) -> Order | None:
     """The saga's cancel collapsed: cancel_order.lua (refund and restock in one script)
     where one node serves the order's partition and every phone's; NotOnOneNode, with
     nothing written, where not. None, with nothing written, while a phone partition
-    still holds the order's reservation. Only ``owner_id``'s keys come from the caller
-    (the requester's own id, or the order's owner as read): the script finds the
-    phones in the order and refuses keys built for another owner."""
+    still holds the order's reservation. The keys come from the order's owner and items
+    as the caller read them; the script proves they are still the order's before it
+    writes."""
     result = await scripts.run(
         "cancel_order",
-        cancel_keys(order_id, owner_id),
+        cancel_order_keys(order_id, owner_id, items_field),
         [
             owner_id,
             principal.customer_id or "",
             int(time.time() * 1000),
             request_id,
+            items_field,
             BALANCE_LIMIT,
             STOCK_LIMIT,
         ],
