@@ -37,10 +37,12 @@ Hashes and their fields (all numbers are integers, money in cents):
                   items ("phone_id:quantity:unit_price_cents;...",
                   app/vocabulary.py: encode_items, decode_items),
                   total_cents, seq, created_at (the request id is in the
-                  events only: the order never answers it). Not its id: the
-                  key holds it, after the hash tag (the tag holds no ``}``),
-                  and every reader adds it back (the Lua prelude's
-                  ``order_id_of``/``order_map``, app/orders/service.py)
+                  events only: the order never answers it), stored under
+                  one-letter names (app/vocabulary.py: ORDER_FIELDS, the one
+                  table between them and these). Not its id: the key holds
+                  it, after the hash tag (the tag holds no ``}``), and every
+                  reader adds it back (the Lua prelude's ``order_id_of`` and
+                  ``order_map``, app/orders/service.py: order_from_hash)
 ``i{P}<bucket start, Unix seconds>``  the Idempotency-Key records of
                   partition P made in one time bucket: field = 16 bytes of
                   sha256(customer id, key), value = the first answer
@@ -93,7 +95,8 @@ from app.partitions import PARTITION_TAGS, partition_of
 # 3: the events stream and the mail keys per partition (2 had them global).
 # 4: Idempotency-Key records as fields of per-partition time buckets (3 had a hash per key).
 # 5: no all-orders indexes (4 had oa{P} and co{P}<customer id> beside the status ones).
-LAYOUT_VERSION = 5
+# 6: the order hash's fields under one-letter names (5 had the long ones).
+LAYOUT_VERSION = 6
 LAYOUT = "layout"
 # Keys only the previous layout (one global index per kind, one ledger) had:
 # finding one without LAYOUT means data from before the partitions.

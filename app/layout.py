@@ -10,8 +10,9 @@ before it starts any instance:
   a fresh database, so write ``layout`` (the first start) and go on;
 * an old layout's keys without ``layout``, or another version: refuse, saying what to
   do. There is no migration yet: start from a fresh data directory. (Each version's
-  change is noted at app/keys.py's LAYOUT_VERSION; layout 4's data, for one, holds
-  indexes of all orders that layout 5 neither writes nor reads.)
+  change is noted at app/keys.py's LAYOUT_VERSION: layout 4's data, for one, holds
+  indexes of all orders that later layouts neither write nor read, and layout 5's order
+  hashes have field names layout 6 does not read.)
 
 The same on a Redis Cluster (REDIS_CLUSTER_NODES): each command is on one key.
 """

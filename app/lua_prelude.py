@@ -7,8 +7,9 @@ put it before each), so no script copies a helper or spells a shared word:
   entry's fields, XINFO) as a table of field -> value;
 - hgetall_map(key): the hash at key as such a table ({} when it is missing);
 - order_id_of(key): the order id an order hash's key ends with (app/keys.py: order), and
-  order_map(key): the order hash as a table with its ``id`` added back (the hash does
-  not store it: the key holds it);
+  order_map(key): the order hash as a table under the long field names (ORDER_FIELD,
+  app/vocabulary.py) with its ``id`` added back (the hash does not store it: the key
+  holds it);
 - now_ms(): Redis TIME in milliseconds since the epoch;
 - record_buckets(keys, newest), find_record(buckets, request), store_record(...) and
   replay_reply(status, body): the Idempotency-Key record (app/orders/idempotency.py):
@@ -48,7 +49,8 @@ DEFINITIONS: dict[str, str] = {
     # o{<tag>}<order id>: the tag holds no '}' (app/partitions.py), so the id follows the first.
     "order_id_of": "local function order_id_of(key)"
     " return string.sub(key, string.find(key, '}', 1, true) + 1) end",
-    "order_map": "local function order_map(key) local map = hgetall_map(key)"
+    "order_map": "local function order_map(key) local stored, map = hgetall_map(key), {}"
+    " for name, short in pairs(ORDER_FIELD) do map[name] = stored[short] end"
     " map.id = order_id_of(key) return map end",
     "now_ms": "local function now_ms() local t = redis.call('TIME')"
     " return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) end",

@@ -21,7 +21,7 @@ import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from app.ids import is_valid_id
 from app.partitions import PARTITIONS, new_id, partition_for_email, partition_of
@@ -78,6 +78,33 @@ ORDER_STATUSES = tuple(STATUSES)
 MONEY_KEEPING_STATUSES = tuple(name for name, s in STATUSES.items() if s.keeps_money)
 FINAL_STATUSES = tuple(name for name, s in STATUSES.items() if s.final)
 ORDER_EVENT_TYPES = frozenset(status.event for status in STATUSES.values())
+
+
+# ---- the order hash's field names --------------------------------------------------------
+# As stored in ``o{P}<id>`` (app/keys.py): a letter each, since every byte is paid per
+# order (about 40 bytes of names a hash; docs/data-tier.md 10.1). The API, the scripts'
+# answers and the events keep the long names; this is the one table between the two, for
+# Python (order_fields) and Lua (ORDER_FIELD.<name>, and the prelude's order_map).
+ORDER_FIELDS: dict[str, str] = {
+    "customer_id": "c",
+    "status": "s",
+    "items": "i",
+    "total_cents": "t",
+    "seq": "q",
+    "created_at": "a",
+}
+
+
+def stored_order_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """Order fields under the long names as the hash stores them (for writers outside
+    the scripts: test and load fixtures). An unknown name raises KeyError."""
+    return {ORDER_FIELDS[name]: value for name, value in fields.items()}
+
+
+def order_fields(stored: dict[str, str]) -> dict[str, str]:
+    """An order hash as read (stored names) under the long names; a field it lacks is left
+    out, and so is any other (such as an ``id`` a caller added)."""
+    return {name: stored[short] for name, short in ORDER_FIELDS.items() if short in stored}
 
 
 # ---- the order items field --------------------------------------------------------------
@@ -200,7 +227,8 @@ def _lua_table(mapping: dict[str, str]) -> str:
 
 def lua_definitions() -> dict[str, str]:
     """Lua statements (no comments, no newlines) by the name each defines:
-    STATUS.<name> and ORDER_EVENT.<status name>, which raise on an unknown name;
+    STATUS.<name>, ORDER_EVENT.<status name> and ORDER_FIELD.<long name> (the order
+    hash's stored field name), which raise on an unknown name;
     encode_item(phone_id, quantity, unit_price) and encode_items(list of those);
     decode_items(items): an iterator of phone_id, quantity, unit_price (strings)."""
     field, line = ITEM_FIELD_SEPARATOR, ITEM_LINE_SEPARATOR
@@ -212,6 +240,7 @@ def lua_definitions() -> dict[str, str]:
         f"{_lua_table({name: name for name in STATUSES})}, {strict})",
         "ORDER_EVENT": "local ORDER_EVENT = setmetatable("
         f"{_lua_table({name: s.event for name, s in STATUSES.items()})}, {strict})",
+        "ORDER_FIELD": f"local ORDER_FIELD = setmetatable({_lua_table(ORDER_FIELDS)}, {strict})",
         "encode_item": "local function encode_item(phone_id, quantity, unit_price)"
         f" return phone_id .. '{field}' .. quantity .. '{field}' .. unit_price end",
         "encode_items": "local function encode_items(lines)"

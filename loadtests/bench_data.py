@@ -13,7 +13,7 @@ import urllib.request
 
 from app import keys
 from app.partitions import PARTITIONS, partition_of
-from app.vocabulary import COMPLETED, encode_items
+from app.vocabulary import COMPLETED, ORDER_FIELDS, encode_items
 from loadtests.stack import LoadStack
 
 
@@ -142,20 +142,21 @@ def bulk_load(
         chunk.append(clock.fill(keys.phones_seq(partition), str(base_seq + phones)))
     own = partition_of(customer_id)
     customer_completed = keys.customer_orders_by_status(customer_id, COMPLETED)
+    name = ORDER_FIELDS  # the hash's stored field names
     order_hash = ProtocolCommand(
         "HSET",
         None,
-        "customer_id",
+        name["customer_id"],
         customer_id,
-        "status",
+        name["status"],
         COMPLETED,
-        "items",
+        name["items"],
         encode_items([(phone_id, 1, 100)]),
-        "total_cents",
+        name["total_cents"],
         "100",
-        "seq",
+        name["seq"],
         None,
-        "created_at",
+        name["created_at"],
         now,
     )
     order_indexes = [

@@ -56,7 +56,7 @@ from app import keys
 from app.ids import new_id
 from app.ops.instances import ROOT, mail_argv
 from app.partitions import PARTITIONS, partition_of
-from app.vocabulary import COMPLETED, STATUSES, encode_items
+from app.vocabulary import COMPLETED, STATUSES, encode_items, stored_order_fields
 from loadtests import rig
 from loadtests.ab_refs import checkout
 from loadtests.audit_load import Shop, write_at
@@ -98,14 +98,16 @@ def seed(redis: Redis, mails: int) -> None:
             )
             pipe.hset(
                 keys.order(order_id),
-                mapping={
-                    "customer_id": customer_id,
-                    "status": COMPLETED,
-                    "items": encode_items(lines),
-                    "total_cents": sum(q * c for _, q, c in lines),
-                    "seq": 1,
-                    "created_at": time.time_ns() // 1_000_000,
-                },
+                mapping=stored_order_fields(
+                    {
+                        "customer_id": customer_id,
+                        "status": COMPLETED,
+                        "items": encode_items(lines),
+                        "total_cents": sum(q * c for _, q, c in lines),
+                        "seq": 1,
+                        "created_at": time.time_ns() // 1_000_000,
+                    }
+                ),
             )
             pipe.xadd(
                 keys.events(partition_of(order_id)),

@@ -108,7 +108,7 @@ from app.mail_backlog import entry_ms, read_mail_backlog
 from app.partitions import PARTITIONS, partition_of
 from app.redis_clients import closed_under_the_call, redis_client
 from app.stream_doorbell import Doorbell
-from app.vocabulary import decode_items, is_request_id
+from app.vocabulary import decode_items, is_request_id, order_fields
 from mail import MAIL_EVENT_TYPES, metrics, scripts
 from mail.batch_redis import BatchRedis, Loaded
 from mail.render import (
@@ -223,9 +223,11 @@ def request_context(fields: dict[str, str]) -> Iterator[None]:
 def parse_order(
     order_id: str, order: dict[str, str]
 ) -> tuple[str, list[tuple[str, int, int]], int]:
-    """(customer id, lines, total) of an order hash, or BadEvent."""
+    """(customer id, lines, total) of an order hash as read (its short field names), or
+    BadEvent."""
     if not order:
         raise BadEvent(f"order {order_id} not found")
+    order = order_fields(order)
     customer_id = order.get("customer_id", "")
     if not is_valid_id(customer_id):
         raise BadEvent(f"order {order_id} has an invalid customer id")

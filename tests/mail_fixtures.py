@@ -44,6 +44,7 @@ from redis.exceptions import ResponseError
 from app import keys, partitions
 from app.ids import new_id
 from app.ops.instances import ROOT, mail_argv
+from app.vocabulary import stored_order_fields
 from loadtests.support.mail_sink import MailSink, running_sink
 from loadtests.support.servers import RedisServer, clean_env, free_port, stop_process
 from mail.settings import MailSettings
@@ -503,14 +504,16 @@ async def seed_order(
     )
     await redis.hset(
         keys.order(order_id),
-        mapping={
-            "customer_id": customer_id,
-            "status": status,
-            "items": ";".join(f"{p}:{q}:{c}" for p, _, q, c in seeded),
-            "total_cents": total,
-            "seq": 1,
-            "created_at": time.time_ns() // 1_000_000,
-        },
+        mapping=stored_order_fields(
+            {
+                "customer_id": customer_id,
+                "status": status,
+                "items": ";".join(f"{p}:{q}:{c}" for p, _, q, c in seeded),
+                "total_cents": total,
+                "seq": 1,
+                "created_at": time.time_ns() // 1_000_000,
+            }
+        ),
     )
     return SeededOrder(order_id, customer_id, email, seeded, total, balance_cents)
 

@@ -13,7 +13,7 @@ from app.admin.audit import BATCH
 from app.orders.service import place_order
 from app.redis_gateway import gateway_over
 from app.scripts import Scripts
-from app.vocabulary import new_order_id
+from app.vocabulary import ORDER_FIELDS, new_order_id
 from tests.helpers import ADMIN, Shop, settled
 
 PREFILL = 4 * BATCH  # enough rows that one audit takes several round trips
@@ -155,12 +155,12 @@ async def test_audit_at_rest_catches_every_kind_of_tampering(shop: Shop, redis: 
     ]
     await redis.hincrby(keys.phone(phone["id"]), "stock", 1)
 
-    await redis.hset(keys.order(order["id"]), "total_cents", 150)
+    await redis.hset(keys.order(order["id"]), ORDER_FIELDS["total_cents"], 150)
     audit = await shop.audit()
     assert check(audit, "rows_consistent")["rows"] == [
         {"order_id": order["id"], "total": 150, "lines": 200}
     ]
-    await redis.hset(keys.order(order["id"]), "total_cents", 200)
+    await redis.hset(keys.order(order["id"]), ORDER_FIELDS["total_cents"], 200)
 
     # The ledger itself: its identity holds at every moment, so this shows at once.
     await redis.hincrby(keys.ledger_of(customer["id"]), "open_cents", 5)

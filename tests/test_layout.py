@@ -96,8 +96,9 @@ async def test_every_earlier_layout_version_is_refused_saying_what_to_do(
     redis: Redis, version: int
 ) -> None:
     """Layout 4 had indexes of all orders (oa, co without a status) that layout 5 no
-    longer writes or reads: its lists would miss nothing, but its memory would never
-    come back and the data would be of two layouts. No migration: a fresh directory."""
+    longer writes or reads (their memory would never come back); layout 5's order hashes
+    have the long field names, which layout 6 does not read (its orders would look
+    empty). No migration: a fresh directory."""
     await redis.set(keys.LAYOUT, version)
     await redis.zadd("oa{A}", {"AAAAAAAAAAAAAAAAAAAAAA": 1})  # as layout 4 indexed all orders
     before = {key: await redis.dump(key) for key in await redis.keys("*")}

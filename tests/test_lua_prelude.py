@@ -22,6 +22,7 @@ from app.lua_prelude import (
 )
 from app.redis_gateway import gateway_over
 from app.scripts import ONE_NODE_SCRIPTS, Scripts, load_across_slots_source, load_source
+from app.vocabulary import ORDER_FIELDS, order_fields
 from mail import scripts as mail_scripts
 from tests.helpers import Shop
 
@@ -94,12 +95,13 @@ async def test_the_scripts_that_use_hgetall_map_answer_the_whole_hash(
             assert answer.status == 200
             body = (await answer.json())["order"]
             row = await stored(keys.order(order["id"]))
-            # The hash does not store the id (its key holds it): order_map adds it back.
-            assert "id" not in row
+            # The hash does not store the id (its key holds it) and has the short field
+            # names: order_map answers the long ones and adds the id back.
+            assert "id" not in row and set(row) == set(ORDER_FIELDS.values())
             assert (body["id"], body["status"], body["total_cents"]) == (
                 order["id"],
-                row["status"],
-                int(row["total_cents"]),
+                order_fields(row)["status"],
+                int(order_fields(row)["total_cents"]),
             )
 
 

@@ -32,6 +32,7 @@ from app.ops.instances import mail_argv
 from app.ops.poll import wait_until_async
 from app.partitions import new_id, partition_of
 from app.settings import SettingsError
+from app.vocabulary import ORDER_FIELDS
 from loadtests.support.mail_sink import MailSink
 from loadtests.support.servers import RedisServer, free_port, running_redis
 from mail.render import HEADERS
@@ -148,7 +149,7 @@ async def test_open_order_mails_once_checked_cancelled_never(
     assert smtp_server.received == []
     assert worker.stats["ignored"] == 3
 
-    await mail_redis.hset(keys.order(open_order.order_id), "status", "completed")
+    await mail_redis.hset(keys.order(open_order.order_id), ORDER_FIELDS["status"], "completed")
     await add_event(mail_redis, "order.completed", open_order)
     await wait_until_async(lambda: is_sent(mail_redis, open_order))
     await wait_until_async(lambda: group_idle(mail_redis))

@@ -13,7 +13,7 @@ import pytest
 
 from app import keys, partitions
 from app.orders import saga as steps
-from app.vocabulary import OPEN, encode_items
+from app.vocabulary import OPEN, ORDER_FIELDS, encode_items
 from tests.saga_fixtures import (
     ORDER_PARTITION,
     OTHER_PHONE_PARTITION,
@@ -212,7 +212,7 @@ async def test_fence_after_the_commit_says_committed_and_writes_no_marker(
 ) -> None:
     committed, absent = order_id(), order_id()
     # The commit's one trace the fence reads: the order hash exists.
-    await saga.redis.hset(keys.order(committed), mapping={"status": OPEN})
+    await saga.redis.hset(keys.order(committed), mapping={ORDER_FIELDS["status"]: OPEN})
     outcomes = await steps.fence(saga.scripts, ORDER_PARTITION, [committed, absent])
     assert outcomes == [steps.COMMITTED, steps.ABORTED]
     assert await saga.redis.hkeys(keys.aborts(ORDER_PARTITION)) == [absent]

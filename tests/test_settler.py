@@ -21,7 +21,7 @@ from app.orders import saga as steps
 from app.orders.saga_service import commit_order_keys
 from app.orders.settler import Settler
 from app.redis_gateway import WriteUnconfirmed
-from app.vocabulary import CANCELLED, OPEN, encode_items
+from app.vocabulary import CANCELLED, OPEN, ORDER_FIELDS, encode_items
 from tests.saga_fixtures import (
     ORDER_PARTITION,
     OTHER_PHONE_PARTITION,
@@ -84,7 +84,7 @@ async def test_settler_settles_a_committed_orders_reservation_as_sold(
     order = partitions.new_id(ORDER_PARTITION)
     await steps.reserve(saga.scripts, order, PHONE_PARTITION, [(phone, 1)], now_ms() + 2_000)
     # The app committed (the order exists) and died before settling.
-    await saga.redis.hset(keys.order(order), mapping={"status": OPEN})
+    await saga.redis.hset(keys.order(order), mapping={ORDER_FIELDS["status"]: OPEN})
 
     async def sold() -> bool:
         return (await saga.units(phone))["sold"] == 1
@@ -107,7 +107,9 @@ async def test_settler_takes_back_a_cancelled_orders_stock_on_every_phone_partit
     await steps.settle(saga.scripts, PHONE_PARTITION, order, steps.COMMITTED, lines)
     await steps.reserve(saga.scripts, order, OTHER_PHONE_PARTITION, [(other, 1)], LATER_MS)
     items = encode_items([(phone, 2, 100), (other, 1, 200)])
-    await saga.redis.hset(keys.order(order), mapping={"status": CANCELLED, "items": items})
+    await saga.redis.hset(
+        keys.order(order), mapping={ORDER_FIELDS["status"]: CANCELLED, ORDER_FIELDS["items"]: items}
+    )
     # Then cancelled (the refund is cancel_order's); the app died before giving stock back.
     await saga.redis.zadd(keys.take_backs_due(ORDER_PARTITION), {order: now_ms()})
 

@@ -24,6 +24,7 @@ from app.scripts import load_source, problem_from_script
 from app.vocabulary import (
     OPEN,
     ORDER_EVENT_TYPES,
+    ORDER_FIELDS,
     ORDER_STATUSES,
     REQUEST_ID_PATTERN,
     STATUSES,
@@ -110,7 +111,7 @@ async def test_an_order_in_a_status_the_script_does_not_handle_is_refused_by_tha
     customer, auth = await shop.customer()
     order = (await (await shop.order(auth, [(phone["id"], 2)], autocheck=False)).json())["order"]
     owner = customer["id"]
-    await redis.hset(keys.order(order["id"]), "status", "refunded")
+    await redis.hset(keys.order(order["id"]), ORDER_FIELDS["status"], "refunded")
     before = {key: await redis.dump(key) for key in await redis.keys("*")}
     if script == "check_order":
         script_keys = check_order_keys(order["id"], owner)

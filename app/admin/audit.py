@@ -53,7 +53,13 @@ from app import keys
 from app.partitions import PARTITIONS, partition_of
 from app.scripts import load_source
 from app.timestamps import iso_time
-from app.vocabulary import FINAL_STATUSES, MONEY_KEEPING_STATUSES, ORDER_STATUSES, decode_items
+from app.vocabulary import (
+    FINAL_STATUSES,
+    MONEY_KEEPING_STATUSES,
+    ORDER_FIELDS,
+    ORDER_STATUSES,
+    decode_items,
+)
 
 LEDGER_MISSING = (
     "ledger missing: this database was written before the ledger existed. Stop every "
@@ -149,6 +155,10 @@ class Start:
 # it moves into a status already walked past it: the bounds check allows that, and at
 # rest nothing moves). There is no index of all orders (app/keys.py, layout 5).
 _WALK = (*FINAL_STATUSES, *(s for s in ORDER_STATUSES if s not in FINAL_STATUSES))
+
+
+# The order fields the recount reads, in the order _recount_orders unpacks them.
+_ORDER_ROW = ("status", "items", "total_cents")
 
 
 def _order_indexes(partition: int) -> tuple[str, ...]:
@@ -281,7 +291,7 @@ async def _recount_partition(
     newest = max(last[index] for index in orders)
     for index in orders:
         async for batch in _rows(
-            redis, index, newest, keys.order, ["status", "items", "total_cents"]
+            redis, index, newest, keys.order, [ORDER_FIELDS[name] for name in _ORDER_ROW]
         ):
             _recount_orders(found, partition, index, batch)
 

@@ -41,9 +41,11 @@
 --        the ceiling; nothing written (spend some, or complete the order)
 --   409, {code="stock_limit", phone_id, stock, limit}  likewise for a line's restock
 --
--- STATUS, ORDER_EVENT, decode_items, order_id_of, order_map: the prelude (app/lua_prelude.py).
+-- STATUS, ORDER_EVENT, decode_items, ORDER_FIELD, order_id_of,
+-- order_map: the prelude (app/lua_prelude.py).
 
-local order = redis.call('HMGET', KEYS[1], 'customer_id', 'status', 'seq', 'items', 'total_cents')
+local order = redis.call('HMGET', KEYS[1], ORDER_FIELD.customer_id, ORDER_FIELD.status,
+  ORDER_FIELD.seq, ORDER_FIELD.items, ORDER_FIELD.total_cents)
 local owner, status, seq, items, total = order[1], order[2], order[3], order[4], order[5]
 local order_id = order_id_of(KEYS[1])
 if not owner or (ARGV[2] ~= '' and ARGV[2] ~= owner) then
@@ -108,7 +110,7 @@ for _, line in ipairs(lines) do
   end
 end
 redis.call('HINCRBY', KEYS[2], 'balance_cents', total)
-redis.call('HSET', KEYS[1], 'status', STATUS.cancelled)
+redis.call('HSET', KEYS[1], ORDER_FIELD.status, STATUS.cancelled)
 redis.call('ZREM', KEYS[3], order_id)
 redis.call('ZADD', KEYS[4], seq, order_id)
 redis.call('ZREM', KEYS[5], order_id)

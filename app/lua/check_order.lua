@@ -25,9 +25,11 @@
 --   409, {code="order_<status>"}       not open, e.g. order_cancelled; nothing written
 --   409, {code="order_owner_changed"}  the caller's keys do not fit; nothing written
 --
--- STATUS, ORDER_EVENT, decode_items, order_id_of, order_map: the prelude (app/lua_prelude.py).
+-- STATUS, ORDER_EVENT, decode_items, ORDER_FIELD, order_id_of,
+-- order_map: the prelude (app/lua_prelude.py).
 
-local order = redis.call('HMGET', KEYS[1], 'customer_id', 'status', 'seq', 'items', 'total_cents')
+local order = redis.call('HMGET', KEYS[1], ORDER_FIELD.customer_id, ORDER_FIELD.status,
+  ORDER_FIELD.seq, ORDER_FIELD.items, ORDER_FIELD.total_cents)
 local owner, status, seq, items, total = order[1], order[2], order[3], order[4], order[5]
 local order_id = order_id_of(KEYS[1])
 if not owner or (ARGV[2] ~= '' and ARGV[2] ~= owner) then
@@ -49,7 +51,7 @@ local units = 0
 for _, quantity in decode_items(items) do
   units = units + tonumber(quantity)
 end
-redis.call('HSET', KEYS[1], 'status', STATUS.completed)
+redis.call('HSET', KEYS[1], ORDER_FIELD.status, STATUS.completed)
 redis.call('ZREM', KEYS[2], order_id)
 redis.call('ZADD', KEYS[3], seq, order_id)
 redis.call('ZREM', KEYS[4], order_id)

@@ -58,7 +58,7 @@
 --   503, {code="service_unavailable"}, 0          past the expiry; marker written
 --   error reply "commit_order: ..."               bad items; nothing written
 --
--- STATUS, ORDER_EVENT, decode_items, order_map, next_seq, now_ms, record_buckets,
+-- STATUS, ORDER_EVENT, ORDER_FIELD, decode_items, order_map, next_seq, now_ms, record_buckets,
 -- find_record, store_record, replay_reply: the prelude (app/lua_prelude.py).
 
 if #KEYS ~= 14 then
@@ -159,10 +159,10 @@ local order = {
   seq = seq,
   created_at = ARGV[3],
 }
--- The id is not stored: the key holds it (app/keys.py), and every reader adds it back.
-redis.call('HSET', KEYS[3], 'customer_id', order.customer_id, 'status', status,
-  'items', order.items, 'total_cents', order.total_cents, 'seq', order.seq,
-  'created_at', order.created_at)
+-- Under the short names (ORDER_FIELD); not the id: the key holds it, every reader adds it back.
+redis.call('HSET', KEYS[3], ORDER_FIELD.customer_id, order.customer_id, ORDER_FIELD.status, status,
+  ORDER_FIELD.items, order.items, ORDER_FIELD.total_cents, order.total_cents,
+  ORDER_FIELD.seq, order.seq, ORDER_FIELD.created_at, order.created_at)
 redis.call('ZADD', KEYS[4], seq, order_id)
 redis.call('ZADD', KEYS[5], seq, order_id)
 redis.call('HINCRBY', KEYS[8], 'balance_cents', -total)

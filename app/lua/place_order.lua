@@ -45,7 +45,7 @@
 --   stored status and payload, 1                  the key's refusal, replayed
 --   error reply "place_order: ..."               KEYS do not fit ARGV; nothing written
 --
--- STATUS, ORDER_EVENT, encode_item(s), next_seq, record_buckets, find_record,
+-- STATUS, ORDER_EVENT, ORDER_FIELD, encode_item(s), next_seq, record_buckets, find_record,
 -- store_record, replay_reply: the prelude (app/lua_prelude.py).
 
 local function fmt(n)
@@ -142,10 +142,10 @@ local order = {
   seq = seq,
   created_at = ARGV[3],
 }
--- The id is not stored: the key holds it (app/keys.py), and every reader adds it back.
-redis.call('HSET', KEYS[3], 'customer_id', order.customer_id, 'status', status,
-  'items', order.items, 'total_cents', order.total_cents, 'seq', order.seq,
-  'created_at', order.created_at)
+-- Under the short names (ORDER_FIELD); not the id: the key holds it, every reader adds it back.
+redis.call('HSET', KEYS[3], ORDER_FIELD.customer_id, order.customer_id, ORDER_FIELD.status, status,
+  ORDER_FIELD.items, order.items, ORDER_FIELD.total_cents, order.total_cents,
+  ORDER_FIELD.seq, order.seq, ORDER_FIELD.created_at, order.created_at)
 redis.call('ZADD', KEYS[4], seq, ARGV[1])
 redis.call('ZADD', KEYS[5], seq, ARGV[1])
 redis.call('HINCRBY', KEYS[8], 'balance_cents', -total)

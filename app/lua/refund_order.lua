@@ -32,9 +32,11 @@
 --   409, {code="order_owner_changed"}  the caller's keys do not fit; nothing written
 --   409, {code="balance_limit", balance_cents, limit}  nothing written
 --
--- STATUS, ORDER_EVENT, decode_items, order_id_of, order_map: the prelude (app/lua_prelude.py).
+-- STATUS, ORDER_EVENT, decode_items, ORDER_FIELD, order_id_of,
+-- order_map: the prelude (app/lua_prelude.py).
 
-local order = redis.call('HMGET', KEYS[1], 'customer_id', 'status', 'seq', 'items', 'total_cents')
+local order = redis.call('HMGET', KEYS[1], ORDER_FIELD.customer_id, ORDER_FIELD.status,
+  ORDER_FIELD.seq, ORDER_FIELD.items, ORDER_FIELD.total_cents)
 local owner, status, seq, items, total = order[1], order[2], order[3], order[4], order[5]
 local order_id = order_id_of(KEYS[1])
 if not owner or (ARGV[2] ~= '' and ARGV[2] ~= owner) then
@@ -60,7 +62,7 @@ for _, quantity in decode_items(items) do
   units = units + tonumber(quantity)
 end
 redis.call('HINCRBY', KEYS[2], 'balance_cents', total)
-redis.call('HSET', KEYS[1], 'status', STATUS.cancelled)
+redis.call('HSET', KEYS[1], ORDER_FIELD.status, STATUS.cancelled)
 redis.call('ZREM', KEYS[3], order_id)
 redis.call('ZADD', KEYS[4], seq, order_id)
 redis.call('ZREM', KEYS[5], order_id)

@@ -49,7 +49,7 @@ from app.partitions import partition_of
 from app.problems import ProblemError, retry_later
 from app.redis_gateway import NotOnOneNode, RedisGateway
 from app.scripts import ScriptResult, Scripts, problem_from_script
-from app.vocabulary import COMPLETED, OPEN, decode_items, encode_items, new_order_id
+from app.vocabulary import COMPLETED, OPEN, ORDER_FIELDS, decode_items, encode_items, new_order_id
 
 log = logging.getLogger("app.orders.saga")
 
@@ -284,7 +284,9 @@ async def _read_order(
         partition_of(order_id) != partition_of(principal.customer_id)
     ):
         raise ProblemError("order_not_found")  # a customer's orders are in its partition
-    owner, items = await gateway.hmget(keys.order(order_id), ["customer_id", "items"])
+    owner, items = await gateway.hmget(
+        keys.order(order_id), [ORDER_FIELDS["customer_id"], ORDER_FIELDS["items"]]
+    )
     if owner is None or (not principal.is_admin and owner.decode() != principal.customer_id):
         raise ProblemError("order_not_found")
     return owner.decode(), items.decode()

@@ -25,7 +25,15 @@ from app.query import Page
 from app.redis_gateway import RedisGateway
 from app.scripts import Scripts, problem_from_script
 from app.timestamps import iso_time
-from app.vocabulary import CANCELLED, COMPLETED, OPEN, ORDER_STATUSES, decode_items
+from app.vocabulary import (
+    CANCELLED,
+    COMPLETED,
+    OPEN,
+    ORDER_FIELDS,
+    ORDER_STATUSES,
+    decode_items,
+    order_fields,
+)
 
 
 def order_items(items: str) -> list[OrderItem]:
@@ -41,8 +49,8 @@ def order_items(items: str) -> list[OrderItem]:
 
 
 def order_from_fields(fields: dict[str, str]) -> Order:
-    """An order from its hash's fields and ``id``, which the hash does not store (its key
-    holds it): every reader adds it back, the scripts with the prelude's ``order_map``."""
+    """An order from its fields under the long names and its ``id``, as the scripts
+    answer them (the prelude's ``order_map``); see order_from_hash for a hash as read."""
     return Order(
         id=fields["id"],
         customer_id=fields["customer_id"],
@@ -51,6 +59,12 @@ def order_from_fields(fields: dict[str, str]) -> Order:
         total_cents=int(fields["total_cents"]),
         created_at=iso_time(fields["created_at"]),
     )
+
+
+def order_from_hash(order_id: str, stored: dict[str, str]) -> Order:
+    """An order from its hash as read: the short field names (app/vocabulary.py:
+    ORDER_FIELDS), and not the id, which the key holds."""
+    return order_from_fields({**order_fields(stored), "id": order_id})
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +82,9 @@ async def replayed_order(gateway: RedisGateway, order_id: str, autocheck: bool) 
     if not fields:
         # Orders are never deleted, and the record was written with its order.
         raise ProblemError("internal_error", "The order this Idempotency-Key placed is gone")
-    return order_from_fields({**fields, "id": order_id, "status": COMPLETED if autocheck else OPEN})
+    return order_from_fields(
+        {**order_fields(fields), "id": order_id, "status": COMPLETED if autocheck else OPEN}
+    )
 
 
 async def answered_order(
@@ -233,7 +249,7 @@ async def get_order(gateway: RedisGateway, principal: Principal, order_id: str) 
     fields = await gateway.hgetall(keys.order(order_id))
     if not fields:
         raise ProblemError("order_not_found")
-    order = order_from_fields({**fields, "id": order_id})
+    order = order_from_hash(order_id, fields)
     if not principal.is_admin and order.customer_id != principal.customer_id:
         raise ProblemError("order_not_found")
     return order
@@ -245,7 +261,7 @@ async def _order_owner(gateway: RedisGateway, principal: Principal, order_id: st
             # A customer's orders are all in the customer's partition.
             raise ProblemError("order_not_found")
         return principal.customer_id  # the script refuses the order if it is not theirs
-    [owner] = await gateway.hmget(keys.order(order_id), ["customer_id"])
+    [owner] = await gateway.hmget(keys.order(order_id), [ORDER_FIELDS["customer_id"]])
     if owner is None:
         raise ProblemError("order_not_found")
     return owner.decode()
@@ -326,4 +342,4 @@ async def list_orders(
         total, rows = await merged_page_of_hashes(
             gateway, indexes, page, keys.order, newest_first=True, id_field="id"
         )
-    return total, [order_from_fields(row) for row in rows]
+    return total, [order_from_hash(row["id"], row) for row in rows]

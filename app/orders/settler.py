@@ -43,6 +43,7 @@ from app.orders import saga
 from app.partitions import PARTITIONS, partition_of
 from app.redis_gateway import RedisGateway, WriteUnconfirmed
 from app.scripts import Scripts
+from app.vocabulary import ORDER_FIELDS
 
 log = logging.getLogger("app.settler")
 
@@ -279,7 +280,7 @@ class Settler:
         ]
         taken = 0
         for order_id in order_ids:
-            [items] = await self.gateway.hmget(keys.order(order_id), ["items"])
+            [items] = await self.gateway.hmget(keys.order(order_id), [ORDER_FIELDS["items"]])
             if items is None:
                 log.error("take-back of %s: no such order on partition %d", order_id, partition)
                 continue
