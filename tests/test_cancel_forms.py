@@ -25,7 +25,7 @@ from app.phones.models import PhoneCreate
 from app.problems import ProblemError
 from app.redis_gateway import RedisGateway, gateway_over
 from app.scripts import Scripts
-from app.vocabulary import CANCELLED
+from app.vocabulary import CANCELLED, ORDER_FIELDS
 from tests.helpers import CountingTransport, gateway_calls
 from tests.saga_fixtures import ORDER_PARTITION, SagaWorld
 
@@ -131,7 +131,7 @@ async def test_a_reservation_still_held_stops_the_script_and_the_split_cancel_gi
     order_id = await _place(scripts, customer, [(phone, 2), (other, 1)], always_split=True)
     assert await _units(redis, phone) == [3, 2, 0]
     before = {key: await redis.dump(key) for key in await redis.keys("*")}
-    items = (await redis.hget(keys.order(order_id), "items")).decode()
+    items = (await redis.hget(keys.order(order_id), ORDER_FIELDS["items"])).decode()
     held = await service.cancel_on_one_node(
         scripts, Principal(customer), order_id, customer, items, "r"
     )

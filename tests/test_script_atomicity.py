@@ -29,6 +29,7 @@ from app.partitions import PARTITIONS, partition_of
 from app.problems import ProblemError
 from app.redis_gateway import gateway_over
 from app.scripts import Scripts
+from app.vocabulary import ORDER_FIELDS
 from tests.helpers import ADMIN, Shop, settled, snapshot
 
 Hashes = dict[bytes, dict[bytes, bytes]]
@@ -270,7 +271,7 @@ async def test_scripts_refuse_keys_that_do_not_fit_the_order(shop: Shop, redis: 
             [other["id"], "", 0, "req"],
         )
     assert wrong_owner.value.code == "order_owner_changed"
-    items = (await redis.hget(keys.order(order["id"]), "items")).decode()
+    items = (await redis.hget(keys.order(order["id"]), ORDER_FIELDS["items"])).decode()
     limits = [10**15, 10**12]
     with pytest.raises(ProblemError) as wrong_owner:
         await scripts.run(

@@ -117,7 +117,7 @@ async def test_an_order_in_a_status_the_script_does_not_handle_is_refused_by_tha
         script_keys = check_order_keys(order["id"], owner)
         args = [owner, "", 0, "req"]
     else:
-        items = (await redis.hget(keys.order(order["id"]), "items")).decode()
+        items = (await redis.hget(keys.order(order["id"]), ORDER_FIELDS["items"])).decode()
         script_keys = cancel_order_keys(order["id"], owner, items)
         args = [owner, "", 0, "req", items, 10**15, 10**12]
     status, payload, changed = await redis.eval(
