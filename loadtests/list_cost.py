@@ -1,0 +1,244 @@
+"""What a page of the order lists costs on layout 6 (status indexes only) against layout 4
+(an index of all orders beside them), in one run on one redis-server:
+
+    python -m loadtests.list_cost --rows 200000
+
+Layout 5 dropped the all-orders indexes (docs/data-tier.md 10.1), so a list without a
+status filter merges the status indexes (app/paging.py): the admin's all orders read
+3 x 128 indexes instead of 128, a customer's its 3 instead of one ZREVRANGE by rank.
+This fills both forms side by side (the layout-4 indexes by the names it had, which
+app/keys.py no longer builds), then pages through each with the app's own paging code,
+alternating A (layout 4) and B (layout 6) rounds: Redis commands and round trips per
+page, and CPU per page of this process and of redis-server. Two sizes (a tenth of the
+rows, then all), so a cost that does not grow with the data shows as equal; the
+customer has CUSTOMER_ORDERS orders at both. Only the index reads are measured: the
+page's hashes are the same either way.
+
+Traffic goes only to 127.0.0.1, to a redis-server this module starts on a free port in
+a temp folder and stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+
+from app import keys
+from app.ops.redis_cluster import free_ports
+from app.paging import merged_page
+from app.partitions import PARTITION_TAGS, PARTITIONS, new_id
+from app.redis_gateway import ClientTransport, RedisGateway
+from app.vocabulary import ORDER_STATUSES
+from loadtests.datatier import standalone
+
+# A shop's orders are mostly completed: open and cancelled ones are a tenth each.
+STATUS_WEIGHTS = (1, 8, 1)
+CUSTOMER_ORDERS = 2_000  # the customer whose own list is paged
+PAGE = 10
+DEEP_OFFSET = 1_500  # past HEAD_LIMIT: a deep page bisects on scores
+ROUNDS = 3
+
+
+class CountingTransport(ClientTransport):
+    """Counts round trips and commands."""
+
+    def __init__(self, client: Redis) -> None:
+        super().__init__(client)
+        self.round_trips = self.commands = 0
+
+    async def execute(self, *args: Any) -> Any:
+        self.round_trips += 1
+        self.commands += 1
+        return await super().execute(*args)
+
+    async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        self.round_trips += 1
+        self.commands += len(commands)
+        return await super().execute_many(commands)
+
+
+def _all_orders(partition: int) -> str:
+    """Layout 4's index of all orders of a partition (app/keys.py names it no more)."""
+    return f"oa{{{PARTITION_TAGS[partition]}}}"
+
+
+def _customer_all_orders(customer_id: str, partition: int) -> str:
+    return f"co{{{PARTITION_TAGS[partition]}}}{customer_id}"
+
+
+async def fill(redis: Redis, start: int, stop: int, customer_id: str, seed: int) -> None:
+    """Orders ``start..stop-1`` in both forms, spread over the partitions; with the first
+    rows, the customer's CUSTOMER_ORDERS (in partition 0, between the others' seqs)."""
+    rng = random.Random(seed)
+    base = 1_764_600_000_000_000
+
+    def add(pipe: Any, partition: int, seq: int, customer: bool) -> None:
+        order_id = new_id(partition)
+        status = rng.choices(ORDER_STATUSES, weights=STATUS_WEIGHTS)[0]
+        pipe.zadd(_all_orders(partition), {order_id: seq})
+        pipe.zadd(keys.orders_by_status(partition, status), {order_id: seq})
+        if customer:
+            pipe.zadd(_customer_all_orders(customer_id, partition), {order_id: seq})
+            pipe.zadd(keys.customer_orders_by_status(customer_id, status), {order_id: seq})
+
+    async with redis.pipeline(transaction=False) as pipe:
+        if start == 0:
+            for j in range(CUSTOMER_ORDERS):
+                add(pipe, 0, base + PARTITIONS * j + PARTITIONS // 2, customer=True)
+        for i in range(start, stop):
+            add(pipe, i % PARTITIONS, base + i, customer=False)
+            if i % 5_000 == 4_999:
+                await pipe.execute()
+        await pipe.execute()
+
+
+async def _by_rank(gateway: RedisGateway, index: str, offset: int) -> list[bytes]:
+    """Layout 4's customer list: ZCARD and ZREVRANGE by rank (app/paging.py:
+    page_of_hashes without the hashes)."""
+    _, ids = await gateway.execute_many(
+        [("ZCARD", index), ("ZREVRANGE", index, offset, offset + PAGE - 1)]
+    )
+    return ids
+
+
+async def _redis_cpu(redis: Redis) -> float:
+    info = await redis.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+async def measure_page(
+    redis: Redis, read: Callable[[RedisGateway], Awaitable[list[bytes]]], pages: int
+) -> dict[str, Any]:
+    """``pages`` reads of one page: commands and round trips of one, CPU per page."""
+    transport = CountingTransport(Redis(connection_pool=redis.connection_pool))
+    gateway = RedisGateway(transport)
+    members = await read(gateway)
+    per_page = (transport.round_trips, transport.commands)
+    redis_before, own_before = await _redis_cpu(redis), time.process_time()
+    for _ in range(pages):
+        assert await read(gateway) == members
+    own = (time.process_time() - own_before) / pages
+    redis_cpu = (await _redis_cpu(redis) - redis_before) / pages
+    return {
+        "round_trips": per_page[0],
+        "commands": per_page[1],
+        "app_cpu_us": own * 1e6,
+        "redis_cpu_us": redis_cpu * 1e6,
+        "members": members,
+    }
+
+
+def _cases(customer_id: str) -> dict[str, tuple[Callable, Callable, int]]:
+    """Name -> (layout 4's read, layout 6's read, pages per round)."""
+    all_orders = [_all_orders(p) for p in range(PARTITIONS)]
+    # Partition-major, as app/orders/service.py lists them.
+    statuses = [keys.orders_by_status(p, s) for p in range(PARTITIONS) for s in ORDER_STATUSES]
+    own_all = _customer_all_orders(customer_id, 0)
+    own_statuses = [keys.customer_orders_by_status(customer_id, s) for s in ORDER_STATUSES]
+
+    def merged(indexes: list[str], offset: int) -> Callable:
+        async def read(gateway: RedisGateway) -> list[bytes]:
+            _, members = await merged_page(gateway, indexes, offset, PAGE, newest_first=True)
+            return members
+
+        return read
+
+    def ranked(offset: int) -> Callable:
+        return lambda gateway: _by_rank(gateway, own_all, offset)
+
+    return {
+        "admin, all orders, page 1": (merged(all_orders, 0), merged(statuses, 0), 60),
+        f"admin, all orders, offset {DEEP_OFFSET}": (
+            merged(all_orders, DEEP_OFFSET),
+            merged(statuses, DEEP_OFFSET),
+            4,
+        ),
+        "a customer's orders, page 1": (ranked(0), merged(own_statuses, 0), 400),
+        f"a customer's orders, offset {DEEP_OFFSET}": (
+            ranked(DEEP_OFFSET),
+            merged(own_statuses, DEEP_OFFSET),
+            40,
+        ),
+    }
+
+
+async def measure(redis: Redis, customer_id: str) -> dict[str, Any]:
+    """Each case: A and B alternated ROUNDS times; the medians, and B/A."""
+    out: dict[str, Any] = {}
+    for name, (before, after, pages) in _cases(customer_id).items():
+        runs: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}
+        for _ in range(ROUNDS):
+            runs["a"].append(await measure_page(redis, before, pages))
+            runs["b"].append(await measure_page(redis, after, pages))
+        # The same rows either way: both forms list the same orders in the same order.
+        assert runs["a"][0]["members"] == runs["b"][0]["members"], name
+        row: dict[str, Any] = {}
+        for side, label in (("a", "layout 4"), ("b", "layout 6")):
+            row[label] = {
+                "round_trips": runs[side][0]["round_trips"],
+                "commands": runs[side][0]["commands"],
+                **{
+                    k: round(statistics.median(r[k] for r in runs[side]), 1)
+                    for k in ("app_cpu_us", "redis_cpu_us")
+                },
+            }
+        row["app_cpu_ratio"] = round(
+            row["layout 6"]["app_cpu_us"] / row["layout 4"]["app_cpu_us"], 2
+        )
+        row["redis_cpu_ratio"] = round(
+            row["layout 6"]["redis_cpu_us"] / max(row["layout 4"]["redis_cpu_us"], 0.1), 2
+        )
+        out[name] = row
+    return out
+
+
+async def run(directory: Path, rows: int) -> dict[str, Any]:
+    port = free_ports(1)[0]
+    server = standalone(directory, port)
+    redis = Redis(host="127.0.0.1", port=port)
+    customer_id = new_id(0)
+    result: dict[str, Any] = {"rows": rows, "customer_orders": CUSTOMER_ORDERS}
+    try:
+        filled = 0
+        for size in (rows // 10, rows):
+            await fill(redis, filled, size, customer_id, seed=size)
+            filled = size
+            result[str(size)] = await measure(redis, customer_id)
+    finally:
+        await redis.aclose()
+        server.send_signal(signal.SIGTERM)
+        server.wait(30)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.list_cost", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.rows // 10 < 2 * DEEP_OFFSET:
+        parser.error(f"--rows must be at least {20 * DEEP_OFFSET}: a tenth of it is paged deep")
+    with tempfile.TemporaryDirectory(prefix="list-cost-") as tmp:
+        result = asyncio.run(run(Path(tmp), args.rows))
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
