@@ -49,9 +49,11 @@ def refusal(found: str) -> str:
     return (
         f"this Redis holds data in an older key layout ({found}); this version uses "
         f"layout {keys.LAYOUT_VERSION}: every key in one of 128 partitions "
-        "(docs/data-tier.md, section 2). It would serve an empty shop beside the old one, "
-        "so it does not start. There is no migration yet: start from a fresh data "
-        "directory (stop make run, then `mv var/redis var/redis.old-layout` and make run "
+        "(docs/data-tier.md, section 2; since layout 5 no index of all orders, since 6 "
+        "short order fields: section 10.1). It would misread the old data or serve an "
+        "empty shop beside it, so it does not start. There is no migration yet: start "
+        "from a fresh data directory (stop make run, then "
+        "`mv var/redis var/redis.old-layout` and make run "
         "again; or point REDIS_URL at an empty Redis). Keep the old directory to read "
         "the old data with the previous version of PhoneShop."
     )
