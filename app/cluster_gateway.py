@@ -255,6 +255,12 @@ class ClusterGateway(RedisGateway):
         finally:
             observe(f"script:{script.name}", started)
 
+    async def run_read_script(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
+        """Routed by its keys' slot like any read; ``SCRIPT LOAD`` after NOSCRIPT reaches
+        every primary (ClusterTransport)."""
+        async with self._call_slot():
+            return await super().run_read_script(script, keys, args)
+
     async def read_strings_with(
         self, keys: Sequence[str], commands: list[tuple[Any, ...]]
     ) -> tuple[list[bytes | None], list[Any]]:

@@ -184,6 +184,21 @@ class RedisGateway:
         finally:
             observe(f"script:{script.name}", started)
 
+    async def run_read_script(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
+        """A script that writes nothing (``#!lua flags=no-writes``), sent as a read is:
+        EVALSHA like any command, so on the cluster no replica is waited for (there is no
+        write to confirm). After NOSCRIPT, load it and run it again."""
+        started = time.perf_counter()
+        evalsha = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        try:
+            try:
+                return await self.transport.execute(*evalsha)
+            except NoScriptError:
+                await self.transport.execute("SCRIPT", "LOAD", script.source)
+                return await self.transport.execute(*evalsha)
+        finally:
+            observe(f"script:{script.name}", started)
+
     async def run_on_one_node(
         self, script: LuaScript, across_slots: LuaScript, keys: list[str], args: list[Any]
     ) -> Any:

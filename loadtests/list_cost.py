@@ -12,7 +12,9 @@ alternating A (layout 4) and B (layout 6) rounds: Redis commands and round trips
 page, and CPU per page of this process and of redis-server. Two sizes (a tenth of the
 rows, then all), so a cost that does not grow with the data shows as equal; the
 customer has CUSTOMER_ORDERS orders at both. Only the index reads are measured: the
-page's hashes are the same either way.
+page's hashes are the same either way. A customer's pages have a third form, C: the same
+status indexes merged by one read-only script (app/slot_paging.py, what the app runs),
+beside B, the merge over round trips it replaced, in the same rounds.
 
 Traffic goes only to 127.0.0.1, to a redis-server this module starts on a free port in
 a temp folder and stops.
@@ -40,6 +42,7 @@ from app.ops.redis_cluster import free_ports
 from app.paging import merged_page
 from app.partitions import PARTITION_TAGS, PARTITIONS, new_id
 from app.redis_gateway import ClientTransport, RedisGateway
+from app.slot_paging import SLOT_PAGE, slot_merged_page
 from app.vocabulary import ORDER_STATUSES
 from loadtests.datatier import standalone
 
@@ -140,8 +143,13 @@ async def measure_page(
     }
 
 
-def _cases(customer_id: str) -> dict[str, tuple[Callable, Callable, int]]:
-    """Name -> (layout 4's read, layout 6's read, pages per round)."""
+# The forms a page is read in: A layout 4's all-orders index, B the status indexes merged
+# over round trips (app/paging.py), C a customer's status indexes merged in one script.
+LAYOUT_4, MERGED, ONE_SCRIPT = "layout 4", "layout 6", "layout 6, one script"
+
+
+def _cases(customer_id: str) -> dict[str, tuple[dict[str, Callable], int]]:
+    """Name -> (form -> its read, pages per round)."""
     all_orders = [_all_orders(p) for p in range(PARTITIONS)]
     # Partition-major, as app/orders/service.py lists them.
     statuses = [keys.orders_by_status(p, s) for p in range(PARTITIONS) for s in ORDER_STATUSES]
@@ -158,48 +166,69 @@ def _cases(customer_id: str) -> dict[str, tuple[Callable, Callable, int]]:
     def ranked(offset: int) -> Callable:
         return lambda gateway: _by_rank(gateway, own_all, offset)
 
+    def one_script(offset: int) -> Callable:
+        async def read(gateway: RedisGateway) -> list[bytes]:
+            _, members = await slot_merged_page(gateway, own_statuses, offset, PAGE)
+            return members
+
+        return read
+
+    def customer(offset: int) -> dict[str, Callable]:
+        return {
+            LAYOUT_4: ranked(offset),
+            MERGED: merged(own_statuses, offset),
+            ONE_SCRIPT: one_script(offset),
+        }
+
     return {
-        "admin, all orders, page 1": (merged(all_orders, 0), merged(statuses, 0), 60),
+        "admin, all orders, page 1": (
+            {LAYOUT_4: merged(all_orders, 0), MERGED: merged(statuses, 0)},
+            60,
+        ),
         f"admin, all orders, offset {DEEP_OFFSET}": (
-            merged(all_orders, DEEP_OFFSET),
-            merged(statuses, DEEP_OFFSET),
+            {LAYOUT_4: merged(all_orders, DEEP_OFFSET), MERGED: merged(statuses, DEEP_OFFSET)},
             4,
         ),
-        "a customer's orders, page 1": (ranked(0), merged(own_statuses, 0), 400),
-        f"a customer's orders, offset {DEEP_OFFSET}": (
-            ranked(DEEP_OFFSET),
-            merged(own_statuses, DEEP_OFFSET),
-            40,
-        ),
+        "a customer's orders, page 1": (customer(0), 400),
+        f"a customer's orders, offset {DEEP_OFFSET}": (customer(DEEP_OFFSET), 40),
     }
 
 
+def _ratio(row: dict[str, Any], after: str, before: str, cost: str) -> float:
+    return round(row[after][cost] / max(row[before][cost], 0.1), 2)
+
+
 async def measure(redis: Redis, customer_id: str) -> dict[str, Any]:
-    """Each case: A and B alternated ROUNDS times; the medians, and B/A."""
+    """Each case: its forms alternated ROUNDS times; the medians, and the ratios B/A
+    (and for a customer's pages C/A and C/B)."""
     out: dict[str, Any] = {}
-    for name, (before, after, pages) in _cases(customer_id).items():
-        runs: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}
+    for name, (forms, pages) in _cases(customer_id).items():
+        runs: dict[str, list[dict[str, Any]]] = {form: [] for form in forms}
         for _ in range(ROUNDS):
-            runs["a"].append(await measure_page(redis, before, pages))
-            runs["b"].append(await measure_page(redis, after, pages))
-        # The same rows either way: both forms list the same orders in the same order.
-        assert runs["a"][0]["members"] == runs["b"][0]["members"], name
+            for form, read in forms.items():
+                runs[form].append(await measure_page(redis, read, pages))
+        # The same rows every way: every form lists the same orders in the same order.
+        first = [runs[form][0]["members"] for form in forms]
+        assert all(members == first[0] for members in first), name
         row: dict[str, Any] = {}
-        for side, label in (("a", "layout 4"), ("b", "layout 6")):
-            row[label] = {
-                "round_trips": runs[side][0]["round_trips"],
-                "commands": runs[side][0]["commands"],
+        for form in forms:
+            row[form] = {
+                "round_trips": runs[form][0]["round_trips"],
+                "commands": runs[form][0]["commands"],
                 **{
-                    k: round(statistics.median(r[k] for r in runs[side]), 1)
+                    k: round(statistics.median(r[k] for r in runs[form]), 1)
                     for k in ("app_cpu_us", "redis_cpu_us")
                 },
             }
-        row["app_cpu_ratio"] = round(
-            row["layout 6"]["app_cpu_us"] / row["layout 4"]["app_cpu_us"], 2
-        )
-        row["redis_cpu_ratio"] = round(
-            row["layout 6"]["redis_cpu_us"] / max(row["layout 4"]["redis_cpu_us"], 0.1), 2
-        )
+        pairs = [(MERGED, LAYOUT_4, "")]
+        if ONE_SCRIPT in forms:
+            pairs += [
+                (ONE_SCRIPT, LAYOUT_4, "script_vs_layout_4_"),
+                (ONE_SCRIPT, MERGED, "script_vs_merge_"),
+            ]
+        for after, before, prefix in pairs:
+            for cost in ("app_cpu", "redis_cpu"):
+                row[f"{prefix}{cost}_ratio"] = _ratio(row, after, before, f"{cost}_us")
         out[name] = row
     return out
 
@@ -211,6 +240,8 @@ async def run(directory: Path, rows: int) -> dict[str, Any]:
     customer_id = new_id(0)
     result: dict[str, Any] = {"rows": rows, "customer_orders": CUSTOMER_ORDERS}
     try:
+        # Loaded before the first read, whose round trips are the ones counted.
+        await redis.script_load(SLOT_PAGE.source)
         filled = 0
         for size in (rows // 10, rows):
             await fill(redis, filled, size, customer_id, seed=size)

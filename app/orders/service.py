@@ -24,6 +24,7 @@ from app.problems import ProblemError
 from app.query import Page
 from app.redis_gateway import RedisGateway
 from app.scripts import Scripts, problem_from_script
+from app.slot_paging import slot_merged_page_of_hashes
 from app.timestamps import iso_time
 from app.vocabulary import (
     CANCELLED,
@@ -325,16 +326,21 @@ async def list_orders(
     gateway: RedisGateway, page: Page, *, customer_id: str | None, status: str | None
 ) -> tuple[int, list[Order]]:
     """Newest first. Orders are indexed by status only (every order is in exactly one),
-    so a list without a status merges the status indexes (app/paging.py): a customer's,
-    all in its partition, by rank when one status is asked; the admin's, every
-    partition's. Either way the cost does not grow with the number of orders."""
+    so a list without a status merges the status indexes: a customer's, all in its
+    partition's slot, in one script (app/slot_paging.py), or by rank when one status
+    is asked; the admin's, every partition's (app/paging.py). Either way the cost does
+    not grow with the number of orders."""
     statuses = ORDER_STATUSES if status is None else (status,)
     if customer_id is None:
         # Partition-major, so a tie across partitions is still broken by partition.
         indexes = [keys.orders_by_status(p, s) for p in range(PARTITIONS) for s in statuses]
     else:
         indexes = [keys.customer_orders_by_status(customer_id, s) for s in statuses]
-    if len(indexes) == 1:
+    if customer_id is not None and len(indexes) > 1:
+        total, rows = await slot_merged_page_of_hashes(
+            gateway, indexes, page, keys.order, id_field="id"
+        )
+    elif len(indexes) == 1:
         total, rows = await page_of_hashes(
             gateway, indexes[0], page, keys.order, newest_first=True, id_field="id"
         )
