@@ -17,11 +17,13 @@ from redis.asyncio import Redis
 from app import keys
 from app.cluster_gateway import open_cluster_gateway
 from app.ops.redis_cluster import LocalCluster
+from app.orders import service as orders_service
 from app.paging import HEAD_LIMIT, merged_page
 from app.partitions import new_id
+from app.query import Page
 from app.redis_gateway import RedisGateway, gateway_over
 from app.slot_paging import slot_merged_page
-from app.vocabulary import ORDER_STATUSES
+from app.vocabulary import ORDER_STATUSES, encode_items, stored_order_fields
 from tests.helpers import CLUSTER, ON_BOTH_STACKS, CountingTransport
 
 PARTITION = 5
@@ -186,3 +188,34 @@ async def test_a_page_costs_one_round_trip_and_work_bounded_by_its_offset(
         assert (total, members) == (rows, _newest_first(stored)[offset : offset + 10])
         assert (transport.round_trips, transport.commands) == (1, 1)
         assert k <= calls <= bound, (rows, calls, bound)
+
+
+async def test_a_customers_list_is_the_script_then_the_hashes(redis: Redis) -> None:
+    """app/orders/service.py: a customer's list without a status, deep past HEAD_LIMIT, is
+    2 round trips (slot_page.lua, then the page's hashes), the orders newest first."""
+    customer = new_id(PARTITION)
+    indexes = _indexes(customer)
+    stored = await _fill(redis, indexes, 700, seed=9, span=DAY_US)
+    async with redis.pipeline(transaction=False) as pipe:
+        for score, place, member in stored:
+            order = {
+                "customer_id": customer,
+                "status": ORDER_STATUSES[place],
+                "items": encode_items([(new_id(0), 1, 100)]),
+                "total_cents": "100",
+                "seq": str(score),
+                "created_at": str(score // 1000),
+            }
+            pipe.hset(keys.order(member.decode()), mapping=stored_order_fields(order))
+        await pipe.execute()
+    transport = CountingTransport(redis)
+    gateway = RedisGateway(transport)
+    page = Page(page=60, per_page=10)  # offset 590
+    await slot_merged_page(gateway, indexes, 0, 1)  # loads the script where it is not yet
+    transport.round_trips = transport.commands = 0
+    total, orders = await orders_service.list_orders(
+        gateway, page, customer_id=customer, status=None
+    )
+    assert total == 700
+    assert [order.id.encode() for order in orders] == _newest_first(stored)[590:600]
+    assert transport.round_trips == 2 and transport.commands == 1 + 10
