@@ -41,10 +41,11 @@ from app import keys
 from app.ops.redis_cluster import free_ports
 from app.paging import merged_page
 from app.partitions import PARTITION_TAGS, PARTITIONS, new_id
-from app.redis_gateway import ClientTransport, RedisGateway
+from app.redis_gateway import RedisGateway
 from app.slot_paging import SLOT_PAGE, slot_merged_page
 from app.vocabulary import ORDER_STATUSES
 from loadtests.datatier import standalone
+from loadtests.support.round_trips import CountingTransport
 
 # A shop's orders are mostly completed: open and cancelled ones are a tenth each.
 STATUS_WEIGHTS = (1, 8, 1)
@@ -52,24 +53,6 @@ CUSTOMER_ORDERS = 2_000  # the customer whose own list is paged
 PAGE = 10
 DEEP_OFFSET = 1_500  # past HEAD_LIMIT: a deep page bisects on scores
 ROUNDS = 3
-
-
-class CountingTransport(ClientTransport):
-    """Counts round trips and commands."""
-
-    def __init__(self, client: Redis) -> None:
-        super().__init__(client)
-        self.round_trips = self.commands = 0
-
-    async def execute(self, *args: Any) -> Any:
-        self.round_trips += 1
-        self.commands += 1
-        return await super().execute(*args)
-
-    async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        self.round_trips += 1
-        self.commands += len(commands)
-        return await super().execute_many(commands)
 
 
 def _all_orders(partition: int) -> str:
@@ -125,7 +108,7 @@ async def measure_page(
     redis: Redis, read: Callable[[RedisGateway], Awaitable[list[bytes]]], pages: int
 ) -> dict[str, Any]:
     """``pages`` reads of one page: commands and round trips of one, CPU per page."""
-    transport = CountingTransport(Redis(connection_pool=redis.connection_pool))
+    transport = CountingTransport(redis)
     gateway = RedisGateway(transport)
     members = await read(gateway)
     per_page = (transport.round_trips, transport.commands)

@@ -23,7 +23,6 @@ from app import keys, metrics
 from app.ops.poll import wait_until_async
 from app.ops.redis_cluster import LocalCluster
 from app.partitions import PARTITIONS
-from app.redis_gateway import ClientTransport
 from app.vocabulary import ORDER_STATUSES
 from loadtests.support.servers import free_port
 from nginx.render import NginxConfig
@@ -268,22 +267,3 @@ def gateway_calls() -> float:
         for sample in metric.samples
         if sample.name == CALLS
     )
-
-
-class CountingTransport(ClientTransport):
-    """Counts round trips and commands, for the cost tests."""
-
-    def __init__(self, redis: Redis) -> None:
-        super().__init__(Redis(connection_pool=redis.connection_pool))
-        self.round_trips = 0
-        self.commands = 0
-
-    async def execute(self, *args: Any) -> Any:
-        self.round_trips += 1
-        self.commands += 1
-        return await super().execute(*args)
-
-    async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        self.round_trips += 1
-        self.commands += len(commands)
-        return await super().execute_many(commands)

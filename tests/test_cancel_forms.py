@@ -26,7 +26,8 @@ from app.problems import ProblemError
 from app.redis_gateway import RedisGateway, gateway_over
 from app.scripts import Scripts
 from app.vocabulary import CANCELLED, ORDER_FIELDS
-from tests.helpers import CountingTransport, gateway_calls
+from loadtests.support.round_trips import CountingTransport
+from tests.helpers import gateway_calls
 from tests.saga_fixtures import ORDER_PARTITION, SagaWorld
 
 

@@ -20,7 +20,7 @@ from app.query import Page
 from app.redis_gateway import ClientTransport, RedisGateway, gateway_over
 from app.scripts import Scripts
 from app.vocabulary import ORDER_STATUSES
-from tests.helpers import CountingTransport
+from loadtests.support.round_trips import CountingTransport
 
 INDEXES = [keys.phones(p) for p in range(PARTITIONS)]
 

@@ -21,8 +21,9 @@ from app.redis_gateway import (
     gateway_over,
     open_gateway,
 )
+from loadtests.support.round_trips import CountingTransport
 from loadtests.support.servers import RedisServer
-from tests.helpers import CountingTransport, Shop, timed
+from tests.helpers import Shop, timed
 
 
 @pytest.fixture

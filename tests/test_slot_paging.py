@@ -24,7 +24,8 @@ from app.query import Page
 from app.redis_gateway import RedisGateway, gateway_over
 from app.slot_paging import slot_merged_page
 from app.vocabulary import ORDER_STATUSES, encode_items, stored_order_fields
-from tests.helpers import CLUSTER, ON_BOTH_STACKS, CountingTransport
+from loadtests.support.round_trips import CountingTransport
+from tests.helpers import CLUSTER, ON_BOTH_STACKS
 
 PARTITION = 5
 # A day of one partition's clock, in microseconds.
