@@ -5,15 +5,10 @@
 -- open order. The connections of a thread share this state and their answers come in
 -- any order, so a placing request's X-Request-ID (handed back by nginx and the app)
 -- carries its token's index, and its answer, with the order's id, says whose it is.
--- Statuses are counted per thread and printed as orders.lua's ("wrk-statuses {...}").
+-- Statuses are counted per thread; report.lua prints them ("wrk-statuses {...}").
+dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "report.lua")
 
-local threads = {}
 local counter = 0
-
-function setup(thread)
-  thread:set("id", #threads + 1)
-  table.insert(threads, thread)
-end
 
 function init(args)
   local data = dofile(args[1])
@@ -44,7 +39,7 @@ function request()
 end
 
 function response(status, headers, body)
-  statuses[status] = (statuses[status] or 0) + 1
+  count_status(status)
   if status == 201 then
     local request_id = headers["X-Request-ID"] or headers["x-request-id"] or ""
     local token = tonumber(string.match(request_id, "%-t(%d+)$") or "")
@@ -53,20 +48,4 @@ function response(status, headers, body)
       table.insert(placed, {token, order_id})
     end
   end
-end
-
-function done(summary, latency, requests)
-  local merged = {}
-  for _, thread in ipairs(threads) do
-    for status, n in pairs(thread:get("statuses")) do
-      merged[status] = (merged[status] or 0) + n
-    end
-  end
-  local parts = {}
-  for status, n in pairs(merged) do
-    table.insert(parts, string.format('"%d": %d', status, n))
-  end
-  io.write("wrk-statuses {" .. table.concat(parts, ", ") .. "}\n")
-  io.write(string.format('wrk-latency {"p50": %d, "p95": %d, "p99": %d}\n',
-    latency:percentile(50), latency:percentile(95), latency:percentile(99)))
 end

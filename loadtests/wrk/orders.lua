@@ -3,16 +3,11 @@
 -- data file it loads (tokens and phone ids) and passes its path as the
 -- first script argument:
 --   wrk -s loadtests/wrk/orders.lua URL -- DATA_FILE NONCE [DELAY_MS]
--- The response status of every request is counted per thread; done() prints
--- one JSON line "wrk-statuses {...}" that bench.py parses.
+-- The response status of every request is counted per thread; report.lua
+-- prints them as one JSON line "wrk-statuses {...}" that bench.py parses.
+dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "report.lua")
 
-local threads = {}
 local counter = 0
-
-function setup(thread)
-  thread:set("id", #threads + 1)
-  table.insert(threads, thread)
-end
 
 function init(args)
   local data = dofile(args[1])
@@ -42,23 +37,5 @@ function request()
 end
 
 function response(status, headers, body)
-  statuses[status] = (statuses[status] or 0) + 1
-end
-
-function done(summary, latency, requests)
-  local merged = {}
-  for _, thread in ipairs(threads) do
-    local counts = thread:get("statuses")
-    for status, n in pairs(counts) do
-      merged[status] = (merged[status] or 0) + n
-    end
-  end
-  local parts = {}
-  for status, n in pairs(merged) do
-    table.insert(parts, string.format('"%d": %d', status, n))
-  end
-  io.write("wrk-statuses {" .. table.concat(parts, ", ") .. "}\n")
-  -- Latency percentiles in microseconds (wrk's --latency has no p95).
-  io.write(string.format('wrk-latency {"p50": %d, "p95": %d, "p99": %d}\n',
-    latency:percentile(50), latency:percentile(95), latency:percentile(99)))
+  count_status(status)
 end
