@@ -20,7 +20,8 @@ partition, so a key is built from the id alone:
 Names are short because every byte is paid per order (docs/data-tier.md,
 section 10): ``c`` customer, ``k`` token, ``ce`` emails, ``cs``/``cq``
 customers index and clock, ``p`` phone, ``ps``/``pq`` phones index and clock,
-``o`` order, ``os``/``oq`` orders by status and their clock, ``co`` a
+``o`` order, ``os``/``oq`` orders by status and their clock, ``od``/``on``/``ok``
+the status chunks' directories, counts and state, ``co`` a
 customer's orders by status, ``i`` Idempotency-Key record, ``lg``
 ledger, ``e`` events, ``ms``/``ma``/``mr``/``md`` the confirmation mail's sent
 marker, attempt counter, retry queue and dead letters. Still global:
@@ -57,10 +58,19 @@ all partitions merge by (app/paging.py); a tie across partitions is broken by
 the partition number.
 
 Sorted sets scored by seq: ``cs{P}`` the customers, ``ps{Q}`` the phones,
-``os{P}<status>`` the partition's orders by status, ``co{P}<customer id>:<status>``
-one customer's. Every order is in exactly one status, so there is no index of
-all orders (layout 5): a list of all orders merges the status indexes
-(app/paging.py), which saves an entry per order in each of the two.
+``co{P}<customer id>:<status>`` one customer's orders by status, and the
+partition's orders by status in chunks (layout 7, docs/data-tier.md 10.2):
+``os{P}<status>:<chunk>``. Orders enter the partition's current chunk
+(``ok{P}``: ``k`` the chunk, ``n`` its orders so far, ``<chunk>`` its start
+seq), CHUNK_ORDERS to a chunk, so every chunk zset stays a listpack and a
+chunk's seqs all precede the next one's: a partition's status list is its
+chunks concatenated. An order id carries the chunk it was minted for
+(app/partitions.py: chunk_of), so the scripts' KEYS name it; the order hash's
+``chunk`` field says it where the two differ. ``od{P}<status>``: the non-empty
+chunks scored by their start; ``on{P}<status>``: orders per chunk and per
+CHUNK_GROUP chunks, for deep pages (app/status_lists.py). Every order is in
+exactly one status, so there is no index of all orders (layout 5): a list of
+all orders merges the status lists, which saves an entry per order.
 
 Hash ``lg{P}``: the running totals of partition P, moved by the same script
 and in the same step as the rows they sum (app/admin/audit.py checks them
@@ -96,7 +106,8 @@ from app.partitions import PARTITION_TAGS, partition_of
 # 4: Idempotency-Key records as fields of per-partition time buckets (3 had a hash per key).
 # 5: no all-orders indexes (4 had oa{P} and co{P}<customer id> beside the status ones).
 # 6: the order hash's fields under one-letter names (5 had the long ones).
-LAYOUT_VERSION = 6
+# 7: a partition's orders by status in chunks of CHUNK_ORDERS (6 had one zset per status).
+LAYOUT_VERSION = 7
 LAYOUT = "layout"
 # Keys only the previous layout (one global index per kind, one ledger) had:
 # finding one without LAYOUT means data from before the partitions.
@@ -115,6 +126,12 @@ OLD_LAYOUT_KEYS = (
 )
 
 MAIL_GROUP = "mailer"
+
+# Orders placed in one chunk of a partition (docs/data-tier.md 10.2): Redis keeps a zset
+# of up to 128 members (zset-max-listpack-entries, the default) a listpack.
+CHUNK_ORDERS = 128
+# Chunks counted together in one field of ``order_chunk_counts``.
+CHUNK_GROUP = 128
 
 
 def _tag(partition: int) -> str:
@@ -154,8 +171,28 @@ def order(order_id: str) -> str:
     return f"o{_tag_of(order_id)}{order_id}"
 
 
-def orders_by_status(partition: int, status: str) -> str:
-    return f"os{_tag(partition)}{status}"
+def orders_by_status(partition: int, status: str, chunk: int) -> str:
+    """Zset: the partition's orders of one status placed in one chunk, by seq (at most
+    CHUNK_ORDERS members, so a listpack; docs/data-tier.md 10.2)."""
+    return f"os{_tag(partition)}{status}:{chunk}"
+
+
+def order_chunks(partition: int, status: str) -> str:
+    """Zset: the chunk numbers whose ``orders_by_status`` is not empty, each scored by
+    the seq of the first order placed in it (its chunk start)."""
+    return f"od{_tag(partition)}{status}"
+
+
+def order_chunk_counts(partition: int, status: str) -> str:
+    """Hash: ``<chunk>`` -> its orders of that status, and ``g<group>`` -> those of
+    CHUNK_GROUP chunks from ``group * CHUNK_GROUP`` on (missing: none)."""
+    return f"on{_tag(partition)}{status}"
+
+
+def order_chunk_state(partition: int) -> str:
+    """Hash: ``k`` the partition's current chunk, ``n`` the orders placed in it,
+    ``<chunk>`` the seq of the first order placed in each chunk."""
+    return f"ok{_tag(partition)}"
 
 
 def orders_seq(partition: int) -> str:

@@ -11,6 +11,10 @@ put it before each), so no script copies a helper or spells a shared word:
   app/vocabulary.py) with its ``id`` added back (the hash does not store it: the key
   holds it);
 - now_ms(): Redis TIME in milliseconds since the epoch;
+- id_chunk(id): the status chunk an order id was minted for (app/partitions.py:
+  chunk_of), and chunk_enter(...) / chunk_leave(...): an order into or out of one
+  status chunk, with the chunk's directory entry and counts (app/keys.py: orders_by_status,
+  order_chunks, order_chunk_counts; docs/data-tier.md 10.2);
 - record_buckets(keys, newest), find_record(buckets, request), store_record(...) and
   replay_reply(status, body): the Idempotency-Key record (app/orders/idempotency.py):
   the buckets a script looks in (keys[newest], then the last OLDER_BUCKETS keys),
@@ -34,7 +38,9 @@ from __future__ import annotations
 
 import re
 
+from app.keys import CHUNK_GROUP, CHUNK_ORDERS
 from app.orders.idempotency import FIELD_BYTES, FINGERPRINT_BYTES, OLDER_BUCKETS
+from app.partitions import CHUNK_CHARS, ID_ALPHABET
 from app.vocabulary import lua_definitions
 
 _FIELD, _FP = FIELD_BYTES, FINGERPRINT_BYTES
@@ -71,6 +77,30 @@ DEFINITIONS: dict[str, str] = {
     " redis.call('EXPIREAT', bucket, expire_at) end",
     "replay_reply": "local function replay_reply(status, body) if status == 201 then"
     " return {201, cjson.encode({replay_of = body}), 1} end return {status, body, 1} end",
+    "CHUNK_ORDERS": f"local CHUNK_ORDERS = {CHUNK_ORDERS}",
+    "CHUNK_GROUP": f"local CHUNK_GROUP = {CHUNK_GROUP}",
+    # Characters 3..6 of the id, base64 digits (app/partitions.py: chunk_of).
+    "id_chunk": "local function id_chunk(id) local n = 0"
+    f" for i = {CHUNK_CHARS.start + 1}, {CHUNK_CHARS.stop} do"
+    f" n = n * 64 + string.find('{ID_ALPHABET}', string.sub(id, i, i), 1, true) - 1"
+    " end return n end",
+    # chunk: a string of digits. A status chunk that becomes non-empty enters its
+    # directory scored by its start (the state hash's field <chunk>); counts per chunk and
+    # per group of chunks leave no zero behind.
+    "chunk_enter": "local function chunk_enter(list, chunks, counts, state, chunk, seq, id)"
+    " redis.call('ZADD', list, seq, id)"
+    " if redis.call('ZCARD', list) == 1 then"
+    " redis.call('ZADD', chunks, redis.call('HGET', state, chunk), chunk) end"
+    " redis.call('HINCRBY', counts, chunk, 1)"
+    f" redis.call('HINCRBY', counts, 'g' .. math.floor(tonumber(chunk) / {CHUNK_GROUP}), 1)"
+    " end",
+    "chunk_leave": "local function chunk_leave(list, chunks, counts, chunk, id)"
+    " redis.call('ZREM', list, id)"
+    " if redis.call('ZCARD', list) == 0 then redis.call('ZREM', chunks, chunk) end"
+    " if redis.call('HINCRBY', counts, chunk, -1) == 0 then redis.call('HDEL', counts, chunk) end"
+    f" local group = 'g' .. math.floor(tonumber(chunk) / {CHUNK_GROUP})"
+    " if redis.call('HINCRBY', counts, group, -1) == 0 then redis.call('HDEL', counts, group) end"
+    " end",
     # TIME keeps lists of different partitions in one time order; the clock
     # makes seq strictly grow within its partition even if TIME does not.
     "next_seq": "local function next_seq(clock) local t = redis.call('TIME')"

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from app.query import Page
 from app.redis_gateway import RedisGateway
@@ -38,7 +38,7 @@ HEAD_LIMIT = 512
 
 # A row as the merge sorts it: (score, the index's place in the list, member), both
 # numbers negated for newest first, so plain tuple order is the merge's order.
-_Row = tuple[int, int, bytes]
+Row = tuple[int, int, bytes]
 
 
 async def page_of_hashes(
@@ -57,7 +57,7 @@ async def page_of_hashes(
     )
     if not ids:
         return total, []
-    return total, await _rows(gateway, ids, hash_key, id_field)
+    return total, await rows_of(gateway, ids, hash_key, id_field)
 
 
 async def merged_page_of_hashes(
@@ -79,10 +79,10 @@ async def merged_page_of_hashes(
     )
     if not members:
         return total, []
-    return total, await _rows(gateway, members, hash_key, id_field)
+    return total, await rows_of(gateway, members, hash_key, id_field)
 
 
-async def _rows(
+async def rows_of(
     gateway: RedisGateway,
     members: list[bytes],
     hash_key: Callable[[str], str],
@@ -97,14 +97,14 @@ async def _rows(
     return [{**row, id_field: member} for member, row in zip(ids, rows, strict=True) if row]
 
 
-class _Order:
+class Direction:
     """The Redis ranges of one direction of the merge: ascending or newest first."""
 
     def __init__(self, newest_first: bool) -> None:
         self.newest_first = newest_first
         self.sign = -1 if newest_first else 1
 
-    def rows(self, reply: list[Any], position: int) -> list[_Row]:
+    def rows(self, reply: list[Any], position: int) -> list[Row]:
         """A WITHSCORES reply as rows: flat in RESP2, pairs in RESP3. Scores are seqs,
         integers (app/keys.py)."""
         sign = self.sign
@@ -115,7 +115,7 @@ class _Order:
             pairs = zip(flat, flat, strict=True)
         return [(sign * int(score), sign * position, member) for member, score in pairs]
 
-    def score(self, row: _Row) -> int:
+    def score(self, row: Row) -> int:
         return self.sign * row[0]
 
     def read(self, index: str, start: str, end: str, count: int) -> tuple[Any, ...]:
@@ -135,87 +135,155 @@ class _Order:
         return ("ZCOUNT", index, "-inf", f"({score}")
 
 
+class IndexLists:
+    """Lists that are each one sorted set: every read is one round trip."""
+
+    def __init__(self, indexes: list[str]) -> None:
+        self.indexes = indexes
+        self.size = len(indexes)
+        self._live: list[str] = []
+
+    async def head(
+        self, gateway: RedisGateway, order: Direction, count: int
+    ) -> tuple[int, list[list[Row]]]:
+        """The total of all lists and each one's first ``count`` rows, in one round trip."""
+        start, end = order.everything_from(None)
+        indexes = self.indexes
+        replies = await gateway.execute_many(
+            [("ZCARD", index) for index in indexes]
+            + [order.read(index, start, end, count) for index in indexes]
+        )
+        firsts = [order.rows(reply, i) for i, reply in enumerate(replies[len(indexes) :])]
+        return sum(replies[: len(indexes)]), firsts
+
+    async def read(
+        self, gateway: RedisGateway, order: Direction, wanted: list[tuple[int, str, str, int]]
+    ) -> list[list[Row]]:
+        """For each (list, start, end, count): up to ``count`` of its rows from ``start``
+        to ``end`` (Redis score bounds), in order."""
+        replies = await gateway.execute_many(
+            [order.read(self.indexes[i], start, end, count) for i, start, end, count in wanted]
+        )
+        return [order.rows(reply, i) for (i, *_), reply in zip(wanted, replies, strict=True)]
+
+    async def total(self, gateway: RedisGateway) -> int:
+        cards = await gateway.execute_many([("ZCARD", index) for index in self.indexes])
+        self._live = [index for index, card in zip(self.indexes, cards, strict=True) if card]
+        return sum(cards)
+
+    async def score_range(self, gateway: RedisGateway, order: Direction) -> tuple[int, int]:
+        """Scores no row is below, and none above (after ``total``, which found rows)."""
+        live = self._live
+        ends = await gateway.execute_many(
+            [("ZRANGE", index, 0, 0, "WITHSCORES") for index in live]
+            + [("ZRANGE", index, -1, -1, "WITHSCORES") for index in live]
+        )
+        scores = [order.score(order.rows(reply, 0)[0]) for reply in ends]
+        return min(scores), max(scores)
+
+    async def count_before(self, gateway: RedisGateway, order: Direction, score: int) -> int:
+        """How many rows come before ``score`` (exclusive) in the merge's order."""
+        counts = await gateway.execute_many(
+            [order.count_before(index, score) for index in self._live]
+        )
+        return sum(counts)
+
+
+class Lists(Protocol):
+    """What the merge needs of its lists (IndexLists; app/status_lists.py's chunked ones)."""
+
+    size: int
+
+    async def head(
+        self, gateway: RedisGateway, order: Direction, count: int
+    ) -> tuple[int, list[list[Row]]]: ...
+
+    async def read(
+        self, gateway: RedisGateway, order: Direction, wanted: list[tuple[int, str, str, int]]
+    ) -> list[list[Row]]: ...
+
+    async def total(self, gateway: RedisGateway) -> int: ...
+
+    async def score_range(self, gateway: RedisGateway, order: Direction) -> tuple[int, int]: ...
+
+    async def count_before(self, gateway: RedisGateway, order: Direction, score: int) -> int: ...
+
+
 async def merged_page(
     gateway: RedisGateway, indexes: list[str], offset: int, count: int, *, newest_first: bool
 ) -> tuple[int, list[bytes]]:
     """The total of all indexes and the members at ``offset`` .. ``offset+count-1`` of
     their merge."""
-    order = _Order(newest_first)
+    return await merged_lists_page(
+        gateway, IndexLists(indexes), offset, count, newest_first=newest_first
+    )
+
+
+async def merged_lists_page(
+    gateway: RedisGateway, lists: Lists, offset: int, count: int, *, newest_first: bool
+) -> tuple[int, list[bytes]]:
+    """The total of all ``lists`` and the members at ``offset`` .. ``offset+count-1`` of
+    their merge."""
+    order = Direction(newest_first)
     want = offset + count
     if want <= HEAD_LIMIT:
-        head = math.ceil(want / len(indexes)) + 2
-        start, end = order.everything_from(None)
-        replies = await gateway.execute_many(
-            [("ZCARD", index) for index in indexes]
-            + [order.read(index, start, end, head) for index in indexes]
-        )
-        total = sum(replies[: len(indexes)])
-        firsts = [order.rows(reply, i) for i, reply in enumerate(replies[len(indexes) :])]
-        rows = await _complete(gateway, order, indexes, firsts, head, want)
+        head = math.ceil(want / lists.size) + 2
+        total, firsts = await lists.head(gateway, order, head)
+        rows = await _complete(gateway, order, lists, firsts, head, want)
         return total, [member for _, _, member in rows[offset:want]]
 
-    cards = await gateway.execute_many([("ZCARD", index) for index in indexes])
-    total = sum(cards)
+    total = await lists.total(gateway)
     if offset >= total:
         return total, []
-    score, skip = await _score_at(gateway, order, indexes, cards, offset)
+    score, skip = await _score_at(gateway, order, lists, offset)
     want = skip + count
-    head = math.ceil(want / len(indexes)) + 2
+    head = math.ceil(want / lists.size) + 2
     start, end = order.everything_from(score)
-    replies = await gateway.execute_many([order.read(index, start, end, head) for index in indexes])
-    firsts = [order.rows(reply, i) for i, reply in enumerate(replies)]
-    rows = await _complete(gateway, order, indexes, firsts, head, want)
+    firsts = await lists.read(gateway, order, [(i, start, end, head) for i in range(lists.size)])
+    rows = await _complete(gateway, order, lists, firsts, head, want)
     return total, [member for _, _, member in rows[skip:want]]
 
 
 async def _complete(
     gateway: RedisGateway,
-    order: _Order,
-    indexes: list[str],
-    firsts: list[list[_Row]],
+    order: Direction,
+    lists: Lists,
+    firsts: list[list[Row]],
     head: int,
     want: int,
-) -> list[_Row]:
-    """The first ``want`` rows of the merge, given each index's first ``head`` rows
-    (from the same start): reads further only the indexes that may hold more of them."""
+) -> list[Row]:
+    """The first ``want`` rows of the merge, given each list's first ``head`` rows
+    (from the same start): reads further only the lists that may hold more of them."""
     rows = sorted(row for first in firsts for row in first)
     bound = rows[want - 1] if len(rows) >= want else None
     very_end = order.everything_from(None)[1]
     more = []
     for i, first in enumerate(firsts):
         if len(first) < head:
-            continue  # the index ran out: all of it is here
+            continue  # the list ran out: all of it is here
         last = first[-1]
         if bound is not None and last >= bound:
             continue  # its next rows all come after the bound
-        # Scores are unique within an index, so "after its last row" is by score.
+        # Scores are unique within a list, so "after its last row" is by score.
         end = very_end if bound is None else str(order.score(bound))
-        more.append((i, order.read(indexes[i], f"({order.score(last)}", end, want)))
+        more.append((i, f"({order.score(last)}", end, want))
     if not more:
         return rows[:want]
-    replies = await gateway.execute_many([command for _, command in more])
-    for (i, _), reply in zip(more, replies, strict=True):
-        rows.extend(order.rows(reply, i))
+    for further in await lists.read(gateway, order, more):
+        rows.extend(further)
     rows.sort()
     return rows[:want]
 
 
 async def _score_at(
-    gateway: RedisGateway, order: _Order, indexes: list[str], cards: list[int], offset: int
+    gateway: RedisGateway, order: Direction, lists: Lists, offset: int
 ) -> tuple[int, int]:
     """The score of the row at ``offset`` of the merge, and how many rows of that very
-    score come before it: bisection on scores, one round trip of ZCOUNTs per probe."""
-    live = [index for index, card in zip(indexes, cards, strict=True) if card]
-    ends = await gateway.execute_many(
-        [("ZRANGE", index, 0, 0, "WITHSCORES") for index in live]
-        + [("ZRANGE", index, -1, -1, "WITHSCORES") for index in live]
-    )
-    scores = [order.score(order.rows(reply, 0)[0]) for reply in ends]
-    low, high = min(scores), max(scores)
+    score come before it: bisection on scores, one count of every list per probe."""
+    low, high = await lists.score_range(gateway, order)
 
     async def before(score: int) -> int:
-        counts = await gateway.execute_many([order.count_before(index, score) for index in live])
-        return sum(counts)
+        return await lists.count_before(gateway, order, score)
 
     # The row at `offset` has the last score (in the merge's order) with before() <= offset:
     # ascending, the greatest such score; newest first, the least.

@@ -9,6 +9,9 @@ kind of id is minted in.
 * An id is 16 bytes in URL-safe base64 (22 characters, ``app/ids.py``'s pattern) whose first
   byte is its partition; ``partition_of`` reads it from the first two characters, so routing
   never needs a lookup.
+* An order id also carries its status chunk (docs/data-tier.md, 10.2) in characters 3..6
+  (bits 12..35, 24 bits: ``chunk_of``), so a script's KEYS can name the chunk before it
+  runs; 96 bits stay random.
 """
 
 from __future__ import annotations
@@ -64,6 +67,30 @@ def new_id(partition: int) -> str:
         raise ValueError(f"no partition {partition}")
     raw = bytes([partition]) + secrets.token_bytes(15)
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+# An order id's chunk: 4 base64 characters from the third on, whole characters so that Lua
+# reads it as plainly (app/lua_prelude.py: id_chunk). The second character's low 4 bits and
+# everything after the sixth stay random: 4 + 92 = 96 random bits.
+CHUNK_CHARS = slice(2, 6)
+CHUNK_LIMIT = 64**4
+
+
+def new_chunked_id(partition: int, chunk: int) -> str:
+    """A random id in ``partition`` whose characters 3..6 say ``chunk``."""
+    if not 0 <= chunk < CHUNK_LIMIT:
+        raise ValueError(f"no chunk {chunk}")
+    text = new_id(partition)
+    digits = "".join(ID_ALPHABET[(chunk >> shift) & 63] for shift in (18, 12, 6, 0))
+    return text[: CHUNK_CHARS.start] + digits + text[CHUNK_CHARS.stop :]
+
+
+def chunk_of(entity_id: str) -> int:
+    """The chunk an order id (already checked against app/ids.py's pattern) was minted for."""
+    value = 0
+    for char in entity_id[CHUNK_CHARS]:
+        value = value * 64 + _B64[char]
+    return value
 
 
 def partition_for_email(email_lower: str) -> int:

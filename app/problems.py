@@ -38,6 +38,10 @@ PROBLEMS: dict[str, tuple[int, str]] = {
         if status != OPEN
     },
     "order_owner_changed": (409, "The order changed while being read; retry"),
+    # A script's keys were for another status chunk (docs/data-tier.md 10.2): the app
+    # retries with the chunk the script answered, so neither reaches a client.
+    "order_chunk_stale": (409, "The order's chunk moved on; retry"),
+    "order_chunk_moved": (409, "The order is in another chunk; retry"),
     "idempotency_key_in_use": (409, "A request with this Idempotency-Key is in progress"),
     "stock_limit": (409, "The stock would exceed its limit"),
     "balance_limit": (409, "The balance would exceed its limit"),

@@ -229,6 +229,9 @@ def problem_from_script(status: int, payload: dict[str, Any]) -> ProblemError:
             return ProblemError(
                 code, balance_cents=int(payload["balance_cents"]), limit=int(payload["limit"])
             )
+        case "order_chunk_stale" | "order_chunk_moved":
+            # The app retries these with the chunk they name (app/orders/service.py).
+            return ProblemError(code, chunk=int(payload["chunk"]))
         case _ if code in PROBLEMS:
             # The one table in app/problems.py knows every code a script may answer.
             return ProblemError(code)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from app.ids import is_valid_id
-from app.partitions import PARTITIONS, new_id, partition_for_email, partition_of
+from app.partitions import PARTITIONS, new_chunked_id, new_id, partition_for_email, partition_of
 
 # ---- ids: each carries its partition --------------------------------------------------
 
@@ -40,11 +40,13 @@ def new_phone_id() -> str:
     return new_id(secrets.randbelow(PARTITIONS))
 
 
-def new_order_id(customer_id: str) -> str:
+def new_order_id(customer_id: str, chunk: int) -> str:
     """In its customer's partition, minted before the script runs: the order is
     written with the customer's money in one partition, and GET, check and
-    cancel find it from the id alone."""
-    return new_id(partition_of(customer_id))
+    cancel find it from the id alone; for the status chunk ``chunk``, the one the
+    minting worker believes current (docs/data-tier.md 10.2: the placing script
+    refuses another)."""
+    return new_chunked_id(partition_of(customer_id), chunk)
 
 
 # ---- order statuses -------------------------------------------------------------------
@@ -92,6 +94,9 @@ ORDER_FIELDS: dict[str, str] = {
     "total_cents": "t",
     "seq": "q",
     "created_at": "a",
+    # Only where it differs from the id's (a split saga's commit after a stale hint keeps
+    # its id): the status chunk the order is indexed in (docs/data-tier.md 10.2).
+    "chunk": "k",
 }
 
 

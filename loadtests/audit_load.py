@@ -101,6 +101,7 @@ class Shop:
         self.phones: list[str] = []
         self.customers: list[str] = []
         self.placed = 0
+        self.chunks = [0] * PARTITIONS  # each partition's current chunk, as last answered
 
     async def load(self) -> None:
         for name in ("create_phone", "create_customer", "place_order"):
@@ -146,15 +147,24 @@ class Shop:
             await pipe.execute()
 
     async def place(self, count: int) -> None:
-        """``count`` orders in one pipeline, half completed at once."""
+        """``count`` orders in one pipeline, half completed at once. Each id is minted
+        for its partition's current chunk as the last answers said (app/keys.py); those
+        a script refused as stale (another pipeline moved the chunk on) go again, as the
+        app's do."""
+        wanted = []
+        for _ in range(count):
+            i = self.placed
+            self.placed += 1
+            completed = self.all_completed or i % 2 == 1
+            wanted.append((self.customers[i % CUSTOMERS], self.phones[i % PHONES], completed))
+        while wanted:
+            wanted = await self._place_once(wanted)
+
+    async def _place_once(self, wanted: list[tuple[str, str, bool]]) -> list[tuple[str, str, bool]]:
         now = int(time.time() * 1000)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for _ in range(count):
-                i = self.placed
-                self.placed += 1
-                customer_id, phone_id = self.customers[i % CUSTOMERS], self.phones[i % PHONES]
-                order_id = new_order_id(customer_id)
-                completed = self.all_completed or i % 2 == 1
+            for customer_id, phone_id, completed in wanted:
+                order_id = new_order_id(customer_id, self.chunks[partition_of(customer_id)])
                 status = COMPLETED if completed else OPEN
                 script_keys = place_order_keys(customer_id, order_id, status, None, [phone_id])
                 pipe.evalsha(
@@ -173,9 +183,18 @@ class Shop:
                     1,
                 )
             replies = await pipe.execute()
-        refused = [reply for reply in replies if int(reply[0]) != 201]
-        if refused:
-            raise RuntimeError(f"place_order refused: {refused[0]}")
+        again = []
+        for one, reply in zip(wanted, replies, strict=True):
+            answer = json.loads(reply[1])
+            partition = partition_of(one[0])
+            if answer.get("code") == "order_chunk_stale":
+                self.chunks[partition] = int(answer["chunk"])
+                again.append(one)
+            elif int(reply[0]) != 201:
+                raise RuntimeError(f"place_order refused: {reply}")
+            else:
+                self.chunks[partition] = int(answer["current_chunk"])
+        return again
 
 
 async def fill(shop: Shop, orders: int) -> float:

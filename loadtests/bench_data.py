@@ -12,7 +12,7 @@ import time
 import urllib.request
 
 from app import keys
-from app.partitions import PARTITIONS, partition_of
+from app.partitions import PARTITIONS, new_chunked_id, partition_of
 from app.vocabulary import COMPLETED, ORDER_FIELDS, encode_items
 from loadtests.stack import LoadStack
 
@@ -159,19 +159,41 @@ def bulk_load(
         name["created_at"],
         now,
     )
-    order_indexes = [
-        ProtocolCommand("ZADD", index, None, None)
-        for index in (keys.orders_by_status(own, COMPLETED), customer_completed)
-    ]
-    for i in range(start, orders):
-        oid = _bulk_id(own, 2, i)
+    customer_index = ProtocolCommand("ZADD", customer_completed, None, None)
+    # The partition's status list is in chunks of CHUNK_ORDERS (app/keys.py): the bulk
+    # orders fill fresh chunks after the current one, with their directory entries,
+    # counts and starts, and the state moves past them; each id names its chunk.
+    state = keys.order_chunk_state(own)
+    first_chunk = int(stack.stack.redis.cli("HGET", state, "k").strip() or 0) + 1
+    status_chunk = ProtocolCommand("ZADD", None, None, None)
+    directory = ProtocolCommand("ZADD", keys.order_chunks(own, COMPLETED), None, None)
+    counts = ProtocolCommand("HINCRBY", keys.order_chunk_counts(own, COMPLETED), None, None)
+    start_of = ProtocolCommand("HSET", state, None, None)
+    for n, i in enumerate(range(start, orders)):
+        k = first_chunk + n // keys.CHUNK_ORDERS
+        oid = new_chunked_id(own, k)
         seq = str(base_seq + i)
         chunk.append(order_hash.fill(keys.order(oid), seq))
-        for index in order_indexes:
-            chunk.append(index.fill(seq, oid))
+        chunk.append(customer_index.fill(seq, oid))
+        chunk.append(status_chunk.fill(keys.orders_by_status(own, COMPLETED, k), seq, oid))
+        if n % keys.CHUNK_ORDERS == 0:
+            chunk.append(directory.fill(seq, str(k)))
+            chunk.append(start_of.fill(str(k), seq))
+        chunk.append(counts.fill(str(k), "1"))
+        chunk.append(counts.fill(f"g{k // keys.CHUNK_GROUP}", "1"))
         if len(chunk) >= 20_000:
             proc.stdin.write("".join(chunk))
             chunk.clear()
+    if orders > start:
+        last = first_chunk + (orders - start - 1) // keys.CHUNK_ORDERS
+        chunk.append(ProtocolCommand("HSET", state, "k", None, "n", "0").fill(str(last + 1)))
+        # The admin lists' totals are the ledger's order counts (app/status_lists.py). Only
+        # those: the bulk rows are not real orders (no debit), and the audit is not run.
+        chunk.append(
+            ProtocolCommand("HINCRBY", keys.ledger(own), f"orders_{COMPLETED}", None).fill(
+                str(orders - start)
+            )
+        )
     chunk.append(clock.fill(keys.orders_seq(own), str(base_seq + orders)))
     proc.stdin.write("".join(chunk))
     proc.stdin.close()

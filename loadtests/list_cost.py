@@ -1,15 +1,17 @@
-"""What a page of the order lists costs on layout 6 (status indexes only) against layout 4
-(an index of all orders beside them), in one run on one redis-server:
+"""What a page of the order lists costs on layout 7 (status lists in chunks) against layout 6
+(one zset per partition and status) and layout 4 (an index of all orders beside them), in
+one run on one redis-server:
 
     python -m loadtests.list_cost --rows 200000
 
 Layout 5 dropped the all-orders indexes (docs/data-tier.md 10.1), so a list without a
 status filter merges the status indexes (app/paging.py): the admin's all orders read
 3 x 128 indexes instead of 128, a customer's its 3 instead of one ZREVRANGE by rank.
-This fills both forms side by side (the layout-4 indexes by the names it had, which
-app/keys.py no longer builds), then pages through each with the app's own paging code,
-alternating A (layout 4) and B (layout 6) rounds: Redis commands and round trips per
-page, and CPU per page of this process and of redis-server. Two sizes (a tenth of the
+This fills every form side by side (the layout-4 and layout-6 indexes by the names they
+had, which app/keys.py no longer builds; layout 7's status chunks as the scripts write
+them), then pages through each with the app's own paging code, alternating the forms'
+rounds (D, layout 7's admin lists, as app/status_lists.py reads them, beside B, layout
+6's): Redis commands and round trips per page, and CPU per page of this process and of redis-server. Two sizes (a tenth of the
 rows, then all), so a cost that does not grow with the data shows as equal; the
 customer has CUSTOMER_ORDERS orders at both. Only the index reads are measured: the
 page's hashes are the same either way. A customer's pages have a third form, C: the same
@@ -39,10 +41,11 @@ from redis.asyncio import Redis
 
 from app import keys
 from app.ops.redis_cluster import free_ports
-from app.paging import merged_page
+from app.paging import merged_lists_page, merged_page
 from app.partitions import PARTITION_TAGS, PARTITIONS, new_id
 from app.redis_gateway import RedisGateway
 from app.slot_paging import SLOT_PAGE, slot_merged_page
+from app.status_lists import StatusLists
 from app.vocabulary import ORDER_STATUSES
 from loadtests.datatier import standalone
 from loadtests.support.round_trips import CountingTransport
@@ -64,9 +67,42 @@ def _customer_all_orders(customer_id: str, partition: int) -> str:
     return f"co{{{PARTITION_TAGS[partition]}}}{customer_id}"
 
 
-async def fill(redis: Redis, start: int, stop: int, customer_id: str, seed: int) -> None:
-    """Orders ``start..stop-1`` in both forms, spread over the partitions; with the first
-    rows, the customer's CUSTOMER_ORDERS (in partition 0, between the others' seqs)."""
+def _status_index(partition: int, status: str) -> str:
+    """Layout 6's one zset per partition and status (app/keys.py names it no more)."""
+    return f"os{{{PARTITION_TAGS[partition]}}}{status}"
+
+
+class _Chunks:
+    """Layout 7's status chunks of every partition as place_order.lua writes them: orders
+    in seq order per partition, CHUNK_ORDERS to a chunk, with the directories, counts,
+    chunk starts, the ledger's order counts (the lists' totals) and the clocks."""
+
+    def __init__(self) -> None:
+        self.placed = [0] * PARTITIONS
+        self.starts: dict[tuple[int, int], int] = {}
+        self.filled: set[tuple[int, str, int]] = set()
+
+    def add(self, pipe: Any, partition: int, seq: int, order_id: str, status: str) -> None:
+        k = self.placed[partition] // keys.CHUNK_ORDERS
+        self.placed[partition] += 1
+        start = self.starts.setdefault((partition, k), seq)
+        pipe.zadd(keys.orders_by_status(partition, status, k), {order_id: seq})
+        if (partition, status, k) not in self.filled:
+            self.filled.add((partition, status, k))
+            pipe.zadd(keys.order_chunks(partition, status), {str(k): start})
+        counts = keys.order_chunk_counts(partition, status)
+        pipe.hincrby(counts, str(k), 1)
+        pipe.hincrby(counts, f"g{k // keys.CHUNK_GROUP}", 1)
+        pipe.hincrby(keys.ledger(partition), f"orders_{status}", 1)
+        pipe.set(keys.orders_seq(partition), seq)
+
+
+async def fill(
+    redis: Redis, start: int, stop: int, customer_id: str, seed: int, chunks: _Chunks
+) -> None:
+    """Orders ``start..stop-1`` in every form, spread over the partitions; with the first
+    rows, the customer's CUSTOMER_ORDERS (in partition 0, older than the others: a
+    partition's orders enter its chunks in seq order)."""
     rng = random.Random(seed)
     base = 1_764_600_000_000_000
 
@@ -74,7 +110,8 @@ async def fill(redis: Redis, start: int, stop: int, customer_id: str, seed: int)
         order_id = new_id(partition)
         status = rng.choices(ORDER_STATUSES, weights=STATUS_WEIGHTS)[0]
         pipe.zadd(_all_orders(partition), {order_id: seq})
-        pipe.zadd(keys.orders_by_status(partition, status), {order_id: seq})
+        pipe.zadd(_status_index(partition, status), {order_id: seq})
+        chunks.add(pipe, partition, seq, order_id, status)
         if customer:
             pipe.zadd(_customer_all_orders(customer_id, partition), {order_id: seq})
             pipe.zadd(keys.customer_orders_by_status(customer_id, status), {order_id: seq})
@@ -82,7 +119,7 @@ async def fill(redis: Redis, start: int, stop: int, customer_id: str, seed: int)
     async with redis.pipeline(transaction=False) as pipe:
         if start == 0:
             for j in range(CUSTOMER_ORDERS):
-                add(pipe, 0, base + PARTITIONS * j + PARTITIONS // 2, customer=True)
+                add(pipe, 0, base - PARTITIONS * (CUSTOMER_ORDERS - j), customer=True)
         for i in range(start, stop):
             add(pipe, i % PARTITIONS, base + i, customer=False)
             if i % 5_000 == 4_999:
@@ -129,19 +166,31 @@ async def measure_page(
 # The forms a page is read in: A layout 4's all-orders index, B the status indexes merged
 # over round trips (app/paging.py), C a customer's status indexes merged in one script.
 LAYOUT_4, MERGED, ONE_SCRIPT = "layout 4", "layout 6", "layout 6, one script"
+# D: layout 7's admin lists, the same status lists in chunks (app/status_lists.py), merged
+# over round trips; a customer's own indexes are the same in layouts 6 and 7.
+CHUNKED = "layout 7"
 
 
 def _cases(customer_id: str) -> dict[str, tuple[dict[str, Callable], int]]:
     """Name -> (form -> its read, pages per round)."""
     all_orders = [_all_orders(p) for p in range(PARTITIONS)]
     # Partition-major, as app/orders/service.py lists them.
-    statuses = [keys.orders_by_status(p, s) for p in range(PARTITIONS) for s in ORDER_STATUSES]
+    pairs = [(p, s) for p in range(PARTITIONS) for s in ORDER_STATUSES]
+    statuses = [_status_index(p, s) for p, s in pairs]
     own_all = _customer_all_orders(customer_id, 0)
     own_statuses = [keys.customer_orders_by_status(customer_id, s) for s in ORDER_STATUSES]
 
     def merged(indexes: list[str], offset: int) -> Callable:
         async def read(gateway: RedisGateway) -> list[bytes]:
             _, members = await merged_page(gateway, indexes, offset, PAGE, newest_first=True)
+            return members
+
+        return read
+
+    def chunked(offset: int) -> Callable:
+        async def read(gateway: RedisGateway) -> list[bytes]:
+            lists = StatusLists(pairs)
+            _, members = await merged_lists_page(gateway, lists, offset, PAGE, newest_first=True)
             return members
 
         return read
@@ -165,11 +214,15 @@ def _cases(customer_id: str) -> dict[str, tuple[dict[str, Callable], int]]:
 
     return {
         "admin, all orders, page 1": (
-            {LAYOUT_4: merged(all_orders, 0), MERGED: merged(statuses, 0)},
+            {LAYOUT_4: merged(all_orders, 0), MERGED: merged(statuses, 0), CHUNKED: chunked(0)},
             60,
         ),
         f"admin, all orders, offset {DEEP_OFFSET}": (
-            {LAYOUT_4: merged(all_orders, DEEP_OFFSET), MERGED: merged(statuses, DEEP_OFFSET)},
+            {
+                LAYOUT_4: merged(all_orders, DEEP_OFFSET),
+                MERGED: merged(statuses, DEEP_OFFSET),
+                CHUNKED: chunked(DEEP_OFFSET),
+            },
             4,
         ),
         "a customer's orders, page 1": (customer(0), 400),
@@ -204,6 +257,8 @@ async def measure(redis: Redis, customer_id: str) -> dict[str, Any]:
                 },
             }
         pairs = [(MERGED, LAYOUT_4, "")]
+        if CHUNKED in forms:
+            pairs.append((CHUNKED, MERGED, "chunks_vs_merge_"))
         if ONE_SCRIPT in forms:
             pairs += [
                 (ONE_SCRIPT, LAYOUT_4, "script_vs_layout_4_"),
@@ -225,9 +280,9 @@ async def run(directory: Path, rows: int) -> dict[str, Any]:
     try:
         # Loaded before the first read, whose round trips are the ones counted.
         await redis.script_load(SLOT_PAGE.source)
-        filled = 0
+        filled, chunks = 0, _Chunks()
         for size in (rows // 10, rows):
-            await fill(redis, filled, size, customer_id, seed=size)
+            await fill(redis, filled, size, customer_id, seed=size, chunks=chunks)
             filled = size
             result[str(size)] = await measure(redis, customer_id)
     finally:

@@ -11,7 +11,8 @@ the orders, then all of them), so a per-order figure that is flat shows the
 extrapolation to larger counts holds:
 
 - ``order_hash_bytes``: MEMORY USAGE (SAMPLES 0: exact) of 2,000 order hashes;
-- ``index_share_bytes``: every partition's status zsets, summed and divided by the
+- ``index_share_bytes``: every partition's status chunks with their directories, counts
+  and chunk state (layout 7: app/keys.py), summed and divided by the
   orders; the customers' status zsets, over 2,000 customers, divided by their orders
   (layout 5 has no all-orders indexes: app/keys.py);
 - ``bytes_per_order``: the hash plus those shares (issue 17's measure);
@@ -159,10 +160,15 @@ def fill_and_measure(tier: Tier, orders: int, sizes: list[int]) -> list[dict[str
     sampled_orders: list[str] = []
     sample_every = max(1, orders // SAMPLE)
 
+    # The one writer, in order: the n-th order of a partition goes into its chunk
+    # n // CHUNK_ORDERS (app/keys.py), which its id must name.
+    placed_in: list[int] = [0] * PARTITIONS
+
     def order(j: int) -> Call:
         customer_id = customers[j // ORDERS_PER_CUSTOMER]
-        order_id = new_order_id(customer_id)
         partition = partition_of(customer_id)
+        order_id = new_order_id(customer_id, placed_in[partition] // keys.CHUNK_ORDERS)
+        placed_in[partition] += 1
         if j % sample_every == 0:
             sampled_orders.append(order_id)
         lines = [(phones[partition], 1)]
@@ -196,11 +202,20 @@ def measure(
     tier: Tier, orders: int, base: int, sampled: list[str], customers: list[str]
 ) -> dict[str, Any]:
     hashes = [tier.memory_usage(partition_of(o), keys.order(o)) for o in sampled]
+    # The status chunks with their directories and counts, and the chunk state.
     partition_indexes = sum(
-        tier.memory_usage(p, keys.orders_by_status(p, s))
-        for p in range(PARTITIONS)
-        for s in ORDER_STATUSES
+        tier.memory_usage(p, keys.order_chunk_state(p)) for p in range(PARTITIONS)
     )
+    for p in range(PARTITIONS):
+        client = tier.clients[tier.node_of[p]]
+        for s in ORDER_STATUSES:
+            directory = keys.order_chunks(p, s)
+            chunks = [int(k) for k in client.zrange(directory, 0, -1)]
+            partition_indexes += tier.memory_usage(p, directory)
+            partition_indexes += tier.memory_usage(p, keys.order_chunk_counts(p, s))
+            partition_indexes += sum(
+                tier.memory_usage(p, keys.orders_by_status(p, s, k)) for k in chunks
+            )
     with_orders = customers[: -(-orders // ORDERS_PER_CUSTOMER)]
     chosen = random.Random(17).sample(with_orders, min(SAMPLE, len(with_orders)))
     customer_bytes = customer_orders = 0

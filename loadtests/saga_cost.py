@@ -141,7 +141,7 @@ async def run(orders: int, inflight: int, directory: Path) -> list[dict[str, Any
             customer_id, phone_id, _ = line(i)
             await place_order(
                 scripts,
-                order_id=new_order_id(customer_id),
+                order_id=new_order_id(customer_id, 0),
                 customer_id=customer_id,
                 lines=[(phone_id, 1)],
                 autocheck=True,

@@ -356,10 +356,16 @@ async def _traffic_and_books(
     try:
         completed = [o for o, s in books.expected_status.items() if s == COMPLETED]
         sent, dead, pending = await settle_mail(redis, completed)
+        # Every status list's chunks (app/keys.py), from their directories.
+        lists = [(p, status) for p in range(PARTITIONS) for status in ORDER_STATUSES]
         async with redis.pipeline(transaction=False) as pipe:
-            for p in range(PARTITIONS):
-                for status in ORDER_STATUSES:
-                    pipe.zcard(keys.orders_by_status(p, status))
+            for p, status in lists:
+                pipe.zrange(keys.order_chunks(p, status), 0, -1)
+            directories = await pipe.execute()
+        async with redis.pipeline(transaction=False) as pipe:
+            for (p, status), chunks in zip(lists, directories, strict=True):
+                for chunk in chunks:
+                    pipe.zcard(keys.orders_by_status(p, status, int(chunk)))
             stored = sum(await pipe.execute())
     finally:
         await redis.aclose()

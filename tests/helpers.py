@@ -138,12 +138,32 @@ class Shop:
         return audit if audit["at_rest"] else None
 
 
-async def orders_stored(redis: Redis) -> int:
-    """Orders in every partition's status indexes (each order is in exactly one)."""
+async def status_chunks(redis: Redis, partition: int, status: str) -> list[str]:
+    """The keys of a partition's status chunks in its directory, oldest first."""
+    chunks = await redis.zrange(keys.order_chunks(partition, status), 0, -1)
+    return [keys.orders_by_status(partition, status, int(chunk)) for chunk in chunks]
+
+
+async def every_status_chunk(redis: Redis) -> list[tuple[int, str, str]]:
+    """(partition, status, chunk key) of every status chunk in a directory."""
     async with redis.pipeline(transaction=False) as pipe:
-        for p in range(PARTITIONS):
-            for status in ORDER_STATUSES:
-                pipe.zcard(keys.orders_by_status(p, status))
+        pairs = [(p, s) for p in range(PARTITIONS) for s in ORDER_STATUSES]
+        for p, s in pairs:
+            pipe.zrange(keys.order_chunks(p, s), 0, -1)
+        directories = await pipe.execute()
+    return [
+        (p, s, keys.orders_by_status(p, s, int(chunk)))
+        for (p, s), chunks in zip(pairs, directories, strict=True)
+        for chunk in chunks
+    ]
+
+
+async def orders_stored(redis: Redis) -> int:
+    """Orders in every partition's status chunks (each order is in exactly one)."""
+    chunks = await every_status_chunk(redis)
+    async with redis.pipeline(transaction=False) as pipe:
+        for _, _, chunk in chunks:
+            pipe.zcard(chunk)
         return sum(await pipe.execute())
 
 

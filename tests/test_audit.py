@@ -36,7 +36,7 @@ async def _world(shop: Shop, redis: Redis) -> tuple[list[str], list[tuple[str, d
         customer_id = customers[i % 4][0]["id"]
         await place_order(
             scripts,
-            order_id=new_order_id(customer_id),
+            order_id=new_order_id(customer_id, 0),
             customer_id=customer_id,
             lines=[(phones[i % 4], 1 + i % 3)],
             autocheck=i % 2 == 0,

@@ -149,7 +149,7 @@ async def test_the_node_refuses_an_undeclared_key_it_does_not_serve_before_any_w
     view = redis_cluster.topology()
     phone = await shop.phone(price_cents=1_000, stock=10)
     (_, _), (far, _) = await customers_with_and_without(shop, view, primary_of(view, phone["id"]))
-    order_id = new_order_id(far["id"])
+    order_id = new_order_id(far["id"], 0)
     script_keys = place_order_keys(far["id"], order_id, COMPLETED, None, [phone["id"]])
     # As the gateway declares them (ClusterGateway): the leading keys of the first key's
     # slot, the customer's; the rest (the phone's, then the customer's Idempotency-Key

@@ -103,23 +103,29 @@ async def _order(scripts: Scripts, books: Books, customer_id: str, phone_id: str
     if reserved.status != 200:
         books.errors.append(f"reserve {reserved.status} {reserved.payload}")
         return
-    committed = await scripts.call(
-        "commit_order",
-        commit_order_keys(customer_id, order_id, COMPLETED, None),
-        [
-            order_id,
-            customer_id,
-            int(time.time() * 1000),
-            f"reshard-{order_id}",
-            "1",
-            "0",
-            "-",
-            86400,
-            encode_items([(phone_id, 1, PRICE_CENTS)]),
-            expires,
-            saga.keep_until(),
-        ],
-    )
+    chunk = 0
+    while True:  # as the app's commit: again with the chunk a stale one is told
+        committed = await scripts.call(
+            "commit_order",
+            commit_order_keys(customer_id, order_id, COMPLETED, None, chunk),
+            [
+                order_id,
+                customer_id,
+                int(time.time() * 1000),
+                f"reshard-{order_id}",
+                "1",
+                "0",
+                "-",
+                86400,
+                encode_items([(phone_id, 1, PRICE_CENTS)]),
+                expires,
+                saga.keep_until(),
+                chunk,
+            ],
+        )
+        if committed.payload.get("code") != "order_chunk_stale":
+            break
+        chunk = int(committed.payload["chunk"])
     if committed.status != 201:
         books.errors.append(f"commit {committed.status} {committed.payload}")
         return

@@ -98,7 +98,8 @@ async def test_every_earlier_layout_version_is_refused_saying_what_to_do(
     """Layout 4 had indexes of all orders (oa, co without a status) that layout 5 no
     longer writes or reads (their memory would never come back); layout 5's order hashes
     have the long field names, which layout 6 does not read (its orders would look
-    empty). No migration: a fresh directory."""
+    empty); layout 6's status indexes are one zset each, which layout 7 does not list
+    (it reads status chunks). No migration: a fresh directory."""
     await redis.set(keys.LAYOUT, version)
     await redis.zadd("oa{A}", {"AAAAAAAAAAAAAAAAAAAAAA": 1})  # as layout 4 indexed all orders
     before = {key: await redis.dump(key) for key in await redis.keys("*")}
@@ -112,6 +113,7 @@ async def test_every_earlier_layout_version_is_refused_saying_what_to_do(
     assert f"'layout' is b'{version}'" in message
     assert f"layout {keys.LAYOUT_VERSION}" in message and "fresh data directory" in message
     assert "mv var/redis var/redis.old-layout" in message
+    assert "status lists in chunks" in message
     assert {key: await redis.dump(key) for key in await redis.keys("*")} == before
 
 

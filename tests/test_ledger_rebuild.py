@@ -178,7 +178,11 @@ async def test_the_rebuild_writes_nothing_when_a_script_ran_during_its_recount(
 async def test_rows_the_ledger_cannot_sum_stop_the_rebuild(shop: Shop, redis: Redis) -> None:
     await _fill(shop, redis)
     await _delete_ledgers(redis)
-    await redis.zadd(keys.orders_by_status(0, OPEN), {"no-such-order": 10**9})
+    # A status chunk entry of partition 0 whose order is not there (the walk reads
+    # chunks its directory names, up to the partition's clock).
+    await redis.zadd(keys.order_chunks(0, OPEN), {"0": 1}, nx=True)
+    await redis.zadd(keys.orders_by_status(0, OPEN, 0), {"no-such-order": 1})
+    await redis.set(keys.orders_seq(0), 10**9, nx=True)
     before = {key: await redis.dump(key) for key in await redis.keys("*")}
     result = await asyncio.to_thread(_run_rebuild, redis)
     assert result.returncode == 1

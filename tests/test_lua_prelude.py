@@ -97,7 +97,10 @@ async def test_the_scripts_that_use_hgetall_map_answer_the_whole_hash(
             row = await stored(keys.order(order["id"]))
             # The hash does not store the id (its key holds it) and has the short field
             # names: order_map answers the long ones and adds the id back.
-            assert "id" not in row and set(row) == set(ORDER_FIELDS.values())
+            # The chunk is stored only where the id does not say it (a split saga's commit
+            # after a stale hint): never for an order placed in one script.
+            stored_names = set(ORDER_FIELDS.values()) - {ORDER_FIELDS["chunk"]}
+            assert "id" not in row and set(row) == stored_names
             assert (body["id"], body["status"], body["total_cents"]) == (
                 order["id"],
                 order_fields(row)["status"],

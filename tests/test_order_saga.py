@@ -128,9 +128,22 @@ async def test_a_commit_after_the_fence_is_refused(shop: Shop, redis: Redis) -> 
     expires = int(time.time() * 1000) + 60_000
     reserved = await saga.reserve(scripts, order_id, phone_partition, [(phone["id"], 1)], expires)
     assert await saga.fence(scripts, order_partition, [order_id]) == [saga.ABORTED]
-    commit_keys = commit_order_keys(customer["id"], order_id, "open", None)
+    commit_keys = commit_order_keys(customer["id"], order_id, "open", None, 0)
     items = encode_items([(phone["id"], 1, 100)])
-    args = [order_id, customer["id"], 1, "r", "0", "0", "f", 60, items, expires, saga.keep_until()]
+    args = [
+        order_id,
+        customer["id"],
+        1,
+        "r",
+        "0",
+        "0",
+        "f",
+        60,
+        items,
+        expires,
+        saga.keep_until(),
+        0,
+    ]
     late = await scripts.call("commit_order", commit_keys, args)
     assert (late.status, late.payload) == (503, {"code": "service_unavailable"})
     assert not await redis.exists(keys.order(order_id))

@@ -8,7 +8,7 @@ from redis.asyncio import Redis
 
 from app import keys
 from app.fields import BALANCE_LIMIT, STOCK_LIMIT
-from app.partitions import partition_of
+from app.partitions import chunk_of, partition_of
 from tests.helpers import ADMIN, ON_BOTH_STACKS, Shop, all_events, orders_stored, snapshot
 
 # On one redis-server and on the 3+3 Redis Cluster (`-m cluster`: the cluster runs).
@@ -274,7 +274,9 @@ async def test_audit_reports_an_index_entry_without_its_order(shop: Shop, redis:
     assert audit["ok"] is False
     assert audit["dangling_index_entries"] == [
         {
-            "index": keys.orders_by_status(partition_of(order["id"]), order["status"]),
+            "index": keys.orders_by_status(
+                partition_of(order["id"]), order["status"], chunk_of(order["id"])
+            ),
             "id": order["id"],
         }
     ]

@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from app import appkeys, keys
 from app.main import create_app
 from app.orders.service import cancel_order_keys, check_order_keys
-from app.partitions import PARTITIONS, partition_of
+from app.partitions import PARTITIONS, chunk_of, partition_of
 from app.problems import ProblemError
 from app.redis_gateway import gateway_over
 from app.scripts import Scripts
@@ -263,12 +263,13 @@ async def test_scripts_refuse_keys_that_do_not_fit_the_order(shop: Shop, redis: 
     other, _ = await shop.customer()
     order = (await (await shop.order(auth, [(phone["id"], 1)], autocheck=False)).json())["order"]
     scripts = Scripts(gateway_over(redis))
+    chunk = chunk_of(order["id"])
     before = await before_a_refusal(redis)
     with pytest.raises(ProblemError) as wrong_owner:
         await scripts.run(
             "check_order",
-            check_order_keys(order["id"], other["id"]),
-            [other["id"], "", 0, "req"],
+            check_order_keys(order["id"], other["id"], chunk),
+            [other["id"], "", 0, "req", chunk],
         )
     assert wrong_owner.value.code == "order_owner_changed"
     items = (await redis.hget(keys.order(order["id"]), ORDER_FIELDS["items"])).decode()
@@ -276,24 +277,24 @@ async def test_scripts_refuse_keys_that_do_not_fit_the_order(shop: Shop, redis: 
     with pytest.raises(ProblemError) as wrong_owner:
         await scripts.run(
             "cancel_order",
-            cancel_order_keys(order["id"], other["id"], items),
-            [other["id"], "", 0, "req", items, *limits],
+            cancel_order_keys(order["id"], other["id"], items, chunk),
+            [other["id"], "", 0, "req", items, *limits, chunk],
         )
     assert wrong_owner.value.code == "order_owner_changed"
     other_items = f"{phone['id']}:5:10"
     with pytest.raises(ProblemError) as wrong_items:
         await scripts.run(
             "cancel_order",
-            cancel_order_keys(order["id"], owner["id"], other_items),
-            [owner["id"], "", 0, "req", other_items, *limits],
+            cancel_order_keys(order["id"], owner["id"], other_items, chunk),
+            [owner["id"], "", 0, "req", other_items, *limits, chunk],
         )
     assert wrong_items.value.code == "order_owner_changed"
     # The right items, but the reservations' key left out.
     with pytest.raises(ProblemError) as keys_left_out:
         await scripts.run(
             "cancel_order",
-            cancel_order_keys(order["id"], owner["id"], items)[:-1],
-            [owner["id"], "", 0, "req", items, *limits],
+            cancel_order_keys(order["id"], owner["id"], items, chunk)[:-1],
+            [owner["id"], "", 0, "req", items, *limits, chunk],
         )
     assert keys_left_out.value.code == "order_owner_changed"
     await assert_changed_nothing(redis, before)

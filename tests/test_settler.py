@@ -215,14 +215,14 @@ async def test_a_marker_and_a_tombstone_outlive_every_late_step_of_their_order(
     for keep_until in (marker_due, tombstone_due):
         assert keep_until >= expires + steps.TOMBSTONE_MARGIN_MS
 
-    commit_keys = commit_order_keys(customer, order, "open", None)
+    commit_keys = commit_order_keys(customer, order, "open", None, 0)
     items = encode_items([(phone, 1, 100)])
 
     async def late_steps() -> tuple[dict, dict]:
         commit = await saga.scripts.call(
             "commit_order",
             commit_keys,
-            [order, customer, 1, "r", "0", "0", "f", 60, items, expires, steps.keep_until()],
+            [order, customer, 1, "r", "0", "0", "f", 60, items, expires, steps.keep_until(), 0],
         )
         reserve = await steps.reserve(saga.scripts, order, PHONE_PARTITION, [(phone, 1)], expires)
         return commit.payload, reserve.payload

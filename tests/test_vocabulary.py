@@ -19,6 +19,7 @@ from app import keys
 from app.ids import new_id
 from app.lua_prelude import with_prelude
 from app.orders.service import cancel_order_keys, check_order_keys
+from app.partitions import chunk_of
 from app.problems import PROBLEMS
 from app.scripts import load_source, problem_from_script
 from app.vocabulary import (
@@ -114,12 +115,12 @@ async def test_an_order_in_a_status_the_script_does_not_handle_is_refused_by_tha
     await redis.hset(keys.order(order["id"]), ORDER_FIELDS["status"], "refunded")
     before = {key: await redis.dump(key) for key in await redis.keys("*")}
     if script == "check_order":
-        script_keys = check_order_keys(order["id"], owner)
-        args = [owner, "", 0, "req"]
+        script_keys = check_order_keys(order["id"], owner, chunk_of(order["id"]))
+        args = [owner, "", 0, "req", chunk_of(order["id"])]
     else:
         items = (await redis.hget(keys.order(order["id"]), ORDER_FIELDS["items"])).decode()
-        script_keys = cancel_order_keys(order["id"], owner, items)
-        args = [owner, "", 0, "req", items, 10**15, 10**12]
+        script_keys = cancel_order_keys(order["id"], owner, items, chunk_of(order["id"]))
+        args = [owner, "", 0, "req", items, 10**15, 10**12, chunk_of(order["id"])]
     status, payload, changed = await redis.eval(
         load_source(script), len(script_keys), *script_keys, *args
     )

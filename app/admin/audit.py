@@ -161,12 +161,10 @@ _WALK = (*FINAL_STATUSES, *(s for s in ORDER_STATUSES if s not in FINAL_STATUSES
 _ORDER_ROW = ("status", "items", "total_cents")
 
 
-def _order_indexes(partition: int) -> tuple[str, ...]:
-    return tuple(keys.orders_by_status(partition, status) for status in _WALK)
-
-
 def _indexes(partition: int) -> tuple[str, ...]:
-    return keys.phones(partition), keys.customers(partition), *_order_indexes(partition)
+    """What the start reads the newest of: the phones, the customers, and the orders'
+    seq clock (their status lists are in chunks, app/keys.py: the clock is the newest)."""
+    return keys.phones(partition), keys.customers(partition), keys.orders_seq(partition)
 
 
 async def _read_ledgers(
@@ -284,16 +282,33 @@ async def _recount_partition(
                     {"customer_id": customer_id, "balance": balance, "added": added}
                 )
 
-    # One bound for every status index: the partition's newest order at the start (seqs
-    # grow within a partition), so an order that existed then is recounted whichever
-    # status index it has moved to.
-    orders = _order_indexes(partition)
-    newest = max(last[index] for index in orders)
-    for index in orders:
-        async for batch in _rows(
-            redis, index, newest, keys.order, [ORDER_FIELDS[name] for name in _ORDER_ROW]
-        ):
-            _recount_orders(found, partition, index, batch)
+    # One bound for every status list: the partition's newest order at the start (its
+    # seq clock), so an order that existed then is recounted whichever status list it
+    # has moved to. Each list is walked chunk by chunk, oldest first (app/keys.py).
+    newest = last[keys.orders_seq(partition)]
+    fields = [ORDER_FIELDS[name] for name in _ORDER_ROW]
+    for status in _WALK:
+        async for chunk in _chunks(redis, partition, status, newest):
+            async for batch in _rows(redis, chunk, newest, keys.order, fields):
+                _recount_orders(found, partition, chunk, batch)
+
+
+async def _chunks(redis: Redis, partition: int, status: str, newest: float) -> AsyncIterator[str]:
+    """The keys of a status list's chunks that start by ``newest``, oldest first, from
+    its directory (BATCH entries a round trip)."""
+    if not newest:
+        return
+    directory = keys.order_chunks(partition, status)
+    after = "-inf"
+    while True:
+        page = await redis.zrangebyscore(
+            directory, after, newest, start=0, num=BATCH, withscores=True
+        )
+        if not page:
+            return
+        for chunk, _ in page:
+            yield keys.orders_by_status(partition, status, int(chunk))
+        after = f"({page[-1][1]!r}"
 
 
 def _recount_orders(

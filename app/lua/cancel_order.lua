@@ -10,15 +10,18 @@
 --
 -- KEYS[1]  o{P}<order_id>                    hash
 -- KEYS[2]  c{P}<owner_id>                    hash
--- KEYS[3]  os{P}open                         zset
--- KEYS[4]  os{P}cancelled                    zset
+-- KEYS[3]  os{P}open:<k>                     zset, chunk k = ARGV[8] (docs/data-tier.md 10.2)
+-- KEYS[4]  os{P}cancelled:<k>                zset
 -- KEYS[5]  co{P}<owner_id>:open              zset
 -- KEYS[6]  co{P}<owner_id>:cancelled         zset
 -- KEYS[7]  e{P}                              the order partition's events stream
 -- KEYS[8]  lg{P}                             hash, the customer side's running totals
--- KEYS[9..8+n]      p{Q}<phone_id> for each of the order's n lines, in order
--- KEYS[9+n..8+2n]   lg{Q} of each line's phone, same order (may repeat)
--- KEYS[9+2n..8+3n]  rv{Q} of each line's phone, same order (may repeat): only read
+-- KEYS[9]  od{P}open, KEYS[10] od{P}cancelled     zsets, the statuses' non-empty chunks
+-- KEYS[11] on{P}open, KEYS[12] on{P}cancelled     hashes, their orders per chunk, group
+-- KEYS[13] ok{P}                             hash, read: the chunks' starts
+-- KEYS[14..13+n]      p{Q}<phone_id> for each of the order's n lines, in order
+-- KEYS[14+n..13+2n]   lg{Q} of each line's phone, same order (may repeat)
+-- KEYS[14+2n..13+3n]  rv{Q} of each line's phone, same order (may repeat): only read
 -- ARGV[1]  owner id the keys above were built for
 -- ARGV[2]  requesting customer id, or "" for the admin
 -- ARGV[3]  now, ms since the epoch
@@ -27,6 +30,7 @@
 --          were built from it; an order's items never change, this proves it)
 -- ARGV[6]  balance ceiling, ARGV[7] stock ceiling: a refund or a restock that
 --          would cross one is refused (app/fields.py: every sum below 2^53)
+-- ARGV[8]  the chunk KEYS[3..4] are for: the id's (id_chunk), or what a refusal answered
 --
 -- Returns {http_status, payload_json, changed}:
 --   200, order fields (strings), 1|0   cancelled now | was already cancelled
@@ -40,13 +44,16 @@
 --   409, {code="balance_limit", balance_cents, limit}  the refund would cross
 --        the ceiling; nothing written (spend some, or complete the order)
 --   409, {code="stock_limit", phone_id, stock, limit}  likewise for a line's restock
+--   409, {code="order_chunk_moved", chunk}  ARGV[8] is not the order's chunk (chunk):
+--                                       nothing written; the app retries with chunk's keys
 --
 -- STATUS, ORDER_EVENT, decode_items, ORDER_FIELD, order_id_of,
--- order_map: the prelude (app/lua_prelude.py).
+-- order_map, id_chunk, chunk_enter, chunk_leave: the prelude (app/lua_prelude.py).
 
 local order = redis.call('HMGET', KEYS[1], ORDER_FIELD.customer_id, ORDER_FIELD.status,
-  ORDER_FIELD.seq, ORDER_FIELD.items, ORDER_FIELD.total_cents)
+  ORDER_FIELD.seq, ORDER_FIELD.items, ORDER_FIELD.total_cents, ORDER_FIELD.chunk)
 local owner, status, seq, items, total = order[1], order[2], order[3], order[4], order[5]
+local chunk_field = order[6]
 local order_id = order_id_of(KEYS[1])
 if not owner or (ARGV[2] ~= '' and ARGV[2] ~= owner) then
   return {404, cjson.encode({code = 'order_not_found'}), 0}
@@ -58,7 +65,7 @@ local line_count = 0
 for _ in decode_items(items) do
   line_count = line_count + 1
 end
-if #KEYS ~= 8 + 3 * line_count then
+if #KEYS ~= 13 + 3 * line_count then
   return {409, cjson.encode({code = 'order_owner_changed'}), 0}
 end
 
@@ -75,10 +82,10 @@ end
 local lines = {}
 for phone_id, quantity in decode_items(items) do
   local i = #lines + 1
-  if redis.call('HEXISTS', KEYS[8 + 2 * line_count + i], order_id) == 1 then
+  if redis.call('HEXISTS', KEYS[13 + 2 * line_count + i], order_id) == 1 then
     return {307, cjson.encode({code = 'reservation_held'}), 0}
   end
-  local line = {id = phone_id, phone = KEYS[8 + i], ledger = KEYS[8 + line_count + i],
+  local line = {id = phone_id, phone = KEYS[13 + i], ledger = KEYS[13 + line_count + i],
     quantity = tonumber(quantity)}
   redis.call('EXISTS', line.ledger)
   line.stock = redis.call('HGET', line.phone, 'stock') or '0'
@@ -93,6 +100,12 @@ for _, line in ipairs(lines) do
   if tonumber(line.stock) + line.quantity > tonumber(ARGV[7]) then
     return {409, cjson.encode({code = 'stock_limit', phone_id = line.id, stock = line.stock, limit = ARGV[7]}), 0}
   end
+end
+
+local chunk = chunk_field or string.format('%d', id_chunk(order_id))
+if chunk ~= ARGV[8] then
+  -- The keys are another chunk's: the order's is in its hash where the id does not say it.
+  return {409, cjson.encode({code = 'order_chunk_moved', chunk = chunk}), 0}
 end
 
 -- Every check passed: write.
@@ -111,8 +124,8 @@ for _, line in ipairs(lines) do
 end
 redis.call('HINCRBY', KEYS[2], 'balance_cents', total)
 redis.call('HSET', KEYS[1], ORDER_FIELD.status, STATUS.cancelled)
-redis.call('ZREM', KEYS[3], order_id)
-redis.call('ZADD', KEYS[4], seq, order_id)
+chunk_leave(KEYS[3], KEYS[9], KEYS[11], chunk, order_id)
+chunk_enter(KEYS[4], KEYS[10], KEYS[12], KEYS[13], chunk, seq, order_id)
 redis.call('ZREM', KEYS[5], order_id)
 redis.call('ZADD', KEYS[6], seq, order_id)
 redis.call('HINCRBY', KEYS[8], 'open_cents', -tonumber(total))

@@ -7,30 +7,37 @@
 -- every key is in it.
 --
 -- KEYS[1]  o{P}<order_id>                    hash
--- KEYS[2]  os{P}open                         zset
--- KEYS[3]  os{P}completed                    zset
+-- KEYS[2]  os{P}open:<k>                     zset, chunk k = ARGV[5] (docs/data-tier.md 10.2)
+-- KEYS[3]  os{P}completed:<k>                zset
 -- KEYS[4]  co{P}<owner_id>:open              zset
 -- KEYS[5]  co{P}<owner_id>:completed         zset
 -- KEYS[6]  e{P}                              the order partition's events stream
 -- KEYS[7]  c{P}<owner_id>                    hash (read: the balance for the mail)
 -- KEYS[8]  lg{P}                             hash, the running totals
+-- KEYS[9]  od{P}open, KEYS[10] od{P}completed     zsets, the statuses' non-empty chunks
+-- KEYS[11] on{P}open, KEYS[12] on{P}completed     hashes, their orders per chunk, group
+-- KEYS[13] ok{P}                             hash, read: the chunks' starts
 -- ARGV[1]  owner id the keys above were built for
 -- ARGV[2]  requesting customer id, or "" for the admin
 -- ARGV[3]  now, ms since the epoch
 -- ARGV[4]  request id (carried into the event)
+-- ARGV[5]  the chunk KEYS[2..3] are for: the id's (id_chunk), or what a refusal answered
 --
 -- Returns {http_status, payload_json, changed}:
 --   200, order fields (strings), 1|0   completed now | was already completed
 --   404, {code="order_not_found"}      missing, or not the requester's
 --   409, {code="order_<status>"}       not open, e.g. order_cancelled; nothing written
 --   409, {code="order_owner_changed"}  the caller's keys do not fit; nothing written
+--   409, {code="order_chunk_moved", chunk}  ARGV[5] is not the order's chunk (chunk):
+--                                       nothing written; the app retries with chunk's keys
 --
 -- STATUS, ORDER_EVENT, decode_items, ORDER_FIELD, order_id_of,
--- order_map: the prelude (app/lua_prelude.py).
+-- order_map, id_chunk, chunk_enter, chunk_leave: the prelude (app/lua_prelude.py).
 
 local order = redis.call('HMGET', KEYS[1], ORDER_FIELD.customer_id, ORDER_FIELD.status,
-  ORDER_FIELD.seq, ORDER_FIELD.items, ORDER_FIELD.total_cents)
+  ORDER_FIELD.seq, ORDER_FIELD.items, ORDER_FIELD.total_cents, ORDER_FIELD.chunk)
 local owner, status, seq, items, total = order[1], order[2], order[3], order[4], order[5]
+local chunk_field = order[6]
 local order_id = order_id_of(KEYS[1])
 if not owner or (ARGV[2] ~= '' and ARGV[2] ~= owner) then
   return {404, cjson.encode({code = 'order_not_found'}), 0}
@@ -47,13 +54,19 @@ if status ~= STATUS.open then
   return {409, cjson.encode({code = 'order_' .. status}), 0}
 end
 
+local chunk = chunk_field or string.format('%d', id_chunk(order_id))
+if chunk ~= ARGV[5] then
+  -- The keys are another chunk's: the order's is in its hash where the id does not say it.
+  return {409, cjson.encode({code = 'order_chunk_moved', chunk = chunk}), 0}
+end
+
 local units = 0
 for _, quantity in decode_items(items) do
   units = units + tonumber(quantity)
 end
 redis.call('HSET', KEYS[1], ORDER_FIELD.status, STATUS.completed)
-redis.call('ZREM', KEYS[2], order_id)
-redis.call('ZADD', KEYS[3], seq, order_id)
+chunk_leave(KEYS[2], KEYS[9], KEYS[11], chunk, order_id)
+chunk_enter(KEYS[3], KEYS[10], KEYS[12], KEYS[13], chunk, seq, order_id)
 redis.call('ZREM', KEYS[4], order_id)
 redis.call('ZADD', KEYS[5], seq, order_id)
 redis.call('HINCRBY', KEYS[8], 'open_cents', -tonumber(total))

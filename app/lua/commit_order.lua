@@ -19,8 +19,9 @@
 -- KEYS[2]  i{P}<bucket>                     hash, the newest Idempotency-Key bucket (a new
 --          record goes here; all of them ignored unless ARGV[6] == "1")
 -- KEYS[3]  o{P}<order_id>                    hash
--- KEYS[4]  os{P}<status>                     zset, the partition's orders of the new order's
---          status by seq (no all-orders index: lists merge the statuses')
+-- KEYS[4]  os{P}<status>:<k>                 zset, the partition's orders of the new order's
+--          status placed in chunk k = ARGV[12], by seq (no all-orders index: lists merge
+--          the statuses')
 -- KEYS[5]  co{P}<customer_id>:<status>       zset, the customer's, the same
 -- KEYS[6]  oq{P}                             the partition's seq clock
 -- KEYS[7]  e{P}                              the partition's events stream
@@ -28,7 +29,11 @@
 --          orders_<status>, changes; the units' stock side moves on the phones' partitions)
 -- KEYS[9]  ab{P}                             hash: order id -> refusal (the abort markers)
 -- KEYS[10] ad{P}                             zset: order id by when its marker may be pruned
--- KEYS[11..14] i{P}<bucket>                  the 4 older Idempotency-Key buckets, newest first
+-- KEYS[11] od{P}<status>                     zset, the status's non-empty chunks
+-- KEYS[12] on{P}<status>                     hash, the status's orders per chunk, group
+-- KEYS[13] ok{P}                             hash, the partition's current chunk k, the
+--          orders placed in it n, and each chunk's start seq (docs/data-tier.md 10.2)
+-- KEYS[14..17] i{P}<bucket>                  the 4 older Idempotency-Key buckets, newest first
 -- ARGV[1]  order id (minted in the customer's partition)
 -- ARGV[2]  customer id
 -- ARGV[3]  now, ms since the epoch
@@ -42,9 +47,16 @@
 --          line order, with the prices the reserves answered (the app relays them)
 -- ARGV[10] the reservations' expiry, ms since the epoch (what the reserves were given)
 -- ARGV[11] keep-until of a marker written now, ms since the epoch (app/orders/saga.py)
+-- ARGV[12] the chunk KEYS[4] is for: the id's (id_chunk), or the current one a refusal
+--          below answered (the id, already in the reservations, is kept; the order
+--          hash's chunk field then says where it is)
 --
 -- Returns {http_status, payload_json, replayed}:
---   201, order fields (all strings), 0            committed now, or by an earlier run
+--   201, order fields (all strings), 0            committed now (with current_chunk: the
+--                                                 partition's after it), or by an earlier run
+--   409, {code="order_chunk_stale", chunk}, 0     ARGV[12] is not the partition's current
+--                                                 chunk (chunk): nothing written, not even a
+--                                                 marker; the app retries with chunk's keys
 --   404, {code="customer_not_found"}, 0           marker written
 --   402, {code="insufficient_funds", balance_cents, total_cents}, 0   marker written
 --   422, {code="idempotency_key_reused"}, 0       same key, other body; marker written
@@ -59,10 +71,11 @@
 --   error reply "commit_order: ..."               bad items; nothing written
 --
 -- STATUS, ORDER_EVENT, ORDER_FIELD, decode_items, order_map, next_seq, now_ms, record_buckets,
--- find_record, store_record, replay_reply: the prelude (app/lua_prelude.py).
+-- find_record, store_record, replay_reply, id_chunk, chunk_enter, CHUNK_ORDERS: the prelude
+-- (app/lua_prelude.py).
 
-if #KEYS ~= 14 then
-  return redis.error_reply('commit_order: expected 14 keys, got ' .. #KEYS)
+if #KEYS ~= 17 then
+  return redis.error_reply('commit_order: expected 17 keys, got ' .. #KEYS)
 end
 local order_id = ARGV[1]
 local use_idem = ARGV[6] == '1'
@@ -143,6 +156,15 @@ if balance < total then
   return answer(402, {code = 'insufficient_funds', balance_cents = fmt(balance), total_cents = fmt(total)})
 end
 
+-- Orders enter only the partition's current chunk (a chunk's seqs all precede the next
+-- one's): KEYS[4] must be its. After every refusal, which answers whatever the chunk.
+local chunk = tonumber(ARGV[12])
+local state = redis.call('HMGET', KEYS[13], 'k', 'n')
+local current, placed = tonumber(state[1] or '0'), tonumber(state[2] or '0')
+if chunk ~= current then
+  return {409, cjson.encode({code = 'order_chunk_stale', chunk = fmt(current)}), 0}
+end
+
 -- Every check passed: write.
 redis.call('HINCRBY', KEYS[1], 'balance_cents', -total)
 local status = STATUS.open
@@ -163,7 +185,20 @@ local order = {
 redis.call('HSET', KEYS[3], ORDER_FIELD.customer_id, order.customer_id, ORDER_FIELD.status, status,
   ORDER_FIELD.items, order.items, ORDER_FIELD.total_cents, order.total_cents,
   ORDER_FIELD.seq, order.seq, ORDER_FIELD.created_at, order.created_at)
-redis.call('ZADD', KEYS[4], seq, order_id)
+if chunk ~= id_chunk(order_id) then
+  redis.call('HSET', KEYS[3], ORDER_FIELD.chunk, ARGV[12])
+end
+if placed == 0 then
+  redis.call('HSET', KEYS[13], ARGV[12], seq)  -- the chunk's start
+end
+placed = placed + 1
+if placed == CHUNK_ORDERS then
+  current, placed = current + 1, 0
+  redis.call('HSET', KEYS[13], 'k', fmt(current), 'n', '0')
+else
+  redis.call('HSET', KEYS[13], 'n', fmt(placed))
+end
+chunk_enter(KEYS[4], KEYS[11], KEYS[12], KEYS[13], ARGV[12], seq, order_id)
 redis.call('ZADD', KEYS[5], seq, order_id)
 redis.call('HINCRBY', KEYS[8], 'balance_cents', -total)
 redis.call('HINCRBY', KEYS[8], status .. '_cents', total)
@@ -179,4 +214,5 @@ if status == STATUS.completed then
     'customer_id', ARGV[2], 'status', STATUS.completed, 'request_id', ARGV[4], 'at', ARGV[3],
     'balance_cents', fmt(balance - total))
 end
+order.current_chunk = fmt(current)
 return answer(201, order)

@@ -12,15 +12,20 @@
 -- KEYS[2]  i{P}<bucket>                       hash, the newest Idempotency-Key bucket (a
 --          new record goes here; all of them ignored unless ARGV[6] == "1")
 -- KEYS[3]  o{P}<order_id>                      hash, must not exist
--- KEYS[4]  os{P}<status>                       zset, the partition's orders of the new
---          order's status by seq (no all-orders index: lists merge the statuses')
+-- KEYS[4]  os{P}<status>:<k>                   zset, the partition's orders of the new
+--          order's status placed in chunk k, the one the order id says (id_chunk), by
+--          seq (no all-orders index: lists merge the statuses')
 -- KEYS[5]  co{P}<customer_id>:<status>         zset, the customer's, the same
 -- KEYS[6]  oq{P}                               the partition's seq clock
 -- KEYS[7]  e{P}                                the order partition's events stream
 -- KEYS[8]  lg{P}                               hash, the customer side's running totals
--- KEYS[9..8+n]  p{Q}<phone_id>, one per line, same order as the lines
--- KEYS[9+n..8+2n]  lg{Q} of each line's phone, same order (may repeat)
--- KEYS[9+2n..12+2n]  i{P}<bucket>, the 4 older Idempotency-Key buckets, newest first
+-- KEYS[9]  od{P}<status>                       zset, the status's non-empty chunks
+-- KEYS[10] on{P}<status>                       hash, the status's orders per chunk, group
+-- KEYS[11] ok{P}                               hash, the partition's current chunk k,
+--          the orders placed in it n, and each chunk's start seq (docs/data-tier.md 10.2)
+-- KEYS[12..11+n]  p{Q}<phone_id>, one per line, same order as the lines
+-- KEYS[12+n..11+2n]  lg{Q} of each line's phone, same order (may repeat)
+-- KEYS[12+2n..15+2n]  i{P}<bucket>, the 4 older Idempotency-Key buckets, newest first
 -- ARGV[1]  order id
 -- ARGV[2]  customer id
 -- ARGV[3]  now, ms since the epoch
@@ -34,7 +39,11 @@
 --                by the caller; phone ids distinct)
 --
 -- Returns {http_status, payload_json, replayed}:
---   201, order fields (all strings), 0            the order was placed
+--   201, order fields (all strings) and current_chunk, 0   the order was placed;
+--                                                 current_chunk: the partition's after it
+--   409, {code="order_chunk_stale", chunk}, 0    the id's chunk is not the partition's
+--                                                 current one (chunk): nothing written;
+--                                                 the app mints an id for chunk, retries
 --   201, {replay_of=order id}, 1                  the key's order, replayed (the app
 --                                                 rebuilds the first answer from it)
 --   404, {code="customer_not_found"}              nothing written
@@ -46,15 +55,15 @@
 --   error reply "place_order: ..."               KEYS do not fit ARGV; nothing written
 --
 -- STATUS, ORDER_EVENT, ORDER_FIELD, encode_item(s), next_seq, record_buckets, find_record,
--- store_record, replay_reply: the prelude (app/lua_prelude.py).
+-- store_record, replay_reply, id_chunk, chunk_enter, CHUNK_ORDERS: the prelude (app/lua_prelude.py).
 
 local function fmt(n)
   return string.format('%d', n)
 end
 
 local n = (#ARGV - 8) / 2
-if #KEYS ~= 12 + 2 * n then
-  return redis.error_reply('place_order: expected ' .. (12 + 2 * n) .. ' keys, got ' .. #KEYS)
+if #KEYS ~= 15 + 2 * n then
+  return redis.error_reply('place_order: expected ' .. (15 + 2 * n) .. ' keys, got ' .. #KEYS)
 end
 
 local use_idem = ARGV[6] == '1'
@@ -91,7 +100,7 @@ local total = 0
 for i = 1, n do
   local phone_id = ARGV[7 + 2 * i]
   local quantity = tonumber(ARGV[8 + 2 * i])
-  local row = redis.call('HMGET', KEYS[8 + i], 'price_cents', 'stock')
+  local row = redis.call('HMGET', KEYS[11 + i], 'price_cents', 'stock')
   if not row[1] then
     missing[#missing + 1] = phone_id
   else
@@ -114,15 +123,25 @@ if balance < total then
   return answer(402, {code = 'insufficient_funds', balance_cents = fmt(balance), total_cents = fmt(total)})
 end
 
+-- Orders enter only the partition's current chunk (so a chunk's seqs all precede the
+-- next one's), and KEYS[4] must be that chunk's: an id minted for another is refused
+-- before any write (a replay above answers whatever its chunk).
+local chunk = id_chunk(ARGV[1])
+local state = redis.call('HMGET', KEYS[11], 'k', 'n')
+local current, placed = tonumber(state[1] or '0'), tonumber(state[2] or '0')
+if chunk ~= current then
+  return {409, cjson.encode({code = 'order_chunk_stale', chunk = fmt(current)}), 0}
+end
+
 -- Every check passed: write.
 local items = {}
 local units = 0
 for i = 1, n do
   local phone_id = ARGV[7 + 2 * i]
   local quantity = ARGV[8 + 2 * i]
-  redis.call('HINCRBY', KEYS[8 + i], 'stock', -tonumber(quantity))
+  redis.call('HINCRBY', KEYS[11 + i], 'stock', -tonumber(quantity))
   -- As the split saga's settle does: its give-back (return_stock) takes units from sold.
-  redis.call('HINCRBY', KEYS[8 + i], 'sold', quantity)
+  redis.call('HINCRBY', KEYS[11 + i], 'sold', quantity)
   units = units + tonumber(quantity)
   items[i] = encode_item(phone_id, quantity, fmt(prices[i]))
 end
@@ -146,7 +165,18 @@ local order = {
 redis.call('HSET', KEYS[3], ORDER_FIELD.customer_id, order.customer_id, ORDER_FIELD.status, status,
   ORDER_FIELD.items, order.items, ORDER_FIELD.total_cents, order.total_cents,
   ORDER_FIELD.seq, order.seq, ORDER_FIELD.created_at, order.created_at)
-redis.call('ZADD', KEYS[4], seq, ARGV[1])
+local chunk_name = fmt(chunk)
+if placed == 0 then
+  redis.call('HSET', KEYS[11], chunk_name, seq)  -- the chunk's start
+end
+placed = placed + 1
+if placed == CHUNK_ORDERS then
+  current, placed = current + 1, 0
+  redis.call('HSET', KEYS[11], 'k', fmt(current), 'n', '0')
+else
+  redis.call('HSET', KEYS[11], 'n', fmt(placed))
+end
+chunk_enter(KEYS[4], KEYS[9], KEYS[10], KEYS[11], chunk_name, seq, ARGV[1])
 redis.call('ZADD', KEYS[5], seq, ARGV[1])
 redis.call('HINCRBY', KEYS[8], 'balance_cents', -total)
 redis.call('HINCRBY', KEYS[8], status .. '_cents', total)
@@ -156,7 +186,7 @@ redis.call('HINCRBY', KEYS[8], 'changes', 1)
 -- The phone side: each ledger's `changes` moves once, however many lines it has.
 local moved = {[KEYS[8]] = true}
 for i = 1, n do
-  local ledger = KEYS[8 + n + i]
+  local ledger = KEYS[11 + n + i]
   local quantity = tonumber(ARGV[8 + 2 * i])
   redis.call('HINCRBY', ledger, 'stock_units', -quantity)
   redis.call('HINCRBY', ledger, 'sold_units', quantity)
@@ -174,4 +204,5 @@ if status == STATUS.completed then
     'customer_id', ARGV[2], 'status', STATUS.completed, 'request_id', ARGV[4], 'at', ARGV[3],
     'balance_cents', fmt(balance - total))
 end
+order.current_chunk = fmt(current)
 return answer(201, order)

@@ -11,19 +11,23 @@
 -- Key names: app/keys.py; every key is in P.
 -- KEYS[1]  o{P}<order_id>                    hash
 -- KEYS[2]  c{P}<owner_id>                    hash
--- KEYS[3]  os{P}open                         zset
--- KEYS[4]  os{P}cancelled                    zset
+-- KEYS[3]  os{P}open:<k>                     zset, chunk k = ARGV[7] (docs/data-tier.md 10.2)
+-- KEYS[4]  os{P}cancelled:<k>                zset
 -- KEYS[5]  co{P}<owner_id>:open              zset
 -- KEYS[6]  co{P}<owner_id>:cancelled         zset
 -- KEYS[7]  e{P}                              the partition's events stream
 -- KEYS[8]  lg{P}, the order partition's ledger    hash (customer side)
 -- KEYS[9]  ro{P}                                     zset: order id by take-back due time
+-- KEYS[10] od{P}open, KEYS[11] od{P}cancelled     zsets, the statuses' non-empty chunks
+-- KEYS[12] on{P}open, KEYS[13] on{P}cancelled     hashes, their orders per chunk, group
+-- KEYS[14] ok{P}                             hash, read: the chunks' starts
 -- ARGV[1]  owner id the keys above were built for
 -- ARGV[2]  requesting customer id, or "" for the admin
 -- ARGV[3]  now, ms since the epoch
 -- ARGV[4]  request id (carried into the event)
 -- ARGV[5]  balance ceiling: a refund that would cross it is refused (app/fields.py)
 -- ARGV[6]  when the take-back falls due for the settler, ms since the epoch
+-- ARGV[7]  the chunk KEYS[3..4] are for: the id's (id_chunk), or what a refusal answered
 --
 -- Returns {http_status, payload_json, changed}:
 --   200, order fields (strings), 1|0   cancelled now | was already cancelled
@@ -31,13 +35,16 @@
 --   409, {code="order_<status>"}       not open, e.g. order_completed; nothing written
 --   409, {code="order_owner_changed"}  the caller's keys do not fit; nothing written
 --   409, {code="balance_limit", balance_cents, limit}  nothing written
+--   409, {code="order_chunk_moved", chunk}  ARGV[7] is not the order's chunk (chunk):
+--                                       nothing written; the app retries with chunk's keys
 --
 -- STATUS, ORDER_EVENT, decode_items, ORDER_FIELD, order_id_of,
--- order_map: the prelude (app/lua_prelude.py).
+-- order_map, id_chunk, chunk_enter, chunk_leave: the prelude (app/lua_prelude.py).
 
 local order = redis.call('HMGET', KEYS[1], ORDER_FIELD.customer_id, ORDER_FIELD.status,
-  ORDER_FIELD.seq, ORDER_FIELD.items, ORDER_FIELD.total_cents)
+  ORDER_FIELD.seq, ORDER_FIELD.items, ORDER_FIELD.total_cents, ORDER_FIELD.chunk)
 local owner, status, seq, items, total = order[1], order[2], order[3], order[4], order[5]
+local chunk_field = order[6]
 local order_id = order_id_of(KEYS[1])
 if not owner or (ARGV[2] ~= '' and ARGV[2] ~= owner) then
   return {404, cjson.encode({code = 'order_not_found'}), 0}
@@ -56,6 +63,12 @@ if tonumber(balance) + tonumber(total) > tonumber(ARGV[5]) then
   return {409, cjson.encode({code = 'balance_limit', balance_cents = balance, limit = ARGV[5]}), 0}
 end
 
+local chunk = chunk_field or string.format('%d', id_chunk(order_id))
+if chunk ~= ARGV[7] then
+  -- The keys are another chunk's: the order's is in its hash where the id does not say it.
+  return {409, cjson.encode({code = 'order_chunk_moved', chunk = chunk}), 0}
+end
+
 -- Every check passed: write.
 local units = 0
 for _, quantity in decode_items(items) do
@@ -63,8 +76,8 @@ for _, quantity in decode_items(items) do
 end
 redis.call('HINCRBY', KEYS[2], 'balance_cents', total)
 redis.call('HSET', KEYS[1], ORDER_FIELD.status, STATUS.cancelled)
-redis.call('ZREM', KEYS[3], order_id)
-redis.call('ZADD', KEYS[4], seq, order_id)
+chunk_leave(KEYS[3], KEYS[10], KEYS[12], chunk, order_id)
+chunk_enter(KEYS[4], KEYS[11], KEYS[13], KEYS[14], chunk, seq, order_id)
 redis.call('ZREM', KEYS[5], order_id)
 redis.call('ZADD', KEYS[6], seq, order_id)
 redis.call('ZADD', KEYS[9], ARGV[6], order_id)

@@ -33,23 +33,35 @@ from app import keys
 from app.auth import Principal
 from app.fields import BALANCE_LIMIT, STOCK_LIMIT
 from app.orders import saga, service
+from app.orders.chunk_hints import HINTS
 from app.orders.idempotency import RecordPlace
 from app.orders.models import Order
 from app.orders.service import (
+    CHUNK_TRIES,
     PlacedOrder,
     answered_order,
     cancel_keys,
+    chunk_entry_keys,
+    chunk_move_keys,
     idempotency_request,
     new_order_keys,
     newest_bucket,
     older_buckets,
     order_from_fields,
 )
-from app.partitions import partition_of
+from app.partitions import chunk_of, partition_of
 from app.problems import ProblemError, retry_later
 from app.redis_gateway import NotOnOneNode, RedisGateway
 from app.scripts import ScriptResult, Scripts, problem_from_script
-from app.vocabulary import COMPLETED, OPEN, ORDER_FIELDS, decode_items, encode_items, new_order_id
+from app.vocabulary import (
+    CANCELLED,
+    COMPLETED,
+    OPEN,
+    ORDER_FIELDS,
+    decode_items,
+    encode_items,
+    new_order_id,
+)
 
 log = logging.getLogger("app.orders.saga")
 
@@ -144,8 +156,8 @@ async def place_order(
     """``always_split`` (test-only, SAGA_ALWAYS_SPLIT; and the cost runs): the split
     saga even where one node serves every partition, so its steps and crash points can
     be reached on one redis-server."""
-    order_id = new_order_id(customer_id)
-    order_partition = partition_of(order_id)
+    order_partition = partition_of(customer_id)
+    order_id = new_order_id(customer_id, HINTS.current(order_partition))
     if not always_split:
         with contextlib.suppress(NotOnOneNode):
             return await service.place_order(
@@ -217,21 +229,31 @@ async def place_order(
     }
     items = encode_items([(phone_id, qty, prices[phone_id]) for phone_id, qty in lines])
     status = COMPLETED if autocheck else OPEN
-    result = await scripts.call(
-        "commit_order",
-        commit_order_keys(customer_id, order_id, status, record),
-        [
-            order_id,
-            customer_id,
-            _now_ms(),
-            request_id,
-            "1" if autocheck else "0",
-            *idempotency,
-            items,
-            expires,
-            saga.keep_until(),
-        ],
-    )
+    chunk = chunk_of(order_id)
+    for _ in range(CHUNK_TRIES):
+        result = await scripts.call(
+            "commit_order",
+            commit_order_keys(customer_id, order_id, status, record, chunk),
+            [
+                order_id,
+                customer_id,
+                _now_ms(),
+                request_id,
+                "1" if autocheck else "0",
+                *idempotency,
+                items,
+                expires,
+                saga.keep_until(),
+                chunk,
+            ],
+        )
+        if result.payload.get("code") != "order_chunk_stale":
+            break
+        # Nothing written: the id stays (the reserves hold it), the keys follow the chunk.
+        chunk = int(result.payload["chunk"])
+        HINTS.learn(order_partition, chunk)
+    if "current_chunk" in result.payload:
+        HINTS.learn(order_partition, int(result.payload["current_chunk"]))
     crash_if("committed", fault_point)
     if result.status == 201 and not result.flag:
         # Held units are not in stock either way: selling them can wait for a batch.
@@ -242,22 +264,30 @@ async def place_order(
 
 
 def commit_order_keys(
-    customer_id: str, order_id: str, status: str, record: RecordPlace | None
+    customer_id: str, order_id: str, status: str, record: RecordPlace | None, chunk: int
 ) -> list[str]:
-    """commit_order.lua's KEYS, in the order its header lists them: a new order's, the
-    partition's abort markers (the fence) and their pruning list, then the older
-    Idempotency-Key buckets."""
+    """commit_order.lua's KEYS, in the order its header lists them: a new order's (in
+    status chunk ``chunk``), the partition's abort markers (the fence) and their pruning
+    list, the chunk's directory, counts and state, then the older Idempotency-Key
+    buckets."""
+    partition = partition_of(order_id)
     return [
-        *new_order_keys(customer_id, order_id, status, record),
-        keys.aborts(partition_of(order_id)),
-        keys.aborts_due(partition_of(order_id)),
+        *new_order_keys(customer_id, order_id, status, record, chunk),
+        keys.aborts(partition),
+        keys.aborts_due(partition),
+        *chunk_entry_keys(partition, status),
         *older_buckets(customer_id, record),
     ]
 
 
-def refund_order_keys(order_id: str, owner_id: str) -> list[str]:
+def refund_order_keys(order_id: str, owner_id: str, chunk: int) -> list[str]:
     """refund_order.lua's KEYS, in the order its header lists them (the order's partition)."""
-    return [*cancel_keys(order_id, owner_id), keys.take_backs_due(partition_of(order_id))]
+    partition = partition_of(order_id)
+    return [
+        *cancel_keys(order_id, owner_id, chunk),
+        keys.take_backs_due(partition),
+        *chunk_move_keys(partition, OPEN, CANCELLED),
+    ]
 
 
 async def _refuse_a_give_back_past_the_ceiling(gateway: RedisGateway, items: str) -> None:
@@ -323,17 +353,19 @@ async def cancel_order(
     await _refuse_a_give_back_past_the_ceiling(gateway, items_field)
     order_partition = partition_of(order_id)
     now = _now_ms()
-    result = await scripts.run(
-        "refund_order",
-        refund_order_keys(order_id, owner_id),
-        [
-            owner_id,
-            principal.customer_id or "",
-            now,
-            request_id,
-            BALANCE_LIMIT,
-            now + take_back_after_ms,  # the request gives it back; this is for a dead app
-        ],
+    args: list[str | bytes | int] = [
+        owner_id,
+        principal.customer_id or "",
+        now,
+        request_id,
+        BALANCE_LIMIT,
+        now + take_back_after_ms,  # the request gives it back; this is for a dead app
+    ]
+    result = await service.in_chunk(
+        lambda chunk: scripts.run(
+            "refund_order", refund_order_keys(order_id, owner_id, chunk), [*args, chunk]
+        ),
+        order_id,
     )
     crash_if("refunded", fault_point)
     returned = await asyncio.gather(

@@ -16,15 +16,17 @@ from dataclasses import dataclass
 from app import keys
 from app.auth import Principal
 from app.fields import BALANCE_LIMIT, STOCK_LIMIT
+from app.orders.chunk_hints import HINTS, ChunkHints
 from app.orders.idempotency import OLDER_BUCKETS, RecordPlace, fingerprint, record_place
 from app.orders.models import Order, OrderItem
-from app.paging import merged_page_of_hashes, page_of_hashes
-from app.partitions import PARTITIONS, partition_of
+from app.paging import merged_lists_page, page_of_hashes, rows_of
+from app.partitions import PARTITIONS, chunk_of, partition_of
 from app.problems import ProblemError
 from app.query import Page
 from app.redis_gateway import RedisGateway
-from app.scripts import Scripts, problem_from_script
+from app.scripts import ScriptResult, Scripts, problem_from_script
 from app.slot_paging import slot_merged_page_of_hashes
+from app.status_lists import StatusLists
 from app.timestamps import iso_time
 from app.vocabulary import (
     CANCELLED,
@@ -33,8 +35,13 @@ from app.vocabulary import (
     ORDER_FIELDS,
     ORDER_STATUSES,
     decode_items,
+    new_order_id,
     order_fields,
 )
+
+# Tries of a placing script whose id's chunk was stale: each retry is minted for the chunk
+# the refusal answered, so a second refusal takes CHUNK_ORDERS other orders in between.
+CHUNK_TRIES = 4
 
 
 def order_items(items: str) -> list[OrderItem]:
@@ -115,21 +122,44 @@ def idempotency_request(
 
 
 def new_order_keys(
-    customer_id: str, order_id: str, status: str, record: RecordPlace | None
+    customer_id: str, order_id: str, status: str, record: RecordPlace | None, chunk: int
 ) -> list[str]:
     """The KEYS that place_order.lua and commit_order.lua both start with: everything a
-    new order writes in its customer's partition (the order id was minted in it). Their
-    last KEYS are ``record_buckets(customer_id, record)``."""
+    new order writes in its customer's partition (the order id was minted in it), its
+    status list's chunk ``chunk``'s. Their last KEYS are ``record_buckets(customer_id,
+    record)``."""
     partition = partition_of(order_id)
     return [
         keys.customer(customer_id),
         newest_bucket(customer_id, record),
         keys.order(order_id),
-        keys.orders_by_status(partition, status),
+        keys.orders_by_status(partition, status, chunk),
         keys.customer_orders_by_status(customer_id, status),
         keys.orders_seq(partition),
         keys.events(partition),
         keys.ledger(partition),
+    ]
+
+
+def chunk_entry_keys(partition: int, status: str) -> list[str]:
+    """What the placing scripts keep beside a status chunk (after new_order_keys): the
+    status's chunk directory and counts, and the partition's chunk state."""
+    return [
+        keys.order_chunks(partition, status),
+        keys.order_chunk_counts(partition, status),
+        keys.order_chunk_state(partition),
+    ]
+
+
+def chunk_move_keys(partition: int, old: str, new: str) -> list[str]:
+    """What a status change keeps beside the two status chunks: both statuses' chunk
+    directories, then their counts, then the partition's chunk state (read)."""
+    return [
+        keys.order_chunks(partition, old),
+        keys.order_chunks(partition, new),
+        keys.order_chunk_counts(partition, old),
+        keys.order_chunk_counts(partition, new),
+        keys.order_chunk_state(partition),
     ]
 
 
@@ -157,37 +187,39 @@ def place_order_keys(
 ) -> list[str]:
     """place_order.lua's KEYS, in the order its header lists them."""
     return [
-        *new_order_keys(customer_id, order_id, status, record),
+        *new_order_keys(customer_id, order_id, status, record, chunk_of(order_id)),
+        *chunk_entry_keys(partition_of(order_id), status),
         *[keys.phone(phone_id) for phone_id in phone_ids],
         *[keys.ledger_of(phone_id) for phone_id in phone_ids],
         *older_buckets(customer_id, record),
     ]
 
 
-def check_order_keys(order_id: str, owner_id: str) -> list[str]:
+def check_order_keys(order_id: str, owner_id: str, chunk: int) -> list[str]:
     """check_order.lua's KEYS, in the order its header lists them."""
     partition = partition_of(order_id)
     return [
         keys.order(order_id),
-        keys.orders_by_status(partition, OPEN),
-        keys.orders_by_status(partition, COMPLETED),
+        keys.orders_by_status(partition, OPEN, chunk),
+        keys.orders_by_status(partition, COMPLETED, chunk),
         keys.customer_orders_by_status(owner_id, OPEN),
         keys.customer_orders_by_status(owner_id, COMPLETED),
         keys.events(partition),
         keys.customer(owner_id),
         keys.ledger(partition),
+        *chunk_move_keys(partition, OPEN, COMPLETED),
     ]
 
 
-def cancel_keys(order_id: str, owner_id: str) -> list[str]:
+def cancel_keys(order_id: str, owner_id: str, chunk: int) -> list[str]:
     """The KEYS that cancel_order.lua and refund_order.lua both start with: the order's
     move from open to cancelled and the refund, all in the order's partition."""
     partition = partition_of(order_id)
     return [
         keys.order(order_id),
         keys.customer(owner_id),
-        keys.orders_by_status(partition, OPEN),
-        keys.orders_by_status(partition, CANCELLED),
+        keys.orders_by_status(partition, OPEN, chunk),
+        keys.orders_by_status(partition, CANCELLED, chunk),
         keys.customer_orders_by_status(owner_id, OPEN),
         keys.customer_orders_by_status(owner_id, CANCELLED),
         keys.events(partition),
@@ -195,12 +227,13 @@ def cancel_keys(order_id: str, owner_id: str) -> list[str]:
     ]
 
 
-def cancel_order_keys(order_id: str, owner_id: str, items: str) -> list[str]:
+def cancel_order_keys(order_id: str, owner_id: str, items: str, chunk: int) -> list[str]:
     """cancel_order.lua's KEYS, in the order its header lists them: the order
     partition's, then each line's phone, its partition's ledger, its reservations."""
     phone_ids = [line.phone_id for line in decode_items(items)]
     return [
-        *cancel_keys(order_id, owner_id),
+        *cancel_keys(order_id, owner_id, chunk),
+        *chunk_move_keys(partition_of(order_id), OPEN, CANCELLED),
         *[keys.phone(phone_id) for phone_id in phone_ids],
         *[keys.ledger_of(phone_id) for phone_id in phone_ids],
         *[keys.reservations(partition_of(phone_id)) for phone_id in phone_ids],
@@ -217,28 +250,43 @@ async def place_order(
     idempotency_key: str | None,
     idempotency_ttl: int,
     request_id: str,
+    hints: ChunkHints = HINTS,
 ) -> PlacedOrder:
     """The saga collapsed: place_order.lua, where one node serves the customer's
     partition and every phone's (``order_id`` minted in the customer's); NotOnOneNode,
-    with nothing written, where not."""
+    with nothing written, where not. An id whose chunk the script refuses as stale is
+    minted again for the chunk it answered (the order's id is the last one minted)."""
     status = COMPLETED if autocheck else OPEN
     record, idempotency = idempotency_request(
         customer_id, lines, autocheck, idempotency_key, idempotency_ttl
     )
-    script_keys = place_order_keys(
-        customer_id, order_id, status, record, [phone_id for phone_id, _ in lines]
-    )
-    args: list[str | bytes | int] = [
-        order_id,
-        customer_id,
-        int(time.time() * 1000),
-        request_id,
-        "1" if autocheck else "0",
-        *idempotency,
-    ]
-    for phone_id, quantity in lines:
-        args += [phone_id, quantity]
-    result = await scripts.run("place_order", script_keys, args, one_node=True)
+    partition = partition_of(order_id)
+    for _ in range(CHUNK_TRIES):
+        script_keys = place_order_keys(
+            customer_id, order_id, status, record, [phone_id for phone_id, _ in lines]
+        )
+        args: list[str | bytes | int] = [
+            order_id,
+            customer_id,
+            int(time.time() * 1000),
+            request_id,
+            "1" if autocheck else "0",
+            *idempotency,
+        ]
+        for phone_id, quantity in lines:
+            args += [phone_id, quantity]
+        try:
+            result = await scripts.run("place_order", script_keys, args, one_node=True)
+            break
+        except ProblemError as error:
+            if error.code != "order_chunk_stale":
+                raise
+            hints.learn(partition, error.extra["chunk"])
+            order_id = new_order_id(customer_id, error.extra["chunk"])
+    else:
+        raise ProblemError("order_chunk_stale")
+    if "current_chunk" in result.payload:
+        hints.learn(partition, int(result.payload["current_chunk"]))
     if result.status >= 400:  # a stored rejection, replayed
         error = problem_from_script(result.status, result.payload)
         error.headers["Idempotent-Replayed"] = "true"
@@ -276,12 +324,31 @@ async def check_order(
     gateway: RedisGateway, scripts: Scripts, principal: Principal, order_id: str, request_id: str
 ) -> Order:
     owner = await _order_owner(gateway, principal, order_id)
-    result = await scripts.run(
-        "check_order",
-        check_order_keys(order_id, owner),
-        [owner, principal.customer_id or "", int(time.time() * 1000), request_id],
+    args: list[str | bytes | int] = [
+        owner,
+        principal.customer_id or "",
+        int(time.time() * 1000),
+        request_id,
+    ]
+    result = await in_chunk(
+        lambda chunk: scripts.run(
+            "check_order", check_order_keys(order_id, owner, chunk), [*args, chunk]
+        ),
+        order_id,
     )
     return order_from_fields(result.payload)
+
+
+async def in_chunk(run: Callable[[int], Awaitable[ScriptResult]], order_id: str) -> ScriptResult:
+    """A status change run with its keys for the chunk the order id says, and once more
+    for the chunk the script answered if the order is in another (a split saga's commit
+    after a stale hint: the hash says which). An order's chunk never changes after."""
+    try:
+        return await run(chunk_of(order_id))
+    except ProblemError as error:
+        if error.code != "order_chunk_moved":
+            raise
+        return await run(error.extra["chunk"])
 
 
 # cancel_order.lua's answer when a phone partition still holds the order's reservation:
@@ -303,19 +370,23 @@ async def cancel_on_one_node(
     still holds the order's reservation. The keys come from the order's owner and items
     as the caller read them; the script proves they are still the order's before it
     writes."""
-    result = await scripts.run(
-        "cancel_order",
-        cancel_order_keys(order_id, owner_id, items_field),
-        [
-            owner_id,
-            principal.customer_id or "",
-            int(time.time() * 1000),
-            request_id,
-            items_field,
-            BALANCE_LIMIT,
-            STOCK_LIMIT,
-        ],
-        one_node=True,
+    args: list[str | bytes | int] = [
+        owner_id,
+        principal.customer_id or "",
+        int(time.time() * 1000),
+        request_id,
+        items_field,
+        BALANCE_LIMIT,
+        STOCK_LIMIT,
+    ]
+    result = await in_chunk(
+        lambda chunk: scripts.run(
+            "cancel_order",
+            cancel_order_keys(order_id, owner_id, items_field, chunk),
+            [*args, chunk],
+            one_node=True,
+        ),
+        order_id,
     )
     if result.status == RESERVATION_HELD:
         return None
@@ -328,24 +399,26 @@ async def list_orders(
     """Newest first. Orders are indexed by status only (every order is in exactly one),
     so a list without a status merges the status indexes: a customer's, all in its
     partition's slot, in one script (app/slot_paging.py), or by rank when one status
-    is asked; the admin's, every partition's (app/paging.py). Either way the cost does
+    is asked; the admin's, every partition's, each through its chunks
+    (app/status_lists.py, merged by app/paging.py). Either way the cost does
     not grow with the number of orders."""
     statuses = ORDER_STATUSES if status is None else (status,)
     if customer_id is None:
-        # Partition-major, so a tie across partitions is still broken by partition.
-        indexes = [keys.orders_by_status(p, s) for p in range(PARTITIONS) for s in statuses]
-    else:
-        indexes = [keys.customer_orders_by_status(customer_id, s) for s in statuses]
-    if customer_id is not None and len(indexes) > 1:
+        # Partition-major, so a tie across partitions is still broken by partition. Each
+        # is read through its chunks (app/status_lists.py).
+        lists = StatusLists([(p, s) for p in range(PARTITIONS) for s in statuses])
+        total, members = await merged_lists_page(
+            gateway, lists, (page.page - 1) * page.per_page, page.per_page, newest_first=True
+        )
+        rows = await rows_of(gateway, members, keys.order, "id") if members else []
+        return total, [order_from_hash(row["id"], row) for row in rows]
+    indexes = [keys.customer_orders_by_status(customer_id, s) for s in statuses]
+    if len(indexes) > 1:
         total, rows = await slot_merged_page_of_hashes(
             gateway, indexes, page, keys.order, id_field="id"
         )
-    elif len(indexes) == 1:
+    else:
         total, rows = await page_of_hashes(
             gateway, indexes[0], page, keys.order, newest_first=True, id_field="id"
-        )
-    else:
-        total, rows = await merged_page_of_hashes(
-            gateway, indexes, page, keys.order, newest_first=True, id_field="id"
         )
     return total, [order_from_hash(row["id"], row) for row in rows]
