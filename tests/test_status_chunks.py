@@ -32,7 +32,8 @@ from app.vocabulary import (
     encode_items,
     new_order_id,
 )
-from tests.helpers import ADMIN, CountingTransport, Shop, settled, snapshot
+from loadtests.support.round_trips import CountingTransport
+from tests.helpers import ADMIN, Shop, settled, snapshot
 
 
 async def _customers_in_one_partition(shop: Shop, count: int) -> list[tuple[dict, dict]]:
