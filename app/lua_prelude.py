@@ -9,7 +9,8 @@ put it before each), so no script copies a helper or spells a shared word:
 - order_id_of(key): the order id an order hash's key ends with (app/keys.py: order), and
   order_map(key): the order hash as a table under the long field names (ORDER_FIELD,
   app/vocabulary.py) with its ``id`` added back (the hash does not store it: the key
-  holds it);
+  holds it), and its total and creation time (order_total: the items' sum; the seq's
+  millisecond) where the hash does not store them;
 - now_ms(): Redis TIME in milliseconds since the epoch;
 - id_chunk(id): the status chunk an order id was minted for (app/partitions.py:
   chunk_of), and chunk_enter(...) / chunk_leave(...): an order into or out of one
@@ -55,8 +56,17 @@ DEFINITIONS: dict[str, str] = {
     # o{<tag>}<order id>: the tag holds no '}' (app/partitions.py), so the id follows the first.
     "order_id_of": "local function order_id_of(key)"
     " return string.sub(key, string.find(key, '}', 1, true) + 1) end",
+    # The total and the creation time are derived where the hash does not store them
+    # (layout 7 writes neither: the items sum to the one, the seq is the other's µs).
+    "order_total": "local function order_total(stored, items) if stored then"
+    " return tonumber(stored) end local total = 0"
+    " for _, quantity, unit_price in decode_items(items) do"
+    " total = total + tonumber(quantity) * tonumber(unit_price) end return total end",
     "order_map": "local function order_map(key) local stored, map = hgetall_map(key), {}"
     " for name, short in pairs(ORDER_FIELD) do map[name] = stored[short] end"
+    " map.total_cents = string.format('%d', order_total(map.total_cents, map.items))"
+    " map.created_at = map.created_at"
+    " or string.format('%d', math.floor(tonumber(map.seq) / 1000))"
     " map.id = order_id_of(key) return map end",
     "now_ms": "local function now_ms() local t = redis.call('TIME')"
     " return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) end",

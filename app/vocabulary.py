@@ -91,6 +91,8 @@ ORDER_FIELDS: dict[str, str] = {
     "customer_id": "c",
     "status": "s",
     "items": "i",
+    # Written no more (layout 7): derived from the items and the seq (order_fields, the
+    # Lua prelude's order_map); read where a hash still has them.
     "total_cents": "t",
     "seq": "q",
     "created_at": "a",
@@ -108,8 +110,16 @@ def stored_order_fields(fields: dict[str, Any]) -> dict[str, Any]:
 
 def order_fields(stored: dict[str, str]) -> dict[str, str]:
     """An order hash as read (stored names) under the long names; a field it lacks is left
-    out, and so is any other (such as an ``id`` a caller added)."""
-    return {name: stored[short] for name, short in ORDER_FIELDS.items() if short in stored}
+    out, and so is any other (such as an ``id`` a caller added). The total and the
+    creation time, which the scripts no longer store (docs/data-tier.md 10.2), are derived
+    where the hash has the items and the seq: the lines' sum, the seq's millisecond."""
+    fields = {name: stored[short] for name, short in ORDER_FIELDS.items() if short in stored}
+    if "total_cents" not in fields and "items" in fields:
+        lines = decode_items(fields["items"])
+        fields["total_cents"] = str(sum(line.quantity * line.unit_price_cents for line in lines))
+    if "created_at" not in fields and "seq" in fields:
+        fields["created_at"] = str(int(fields["seq"]) // 1000)
+    return fields
 
 
 # ---- the order items field --------------------------------------------------------------

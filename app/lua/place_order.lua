@@ -159,12 +159,13 @@ local order = {
   items = encode_items(items),
   total_cents = fmt(total),
   seq = seq,
-  created_at = ARGV[3],
+  created_at = fmt(math.floor(tonumber(seq) / 1000)),
 }
--- Under the short names (ORDER_FIELD); not the id: the key holds it, every reader adds it back.
+-- Under the short names (ORDER_FIELD); not the id: the key holds it, every reader adds it
+-- back; nor the total and the creation time: every reader derives them (the items' sum,
+-- the seq's millisecond: the prelude's order_map).
 redis.call('HSET', KEYS[3], ORDER_FIELD.customer_id, order.customer_id, ORDER_FIELD.status, status,
-  ORDER_FIELD.items, order.items, ORDER_FIELD.total_cents, order.total_cents,
-  ORDER_FIELD.seq, order.seq, ORDER_FIELD.created_at, order.created_at)
+  ORDER_FIELD.items, order.items, ORDER_FIELD.seq, order.seq)
 local chunk_name = fmt(chunk)
 if placed == 0 then
   redis.call('HSET', KEYS[11], chunk_name, seq)  -- the chunk's start

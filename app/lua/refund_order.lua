@@ -39,11 +39,12 @@
 --                                       nothing written; the app retries with chunk's keys
 --
 -- STATUS, ORDER_EVENT, decode_items, ORDER_FIELD, order_id_of,
--- order_map, id_chunk, chunk_enter, chunk_leave: the prelude (app/lua_prelude.py).
+-- order_map, order_total, id_chunk, chunk_enter, chunk_leave: the prelude (app/lua_prelude.py).
 
 local order = redis.call('HMGET', KEYS[1], ORDER_FIELD.customer_id, ORDER_FIELD.status,
   ORDER_FIELD.seq, ORDER_FIELD.items, ORDER_FIELD.total_cents, ORDER_FIELD.chunk)
-local owner, status, seq, items, total = order[1], order[2], order[3], order[4], order[5]
+local owner, status, seq, items = order[1], order[2], order[3], order[4]
+local total = order_total(order[5], items)  -- the items' sum where the hash has no total
 local chunk_field = order[6]
 local order_id = order_id_of(KEYS[1])
 if not owner or (ARGV[2] ~= '' and ARGV[2] ~= owner) then
