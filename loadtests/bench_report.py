@@ -467,9 +467,8 @@ def findings(results: dict[str, Any]) -> str:
         f"- **Memory per order** ({mem['bytes_per_order']:.0f} bytes on one redis-server): "
         f"the order hash is {mem['order_hash_bytes']:.0f} bytes; index shares: "
         + ", ".join(f"{k} {v:.0f}" for k, v in mem["index_share_bytes"].items())
-        + ". A partition's status zsets are skiplists (about 120 bytes per member) past "
-        "128 members; docs/data-tier.md section 10.1 has the next step, which keeps them "
-        "listpacks.",
+        + ". A partition's status lists are in chunks of 128 orders, each a listpack, and "
+        "the order hash stores no derivable field (docs/data-tier.md section 10.2).",
         f"- **Shared machine.** Load average was {results['environment']['loadavg_before']:.1f} "
         "when the bench started: other processes on the box take CPU from every figure here.",
     ]
