@@ -94,20 +94,20 @@ DEFINITIONS: dict[str, str] = {
     f" for i = {CHUNK_CHARS.start + 1}, {CHUNK_CHARS.stop} do"
     f" n = n * 64 + string.find('{ID_ALPHABET}', string.sub(id, i, i), 1, true) - 1"
     " end return n end",
-    # chunk: a string of digits. A status chunk that becomes non-empty enters its
-    # directory scored by its start (the state hash's field <chunk>); counts per chunk and
-    # per group of chunks leave no zero behind.
+    # chunk: a string of digits. The chunk's count is its status zset's size (the same
+    # scripts move both), so its step to 1 or 0 says when the chunk enters its directory
+    # (scored by its start, the state hash's field <chunk>) or leaves it; counts per chunk
+    # and per group of chunks leave no zero behind.
     "chunk_enter": "local function chunk_enter(list, chunks, counts, state, chunk, seq, id)"
     " redis.call('ZADD', list, seq, id)"
-    " if redis.call('ZCARD', list) == 1 then"
+    " if redis.call('HINCRBY', counts, chunk, 1) == 1 then"
     " redis.call('ZADD', chunks, redis.call('HGET', state, chunk), chunk) end"
-    " redis.call('HINCRBY', counts, chunk, 1)"
     f" redis.call('HINCRBY', counts, 'g' .. math.floor(tonumber(chunk) / {CHUNK_GROUP}), 1)"
     " end",
     "chunk_leave": "local function chunk_leave(list, chunks, counts, chunk, id)"
     " redis.call('ZREM', list, id)"
-    " if redis.call('ZCARD', list) == 0 then redis.call('ZREM', chunks, chunk) end"
-    " if redis.call('HINCRBY', counts, chunk, -1) == 0 then redis.call('HDEL', counts, chunk) end"
+    " if redis.call('HINCRBY', counts, chunk, -1) == 0 then"
+    " redis.call('HDEL', counts, chunk) redis.call('ZREM', chunks, chunk) end"
     f" local group = 'g' .. math.floor(tonumber(chunk) / {CHUNK_GROUP})"
     " if redis.call('HINCRBY', counts, group, -1) == 0 then redis.call('HDEL', counts, group) end"
     " end",

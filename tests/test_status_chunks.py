@@ -154,10 +154,10 @@ async def test_a_chunk_rolls_over_under_concurrent_placements(shop: Shop, redis:
     assert [order["id"] for order in (await response.json())["orders"]] == completed[:100]
 
 
-async def _roll_over(shop: Shop, auth: dict, phone: dict) -> set[str]:
-    """CHUNK_ORDERS orders: the customer's partition moves on to chunk 1."""
+async def _roll_over(shop: Shop, auth: dict, phone: dict, chunks: int) -> set[str]:
+    """``chunks`` x CHUNK_ORDERS orders: the customer's partition moves on that far."""
     ids = set()
-    for _ in range(keys.CHUNK_ORDERS):
+    for _ in range(chunks * keys.CHUNK_ORDERS):
         response = await shop.order(auth, [(phone["id"], 1)], autocheck=True)
         assert response.status == 201
         ids.add((await response.json())["order"]["id"])
@@ -169,14 +169,16 @@ def _place_args(order_id: str, customer_id: str, phone_id: str) -> list:
 
 
 async def test_a_stale_hint_is_refused_with_nothing_written(shop: Shop, redis: Redis) -> None:
-    """place_order and commit_order given keys of a chunk that is no longer current
-    write nothing (not even the commit's abort marker) and answer the current one; the
-    app's retry lands the order there: the collapsed place with a new id for it, the
-    split commit with its id kept and the chunk in the hash."""
+    """The partition is at chunk 2. place_order and commit_order given keys of chunk 0
+    write nothing (not even the commit's abort marker) and answer 2; the app's retry
+    lands the order there: the collapsed place with a new id for it, the split commit
+    with its id kept and the chunk in the hash. An id of chunk 1, the one just before,
+    goes into chunk 2 at once (the requests in flight at a rollover), its hash saying so.
+    A status change of either finds it where it is."""
     customer, auth = await shop.customer(balance_cents=10**9)
     partition = partition_of(customer["id"])
     phone = await shop.phone(price_cents=100, stock=10_000)
-    rolled = await _roll_over(shop, auth, phone)
+    rolled = await _roll_over(shop, auth, phone, 2)
     await settled(redis)
     scripts = Scripts(gateway_over(redis))
 
@@ -187,7 +189,7 @@ async def test_a_stale_hint_is_refused_with_nothing_written(shop: Shop, redis: R
         service.place_order_keys(customer["id"], stale, OPEN, None, [phone["id"]]),
         _place_args(stale, customer["id"], phone["id"]),
     )
-    assert (refused.status, refused.payload) == (409, {"code": "order_chunk_stale", "chunk": "1"})
+    assert (refused.status, refused.payload) == (409, {"code": "order_chunk_stale", "chunk": "2"})
     assert await snapshot(redis) == before
 
     hints = ChunkHints()  # believes chunk 0
@@ -202,9 +204,20 @@ async def test_a_stale_hint_is_refused_with_nothing_written(shop: Shop, redis: R
         request_id="r",
         hints=hints,
     )
-    assert placed.order.id != stale and chunk_of(placed.order.id) == 1
-    assert hints.current(partition) == 1
-    assert await redis.zscore(keys.orders_by_status(partition, OPEN, 1), placed.order.id)
+    assert placed.order.id != stale and chunk_of(placed.order.id) == 2
+    assert hints.current(partition) == 2
+    assert await redis.zscore(keys.orders_by_status(partition, OPEN, 2), placed.order.id)
+    assert await redis.hget(keys.order(placed.order.id), ORDER_FIELDS["chunk"]) is None
+
+    just_before = new_order_id(customer["id"], 1)
+    late = await scripts.call(
+        "place_order",
+        service.place_order_keys(customer["id"], just_before, OPEN, None, [phone["id"]]),
+        _place_args(just_before, customer["id"], phone["id"]),
+    )
+    assert late.status == 201 and late.payload["current_chunk"] == "2"
+    assert await redis.zscore(keys.orders_by_status(partition, OPEN, 2), just_before)
+    assert await redis.hget(keys.order(just_before), ORDER_FIELDS["chunk"]) == b"2"
 
     # The split saga's commit: its id (hint 0) is kept, the keys follow the chunk.
     order_id = new_order_id(customer["id"], 0)
@@ -220,18 +233,18 @@ async def test_a_stale_hint_is_refused_with_nothing_written(shop: Shop, redis: R
         saga_service.commit_order_keys(customer["id"], order_id, OPEN, None, 0),
         commit_args(0),
     )
-    assert (refused.status, refused.payload) == (409, {"code": "order_chunk_stale", "chunk": "1"})
+    assert (refused.status, refused.payload) == (409, {"code": "order_chunk_stale", "chunk": "2"})
     assert await snapshot(redis) == before
     committed = await scripts.call(
         "commit_order",
-        saga_service.commit_order_keys(customer["id"], order_id, OPEN, None, 1),
-        commit_args(1),
+        saga_service.commit_order_keys(customer["id"], order_id, OPEN, None, 2),
+        commit_args(2),
     )
     assert committed.status == 201
-    assert await redis.hget(keys.order(order_id), ORDER_FIELDS["chunk"]) == b"1"
-    assert await redis.zscore(keys.orders_by_status(partition, OPEN, 1), order_id)
+    assert await redis.hget(keys.order(order_id), ORDER_FIELDS["chunk"]) == b"2"
+    assert await redis.zscore(keys.orders_by_status(partition, OPEN, 2), order_id)
 
-    # A status change finds it from its id's chunk (0), is told 1, and moves it there.
+    # A status change finds it from its id's chunk (0), is told 2, and moves it there.
     check_keys = service.check_order_keys(order_id, customer["id"], 0)
     before = await snapshot(redis)
     status, payload, changed = await redis.eval(
@@ -246,19 +259,27 @@ async def test_a_stale_hint_is_refused_with_nothing_written(shop: Shop, redis: R
     )
     assert (status, json.loads(payload), changed) == (
         409,
-        {"code": "order_chunk_moved", "chunk": "1"},
+        {"code": "order_chunk_moved", "chunk": "2"},
         0,
     )
     assert await snapshot(redis) == before
     response = await shop.client.post(f"/orders/{order_id}/check", headers=auth)
     assert response.status == 200, await response.text()
-    assert await redis.zscore(keys.orders_by_status(partition, COMPLETED, 1), order_id)
-    assert await redis.zscore(keys.orders_by_status(partition, OPEN, 1), order_id) is None
-    # And the cancel of the other one (placed in chunk 1 with a hint of 1): no retry.
+    assert await redis.zscore(keys.orders_by_status(partition, COMPLETED, 2), order_id)
+    assert await redis.zscore(keys.orders_by_status(partition, OPEN, 2), order_id) is None
+    # The one of chunk 1 placed in 2: its keys for 1 name 2 as the next, one run does it.
+    check_keys = service.check_order_keys(just_before, customer["id"], 1)
+    status, _, changed = await redis.eval(
+        load_source("check_order"), len(check_keys), *check_keys, customer["id"], "", 0, "r", 1
+    )
+    assert (status, changed) == (200, 1)
+    assert await redis.zscore(keys.orders_by_status(partition, COMPLETED, 2), just_before)
+    # And the cancel of the re-minted one (its id says 2).
     response = await shop.client.post(f"/orders/{placed.order.id}/cancel", headers=auth)
     assert response.status == 200, await response.text()
-    assert await redis.zscore(keys.orders_by_status(partition, CANCELLED, 1), placed.order.id)
-    await _assert_chunks_hold(redis, partition, rolled | {placed.order.id, order_id})
+    assert await redis.zscore(keys.orders_by_status(partition, CANCELLED, 2), placed.order.id)
+    await _assert_chunks_hold(redis, partition, rolled | {placed.order.id, order_id, just_before})
+    # (No audit: the commit above ran without reserves, so the phone's books are off.)
 
 
 async def test_a_refund_of_an_order_whose_hint_differs_moves_it_in_its_chunk(
@@ -269,24 +290,24 @@ async def test_a_refund_of_an_order_whose_hint_differs_moves_it_in_its_chunk(
     customer, auth = await shop.customer(balance_cents=10**9)
     partition = partition_of(customer["id"])
     phone = await shop.phone(price_cents=100, stock=10_000)
-    await _roll_over(shop, auth, phone)
+    await _roll_over(shop, auth, phone, 2)
     scripts = Scripts(gateway_over(redis))
     order_id = new_order_id(customer["id"], 0)
     items = encode_items([(phone["id"], 1, 100)])
     expires = 2 * 10**13
     committed = await scripts.call(
         "commit_order",
-        saga_service.commit_order_keys(customer["id"], order_id, OPEN, None, 1),
-        [order_id, customer["id"], 1, "r", "0", "0", "", 60, items, expires, expires, 1],
+        saga_service.commit_order_keys(customer["id"], order_id, OPEN, None, 2),
+        [order_id, customer["id"], 1, "r", "0", "0", "", 60, items, expires, expires, 2],
     )
     assert committed.status == 201
     await settled(redis)
-    # Its keys for the id's chunk (0) are refused, saying 1 ...
+    # Its keys for the id's chunk (0) are refused, saying 2 ...
     refund_keys = saga_service.refund_order_keys(order_id, customer["id"], 0)
     with pytest.raises(ProblemError) as moved:
         await scripts.run("refund_order", refund_keys, [customer["id"], "", 0, "r", 10**15, 0, 0])
-    assert moved.value.code == "order_chunk_moved" and moved.value.extra == {"chunk": 1}
-    # ... and the split cancel moves it from open to cancelled in chunk 1.
+    assert moved.value.code == "order_chunk_moved" and moved.value.extra == {"chunk": 2}
+    # ... and the split cancel moves it from open to cancelled in chunk 2.
     cancelled = await saga_service.cancel_order(
         gateway_over(redis),
         scripts,
@@ -297,8 +318,8 @@ async def test_a_refund_of_an_order_whose_hint_differs_moves_it_in_its_chunk(
         always_split=True,
     )
     assert cancelled.status == CANCELLED
-    assert await redis.zscore(keys.orders_by_status(partition, CANCELLED, 1), order_id)
-    assert await redis.zscore(keys.orders_by_status(partition, OPEN, 1), order_id) is None
+    assert await redis.zscore(keys.orders_by_status(partition, CANCELLED, 2), order_id)
+    assert await redis.zscore(keys.orders_by_status(partition, OPEN, 2), order_id) is None
 
 
 # ---- the merge over chunked lists, against a plain sorted list -------------------------

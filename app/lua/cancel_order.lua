@@ -19,9 +19,10 @@
 -- KEYS[9]  od{P}open, KEYS[10] od{P}cancelled     zsets, the statuses' non-empty chunks
 -- KEYS[11] on{P}open, KEYS[12] on{P}cancelled     hashes, their orders per chunk, group
 -- KEYS[13] ok{P}                             hash, read: the chunks' starts
--- KEYS[14..13+n]      p{Q}<phone_id> for each of the order's n lines, in order
--- KEYS[14+n..13+2n]   lg{Q} of each line's phone, same order (may repeat)
--- KEYS[14+2n..13+3n]  rv{Q} of each line's phone, same order (may repeat): only read
+-- KEYS[14] os{P}open:<k+1>, KEYS[15] os{P}cancelled:<k+1>   zsets, the next chunk's
+-- KEYS[16..15+n]      p{Q}<phone_id> for each of the order's n lines, in order
+-- KEYS[16+n..15+2n]   lg{Q} of each line's phone, same order (may repeat)
+-- KEYS[16+2n..15+3n]  rv{Q} of each line's phone, same order (may repeat): only read
 -- ARGV[1]  owner id the keys above were built for
 -- ARGV[2]  requesting customer id, or "" for the admin
 -- ARGV[3]  now, ms since the epoch
@@ -44,7 +45,7 @@
 --   409, {code="balance_limit", balance_cents, limit}  the refund would cross
 --        the ceiling; nothing written (spend some, or complete the order)
 --   409, {code="stock_limit", phone_id, stock, limit}  likewise for a line's restock
---   409, {code="order_chunk_moved", chunk}  ARGV[8] is not the order's chunk (chunk):
+--   409, {code="order_chunk_moved", chunk}  the order's chunk (chunk) is neither ARGV[8] nor the next:
 --                                       nothing written; the app retries with chunk's keys
 --
 -- STATUS, ORDER_EVENT, decode_items, ORDER_FIELD, order_id_of,
@@ -66,7 +67,7 @@ local line_count = 0
 for _ in decode_items(items) do
   line_count = line_count + 1
 end
-if #KEYS ~= 13 + 3 * line_count then
+if #KEYS ~= 15 + 3 * line_count then
   return {409, cjson.encode({code = 'order_owner_changed'}), 0}
 end
 
@@ -83,10 +84,10 @@ end
 local lines = {}
 for phone_id, quantity in decode_items(items) do
   local i = #lines + 1
-  if redis.call('HEXISTS', KEYS[13 + 2 * line_count + i], order_id) == 1 then
+  if redis.call('HEXISTS', KEYS[15 + 2 * line_count + i], order_id) == 1 then
     return {307, cjson.encode({code = 'reservation_held'}), 0}
   end
-  local line = {id = phone_id, phone = KEYS[13 + i], ledger = KEYS[13 + line_count + i],
+  local line = {id = phone_id, phone = KEYS[15 + i], ledger = KEYS[15 + line_count + i],
     quantity = tonumber(quantity)}
   redis.call('EXISTS', line.ledger)
   line.stock = redis.call('HGET', line.phone, 'stock') or '0'
@@ -103,11 +104,16 @@ for _, line in ipairs(lines) do
   end
 end
 
-local chunk = chunk_field or string.format('%d', id_chunk(order_id))
-if chunk ~= ARGV[8] then
-  -- The keys are another chunk's: the order's is in its hash where the id does not say it.
-  return {409, cjson.encode({code = 'order_chunk_moved', chunk = chunk}), 0}
+-- The order is in its id's chunk or the chunk its hash says (app/keys.py); the keys are
+-- for ARGV[8] and the one after it (a place that met a rollover on its way).
+local chunk = tonumber(chunk_field) or id_chunk(order_id)
+local from, to = KEYS[3], KEYS[4]
+if chunk == tonumber(ARGV[8]) + 1 then
+  from, to = KEYS[14], KEYS[15]
+elseif chunk ~= tonumber(ARGV[8]) then
+  return {409, cjson.encode({code = 'order_chunk_moved', chunk = string.format('%d', chunk)}), 0}
 end
+chunk = string.format('%d', chunk)
 
 -- Every check passed: write.
 local units = 0
@@ -125,8 +131,8 @@ for _, line in ipairs(lines) do
 end
 redis.call('HINCRBY', KEYS[2], 'balance_cents', total)
 redis.call('HSET', KEYS[1], ORDER_FIELD.status, STATUS.cancelled)
-chunk_leave(KEYS[3], KEYS[9], KEYS[11], chunk, order_id)
-chunk_enter(KEYS[4], KEYS[10], KEYS[12], KEYS[13], chunk, seq, order_id)
+chunk_leave(from, KEYS[9], KEYS[11], chunk, order_id)
+chunk_enter(to, KEYS[10], KEYS[12], KEYS[13], chunk, seq, order_id)
 redis.call('ZREM', KEYS[5], order_id)
 redis.call('ZADD', KEYS[6], seq, order_id)
 redis.call('HINCRBY', KEYS[8], 'open_cents', -tonumber(total))

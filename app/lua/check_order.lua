@@ -17,6 +17,7 @@
 -- KEYS[9]  od{P}open, KEYS[10] od{P}completed     zsets, the statuses' non-empty chunks
 -- KEYS[11] on{P}open, KEYS[12] on{P}completed     hashes, their orders per chunk, group
 -- KEYS[13] ok{P}                             hash, read: the chunks' starts
+-- KEYS[14] os{P}open:<k+1>, KEYS[15] os{P}completed:<k+1>   zsets, the next chunk's
 -- ARGV[1]  owner id the keys above were built for
 -- ARGV[2]  requesting customer id, or "" for the admin
 -- ARGV[3]  now, ms since the epoch
@@ -28,7 +29,7 @@
 --   404, {code="order_not_found"}      missing, or not the requester's
 --   409, {code="order_<status>"}       not open, e.g. order_cancelled; nothing written
 --   409, {code="order_owner_changed"}  the caller's keys do not fit; nothing written
---   409, {code="order_chunk_moved", chunk}  ARGV[5] is not the order's chunk (chunk):
+--   409, {code="order_chunk_moved", chunk}  the order's chunk (chunk) is neither ARGV[5] nor the next:
 --                                       nothing written; the app retries with chunk's keys
 --
 -- STATUS, ORDER_EVENT, decode_items, ORDER_FIELD, order_id_of,
@@ -55,19 +56,24 @@ if status ~= STATUS.open then
   return {409, cjson.encode({code = 'order_' .. status}), 0}
 end
 
-local chunk = chunk_field or string.format('%d', id_chunk(order_id))
-if chunk ~= ARGV[5] then
-  -- The keys are another chunk's: the order's is in its hash where the id does not say it.
-  return {409, cjson.encode({code = 'order_chunk_moved', chunk = chunk}), 0}
+-- The order is in its id's chunk or the chunk its hash says (app/keys.py); the keys are
+-- for ARGV[5] and the one after it (a place that met a rollover on its way).
+local chunk = tonumber(chunk_field) or id_chunk(order_id)
+local from, to = KEYS[2], KEYS[3]
+if chunk == tonumber(ARGV[5]) + 1 then
+  from, to = KEYS[14], KEYS[15]
+elseif chunk ~= tonumber(ARGV[5]) then
+  return {409, cjson.encode({code = 'order_chunk_moved', chunk = string.format('%d', chunk)}), 0}
 end
+chunk = string.format('%d', chunk)
 
 local units = 0
 for _, quantity in decode_items(items) do
   units = units + tonumber(quantity)
 end
 redis.call('HSET', KEYS[1], ORDER_FIELD.status, STATUS.completed)
-chunk_leave(KEYS[2], KEYS[9], KEYS[11], chunk, order_id)
-chunk_enter(KEYS[3], KEYS[10], KEYS[12], KEYS[13], chunk, seq, order_id)
+chunk_leave(from, KEYS[9], KEYS[11], chunk, order_id)
+chunk_enter(to, KEYS[10], KEYS[12], KEYS[13], chunk, seq, order_id)
 redis.call('ZREM', KEYS[4], order_id)
 redis.call('ZADD', KEYS[5], seq, order_id)
 redis.call('HINCRBY', KEYS[8], 'open_cents', -tonumber(total))

@@ -33,7 +33,9 @@
 -- KEYS[12] on{P}<status>                     hash, the status's orders per chunk, group
 -- KEYS[13] ok{P}                             hash, the partition's current chunk k, the
 --          orders placed in it n, and each chunk's start seq (docs/data-tier.md 10.2)
--- KEYS[14..17] i{P}<bucket>                  the 4 older Idempotency-Key buckets, newest first
+-- KEYS[14] os{P}<status>:<k+1>               zset, the next chunk's: where the order goes
+--          when the chunk moved on just before it
+-- KEYS[15..18] i{P}<bucket>                  the 4 older Idempotency-Key buckets, newest first
 -- ARGV[1]  order id (minted in the customer's partition)
 -- ARGV[2]  customer id
 -- ARGV[3]  now, ms since the epoch
@@ -54,9 +56,10 @@
 -- Returns {http_status, payload_json, replayed}:
 --   201, order fields (all strings), 0            committed now (with current_chunk: the
 --                                                 partition's after it), or by an earlier run
---   409, {code="order_chunk_stale", chunk}, 0     ARGV[12] is not the partition's current
---                                                 chunk (chunk): nothing written, not even a
---                                                 marker; the app retries with chunk's keys
+--   409, {code="order_chunk_stale", chunk}, 0     the partition's current chunk (chunk) is
+--                                                 neither ARGV[12] nor the next: nothing
+--                                                 written, not even a marker; the app
+--                                                 retries with chunk's keys
 --   404, {code="customer_not_found"}, 0           marker written
 --   402, {code="insufficient_funds", balance_cents, total_cents}, 0   marker written
 --   422, {code="idempotency_key_reused"}, 0       same key, other body; marker written
@@ -74,8 +77,8 @@
 -- find_record, store_record, replay_reply, id_chunk, chunk_enter, CHUNK_ORDERS: the prelude
 -- (app/lua_prelude.py).
 
-if #KEYS ~= 17 then
-  return redis.error_reply('commit_order: expected 17 keys, got ' .. #KEYS)
+if #KEYS ~= 18 then
+  return redis.error_reply('commit_order: expected 18 keys, got ' .. #KEYS)
 end
 local order_id = ARGV[1]
 local use_idem = ARGV[6] == '1'
@@ -157,11 +160,15 @@ if balance < total then
 end
 
 -- Orders enter only the partition's current chunk (a chunk's seqs all precede the next
--- one's): KEYS[4] must be its. After every refusal, which answers whatever the chunk.
+-- one's): KEYS[4]'s, or KEYS[14]'s when the chunk moved on just before. After every
+-- refusal, which answers whatever the chunk.
 local chunk = tonumber(ARGV[12])
 local state = redis.call('HMGET', KEYS[13], 'k', 'n')
 local current, placed = tonumber(state[1] or '0'), tonumber(state[2] or '0')
-if chunk ~= current then
+local list = KEYS[4]
+if current == chunk + 1 then
+  list = KEYS[14]
+elseif current ~= chunk then
   return {409, cjson.encode({code = 'order_chunk_stale', chunk = fmt(current)}), 0}
 end
 
@@ -186,11 +193,12 @@ local order = {
 -- the seq's millisecond: the prelude's order_map).
 redis.call('HSET', KEYS[3], ORDER_FIELD.customer_id, order.customer_id, ORDER_FIELD.status, status,
   ORDER_FIELD.items, order.items, ORDER_FIELD.seq, order.seq)
-if chunk ~= id_chunk(order_id) then
-  redis.call('HSET', KEYS[3], ORDER_FIELD.chunk, ARGV[12])
+local chunk_name = fmt(current)
+if current ~= id_chunk(order_id) then
+  redis.call('HSET', KEYS[3], ORDER_FIELD.chunk, chunk_name)  -- the id says another
 end
 if placed == 0 then
-  redis.call('HSET', KEYS[13], ARGV[12], seq)  -- the chunk's start
+  redis.call('HSET', KEYS[13], chunk_name, seq)  -- the chunk's start
 end
 placed = placed + 1
 if placed == CHUNK_ORDERS then
@@ -199,7 +207,7 @@ if placed == CHUNK_ORDERS then
 else
   redis.call('HSET', KEYS[13], 'n', fmt(placed))
 end
-chunk_enter(KEYS[4], KEYS[11], KEYS[12], KEYS[13], ARGV[12], seq, order_id)
+chunk_enter(list, KEYS[11], KEYS[12], KEYS[13], chunk_name, seq, order_id)
 redis.call('ZADD', KEYS[5], seq, order_id)
 redis.call('HINCRBY', KEYS[8], 'balance_cents', -total)
 redis.call('HINCRBY', KEYS[8], status .. '_cents', total)

@@ -23,9 +23,11 @@
 -- KEYS[10] on{P}<status>                       hash, the status's orders per chunk, group
 -- KEYS[11] ok{P}                               hash, the partition's current chunk k,
 --          the orders placed in it n, and each chunk's start seq (docs/data-tier.md 10.2)
--- KEYS[12..11+n]  p{Q}<phone_id>, one per line, same order as the lines
--- KEYS[12+n..11+2n]  lg{Q} of each line's phone, same order (may repeat)
--- KEYS[12+2n..15+2n]  i{P}<bucket>, the 4 older Idempotency-Key buckets, newest first
+-- KEYS[12] os{P}<status>:<k+1>                 zset, the next chunk's: where the order goes
+--          when the chunk moved on just before it (its hash then says the chunk)
+-- KEYS[13..12+n]  p{Q}<phone_id>, one per line, same order as the lines
+-- KEYS[13+n..12+2n]  lg{Q} of each line's phone, same order (may repeat)
+-- KEYS[13+2n..16+2n]  i{P}<bucket>, the 4 older Idempotency-Key buckets, newest first
 -- ARGV[1]  order id
 -- ARGV[2]  customer id
 -- ARGV[3]  now, ms since the epoch
@@ -41,9 +43,9 @@
 -- Returns {http_status, payload_json, replayed}:
 --   201, order fields (all strings) and current_chunk, 0   the order was placed;
 --                                                 current_chunk: the partition's after it
---   409, {code="order_chunk_stale", chunk}, 0    the id's chunk is not the partition's
---                                                 current one (chunk): nothing written;
---                                                 the app mints an id for chunk, retries
+--   409, {code="order_chunk_stale", chunk}, 0    the partition's current chunk (chunk) is
+--                                                 neither the id's nor the next: nothing
+--                                                 written; the app mints an id for chunk
 --   201, {replay_of=order id}, 1                  the key's order, replayed (the app
 --                                                 rebuilds the first answer from it)
 --   404, {code="customer_not_found"}              nothing written
@@ -62,8 +64,8 @@ local function fmt(n)
 end
 
 local n = (#ARGV - 8) / 2
-if #KEYS ~= 15 + 2 * n then
-  return redis.error_reply('place_order: expected ' .. (15 + 2 * n) .. ' keys, got ' .. #KEYS)
+if #KEYS ~= 16 + 2 * n then
+  return redis.error_reply('place_order: expected ' .. (16 + 2 * n) .. ' keys, got ' .. #KEYS)
 end
 
 local use_idem = ARGV[6] == '1'
@@ -100,7 +102,7 @@ local total = 0
 for i = 1, n do
   local phone_id = ARGV[7 + 2 * i]
   local quantity = tonumber(ARGV[8 + 2 * i])
-  local row = redis.call('HMGET', KEYS[11 + i], 'price_cents', 'stock')
+  local row = redis.call('HMGET', KEYS[12 + i], 'price_cents', 'stock')
   if not row[1] then
     missing[#missing + 1] = phone_id
   else
@@ -124,12 +126,17 @@ if balance < total then
 end
 
 -- Orders enter only the partition's current chunk (so a chunk's seqs all precede the
--- next one's), and KEYS[4] must be that chunk's: an id minted for another is refused
--- before any write (a replay above answers whatever its chunk).
+-- next one's): the id's (KEYS[4]), or the next one (KEYS[12]) when the chunk moved on
+-- while the order was on its way (requests in flight at a rollover would otherwise all
+-- go round again). Any other is refused before any write (a replay above answers
+-- whatever its chunk).
 local chunk = id_chunk(ARGV[1])
 local state = redis.call('HMGET', KEYS[11], 'k', 'n')
 local current, placed = tonumber(state[1] or '0'), tonumber(state[2] or '0')
-if chunk ~= current then
+local list = KEYS[4]
+if current == chunk + 1 then
+  list = KEYS[12]
+elseif current ~= chunk then
   return {409, cjson.encode({code = 'order_chunk_stale', chunk = fmt(current)}), 0}
 end
 
@@ -139,9 +146,9 @@ local units = 0
 for i = 1, n do
   local phone_id = ARGV[7 + 2 * i]
   local quantity = ARGV[8 + 2 * i]
-  redis.call('HINCRBY', KEYS[11 + i], 'stock', -tonumber(quantity))
+  redis.call('HINCRBY', KEYS[12 + i], 'stock', -tonumber(quantity))
   -- As the split saga's settle does: its give-back (return_stock) takes units from sold.
-  redis.call('HINCRBY', KEYS[11 + i], 'sold', quantity)
+  redis.call('HINCRBY', KEYS[12 + i], 'sold', quantity)
   units = units + tonumber(quantity)
   items[i] = encode_item(phone_id, quantity, fmt(prices[i]))
 end
@@ -166,7 +173,10 @@ local order = {
 -- the seq's millisecond: the prelude's order_map).
 redis.call('HSET', KEYS[3], ORDER_FIELD.customer_id, order.customer_id, ORDER_FIELD.status, status,
   ORDER_FIELD.items, order.items, ORDER_FIELD.seq, order.seq)
-local chunk_name = fmt(chunk)
+local chunk_name = fmt(current)
+if current ~= chunk then
+  redis.call('HSET', KEYS[3], ORDER_FIELD.chunk, chunk_name)  -- the id says the one before
+end
 if placed == 0 then
   redis.call('HSET', KEYS[11], chunk_name, seq)  -- the chunk's start
 end
@@ -177,7 +187,7 @@ if placed == CHUNK_ORDERS then
 else
   redis.call('HSET', KEYS[11], 'n', fmt(placed))
 end
-chunk_enter(KEYS[4], KEYS[9], KEYS[10], KEYS[11], chunk_name, seq, ARGV[1])
+chunk_enter(list, KEYS[9], KEYS[10], KEYS[11], chunk_name, seq, ARGV[1])
 redis.call('ZADD', KEYS[5], seq, ARGV[1])
 redis.call('HINCRBY', KEYS[8], 'balance_cents', -total)
 redis.call('HINCRBY', KEYS[8], status .. '_cents', total)
@@ -187,7 +197,7 @@ redis.call('HINCRBY', KEYS[8], 'changes', 1)
 -- The phone side: each ledger's `changes` moves once, however many lines it has.
 local moved = {[KEYS[8]] = true}
 for i = 1, n do
-  local ledger = KEYS[11 + n + i]
+  local ledger = KEYS[12 + n + i]
   local quantity = tonumber(ARGV[8 + 2 * i])
   redis.call('HINCRBY', ledger, 'stock_units', -quantity)
   redis.call('HINCRBY', ledger, 'sold_units', quantity)

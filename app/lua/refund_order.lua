@@ -21,6 +21,7 @@
 -- KEYS[10] od{P}open, KEYS[11] od{P}cancelled     zsets, the statuses' non-empty chunks
 -- KEYS[12] on{P}open, KEYS[13] on{P}cancelled     hashes, their orders per chunk, group
 -- KEYS[14] ok{P}                             hash, read: the chunks' starts
+-- KEYS[15] os{P}open:<k+1>, KEYS[16] os{P}cancelled:<k+1>   zsets, the next chunk's
 -- ARGV[1]  owner id the keys above were built for
 -- ARGV[2]  requesting customer id, or "" for the admin
 -- ARGV[3]  now, ms since the epoch
@@ -35,7 +36,7 @@
 --   409, {code="order_<status>"}       not open, e.g. order_completed; nothing written
 --   409, {code="order_owner_changed"}  the caller's keys do not fit; nothing written
 --   409, {code="balance_limit", balance_cents, limit}  nothing written
---   409, {code="order_chunk_moved", chunk}  ARGV[7] is not the order's chunk (chunk):
+--   409, {code="order_chunk_moved", chunk}  the order's chunk (chunk) is neither ARGV[7] nor the next:
 --                                       nothing written; the app retries with chunk's keys
 --
 -- STATUS, ORDER_EVENT, decode_items, ORDER_FIELD, order_id_of,
@@ -64,11 +65,16 @@ if tonumber(balance) + tonumber(total) > tonumber(ARGV[5]) then
   return {409, cjson.encode({code = 'balance_limit', balance_cents = balance, limit = ARGV[5]}), 0}
 end
 
-local chunk = chunk_field or string.format('%d', id_chunk(order_id))
-if chunk ~= ARGV[7] then
-  -- The keys are another chunk's: the order's is in its hash where the id does not say it.
-  return {409, cjson.encode({code = 'order_chunk_moved', chunk = chunk}), 0}
+-- The order is in its id's chunk or the chunk its hash says (app/keys.py); the keys are
+-- for ARGV[7] and the one after it (a place that met a rollover on its way).
+local chunk = tonumber(chunk_field) or id_chunk(order_id)
+local from, to = KEYS[3], KEYS[4]
+if chunk == tonumber(ARGV[7]) + 1 then
+  from, to = KEYS[15], KEYS[16]
+elseif chunk ~= tonumber(ARGV[7]) then
+  return {409, cjson.encode({code = 'order_chunk_moved', chunk = string.format('%d', chunk)}), 0}
 end
+chunk = string.format('%d', chunk)
 
 -- Every check passed: write.
 local units = 0
@@ -77,8 +83,8 @@ for _, quantity in decode_items(items) do
 end
 redis.call('HINCRBY', KEYS[2], 'balance_cents', total)
 redis.call('HSET', KEYS[1], ORDER_FIELD.status, STATUS.cancelled)
-chunk_leave(KEYS[3], KEYS[10], KEYS[12], chunk, order_id)
-chunk_enter(KEYS[4], KEYS[11], KEYS[13], KEYS[14], chunk, seq, order_id)
+chunk_leave(from, KEYS[10], KEYS[12], chunk, order_id)
+chunk_enter(to, KEYS[11], KEYS[13], KEYS[14], chunk, seq, order_id)
 redis.call('ZREM', KEYS[5], order_id)
 redis.call('ZADD', KEYS[6], seq, order_id)
 redis.call('ZADD', KEYS[9], ARGV[6], order_id)

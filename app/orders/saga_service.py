@@ -275,7 +275,7 @@ def commit_order_keys(
         *new_order_keys(customer_id, order_id, status, record, chunk),
         keys.aborts(partition),
         keys.aborts_due(partition),
-        *chunk_entry_keys(partition, status),
+        *chunk_entry_keys(partition, status, chunk),
         *older_buckets(customer_id, record),
     ]
 
@@ -286,7 +286,7 @@ def refund_order_keys(order_id: str, owner_id: str, chunk: int) -> list[str]:
     return [
         *cancel_keys(order_id, owner_id, chunk),
         keys.take_backs_due(partition),
-        *chunk_move_keys(partition, OPEN, CANCELLED),
+        *chunk_move_keys(partition, OPEN, CANCELLED, chunk),
     ]
 
 

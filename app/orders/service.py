@@ -141,25 +141,30 @@ def new_order_keys(
     ]
 
 
-def chunk_entry_keys(partition: int, status: str) -> list[str]:
+def chunk_entry_keys(partition: int, status: str, chunk: int) -> list[str]:
     """What the placing scripts keep beside a status chunk (after new_order_keys): the
-    status's chunk directory and counts, and the partition's chunk state."""
+    status's chunk directory and counts, the partition's chunk state, and the next
+    chunk's status zset (where an order goes when the chunk moved on just before it)."""
     return [
         keys.order_chunks(partition, status),
         keys.order_chunk_counts(partition, status),
         keys.order_chunk_state(partition),
+        keys.orders_by_status(partition, status, chunk + 1),
     ]
 
 
-def chunk_move_keys(partition: int, old: str, new: str) -> list[str]:
+def chunk_move_keys(partition: int, old: str, new: str, chunk: int) -> list[str]:
     """What a status change keeps beside the two status chunks: both statuses' chunk
-    directories, then their counts, then the partition's chunk state (read)."""
+    directories, then their counts, the partition's chunk state (read), and both status
+    zsets of the next chunk (the order's, if the chunk moved on while it was placed)."""
     return [
         keys.order_chunks(partition, old),
         keys.order_chunks(partition, new),
         keys.order_chunk_counts(partition, old),
         keys.order_chunk_counts(partition, new),
         keys.order_chunk_state(partition),
+        keys.orders_by_status(partition, old, chunk + 1),
+        keys.orders_by_status(partition, new, chunk + 1),
     ]
 
 
@@ -188,7 +193,7 @@ def place_order_keys(
     """place_order.lua's KEYS, in the order its header lists them."""
     return [
         *new_order_keys(customer_id, order_id, status, record, chunk_of(order_id)),
-        *chunk_entry_keys(partition_of(order_id), status),
+        *chunk_entry_keys(partition_of(order_id), status, chunk_of(order_id)),
         *[keys.phone(phone_id) for phone_id in phone_ids],
         *[keys.ledger_of(phone_id) for phone_id in phone_ids],
         *older_buckets(customer_id, record),
@@ -207,7 +212,7 @@ def check_order_keys(order_id: str, owner_id: str, chunk: int) -> list[str]:
         keys.events(partition),
         keys.customer(owner_id),
         keys.ledger(partition),
-        *chunk_move_keys(partition, OPEN, COMPLETED),
+        *chunk_move_keys(partition, OPEN, COMPLETED, chunk),
     ]
 
 
@@ -233,7 +238,7 @@ def cancel_order_keys(order_id: str, owner_id: str, items: str, chunk: int) -> l
     phone_ids = [line.phone_id for line in decode_items(items)]
     return [
         *cancel_keys(order_id, owner_id, chunk),
-        *chunk_move_keys(partition_of(order_id), OPEN, CANCELLED),
+        *chunk_move_keys(partition_of(order_id), OPEN, CANCELLED, chunk),
         *[keys.phone(phone_id) for phone_id in phone_ids],
         *[keys.ledger_of(phone_id) for phone_id in phone_ids],
         *[keys.reservations(partition_of(phone_id)) for phone_id in phone_ids],
