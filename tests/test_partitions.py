@@ -61,3 +61,23 @@ def test_an_email_always_picks_the_same_partition() -> None:
     assert 0 <= chosen < partitions.PARTITIONS
     spread = {partitions.partition_for_email(f"user{n}@example.com") for n in range(5000)}
     assert spread == set(range(partitions.PARTITIONS))
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 127, 128, 4095, 64**4 - 1])
+def test_an_order_id_carries_its_partition_and_its_chunk(chunk: int) -> None:
+    """Characters 3..6 say the chunk (what the scripts' id_chunk reads); the id stays a
+    valid id of its partition, and 96 bits stay random (no two alike here)."""
+    minted = {partitions.new_chunked_id(p, chunk) for p in range(partitions.PARTITIONS)}
+    minted |= {partitions.new_chunked_id(7, chunk) for _ in range(200)}
+    assert len(minted) == partitions.PARTITIONS + 200
+    for order_id in minted:
+        assert ids.is_valid_id(order_id)
+        assert partitions.chunk_of(order_id) == chunk
+    assert sorted({partitions.partition_of(o) for o in minted}) == list(
+        range(partitions.PARTITIONS)
+    )
+
+
+def test_a_chunk_past_24_bits_is_refused() -> None:
+    with pytest.raises(ValueError):
+        partitions.new_chunked_id(0, 64**4)
