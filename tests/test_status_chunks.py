@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 
 from app import keys
 from app.auth import Principal
+from app.cluster_gateway import open_cluster_gateway
+from app.ops.redis_cluster import LocalCluster
 from app.orders import saga_service, service
 from app.orders.chunk_hints import ChunkHints
 from app.paging import HEAD_LIMIT, merged_lists_page
@@ -33,7 +36,7 @@ from app.vocabulary import (
     new_order_id,
 )
 from loadtests.support.round_trips import CountingTransport
-from tests.helpers import ADMIN, Shop, settled, snapshot
+from tests.helpers import ADMIN, CLUSTER, ON_BOTH_STACKS, Shop, settled, snapshot
 
 
 async def _customers_in_one_partition(shop: Shop, count: int) -> list[tuple[dict, dict]]:
@@ -362,10 +365,30 @@ def _newest_first(stored: list[tuple[int, int, bytes]]) -> list[bytes]:
     return [member for _, _, member in sorted(stored, key=lambda row: (-row[0], row[1]))]
 
 
-async def test_every_page_of_chunked_lists_is_a_slice_of_the_sorted_list(redis: Redis) -> None:
+@pytest.fixture
+async def tier_gateway(
+    request: pytest.FixtureRequest, stack_kind: str, redis: Redis
+) -> AsyncIterator[RedisGateway]:
+    """The app's own gateway of the tier: on the cluster the ClusterGateway."""
+    if stack_kind == CLUSTER:
+        cluster: LocalCluster = request.getfixturevalue("redis_cluster")
+        nodes = tuple(("127.0.0.1", port) for port in cluster.ports[:3])
+        opened = open_cluster_gateway("redis://127.0.0.1/0", nodes, 1, 1000, 5.0, 8)
+    else:
+        opened = gateway_over(redis)
+    yield opened
+    await opened.aclose()
+
+
+@ON_BOTH_STACKS
+async def test_every_page_of_chunked_lists_is_a_slice_of_the_sorted_list(
+    redis: Redis, tier_gateway: RedisGateway
+) -> None:
+    """On the cluster too: its pipelines route each command by its key, and count_newer.lua
+    is loaded on every primary at its first NOSCRIPT."""
     stored = await _fill_chunks(redis, 4_000, seed=5)
     expected = _newest_first(stored)
-    gateway = gateway_over(redis)
+    gateway = tier_gateway
     offsets = [0, 1, 9, 100, HEAD_LIMIT - 10, HEAD_LIMIT, 1234, 2999, 3990, 3999, 4000]
     for offset in offsets:
         for count in (1, 10, 100):
