@@ -240,9 +240,10 @@ def ceiling_b(
     # cannot follow the chunks (the app does, from the answers). The one HSET a chunk
     # change adds every CHUNK_ORDERS orders is left out of this figure.
     order_id = customer_id[:2] + "AAAA" + rand
-    stack.stack.redis.cli(
-        "HSET", keys.order_chunk_state(partition_of(customer_id)), "k", "0", "n", str(-(10**12))
-    )
+    state = keys.order_chunk_state(partition_of(customer_id))
+    stack.stack.redis.cli("HSET", state, "k", "0", "n", str(-(10**12)))
+    # Chunk 0's start (its directory score), for a partition no order has reached yet.
+    stack.stack.redis.cli("HSETNX", state, "0", "1")
     place = record_place(customer_id, "bench", 86_400, int(time.time()))
     command_keys = place_order_keys(customer_id, order_id, COMPLETED, place, [phone_id])
     # The record's field (16 bytes) then the fingerprint (12): a new field per call.

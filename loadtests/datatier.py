@@ -113,7 +113,8 @@ def _seed_partition(port: int, partition: int) -> tuple[str, str]:
             10**9,
             now,
         )
-        node.hset(keys.order_chunk_state(partition), mapping={"k": 0, "n": -(10**12)})
+        # Chunk 0 starts at seq 1 (its directory score) and never fills in this run.
+        node.hset(keys.order_chunk_state(partition), mapping={"k": 0, "n": -(10**12), "0": 1})
     return customer_id, phone_id
 
 
