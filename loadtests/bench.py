@@ -21,8 +21,8 @@ Then:
 4. ceiling B: ``redis-benchmark`` running the real ``place_order`` script;
 5. list cost with 1k and with 1M stored rows (loadtests/bench_data.py), and Redis
    memory per stored order and per Idempotency-Key record as the real scripts store
-   them, on one redis-server and on a 3-primary cluster, at 20k and 200k orders
-   (loadtests/order_memory.py; flat from there to 1M: docs/data-tier.md 10.1);
+   them, on one redis-server and on a 3-primary cluster, at 100k and 1M orders
+   (loadtests/order_memory.py);
 6. A/B comparisons, each in this run: two stacks that differ in one setting,
    wrk rounds alternating between them, orders/s and CPU per request from /proc
    (:data:`AB_COMPARISONS`);

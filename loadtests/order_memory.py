@@ -58,10 +58,10 @@ from loadtests.datatier import standalone
 
 ORDERS_PER_CUSTOMER = 5
 TIERS = ("one redis-server", "3-primary cluster")
-# make bench's size per tier (loadtests/bench.py --memory-orders): 20k and 200k orders
-# take about a minute for both tiers, and the per-order figures are flat from there to
-# 1M (docs/data-tier.md 10.1: 4.5 minutes), which is the CLI's default.
-BENCH_ORDERS = 200_000
+# make bench's size per tier (loadtests/bench.py --memory-orders): issue 17 states its
+# target at 1M orders, so the bench measures there (and at a tenth of it), about 4.5
+# minutes for both tiers; --memory-orders 200000 takes about one.
+BENCH_ORDERS = 1_000_000
 CLI_ORDERS = 1_000_000
 SAMPLE = 2_000
 BATCH = 2_000
