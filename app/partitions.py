@@ -17,6 +17,7 @@ kind of id is minted in.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import secrets
 
@@ -78,11 +79,16 @@ CHUNK_LIMIT = 64**4
 
 def new_chunked_id(partition: int, chunk: int) -> str:
     """A random id in ``partition`` whose characters 3..6 say ``chunk``."""
+    text = new_id(partition)
+    return text[: CHUNK_CHARS.start] + _chunk_digits(chunk) + text[CHUNK_CHARS.stop :]
+
+
+# Every order of a chunk is minted with the same 4 digits: spelt once per chunk (P1).
+@functools.lru_cache(maxsize=4096)
+def _chunk_digits(chunk: int) -> str:
     if not 0 <= chunk < CHUNK_LIMIT:
         raise ValueError(f"no chunk {chunk}")
-    text = new_id(partition)
-    digits = "".join(ID_ALPHABET[(chunk >> shift) & 63] for shift in (18, 12, 6, 0))
-    return text[: CHUNK_CHARS.start] + digits + text[CHUNK_CHARS.stop :]
+    return "".join(ID_ALPHABET[(chunk >> shift) & 63] for shift in (18, 12, 6, 0))
 
 
 def chunk_of(entity_id: str) -> int:

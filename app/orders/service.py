@@ -9,6 +9,7 @@ there before the script runs, so every later step finds it from the id alone."""
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -128,29 +129,48 @@ def new_order_keys(
     new order writes in its customer's partition (the order id was minted in it), its
     status list's chunk ``chunk``'s. Their last KEYS are ``record_buckets(customer_id,
     record)``."""
-    partition = partition_of(order_id)
+    status_list, clock, events, ledger = _partition_order_keys(
+        partition_of(order_id), status, chunk
+    )
     return [
         keys.customer(customer_id),
         newest_bucket(customer_id, record),
         keys.order(order_id),
-        keys.orders_by_status(partition, status, chunk),
+        status_list,
         keys.customer_orders_by_status(customer_id, status),
-        keys.orders_seq(partition),
-        keys.events(partition),
-        keys.ledger(partition),
+        clock,
+        events,
+        ledger,
     ]
 
 
-def chunk_entry_keys(partition: int, status: str, chunk: int) -> list[str]:
+# The partition's keys a placement names depend on (partition, status, chunk) alone, and
+# every order of a chunk names the same: built once per chunk, not per order (P1,
+# docs/data-tier.md 10.2). A few chunks a partition are live at a time; older ones fall out.
+_CHUNK_KEYS_CACHED = 4096
+
+
+@functools.lru_cache(maxsize=_CHUNK_KEYS_CACHED)
+def _partition_order_keys(partition: int, status: str, chunk: int) -> tuple[str, ...]:
+    return (
+        keys.orders_by_status(partition, status, chunk),
+        keys.orders_seq(partition),
+        keys.events(partition),
+        keys.ledger(partition),
+    )
+
+
+@functools.lru_cache(maxsize=_CHUNK_KEYS_CACHED)
+def chunk_entry_keys(partition: int, status: str, chunk: int) -> tuple[str, ...]:
     """What the placing scripts keep beside a status chunk (after new_order_keys): the
     status's chunk directory and counts, the partition's chunk state, and the next
     chunk's status zset (where an order goes when the chunk moved on just before it)."""
-    return [
+    return (
         keys.order_chunks(partition, status),
         keys.order_chunk_counts(partition, status),
         keys.order_chunk_state(partition),
         keys.orders_by_status(partition, status, chunk + 1),
-    ]
+    )
 
 
 def chunk_move_keys(partition: int, old: str, new: str, chunk: int) -> list[str]:
@@ -191,9 +211,10 @@ def place_order_keys(
     phone_ids: list[str],
 ) -> list[str]:
     """place_order.lua's KEYS, in the order its header lists them."""
+    chunk = chunk_of(order_id)
     return [
-        *new_order_keys(customer_id, order_id, status, record, chunk_of(order_id)),
-        *chunk_entry_keys(partition_of(order_id), status, chunk_of(order_id)),
+        *new_order_keys(customer_id, order_id, status, record, chunk),
+        *chunk_entry_keys(partition_of(order_id), status, chunk),
         *[keys.phone(phone_id) for phone_id in phone_ids],
         *[keys.ledger_of(phone_id) for phone_id in phone_ids],
         *older_buckets(customer_id, record),
