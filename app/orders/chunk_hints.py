@@ -23,6 +23,10 @@ class ChunkHints:
         # refusal always says the truth, so a wrong belief lasts one retry.
         self._current[partition] = chunk
 
+    def forget(self) -> None:
+        """Back to chunk 0 everywhere, as on a fresh database (whose chunks start at 0)."""
+        self._current = [0] * PARTITIONS
+
 
 # This worker's: every app instance in a process shares it, which only saves retries.
 HINTS = ChunkHints()
