@@ -107,7 +107,9 @@ from app.partitions import PARTITION_TAGS, partition_of
 # 5: no all-orders indexes (4 had oa{P} and co{P}<customer id> beside the status ones).
 # 6: the order hash's fields under one-letter names (5 had the long ones).
 # 7: a partition's orders by status in chunks of CHUNK_ORDERS (6 had one zset per status).
-LAYOUT_VERSION = 7
+# 8: Idempotency-Key buckets a TTL wide (7's were a quarter of it: a lookup would miss
+#    its records; app/orders/idempotency.py).
+LAYOUT_VERSION = 8
 LAYOUT = "layout"
 # Keys only the previous layout (one global index per kind, one ledger) had:
 # finding one without LAYOUT means data from before the partitions.

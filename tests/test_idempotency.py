@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 
 import pytest
 from redis.asyncio import Redis
 
-from app import keys
+from app import appkeys, keys
+from app.orders.idempotency import record_place
 from tests.helpers import ON_BOTH_STACKS, Shop, all_keys, orders_stored, without_shedding
 
 # On one redis-server and on the 3+3 Redis Cluster (`-m cluster`: the cluster runs).
@@ -106,11 +108,50 @@ async def test_keys_are_scoped_to_the_customer(shop: Shop, redis: Redis) -> None
     assert a.status == b.status == 201
     assert (await a.json())["order"]["id"] != (await b.json())["order"]["id"]
     # One record each, as fields of their partitions' time buckets (app/orders/idempotency.py),
-    # kept 24 h and at most a bucket's window (6 h) more.
+    # kept 24 h and at most a bucket's window (another 24 h) more.
     buckets = await all_keys(redis, keys.IDEMPOTENCY_MATCH)
     assert sum([await redis.hlen(bucket) for bucket in buckets]) == 2
     ttl = [await redis.ttl(bucket) for bucket in buckets]
-    assert ttl and all(24 * 3600 <= t <= 30 * 3600 for t in ttl)
+    assert ttl and all(24 * 3600 <= t <= 48 * 3600 for t in ttl)
+
+
+async def test_a_record_of_the_window_before_is_replayed_and_one_older_is_not_read(
+    shop: Shop, redis: Redis
+) -> None:
+    """A lookup reads the newest bucket and the one before it (windows a TTL wide): a
+    record made up to a TTL ago is in one of them; an older bucket is never read (it
+    expires a TTL after its window ends). The record is moved between buckets to stand
+    for one written a window ago."""
+    phone = await shop.phone(price_cents=100, stock=10)
+    customer, auth = await shop.customer(balance_cents=10_000)
+    headers = {**auth, "Idempotency-Key": "yesterday"}
+    body = {"items": [{"phone_id": phone["id"], "quantity": 1}]}
+    first = await shop.client.post("/orders", json=body, headers=headers)
+    assert first.status == 201
+    ttl = shop.client.app[appkeys.SETTINGS].idempotency_ttl_seconds
+    now = int(time.time())
+    record = record_place(customer["id"], "yesterday", ttl, now)
+    value = await redis.hget(record.newest, record.field)
+    assert value is not None
+    windows_back = [
+        record_place(customer["id"], "yesterday", ttl, now - back * ttl).newest for back in (1, 2)
+    ]
+    assert windows_back[0] == record.older[0] and len(record.older) == 1
+
+    async def move_record(to: str) -> None:
+        for bucket in (record.newest, *windows_back):
+            await redis.hdel(bucket, record.field)
+        await redis.hset(to, record.field, value)
+
+    await move_record(windows_back[0])
+    replay = await shop.client.post("/orders", json=body, headers=headers)
+    assert replay.status == 201 and replay.headers["Idempotent-Replayed"] == "true"
+    assert await replay.read() == await first.read()
+    assert await orders_stored(redis) == 1
+    await move_record(windows_back[1])
+    again = await shop.client.post("/orders", json=body, headers=headers)
+    assert again.status == 201 and "Idempotent-Replayed" not in again.headers
+    assert await orders_stored(redis) == 2
 
 
 async def test_invalid_keys_are_400(shop: Shop) -> None:

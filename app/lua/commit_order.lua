@@ -35,7 +35,7 @@
 --          orders placed in it n, and each chunk's start seq (docs/data-tier.md 10.2)
 -- KEYS[14] os{P}<status>:<k+1>               zset, the next chunk's: where the order goes
 --          when the chunk moved on just before it
--- KEYS[15..18] i{P}<bucket>                  the 4 older Idempotency-Key buckets, newest first
+-- KEYS[15]    i{P}<bucket>                  the older Idempotency-Key bucket (the window before KEYS[2]'s)
 -- ARGV[1]  order id (minted in the customer's partition)
 -- ARGV[2]  customer id
 -- ARGV[3]  now, ms since the epoch
@@ -77,8 +77,8 @@
 -- find_record, store_record, replay_reply, id_chunk, chunk_enter, CHUNK_ORDERS: the prelude
 -- (app/lua_prelude.py).
 
-if #KEYS ~= 18 then
-  return redis.error_reply('commit_order: expected 18 keys, got ' .. #KEYS)
+if #KEYS ~= 15 then
+  return redis.error_reply('commit_order: expected 15 keys, got ' .. #KEYS)
 end
 local order_id = ARGV[1]
 local use_idem = ARGV[6] == '1'

@@ -27,7 +27,7 @@
 --          when the chunk moved on just before it (its hash then says the chunk)
 -- KEYS[13..12+n]  p{Q}<phone_id>, one per line, same order as the lines
 -- KEYS[13+n..12+2n]  lg{Q} of each line's phone, same order (may repeat)
--- KEYS[13+2n..16+2n]  i{P}<bucket>, the 4 older Idempotency-Key buckets, newest first
+-- KEYS[13+2n]  i{P}<bucket>, the older Idempotency-Key bucket (the window before KEYS[2]'s)
 -- ARGV[1]  order id
 -- ARGV[2]  customer id
 -- ARGV[3]  now, ms since the epoch
@@ -64,8 +64,8 @@ local function fmt(n)
 end
 
 local n = (#ARGV - 8) / 2
-if #KEYS ~= 16 + 2 * n then
-  return redis.error_reply('place_order: expected ' .. (16 + 2 * n) .. ' keys, got ' .. #KEYS)
+if #KEYS ~= 13 + 2 * n then
+  return redis.error_reply('place_order: expected ' .. (13 + 2 * n) .. ' keys, got ' .. #KEYS)
 end
 
 local use_idem = ARGV[6] == '1'

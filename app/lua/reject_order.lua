@@ -12,7 +12,7 @@
 --          record goes here; all of them ignored unless ARGV[2] == "1")
 -- KEYS[3]  ab{P}                             hash: order id -> refusal (the abort markers)
 -- KEYS[4]  ad{P}                             zset: order id by when its marker may be pruned
--- KEYS[5..8] i{P}<bucket>                    the 4 older Idempotency-Key buckets, newest first
+-- KEYS[5]    i{P}<bucket>                    the older Idempotency-Key bucket (the window before KEYS[2]'s)
 -- ARGV[1]  order id
 -- ARGV[2]  "1" when an Idempotency-Key was given, else "0"
 -- ARGV[3]  the key's record field (16 bytes) then the request's fingerprint (12
@@ -34,8 +34,8 @@
 --
 -- record_buckets, find_record, store_record, replay_reply: the prelude (app/lua_prelude.py).
 
-if #KEYS ~= 8 then
-  return redis.error_reply('reject_order: expected 8 keys, got ' .. #KEYS)
+if #KEYS ~= 5 then
+  return redis.error_reply('reject_order: expected 5 keys, got ' .. #KEYS)
 end
 
 local order_id = ARGV[1]
