@@ -148,13 +148,15 @@ end
 if lines == 0 then
   return redis.error_reply('commit_order: no items')
 end
-if redis.call('EXISTS', KEYS[1]) == 0 then
+-- Every customer hash has balance_cents (create_customer.lua): one read, not EXISTS + HGET.
+local balance = redis.call('HGET', KEYS[1], 'balance_cents')
+if not balance then
   return answer(404, {code = 'customer_not_found'})
 end
+balance = tonumber(balance)
 local function fmt(n)
   return string.format('%d', n)
 end
-local balance = tonumber(redis.call('HGET', KEYS[1], 'balance_cents'))
 if balance < total then
   return answer(402, {code = 'insufficient_funds', balance_cents = fmt(balance), total_cents = fmt(total)})
 end
