@@ -13,7 +13,9 @@ put it before each), so no script copies a helper or spells a shared word:
   millisecond) where the hash does not store them;
 - now_ms(): Redis TIME in milliseconds since the epoch;
 - id_chunk(id): the status chunk an order id was minted for (app/partitions.py:
-  chunk_of), and chunk_enter(...) / chunk_leave(...): an order into or out of one
+  chunk_of); chunk_lists(...): an order's chunk and which of the caller's status lists
+  hold it; chunk_count_in(...): a placement counted into the current chunk; and
+  chunk_enter(...) / chunk_leave(...): an order into or out of one
   status chunk, with the chunk's directory entry and counts (app/keys.py: orders_by_status,
   order_chunks, order_chunk_counts; docs/data-tier.md 10.2);
 - record_buckets(keys, newest), find_record(buckets, request), store_record(...) and
@@ -94,6 +96,25 @@ DEFINITIONS: dict[str, str] = {
     f" for i = {CHUNK_CHARS.start + 1}, {CHUNK_CHARS.stop} do"
     f" n = n * 64 + string.find('{ID_ALPHABET}', string.sub(id, i, i), 1, true) - 1"
     " end return n end",
+    # The order's chunk (its hash's field, else its id's) as a string, and which of the
+    # caller's two pairs of status lists hold it: the pair for `hinted` or for the chunk
+    # after it (an order placed across a rollover); nil lists when neither, which the
+    # caller refuses as order_chunk_moved before any write.
+    "chunk_lists": "local function chunk_lists(stored, id, hinted, lists, next_lists)"
+    " local chunk = tonumber(stored) or id_chunk(id) local name = string.format('%d', chunk)"
+    " if chunk == tonumber(hinted) then return name, lists end"
+    " if chunk == tonumber(hinted) + 1 then return name, next_lists end"
+    " return name, nil end",
+    # A placement counted into the partition's current chunk (state: the chunk state
+    # hash; placed: its orders before this one): the chunk's start seq on its first
+    # order, the move to the next chunk on its last. Returns the current chunk after it.
+    "chunk_count_in": "local function chunk_count_in(state, current, placed, seq)"
+    " if placed == 0 then redis.call('HSET', state, string.format('%d', current), seq) end"
+    " placed = placed + 1"
+    " if placed == CHUNK_ORDERS then"
+    " redis.call('HSET', state, 'k', string.format('%d', current + 1), 'n', '0')"
+    " return current + 1 end"
+    " redis.call('HSET', state, 'n', string.format('%d', placed)) return current end",
     # chunk: a string of digits. The chunk's count is its status zset's size (the same
     # scripts move both), so its step to 1 or 0 says when the chunk enters its directory
     # (scored by its start, the state hash's field <chunk>) or leaves it; counts per chunk

@@ -33,7 +33,7 @@
 --                                       nothing written; the app retries with chunk's keys
 --
 -- STATUS, ORDER_EVENT, decode_items, ORDER_FIELD, order_id_of,
--- order_map, order_total, id_chunk, chunk_enter, chunk_leave: the prelude (app/lua_prelude.py).
+-- order_map, order_total, chunk_lists, chunk_enter, chunk_leave: the prelude (app/lua_prelude.py).
 
 local order = redis.call('HMGET', KEYS[1], ORDER_FIELD.customer_id, ORDER_FIELD.status,
   ORDER_FIELD.seq, ORDER_FIELD.items, ORDER_FIELD.total_cents, ORDER_FIELD.chunk)
@@ -58,14 +58,11 @@ end
 
 -- The order is in its id's chunk or the chunk its hash says (app/keys.py); the keys are
 -- for ARGV[5] and the one after it (a place that met a rollover on its way).
-local chunk = tonumber(chunk_field) or id_chunk(order_id)
-local from, to = KEYS[2], KEYS[3]
-if chunk == tonumber(ARGV[5]) + 1 then
-  from, to = KEYS[14], KEYS[15]
-elseif chunk ~= tonumber(ARGV[5]) then
-  return {409, cjson.encode({code = 'order_chunk_moved', chunk = string.format('%d', chunk)}), 0}
+local chunk, lists = chunk_lists(chunk_field, order_id, ARGV[5], {KEYS[2], KEYS[3]}, {KEYS[14], KEYS[15]})
+if not lists then
+  return {409, cjson.encode({code = 'order_chunk_moved', chunk = chunk}), 0}
 end
-chunk = string.format('%d', chunk)
+local from, to = lists[1], lists[2]
 
 local units = 0
 for _, quantity in decode_items(items) do

@@ -74,7 +74,7 @@
 --   error reply "commit_order: ..."               bad items; nothing written
 --
 -- STATUS, ORDER_EVENT, ORDER_FIELD, decode_items, order_map, next_seq, now_ms, record_buckets,
--- find_record, store_record, replay_reply, id_chunk, chunk_enter, CHUNK_ORDERS: the prelude
+-- find_record, store_record, replay_reply, id_chunk, chunk_count_in, chunk_enter: the prelude
 -- (app/lua_prelude.py).
 
 if #KEYS ~= 15 then
@@ -199,16 +199,7 @@ local chunk_name = fmt(current)
 if current ~= id_chunk(order_id) then
   redis.call('HSET', KEYS[3], ORDER_FIELD.chunk, chunk_name)  -- the id says another
 end
-if placed == 0 then
-  redis.call('HSET', KEYS[13], chunk_name, seq)  -- the chunk's start
-end
-placed = placed + 1
-if placed == CHUNK_ORDERS then
-  current, placed = current + 1, 0
-  redis.call('HSET', KEYS[13], 'k', fmt(current), 'n', '0')
-else
-  redis.call('HSET', KEYS[13], 'n', fmt(placed))
-end
+current = chunk_count_in(KEYS[13], current, placed, seq)
 chunk_enter(list, KEYS[11], KEYS[12], KEYS[13], chunk_name, seq, order_id)
 redis.call('ZADD', KEYS[5], seq, order_id)
 redis.call('HINCRBY', KEYS[8], 'balance_cents', -total)

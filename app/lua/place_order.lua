@@ -57,7 +57,7 @@
 --   error reply "place_order: ..."               KEYS do not fit ARGV; nothing written
 --
 -- STATUS, ORDER_EVENT, ORDER_FIELD, encode_item(s), next_seq, record_buckets, find_record,
--- store_record, replay_reply, id_chunk, chunk_enter, CHUNK_ORDERS: the prelude (app/lua_prelude.py).
+-- store_record, replay_reply, id_chunk, chunk_count_in, chunk_enter: the prelude (app/lua_prelude.py).
 
 local function fmt(n)
   return string.format('%d', n)
@@ -181,16 +181,7 @@ local chunk_name = fmt(current)
 if current ~= chunk then
   redis.call('HSET', KEYS[3], ORDER_FIELD.chunk, chunk_name)  -- the id says the one before
 end
-if placed == 0 then
-  redis.call('HSET', KEYS[11], chunk_name, seq)  -- the chunk's start
-end
-placed = placed + 1
-if placed == CHUNK_ORDERS then
-  current, placed = current + 1, 0
-  redis.call('HSET', KEYS[11], 'k', fmt(current), 'n', '0')
-else
-  redis.call('HSET', KEYS[11], 'n', fmt(placed))
-end
+current = chunk_count_in(KEYS[11], current, placed, seq)
 chunk_enter(list, KEYS[9], KEYS[10], KEYS[11], chunk_name, seq, ARGV[1])
 redis.call('ZADD', KEYS[5], seq, ARGV[1])
 redis.call('HINCRBY', KEYS[8], 'balance_cents', -total)
