@@ -34,6 +34,8 @@ time per call (INFO commandstats); per phase the median over the rounds.
 
 From the medians it predicts, for 3 primaries against 1 with random placement (a third
 of the orders collapse), issue 11's (a) Redis CPU per order and (b) the ceiling,
+against a 1-primary cluster as bench_tier measures it (every order collapsed, in the
+cluster form),
 (b) = 1 / ((a) x the busiest primary's share), for a range of stripe hit ratios and
 refill sizes. The predictions are arithmetic on this one-node run, not a cluster run.
 
@@ -241,16 +243,18 @@ async def _seed(redis: Redis) -> tuple[list[str], list[str], list[str]]:
 def predictions(
     medians: dict[str, float], share: float, bench_today: float = BENCH_TODAY_A
 ) -> list[dict[str, Any]]:
-    """Issue 11's (a) and (b), 3 primaries against 1, from the one-node figures: a third of
-    the orders collapse (place_order's cluster form); of the rest, ``hit`` take one stripe
+    """Issue 11's (a) and (b), 3 primaries against 1 primary, from the one-node figures: on
+    1 primary every order collapses, on 3 a third do (place_order's cluster form); of the rest, ``hit`` take one stripe
     order (its cluster form) and the others the split saga; every ``k`` stripe orders
     cost one refill (k = 0: stripes granted at restock time, no refill per order).
 
     ``a_bench``: the same with the split saga's cost taken from what bench_tier measured
     for today's tier (``bench_today``, its (a) with no stripes) instead of from this run:
     its replays pipeline every call, which makes a call's fixed cost smaller than here."""
-    one = medians["place_order"]
+    # The 1-primary tier is a cluster too (bench_tier): its every order is collapsed, in
+    # the across_slots form; so is a third of the 3-primary tier's.
     collapsed = medians["place_order, cluster form"]
+    one = collapsed
     split = medians["split saga"]
     hit = medians["stripe hit, cluster form"]
     refill = medians["refill"]
@@ -448,10 +452,11 @@ async def run(
                 one, then = steps[name]
                 measured[name].append(await _measure(redis, orders, inflight, one, then))
         rows = []
-        medians: dict[str, float] = {}
+        medians = {
+            name: statistics.median(m["redis_cpu_us"] for m in measured[name]) for name in PHASES
+        }
         for name in PHASES:
             cpu = [m["redis_cpu_us"] for m in measured[name]]
-            medians[name] = statistics.median(cpu)
             rows.append(
                 {
                     "phase": name,
@@ -465,6 +470,9 @@ async def run(
                         statistics.median(m["script_us_per_call"] for m in measured[name]), 1
                     ),
                     "ratio_to_place_order": round(medians[name] / medians["place_order"], 3),
+                    "ratio_to_cluster_form": round(
+                        medians[name] / medians["place_order, cluster form"], 3
+                    ),
                 }
             )
         # What the stripes hold now, against what the phases say they moved.
