@@ -24,9 +24,7 @@ a temp folder and stops.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import random
 import signal
 import statistics
@@ -48,6 +46,7 @@ from app.slot_paging import SLOT_PAGE, slot_merged_page
 from app.status_lists import StatusLists
 from app.vocabulary import ORDER_STATUSES
 from loadtests.datatier import standalone
+from loadtests.support.cli import measurement_parser, publish
 from loadtests.support.round_trips import CountingTransport
 
 # A shop's orders are mostly completed: open and cancelled ones are a tenth each.
@@ -293,20 +292,14 @@ async def run(directory: Path, rows: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m loadtests.list_cost", description=__doc__.split("\n\n")[0]
-    )
+    parser = measurement_parser("list_cost", __doc__)
     parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     if args.rows // 10 < 2 * DEEP_OFFSET:
         parser.error(f"--rows must be at least {20 * DEEP_OFFSET}: a tenth of it is paged deep")
     with tempfile.TemporaryDirectory(prefix="list-cost-") as tmp:
         result = asyncio.run(run(Path(tmp), args.rows))
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return publish(result, args.json)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,7 @@ folder and stops.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import random
 import secrets
 import signal
@@ -55,6 +53,7 @@ from app.phones.service import create_phone_keys
 from app.scripts import load_source
 from app.vocabulary import COMPLETED, ORDER_STATUSES, new_order_id
 from loadtests.datatier import standalone
+from loadtests.support.cli import measurement_parser, publish
 
 ORDERS_PER_CUSTOMER = 5
 TIERS = ("one redis-server", "3-primary cluster")
@@ -290,18 +289,12 @@ def bench_figures(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m loadtests.order_memory", description=__doc__.split("\n\n")[0]
-    )
+    parser = measurement_parser("order_memory", __doc__)
     parser.add_argument("--orders", type=int, default=CLI_ORDERS)
-    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="order-memory-") as tmp:
         result = run(Path(tmp), args.orders)
-    print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return publish(result, args.json)
 
 
 if __name__ == "__main__":

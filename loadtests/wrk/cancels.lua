@@ -11,12 +11,8 @@ dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "report.lua")
 local counter = 0
 
 function init(args)
-  local data = dofile(args[1])
-  tokens = data.tokens
-  phones = data.phones
-  statuses = {}
+  load_orders_data(args)
   placed = {}  -- {token index, order id} of each open order still to cancel
-  prefix = string.format("wrk-%s-%d-", args[2], id)
 end
 
 function request()

@@ -10,13 +10,8 @@ dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "report.lua")
 local counter = 0
 
 function init(args)
-  local data = dofile(args[1])
-  tokens = data.tokens
-  phones = data.phones
+  load_orders_data(args)
   delay_ms = tonumber(args[3] or "0")
-  statuses = {}
-  -- args[2]: a nonce bench.py makes per wrk run, so no two runs share a key.
-  prefix = string.format("wrk-%s-%d-", args[2], id)
   if delay_ms > 0 then
     -- wrk looks for delay() after init: define it only when pacing.
     delay = function() return delay_ms end

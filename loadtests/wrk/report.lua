@@ -2,12 +2,24 @@
 -- statuses its threads counted (one line "wrk-statuses {...}") and the latency
 -- percentiles in microseconds ("wrk-latency {...}"; wrk's --latency has no p95),
 -- which loadtests/bench_drivers.py parses. Each thread gets an "id": 1, 2, ...
--- A script's init sets `statuses = {}` and its response() calls count_status.
+-- A script's init sets `statuses = {}` (or calls load_orders_data) and its
+-- response() calls count_status.
 local threads = {}
 
 function setup(thread)
   thread:set("id", #threads + 1)
   table.insert(threads, thread)
+end
+
+-- The prologue of orders.lua and cancels.lua: args[1] is the data file bench.py
+-- writes (tokens and phone ids), args[2] a nonce it makes per wrk run, so no two
+-- runs share an Idempotency-Key; each key starts with `prefix`.
+function load_orders_data(args)
+  local data = dofile(args[1])
+  tokens = data.tokens
+  phones = data.phones
+  statuses = {}
+  prefix = string.format("wrk-%s-%d-", args[2], id)
 end
 
 function count_status(status)
