@@ -11,7 +11,8 @@
 - ``mail_redis``: a str-decoding client on the suite's ``redis_server``, flushed;
 - ``mail_settings``: MailSettings pointed at both, with short backoffs;
 - ``mail_workers``: starts ``MailWorker``s in this loop and stops them at the end;
-- ``mail_processes``: starts ``python -m mail`` subprocesses, killed at the end;
+- ``mail_processes``: starts ``python -m mail`` subprocesses, stopped (SIGTERM) at the end;
+  a stopping worker's blocked read is ended at once (``unblock_reads``);
 - ``seed_order`` and ``event_fields``: an order's hashes and its ``events`` entry, as the
   order scripts write them;
 - ``mail_sink``: a ``python -m mail.sink`` process writing into a temp folder;
@@ -38,15 +39,17 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from app import keys, partitions
 from app.ids import new_id
 from app.ops.instances import ROOT, mail_argv
+from app.ops.poll import wait_until, wait_until_async
 from app.vocabulary import stored_order_fields
 from loadtests.support.mail_sink import MailSink, running_sink
-from loadtests.support.servers import RedisServer, clean_env, free_port, stop_process
+from loadtests.support.servers import RedisServer, clean_env, free_port
 from mail.settings import MailSettings
 from mail.worker import MailWorker
 
@@ -138,7 +141,7 @@ class ScriptedHandler:
     async def _slow(self, server: Any) -> None:
         delay = self.slow_connections.get(server.relay_session.number)
         if delay:
-            await asyncio.sleep(delay)
+            await asyncio.sleep(delay)  # a slow relay is the fault injected: not a wait
 
     async def handle_EHLO(
         self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
@@ -178,7 +181,7 @@ class ScriptedHandler:
                 self.gated += 1
             await asyncio.to_thread(self.gate.wait, 60)
         if self.delay:
-            await asyncio.sleep(self.delay)
+            await asyncio.sleep(self.delay)  # a slow relay is the fault injected: not a wait
         with self.lock:
             self.data_commands += 1
             own = self.by_recipient.get(envelope.rcpt_tos[0]) if envelope.rcpt_tos else None
@@ -367,6 +370,18 @@ def settings_env(settings: MailSettings, **extra: str) -> dict[str, str]:
     return env
 
 
+def unblock_reads(redis_url: str) -> int:
+    """End every XREADGROUP blocked in Redis as its timeout would (CLIENT UNBLOCK): a
+    stopping worker notices the stop when its read ends, which is otherwise up to
+    mail/worker.py's MAX_BLOCK_MS later. A worker that keeps running just reads
+    again. How many reads were ended."""
+    with SyncRedis.from_url(redis_url) as admin:
+        blocked = [
+            c["id"] for c in admin.client_list() if c["cmd"] == "xreadgroup" and "b" in c["flags"]
+        ]
+        return sum(admin.client_unblock(client) for client in blocked)
+
+
 @dataclass
 class WorkerPool:
     """MailWorkers running as tasks of the test's loop."""
@@ -388,7 +403,13 @@ class WorkerPool:
             if entry[0] is worker:
                 _, task, redis = entry
                 worker.stop()
-                await asyncio.wait_for(task, 30)
+
+                async def stopped(task: asyncio.Task = task) -> bool:
+                    await asyncio.to_thread(unblock_reads, self.settings.redis_url)
+                    return task.done()
+
+                await wait_until_async(stopped, f"mail worker {worker.name} to stop", 30)
+                await task
                 await redis.aclose()
                 self.running.remove(entry)
 
@@ -431,8 +452,21 @@ class ProcessPool:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def stop_all(self) -> None:
-        for proc in self.procs:
-            stop_process(proc)
+        """SIGTERM to every worker at once, each blocked read ended, then each waited for."""
+        running = [proc for proc in self.procs if proc.poll() is None]
+        for proc in running:
+            proc.terminate()
+
+        def stopped() -> bool:
+            unblock_reads(self.settings.redis_url)
+            return all(proc.poll() is not None for proc in running)
+
+        with contextlib.suppress(TimeoutError):
+            wait_until(stopped, "the mail workers to stop", 10)
+        for proc in running:
+            if proc.poll() is None:  # still running after 10 s: killed, as stop_process does
+                proc.kill()
+            proc.wait()
 
 
 @pytest.fixture
