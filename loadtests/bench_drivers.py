@@ -153,6 +153,8 @@ def profile_orders(
         preexec_fn=pinned_to(cpus),
     )
     try:
+        # A warm-up inside wrk's fixed window (seconds + 3): the profile leaves out
+        # the ramp (connections opening). A delay of the measurement, not a wait.
         time.sleep(1.5)
         spy = [
             py_spy,

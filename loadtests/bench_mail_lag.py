@@ -224,7 +224,7 @@ def rewrite_aof(redis: SyncRedis, seconds: float = 120) -> None:
         info = redis.info("persistence")
         if not info.get("aof_rewrite_in_progress") and not info.get("aof_rewrite_scheduled"):
             return
-        time.sleep(0.2)
+        time.sleep(0.2)  # polling the rewrite, bounded by the deadline
 
 
 def wait_drained(url: str, seconds: float) -> float | None:
@@ -233,7 +233,7 @@ def wait_drained(url: str, seconds: float) -> float | None:
     while time.monotonic() - began < seconds:
         if backlog(url)[0] == 0:
             return time.monotonic() - began
-        time.sleep(0.2)
+        time.sleep(0.2)  # polling the backlog, bounded by ``seconds``
     return None
 
 
@@ -361,7 +361,7 @@ def one_run(
         while redis.exists(*names) < workers:
             if time.monotonic() > deadline:
                 raise RuntimeError("the mail workers did not start")
-            time.sleep(0.1)
+            time.sleep(0.1)  # polling for the workers' alive keys
         capacity = capacity_with_mail(stack, data, procs, split)
         log(
             f"  capacity with {workers} mail worker(s): closed loop"

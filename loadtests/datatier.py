@@ -242,7 +242,7 @@ async def _failover_round(cluster: LocalCluster, key: str, timeout_s: float) -> 
                     last_acked = value
                 else:
                     first_after = (time.monotonic(), value)
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # pacing the probe calls: the measurement's resolution
         if killed_at is None or first_after is None:
             raise RuntimeError(f"no successful call within {timeout_s}s of the kill")
         return {

@@ -164,6 +164,7 @@ def _admin_call(base: str, token: str, method: str, path: str, body: dict) -> di
                 raise RuntimeError(
                     f"{method} {path}: {error.code} {error.read()[:300]!r}"
                 ) from None
+            # Back off as Retry-After asks (capped), as a client does: pacing.
             time.sleep(min(2.0, float(error.headers.get("Retry-After") or 1)))
     raise RuntimeError(f"{method} {path}: still refused after 10 attempts")
 
@@ -410,7 +411,7 @@ class Shopper(FastHttpUser):
             if attempt < RETRIES:
                 retry_after = response.headers.get("Retry-After") if response.headers else None
                 wait = float(retry_after) if retry_after and retry_after.isdigit() else 0.2
-                time.sleep(min(wait, 1.0) * random.uniform(0.5, 1.0))
+                time.sleep(min(wait, 1.0) * random.uniform(0.5, 1.0))  # back-off: pacing
         return None  # still unresolved
 
     @task(3)

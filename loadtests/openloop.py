@@ -334,7 +334,7 @@ class Generator:
                 due = begin + i * interval
                 wait = due - self.clock()
                 if wait > 0.0005:
-                    await asyncio.sleep(wait)
+                    await asyncio.sleep(wait)  # the open-loop schedule: pacing
                 elif i % 32 == 0:
                     await asyncio.sleep(0)  # behind schedule: still read answers now and then
                 self.dispatch(Pending(index, due))
@@ -347,7 +347,7 @@ class Generator:
             self.spec.timeout_s + 1
         ):
             self.expire()
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # polling for the last answers, bounded above
         for conn in list(self.idle) + list(self.busy):
             conn.abort()
         return {

@@ -99,7 +99,7 @@ class Progress:
 
     async def report_every(self, interval: float = PROGRESS_SECONDS) -> None:
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(interval)  # the progress line's period: pacing
             self.tick()
 
 
@@ -124,7 +124,7 @@ async def until_answered(
             return status, body
         if time.monotonic() > stop_at:
             return status, body
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # a client's back-off between tries: pacing
 
 
 async def customer_life(
@@ -199,6 +199,8 @@ async def fault_schedule(
     running: LoadStack, sink: SmtpSink, books: Books, rng: random.Random, end: float
 ) -> None:
     stack = running.stack
+    # The sleeps here are the schedule of the faults (when each starts, how long the
+    # outage lasts): delays injected on purpose, not waits for a state.
     await asyncio.sleep(rng.uniform(3, 6))
     while time.monotonic() < end - 10:
         fault = rng.choice(["redis", "instance", "smtp"])
@@ -272,7 +274,7 @@ async def settle_mail(redis: Redis, completed: list[str]) -> tuple[int, int, int
             pending += sum(g["pending"] for g in groups if g["name"] == keys.MAIL_GROUP)
         if (sent + dead == len(completed) and pending == 0) or time.monotonic() > deadline:
             return sent, dead, pending
-        await asyncio.sleep(1)
+        await asyncio.sleep(1)  # polling the mail books, bounded by the deadline
 
 
 async def soak(seconds: float, seed: int) -> int:

@@ -61,6 +61,7 @@ class Api:
                 if r.status == 200:
                     return await r.json()
                 if r.status in (429, 503):
+                    # Back off as Retry-After asks (capped), as a client does: pacing.
                     await asyncio.sleep(min(2.0, float(r.headers.get("Retry-After") or 1)))
                     continue
                 raise RuntimeError(f"GET {path} {params or ''}: {r.status} {await r.text()}")
@@ -112,7 +113,7 @@ async def check_mail(redis_url: str, completed: list[str], wait_seconds: float) 
                         dead.add(order_id)
             if not waiting or time.monotonic() >= deadline:
                 break
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.5)  # polling the mail state, bounded by the deadline
         return {
             "ok": not waiting,
             "completed_orders": len(completed),

@@ -171,7 +171,8 @@ async def order_storm(
             status, answer = await once(method, path, **kwargs)
             if status in definitive or not retry_with_key:
                 return status, answer, sent
-            # Pacing the retries, as a client backs off: not synchronisation.
+            # Pacing the retries, as a client backs off (longer once the storm is
+            # over and nothing answers): not synchronisation.
             await asyncio.sleep(0.05)
             if until.is_set() and status == 0:
                 await asyncio.sleep(0.5)

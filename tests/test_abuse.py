@@ -68,7 +68,8 @@ async def test_slow_header_senders_do_not_starve_normal_clients(full_stack: Full
         writers.append(writer)
 
     async def trickle() -> None:
-        # One header byte per connection every half second: a slowloris.
+        # One header byte per connection every half second: a slowloris. The sleep
+        # paces the attack; it waits for no state.
         for _ in range(6):
             for writer in writers:
                 if not writer.is_closing():

@@ -14,6 +14,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from app import appkeys, keys
 from app.fastredis import MultiplexedRedis
 from app.main import create_app
+from app.ops.poll import wait_until_async
 from app.redis_gateway import RedisGateway, gateway_over
 from app.scripts import Scripts
 from loadtests.support.servers import RedisServer
@@ -76,10 +77,12 @@ async def test_a_lost_connection_fails_in_flight_and_reconnects(
     await fast.execute("CLIENT", "SETNAME", "fast-under-test")
     blocked = asyncio.ensure_future(fast.execute("BLPOP", "nothing-here", "5"))
     # Kill only once the BLPOP is in flight, blocked in Redis.
-    while not any(  # noqa: ASYNC110 - polling Redis for the blocked client
-        c["name"] == "fast-under-test" and c["cmd"] == "blpop" for c in await redis.client_list()
-    ):
-        await asyncio.sleep(0.01)
+
+    async def in_blpop() -> bool:
+        clients = await redis.client_list()
+        return any(c["name"] == "fast-under-test" and c["cmd"] == "blpop" for c in clients)
+
+    await wait_until_async(in_blpop, "the BLPOP blocked in Redis", 4)
     await redis.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
     with pytest.raises(rx.ConnectionError):
         await blocked
@@ -268,14 +271,10 @@ async def test_debug_sleep_times_out_boundedly_and_recovers_in_order(
     echoes = await asyncio.gather(*(fast.execute("ECHO", str(i)) for i in range(200)))
     assert echoes == [str(i).encode() for i in range(200)]
 
-    async def connected() -> int:
-        return (await redis.info("clients"))["connected_clients"]
+    async def back_to_before() -> bool:
+        return (await redis.info("clients"))["connected_clients"] == clients_before
 
-    count = await connected()
-    async with asyncio.timeout(10):
-        while count != clients_before:
-            await asyncio.sleep(0.01)
-            count = await connected()
+    await wait_until_async(back_to_before, "the dropped connections closed in Redis", 10)
 
 
 class FreezingRelay:

@@ -23,7 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app import keys
 from app.ops.poll import wait_until_async
-from app.partitions import PARTITIONS
+from app.partitions import PARTITIONS, partition_of
 from loadtests.support.stack import FullStack, start_full_stack
 from tests.helpers import all_events, orders_stored
 from tests.mail_side import MailSide, mail_settled, message_id
@@ -71,6 +71,17 @@ async def placed_events(redis_url: str) -> set[str]:
         return {f["order_id"] for _, f in entries if f["type"] == "order.placed"}
     finally:
         await redis.aclose()
+
+
+async def retry_queued(redis: Redis, order_ids: list[str]) -> bool:
+    """The mail of one of ``order_ids`` waits in its partition's retry queue."""
+    for order_id in order_ids:
+        partition = partition_of(order_id)
+        for entry_id in await redis.zrange(keys.mail_retry(partition), 0, -1):
+            for _, fields in await redis.xrange(keys.events(partition), entry_id, entry_id):
+                if fields.get("order_id") == order_id:
+                    return True
+    return False
 
 
 # ---- the faults ----------------------------------------------------------------------
@@ -128,14 +139,20 @@ async def test_instance_kill_9_with_idempotent_retries(stack: FullStack) -> None
         load = asyncio.create_task(
             order_storm(session, stack.http_url, shoppers, until, storm, retry_with_key=True)
         )
-        await asyncio.sleep(1.5)
+
+        async def more_orders(what: str) -> None:
+            acked = len(storm.acked)
+            await wait_until_async(lambda: len(storm.acked) >= acked + 10, f"orders {what}")
+
+        await more_orders("before the kill")
         await asyncio.to_thread(stack.kill_instance, 0)
-        await asyncio.sleep(2.0)
+        # Orders keep being acknowledged while instance 0 is down (through the other).
+        await more_orders("while instance 0 is down")
         # Started from this thread: the child dies with the thread that forked
         # it (PR_SET_PDEATHSIG), and asyncio's executor threads end with the loop.
         stack.instances[0].start(wait=False)
         await asyncio.to_thread(stack.instances[0].wait_healthy)
-        await asyncio.sleep(1.5)
+        await more_orders("after the restart")
         until.set()
         await load
         await check_books(session, stack, storm)
@@ -186,8 +203,13 @@ async def test_mail_worker_kill_and_smtp_outage_end_in_mail_or_dead_letter(
             await place(20)
             mail.kill_worker("chaos-a")  # mid-batch, perhaps holding pending mail
             mail.stop_sink()  # and the SMTP server goes away
+            outage = len(completed)
             await place(20)
-            await asyncio.sleep(3)
+            # The outage is met: the surviving worker could not deliver a mail
+            # of an order placed since, and queued it for a retry.
+            await wait_until_async(
+                lambda: retry_queued(redis, completed[outage:]), "a retry during the outage", 30
+            )
             mail.start_sink()
             mail.start_worker("chaos-a")
             await place(10)

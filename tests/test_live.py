@@ -216,7 +216,7 @@ async def test_resume_has_no_gap_and_no_duplicate(shop: Shop, redis: Redis) -> N
     stop = asyncio.Event()
     producer = asyncio.create_task(keep_ordering(stop))  # races the replay/live handover
     try:
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop turn: the producer's first order is on its way
         second = await listen(shop.client, f"/orders/events?last_id={last_id}", auth)
         await second.wait_for(lambda: len(second.events) >= 10, "a few live events")
     finally:
@@ -286,7 +286,7 @@ async def test_the_hub_reads_nothing_while_no_socket_listens_and_resumes_without
     stop = asyncio.Event()
     producer = asyncio.create_task(keep_ordering(stop))  # races the wake-up and the replay
     try:
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop turn: the producer's first order is on its way
         resumed = await listen(shop.client, f"/orders/events?last_id={last_id}", auth)
         fresh = await listen(shop.client, "/orders/events", auth)
         await resumed.wait_for(lambda: len(resumed.events) >= 10, "replayed and live events")

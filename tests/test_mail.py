@@ -698,7 +698,7 @@ async def test_retention_never_trims_unsent_mail_while_the_worker_was_stopped(
                 summary, head = await pipe.execute()
             if summary["pending"] and stream_id(head[0][0]) > stream_id(summary["min"]):
                 violations.append(f"first {head[0][0]} > pending {summary['min']}")
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # the sampling rate of the watcher, not a wait
 
     watcher = asyncio.create_task(watch())
     await mail_workers.start(worker_name="after", **tiny)

@@ -78,7 +78,7 @@ async def test_counters_are_summed_within_a_turn_and_written_at_its_end() -> Non
         updates.inc()
     updates.inc(2.5)
     assert counter._value.get() == 0
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one loop turn: what is under test is the write at its end
     assert counter._value.get() == 7.5
 
 
@@ -146,7 +146,7 @@ async def test_access_lines_of_a_turn_are_written_together_at_its_end(tmp_path: 
         for n in range(3):
             logger.info("GET /phones %d", 200, extra={"route": "/phones", "n": n})
         assert path.read_text() == ""
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one loop turn: what is under test is the write at its end
         written = lines(path)
         assert [line["n"] for line in written] == [0, 1, 2]
         assert written[0]["message"] == "GET /phones 200" and written[0]["route"] == "/phones"

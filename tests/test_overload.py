@@ -277,7 +277,7 @@ async def test_slow_redis_shrinks_the_limit_refuses_fast_and_recovers(
         async def reader(n: int) -> None:
             while not stop_readers.is_set():
                 if n >= readers_wanted[0]:
-                    await asyncio.sleep(0.01)
+                    await asyncio.sleep(0.01)  # an idle reader, not yet wanted: pacing
                     continue
                 async with http.get(url) as response:
                     code = ""

@@ -99,8 +99,7 @@ async def test_inflight_cap_sheds_with_503(
     client: TestClient = await aiohttp_client(await create_app())
     gauge = client.app[appkeys.INFLIGHT]
     held = [asyncio.ensure_future(client.get("/bench/sleep?ms=3000")) for _ in range(3)]
-    while gauge.current < 3:  # noqa: ASYNC110 - polling the worker's own gauge
-        await asyncio.sleep(0.01)
+    await wait_until_async(lambda: gauge.current == 3, "the three held requests in flight", 10)
     # The cap is full: every further request is shed while the three are served.
     responses = await asyncio.gather(*(client.get("/bench/sleep?ms=1") for _ in range(7)))
     assert gauge.current == 3, "the held requests ended before the others were refused"

@@ -303,8 +303,9 @@ async def test_kill_9_an_instance_while_reading_fails_no_get(full_stack: FullSta
                     failures.append(repr(error))
 
         async def until(total: int) -> None:
-            while statuses.total() + len(failures) < total:  # noqa: ASYNC110 - a counter, polled
-                await asyncio.sleep(0.01)
+            await wait_until_async(
+                lambda: statuses.total() + len(failures) >= total, f"{total} answers", 30
+            )
 
         readers = [asyncio.create_task(reader()) for _ in range(4)]
         await until(100)
