@@ -19,10 +19,12 @@ Then:
    process is still up;
 3. a py-spy profile of one worker during ``POST /orders``;
 4. ceiling B: ``redis-benchmark`` running the real ``place_order`` script;
-5. list cost with 1k and with 1M stored rows (loadtests/bench_data.py), and Redis
-   memory per stored order and per Idempotency-Key record as the real scripts store
-   them, on one redis-server and on a 3-primary cluster, at 100k and 1M orders
-   (loadtests/order_memory.py);
+5. Redis memory per stored order and per Idempotency-Key record as the real scripts
+   store them, on one redis-server and on a 3-primary cluster, at 100k and 1M orders
+   (loadtests/order_memory.py); then, once the main stack has stopped, the list cost
+   (loadtests/list_ab.py): stacks with 1k and with 1M stored rows up at once, for this
+   tree and for the baseline ref (each bulk-loaded by its own checkout's
+   loadtests/bench_data.py), alternating wrk rounds, throughput and CPU per answer;
 6. A/B comparisons, each in this run: two stacks that differ in one setting,
    wrk rounds alternating between them, orders/s and CPU per request from /proc
    (:data:`AB_COMPARISONS`);
@@ -31,9 +33,9 @@ Then:
    redis-server against the baseline ref (loadtests/ab_refs.py, issue 11's item 3).
 
 Targets are reported, never asserted: a benchmark is not a test. Runs in about
-11 minutes, the mail-lag section's 5, the data tier's 1 and the baseline A/B's 1
-included; everything goes to 127.0.0.1 and
-every step is bounded.
+15 minutes, the mail-lag section's 5, the list cost's 2.5 (four stacks, two of them
+bulk-loaded with 1M rows), the data tier's 1 and the baseline A/B's 1 included;
+everything goes to 127.0.0.1 and every step is bounded.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -58,8 +61,8 @@ from pathlib import Path
 from typing import Any
 
 from app.ops.instances import ROOT
-from loadtests import ab_refs, bench_mail_lag, bench_tier, order_memory, rig
-from loadtests.bench_data import bulk_load, provision
+from loadtests import ab_refs, bench_mail_lag, bench_tier, list_ab, order_memory, rig
+from loadtests.bench_data import provision
 from loadtests.bench_drivers import (
     BENCH_LIMITS,
     ceiling_b,
@@ -440,6 +443,29 @@ def ab_compare(
     }
 
 
+# ---- list cost ------------------------------------------------------------------------------
+
+
+def list_costs(args: argparse.Namespace, split: rig.CpuSplit) -> dict[str, Any]:
+    """loadtests/list_ab.py: this tree's stacks with 1k and with ``args.rows`` rows, and the
+    baseline's (its own checkout and loader), all up at once; this tree's alone when the
+    baseline cannot be checked out here."""
+    refs = [args.baseline_ref, "."] if args.baseline_ref not in ("", ".") else ["."]
+    measure = functools.partial(
+        list_ab.compare,
+        rows=args.rows,
+        rounds=args.list_rounds,
+        seconds=args.list_seconds,
+        split=split,
+        log=log,
+    )
+    try:
+        return measure(refs)
+    except subprocess.CalledProcessError as error:  # a clone without the baseline commit
+        log(f"list cost: no checkout of {args.baseline_ref} ({error.stderr!r}): this tree only")
+        return measure(["."])
+
+
 # ---- the run ----------------------------------------------------------------------------------
 
 
@@ -532,35 +558,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             stack.stack.redis.cli("CONFIG", "SET", "appendfsync", "always")
 
-        # List cost and memory, last: the bulk rows are not real orders (no debit).
-        bulk_customer = people[1]
-        auth = {"Authorization": f"Bearer {bulk_customer['token']}"}
-        stack.stack.redis.cli("CONFIG", "SET", "appendonly", "no")
-        lists: dict[str, dict[str, Any]] = {"phones": {}, "orders": {}}
-        loaded = 0
-        for label, size in (("1k", 1_000), ("1M", args.rows)):
-            with step(f"bulk load to {label}"):
-                bulk_load(
-                    stack,
-                    phones=size,
-                    orders=size,
-                    customer_id=bulk_customer["id"],
-                    phone_id=phone_ids[0],
-                    start=loaded,
-                )
-                loaded = size
-            with step(f"list cost {label}"):
-                lists["phones"][label] = wrk(
-                    f"{stack.http_url}/phones?page=1", seconds=secs, cpus=load_cpus
-                )
-                lists["orders"][label] = wrk(
-                    f"{stack.http_url}/orders?page=1", seconds=secs, headers=auth, cpus=load_cpus
-                )
-        results["lists"] = lists
         with step("memory per order (own servers, the real scripts)"):
             results["memory"] = order_memory.bench_figures(
                 order_memory.run(out / "memory", args.memory_orders)
             )
+    with step("list cost: 1k and 1M rows side by side, this tree and the baseline"):
+        results["lists_ab"] = list_costs(args, split)
+        results["lists"] = list_ab.bench_lists(results["lists_ab"], ".")
     results["ab"] = []
     for comparison in AB_COMPARISONS:
         with step(f"A/B: {comparison.name}"):
@@ -619,12 +623,17 @@ def main(argv: list[str] | None = None) -> int:
         default=30,
         help="seconds the mail-lag section waits for its backlog to drain (its own default: 120)",
     )
+    parser.add_argument(
+        "--list-rounds", type=int, default=4, help="wrk rounds per list-cost stack and path"
+    )
+    parser.add_argument("--list-seconds", type=int, default=3, help="seconds per list-cost round")
     parser.add_argument("--ab-rounds", type=int, default=4, help="wrk rounds per A/B side")
     parser.add_argument("--ab-seconds", type=int, default=4, help="seconds per A/B round")
     parser.add_argument(
         "--baseline-ref",
         default=os.environ.get("BENCH_BASELINE_REF", ab_refs.BASELINE_REF),
-        help="side A of the one-redis-server A/B (BENCH_BASELINE_REF)",
+        help="side A of the one-redis-server A/B and of the list cost (BENCH_BASELINE_REF; "
+        "'.' or '' measures this tree's list cost alone)",
     )
     parser.add_argument(
         "--tier-orders", type=int, default=2000, help="orders recorded per shard count"

@@ -187,19 +187,34 @@ def ceilings_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _list_cost_ratios(small: dict[str, Any], large: dict[str, Any]) -> tuple[float, float | None]:
+    """1k's rate ÷ 1M's, and 1M's app + redis CPU per answer ÷ 1k's (None when the run
+    did not measure CPU: a results file of an older make bench)."""
+    rps = small["ok_rps"] / large["ok_rps"] if large["ok_rps"] else 0.0
+    if "cpu_us" not in small or "cpu_us" not in large:
+        return rps, None
+    return rps, large["cpu_us"] / small["cpu_us"] if small["cpu_us"] else 0.0
+
+
 def storage_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
     lists, mem = results["lists"], results["memory"]
     rows = []
     for name in ("phones", "orders"):
         small, large = lists[name]["1k"], lists[name]["1M"]
-        ratio = small["ok_rps"] / large["ok_rps"] if large["ok_rps"] else 0.0
+        ratio, cpu_ratio = _list_cost_ratios(small, large)
         path = "/phones?page=1" if name == "phones" else "/orders?page=1 (customer with them all)"
         for label, row in (("1k", small), ("1M", large)):
+            cpu = (
+                f"; app + redis CPU {row['cpu_us']:,.0f} µs per answer "
+                f"(app {row['app_cpu_us']:,.0f}, redis {row['redis_cpu_us']:,.1f})"
+                if "cpu_us" in row
+                else ""
+            )
             rows.append(
                 (
                     f"GET {path}: {label} rows",
                     f"{row['ok_rps']:,.0f} req/s",
-                    f"p50 {row['p50_ms']:.1f} / p99 {row['p99_ms']:.1f} ms",
+                    f"p50 {row['p50_ms']:.1f} / p99 {row['p99_ms']:.1f} ms{cpu}",
                     "",
                     "",
                 )
@@ -213,6 +228,16 @@ def storage_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]
                 met(ratio, TARGETS["list_ratio_1m_over_1k"], True),
             )
         )
+        if cpu_ratio is not None:
+            rows.append(
+                (
+                    f"list cost ratio 1M ÷ 1k ({name}), by app + redis CPU per answer",
+                    f"{cpu_ratio:.2f}",
+                    "",
+                    "≤ 1.5",
+                    met(cpu_ratio, TARGETS["list_ratio_1m_over_1k"], True),
+                )
+            )
     for tier, sizes in mem.get("tiers", {"one redis-server": [mem]}).items():
         for size in sizes:
             index_detail = ", ".join(f"{k} {v:.0f}" for k, v in size["index_share_bytes"].items())
@@ -243,6 +268,72 @@ def storage_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]
                 )
             )
     return rows
+
+
+def _spread(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}" if values else "-"
+
+
+def list_cost_worse(a_rounds: list[float], b_rounds: list[float]) -> bool:
+    """B's list cost ratio worse than A's beyond the run's noise: every round of B above
+    every round of A (the rounds alternate between the stacks, so drift hits both)."""
+    return bool(a_rounds and b_rounds) and min(b_rounds) > max(a_rounds)
+
+
+def list_cost_text(results: dict[str, Any]) -> str:
+    """How the list rows were measured (loadtests/list_ab.py), and, when the run measured
+    the baseline too, its list cost ratios beside this tree's."""
+    report = results.get("lists_ab")
+    if not report:
+        return ""
+    refs, small, large = report["refs"], report["small"], report["large"]
+    sizes = report["rows"]
+    start, end = report["load_average"]["start"][0], report["load_average"]["end"][0]
+    command = " ".join(
+        [
+            "python -m loadtests.list_ab",
+            *(f"--ref {ref}" for ref in refs),
+            f"--rows {sizes[large]}",
+            f"--rounds {report['rounds']}",
+            f"--seconds {report['seconds']}",
+        ]
+    )
+    text = (
+        f"The list rows: {len(refs) * 2} stacks up at once, per checkout one with "
+        f"{sizes[small]:,} and one with {sizes[large]:,} phones and orders (all of one "
+        "customer's, bulk-loaded by that checkout's own loader in its own key layout, after "
+        "the customer placed a few orders through the API), each pinned to the stack CPUs; "
+        f"{report['rounds']} rounds of wrk, {report['seconds']} s per path and stack, the "
+        "stacks' order reversed every other round; medians of the rounds. CPU per answer: "
+        "the app workers' and redis-server's process trees, from /proc. "
+        f"{report['split'][:1].upper()}{report['split'][1:]}; load average {start:.1f} at "
+        f"the start, {end:.1f} at the end. "
+        f"`{command}`.\n"
+    )
+    if len(refs) < 2:
+        return text
+    a, b = refs[0], refs[-1]
+    label = {ref: "this tree" if ref == "." else f"`{ref}`" for ref in (a, b)}
+    lines = [
+        f"| list cost {large} ÷ {small} (median of rounds; every round's range) "
+        f"| A: baseline {label[a]} | B: {label[b]} | B ÷ A | B worse beyond the rounds? |",
+        "|---|---|---|---|---|",
+    ]
+    for path, name in (("phones", "GET /phones?page=1"), ("orders", "GET /orders?page=1")):
+        for key, measure in (("rps", "by throughput"), ("cpu", "by app + redis CPU per answer")):
+            ra, rb = report["by_ref"][a][path], report["by_ref"][b][path]
+            ratio_a, ratio_b = ra[f"{key}_ratio"], rb[f"{key}_ratio"]
+            rounds_a, rounds_b = ra[f"{key}_ratio_rounds"], rb[f"{key}_ratio_rounds"]
+            worse = list_cost_worse(rounds_a, rounds_b)
+            lines.append(
+                f"| {name}, {measure} | {ratio_a:.2f} ({_spread(rounds_a)}) "
+                f"| {ratio_b:.2f} ({_spread(rounds_b)}) "
+                f"| {ratio_b / ratio_a if ratio_a else 0.0:.2f} | {'**yes**' if worse else 'no'} |"
+            )
+    return (
+        text + "\nIssue 17: the list cost ratios must not get worse than the baseline's, in the "
+        "same run.\n\n" + "\n".join(lines) + "\n"
+    )
 
 
 def ab_table(comparisons: list[dict[str, Any]]) -> str:
@@ -548,6 +639,7 @@ CPU time of each part of the stack (its process tree, from /proc) during the wrk
 
 {chr(10).join(storage)}
 
+{list_cost_text(results)}
 ## What the figures say
 
 {findings(results)}

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from loadtests.bench_report import overload_targets, render
+from loadtests.bench_report import list_cost_worse, overload_targets, render, storage_rows
+from loadtests.list_ab import order_of_round, summarize
 
 
 def level(phase: str, planned: float, offered: float, **figures: Any) -> dict[str, Any]:
@@ -230,3 +231,92 @@ def test_what_goodput_at_3x_needs_comes_from_the_measured_cpu() -> None:
     assert "refusals at most 4144.3 µs each" in line
     figures["orders"]["cpu_us"] = {"nginx": 40.0, "app": 9_000.0, "redis": 1_000.0}
     assert "out of reach on this stack CPU" in render(figures)
+
+
+def list_row(rps: float, cpu_us: float) -> dict[str, Any]:
+    return {**wrk_row(rps), "cpu_us": cpu_us, "app_cpu_us": cpu_us - 20.0, "redis_cpu_us": 20.0}
+
+
+def test_the_list_rows_judge_the_cost_ratios_by_throughput_and_by_cpu() -> None:
+    """1k at 200 µs and 2,000/s, 1M at 360 µs and 1,600/s: 1.25 by throughput (met),
+    1.80 by CPU per answer (missed); a results file without CPU shows no CPU row."""
+    figures = results(healthy_levels())
+    figures["lists"]["orders"] = {"1k": list_row(2_000.0, 200.0), "1M": list_row(1_600.0, 360.0)}
+    rows = {measure: (value, verdict) for measure, value, _, _, verdict in storage_rows(figures)}
+    assert rows["list cost ratio 1M ÷ 1k (orders), by throughput"] == ("1.25", "met")
+    assert rows["list cost ratio 1M ÷ 1k (orders), by app + redis CPU per answer"] == (
+        "1.80",
+        "**missed**",
+    )
+    assert "list cost ratio 1M ÷ 1k (phones), by app + redis CPU per answer" not in rows
+    assert "app + redis CPU 360 µs per answer (app 340, redis 20.0)" in render(figures)
+
+
+def lists_report(a_rounds: list[float], b_rounds: list[float]) -> dict[str, Any]:
+    """A list_ab report of two refs whose per-round ratios are given (CPU as throughput)."""
+
+    def summary(rounds: list[float]) -> dict[str, Any]:
+        ratio = sorted(rounds)[len(rounds) // 2]
+        row = {
+            "1k": list_row(1_000.0, 100.0),
+            "1M": list_row(1_000.0 / ratio, 100.0 * ratio),
+            "rps_ratio": ratio,
+            "cpu_ratio": ratio,
+            "rps_ratio_rounds": rounds,
+            "cpu_ratio_rounds": rounds,
+        }
+        return {"phones": row, "orders": row}
+
+    return {
+        "refs": ["base", "."],
+        "rows": {"1k": 1_000, "1M": 1_000_000},
+        "small": "1k",
+        "large": "1M",
+        "rounds": len(a_rounds),
+        "seconds": 3,
+        "split": "stack on CPU 0, load generator on CPU 1",
+        "load_average": {"start": [1.0], "end": [2.0]},
+        "by_ref": {"base": summary(a_rounds), ".": summary(b_rounds)},
+    }
+
+
+def test_the_list_cost_against_the_baseline_is_worse_only_beyond_every_round() -> None:
+    figures = results(healthy_levels())
+    figures["lists_ab"] = lists_report([1.0, 1.1, 1.2], [1.15, 1.3, 1.4])
+    text = render(figures)
+    assert "`python -m loadtests.list_ab --ref base --ref . --rows 1000000 --rounds 3" in text
+    row = next(line for line in text.splitlines() if line.startswith("| GET /orders?page=1, by t"))
+    # The rounds overlap (1.15 < 1.2): not worse beyond the run's noise.
+    assert (
+        row
+        == "| GET /orders?page=1, by throughput | 1.10 (1.00-1.20) | 1.30 (1.15-1.40) | 1.18 | no |"
+    )
+    figures["lists_ab"] = lists_report([1.0, 1.1, 1.2], [1.25, 1.3, 1.4])
+    row = next(
+        line
+        for line in render(figures).splitlines()
+        if line.startswith("| GET /phones?page=1, by app + redis CPU")
+    )
+    assert row.endswith("| **yes** |")
+    assert list_cost_worse([1.0, 1.2], [1.2, 1.3]) is False
+    assert list_cost_worse([], [1.3]) is False
+
+
+def test_list_ab_ratios_are_of_the_medians_and_per_round() -> None:
+    """Rounds 1k: 1,000, 1,100, 900/s at 100, 110, 90 µs; 1M: 800, 1,000, 900/s at 120,
+    110, 100 µs. Medians 1,000 and 900/s -> 1.11; CPU 110 over 100 µs -> 1.10 (1M ÷ 1k).
+    Paired by round: 1.25, 1.10, 1.00 and 1.20, 1.00, 1.11."""
+    small = [(1_000.0, 100.0), (1_100.0, 110.0), (900.0, 90.0)]
+    large = [(800.0, 120.0), (1_000.0, 110.0), (900.0, 100.0)]
+    runs = {
+        size: {"orders": [{"ok_rps": r, "cpu_us": c} for r, c in rows]}
+        for size, rows in (("1k", small), ("1M", large))
+    }
+    out = summarize(runs, "1k", "1M")["orders"]
+    assert out["1k"] == {"ok_rps": 1_000.0, "cpu_us": 100.0}
+    assert out["1M"] == {"ok_rps": 900.0, "cpu_us": 110.0}
+    assert round(out["rps_ratio"], 2) == 1.11 and round(out["cpu_ratio"], 2) == 1.10
+    assert [round(r, 2) for r in out["rps_ratio_rounds"]] == [1.25, 1.1, 1.0]
+    assert [round(r, 2) for r in out["cpu_ratio_rounds"]] == [1.2, 1.0, 1.11]
+    assert order_of_round(["a", "b", "c"], 0) == ["a", "b", "c"]
+    assert order_of_round(["a", "b", "c"], 1) == ["c", "b", "a"]
