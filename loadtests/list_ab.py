@@ -103,6 +103,17 @@ _SIDE = textwrap.dedent(
 )
 
 
+def pin(root: int, split: rig.CpuSplit) -> None:
+    """The side's stack on the stack CPUs with the bench stack's niceness
+    (loadtests/rig.py: nginx's ahead of the rest)."""
+    rig.pin_tree(root, split.stack)
+    rig.renice(root, rig.priority())
+    for pid in rig.process_tree(root):
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"nginx: master"):
+                rig.renice(pid, rig.front_priority())
+
+
 @contextlib.contextmanager
 def sides(
     trees: dict[str, Path], sizes: dict[str, int], env: dict[str, str], split: rig.CpuSplit
@@ -129,8 +140,7 @@ def sides(
                 raise RuntimeError(f"the {key[1]} stack of {key[0]} did not start")
             up[key] = {**json.loads(line), "pid": proc.pid}
             if split.pinned:
-                rig.pin_tree(proc.pid, split.stack)
-                rig.renice(proc.pid, rig.priority())
+                pin(proc.pid, split)
         yield up
     finally:
         for proc in procs.values():
