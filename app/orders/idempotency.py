@@ -28,6 +28,7 @@ than a silent change: app/layout.py refuses layout-7 data.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -69,7 +70,7 @@ class RecordPlace:
     field: bytes
     # The bucket a new record goes in (the newest), then the older ones, newest first.
     newest: str
-    older: list[str]
+    older: tuple[str, ...]
     # When the newest bucket expires (Unix seconds): its window's end plus the TTL.
     expire_at: int
 
@@ -78,14 +79,25 @@ def record_place(
     customer_id: str, idempotency_key: str | None, ttl_s: int, now_s: int
 ) -> RecordPlace:
     width = bucket_seconds(ttl_s)
-    start = now_s - now_s % width
-    partition = partition_of(customer_id)
+    newest, older, expire_at = _buckets(partition_of(customer_id), now_s - now_s % width, ttl_s)
     return RecordPlace(
         field=b"" if idempotency_key is None else record_field(customer_id, idempotency_key),
-        newest=keys.idempotency_bucket(partition, start),
-        older=[
+        newest=newest,
+        older=older,
+        expire_at=expire_at,
+    )
+
+
+# Every keyed order of a partition names the same buckets for a whole window (a TTL):
+# spelt once per window, not per order (P1, docs/data-tier.md 10.2).
+@functools.lru_cache(maxsize=1024)
+def _buckets(partition: int, start: int, ttl_s: int) -> tuple[str, tuple[str, ...], int]:
+    width = bucket_seconds(ttl_s)
+    return (
+        keys.idempotency_bucket(partition, start),
+        tuple(
             keys.idempotency_bucket(partition, start - back * width)
             for back in range(1, OLDER_BUCKETS + 1)
-        ],
-        expire_at=start + width + ttl_s,
+        ),
+        start + width + ttl_s,
     )
