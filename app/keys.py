@@ -60,8 +60,9 @@ the partition number.
 Sorted sets scored by seq: ``cs{P}`` the customers, ``ps{Q}`` the phones,
 ``co{P}<customer id>:<status>`` one customer's orders by status, and the
 partition's orders by status in chunks (layout 7, docs/data-tier.md 10.2):
-``os{P}<status>:<chunk>``. Orders enter the partition's current chunk
-(``ok{P}``: ``k`` the chunk, ``n`` its orders so far, ``<chunk>`` its start
+``os{P}<status>:<chunk>``. Orders enter the partition's current chunk (the
+order clock ``oq{P}`` holds it beside the last seq, layout 9: ``<seq> <k> <n>``,
+``k`` the chunk, ``n`` its orders so far; ``ok{P}``: ``<chunk>`` its start
 seq), CHUNK_ORDERS to a chunk, so every chunk zset stays a listpack and a
 chunk's seqs all precede the next one's: a partition's status list is its
 chunks concatenated. An order id carries the chunk it was minted for
@@ -109,7 +110,10 @@ from app.partitions import PARTITION_TAGS, partition_of
 # 7: a partition's orders by status in chunks of CHUNK_ORDERS (6 had one zset per status).
 # 8: Idempotency-Key buckets a TTL wide (7's were a quarter of it: a lookup would miss
 #    its records; app/orders/idempotency.py).
-LAYOUT_VERSION = 8
+# 9: the current status chunk and its orders in the order clock oq{P} ("<seq> <k> <n>"),
+#    which the placing scripts read and write anyway (8 kept them in ok{P} as k and n,
+#    and its clock held the seq alone).
+LAYOUT_VERSION = 9
 LAYOUT = "layout"
 # Keys only the previous layout (one global index per kind, one ledger) had:
 # finding one without LAYOUT means data from before the partitions.
@@ -192,13 +196,31 @@ def order_chunk_counts(partition: int, status: str) -> str:
 
 
 def order_chunk_state(partition: int) -> str:
-    """Hash: ``k`` the partition's current chunk, ``n`` the orders placed in it,
-    ``<chunk>`` the seq of the first order placed in each chunk."""
+    """Hash: ``<chunk>`` the seq of the first order placed in each chunk (the current
+    chunk is the order clock's, ``orders_seq``)."""
     return f"ok{_tag(partition)}"
 
 
 def orders_seq(partition: int) -> str:
+    """String, the partition's order clock: ``<seq> <k> <n>``, the last seq given, the
+    current status chunk and the orders placed in it (order_clock, order_clock_parts)."""
     return f"oq{_tag(partition)}"
+
+
+def order_clock(seq: int, chunk: int, placed: int) -> str:
+    """The value of ``orders_seq`` (the placing scripts' form: the prelude's
+    placing_chunk and next_order_seq)."""
+    return f"{seq} {chunk} {placed}"
+
+
+def order_clock_parts(value: bytes | str | None) -> tuple[int, int, int]:
+    """An ``orders_seq`` value as (last seq, current chunk, orders placed in it); zeros
+    for a partition no order has reached. A bare seq (a loader's) is that seq in chunk 0."""
+    if not value:
+        return 0, 0, 0
+    text = value.decode() if isinstance(value, bytes) else value
+    seq, chunk, placed = ([int(part) for part in text.split()] + [0, 0])[:3]
+    return seq, chunk, placed
 
 
 def customer_orders_by_status(customer_id: str, status: str) -> str:

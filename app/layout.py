@@ -15,7 +15,8 @@ before it starts any instance:
   hashes have field names layout 6 does not read, and layout 6's status indexes are
   single zsets that layout 7 neither writes nor lists: it reads status chunks; layout
   7's Idempotency-Key buckets are 6 hours wide, where layout 8 looks only in buckets a
-  TTL wide.)
+  TTL wide; layout 8's order clock holds the seq alone, where layout 9's placing scripts
+  read the current status chunk from it too, and would refuse to place.)
 
 The same on a Redis Cluster (REDIS_CLUSTER_NODES): each command is on one key.
 """
@@ -53,7 +54,8 @@ def refusal(found: str) -> str:
         f"this Redis holds data in an older key layout ({found}); this version uses "
         f"layout {keys.LAYOUT_VERSION}: every key in one of 128 partitions "
         "(docs/data-tier.md, section 2; since layout 5 no index of all orders, since 6 "
-        "short order fields: section 10.1, since 7 status lists in chunks: 10.2, since 8 Idempotency-Key buckets a day wide: 10.1). It would misread the old data or serve an "
+        "short order fields: section 10.1, since 7 status lists in chunks: 10.2, since 8 Idempotency-Key buckets a day wide: 10.1, since 9 the current status chunk "
+        "in the order clock: 10.2). It would misread the old data or serve an "
         "empty shop beside it, so it does not start. There is no migration yet: start "
         "from a fresh data directory (stop make run, then "
         "`mv var/redis var/redis.old-layout` and make run "

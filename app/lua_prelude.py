@@ -14,7 +14,9 @@ put it before each), so no script copies a helper or spells a shared word:
 - now_ms(): Redis TIME in milliseconds since the epoch;
 - id_chunk(id): the status chunk an order id was minted for (app/partitions.py:
   chunk_of); chunk_lists(...): an order's chunk and which of the caller's status lists
-  hold it; chunk_count_in(...): a placement counted into the current chunk; and
+  hold it; placing_chunk(...): the partition's order clock read, and the status list a
+  placement goes in (nil: a stale chunk); next_order_seq(...): a placement's seq counted
+  into the current chunk, the clock written once; and
   chunk_enter(...) / chunk_leave(...): an order into or out of one
   status chunk, with the chunk's directory entry and counts (app/keys.py: orders_by_status,
   order_chunks, order_chunk_counts; docs/data-tier.md 10.2);
@@ -26,8 +28,9 @@ put it before each), so no script copies a helper or spells a shared word:
   from the order; a refusal's stored payload as it is);
 - next_seq(clock): the next ``seq`` of a partition (app/keys.py): Redis TIME in
   microseconds, or one more than the clock's last value when that is not
-  later, stored back in the clock; returned as a string of digits. It writes,
-  so a script calls it only after its last check;
+  later (seq_after), stored back in the clock; returned as a string of digits. It writes,
+  so a script calls it only after its last check (so does next_order_seq, the orders'
+  clock, which holds the chunk state too);
 - keys_past_the_declared(declared, argv): a script's whole KEYS when a Redis Cluster
   node runs it over several slots (``across_slots`` below).
 
@@ -83,10 +86,12 @@ DEFINITIONS: dict[str, str] = {
     f" if value then return string.sub(value, 1, {_FP}) == string.sub(request, {_FIELD + 1}),"
     f" tonumber(string.sub(value, {_FP + 1}, {_FP + 3})), string.sub(value, {_FP + 4}) end"
     " end return nil end",
+    # Every record of a bucket is given the same expiry (its window's end plus the TTL),
+    # so the first one sets it: NX leaves the others' EXPIREAT unwritten (no AOF entry).
     "store_record": "local function store_record(bucket, request, status, body, expire_at)"
     f" redis.call('HSET', bucket, string.sub(request, 1, {_FIELD}),"
     f" string.sub(request, {_FIELD + 1}) .. string.format('%03d', status) .. body)"
-    " redis.call('EXPIREAT', bucket, expire_at) end",
+    " redis.call('EXPIREAT', bucket, expire_at, 'NX') end",
     "replay_reply": "local function replay_reply(status, body) if status == 201 then"
     " return {201, cjson.encode({replay_of = body}), 1} end return {status, body, 1} end",
     "CHUNK_ORDERS": f"local CHUNK_ORDERS = {CHUNK_ORDERS}",
@@ -105,16 +110,37 @@ DEFINITIONS: dict[str, str] = {
     " if chunk == tonumber(hinted) then return name, lists end"
     " if chunk == tonumber(hinted) + 1 then return name, next_lists end"
     " return name, nil end",
-    # A placement counted into the partition's current chunk (state: the chunk state
-    # hash; placed: its orders before this one): the chunk's start seq on its first
-    # order, the move to the next chunk on its last. Returns the current chunk after it.
-    "chunk_count_in": "local function chunk_count_in(state, current, placed, seq)"
+    # TIME keeps lists of different partitions in one time order; the clock
+    # makes seq strictly grow within its partition even if TIME does not.
+    "seq_after": "local function seq_after(last) local t = redis.call('TIME')"
+    " local seq = tonumber(t[1]) * 1000000 + tonumber(t[2])"
+    " if seq <= last then seq = last + 1 end return string.format('%d', seq) end",
+    "next_seq": "local function next_seq(clock)"
+    " local seq = seq_after(tonumber(redis.call('GET', clock) or '0'))"
+    " redis.call('SET', clock, seq) return seq end",
+    # The partition's order clock (app/keys.py: orders_seq, "<seq> <k> <n>": the last seq
+    # given, the current chunk, the orders placed in it) read before any write, and the
+    # status list a placement of chunk `chunk` goes in: `list` (the chunk's), `next_list`
+    # (the chunk after it: the partition moved on while the order was on its way), or nil
+    # when the current chunk is neither, which the caller refuses as order_chunk_stale.
+    "placing_chunk": "local function placing_chunk(clock, chunk, list, next_list)"
+    " local value, last, current, placed = redis.call('GET', clock), 0, 0, 0"
+    " if value then local q, k, n = string.match(value, '^(%d+) (%d+) (%-?%d+)$')"
+    " if not q then error('order clock ' .. clock .. ' holds ' .. value) end"
+    " last, current, placed = tonumber(q), tonumber(k), tonumber(n) end"
+    " if current == chunk + 1 then list = next_list elseif current ~= chunk then list = nil end"
+    " return list, current, placed, last end",
+    # A placement's seq (after the clock's last) counted into the current chunk, with
+    # placing_chunk's figures: the chunk's start seq (the state hash's field <chunk>) on
+    # its first order, the move to the next chunk on its last, then the clock written
+    # once. Returns the seq and the current chunk after it.
+    "next_order_seq": "local function next_order_seq(clock, state, last, current, placed)"
+    " local seq = seq_after(last)"
     " if placed == 0 then redis.call('HSET', state, string.format('%d', current), seq) end"
     " placed = placed + 1"
-    " if placed == CHUNK_ORDERS then"
-    " redis.call('HSET', state, 'k', string.format('%d', current + 1), 'n', '0')"
-    " return current + 1 end"
-    " redis.call('HSET', state, 'n', string.format('%d', placed)) return current end",
+    " if placed == CHUNK_ORDERS then current, placed = current + 1, 0 end"
+    " redis.call('SET', clock, seq .. ' ' .. string.format('%d', current) .. ' '"
+    " .. string.format('%d', placed)) return seq, current end",
     # chunk: a string of digits. The chunk's count is its status zset's size (the same
     # scripts move both), so its step to 1 or 0 says when the chunk enters its directory
     # (scored by its start, the state hash's field <chunk>) or leaves it; counts per chunk
@@ -132,13 +158,6 @@ DEFINITIONS: dict[str, str] = {
     f" local group = 'g' .. math.floor(tonumber(chunk) / {CHUNK_GROUP})"
     " if redis.call('HINCRBY', counts, group, -1) == 0 then redis.call('HDEL', counts, group) end"
     " end",
-    # TIME keeps lists of different partitions in one time order; the clock
-    # makes seq strictly grow within its partition even if TIME does not.
-    "next_seq": "local function next_seq(clock) local t = redis.call('TIME')"
-    " local seq = tonumber(t[1]) * 1000000 + tonumber(t[2])"
-    " local last = tonumber(redis.call('GET', clock) or '0')"
-    " if seq <= last then seq = last + 1 end"
-    " seq = string.format('%d', seq) redis.call('SET', clock, seq) return seq end",
     # ARGV[1] = u, ARGV[2..1+u] the undeclared keys, then the script's own ARGV. Each
     # undeclared key is touched first: a key this node does not serve (moved away, or
     # not yet or no longer here while its slot migrates) fails the script right there,

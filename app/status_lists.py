@@ -155,7 +155,7 @@ class StatusLists:
             int(reply[0]) if reply else None for reply in replies[self.size : 2 * self.size]
         ]
         starts = [order.score(rows[0]) for rows in oldest if rows]
-        clocks = [int(value) for value in replies[2 * self.size :] if value]
+        clocks = [keys.order_clock_parts(value)[0] for value in replies[2 * self.size :] if value]
         return min(starts), max(clocks)
 
     async def count_before(self, gateway: RedisGateway, order: Direction, score: int) -> int:

@@ -164,7 +164,8 @@ def bulk_load(
     # orders fill fresh chunks after the current one, with their directory entries,
     # counts and starts, and the state moves past them; each id names its chunk.
     state = keys.order_chunk_state(own)
-    first_chunk = int(stack.stack.redis.cli("HGET", state, "k").strip() or 0) + 1
+    current = keys.order_clock_parts(stack.stack.redis.cli("GET", keys.orders_seq(own)).strip())
+    first_chunk = current[1] + 1
     status_chunk = ProtocolCommand("ZADD", None, None, None)
     directory = ProtocolCommand("ZADD", keys.order_chunks(own, COMPLETED), None, None)
     counts = ProtocolCommand("HINCRBY", keys.order_chunk_counts(own, COMPLETED), None, None)
@@ -184,9 +185,12 @@ def bulk_load(
         if len(chunk) >= 20_000:
             proc.stdin.write("".join(chunk))
             chunk.clear()
+    # The order clock (app/keys.py: orders_seq) moves past them, and its chunk state past
+    # their chunks.
+    current_chunk, placed = current[1], current[2]
     if orders > start:
-        last = first_chunk + (orders - start - 1) // keys.CHUNK_ORDERS
-        chunk.append(ProtocolCommand("HSET", state, "k", None, "n", "0").fill(str(last + 1)))
+        current_chunk = first_chunk + (orders - start - 1) // keys.CHUNK_ORDERS + 1
+        placed = 0
         # The admin lists' totals are the ledger's order counts (app/status_lists.py). Only
         # those: the bulk rows are not real orders (no debit), and the audit is not run.
         chunk.append(
@@ -194,7 +198,9 @@ def bulk_load(
                 str(orders - start)
             )
         )
-    chunk.append(clock.fill(keys.orders_seq(own), str(base_seq + orders)))
+    chunk.append(
+        clock.fill(keys.orders_seq(own), keys.order_clock(base_seq + orders, current_chunk, placed))
+    )
     proc.stdin.write("".join(chunk))
     proc.stdin.close()
     output = proc.stdout.read() if proc.stdout else ""

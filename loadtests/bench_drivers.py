@@ -242,8 +242,12 @@ def ceiling_b(
     # cannot follow the chunks (the app does, from the answers). The one HSET a chunk
     # change adds every CHUNK_ORDERS orders is left out of this figure.
     order_id = customer_id[:2] + "AAAA" + rand
-    state = keys.order_chunk_state(partition_of(customer_id))
-    stack.stack.redis.cli("HSET", state, "k", "0", "n", str(-(10**12)))
+    partition = partition_of(customer_id)
+    state = keys.order_chunk_state(partition)
+    seq = keys.order_clock_parts(stack.stack.redis.cli("GET", keys.orders_seq(partition)).strip())[
+        0
+    ]
+    stack.stack.redis.cli("SET", keys.orders_seq(partition), keys.order_clock(seq, 0, -(10**12)))
     # Chunk 0's start (its directory score), for a partition no order has reached yet.
     stack.stack.redis.cli("HSETNX", state, "0", "1")
     place = record_place(customer_id, "bench", 86_400, int(time.time()))

@@ -261,7 +261,7 @@ def storage_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]
                 (
                     f"Idempotency-Key record, {tier}{at}",
                     f"{record:.0f} bytes",
-                    f"kept 24 h; plus {size['event_entry_bytes']:.0f} bytes of stream entries "
+                    f"kept 24-48 h (buckets a TTL wide); plus {size['event_entry_bytes']:.0f} bytes of stream entries "
                     "per order until trimmed",
                     "≤ 150",
                     met(record, TARGETS["idempotency_record_bytes"], True),

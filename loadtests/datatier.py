@@ -114,7 +114,8 @@ def _seed_partition(port: int, partition: int) -> tuple[str, str]:
             now,
         )
         # Chunk 0 starts at seq 1 (its directory score) and never fills in this run.
-        node.hset(keys.order_chunk_state(partition), mapping={"k": 0, "n": -(10**12), "0": 1})
+        node.hset(keys.order_chunk_state(partition), "0", 1)
+        node.set(keys.orders_seq(partition), keys.order_clock(0, 0, -(10**12)))
     return customer_id, phone_id
 
 

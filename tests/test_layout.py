@@ -100,7 +100,8 @@ async def test_every_earlier_layout_version_is_refused_saying_what_to_do(
     have the long field names, which layout 6 does not read (its orders would look
     empty); layout 6's status indexes are one zset each, which layout 7 does not list
     (it reads status chunks); layout 7's Idempotency-Key buckets are 6 hours wide, where
-    layout 8 looks only in day-wide ones. No migration: a fresh directory."""
+    layout 8 looks only in day-wide ones; layout 8's order clock lacks the chunk state
+    layout 9 keeps there. No migration: a fresh directory."""
     await redis.set(keys.LAYOUT, version)
     await redis.zadd("oa{A}", {"AAAAAAAAAAAAAAAAAAAAAA": 1})  # as layout 4 indexed all orders
     before = {key: await redis.dump(key) for key in await redis.keys("*")}

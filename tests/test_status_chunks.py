@@ -89,8 +89,8 @@ async def _assert_chunks_hold(redis: Redis, partition: int, placed: set[str]) ->
                 stored_chunk = await redis.hget(keys.order(order_id), ORDER_FIELDS["chunk"])
                 assert int(stored_chunk or chunk_of(order_id)) == k
     assert sorted(seen) == sorted(placed)
-    state = await redis.hgetall(keys.order_chunk_state(partition))
-    assert int(state[b"k"]) * keys.CHUNK_ORDERS + int(state[b"n"]) == len(placed)
+    _, current, placed_in_it = keys.order_clock_parts(await redis.get(keys.orders_seq(partition)))
+    assert current * keys.CHUNK_ORDERS + placed_in_it == len(placed)
 
 
 async def test_a_chunk_rolls_over_under_concurrent_placements(shop: Shop, redis: Redis) -> None:

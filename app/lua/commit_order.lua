@@ -23,7 +23,9 @@
 --          status placed in chunk k = ARGV[12], by seq (no all-orders index: lists merge
 --          the statuses')
 -- KEYS[5]  co{P}<customer_id>:<status>       zset, the customer's, the same
--- KEYS[6]  oq{P}                             the partition's seq clock
+-- KEYS[6]  oq{P}                             string, the partition's order clock and chunk
+--          state "<seq> <k> <n>": the last seq given, the current chunk k, the orders placed
+--          in it n (docs/data-tier.md 10.2)
 -- KEYS[7]  e{P}                              the partition's events stream
 -- KEYS[8]  lg{P}, the customer partition's ledger   hash (balance_cents, <status>_cents and _units,
 --          orders_<status>, changes; the units' stock side moves on the phones' partitions)
@@ -31,8 +33,7 @@
 -- KEYS[10] ad{P}                             zset: order id by when its marker may be pruned
 -- KEYS[11] od{P}<status>                     zset, the status's non-empty chunks
 -- KEYS[12] on{P}<status>                     hash, the status's orders per chunk, group
--- KEYS[13] ok{P}                             hash, the partition's current chunk k, the
---          orders placed in it n, and each chunk's start seq (docs/data-tier.md 10.2)
+-- KEYS[13] ok{P}                             hash, each chunk's start seq
 -- KEYS[14] os{P}<status>:<k+1>               zset, the next chunk's: where the order goes
 --          when the chunk moved on just before it
 -- KEYS[15]    i{P}<bucket>                  the older Idempotency-Key bucket (the window before KEYS[2]'s)
@@ -73,8 +74,8 @@
 --   503, {code="service_unavailable"}, 0          past the expiry; marker written
 --   error reply "commit_order: ..."               bad items; nothing written
 --
--- STATUS, ORDER_EVENT, ORDER_FIELD, decode_items, order_map, next_seq, now_ms, record_buckets,
--- find_record, store_record, replay_reply, id_chunk, chunk_count_in, chunk_enter: the prelude
+-- STATUS, ORDER_EVENT, ORDER_FIELD, decode_items, order_map, now_ms, record_buckets, find_record,
+-- store_record, replay_reply, id_chunk, placing_chunk, next_order_seq, chunk_enter: the prelude
 -- (app/lua_prelude.py).
 
 if #KEYS ~= 15 then
@@ -164,13 +165,8 @@ end
 -- Orders enter only the partition's current chunk (a chunk's seqs all precede the next
 -- one's): KEYS[4]'s, or KEYS[14]'s when the chunk moved on just before. After every
 -- refusal, which answers whatever the chunk.
-local chunk = tonumber(ARGV[12])
-local state = redis.call('HMGET', KEYS[13], 'k', 'n')
-local current, placed = tonumber(state[1] or '0'), tonumber(state[2] or '0')
-local list = KEYS[4]
-if current == chunk + 1 then
-  list = KEYS[14]
-elseif current ~= chunk then
+local list, current, placed, last = placing_chunk(KEYS[6], tonumber(ARGV[12]), KEYS[4], KEYS[14])
+if not list then
   return {409, cjson.encode({code = 'order_chunk_stale', chunk = fmt(current)}), 0}
 end
 
@@ -180,7 +176,7 @@ local status = STATUS.open
 if ARGV[5] == '1' then
   status = STATUS.completed
 end
-local seq = next_seq(KEYS[6])
+local seq, after = next_order_seq(KEYS[6], KEYS[13], last, current, placed)
 local order = {
   id = order_id,
   customer_id = ARGV[2],
@@ -199,7 +195,6 @@ local chunk_name = fmt(current)
 if current ~= id_chunk(order_id) then
   redis.call('HSET', KEYS[3], ORDER_FIELD.chunk, chunk_name)  -- the id says another
 end
-current = chunk_count_in(KEYS[13], current, placed, seq)
 chunk_enter(list, KEYS[11], KEYS[12], KEYS[13], chunk_name, seq, order_id)
 redis.call('ZADD', KEYS[5], seq, order_id)
 redis.call('HINCRBY', KEYS[8], 'balance_cents', -total)
@@ -216,5 +211,5 @@ if status == STATUS.completed then
     'customer_id', ARGV[2], 'status', STATUS.completed, 'request_id', ARGV[4], 'at', ARGV[3],
     'balance_cents', fmt(balance - total))
 end
-order.current_chunk = fmt(current)
+order.current_chunk = fmt(after)
 return answer(201, order)

@@ -16,13 +16,14 @@
 --          order's status placed in chunk k, the one the order id says (id_chunk), by
 --          seq (no all-orders index: lists merge the statuses')
 -- KEYS[5]  co{P}<customer_id>:<status>         zset, the customer's, the same
--- KEYS[6]  oq{P}                               the partition's seq clock
+-- KEYS[6]  oq{P}                               string, the partition's order clock and chunk
+--          state "<seq> <k> <n>": the last seq given, the current chunk k, the orders
+--          placed in it n (docs/data-tier.md 10.2)
 -- KEYS[7]  e{P}                                the order partition's events stream
 -- KEYS[8]  lg{P}                               hash, the customer side's running totals
 -- KEYS[9]  od{P}<status>                       zset, the status's non-empty chunks
 -- KEYS[10] on{P}<status>                       hash, the status's orders per chunk, group
--- KEYS[11] ok{P}                               hash, the partition's current chunk k,
---          the orders placed in it n, and each chunk's start seq (docs/data-tier.md 10.2)
+-- KEYS[11] ok{P}                               hash, each chunk's start seq
 -- KEYS[12] os{P}<status>:<k+1>                 zset, the next chunk's: where the order goes
 --          when the chunk moved on just before it (its hash then says the chunk)
 -- KEYS[13..12+n]  p{Q}<phone_id>, one per line, same order as the lines
@@ -56,8 +57,9 @@
 --   stored status and payload, 1                  the key's refusal, replayed
 --   error reply "place_order: ..."               KEYS do not fit ARGV; nothing written
 --
--- STATUS, ORDER_EVENT, ORDER_FIELD, encode_item(s), next_seq, record_buckets, find_record,
--- store_record, replay_reply, id_chunk, chunk_count_in, chunk_enter: the prelude (app/lua_prelude.py).
+-- STATUS, ORDER_EVENT, ORDER_FIELD, encode_item(s), record_buckets, find_record, store_record,
+-- replay_reply, id_chunk, placing_chunk, next_order_seq, chunk_enter: the prelude
+-- (app/lua_prelude.py).
 
 local function fmt(n)
   return string.format('%d', n)
@@ -135,12 +137,8 @@ end
 -- go round again). Any other is refused before any write (a replay above answers
 -- whatever its chunk).
 local chunk = id_chunk(ARGV[1])
-local state = redis.call('HMGET', KEYS[11], 'k', 'n')
-local current, placed = tonumber(state[1] or '0'), tonumber(state[2] or '0')
-local list = KEYS[4]
-if current == chunk + 1 then
-  list = KEYS[12]
-elseif current ~= chunk then
+local list, current, placed, last = placing_chunk(KEYS[6], chunk, KEYS[4], KEYS[12])
+if not list then
   return {409, cjson.encode({code = 'order_chunk_stale', chunk = fmt(current)}), 0}
 end
 
@@ -162,7 +160,7 @@ local status = STATUS.open
 if ARGV[5] == '1' then
   status = STATUS.completed
 end
-local seq = next_seq(KEYS[6])
+local seq, after = next_order_seq(KEYS[6], KEYS[11], last, current, placed)
 local order = {
   id = ARGV[1],
   customer_id = ARGV[2],
@@ -181,7 +179,6 @@ local chunk_name = fmt(current)
 if current ~= chunk then
   redis.call('HSET', KEYS[3], ORDER_FIELD.chunk, chunk_name)  -- the id says the one before
 end
-current = chunk_count_in(KEYS[11], current, placed, seq)
 chunk_enter(list, KEYS[9], KEYS[10], KEYS[11], chunk_name, seq, ARGV[1])
 redis.call('ZADD', KEYS[5], seq, ARGV[1])
 redis.call('HINCRBY', KEYS[8], 'balance_cents', -total)
@@ -210,5 +207,5 @@ if status == STATUS.completed then
     'customer_id', ARGV[2], 'status', STATUS.completed, 'request_id', ARGV[4], 'at', ARGV[3],
     'balance_cents', fmt(balance - total))
 end
-order.current_chunk = fmt(current)
+order.current_chunk = fmt(after)
 return answer(201, order)

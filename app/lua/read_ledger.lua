@@ -5,18 +5,19 @@
 --
 -- KEYS[1]     lg{P}            hash, the partition's running totals
 -- KEYS[2..]   indexes of P     zsets (the phones, customers), or a seq clock (the
---                              orders': their status lists are in chunks), possibly none
+--                              orders': their status lists are in chunks; its value
+--                              starts with the seq, app/keys.py: orders_seq), possibly none
 -- ARGV[1..m]  the ledger fields wanted
 --
 -- Returns {present, values, newest}: present 1 when the ledger exists, else 0;
 -- values the m fields (nil for a missing one); newest the score of each
--- index's newest entry, or the clock's value, in KEYS order ("" for an empty index).
+-- index's newest entry, or the clock's last seq, in KEYS order ("" for an empty index).
 
 local values = redis.call('HMGET', KEYS[1], unpack(ARGV))
 local newest = {}
 for i = 2, #KEYS do
   if redis.call('TYPE', KEYS[i]).ok == 'string' then
-    newest[#newest + 1] = redis.call('GET', KEYS[i])
+    newest[#newest + 1] = string.match(redis.call('GET', KEYS[i]), '^%d+') or ''
   else
     local last = redis.call('ZRANGE', KEYS[i], -1, -1, 'WITHSCORES')
     newest[#newest + 1] = last[2] or ''
