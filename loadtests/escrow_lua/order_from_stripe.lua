@@ -89,12 +89,8 @@ if balance < total then
 end
 
 local chunk = id_chunk(order_id)
-local state = redis.call('HMGET', KEYS[11], 'k', 'n')
-local current, placed = tonumber(state[1] or '0'), tonumber(state[2] or '0')
-local list = KEYS[4]
-if current == chunk + 1 then
-  list = KEYS[12]
-elseif current ~= chunk then
+local list, current, placed, last = placing_chunk(KEYS[6], chunk, KEYS[4], KEYS[12])
+if not list then
   return {409, cjson.encode({code = 'order_chunk_stale', chunk = fmt(current)}), 0}
 end
 
@@ -119,7 +115,7 @@ local status = STATUS.open
 if ARGV[5] == '1' then
   status = STATUS.completed
 end
-local seq = next_seq(KEYS[6])
+local seq, after = next_order_seq(KEYS[6], KEYS[11], last, current, placed)
 local order = {
   id = order_id,
   customer_id = ARGV[2],
@@ -135,7 +131,6 @@ local chunk_name = fmt(current)
 if current ~= chunk then
   redis.call('HSET', KEYS[3], ORDER_FIELD.chunk, chunk_name)
 end
-current = chunk_count_in(KEYS[11], current, placed, seq)
 chunk_enter(list, KEYS[9], KEYS[10], KEYS[11], chunk_name, seq, order_id)
 redis.call('ZADD', KEYS[5], seq, order_id)
 redis.call('HINCRBY', KEYS[8], 'balance_cents', -total)
@@ -151,5 +146,5 @@ if status == STATUS.completed then
     'customer_id', ARGV[2], 'status', STATUS.completed, 'request_id', ARGV[4], 'at', ARGV[3],
     'balance_cents', fmt(balance - total))
 end
-order.current_chunk = fmt(current)
+order.current_chunk = fmt(after)
 return answer(201, order)
