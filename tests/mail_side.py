@@ -90,6 +90,11 @@ class MailSide:
         proc.wait()
 
     def stop(self) -> None:
+        # SIGTERM to every worker at once (a stop waits for the worker's blocked read,
+        # up to a second), then each waited for (a second SIGTERM changes nothing).
+        for proc in self.workers.values():
+            if proc.poll() is None:
+                proc.terminate()
         for proc in self.workers.values():
             stop_process(proc)
         self.workers.clear()

@@ -2,7 +2,7 @@
 
 Random sequences of create phone / restock / create customer / deposit / place
 (with and without Idempotency-Key, replays included) / check / cancel run
-against one real instance of the stack; after every step the audit must hold
+against one real instance of a stack of its own; after every step the audit must hold
 and every balance and stock must equal the model's.
 """
 
@@ -12,7 +12,9 @@ import json
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,7 +31,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from loadtests.support.stack import FullStack
+from loadtests.support.stack import FullStack, start_full_stack
 
 
 class Api:
@@ -228,11 +230,17 @@ class OrderMachine(RuleBasedStateMachine):
 
 
 @pytest.fixture
-def stack_for_machine(full_stack: FullStack):
+def stack_for_machine(tmp_path: Path) -> Iterator[FullStack]:
+    """A stack of the test's own, not the session's: the audit after every step reads
+    every order of the stack, and the session's holds those of every test before
+    (in the suite: 20.6 s for this test, 8.9 s on a stack of its own)."""
     global STACK
-    STACK = full_stack
-    yield full_stack
-    STACK = None
+    with start_full_stack(tmp_path, instances=1, env={"OVERLOAD_ADAPTIVE": "0"}) as stack:
+        STACK = stack
+        try:
+            yield stack
+        finally:
+            STACK = None
 
 
 def test_order_api_matches_its_model(stack_for_machine: FullStack) -> None:
