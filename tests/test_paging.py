@@ -34,16 +34,20 @@ async def _fill(
     rng = random.Random(seed)
     stored = []
     used: set[tuple[int, int]] = set()
+    members: dict[int, dict[bytes, int]] = {}
+    for _ in range(rows):
+        partition = 7 if rng.random() < 0.33 else rng.randrange(PARTITIONS - 5)
+        score = 1_700_000_000_000_000 + rng.randrange(span or rows * 2)
+        while (partition, score) in used:
+            score += 1
+        used.add((partition, score))
+        member = new_id(partition).encode()
+        members.setdefault(partition, {})[member] = score
+        stored.append((score, partition, member))
+    # One ZADD per index (not per row): the same sets, written in a fraction of the time.
     async with redis.pipeline(transaction=False) as pipe:
-        for _ in range(rows):
-            partition = 7 if rng.random() < 0.33 else rng.randrange(PARTITIONS - 5)
-            score = 1_700_000_000_000_000 + rng.randrange(span or rows * 2)
-            while (partition, score) in used:
-                score += 1
-            used.add((partition, score))
-            member = new_id(partition).encode()
-            pipe.zadd(INDEXES[partition], {member: score})
-            stored.append((score, partition, member))
+        for partition, scores in members.items():
+            pipe.zadd(INDEXES[partition], scores)
         await pipe.execute()
     return stored
 

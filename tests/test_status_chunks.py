@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from collections import Counter
 from collections.abc import AsyncIterator
 
 import pytest
@@ -341,22 +342,33 @@ async def _fill_chunks(redis: Redis, orders: int, seed: int) -> list[tuple[int, 
     placed = [0] * PARTITIONS
     starts: dict[tuple[int, int], int] = {}
     stored = []
+    # What the scripts write order by order, summed up first and written in a few
+    # commands a key: the same data in a fraction of the time.
+    zsets: dict[str, dict[str, int]] = {}
+    counts: Counter[tuple[str, str]] = Counter()
+    last_seq: dict[int, int] = {}
+    for offset in seqs:
+        seq = base + offset
+        p = rng.choice(partitions)
+        k = placed[p] // keys.CHUNK_ORDERS
+        placed[p] += 1
+        start = starts.setdefault((p, k), seq)
+        status = rng.choices(ORDER_STATUSES, weights=(1, 8, 1))[0]
+        order_id = new_chunked_id(p, k)
+        zsets.setdefault(keys.orders_by_status(p, status, k), {})[order_id] = seq
+        zsets.setdefault(keys.order_chunks(p, status), {})[str(k)] = start
+        counts[keys.order_chunk_counts(p, status), str(k)] += 1
+        counts[keys.order_chunk_counts(p, status), f"g{k // keys.CHUNK_GROUP}"] += 1
+        counts[keys.ledger(p), f"orders_{status}"] += 1
+        last_seq[p] = seq
+        stored.append((seq, LISTS.index((p, status)), order_id.encode()))
     async with redis.pipeline(transaction=False) as pipe:
-        for offset in seqs:
-            seq = base + offset
-            p = rng.choice(partitions)
-            k = placed[p] // keys.CHUNK_ORDERS
-            placed[p] += 1
-            start = starts.setdefault((p, k), seq)
-            status = rng.choices(ORDER_STATUSES, weights=(1, 8, 1))[0]
-            order_id = new_chunked_id(p, k)
-            pipe.zadd(keys.orders_by_status(p, status, k), {order_id: seq})
-            pipe.zadd(keys.order_chunks(p, status), {str(k): start})
-            pipe.hincrby(keys.order_chunk_counts(p, status), str(k), 1)
-            pipe.hincrby(keys.order_chunk_counts(p, status), f"g{k // keys.CHUNK_GROUP}", 1)
-            pipe.hincrby(keys.ledger(p), f"orders_{status}", 1)
+        for key, members in zsets.items():
+            pipe.zadd(key, members)
+        for (key, field), n in counts.items():
+            pipe.hincrby(key, field, n)
+        for p, seq in last_seq.items():
             pipe.set(keys.orders_seq(p), seq)
-            stored.append((seq, LISTS.index((p, status)), order_id.encode()))
         await pipe.execute()
     return stored
 
