@@ -25,6 +25,7 @@ from loadtests.bench_tier import (
     Call,
     Recording,
     by_node,
+    flush,
     markdown,
     record,
     replay,
@@ -62,12 +63,20 @@ def test_calls_go_to_the_node_serving_their_first_keys_slot() -> None:
     }
 
 
-@pytest.fixture
-def one_primary(tmp_path: Path) -> Iterator[LocalCluster]:
-    cluster = LocalCluster.on_free_ports(tmp_path / "cluster", 1, replicas=0)
+@pytest.fixture(scope="module")
+def one_primary_of_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = LocalCluster.on_free_ports(tmp_path_factory.mktemp("cluster"), 1, replicas=0)
     cluster.start()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def one_primary(one_primary_of_module: LocalCluster) -> LocalCluster:
+    """The module's one-primary cluster (it takes seconds to form), flushed: each test
+    records on an empty one, as on a fresh cluster."""
+    flush(one_primary_of_module)
+    return one_primary_of_module
 
 
 def _recorded(cluster: LocalCluster) -> tuple[Recording, int]:
