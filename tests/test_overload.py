@@ -204,9 +204,10 @@ async def test_at_the_limit_checks_pass_new_orders_are_refused_and_probes_answer
     order_id = (await placed.json())["order"]["id"]
 
     control = client.app[appkeys.INFLIGHT]
-    # Nine slow reads hold the slots new work and reads may use.
+    # Nine slow reads hold the slots new work and reads may use (3 s: the checks below
+    # take milliseconds; the assertion after them says if the reads ended first).
     slow = [
-        asyncio.create_task(client.get("/bench/sleep", params={"ms": "5000"})) for _ in range(9)
+        asyncio.create_task(client.get("/bench/sleep", params={"ms": "3000"})) for _ in range(9)
     ]
     await wait_until_async(lambda: control.current == 9, "nine slow reads in flight")
 
@@ -221,6 +222,7 @@ async def test_at_the_limit_checks_pass_new_orders_are_refused_and_probes_answer
     checked = await client.post(f"/orders/{order_id}/check", headers=auth)
     assert checked.status == 200
     assert (await checked.json())["order"]["status"] == "completed"
+    assert control.current == 9, "the slow reads ended before the checks did"
 
     assert [(await task).status for task in slow] == [200] * 9
     assert control.current == 0
