@@ -159,7 +159,9 @@ async def place_order(
     order_partition = partition_of(customer_id)
     order_id = new_order_id(customer_id, HINTS.current(order_partition))
     if not always_split:
-        with contextlib.suppress(NotOnOneNode):
+        # try, not contextlib.suppress: this runs for every order (P1), and the
+        # context manager's object and calls cost 0.3 us more (timeit: 0.62 -> 0.31).
+        try:
             return await service.place_order(
                 scripts,
                 order_id=order_id,
@@ -170,6 +172,8 @@ async def place_order(
                 idempotency_ttl=idempotency_ttl,
                 request_id=request_id,
             )
+        except NotOnOneNode:
+            pass  # the split saga below
     groups = saga.lines_by_partition(lines)
     expires = _now_ms() + reservation_ttl_ms
     outcomes = await asyncio.gather(
