@@ -180,7 +180,7 @@ def _partition_order_keys(partition: int, status: str, chunk: int) -> tuple[str,
 @functools.lru_cache(maxsize=_CHUNK_KEYS_CACHED)
 def chunk_entry_keys(partition: int, status: str, chunk: int) -> tuple[str, ...]:
     """What the placing scripts keep beside a status chunk (after new_order_keys): the
-    status's chunk directory and counts, the partition's chunk state, and the next
+    status's chunk directory and counts, the partition's chunk starts, and the next
     chunk's status zset (where an order goes when the chunk moved on just before it)."""
     return (
         keys.order_chunks(partition, status),
@@ -192,7 +192,7 @@ def chunk_entry_keys(partition: int, status: str, chunk: int) -> tuple[str, ...]
 
 def chunk_move_keys(partition: int, old: str, new: str, chunk: int) -> list[str]:
     """What a status change keeps beside the two status chunks: both statuses' chunk
-    directories, then their counts, the partition's chunk state (read), and both status
+    directories, then their counts, the partition's chunk starts (read), and both status
     zsets of the next chunk (the order's, if the chunk moved on while it was placed)."""
     return [
         keys.order_chunks(partition, old),
