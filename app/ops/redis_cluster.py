@@ -39,7 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.retry import Retry
 
 from app.env import env_int
 from app.ops.poll import wait_until
@@ -176,8 +178,10 @@ class Topology:
         return found
 
 
-def client(port: int, host: str = HOST, timeout: float = 2.0) -> redis.Redis:
-    """A plain (not cluster-aware) client of one node, one connection."""
+def client(port: int, host: str = HOST, timeout: float = 2.0, *, retry: bool = True) -> redis.Redis:
+    """A plain (not cluster-aware) client of one node, one connection. ``retry=False``:
+    one attempt, for a caller that treats no answer as an answer (redis-py 8 otherwise
+    retries a refused connect for about 3 s)."""
     return redis.Redis(
         host=host,
         port=port,
@@ -185,13 +189,15 @@ def client(port: int, host: str = HOST, timeout: float = 2.0) -> redis.Redis:
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         single_connection_client=True,
+        **({} if retry else {"retry": Retry(NoBackoff(), 0)}),
     )
 
 
 def node_query(port: int, *command: str, host: str = HOST) -> str | dict | None:
-    """One command on one node; None when the node does not answer."""
+    """One command on one node; None when the node does not answer, at once: make
+    status reports such a node down, and the polls built on this retry by themselves."""
     try:
-        with client(port, host) as connection:
+        with client(port, host, retry=False) as connection:
             return connection.execute_command(*command)
     except (RedisError, OSError):
         return None
