@@ -135,7 +135,7 @@ class Scripts:
         ``one_node``: one of ONE_NODE_SCRIPTS, run only where one node serves every key,
         else NotOnOneNode and nothing ran (RedisGateway.run_on_one_node)."""
         script = self._scripts[name]
-        if one_node and not self._gateway.one_node:  # one redis-server: run it as it is
+        if one_node:
             reply = await self._gateway.run_on_one_node(
                 script, self._across_slots[name], keys, args
             )

@@ -335,8 +335,6 @@ async def place_order(
         error = problem_from_script(result.status, result.payload)
         error.headers["Idempotent-Replayed"] = "true"
         raise error
-    if not result.flag:  # placed now: the answer has the order (no await for it)
-        return PlacedOrder(order_from_fields(result.payload), False)
     return await answered_order(scripts.gateway, result.payload, result.flag, autocheck)
 
 
