@@ -23,7 +23,6 @@ noise). Bounded: the bulk loads, then 2 x stacks x rounds wrk runs; 127.0.0.1 on
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -40,6 +39,7 @@ from typing import Any
 from loadtests import rig
 from loadtests.ab_refs import checkout
 from loadtests.bench_drivers import BENCH_LIMITS, wrk
+from loadtests.support.cli import measurement_parser, publish
 
 PATHS = {"phones": "/phones?page=1", "orders": "/orders?page=1"}
 SMALL, LARGE = 1_000, 1_000_000
@@ -223,7 +223,6 @@ def compare(
     docstring); per ref the summary of :func:`summarize`."""
     split = split or rig.cpu_split()
     cpus = split.load or None
-    labels = {ref: ref for ref in refs}
     sizes = {SMALL_LABEL: small, LARGE_LABEL: rows}
     runs: dict[str, dict[str, dict[str, list[dict[str, float]]]]] = {
         ref: {size: {path: [] for path in PATHS} for size in sizes} for ref in refs
@@ -255,7 +254,7 @@ def compare(
             load_s = {f"{ref} {size}": side["load_s"] for (ref, size), side in up.items()}
             own = {f"{ref} {size}": side["own_orders"] for (ref, size), side in up.items()}
     return {
-        "refs": list(labels),
+        "refs": list(refs),
         "rows": sizes,
         "small": SMALL_LABEL,
         "large": LARGE_LABEL,
@@ -283,7 +282,7 @@ def bench_lists(report: dict[str, Any], ref: str = ".") -> dict[str, dict[str, A
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtests.list_ab", description=__doc__)
+    parser = measurement_parser("list_ab", __doc__)
     parser.add_argument(
         "--ref", action="append", default=[], help="git ref of a side ('.' = this tree); repeat"
     )
@@ -291,7 +290,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", type=int, default=SMALL, help="rows of the small stacks")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=int, default=3)
-    parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
     report = compare(
         args.ref or ["."],
@@ -301,11 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds=args.seconds,
         log=lambda message: print(message, file=sys.stderr, flush=True),
     )
-    text = json.dumps(report, indent=1)
-    if args.json:
-        args.json.write_text(text + "\n")
-    print(text)
-    return 0
+    return publish(report, args.json)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -49,7 +50,7 @@ from app.ops.instances import ROOT, mail_argv
 from app.ops.poll import wait_until, wait_until_async
 from app.vocabulary import stored_order_fields
 from loadtests.support.mail_sink import MailSink, running_sink
-from loadtests.support.servers import RedisServer, clean_env, free_port
+from loadtests.support.servers import RedisServer, clean_env, free_port, stop_process
 from mail.settings import MailSettings
 from mail.worker import MailWorker
 
@@ -464,9 +465,7 @@ class ProcessPool:
         with contextlib.suppress(TimeoutError):
             wait_until(stopped, "the mail workers to stop", 10)
         for proc in running:
-            if proc.poll() is None:  # still running after 10 s: killed, as stop_process does
-                proc.kill()
-            proc.wait()
+            stop_process(proc, signal.SIGKILL)  # one still running after 10 s
 
 
 @pytest.fixture
