@@ -44,9 +44,6 @@ from loadtests.support.cli import measurement_parser, publish
 PATHS = {"phones": "/phones?page=1", "orders": "/orders?page=1"}
 SMALL, LARGE = 1_000, 1_000_000
 SMALL_LABEL, LARGE_LABEL = "1k", "1M"
-# The baseline of issue 17 (and of make bench's A/B): main before its layout work.
-BASELINE_REF = "bcd7d5c"
-
 # The bulk customer's own orders, placed through the API before the bulk load (a third
 # each completed, open and cancelled): as in make bench, where that customer had placed orders too, its
 # page merges status indexes that are not empty.
