@@ -373,3 +373,56 @@ def taken_back(partition: int) -> str:
 def settler_lease(partition: int) -> str:
     """String: the web worker sweeping this partition's due work (SET NX PX)."""
     return _in_partition("lease", partition)
+
+
+# ---- escrow: stripes of a phone's stock (docs/escrow.md, section 2) --------------------
+# A stripe of phone X for primary N lives in N's host partition ``S`` (the lowest partition
+# N serves), so an order whose customer is on N takes X's units there in one script. The
+# pool (the phone hash's ``stock``) stays in X's own partition ``Q``. Each key below is one
+# partition's, so one slot.
+
+
+def stripe(host: int, phone_id: str) -> str:
+    """Hash on host partition ``host``: a quota of one phone (price_cents, gen, stock, sold,
+    got, epoch, closed)."""
+    return f"sq{_tag(host)}{phone_id}"
+
+
+def grant_receipts(host: int) -> str:
+    """Hash on a host partition: grant id -> units received (the grant's commit point, and
+    the fence's proof that it committed)."""
+    return _in_partition("gr", host)
+
+
+def grant_receipts_due(host: int) -> str:
+    """Zset beside ``grant_receipts``: grant id by when its receipt may go (ms)."""
+    return _in_partition("gd", host)
+
+
+def shipments(host: int) -> str:
+    """Hash on a host partition: shipment id -> ``phone_id:units:sold:epoch``, a closed
+    stripe's units on their way home, answered again until the pool received them."""
+    return _in_partition("sx", host)
+
+
+def shipments_due(host: int) -> str:
+    """Zset beside ``shipments``: shipment id by when the settler re-delivers it (ms)."""
+    return _in_partition("sz", host)
+
+
+def stripe_hosts(phone_id: str) -> str:
+    """Set on the phone's partition: the host partitions holding a stripe of the phone
+    (whom a recall and a price change visit)."""
+    return f"sh{_tag_of(phone_id)}{phone_id}"
+
+
+def grants_in_flight(phone_id: str) -> str:
+    """Set on the phone's partition: ``<host>:<grant id>`` of the phone's grants not yet
+    settled (what a recall must fence)."""
+    return f"sg{_tag_of(phone_id)}{phone_id}"
+
+
+def reprices_due(partition: int) -> str:
+    """Zset on a phone partition: phone id by when a price change not yet written to every
+    stripe is due for the settler (ms)."""
+    return _in_partition("sp", partition)
