@@ -215,11 +215,15 @@ def order_clock(seq: int, chunk: int, placed: int) -> str:
 
 def order_clock_parts(value: bytes | str | None) -> tuple[int, int, int]:
     """An ``orders_seq`` value as (last seq, current chunk, orders placed in it); zeros
-    for a partition no order has reached. A bare seq (a loader's) is that seq in chunk 0."""
+    for a partition no order has reached. Anything but three integers is refused, as the
+    placing scripts refuse it (the prelude's placing_chunk)."""
     if not value:
         return 0, 0, 0
     text = value.decode() if isinstance(value, bytes) else value
-    seq, chunk, placed = ([int(part) for part in text.split()] + [0, 0])[:3]
+    parts = text.split()
+    if len(parts) != 3:
+        raise ValueError(f"order clock {text!r} is not '<seq> <chunk> <placed>'")
+    seq, chunk, placed = (int(part) for part in parts)
     return seq, chunk, placed
 
 

@@ -93,7 +93,8 @@ class _Chunks:
         pipe.hincrby(counts, str(k), 1)
         pipe.hincrby(counts, f"g{k // keys.CHUNK_GROUP}", 1)
         pipe.hincrby(keys.ledger(partition), f"orders_{status}", 1)
-        pipe.set(keys.orders_seq(partition), seq)
+        placed_in_chunk = self.placed[partition] - k * keys.CHUNK_ORDERS
+        pipe.set(keys.orders_seq(partition), keys.order_clock(seq, k, placed_in_chunk))
 
 
 async def fill(

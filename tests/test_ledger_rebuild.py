@@ -182,7 +182,7 @@ async def test_rows_the_ledger_cannot_sum_stop_the_rebuild(shop: Shop, redis: Re
     # chunks its directory names, up to the partition's clock).
     await redis.zadd(keys.order_chunks(0, OPEN), {"0": 1}, nx=True)
     await redis.zadd(keys.orders_by_status(0, OPEN, 0), {"no-such-order": 1})
-    await redis.set(keys.orders_seq(0), 10**9, nx=True)
+    await redis.set(keys.orders_seq(0), keys.order_clock(10**9, 0, 1), nx=True)
     before = {key: await redis.dump(key) for key in await redis.keys("*")}
     result = await asyncio.to_thread(_run_rebuild, redis)
     assert result.returncode == 1

@@ -346,7 +346,7 @@ async def _fill_chunks(redis: Redis, orders: int, seed: int) -> list[tuple[int, 
     # commands a key: the same data in a fraction of the time.
     zsets: dict[str, dict[str, int]] = {}
     counts: Counter[tuple[str, str]] = Counter()
-    last_seq: dict[int, int] = {}
+    clocks: dict[int, str] = {}
     for offset in seqs:
         seq = base + offset
         p = rng.choice(partitions)
@@ -360,15 +360,15 @@ async def _fill_chunks(redis: Redis, orders: int, seed: int) -> list[tuple[int, 
         counts[keys.order_chunk_counts(p, status), str(k)] += 1
         counts[keys.order_chunk_counts(p, status), f"g{k // keys.CHUNK_GROUP}"] += 1
         counts[keys.ledger(p), f"orders_{status}"] += 1
-        last_seq[p] = seq
+        clocks[p] = keys.order_clock(seq, k, placed[p] - k * keys.CHUNK_ORDERS)
         stored.append((seq, LISTS.index((p, status)), order_id.encode()))
     async with redis.pipeline(transaction=False) as pipe:
         for key, members in zsets.items():
             pipe.zadd(key, members)
         for (key, field), n in counts.items():
             pipe.hincrby(key, field, n)
-        for p, seq in last_seq.items():
-            pipe.set(keys.orders_seq(p), seq)
+        for p, clock in clocks.items():
+            pipe.set(keys.orders_seq(p), clock)
         await pipe.execute()
     return stored
 
