@@ -53,6 +53,10 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "service_unavailable": (503, "The service is unavailable; retry later"),
     "overloaded": (503, "Too many requests in flight; retry later"),
     "queued_too_long": (503, "The request waited too long in line; retry later"),
+    # A short pool whose phone has units lent to stripes (docs/escrow.md, section 5): the
+    # order path recalls them and tries again, so this reaches a client only when the
+    # recall could not finish (the settler then does).
+    "stock_lent": (503, "The stock is being recalled from other shards; retry"),
     # On a Redis Cluster: the write is on the primary but its replica did not
     # confirm it in time (docs/data-tier.md, section 6). Retrying with the same
     # Idempotency-Key replays the answer if the write survived.

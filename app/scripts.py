@@ -220,6 +220,12 @@ def problem_from_script(status: int, payload: dict[str, Any]) -> ProblemError:
                 balance_cents=balance,
                 total_cents=total,
             )
+        case "stock_lent":
+            # The order path recalls these phones' stripes and tries again
+            # (app/orders/recall.py); a client sees it only when that could not finish.
+            error = retry_later(code, 1)
+            error.extra["phone_ids"] = payload["phone_ids"]
+            return error
         case "stock_limit":
             figures = {"stock": int(payload["stock"]), "limit": int(payload["limit"])}
             if "phone_id" in payload:  # a cancel's restock names the line

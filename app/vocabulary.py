@@ -82,6 +82,17 @@ FINAL_STATUSES = tuple(name for name, s in STATUSES.items() if s.final)
 ORDER_EVENT_TYPES = frozenset(status.event for status in STATUSES.values())
 
 
+# ---- a phone's mode (docs/escrow.md, sections 1 and 5) -----------------------------------
+# The phone hash's ``mode`` field: absent for a pool-only phone (every phone until escrow
+# stripes it); ``striped``: its pool may grant units to stripes on other primaries;
+# ``draining``: a short pool met lent units, so no grant starts and a recall brings every
+# stripe's units home (app/orders/recall.py), after which the field goes.
+
+STRIPED = "striped"
+DRAINING = "draining"
+PHONE_MODES = (STRIPED, DRAINING)
+
+
 # ---- the order hash's field names --------------------------------------------------------
 # As stored in ``o{P}<id>`` (app/keys.py): a letter each, since every byte is paid per
 # order (about 40 bytes of names a hash; docs/data-tier.md 10.1). The API, the scripts'
@@ -242,8 +253,8 @@ def _lua_table(mapping: dict[str, str]) -> str:
 
 def lua_definitions() -> dict[str, str]:
     """Lua statements (no comments, no newlines) by the name each defines:
-    STATUS.<name>, ORDER_EVENT.<status name> and ORDER_FIELD.<long name> (the order
-    hash's stored field name), which raise on an unknown name;
+    STATUS.<name>, ORDER_EVENT.<status name>, ORDER_FIELD.<long name> (the order
+    hash's stored field name) and PHONE_MODE.<mode>, which raise on an unknown name;
     encode_item(phone_id, quantity, unit_price) and encode_items(list of those);
     decode_items(items): an iterator of phone_id, quantity, unit_price (strings)."""
     field, line = ITEM_FIELD_SEPARATOR, ITEM_LINE_SEPARATOR
@@ -256,6 +267,8 @@ def lua_definitions() -> dict[str, str]:
         "ORDER_EVENT": "local ORDER_EVENT = setmetatable("
         f"{_lua_table({name: s.event for name, s in STATUSES.items()})}, {strict})",
         "ORDER_FIELD": f"local ORDER_FIELD = setmetatable({_lua_table(ORDER_FIELDS)}, {strict})",
+        "PHONE_MODE": "local PHONE_MODE = setmetatable("
+        f"{_lua_table({name: name for name in PHONE_MODES})}, {strict})",
         "encode_item": "local function encode_item(phone_id, quantity, unit_price)"
         f" return phone_id .. '{field}' .. quantity .. '{field}' .. unit_price end",
         "encode_items": "local function encode_items(lines)"

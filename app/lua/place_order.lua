@@ -8,6 +8,12 @@
 -- cancel_order are the reservation saga collapsed (docs/data-tier.md, 3.9), run
 -- only where one node serves P and every Q (app/lua_prelude.py: across_slots).
 --
+-- The 409 rule (docs/escrow.md, section 5): a short line is out_of_stock only when its
+-- phone has no units lent to stripes (`lent` absent or 0). With lent > 0 the script
+-- answers stock_lent and writes nothing, not even the Idempotency-Key's record: the app
+-- drains the phone and recalls its stripes (app/orders/recall.py), then sends the order
+-- again, which must not find a refusal stored.
+--
 -- KEYS[1]  c{P}<customer_id>                   hash
 -- KEYS[2]  i{P}<bucket>                       hash, the newest Idempotency-Key bucket (a
 --          new record goes here; all of them ignored unless ARGV[6] == "1")
@@ -51,7 +57,10 @@
 --                                                 rebuilds the first answer from it)
 --   404, {code="customer_not_found"}              nothing written
 --   404, {code="phone_not_found", phone_ids=[]}   nothing written
---   409, {code="out_of_stock", lines=[...]}       nothing written
+--   409, {code="out_of_stock", lines=[...]}       nothing written (every short line's
+--                                                 phone has lent = 0)
+--   409, {code="stock_lent", phone_ids=[]}, 0     short lines whose phones have units
+--                                                 lent out: nothing written, no record
 --   402, {code="insufficient_funds", balance_cents, total_cents}
 --   422, {code="idempotency_key_reused"}          same key, other body
 --   stored status and payload, 1                  the key's refusal, replayed
@@ -104,17 +113,20 @@ end
 
 local missing = {}
 local short = {}
+local lent = {}
 local prices = {}
 local total = 0
 for i = 1, n do
   local phone_id = ARGV[7 + 2 * i]
   local quantity = tonumber(ARGV[8 + 2 * i])
-  local row = redis.call('HMGET', KEYS[12 + i], 'price_cents', 'stock')
+  local row = redis.call('HMGET', KEYS[12 + i], 'price_cents', 'stock', 'lent')
   if not row[1] then
     missing[#missing + 1] = phone_id
   else
     local stock = tonumber(row[2])
-    if stock < quantity then
+    if stock < quantity and tonumber(row[3] or '0') > 0 then
+      lent[#lent + 1] = phone_id
+    elseif stock < quantity then
       short[#short + 1] = {phone_id = phone_id, requested = fmt(quantity), available = fmt(stock)}
     end
     prices[i] = tonumber(row[1])
@@ -123,6 +135,9 @@ for i = 1, n do
 end
 if #missing > 0 then
   return answer(404, {code = 'phone_not_found', phone_ids = missing})
+end
+if #lent > 0 then
+  return {409, cjson.encode({code = 'stock_lent', phone_ids = lent}), 0}
 end
 if #short > 0 then
   return answer(409, {code = 'out_of_stock', lines = short})

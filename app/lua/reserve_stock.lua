@@ -11,6 +11,11 @@
 -- released the order (its tombstone): a late try must not run after its cancel. Refused
 -- too past its expiry by Redis TIME, so that the tombstone need not outlive the expiry
 -- (the settler prunes it later: docs/data-tier.md, 3.2).
+-- The 409 rule (docs/escrow.md, section 5): a short line is out_of_stock only when its
+-- phone has no units lent to stripes (`lent` absent or 0). With lent > 0 the call answers
+-- stock_lent and writes nothing: the caller drains the phone and recalls its stripes
+-- (app/orders/recall.py: drain_phone.lua sets mode = draining, which stops new grants),
+-- then sends this reserve again.
 --
 -- KEYS[1]  rv{Q}  hash: order id -> reserved lines "phone_id:quantity:unit_price_cents;..."
 -- KEYS[2]  rd{Q}  zset: order id by expiry (ms), the settler's work list
@@ -26,7 +31,10 @@
 --   200, {lines="..."}, 0                       reserved now
 --   200, {lines="..."}, 1                       reserved by an earlier run; nothing written
 --   404, {code="phone_not_found", phone_ids=[]}, 0     nothing written
---   409, {code="out_of_stock", lines=[...]}, 0         nothing written
+--   409, {code="out_of_stock", lines=[...]}, 0         nothing written (every short line's
+--                                               phone has lent = 0)
+--   409, {code="stock_lent", phone_ids=[]}, 0   short lines whose phones have units lent
+--                                               out; nothing written
 --   409, {code="order_released"}, 0             this partition already released the order
 --   409, {code="order_expired"}, 0              past the expiry; nothing written
 --   error reply "reserve_stock: ..."            KEYS do not fit ARGV; nothing written
@@ -50,18 +58,20 @@ if now_ms() > tonumber(ARGV[2]) then
   return {409, cjson.encode({code = 'order_expired'}), 0}
 end
 
-local missing, short, prices = {}, {}, {}
+local missing, short, lent, prices = {}, {}, {}, {}
 for i = 1, n do
   local phone_id, quantity = ARGV[1 + 2 * i], tonumber(ARGV[2 + 2 * i])
   if not quantity or quantity < 1 then
     return redis.error_reply('reserve_stock: bad quantity for ' .. phone_id)
   end
-  local row = redis.call('HMGET', KEYS[4 + i], 'price_cents', 'stock')
+  local row = redis.call('HMGET', KEYS[4 + i], 'price_cents', 'stock', 'lent')
   if not row[1] then
     missing[#missing + 1] = phone_id
   else
     local stock = tonumber(row[2])
-    if stock < quantity then
+    if stock < quantity and tonumber(row[3] or '0') > 0 then
+      lent[#lent + 1] = phone_id
+    elseif stock < quantity then
       short[#short + 1] = {phone_id = phone_id, requested = ARGV[2 + 2 * i], available = row[2]}
     end
     prices[i] = row[1]
@@ -69,6 +79,9 @@ for i = 1, n do
 end
 if #missing > 0 then
   return {404, cjson.encode({code = 'phone_not_found', phone_ids = missing}), 0}
+end
+if #lent > 0 then
+  return {409, cjson.encode({code = 'stock_lent', phone_ids = lent}), 0}
 end
 if #short > 0 then
   return {409, cjson.encode({code = 'out_of_stock', lines = short}), 0}
