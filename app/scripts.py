@@ -40,6 +40,8 @@ SCRIPT_NAMES = (
     "reject_order",
     "refund_order",
     "prune_tombstones",
+    # Escrow's grants (docs/escrow.md, section 4).
+    "reserve_grant",
 )
 
 
@@ -56,6 +58,7 @@ RERUNNABLE = frozenset(
         "commit_order",
         "reject_order",
         "prune_tombstones",
+        "reserve_grant",
     }
 )
 

@@ -168,6 +168,40 @@ def decode_items(text: str) -> list[ItemLine]:
     return lines
 
 
+# ---- a grant's reservation (docs/escrow.md, section 4) -------------------------------------
+# A grant (a refill of a stripe) is a reservation on the phone's partition under a grant id
+# minted in the stripe's host partition: ``rv{Q}[G] = "g <host> <gen> " + its lines``, the
+# lines an items field as above (one line: the phone, the units, the unit price). The
+# ``g`` head is what the settler and settle_reservation tell a grant from an order by.
+
+GRANT_MARK = "g"
+
+
+class GrantReservation(NamedTuple):
+    host: int
+    # The phone's price generation the grant read with its price.
+    gen: int
+    lines: str
+
+
+def encode_grant(host: int, gen: int, lines: str) -> str:
+    return f"{GRANT_MARK} {host} {gen} {lines}"
+
+
+def decode_grant(stored: str) -> GrantReservation | None:
+    """A grant's reservation as stored, or None for an order's (its lines alone)."""
+    if not stored.startswith(GRANT_MARK + " "):
+        return None
+    _, host, gen, lines = stored.split(" ", 3)
+    return GrantReservation(int(host), int(gen), lines)
+
+
+def reserved_lines(stored: str) -> str:
+    """The items-field lines of a reservation as stored, an order's or a grant's."""
+    grant = decode_grant(stored)
+    return stored if grant is None else grant.lines
+
+
 # ---- stream entry ids -------------------------------------------------------------------
 # "<ms>-<seq>", two unsigned 64-bit integers. Redis answers a bigger one with an
 # error, so a caller's id is checked before it reaches a command.
@@ -256,7 +290,9 @@ def lua_definitions() -> dict[str, str]:
     STATUS.<name>, ORDER_EVENT.<status name>, ORDER_FIELD.<long name> (the order
     hash's stored field name) and PHONE_MODE.<mode>, which raise on an unknown name;
     encode_item(phone_id, quantity, unit_price) and encode_items(list of those);
-    decode_items(items): an iterator of phone_id, quantity, unit_price (strings)."""
+    decode_items(items): an iterator of phone_id, quantity, unit_price (strings);
+    encode_grant(host, gen, lines) and decode_grant(stored): a grant's reservation
+    (nil for an order's; else host, gen, lines as strings)."""
     field, line = ITEM_FIELD_SEPARATOR, ITEM_LINE_SEPARATOR
     strict = "strict_names"
     return {
@@ -275,4 +311,8 @@ def lua_definitions() -> dict[str, str]:
         f" return table.concat(lines, '{line}') end",
         "decode_items": "local function decode_items(items)"
         f" return string.gmatch(items, '([^{field}{line}]+){field}(%d+){field}(%d+)') end",
+        "encode_grant": "local function encode_grant(host, gen, lines)"
+        f" return '{GRANT_MARK} ' .. host .. ' ' .. gen .. ' ' .. lines end",
+        "decode_grant": "local function decode_grant(stored)"
+        f" return string.match(stored, '^{GRANT_MARK} (%d+) (%d+) (.*)$') end",
     }

@@ -260,7 +260,7 @@ async def test_the_running_settler_prunes_what_is_past_its_keep_until(saga: Saga
     await saga.scripts.call(
         "fence_orders",
         [keys.aborts(ORDER_PARTITION), keys.aborts_due(ORDER_PARTITION), keys.order(order)],
-        [now_ms() - 1, order],
+        [now_ms() - 1, steps.ORDER, order],
     )
     assert await saga.redis.hget(keys.aborts(ORDER_PARTITION), order) == "swept"
     settler = Settler(saga.gateway, saga.scripts, interval_s=0.05, prune_every=2)

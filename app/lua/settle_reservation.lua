@@ -11,6 +11,10 @@
 --              reserve is exactly the one that would find none). The tombstone joins
 --              the pruning list until the keep-until time: past it the reserve refuses
 --              the order by its expiry alone (app/orders/saga.py: keep_until).
+-- A grant's reservation (docs/escrow.md, section 4: "g <host> <gen> " and its one line,
+-- app/vocabulary.py: encode_grant) settles the same way, but committed (its receipt is
+-- on the host) moves held to lent, not sold, and either outcome takes "<host>:<grant id>"
+-- out of the phone's grants in flight: the grant is no longer in flight.
 -- Idempotent by order id: a second run finds no reservation and moves nothing (an
 -- abort rewrites the same tombstone), so a retried call answers settled = "0"; an order
 -- named twice in one call is settled once.
@@ -21,12 +25,14 @@
 -- KEYS[1]  rv{Q}  hash: order id -> reserved lines
 -- KEYS[2]  rd{Q}  zset: order id by expiry
 -- KEYS[3]  rx{Q}  hash: order id -> released
--- KEYS[4]  lg{Q}  hash: the partition's ledger (stock_units, held_units, sold_units, changes)
+-- KEYS[4]  lg{Q}  hash: the partition's ledger (stock_units, held_units, sold_units,
+--          lent_units, changes)
 -- KEYS[5]  xd{Q}  zset: order id by when its release tombstone may be pruned (ms)
--- KEYS[6..]  for each order in turn, the phone hash of each line of ITS ARGV lines
+-- KEYS[6..]  for each order in turn, the phone hash of each line of ITS ARGV lines, and
+--          for a grant after its one line's phone: sg{Q}<phone_id>, its grants in flight
 -- ARGV[3i-2], ARGV[3i-1], ARGV[3i]  for order i: its id, "committed" or "aborted", and the
---          reservation's lines as the caller read them (rv{Q}[id]), or "" when it found
---          none; that order's phone keys were built from them
+--          reservation as the caller read it (rv{Q}[id], a grant's with its head), or ""
+--          when it found none; that order's phone keys were built from them
 -- ARGV[#ARGV]  keep-until of a tombstone written now, ms since the epoch
 --
 -- Returns {http_status, payload_json, settled}:
@@ -41,7 +47,7 @@
 --        than the reservations to settle (a broken invariant); nothing written
 --   error reply "settle_reservation: ..."  bad outcome or KEYS do not fit; nothing written
 --
--- decode_items: the prelude (app/lua_prelude.py).
+-- decode_items, decode_grant: the prelude (app/lua_prelude.py).
 
 local orders = (#ARGV - 1) / 3
 local keep_until = tonumber(ARGV[#ARGV])
@@ -57,11 +63,19 @@ for i = 1, orders do
     return redis.error_reply('settle_reservation: outcome must be committed or aborted')
   end
   local plan = {order_id = order_id, outcome = outcome, lines = {}}
-  for phone_id, quantity in decode_items(caller_lines) do
+  local host, _, grant_lines = decode_grant(caller_lines)
+  for phone_id, quantity in decode_items(grant_lines or caller_lines) do
     if not KEYS[next_key] then
       return redis.error_reply('settle_reservation: too few keys for the lines')
     end
     plan.lines[#plan.lines + 1] = {phone_id, tonumber(quantity), KEYS[next_key]}
+    next_key = next_key + 1
+  end
+  if host then
+    if #plan.lines ~= 1 or not KEYS[next_key] then
+      return redis.error_reply('settle_reservation: a grant is one line and its grants in flight')
+    end
+    plan.in_flight, plan.grant = KEYS[next_key], host .. ':' .. order_id
     next_key = next_key + 1
   end
   local stored = redis.call('HGET', KEYS[1], order_id)
@@ -93,7 +107,7 @@ for key, quantity in pairs(need) do
 end
 
 -- Every check passed: write.
-local results, moved = {}, {committed = 0, aborted = 0}
+local results, moved = {}, {committed = 0, aborted = 0, lent = 0}
 for i, plan in ipairs(plans) do
   local changed = plan.result and plan.result.code
   if plan.outcome == 'aborted' and not changed then
@@ -101,11 +115,17 @@ for i, plan in ipairs(plans) do
     redis.call('ZADD', KEYS[5], 'GT', keep_until, plan.order_id)
   end
   if plan.moves then
-    local target = plan.outcome == 'committed' and 'sold' or 'stock'
+    local target = plan.outcome == 'committed' and (plan.grant and 'lent' or 'sold') or 'stock'
     for _, line in ipairs(plan.lines) do
       redis.call('HINCRBY', line[3], 'held', -line[2])
       redis.call('HINCRBY', line[3], target, line[2])
       moved[plan.outcome] = moved[plan.outcome] + line[2]
+      if target == 'lent' then
+        moved.lent = moved.lent + line[2]
+      end
+    end
+    if plan.grant then
+      redis.call('SREM', plan.in_flight, plan.grant)
     end
     redis.call('HDEL', KEYS[1], plan.order_id)
     redis.call('ZREM', KEYS[2], plan.order_id)
@@ -116,8 +136,11 @@ end
 local units = moved.committed + moved.aborted
 if units > 0 then
   redis.call('HINCRBY', KEYS[4], 'held_units', -units)
-  if moved.committed > 0 then
-    redis.call('HINCRBY', KEYS[4], 'sold_units', moved.committed)
+  if moved.committed > moved.lent then
+    redis.call('HINCRBY', KEYS[4], 'sold_units', moved.committed - moved.lent)
+  end
+  if moved.lent > 0 then
+    redis.call('HINCRBY', KEYS[4], 'lent_units', moved.lent)
   end
   if moved.aborted > 0 then
     redis.call('HINCRBY', KEYS[4], 'stock_units', moved.aborted)

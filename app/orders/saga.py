@@ -6,6 +6,11 @@ the settler (app/orders/settler.py) and the order path call them.
 
 Outcomes of an order, as the fence decides them: ``committed`` (the order exists) or
 ``aborted`` (it never will: an abort marker is there).
+
+A grant (docs/escrow.md, section 4: a refill of a stripe) is a reservation too, under a
+grant id minted in the stripe's host partition: ``reserve_grant`` holds its units, the
+fence decides it by its receipt on the host (kind ``GRANT``), and ``settle_many`` settles
+it with the orders (committed: held -> lent).
 """
 
 from __future__ import annotations
@@ -19,11 +24,16 @@ from app.fields import STOCK_LIMIT
 from app.partitions import partition_of
 from app.scripts import ScriptResult, Scripts
 from app.settings import RESERVATION_TTL_MAX_MS
-from app.vocabulary import ItemLine, decode_items, encode_items
+from app.vocabulary import ItemLine, decode_grant, decode_items, encode_items
 
 COMMITTED = "committed"
 ABORTED = "aborted"
 OUTCOMES = (COMMITTED, ABORTED)
+
+# The fence's kinds of id (fence_orders.lua's ARGV[2] letters): an order, proven
+# committed by its order hash; a grant, by its receipt on its host partition.
+ORDER = "o"
+GRANT = "g"
 
 # How long past the longest reservation TTL an abort marker or a release tombstone is kept:
 # room for the clocks of the apps (which mint expiries and prune) and of the Redis nodes
@@ -98,8 +108,48 @@ async def reserve(
     return await scripts.call("reserve_stock", script_keys, args)
 
 
-# One order to settle on a phone partition: its id, its outcome, and the reservation's
-# lines as the caller read them ("" for none: an abort still leaves its tombstone).
+async def reserve_grant(
+    scripts: Scripts,
+    grant_id: str,
+    phone_id: str,
+    units: int,
+    expires_at_ms: int,
+    *,
+    floor: int,
+    shares: int,
+    minimum: int,
+) -> ScriptResult:
+    """reserve_grant.lua on the phone's partition: a grant of up to ``units`` units of
+    ``phone_id`` to the stripe on the grant id's partition (its host), at most
+    (stock - ``floor``) / ``shares`` and refused below ``minimum``. 200 with the stored
+    ``reservation`` ("g <host> <gen> <line>") and its ``units``; 409 ``not_striped`` or
+    ``grant_short``; 404; or the reserve's 409 ``order_released`` / ``order_expired``."""
+    host = partition_of(grant_id)
+    partition = partition_of(phone_id)
+    return await scripts.call(
+        "reserve_grant",
+        [
+            *_partition_keys(partition),
+            keys.phone(phone_id),
+            keys.stripe_hosts(phone_id),
+            keys.grants_in_flight(phone_id),
+        ],
+        [grant_id, expires_at_ms, host, phone_id, units, floor, shares, minimum],
+    )
+
+
+def reservation_keys(stored: str) -> list[str]:
+    """settle_reservation.lua's keys for one reservation as stored: the phone of each of
+    its lines, and for a grant's, the phone's grants in flight after it."""
+    grant = decode_grant(stored)
+    if grant is None:
+        return [keys.phone(line.phone_id) for line in decode_items(stored)]
+    [line] = decode_items(grant.lines)
+    return [keys.phone(line.phone_id), keys.grants_in_flight(line.phone_id)]
+
+
+# One order (or grant) to settle on a phone partition: its id, its outcome, and the
+# reservation as the caller read it ("" for none: an abort still leaves its tombstone).
 Settlement = tuple[str, str, str]
 
 
@@ -119,7 +169,7 @@ async def settle_many(
         args: list[str | int] = []
         for i in todo:
             order_id, outcome, lines = settlements[i]
-            script_keys += [keys.phone(line.phone_id) for line in decode_items(lines)]
+            script_keys += reservation_keys(lines)
             args += [order_id, outcome, lines]
         args.append(keep_until())
         answer = await scripts.call("settle_reservation", script_keys, args)
@@ -148,18 +198,33 @@ async def settle(
     return result
 
 
-async def fence(scripts: Scripts, partition: int, order_ids: list[str]) -> list[str]:
-    """fence_orders.lua on the orders' partition: each order's outcome, in order."""
+async def fence(
+    scripts: Scripts, partition: int, ids: list[str], kinds: list[str] | None = None
+) -> list[str]:
+    """fence_orders.lua on the ids' partition: each one's outcome (COMMITTED or ABORTED),
+    in order. ``kinds``: ORDER or GRANT per id (default: every id an order's). A grant's
+    partition is its host's (the grant id is minted there): committed when its receipt
+    is there, else aborted, with an abort marker that makes its receipt impossible.
+    The fence's write is confirmed by the replica (WAIT) before this returns on a
+    cluster, or WriteUnconfirmed: only then may the caller release the units."""
+    kinds = [ORDER] * len(ids) if kinds is None else kinds
+    if len(kinds) != len(ids) or set(kinds) - {ORDER, GRANT}:
+        raise ValueError(f"kinds {kinds!r} for {len(ids)} ids")
+    proofs = [
+        keys.grant_receipts(partition) if kind == GRANT else keys.order(some_id)
+        for some_id, kind in zip(ids, kinds, strict=True)
+    ]
     result = await scripts.call(
         "fence_orders",
-        [
-            keys.aborts(partition),
-            keys.aborts_due(partition),
-            *(keys.order(order_id) for order_id in order_ids),
-        ],
-        [keep_until(), *order_ids],
+        [keys.aborts(partition), keys.aborts_due(partition), *proofs],
+        [keep_until(), "".join(kinds), *ids],
     )
     return list(result.payload["outcomes"])
+
+
+async def fence_grants(scripts: Scripts, host: int, grant_ids: list[str]) -> list[str]:
+    """The fence of grants only, on their host partition (``fence`` of kind GRANT)."""
+    return await fence(scripts, host, grant_ids, [GRANT] * len(grant_ids))
 
 
 async def prune_tombstones(

@@ -10,7 +10,10 @@ order the same outcome and move its units once.
 
 * Due reservations: their orders' outcomes come from the fence on each order's own
   partition (the order exists: committed; else an abort marker makes sure it never
-  will), and only then are they settled on the phone partition.
+  will), and only then are they settled on the phone partition. A grant's reservation
+  (docs/escrow.md, section 4; its stored lines start with the grant head, app/vocabulary.py:
+  decode_grant) is fenced the same way on its grant id's partition, the stripe's host,
+  by its receipt there (fence kind GRANT), and settled with the orders (committed: lent).
 * Due take-backs: the order's lines, grouped by phone partition, go back to stock with
   return_stock; then the order leaves the take-back list.
 * Every ``PRUNE_EVERY`` ticks, abort markers and release tombstones past their keep-until
@@ -43,7 +46,7 @@ from app.orders import saga
 from app.partitions import PARTITIONS, partition_of
 from app.redis_gateway import RedisGateway, WriteUnconfirmed
 from app.scripts import Scripts
-from app.vocabulary import ORDER_FIELDS
+from app.vocabulary import ORDER_FIELDS, decode_grant
 
 log = logging.getLogger("app.settler")
 
@@ -237,6 +240,7 @@ class Settler:
         if not order_ids:
             return 0
         stored = await self.gateway.hmget(keys.reservations(partition), order_ids)
+        # By the partition that decides each: an order's own, a grant's host (its id's).
         by_order_partition: dict[int, list[tuple[str, str]]] = {}
         for order_id, lines in zip(order_ids, stored, strict=True):
             if lines is None:  # settled between the two reads
@@ -246,8 +250,13 @@ class Settler:
             )
         settlements: list[saga.Settlement] = []
         for order_partition, entries in by_order_partition.items():
+            # The fence's write is confirmed (WAIT) before it answers, for a grant as for
+            # an order: a failover must not drop the marker that refuses a late receipt.
             outcomes = await saga.fence(
-                self.scripts, order_partition, [order_id for order_id, _ in entries]
+                self.scripts,
+                order_partition,
+                [order_id for order_id, _ in entries],
+                [saga.ORDER if decode_grant(lines) is None else saga.GRANT for _, lines in entries],
             )
             settlements += [
                 (order_id, outcome, lines)

@@ -1,0 +1,173 @@
+"""Escrow's grants at the scripts (docs/escrow.md, section 4), on one redis-server and on the
+real 3+3 cluster, the stripe's host partition on another primary than the phone's:
+reserve_grant holds a striped pool's units under a grant id minted in the host (refused,
+writing nothing, for a phone that is not striped or whose pool above the floor is too
+small), idempotent by grant id; settle_reservation moves a grant's units held -> lent
+(committed) or held -> stock (aborted) and takes it out of the grants in flight; the
+fence's grant kind aborts a grant whose receipt never came, and the settler's sweep then
+gives its units back, only after the fence."""
+
+from __future__ import annotations
+
+import pytest
+
+from app import keys, partitions
+from app.orders import saga as steps
+from app.orders.settler import Settler
+from app.vocabulary import DRAINING, STRIPED, decode_grant, encode_grant, encode_items
+from tests.saga_fixtures import ORDER_PARTITION, PHONE_PARTITION, SagaWorld
+
+LATER_MS = 10**13  # an expiry no sweep reaches during a test
+# The stripe's host partition: another primary's than PHONE_PARTITION's on the cluster.
+HOST = ORDER_PARTITION
+FLOOR, SHARES, MINIMUM = 64, 2, 8
+
+
+async def striped_phone(saga: SagaWorld, stock: int, mode: str = STRIPED) -> str:
+    phone = await saga.phone(PHONE_PARTITION, price_cents=700, stock=stock)
+    await saga.redis.hset(keys.phone(phone), mapping={"mode": mode, "gen": 3})
+    return phone
+
+
+async def grant(saga: SagaWorld, phone: str, units: int, grant_id: str | None = None) -> tuple:
+    grant_id = grant_id or partitions.new_id(HOST)
+    result = await steps.reserve_grant(
+        saga.scripts,
+        grant_id,
+        phone,
+        units,
+        LATER_MS,
+        floor=FLOOR,
+        shares=SHARES,
+        minimum=MINIMUM,
+    )
+    return grant_id, result
+
+
+async def units(saga: SagaWorld, phone: str) -> dict[str, int]:
+    row = await saga.redis.hmget(keys.phone(phone), "stock", "held", "sold", "lent")
+    return dict(zip(("stock", "held", "sold", "lent"), (int(v or 0) for v in row), strict=True))
+
+
+async def test_a_grant_holds_a_striped_pools_units_once_under_its_host(saga: SagaWorld) -> None:
+    if saga.backend == "cluster":
+        assert saga.node_of(keys.grant_receipts(HOST)) != saga.node_of(keys.phone("x" * 22))
+    phone = await striped_phone(saga, 200)
+    grant_id, first = await grant(saga, phone, 16)
+    _, second = await grant(saga, phone, 16, grant_id)
+    stored = encode_grant(HOST, 3, encode_items([(phone, 16, 700)]))
+    assert (first.status, first.flag) == (200, False)
+    assert (second.status, second.flag) == (200, True)
+    assert first.payload == second.payload == {"reservation": stored, "units": "16"}
+    assert decode_grant(stored) == (HOST, 3, encode_items([(phone, 16, 700)]))
+    assert await units(saga, phone) == {"stock": 184, "held": 16, "sold": 0, "lent": 0}
+    assert await saga.redis.hget(keys.reservations(PHONE_PARTITION), grant_id) == stored
+    assert await saga.redis.zscore(keys.reservations_due(PHONE_PARTITION), grant_id) == LATER_MS
+    assert await saga.redis.smembers(keys.stripe_hosts(phone)) == {str(HOST)}
+    assert await saga.redis.smembers(keys.grants_in_flight(phone)) == {f"{HOST}:{grant_id}"}
+    ledger = await saga.ledger(PHONE_PARTITION)
+    assert (ledger["stock_units"], ledger["held_units"], ledger["changes"]) == (-16, 16, 1)
+
+
+async def test_a_grant_is_capped_by_the_pool_above_the_floor_and_refused_below_the_minimum(
+    saga: SagaWorld,
+) -> None:
+    phone = await striped_phone(saga, 100)
+    # (100 - 64) / 2 = 18 of the 256 wanted.
+    _, capped = await grant(saga, phone, 256)
+    assert (capped.status, capped.payload["units"]) == (200, "18")
+    # (82 - 64) / 2 = 9, then (73 - 64) / 2 = 4 < 8: refused, nothing written.
+    assert (await grant(saga, phone, 256))[1].payload["units"] == "9"
+    grant_id, short = await grant(saga, phone, 256)
+    assert (short.status, short.payload) == (
+        409,
+        {"code": "grant_short", "available": "73", "units": "4"},
+    )
+    assert await units(saga, phone) == {"stock": 73, "held": 27, "sold": 0, "lent": 0}
+    assert not await saga.redis.hexists(keys.reservations(PHONE_PARTITION), grant_id)
+
+
+@pytest.mark.parametrize("mode", ["", DRAINING])
+async def test_a_pool_that_is_not_striped_grants_nothing(saga: SagaWorld, mode: str) -> None:
+    phone = await saga.phone(PHONE_PARTITION, price_cents=700, stock=1000)
+    if mode:
+        await saga.redis.hset(keys.phone(phone), "mode", mode)
+    grant_id, refused = await grant(saga, phone, 16)
+    assert (refused.status, refused.payload) == (409, {"code": "not_striped", "mode": mode})
+    missing = partitions.new_id(PHONE_PARTITION)
+    _, not_found = await grant(saga, missing, 16)
+    assert (not_found.status, not_found.payload["code"]) == (404, "phone_not_found")
+    assert await units(saga, phone) == {"stock": 1000, "held": 0, "sold": 0, "lent": 0}
+    assert await saga.redis.hlen(keys.reservations(PHONE_PARTITION)) == 0
+    assert not await saga.redis.exists(keys.stripe_hosts(phone), keys.grants_in_flight(phone))
+    assert await saga.ledger(PHONE_PARTITION) == {}
+
+
+async def test_a_committed_grant_settles_held_to_lent_and_an_aborted_one_to_stock(
+    saga: SagaWorld,
+) -> None:
+    phone = await striped_phone(saga, 200)
+    lent_id, lent = await grant(saga, phone, 16)
+    back_id, back = await grant(saga, phone, 8)
+    order = partitions.new_id(ORDER_PARTITION)
+    order_lines = (
+        await steps.reserve(saga.scripts, order, PHONE_PARTITION, [(phone, 2)], LATER_MS)
+    ).payload["lines"]
+    # One call settles the grants and an order together, as the settler batches them.
+    results = await steps.settle_many(
+        saga.scripts,
+        PHONE_PARTITION,
+        [
+            (lent_id, steps.COMMITTED, lent.payload["reservation"]),
+            (back_id, steps.ABORTED, back.payload["reservation"]),
+            (order, steps.COMMITTED, order_lines),
+        ],
+    )
+    assert [result["settled"] for result in results] == ["1", "1", "1"]
+    assert await units(saga, phone) == {"stock": 182, "held": 0, "sold": 2, "lent": 16}
+    assert await saga.redis.smembers(keys.grants_in_flight(phone)) == set()
+    assert await saga.redis.hexists(keys.releases(PHONE_PARTITION), back_id)
+    ledger = await saga.ledger(PHONE_PARTITION)
+    assert ledger == {"stock_units": -18, "sold_units": 2, "lent_units": 16, "changes": 4}
+    # Settled again (a retried call): nothing moves twice.
+    again = await steps.settle(saga.scripts, PHONE_PARTITION, lent_id, steps.COMMITTED, "")
+    assert again == {"outcome": "committed", "settled": "0"}
+    assert await units(saga, phone) == {"stock": 182, "held": 0, "sold": 2, "lent": 16}
+    # The released grant cannot be reserved again (its tombstone).
+    _, late = await grant(saga, phone, 8, back_id)
+    assert late.payload == {"code": "order_released"}
+
+
+async def test_the_fence_aborts_a_grant_whose_receipt_never_came_before_its_units_go_back(
+    saga: SagaWorld,
+) -> None:
+    phone = await striped_phone(saga, 200)
+    grant_id, _ = await grant(saga, phone, 16)
+    # Its app died before the receipt: due now, the settler's sweep finds it.
+    await saga.redis.zadd(keys.reservations_due(PHONE_PARTITION), {grant_id: 1})
+    settler = Settler(saga.gateway, saga.scripts)
+    assert await settler.sweep() >= 1
+    # The fence wrote the abort marker on the host (the receipt would now be refused)...
+    assert await saga.redis.hget(keys.aborts(HOST), grant_id) == "swept"
+    assert not await saga.redis.hexists(keys.grant_receipts(HOST), grant_id)
+    # ... and the units are back in the pool, the grant no longer in flight.
+    assert await units(saga, phone) == {"stock": 200, "held": 0, "sold": 0, "lent": 0}
+    assert await saga.redis.smembers(keys.grants_in_flight(phone)) == set()
+    assert await saga.redis.hexists(keys.releases(PHONE_PARTITION), grant_id)
+    # The fence answers the same again, for a grant as for an order.
+    assert await steps.fence_grants(saga.scripts, HOST, [grant_id]) == [steps.ABORTED]
+
+
+async def test_the_fence_tells_grants_from_orders_in_one_call(saga: SagaWorld) -> None:
+    order, grant_id = partitions.new_id(HOST), partitions.new_id(HOST)
+    # An order hash named like the grant's proof would not make the grant committed.
+    await saga.redis.hset(keys.order(grant_id), "s", "open")
+    try:
+        outcomes = await steps.fence(
+            saga.scripts, HOST, [order, grant_id], [steps.ORDER, steps.GRANT]
+        )
+    finally:
+        await saga.redis.delete(keys.order(grant_id))
+    assert outcomes == [steps.ABORTED, steps.ABORTED]
+    with pytest.raises(ValueError, match="kinds"):
+        await steps.fence(saga.scripts, HOST, [order], ["x"])
