@@ -97,6 +97,15 @@ async def rows_of(
     return [{**row, id_field: member} for member, row in zip(ids, rows, strict=True) if row]
 
 
+def scored(reply: list[Any]) -> list[tuple[bytes, int]]:
+    """A WITHSCORES reply as (member, score) pairs: flat in RESP2, pairs in RESP3. Scores
+    are seqs, integers (app/keys.py)."""
+    if reply and isinstance(reply[0], list):
+        return [(member, int(score)) for member, score in reply]
+    flat = iter(reply)
+    return [(member, int(score)) for member, score in zip(flat, flat, strict=True)]
+
+
 class Direction:
     """The Redis ranges of one direction of the merge: ascending or newest first."""
 
@@ -105,15 +114,9 @@ class Direction:
         self.sign = -1 if newest_first else 1
 
     def rows(self, reply: list[Any], position: int) -> list[Row]:
-        """A WITHSCORES reply as rows: flat in RESP2, pairs in RESP3. Scores are seqs,
-        integers (app/keys.py)."""
+        """A WITHSCORES reply as rows."""
         sign = self.sign
-        if reply and isinstance(reply[0], list):
-            pairs: Any = reply
-        else:
-            flat = iter(reply)
-            pairs = zip(flat, flat, strict=True)
-        return [(sign * int(score), sign * position, member) for member, score in pairs]
+        return [(sign * score, sign * position, member) for member, score in scored(reply)]
 
     def score(self, row: Row) -> int:
         return self.sign * row[0]

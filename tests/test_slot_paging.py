@@ -1,7 +1,8 @@
 """A customer's orders without a status filter in one round trip at any depth
 (app/slot_paging.py, app/lua/slot_page.lua): every page is exactly the slice of the
-newest-first merge of its status indexes, near the head and past app/paging.py's
-HEAD_LIMIT, on one redis-server and on the cluster (one slot, one EVALSHA); and the
+newest-first merge of its status indexes, near the head (plain reads) and past
+app/paging.py's HEAD_LIMIT (the script), on one redis-server and on the cluster (one
+slot, one round trip); the plain head and the script's head answer alike; and the
 script's own work is bounded by the offset, whatever the number of rows."""
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from app.paging import HEAD_LIMIT, merged_page
 from app.partitions import new_id
 from app.query import Page
 from app.redis_gateway import RedisGateway, gateway_over
-from app.slot_paging import slot_merged_page
+from app.slot_paging import HEAD_ROWS, SLOT_PAGE, slot_merged_page
 from app.vocabulary import ORDER_STATUSES, encode_items, stored_order_fields
 from loadtests.support.round_trips import CountingTransport
 from tests.helpers import CLUSTER, ON_BOTH_STACKS
@@ -109,18 +110,21 @@ async def test_every_page_is_the_slice_of_the_merge_in_one_round_trip(
     stored = await _fill(redis, indexes, rows, seed=17, span=DAY_US)
     assert len({score for score, _, _ in stored}) == rows  # unique, as seqs are
     expected = _newest_first(stored)
-    # 31, 32: where slot_page.lua stops merging the heads and starts probing.
+    # 31, 32: where the plain head reads stop and the script (probing) starts.
     head = [0, 1, 9, 31, 32, HEAD_LIMIT - 1, HEAD_LIMIT, HEAD_LIMIT + 1]
     offsets = [*head, 1234, 2990, 2999, 3000, 10**6]
     counting: Any = gateway.transport
-    await slot_merged_page(gateway, indexes, 0, 1)  # loads the script where it is not yet
+    # Loads the script where it is not yet.
+    await slot_merged_page(gateway, indexes, HEAD_ROWS, 1)
     for offset in offsets:
         for count in (1, 10, 100):
             counting.round_trips = counting.commands = 0
             total, members = await slot_merged_page(gateway, indexes, offset, count)
             assert total == rows
             assert members == expected[offset : offset + count], (offset, count)
-            assert (counting.round_trips, counting.commands) == (1, 1), (offset, count)
+            # Below HEAD_ROWS: a ZCARD and a ZREVRANGE per index; else one EVALSHA.
+            commands = 2 * len(indexes) if offset < HEAD_ROWS else 1
+            assert (counting.round_trips, counting.commands) == (1, commands), (offset, count)
 
 
 async def test_the_same_pages_as_the_merge_over_round_trips(redis: Redis) -> None:
@@ -148,6 +152,23 @@ async def test_equal_scores_keep_one_exact_order(redis: Redis) -> None:
             600,
             expected[offset : offset + 9],
         ), offset
+
+
+async def test_the_plain_head_and_the_scripts_head_answer_alike(redis: Redis) -> None:
+    """Below HEAD_ROWS the app merges the heads itself; the script, asked the same page,
+    answers the same, equal scores included (in either order of the indexes' places)."""
+    indexes = _indexes(new_id(PARTITION))
+    await _fill(redis, indexes, 300, seed=11, span=40)
+    gateway = RedisGateway(CountingTransport(redis))
+    for offset in range(HEAD_ROWS):
+        for count in (1, 7, 50):
+            script_total, script_members = await gateway.run_read_script(
+                SLOT_PAGE, indexes, [offset, count]
+            )
+            assert await slot_merged_page(gateway, indexes, offset, count) == (
+                int(script_total),
+                list(script_members),
+            ), (offset, count)
 
 
 async def test_no_orders_one_status_only_and_past_the_end(redis: Redis) -> None:
@@ -181,10 +202,12 @@ async def test_a_page_costs_one_round_trip_and_work_bounded_by_its_offset(
         stored = await _fill(redis, indexes, rows, seed=rows, span=DAY_US)
         transport = CountingTransport(redis)
         gateway = RedisGateway(transport)
-        await slot_merged_page(gateway, indexes, 0, 1)  # loads the script where it is not yet
+        # The script itself, at every offset (the app reads offsets below HEAD_ROWS plainly).
+        await gateway.run_read_script(SLOT_PAGE, indexes, [0, 1])  # loads it
         transport.round_trips = transport.commands = 0
         await redis.config_resetstat()
-        total, members = await slot_merged_page(gateway, indexes, offset, 10)
+        reply = await gateway.run_read_script(SLOT_PAGE, indexes, [offset, 10])
+        total, members = int(reply[0]), list(reply[1])
         calls = await _script_calls(redis)
         assert (total, members) == (rows, _newest_first(stored)[offset : offset + 10])
         assert (transport.round_trips, transport.commands) == (1, 1)
@@ -212,7 +235,8 @@ async def test_a_customers_list_is_the_script_then_the_hashes(redis: Redis) -> N
     transport = CountingTransport(redis)
     gateway = RedisGateway(transport)
     page = Page(page=60, per_page=10)  # offset 590
-    await slot_merged_page(gateway, indexes, 0, 1)  # loads the script where it is not yet
+    # Loads the script where it is not yet.
+    await slot_merged_page(gateway, indexes, HEAD_ROWS, 1)
     transport.round_trips = transport.commands = 0
     total, orders = await orders_service.list_orders(
         gateway, page, customer_id=customer, status=None

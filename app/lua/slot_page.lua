@@ -14,7 +14,9 @@
 -- merge; that narrows every set's range. Each set's range at least halves when it is
 -- probed, so a page costs at most #KEYS * (log2(offset + 1) + 1) probes of #KEYS
 -- commands, each O(log N): bounded by the offset, not the number of rows. Below offset
--- HEAD_ROWS the sets' first offset + count rows are merged instead, without probes.
+-- HEAD_ROWS the sets' first offset + count rows are merged instead, without probes (the
+-- app reads those pages with plain reads, app/slot_paging.py; this keeps the script
+-- whole for any offset).
 --
 -- KEYS[1..k]  the sorted sets, all of one slot (co{P}<customer id>:<status>, every status)
 -- ARGV[1]     offset: rows of the merge before the page
