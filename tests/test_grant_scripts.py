@@ -92,7 +92,7 @@ async def test_a_pool_that_is_not_striped_grants_nothing(saga: SagaWorld, mode: 
     phone = await saga.phone(PHONE_PARTITION, price_cents=700, stock=1000)
     if mode:
         await saga.redis.hset(keys.phone(phone), "mode", mode)
-    grant_id, refused = await grant(saga, phone, 16)
+    _, refused = await grant(saga, phone, 16)
     assert (refused.status, refused.payload) == (409, {"code": "not_striped", "mode": mode})
     missing = partitions.new_id(PHONE_PARTITION)
     _, not_found = await grant(saga, missing, 16)
