@@ -427,6 +427,8 @@ def grants_in_flight(phone_id: str) -> str:
 
 
 def reprices_due(partition: int) -> str:
-    """Zset on a phone partition: phone id by when a price change not yet written to every
-    stripe is due for the settler (ms)."""
+    """Zset on a phone partition: ``<phone_id>:<gen>`` by when a price change (to
+    generation ``gen``) not yet written to every stripe is due for the settler (ms). The
+    generation in the member lets a PATCH take off its own entry only, never a later
+    PATCH's still in flight."""
     return _in_partition("sp", partition)

@@ -42,6 +42,8 @@ SCRIPT_NAMES = (
     "prune_tombstones",
     # Escrow's grants (docs/escrow.md, section 4).
     "reserve_grant",
+    # Escrow (docs/escrow.md): a price change written to a stripe.
+    "reprice_stripe",
 )
 
 
@@ -59,6 +61,7 @@ RERUNNABLE = frozenset(
         "reject_order",
         "prune_tombstones",
         "reserve_grant",
+        "reprice_stripe",
     }
 )
 
@@ -90,6 +93,9 @@ class ScriptResult:
     # Third reply element: place_order's "replayed", check/cancel's "changed".
     flag: bool
     raw_payload: bytes
+    # Fourth reply element, decoded, where a script answers one (update_phone's
+    # stripes to reprice); None otherwise.
+    more: Any = None
 
 
 class Scripts:
@@ -147,7 +153,8 @@ class Scripts:
         status = int(reply[0])
         raw = reply[1] if isinstance(reply[1], bytes) else str(reply[1]).encode()
         payload = msgspec.json.decode(raw)
-        return ScriptResult(status, payload, len(reply) > 2 and int(reply[2]) == 1, raw)
+        more = msgspec.json.decode(reply[3]) if len(reply) > 3 else None
+        return ScriptResult(status, payload, len(reply) > 2 and int(reply[2]) == 1, raw, more)
 
     async def run(
         self, name: str, keys: list[str], args: list[str | bytes | int], *, one_node: bool = False

@@ -287,3 +287,54 @@ def gateway_calls() -> float:
         for sample in metric.samples
         if sample.name == CALLS
     )
+
+
+# ---- escrow's stripes (docs/escrow.md) ---------------------------------------------------
+
+_RECEIVE_GRANT = (
+    Path(__file__).resolve().parents[1] / "loadtests" / "escrow_lua" / "receive_grant.lua"
+)
+_grants = itertools.count()
+
+
+async def other_hosts(redis: Redis | RedisCluster, phone_id: str) -> list[int]:
+    """The host partition (the lowest partition it serves) of every primary but the one
+    serving the phone, by the client's slot map: where the phone's stripes live."""
+    assert isinstance(redis, RedisCluster)
+    phone_node = redis.get_node_from_key(keys.phone(phone_id)).name
+    hosts: dict[str, int] = {}
+    for partition in range(PARTITIONS):
+        hosts.setdefault(redis.get_node_from_key(keys.ledger(partition)).name, partition)
+    return sorted(host for node, host in hosts.items() if node != phone_node)
+
+
+async def make_stripe(
+    redis: Redis | RedisCluster,
+    host: int,
+    phone_id: str,
+    *,
+    units: int,
+    price_cents: int | None = None,
+    gen: int | None = None,
+) -> None:
+    """A grant of ``units`` of the phone received on ``host`` by the receipt script, at
+    the phone's price and generation unless given, and the host named in the phone's
+    stripe hosts (what the grant's reserve writes)."""
+    if price_cents is None or gen is None:
+        price, stored_gen = await redis.hmget(keys.phone(phone_id), "price_cents", "gen")
+        price_cents = int(price) if price_cents is None else price_cents
+        gen = int(stored_gen or 0) if gen is None else gen
+    grant_id = f"g{next(_grants)}"
+    await redis.eval(
+        _RECEIVE_GRANT.read_text(),
+        4,
+        keys.stripe(host, phone_id),
+        keys.ledger(host),
+        keys.grant_receipts(host),
+        keys.aborts(host),
+        grant_id,
+        units,
+        price_cents,
+        gen,
+    )
+    await redis.sadd(keys.stripe_hosts(phone_id), host)

@@ -20,6 +20,7 @@ from app.lua_prelude import (
     prelude_for,
     with_prelude,
 )
+from app.phones.service import update_phone_keys
 from app.redis_gateway import gateway_over
 from app.scripts import ONE_NODE_SCRIPTS, Scripts, load_across_slots_source, load_source
 from app.vocabulary import ORDER_FIELDS, order_fields
@@ -79,7 +80,9 @@ async def test_the_scripts_that_use_hgetall_map_answer_the_whole_hash(
 
     phone = await shop.phone(price_cents=250, stock=4)
     phone_key = keys.phone(phone["id"])
-    updated = await scripts.run("update_phone", [phone_key], ["name", "Fairphone"])
+    updated = await scripts.run(
+        "update_phone", update_phone_keys(phone["id"]), [phone["id"], 0, "name", "Fairphone"]
+    )
     assert updated.payload == await stored(phone_key)
     assert updated.payload["name"] == "Fairphone"
     restocked = await scripts.run("restock", [phone_key, keys.ledger_of(phone["id"])], [3, 10**12])

@@ -16,6 +16,8 @@ order the same outcome and move its units once.
   by its receipt there (fence kind GRANT), and settled with the orders (committed: lent).
 * Due take-backs: the order's lines, grouped by phone partition, go back to stock with
   return_stock; then the order leaves the take-back list.
+* Due reprices (a cluster's only): a striped phone's price change whose request died
+  before every stripe had it (``sp``, docs/escrow.md section 6) is written to them.
 * Every ``PRUNE_EVERY`` ticks, abort markers and release tombstones past their keep-until
   time (app/orders/saga.py: keep_until) go, with prune_tombstones on each partition that
   has any: without it they would pile up for every aborted order, forever.
@@ -44,6 +46,7 @@ from redis.exceptions import RedisError
 from app import appkeys, keys
 from app.orders import saga
 from app.partitions import PARTITIONS, partition_of
+from app.phones import stripes
 from app.redis_gateway import RedisGateway, WriteUnconfirmed
 from app.scripts import Scripts
 from app.vocabulary import ORDER_FIELDS, decode_grant
@@ -168,13 +171,15 @@ class Settler:
         now = _now_ms() if now_ms is None else now_ms
         due = await self._partitions_with_due_work(now)
         done = 0
-        for partition, (reservations_due, take_backs_due) in due.items():
+        for partition, (reservations_due, take_backs_due, reprices_due) in due.items():
             if not await self._lease(partition):
                 continue
             if reservations_due:
                 done += await self._settle_due_reservations(partition, now)
             if take_backs_due:
                 done += await self._take_back_due(partition, now)
+            if reprices_due:
+                done += await self._reprice_due(partition, now)
         return done
 
     async def prune(self, now_ms: int | None = None) -> dict[str, int]:
@@ -198,18 +203,24 @@ class Settler:
                 pruned[kind] += count
         return pruned
 
-    async def _partitions_with_due_work(self, now: int) -> dict[int, tuple[bool, bool]]:
+    async def _partitions_with_due_work(self, now: int) -> dict[int, tuple[bool, bool, bool]]:
+        # Stripes exist on a cluster only (docs/escrow.md, section 0), so their reprices
+        # are looked for there only, in the same round trip.
+        kinds = [keys.reservations_due, keys.take_backs_due]
+        if not self.gateway.one_node:
+            kinds.append(keys.reprices_due)
         probes = [
             ("ZRANGEBYSCORE", key(p), "-inf", now, "LIMIT", 0, 1)
-            for key in (keys.reservations_due, keys.take_backs_due)
+            for key in kinds
             for p in range(PARTITIONS)
         ]
         replies = await self.gateway.execute_many(probes)
-        reservations, take_backs = replies[:PARTITIONS], replies[PARTITIONS:]
+        reservations, take_backs = replies[:PARTITIONS], replies[PARTITIONS : 2 * PARTITIONS]
+        reprices = replies[2 * PARTITIONS :] or [None] * PARTITIONS
         return {
-            p: (bool(reservations[p]), bool(take_backs[p]))
+            p: (bool(reservations[p]), bool(take_backs[p]), bool(reprices[p]))
             for p in range(PARTITIONS)
-            if reservations[p] or take_backs[p]
+            if reservations[p] or take_backs[p] or reprices[p]
         }
 
     async def _lease(self, partition: int) -> bool:
@@ -307,6 +318,16 @@ class Settler:
             await self.gateway.execute("ZREM", keys.take_backs_due(partition), order_id)
             taken += 1
         return taken
+
+    async def _reprice_due(self, partition: int, now: int) -> int:
+        """Price changes whose request died before every stripe had the new price
+        (docs/escrow.md, section 6): finished with the phone's price now."""
+        entries = await self.gateway.execute(
+            "ZRANGEBYSCORE", keys.reprices_due(partition), "-inf", now, "LIMIT", 0, self.batch
+        )
+        for entry in entries:
+            await stripes.finish_reprice(self.scripts, self.gateway, partition, _text(entry))
+        return len(entries)
 
 
 async def settler_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -6,7 +6,9 @@ import time
 
 from app import keys
 from app.fields import STOCK_LIMIT
+from app.orders.settler import SETTLE_INTERVAL_S
 from app.partitions import partition_of
+from app.phones import stripes
 from app.phones.models import Phone, PhoneCreate, PhoneUpdate
 from app.phones.page_cache import CataloguePages
 from app.problems import ProblemError
@@ -74,11 +76,26 @@ async def list_phones(
     return total, [phone_from_fields(row) for row in rows]
 
 
+def update_phone_keys(phone_id: str) -> list[str]:
+    """update_phone.lua's KEYS, in the order its header lists them."""
+    return [
+        keys.phone(phone_id),
+        keys.stripe_hosts(phone_id),
+        keys.reprices_due(partition_of(phone_id)),
+    ]
+
+
 async def update_phone(scripts: Scripts, phone_id: str, data: PhoneUpdate) -> Phone:
-    args: list[str | int] = []
+    """One script; for a striped phone's new price, the stripes' too before the answer
+    (app/phones/stripes.py). A reprice left undone (the request died) is due for the
+    settler's sweep after its interval."""
+    due = int((time.time() + SETTLE_INTERVAL_S) * 1000)
+    args: list[str | int] = [phone_id, due]
     for field, value in data.changes().items():
         args += [field, value]
-    result = await scripts.run("update_phone", [keys.phone(phone_id)], args)
+    result = await scripts.run("update_phone", update_phone_keys(phone_id), args)
+    if result.more:
+        await stripes.reprice_after_update(scripts, phone_id, result.more)
     return phone_from_fields(result.payload)
 
 
