@@ -432,3 +432,14 @@ def reprices_due(partition: int) -> str:
     generation in the member lets a PATCH take off its own entry only, never a later
     PATCH's still in flight."""
     return _in_partition("sp", partition)
+
+
+def reprice_entry(phone_id: str, gen: int | str = "") -> str:
+    """A member of ``reprices_due``; without ``gen``, the prefix update_phone.lua adds the
+    phone's new generation to."""
+    return f"{phone_id}:{gen}"
+
+
+def reprice_entry_phone(entry: str) -> str:
+    """The phone id of a ``reprices_due`` member."""
+    return entry.rpartition(":")[0]

@@ -81,7 +81,9 @@ async def test_the_scripts_that_use_hgetall_map_answer_the_whole_hash(
     phone = await shop.phone(price_cents=250, stock=4)
     phone_key = keys.phone(phone["id"])
     updated = await scripts.run(
-        "update_phone", update_phone_keys(phone["id"]), [phone["id"], 0, "name", "Fairphone"]
+        "update_phone",
+        update_phone_keys(phone["id"]),
+        [keys.reprice_entry(phone["id"]), 0, "name", "Fairphone"],
     )
     assert updated.payload == await stored(phone_key)
     assert updated.payload["name"] == "Fairphone"

@@ -95,17 +95,21 @@ async def test_the_settler_finishes_a_price_change_whose_request_died(
     scripts = shop.client.app[appkeys.SCRIPTS]
     due = int(time.time() * 1000) + 3_600_000  # not due for the app's own settler
     result = await scripts.run(
-        "update_phone", update_phone_keys(phone_id), [phone_id, due, "price_cents", 1_500]
+        "update_phone",
+        update_phone_keys(phone_id),
+        [keys.reprice_entry(phone_id), due, "price_cents", 1_500],
     )
     assert result.more == {
         "gen": "1",
         "price_cents": "1500",
         "hosts": sorted(result.more["hosts"]),
-        "due": f"{phone_id}:1",
+        "due": keys.reprice_entry(phone_id, 1),
     }
     assert sorted(int(h) for h in result.more["hosts"]) == sorted(hosts)
     sp = keys.reprices_due(partition_of(phone_id))
-    assert await redis.zrange(sp, 0, -1, withscores=True) == [(f"{phone_id}:1".encode(), due)]
+    assert await redis.zrange(sp, 0, -1, withscores=True) == [
+        (keys.reprice_entry(phone_id, 1).encode(), due)
+    ]
     for host in hosts:
         assert (await _stripe(redis, host, phone_id))["price_cents"] == "1000"
 
@@ -162,6 +166,8 @@ async def test_an_unstriped_phones_patch_is_one_script_and_nothing_else(
         scripts = Scripts(RedisGateway(counting))
         due = int(time.time() * 1000)
         await scripts.run(
-            "update_phone", update_phone_keys(phone["id"]), [phone["id"], due, "price_cents", 7]
+            "update_phone",
+            update_phone_keys(phone["id"]),
+            [keys.reprice_entry(phone["id"]), due, "price_cents", 7],
         )
         assert (counting.round_trips, counting.commands) == (1, 1)

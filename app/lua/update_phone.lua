@@ -12,7 +12,8 @@
 -- KEYS[1]  p{Q}<phone_id>   hash, must exist (key names: app/keys.py)
 -- KEYS[2]  sh{Q}<phone_id>  set: the host partitions holding a stripe of the phone
 -- KEYS[3]  sp{Q}            zset: "<phone_id>:<gen>" by due time (ms), reprices not yet done
--- ARGV[1]  phone id
+-- ARGV[1]  the phone's entry on sp{Q} but its generation: "<phone_id>:" (app/keys.py:
+--          reprice_entry)
 -- ARGV[2]  when a reprice left undone is due for the settler, ms since the epoch
 -- ARGV[3..] field, value, field, value, ... (fields limited by the caller to
 --          name, description, image_url, price_cents; possibly none)
@@ -45,7 +46,7 @@ if price then
   local hosts = redis.call('SMEMBERS', KEYS[2])
   if #hosts > 0 then
     local gen = redis.call('HGET', KEYS[1], 'gen') or '0'
-    local due = ARGV[1] .. ':' .. gen
+    local due = ARGV[1] .. gen
     redis.call('ZADD', KEYS[3], ARGV[2], due)
     reprice = cjson.encode({gen = gen, price_cents = price, hosts = hosts, due = due})
   end

@@ -90,7 +90,7 @@ async def update_phone(scripts: Scripts, phone_id: str, data: PhoneUpdate) -> Ph
     (app/phones/stripes.py). A reprice left undone (the request died) is due for the
     settler's sweep after its interval."""
     due = int((time.time() + SETTLE_INTERVAL_S) * 1000)
-    args: list[str | int] = [phone_id, due]
+    args: list[str | int] = [keys.reprice_entry(phone_id), due]
     for field, value in data.changes().items():
         args += [field, value]
     result = await scripts.run("update_phone", update_phone_keys(phone_id), args)

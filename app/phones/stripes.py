@@ -58,7 +58,7 @@ async def finish_reprice(
     """The settler's: an entry ``<phone_id>:<gen>`` of ``sp{Q}`` left by a request that
     died. The phone's generation and price now (as new as the entry's, or newer) go to
     the hosts it has now, then the entry goes."""
-    phone_id = entry.rpartition(":")[0]
+    phone_id = keys.reprice_entry_phone(entry)
     (gen, price), hosts = await gateway.execute_many(
         [
             ("HMGET", keys.phone(phone_id), "gen", "price_cents"),
