@@ -62,7 +62,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from app import keys
+from app import keys, partitions
 from app.redis_clients import cluster_client
 from app.redis_gateway import (
     LuaScript,
@@ -304,6 +304,28 @@ class ClusterGateway(RedisGateway):
         except RedisClusterException:
             return None
         return list(groups.values())
+
+    def host_partition(self, partition: int) -> int | None:
+        """The lowest partition served by the primary that serves ``partition``, by
+        redis-py's slot map in memory (no round trip): that primary's stripe host
+        (docs/escrow.md, section 1), where an order of a customer of ``partition`` finds
+        its stripes. None while the map is not known or a partition has no primary. A
+        stale map names a host its node no longer serves: the stripe order sent there is
+        refused before any write (NotOnOneNode) and goes by the saga."""
+        slots = self.cluster.nodes_manager.slots_cache
+        try:
+            primary = slots[partitions.slot(partition)][0].name
+            for candidate in range(partition + 1):
+                if slots[partitions.slot(candidate)][0].name == primary:
+                    return candidate
+        except (KeyError, IndexError, TypeError):
+            return None
+        return None  # unreachable: ``partition`` itself is served by its primary
+
+    def host_partitions(self) -> list[int]:
+        """Every primary's host partition, lowest first ([] while the map is not known)."""
+        hosts = {self.host_partition(p) for p in range(partitions.PARTITIONS)}
+        return [] if None in hosts else sorted(h for h in hosts if h is not None)
 
     async def run_on_one_node(
         self, script: LuaScript, across_slots: LuaScript, keys: list[str], args: list[Any]

@@ -207,6 +207,16 @@ class RedisGateway:
         its form for a cluster node's several slots, is the cluster gateway's)."""
         return await self.run_script(script, keys, args)
 
+    def host_partition(self, partition: int) -> int | None:
+        """The stripe host partition (docs/escrow.md, section 1) of the primary serving
+        ``partition``: None here, where one redis-server serves every partition, so every
+        order collapses into one script and no stripe is ever used."""
+        return None
+
+    def host_partitions(self) -> list[int]:
+        """Every primary's host partition, lowest first: none on one redis-server."""
+        return []
+
     async def read_strings_with(
         self, keys: Sequence[str], commands: list[tuple[Any, ...]]
     ) -> tuple[list[bytes | None], list[Any]]:

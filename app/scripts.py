@@ -44,6 +44,8 @@ SCRIPT_NAMES = (
     "reserve_grant",
     # Escrow (docs/escrow.md): a price change written to a stripe.
     "reprice_stripe",
+    # Escrow (docs/escrow.md): a grant's receipt on its stripe host.
+    "receive_grant",
 )
 
 
@@ -62,6 +64,7 @@ RERUNNABLE = frozenset(
         "prune_tombstones",
         "reserve_grant",
         "reprice_stripe",
+        "receive_grant",
     }
 )
 

@@ -110,6 +110,10 @@ ORDER_FIELDS: dict[str, str] = {
     # Only where it differs from the id's (a split saga's commit after a stale hint keeps
     # its id): the status chunk the order is indexed in (docs/data-tier.md 10.2).
     "chunk": "k",
+    # Only on an order sold from a stripe (docs/escrow.md, section 3): "<S>:<epoch>", the
+    # stripe host partition and the stripe's epoch it sold at (where a cancel gives the
+    # units back).
+    "stripe": "v",
 }
 
 

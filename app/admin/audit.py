@@ -87,6 +87,14 @@ LEDGER_FIELDS = (
     "held_units",
     "sold_units",
     *(f"{status}_units" for status in MONEY_KEEPING_STATUSES),
+    # Escrow (docs/escrow.md, section 8): on a phone's partition the units its pools lent
+    # to stripes and have not had back; on a stripe host partition its stripes' stock,
+    # their units sold, and the units received less those shipped home. All 0 where no
+    # stripe exists (one redis-server always).
+    "lent_units",
+    "stripe_units",
+    "stripe_sold_units",
+    "received_units",
     "changes",
 )
 GROWING = frozenset(
@@ -115,6 +123,16 @@ class Recount:
     )
     sold: Counter[str] = field(default_factory=Counter)  # phone id -> units in open+completed
     phone_rows: dict[str, tuple[int, int]] = field(default_factory=dict)  # id -> stock, added
+    lent: Counter[str] = field(default_factory=Counter)  # phone id -> its pool's lent units
+    # (host partition, phone id) -> the stripe's stock, sold, got, epoch (escrow), read
+    # from the hosts each phone's stripe_hosts set names.
+    stripes: dict[tuple[int, str], tuple[int, int, int, int]] = field(default_factory=dict)
+    # Lines of live orders sold from a stripe: (host, epoch, phone id, units). Their units
+    # are in that stripe's sold while it is at that epoch, else (closed since, shipped
+    # home) in the pool's: placed once every stripe was read (_place_stripe_lines).
+    stripe_lines: list[tuple[int, int, str, int]] = field(default_factory=list)
+    # phone id -> units of live orders sold from its stripes and still counted there.
+    stripe_sold: Counter[str] = field(default_factory=Counter)
     negative_stock: list[str] = field(default_factory=list)
     negative_balances: list[str] = field(default_factory=list)
     bad_rows: list[dict[str, Any]] = field(default_factory=list)
@@ -158,13 +176,20 @@ _WALK = (*FINAL_STATUSES, *(s for s in ORDER_STATUSES if s not in FINAL_STATUSES
 
 
 # The order fields the recount reads, in the order _recount_orders unpacks them.
-_ORDER_ROW = ("status", "items", "total_cents")
+_ORDER_ROW = ("status", "items", "total_cents", "stripe")
 
 
 def _indexes(partition: int) -> tuple[str, ...]:
-    """What the start reads the newest of: the phones, the customers, and the orders'
-    seq clock (their status lists are in chunks, app/keys.py: the clock is the newest)."""
-    return keys.phones(partition), keys.customers(partition), keys.orders_seq(partition)
+    """What the start reads the newest of: the phones, the customers, the orders' seq
+    clock (their status lists are in chunks, app/keys.py: the clock is the newest), and
+    the stripes' shipments due (escrow: any there means units on their way home, so not
+    at rest)."""
+    return (
+        keys.phones(partition),
+        keys.customers(partition),
+        keys.orders_seq(partition),
+        keys.shipments_due(partition),
+    )
 
 
 async def _read_ledgers(
@@ -241,7 +266,57 @@ async def recount_rows(redis: Redis, last: dict[str, float]) -> Recount:
     found = Recount()
     for partition in range(PARTITIONS):
         await _recount_partition(redis, last, partition, found)
+    _place_stripe_lines(found)
     return found
+
+
+# A phone row's fields the recount reads, in the order _recount_partition unpacks them.
+_PHONE_ROW = ["stock", "added_units", "held", "sold", "lent", "mode"]
+# A stripe's (docs/escrow.md, section 2).
+_STRIPE_ROW = ["stock", "sold", "got", "epoch"]
+
+
+async def _recount_stripes(redis: Redis, found: Recount, phone_ids: list[str]) -> None:
+    """The stripes of ``phone_ids`` (phones of ``partition`` that are or were striped):
+    their hosts from each phone's stripe_hosts set (one round trip), then each host's
+    stripes in one read_rows call. A host named with no stripe there (a grant whose
+    receipt never came) counts nothing."""
+    if not phone_ids:
+        return
+    async with redis.pipeline(transaction=False) as pipe:
+        for phone_id in phone_ids:
+            pipe.smembers(keys.stripe_hosts(phone_id))
+        hosts_of = await pipe.execute()
+    by_host: dict[int, list[str]] = {}
+    for phone_id, hosts in zip(phone_ids, hosts_of, strict=True):
+        for host in hosts:
+            by_host.setdefault(int(host), []).append(phone_id)
+    read_rows = redis.register_script(load_source("read_rows"))
+    width = len(_STRIPE_ROW)
+    for host, striped in sorted(by_host.items()):
+        stripe_keys = [keys.stripe(host, phone_id) for phone_id in striped]
+        flat = await read_rows(keys=stripe_keys, args=_STRIPE_ROW)
+        totals = found.partitions[host]
+        for i, (phone_id, key) in enumerate(zip(striped, stripe_keys, strict=True)):
+            stock, sold, got, epoch = (int(v or 0) for v in flat[i * width : (i + 1) * width])
+            found.stripes[(host, phone_id)] = (stock, sold, got, epoch)
+            totals["stripe_units"] += stock
+            totals["stripe_sold_units"] += sold
+            totals["received_units"] += got
+            if min(stock, sold, got) < 0 or stock + sold != got:
+                found.bad_rows.append({"stripe": key, "stock": stock, "sold": sold, "got": got})
+
+
+def _place_stripe_lines(found: Recount) -> None:
+    """A live order's line sold from a stripe counts in that stripe's sold while the stripe
+    is at the order's epoch; once it closed (another epoch) its sold went home with the
+    shipment, into the pool's (docs/escrow.md, sections 5 and 8)."""
+    for host, epoch, phone_id, quantity in found.stripe_lines:
+        stripe = found.stripes.get((host, phone_id))
+        if stripe is not None and stripe[3] == epoch:
+            found.stripe_sold[phone_id] += quantity  # the stripe rows count its ledger's
+        else:
+            found.partitions[partition_of(phone_id)]["sold_units"] += quantity
 
 
 async def _recount_partition(
@@ -249,20 +324,42 @@ async def _recount_partition(
 ) -> None:
     totals = found.partitions[partition]
     phones, customers = keys.phones(partition), keys.customers(partition)
-    async for batch in _rows(redis, phones, last[phones], keys.phone, ["stock", "added_units"]):
-        for phone_id, (stock, added) in batch:
+    async for batch in _rows(redis, phones, last[phones], keys.phone, _PHONE_ROW):
+        striped = []
+        for phone_id, (stock, added, held, sold, lent, mode) in batch:
             if stock is None:
                 found.dangling.append({"index": phones, "id": phone_id})
                 continue
             stock, added = int(stock), int(added)
+            held, sold, lent = int(held or 0), int(sold or 0), int(lent or 0)
             totals["phones"] += 1
             totals["stock_units"] += stock
             totals["added_units"] += added
+            totals["lent_units"] += lent
             found.phone_rows[phone_id] = (stock, added)
+            found.lent[phone_id] = lent
             if stock < 0:
                 found.negative_stock.append(phone_id)
             if stock > added:
                 found.bad_rows.append({"phone_id": phone_id, "stock": stock, "added": added})
+            # Every unit of the phone is in its pool, held by a reservation, sold from the
+            # pool, or lent to stripes (docs/escrow.md, section 8): at every moment.
+            if stock + held + sold + lent != added or min(held, sold, lent) < 0:
+                found.bad_rows.append(
+                    {
+                        "phone_id": phone_id,
+                        "stock": stock,
+                        "held": held,
+                        "sold": sold,
+                        "lent": lent,
+                        "added": added,
+                    }
+                )
+            # Only a phone that is or was striped can have stripes (a recall clears the
+            # mode once its last stripe host is gone, docs/escrow.md 5).
+            if mode is not None or lent:
+                striped.append(phone_id)
+        await _recount_stripes(redis, found, striped)
 
     async for batch in _rows(
         redis, customers, last[customers], keys.customer, ["balance_cents", "added_cents"]
@@ -315,7 +412,7 @@ def _recount_orders(
     found: Recount, partition: int, index: str, batch: list[tuple[str, list[bytes | None]]]
 ) -> None:
     totals = found.partitions[partition]
-    for order_id, (status, items, total) in batch:
+    for order_id, (status, items, total, stripe) in batch:
         if status is None:
             found.dangling.append({"index": index, "id": order_id})
             continue
@@ -327,13 +424,18 @@ def _recount_orders(
         totals[f"orders_{status}"] += 1
         lines_total = units = 0
         keeps_money = status in MONEY_KEEPING_STATUSES
+        # "<host>:<epoch>" on an order sold from stripes (escrow).
+        host, _, epoch = stripe.decode().partition(":") if stripe else ("", "", "")
         for phone_id, quantity, unit_price in decode_items(items.decode()):
             units += quantity
             lines_total += quantity * unit_price
             if keeps_money:
                 found.sold[phone_id] += quantity
-                # The phone side of the ledger: its own partition's.
-                found.partitions[partition_of(phone_id)]["sold_units"] += quantity
+                if host:
+                    found.stripe_lines.append((int(host), int(epoch), phone_id, quantity))
+                else:
+                    # The phone side of the ledger: its own partition's.
+                    found.partitions[partition_of(phone_id)]["sold_units"] += quantity
         # The scripts store no total (the lines' sum is it): one stored by hand, or by an
         # older script, must agree.
         total = lines_total if total is None else int(total)
@@ -357,11 +459,21 @@ def _kept(figures: dict[str, int] | Counter[str], unit: str) -> int:
 
 
 def _identities(ledger: dict[str, int]) -> bool:
-    """One partition's: its customers' money, and its phones' units (held: reserved by
-    the saga, app/lua/reserve_stock.lua)."""
+    """One partition's: its customers' money, its phones' units (held: reserved by the
+    saga, app/lua/reserve_stock.lua; lent: granted to stripes), and its stripes' units
+    (escrow: stock + sold = received less shipped, every figure >= 0)."""
     money = ledger["balance_cents"] + _kept(ledger, "cents")
-    units = ledger["stock_units"] + ledger["held_units"] + ledger["sold_units"]
-    return money == ledger["added_cents"] and units == ledger["added_units"]
+    units = (
+        ledger["stock_units"] + ledger["held_units"] + ledger["sold_units"] + ledger["lent_units"]
+    )
+    stripes = ledger["stripe_units"] + ledger["stripe_sold_units"]
+    stripe_figures = ("stripe_units", "stripe_sold_units", "received_units", "lent_units")
+    return (
+        money == ledger["added_cents"]
+        and units == ledger["added_units"]
+        and stripes == ledger["received_units"]
+        and min(ledger[name] for name in stripe_figures) >= 0
+    )
 
 
 async def run_audit(redis: Redis) -> dict[str, Any]:
@@ -377,17 +489,47 @@ async def run_audit(redis: Redis) -> dict[str, Any]:
     # sold-against-orders equalities hold only once none is held (section 5 of
     # docs/data-tier.md), so rest also means nothing held at start and at end.
     held = max(start["held_units"], end["held_units"])
-    at_rest = writes == 0 and held == 0
+    # Escrow: a closed stripe's units on their way home are in no pool and no stripe.
+    shipping = sum(1 for p in range(PARTITIONS) if first.last[keys.shipments_due(p)])
+    at_rest = writes == 0 and held == 0 and shipping == 0
     totals = found.totals
     # Rows but no ledger: written before the ledger existed (or it was deleted).
     ledger_missing = any(
         not first.present[p] and any(found.partitions[p].values()) for p in range(PARTITIONS)
     )
 
+    # Escrow at rest (docs/escrow.md, section 8): a phone's units not in its pool nor in
+    # an order are in its stripes' stock, its pool's lent units are its stripes' got, and
+    # its stripes' sold units are those of the live orders sold from them.
+    stripe_stock: Counter[str] = Counter()
+    stripe_got: Counter[str] = Counter()
+    stripe_sold: Counter[str] = Counter()
+    for (_, phone_id), (stock, sold, got, _) in found.stripes.items():
+        stripe_stock[phone_id] += stock
+        stripe_got[phone_id] += got
+        stripe_sold[phone_id] += sold
     mismatched_phones = [
-        {"phone_id": phone_id, "stock": stock, "sold": found.sold[phone_id], "added": added}
+        {
+            "phone_id": phone_id,
+            "stock": stock,
+            "sold": found.sold[phone_id],
+            "added": added,
+            **(
+                {
+                    "lent": found.lent[phone_id],
+                    "stripe_stock": stripe_stock[phone_id],
+                    "stripe_got": stripe_got[phone_id],
+                    "stripe_sold": stripe_sold[phone_id],
+                    "stripe_sold_in_orders": found.stripe_sold[phone_id],
+                }
+                if found.lent[phone_id] or stripe_got[phone_id] or found.stripe_sold[phone_id]
+                else {}
+            ),
+        }
         for phone_id, (stock, added) in found.phone_rows.items()
-        if stock + found.sold[phone_id] != added
+        if stock + found.sold[phone_id] + stripe_stock[phone_id] != added
+        or found.lent[phone_id] != stripe_got[phone_id]
+        or stripe_sold[phone_id] != found.stripe_sold[phone_id]
     ]
     recount_money_ok = totals["balance_cents"] + _kept(totals, "cents") == totals["added_cents"]
     ledger_fields = [name for name in LEDGER_FIELDS if name != "changes"]
@@ -432,6 +574,8 @@ async def run_audit(redis: Redis) -> dict[str, Any]:
             f"{writes} writes during the recount"
             if writes
             else f"{held} units held by reservations (the saga's orders in motion)"
+            if held
+            else f"shipments due on {shipping} stripe host partition(s) (units on their way home)"
         )
         stock_check = _check(
             "every_phone_stock_plus_sold_equals_added", "at_rest", not_at_rest, None
@@ -508,6 +652,9 @@ async def run_audit(redis: Redis) -> dict[str, Any]:
             "stock_units": totals["stock_units"],
             "sold_units": _kept(totals, "units"),
             "added_units": totals["added_units"],
+            # Escrow: units the pools lent to stripes, and those of them still in stripes.
+            "lent_units": totals["lent_units"],
+            "stripe_units": totals["stripe_units"],
             "mismatches": mismatched_phones,
         },
         "money": {
