@@ -5,7 +5,9 @@
 -- KEYS[2]  lg{Q}           hash, the running totals of its partition
 -- ARGV[1]  quantity (1..10^9, checked by the caller)
 -- ARGV[2]  stock ceiling: the restock is refused when stock + held (units reserved by
---          the saga, which an abort gives back) would pass it
+--          the saga, which an abort gives back) + lent (units granted to stripes, which
+--          a recall ships home: docs/escrow.md, section 6) would pass it. lent includes
+--          units the stripes sold, so it is conservative until the next recall
 --
 -- Returns {http_status, payload_json}:
 --   200, phone fields (strings)
@@ -14,14 +16,15 @@
 --
 -- hgetall_map: the prelude (app/lua_prelude.py).
 
-local row = redis.call('HMGET', KEYS[1], 'stock', 'held')
+local row = redis.call('HMGET', KEYS[1], 'stock', 'held', 'lent')
 local stock = row[1]
 if not stock then
   return {404, cjson.encode({code = 'phone_not_found'})}
 end
--- Units held by the reservation saga come back to stock if their order aborts, so
--- they count against the ceiling too.
-if tonumber(stock) + tonumber(row[2] or '0') + tonumber(ARGV[1]) > tonumber(ARGV[2]) then
+-- Units held by the reservation saga come back to stock if their order aborts, and
+-- units lent to stripes come back with a recall, so both count against the ceiling.
+local counted = tonumber(stock) + tonumber(row[2] or '0') + tonumber(row[3] or '0')
+if counted + tonumber(ARGV[1]) > tonumber(ARGV[2]) then
   return {409, cjson.encode({code = 'stock_limit', stock = stock, limit = ARGV[2]})}
 end
 redis.call('HINCRBY', KEYS[1], 'stock', ARGV[1])
