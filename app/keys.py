@@ -443,3 +443,10 @@ def reprice_entry(phone_id: str, gen: int | str = "") -> str:
 def reprice_entry_phone(entry: str) -> str:
     """The phone id of a ``reprices_due`` member."""
     return entry.rpartition(":")[0]
+
+
+def drains_due(partition: int) -> str:
+    """Zset on a phone partition: phone id by when the settler finishes its recall (ms),
+    for each phone whose mode is draining (docs/escrow.md, section 5): a dead app's
+    recall is finished from here."""
+    return _in_partition("sw", partition)

@@ -46,6 +46,10 @@ SCRIPT_NAMES = (
     "reprice_stripe",
     # Escrow (docs/escrow.md): a grant's receipt on its stripe host.
     "receive_grant",
+    # Escrow's recall (docs/escrow.md, section 5).
+    "drain_phone",
+    "close_stripe",
+    "receive_shipments",
 )
 
 
@@ -65,6 +69,9 @@ RERUNNABLE = frozenset(
         "reserve_grant",
         "reprice_stripe",
         "receive_grant",
+        "drain_phone",
+        "close_stripe",
+        "receive_shipments",
     }
 )
 

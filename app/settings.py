@@ -92,7 +92,8 @@ def redacted_url(url: str) -> str:
 
 # Where SAGA_FAULT_POINT may kill a worker: after the reserves answered, after the commit
 # answered, after a cancel's refund answered (app/orders/saga_service.py).
-SAGA_FAULT_POINTS = ("reserved", "committed", "refunded")
+# "closed": a recall's stripes closed, their shipments not yet received (docs/escrow.md 8).
+SAGA_FAULT_POINTS = ("reserved", "committed", "refunded", "closed")
 # The longest SAGA_RESERVATION_TTL_MS any app may run with: an order's reserve and commit
 # are refused past its reservation's expiry, so an abort marker or release tombstone kept
 # this long (plus a margin) outlives every late step of its order (app/orders/saga.py).

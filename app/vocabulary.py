@@ -206,6 +206,33 @@ def reserved_lines(stored: str) -> str:
     return stored if grant is None else grant.lines
 
 
+# ---- a recall's shipments (docs/escrow.md, section 5) ------------------------------------
+# A closed stripe's units on their way home: sx{S}[shipment id] = the shipment, and the id
+# in the pool's take-back set rr{Q} once received. The id names the phone (sx{S} holds
+# every phone's), the host and the stripe's epoch at the close; an order id (rr{Q}'s other
+# members) never holds the separator. A grant in flight is "<host>:<grant id>" in sg{Q}X.
+
+SHIPMENT_SEPARATOR = ":"
+
+
+def shipment_id(phone_id: str, host: int, epoch: int) -> str:
+    return SHIPMENT_SEPARATOR.join((phone_id, str(host), str(epoch)))
+
+
+def shipment_phone(shipment: str) -> str:
+    """The phone id a shipment id (or a shipment) begins with."""
+    return shipment.split(SHIPMENT_SEPARATOR, 1)[0]
+
+
+def grant_in_flight(host: int, grant_id: str) -> str:
+    return f"{host}{SHIPMENT_SEPARATOR}{grant_id}"
+
+
+def decode_grant_in_flight(entry: str) -> tuple[int, str]:
+    host, _, grant_id = entry.partition(SHIPMENT_SEPARATOR)
+    return int(host), grant_id
+
+
 # ---- stream entry ids -------------------------------------------------------------------
 # "<ms>-<seq>", two unsigned 64-bit integers. Redis answers a bigger one with an
 # error, so a caller's id is checked before it reaches a command.
@@ -317,6 +344,16 @@ def lua_definitions() -> dict[str, str]:
         f" return string.gmatch(items, '([^{field}{line}]+){field}(%d+){field}(%d+)') end",
         "encode_grant": "local function encode_grant(host, gen, lines)"
         f" return '{GRANT_MARK} ' .. host .. ' ' .. gen .. ' ' .. lines end",
+        "shipment_id": "local function shipment_id(phone_id, host, epoch)"
+        f" return phone_id .. '{SHIPMENT_SEPARATOR}' .. host .. '{SHIPMENT_SEPARATOR}' .. epoch end",
+        "encode_shipment": "local function encode_shipment(phone_id, units, sold, epoch)"
+        f" return phone_id .. '{SHIPMENT_SEPARATOR}' .. units .. '{SHIPMENT_SEPARATOR}' .. sold"
+        f" .. '{SHIPMENT_SEPARATOR}' .. epoch end",
+        "decode_shipment": "local function decode_shipment(shipment)"
+        f" return string.match(shipment, '^(.+){SHIPMENT_SEPARATOR}(%d+){SHIPMENT_SEPARATOR}(%d+)"
+        f"{SHIPMENT_SEPARATOR}(%d+)$') end",
+        "grant_in_flight": "local function grant_in_flight(host, grant_id)"
+        f" return host .. '{SHIPMENT_SEPARATOR}' .. grant_id end",
         "decode_grant": "local function decode_grant(stored)"
         f" return string.match(stored, '^{GRANT_MARK} (%d+) (%d+) (.*)$') end",
     }

@@ -5,9 +5,8 @@ writes nothing at all (every key the script may touch is byte for byte the same,
 place_order with an Idempotency-Key stores no record), so the order can be sent again
 after the recall.
 
-The phones' ``lent`` here is staged by hand (TEST-ONLY: the pool side of a grant, with
-added_units counting it, so stock + held + sold + lent = added holds); the scripts under
-test only read it."""
+The phones lend by the real grant (tests/escrow_staging.py), and get their units back by
+the real recall (app/orders/recall.py)."""
 
 from __future__ import annotations
 
@@ -16,11 +15,12 @@ import time
 import pytest
 
 from app import keys, partitions
+from app.orders import recall, service
 from app.orders import saga as steps
-from app.orders import service
 from app.orders.chunk_hints import HINTS
 from app.problems import ProblemError
-from tests.saga_fixtures import ORDER_PARTITION, PHONE_PARTITION, SagaWorld
+from tests import escrow_staging as staging
+from tests.saga_fixtures import ORDER_PARTITION, OTHER_PHONE_PARTITION, PHONE_PARTITION, SagaWorld
 
 LATER_MS = 10**13
 # On the cluster's primary of ORDER_PARTITION (86-127): place_order runs collapsed there.
@@ -28,9 +28,9 @@ NEAR_PHONE_PARTITION = 110
 
 
 async def lent_phone(saga: SagaWorld, partition: int, *, stock: int, lent: int) -> str:
-    """TEST-ONLY staging of a phone that lent ``lent`` units to stripes."""
-    phone_id = await saga.phone(partition, price_cents=100, stock=stock)
-    await saga.redis.hset(keys.phone(phone_id), mapping={"lent": lent, "added_units": stock + lent})
+    """A phone whose pool holds ``stock`` after lending ``lent`` units to a stripe."""
+    phone_id = await saga.phone(partition, price_cents=100, stock=stock + lent)
+    await staging.grant(saga.scripts, saga.redis, phone_id, OTHER_PHONE_PARTITION, lent)
     return phone_id
 
 
@@ -61,19 +61,19 @@ async def test_reserve_answers_stock_lent_and_writes_nothing_while_units_are_len
     )
     assert (refused.status, refused.payload) == (409, {"code": "stock_lent", "phone_ids": [lent]})
     assert await dumps(saga, watched) == before
-    # The same order once the phone lends nothing: the ordinary 409, with both short lines.
-    await saga.redis.hset(keys.phone(lent), mapping={"lent": 0, "added_units": 2})
+    # Enough in the pool: lent units change nothing.
+    ok = await steps.reserve(saga.scripts, order, PHONE_PARTITION, [(lent, 2)], LATER_MS)
+    assert ok.status == 200
+    assert await saga.units(lent) == {"stock": 0, "held": 2, "sold": 0, "added": 7}
+    # Once the recall brought the lent units home: the ordinary 409, with both short lines.
+    assert (await recall.recall(saga.scripts, lent)).done
+    other = partitions.new_id(ORDER_PARTITION)
     short = await steps.reserve(
-        saga.scripts, order, PHONE_PARTITION, [(lent, 3), (plain, 2)], LATER_MS
+        saga.scripts, other, PHONE_PARTITION, [(lent, 6), (plain, 2)], LATER_MS
     )
     assert short.status == 409
     assert short.payload["code"] == "out_of_stock"
     assert [line["phone_id"] for line in short.payload["lines"]] == [lent, plain]
-    # Enough in the pool: lent units change nothing.
-    await saga.redis.hset(keys.phone(lent), mapping={"lent": 5, "added_units": 7})
-    ok = await steps.reserve(saga.scripts, order, PHONE_PARTITION, [(lent, 2)], LATER_MS)
-    assert ok.status == 200
-    assert await saga.units(lent) == {"stock": 0, "held": 2, "sold": 0, "added": 7}
 
 
 async def test_place_order_answers_stock_lent_with_no_record_and_nothing_written(
@@ -109,8 +109,10 @@ async def test_place_order_answers_stock_lent_with_no_record_and_nothing_written
     assert refused.value.status == 503
     assert refused.value.extra["phone_ids"] == [phone]
     assert await dumps(saga, [name for name in watched if name in before]) == before
-    # Lent back (as a recall leaves it): the same key now gets the ordinary 409, stored.
-    await saga.redis.hset(keys.phone(phone), mapping={"lent": 0, "added_units": 1})
+    # Lent units back by the recall (the pool now 5): the same key, for 6 units, now gets
+    # the ordinary 409, stored.
+    assert (await recall.recall(saga.scripts, phone)).done
+    lines[0] = (phone, 6)
     with pytest.raises(ProblemError) as short:
         await place()
     assert short.value.code == "out_of_stock"

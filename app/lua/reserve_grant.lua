@@ -47,7 +47,8 @@
 --   409, {code="order_expired"}, 0              past the expiry; nothing written
 --   error reply "reserve_grant: ..."            KEYS or ARGV do not fit; nothing written
 --
--- encode_item, encode_grant, decode_items, now_ms, PHONE_MODE: the prelude (app/lua_prelude.py).
+-- encode_item, encode_grant, grant_in_flight, decode_items, now_ms, PHONE_MODE: the prelude
+-- (app/lua_prelude.py).
 
 if #KEYS ~= 7 or #ARGV ~= 8 then
   return redis.error_reply('reserve_grant: expected 7 keys and 8 arguments')
@@ -98,7 +99,7 @@ redis.call('HINCRBY', KEYS[5], 'held', units)
 redis.call('HSET', KEYS[1], grant_id, stored)
 redis.call('ZADD', KEYS[2], ARGV[2], grant_id)
 redis.call('SADD', KEYS[6], host)
-redis.call('SADD', KEYS[7], host .. ':' .. grant_id)
+redis.call('SADD', KEYS[7], grant_in_flight(host, grant_id))
 redis.call('HINCRBY', KEYS[4], 'stock_units', -units)
 redis.call('HINCRBY', KEYS[4], 'held_units', units)
 redis.call('HINCRBY', KEYS[4], 'changes', 1)

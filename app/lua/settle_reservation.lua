@@ -47,7 +47,7 @@
 --        than the reservations to settle (a broken invariant); nothing written
 --   error reply "settle_reservation: ..."  bad outcome or KEYS do not fit; nothing written
 --
--- decode_items, decode_grant: the prelude (app/lua_prelude.py).
+-- decode_items, decode_grant, grant_in_flight: the prelude (app/lua_prelude.py).
 
 local orders = (#ARGV - 1) / 3
 local keep_until = tonumber(ARGV[#ARGV])
@@ -75,7 +75,7 @@ for i = 1, orders do
     if #plan.lines ~= 1 or not KEYS[next_key] then
       return redis.error_reply('settle_reservation: a grant is one line and its grants in flight')
     end
-    plan.in_flight, plan.grant = KEYS[next_key], host .. ':' .. order_id
+    plan.in_flight, plan.grant = KEYS[next_key], grant_in_flight(host, order_id)
     next_key = next_key + 1
   end
   local stored = redis.call('HGET', KEYS[1], order_id)

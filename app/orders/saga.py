@@ -15,6 +15,8 @@ it with the orders (committed: held -> lent).
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -40,6 +42,13 @@ GRANT = "g"
 # (which refuse a reserve or commit past its expiry by TIME) to disagree, and for a
 # failover to a node whose clock is behind.
 TOMBSTONE_MARGIN_MS = 60_000
+
+
+def crash_if(point: str, fault_point: str) -> None:
+    """Test-only (SAGA_FAULT_POINT): die here as kill -9 would kill the worker, with
+    nothing after this step run, so the crash-point tests see what the settler finds."""
+    if point == fault_point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def keep_until(now_ms: int | None = None) -> int:

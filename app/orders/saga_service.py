@@ -21,8 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -32,10 +30,11 @@ import msgspec
 from app import keys
 from app.auth import Principal
 from app.fields import BALANCE_LIMIT, STOCK_LIMIT
-from app.orders import saga, service
+from app.orders import recall, saga, service
 from app.orders.chunk_hints import HINTS
 from app.orders.idempotency import RecordPlace
 from app.orders.models import Order
+from app.orders.saga import crash_if
 from app.orders.service import (
     CHUNK_TRIES,
     PlacedOrder,
@@ -70,13 +69,6 @@ log = logging.getLogger("app.orders.saga")
 SettleSoon = Callable[[int, str, str, str], None]
 
 
-def crash_if(point: str, fault_point: str) -> None:
-    """Test-only (SAGA_FAULT_POINT): die here as kill -9 would kill the worker, with
-    nothing after this step run, so the crash-point tests see what the settler finds."""
-    if point == fault_point:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -84,6 +76,54 @@ def _now_ms() -> int:
 # A reserve's refusals that say the order itself can no longer be placed (reserve_stock.lua),
 # not that its lines cannot: answered 503, never merged into a 409.
 TOO_LATE = frozenset({"order_expired", "order_released"})
+
+
+# A short pool whose phone lent units to stripes (docs/escrow.md, section 5): the order path
+# recalls them and tries again; never merged into a 409.
+STOCK_LENT = "stock_lent"
+
+
+def _is_stock_lent(outcome: ScriptResult | BaseException) -> bool:
+    return isinstance(outcome, ScriptResult) and outcome.payload.get("code") == STOCK_LENT
+
+
+async def _reserve_everywhere(
+    scripts: Scripts,
+    order_id: str,
+    groups: dict[int, list[tuple[str, int]]],
+    expires: int,
+    fault_point: str,
+) -> list[ScriptResult | BaseException]:
+    """The reserves on every phone partition in parallel, in ``groups``' order. A
+    partition that answered stock_lent holds nothing: its phones are recalled and it is
+    reserved once more (the same order id and expiry)."""
+    outcomes = dict(
+        zip(
+            groups,
+            await asyncio.gather(
+                *(
+                    saga.reserve(scripts, order_id, p, group, expires)
+                    for p, group in groups.items()
+                ),
+                return_exceptions=True,
+            ),
+            strict=True,
+        )
+    )
+    lent = [p for p, outcome in outcomes.items() if _is_stock_lent(outcome)]
+    if lent:
+        phone_ids = [
+            phone_id
+            for p in lent
+            for phone_id in outcomes[p].payload["phone_ids"]  # type: ignore[union-attr]
+        ]
+        await recall.recall_all(scripts, phone_ids, fault_point)
+        again = await asyncio.gather(
+            *(saga.reserve(scripts, order_id, p, groups[p], expires) for p in lent),
+            return_exceptions=True,
+        )
+        outcomes.update(zip(lent, again, strict=True))
+    return list(outcomes.values())
 
 
 def _merged_refusal(refusals: list[ScriptResult]) -> tuple[int, dict[str, Any]]:
@@ -174,12 +214,28 @@ async def place_order(
             )
         except NotOnOneNode:
             pass  # the split saga below
+        except ProblemError as error:
+            if error.code != STOCK_LENT:
+                raise
+            # Nothing was written: recall the lent units, then once more (a second
+            # stock_lent is the client's 503: the settler finishes the recall).
+            await recall.recall_all(scripts, error.extra["phone_ids"], fault_point)
+            try:
+                return await service.place_order(
+                    scripts,
+                    order_id=order_id,
+                    customer_id=customer_id,
+                    lines=lines,
+                    autocheck=autocheck,
+                    idempotency_key=idempotency_key,
+                    idempotency_ttl=idempotency_ttl,
+                    request_id=request_id,
+                )
+            except NotOnOneNode:
+                pass
     groups = saga.lines_by_partition(lines)
     expires = _now_ms() + reservation_ttl_ms
-    outcomes = await asyncio.gather(
-        *(saga.reserve(scripts, order_id, p, group, expires) for p, group in groups.items()),
-        return_exceptions=True,
-    )
+    outcomes = await _reserve_everywhere(scripts, order_id, groups, expires, fault_point)
     reserved = {
         partition: result.payload["lines"]
         for partition, result in zip(groups, outcomes, strict=True)
@@ -198,6 +254,15 @@ async def place_order(
         customer_id, lines, autocheck, idempotency_key, idempotency_ttl
     )
     refusals = [result for result in outcomes if result.status != 200]
+    if any(result.payload.get("code") == STOCK_LENT for result in refusals):
+        # Still lent after a recall (it failed, or another stripe's units are on their way
+        # home): answered 503 with nothing stored, as a too-late order is below.
+        await _release_now(scripts, order_id, reserved)
+        raise next(
+            problem_from_script(result.status, result.payload)
+            for result in refusals
+            if result.payload.get("code") == STOCK_LENT
+        )
     if any(result.payload.get("code") in TOO_LATE for result in refusals):
         # This request outlived its own expiry between minting and a reserve: a retry is
         # a new order. Nothing is stored for the Idempotency-Key and no commit will ever

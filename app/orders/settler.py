@@ -18,6 +18,8 @@ order the same outcome and move its units once.
   return_stock; then the order leaves the take-back list.
 * Due reprices (a cluster's only): a striped phone's price change whose request died
   before every stripe had it (``sp``, docs/escrow.md section 6) is written to them.
+* Escrow's recalls (app/orders/recall.py): phones a dead app left draining, and
+  shipments of closed stripes not yet received, are recalled again (``_recall_due``).
 * Every ``PRUNE_EVERY`` ticks, abort markers and release tombstones past their keep-until
   time (app/orders/saga.py: keep_until) go, with prune_tombstones on each partition that
   has any: without it they would pile up for every aborted order, forever.
@@ -44,12 +46,12 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from app import appkeys, keys
-from app.orders import saga
+from app.orders import recall, saga
 from app.partitions import PARTITIONS, partition_of
 from app.phones import stripes
 from app.redis_gateway import RedisGateway, WriteUnconfirmed
 from app.scripts import Scripts
-from app.vocabulary import ORDER_FIELDS, decode_grant
+from app.vocabulary import ORDER_FIELDS, decode_grant, shipment_phone
 
 log = logging.getLogger("app.settler")
 
@@ -180,7 +182,7 @@ class Settler:
                 done += await self._take_back_due(partition, now)
             if reprices_due:
                 done += await self._reprice_due(partition, now)
-        return done
+        return done + await self._recall_due(now)
 
     async def prune(self, now_ms: int | None = None) -> dict[str, int]:
         """Abort markers and release tombstones past their keep-until time, from every
@@ -284,6 +286,84 @@ class Settler:
                 continue
             settled += result["settled"] == "1"
         return settled
+
+    async def _recall_due(self, now: int) -> int:
+        """Escrow's recalls a dead app left (docs/escrow.md, sections 5 and 8): phones left
+        draining past their grace (``sw{Q}``), and shipments not received by their due
+        time (``sz{S}``). Each is recalled again from its first step (every step is
+        idempotent: a closed stripe answers its shipment again, the pool takes it once);
+        one not finished (a node down) is due again a grace later. A received shipment
+        leaves ``sz{S}`` here (its close does not wait for that). One probe per partition
+        and kind, in one pipelined round, as for the saga's due work."""
+        probes = [
+            ("ZRANGEBYSCORE", key(p), "-inf", now, "LIMIT", 0, 1)
+            for key in (keys.drains_due, keys.shipments_due)
+            for p in range(PARTITIONS)
+        ]
+        replies = await self.gateway.execute_many(probes)
+        drains, shipments = replies[:PARTITIONS], replies[PARTITIONS:]
+        done = 0
+        for p in range(PARTITIONS):
+            if not (drains[p] or shipments[p]) or not await self._lease(p):
+                continue
+            if drains[p]:
+                done += await self._recall_drains(p, now)
+            if shipments[p]:
+                done += await self._receive_shipments_due(p, now)
+        return done
+
+    async def _due(self, key: str, now: int) -> list[str]:
+        return [
+            _text(member)
+            for member in await self.gateway.execute(
+                "ZRANGEBYSCORE", key, "-inf", now, "LIMIT", 0, self.batch
+            )
+        ]
+
+    async def _recall_drains(self, partition: int, now: int) -> int:
+        finished = 0
+        for phone_id in await self._due(keys.drains_due(partition), now):
+            try:
+                recalled = await recall.recall(self.scripts, phone_id)
+            except (RuntimeError, WriteUnconfirmed) as error:
+                log.warning("recall of %s failed, due again: %r", phone_id, error)
+                recalled = None
+            if recalled is not None and recalled.done:
+                finished += 1
+                continue
+            # Still out (a node down): due again a grace later; a phone whose recall
+            # finished has left the list (receive_shipments).
+            await self.gateway.execute(
+                "ZADD",
+                keys.drains_due(partition),
+                "XX",
+                now + recall.RECALL_GRACE_MS,
+                phone_id,
+            )
+        return finished
+
+    async def _receive_shipments_due(self, host: int, now: int) -> int:
+        received = 0
+        for shipment_id in await self._due(keys.shipments_due(host), now):
+            phone_id = shipment_phone(shipment_id)
+            taken_back = keys.taken_back(partition_of(phone_id))
+            if not await self.gateway.execute("SISMEMBER", taken_back, shipment_id):
+                try:
+                    await recall.recall(self.scripts, phone_id)
+                except (RuntimeError, WriteUnconfirmed) as error:
+                    log.warning("recall of %s for %s failed: %r", phone_id, shipment_id, error)
+            if await self.gateway.execute("SISMEMBER", taken_back, shipment_id):
+                await self.gateway.execute("ZREM", keys.shipments_due(host), shipment_id)
+                received += 1
+            else:
+                await self.gateway.execute(
+                    "ZADD",
+                    keys.shipments_due(host),
+                    "XX",
+                    now + recall.RECALL_GRACE_MS,
+                    shipment_id,
+                )
+        return received
 
     async def _take_back_due(self, partition: int, now: int) -> int:
         order_ids = [

@@ -1,0 +1,94 @@
+"""Escrow's oversell race (docs/escrow.md, sections 5 and 11 step 4) through the real app,
+on one redis-server and on the 3+3 cluster: a phone of stock 300 with units lent to
+stripes on two other hosts, customers on every primary (collapsed orders and split sagas
+alike), more orders than units. Exactly 300 are sold: the pool's short orders meet
+stock_lent, recall the stripes and try again, and a 409 comes only once nothing is lent
+(each 409 is an out_of_stock read with lent = 0). At rest the phone lends nothing and is
+pool-only again, its stripes are closed and empty, and the audit over every shard holds.
+
+The stripes are made by the real grant, receipt and settle (tests/escrow_staging.py; the
+phone's mode striped set there by hand, TEST-ONLY)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+from redis.asyncio import Redis
+
+from app import appkeys, keys
+from app.partitions import PARTITIONS
+from tests import escrow_staging as staging
+from tests.helpers import ON_BOTH_STACKS, Placement, Shop, without_shedding
+
+STOCK = 300
+LENT_PER_HOST = 70
+ORDERS = 420
+
+
+@pytest.fixture
+def app_env(app_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Bursts here test the race, not overload: nothing of them is shed."""
+    return without_shedding(app_env, monkeypatch)
+
+
+async def stripe_hosts(placement: Placement, phone_id: str) -> list[int]:
+    """Two host partitions: on the cluster the lowest partition of each primary other
+    than the phone's (as docs/escrow.md's host partition), on one node any two."""
+    if not placement.on_cluster:
+        return [0, 1]
+    phone_primary = await placement.primary(keys.phone(phone_id))
+    hosts: dict[str, int] = {}
+    for partition in range(PARTITIONS):
+        primary = await placement.primary(keys.ledger(partition))
+        if primary != phone_primary:
+            hosts.setdefault(primary, partition)
+    assert len(hosts) == 2
+    return sorted(hosts.values())
+
+
+async def customers_on_every_primary(
+    shop: Shop, placement: Placement, count: int
+) -> list[dict[str, str]]:
+    chosen: list[dict[str, str]] = []
+    primaries: Counter[str] = Counter()
+    while len(chosen) < count or (placement.on_cluster and len(primaries) < 3):
+        customer, auth = await shop.customer(balance_cents=1_000_000)
+        primaries[await placement.primary(keys.customer(customer["id"]))] += 1
+        chosen.append(auth)
+    return chosen
+
+
+@ON_BOTH_STACKS
+async def test_a_striped_phone_sells_exactly_its_stock(
+    shop: Shop, redis: Redis, placement: Placement
+) -> None:
+    phone = (await shop.phone(price_cents=100, stock=STOCK))["id"]
+    hosts = await stripe_hosts(placement, phone)
+    scripts = shop.client.app[appkeys.SCRIPTS]
+    for host in hosts:
+        await staging.grant(scripts, redis, phone, host, LENT_PER_HOST)
+    pool_before = int(await redis.hget(keys.phone(phone), "stock"))
+    assert pool_before == STOCK - 2 * LENT_PER_HOST
+    customers = await customers_on_every_primary(shop, placement, 40)
+
+    responses = await asyncio.gather(
+        *(shop.order(customers[i % len(customers)], [(phone, 1)]) for i in range(ORDERS))
+    )
+    statuses = Counter(response.status for response in responses)
+    assert statuses == {201: STOCK, 409: ORDERS - STOCK}
+    for response in responses:
+        if response.status == 409:
+            assert (await response.json())["code"] == "out_of_stock"
+
+    row = await redis.hgetall(keys.phone(phone))
+    assert (row[b"stock"], row[b"lent"]) == (b"0", b"0")
+    assert b"mode" not in row
+    assert await redis.scard(keys.stripe_hosts(phone)) == 0
+    for host in hosts:
+        stripe = await redis.hgetall(keys.stripe(host, phone))
+        assert (stripe[b"stock"], stripe[b"sold"], stripe[b"closed"]) == (b"0", b"0", b"1")
+    audit = await shop.audit_at_rest()
+    assert audit["ok"] and audit["orders"]["total"] == STOCK
+    assert audit["stock"]["ok"] and audit["money"]["ok"]

@@ -1,0 +1,163 @@
+"""Escrow's recall (docs/escrow.md, section 5) script by script, on one redis-server and on
+the real 3+3 cluster with the phone's partition and its two stripe hosts on three
+different primaries: drain_phone, close_stripe and receive_shipments, each idempotent (a
+second run answers the same and moves nothing), the fence of grants in flight, and the
+units of every place at rest: the pool's stock + held + sold + lent = added, lent back to
+0, the stripes closed and empty.
+
+Stripes are made by the real grant (reserve_grant, receive_grant, settle_reservation:
+tests/escrow_staging.py); the phone's mode striped and a stripe's sales are staged there,
+TEST-ONLY, until the striping rule and the stripe order are on main."""
+
+from __future__ import annotations
+
+from app import keys
+from app.orders import recall, stripes
+from tests import escrow_staging as staging
+from tests.saga_fixtures import (
+    ORDER_PARTITION,
+    OTHER_PHONE_PARTITION,
+    PHONE_PARTITION,
+    SagaWorld,
+)
+
+HOST_A, HOST_B = ORDER_PARTITION, OTHER_PHONE_PARTITION
+LATER_MS = 10**13
+
+
+async def pool(saga: SagaWorld, phone_id: str) -> dict[str, int]:
+    row = await saga.redis.hmget(
+        keys.phone(phone_id), "stock", "held", "sold", "lent", "added_units"
+    )
+    return dict(
+        zip(("stock", "held", "sold", "lent", "added"), (int(v or 0) for v in row), strict=True)
+    )
+
+
+async def stripe(saga: SagaWorld, host: int, phone_id: str) -> dict[str, str]:
+    return await saga.redis.hgetall(keys.stripe(host, phone_id))
+
+
+async def test_a_recall_brings_every_stripe_home_once(saga: SagaWorld) -> None:
+    phone = await saga.phone(PHONE_PARTITION, price_cents=100, stock=20)
+    await staging.grant(saga.scripts, saga.redis, phone, HOST_A, 5)
+    await staging.grant(saga.scripts, saga.redis, phone, HOST_B, 3)
+    await staging.sell_from_stripe(saga.redis, HOST_A, phone, 2)
+    assert await pool(saga, phone) == {"stock": 12, "held": 0, "sold": 0, "lent": 8, "added": 20}
+
+    done = await recall.recall(saga.scripts, phone)
+    assert done.done and done.stock == 18 and done.lent == 0
+    assert sorted(done.received) == sorted([f"{phone}:{HOST_A}:0", f"{phone}:{HOST_B}:0"])
+    assert await pool(saga, phone) == {"stock": 18, "held": 0, "sold": 2, "lent": 0, "added": 20}
+    assert "mode" not in await saga.redis.hgetall(keys.phone(phone))
+    assert await saga.redis.scard(keys.stripe_hosts(phone)) == 0
+    assert await saga.redis.zscore(keys.drains_due(PHONE_PARTITION), phone) is None
+    closed = await stripe(saga, HOST_A, phone)
+    assert {k: closed[k] for k in ("stock", "sold", "got", "epoch", "closed")} == {
+        "stock": "0",
+        "sold": "0",
+        "got": "0",
+        "epoch": "1",
+        "closed": "1",
+    }
+    assert await saga.redis.hget(keys.shipments(HOST_A), f"{phone}:{HOST_A}:0") == f"{phone}:3:2:0"
+    assert await saga.redis.zscore(keys.shipments_due(HOST_A), f"{phone}:{HOST_A}:0") is not None
+
+    # Each step again, as a retried call or a second recall would: the same answers,
+    # nothing moves twice.
+    again = await recall.close_stripe(saga.scripts, HOST_A, phone, [], LATER_MS)
+    assert again == {
+        "outcomes": {},
+        "shipment_id": f"{phone}:{HOST_A}:0",
+        "shipment": f"{phone}:3:2:0",
+    }
+    received = await recall.receive_shipments(
+        saga.scripts, phone, [], [(HOST_A, again["shipment_id"], again["shipment"])]
+    )
+    assert received["received"] == {} and received["lent"] == "0"
+    second = await recall.recall(saga.scripts, phone)
+    assert second.done and second.received == []
+    assert await pool(saga, phone) == {"stock": 18, "held": 0, "sold": 2, "lent": 0, "added": 20}
+
+
+async def test_a_recall_fences_the_grants_in_flight(saga: SagaWorld) -> None:
+    """A grant not received by its host is aborted there (its receipt would be refused)
+    and its held units go back to the pool's stock; one received is settled held -> lent
+    and comes home with its stripe's shipment."""
+    phone = await saga.phone(PHONE_PARTITION, price_cents=100, stock=30)
+    lost = await staging.grant(
+        saga.scripts, saga.redis, phone, HOST_A, 4, received=False, settled=False
+    )
+    landed = await staging.grant(saga.scripts, saga.redis, phone, HOST_B, 6, settled=False)
+    assert await pool(saga, phone) == {"stock": 20, "held": 10, "sold": 0, "lent": 0, "added": 30}
+
+    done = await recall.recall(saga.scripts, phone)
+    assert done.done and done.settled == 2
+    assert done.received == [f"{phone}:{HOST_B}:0"]  # the stripe on A never existed
+    assert await pool(saga, phone) == {"stock": 30, "held": 0, "sold": 0, "lent": 0, "added": 30}
+    assert await saga.redis.hget(keys.aborts(HOST_A), lost) == "swept"
+    assert not await saga.redis.hexists(keys.aborts(HOST_B), landed)
+    assert await saga.redis.hget(keys.releases(PHONE_PARTITION), lost) == "released"
+    assert await saga.redis.hmget(keys.reservations(PHONE_PARTITION), lost, landed) == [None, None]
+    assert await saga.redis.scard(keys.grants_in_flight(phone)) == 0
+    # The lost grant's receipt, arriving late, is refused: its units are in the pool.
+    late = await stripes.receive_grant(
+        saga.scripts, host=HOST_A, phone_id=phone, grant_id=lost, units=4, price_cents=100, gen=0
+    )
+    assert late.status == 503
+    assert not await saga.redis.exists(keys.stripe(HOST_A, phone))
+    # The fence again: the same outcomes, one marker.
+    again = await recall.close_stripe(saga.scripts, HOST_A, phone, [lost], LATER_MS)
+    assert again == {"outcomes": ["aborted"]}
+    again = await recall.close_stripe(saga.scripts, HOST_B, phone, [landed], LATER_MS)
+    assert again["outcomes"] == ["received"]
+
+
+async def test_drain_with_nothing_lent_writes_nothing(saga: SagaWorld) -> None:
+    phone = await saga.phone(PHONE_PARTITION, price_cents=100, stock=3)
+    before = await saga.gateway.execute("DUMP", keys.phone(phone))
+    hosts, lent = await recall.drain(saga.scripts, phone, LATER_MS)
+    assert (hosts, lent) == ({}, 0)
+    assert await saga.gateway.execute("DUMP", keys.phone(phone)) == before
+    assert await saga.redis.zscore(keys.drains_due(PHONE_PARTITION), phone) is None
+
+
+async def test_drain_marks_the_phone_and_lists_it_for_the_settler(saga: SagaWorld) -> None:
+    phone = await saga.phone(PHONE_PARTITION, price_cents=100, stock=10)
+    await staging.grant(saga.scripts, saga.redis, phone, HOST_A, 4)
+    grant = await staging.grant(
+        saga.scripts, saga.redis, phone, HOST_B, 2, received=False, settled=False
+    )
+    hosts, lent = await recall.drain(saga.scripts, phone, 1234)
+    assert hosts == {HOST_A: [], HOST_B: [grant]} and lent == 4
+    assert await saga.redis.hget(keys.phone(phone), "mode") == "draining"
+    assert await saga.redis.zscore(keys.drains_due(PHONE_PARTITION), phone) == 1234
+    # A second drain keeps the first due time (the settler's grace runs from the first).
+    await recall.drain(saga.scripts, phone, 9999)
+    assert await saga.redis.zscore(keys.drains_due(PHONE_PARTITION), phone) == 1234
+
+
+async def test_a_receipt_that_does_not_add_up_writes_nothing(saga: SagaWorld) -> None:
+    phone = await saga.phone(PHONE_PARTITION, price_cents=100, stock=10)
+    await staging.grant(saga.scripts, saga.redis, phone, HOST_A, 2)
+    before = await saga.gateway.execute("DUMP", keys.phone(phone))
+    # More units home than the pool lent: a broken invariant, refused whole.
+    result = await saga.scripts.call(
+        "receive_shipments",
+        [
+            keys.phone(phone),
+            keys.stripe_hosts(phone),
+            keys.grants_in_flight(phone),
+            keys.taken_back(PHONE_PARTITION),
+            keys.reservations(PHONE_PARTITION),
+            keys.reservations_due(PHONE_PARTITION),
+            keys.releases(PHONE_PARTITION),
+            keys.releases_due(PHONE_PARTITION),
+            keys.ledger(PHONE_PARTITION),
+            keys.drains_due(PHONE_PARTITION),
+        ],
+        [phone, LATER_MS, 0, HOST_A, f"{phone}:{HOST_A}:0", f"{phone}:2:1:0"],
+    )
+    assert (result.status, result.payload["code"]) == (409, "lent_short")
+    assert await saga.gateway.execute("DUMP", keys.phone(phone)) == before
+    assert not await saga.redis.sismember(keys.taken_back(PHONE_PARTITION), f"{phone}:{HOST_A}:0")
