@@ -323,9 +323,17 @@ class ClusterGateway(RedisGateway):
         return None  # unreachable: ``partition`` itself is served by its primary
 
     def host_partitions(self) -> list[int]:
-        """Every primary's host partition, lowest first ([] while the map is not known)."""
-        hosts = {self.host_partition(p) for p in range(partitions.PARTITIONS)}
-        return [] if None in hosts else sorted(h for h in hosts if h is not None)
+        """Every primary's host partition, lowest first ([] while the map is not known):
+        one pass over the partitions, each primary's first (the shown stock of a striped
+        phone asks at every read)."""
+        slots = self.cluster.nodes_manager.slots_cache
+        hosts: dict[str, int] = {}
+        try:
+            for partition in range(partitions.PARTITIONS):
+                hosts.setdefault(slots[partitions.slot(partition)][0].name, partition)
+        except (KeyError, IndexError, TypeError):
+            return []
+        return sorted(hosts.values())
 
     async def run_on_one_node(
         self, script: LuaScript, across_slots: LuaScript, keys: list[str], args: list[Any]

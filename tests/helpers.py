@@ -22,7 +22,8 @@ from redis.asyncio.cluster import RedisCluster
 from app import keys, metrics
 from app.ops.poll import wait_until_async
 from app.ops.redis_cluster import LocalCluster
-from app.partitions import PARTITIONS
+from app.partitions import PARTITIONS, partition_of
+from app.redis_gateway import decode_hash
 from app.vocabulary import ORDER_STATUSES
 from loadtests.support.servers import free_port
 from nginx.render import NginxConfig
@@ -289,52 +290,45 @@ def gateway_calls() -> float:
     )
 
 
+
 # ---- escrow's stripes (docs/escrow.md) ---------------------------------------------------
 
-_RECEIVE_GRANT = (
-    Path(__file__).resolve().parents[1] / "loadtests" / "escrow_lua" / "receive_grant.lua"
-)
-_grants = itertools.count()
+
+def other_hosts(gateway: Any, phone_id: str) -> list[int]:
+    """The host partitions (app/cluster_gateway.py: host_partitions) of every primary but
+    the one serving the phone: where its stripes live. The gateway's slot map is known
+    once it made a call."""
+    own = gateway.host_partition(partition_of(phone_id))
+    hosts = gateway.host_partitions()
+    assert own in hosts, (own, hosts)
+    return [host for host in hosts if host != own]
 
 
-async def other_hosts(redis: Redis | RedisCluster, phone_id: str) -> list[int]:
-    """The host partition (the lowest partition it serves) of every primary but the one
-    serving the phone, by the client's slot map: where the phone's stripes live."""
-    assert isinstance(redis, RedisCluster)
-    phone_node = redis.get_node_from_key(keys.phone(phone_id)).name
-    hosts: dict[str, int] = {}
-    for partition in range(PARTITIONS):
-        hosts.setdefault(redis.get_node_from_key(keys.ledger(partition)).name, partition)
-    return sorted(host for node, host in hosts.items() if node != phone_node)
+class CountingGateway:
+    """A gateway's calls recorded, one entry per round trip (to each node a cluster
+    pipeline spans, in parallel): the command names sent in it. The rest is the gateway's."""
 
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.round_trips: list[list[str]] = []
 
-async def make_stripe(
-    redis: Redis | RedisCluster,
-    host: int,
-    phone_id: str,
-    *,
-    units: int,
-    price_cents: int | None = None,
-    gen: int | None = None,
-) -> None:
-    """A grant of ``units`` of the phone received on ``host`` by the receipt script, at
-    the phone's price and generation unless given, and the host named in the phone's
-    stripe hosts (what the grant's reserve writes)."""
-    if price_cents is None or gen is None:
-        price, stored_gen = await redis.hmget(keys.phone(phone_id), "price_cents", "gen")
-        price_cents = int(price) if price_cents is None else price_cents
-        gen = int(stored_gen or 0) if gen is None else gen
-    grant_id = f"g{next(_grants)}"
-    await redis.eval(
-        _RECEIVE_GRANT.read_text(),
-        4,
-        keys.stripe(host, phone_id),
-        keys.ledger(host),
-        keys.grant_receipts(host),
-        keys.aborts(host),
-        grant_id,
-        units,
-        price_cents,
-        gen,
-    )
-    await redis.sadd(keys.stripe_hosts(phone_id), host)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def execute(self, *args: Any) -> Any:
+        self.round_trips.append([args[0]])
+        return await self.inner.execute(*args)
+
+    async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        self.round_trips.append([command[0] for command in commands])
+        return await self.inner.execute_many(commands)
+
+    async def hgetall(self, key: str) -> dict[str, str]:
+        return decode_hash(await self.execute("HGETALL", key))
+
+    async def hgetall_many(self, keys: list[str]) -> list[dict[str, str]]:
+        return [decode_hash(row) for row in await self.execute_many([("HGETALL", k) for k in keys])]
+
+    async def read_strings_with(self, keys: Any, commands: list[tuple[Any, ...]]) -> Any:
+        self.round_trips.append(["strings", *(command[0] for command in commands)])
+        return await self.inner.read_strings_with(keys, commands)

@@ -3,8 +3,8 @@ sells at the new price; a request that died is finished by the settler's sweep o
 ``sp{Q}``; a late reprice never undoes a newer price. On one redis-server (no stripe
 ever) and for an unstriped phone a PATCH is what it was: one script, one round trip.
 
-Stripes are made on the session's 3+3 cluster, on host partitions of the other primaries
-than the phone's, through the receipt script (tests/helpers.py: make_stripe)."""
+Stripes are made on the session's 3+3 cluster, on the host partitions of the other
+primaries than the phone's, by the real receipt (tests/stripe_fixtures.py: grant)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,17 @@ import pytest
 from redis.asyncio import Redis
 
 from app import appkeys, keys
-from app.partitions import partition_of
+from app.orders import saga, stripes
+from app.partitions import new_id, partition_of
 from app.phones.service import update_phone_keys
 from app.redis_gateway import RedisGateway
 from app.scripts import Scripts
+from app.vocabulary import encode_grant, encode_items
 from loadtests.support.round_trips import CountingTransport
-from tests.helpers import ADMIN, CLUSTER, ONE_NODE, Shop, make_stripe, other_hosts, timed
+from tests.helpers import ADMIN, CLUSTER, ONE_NODE, Shop, other_hosts, timed
+from tests.stripe_fixtures import grant
 
+LATER_MS = 10**13  # a grant's expiry no sweep reaches during a test
 ON_CLUSTER = pytest.mark.parametrize(
     "stack_kind", [pytest.param(CLUSTER, marks=pytest.mark.cluster)], indirect=True
 )
@@ -42,10 +46,21 @@ async def _striped_phone(
 ) -> tuple[str, list[int]]:
     """A phone of 200 units with a stripe of 16 on each other primary's host partition."""
     phone = await shop.phone(price_cents=price_cents, stock=200)
-    hosts = await other_hosts(redis, phone["id"])
+    hosts = other_hosts(shop.client.app[appkeys.REDIS_GATEWAY], phone["id"])
     for host in hosts:
-        await make_stripe(redis, host, phone["id"], units=16)
+        await _grant(shop, redis, phone["id"], host, 16, price_cents, 0)
     return phone["id"], hosts
+
+
+async def _grant(
+    shop: Shop, redis: Redis, phone_id: str, host: int, units: int, price_cents: int, gen: int
+) -> dict:
+    scripts = shop.client.app[appkeys.SCRIPTS]
+    received = await grant(
+        redis, scripts, phone_id=phone_id, host=host, units=units, price_cents=price_cents, gen=gen
+    )
+    assert (received.status, received.flag) == (200, True), received.payload
+    return received.payload
 
 
 @ON_CLUSTER
@@ -126,23 +141,56 @@ async def test_the_settler_finishes_a_price_change_whose_request_died(
 @ON_CLUSTER
 async def test_a_late_reprice_never_undoes_a_newer_price(shop: Shop, redis: Redis) -> None:
     """reprice_stripe applies a newer generation only: the same one again and an older
-    one write nothing. A stripe not received yet is made empty at the new price, so a
-    grant reserved before the change (older generation) keeps it when it arrives."""
-    phone_id, (host, empty_host) = await _striped_phone(shop, redis)
-    await redis.delete(keys.stripe(empty_host, phone_id))  # its grant's receipt is late
+    one write nothing. A grant reserved before the change (its host in sh{Q}X, its
+    receipt still to come, carrying the older generation and price): the PATCH makes its
+    stripe empty at the new price, and the receipt adds its units and keeps that price."""
+    phone = await shop.phone(price_cents=1_000, stock=200)
+    gateway = shop.client.app[appkeys.REDIS_GATEWAY]
+    scripts = shop.client.app[appkeys.SCRIPTS]
+    host, late_host = other_hosts(gateway, phone["id"])
+    phone_id = phone["id"]
+    await _grant(shop, redis, phone_id, host, 16, 1_000, 0)
+    grant_id = new_id(late_host)
+    reserved = await saga.reserve_grant(
+        scripts, grant_id, phone_id, 8, LATER_MS, floor=64, shares=2, minimum=8
+    )
+    assert reserved.status == 200, reserved.payload
+    assert reserved.payload["reservation"] == encode_grant(
+        late_host, 0, encode_items([(phone_id, 8, 1_000)])
+    )
+
     await _patch(shop, phone_id, {"price_cents": 2_000})  # gen 1
     await _patch(shop, phone_id, {"price_cents": 3_000})  # gen 2
-    scripts = shop.client.app[appkeys.SCRIPTS]
     for gen, price in ((1, 2_000), (2, 3_000), (0, 1_000)):
         late = await scripts.run("reprice_stripe", [keys.stripe(host, phone_id)], [gen, price])
         assert (late.flag, late.payload) == (False, {"gen": "2", "price_cents": "3000"})
     assert (await _stripe(redis, host, phone_id))["price_cents"] == "3000"
-    made = await _stripe(redis, empty_host, phone_id)
-    assert made == {"gen": "2", "price_cents": "3000", "stock": "0", "sold": "0", "got": "0"}
-    # The late receipt (its reserve read generation 0 at 1,000 cents) adds its units only.
-    await make_stripe(redis, empty_host, phone_id, units=8, price_cents=1_000, gen=0)
-    received = await _stripe(redis, empty_host, phone_id)
-    assert (received["price_cents"], received["gen"], received["stock"]) == ("3000", "2", "8")
+    made = await _stripe(redis, late_host, phone_id)
+    assert made == {
+        "gen": "2",
+        "price_cents": "3000",
+        "stock": "0",
+        "sold": "0",
+        "got": "0",
+        "epoch": "0",
+    }
+    received = await stripes.receive_grant(
+        scripts,
+        host=late_host,
+        phone_id=phone_id,
+        grant_id=grant_id,
+        units=8,
+        price_cents=1_000,
+        gen=0,
+    )
+    assert (received.status, received.flag) == (200, True)
+    stripe = await _stripe(redis, late_host, phone_id)
+    assert (stripe["price_cents"], stripe["gen"], stripe["stock"], stripe["got"]) == (
+        "3000",
+        "2",
+        "8",
+        "8",
+    )
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,10 @@ again at its next read.
 
 Never a stale page: a create that finished before a read began moved its clock before
 that read's clock reads, whatever worker served either.
+
+A striped phone's shown stock adds its stripes' (docs/escrow.md, section 7): its caller
+(app/phones/service.py: list_phones) reads them for the page's striped rows in one more
+round trip; a page without one costs what it did, and no stripe figure is remembered.
 """
 
 from __future__ import annotations

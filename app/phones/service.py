@@ -64,6 +64,7 @@ async def get_phone(gateway: RedisGateway, phone_id: str) -> Phone:
     fields = await gateway.hgetall(keys.phone(phone_id))
     if not fields:
         raise ProblemError("phone_not_found", f"No phone with id {phone_id}")
+    await stripes.show_stripe_stock(gateway, [fields])
     return phone_from_fields(fields)
 
 
@@ -71,8 +72,11 @@ async def list_phones(
     gateway: RedisGateway, pages: CataloguePages, page: Page
 ) -> tuple[int, list[Phone]]:
     """Oldest first, over every partition's catalogue (app/paging.py), through this
-    worker's remembered pages (app/phones/page_cache.py)."""
+    worker's remembered pages (app/phones/page_cache.py). A striped phone's stock is its
+    pool's and its stripes' (app/phones/stripes.py: one more round trip for a page with
+    such rows, none for the others)."""
     total, rows = await pages.page(gateway, page)
+    await stripes.show_stripe_stock(gateway, rows)
     return total, [phone_from_fields(row) for row in rows]
 
 

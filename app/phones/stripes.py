@@ -11,6 +11,16 @@ redis-server no stripe is ever made (every order collapses), so nothing here run
   applies), then takes the entry off ``sp{Q}``; only then does the PATCH answer 200, so after
   it every stripe sells at the new price. ``finish_reprice`` is the settler's sweep of an
   entry whose request died: the phone's current generation and price, to its current hosts.
+* **Shown stock** (``show_stripe_stock``). GET /phones/{id} and the catalogue's rows show a
+  striped phone's stock as its pool + its stripes' stock (a closed stripe's is 0: its close
+  shipped it). A row is striped when its hash has a ``mode`` or lends units (``lent``):
+  a phone that never lent, every phone of one redis-server, costs nothing more. The rows'
+  stripes come in one more round trip (a pipeline, one per primary, in parallel): each
+  phone's stripe hosts ``sh{Q}<id>`` beside the stock of its stripe on every primary's host
+  partition now (the gateway's slot map), summed over the hosts ``sh`` names; a host it
+  names that no primary hosts now (a reshard moved it) costs one round trip more.
+  Exact at rest; units of a transfer in flight during the read may be missed or counted
+  twice (docs/escrow.md, section 7).
 """
 
 from __future__ import annotations
@@ -70,3 +80,41 @@ async def finish_reprice(
             scripts, phone_id, _text(gen or b"0"), _text(price), [_text(h) for h in hosts]
         )
     await gateway.execute("ZREM", keys.reprices_due(partition), entry)
+
+
+def striped(fields: dict[str, str]) -> bool:
+    """The phone hash may have stripes: it has a mode (striped, or draining until its
+    stripes are home) or lends units."""
+    return bool(fields.get("mode")) or int(fields.get("lent") or 0) > 0
+
+
+async def show_stripe_stock(gateway: RedisGateway, rows: list[dict[str, str]]) -> None:
+    """Each striped phone hash of ``rows`` gets ``stock`` = its pool + its stripes' stock,
+    in place; the others are left as they are, with no call."""
+    if gateway.one_node:
+        return  # one redis-server: no stripe, ever
+    rows = [row for row in rows if striped(row)]
+    if not rows:
+        return
+    hosts = gateway.host_partitions()
+    width = 1 + len(hosts)
+    commands: list[tuple[str, ...]] = []
+    for row in rows:
+        commands.append(("SMEMBERS", keys.stripe_hosts(row["id"])))
+        commands += [("HGET", keys.stripe(host, row["id"]), "stock") for host in hosts]
+    replies = await gateway.execute_many(commands)
+    elsewhere: list[tuple[dict[str, str], int]] = []
+    for i, row in enumerate(rows):
+        named = {int(host) for host in replies[i * width]}
+        stocks = replies[i * width + 1 : (i + 1) * width]
+        total = int(row["stock"]) + sum(
+            int(stock or 0) for host, stock in zip(hosts, stocks, strict=True) if host in named
+        )
+        row["stock"] = str(total)
+        elsewhere += [(row, host) for host in sorted(named.difference(hosts))]
+    if elsewhere:
+        more = await gateway.execute_many(
+            [("HGET", keys.stripe(host, row["id"]), "stock") for row, host in elsewhere]
+        )
+        for (row, _), stock in zip(elsewhere, more, strict=True):
+            row["stock"] = str(int(row["stock"]) + int(stock or 0))
