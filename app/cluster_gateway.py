@@ -341,8 +341,8 @@ class ClusterGateway(RedisGateway):
         """``across_slots`` (app/lua_prelude.py) on the primary that serves every key, by
         redis-py's slot map; NotOnOneNode, without sending anything, when the map puts
         them on several, and NotOnOneNode when the node refused a key it does not serve
-        (a reshard or failover the map has not seen yet): the script touches those
-        before its first write, so it wrote nothing. The keys of the first key's slot
+        (a reshard or failover the map has not seen yet; the map is read again then): the
+        script touches those before its first write, so it wrote nothing. The keys of the first key's slot
         are declared; EVALSHA goes by them, as any script's."""
         await self.transport.ready()
         try:
@@ -362,6 +362,9 @@ class ClusterGateway(RedisGateway):
             )
         except ResponseError as error:
             if _not_served_here(error):
+                # The map was stale (a reshard or failover): learn the new one, so the next
+                # order's form and stripe host (host_partition) follow it.
+                await self._refresh_topology()
                 raise NotOnOneNode(f"{script.name}: {error}") from error
             raise
 

@@ -94,6 +94,20 @@ DEFINITIONS: dict[str, str] = {
     " redis.call('EXPIREAT', bucket, expire_at, 'NX') end",
     "replay_reply": "local function replay_reply(status, body) if status == 201 then"
     " return {201, cjson.encode({replay_of = body}), 1} end return {status, body, 1} end",
+    # The placing scripts' (place_order, commit_order, place_from_stripe) shared steps.
+    # The key's first answer replayed, before any other check: nil when the key has no
+    # record (the request is new); a 422 when it has one for another body.
+    "recorded_reply": "local function recorded_reply(buckets, request)"
+    " local same_body, status, body = find_record(buckets, request)"
+    " if same_body == nil then return nil end"
+    " if not same_body then return {422, cjson.encode({code = 'idempotency_key_reused'}), 0} end"
+    " return replay_reply(status, body) end",
+    # An answer's payload encoded, and stored as the key's record when a key was given
+    # (request: the record's field and fingerprint, or false): a 201's record is its id.
+    "recorded_answer": "local function recorded_answer(bucket, request, expire_at, status, payload)"
+    " local encoded = cjson.encode(payload)"
+    " if request then store_record(bucket, request, status,"
+    " status == 201 and payload.id or encoded, expire_at) end return encoded end",
     "CHUNK_ORDERS": f"local CHUNK_ORDERS = {CHUNK_ORDERS}",
     "CHUNK_GROUP": f"local CHUNK_GROUP = {CHUNK_GROUP}",
     # Characters 3..6 of the id, base64 digits (app/partitions.py: chunk_of).
@@ -158,6 +172,40 @@ DEFINITIONS: dict[str, str] = {
     f" local group = 'g' .. math.floor(tonumber(chunk) / {CHUNK_GROUP})"
     " if redis.call('HINCRBY', counts, group, -1) == 0 then redis.call('HDEL', counts, group) end"
     " end",
+    # A new order's writes once every check passed, the customer's side: the debit, the
+    # order hash (under ORDER_FIELD's names, with o.extra's field, value pairs; the chunk
+    # only where the id says another), its status chunk (placing_chunk's figures in o),
+    # the customer's index, the customer partition's ledger and the events. k names the
+    # keys (customer, order, by_customer, clock, state, chunks, counts, events, ledger).
+    # Returns the order as answered (strings, with current_chunk: the partition's after).
+    "enter_order": "local function enter_order(k, o)"
+    " redis.call('HINCRBY', k.customer, 'balance_cents', -o.total)"
+    " local status = STATUS.open if o.autocheck then status = STATUS.completed end"
+    " local seq, after = next_order_seq(k.clock, k.state, o.last, o.current, o.placed)"
+    " local order = {id = o.id, customer_id = o.customer_id, status = status, items = o.items,"
+    " total_cents = string.format('%d', o.total), seq = seq,"
+    " created_at = string.format('%d', math.floor(tonumber(seq) / 1000))}"
+    " redis.call('HSET', k.order, ORDER_FIELD.customer_id, o.customer_id,"
+    " ORDER_FIELD.status, status, ORDER_FIELD.items, o.items, ORDER_FIELD.seq, seq,"
+    " unpack(o.extra or {}))"
+    " local chunk_name = string.format('%d', o.current)"
+    " if o.current ~= id_chunk(o.id) then"
+    " redis.call('HSET', k.order, ORDER_FIELD.chunk, chunk_name) end"
+    " chunk_enter(o.list, k.chunks, k.counts, k.state, chunk_name, seq, o.id)"
+    " redis.call('ZADD', k.by_customer, seq, o.id)"
+    " redis.call('HINCRBY', k.ledger, 'balance_cents', -o.total)"
+    " redis.call('HINCRBY', k.ledger, status .. '_cents', o.total)"
+    " redis.call('HINCRBY', k.ledger, status .. '_units', o.units)"
+    " redis.call('HINCRBY', k.ledger, 'orders_' .. status, 1)"
+    " redis.call('HINCRBY', k.ledger, 'changes', 1)"
+    " redis.call('XADD', k.events, '*', 'type', ORDER_EVENT.open, 'order_id', o.id,"
+    " 'customer_id', o.customer_id, 'status', STATUS.open, 'request_id', o.request_id,"
+    " 'at', o.now)"
+    " if status == STATUS.completed then"
+    " redis.call('XADD', k.events, '*', 'type', ORDER_EVENT.completed, 'order_id', o.id,"
+    " 'customer_id', o.customer_id, 'status', STATUS.completed, 'request_id', o.request_id,"
+    " 'at', o.now, 'balance_cents', string.format('%d', o.balance - o.total)) end"
+    " order.current_chunk = string.format('%d', after) return order end",
     # ARGV[1] = u, ARGV[2..1+u] the undeclared keys, then the script's own ARGV. Each
     # undeclared key is touched first: a key this node does not serve (moved away, or
     # not yet or no longer here while its slot migrates) fails the script right there,

@@ -50,6 +50,8 @@ SCRIPT_NAMES = (
     "drain_phone",
     "close_stripe",
     "receive_shipments",
+    # Escrow: an order sold from stripes (docs/escrow.md, section 3).
+    "place_from_stripe",
 )
 
 
@@ -72,13 +74,16 @@ RERUNNABLE = frozenset(
         "drain_phone",
         "close_stripe",
         "receive_shipments",
+        # Idempotent by order id (a second run finds the order and answers it): after a
+        # lost answer the order path sends it again, never the saga (docs/escrow.md 3).
+        "place_from_stripe",
     }
 )
 
 
 # The scripts whose keys span partitions: the order path's collapsed forms (the saga in
 # one script: app/orders/saga_service.py), run only where one node serves every key.
-ONE_NODE_SCRIPTS = ("place_order", "cancel_order")
+ONE_NODE_SCRIPTS = ("place_order", "cancel_order", "place_from_stripe")
 
 
 def _text(name: str) -> str:
@@ -118,7 +123,8 @@ class Scripts:
             for name in SCRIPT_NAMES
         }
         self._across_slots = {
-            name: LuaScript.of(name, load_across_slots_source(name)) for name in ONE_NODE_SCRIPTS
+            name: LuaScript.of(name, load_across_slots_source(name), rerunnable=name in RERUNNABLE)
+            for name in ONE_NODE_SCRIPTS
         }
 
     def _every_form(self) -> list[LuaScript]:
@@ -196,7 +202,7 @@ def unconfirmed_problem(error: WriteUnconfirmed) -> ProblemError:
 
 
 # The scripts whose success places an order: place_order, and the saga's commit point.
-PLACING_SCRIPTS = ("place_order", "commit_order")
+PLACING_SCRIPTS = ("place_order", "commit_order", "place_from_stripe")
 
 
 def _placed_order_id(script: str, reply: Any) -> str | None:

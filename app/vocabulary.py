@@ -137,6 +137,24 @@ def order_fields(stored: dict[str, str]) -> dict[str, str]:
     return fields
 
 
+# ---- an order's stripe mark (docs/escrow.md, sections 2 and 3) --------------------------
+# The order hash's ``stripe`` field (ORDER_FIELDS: ``v``) on an order sold from stripes:
+# "<host partition>:<epoch>", the stripes' host and the epoch they sold at (a cancel gives
+# the units back to the stripe while it is at that epoch, else to the pool).
+
+STRIPE_MARK_SEPARATOR = ":"
+
+
+def stripe_mark(host: int, epoch: int) -> str:
+    return f"{host}{STRIPE_MARK_SEPARATOR}{epoch}"
+
+
+def parse_stripe_mark(mark: str) -> tuple[int, int]:
+    """(host partition, epoch) of an order's stripe mark."""
+    host, _, epoch = mark.partition(STRIPE_MARK_SEPARATOR)
+    return int(host), int(epoch)
+
+
 # ---- the order items field --------------------------------------------------------------
 # An order hash's ``items``: "phone_id:quantity:unit_price_cents;..." in the
 # order of the request's lines, written by place_order.lua and never changed.
@@ -322,6 +340,7 @@ def lua_definitions() -> dict[str, str]:
     hash's stored field name) and PHONE_MODE.<mode>, which raise on an unknown name;
     encode_item(phone_id, quantity, unit_price) and encode_items(list of those);
     decode_items(items): an iterator of phone_id, quantity, unit_price (strings);
+    stripe_mark(host, epoch): an order's stripe mark (the ``stripe`` field);
     encode_grant(host, gen, lines) and decode_grant(stored): a grant's reservation
     (nil for an order's; else host, gen, lines as strings)."""
     field, line = ITEM_FIELD_SEPARATOR, ITEM_LINE_SEPARATOR
@@ -336,6 +355,8 @@ def lua_definitions() -> dict[str, str]:
         "ORDER_FIELD": f"local ORDER_FIELD = setmetatable({_lua_table(ORDER_FIELDS)}, {strict})",
         "PHONE_MODE": "local PHONE_MODE = setmetatable("
         f"{_lua_table({name: name for name in PHONE_MODES})}, {strict})",
+        "stripe_mark": "local function stripe_mark(host, epoch)"
+        f" return host .. '{STRIPE_MARK_SEPARATOR}' .. epoch end",
         "encode_item": "local function encode_item(phone_id, quantity, unit_price)"
         f" return phone_id .. '{field}' .. quantity .. '{field}' .. unit_price end",
         "encode_items": "local function encode_items(lines)"

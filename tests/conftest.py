@@ -22,6 +22,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from app.main import create_app
 from app.ops.redis_cluster import LocalCluster, wait_ready
 from app.orders.chunk_hints import HINTS
+from app.orders.stripes import STRIPE_HINTS
 from loadtests.support.servers import RedisServer, free_port
 from tests.helpers import ADMIN_TOKEN, CLUSTER, ONE_NODE, Placement, Shop
 
@@ -71,6 +72,7 @@ async def redis(request: pytest.FixtureRequest, stack_kind: str) -> AsyncIterato
     # belief learnt from an earlier test would cost this test's first order a retry,
     # which the tests that count scripts run would see.
     HINTS.forget()
+    STRIPE_HINTS.forget()  # the stripes it learnt of were flushed too
     yield client
     await client.aclose()
 

@@ -59,6 +59,7 @@ from app.vocabulary import (
     ORDER_FIELDS,
     ORDER_STATUSES,
     decode_items,
+    parse_stripe_mark,
 )
 
 LEDGER_MISSING = (
@@ -424,15 +425,15 @@ def _recount_orders(
         totals[f"orders_{status}"] += 1
         lines_total = units = 0
         keeps_money = status in MONEY_KEEPING_STATUSES
-        # "<host>:<epoch>" on an order sold from stripes (escrow).
-        host, _, epoch = stripe.decode().partition(":") if stripe else ("", "", "")
+        # The stripes' host and epoch on an order sold from stripes (escrow).
+        host, epoch = parse_stripe_mark(stripe.decode()) if stripe else (None, 0)
         for phone_id, quantity, unit_price in decode_items(items.decode()):
             units += quantity
             lines_total += quantity * unit_price
             if keeps_money:
                 found.sold[phone_id] += quantity
-                if host:
-                    found.stripe_lines.append((int(host), int(epoch), phone_id, quantity))
+                if host is not None:
+                    found.stripe_lines.append((host, epoch, phone_id, quantity))
                 else:
                     # The phone side of the ledger: its own partition's.
                     found.partitions[partition_of(phone_id)]["sold_units"] += quantity

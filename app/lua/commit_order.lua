@@ -56,7 +56,11 @@
 --
 -- Returns {http_status, payload_json, replayed}:
 --   201, order fields (all strings), 0            committed now (with current_chunk: the
---                                                 partition's after it), or by an earlier run
+--                                                 partition's after it), or by an earlier run;
+--                                                 with a `stripe` field when the order was
+--                                                 sold from stripes (place_from_stripe.lua):
+--                                                 the app then releases its reservations
+--                                                 instead of settling them as sold
 --   409, {code="order_chunk_stale", chunk}, 0     the partition's current chunk (chunk) is
 --                                                 neither ARGV[12] nor the next: nothing
 --                                                 written, not even a marker; the app
@@ -74,9 +78,9 @@
 --   503, {code="service_unavailable"}, 0          past the expiry; marker written
 --   error reply "commit_order: ..."               bad items; nothing written
 --
--- STATUS, ORDER_EVENT, ORDER_FIELD, decode_items, order_map, now_ms, record_buckets, find_record,
--- store_record, replay_reply, id_chunk, placing_chunk, next_order_seq, chunk_enter: the prelude
--- (app/lua_prelude.py).
+-- decode_items, order_map, now_ms, record_buckets, find_record, replay_reply, recorded_answer,
+-- placing_chunk and enter_order (the order's writes, shared with place_order and
+-- place_from_stripe): the prelude (app/lua_prelude.py).
 
 if #KEYS ~= 15 then
   return redis.error_reply('commit_order: expected 15 keys, got ' .. #KEYS)
@@ -130,10 +134,7 @@ if now_ms() > tonumber(ARGV[10]) then
 end
 
 local function answer(status, payload)
-  local encoded = cjson.encode(payload)
-  if use_idem then
-    store_record(KEYS[2], ARGV[7], status, status == 201 and payload.id or encoded, ARGV[8])
-  end
+  local encoded = recorded_answer(KEYS[2], use_idem and ARGV[7], ARGV[8], status, payload)
   if status >= 400 then
     return abort(status, encoded, 0)
   end
@@ -170,46 +171,11 @@ if not list then
   return {409, cjson.encode({code = 'order_chunk_stale', chunk = fmt(current)}), 0}
 end
 
--- Every check passed: write.
-redis.call('HINCRBY', KEYS[1], 'balance_cents', -total)
-local status = STATUS.open
-if ARGV[5] == '1' then
-  status = STATUS.completed
-end
-local seq, after = next_order_seq(KEYS[6], KEYS[13], last, current, placed)
-local order = {
-  id = order_id,
-  customer_id = ARGV[2],
-  status = status,
-  items = ARGV[9],
-  total_cents = fmt(total),
-  seq = seq,
-  created_at = fmt(math.floor(tonumber(seq) / 1000)),
-}
--- Under the short names (ORDER_FIELD); not the id: the key holds it, every reader adds it
--- back; nor the total and the creation time: every reader derives them (the items' sum,
--- the seq's millisecond: the prelude's order_map).
-redis.call('HSET', KEYS[3], ORDER_FIELD.customer_id, order.customer_id, ORDER_FIELD.status, status,
-  ORDER_FIELD.items, order.items, ORDER_FIELD.seq, order.seq)
-local chunk_name = fmt(current)
-if current ~= id_chunk(order_id) then
-  redis.call('HSET', KEYS[3], ORDER_FIELD.chunk, chunk_name)  -- the id says another
-end
-chunk_enter(list, KEYS[11], KEYS[12], KEYS[13], chunk_name, seq, order_id)
-redis.call('ZADD', KEYS[5], seq, order_id)
-redis.call('HINCRBY', KEYS[8], 'balance_cents', -total)
-redis.call('HINCRBY', KEYS[8], status .. '_cents', total)
-redis.call('HINCRBY', KEYS[8], status .. '_units', units)
-redis.call('HINCRBY', KEYS[8], 'orders_' .. status, 1)
-redis.call('HINCRBY', KEYS[8], 'changes', 1)
-
-redis.call('XADD', KEYS[7], '*', 'type', ORDER_EVENT.open, 'order_id', order_id,
-  'customer_id', ARGV[2], 'status', STATUS.open, 'request_id', ARGV[4], 'at', ARGV[3])
-if status == STATUS.completed then
-  -- The balance right after this order, for the confirmation mail.
-  redis.call('XADD', KEYS[7], '*', 'type', ORDER_EVENT.completed, 'order_id', order_id,
-    'customer_id', ARGV[2], 'status', STATUS.completed, 'request_id', ARGV[4], 'at', ARGV[3],
-    'balance_cents', fmt(balance - total))
-end
-order.current_chunk = fmt(after)
+-- Every check passed: write (the debit, the order, its indexes, ledger and events).
+local order = enter_order(
+  {customer = KEYS[1], order = KEYS[3], by_customer = KEYS[5], clock = KEYS[6], state = KEYS[13],
+    chunks = KEYS[11], counts = KEYS[12], events = KEYS[7], ledger = KEYS[8]},
+  {id = order_id, customer_id = ARGV[2], items = ARGV[9], total = total, units = units,
+    balance = balance, autocheck = ARGV[5] == '1', now = ARGV[3], request_id = ARGV[4], list = list,
+    current = current, placed = placed, last = last})
 return answer(201, order)

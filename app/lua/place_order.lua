@@ -66,9 +66,9 @@
 --   stored status and payload, 1                  the key's refusal, replayed
 --   error reply "place_order: ..."               KEYS do not fit ARGV; nothing written
 --
--- STATUS, ORDER_EVENT, ORDER_FIELD, encode_item(s), record_buckets, find_record, store_record,
--- replay_reply, id_chunk, placing_chunk, next_order_seq, chunk_enter: the prelude
--- (app/lua_prelude.py).
+-- encode_item(s), record_buckets, recorded_reply, recorded_answer, id_chunk, placing_chunk and
+-- enter_order (the order's writes, shared with commit_order and place_from_stripe): the
+-- prelude (app/lua_prelude.py).
 
 local function fmt(n)
   return string.format('%d', n)
@@ -79,23 +79,16 @@ if #KEYS ~= 13 + 2 * n then
   return redis.error_reply('place_order: expected ' .. (13 + 2 * n) .. ' keys, got ' .. #KEYS)
 end
 
-local use_idem = ARGV[6] == '1'
-if use_idem then
-  local same_body, status, body = find_record(record_buckets(KEYS, 2), ARGV[7])
-  if same_body ~= nil then
-    if not same_body then
-      return {422, cjson.encode({code = 'idempotency_key_reused'}), 0}
-    end
-    return replay_reply(status, body)
+local request = ARGV[6] == '1' and ARGV[7]
+if request then
+  local replay = recorded_reply(record_buckets(KEYS, 2), request)
+  if replay then
+    return replay
   end
 end
 
 local function answer(status, payload)
-  local encoded = cjson.encode(payload)
-  if use_idem then
-    store_record(KEYS[2], ARGV[7], status, status == 201 and payload.id or encoded, ARGV[8])
-  end
-  return {status, encoded, 0}
+  return {status, recorded_answer(KEYS[2], request, ARGV[8], status, payload), 0}
 end
 
 -- Every customer hash has balance_cents (create_customer.lua), so its absence is the
@@ -157,70 +150,32 @@ if not list then
   return {409, cjson.encode({code = 'order_chunk_stale', chunk = fmt(current)}), 0}
 end
 
--- Every check passed: write.
+-- Every check passed: write. The phone side: each line's units from stock to sold (as
+-- the split saga's settle does: its give-back, return_stock, takes units from sold), and
+-- each phone ledger's `changes` once, however many lines it has.
 local items = {}
 local units = 0
-for i = 1, n do
-  local phone_id = ARGV[7 + 2 * i]
-  local quantity = ARGV[8 + 2 * i]
-  redis.call('HINCRBY', KEYS[12 + i], 'stock', -tonumber(quantity))
-  -- As the split saga's settle does: its give-back (return_stock) takes units from sold.
-  redis.call('HINCRBY', KEYS[12 + i], 'sold', quantity)
-  units = units + tonumber(quantity)
-  items[i] = encode_item(phone_id, quantity, fmt(prices[i]))
-end
-redis.call('HINCRBY', KEYS[1], 'balance_cents', -total)
-
-local status = STATUS.open
-if ARGV[5] == '1' then
-  status = STATUS.completed
-end
-local seq, after = next_order_seq(KEYS[6], KEYS[11], last, current, placed)
-local order = {
-  id = ARGV[1],
-  customer_id = ARGV[2],
-  status = status,
-  items = encode_items(items),
-  total_cents = fmt(total),
-  seq = seq,
-  created_at = fmt(math.floor(tonumber(seq) / 1000)),
-}
--- Under the short names (ORDER_FIELD); not the id: the key holds it, every reader adds it
--- back; nor the total and the creation time: every reader derives them (the items' sum,
--- the seq's millisecond: the prelude's order_map).
-redis.call('HSET', KEYS[3], ORDER_FIELD.customer_id, order.customer_id, ORDER_FIELD.status, status,
-  ORDER_FIELD.items, order.items, ORDER_FIELD.seq, order.seq)
-local chunk_name = fmt(current)
-if current ~= chunk then
-  redis.call('HSET', KEYS[3], ORDER_FIELD.chunk, chunk_name)  -- the id says the one before
-end
-chunk_enter(list, KEYS[9], KEYS[10], KEYS[11], chunk_name, seq, ARGV[1])
-redis.call('ZADD', KEYS[5], seq, ARGV[1])
-redis.call('HINCRBY', KEYS[8], 'balance_cents', -total)
-redis.call('HINCRBY', KEYS[8], status .. '_cents', total)
-redis.call('HINCRBY', KEYS[8], status .. '_units', units)
-redis.call('HINCRBY', KEYS[8], 'orders_' .. status, 1)
-redis.call('HINCRBY', KEYS[8], 'changes', 1)
--- The phone side: each ledger's `changes` moves once, however many lines it has.
 local moved = {[KEYS[8]] = true}
 for i = 1, n do
-  local ledger = KEYS[12 + n + i]
+  local phone_id = ARGV[7 + 2 * i]
   local quantity = tonumber(ARGV[8 + 2 * i])
+  redis.call('HINCRBY', KEYS[12 + i], 'stock', -quantity)
+  redis.call('HINCRBY', KEYS[12 + i], 'sold', quantity)
+  local ledger = KEYS[12 + n + i]
   redis.call('HINCRBY', ledger, 'stock_units', -quantity)
   redis.call('HINCRBY', ledger, 'sold_units', quantity)
   if not moved[ledger] then
     moved[ledger] = true
     redis.call('HINCRBY', ledger, 'changes', 1)
   end
+  units = units + quantity
+  items[i] = encode_item(phone_id, fmt(quantity), fmt(prices[i]))
 end
-
-redis.call('XADD', KEYS[7], '*', 'type', ORDER_EVENT.open, 'order_id', ARGV[1],
-  'customer_id', ARGV[2], 'status', STATUS.open, 'request_id', ARGV[4], 'at', ARGV[3])
-if status == STATUS.completed then
-  -- The balance right after this order, for the confirmation mail.
-  redis.call('XADD', KEYS[7], '*', 'type', ORDER_EVENT.completed, 'order_id', ARGV[1],
-    'customer_id', ARGV[2], 'status', STATUS.completed, 'request_id', ARGV[4], 'at', ARGV[3],
-    'balance_cents', fmt(balance - total))
-end
-order.current_chunk = fmt(after)
+-- The customer's side (the debit, the order, its indexes, ledger and events).
+local order = enter_order(
+  {customer = KEYS[1], order = KEYS[3], by_customer = KEYS[5], clock = KEYS[6], state = KEYS[11],
+    chunks = KEYS[9], counts = KEYS[10], events = KEYS[7], ledger = KEYS[8]},
+  {id = ARGV[1], customer_id = ARGV[2], items = encode_items(items), total = total, units = units,
+    balance = balance, autocheck = ARGV[5] == '1', now = ARGV[3], request_id = ARGV[4], list = list,
+    current = current, placed = placed, last = last})
 return answer(201, order)

@@ -30,7 +30,7 @@ import msgspec
 from app import keys
 from app.auth import Principal
 from app.fields import BALANCE_LIMIT, STOCK_LIMIT
-from app.orders import recall, saga, service
+from app.orders import recall, saga, service, stripes
 from app.orders.chunk_hints import HINTS
 from app.orders.idempotency import RecordPlace
 from app.orders.models import Order
@@ -48,10 +48,11 @@ from app.orders.service import (
     older_buckets,
     order_from_fields,
 )
+from app.orders.stripes import STRIPE_ANSWERS, STRIPE_HINTS, StripeAnswer
 from app.partitions import chunk_of, partition_of
 from app.problems import ProblemError, retry_later
-from app.redis_gateway import NotOnOneNode, RedisGateway
-from app.scripts import ScriptResult, Scripts, problem_from_script
+from app.redis_gateway import NotOnOneNode, RedisGateway, WriteUnconfirmed
+from app.scripts import ScriptResult, Scripts, problem_from_script, unconfirmed_problem
 from app.vocabulary import (
     CANCELLED,
     COMPLETED,
@@ -213,7 +214,7 @@ async def place_order(
                 request_id=request_id,
             )
         except NotOnOneNode:
-            pass  # the split saga below
+            pass  # from stripes, else the split saga below
         except ProblemError as error:
             if error.code != STOCK_LENT:
                 raise
@@ -233,6 +234,18 @@ async def place_order(
                 )
             except NotOnOneNode:
                 pass
+        order_id, placed = await _from_stripes(
+            scripts,
+            order_id=order_id,
+            customer_id=customer_id,
+            lines=lines,
+            autocheck=autocheck,
+            idempotency_key=idempotency_key,
+            idempotency_ttl=idempotency_ttl,
+            request_id=request_id,
+        )
+        if placed is not None:
+            return placed
     groups = saga.lines_by_partition(lines)
     expires = _now_ms() + reservation_ttl_ms
     outcomes = await _reserve_everywhere(scripts, order_id, groups, expires, fault_point)
@@ -324,12 +337,93 @@ async def place_order(
     if "current_chunk" in result.payload:
         HINTS.learn(order_partition, int(result.payload["current_chunk"]))
     crash_if("committed", fault_point)
-    if result.status == 201 and not result.flag:
+    # An order already there with a stripe mark was sold from stripes (a second guard: the
+    # saga runs only after a stripe order was cleanly refused): its units are not these.
+    if result.status == 201 and not result.flag and "stripe" not in result.payload:
         # Held units are not in stock either way: selling them can wait for a batch.
         _settle_all(settle_soon, order_id, saga.COMMITTED, reserved)
     else:
         await _release_now(scripts, order_id, reserved)
     return await _answer(scripts, result, autocheck)
+
+
+async def _from_stripes(
+    scripts: Scripts,
+    *,
+    order_id: str,
+    customer_id: str,
+    lines: list[tuple[str, int]],
+    autocheck: bool,
+    idempotency_key: str | None,
+    idempotency_ttl: int,
+    request_id: str,
+) -> tuple[str, PlacedOrder | None]:
+    """The order sold from stripes (docs/escrow.md 3) where this worker's hints say every
+    line's phone is striped: place_from_stripe.lua on the customer's primary, its stripes
+    in that primary's host partition. Returns the order id (minted again after a stale
+    chunk) and the answer, or None when it was cleanly refused with nothing written
+    (stripe_short, NotOnOneNode, no host on one redis-server): the split saga then places
+    that id. A lost answer is sent again, never followed by the saga
+    (stripes.place_from_stripe). Every line's answer is told to STRIPE_ANSWERS (the
+    refills' hook)."""
+    order_partition = partition_of(customer_id)
+    host = scripts.gateway.host_partition(order_partition)
+    phone_ids = [phone_id for phone_id, _ in lines]
+    if host is None or not STRIPE_HINTS.worth_trying(host, phone_ids):
+        return order_id, None
+    status = COMPLETED if autocheck else OPEN
+    record, idempotency = idempotency_request(
+        customer_id, lines, autocheck, idempotency_key, idempotency_ttl
+    )
+    for _ in range(CHUNK_TRIES):
+        args: list[str | bytes | int] = [
+            order_id,
+            customer_id,
+            _now_ms(),
+            request_id,
+            "1" if autocheck else "0",
+            *idempotency,
+            host,
+        ]
+        for phone_id, quantity in lines:
+            args += [phone_id, quantity]
+        script_keys = stripes.place_from_stripe_keys(
+            customer_id, order_id, status, record, host, phone_ids
+        )
+        try:
+            result = await stripes.place_from_stripe(scripts, script_keys, args)
+        except NotOnOneNode:
+            return order_id, None  # the host moved: nothing written
+        except WriteUnconfirmed as error:
+            raise unconfirmed_problem(error) from None
+        if result.payload.get("code") != "order_chunk_stale":
+            break
+        chunk = int(result.payload["chunk"])  # nothing written: a new id for that chunk
+        HINTS.learn(order_partition, chunk)
+        order_id = new_order_id(customer_id, chunk)
+    else:
+        return order_id, None
+    if "current_chunk" in result.payload:
+        HINTS.learn(order_partition, int(result.payload["current_chunk"]))
+    if result.payload.get("code") == stripes.STRIPE_SHORT:
+        short = result.payload["phone_ids"]
+        for phone_id in short:
+            STRIPE_HINTS.ran_dry(host, phone_id)
+        STRIPE_ANSWERS.tell([StripeAnswer(host, phone_id, None) for phone_id in short])
+        return order_id, None
+    if "stripe_left" in result.payload:
+        STRIPE_ANSWERS.tell(
+            [
+                StripeAnswer(host, phone_id, int(left))
+                for phone_id, left in result.payload["stripe_left"].items()
+            ]
+        )
+    if result.status >= 400:
+        error = problem_from_script(result.status, result.payload)
+        if result.flag:  # a stored rejection, replayed
+            error.headers["Idempotent-Replayed"] = "true"
+        raise error
+    return order_id, await answered_order(scripts.gateway, result.payload, result.flag, autocheck)
 
 
 def commit_order_keys(
