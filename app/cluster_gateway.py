@@ -222,6 +222,9 @@ class ClusterGateway(RedisGateway):
         # read_strings_with's groups: per key set read (its callers read a fixed one, the
         # catalogue's clocks), the keys' positions grouped by the primary serving them.
         self._string_groups: dict[tuple[str, ...], list[list[int]]] = {}
+        # host_partition's answers, for the slot map they were read from (its id).
+        self._hosts: dict[int, int] = {}
+        self._hosts_of = 0
 
     @contextlib.asynccontextmanager
     async def _call_slot(self) -> AsyncIterator[None]:
@@ -313,10 +316,19 @@ class ClusterGateway(RedisGateway):
         stale map names a host its node no longer serves: the stripe order sent there is
         refused before any write (NotOnOneNode) and goes by the saga."""
         slots = self.cluster.nodes_manager.slots_cache
+        if id(slots) != self._hosts_of:
+            # A new map (redis-py builds one at every full refresh): learn the hosts again.
+            self._hosts, self._hosts_of = {}, id(slots)
         try:
             primary = slots[partitions.slot(partition)][0].name
+            # Remembered while its primary is still this partition's (a MOVED updates the
+            # map in place): three lookups instead of a walk of up to 128 partitions.
+            host = self._hosts.get(partition)
+            if host is not None and slots[partitions.slot(host)][0].name == primary:
+                return host
             for candidate in range(partition + 1):
                 if slots[partitions.slot(candidate)][0].name == primary:
+                    self._hosts[partition] = candidate
                     return candidate
         except (KeyError, IndexError, TypeError):
             return None
@@ -467,6 +479,7 @@ class ClusterGateway(RedisGateway):
     async def _refresh(self) -> None:
         with contextlib.suppress(RedisError, OSError):
             await self.cluster.nodes_manager.initialize()
+        self._hosts = {}  # read from the new map at the next host_partition
 
     async def aclose(self) -> None:
         if self._refreshing is not None:

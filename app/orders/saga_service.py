@@ -366,9 +366,11 @@ async def _from_stripes(
     that id. A lost answer is sent again, never followed by the saga
     (stripes.place_from_stripe). Every line's answer is told to STRIPE_ANSWERS (the
     refills' hook)."""
+    phone_ids = [phone_id for phone_id, _ in lines]
+    if not STRIPE_HINTS.all_striped(phone_ids):
+        return order_id, None  # every order of an unstriped phone: nothing more asked
     order_partition = partition_of(customer_id)
     host = scripts.gateway.host_partition(order_partition)
-    phone_ids = [phone_id for phone_id, _ in lines]
     if host is None or not STRIPE_HINTS.worth_trying(host, phone_ids):
         return order_id, None
     status = COMPLETED if autocheck else OPEN

@@ -60,6 +60,9 @@ class StripeHints:
     def striped(self, phone_id: str) -> bool:
         return phone_id in self._striped
 
+    def all_striped(self, phone_ids: list[str]) -> bool:
+        return all(phone_id in self._striped for phone_id in phone_ids)
+
     def worth_trying(self, host: int, phone_ids: list[str]) -> bool:
         """Every line's phone hinted striped, and none of their stripes on ``host`` dry."""
         if not all(phone_id in self._striped for phone_id in phone_ids):
