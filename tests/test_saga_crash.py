@@ -22,11 +22,8 @@ from redis.asyncio import Redis
 from app import keys
 from app.ops.poll import wait_until_async
 from app.partitions import partition_of
-from app.redis_gateway import ClientTransport, RedisGateway
-from app.scripts import Scripts
 from loadtests.support.servers import RedisServer, clean_env, free_port
 from loadtests.support.stack import AppInstance
-from tests import escrow_staging
 from tests.helpers import ADMIN, ADMIN_TOKEN, customer_order_ids
 
 # Short, so that the settler's bound (TTL + its 1 s tick + a dead holder's 5 s lease) is
@@ -215,54 +212,5 @@ async def test_killed_after_a_cancels_refund_the_stock_still_comes_back(
 
         await wait_until_async(taken_back, "the settler to take the stock back", RECOVERY_S)
         assert await _at_rest(redis, phone["id"]) == {"stock": 5, "sold": 0, "added": 5}
-    finally:
-        dying.kill()
-
-
-async def test_killed_after_a_recalls_closes_the_settler_brings_the_units_home(
-    saga_redis: RedisServer,
-    healthy: AppInstance,
-    redis: Redis,
-    http: aiohttp.ClientSession,
-    tmp_path: Path,
-) -> None:
-    """Escrow (docs/escrow.md, sections 5 and 8): an order short on a pool whose phone lent
-    units to a stripe meets stock_lent and recalls; its worker dies once the stripe is
-    closed and its units shipped, before the pool received them. The settler of the other
-    instance finishes the recall (the phone's drain is due after its grace), and the
-    client's retry with its Idempotency-Key (nothing was stored for it) is then placed."""
-    phone, customer, auth = await _world(http, healthy.url)
-    gateway = RedisGateway(ClientTransport(Redis.from_url(saga_redis.url)))
-    host = 0
-    try:
-        await escrow_staging.grant(Scripts(gateway), redis, phone["id"], host, 4)
-    finally:
-        await gateway.aclose()
-    pool = keys.phone(phone["id"])
-    assert await redis.hmget(pool, "stock", "lent") == ["1", "4"]
-    keyed = {**auth, "Idempotency-Key": f"crash-recall-{customer['id']}"}
-    order = {"items": [{"phone_id": phone["id"], "quantity": 3}]}
-    dying = faulty(saga_redis, tmp_path, "closed")
-    try:
-        await _dies(http, f"{dying.url}/orders", order, keyed)
-        # Dead after the close: the stripe is closed and its units are on their way.
-        assert await redis.hget(keys.stripe(host, phone["id"]), "closed") == "1"
-        assert await redis.hget(keys.shipments(host), f"{phone['id']}:{host}:0") == (
-            f"{phone['id']}:4:0:0"
-        )
-        assert await redis.hmget(pool, "stock", "lent", "mode") == ["1", "4", "draining"]
-
-        async def recalled() -> bool:
-            stock, lent, mode = await redis.hmget(pool, "stock", "lent", "mode")
-            return (stock, lent, mode) == ("5", "0", None)
-
-        await wait_until_async(recalled, "the settler to finish the recall", RECOVERY_S)
-        assert await redis.zscore(keys.drains_due(partition_of(phone["id"])), phone["id"]) is None
-        assert await _balance(redis, customer["id"]) == 1000
-        async with http.post(f"{healthy.url}/orders", json=order, headers=keyed) as response:
-            assert response.status == 201
-            assert "Idempotent-Replayed" not in response.headers
-        assert await _at_rest(redis, phone["id"]) == {"stock": 2, "sold": 3, "added": 5}
-        assert await _balance(redis, customer["id"]) == 1000 - 300
     finally:
         dying.kill()

@@ -12,7 +12,8 @@ Three steps, each one script on one partition, each idempotent:
    the stripe and moves its units into a shipment.
 3. ``receive_shipments`` on Q, with every close's answer: settles the fenced grants,
    receives the shipments (once each), and, with nothing left out, the phone is pool-only
-   again.
+   again. The shipments received leave their hosts' due lists (``sz{S}``: a plain ZREM,
+   one pipelined round; the audit counts a shipment due as not at rest).
 
 A step that fails leaves the phone draining and on ``sw{Q}``; the settler recalls it again
 from step 1 (a close answers its shipment again; the receipt takes it once).
@@ -173,9 +174,20 @@ async def recall(scripts: Scripts, phone_id: str, fault_point: str = "") -> Reca
         )
     saga.crash_if("closed", fault_point)
     after = await receive_shipments(scripts, phone_id, grants, shipments)
+    # Received: off the hosts' lists of shipments due (they are for a dead app's recall),
+    # in one pipelined round; one left there is removed by the settler's sweep.
+    received = _listed(after["received"])
+    if received:
+        await scripts.gateway.execute_many(
+            [
+                ("ZREM", keys.shipments_due(host), shipment_id)
+                for host, shipment_id, _ in shipments
+                if shipment_id in received
+            ]
+        )
     return Recalled(
         phone_id,
-        received=_listed(after["received"]),
+        received=received,
         settled=int(str(after["settled"])),
         stock=int(str(after["stock"] or 0)),
         lent=int(str(after["lent"])),

@@ -18,8 +18,12 @@ order the same outcome and move its units once.
   return_stock; then the order leaves the take-back list.
 * Due reprices (a cluster's only): a striped phone's price change whose request died
   before every stripe had it (``sp``, docs/escrow.md section 6) is written to them.
-* Escrow's recalls (app/orders/recall.py): phones a dead app left draining, and
-  shipments of closed stripes not yet received, are recalled again (``_recall_due``).
+* Escrow's recalls (app/orders/recall.py; a cluster's only): phones a dead app left
+  draining past their grace (``sw``), and shipments of closed stripes not received by
+  their due time (``sz``), are recalled again from the recall's first step (every step is
+  idempotent: a closed stripe answers its shipment again, the pool takes it once); one
+  not finished (a node down) is due again a grace later. A received shipment leaves
+  ``sz`` here (its close does not wait for that).
 * Every ``PRUNE_EVERY`` ticks, abort markers and release tombstones past their keep-until
   time (app/orders/saga.py: keep_until) go, with prune_tombstones on each partition that
   has any: without it they would pile up for every aborted order, forever.
@@ -85,6 +89,17 @@ def _holder_name() -> str:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True, slots=True)
+class DueWork:
+    """Which kinds of work a partition has due (the sweep's probes)."""
+
+    reservations: bool
+    take_backs: bool
+    reprices: bool = False
+    drains: bool = False
+    shipments: bool = False
 
 
 @dataclass
@@ -173,16 +188,20 @@ class Settler:
         now = _now_ms() if now_ms is None else now_ms
         due = await self._partitions_with_due_work(now)
         done = 0
-        for partition, (reservations_due, take_backs_due, reprices_due) in due.items():
+        for partition, work in due.items():
             if not await self._lease(partition):
                 continue
-            if reservations_due:
+            if work.reservations:
                 done += await self._settle_due_reservations(partition, now)
-            if take_backs_due:
+            if work.take_backs:
                 done += await self._take_back_due(partition, now)
-            if reprices_due:
+            if work.reprices:
                 done += await self._reprice_due(partition, now)
-        return done + await self._recall_due(now)
+            if work.drains:
+                done += await self._recall_drains(partition, now)
+            if work.shipments:
+                done += await self._receive_shipments_due(partition, now)
+        return done
 
     async def prune(self, now_ms: int | None = None) -> dict[str, int]:
         """Abort markers and release tombstones past their keep-until time, from every
@@ -205,24 +224,27 @@ class Settler:
                 pruned[kind] += count
         return pruned
 
-    async def _partitions_with_due_work(self, now: int) -> dict[int, tuple[bool, bool, bool]]:
-        # Stripes exist on a cluster only (docs/escrow.md, section 0), so their reprices
-        # are looked for there only, in the same round trip.
+    async def _partitions_with_due_work(self, now: int) -> dict[int, DueWork]:
+        # Stripes exist on a cluster only (docs/escrow.md, section 0), so their reprices,
+        # recalls and shipments are looked for there only, in the same round trip.
         kinds = [keys.reservations_due, keys.take_backs_due]
         if not self.gateway.one_node:
-            kinds.append(keys.reprices_due)
+            kinds += [keys.reprices_due, keys.drains_due, keys.shipments_due]
         probes = [
             ("ZRANGEBYSCORE", key(p), "-inf", now, "LIMIT", 0, 1)
             for key in kinds
             for p in range(PARTITIONS)
         ]
         replies = await self.gateway.execute_many(probes)
-        reservations, take_backs = replies[:PARTITIONS], replies[PARTITIONS : 2 * PARTITIONS]
-        reprices = replies[2 * PARTITIONS :] or [None] * PARTITIONS
+        found = [
+            [bool(reply) for reply in replies[k * PARTITIONS : (k + 1) * PARTITIONS]]
+            for k in range(len(kinds))
+        ]
+        found += [[False] * PARTITIONS] * (5 - len(kinds))
         return {
-            p: (bool(reservations[p]), bool(take_backs[p]), bool(reprices[p]))
+            p: DueWork(*(kind[p] for kind in found))
             for p in range(PARTITIONS)
-            if reservations[p] or take_backs[p] or reprices[p]
+            if any(kind[p] for kind in found)
         }
 
     async def _lease(self, partition: int) -> bool:
@@ -286,31 +308,6 @@ class Settler:
                 continue
             settled += result["settled"] == "1"
         return settled
-
-    async def _recall_due(self, now: int) -> int:
-        """Escrow's recalls a dead app left (docs/escrow.md, sections 5 and 8): phones left
-        draining past their grace (``sw{Q}``), and shipments not received by their due
-        time (``sz{S}``). Each is recalled again from its first step (every step is
-        idempotent: a closed stripe answers its shipment again, the pool takes it once);
-        one not finished (a node down) is due again a grace later. A received shipment
-        leaves ``sz{S}`` here (its close does not wait for that). One probe per partition
-        and kind, in one pipelined round, as for the saga's due work."""
-        probes = [
-            ("ZRANGEBYSCORE", key(p), "-inf", now, "LIMIT", 0, 1)
-            for key in (keys.drains_due, keys.shipments_due)
-            for p in range(PARTITIONS)
-        ]
-        replies = await self.gateway.execute_many(probes)
-        drains, shipments = replies[:PARTITIONS], replies[PARTITIONS:]
-        done = 0
-        for p in range(PARTITIONS):
-            if not (drains[p] or shipments[p]) or not await self._lease(p):
-                continue
-            if drains[p]:
-                done += await self._recall_drains(p, now)
-            if shipments[p]:
-                done += await self._receive_shipments_due(p, now)
-        return done
 
     async def _due(self, key: str, now: int) -> list[str]:
         return [
