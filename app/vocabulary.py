@@ -242,6 +242,21 @@ def shipment_phone(shipment: str) -> str:
     return shipment.split(SHIPMENT_SEPARATOR, 1)[0]
 
 
+class Shipment(NamedTuple):
+    phone_id: str
+    units: int
+    sold: int
+    epoch: int
+
+
+def decode_shipment(shipment: bytes | str) -> Shipment:
+    """A shipment as stored in sx{S}: "<phone id>:<units>:<sold>:<epoch>"."""
+    if isinstance(shipment, bytes):
+        shipment = shipment.decode()
+    phone_id, units, sold, epoch = shipment.rsplit(SHIPMENT_SEPARATOR, 3)
+    return Shipment(phone_id, int(units), int(sold), int(epoch))
+
+
 def grant_in_flight(host: int, grant_id: str) -> str:
     return f"{host}{SHIPMENT_SEPARATOR}{grant_id}"
 
