@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from app import keys
 from app.orders import saga
+from app.orders.stripes import STRIPE_HINTS
 from app.partitions import partition_of
 from app.scripts import Scripts
 from app.vocabulary import decode_grant_in_flight
@@ -152,6 +153,9 @@ async def recall(scripts: Scripts, phone_id: str, fault_point: str = "") -> Reca
     """Every stripe of the phone closed and its units home, as far as this call gets: see
     the module's docstring. Raises only if the drain or the receipt failed; a close that
     failed is in ``failed_hosts`` (the phone stays draining, for the settler)."""
+    # Draining from now on: this worker sends the phone's orders to the pool (a stripe
+    # order would be refused once its stripe closes: one call wasted per order).
+    STRIPE_HINTS.learn(phone_id, False)
     hosts, _ = await drain(scripts, phone_id, _now_ms() + RECALL_GRACE_MS)
     due = _now_ms() + RECALL_GRACE_MS
     order = list(hosts)
