@@ -638,6 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tier-orders", type=int, default=2000, help="orders recorded per shard count"
     )
+    bench_tier.add_workload_options(parser)
     args = parser.parse_args(argv)
     for binary in ("wrk", "redis-benchmark", "redis-cli"):
         if shutil.which(binary) is None:

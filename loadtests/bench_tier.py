@@ -1,31 +1,47 @@
 """make bench's data-tier section (issue 11): the app's order path on 1 and on 3 primaries
-in one run. ``python -m loadtests.bench_tier [--orders N] [--inflight K]`` runs it alone.
+in one run. ``python -m loadtests.bench_tier [--orders N] [--inflight K]
+[--tier-workloads uniform,hot,zipf]`` runs it alone.
+
+**Workloads** (:data:`WORKLOADS`, docs/escrow.md section 9), each measured as below on the
+same two clusters and reported side by side: ``uniform``, 2,000 orders over 1,024 phones
+(every phone alike, as this section always measured); ``hot``, 20,000 orders over 64
+phones; ``zipf``, 20,000 orders over 1,024 phones of Zipf(1) popularity. Stock 10^9 and
+1,024 customers in each. Where the app has escrow's switch (:func:`escrow_options`), the
+hot and zipf recordings run with it on; until then they measure the saga alone.
 
 Per shard count a local cluster of its own, both up at once (no replicas, AOF
 ``appendfsync always``, on free ports in a temp folder, stopped afterwards):
 
-1. **Record.** Phones and customers are created, then one-line orders placed, by the app's
-   own service functions over the app's cluster gateway (:func:`order_path`: what
-   app/orders/handlers.py runs for POST /orders on a cluster), ``--inflight`` at a time,
-   with the app's settler. Every script call the app makes is recorded as it is answered:
-   the script, its KEYS and ARGV. Customers land in their email's partition and phones in
-   random ones, as the app mints them, so orders spread over the partitions as the app's do.
-2. **Replay, saturated** (``--replays`` times, the two clusters' replays alternating so
-   that drift on the shared box hits both alike; per primary the median). Every primary
-   is flushed, the creations are replayed, then each primary's own share of the orders'
-   calls is sent to it alone, pipelined as fast as it takes them (``redis-cli --pipe``,
-   ``--connections`` streams per primary split by slot, so each partition's calls keep
-   their order): the primary on the stack CPU, the pipes on the load CPUs. The primary's
-   stream depends on nothing another primary does (a script touches one node's keys), so
-   replaying each in turn is the run the app made. Afterwards every primary must hold
-   exactly the keys it held after the recording.
+1. **Record** (per workload, in a fresh Python process: a freshly started worker, with
+   none of the app's in-process beliefs of an earlier recording). Phones and customers are
+   created, then one-line orders placed, by the app's own service functions over the app's
+   cluster gateway (:func:`order_path`: what app/orders/handlers.py runs for POST /orders on
+   a cluster), ``--inflight`` at a time, with the app's settler; then the recording waits
+   until nothing the service started is left to run (:func:`quiet`: the settler's batches,
+   any task or timer it left behind off the request path). Every command the gateway sends
+   is recorded as it is answered (:class:`Recording`, below redis-py's cluster client's
+   ``execute_command`` and the gateway's pipelines: scripts with their KEYS and ARGV, and
+   plain commands), so a new kind of call is measured and counted by its name without a
+   change here. Customers land in their email's partition and phones in random ones, as
+   the app mints them, so orders spread over the partitions as the app's do.
+2. **Replay, saturated** (``--replays`` times, ``--tier-hot-replays`` for the hot ones, the
+   two clusters' replays alternating so that drift on the shared box hits both alike; per
+   primary the median). Every primary is flushed, the creations are replayed (not
+   measured), then each primary's own share of everything the orders sent is sent to it
+   alone, pipelined as fast as it takes them (``redis-cli --pipe``, ``--connections``
+   streams per primary split by slot, so each partition's calls keep their order): the
+   primary on the stack CPU, the pipes on the load CPUs. The primary's stream depends on
+   nothing another primary does (a script touches one node's keys), so replaying each in
+   turn is the run the app made. Afterwards every primary must hold exactly the keys it
+   held after the recording, and (after a recording's first replay) the conservation audit
+   (app/admin/audit.py) must hold at rest with exactly the orders the app placed.
 3. **Settles as at the ceiling.** The settler gathers 50 ms of settles into one call per
    phone partition, so the recording's batches follow its pace (hundreds of orders/s, not
    the tier's ceiling). The 3-primary orders are recorded again with that window stretched
    by the derived ceiling over the recording's pace, and replayed alternating with 1
    primary again: a second table, a model of the app at its ceiling, said to be one.
 4. **End to end.** The stack of make bench (nginx, 2 instances x 1 worker) on that
-   cluster: wrk ``POST /orders`` through nginx.
+   cluster: wrk ``POST /orders`` through nginx (shown beside the uniform workload).
 
 Figures: Redis CPU per order (``used_cpu_sys + used_cpu_user`` deltas of every primary
 over its replay, summed); each primary's replay time, from which the tier's **measured**
@@ -44,32 +60,44 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import functools
+import hashlib
+import inspect
 import json
 import os
+import pickle
+import random
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.connection import Encoder, PythonRespSerializer
 from redis.crc import key_slot
+from redis.exceptions import NoScriptError, RedisError
 
-from app.cluster_gateway import open_cluster_gateway
+from app.admin.audit import run_audit
+from app.cluster_gateway import ClusterGateway, open_cluster_gateway
 from app.customers.models import CustomerCreate
 from app.customers.service import create_customer
+from app.ops.instances import ROOT
 from app.ops.redis_cluster import LocalCluster, client
 from app.orders import saga_service
+from app.orders.chunk_hints import HINTS
 from app.orders.settler import SETTLE_DELAY_S, Settler
 from app.phones.models import PhoneCreate
 from app.phones.service import create_phone
-from app.redis_gateway import LuaScript, RedisGateway
+from app.redis_gateway import LuaScript
 from app.scripts import Scripts
+from app.vocabulary import COMPLETED
 from loadtests import rig
 from loadtests.bench_data import provision
 from loadtests.bench_drivers import orders_wrk, write_wrk_data
@@ -84,50 +112,245 @@ CEILING_MIN = 2.5
 # evenly over 3 primaries (with 64 phones one primary held up to a third more of them).
 PHONES = 1024
 CUSTOMERS = 1024
+# Every phone's stock and every customer's balance: no order is ever refused for them.
+STOCK = 10**9
+BALANCE_CENTS = 10**12
 # Creations in flight at once (they are not measured).
 CREATING = 32
 # Long enough that no reservation of the recording falls due before its replay.
 RESERVATION_TTL_MS = 600_000
+# Tries of the audit after a replay (it only reads).
+AUDIT_ATTEMPTS = 3
+# How long the recording waits, after the last order's answer, for what the service does
+# off the request path (settles, and whatever else it queued) to be done.
+QUIET_DEADLINE_S = 60.0
 _ENCODE = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode).pack
 
 
 @dataclass(frozen=True, slots=True)
+class Workload:
+    """Which orders are placed: ``orders`` one-line orders of one unit, over ``phones``
+    phones and ``customers`` customers. ``popularity``: ``stride`` (order n: customer
+    n mod customers, phone 7n mod phones: every phone alike, the first workload of this
+    section), ``uniform`` (each order's phone and customer drawn uniformly) or ``zipf``
+    (the phone of rank i drawn with weight 1/i: Zipf(1); the customer uniformly). Draws
+    come from a generator seeded with ``seed``: the same orders in every run and on both
+    shard counts. Which partitions the phones and customers land in is the app's own
+    (ids minted at random, customers by their e-mail): not seeded."""
+
+    name: str
+    phones: int
+    orders: int
+    customers: int = CUSTOMERS
+    popularity: str = "stride"
+    seed: int = 11
+
+    def picks(self) -> list[tuple[int, int]]:
+        """Per order, in order: (customer index, phone index)."""
+        if self.popularity == "stride":
+            return [(n % self.customers, (n * 7) % self.phones) for n in range(self.orders)]
+        draw = random.Random(self.seed)
+        customers = [draw.randrange(self.customers) for _ in range(self.orders)]
+        if self.popularity == "uniform":
+            phones = [draw.randrange(self.phones) for _ in range(self.orders)]
+        elif self.popularity == "zipf":
+            weights = [1 / rank for rank in range(1, self.phones + 1)]
+            phones = draw.choices(range(self.phones), weights=weights, k=self.orders)
+        else:
+            raise ValueError(f"popularity {self.popularity!r}: stride, uniform or zipf")
+        return list(zip(customers, phones, strict=True))
+
+    def describe(self) -> str:
+        how = {
+            "stride": "every phone alike (order n: phone 7n mod phones)",
+            "uniform": "each order's phone drawn uniformly",
+            "zipf": "phone of rank i drawn with weight 1/i (Zipf(1))",
+        }[self.popularity]
+        return (
+            f"{self.orders:,} orders, {self.phones:,} phones, {self.customers:,} customers: "
+            f"{how}; {self.orders / self.phones:,.1f} orders per phone"
+        )
+
+
+# docs/escrow.md section 9: the uniform workload as it always was, and the two on which
+# quotas of a phone can be reused (many orders per phone between restocks).
+WORKLOADS = {
+    "uniform": Workload("uniform", PHONES, 2000),
+    "hot": Workload("hot", 64, 20_000, popularity="uniform"),
+    "zipf": Workload("zipf", PHONES, 20_000, popularity="zipf"),
+}
+# Replays of each of them (uniform: --replays): fewer, each 10 times as long.
+HOT_REPLAYS = 3
+# The workloads on which escrow is switched on where the app has it (escrow_options).
+ESCROW_WORKLOADS = frozenset({"hot", "zipf"})
+
+
+@dataclass(frozen=True, slots=True)
 class Call:
-    """One script call as the app made it."""
+    """One command as the app sent it: a script (``sha`` its SHA1, ``script`` its name)
+    with its KEYS and ARGV, or a plain command (``sha`` empty, ``script`` the command's
+    name, ``keys`` its first argument, ``args`` the rest)."""
 
     script: str
     sha: str
-    keys: tuple[str, ...]
-    args: tuple[str, ...]
+    keys: tuple[str | bytes, ...]
+    args: tuple[str | bytes, ...]
 
     @property
     def slot(self) -> int:
         """Every key of one call is on one node; the first says which."""
-        return key_slot(self.keys[0].encode())
+        first = self.keys[0]
+        return key_slot(first if isinstance(first, bytes) else first.encode())
 
     def command(self) -> bytes:
+        if not self.sha:
+            return b"".join(_ENCODE(self.script, *self.keys, *self.args))
         return b"".join(_ENCODE("EVALSHA", self.sha, len(self.keys), *self.keys, *self.args))
 
 
+# Commands whose first argument is not a key: they cannot be routed to one node's replay
+# (the recording counts them in ``not_replayed``).
+KEYLESS = frozenset(
+    {"PING", "INFO", "WAIT", "CLUSTER", "READONLY", "READWRITE", "ASKING", "COMMAND", "TIME",
+     "DBSIZE", "SCRIPT EXISTS", "SCRIPT FLUSH", "SCRIPT KILL", "CLIENT", "CONFIG", "HELLO",
+     "SELECT", "ECHO", "MULTI", "EXEC", "DISCARD", "WATCH", "UNWATCH"}
+)  # fmt: skip
+
+
+def _arg(value: Any) -> str | bytes:
+    """An argument as the server got it (bytes stay bytes; numbers become their digits)."""
+    return value if isinstance(value, bytes | bytearray) else str(value)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes | bytearray) else str(value)
+
+
+@dataclass
 class Recording:
-    """Every script call made through ``gateway``, in the order their answers came (the
-    order the nodes ran them in, for calls on one partition), and each script's source."""
+    """Every command the app sent through a cluster gateway, as it went to the cluster
+    (redis-py's ``execute_command`` and the gateway's pipelines: scripts, reads and plain
+    writes alike, whichever of the gateway's methods sent them), in the order their
+    answers came (the order the nodes ran them in, for calls on one partition); each
+    script's source from its ``SCRIPT LOAD``, and its name from the ``LuaScript`` the
+    gateway ran. A command that failed is counted in ``failed``, not recorded."""
 
-    def __init__(self, gateway: RedisGateway) -> None:
-        self.calls: list[Call] = []
-        self.sources: dict[str, str] = {}
-        # The pace the orders were placed at (the settler's batches follow it).
-        self.orders_per_s = 0.0
-        run_script = gateway.run_script
+    calls: list[Call] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)
+    not_replayed: Counter[str] = field(default_factory=Counter)
+    failed: Counter[str] = field(default_factory=Counter)
+    # The pace the orders were placed at (the settler's batches follow it).
+    orders_per_s: float = 0.0
+    # Where the orders' calls begin (before: the creations, replayed unmeasured), and
+    # how many orders the app answered (201) after it.
+    first_order_call: int = 0
+    orders_placed: int = 0
+    escrow: str = ""
+    # Its calls in RESP, per (part, node, connections): made at the first replay.
+    encoded: dict[tuple[str, int, int], Encoded] = field(default_factory=dict, repr=False)
+    encoded_for: tuple[int, ...] = ()
 
-        async def recorded(script: LuaScript, keys: list[str], args: list[Any]) -> Any:
-            reply = await run_script(script, keys, args)
-            self.sources[script.sha] = script.source
-            self.calls.append(Call(script.name, script.sha, tuple(keys), tuple(map(str, args))))
+    def ready(self, part: str, port: int, calls: list[Call], connections: int) -> Encoded:
+        """``calls`` (the ``part`` of this recording that ``port`` runs) :func:`encoded`,
+        once per recording: a replay sends the same bytes every time. Made again when
+        the recording's calls were replaced or added to since."""
+        made_for = (id(self.calls), len(self.calls), self.first_order_call)
+        if made_for != self.encoded_for:
+            self.encoded, self.encoded_for = {}, made_for
+        key = (part, port, connections)
+        if key not in self.encoded:
+            self.encoded[key] = encoded(calls, connections)
+        return self.encoded[key]
+
+    def attach(self, gateway: ClusterGateway) -> None:
+        """Wrap ``gateway``'s ways out (the calls still go to the cluster)."""
+        cluster = gateway.cluster
+        execute_command = cluster.execute_command
+
+        async def recorded_command(*args: Any, **options: Any) -> Any:
+            try:
+                reply = await execute_command(*args, **options)
+            except NoScriptError:
+                raise  # did not run: the gateway loads the script and sends it again
+            except RedisError:
+                self.failed[self.name_of(args)] += 1
+                raise
+            self.note(args)
             return reply
 
-        # The gateway itself, one of its methods wrapped: the calls still go to the cluster.
-        gateway.run_script = recorded  # type: ignore[method-assign]
+        transport = gateway.transport
+        execute_many = transport.execute_many
+
+        async def recorded_many(commands: list[tuple[Any, ...]]) -> list[Any]:
+            try:
+                replies = await execute_many(commands)
+            except RedisError:
+                for args in commands:
+                    self.failed[self.name_of(args)] += 1
+                raise
+            for args in commands:
+                self.note(args)
+            return replies
+
+        def naming(run: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+            async def named(script: LuaScript, *rest: Any) -> Any:
+                self.names[script.sha] = script.name
+                return await run(script, *rest)
+
+            return named
+
+        cluster.execute_command = recorded_command  # type: ignore[method-assign]
+        transport.execute_many = recorded_many  # type: ignore[method-assign]
+        gateway.run_script = naming(gateway.run_script)  # type: ignore[method-assign]
+        gateway.run_read_script = naming(gateway.run_read_script)  # type: ignore[method-assign]
+
+    @staticmethod
+    def _split(args: Sequence[Any]) -> tuple[str, Sequence[Any]]:
+        """The command's name and its arguments; SCRIPT's subcommand is part of the name,
+        as one word ("SCRIPT LOAD", redis-py's routing) or two (the gateway's)."""
+        name = _text(args[0]).upper()
+        if name == "SCRIPT" and len(args) > 1:
+            return f"SCRIPT {_text(args[1]).upper()}", args[2:]
+        return name, args[1:]
+
+    def name_of(self, args: Sequence[Any]) -> str:
+        """A script's name (by its SHA1) or the command's."""
+        name, rest = self._split(args)
+        if name in ("EVALSHA", "EVALSHA_RO") and rest:
+            sha = _text(rest[0])
+            return self.names.get(sha, f"script {sha[:8]}")
+        return name
+
+    def note(self, args: Sequence[Any]) -> None:
+        name, rest = self._split(args)
+        if name == "SCRIPT LOAD":
+            source = _text(rest[0])
+            self.sources[hashlib.sha1(source.encode()).hexdigest()] = source
+        elif name in ("EVALSHA", "EVALSHA_RO") and len(rest) > 1 and int(rest[1]) > 0:
+            count = int(rest[1])
+            self.calls.append(
+                Call(
+                    self.name_of(args),
+                    _text(rest[0]),
+                    tuple(map(_arg, rest[2 : 2 + count])),
+                    tuple(map(_arg, rest[2 + count :])),
+                )
+            )
+        elif name in KEYLESS or name.startswith(("SCRIPT", "EVAL")) or not rest:
+            self.not_replayed[self.name_of(args)] += 1
+        else:
+            self.calls.append(Call(name, "", (_arg(rest[0]),), tuple(map(_arg, rest[1:]))))
+
+    def order_calls(self) -> list[Call]:
+        return self.calls[self.first_order_call :]
+
+    def calls_by_name(self) -> dict[str, int]:
+        return dict(Counter(call.script for call in self.order_calls()))
+
+
+def log(line: str) -> None:
+    print(f"bench_tier: {line}", file=sys.stderr, flush=True)
 
 
 def by_node(calls: Iterable[Call], node_of_slot: Callable[[int], int]) -> dict[int, list[Call]]:
@@ -148,16 +371,41 @@ def streams(calls: list[Call], count: int) -> list[list[Call]]:
     return [split[n] for n in sorted(split)]
 
 
+# ---- escrow's switch (docs/escrow.md) ---------------------------------------------------
+
+# The names the switch may take: a keyword of saga_service.place_order (as the handler
+# passes settings to it) or an environment variable the app reads.
+ESCROW_SWITCHES = ("escrow_stripes", "escrow", "stripes")
+ESCROW_ENV = "ESCROW_STRIPES"
+
+
+def escrow_options(place: Callable[..., Any] = saga_service.place_order) -> dict[str, Any]:
+    """The keyword that turns escrow on in ``place`` (the saga's order path), if it has
+    one: ``{name: True}``; {} while the app has no such switch (before docs/escrow.md's
+    step 3 lands: then the hot workloads measure the saga alone, the baseline)."""
+    parameters = inspect.signature(place).parameters
+    return {name: True for name in ESCROW_SWITCHES if name in parameters}
+
+
+def escrow_in_settings() -> bool:
+    """The app's settings know ESCROW_STRIPES (app/settings.py): an environment switch."""
+    from app import settings
+
+    return ESCROW_ENV in Path(settings.__file__).read_text()
+
+
 def order_path(
-    scripts: Scripts, settler: Settler
+    scripts: Scripts, settler: Settler, options: dict[str, Any] | None = None
 ) -> Callable[[str, list[tuple[str, int]], str], Awaitable[Any]]:
     """POST /orders' order path on a cluster, as app/orders/handlers.py calls it: (customer
-    id, lines, request id) -> the placed order. The one place this module names it."""
+    id, lines, request id) -> the placed order. The one place this module names it.
+    ``options``: more keywords for it (escrow's switch)."""
     place = functools.partial(
         saga_service.place_order,
         scripts,
         settler.settle_soon,
         reservation_ttl_ms=RESERVATION_TTL_MS,
+        **(options or {}),
     )
 
     async def placed(customer_id: str, lines: list[tuple[str, int]], request_id: str) -> Any:
@@ -173,18 +421,44 @@ def order_path(
     return placed
 
 
+async def quiet(settler: Settler, deadline_s: float = QUIET_DEADLINE_S) -> None:
+    """Until nothing the service started is left to run: the settler's queued settles,
+    every other task of this loop, and every timer still due on it (a flush gathered for
+    later: the settler's, or any other off the request path). RuntimeError past the
+    deadline, naming what still runs."""
+    loop = asyncio.get_running_loop()
+    me = asyncio.current_task()
+    until = time.monotonic() + deadline_s
+    while True:
+        await settler.drain()
+        tasks = [task for task in asyncio.all_tasks() if task is not me and not task.done()]
+        # BaseEventLoop's heap of timers (call_later): CPython's, stable since 3.4.
+        timers = [timer for timer in getattr(loop, "_scheduled", []) if not timer.cancelled()]
+        if not tasks and not timers:
+            return
+        left = until - time.monotonic()
+        if left <= 0:
+            raise RuntimeError(f"still running after the orders: {tasks} {timers}")
+        if tasks:
+            await asyncio.wait(tasks, timeout=left)
+        else:
+            await asyncio.sleep(min(0.01, left))  # a poll: the next timer is due soon
+
+
 async def record(
-    cluster: LocalCluster,
-    orders: int,
+    ports: Sequence[int],
+    workload: Workload,
     inflight: int,
-    phones: int = PHONES,
-    customers: int = CUSTOMERS,
     settle_delay_s: float = SETTLE_DELAY_S,
-) -> tuple[Recording, int]:
-    """Create the catalogue and the customers, then place ``orders`` one-line orders by the
-    app's path, the settler gathering settles for ``settle_delay_s``; the recording, and
-    where its orders' calls begin."""
-    seeds = tuple(("127.0.0.1", node.port) for node in cluster.topology().primaries())
+    escrow: bool = False,
+) -> Recording:
+    """Create the catalogue and the customers, then place the workload's orders by the
+    app's path, ``inflight`` at a time, the settler gathering settles for
+    ``settle_delay_s``, and wait until everything it did after the answers is done: the
+    recording, every call of those orders in it after ``first_order_call``. ``escrow``:
+    with escrow's switch on, where the app has one (escrow_options)."""
+    HINTS.forget()  # a fresh database's chunks (record_fresh also starts a fresh process)
+    seeds = tuple(("127.0.0.1", port) for port in ports)
     gateway = open_cluster_gateway(
         "redis://127.0.0.1",
         seeds,
@@ -193,47 +467,88 @@ async def record(
         socket_timeout=10.0,
         max_connections=inflight * 4,
     )
-    recording = Recording(gateway)
+    recording = Recording()
+    recording.attach(gateway)
     scripts = Scripts(gateway)
     settler = Settler(gateway, scripts, settle_delay_s=settle_delay_s)
+    options = escrow_options() if escrow else {}
+    recording.escrow = ", ".join(f"{name}=True" for name in options)
     try:
         await scripts.load()
         created_phones = await _created(
-            phones,
+            workload.phones,
             lambda n: create_phone(
-                scripts, PhoneCreate(name=f"Tier {n}", price_cents=100, stock=10**9)
+                scripts, PhoneCreate(name=f"Tier {n}", price_cents=100, stock=STOCK)
             ),
         )
         created_customers = await _created(
-            customers,
+            workload.customers,
             lambda n: create_customer(
                 scripts,
                 CustomerCreate(
                     name="Tier",
                     surname=f"Customer {n}",
                     email=f"tier-{n}@example.com",
-                    balance_cents=10**12,
+                    balance_cents=BALANCE_CENTS,
                 ),
             ),
         )
+        await quiet(settler)
         phone_ids = [phone.id for phone in created_phones]
         customer_ids = [customer.id for customer, _ in created_customers]
-        first_order_call = len(recording.calls)
-        place = order_path(scripts, settler)
-        queue = iter(range(orders))
+        recording.first_order_call = len(recording.calls)
+        place = order_path(scripts, settler, options)
+        queue = iter(enumerate(workload.picks()))
+        placed = 0
 
         async def worker() -> None:
-            for n in queue:
-                customer_id, phone_id = customer_ids[n % customers], phone_ids[(n * 7) % phones]
-                await place(customer_id, [(phone_id, 1)], f"tier-{n}")
+            nonlocal placed
+            for n, (customer, phone) in queue:
+                order = await place(customer_ids[customer], [(phone_ids[phone], 1)], f"tier-{n}")
+                placed += not order.replayed
 
         began = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(inflight)))
-        await settler.drain()
-        recording.orders_per_s = orders / (time.perf_counter() - began)
-        return recording, first_order_call
+        # Inside the window: what the service does after its answers (settles, and
+        # whatever else it queued off the request path) belongs to these orders.
+        await quiet(settler)
+        recording.orders_per_s = workload.orders / (time.perf_counter() - began)
+        recording.orders_placed = placed
+        return recording
     finally:
         await gateway.aclose()
+
+
+def _record_in_this_process(job: Path) -> None:
+    """record_fresh's child: the arguments in ``job``, the recording pickled beside it."""
+    ports, workload, inflight, settle_delay_s, escrow = json.loads(job.read_text())
+    workload = Workload(**workload)
+    if escrow and escrow_in_settings():
+        os.environ[ESCROW_ENV] = "1"
+    recording = asyncio.run(record(ports, workload, inflight, settle_delay_s, escrow))
+    job.with_suffix(".recording").write_bytes(pickle.dumps(recording))
+
+
+def record_fresh(
+    cluster: LocalCluster,
+    workload: Workload,
+    inflight: int,
+    settle_delay_s: float = SETTLE_DELAY_S,
+    escrow: bool = False,
+) -> Recording:
+    """:func:`record` in a fresh Python process, as a freshly started app worker: none
+    of the app's in-process beliefs (chunk hints, and whatever escrow learns per worker)
+    carried over from an earlier recording on another cluster."""
+    ports = [node.port for node in cluster.topology().primaries()]
+    with tempfile.TemporaryDirectory(prefix="bench-tier-record-") as tmp:
+        job = Path(tmp) / "job"
+        # JSON, not a pickle: run as ``python -m``, this module's classes are __main__'s.
+        arguments = (ports, dataclasses.asdict(workload), inflight, settle_delay_s, escrow)
+        job.write_text(json.dumps(arguments))
+        code = "import sys, pathlib, loadtests.bench_tier as t; "
+        code += "t._record_in_this_process(pathlib.Path(sys.argv[1]))"
+        subprocess.run([sys.executable, "-c", code, str(job)], cwd=ROOT, check=True, timeout=900)
+        return pickle.loads(job.with_suffix(".recording").read_bytes())
 
 
 async def _created(count: int, create: Callable[[int], Awaitable[Any]]) -> list[Any]:
@@ -246,15 +561,34 @@ async def _created(count: int, create: Callable[[int], Awaitable[Any]]) -> list[
     return results
 
 
-def pipe(port: int, calls: list[Call], connections: int, folder: Path, cpus: Any) -> float:
+Encoded = list[tuple[bytes, int]]
+
+
+def encoded(calls: list[Call], connections: int) -> Encoded:
+    """``calls`` as the RESP bytes of each of their :func:`streams`, and how many each holds."""
+    return [
+        (b"".join(call.command() for call in stream), len(stream))
+        for stream in streams(calls, connections)
+    ]
+
+
+def pipe(
+    port: int,
+    calls: list[Call],
+    connections: int,
+    folder: Path,
+    cpus: Any,
+    ready: Encoded | None = None,
+) -> float:
     """Send ``calls`` to the node on ``port``, ``connections`` redis-cli --pipe at once, and
-    wait for every reply; the wall seconds. A reply that is an error fails the run."""
+    wait for every reply; the wall seconds. A reply that is an error fails the run.
+    ``ready``: their :func:`encoded` form, when already made."""
     folder.mkdir(parents=True, exist_ok=True)
     files = []
-    for n, stream in enumerate(streams(calls, connections)):
+    for n, (data, count) in enumerate(encoded(calls, connections) if ready is None else ready):
         path = folder / f"{port}-{n}.resp"
-        path.write_bytes(b"".join(call.command() for call in stream))
-        files.append((path, len(stream)))
+        path.write_bytes(data)
+        files.append((path, count))
     with contextlib.ExitStack() as inputs:
         started = time.perf_counter()
         procs = [
@@ -293,16 +627,23 @@ def flush(cluster: LocalCluster) -> None:
 def replay(
     cluster: LocalCluster,
     recording: Recording,
-    first_order_call: int,
     connections: int,
     folder: Path,
     split: rig.CpuSplit,
+    audited: bool = True,
 ) -> list[dict[str, Any]]:
     """Flush, replay the creations, then each primary's order calls saturated in turn;
-    per primary: its calls, its CPU seconds and wall seconds over its share of the orders,
-    and how long the stack CPUs were busy meanwhile, whoever ran on them."""
+    per primary: its calls (and how many of each script or command), its CPU seconds and
+    wall seconds over its share of the orders, and how long the stack CPUs were busy
+    meanwhile, whoever ran on them. Then the checks that it was the recording's run:
+    every primary holds the keys it held after the recording, and the conservation audit
+    over every primary (app/admin/audit.py) holds at rest with exactly the orders the app
+    placed; RuntimeError otherwise."""
     view = cluster.topology()
     ports = sorted(node.port for node in view.primaries())
+    missing = {call.sha for call in recording.calls if call.sha} - recording.sources.keys()
+    if missing:
+        raise RuntimeError(f"no source recorded for the scripts {sorted(missing)}")
     after_recording = key_counts(ports)
     flush(cluster)
     for port in ports:
@@ -315,23 +656,23 @@ def replay(
     def node_of_slot(slot: int) -> int:
         return view.primary_for_slot(slot).port
 
-    for port, calls in by_node(recording.calls[:first_order_call], node_of_slot).items():
-        pipe(port, calls, connections, folder / "seed", split.load or None)
+    seed = by_node(recording.calls[: recording.first_order_call], node_of_slot)
+    for port, calls in seed.items():
+        ready = recording.ready("seed", port, calls, connections)
+        pipe(port, calls, connections, folder / "seed", split.load or None, ready)
     rows = []
-    order_calls = by_node(recording.calls[first_order_call:], node_of_slot)
+    order_calls = by_node(recording.order_calls(), node_of_slot)
     stack_cpus = split.stack or frozenset(os.sched_getaffinity(0))
     for port in ports:
         calls = order_calls.get(port, [])
         cpu_before, busy_before = cpu_seconds(port), rig.cpu_times(stack_cpus)["cpus_busy"]
-        wall = pipe(port, calls, connections, folder / "orders", split.load or None)
-        scripts: dict[str, int] = {}
-        for call in calls:
-            scripts[call.script] = scripts.get(call.script, 0) + 1
+        ready = recording.ready("orders", port, calls, connections)
+        wall = pipe(port, calls, connections, folder / "orders", split.load or None, ready)
         rows.append(
             {
                 "port": port,
                 "calls": len(calls),
-                "scripts": scripts,
+                "scripts": dict(Counter(call.script for call in calls)),
                 "cpu_s": cpu_seconds(port) - cpu_before,
                 "wall_s": wall,
                 "stack_busy_s": rig.cpu_times(stack_cpus)["cpus_busy"] - busy_before,
@@ -342,7 +683,46 @@ def replay(
         raise RuntimeError(
             f"the replay left {replayed} keys per node, the recording {after_recording}"
         )
+    if audited:
+        check_audit(asyncio.run(audit(ports)), recording.orders_placed)
     return rows
+
+
+def check_audit(audited: dict[str, Any], orders_placed: int) -> None:
+    """RuntimeError unless the audit held at rest with exactly ``orders_placed`` orders,
+    every one completed (the recording's orders are placed with autocheck)."""
+    orders = audited["orders"]
+    if (
+        not (audited["ok"] and audited["at_rest"])
+        or orders["total"] != orders_placed
+        or orders[COMPLETED] != orders_placed
+    ):
+        failed = [check for check in audited["checks"] if check["ok"] is not True]
+        raise RuntimeError(
+            f"the audit after the replay: ok {audited['ok']}, at rest {audited['at_rest']}, "
+            f"{orders['total']} orders ({orders[COMPLETED]} completed) where the app placed "
+            f"{orders_placed}: {failed}"
+        )
+
+
+async def audit(ports: Iterable[int]) -> dict[str, Any]:
+    """app/admin/audit.py's audit over every primary of the cluster on ``ports``. It only
+    reads, so a failure of the client itself is tried again (twice at most): opening its
+    128 connections to one node at once, redis-py once failed one of them mid-connect
+    (AttributeError: its writer None)."""
+    nodes = [ClusterNode("127.0.0.1", port) for port in ports]
+    for attempt in range(AUDIT_ATTEMPTS):
+        # The audit reads every partition at once: 128 calls in flight on one node.
+        cluster = RedisCluster(startup_nodes=nodes, max_connections=256)
+        try:
+            return await run_audit(cluster)
+        except (RedisError, OSError, AttributeError) as error:
+            if attempt + 1 == AUDIT_ATTEMPTS:
+                raise
+            print(f"bench_tier: the audit failed ({error!r}); again", file=sys.stderr)
+        finally:
+            await cluster.aclose()
+    raise AssertionError("unreachable")
 
 
 def median_rows(replays: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -429,7 +809,7 @@ def verdicts(one: dict[str, Any], three: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-Recorded = tuple[LocalCluster, Recording, int]
+Recorded = tuple[LocalCluster, Recording]
 
 
 def alternated(
@@ -441,20 +821,98 @@ def alternated(
     replays: dict[int, list[list[dict[str, Any]]]] = {n: [] for n in counts}
     for turn in range(repeats):
         for n in counts if turn % 2 == 0 else counts[::-1]:
-            cluster, recording, first = recorded[n]
+            cluster, recording = recorded[n]
+            # The same calls every time: the audit after the first replay says for all.
+            began = time.monotonic()
             replays[n].append(
-                replay(cluster, recording, first, connections, folder / f"p{n}", split)
+                replay(cluster, recording, connections, folder / f"p{n}", split, turn == 0)
             )
+            log(f"{folder.name} replay {turn + 1} on {n}: {time.monotonic() - began:.1f} s")
     return {n: median_rows(rows) for n, rows in replays.items()}
 
 
-def measure(
-    orders: int, inflight: int, connections: int, repeats: int, e2e_seconds: int, folder: Path
+def figures_of(primaries: int, recording: Recording, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`shard_figures` of a recording's replays, with what the recording says."""
+    figures = shard_figures(primaries, recording.orders_placed, rows)
+    figures["orders_per_s_recorded"] = recording.orders_per_s
+    figures["not_replayed_per_order"] = {
+        name: n / recording.orders_placed for name, n in sorted(recording.not_replayed.items())
+    }
+    figures["failed"] = dict(recording.failed)
+    return figures
+
+
+def measure_workload(
+    clusters: dict[int, LocalCluster],
+    workload: Workload,
+    inflight: int,
+    connections: int,
+    repeats: int,
+    folder: Path,
+    split: rig.CpuSplit,
+    at_the_ceiling: bool = True,
 ) -> dict[str, Any]:
-    """Both clusters up at once, each recorded, then their replays alternating; again with
-    the 3-primary settles gathered as at its ceiling; then end to end."""
+    """One workload on both clusters: each flushed and recorded by a fresh process,
+    then their replays alternating; then (``at_the_ceiling``) the 3-primary orders again
+    with the settles gathered as at its ceiling."""
+    began = time.monotonic()
+    escrow = workload.name in ESCROW_WORKLOADS
+    recorded: dict[int, Recorded] = {}
+    for n, cluster in clusters.items():
+        flush(cluster)  # the same customers on every recording: their e-mails must be free
+        began_n = time.monotonic()
+        recorded[n] = (cluster, record_fresh(cluster, workload, inflight, escrow=escrow))
+        log(f"{workload.name} recorded on {n}: {time.monotonic() - began_n:.1f} s")
+    medians = alternated(recorded, repeats, connections, folder, split)
+    result: dict[str, Any] = {
+        "workload": {
+            "name": workload.name,
+            "phones": workload.phones,
+            "orders": workload.orders,
+            "customers": workload.customers,
+            "popularity": workload.popularity,
+            "seed": workload.seed,
+            "described": workload.describe(),
+        },
+        "escrow": recorded[3][1].escrow,
+        "escrow_asked": escrow,
+        "replays": repeats,
+    }
+    for n, (_, recording) in recorded.items():
+        result[f"p{n}"] = figures_of(n, recording, medians[n])
+    result["ratios"] = verdicts(result["p1"], result["p3"])
+    seconds = {"record, replays": time.monotonic() - began}
+    if at_the_ceiling:
+        result["batched"] = settled_as_at_the_ceiling(
+            recorded, result["p3"], workload, inflight, repeats, connections, folder, split
+        )
+        seconds["the same, settles as at the ceiling"] = (
+            time.monotonic() - began - sum(seconds.values())
+        )
+    result["seconds"] = seconds
+    print(f"bench_tier {workload.name}: {seconds}", file=sys.stderr, flush=True)
+    return result
+
+
+def measure(
+    workloads: Sequence[Workload],
+    inflight: int,
+    connections: int,
+    repeats: int,
+    e2e_seconds: int,
+    folder: Path,
+    hot_repeats: int | None = None,
+) -> dict[str, Any]:
+    """Both clusters up at once; per workload, each recorded, then their replays
+    alternating, and again with the 3-primary settles gathered as at its ceiling; then end
+    to end. ``hot_repeats``: the replays of the workloads other than ``uniform``."""
     split = rig.cpu_split()
-    result: dict[str, Any] = {"split": split.describe(), "load_average": [os.getloadavg()[0]]}
+    result: dict[str, Any] = {
+        "split": split.describe(),
+        "load_average": [os.getloadavg()[0]],
+        "workloads": {},
+    }
+    seconds: dict[str, float] = {}
     with contextlib.ExitStack() as running:
         clusters = {}
         for primaries in (1, 3):
@@ -464,35 +922,37 @@ def measure(
             running.callback(cluster.stop)
             cluster.start()
             clusters[primaries] = cluster
-        began = time.monotonic()
-        recorded = {n: (c, *asyncio.run(record(c, orders, inflight))) for n, c in clusters.items()}
-        medians = alternated(recorded, repeats, connections, folder, split)
-        for n in clusters:
-            result[f"p{n}"] = shard_figures(n, orders, medians[n])
-            result[f"p{n}"]["orders_per_s_recorded"] = recorded[n][1].orders_per_s
-        seconds = {"record, replays": time.monotonic() - began}
-        result["batched"] = settled_as_at_the_ceiling(
-            recorded, result["p3"], orders, inflight, repeats, connections, folder, split
-        )
-        seconds["the same, settles as at the ceiling"] = (
-            time.monotonic() - began - sum(seconds.values())
-        )
-        for n, cluster in clusters.items():
-            if e2e_seconds:
-                e2e = end_to_end(cluster, split, e2e_seconds, folder / f"p{n}")
-                result[f"p{n}"]["end_to_end_orders_per_s"] = e2e["orders_per_s"]
-        seconds["end to end"] = time.monotonic() - began - sum(seconds.values())
+        for workload in workloads:
+            began = time.monotonic()
+            times = repeats if workload.name == "uniform" or hot_repeats is None else hot_repeats
+            result["workloads"][workload.name] = measure_workload(
+                clusters, workload, inflight, connections, times, folder / workload.name, split
+            )
+            seconds[workload.name] = time.monotonic() - began
+        if e2e_seconds:
+            began = time.monotonic()
+            e2e = {
+                n: end_to_end(cluster, split, e2e_seconds, folder / f"p{n}")["orders_per_s"]
+                for n, cluster in clusters.items()
+            }
+            result["end_to_end_orders_per_s"] = e2e
+            # Shown beside the uniform workload's figures, as it always was.
+            uniform = result["workloads"].get("uniform")
+            if uniform is not None:
+                for n, orders_per_s in e2e.items():
+                    uniform[f"p{n}"]["end_to_end_orders_per_s"] = orders_per_s
+                uniform["ratios"] = verdicts(uniform["p1"], uniform["p3"])
+            seconds["end to end"] = time.monotonic() - began
     print(f"bench_tier: {seconds}", file=sys.stderr, flush=True)
     result["seconds"] = seconds
     result["load_average"].append(os.getloadavg()[0])
-    result["ratios"] = verdicts(result["p1"], result["p3"])
     return result
 
 
 def settled_as_at_the_ceiling(
     recorded: dict[int, Recorded],
     three: dict[str, Any],
-    orders: int,
+    workload: Workload,
     inflight: int,
     repeats: int,
     connections: int,
@@ -502,15 +962,15 @@ def settled_as_at_the_ceiling(
     """The 3-primary orders recorded again with the settler's window stretched so that each
     settle call holds as many orders as at the 3-primary ceiling just derived (the app at
     that rate, whose 50 ms would gather that many), replayed alternating with 1 primary."""
-    cluster, first_recording, _ = recorded[3]
+    cluster, first_recording = recorded[3]
     window = SETTLE_DELAY_S * three["derived_ceiling"] / max(first_recording.orders_per_s, 1.0)
     flush(cluster)  # the same customers again: their e-mails must be free
-    again = {
-        1: recorded[1],
-        3: (cluster, *asyncio.run(record(cluster, orders, inflight, settle_delay_s=window))),
-    }
+    escrow = workload.name in ESCROW_WORKLOADS
+    again_three = record_fresh(cluster, workload, inflight, settle_delay_s=window, escrow=escrow)
+    again = {1: recorded[1], 3: (cluster, again_three)}
     medians = alternated(again, repeats, connections, folder / "batched", split)
-    one, batched = shard_figures(1, orders, medians[1]), shard_figures(3, orders, medians[3])
+    one = figures_of(1, recorded[1][1], medians[1])
+    batched = figures_of(3, again_three, medians[3])
     return {"settle_window_s": window, "p1": one, "p3": batched, "ratios": verdicts(one, batched)}
 
 
@@ -547,8 +1007,20 @@ def _table(rows: list[tuple[str, ...]], heading: str = "") -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    one, three, ratios = result["p1"], result["p3"], result["ratios"]
-    batched = result["batched"]
+    """The section: the uniform workload's tables as they always were, then every
+    workload side by side (docs/escrow.md section 9)."""
+    workloads = result["workloads"]
+    parts = []
+    if "uniform" in workloads:
+        parts.append(_uniform_markdown(workloads["uniform"], result))
+    parts.append(_workloads_markdown(workloads))
+    return "\n".join(parts)
+
+
+def _uniform_markdown(uniform: dict[str, Any], result: dict[str, Any]) -> str:
+    one, three, ratios = uniform["p1"], uniform["p3"], uniform["ratios"]
+    batched = uniform["batched"]
+    workload = uniform["workload"]
     start, end = result["load_average"]
     e2e = ratios["end_to_end"]
     rows = [
@@ -577,7 +1049,7 @@ def markdown(result: dict[str, Any]) -> str:
     return f"""{table}
 
 How: `python -m loadtests.bench_tier` (its docstring). {one["orders"]:,} one-line orders by the app's
-order path on a cluster, {PHONES} phones and {CUSTOMERS} customers spread over the partitions as
+order path on a cluster, {workload["phones"]} phones and {workload["customers"]} customers spread over the partitions as
 the app mints them; every script call recorded, then replayed on a flushed cluster with each
 primary saturated in turn (`redis-cli --pipe`, on the load CPUs; the primary on the stack CPU;
 {result["split"]}). No replicas, AOF `appendfsync always`. Load average {start:.1f} at the start,
@@ -618,19 +1090,179 @@ def _shares(values: list[float]) -> str:
     return " / ".join(f"{value:.2f}" for value in values)
 
 
+def _escrow(figures: dict[str, Any]) -> str:
+    if figures["escrow"]:
+        return f"on ({figures['escrow']})"
+    if figures["escrow_asked"]:
+        return "off: the app has no escrow switch yet (the saga alone)"
+    return "off"
+
+
+def _ratio_rows(
+    workloads: list[dict[str, Any]], key: str, label: str, target: str
+) -> list[tuple[str, ...]]:
+    """(a) or (b) 3 / 1 per workload, as recorded and with the settles as at the ceiling."""
+    met = f"{key}_met"
+
+    def cell(ratios: dict[str, Any] | None) -> str:
+        return f"{ratios[key]:.2f} {_met(ratios[met])}" if ratios else "not measured"
+
+    return [
+        (label, *(cell(w["ratios"]) for w in workloads), target),
+        (
+            "the same, settles gathered as at the 3-primary ceiling",
+            *(cell(w["batched"]["ratios"] if "batched" in w else None) for w in workloads),
+            target,
+        ),
+    ]
+
+
+def _workloads_markdown(workloads: dict[str, dict[str, Any]]) -> str:
+    """Every workload side by side: its parameters, (a) and (b), and the calls per order
+    by script (docs/escrow.md section 9: the hot ones are where escrow can pay)."""
+    names = list(workloads)
+    chosen = [workloads[name] for name in names]
+    head = f"| 3 primaries against 1 | {' | '.join(names)} | target |"
+    rule = "|---" * (len(names) + 2) + "|"
+    rows: list[tuple[str, ...]] = [
+        ("workload", *(w["workload"]["described"] for w in chosen), ""),
+        ("escrow (docs/escrow.md)", *(_escrow(w) for w in chosen), ""),
+        ("replays (medians of)", *(str(w["replays"]) for w in chosen), ""),
+        (
+            "recorded at, orders/s (1 / 3 primaries)",
+            *(
+                f"{w['p1']['orders_per_s_recorded']:,.0f} / {w['p3']['orders_per_s_recorded']:,.0f}"
+                for w in chosen
+            ),
+            "",
+        ),
+        (
+            "script calls per order (1 / 3 primaries)",
+            *(f"{w['p1']['calls_per_order']:.2f} / {w['p3']['calls_per_order']:.2f}" for w in chosen),
+            "",
+        ),
+        (
+            "Redis CPU µs per order (1 / 3 primaries)",
+            *(
+                f"{w['p1']['cpu_us_per_order']:.1f} / {w['p3']['cpu_us_per_order']:.1f}"
+                for w in chosen
+            ),
+            "",
+        ),
+        *_ratio_rows(chosen, "cpu_per_order", "(a) Redis CPU per order, 3 / 1",
+                     f"≤ {CPU_PER_ORDER_MAX}"),
+        *_ratio_rows(chosen, "measured_ceiling", "(b) ceiling, measured, 3 / 1",
+                     f"≥ {CEILING_MIN}"),
+        *_ratio_rows(chosen, "derived_ceiling", "(b) ceiling, derived, 3 / 1",
+                     f"≥ {CEILING_MIN}"),
+        ("each primary's share of the 3-primary CPU", *(_shares(w["p3"]["cpu_share"]) for w in chosen),
+         ""),
+    ]  # fmt: skip
+    table = "\n".join([head, rule, *(f"| {' | '.join(row)} |" for row in rows)])
+    scripts = sorted(
+        {name for w in chosen for n in (1, 3) for name in w[f"p{n}"]["calls_per_order_by_script"]}
+    )
+
+    def per_order(figures: dict[str, Any], name: str) -> str:
+        value = figures["calls_per_order_by_script"].get(name, 0.0)
+        return f"{value:.2f}" if value else "·"
+
+    by_script = [
+        f"| calls per order, by script or command (1 / 3 primaries) | {' | '.join(names)} |",
+        "|---" * (len(names) + 1) + "|",
+        *(
+            f"| {name} | "
+            + " | ".join(f"{per_order(w['p1'], name)} / {per_order(w['p3'], name)}" for w in chosen)
+            + " |"
+            for name in scripts
+        ),
+    ]
+    skipped = {
+        f"{name} ({n} primaries): {', '.join(f'{c} {v:.2f}' for c, v in left.items())}"
+        for name, w in workloads.items()
+        for n in (1, 3)
+        if (left := w[f"p{n}"]["not_replayed_per_order"])
+    }
+    not_replayed = (
+        "Sent during the orders but not replayed (no key to route them by), per order: "
+        + "; ".join(sorted(skipped))
+        if skipped
+        else "Every command the orders sent had a key and was replayed."
+    )
+    return f"""### Every workload side by side (docs/escrow.md, section 9)
+
+{table}
+
+{chr(10).join(by_script)}
+
+Each column is its own run of the above: both clusters flushed, the workload's phones (stock
+{STOCK:,}) and customers created, its orders placed by a fresh process's order path (no
+belief of an earlier run carried over), every command the service sent for them recorded
+**until nothing it started was left to run** (the settler's batches, and whatever else it did
+after its answers, off the request path), then replayed with each primary saturated in turn
+as above; after every replay the keys per primary must equal the recording's and the
+conservation audit must hold at rest with exactly the orders the app placed. Only the
+creations are replayed unmeasured. Phones and customers are drawn by a seeded generator
+(the same orders on both shard counts); the partitions they land in are the app's. Where
+the app has escrow's switch, the `hot` and `zipf` recordings run with it on, so its grants,
+refills, receipts, settles, stripe misses and saga fallbacks are all inside the measured
+window, warm-up included. {not_replayed}
+"""
+
+
 def section(args: argparse.Namespace, out: Path) -> dict[str, str]:
     """loadtests/bench.py's hook: the section, measured with its own clusters."""
     folder = out / "tier"
+    names = str(getattr(args, "tier_workloads", "uniform,hot,zipf")).split(",")
+    orders = getattr(args, "tier_orders", 2000)
+    hot_orders = getattr(args, "tier_hot_orders", None)
+    workloads = [workload_of(name.strip(), orders, hot_orders) for name in names if name.strip()]
     result = measure(
-        getattr(args, "tier_orders", 2000),
+        workloads,
         getattr(args, "tier_inflight", 32),
         getattr(args, "tier_connections", 8),
         getattr(args, "tier_replays", 5),
         getattr(args, "tier_e2e_seconds", 4),
         folder,
+        hot_repeats=getattr(args, "tier_hot_replays", HOT_REPLAYS),
     )
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(result, indent=2, default=str))
     return {"title": TITLE, "markdown": markdown(result)}
+
+
+def workload_of(name: str, orders: int, hot_orders: int | None) -> Workload:
+    """WORKLOADS[name], ``orders`` orders for ``uniform`` and ``hot_orders`` (when given)
+    for the others."""
+    if name not in WORKLOADS:
+        raise SystemExit(f"unknown workload {name!r}: {', '.join(WORKLOADS)}")
+    workload = WORKLOADS[name]
+    count = orders if name == "uniform" else hot_orders or workload.orders
+    return dataclasses.replace(workload, orders=count)
+
+
+def add_workload_options(parser: argparse.ArgumentParser) -> None:
+    """The options that choose the workloads (here and in loadtests/bench.py)."""
+    parser.add_argument(
+        "--tier-workloads",
+        default="uniform,hot,zipf",
+        dest="tier_workloads",
+        help=f"comma-separated, of {', '.join(WORKLOADS)} (docs/escrow.md section 9)",
+    )
+    parser.add_argument(
+        "--tier-hot-orders",
+        type=int,
+        default=None,
+        dest="tier_hot_orders",
+        help="orders of each workload but uniform (default: its own, 20,000)",
+    )
+    parser.add_argument(
+        "--tier-hot-replays",
+        type=int,
+        default=HOT_REPLAYS,
+        dest="tier_hot_replays",
+        help="replays of each workload but uniform",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -644,6 +1276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--e2e-seconds", type=int, default=4, dest="tier_e2e_seconds", help="0: no end to end"
     )
+    add_workload_options(parser)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-tier-") as tmp:
         print(section(args, Path(tmp))["markdown"])

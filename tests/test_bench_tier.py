@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,13 +20,16 @@ from app import keys
 from app.ops.redis_cluster import LocalCluster
 from app.partitions import slot
 from app.scripts import SCRIPT_NAMES
-from loadtests import rig
+from loadtests import bench_tier, rig
 from loadtests.ab_refs import one_node_markdown
 from loadtests.bench import measured_section
 from loadtests.bench_tier import (
+    WORKLOADS,
     Call,
     Recording,
+    Workload,
     by_node,
+    escrow_options,
     flush,
     markdown,
     record,
@@ -79,31 +84,155 @@ def one_primary(one_primary_of_module: LocalCluster) -> LocalCluster:
     return one_primary_of_module
 
 
-def _recorded(cluster: LocalCluster) -> tuple[Recording, int]:
-    return asyncio.run(record(cluster, orders=20, inflight=4, phones=8, customers=8))
+TINY = Workload("tiny", phones=8, orders=20, customers=8)
+
+
+def _recorded(cluster: LocalCluster, workload: Workload = TINY) -> Recording:
+    ports = [node.port for node in cluster.topology().primaries()]
+    return asyncio.run(record(ports, workload, inflight=4))
 
 
 def test_the_recorded_orders_replay_to_the_same_keys(
     one_primary: LocalCluster, tmp_path: Path
 ) -> None:
-    recording, first = _recorded(one_primary)
-    order_calls = recording.calls[first:]
+    recording = _recorded(one_primary)
+    first = recording.first_order_call
+    order_calls = recording.order_calls()
     assert first > 0 and len(order_calls) >= 20  # the creations, then at least a call an order
+    assert recording.orders_placed == 20
     assert {call.script for call in recording.calls} <= set(SCRIPT_NAMES)
-    # replay raises unless every primary holds exactly the keys the recording left.
-    [row] = replay(one_primary, recording, first, 3, tmp_path / "replay", UNPINNED)
+    assert not recording.failed and not recording.not_replayed
+    # replay raises unless every primary holds exactly the keys the recording left and the
+    # audit holds with the 20 orders.
+    [row] = replay(one_primary, recording, 3, tmp_path / "replay", UNPINNED)
     assert row["calls"] == len(order_calls)
     assert sum(row["scripts"].values()) == len(order_calls)
     assert row["cpu_s"] > 0 and row["wall_s"] > 0
 
 
 def test_a_replay_that_leaves_other_keys_fails(one_primary: LocalCluster, tmp_path: Path) -> None:
-    recording, first = _recorded(one_primary)
-    creations = recording.calls[:first]
+    recording = _recorded(one_primary)
+    creations = recording.calls[: recording.first_order_call]
     # Replaying without the last customer's creation leaves fewer keys than the recording.
-    recording.calls = creations[:-1] + recording.calls[first:]
+    recording.calls = creations[:-1] + recording.order_calls()
+    recording.first_order_call -= 1
     with pytest.raises(RuntimeError, match="keys per node"):
-        replay(one_primary, recording, first - 1, 3, tmp_path / "replay", UNPINNED)
+        replay(one_primary, recording, 3, tmp_path / "replay", UNPINNED)
+
+
+def test_a_replay_short_of_an_order_fails_the_audit(
+    one_primary: LocalCluster, tmp_path: Path
+) -> None:
+    """The audit after the replay counts the orders: a recording that says the app placed
+    one more order than its calls place fails, though every node's keys match."""
+    recording = _recorded(one_primary)
+    recording.orders_placed += 1
+    with pytest.raises(RuntimeError, match="21"):
+        replay(one_primary, recording, 3, tmp_path / "replay", UNPINNED)
+
+
+@pytest.fixture(scope="module")
+def three_primaries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = LocalCluster.on_free_ports(tmp_path_factory.mktemp("cluster3"), 3, replicas=0)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+def test_a_hot_workload_records_the_split_saga_and_its_settles_inside_the_window(
+    three_primaries: LocalCluster, tmp_path: Path
+) -> None:
+    """The hot workload at a tiny size on 3 primaries: every order is placed, the apart
+    ones by the saga whose settles (sent by the settler after the answers) are in the
+    recording's order window, and the replay is audited."""
+    flush(three_primaries)
+    hot = dataclasses.replace(WORKLOADS["hot"], phones=4, orders=120, customers=12)
+    recording = _recorded(three_primaries, hot)
+    assert recording.orders_placed == 120
+    by_name = recording.calls_by_name()
+    # A third of the orders collapse (customer and phone on one primary), the rest split.
+    assert by_name["place_order"] + by_name["commit_order"] == 120
+    assert by_name["reserve_stock"] == by_name["commit_order"] > 0
+    assert 0 < by_name["settle_reservation"] <= by_name["commit_order"]
+    rows = replay(three_primaries, recording, 2, tmp_path / "replay", UNPINNED)
+    assert sum(row["calls"] for row in rows) == len(recording.order_calls())
+    replayed = Counter()
+    for row in rows:
+        replayed.update(row["scripts"])
+    assert dict(replayed) == by_name
+    # Without the settles the replay leaves units held: not the recording's run.
+    recording.calls = [c for c in recording.calls if c.script != "settle_reservation"]
+    with pytest.raises(RuntimeError):
+        replay(three_primaries, recording, 2, tmp_path / "again", UNPINNED)
+
+
+def test_what_the_service_sends_after_its_answers_is_recorded(one_primary: LocalCluster) -> None:
+    """Off the request path: a task the order path leaves behind, and a call it schedules
+    for later (as the settler's gathered flush), are both waited for and recorded, even
+    a plain command that is no script."""
+    ports = [node.port for node in one_primary.topology().primaries()]
+    late = "bench-tier-late"
+
+    async def placing() -> Recording:
+        original = bench_tier.order_path
+
+        def leaving_work_behind(scripts: Any, settler: Any, options: Any = None) -> Any:
+            place = original(scripts, settler, options)
+
+            async def placed(customer_id: str, lines: Any, request_id: str) -> Any:
+                order = await place(customer_id, lines, request_id)
+                loop = asyncio.get_running_loop()
+                gateway = scripts.gateway
+
+                def later() -> None:
+                    task = loop.create_task(gateway.execute("SET", f"{late}:{request_id}", 1))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+
+                loop.call_later(0.2, later)
+                return order
+
+            return placed
+
+        pending: set[asyncio.Task[Any]] = set()
+        bench_tier.order_path = leaving_work_behind
+        try:
+            return await record(ports, TINY, inflight=4)
+        finally:
+            bench_tier.order_path = original
+
+    flush(one_primary)
+    recording = asyncio.run(placing())
+    sets = [call for call in recording.order_calls() if call.script == "SET"]
+    assert len(sets) == 20 and all(str(call.keys[0]).startswith(late) for call in sets)
+
+
+def test_the_workloads_draw_the_same_orders_every_run() -> None:
+    assert WORKLOADS["uniform"].picks()[:3] == [(0, 0), (1, 7), (2, 14)]  # as it always was
+    hot, zipf = WORKLOADS["hot"], WORKLOADS["zipf"]
+    assert (hot.phones, hot.orders, zipf.phones, zipf.orders) == (64, 20_000, 1024, 20_000)
+    assert hot.picks() == hot.picks()
+    # At least 100 orders per phone and primary (3 primaries): quotas can be reused.
+    assert hot.orders / (hot.phones * 3) >= 100
+    phones = Counter(phone for _, phone in hot.picks())
+    assert len(phones) == 64 and min(phones.values()) > 200
+    # Zipf(1) over 1,024 phones: rank 1 takes 1 / H(1024) of the orders (about 13%),
+    # rank 2 half as many.
+    ranked = Counter(phone for _, phone in zipf.picks())
+    harmonic = sum(1 / rank for rank in range(1, 1025))
+    assert abs(ranked[0] / 20_000 - 1 / harmonic) < 0.01
+    assert 1.7 < ranked[0] / ranked[1] < 2.3
+    customers = Counter(customer for customer, _ in zipf.picks())
+    assert len(customers) == 1024
+
+
+def test_escrow_is_switched_on_only_where_the_order_path_has_the_switch() -> None:
+    def without(*, customer_id: str) -> None: ...
+
+    def with_switch(*, customer_id: str, escrow_stripes: bool = False) -> None: ...
+
+    assert escrow_options(without) == {}
+    assert escrow_options(with_switch) == {"escrow_stripes": True}
 
 
 def row(calls: int, cpu_s: float, wall_s: float, busy_s: float = 0.0) -> dict[str, Any]:
@@ -130,13 +259,25 @@ def test_the_ceilings_are_set_by_the_busiest_and_the_slowest_primary() -> None:
     assert lopsided["cpu_per_order_met"] and not lopsided["derived_ceiling_met"]
     assert not lopsided["measured_ceiling_met"]
     one["orders_per_s_recorded"] = uneven["orders_per_s_recorded"] = 500.0
+    even["orders_per_s_recorded"] = 400.0
+    for figures in (one, even, uneven):
+        figures["not_replayed_per_order"] = {}
     batched = {"settle_window_s": 1.5, "p1": one, "p3": even, "ratios": ratios}
+
+    def measured(name: str, orders: int, three: dict[str, Any], **more: Any) -> dict[str, Any]:
+        workload = {"name": name, "phones": 64, "customers": 8,
+                    "described": f"{orders:,} orders of {name}"}  # fmt: skip
+        return {"workload": workload, "escrow": "", "replays": 3, "p1": one, "p3": three,
+                "ratios": verdicts(one, three), **more}  # fmt: skip
+
+    hot = measured("hot", 20_000, even, escrow_asked=True)
+    hot["p3"] = {**even, "not_replayed_per_order": {"PING": 0.01}}
     text = markdown(
         {
-            "p1": one,
-            "p3": uneven,
-            "ratios": lopsided,
-            "batched": batched,
+            "workloads": {
+                "uniform": measured("uniform", 2000, uneven, escrow_asked=False, batched=batched),
+                "hot": hot,
+            },
             "split": "x",
             "load_average": [1.0, 2.0],
         }
@@ -153,6 +294,19 @@ def test_the_ceilings_are_set_by_the_busiest_and_the_slowest_primary() -> None:
     # The second table, settles as at the ceiling, is judged on its own rows.
     assert "the settler's window 1.50 s instead of 0.05 |" in text
     assert "orders / busiest primary's CPU s (b) | 1,000 | 2,500 | 2.50 | ≥ 2.5 met |" in text
+    # Every workload side by side: its parameters, (a) and (b) of each, and its calls.
+    assert "| 3 primaries against 1 | uniform | hot | target |" in text
+    assert "| workload | 2,000 orders of uniform | 20,000 orders of hot |  |" in text
+    assert "| (a) Redis CPU per order, 3 / 1 | 1.10 met | 1.10 met | ≤ 1.3 |" in text
+    assert "| (b) ceiling, derived, 3 / 1 | 1.25 **missed** | 2.50 met | ≥ 2.5 |" in text
+    # The uniform workload's settles as at the ceiling; the hot one was not measured so.
+    assert (
+        "| the same, settles gathered as at the 3-primary ceiling | 2.50 met | not measured | ≥ 2.5 |"
+        in text
+    )
+    assert "| escrow (docs/escrow.md) | off | off: the app has no escrow switch yet" in text
+    assert "| commit_order | 1.25 / 1.25 | 1.25 / 1.25 |" in text
+    assert "not replayed (no key to route them by), per order: hot (3 primaries): PING 0.01" in text
 
 
 def one_node_report(a: float, b: float) -> dict[str, Any]:
