@@ -29,12 +29,14 @@ Then:
    wrk rounds alternating between them, orders/s and CPU per request from /proc
    (:data:`AB_COMPARISONS`);
 7. extra sections from their own modules (:data:`EXTRA_SECTIONS`): the mail lag, the
-   data tier on 1 and on 3 primaries (loadtests/bench_tier.py), and POST /orders on one
+   data tier on 1 and on 3 primaries (loadtests/bench_tier.py: the uniform workload and the
+   hot ones of docs/escrow.md section 9, ``--tier-workloads``), and POST /orders on one
    redis-server against the baseline ref (loadtests/ab_refs.py, issue 11's item 3).
 
 Targets are reported, never asserted: a benchmark is not a test. Runs in about
 15 minutes, the mail-lag section's 5, the list cost's 2.5 (four stacks, two of them
-bulk-loaded with 1M rows), the data tier's 1 and the baseline A/B's 1 included;
+bulk-loaded with 1M rows), the data tier's 1 (and 2 to 4 more for its hot workloads,
+by the box's load) and the baseline A/B's 1 included;
 everything goes to 127.0.0.1 and every step is bounded.
 """
 

@@ -32,6 +32,7 @@ from loadtests.bench_tier import (
     escrow_options,
     flush,
     markdown,
+    phone_shares,
     record,
     replay,
     shard_figures,
@@ -154,6 +155,8 @@ def test_a_hot_workload_records_the_split_saga_and_its_settles_inside_the_window
     assert by_name["place_order"] + by_name["commit_order"] == 120
     assert by_name["reserve_stock"] == by_name["commit_order"] > 0
     assert 0 < by_name["settle_reservation"] <= by_name["commit_order"]
+    shares = phone_shares(three_primaries, recording, hot)
+    assert len(shares) == 3 and sum(shares) == pytest.approx(1.0)
     rows = replay(three_primaries, recording, 2, tmp_path / "replay", UNPINNED)
     assert sum(row["calls"] for row in rows) == len(recording.order_calls())
     replayed = Counter()
@@ -233,6 +236,11 @@ def test_escrow_is_switched_on_only_where_the_order_path_has_the_switch() -> Non
 
     assert escrow_options(without) == {}
     assert escrow_options(with_switch) == {"escrow_stripes": True}
+
+    def with_a_stripes_object(*, customer_id: str, stripes: object = None) -> None: ...
+
+    with pytest.raises(ValueError, match="teach it"):
+        escrow_options(with_a_stripes_object)
 
 
 def row(calls: int, cpu_s: float, wall_s: float, busy_s: float = 0.0) -> dict[str, Any]:
