@@ -290,7 +290,6 @@ def gateway_calls() -> float:
     )
 
 
-
 # ---- escrow's stripes (docs/escrow.md) ---------------------------------------------------
 
 
