@@ -42,8 +42,10 @@ SCRIPT_NAMES = (
     "prune_tombstones",
     # Escrow's grants (docs/escrow.md, section 4).
     "reserve_grant",
-    # Escrow (docs/escrow.md): a price change written to a stripe.
+    # Escrow (docs/escrow.md): a price change written to a stripe, a stripe order's
+    # split cancel's give-back.
     "reprice_stripe",
+    "return_to_stripe",
     # Escrow (docs/escrow.md): a grant's receipt on its stripe host.
     "receive_grant",
     # Escrow's recall (docs/escrow.md, section 5).
@@ -70,6 +72,7 @@ RERUNNABLE = frozenset(
         "prune_tombstones",
         "reserve_grant",
         "reprice_stripe",
+        "return_to_stripe",
         "receive_grant",
         "drain_phone",
         "close_stripe",

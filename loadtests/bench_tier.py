@@ -382,33 +382,25 @@ def streams(calls: list[Call], count: int) -> list[list[Call]]:
 # Escrow's switch: a keyword of saga_service.place_order whose name holds one of these (as
 # the handler passes a setting to it, like always_split), a bool that is off by default;
 # and ESCROW_STRIPES in the environment when app/settings.py has such a field.
-ESCROW_WORDS = ("escrow", "stripe", "striping")
+ESCROW_WORDS = ("escrow", "stripe")
 ESCROW_ENV = "ESCROW_STRIPES"
 
 
-def escrow_options(
-    place: Callable[..., Any] = saga_service.place_order,
-) -> tuple[dict[str, Any], str]:
-    """The keywords that turn escrow on in ``place`` (the saga's order path), and what to
-    say about them: ``({name: True}, "")`` for an off-by-default bool so named; ``({}, "")``
-    while the app has none (before docs/escrow.md's step 3 lands: the hot workloads then
-    measure the saga alone, the baseline). A keyword so named of any other shape is not
-    guessed at: none is passed, and the note says which (the report shows it, and the
-    run goes on with the saga alone rather than losing every workload's figures)."""
-    options: dict[str, Any] = {}
-    unknown = []
+def escrow_options(place: Callable[..., Any] = saga_service.place_order) -> dict[str, Any]:
+    """The keyword that turns escrow on in ``place`` (the saga's order path), if it has
+    one: ``{name: True}``; {} while the app has no such switch (before docs/escrow.md's
+    step 3 lands: then the hot workloads measure the saga alone, the baseline). A keyword
+    so named that is not an off-by-default bool is not guessed at: ValueError."""
+    options = {}
     for name, parameter in inspect.signature(place).parameters.items():
         if any(word in name for word in ESCROW_WORDS):
-            if parameter.default is False:
-                options[name] = True
-            else:
-                unknown.append(f"{name}={parameter.default!r}")
-    if unknown:
-        return {}, (
-            f"unknown: place_order takes {', '.join(unknown)}, which bench_tier does not "
-            "know how to set (loadtests/bench_tier.py: escrow_options): the saga alone"
-        )
-    return options, ""
+            if parameter.default is not False:
+                raise ValueError(
+                    f"{name}={parameter.default!r}: bench_tier's escrow_options knows only "
+                    "a bool switch, off by default; teach it this one"
+                )
+            options[name] = True
+    return options
 
 
 def escrow_in_settings() -> bool:
@@ -495,9 +487,9 @@ async def record(
     recording.attach(gateway)
     scripts = Scripts(gateway)
     settler = Settler(gateway, scripts, settle_delay_s=settle_delay_s)
-    options, note = escrow_options() if escrow else ({}, "")
-    recording.escrow = note or ", ".join(f"{name}=True" for name in options)
-    if escrow and os.environ.get(ESCROW_ENV) == "1" and not options and not note:
+    options = escrow_options() if escrow else {}
+    recording.escrow = ", ".join(f"{name}=True" for name in options)
+    if escrow and os.environ.get(ESCROW_ENV) == "1" and not options:
         # Said as it is: the setting exists, but this path cannot be told to use it.
         recording.escrow = f"unknown: {ESCROW_ENV}=1 set, but place_order takes no switch"
     try:

@@ -303,6 +303,19 @@ def other_hosts(gateway: Any, phone_id: str) -> list[int]:
     return [host for host in hosts if host != own]
 
 
+async def customer_apart_from(shop: Shop, gateway: Any, phone_id: str) -> tuple[dict, dict, int]:
+    """A new customer (with 100,000 cents) on another primary than the phone's, its
+    Authorization header, and its primary's host partition: where a stripe of the phone
+    serves its orders. Customers land on random partitions, so this makes a few."""
+    phone_host = gateway.host_partition(partition_of(phone_id))
+    for _ in range(50):
+        customer, auth = await shop.customer(balance_cents=100_000)
+        host = gateway.host_partition(partition_of(customer["id"]))
+        if host != phone_host:
+            return customer, auth, host
+    raise AssertionError("no customer on another primary than the phone's")
+
+
 class CountingGateway:
     """A gateway's calls recorded, one entry per round trip (to each node a cluster
     pipeline spans, in parallel): the command names sent in it. The rest is the gateway's."""

@@ -19,9 +19,9 @@ from app.partitions import new_id, partition_of
 from app.phones.service import update_phone_keys
 from app.redis_gateway import RedisGateway
 from app.scripts import Scripts
-from app.vocabulary import encode_grant, encode_items
+from app.vocabulary import ORDER_FIELDS, encode_grant, encode_items, stripe_mark
 from loadtests.support.round_trips import CountingTransport
-from tests.helpers import ADMIN, CLUSTER, ONE_NODE, Shop, other_hosts, timed
+from tests.helpers import ADMIN, CLUSTER, ONE_NODE, Shop, customer_apart_from, other_hosts, timed
 from tests.stripe_fixtures import grant
 
 LATER_MS = 10**13  # a grant's expiry no sweep reaches during a test
@@ -219,3 +219,29 @@ async def test_an_unstriped_phones_patch_is_one_script_and_nothing_else(
             [keys.reprice_entry(phone["id"]), due, "price_cents", 7],
         )
         assert (counting.round_trips, counting.commands) == (1, 1)
+
+
+@ON_CLUSTER
+async def test_after_a_patchs_200_an_order_from_a_stripe_pays_the_new_price(
+    shop: Shop, redis: Redis
+) -> None:
+    """The promise itself: a customer whose primary hosts a stripe of the phone orders it
+    right after the PATCH's 200, from the stripe (place_from_stripe.lua), at the new price."""
+    gateway = shop.client.app[appkeys.REDIS_GATEWAY]
+    phone = await shop.phone(price_cents=1_000, stock=200)
+    customer, auth, host = await customer_apart_from(shop, gateway, phone["id"])
+    await _grant(shop, redis, phone["id"], host, 16, 1_000, 0)
+
+    await _patch(shop, phone["id"], {"price_cents": 1_234})
+    response = await shop.order(auth, [(phone["id"], 2)], autocheck=False)
+    assert response.status == 201, await response.text()
+    order = (await response.json())["order"]
+    assert [(item["unit_price_cents"], item["quantity"]) for item in order["items"]] == [(1_234, 2)]
+    assert order["total_cents"] == 2_468
+    # From the stripe, not the pool.
+    assert (
+        await redis.hget(keys.order(order["id"]), ORDER_FIELDS["stripe"])
+        == stripe_mark(host, 0).encode()
+    )
+    assert await redis.hmget(keys.stripe(host, phone["id"]), "stock", "sold") == [b"14", b"2"]
+    assert await redis.hget(keys.customer(customer["id"]), "balance_cents") == b"97532"

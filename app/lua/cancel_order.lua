@@ -7,6 +7,12 @@
 -- Key names: app/keys.py; P is the order's (and its owner's) partition, Q a
 -- phone's, maybe another: the saga's cancel collapsed (docs/data-tier.md, 3.9), run
 -- only where one node serves P and every Q (app/lua_prelude.py: across_slots).
+-- Its stripe form (ARGV[9] given: an order sold from stripes, docs/escrow.md section 6)
+-- gives the lines back to the stripes they were sold from, on host partition S (the
+-- order's stripe mark "<S>:<epoch>"), while each is open at the mark's epoch: stock +q,
+-- sold -q, and the host ledger's stripe_units +units, stripe_sold_units -units. A stripe
+-- closed since (another epoch: its sold went home with its shipment) answers
+-- stripe_closed with nothing written: the caller gives the units back to the pools.
 --
 -- KEYS[1]  o{P}<order_id>                    hash
 -- KEYS[2]  c{P}<owner_id>                    hash
@@ -23,6 +29,8 @@
 -- KEYS[16..15+n]      p{Q}<phone_id> for each of the order's n lines, in order
 -- KEYS[16+n..15+2n]   lg{Q} of each line's phone, same order (may repeat)
 -- KEYS[16+2n..15+3n]  rv{Q} of each line's phone, same order (may repeat): only read
+--   stripe form, instead: KEYS[16..15+n] sq{S}<phone_id> of each line, in order, and
+--   KEYS[16+n] lg{S} (lg{P} itself when S = P)
 -- ARGV[1]  owner id the keys above were built for
 -- ARGV[2]  requesting customer id, or "" for the admin
 -- ARGV[3]  now, ms since the epoch
@@ -32,6 +40,7 @@
 -- ARGV[6]  balance ceiling, ARGV[7] stock ceiling: a refund or a restock that
 --          would cross one is refused (app/fields.py: every sum below 2^53)
 -- ARGV[8]  the chunk KEYS[3..4] are for: the id's (id_chunk), or what a refusal answered
+-- ARGV[9]  stripe form only: the epoch of the order's stripe mark
 --
 -- Returns {http_status, payload_json, changed}:
 --   200, order fields (strings), 1|0   cancelled now | was already cancelled
@@ -45,6 +54,11 @@
 --   409, {code="balance_limit", balance_cents, limit}  the refund would cross
 --        the ceiling; nothing written (spend some, or complete the order)
 --   409, {code="stock_limit", phone_id, stock, limit}  likewise for a line's restock
+--   307, {code="stripe_closed", phone_id}  stripe form: a line's stripe is closed or at
+--        another epoch than the mark's; nothing written (the caller gives the units back
+--        to the pools: app/orders/stripe_cancel.py)
+--   409, {code="sold_short", phone_id, have, quantity}  stripe form: the stripe sold
+--        fewer units than the line (a broken invariant); nothing written
 --   409, {code="order_chunk_moved", chunk}  the order's chunk (chunk) is neither ARGV[8] nor the next:
 --                                       nothing written; the app retries with chunk's keys
 --
@@ -67,7 +81,8 @@ local line_count = 0
 for _ in decode_items(items) do
   line_count = line_count + 1
 end
-if #KEYS ~= 15 + 3 * line_count then
+local stripe_epoch = ARGV[9]
+if #KEYS ~= (stripe_epoch and 16 + line_count or 15 + 3 * line_count) then
   return {409, cjson.encode({code = 'order_owner_changed'}), 0}
 end
 
@@ -81,16 +96,31 @@ end
 
 -- Each line's reservations, phone and ledger: every one read here, before the first
 -- write (on a cluster node a key it does not serve is refused at its first use).
+-- The stripe form reads each line's stripe instead: open at the mark's epoch, with the
+-- line's units sold.
 local lines = {}
 for phone_id, quantity in decode_items(items) do
   local i = #lines + 1
-  if redis.call('HEXISTS', KEYS[15 + 2 * line_count + i], order_id) == 1 then
-    return {307, cjson.encode({code = 'reservation_held'}), 0}
+  local line = {id = phone_id, phone = KEYS[15 + i], quantity = tonumber(quantity)}
+  if stripe_epoch then
+    line.ledger = KEYS[16 + line_count]
+    local stripe = redis.call('HMGET', line.phone, 'epoch', 'closed', 'sold', 'stock')
+    if (stripe[1] or '0') ~= stripe_epoch or stripe[2] then
+      return {307, cjson.encode({code = 'stripe_closed', phone_id = phone_id}), 0}
+    end
+    if tonumber(stripe[3] or '0') < line.quantity then
+      return {409, cjson.encode({code = 'sold_short', phone_id = phone_id,
+        have = stripe[3] or '0', quantity = quantity}), 0}
+    end
+    line.stock = stripe[4] or '0'
+  else
+    if redis.call('HEXISTS', KEYS[15 + 2 * line_count + i], order_id) == 1 then
+      return {307, cjson.encode({code = 'reservation_held'}), 0}
+    end
+    line.ledger = KEYS[15 + line_count + i]
+    line.stock = redis.call('HGET', line.phone, 'stock') or '0'
   end
-  local line = {id = phone_id, phone = KEYS[15 + i], ledger = KEYS[15 + line_count + i],
-    quantity = tonumber(quantity)}
   redis.call('EXISTS', line.ledger)
-  line.stock = redis.call('HGET', line.phone, 'stock') or '0'
   lines[i] = line
 end
 
@@ -115,12 +145,16 @@ local from, to = lists[1], lists[2]
 -- Every check passed: write.
 local units = 0
 local moved = {[KEYS[8]] = true}
+local stock_units, sold_units = 'stock_units', 'sold_units'
+if stripe_epoch then
+  stock_units, sold_units = 'stripe_units', 'stripe_sold_units'
+end
 for _, line in ipairs(lines) do
   redis.call('HINCRBY', line.phone, 'stock', line.quantity)
   redis.call('HINCRBY', line.phone, 'sold', -line.quantity)
   units = units + line.quantity
-  redis.call('HINCRBY', line.ledger, 'stock_units', line.quantity)
-  redis.call('HINCRBY', line.ledger, 'sold_units', -line.quantity)
+  redis.call('HINCRBY', line.ledger, stock_units, line.quantity)
+  redis.call('HINCRBY', line.ledger, sold_units, -line.quantity)
   if not moved[line.ledger] then
     moved[line.ledger] = true
     redis.call('HINCRBY', line.ledger, 'changes', 1)

@@ -30,7 +30,7 @@ import msgspec
 from app import keys
 from app.auth import Principal
 from app.fields import BALANCE_LIMIT, STOCK_LIMIT
-from app.orders import recall, saga, service, stripes
+from app.orders import recall, saga, service, stripe_cancel, stripes
 from app.orders.chunk_hints import HINTS
 from app.orders.idempotency import RecordPlace
 from app.orders.models import Order
@@ -68,9 +68,6 @@ log = logging.getLogger("app.orders.saga")
 # Settles one order's reservation on a phone partition after the answer is sent:
 # (partition, order id, outcome, reserved lines); the Settler's settle_soon.
 SettleSoon = Callable[[int, str, str, str], None]
-# Told the phones a reserve has just set striped (docs/escrow.md, section 4), to grant
-# their first stripes off the request path; the Refiller's stripe_everywhere.
-OnStriped = Callable[[list[str]], None]
 
 
 def _now_ms() -> int:
@@ -97,18 +94,16 @@ async def _reserve_everywhere(
     groups: dict[int, list[tuple[str, int]]],
     expires: int,
     fault_point: str,
-    striping_rule: str = "",
 ) -> list[ScriptResult | BaseException]:
     """The reserves on every phone partition in parallel, in ``groups``' order. A
     partition that answered stock_lent holds nothing: its phones are recalled and it is
-    reserved once more (the same order id and expiry). ``striping_rule``: ESCROW_STRIPES'
-    (app/orders/grants.py), sent with every reserve."""
+    reserved once more (the same order id and expiry)."""
     outcomes = dict(
         zip(
             groups,
             await asyncio.gather(
                 *(
-                    saga.reserve(scripts, order_id, p, group, expires, striping_rule=striping_rule)
+                    saga.reserve(scripts, order_id, p, group, expires)
                     for p, group in groups.items()
                 ),
                 return_exceptions=True,
@@ -125,10 +120,7 @@ async def _reserve_everywhere(
         ]
         await recall.recall_all(scripts, phone_ids, fault_point)
         again = await asyncio.gather(
-            *(
-                saga.reserve(scripts, order_id, p, groups[p], expires, striping_rule=striping_rule)
-                for p in lent
-            ),
+            *(saga.reserve(scripts, order_id, p, groups[p], expires) for p in lent),
             return_exceptions=True,
         )
         outcomes.update(zip(lent, again, strict=True))
@@ -201,13 +193,10 @@ async def place_order(
     reservation_ttl_ms: int,
     fault_point: str = "",
     always_split: bool = False,
-    striping_rule: str = "",
-    on_striped: OnStriped | None = None,
 ) -> PlacedOrder:
     """``always_split`` (test-only, SAGA_ALWAYS_SPLIT; and the cost runs): the split
     saga even where one node serves every partition, so its steps and crash points can
-    be reached on one redis-server. ``striping_rule`` (ESCROW_STRIPES): the reserves
-    count apart orders and stripe a hot, deep phone; ``on_striped`` hears of it."""
+    be reached on one redis-server."""
     order_partition = partition_of(customer_id)
     order_id = new_order_id(customer_id, HINTS.current(order_partition))
     if not always_split:
@@ -259,23 +248,12 @@ async def place_order(
             return placed
     groups = saga.lines_by_partition(lines)
     expires = _now_ms() + reservation_ttl_ms
-    outcomes = await _reserve_everywhere(
-        scripts, order_id, groups, expires, fault_point, striping_rule
-    )
+    outcomes = await _reserve_everywhere(scripts, order_id, groups, expires, fault_point)
     reserved = {
         partition: result.payload["lines"]
         for partition, result in zip(groups, outcomes, strict=True)
         if isinstance(result, ScriptResult) and result.status == 200
     }
-    if striping_rule and on_striped is not None:
-        striped = [
-            phone_id
-            for result in outcomes
-            if isinstance(result, ScriptResult)
-            for phone_id in result.payload.get("striped", ())
-        ]
-        if striped:
-            on_striped(striped)
     failed = [result for result in outcomes if isinstance(result, BaseException)]
     if failed:
         # This app will not commit: release what it holds and tombstone the rest, so a
@@ -433,8 +411,6 @@ async def _from_stripes(
         short = result.payload["phone_ids"]
         for phone_id in short:
             STRIPE_HINTS.ran_dry(host, phone_id)
-        for phone_id in result.payload.get("closed", ()):
-            STRIPE_HINTS.learn(phone_id, False)  # recalled: pool only until a receipt
         STRIPE_ANSWERS.tell([StripeAnswer(host, phone_id, None) for phone_id in short])
         return order_id, None
     if "stripe_left" in result.payload:
@@ -497,18 +473,20 @@ async def _refuse_a_give_back_past_the_ceiling(gateway: RedisGateway, items: str
 
 async def _read_order(
     gateway: RedisGateway, principal: Principal, order_id: str
-) -> tuple[str, str]:
-    """The order's owner and items (404 when it is not there or not the requester's)."""
+) -> tuple[str, str, str | None]:
+    """The order's owner, items and stripe mark (None unless sold from stripes); 404 when
+    it is not there or not the requester's."""
     if principal.customer_id is not None and (
         partition_of(order_id) != partition_of(principal.customer_id)
     ):
         raise ProblemError("order_not_found")  # a customer's orders are in its partition
-    owner, items = await gateway.hmget(
-        keys.order(order_id), [ORDER_FIELDS["customer_id"], ORDER_FIELDS["items"]]
+    owner, items, mark = await gateway.hmget(
+        keys.order(order_id),
+        [ORDER_FIELDS["customer_id"], ORDER_FIELDS["items"], ORDER_FIELDS["stripe"]],
     )
     if owner is None or (not principal.is_admin and owner.decode() != principal.customer_id):
         raise ProblemError("order_not_found")
-    return owner.decode(), items.decode()
+    return owner.decode(), items.decode(), None if mark is None else mark.decode()
 
 
 async def cancel_order(
@@ -528,13 +506,19 @@ async def cancel_order(
     and none still holds its reservation (a split order's settle not yet run: the
     script says so and writes nothing). Split: refund on the order's partition, then
     give each phone partition its units back; the settler's take-back list covers a
-    death in between."""
-    owner_id, items_field = await _read_order(gateway, principal, order_id)
+    death in between. An order sold from stripes (its stripe mark) gives its units back
+    to them (app/orders/stripe_cancel.py), or to the pools if they closed since."""
+    owner_id, items_field, mark = await _read_order(gateway, principal, order_id)
     if not always_split:
         with contextlib.suppress(NotOnOneNode):
-            cancelled = await service.cancel_on_one_node(
-                scripts, principal, order_id, owner_id, items_field, request_id
-            )
+            if mark is None:
+                cancelled = await service.cancel_on_one_node(
+                    scripts, principal, order_id, owner_id, items_field, request_id
+                )
+            else:
+                cancelled = await stripe_cancel.cancel_on_one_node(
+                    scripts, principal, order_id, owner_id, items_field, mark, request_id, _now_ms()
+                )
             if cancelled is not None:
                 return cancelled
     # The split cancel's give-back settles a reservation still held before giving the
@@ -557,12 +541,16 @@ async def cancel_order(
         order_id,
     )
     crash_if("refunded", fault_point)
-    returned = await asyncio.gather(
-        *(
-            saga.return_stock(scripts, partition, order_id, lines)
-            for partition, lines in saga.items_by_partition(items_field).items()
+    if mark is not None:
+        given_back = await stripe_cancel.give_back(scripts, order_id, items_field, mark)
+    else:
+        returned = await asyncio.gather(
+            *(
+                saga.return_stock(scripts, partition, order_id, lines)
+                for partition, lines in saga.items_by_partition(items_field).items()
+            )
         )
-    )
-    if all(answer.status == 200 for answer in returned):
+        given_back = all(answer.status == 200 for answer in returned)
+    if given_back:
         await gateway.execute("ZREM", keys.take_backs_due(order_partition), order_id)
     return order_from_fields(result.payload)

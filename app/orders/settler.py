@@ -15,7 +15,9 @@ order the same outcome and move its units once.
   decode_grant) is fenced the same way on its grant id's partition, the stripe's host,
   by its receipt there (fence kind GRANT), and settled with the orders (committed: lent).
 * Due take-backs: the order's lines, grouped by phone partition, go back to stock with
-  return_stock; then the order leaves the take-back list.
+  return_stock; then the order leaves the take-back list. An order sold from stripes
+  gives them back to its stripes, or to the pools if they closed since
+  (app/orders/stripe_cancel.py: give_back).
 * Due reprices (a cluster's only): a striped phone's price change whose request died
   before every stripe had it (``sp``, docs/escrow.md section 6) is written to them.
 * Escrow's recalls (app/orders/recall.py; a cluster's only): phones a dead app left
@@ -50,7 +52,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from app import appkeys, keys
-from app.orders import recall, saga
+from app.orders import recall, saga, stripe_cancel
 from app.partitions import PARTITIONS, partition_of
 from app.phones import stripes
 from app.redis_gateway import RedisGateway, WriteUnconfirmed
@@ -377,9 +379,17 @@ class Settler:
         ]
         taken = 0
         for order_id in order_ids:
-            [items] = await self.gateway.hmget(keys.order(order_id), [ORDER_FIELDS["items"]])
+            items, mark = await self.gateway.hmget(
+                keys.order(order_id), [ORDER_FIELDS["items"], ORDER_FIELDS["stripe"]]
+            )
             if items is None:
                 log.error("take-back of %s: no such order on partition %d", order_id, partition)
+                continue
+            if mark is not None:
+                # Sold from stripes: back to them, or to the pools if they closed since.
+                if await stripe_cancel.give_back(self.scripts, order_id, _text(items), _text(mark)):
+                    await self.gateway.execute("ZREM", keys.take_backs_due(partition), order_id)
+                    taken += 1
                 continue
             refused = False
             for phone_partition, lines in saga.items_by_partition(_text(items)).items():
