@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from app import appkeys, keys
 from app.auth import ADMIN as ADMIN_PRINCIPAL
 from app.fields import BALANCE_LIMIT, STOCK_LIMIT
-from app.orders import recall, saga_service
+from app.orders import recall, saga_service, stripe_cancel
 from app.orders.saga_service import refund_order_keys
 from app.partitions import chunk_of, partition_of
 from app.vocabulary import ORDER_FIELDS, encode_items, stripe_mark
@@ -185,3 +185,61 @@ async def test_the_settler_gives_back_what_a_dead_apps_cancel_refunded(
     assert await _balance(redis, sale["customer"]) == 100_000
     audit = await shop.audit_at_rest()
     assert audit["ok"] is True, audit["checks"]
+
+
+async def _contents(redis: Redis, names: list[str]) -> list:
+    out = []
+    for name in names:
+        kind = (await redis.type(name)).decode()
+        if kind == "hash":
+            out.append(sorted((await redis.hgetall(name)).items()))
+        elif kind == "set":
+            out.append(sorted(await redis.smembers(name)))
+        elif kind == "zset":
+            out.append(await redis.zrange(name, 0, -1, withscores=True))
+        elif kind == "stream":
+            out.append(await redis.xlen(name))
+        else:
+            out.append((kind, await redis.get(name) if kind == "string" else None))
+    return out
+
+
+async def test_a_closed_stripes_refusals_write_nothing(shop: Shop, redis: Redis) -> None:
+    """After a recall the stripe is at the next epoch: the stripe form of cancel_order and
+    return_to_stripe both answer stripe_closed, and every key either could touch is as
+    it was."""
+    sale = await _stripe_sale(shop, redis)
+    app = shop.client.app
+    scripts = app[appkeys.SCRIPTS]
+    assert (await recall.recall(scripts, sale["phone"])).done
+    order_id, host = sale["order"], sale["host"]
+    partition = partition_of(order_id)
+    names = [
+        keys.order(order_id),
+        keys.customer(sale["customer"]),
+        keys.ledger(partition),
+        keys.events(partition),
+        keys.take_backs_due(partition),
+        sale["stripe"],
+        keys.ledger(host),
+        keys.taken_back(host),
+        keys.phone(sale["phone"]),
+        keys.ledger(partition_of(sale["phone"])),
+    ]
+    before = await _contents(redis, names)
+    items = encode_items([(sale["phone"], 3, PRICE)])
+    mark = stripe_mark(host, 0)
+    refused = await stripe_cancel.cancel_on_one_node(
+        scripts, ADMIN_PRINCIPAL, order_id, sale["customer"], items, mark, "req", 0
+    )
+    assert refused is None
+    answer = await scripts.call(
+        "return_to_stripe",
+        stripe_cancel.return_to_stripe_keys(host, items),
+        [order_id, 0, items, STOCK_LIMIT],
+    )
+    assert (answer.status, answer.payload) == (
+        307,
+        {"code": "stripe_closed", "phone_id": sale["phone"]},
+    )
+    assert await _contents(redis, names) == before
