@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from app.events.hub import EventHub
     from app.events.sockets import EventSocket
     from app.health import Readiness
+    from app.orders.grants import Refiller
     from app.orders.settler import Settler
     from app.overload import OverloadControl
     from app.phones.page_cache import CataloguePages
@@ -30,6 +31,8 @@ REDIS: web.AppKey[Redis | RedisCluster] = web.AppKey("redis")
 SCRIPTS: web.AppKey[Scripts] = web.AppKey("scripts")
 # The reservation saga's settler of this worker (on both tiers).
 SETTLER: web.AppKey[Settler] = web.AppKey("settler")
+# Escrow's refills of this worker (app/orders/grants.py): the stripe order's hook.
+REFILLER: web.AppKey[Refiller] = web.AppKey("refiller")
 TOKEN_CACHE: web.AppKey[TokenCache] = web.AppKey("token_cache")
 # This worker's remembered pages of GET /phones, checked against the catalogue's clocks.
 CATALOGUE_PAGES: web.AppKey[CataloguePages] = web.AppKey("catalogue_pages")

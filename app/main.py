@@ -22,6 +22,7 @@ from app.health import Readiness
 from app.middlewares import front_middleware
 from app.observe import flush_observations, instrument
 from app.openapi import openapi_json
+from app.orders.grants import refiller_ctx
 from app.orders.settler import settler_ctx
 from app.overload import OverloadControl
 from app.phones.page_cache import CataloguePages
@@ -113,6 +114,7 @@ def build_app(settings: Settings) -> web.Application:
     # On both tiers: it settles the split saga's orders (none on one redis-server unless
     # SAGA_ALWAYS_SPLIT), and whatever a worker that died midway left.
     app.cleanup_ctx.append(settler_ctx)  # after redis_ctx: it settles over its gateway
+    app.cleanup_ctx.append(refiller_ctx)  # after settler_ctx: it hands it the settles
     app.on_startup.append(instrument)  # runs after every cleanup_ctx: wraps its clients
     app.on_shutdown.append(close_event_sockets)
     app.on_cleanup.append(flush_observations)

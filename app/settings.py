@@ -91,9 +91,10 @@ def redacted_url(url: str) -> str:
 
 
 # Where SAGA_FAULT_POINT may kill a worker: after the reserves answered, after the commit
-# answered, after a cancel's refund answered (app/orders/saga_service.py).
+# answered, after a cancel's refund answered (app/orders/saga_service.py); after a grant's
+# reserve answered, after its receipt answered (app/orders/grants.py).
 # "closed": a recall's stripes closed, their shipments not yet received (docs/escrow.md 8).
-SAGA_FAULT_POINTS = ("reserved", "committed", "refunded", "closed")
+SAGA_FAULT_POINTS = ("reserved", "committed", "refunded", "closed", "granted", "received")
 # The longest SAGA_RESERVATION_TTL_MS any app may run with: an order's reserve and commit
 # are refused past its reservation's expiry, so an abort marker or release tombstone kept
 # this long (plus a margin) outlives every late step of its order (app/orders/saga.py).
@@ -164,6 +165,11 @@ class Settings:
     # would collapse into one script (app/orders/saga_service.py); so the split saga's
     # steps and crash points can be tested there.
     saga_always_split: bool = False
+    # Escrow's striping rule (docs/escrow.md, section 4): a phone hot and deep enough is
+    # set striped by its reserves, and its pool then grants stripes to the other primaries.
+    # Off until the recall (section 5) is in: a striped phone's short pool must recall
+    # its stripes before any 409. Without it no phone is ever striped.
+    escrow_stripes: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -236,6 +242,7 @@ class Settings:
             ),
             saga_fault_point=_fault_point(env),
             saga_always_split=env_bool(env, "SAGA_ALWAYS_SPLIT", cls.saga_always_split),
+            escrow_stripes=env_bool(env, "ESCROW_STRIPES", cls.escrow_stripes),
         )
 
     def __repr__(self) -> str:

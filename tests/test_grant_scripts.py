@@ -13,6 +13,7 @@ import pytest
 
 from app import keys, partitions
 from app.orders import saga as steps
+from app.orders import stripes
 from app.orders.settler import Settler
 from app.vocabulary import DRAINING, STRIPED, decode_grant, encode_grant, encode_items
 from tests.saga_fixtures import ORDER_PARTITION, PHONE_PARTITION, SagaWorld
@@ -171,3 +172,56 @@ async def test_the_fence_tells_grants_from_orders_in_one_call(saga: SagaWorld) -
     assert outcomes == [steps.ABORTED, steps.ABORTED]
     with pytest.raises(ValueError, match="kinds"):
         await steps.fence(saga.scripts, HOST, [order], ["x"])
+
+
+async def test_a_received_grant_is_committed_by_the_fence_and_no_step_acts_twice(
+    saga: SagaWorld,
+) -> None:
+    """A grant's three steps, each run twice (a retried call): the reserve holds once, the
+    receipt adds to the stripe once, the fence finds the receipt (committed) and the
+    settle lends once; a late receipt of a fenced grant is refused."""
+    phone = await striped_phone(saga, 300)
+    grant_id, reserved = await grant(saga, phone, 32)
+    await grant(saga, phone, 32, grant_id)
+    head = decode_grant(reserved.payload["reservation"])
+    assert head is not None
+
+    async def receive(some_grant: str) -> tuple[int, dict]:
+        result = await stripes.receive_grant(
+            saga.scripts,
+            host=HOST,
+            phone_id=phone,
+            grant_id=some_grant,
+            units=32,
+            price_cents=700,
+            gen=head.gen,
+        )
+        return result.status, result.payload
+
+    assert (await receive(grant_id))[0] == 200
+    assert (await receive(grant_id))[0] == 200
+    assert await saga.redis.hmget(keys.stripe(HOST, phone), "stock", "got", "price_cents") == [
+        "32",
+        "32",
+        "700",
+    ]
+    assert await steps.fence_grants(saga.scripts, HOST, [grant_id]) == [steps.COMMITTED]
+    assert not await saga.redis.hexists(keys.aborts(HOST), grant_id)
+    for _ in range(2):
+        await steps.settle(
+            saga.scripts,
+            PHONE_PARTITION,
+            grant_id,
+            steps.COMMITTED,
+            reserved.payload["reservation"],
+        )
+    assert await units(saga, phone) == {"stock": 268, "held": 0, "sold": 0, "lent": 32}
+    # Another grant fenced before its receipt: the receipt is refused, nothing added.
+    fenced_id, fenced = await grant(saga, phone, 8)
+    assert await steps.fence_grants(saga.scripts, HOST, [fenced_id]) == [steps.ABORTED]
+    assert await receive(fenced_id) == (503, {"code": "service_unavailable"})
+    await steps.settle(
+        saga.scripts, PHONE_PARTITION, fenced_id, steps.ABORTED, fenced.payload["reservation"]
+    )
+    assert await units(saga, phone) == {"stock": 268, "held": 0, "sold": 0, "lent": 32}
+    assert await saga.redis.hget(keys.stripe(HOST, phone), "got") == "32"

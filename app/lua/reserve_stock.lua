@@ -16,6 +16,13 @@
 -- stock_lent and writes nothing: the caller drains the phone and recalls its stripes
 -- (app/orders/recall.py: drain_phone.lua sets mode = draining, which stops new grants),
 -- then sends this reserve again.
+-- The striping rule (docs/escrow.md, section 4; only when the caller sends ARGV[#ARGV],
+-- the app's ESCROW_STRIPES setting): every reserve here is an apart order's (a collapsed
+-- order never reserves), so each reserved line counts one in its phone's hash, in a field
+-- reset per horizon (`apart`, and `apart_at`: the horizon it counts); a phone that is hot
+-- and deep (at least `hot` apart reserves in this horizon and at least `stripe_min`
+-- units left in its pool) and has no mode is set striped, and the answer names it, so
+-- that the app grants its first stripes.
 --
 -- KEYS[1]  rv{Q}  hash: order id -> reserved lines "phone_id:quantity:unit_price_cents;..."
 -- KEYS[2]  rd{Q}  zset: order id by expiry (ms), the settler's work list
@@ -26,9 +33,12 @@
 -- ARGV[2]  expiry, ms since the epoch (now + RESERVATION_TTL)
 -- ARGV[3..2+2n]  phone_id, quantity for each line of this partition (quantities
 --                1..100 and distinct phone ids, checked by the caller)
+-- ARGV[3+2n]     optional, the striping rule: "<stripe_min> <hot> <horizon_ms>"
 --
 -- Returns {http_status, payload_json, replayed}:
 --   200, {lines="..."}, 0                       reserved now
+--   200, {lines="...", striped=[phone ids]}, 0  reserved now, and these phones were set
+--                                               striped by the rule
 --   200, {lines="..."}, 1                       reserved by an earlier run; nothing written
 --   404, {code="phone_not_found", phone_ids=[]}, 0     nothing written
 --   409, {code="out_of_stock", lines=[...]}, 0         nothing written (every short line's
@@ -39,10 +49,11 @@
 --   409, {code="order_expired"}, 0              past the expiry; nothing written
 --   error reply "reserve_stock: ..."            KEYS do not fit ARGV; nothing written
 --
--- encode_item(s), now_ms: the prelude (app/lua_prelude.py).
+-- encode_item(s), now_ms, PHONE_MODE: the prelude (app/lua_prelude.py).
 
-local n = (#ARGV - 2) / 2
-if n < 1 or n ~= math.floor(n) or #KEYS ~= 4 + n then
+local n = math.floor((#ARGV - 2) / 2)
+local rule = #ARGV == 3 + 2 * n and ARGV[#ARGV] or nil
+if n < 1 or #KEYS ~= 4 + n then
   return redis.error_reply('reserve_stock: ' .. #KEYS .. ' keys do not fit ' .. #ARGV .. ' arguments')
 end
 local order_id = ARGV[1]
@@ -102,4 +113,28 @@ redis.call('ZADD', KEYS[2], ARGV[2], order_id)
 redis.call('HINCRBY', KEYS[4], 'stock_units', -units)
 redis.call('HINCRBY', KEYS[4], 'held_units', units)
 redis.call('HINCRBY', KEYS[4], 'changes', 1)
-return {200, cjson.encode({lines = encoded}), 0}
+if not rule then
+  return {200, cjson.encode({lines = encoded}), 0}
+end
+local stripe_min, hot, horizon_ms = string.match(rule, '^(%d+) (%d+) (%d+)$')
+if not horizon_ms or tonumber(horizon_ms) < 1 then
+  return redis.error_reply('reserve_stock: the striping rule is "<stripe_min> <hot> <horizon_ms>"')
+end
+local horizon, striped = tostring(math.floor(now_ms() / tonumber(horizon_ms))), {}
+for i = 1, n do
+  local row = redis.call('HMGET', KEYS[4 + i], 'apart_at', 'mode', 'stock')
+  local apart = 1
+  if row[1] == horizon then
+    apart = redis.call('HINCRBY', KEYS[4 + i], 'apart', 1)
+  else
+    redis.call('HSET', KEYS[4 + i], 'apart_at', horizon, 'apart', 1)
+  end
+  if not row[2] and apart >= tonumber(hot) and tonumber(row[3]) >= tonumber(stripe_min) then
+    redis.call('HSET', KEYS[4 + i], 'mode', PHONE_MODE.striped)
+    striped[#striped + 1] = ARGV[1 + 2 * i]
+  end
+end
+if #striped == 0 then
+  return {200, cjson.encode({lines = encoded}), 0}
+end
+return {200, cjson.encode({lines = encoded, striped = striped}), 0}

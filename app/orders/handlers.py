@@ -13,7 +13,7 @@ from app import appkeys
 from app.handlers import gateway_of, scripts_of
 from app.ids import is_valid_id
 from app.middlewares import REQUEST_ID
-from app.orders import saga_service, service
+from app.orders import grants, saga_service, service
 from app.orders.models import OrderCreate, OrderEnvelope, OrderPage
 from app.problems import ProblemError
 from app.query import page_params
@@ -43,6 +43,8 @@ async def place_order(call: Call[OrderCreate]) -> web.Response:
         reservation_ttl_ms=settings.reservation_ttl_ms,
         fault_point=settings.saga_fault_point,
         always_split=settings.saga_always_split,
+        striping_rule=grants.STRIPING_RULE if settings.escrow_stripes else "",
+        on_striped=request.app[appkeys.REFILLER].stripe_everywhere,
         customer_id=customer_id,
         lines=data.lines(),
         autocheck=data.autocheck,

@@ -107,12 +107,19 @@ async def reserve(
     partition: int,
     lines: list[tuple[str, int]],
     expires_at_ms: int,
+    *,
+    striping_rule: str = "",
 ) -> ScriptResult:
     """reserve_stock.lua on one phone partition: 200 with the reserved ``lines`` (prices
-    included), or the 404/409 of that partition's lines, or 409 ``order_released``."""
+    included), or the 404/409 of that partition's lines, or 409 ``order_released``.
+    ``striping_rule`` (app/orders/grants.py: STRIPING_RULE, when ESCROW_STRIPES is on):
+    the reserve counts its phones' apart orders and sets a hot, deep one striped, which
+    its 200 names (``striped``)."""
     args: list[str | int] = [order_id, expires_at_ms]
     for phone_id, quantity in lines:
         args += [phone_id, quantity]
+    if striping_rule:
+        args.append(striping_rule)
     script_keys = [*_partition_keys(partition), *(keys.phone(phone_id) for phone_id, _ in lines)]
     return await scripts.call("reserve_stock", script_keys, args)
 

@@ -68,6 +68,9 @@ log = logging.getLogger("app.orders.saga")
 # Settles one order's reservation on a phone partition after the answer is sent:
 # (partition, order id, outcome, reserved lines); the Settler's settle_soon.
 SettleSoon = Callable[[int, str, str, str], None]
+# Told the phones a reserve has just set striped (docs/escrow.md, section 4), to grant
+# their first stripes off the request path; the Refiller's stripe_everywhere.
+OnStriped = Callable[[list[str]], None]
 
 
 def _now_ms() -> int:
@@ -94,16 +97,18 @@ async def _reserve_everywhere(
     groups: dict[int, list[tuple[str, int]]],
     expires: int,
     fault_point: str,
+    striping_rule: str = "",
 ) -> list[ScriptResult | BaseException]:
     """The reserves on every phone partition in parallel, in ``groups``' order. A
     partition that answered stock_lent holds nothing: its phones are recalled and it is
-    reserved once more (the same order id and expiry)."""
+    reserved once more (the same order id and expiry). ``striping_rule``: ESCROW_STRIPES'
+    (app/orders/grants.py), sent with every reserve."""
     outcomes = dict(
         zip(
             groups,
             await asyncio.gather(
                 *(
-                    saga.reserve(scripts, order_id, p, group, expires)
+                    saga.reserve(scripts, order_id, p, group, expires, striping_rule=striping_rule)
                     for p, group in groups.items()
                 ),
                 return_exceptions=True,
@@ -120,7 +125,10 @@ async def _reserve_everywhere(
         ]
         await recall.recall_all(scripts, phone_ids, fault_point)
         again = await asyncio.gather(
-            *(saga.reserve(scripts, order_id, p, groups[p], expires) for p in lent),
+            *(
+                saga.reserve(scripts, order_id, p, groups[p], expires, striping_rule=striping_rule)
+                for p in lent
+            ),
             return_exceptions=True,
         )
         outcomes.update(zip(lent, again, strict=True))
@@ -193,10 +201,13 @@ async def place_order(
     reservation_ttl_ms: int,
     fault_point: str = "",
     always_split: bool = False,
+    striping_rule: str = "",
+    on_striped: OnStriped | None = None,
 ) -> PlacedOrder:
     """``always_split`` (test-only, SAGA_ALWAYS_SPLIT; and the cost runs): the split
     saga even where one node serves every partition, so its steps and crash points can
-    be reached on one redis-server."""
+    be reached on one redis-server. ``striping_rule`` (ESCROW_STRIPES): the reserves
+    count apart orders and stripe a hot, deep phone; ``on_striped`` hears of it."""
     order_partition = partition_of(customer_id)
     order_id = new_order_id(customer_id, HINTS.current(order_partition))
     if not always_split:
@@ -248,12 +259,23 @@ async def place_order(
             return placed
     groups = saga.lines_by_partition(lines)
     expires = _now_ms() + reservation_ttl_ms
-    outcomes = await _reserve_everywhere(scripts, order_id, groups, expires, fault_point)
+    outcomes = await _reserve_everywhere(
+        scripts, order_id, groups, expires, fault_point, striping_rule
+    )
     reserved = {
         partition: result.payload["lines"]
         for partition, result in zip(groups, outcomes, strict=True)
         if isinstance(result, ScriptResult) and result.status == 200
     }
+    if striping_rule and on_striped is not None:
+        striped = [
+            phone_id
+            for result in outcomes
+            if isinstance(result, ScriptResult)
+            for phone_id in result.payload.get("striped", ())
+        ]
+        if striped:
+            on_striped(striped)
     failed = [result for result in outcomes if isinstance(result, BaseException)]
     if failed:
         # This app will not commit: release what it holds and tombstone the rest, so a
