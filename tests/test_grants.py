@@ -162,7 +162,8 @@ async def test_stripe_orders_short_or_below_low_water_want_one_grant_per_gather(
 
 async def _apart_customers(
     client: TestClient, cluster: LocalCluster, phone_id: str, count: int
-) -> list[dict[str, str]]:
+) -> list[tuple[str, dict[str, str]]]:
+    """``count`` customers on other primaries than the phone's: (id, auth header)."""
     view = cluster.topology()
     phone_port = port_of(view, partitions.partition_of(phone_id))
     hosts = set(host_by_port(cluster).values())
@@ -179,7 +180,8 @@ async def _apart_customers(
             headers=ADMIN,
         )
         assert response.status == 201, await response.text()
-        auths.append({"Authorization": f"Bearer {(await response.json())['token']}"})
+        body = await response.json()
+        auths.append((body["customer"]["id"], {"Authorization": f"Bearer {body['token']}"}))
     return auths
 
 
@@ -199,7 +201,8 @@ async def test_the_striping_rule_is_off_by_default_and_on_grants_every_other_pri
     client: TestClient = await aiohttp_client(await create_app())
     shop = Shop(client)
     phone = await shop.phone(price_cents=500, stock=1000)
-    auths = await _apart_customers(client, redis_cluster, phone["id"], 2)
+    customers = await _apart_customers(client, redis_cluster, phone["id"], 2)
+    auths = [auth for _, auth in customers]
     for n in range(grants.HOT_RESERVES):
         response = await shop.order(auths[n % 2], [(phone["id"], 1)])
         assert response.status == 201, await response.text()
@@ -226,5 +229,57 @@ async def test_the_striping_rule_is_off_by_default_and_on_grants_every_other_pri
     members = await redis.smembers(keys.stripe_hosts(phone["id"]))
     assert {int(m) for m in members} == set(others)
     assert not await redis.exists(keys.grants_in_flight(phone["id"]))
+    audit = await shop.audit_at_rest()
+    assert audit["ok"], audit
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("stack_kind", [CLUSTER], indirect=True)
+async def test_a_striped_phone_sells_from_its_stripe_and_refills_it_on_low_water(
+    aiohttp_client: Any,
+    app_env: dict[str, str],
+    redis: Redis,
+    redis_cluster: LocalCluster,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The whole loop through the API: sixteen apart orders stripe the phone and grant
+    its first stripes; then one customer's orders sell from the stripe on its primary's
+    host (place_from_stripe), whose answers below low water refill it (the refiller's
+    hook), so that it sells on past its first grant; at rest units are conserved and the
+    audit passes."""
+    monkeypatch.setenv("ESCROW_STRIPES", "1")
+    client: TestClient = await aiohttp_client(await create_app())
+    shop = Shop(client)
+    phone = await shop.phone(price_cents=500, stock=1000)
+    customers = await _apart_customers(client, redis_cluster, phone["id"], 2)
+    auths = [auth for _, auth in customers]
+    for n in range(grants.HOT_RESERVES):
+        response = await shop.order(auths[n % 2], [(phone["id"], 1)])
+        assert response.status == 201, await response.text()
+    by_port = host_by_port(redis_cluster)
+    hosts = sorted(by_port.values())
+    view = redis_cluster.topology()
+    host = by_port[port_of(view, partitions.partition_of(customers[0][0]))]
+
+    async def first_stripe() -> str | None:
+        return await redis.hget(keys.stripe(host, phone["id"]), "got")
+
+    await wait_until_async(first_stripe, "the first stripe on the customer's host", REST_S)
+    more = 40  # past the first grant's 16 units
+    for _ in range(more):
+        response = await shop.order(auths[0], [(phone["id"], 1)])
+        assert response.status == 201, await response.text()
+    found = await phone_at_rest(redis, phone["id"], hosts)
+    stripe_sold = int(await redis.hget(keys.stripe(host, phone["id"]), "sold"))
+    receipts = await redis.hlen(keys.grant_receipts(host))
+    # Orders were sold from the stripe, more than its first grant held: it was refilled.
+    assert stripe_sold > grants.HOT_RESERVES
+    assert receipts >= 2
+    # Every unit of the 16 + 40 orders sold once: by the pool (the saga) or by a stripe.
+    others_sold = 0
+    for other in hosts:
+        if other != host:
+            others_sold += int(await redis.hget(keys.stripe(other, phone["id"]), "sold") or 0)
+    assert found["sold"] + stripe_sold + others_sold == grants.HOT_RESERVES + more
     audit = await shop.audit_at_rest()
     assert audit["ok"], audit
