@@ -213,3 +213,35 @@ async def test_the_settler_finishes_a_recall_a_dead_app_left(saga: SagaWorld) ->
     assert await saga.redis.zscore(keys.shipments_due(HOST_B), f"{shipped}:{HOST_B}:0") is None
     left = await stripe(saga, HOST_A, drained)
     assert (left["closed"], left["stock"], left["epoch"]) == ("1", "0", "1")
+
+
+async def test_the_settler_recalls_stripes_left_off_the_host_partitions(saga: SagaWorld) -> None:
+    """A stripe on a partition that is no host partition (as a reshard leaves one: no
+    order reaches it) is recalled by the settler's periodic look, with every other stripe
+    of its phone; a phone striped on host partitions only is left alone. On one
+    redis-server there is no host partition and nothing is looked at."""
+    if saga.backend == "single":
+        assert await Settler(saga.gateway, saga.scripts).recall_foreign_stripes() == []
+        return
+    await saga.gateway.execute("PING")  # the gateway's slot map, for its host partitions
+    hosts = saga.gateway.host_partitions()
+    assert HOST_B not in hosts  # 60: its primary's lowest partition is lower
+    host = next(
+        h for h in hosts if saga.node_of(keys.ledger(h)) != saga.node_of(keys.ledger(HOST_B))
+    )
+    stranded = await saga.phone(PHONE_PARTITION, price_cents=100, stock=10)
+    at_home = await saga.phone(PHONE_PARTITION, price_cents=100, stock=10)
+    for phone in (stranded, at_home):
+        # TEST-ONLY: the saga world seeds phone hashes alone; the settler reads the
+        # partition's phone list, which create_phone.lua writes.
+        await saga.redis.zadd(keys.phones(PHONE_PARTITION), {phone: 1})
+        await staging.grant(saga.scripts, saga.redis, phone, host, 3)
+    await staging.grant(saga.scripts, saga.redis, stranded, HOST_B, 4)
+
+    recalled = await Settler(saga.gateway, saga.scripts).recall_foreign_stripes()
+    assert stranded in recalled and at_home not in recalled
+    assert await pool(saga, stranded) == {"stock": 10, "held": 0, "sold": 0, "lent": 0, "added": 10}
+    assert await pool(saga, at_home) == {"stock": 7, "held": 0, "sold": 0, "lent": 3, "added": 10}
+    for where in (host, HOST_B):
+        assert (await stripe(saga, where, stranded))["closed"] == "1"
+    assert "closed" not in await stripe(saga, host, at_home)

@@ -25,7 +25,9 @@ order the same outcome and move its units once.
   their due time (``sz``), are recalled again from the recall's first step (every step is
   idempotent: a closed stripe answers its shipment again, the pool takes it once); one
   not finished (a node down) is due again a grace later. A received shipment leaves
-  ``sz`` here (its close does not wait for that).
+  ``sz`` here (its close does not wait for that). Every ``PRUNE_EVERY`` ticks, stripes left
+  on a partition that is no longer a host partition (a reshard) are recalled too
+  (``recall_foreign_stripes``).
 * Every ``PRUNE_EVERY`` ticks, abort markers and release tombstones past their keep-until
   time (app/orders/saga.py: keep_until) go, with prune_tombstones on each partition that
   has any: without it they would pile up for every aborted order, forever.
@@ -75,6 +77,8 @@ BATCH = 100
 # Markers and tombstones pruned per partition per call: aborts may come in bursts (a
 # sold-out phone refuses hundreds of orders), and the pruning runs only every PRUNE_EVERY ticks.
 PRUNE_BATCH = 1000
+# Phones read per round when looking for stripes off the host partitions.
+FOREIGN_PAGE = 1000
 # Ticks between two prunings of the abort markers and release tombstones: they are kept
 # for minutes (saga.keep_until), so looking for due ones every tick would be wasted probes.
 PRUNE_EVERY = 30
@@ -171,6 +175,7 @@ class Settler:
                 await self.sweep()
                 if tick % self.prune_every == 0:
                     await self.prune()
+                    await self.recall_foreign_stripes()
             except (RedisError, OSError, WriteUnconfirmed) as error:
                 # Unconfirmed: a fence the replica may not have; nothing after it ran.
                 log.warning("settler sweep failed: %s", error)
@@ -225,6 +230,53 @@ class Settler:
             ).items():
                 pruned[kind] += count
         return pruned
+
+    async def recall_foreign_stripes(self) -> list[str]:
+        """Stripes left on a partition that is no longer a host partition (a reshard moved
+        it to a primary with a lower one, or its primary's lowest partition moved away:
+        docs/escrow.md, section 5): no order reaches them, so their units would sit idle
+        until the phone's pool ran short. Every PRUNE_EVERY ticks, on a cluster: one
+        pipelined read of every non-host partition's ledger (its received_units: units in
+        open stripes there); only when one holds any, the phones of every partition whose
+        ledger lends (lent_units) are read with their stripe hosts (sh{Q}X, pipelined
+        per page of the partition's phone list), and each phone with a stripe on such a
+        partition is recalled (it is pool-only afterwards; its grants start again on the
+        current hosts). The phones recalled."""
+        hosts = set(self.gateway.host_partitions())
+        if self.gateway.one_node or not hosts:
+            return []
+        ledgers = await self.gateway.execute_many(
+            [("HMGET", keys.ledger(p), "received_units", "lent_units") for p in range(PARTITIONS)]
+        )
+        foreign = {
+            p
+            for p, (received, _) in enumerate(ledgers)
+            if p not in hosts and int(received or 0) > 0
+        }
+        if not foreign:
+            return []
+        recalled: list[str] = []
+        for partition, (_, lent) in enumerate(ledgers):
+            if int(lent or 0) <= 0:
+                continue
+            start = 0
+            while page := [
+                _text(phone_id)
+                for phone_id in await self.gateway.execute(
+                    "ZRANGE", keys.phones(partition), start, start + FOREIGN_PAGE - 1
+                )
+            ]:
+                start += FOREIGN_PAGE
+                stripe_hosts = await self.gateway.execute_many(
+                    [("SMEMBERS", keys.stripe_hosts(phone_id)) for phone_id in page]
+                )
+                for phone_id, members in zip(page, stripe_hosts, strict=True):
+                    if foreign & {int(_text(host)) for host in members}:
+                        await recall.recall(self.scripts, phone_id)
+                        recalled.append(phone_id)
+        if recalled:
+            log.info("recalled %d phones' stripes off partitions %s", len(recalled), foreign)
+        return recalled
 
     async def _partitions_with_due_work(self, now: int) -> dict[int, DueWork]:
         # Stripes exist on a cluster only (docs/escrow.md, section 0), so their reprices,
