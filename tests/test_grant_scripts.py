@@ -5,16 +5,26 @@ writing nothing, for a phone that is not striped or whose pool above the floor i
 small), idempotent by grant id; settle_reservation moves a grant's units held -> lent
 (committed) or held -> stock (aborted) and takes it out of the grants in flight; the
 fence's grant kind aborts a grant whose receipt never came, and the settler's sweep then
-gives its units back, only after the fence."""
+gives its units back, only after the fence, and only once the host's replica has the
+fence's marker (WAIT)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
+import time
+
 import pytest
+from redis.crc import key_slot
 
 from app import keys, partitions
+from app.ops.poll import wait_until_async
+from app.ops.redis_cluster import LocalCluster
 from app.orders import saga as steps
 from app.orders import stripes
 from app.orders.settler import Settler
+from app.redis_gateway import WriteUnconfirmed
 from app.vocabulary import DRAINING, STRIPED, decode_grant, encode_grant, encode_items
 from tests.saga_fixtures import ORDER_PARTITION, PHONE_PARTITION, SagaWorld
 
@@ -225,3 +235,40 @@ async def test_a_received_grant_is_committed_by_the_fence_and_no_step_acts_twice
     )
     assert await units(saga, phone) == {"stock": 268, "held": 0, "sold": 0, "lent": 32}
     assert await saga.redis.hget(keys.stripe(HOST, phone), "got") == "32"
+
+
+@pytest.mark.parametrize("saga", ["cluster"], indirect=True)
+async def test_a_grants_units_stay_held_until_its_fence_is_acknowledged_by_the_replica(
+    saga: SagaWorld, redis_cluster: LocalCluster
+) -> None:
+    """As for an order (tests/test_settler.py): a fence lost with the host's primary would
+    let the grant's late receipt through after its units went back to the pool (a unit in
+    a stripe and in the pool at once), so the release waits for the host's replica to have
+    the marker. Replica frozen: the sweep settles nothing; thawed: the units come back."""
+    phone = await striped_phone(saga, 200)
+    grant_id, _ = await grant(saga, phone, 16)
+    due = int(time.time() * 1000) + 60_000  # swept as if its expiry had come
+    await saga.redis.zadd(keys.reservations_due(PHONE_PARTITION), {grant_id: due - 1})
+    view = redis_cluster.topology()
+    host_primary = view.primary_for_slot(key_slot(keys.aborts(HOST).encode()))
+    (replica,) = view.replicas_of(host_primary)
+    settler = Settler(saga.gateway, saga.scripts)
+
+    redis_cluster.procs[replica.port].send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(WriteUnconfirmed):
+            await settler.sweep(due)
+        assert await saga.redis.hget(keys.aborts(HOST), grant_id) == "swept"
+        assert await units(saga, phone) == {"stock": 184, "held": 16, "sold": 0, "lent": 0}
+    finally:
+        redis_cluster.procs[replica.port].send_signal(signal.SIGCONT)
+
+    async def released() -> bool:
+        with contextlib.suppress(WriteUnconfirmed):
+            await settler.sweep(due)
+        return (await units(saga, phone))["held"] == 0
+
+    await wait_until_async(released, "the sweep after the replica is back", 60)
+    assert await units(saga, phone) == {"stock": 200, "held": 0, "sold": 0, "lent": 0}
+    assert await saga.redis.smembers(keys.grants_in_flight(phone)) == set()
+    await asyncio.to_thread(redis_cluster.wait_healthy)
