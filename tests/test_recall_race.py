@@ -122,3 +122,41 @@ async def test_a_striped_phone_sells_exactly_its_stock(
     audit = await shop.audit_at_rest()
     assert audit["ok"] and audit["orders"]["total"] == STOCK
     assert audit["stock"]["ok"] and audit["money"]["ok"]
+
+
+@ON_BOTH_STACKS
+async def test_a_recall_that_cannot_finish_answers_503_and_stores_nothing(
+    shop: Shop, redis: Redis, placement: Placement
+) -> None:
+    """A host whose close fails (here a stripe broken by hand, TEST-ONLY: stock < 0, which
+    close_stripe refuses; in production a node down) leaves units lent: the order is tried
+    once more after the recall, still meets stock_lent, and is answered 503 with
+    Retry-After, never a 409 while units are out, with nothing stored for its
+    Idempotency-Key. Once the host can close again, the same request is placed."""
+    phone = (await shop.phone(price_cents=100, stock=5))["id"]
+    [host, _] = await stripe_hosts(placement, phone)
+    await staging.grant(shop.client.app[appkeys.SCRIPTS], redis, phone, host, 4)
+    stripe = keys.stripe(host, phone)
+    await redis.hincrby(stripe, "stock", -5)  # TEST-ONLY: broken, so its close is refused
+    _, auth = await shop.customer(balance_cents=10_000)
+    keyed = {**auth, "Idempotency-Key": f"recall-503-{phone}"}
+
+    refused = await shop.client.post(
+        "/orders", json={"items": [{"phone_id": phone, "quantity": 3}]}, headers=keyed
+    )
+    assert refused.status == 503
+    assert refused.headers["Retry-After"] == "1"
+    assert (await refused.json())["code"] == "stock_lent"
+    row = await redis.hgetall(keys.phone(phone))
+    assert (row[b"stock"], row[b"lent"], row[b"mode"]) == (b"1", b"4", b"draining")
+
+    await redis.hincrby(stripe, "stock", 5)  # mended: the next recall closes it
+    placed = await shop.client.post(
+        "/orders", json={"items": [{"phone_id": phone, "quantity": 3}]}, headers=keyed
+    )
+    assert placed.status == 201, await placed.text()
+    assert "Idempotent-Replayed" not in placed.headers
+    audit = await shop.audit_at_rest()
+    assert audit["ok"] and audit["stock"]["ok"] and audit["money"]["ok"]
+    row = await redis.hgetall(keys.phone(phone))
+    assert (row[b"stock"], row[b"sold"], row[b"lent"]) == (b"2", b"3", b"0")

@@ -31,7 +31,7 @@ from app.orders import saga
 from app.orders.stripes import STRIPE_HINTS
 from app.partitions import partition_of
 from app.scripts import Scripts
-from app.vocabulary import decode_grant_in_flight
+from app.vocabulary import DRAINING, decode_grant_in_flight
 
 log = logging.getLogger("app.orders.recall")
 
@@ -47,7 +47,8 @@ def _now_ms() -> int:
 @dataclass
 class Recalled:
     """What one recall of a phone did: the shipments it received now, the grants it
-    settled now, and the phone after it (``lent`` 0 and ``mode`` "" when it is done)."""
+    settled now, and the phone after it (``lent`` 0 and ``mode`` "" when it is done;
+    ``stock`` the pool's after the receipt, 0 when there was nothing to receive)."""
 
     phone_id: str
     received: list[str] = field(default_factory=list)
@@ -156,7 +157,14 @@ async def recall(scripts: Scripts, phone_id: str, fault_point: str = "") -> Reca
     # Draining from now on: this worker sends the phone's orders to the pool (a stripe
     # order would be refused once its stripe closes: one call wasted per order).
     STRIPE_HINTS.learn(phone_id, False)
-    hosts, _ = await drain(scripts, phone_id, _now_ms() + RECALL_GRACE_MS)
+    hosts, lent = await drain(scripts, phone_id, _now_ms() + RECALL_GRACE_MS)
+    if not hosts:
+        # Nothing out (another recall finished first: the drain left the phone pool-only),
+        # or units lent with no stripe host or grant to fetch them from (a broken
+        # invariant: left draining, the settler logs it every grace).
+        if lent:
+            log.error("recall of %s: %d units lent and no stripe host or grant", phone_id, lent)
+        return Recalled(phone_id, lent=lent, mode=DRAINING if lent else "")
     due = _now_ms() + RECALL_GRACE_MS
     order = list(hosts)
     answers = await asyncio.gather(
