@@ -169,10 +169,12 @@ def test_a_hot_workload_records_the_split_saga_and_its_settles_inside_the_window
         replay(three_primaries, recording, 2, tmp_path / "again", UNPINNED)
 
 
-def test_what_the_service_sends_after_its_answers_is_recorded(one_primary: LocalCluster) -> None:
+def test_what_the_service_sends_after_its_answers_is_recorded(
+    one_primary: LocalCluster, tmp_path: Path
+) -> None:
     """Off the request path: a task the order path leaves behind, and a call it schedules
     for later (as the settler's gathered flush), are both waited for and recorded, even
-    a plain command that is no script."""
+    plain commands that are no script, single or pipelined; and they are replayed."""
     ports = [node.port for node in one_primary.topology().primaries()]
     late = "bench-tier-late"
 
@@ -188,9 +190,14 @@ def test_what_the_service_sends_after_its_answers_is_recorded(one_primary: Local
                 gateway = scripts.gateway
 
                 def later() -> None:
-                    task = loop.create_task(gateway.execute("SET", f"{late}:{request_id}", 1))
-                    pending.add(task)
-                    task.add_done_callback(pending.discard)
+                    key = f"{late}:{request_id}"
+                    for sent in (
+                        gateway.execute("SET", key, 1),
+                        gateway.execute_many([("HSET", f"{key}:h", "f", 1), ("GET", key)]),
+                    ):
+                        task = loop.create_task(sent)
+                        pending.add(task)
+                        task.add_done_callback(pending.discard)
 
                 loop.call_later(0.2, later)
                 return order
@@ -206,8 +213,13 @@ def test_what_the_service_sends_after_its_answers_is_recorded(one_primary: Local
 
     flush(one_primary)
     recording = asyncio.run(placing())
-    sets = [call for call in recording.order_calls() if call.script == "SET"]
-    assert len(sets) == 20 and all(str(call.keys[0]).startswith(late) for call in sets)
+    by_name = recording.calls_by_name()
+    assert (by_name["SET"], by_name["HSET"], by_name["GET"]) == (20, 20, 20)
+    late_keys = {call.keys[0] for call in recording.order_calls() if call.script != "place_order"}
+    assert len(late_keys) == 40 and all(str(key).startswith(late) for key in late_keys)
+    # Replayed inside the window: the keys match the recording's only with them.
+    [row] = replay(one_primary, recording, 3, tmp_path / "replay", UNPINNED)
+    assert (row["scripts"]["SET"], row["scripts"]["HSET"]) == (20, 20)
 
 
 def test_the_workloads_draw_the_same_orders_every_run() -> None:
