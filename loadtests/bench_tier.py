@@ -1108,7 +1108,8 @@ def _uniform_markdown(uniform: dict[str, Any], result: dict[str, Any]) -> str:
 
 How: `python -m loadtests.bench_tier` (its docstring). {one["orders"]:,} one-line orders by the app's
 order path on a cluster, {workload["phones"]} phones and {workload["customers"]} customers spread over the partitions as
-the app mints them; every script call recorded, then replayed on a flushed cluster with each
+the app mints them; every command the service sent for them recorded (scripts and plain commands,
+until nothing it started was left to run), then replayed on a flushed cluster with each
 primary saturated in turn (`redis-cli --pipe`, on the load CPUs; the primary on the stack CPU;
 {result["split"]}). No replicas, AOF `appendfsync always`. Load average {start:.1f} at the start,
 {end:.1f} at the end.
