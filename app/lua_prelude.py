@@ -173,38 +173,41 @@ DEFINITIONS: dict[str, str] = {
     " if redis.call('HINCRBY', counts, group, -1) == 0 then redis.call('HDEL', counts, group) end"
     " end",
     # A new order's writes once every check passed, the customer's side: the debit, the
-    # order hash (under ORDER_FIELD's names, with o.extra's field, value pairs; the chunk
-    # only where the id says another), its status chunk (placing_chunk's figures in o),
-    # the customer's index, the customer partition's ledger and the events. k names the
-    # keys (customer, order, by_customer, clock, state, chunks, counts, events, ledger).
-    # Returns the order as answered (strings, with current_chunk: the partition's after).
-    "enter_order": "local function enter_order(k, o)"
-    " redis.call('HINCRBY', k.customer, 'balance_cents', -o.total)"
-    " local status = STATUS.open if o.autocheck then status = STATUS.completed end"
-    " local seq, after = next_order_seq(k.clock, k.state, o.last, o.current, o.placed)"
-    " local order = {id = o.id, customer_id = o.customer_id, status = status, items = o.items,"
-    " total_cents = string.format('%d', o.total), seq = seq,"
+    # order hash (under ORDER_FIELD's names, with one more field and value when given, and
+    # the chunk only where the id says another), its status chunk (placing_chunk's list,
+    # current, placed and last), the customer's index, the customer partition's ledger
+    # and the events. Positional (no table built per order). Returns the order as
+    # answered (strings, with current_chunk: the partition's after it).
+    "enter_order": "local function enter_order(customer, order_key, by_customer, clock, state,"
+    " chunks, counts, events, ledger, id, customer_id, items, total, units, balance,"
+    " autocheck, now, request_id, list, current, placed, last, extra_field, extra_value)"
+    " redis.call('HINCRBY', customer, 'balance_cents', -total)"
+    " local status = STATUS.open if autocheck then status = STATUS.completed end"
+    " local seq, after = next_order_seq(clock, state, last, current, placed)"
+    " local order = {id = id, customer_id = customer_id, status = status, items = items,"
+    " total_cents = string.format('%d', total), seq = seq,"
     " created_at = string.format('%d', math.floor(tonumber(seq) / 1000))}"
-    " redis.call('HSET', k.order, ORDER_FIELD.customer_id, o.customer_id,"
-    " ORDER_FIELD.status, status, ORDER_FIELD.items, o.items, ORDER_FIELD.seq, seq,"
-    " unpack(o.extra or {}))"
-    " local chunk_name = string.format('%d', o.current)"
-    " if o.current ~= id_chunk(o.id) then"
-    " redis.call('HSET', k.order, ORDER_FIELD.chunk, chunk_name) end"
-    " chunk_enter(o.list, k.chunks, k.counts, k.state, chunk_name, seq, o.id)"
-    " redis.call('ZADD', k.by_customer, seq, o.id)"
-    " redis.call('HINCRBY', k.ledger, 'balance_cents', -o.total)"
-    " redis.call('HINCRBY', k.ledger, status .. '_cents', o.total)"
-    " redis.call('HINCRBY', k.ledger, status .. '_units', o.units)"
-    " redis.call('HINCRBY', k.ledger, 'orders_' .. status, 1)"
-    " redis.call('HINCRBY', k.ledger, 'changes', 1)"
-    " redis.call('XADD', k.events, '*', 'type', ORDER_EVENT.open, 'order_id', o.id,"
-    " 'customer_id', o.customer_id, 'status', STATUS.open, 'request_id', o.request_id,"
-    " 'at', o.now)"
+    " if extra_field then redis.call('HSET', order_key, ORDER_FIELD.customer_id, customer_id,"
+    " ORDER_FIELD.status, status, ORDER_FIELD.items, items, ORDER_FIELD.seq, seq,"
+    " extra_field, extra_value) else redis.call('HSET', order_key,"
+    " ORDER_FIELD.customer_id, customer_id, ORDER_FIELD.status, status,"
+    " ORDER_FIELD.items, items, ORDER_FIELD.seq, seq) end"
+    " local chunk_name = string.format('%d', current)"
+    " if current ~= id_chunk(id) then"
+    " redis.call('HSET', order_key, ORDER_FIELD.chunk, chunk_name) end"
+    " chunk_enter(list, chunks, counts, state, chunk_name, seq, id)"
+    " redis.call('ZADD', by_customer, seq, id)"
+    " redis.call('HINCRBY', ledger, 'balance_cents', -total)"
+    " redis.call('HINCRBY', ledger, status .. '_cents', total)"
+    " redis.call('HINCRBY', ledger, status .. '_units', units)"
+    " redis.call('HINCRBY', ledger, 'orders_' .. status, 1)"
+    " redis.call('HINCRBY', ledger, 'changes', 1)"
+    " redis.call('XADD', events, '*', 'type', ORDER_EVENT.open, 'order_id', id,"
+    " 'customer_id', customer_id, 'status', STATUS.open, 'request_id', request_id, 'at', now)"
     " if status == STATUS.completed then"
-    " redis.call('XADD', k.events, '*', 'type', ORDER_EVENT.completed, 'order_id', o.id,"
-    " 'customer_id', o.customer_id, 'status', STATUS.completed, 'request_id', o.request_id,"
-    " 'at', o.now, 'balance_cents', string.format('%d', o.balance - o.total)) end"
+    " redis.call('XADD', events, '*', 'type', ORDER_EVENT.completed, 'order_id', id,"
+    " 'customer_id', customer_id, 'status', STATUS.completed, 'request_id', request_id,"
+    " 'at', now, 'balance_cents', string.format('%d', balance - total)) end"
     " order.current_chunk = string.format('%d', after) return order end",
     # ARGV[1] = u, ARGV[2..1+u] the undeclared keys, then the script's own ARGV. Each
     # undeclared key is touched first: a key this node does not serve (moved away, or

@@ -172,10 +172,7 @@ if not list then
 end
 
 -- Every check passed: write (the debit, the order, its indexes, ledger and events).
-local order = enter_order(
-  {customer = KEYS[1], order = KEYS[3], by_customer = KEYS[5], clock = KEYS[6], state = KEYS[13],
-    chunks = KEYS[11], counts = KEYS[12], events = KEYS[7], ledger = KEYS[8]},
-  {id = order_id, customer_id = ARGV[2], items = ARGV[9], total = total, units = units,
-    balance = balance, autocheck = ARGV[5] == '1', now = ARGV[3], request_id = ARGV[4], list = list,
-    current = current, placed = placed, last = last})
+local order = enter_order(KEYS[1], KEYS[3], KEYS[5], KEYS[6], KEYS[13], KEYS[11], KEYS[12],
+  KEYS[7], KEYS[8], order_id, ARGV[2], ARGV[9], total, units, balance, ARGV[5] == '1', ARGV[3],
+  ARGV[4], list, current, placed, last)
 return answer(201, order)

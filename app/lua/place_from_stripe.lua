@@ -136,12 +136,9 @@ if KEYS[14] ~= KEYS[8] then
   redis.call('HINCRBY', KEYS[14], 'changes', 1)  -- enter_order counts lg{P}'s
 end
 local mark = stripe_mark(ARGV[9], epoch)
-local order = enter_order(
-  {customer = KEYS[1], order = KEYS[3], by_customer = KEYS[5], clock = KEYS[6], state = KEYS[12],
-    chunks = KEYS[10], counts = KEYS[11], events = KEYS[7], ledger = KEYS[8]},
-  {id = order_id, customer_id = ARGV[2], items = encode_items(items), total = total, units = units,
-    balance = balance, autocheck = ARGV[5] == '1', now = ARGV[3], request_id = ARGV[4], list = list,
-    current = current, placed = placed, last = last, extra = {ORDER_FIELD.stripe, mark}})
+local order = enter_order(KEYS[1], KEYS[3], KEYS[5], KEYS[6], KEYS[12], KEYS[10], KEYS[11],
+  KEYS[7], KEYS[8], order_id, ARGV[2], encode_items(items), total, units, balance, ARGV[5] == '1',
+  ARGV[3], ARGV[4], list, current, placed, last, ORDER_FIELD.stripe, mark)
 order.stripe = mark
 -- The stock left goes to the app (its refills); a 201's record is the order id.
 order.stripe_left = left

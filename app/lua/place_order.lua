@@ -172,10 +172,7 @@ for i = 1, n do
   items[i] = encode_item(phone_id, fmt(quantity), fmt(prices[i]))
 end
 -- The customer's side (the debit, the order, its indexes, ledger and events).
-local order = enter_order(
-  {customer = KEYS[1], order = KEYS[3], by_customer = KEYS[5], clock = KEYS[6], state = KEYS[11],
-    chunks = KEYS[9], counts = KEYS[10], events = KEYS[7], ledger = KEYS[8]},
-  {id = ARGV[1], customer_id = ARGV[2], items = encode_items(items), total = total, units = units,
-    balance = balance, autocheck = ARGV[5] == '1', now = ARGV[3], request_id = ARGV[4], list = list,
-    current = current, placed = placed, last = last})
+local order = enter_order(KEYS[1], KEYS[3], KEYS[5], KEYS[6], KEYS[11], KEYS[9], KEYS[10],
+  KEYS[7], KEYS[8], ARGV[1], ARGV[2], encode_items(items), total, units, balance, ARGV[5] == '1',
+  ARGV[3], ARGV[4], list, current, placed, last)
 return answer(201, order)
