@@ -272,3 +272,40 @@ async def test_a_grants_units_stay_held_until_its_fence_is_acknowledged_by_the_r
     assert await units(saga, phone) == {"stock": 200, "held": 0, "sold": 0, "lent": 0}
     assert await saga.redis.smembers(keys.grants_in_flight(phone)) == set()
     await asyncio.to_thread(redis_cluster.wait_healthy)
+
+
+async def test_a_receipt_past_its_grants_expiry_is_refused_and_one_made_before_is_answered(
+    saga: SagaWorld,
+) -> None:
+    """The receipt carries the grant's expiry (app/orders/grants.py): past it, when the
+    settler may have fenced the grant and pruned the marker since, a receipt not yet made
+    is refused with nothing written; one made in time is answered again (a retry)."""
+    phone = await striped_phone(saga, 300)
+    late_id, late = await grant(saga, phone, 8)
+    made_id, made = await grant(saga, phone, 8)
+    past = int(time.time() * 1000) - 1
+
+    async def receive(grant_id: str, expires_at_ms: int) -> int:
+        result = await stripes.receive_grant(
+            saga.scripts,
+            host=HOST,
+            phone_id=phone,
+            grant_id=grant_id,
+            units=8,
+            price_cents=700,
+            gen=3,
+            expires_at_ms=expires_at_ms,
+        )
+        return result.status
+
+    assert await receive(made_id, LATER_MS) == 200
+    assert await receive(made_id, past) == 200  # received before: answered, not refused
+    assert await receive(late_id, past) == 503
+    assert not await saga.redis.hexists(keys.grant_receipts(HOST), late_id)
+    assert await saga.redis.hget(keys.stripe(HOST, phone), "got") == "8"
+    # The fence then decides each by its receipt.
+    assert await steps.fence_grants(saga.scripts, HOST, [made_id, late_id]) == [
+        steps.COMMITTED,
+        steps.ABORTED,
+    ]
+    assert late.status == made.status == 200

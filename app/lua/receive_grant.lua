@@ -30,17 +30,26 @@
 -- ARGV[3]  unit price, cents, as the grant's reserve read it
 -- ARGV[4]  the phone's price generation the reserve read (0 before any price change)
 -- ARGV[5]  the receipt's keep-until, ms since the epoch (app/orders/saga.py: keep_until)
+-- ARGV[6]  optional: the grant's expiry, ms since the epoch (its reservation's, as
+--          reserve_grant recorded it in rd{Q}). Past it by Redis TIME a receipt not yet
+--          made is refused, as commit_order refuses an order past its expiry: the fence's
+--          marker is pruned some minutes after it was written, and a receipt arriving
+--          later still (a hung app) must not add units the pool has taken back. The app's
+--          grants send it (app/orders/grants.py); test fixtures may leave it out.
 --
 -- Returns {http_status, payload_json, received}:
 --   200, {stock, got, price_cents, gen}, 1   received now
 --   200, {stock, got, price_cents, gen}, 0   received before (the stripe as it is now);
 --                                            nothing written
---   503, {code="service_unavailable"}, 0     the grant was fenced (aborted): it never
---                                            will be received; nothing written
+--   503, {code="service_unavailable"}, 0     the grant was fenced (aborted), or it is past
+--                                            its expiry: it never will be received;
+--                                            nothing written
 --   error reply "receive_grant: ..."         bad arguments; nothing written
+--
+-- now_ms: the prelude (app/lua_prelude.py).
 
-if #KEYS ~= 5 or #ARGV ~= 5 then
-  return redis.error_reply('receive_grant: expected 5 keys and 5 arguments')
+if #KEYS ~= 5 or (#ARGV ~= 5 and #ARGV ~= 6) or (ARGV[6] and not tonumber(ARGV[6])) then
+  return redis.error_reply('receive_grant: expected 5 keys and 5 or 6 arguments')
 end
 local units, price, gen = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 if not units or units < 1 or units ~= math.floor(units) or not price or price < 0
@@ -58,6 +67,9 @@ if redis.call('HEXISTS', KEYS[5], ARGV[1]) == 1 then
 end
 if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then
   return answer(0)
+end
+if ARGV[6] and now_ms() > tonumber(ARGV[6]) then
+  return {503, cjson.encode({code = 'service_unavailable'}), 0}
 end
 
 -- Every check passed: write.

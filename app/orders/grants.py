@@ -106,12 +106,13 @@ async def grant(
     reserve on the phone's partition, the receipt on the host, then the settle handed to
     ``settle_soon``. A call that fails leaves the grant to the settler (raised)."""
     grant_id = new_id(host)
+    expires = now_ms + reservation_ttl_ms
     reserved = await saga.reserve_grant(
         scripts,
         grant_id,
         phone_id,
         units,
-        now_ms + reservation_ttl_ms,
+        expires,
         floor=STRIPE_FLOOR,
         shares=shares,
         minimum=K_MIN,
@@ -131,6 +132,9 @@ async def grant(
         units=line.quantity,
         price_cents=line.unit_price_cents,
         gen=head.gen,
+        # Past it the settler may fence the grant, and later prune the marker: the
+        # receipt refuses itself by this expiry then.
+        expires_at_ms=expires,
     )
     crash_if("received", fault_point)
     # 200: received (now or before); else the fence aborted it, and its marker on the

@@ -147,18 +147,27 @@ async def receive_grant(
     units: int,
     price_cents: int,
     gen: int,
+    expires_at_ms: int | None = None,
 ) -> ScriptResult:
     """A grant's receipt on its host (idempotent by ``grant_id``, which was minted in
     ``host``): 200 with the stripe's ``stock``, ``got``, ``price_cents`` and ``gen``
     (``flag``: received by this run), or 503 ``service_unavailable`` when the fence
-    aborted the grant (nothing written). The gateway sends it again after a connection
-    lost once it was sent (RERUNNABLE)."""
+    aborted the grant, or (``expires_at_ms``, the grant's reservation expiry, which the
+    app's grants send) past its expiry by Redis TIME: nothing written. The gateway sends
+    it again after a connection lost once it was sent (RERUNNABLE)."""
     if partition_of(grant_id) != host:
         raise ValueError(f"grant id {grant_id} was not minted in host partition {host}")
     result = await scripts.call(
         "receive_grant",
         receive_grant_keys(host, phone_id),
-        [grant_id, units, price_cents, gen, saga.keep_until()],
+        [
+            grant_id,
+            units,
+            price_cents,
+            gen,
+            saga.keep_until(),
+            *(() if expires_at_ms is None else (expires_at_ms,)),
+        ],
     )
     if result.status == 200:
         # The stripe has units now: this worker's orders may try it.
