@@ -16,9 +16,9 @@ redis-server no stripe is ever made (every order collapses), so nothing here run
   shipped it). A row is striped when its hash has a ``mode`` or lends units (``lent``):
   a phone that never lent, every phone of one redis-server, costs nothing more. The rows'
   stripes come in one more round trip (a pipeline, one per primary, in parallel): each
-  phone's stripe hosts ``sh{Q}<id>`` beside the stock of its stripe on every primary's host
-  partition now (the gateway's slot map), summed over the hosts ``sh`` names; a host it
-  names that no primary hosts now (a reshard moved it) costs one round trip more.
+  phone's stripe hosts ``sh{Q}<id>`` beside the stock of its stripe on every other primary's
+  host partition now (the gateway's slot map), summed over the hosts ``sh`` names; a host
+  it names that was not read so (a reshard moved it) costs one round trip more.
   Exact at rest; units of a transfer in flight during the read may be missed or counted
   twice (docs/escrow.md, section 7).
 """
@@ -96,17 +96,24 @@ async def show_stripe_stock(gateway: RedisGateway, rows: list[dict[str, str]]) -
     rows = [row for row in rows if striped(row)]
     if not rows:
         return
-    hosts = gateway.host_partitions()
-    width = 1 + len(hosts)
+    every_host = gateway.host_partitions()
     commands: list[tuple[str, ...]] = []
+    asked: list[list[int]] = []
     for row in rows:
+        # Not the phone's own primary's host: its orders there take the pool (a stripe
+        # there, after a reshard, is one that sh names and this round did not read).
+        own = gateway.host_partition(partition_of(row["id"]))
+        hosts = [host for host in every_host if host != own]
+        asked.append(hosts)
         commands.append(("SMEMBERS", keys.stripe_hosts(row["id"])))
         commands += [("HGET", keys.stripe(host, row["id"]), "stock") for host in hosts]
     replies = await gateway.execute_many(commands)
     elsewhere: list[tuple[dict[str, str], int]] = []
-    for i, row in enumerate(rows):
-        named = {int(host) for host in replies[i * width]}
-        stocks = replies[i * width + 1 : (i + 1) * width]
+    at = 0
+    for row, hosts in zip(rows, asked, strict=True):
+        named = {int(host) for host in replies[at]}
+        stocks = replies[at + 1 : at + 1 + len(hosts)]
+        at += 1 + len(hosts)
         total = int(row["stock"]) + sum(
             int(stock or 0) for host, stock in zip(hosts, stocks, strict=True) if host in named
         )
