@@ -11,12 +11,15 @@ LEND, since the grant's reserve is another step's).
   one order;
 - after the host moved (a reshard the gateway's slot map has not seen), NotOnOneNode and
   the saga with the same id;
+- a lost answer (the customer's primary frozen): the stripe order is sent again, never
+  the saga, and the order is placed once;
 - money and units conserved (the audit at rest).
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,7 @@ from app import appkeys, keys, partitions
 from app.cluster_gateway import ClusterGateway, open_cluster_gateway
 from app.customers import service as customers
 from app.customers.models import CustomerCreate
+from app.ops.poll import wait_until_async
 from app.ops.redis_cluster import LocalCluster
 from app.orders import saga, saga_service, stripes
 from app.orders.service import PlacedOrder, idempotency_request
@@ -445,3 +449,58 @@ async def test_one_redis_server_never_tries_a_stripe(redis: Redis) -> None:
     scripts.calls.clear()
     await _place(scripts, customer.id, [(phone.id, 1)])
     assert [name for name, _ in scripts.calls] == ["place_order"]
+
+
+@pytest.mark.cluster
+async def test_a_lost_answer_sends_the_stripe_order_again_never_the_saga(
+    moved_world: tuple[LocalCluster, World],
+) -> None:
+    """The customer's primary frozen (SIGSTOP) while the stripe order is on its way: its
+    answer is lost (the socket times out, the gateway's own rerun too), so the order path
+    sends it again; once the node thaws, the runs queued there place the order once and
+    the later ones answer it. No reserve, no commit: never the saga after an unknown
+    outcome (a reserve on the pool would take the units twice)."""
+    cluster, world = moved_world
+    (phone_id,) = world.phones
+    impatient = open_cluster_gateway(
+        "redis://127.0.0.1",
+        tuple(("127.0.0.1", port) for port in cluster.ports[:3]),
+        replicas=1,
+        wait_ms=2000,
+        socket_timeout=0.3,
+        max_connections=32,
+    )
+    try:
+        scripts = RecordingScripts(impatient)
+        await scripts.load()
+        primary = cluster.topology().primary_for_slot(
+            partitions.slot(partition_of(world.customer_id))
+        )
+        sends = 0
+
+        def stripe_sends() -> int:
+            return sum(1 for name, _ in scripts.calls if name == "place_from_stripe")
+
+        cluster.procs[primary.port].send_signal(signal.SIGSTOP)
+        try:
+            order = asyncio.create_task(_place(scripts, world.customer_id, [(phone_id, 2)]))
+            # Thawed once the order path sent it a second time (the first answer lost).
+            await wait_until_async(
+                lambda: stripe_sends() >= 2, "a second send of the stripe order", 20.0
+            )
+        finally:
+            cluster.procs[primary.port].send_signal(signal.SIGCONT)
+        placed = await order
+        sends = stripe_sends()
+    finally:
+        await impatient.aclose()
+    names = {name for name, _ in scripts.calls}
+    assert names == {"place_order", "place_from_stripe"} and sends >= 2
+    assert {order_id for _, order_id in scripts.calls} == {placed.order.id}
+    open_orders = await world.redis.zcard(keys.customer_orders_by_status(world.customer_id, OPEN))
+    assert open_orders == 1
+    assert (await world.stripe(phone_id))["sold"] == 2
+    assert await world.pool(phone_id) == {"stock": 180, "held": 0, "sold": 0, "lent": 20}
+    assert not await world.redis.hexists(keys.reservations(partition_of(phone_id)), placed.order.id)
+    balance = await world.redis.hget(keys.customer(world.customer_id), "balance_cents")
+    assert int(balance) == 10**6 - 2 * PRICE
