@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
 from app import appkeys, keys
+from app.main import create_app
+from app.ops.poll import wait_until_async
+from app.orders import grants
 from app.partitions import PARTITIONS
-from app.vocabulary import ORDER_FIELDS, decode_shipment, shipment_id
+from app.vocabulary import ORDER_FIELDS, STRIPED, decode_shipment, shipment_id
 from tests import escrow_staging as staging
-from tests.helpers import ON_BOTH_STACKS, Placement, Shop, without_shedding
+from tests.helpers import CLUSTER, ON_BOTH_STACKS, Placement, Shop, without_shedding
 
 STOCK = 300
 LENT_PER_HOST = 120
@@ -55,13 +59,12 @@ async def stripe_hosts(placement: Placement, phone_id: str) -> list[int]:
 
 async def customers_on_every_primary(
     shop: Shop, placement: Placement, count: int
-) -> list[dict[str, str]]:
-    chosen: list[dict[str, str]] = []
-    primaries: Counter[str] = Counter()
-    while len(chosen) < count or (placement.on_cluster and len(primaries) < 3):
+) -> list[tuple[str, dict[str, str]]]:
+    """(primary, auth header) of ``count`` or more new customers, on every primary."""
+    chosen: list[tuple[str, dict[str, str]]] = []
+    while len(chosen) < count or (placement.on_cluster and len({p for p, _ in chosen}) < 3):
         customer, auth = await shop.customer(balance_cents=1_000_000)
-        primaries[await placement.primary(keys.customer(customer["id"]))] += 1
-        chosen.append(auth)
+        chosen.append((await placement.primary(keys.customer(customer["id"])), auth))
     return chosen
 
 
@@ -76,7 +79,7 @@ async def test_a_striped_phone_sells_exactly_its_stock(
         await staging.grant(scripts, redis, phone, host, LENT_PER_HOST)
     pool_before = int(await redis.hget(keys.phone(phone), "stock"))
     assert pool_before == STOCK - 2 * LENT_PER_HOST
-    customers = await customers_on_every_primary(shop, placement, 40)
+    customers = [auth for _, auth in await customers_on_every_primary(shop, placement, 40)]
 
     responses = await asyncio.gather(
         *(shop.order(customers[i % len(customers)], [(phone, 1)]) for i in range(ORDERS))
@@ -160,3 +163,63 @@ async def test_a_recall_that_cannot_finish_answers_503_and_stores_nothing(
     assert audit["ok"] and audit["stock"]["ok"] and audit["money"]["ok"]
     row = await redis.hgetall(keys.phone(phone))
     assert (row[b"stock"], row[b"sold"], row[b"lent"]) == (b"2", b"3", b"0")
+
+
+@pytest.fixture
+async def escrow_shop(
+    aiohttp_client: Any, app_env: dict[str, str], redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> Shop:
+    """The app with escrow's striping rule on (ESCROW_STRIPES, off by default)."""
+    monkeypatch.setenv("ESCROW_STRIPES", "1")
+    return Shop(await aiohttp_client(await create_app()))
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("stack_kind", [CLUSTER], indirect=True)
+async def test_with_every_part_real_a_striped_phone_sells_exactly_its_stock(
+    escrow_shop: Shop, redis: Redis, placement: Placement
+) -> None:
+    """The same race with nothing staged: the striping rule stripes the phone after its
+    sixteen apart orders (ESCROW_STRIPES on), the app grants every other primary's host
+    and refills the stripes on low water while they sell (app/orders/grants.py), the pool
+    keeps its floor for the saga until its own orders run it dry, then stock_lent
+    recalls every stripe (fencing refills in flight) and the pool sells the tail. Exactly
+    300 sold, every 409 out_of_stock, at rest nothing lent and the audit holds."""
+    shop = escrow_shop
+    phone = (await shop.phone(price_cents=100, stock=STOCK))["id"]
+    phone_primary = await placement.primary(keys.phone(phone))
+    chosen = await customers_on_every_primary(shop, placement, 40)
+    customers = [auth for _, auth in chosen]
+    apart = [auth for primary, auth in chosen if primary != phone_primary]
+    for n in range(grants.HOT_RESERVES):
+        response = await shop.order(apart[n % len(apart)], [(phone, 1)])
+        assert response.status == 201, await response.text()
+    hosts = await stripe_hosts(placement, phone)
+
+    async def striped() -> bool:
+        got = [await redis.hget(keys.stripe(host, phone), "got") for host in hosts]
+        return None not in got
+
+    await wait_until_async(striped, "the rule's first grants", 30)
+    assert await redis.hget(keys.phone(phone), "mode") == STRIPED.encode()
+
+    race = ORDERS - grants.HOT_RESERVES
+    responses = await asyncio.gather(
+        *(shop.order(customers[i % len(customers)], [(phone, 1)]) for i in range(race))
+    )
+    statuses = Counter(response.status for response in responses)
+    assert statuses == {201: STOCK - grants.HOT_RESERVES, 409: race - STOCK + grants.HOT_RESERVES}
+    for response in responses:
+        if response.status == 409:
+            assert (await response.json())["code"] == "out_of_stock"
+    placed = [(await r.json())["order"]["id"] for r in responses if r.status == 201]
+    stripe_field = ORDER_FIELDS["stripe"]
+    from_stripes = [o for o in placed if await redis.hexists(keys.order(o), stripe_field)]
+    print(f"{len(from_stripes)} of {STOCK} sold from stripes")
+    assert from_stripes
+
+    audit = await shop.audit_at_rest()
+    assert audit["ok"] and audit["orders"]["total"] == STOCK, audit
+    row = await redis.hgetall(keys.phone(phone))
+    assert (row[b"stock"], row.get(b"lent", b"0"), row.get(b"held", b"0")) == (b"0", b"0", b"0")
+    assert b"mode" not in row
