@@ -42,5 +42,10 @@ async def update_phone(call: Call[PhoneUpdate]) -> web.Response:
 
 
 async def restock(call: Call[Restock]) -> web.Response:
-    phone = await service.restock(scripts_of(call.request), call.id, call.body.quantity)
+    phone = await service.restock(
+        scripts_of(call.request),
+        call.id,
+        call.body.quantity,
+        on_striped=call.request.app[appkeys.REFILLER].stripe_everywhere,
+    )
     return json_response(PhoneEnvelope(phone=phone_for(call.request, phone)))

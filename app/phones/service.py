@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from app import keys
 from app.fields import STOCK_LIMIT
@@ -16,7 +17,7 @@ from app.query import Page
 from app.redis_gateway import RedisGateway
 from app.scripts import Scripts
 from app.timestamps import iso_time
-from app.vocabulary import new_phone_id
+from app.vocabulary import STRIPED, new_phone_id
 
 
 def phone_from_fields(fields: dict[str, str]) -> Phone:
@@ -92,7 +93,7 @@ def update_phone_keys(phone_id: str) -> list[str]:
 async def update_phone(scripts: Scripts, phone_id: str, data: PhoneUpdate) -> Phone:
     """One script; for a striped phone's new price, the stripes' too before the answer
     (app/phones/stripes.py). A reprice left undone (the request died) is due for the
-    settler's sweep after its interval."""
+    settler's sweep after its interval. The answer shows the stock as GET does."""
     due = int((time.time() + SETTLE_INTERVAL_S) * 1000)
     args: list[str | int] = [keys.reprice_entry(phone_id), due]
     for field, value in data.changes().items():
@@ -100,11 +101,23 @@ async def update_phone(scripts: Scripts, phone_id: str, data: PhoneUpdate) -> Ph
     result = await scripts.run("update_phone", update_phone_keys(phone_id), args)
     if result.more:
         await stripes.reprice_after_update(scripts, phone_id, result.more)
+    await stripes.show_stripe_stock(scripts.gateway, [result.payload])
     return phone_from_fields(result.payload)
 
 
-async def restock(scripts: Scripts, phone_id: str, quantity: int) -> Phone:
+async def restock(
+    scripts: Scripts,
+    phone_id: str,
+    quantity: int,
+    on_striped: Callable[[list[str]], None] | None = None,
+) -> Phone:
+    """restock.lua; a striped phone's restock (its pool deep again) hands the phone to
+    ``on_striped`` (the worker's refiller: a grant to each other primary's host, after the
+    answer; docs/escrow.md, section 6). The answer shows the stock as GET does."""
     result = await scripts.run(
         "restock", [keys.phone(phone_id), keys.ledger_of(phone_id)], [quantity, STOCK_LIMIT]
     )
+    if on_striped is not None and result.payload.get("mode") == STRIPED:
+        on_striped([phone_id])
+    await stripes.show_stripe_stock(scripts.gateway, [result.payload])
     return phone_from_fields(result.payload)
