@@ -128,7 +128,7 @@ CREATING = 32
 # Long enough that no reservation of the recording falls due before its replay.
 RESERVATION_TTL_MS = 600_000
 # Recordings of one workload and shard count made at most (alternated).
-RECORD_ATTEMPTS = 3
+RECORD_ATTEMPTS = 4
 # Tries of the audit after a replay (it only reads), and its connections per primary.
 AUDIT_ATTEMPTS = 3
 AUDIT_CONNECTIONS = 2 * PARTITIONS
@@ -1146,6 +1146,7 @@ def measure(
         "split": split.describe(),
         "load_average": [os.getloadavg()[0]],
         "workloads": {},
+        "not_measured": {},
     }
     seconds: dict[str, float] = {}
     with contextlib.ExitStack() as running:
@@ -1160,9 +1161,14 @@ def measure(
         for workload in workloads:
             began = time.monotonic()
             times = repeats if workload.name == "uniform" or hot_repeats is None else hot_repeats
-            result["workloads"][workload.name] = measure_workload(
-                clusters, workload, inflight, connections, times, folder / workload.name, split
-            )
+            try:
+                result["workloads"][workload.name] = measure_workload(
+                    clusters, workload, inflight, connections, times, folder / workload.name, split
+                )
+            except RuntimeError as error:
+                # Said in the report; the other workloads are still measured.
+                log(f"{workload.name} not measured: {error}")
+                result["not_measured"][workload.name] = str(error)
             seconds[workload.name] = time.monotonic() - began
         if e2e_seconds:
             began = time.monotonic()
@@ -1254,7 +1260,10 @@ def markdown(result: dict[str, Any]) -> str:
     parts = []
     if "uniform" in workloads:
         parts.append(_uniform_markdown(workloads["uniform"], result))
-    parts.append(_workloads_markdown(workloads))
+    if workloads:
+        parts.append(_workloads_markdown(workloads))
+    for name, error in result.get("not_measured", {}).items():
+        parts.append(f"Workload `{name}` not measured: `{error}`\n")
     return "\n".join(parts)
 
 

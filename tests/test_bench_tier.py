@@ -374,8 +374,10 @@ def test_the_ceilings_are_set_by_the_busiest_and_the_slowest_primary() -> None:
             },
             "split": "x",
             "load_average": [1.0, 2.0],
+            "not_measured": {"zipf": "RuntimeError('no run')"},
         }
     )
+    assert "Workload `zipf` not measured: `RuntimeError('no run')`" in text
     assert (
         "| Redis CPU µs per order, summed over the primaries (a) | 1000.0 | 1100.0 | 1.10 | ≤ 1.3 met |"
         in text
