@@ -210,7 +210,9 @@ async def test_a_refused_stripe_order_writes_nothing_and_the_saga_places_that_id
     scripts = world.scripts
     status_key = "k1"
 
-    async def refused(lines: list[tuple[str, int]], short: list[str]) -> None:
+    async def refused(
+        lines: list[tuple[str, int]], short: list[str], closed: list[str] | None = None
+    ) -> None:
         order_id = new_order_id(world.customer_id, 0)
         record, idempotency = idempotency_request(world.customer_id, lines, False, status_key, 600)
         names = world.every_key(order_id, [p for p, _ in lines], status_key)
@@ -225,10 +227,10 @@ async def test_a_refused_stripe_order_writes_nothing_and_the_saga_places_that_id
             ),
             args,
         )
-        assert (result.status, result.payload) == (
-            409,
-            {"code": "stripe_short", "phone_ids": short},
-        )
+        expected = {"code": "stripe_short", "phone_ids": short}
+        if closed:
+            expected["closed"] = closed
+        assert (result.status, result.payload) == (409, expected)
         assert await world.dump(names) == before
 
     await refused([(first, 5)], [first])  # short: 4 in the stripe
@@ -239,9 +241,16 @@ async def test_a_refused_stripe_order_writes_nothing_and_the_saga_places_that_id
     await redis.hset(keys.stripe(world.host, second), "epoch", 1)
     await refused([(first, 1), (second, 1)], [second])
     await redis.hset(keys.stripe(world.host, second), "epoch", 0)
-    # Closed (by a recall: written here by hand).
+    # Closed (by a recall: written here by hand): said, so the order path stops trying
+    # the phone's stripes until a receipt.
     await redis.hset(keys.stripe(world.host, first), "closed", 1)
-    await refused([(first, 1)], [first])
+    await refused([(first, 1), (second, 1)], [first], closed=[first])
+    scripts.calls.clear()
+    await _place(scripts, world.customer_id, [(first, 1)])
+    assert [name for name, _ in scripts.calls][:2] == ["place_order", "place_from_stripe"]
+    assert not STRIPE_HINTS.striped(first) and STRIPE_HINTS.striped(second)
+    STRIPE_HINTS.learn(first, True)  # as a receipt would (and the stripe is open again)
+    STRIPE_HINTS.refilled(world.host, first)
     await redis.hdel(keys.stripe(world.host, first), "closed")
 
     # Through the order path: the short stripe is refused, the saga places the same id
@@ -259,7 +268,7 @@ async def test_a_refused_stripe_order_writes_nothing_and_the_saga_places_that_id
     assert told == [StripeAnswer(world.host, first, None)]
     assert await redis.hget(keys.order(placed.order.id), ORDER_FIELDS["stripe"]) is None
     assert (await world.stripe(first))["stock"] == 4
-    assert await world.pool(first) == {"stock": 200 - 4 - 6, "held": 6, "sold": 0, "lent": 4}
+    assert await world.pool(first) == {"stock": 200 - 4 - 7, "held": 7, "sold": 0, "lent": 4}
     assert not STRIPE_HINTS.worth_trying(world.host, [first])
     scripts.calls.clear()
     await _place(scripts, world.customer_id, [(first, 1)])

@@ -45,7 +45,9 @@
 --        {phone_id = the stripe's stock after this order}, 0        placed now
 --   201, order fields, 0                                  the order was there (no
 --                                                         stripe_left)
---   409, {code="stripe_short", phone_ids=[...]}, 0        nothing written
+--   409, {code="stripe_short", phone_ids=[...]}, 0        nothing written; with
+--        closed=[...] when some of those stripes are closed (their phone is being
+--        recalled: the app stops trying its stripes until a receipt)
 --   409, {code="order_chunk_stale", chunk}, 0             nothing written; the app mints
 --                                                         an id for chunk
 --   503, {code="service_unavailable"}, 0                  this id was aborted by a saga
@@ -85,11 +87,14 @@ end
 
 -- The stripes, before any refusal that stores the key's record: a short one is not an
 -- answer (the saga gives it).
-local short, prices, total, units, epoch = {}, {}, 0, 0, nil
+local short, closed, prices, total, units, epoch = {}, {}, {}, 0, 0, nil
 for i = 1, n do
   local quantity = tonumber(ARGV[9 + 2 * i])
   local row = redis.call('HMGET', KEYS[14 + i], 'price_cents', 'stock', 'epoch', 'closed')
-  if not row[1] or row[4] or not row[3] or tonumber(row[2] or '0') < quantity
+  if row[4] then
+    short[#short + 1] = ARGV[8 + 2 * i]
+    closed[#closed + 1] = ARGV[8 + 2 * i]
+  elseif not row[1] or not row[3] or tonumber(row[2] or '0') < quantity
       or (epoch and row[3] ~= epoch) then
     short[#short + 1] = ARGV[8 + 2 * i]
   else
@@ -99,7 +104,9 @@ for i = 1, n do
     units = units + quantity
   end
 end
-if #short > 0 then
+if #closed > 0 then
+  return {409, cjson.encode({code = 'stripe_short', phone_ids = short, closed = closed}), 0}
+elseif #short > 0 then
   return {409, cjson.encode({code = 'stripe_short', phone_ids = short}), 0}
 end
 

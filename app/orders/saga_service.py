@@ -433,6 +433,8 @@ async def _from_stripes(
         short = result.payload["phone_ids"]
         for phone_id in short:
             STRIPE_HINTS.ran_dry(host, phone_id)
+        for phone_id in result.payload.get("closed", ()):
+            STRIPE_HINTS.learn(phone_id, False)  # recalled: pool only until a receipt
         STRIPE_ANSWERS.tell([StripeAnswer(host, phone_id, None) for phone_id in short])
         return order_id, None
     if "stripe_left" in result.payload:
