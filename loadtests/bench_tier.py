@@ -22,7 +22,9 @@ Per shard count a local cluster of its own, both up at once (no replicas, AOF
    is recorded as it is answered (:class:`Recording`, below redis-py's cluster client's
    ``execute_command`` and the gateway's pipelines: scripts with their KEYS and ARGV, and
    plain commands), so a new kind of call is measured and counted by its name without a
-   change here. Customers land in their email's partition and phones in random ones, as
+   change here; then put in the order each node ran them (its slow log, which logs every
+   command while the orders run: two calls sent at once on two connections may be
+   answered in the other order). Customers land in their email's partition and phones in random ones, as
    the app mints them, so orders spread over the partitions as the app's do.
 2. **Replay, saturated** (``--replays`` times, ``--tier-hot-replays`` for the hot ones, the
    two clusters' replays alternating so that drift on the shared box hits both alike; per
@@ -258,7 +260,8 @@ class Recording:
     """Every command the app sent through a cluster gateway, as it went to the cluster
     (redis-py's ``execute_command`` and the gateway's pipelines: scripts, reads and plain
     writes alike, whichever of the gateway's methods sent them), in the order their
-    answers came (the order the nodes ran them in, for calls on one partition); each
+    answers came, and the orders' calls then put in the order their nodes ran them (each
+    node's slow log, which logs every command while the orders run: :func:`record`); each
     script's source from its ``SCRIPT LOAD``, and its name from the ``LuaScript`` the
     gateway ran. A command that failed is counted in ``failed``, not recorded."""
 
@@ -283,6 +286,8 @@ class Recording:
     encoded_for: tuple[int, ...] = ()
     # Recordings made before this one and discarded: their replay was not their run.
     discarded: int = 0
+    # Order calls not found in their node's slow log (then all kept in their answers' order).
+    unordered: int = 0
 
     def ready(self, part: str, port: int, calls: list[Call], connections: int) -> Encoded:
         """``calls`` (the ``part`` of this recording that ``port`` runs) :func:`encoded`,
@@ -434,6 +439,77 @@ def streams(calls: list[Call], count: int) -> list[list[Call]]:
         number = numbers.setdefault(root(call.slot), len(numbers))
         split.setdefault(number % count, []).append(call)
     return [split[n] for n in sorted(split)]
+
+
+# ---- the order the nodes ran the calls in ------------------------------------------------
+
+# The slow log keeps each command's first 32 arguments, the 32nd replaced by a count when
+# there are more, and each argument's first 128 bytes: calls are matched on those.
+SLOWLOG_ARGS = 31
+SLOWLOG_ARG_BYTES = 128
+SLOWLOG_LENGTH = 1_000_000
+
+
+def _bytes(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def logged_args(argv: Sequence[str | bytes]) -> tuple[bytes, ...]:
+    """A command's arguments as the slow log keeps enough of them to tell it apart."""
+    head = [_bytes(arg)[:SLOWLOG_ARG_BYTES] for arg in argv[:SLOWLOG_ARGS]]
+    return (head[0].upper(), *head[1:])
+
+
+def call_argv(call: Call) -> list[str | bytes]:
+    if not call.sha:
+        return [call.script, *call.keys, *call.args]
+    return ["EVALSHA", call.sha, str(len(call.keys)), *call.keys, *call.args]
+
+
+def log_every_command(ports: Iterable[int], on: bool) -> None:
+    """Every command each node runs into its slow log, in the order it ran them (``on``),
+    or the log back to Redis's defaults and empty."""
+    for port in ports:
+        with client(port) as node:
+            node.config_set("slowlog-max-len", SLOWLOG_LENGTH if on else 128)
+            node.config_set("slowlog-log-slower-than", 0 if on else 10_000)
+            node.slowlog_reset()
+
+
+def logged_order(ports: Iterable[int]) -> dict[int, dict[tuple[bytes, ...], list[int]]]:
+    """Per node, each logged command (as :func:`logged_args`) -> the ids the node logged it
+    under, in the order it ran them."""
+    order: dict[int, dict[tuple[bytes, ...], list[int]]] = {}
+    for port in ports:
+        with client(port) as node:
+            node.response_callbacks.pop("SLOWLOG GET", None)
+            entries = node.execute_command("SLOWLOG GET", SLOWLOG_LENGTH)
+        ids: dict[tuple[bytes, ...], list[int]] = {}
+        for entry in sorted(entries, key=lambda entry: int(entry[0])):
+            ids.setdefault(logged_args(entry[3]), []).append(int(entry[0]))
+        order[port] = ids
+    return order
+
+
+def in_the_order_run(
+    calls: list[Call],
+    node_of: Callable[[Call], int],
+    order: dict[int, dict[tuple[bytes, ...], list[int]]],
+) -> tuple[list[Call], int]:
+    """``calls`` in the order their nodes ran them (each node's slow log), and how many
+    were not found there; where any is not, ``calls`` as they are (their answers' order)."""
+    taken: dict[tuple[int, tuple[bytes, ...]], int] = {}
+    ran = []
+    for n, call in enumerate(calls):
+        port, logged = node_of(call), logged_args(call_argv(call))
+        ids = order.get(port, {}).get(logged, [])
+        k = taken.get((port, logged), 0)
+        if k >= len(ids):
+            return calls, sum(1 for _ in calls) - n
+        taken[(port, logged)] = k + 1
+        ran.append((port, ids[k], call))
+    ran.sort(key=lambda item: (item[0], item[1]))
+    return [call for _, _, call in ran], 0
 
 
 # ---- escrow's switch (docs/escrow.md) ---------------------------------------------------
@@ -639,6 +715,8 @@ async def _placed(
     customer_ids = [customer.id for customer, _ in created_customers]
     recording.phone_ids = phone_ids
     recording.first_order_call = len(recording.calls)
+    ports = [node.port for node in scripts.gateway.cluster.get_primaries()]
+    log_every_command(ports, on=True)
     place = order_path(scripts, settler, options)
     queue = iter(enumerate(workload.picks()))
     placed = 0
@@ -656,6 +734,18 @@ async def _placed(
     await quiet(settler)
     recording.orders_per_s = workload.orders / (time.perf_counter() - began)
     recording.orders_placed = placed
+    # Calls on one partition sent at once on two connections may be answered in the other
+    # order than their node ran them; the replay keeps the order the nodes ran them in.
+    cluster = scripts.gateway.cluster
+    try:
+        ordered, recording.unordered = in_the_order_run(
+            recording.order_calls(),
+            lambda call: cluster.get_node_from_key(call.keys[0]).port,
+            logged_order(ports),
+        )
+    finally:
+        log_every_command(ports, on=False)
+    recording.calls[recording.first_order_call :] = ordered
 
 
 def _record_in_this_process(job: Path) -> None:

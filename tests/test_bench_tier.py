@@ -31,8 +31,11 @@ from loadtests.bench_tier import (
     Workload,
     alternated,
     by_node,
+    call_argv,
     escrow_options,
     flush,
+    in_the_order_run,
+    logged_args,
     markdown,
     phone_shares,
     record,
@@ -73,6 +76,20 @@ def test_calls_across_partitions_keep_their_order_with_each_partitions_calls() -
     [together] = [stream for stream in split if order in stream]
     assert together == [calls[0], order, calls[2], calls[4]]
     assert [calls[3]] in split  # partition 5 is its own
+
+
+def test_calls_are_replayed_in_the_order_their_node_ran_them() -> None:
+    """The slow log's order (its ids), not the answers': where one call is not in it,
+    the answers' order for all, and how many were not found."""
+    a, b, c = call_on(1, 0), call_on(1, 1), call_on(2, 2)
+    ids = {logged_args(call_argv(b)): [5], logged_args(call_argv(a)): [9],
+           logged_args(call_argv(c)): [7]}  # fmt: skip
+    assert in_the_order_run([a, b, c], lambda call: 7001, {7001: ids}) == ([b, c, a], 0)
+    # Two calls alike (the slow log's first 31 arguments): taken in the log's order.
+    twice = {logged_args(call_argv(a)): [3, 8]}
+    assert in_the_order_run([a, a], lambda call: 7001, {7001: twice}) == ([a, a], 0)
+    missing = {logged_args(call_argv(a)): [9]}
+    assert in_the_order_run([a, b, c], lambda call: 7001, {7001: missing}) == ([a, b, c], 2)
 
 
 def test_calls_go_to_the_node_serving_their_first_keys_slot() -> None:
@@ -316,6 +333,7 @@ def test_a_hot_workload_with_escrow_on_has_its_grants_and_stripe_orders_in_the_w
     runs = {3: (three_primaries, recorded())}
     [medians] = alternated(runs, 1, 2, tmp_path / "replay", UNPINNED, {3: recorded}).values()
     recording = runs[3][1]
+    assert recording.unordered == 0  # every call found in its node's slow log
     assert recording.escrow.startswith("ESCROW_STRIPES=1: striping rule")
     assert recording.orders_placed == 400
     by_name = recording.calls_by_name()
