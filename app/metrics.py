@@ -87,6 +87,9 @@ ORDER_REJECT_REASONS = (
     "phone_not_found",
     "customer_not_found",
     "idempotency_key_reused",
+    # A short pool whose phone lends units to stripes (docs/escrow.md 5): the app recalls
+    # them and tries once more, so most of these end as an order or an out_of_stock.
+    "stock_lent",
 )
 
 HTTP_SHED = Counter(

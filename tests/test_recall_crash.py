@@ -25,9 +25,9 @@ from app.partitions import PARTITIONS, partition_of
 from loadtests.support.servers import clean_env, free_port
 from loadtests.support.stack import AppInstance
 from tests import escrow_staging
+from tests.crash_fixtures import RECOVERY_S, api_world, at_rest, balance, dies
 from tests.helpers import ADMIN_TOKEN
 from tests.saga_fixtures import SagaWorld, _cluster
-from tests.test_saga_crash import RECOVERY_S, _at_rest, _balance, _dies, _world
 
 pytestmark = pytest.mark.cluster
 
@@ -79,7 +79,7 @@ async def test_killed_after_a_recalls_closes_the_settler_brings_the_units_home(
     tmp_path: Path,
 ) -> None:
     redis = world.redis
-    phone, customer, auth = await _world(http, healthy.url)
+    phone, customer, auth = await api_world(http, healthy.url)
     phone_node = world.node_of(keys.phone(phone["id"]))
     host = next(p for p in range(PARTITIONS) if world.node_of(keys.ledger(p)) != phone_node)
     await escrow_staging.grant(world.scripts, redis, phone["id"], host, 4)
@@ -91,7 +91,7 @@ async def test_killed_after_a_recalls_closes_the_settler_brings_the_units_home(
     dying = _instance(redis_cluster, tmp_path, 1, "closed")
     dying.start()
     try:
-        await _dies(http, f"{dying.url}/orders", order, keyed)
+        await dies(http, f"{dying.url}/orders", order, keyed)
         # Dead after the close: the stripe is closed and its units are on their way.
         assert await redis.hget(keys.stripe(host, phone["id"]), "closed") == "1"
         assert await redis.hget(keys.shipments(host), shipment) == f"{phone['id']}:4:0:0"
@@ -105,11 +105,11 @@ async def test_killed_after_a_recalls_closes_the_settler_brings_the_units_home(
         await wait_until_async(recalled, "the settler to finish the recall", RECOVERY_S)
         assert await redis.zscore(keys.drains_due(partition_of(phone["id"])), phone["id"]) is None
         assert await redis.sismember(keys.taken_back(partition_of(phone["id"])), shipment)
-        assert await _balance(redis, customer["id"]) == 1000
+        assert await balance(redis, customer["id"]) == 1000
         async with http.post(f"{healthy.url}/orders", json=order, headers=keyed) as response:
             assert response.status == 201, await response.text()
             assert "Idempotent-Replayed" not in response.headers
-        assert await _at_rest(redis, phone["id"]) == {"stock": 2, "sold": 3, "added": 5}
-        assert await _balance(redis, customer["id"]) == 1000 - 300
+        assert await at_rest(redis, phone["id"]) == {"stock": 2, "sold": 3, "added": 5}
+        assert await balance(redis, customer["id"]) == 1000 - 300
     finally:
         dying.kill()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -24,14 +23,8 @@ from app.ops.poll import wait_until_async
 from app.partitions import partition_of
 from loadtests.support.servers import RedisServer, clean_env, free_port
 from loadtests.support.stack import AppInstance
-from tests.helpers import ADMIN, ADMIN_TOKEN, customer_order_ids
-
-# Short, so that the settler's bound (TTL + its 1 s tick + a dead holder's 5 s lease) is
-# seconds; the polls below wait far longer than that before failing. Not shorter: a
-# reserve or commit that reaches Redis past its expiry is refused, and a busy shared box
-# can hold a request that long between its steps.
-TTL_MS = 1000
-RECOVERY_S = 60
+from tests.crash_fixtures import RECOVERY_S, TTL_MS, api_world, at_rest, balance, dies, post
+from tests.helpers import ADMIN_TOKEN, customer_order_ids
 
 
 @pytest.fixture(scope="module")
@@ -89,56 +82,6 @@ def faulty(saga_redis: RedisServer, directory: Path, point: str) -> AppInstance:
     return instance
 
 
-async def _post(
-    http: aiohttp.ClientSession, url: str, body: Any = None, headers: Any = None
-) -> tuple[int, dict]:
-    async with http.post(url, json=body, headers=headers) as response:
-        return response.status, await response.json(content_type=None)
-
-
-async def _world(http: aiohttp.ClientSession, url: str) -> tuple[dict, dict, dict]:
-    """A phone (price 100, stock 5) and a customer (balance 1000) with their token header."""
-    status, phone = await _post(
-        http, f"{url}/phones", {"name": "P", "price_cents": 100, "stock": 5}, ADMIN
-    )
-    assert status == 201
-    email = f"crash-{free_port()}-{id(http)}@example.com"
-    status, created = await _post(
-        http,
-        f"{url}/customers",
-        {"name": "A", "surname": "B", "email": email, "balance_cents": 1000},
-        ADMIN,
-    )
-    assert status == 201
-    auth = {"Authorization": f"Bearer {created['token']}"}
-    return phone["phone"], created["customer"], auth
-
-
-async def _dies(http: aiohttp.ClientSession, url: str, body: Any, headers: Any) -> None:
-    """The request's worker dies at its fault point: the connection drops, no answer."""
-    with pytest.raises(aiohttp.ClientError):
-        await _post(http, url, body, headers)
-
-
-async def _at_rest(redis: Redis, phone_id: str) -> dict[str, int]:
-    """Wait until nothing of the phone is held, then its units; the identity must hold."""
-
-    async def units() -> dict[str, int] | None:
-        row = await redis.hmget(keys.phone(phone_id), "stock", "held", "sold", "added_units")
-        stock, held, sold, added = (int(v or 0) for v in row)
-        if held:
-            return None
-        return {"stock": stock, "sold": sold, "added": added}
-
-    found = await wait_until_async(units, "the settler to settle what was held", RECOVERY_S)
-    assert found["stock"] + found["sold"] == found["added"]
-    return found
-
-
-async def _balance(redis: Redis, customer_id: str) -> int:
-    return int(await redis.hget(keys.customer(customer_id), "balance_cents"))
-
-
 async def test_killed_after_reserving_the_stock_comes_back_and_nothing_is_debited(
     saga_redis: RedisServer,
     healthy: AppInstance,
@@ -146,13 +89,13 @@ async def test_killed_after_reserving_the_stock_comes_back_and_nothing_is_debite
     http: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
-    phone, customer, auth = await _world(http, healthy.url)
+    phone, customer, auth = await api_world(http, healthy.url)
     dying = faulty(saga_redis, tmp_path, "reserved")
     try:
         order = {"items": [{"phone_id": phone["id"], "quantity": 2}]}
-        await _dies(http, f"{dying.url}/orders", order, auth)
-        assert await _at_rest(redis, phone["id"]) == {"stock": 5, "sold": 0, "added": 5}
-        assert await _balance(redis, customer["id"]) == 1000
+        await dies(http, f"{dying.url}/orders", order, auth)
+        assert await at_rest(redis, phone["id"]) == {"stock": 5, "sold": 0, "added": 5}
+        assert await balance(redis, customer["id"]) == 1000
         # The fence made the order impossible before the stock came back.
         markers = await redis.hgetall(keys.aborts(partition_of(customer["id"])))
         assert "swept" in markers.values()
@@ -168,13 +111,13 @@ async def test_killed_after_the_commit_the_order_stands_and_a_retry_replays_it(
     http: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
-    phone, customer, auth = await _world(http, healthy.url)
+    phone, customer, auth = await api_world(http, healthy.url)
     keyed = {**auth, "Idempotency-Key": f"crash-commit-{customer['id']}"}
     order = {"items": [{"phone_id": phone["id"], "quantity": 2}]}
     dying = faulty(saga_redis, tmp_path, "committed")
     try:
-        await _dies(http, f"{dying.url}/orders", order, keyed)
-        assert await _at_rest(redis, phone["id"]) == {"stock": 3, "sold": 2, "added": 5}
+        await dies(http, f"{dying.url}/orders", order, keyed)
+        assert await at_rest(redis, phone["id"]) == {"stock": 3, "sold": 2, "added": 5}
         # The client retries through the other instance: the stored 201, one order.
         async with http.post(f"{healthy.url}/orders", json=order, headers=keyed) as response:
             assert response.status == 201
@@ -182,8 +125,8 @@ async def test_killed_after_the_commit_the_order_stands_and_a_retry_replays_it(
             replayed = (await response.json())["order"]
         assert await customer_order_ids(redis, customer["id"]) == [replayed["id"]]
         # The retry's own reservation was released; the units were sold once, debited once.
-        assert await _at_rest(redis, phone["id"]) == {"stock": 3, "sold": 2, "added": 5}
-        assert await _balance(redis, customer["id"]) == 1000 - 200
+        assert await at_rest(redis, phone["id"]) == {"stock": 3, "sold": 2, "added": 5}
+        assert await balance(redis, customer["id"]) == 1000 - 200
     finally:
         dying.kill()
 
@@ -195,22 +138,22 @@ async def test_killed_after_a_cancels_refund_the_stock_still_comes_back(
     http: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
-    phone, customer, auth = await _world(http, healthy.url)
+    phone, customer, auth = await api_world(http, healthy.url)
     order = {"items": [{"phone_id": phone["id"], "quantity": 3}], "autocheck": False}
-    status, placed = await _post(http, f"{healthy.url}/orders", order, auth)
+    status, placed = await post(http, f"{healthy.url}/orders", order, auth)
     assert status == 201
     order_id = placed["order"]["id"]
-    assert await _at_rest(redis, phone["id"]) == {"stock": 2, "sold": 3, "added": 5}
+    assert await at_rest(redis, phone["id"]) == {"stock": 2, "sold": 3, "added": 5}
     dying = faulty(saga_redis, tmp_path, "refunded")
     try:
-        await _dies(http, f"{dying.url}/orders/{order_id}/cancel", None, auth)
-        assert await _balance(redis, customer["id"]) == 1000
+        await dies(http, f"{dying.url}/orders/{order_id}/cancel", None, auth)
+        assert await balance(redis, customer["id"]) == 1000
         due = keys.take_backs_due(partition_of(order_id))
 
         async def taken_back() -> bool:
             return await redis.zscore(due, order_id) is None
 
         await wait_until_async(taken_back, "the settler to take the stock back", RECOVERY_S)
-        assert await _at_rest(redis, phone["id"]) == {"stock": 5, "sold": 0, "added": 5}
+        assert await at_rest(redis, phone["id"]) == {"stock": 5, "sold": 0, "added": 5}
     finally:
         dying.kill()
