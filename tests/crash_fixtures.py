@@ -4,6 +4,7 @@ fault point, and the wait for a phone to be at rest."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -12,8 +13,10 @@ from redis.asyncio import Redis
 
 from app import keys
 from app.ops.poll import wait_until_async
-from loadtests.support.servers import free_port
-from tests.helpers import ADMIN
+from app.ops.redis_cluster import LocalCluster
+from loadtests.support.servers import clean_env, free_port
+from loadtests.support.stack import AppInstance
+from tests.helpers import ADMIN, ADMIN_TOKEN
 
 # Short, so that the settler's bound (TTL + its 1 s tick + a dead holder's 5 s lease) is
 # seconds; the polls below wait far longer than that before failing. Not shorter: a
@@ -21,6 +24,34 @@ from tests.helpers import ADMIN
 # can hold a request that long between its steps.
 TTL_MS = 1000
 RECOVERY_S = 60
+
+
+def crash_instance(directory: Path, index: int, fault: str, **env: str) -> AppInstance:
+    """One gunicorn worker that dies at ``fault`` (none: the healthy one), on the Redis
+    ``env`` names (REDIS_URL, or cluster_env), with no proxy or adaptive shedding between
+    the test and the step it kills."""
+    return AppInstance(
+        index=index,
+        port=free_port(),
+        env=clean_env(
+            ADMIN_TOKEN=ADMIN_TOKEN,
+            SAGA_FAULT_POINT=fault,
+            WEB_CONCURRENCY="1",
+            WEB_ACCESS_LOG="",
+            BEHIND_PROXY="0",
+            OVERLOAD_ADAPTIVE="0",
+            **env,
+        ),
+        log_path=directory / f"app-{index}.log",
+    )
+
+
+def cluster_env(cluster: LocalCluster) -> dict[str, str]:
+    """The app's settings for a local 3+3 cluster: its primaries as the seed nodes."""
+    return {
+        "REDIS_URL": "redis://127.0.0.1/0",
+        "REDIS_CLUSTER_NODES": ",".join(f"127.0.0.1:{port}" for port in cluster.ports[:3]),
+    }
 
 
 async def post(

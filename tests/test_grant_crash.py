@@ -30,10 +30,10 @@ from app import keys, partitions
 from app.ops.poll import wait_until_async
 from app.ops.redis_cluster import LocalCluster, wait_ready
 from app.orders import grants
-from loadtests.support.servers import clean_env, free_port
 from loadtests.support.stack import AppInstance
+from tests.crash_fixtures import cluster_env, crash_instance
 from tests.grant_fixtures import customer_email, host_by_port, phone_at_rest, port_of
-from tests.helpers import ADMIN, ADMIN_TOKEN
+from tests.helpers import ADMIN
 
 pytestmark = pytest.mark.cluster
 
@@ -48,22 +48,15 @@ BOUND_S = TTL_MS / 1000 + 1 + 5
 
 
 def _instance(cluster: LocalCluster, directory: Path, index: int, fault: str) -> AppInstance:
-    env = clean_env(
-        REDIS_URL="redis://127.0.0.1/0",
-        REDIS_CLUSTER_NODES=",".join(f"127.0.0.1:{port}" for port in cluster.ports[:3]),
-        ADMIN_TOKEN=ADMIN_TOKEN,
+    return crash_instance(
+        directory,
+        index,
+        fault,
+        **cluster_env(cluster),
         ESCROW_STRIPES="1",
         REDIS_WAIT_MS=str(WAIT_MS),
         REDIS_TIMEOUT="5",
         SAGA_RESERVATION_TTL_MS=str(TTL_MS),
-        SAGA_FAULT_POINT=fault,
-        WEB_CONCURRENCY="1",
-        WEB_ACCESS_LOG="",
-        BEHIND_PROXY="0",
-        OVERLOAD_ADAPTIVE="0",
-    )
-    return AppInstance(
-        index=index, port=free_port(), env=env, log_path=directory / f"app-{index}.log"
     )
 
 

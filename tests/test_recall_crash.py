@@ -22,30 +22,24 @@ from app import keys
 from app.ops.poll import wait_until_async
 from app.ops.redis_cluster import LocalCluster
 from app.partitions import PARTITIONS, partition_of
-from loadtests.support.servers import clean_env, free_port
 from loadtests.support.stack import AppInstance
 from tests import escrow_staging
-from tests.crash_fixtures import RECOVERY_S, api_world, at_rest, balance, dies
-from tests.helpers import ADMIN_TOKEN
+from tests.crash_fixtures import (
+    RECOVERY_S,
+    api_world,
+    at_rest,
+    balance,
+    cluster_env,
+    crash_instance,
+    dies,
+)
 from tests.saga_fixtures import SagaWorld, _cluster
 
 pytestmark = pytest.mark.cluster
 
 
 def _instance(cluster: LocalCluster, directory: Path, index: int, fault: str) -> AppInstance:
-    env = clean_env(
-        REDIS_URL="redis://127.0.0.1/0",
-        REDIS_CLUSTER_NODES=",".join(f"127.0.0.1:{port}" for port in cluster.ports[:3]),
-        ADMIN_TOKEN=ADMIN_TOKEN,
-        SAGA_FAULT_POINT=fault,
-        WEB_CONCURRENCY="1",
-        WEB_ACCESS_LOG="",
-        BEHIND_PROXY="0",
-        OVERLOAD_ADAPTIVE="0",
-    )
-    return AppInstance(
-        index=index, port=free_port(), env=env, log_path=directory / f"app-{index}.log"
-    )
+    return crash_instance(directory, index, fault, **cluster_env(cluster))
 
 
 @pytest.fixture(scope="module")

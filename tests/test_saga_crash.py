@@ -21,10 +21,19 @@ from redis.asyncio import Redis
 from app import keys
 from app.ops.poll import wait_until_async
 from app.partitions import partition_of
-from loadtests.support.servers import RedisServer, clean_env, free_port
+from loadtests.support.servers import RedisServer, free_port
 from loadtests.support.stack import AppInstance
-from tests.crash_fixtures import RECOVERY_S, TTL_MS, api_world, at_rest, balance, dies, post
-from tests.helpers import ADMIN_TOKEN, customer_order_ids
+from tests.crash_fixtures import (
+    RECOVERY_S,
+    TTL_MS,
+    api_world,
+    at_rest,
+    balance,
+    crash_instance,
+    dies,
+    post,
+)
+from tests.helpers import customer_order_ids
 
 
 @pytest.fixture(scope="module")
@@ -36,19 +45,13 @@ def saga_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer
 
 
 def _instance(redis: RedisServer, directory: Path, index: int, fault: str) -> AppInstance:
-    env = clean_env(
+    return crash_instance(
+        directory,
+        index,
+        fault,
         REDIS_URL=redis.url,
-        ADMIN_TOKEN=ADMIN_TOKEN,
         SAGA_ALWAYS_SPLIT="1",
         SAGA_RESERVATION_TTL_MS=str(TTL_MS),
-        SAGA_FAULT_POINT=fault,
-        WEB_CONCURRENCY="1",
-        WEB_ACCESS_LOG="",
-        BEHIND_PROXY="0",
-        OVERLOAD_ADAPTIVE="0",
-    )
-    return AppInstance(
-        index=index, port=free_port(), env=env, log_path=directory / f"app-{index}.log"
     )
 
 

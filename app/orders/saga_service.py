@@ -211,9 +211,8 @@ async def place_order(
     order_partition = partition_of(customer_id)
     order_id = new_order_id(customer_id, HINTS.current(order_partition))
     if not always_split:
-        # try, not contextlib.suppress: this runs for every order (P1), and the
-        # context manager's object and calls cost 0.3 us more (timeit: 0.62 -> 0.31).
-        try:
+
+        async def collapsed() -> PlacedOrder:
             return await service.place_order(
                 scripts,
                 order_id=order_id,
@@ -224,6 +223,11 @@ async def place_order(
                 idempotency_ttl=idempotency_ttl,
                 request_id=request_id,
             )
+
+        # try, not contextlib.suppress: this runs for every order (P1), and the
+        # context manager's object and calls cost 0.3 us more (timeit: 0.62 -> 0.31).
+        try:
+            return await collapsed()
         except NotOnOneNode:
             pass  # from stripes, else the split saga below
         except ProblemError as error:
@@ -233,16 +237,7 @@ async def place_order(
             # stock_lent is the client's 503: the settler finishes the recall).
             await recall.recall_all(scripts, error.extra["phone_ids"], fault_point)
             try:
-                return await service.place_order(
-                    scripts,
-                    order_id=order_id,
-                    customer_id=customer_id,
-                    lines=lines,
-                    autocheck=autocheck,
-                    idempotency_key=idempotency_key,
-                    idempotency_ttl=idempotency_ttl,
-                    request_id=request_id,
-                )
+                return await collapsed()
             except NotOnOneNode:
                 pass
         order_id, placed = await _from_stripes(
