@@ -141,6 +141,11 @@ def test_a_script_gets_the_definitions_it_names_and_what_they_use() -> None:
     assert "STATUS" not in hashes
     statuses = prelude_for("return ORDER_EVENT.open")
     assert statuses.startswith("local strict_names = ") and "local STATUS" not in statuses
+    # Named as a whole word only: a longer name that contains one is not it.
+    assert prelude_for("return hgetall_map_x(KEYS[1])") == ""
+    assert "hgetall_map" in prelude_for("return {hgetall_map(KEYS[1])}")
+    # prelude_for finds the names among the words of a text (app/lua_prelude.py: _names_in).
+    assert all(re.fullmatch(r"\w+", name) for name in DEFINITIONS)
 
 
 @pytest.mark.parametrize("name", ONE_NODE_SCRIPTS)
