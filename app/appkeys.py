@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from app.events.sockets import EventSocket
     from app.health import Readiness
     from app.orders.grants import Refiller
+    from app.orders.saga_service import PlaceOrder
     from app.orders.settler import Settler
     from app.overload import OverloadControl
     from app.phones.page_cache import CataloguePages
@@ -33,6 +34,9 @@ SCRIPTS: web.AppKey[Scripts] = web.AppKey("scripts")
 SETTLER: web.AppKey[Settler] = web.AppKey("settler")
 # Escrow's refills of this worker (app/orders/grants.py): the stripe order's hook.
 REFILLER: web.AppKey[Refiller] = web.AppKey("refiller")
+# POST /orders' order path with this app's scripts, settler, refiller and settings bound
+# once at startup (app/orders/handlers.py: bind_order_path), not per order.
+PLACE_ORDER: web.AppKey[PlaceOrder] = web.AppKey("place_order")
 TOKEN_CACHE: web.AppKey[TokenCache] = web.AppKey("token_cache")
 # This worker's remembered pages of GET /phones, checked against the catalogue's clocks.
 CATALOGUE_PAGES: web.AppKey[CataloguePages] = web.AppKey("catalogue_pages")

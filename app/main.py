@@ -23,6 +23,7 @@ from app.middlewares import front_middleware
 from app.observe import flush_observations, instrument
 from app.openapi import openapi_json
 from app.orders.grants import refiller_ctx
+from app.orders.handlers import bind_order_path
 from app.orders.settler import settler_ctx
 from app.overload import OverloadControl
 from app.phones.page_cache import CataloguePages
@@ -116,6 +117,7 @@ def build_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(settler_ctx)  # after redis_ctx: it settles over its gateway
     app.cleanup_ctx.append(refiller_ctx)  # after settler_ctx: it hands it the settles
     app.on_startup.append(instrument)  # runs after every cleanup_ctx: wraps its clients
+    app.on_startup.append(bind_order_path)  # after instrument: binds the wrapped scripts
     app.on_shutdown.append(close_event_sockets)
     app.on_cleanup.append(flush_observations)
     add_routes(app, route_table(settings.bench_routes) + SPECLESS_ROUTES)

@@ -153,6 +153,12 @@ class ObservedScripts:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._scripts, name)
 
+    @property
+    def gateway(self) -> Any:
+        """The holder's gateway, asked for by every order's answer: a property, not
+        __getattr__'s way round a failed lookup (P1)."""
+        return self._scripts.gateway
+
     async def call(
         self, name: str, keys: list[str], args: list[str | bytes | int], *, one_node: bool = False
     ) -> Any:

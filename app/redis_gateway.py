@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -199,13 +199,15 @@ class RedisGateway:
         finally:
             observe(f"script:{script.name}", started)
 
-    async def run_on_one_node(
+    def run_on_one_node(
         self, script: LuaScript, across_slots: LuaScript, keys: list[str], args: list[Any]
-    ) -> Any:
+    ) -> Awaitable[Any]:
         """A script whose keys span partitions, where one node serves them all: on one
         redis-server that is always so, and the script runs as it is (``across_slots``,
-        its form for a cluster node's several slots, is the cluster gateway's)."""
-        return await self.run_script(script, keys, args)
+        its form for a cluster node's several slots, is the cluster gateway's). The
+        script's own awaitable, not a coroutine around it: every order on one
+        redis-server passes here (P1)."""
+        return self.run_script(script, keys, args)
 
     def host_partition(self, partition: int) -> int | None:
         """The stripe host partition (docs/escrow.md, section 1) of the primary serving

@@ -36,20 +36,11 @@ async def place_order(call: Call[OrderCreate]) -> web.Response:
         if on_behalf_of is not None and on_behalf_of != principal.customer_id:
             raise ProblemError("forbidden", "A customer may only order for themselves")
         customer_id = principal.customer_id
-    settings = request.app[appkeys.SETTINGS]
-    placed = await saga_service.place_order(
-        scripts_of(request),
-        request.app[appkeys.SETTLER].settle_soon,
-        reservation_ttl_ms=settings.reservation_ttl_ms,
-        fault_point=settings.saga_fault_point,
-        always_split=settings.saga_always_split,
-        striping_rule=grants.STRIPING_RULE if settings.escrow_stripes else "",
-        on_striped=request.app[appkeys.REFILLER].stripe_everywhere,
+    placed = await request.app[appkeys.PLACE_ORDER](
         customer_id=customer_id,
         lines=data.lines(),
         autocheck=data.autocheck,
         idempotency_key=call.idempotency_key,
-        idempotency_ttl=settings.idempotency_ttl_seconds,
         request_id=request[REQUEST_ID],
     )
     headers = {"Location": f"/orders/{placed.order.id}"}
@@ -57,6 +48,25 @@ async def place_order(call: Call[OrderCreate]) -> web.Response:
         headers["Idempotent-Replayed"] = "true"
     return json_response(
         OrderEnvelope(order=order_for(request, placed.order)), status=201, headers=headers
+    )
+
+
+async def bind_order_path(app: web.Application) -> None:
+    """on_startup, after observe.instrument (which wraps the scripts): the order path's
+    arguments that are the app's, bound once (app/orders/saga_service.py: PlaceOrder).
+    Escrow's striping rule is sent only with ESCROW_STRIPES; the refiller hears of a
+    striped phone only then."""
+    settings = app[appkeys.SETTINGS]
+    app[appkeys.PLACE_ORDER] = functools.partial(
+        saga_service.place_order,
+        app[appkeys.SCRIPTS],
+        app[appkeys.SETTLER].settle_soon,
+        idempotency_ttl=settings.idempotency_ttl_seconds,
+        reservation_ttl_ms=settings.reservation_ttl_ms,
+        fault_point=settings.saga_fault_point,
+        always_split=settings.saga_always_split,
+        striping_rule=grants.STRIPING_RULE if settings.escrow_stripes else "",
+        on_striped=app[appkeys.REFILLER].stripe_everywhere,
     )
 
 

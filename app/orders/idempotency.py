@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from dataclasses import dataclass
 
 import msgspec
 
@@ -62,8 +61,7 @@ def bucket_seconds(ttl_s: int) -> int:
     return -(-ttl_s // BUCKETS_PER_TTL)
 
 
-@dataclass(frozen=True, slots=True)
-class RecordPlace:
+class RecordPlace(msgspec.Struct, frozen=True):  # a Struct: one per keyed order (ScriptResult)
     """Where a request's record is looked up and written."""
 
     # b"" without an Idempotency-Key: the scripts then neither read nor write one.

@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+
+import msgspec
 
 from app import keys
 from app.auth import Principal
@@ -76,8 +77,7 @@ def order_from_hash(order_id: str, stored: dict[str, str]) -> Order:
     return order_from_fields({**order_fields(stored), "id": order_id})
 
 
-@dataclass(frozen=True, slots=True)
-class PlacedOrder:
+class PlacedOrder(msgspec.Struct, frozen=True):  # a Struct: one per order (ScriptResult)
     order: Order
     replayed: bool
 
