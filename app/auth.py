@@ -13,8 +13,8 @@ import hmac
 import re
 import secrets
 from collections import OrderedDict
-from dataclasses import dataclass
 
+import msgspec
 from aiohttp import hdrs, web
 
 from app import appkeys, keys
@@ -58,9 +58,8 @@ def _admin_digest(admin_token: str) -> str:
     return token_sha256(admin_token)
 
 
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who is asking: the admin, or one customer."""
+class Principal(msgspec.Struct, frozen=True):
+    """Who is asking: the admin, or one customer. A Struct: one per request (Call)."""
 
     customer_id: str | None
 

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+import msgspec
 from aiohttp import web
 
 from app.auth import Principal, authenticate, authenticate_websocket, check_admin
@@ -37,9 +38,9 @@ AUTHS = ("anyone", "customer", "admin", "owner-or-admin")
 _IDEMPOTENCY_KEY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 
 
-@dataclass(frozen=True, slots=True)
-class Call(Generic[Body]):
-    """What a handler receives: the request, and what its route entry checked."""
+class Call(msgspec.Struct, Generic[Body], frozen=True):
+    """What a handler receives: the request, and what its route entry checked. A Struct,
+    not a frozen dataclass: one per request, made in a sixth of the time (P1)."""
 
     request: web.Request
     body: Body
