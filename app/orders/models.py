@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from decimal import Decimal
 from typing import Annotated, ClassVar
 
@@ -52,13 +51,16 @@ class OrderCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     def lines(self) -> list[tuple[str, int]]:
         """One line per phone, in first-seen order: repeats add up, as in the
-        seed's list form (the stock check sees the whole quantity at once)."""
-        quantities: Counter[str] = Counter()
+        seed's list form (the stock check sees the whole quantity at once). A dict, not
+        a Counter: once per order, and a Counter's making and missing keys cost 1.3 us
+        against 0.4 (P1)."""
+        quantities: dict[str, int] = {}
         if self.items is not msgspec.UNSET:
             for line in self.items:
-                quantities[line.phone_id] += line.quantity
+                quantities[line.phone_id] = quantities.get(line.phone_id, 0) + line.quantity
         else:
-            quantities.update(self.phones)
+            for phone_id in self.phones:
+                quantities[phone_id] = quantities.get(phone_id, 0) + 1
         return list(quantities.items())
 
     def for_customer(self) -> str | None:
