@@ -52,8 +52,9 @@ def nodes_of(cluster: LocalCluster) -> tuple[tuple[str, int], ...]:
 
 @pytest.fixture(scope="module")
 def fault_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """A cluster for this module's kill -9 tests: each leaves it healthy again (the old
-    primary back as a replica), so they share it rather than start one each."""
+    """A cluster for this module's kill -9 tests (both soak: make test never starts it):
+    each leaves it healthy again (the old primary back as a replica), so they share it
+    rather than start one each."""
     cluster = new_cluster(tmp_path_factory.mktemp("fault-cluster"))
     cluster.start()
     yield cluster
@@ -457,6 +458,8 @@ async def test_an_answer_that_reads_an_unreplicated_write_is_unconfirmed_too(
 PUT = LuaScript.of("test_put", "return redis.call('SET', KEYS[1], ARGV[1])")
 
 
+# soak: make test has the same kill -9 through the app (test_cluster_failover's small run).
+@pytest.mark.soak
 async def test_every_acknowledged_write_survives_kill_9_of_its_primary(
     fault_cluster: LocalCluster, record_property: pytest.RecordProperty
 ) -> None:
@@ -464,7 +467,13 @@ async def test_every_acknowledged_write_survives_kill_9_of_its_primary(
     slots while it is SIGKILLed; its replica takes over, the old primary comes back as
     the heir's replica (until then the heir refuses writes: min-replicas-to-write 1),
     and every write the gateway acknowledged is on the new primary. The failures in
-    between are 503s the client retries, never a success that was lost."""
+    between are 503s the client retries, never a success that was lost.
+
+    make soak-tests only (with its module cluster, about 9 s): make test covers its ground
+    with tests/test_cluster_failover.py's
+    test_kill_9_of_a_primary_under_orders_loses_nothing_acknowledged_and_mails_all[small],
+    the same kill -9 of a primary under writes through this gateway (the app's), where
+    every acknowledged order must be stored on the heir."""
     cluster = fault_cluster
     gateway = open_cluster_gateway("redis://127.0.0.1/0", nodes_of(cluster), 1, 1000, 2.0, 8)
     tag = new_id()

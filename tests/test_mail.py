@@ -415,12 +415,22 @@ async def test_header_injection_in_name_or_email_adds_no_header_or_recipient(
 # -- workers: crashes, parallelism, shutdown ---------------------------------------------
 
 
+# soak: make test has the kill -9 of a worker with mails in hand in the four-worker test.
+@pytest.mark.soak
 async def test_worker_killed_mid_batch_another_delivers_everything(
     mail_redis: Redis,
     smtp_server: SmtpServer,
     mail_processes: ProcessPool,
     mail_workers: WorkerPool,
 ) -> None:
+    """A worker killed -9 halfway through a batch: a rescuer started afterwards claims
+    what it left pending and delivers everything, at most the mail in hand twice.
+
+    make soak-tests only (about 6 s): make test covers its ground with
+    test_four_workers_of_eight_sessions_no_duplicate_and_a_kill_9_loses_nothing[pipelining]
+    (a worker killed -9 with mails in hand, the others claim its pending entries, every
+    mail delivered, none twice) and, through the whole stack, tests/test_faults.py's
+    test_mail_worker_kill_and_smtp_outage_end_in_mail_or_dead_letter."""
     smtp_server.handler.delay = 0.1
     orders = [await seed_order(mail_redis) for _ in range(40)]
     for order in orders:
@@ -932,10 +942,26 @@ async def test_relay_capping_connections_gets_fewer_sessions_and_every_mail(
     assert len(refused) < len(served)
 
 
-@BOTH_WAYS
+# soak: the lockstep run; make test keeps the pipelining one (the same kill -9).
+@pytest.mark.parametrize(
+    "smtp_server",
+    [
+        pytest.param(False, id="lockstep", marks=pytest.mark.soak),
+        pytest.param(True, id="pipelining"),
+    ],
+    indirect=True,
+)
 async def test_four_workers_of_eight_sessions_no_duplicate_and_a_kill_9_loses_nothing(
     mail_redis: Redis, smtp_server: SmtpServer, mail_processes: ProcessPool
 ) -> None:
+    """Four worker processes share 300 mails; one is killed -9 with mails in hand, the
+    others claim them: every mail once, none lost.
+
+    The [lockstep] run is make soak-tests only (about 6 s): make test keeps [pipelining],
+    the same kill -9 and claim; the lockstep client's own handling of every answer is in
+    make test through the other BOTH_WAYS tests (test_completed_order_produces_exactly_one_mail,
+    test_relay_throttles_421_every_third_connection_and_451_some_mails,
+    test_relay_capping_connections_gets_fewer_sessions_and_every_mail)."""
     handler = smtp_server.handler
     handler.delay = 0.002
     # The victim's DATA waits at the gate, so it is killed with mails in hand.
