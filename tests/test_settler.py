@@ -30,6 +30,10 @@ from tests.saga_fixtures import (
 )
 
 LATER_MS = 10**13
+# The expiry of a reservation the settler is to find left behind: each such test waits it
+# out. One call must reach Redis within it (as tests/crash_fixtures.py's TTL_MS, a whole
+# request), so a second is ample; the test that runs several steps inside it keeps 2 s.
+SOON_MS = 1_000
 
 
 def now_ms() -> int:
@@ -54,10 +58,10 @@ async def test_settler_gives_back_the_stock_a_dead_app_left_held(
     other = await saga.phone(OTHER_PHONE_PARTITION, price_cents=100, stock=3)
     order = partitions.new_id(ORDER_PARTITION)
     # The app reserved on both phone partitions and died: no commit, no settle. (Its
-    # expiry is seconds away: a reserve that reached Redis past it would be refused.)
+    # expiry is a second away, SOON_MS: a reserve that reached Redis past it would be refused.)
     for partition, phone_id in ((PHONE_PARTITION, phone), (OTHER_PHONE_PARTITION, other)):
         reserved = await steps.reserve(
-            saga.scripts, order, partition, [(phone_id, 2)], now_ms() + 2_000
+            saga.scripts, order, partition, [(phone_id, 2)], now_ms() + SOON_MS
         )
         assert reserved.status == 200
     assert (await saga.units(phone))["held"] == 2
@@ -82,7 +86,7 @@ async def test_settler_settles_a_committed_orders_reservation_as_sold(
 ) -> None:
     phone = await saga.phone(PHONE_PARTITION, price_cents=100, stock=3)
     order = partitions.new_id(ORDER_PARTITION)
-    await steps.reserve(saga.scripts, order, PHONE_PARTITION, [(phone, 1)], now_ms() + 2_000)
+    await steps.reserve(saga.scripts, order, PHONE_PARTITION, [(phone, 1)], now_ms() + SOON_MS)
     # The app committed (the order exists) and died before settling.
     await saga.redis.hset(keys.order(order), mapping={ORDER_FIELDS["status"]: OPEN})
 
