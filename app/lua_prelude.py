@@ -11,7 +11,8 @@ put it before each), so no script copies a helper or spells a shared word:
   app/vocabulary.py) with its ``id`` added back (the hash does not store it: the key
   holds it), and its total and creation time (order_total: the items' sum; the seq's
   millisecond) where the hash does not store them;
-- now_ms(): Redis TIME in milliseconds since the epoch;
+- now_ms(): Redis TIME in milliseconds since the epoch (redis_time: TIME read once per
+  run, shared with seq_after);
 - id_chunk(id): the status chunk an order id was minted for (app/partitions.py:
   chunk_of); chunk_lists(...): an order's chunk and which of the caller's status lists
   hold it; placing_chunk(...): the partition's order clock read, and the status list a
@@ -73,7 +74,12 @@ DEFINITIONS: dict[str, str] = {
     " map.created_at = map.created_at"
     " or string.format('%d', math.floor(tonumber(map.seq) / 1000))"
     " map.id = order_id_of(key) return map end",
-    "now_ms": "local function now_ms() local t = redis.call('TIME')"
+    # Redis TIME, read once per run of the script (each read is a command, about as dear
+    # as a small read): now_ms and seq_after of one run see one instant, which changes
+    # nothing they decide (seq_after still makes seq grow past the clock's last).
+    "redis_time": "local time_read local function redis_time()"
+    " if not time_read then time_read = redis.call('TIME') end return time_read end",
+    "now_ms": "local function now_ms() local t = redis_time()"
     " return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) end",
     # The script passes its KEYS: the one-node form (across_slots) rebuilds them as a local.
     "record_buckets": "local function record_buckets(keys, newest) local list = {keys[newest]}"
@@ -126,7 +132,7 @@ DEFINITIONS: dict[str, str] = {
     " return name, nil end",
     # TIME keeps lists of different partitions in one time order; the clock
     # makes seq strictly grow within its partition even if TIME does not.
-    "seq_after": "local function seq_after(last) local t = redis.call('TIME')"
+    "seq_after": "local function seq_after(last) local t = redis_time()"
     " local seq = tonumber(t[1]) * 1000000 + tonumber(t[2])"
     " if seq <= last then seq = last + 1 end return string.format('%d', seq) end",
     "next_seq": "local function next_seq(clock)"

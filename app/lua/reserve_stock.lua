@@ -75,15 +75,17 @@ for i = 1, n do
   if not quantity or quantity < 1 then
     return redis.error_reply('reserve_stock: bad quantity for ' .. phone_id)
   end
-  local row = redis.call('HMGET', KEYS[4 + i], 'price_cents', 'stock', 'lent')
+  local row = redis.call('HMGET', KEYS[4 + i], 'price_cents', 'stock')
   if not row[1] then
     missing[#missing + 1] = phone_id
   else
-    local stock = tonumber(row[2])
-    if stock < quantity and tonumber(row[3] or '0') > 0 then
-      lent[#lent + 1] = phone_id
-    elseif stock < quantity then
-      short[#short + 1] = {phone_id = phone_id, requested = ARGV[2 + 2 * i], available = row[2]}
+    -- `lent` read only for a short line (the 409 rule): a line that fits never needs it.
+    if tonumber(row[2]) < quantity then
+      if tonumber(redis.call('HGET', KEYS[4 + i], 'lent') or '0') > 0 then
+        lent[#lent + 1] = phone_id
+      else
+        short[#short + 1] = {phone_id = phone_id, requested = ARGV[2 + 2 * i], available = row[2]}
+      end
     end
     prices[i] = row[1]
   end
