@@ -37,6 +37,15 @@ Per shard count a local cluster of its own, both up at once (no replicas, AOF
    turn is the run the app made. Afterwards every primary must hold exactly the keys it
    held after the recording, and (after a recording's first replay) the conservation audit
    (app/admin/audit.py) must hold at rest with exactly the orders the app placed.
+   Figures before fd75c92 are not comparable: its replay chose a stream by slot mod
+   ``--connections``, and every partition's slot is a multiple of 128, so each primary got
+   one pipe, not 8. With 8 the 1-primary replay costs less per order and the 3-primary one
+   about the same: (a) rose from 1.28 to 1.43 and the measured ceiling fell from 1.69 to
+   1.42 (one recording of uniform, both replays alternating five times, 2026-12-03). On
+   this shared box (a) spreads by about ±0.2 from run to run. Redis's instruction counts
+   (valgrind callgrind, the same recording replayed with each tree's scripts) say the
+   escrow steps' scripts cost 1.6% more per order on both shard counts: (a) 1.338 at
+   acda98f, 1.339 at 3f0abe5.
 3. **Settles as at the ceiling.** The settler gathers 50 ms of settles into one call per
    phone partition, so the recording's batches follow its pace (hundreds of orders/s, not
    the tier's ceiling). The 3-primary orders are recorded again with that window stretched
