@@ -32,6 +32,10 @@ put it before each), so no script copies a helper or spells a shared word:
   later (seq_after), stored back in the clock; returned as a string of digits. It writes,
   so a script calls it only after its last check (so does next_order_seq, the orders'
   clock, which holds the chunk state too);
+- short_line(key, phone_id, requested, available, lent, short): the 409 rule
+  (docs/escrow.md, section 5) for a line its phone's stock cannot fill: into ``lent``
+  (stock_lent) when the phone at key has units lent to stripes, else into ``short``
+  (out_of_stock); place_order and reserve_stock read `lent` only then;
 - keys_past_the_declared(declared, argv): a script's whole KEYS when a Redis Cluster
   node runs it over several slots (``across_slots`` below).
 
@@ -81,6 +85,11 @@ DEFINITIONS: dict[str, str] = {
     " if not time_read then time_read = redis.call('TIME') end return time_read end",
     "now_ms": "local function now_ms() local t = redis_time()"
     " return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) end",
+    # The 409 rule, for a short line only: a line that fits never reads `lent`.
+    "short_line": "local function short_line(key, phone_id, requested, available, lent, short)"
+    " if tonumber(redis.call('HGET', key, 'lent') or '0') > 0 then lent[#lent + 1] = phone_id"
+    " else short[#short + 1] = {phone_id = phone_id, requested = requested,"
+    " available = available} end end",
     # The script passes its KEYS: the one-node form (across_slots) rebuilds them as a local.
     "record_buckets": "local function record_buckets(keys, newest) local list = {keys[newest]}"
     f" for i = #keys - {OLDER_BUCKETS} + 1, #keys do list[#list + 1] = keys[i] end"

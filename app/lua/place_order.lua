@@ -116,14 +116,9 @@ for i = 1, n do
   if not row[1] then
     missing[#missing + 1] = phone_id
   else
-    -- `lent` read only for a short line (the 409 rule): a line that fits never needs it.
     local stock = tonumber(row[2])
     if stock < quantity then
-      if tonumber(redis.call('HGET', KEYS[12 + i], 'lent') or '0') > 0 then
-        lent[#lent + 1] = phone_id
-      else
-        short[#short + 1] = {phone_id = phone_id, requested = fmt(quantity), available = fmt(stock)}
-      end
+      short_line(KEYS[12 + i], phone_id, fmt(quantity), fmt(stock), lent, short)
     end
     prices[i] = tonumber(row[1])
     total = total + prices[i] * quantity

@@ -79,13 +79,8 @@ for i = 1, n do
   if not row[1] then
     missing[#missing + 1] = phone_id
   else
-    -- `lent` read only for a short line (the 409 rule): a line that fits never needs it.
     if tonumber(row[2]) < quantity then
-      if tonumber(redis.call('HGET', KEYS[4 + i], 'lent') or '0') > 0 then
-        lent[#lent + 1] = phone_id
-      else
-        short[#short + 1] = {phone_id = phone_id, requested = ARGV[2 + 2 * i], available = row[2]}
-      end
+      short_line(KEYS[4 + i], phone_id, ARGV[2 + 2 * i], row[2], lent, short)
     end
     prices[i] = row[1]
   end
