@@ -63,7 +63,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app import keys, partitions
-from app.redis_clients import cluster_client
+from app.redis_clients import cluster_client, raise_as_lost
 from app.redis_gateway import (
     LuaScript,
     NotOnOneNode,
@@ -147,9 +147,11 @@ async def on_one_connection(node: ClusterNode, commands: list[tuple[Any, ...]]) 
             except ResponseError as error:
                 replies.append(error)
         return replies
-    except BaseException:
+    except BaseException as error:
         # Replies may still be owed on it: it must never serve another call.
         await connection.disconnect(nowait=True)
+        if isinstance(error, RuntimeError | AttributeError):
+            raise_as_lost(error)
         raise
     finally:
         node.release(connection)
@@ -164,12 +166,9 @@ class ClusterTransport:
 
     async def ready(self) -> None:
         """The slot map, learnt at the first call (and again after the library dropped
-        it): a cluster that cannot be reached is a ConnectionError, 503 + Retry-After
-        as one redis-server that is down, not the library's RedisClusterException."""
-        try:
-            await self.cluster.initialize()
-        except RedisClusterException as error:
-            raise RedisConnectionError(f"no Redis Cluster node answers: {error}") from error
+        it): a cluster that cannot be reached is a ConnectionError (ClusterClient), 503 +
+        Retry-After as one redis-server that is down."""
+        await self.cluster.initialize()
 
     async def execute(self, *args: Any) -> Any:
         await self.ready()
@@ -180,7 +179,10 @@ class ClusterTransport:
         pipe = self.cluster.pipeline(transaction=False)
         for args in commands:
             pipe.execute_command(*_routable(args))
-        return await pipe.execute()
+        try:
+            return await pipe.execute()
+        except (RuntimeError, AttributeError) as error:
+            raise_as_lost(error)
 
     @property
     def connection(self) -> object | None:
@@ -477,7 +479,9 @@ class ClusterGateway(RedisGateway):
             await asyncio.shield(self._refreshing)
 
     async def _refresh(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
+        # The map itself, below ClusterClient's initialize: mid-failover it may not be
+        # readable (RedisClusterException); the old one stays, and the caller goes on.
+        with contextlib.suppress(RedisError, RedisClusterException, OSError):
             await self.cluster.nodes_manager.initialize()
         self._hosts = {}  # read from the new map at the next host_partition
 

@@ -14,11 +14,13 @@ single-server options, which ``redis_client`` drops.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import SSLConnection, parse_url
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 
 # Single-server options a RedisCluster has no parameter for: the cluster keeps a pool
 # per node, and a single connection could not reach more than one node.
@@ -36,10 +38,34 @@ def cluster_options(url: str) -> dict[str, Any]:
     return options
 
 
+class ClusterClient(RedisCluster):
+    """redis-py's cluster client, whose topology that cannot be read right now, and whose
+    connection closed under a call (raise_as_lost), are a ConnectionError, as one
+    redis-server that went away (503 + Retry-After).
+
+    redis-py reads the slot map again at its first call, after a node failed and after
+    CLUSTERDOWN, inside any command; mid-failover no node may answer, or those that do
+    may leave slots without a primary. It raises RedisClusterException then, which is
+    also its word for a caller's mistake (keys of two slots): an app answered that as an
+    internal error (a 500 in tests/test_cluster_failover.py, CI of 2026-12-03)."""
+
+    async def initialize(self, *args: Any, **kwargs: Any) -> RedisCluster:
+        try:
+            return await super().initialize(*args, **kwargs)
+        except RedisClusterException as error:
+            raise RedisConnectionError(f"no Redis Cluster topology: {error}") from error
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except (RuntimeError, AttributeError) as error:
+            raise_as_lost(error)
+
+
 def cluster_client(
     url: str,
     nodes: tuple[tuple[str, int], ...],
-    cluster_class: type[RedisCluster] = RedisCluster,
+    cluster_class: type[ClusterClient] = ClusterClient,
     **options: Any,
 ) -> RedisCluster:
     for name in _SINGLE_SERVER_ONLY & options.keys():
@@ -77,3 +103,12 @@ def closed_under_the_call(error: BaseException) -> bool:
     if isinstance(error, AttributeError):
         return "'NoneType' object has no attribute" in str(error)
     return False
+
+
+def raise_as_lost(error: RuntimeError | AttributeError) -> NoReturn:
+    """``error`` raised again, as the ConnectionError it is when redis-py closed the
+    connection under the call (closed_under_the_call): the caller then treats it as any
+    lost connection (maybe ran; 503 + Retry-After) rather than as a bug (a 500)."""
+    if closed_under_the_call(error):
+        raise RedisConnectionError(f"the connection was closed under the call: {error}") from error
+    raise error

@@ -41,11 +41,11 @@ from typing import Any, Protocol
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import Pipeline
-from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from app import metrics
 from app.fastredis import MultiplexedRedis
+from app.redis_clients import ClusterClient
 
 
 def observe(call: str, started: float) -> None:
@@ -288,7 +288,7 @@ class TimedRedis(Redis):
         return TimedPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
 
 
-class TimedRedisCluster(RedisCluster):
+class TimedRedisCluster(ClusterClient):
     """redis-py's cluster client with its single commands timed by name, as TimedRedis."""
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:

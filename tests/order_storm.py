@@ -118,6 +118,8 @@ class Storm:
     problems_503: int = 0
     # The ``code`` of every 5xx problem+json answer.
     problem_codes: Counter = field(default_factory=Counter)
+    # Every 5xx but a 503, with its request and detail: a 500 is a defect to explain.
+    server_errors: list[str] = field(default_factory=list)
     non_problem_errors: list[str] = field(default_factory=list)
     client_timeouts: int = 0
     connection_errors: int = 0
@@ -157,6 +159,8 @@ async def order_storm(
             if content_type == "application/problem+json":
                 storm.problems_503 += status == 503
                 storm.problem_codes[answer.get("code")] += 1
+                if status != 503:
+                    storm.server_errors.append(f"{status} {method} {path}: {answer.get('detail')}")
             else:
                 storm.non_problem_errors.append(f"{status} {content_type}")
         return status, answer

@@ -11,11 +11,13 @@ import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -24,9 +26,14 @@ from app.cluster_gateway import ClusterGateway, open_cluster_gateway
 from app.env import SettingsError
 from app.ids import new_id
 from app.main import create_app
-from app.ops.poll import wait_until
+from app.ops.poll import wait_until, wait_until_async
 from app.ops.redis_cluster import LocalCluster, client, poll, topology_from
-from app.redis_clients import closed_under_the_call, cluster_client, redis_client
+from app.redis_clients import (
+    closed_under_the_call,
+    cluster_client,
+    raise_as_lost,
+    redis_client,
+)
 from app.redis_gateway import LuaScript, WriteUnconfirmed
 from app.settings import Settings
 from loadtests.gateway_cost import measure
@@ -393,6 +400,72 @@ async def test_an_app_whose_cluster_does_not_answer_is_not_ready_and_says_503(
         assert (await answer.json())["code"] == "service_unavailable"
 
 
+async def test_a_cluster_gone_after_its_map_was_learnt_is_a_connection_error(
+    tmp_path: Path,
+) -> None:
+    """kill -9 of every node once the gateway knows the slot map: a script's send finds no
+    node, the map cannot be read again, and each kind of call is a ConnectionError (503 +
+    Retry-After), as one redis-server that went away; never redis-py's
+    RedisClusterException, which the app answers 500 (CI of 2026-12-03: one 500 amid a
+    primary's failover, tests/test_cluster_failover.py)."""
+    cluster = new_cluster(tmp_path, primaries=1, replicas=1)
+    cluster.start()
+    gateway = open_cluster_gateway("redis://127.0.0.1/0", nodes_of(cluster), 1, WAIT_MS, 2.0, 8)
+    counter = f"count{{{new_id()}}}"
+    marker = f"marker{{{counter[6:-1]}}}"
+    try:
+        assert await gateway.run_script(COUNT, [counter, marker], ["x"]) == 1
+        for port in list(cluster.procs):
+            cluster.kill(port)
+        with pytest.raises(RedisConnectionError):
+            await gateway.run_script(COUNT, [counter, marker], ["x"])
+        with pytest.raises(RedisConnectionError):
+            await gateway.execute("HGET", counter, "n")
+        with pytest.raises(RedisConnectionError):
+            await gateway.execute_many([("HGET", counter, "n"), ("GET", marker)])
+    finally:
+        await gateway.aclose()
+        cluster.stop()
+
+
+async def test_a_slot_without_a_primary_is_503_until_it_is_served_again(
+    aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Mid-failover a slot may have no primary: the node answers CLUSTERDOWN and the slot
+    map redis-py reads again does not cover every slot. The app answers 503 + Retry-After
+    (service_unavailable), not 500, and serves again once the slot is."""
+    cluster = new_cluster(tmp_path, primaries=1, replicas=0)
+    cluster.start()
+    try:
+        (port,) = cluster.ports
+        for name, value in {
+            "REDIS_URL": "redis://127.0.0.1/0",
+            "REDIS_CLUSTER_NODES": f"127.0.0.1:{port}",
+            "REDIS_WAIT_REPLICAS": "0",
+            "ADMIN_TOKEN": ADMIN_TOKEN,
+        }.items():
+            monkeypatch.setenv(name, value)
+        app = await aiohttp_client(await create_app())
+        phone = new_id()
+        path, slot = f"/phones/{phone}", partitions.slot(partitions.partition_of(phone))
+        assert (await app.get(path)).status == 404  # the map is learnt
+        with client(port) as node:
+            node.execute_command("CLUSTER", "DELSLOTS", slot)
+        answer = await app.get(path)
+        assert answer.status == 503, await answer.text()
+        assert answer.headers["Retry-After"] == "1"
+        assert (await answer.json())["code"] == "service_unavailable"
+        with client(port) as node:
+            node.execute_command("CLUSTER", "ADDSLOTS", slot)
+
+        async def served() -> bool:
+            return (await app.get(path)).status == 404
+
+        await wait_until_async(served, "the slot served again", 30)
+    finally:
+        cluster.stop()
+
+
 # Counts its run like COUNT, then keeps its primary busy for half a second: longer
 # than the gateway's socket timeout below, shorter than the cluster's node timeout.
 SLOW_COUNT = LuaScript.of(
@@ -613,6 +686,30 @@ def test_a_connection_closed_under_a_call_by_the_cluster_client_reads_as_lost() 
     assert not closed_under_the_call(RuntimeError("cannot reuse already awaited coroutine"))
     assert not closed_under_the_call(AttributeError("'Order' object has no attribute 'id'"))
     assert not closed_under_the_call(ValueError("closed"))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError(
+            "unable to perform operation on <TCPTransport closed=True>; the handler is closed"
+        ),
+        AttributeError("'NoneType' object has no attribute 'writelines'"),
+    ],
+)
+def test_a_connection_closed_under_an_app_call_is_raised_as_a_connection_error(
+    error: RuntimeError | AttributeError,
+) -> None:
+    """The app's cluster calls (app/redis_clients.py: ClusterClient, the gateway's pipelines
+    and one-connection sends) raise those as the ConnectionError they are (503 + Retry-After,
+    and a rerunnable script runs again), and any other error of those types as it was."""
+    with pytest.raises(RedisConnectionError) as raised:
+        raise_as_lost(error)
+    assert raised.value.__cause__ is error
+    bug = AttributeError("'Order' object has no attribute 'id'")
+    with pytest.raises(AttributeError) as raised_bug:
+        raise_as_lost(bug)
+    assert raised_bug.value is bug
 
 
 def _script_calls(cluster: LocalCluster) -> tuple[int, int]:
