@@ -4,9 +4,9 @@ in one run. ``python -m loadtests.bench_tier [--orders N] [--inflight K]
 
 **Workloads** (:data:`WORKLOADS`, docs/escrow.md section 9), each measured as below on the
 same two clusters and reported side by side: ``uniform``, 2,000 orders over 1,024 phones
-(every phone alike, as this section always measured); ``hot``, 20,000 orders over 64
-phones; ``zipf``, 20,000 orders over 1,024 phones of Zipf(1) popularity. Stock 10^9 and
-1,024 customers in each. Where the app has escrow's switch (:func:`escrow_options`), the
+(every phone alike, as this section always measured); ``hot``, 60,000 orders over 64
+phones; ``zipf``, 60,000 orders over 1,024 phones of Zipf(1) popularity. Stock 10^9 and
+1,024 customers in each, 8 in every partition (:func:`customer_emails`). Where the app has escrow's switch (:func:`escrow_options`), the
 hot and zipf recordings run with it on; until then they measure the saga alone.
 
 Per shard count a local cluster of its own, both up at once (no replicas, AOF
@@ -24,8 +24,9 @@ Per shard count a local cluster of its own, both up at once (no replicas, AOF
    plain commands), so a new kind of call is measured and counted by its name without a
    change here; then put in the order each node ran them (its slow log, which logs every
    command while the orders run: two calls sent at once on two connections may be
-   answered in the other order). Customers land in their email's partition and phones in random ones, as
-   the app mints them, so orders spread over the partitions as the app's do.
+   answered in the other order). Phones land in random partitions, as the app mints them;
+   customers in their e-mail's partition, with e-mails chosen so that every partition holds
+   as many (:func:`customer_emails`), so orders spread over the partitions as a shop's do.
 2. **Replay, saturated** (``--replays`` times, ``--tier-hot-replays`` for the hot ones, the
    two clusters' replays alternating so that drift on the shared box hits both alike; per
    primary the median). Every primary is flushed, the creations are replayed (not
@@ -75,6 +76,7 @@ import dataclasses
 import functools
 import hashlib
 import inspect
+import itertools
 import json
 import os
 import pickle
@@ -110,7 +112,7 @@ from app.orders import grants, saga_service
 from app.orders.chunk_hints import HINTS
 from app.orders.settler import SETTLE_DELAY_S, Settler
 from app.orders.stripes import STRIPE_HINTS
-from app.partitions import PARTITIONS
+from app.partitions import PARTITIONS, partition_for_email
 from app.phones.models import PhoneCreate
 from app.phones.service import create_phone
 from app.redis_gateway import LuaScript
@@ -131,6 +133,12 @@ CEILING_MIN = 2.5
 # evenly over 3 primaries (with 64 phones one primary held up to a third more of them).
 PHONES = 1024
 CUSTOMERS = 1024
+# Orders of the workloads on which escrow's stripes are reused (hot, zipf). Their warm-up
+# (each phone's first 16 apart orders by the saga, then grants of 8, 16, 32... units) is
+# inside the measured window at any length; at 20,000 orders it was 0.22 script calls per
+# order of the 1.22 on 3 primaries, at 60,000 0.08 of 1.08 (one run each, 2026-12-03):
+# a shop's hot phones take their thousands of orders between restocks, not 300.
+HOT_ORDERS = 60_000
 # Every phone's stock and every customer's balance: no order is ever refused for them.
 STOCK = 10**9
 BALANCE_CENTS = 10**12
@@ -149,6 +157,31 @@ QUIET_DEADLINE_S = 60.0
 _ENCODE = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode).pack
 
 
+def customer_emails(count: int) -> list[str]:
+    """``count`` e-mails whose customers fill every partition alike (no two partitions
+    more than one apart), among the first ``tier-<n>@example.com``.
+
+    A customer lives in its e-mail's partition (app/partitions.py). A shop's many
+    customers spread over the partitions by that hash almost exactly; 1,024 taken as they
+    come did not: 8 on average, from 2 to 14 per partition, 34.7% of them on one primary of
+    3, which then ran 34.7% of the orders and capped the derived ceiling (b) at 1 / (0.347
+    x (a)) instead of 1 / (0.336 x (a)), the 43 partitions of 128 a primary serves."""
+    depth = -(-count // PARTITIONS)
+    found = [0] * PARTITIONS  # e-mails found per partition, up to ``depth``
+    # levels[k]: the e-mails that are their partition's (k+1)-th, in the order found (as
+    # random as the hash): a partition's (k+1)-th is taken only once each has k.
+    levels: list[list[str]] = [[] for _ in range(depth)]
+    for n in itertools.count():
+        if len(levels[-1]) == PARTITIONS:
+            break
+        email = f"tier-{n}@example.com"
+        partition = partition_for_email(email)
+        if found[partition] < depth:
+            levels[found[partition]].append(email)
+            found[partition] += 1
+    return [email for level in levels for email in level][:count]
+
+
 @dataclass(frozen=True, slots=True)
 class Workload:
     """Which orders are placed: ``orders`` one-line orders of one unit, over ``phones``
@@ -157,8 +190,8 @@ class Workload:
     section), ``uniform`` (each order's phone and customer drawn uniformly) or ``zipf``
     (the phone of rank i drawn with weight 1/i: Zipf(1); the customer uniformly). Draws
     come from a generator seeded with ``seed``: the same orders in every run and on both
-    shard counts. Which partitions the phones and customers land in is the app's own
-    (ids minted at random, customers by their e-mail): not seeded."""
+    shard counts. Which partitions the phones land in is the app's own (ids minted at
+    random): not seeded; customers by their e-mails (:func:`customer_emails`)."""
 
     name: str
     phones: int
@@ -200,11 +233,13 @@ class Workload:
 # quotas of a phone can be reused (many orders per phone between restocks).
 WORKLOADS = {
     "uniform": Workload("uniform", PHONES, 2000),
-    "hot": Workload("hot", 64, 20_000, popularity="uniform", escrow=True),
-    "zipf": Workload("zipf", PHONES, 20_000, popularity="zipf", escrow=True),
+    "hot": Workload("hot", 64, HOT_ORDERS, popularity="uniform", escrow=True),
+    "zipf": Workload("zipf", PHONES, HOT_ORDERS, popularity="zipf", escrow=True),
 }
-# Replays of each of them (uniform: --replays): fewer, each 10 times as long.
-HOT_REPLAYS = 2
+# Replays of each of them (uniform: --replays): as many, each 30 times as long. Medians
+# of 2 gave hot's (a) 1.09 and 1.27 in one run, for two recordings that differ only in
+# the settler's window (2026-12-03).
+HOT_REPLAYS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -707,6 +742,7 @@ async def _placed(
             scripts, PhoneCreate(name=f"Tier {n}", price_cents=100, stock=STOCK)
         ),
     )
+    emails = customer_emails(workload.customers)
     created_customers = await _created(
         workload.customers,
         lambda n: create_customer(
@@ -714,7 +750,7 @@ async def _placed(
             CustomerCreate(
                 name="Tier",
                 surname=f"Customer {n}",
-                email=f"tier-{n}@example.com",
+                email=emails[n],
                 balance_cents=BALANCE_CENTS,
             ),
         ),
@@ -1398,8 +1434,8 @@ def _uniform_markdown(uniform: dict[str, Any], result: dict[str, Any]) -> str:
     return f"""{table}
 
 How: `python -m loadtests.bench_tier` (its docstring). {one["orders"]:,} one-line orders by the app's
-order path on a cluster, {workload["phones"]} phones and {workload["customers"]} customers spread over the partitions as
-the app mints them; every command the service sent for them recorded (scripts and plain commands,
+order path on a cluster, {workload["phones"]} phones placed as the app mints them and {workload["customers"]} customers as many
+in every partition (e-mails chosen so: a shop's many customers spread so by their hash); every command the service sent for them recorded (scripts and plain commands,
 until nothing it started was left to run), then replayed on a flushed cluster with each
 primary saturated in turn (`redis-cli --pipe`, on the load CPUs; the primary on the stack CPU;
 {result["split"]}). No replicas, AOF `appendfsync always`. Load average {start:.1f} at the start,
@@ -1616,7 +1652,7 @@ def add_workload_options(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         dest="tier_hot_orders",
-        help="orders of each workload but uniform (default: its own, 20,000)",
+        help=f"orders of each workload but uniform (default: its own, {HOT_ORDERS:,})",
     )
     parser.add_argument(
         "--tier-escrow",

@@ -18,7 +18,7 @@ import pytest
 
 from app import keys
 from app.ops.redis_cluster import LocalCluster
-from app.partitions import slot
+from app.partitions import PARTITIONS, partition_for_email, slot
 from app.scripts import SCRIPT_NAMES
 from loadtests import bench_tier, rig
 from loadtests.ab_refs import one_node_markdown
@@ -32,6 +32,7 @@ from loadtests.bench_tier import (
     alternated,
     by_node,
     call_argv,
+    customer_emails,
     escrow_options,
     flush,
     in_the_order_run,
@@ -50,6 +51,18 @@ UNPINNED = rig.CpuSplit(frozenset(), frozenset())
 
 def call_on(partition: int, n: int) -> Call:
     return Call("reserve_stock", "0" * 40, (keys.reservations(partition),), (str(n),))
+
+
+@pytest.mark.parametrize("count", [1024, 1000, 50, 12])
+def test_the_customers_fill_every_partition_alike(count: int) -> None:
+    """As a shop's many customers do by their e-mails' hash: 1,024 taken as they come put
+    from 2 to 14 in a partition, and a third more on one primary than on another."""
+    emails = customer_emails(count)
+    assert len(set(emails)) == count
+    per_partition = Counter(partition_for_email(email) for email in emails)
+    assert len(per_partition) == min(count, PARTITIONS)
+    assert max(per_partition.values()) - min(per_partition.values()) <= 1
+    assert max(per_partition.values()) == -(-count // PARTITIONS)
 
 
 def test_pipes_keep_each_partitions_calls_in_their_order() -> None:
@@ -276,7 +289,7 @@ def test_what_the_service_sends_after_its_answers_is_recorded(
 def test_the_workloads_draw_the_same_orders_every_run() -> None:
     assert WORKLOADS["uniform"].picks()[:3] == [(0, 0), (1, 7), (2, 14)]  # as it always was
     hot, zipf = WORKLOADS["hot"], WORKLOADS["zipf"]
-    assert (hot.phones, hot.orders, zipf.phones, zipf.orders) == (64, 20_000, 1024, 20_000)
+    assert (hot.phones, hot.orders, zipf.phones, zipf.orders) == (64, 60_000, 1024, 60_000)
     assert hot.picks() == hot.picks()
     # At least 100 orders per phone and primary (3 primaries): quotas can be reused.
     assert hot.orders / (hot.phones * 3) >= 100
@@ -286,7 +299,7 @@ def test_the_workloads_draw_the_same_orders_every_run() -> None:
     # rank 2 half as many.
     ranked = Counter(phone for _, phone in zipf.picks())
     harmonic = sum(1 / rank for rank in range(1, 1025))
-    assert abs(ranked[0] / 20_000 - 1 / harmonic) < 0.01
+    assert abs(ranked[0] / zipf.orders - 1 / harmonic) < 0.01
     assert 1.7 < ranked[0] / ranked[1] < 2.3
     customers = Counter(customer for customer, _ in zipf.picks())
     assert len(customers) == 1024
