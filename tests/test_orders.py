@@ -8,7 +8,7 @@ from redis.asyncio import Redis
 
 from app import keys
 from app.fields import BALANCE_LIMIT, STOCK_LIMIT
-from app.partitions import chunk_of, partition_of
+from app.partitions import chunk_of, new_id, partition_of
 from tests.helpers import ADMIN, ON_BOTH_STACKS, Shop, all_events, orders_stored, snapshot
 
 # On one redis-server and on the 3+3 Redis Cluster (`-m cluster`: the cluster runs).
@@ -203,6 +203,24 @@ async def test_bola_other_customers_orders_are_invisible(shop: Shop) -> None:
     assert (await (await shop.client.get(f"/orders/{order['id']}", headers=alice)).json())["order"][
         "status"
     ] == "open"
+
+
+async def test_an_id_no_order_has_in_the_customers_own_partition_is_404(shop: Shop) -> None:
+    """Such an id passes the app's partition check and reaches the status scripts, which
+    must answer 404 before reading the order's items: a missing order has none to sum
+    (schemathesis found a 500 on POST /orders/check/{id}, 2026-12-03)."""
+    customer, auth = await shop.customer()
+    missing = new_id(partition_of(customer["id"]))
+    for method, path in (
+        ("GET", f"/orders/{missing}"),
+        ("POST", f"/orders/{missing}/check"),
+        ("POST", f"/orders/{missing}/cancel"),
+        ("POST", f"/orders/check/{missing}"),
+    ):
+        response = await shop.client.request(method, path, headers=auth)
+        assert response.status == 404, (path, await response.text())
+        assert problem_of(await response.json()) == "order_not_found"
+    assert (await shop.audit())["orders"]["total"] == 0
 
 
 async def test_list_orders_newest_first_with_status_filter(shop: Shop) -> None:

@@ -68,12 +68,13 @@
 local order = redis.call('HMGET', KEYS[1], ORDER_FIELD.customer_id, ORDER_FIELD.status,
   ORDER_FIELD.seq, ORDER_FIELD.items, ORDER_FIELD.total_cents, ORDER_FIELD.chunk)
 local owner, status, seq, items = order[1], order[2], order[3], order[4]
-local total = order_total(order[5], items)  -- the items' sum where the hash has no total
 local chunk_field = order[6]
 local order_id = order_id_of(KEYS[1])
 if not owner or (ARGV[2] ~= '' and ARGV[2] ~= owner) then
   return {404, cjson.encode({code = 'order_not_found'}), 0}
 end
+-- Only for an order that exists: a missing one has no items to sum.
+local total = order_total(order[5], items)  -- the items' sum where the hash has no total
 if owner ~= ARGV[1] or items ~= ARGV[5] then
   return {409, cjson.encode({code = 'order_owner_changed'}), 0}
 end
