@@ -19,6 +19,16 @@ def problem_of(body: dict) -> str:
     return body["code"]
 
 
+def routes_of_one_order(order_id: str) -> tuple[tuple[str, str], ...]:
+    """Every route that names one order: method and path."""
+    return (
+        ("GET", f"/orders/{order_id}"),
+        ("POST", f"/orders/{order_id}/check"),
+        ("POST", f"/orders/{order_id}/cancel"),
+        ("POST", f"/orders/check/{order_id}"),
+    )
+
+
 async def test_place_order_autochecks_debits_and_decrements(shop: Shop, redis: Redis) -> None:
     a = await shop.phone(price_cents=1000, stock=5)
     b = await shop.phone(price_cents=250, stock=5)
@@ -188,12 +198,7 @@ async def test_bola_other_customers_orders_are_invisible(shop: Shop) -> None:
     _, alice = await shop.customer()
     _, bob = await shop.customer()
     order = (await (await shop.order(alice, [(phone["id"], 1)], autocheck=False)).json())["order"]
-    for method, path in (
-        ("GET", f"/orders/{order['id']}"),
-        ("POST", f"/orders/{order['id']}/check"),
-        ("POST", f"/orders/{order['id']}/cancel"),
-        ("POST", f"/orders/check/{order['id']}"),
-    ):
+    for method, path in routes_of_one_order(order["id"]):
         response = await shop.client.request(method, path, headers=bob)
         assert response.status == 404, path
     bobs = await (await shop.client.get("/orders", headers=bob)).json()
@@ -211,12 +216,7 @@ async def test_an_id_no_order_has_in_the_customers_own_partition_is_404(shop: Sh
     (schemathesis found a 500 on POST /orders/check/{id}, 2026-12-03)."""
     customer, auth = await shop.customer()
     missing = new_id(partition_of(customer["id"]))
-    for method, path in (
-        ("GET", f"/orders/{missing}"),
-        ("POST", f"/orders/{missing}/check"),
-        ("POST", f"/orders/{missing}/cancel"),
-        ("POST", f"/orders/check/{missing}"),
-    ):
+    for method, path in routes_of_one_order(missing):
         response = await shop.client.request(method, path, headers=auth)
         assert response.status == 404, (path, await response.text())
         assert problem_of(await response.json()) == "order_not_found"
