@@ -32,13 +32,12 @@ from typing import Any
 
 from redis._parsers.base import BaseParser
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from app import keys
 from app.fastredis import MultiplexedRedis
 from app.partitions import PARTITIONS
-from app.redis_clients import closed_under_the_call
+from app.redis_clients import raise_as_lost
 from mail import scripts
 
 _parse_error = BaseParser.parse_error  # redis-py's exception class for an error reply
@@ -82,14 +81,12 @@ class _FastTransport:
 @contextlib.contextmanager
 def _closed_transport_is_a_lost_connection() -> Iterator[None]:
     """A connection closed under the call by the cluster client (app/redis_clients.py:
-    closed_under_the_call) is a lost connection, which the worker handles (the lane
-    retries, the loop backs off), instead of a bug."""
+    raise_as_lost) is a lost connection, which the worker handles (the lane retries, the
+    loop backs off), instead of a bug."""
     try:
         yield
     except (RuntimeError, AttributeError) as error:
-        if not closed_under_the_call(error):
-            raise
-        raise RedisConnectionError(f"the connection was closed under the call: {error}") from error
+        raise_as_lost(error)
 
 
 class _ClientTransport:
