@@ -9,7 +9,7 @@ import asyncio
 import collections
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -236,19 +236,28 @@ async def test_the_other_redis_users_get_a_cluster_client(redis_cluster: LocalCl
         await reader.aclose()
 
 
+async def app_on_cluster(
+    aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch, ports: Sequence[int], **settings: str
+) -> TestClient:
+    """The app (create_app) on the cluster whose start-up nodes are on ``ports``, with
+    ``settings`` beside its address and the admin token."""
+    for name, value in {
+        "REDIS_URL": "redis://127.0.0.1/0",
+        "REDIS_CLUSTER_NODES": ",".join(f"127.0.0.1:{port}" for port in ports),
+        "ADMIN_TOKEN": ADMIN_TOKEN,
+        **settings,
+    }.items():
+        monkeypatch.setenv(name, value)
+    return await aiohttp_client(await create_app())
+
+
 @pytest.fixture
 async def cluster_app(
     aiohttp_client: Any, monkeypatch: pytest.MonkeyPatch, redis_cluster: LocalCluster
 ) -> TestClient:
-    nodes = ",".join(f"127.0.0.1:{port}" for port in redis_cluster.ports[:3])
-    for name, value in {
-        "REDIS_URL": "redis://127.0.0.1/0",
-        "REDIS_CLUSTER_NODES": nodes,
-        "REDIS_WAIT_MS": str(WAIT_MS),
-        "ADMIN_TOKEN": ADMIN_TOKEN,
-    }.items():
-        monkeypatch.setenv(name, value)
-    return await aiohttp_client(await create_app())
+    return await app_on_cluster(
+        aiohttp_client, monkeypatch, redis_cluster.ports[:3], REDIS_WAIT_MS=str(WAIT_MS)
+    )
 
 
 async def test_the_app_on_the_cluster_is_ready_and_answers_an_unconfirmed_write_with_503(
@@ -385,14 +394,7 @@ async def test_an_app_whose_cluster_does_not_answer_is_not_ready_and_says_503(
 ) -> None:
     """It starts anyway (make run and compose start it beside the cluster), and every
     Redis call is a 503 with Retry-After until the cluster answers, never a 500."""
-    nobody = free_port()
-    for name, value in {
-        "REDIS_URL": "redis://127.0.0.1/0",
-        "REDIS_CLUSTER_NODES": f"127.0.0.1:{nobody}",
-        "ADMIN_TOKEN": ADMIN_TOKEN,
-    }.items():
-        monkeypatch.setenv(name, value)
-    app = await aiohttp_client(await create_app())
+    app = await app_on_cluster(aiohttp_client, monkeypatch, [free_port()])
     for path in ("/readyz", f"/phones/{new_id()}"):
         answer = await app.get(path)
         assert answer.status == 503, (path, await answer.text())
@@ -438,14 +440,7 @@ async def test_a_slot_without_a_primary_is_503_until_it_is_served_again(
     cluster.start()
     try:
         (port,) = cluster.ports
-        for name, value in {
-            "REDIS_URL": "redis://127.0.0.1/0",
-            "REDIS_CLUSTER_NODES": f"127.0.0.1:{port}",
-            "REDIS_WAIT_REPLICAS": "0",
-            "ADMIN_TOKEN": ADMIN_TOKEN,
-        }.items():
-            monkeypatch.setenv(name, value)
-        app = await aiohttp_client(await create_app())
+        app = await app_on_cluster(aiohttp_client, monkeypatch, [port], REDIS_WAIT_REPLICAS="0")
         phone = new_id()
         path, slot = f"/phones/{phone}", partitions.slot(partitions.partition_of(phone))
         assert (await app.get(path)).status == 404  # the map is learnt

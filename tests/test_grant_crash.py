@@ -30,6 +30,7 @@ from app import keys, partitions
 from app.ops.poll import wait_until_async
 from app.ops.redis_cluster import LocalCluster, wait_ready
 from app.orders import grants
+from app.vocabulary import STRIPED
 from loadtests.support.stack import AppInstance
 from tests.crash_fixtures import cluster_env, crash_instance
 from tests.grant_fixtures import customer_email, host_by_port, phone_at_rest, port_of
@@ -145,7 +146,10 @@ async def _striped_by(
             assert n >= grants.HOT_RESERVES - 1
             return phone_id, (n, n + 1)
         assert status == 201
-        if n + 1 >= grants.HOT_RESERVES and await redis.hget(keys.phone(phone_id), "mode"):
+        if (
+            n + 1 >= grants.HOT_RESERVES
+            and await redis.hget(keys.phone(phone_id), "mode") == STRIPED
+        ):
             return phone_id, (n + 1,)
     raise AssertionError(f"{2 * grants.HOT_RESERVES} apart orders did not stripe the phone")
 
