@@ -154,6 +154,8 @@ AUDIT_CONNECTIONS = 2 * PARTITIONS
 # How long the recording waits, after the last order's answer, for what the service does
 # off the request path (settles, and whatever else it queued) to be done.
 QUIET_DEADLINE_S = 60.0
+# How long the replay waits for the AOF rewrites it asks for before its measured window.
+AOF_REWRITE_DEADLINE_S = 60.0
 _ENCODE = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode).pack
 
 
@@ -916,6 +918,38 @@ def key_counts(ports: Iterable[int]) -> dict[int, int]:
     return counts
 
 
+def forks(port: int) -> int:
+    """The forks ``port``'s redis-server made so far (INFO total_forks): an AOF rewrite."""
+    with client(port) as node:
+        return int(node.info("stats")["total_forks"])
+
+
+def aof_rebased(ports: Iterable[int]) -> None:
+    """Each node's AOF rewritten to its data now, the rewrite awaited, and the automatic
+    rewrite turned off: no fork inside the measured window. With the default rule (grow
+    100% past 64 MB) a replay forked as it went, 2 rewrites in each 1-primary replay (its
+    AOF grows 3 times as fast as one of 3) and 0 or 1 in a 3-primary one. A fork's page
+    copies are charged to the primary's own CPU and its child shares the primary's core,
+    so the replays' CPU per call spread by tens of percent with their forks."""
+    ports = list(ports)
+    for port in ports:
+        with client(port) as node:
+            node.config_set("auto-aof-rewrite-percentage", 0)
+            node.bgrewriteaof()
+    deadline = time.monotonic() + AOF_REWRITE_DEADLINE_S
+    for port in ports:
+        with client(port) as node:
+            while True:
+                state = node.info("persistence")
+                if not (state["aof_rewrite_in_progress"] or state["aof_rewrite_scheduled"]):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the AOF rewrite of {port} did not end")
+                time.sleep(0.05)
+            if state["aof_last_bgrewrite_status"] != "ok":
+                raise RuntimeError(f"the AOF rewrite of {port} failed")
+
+
 def flush(cluster: LocalCluster) -> None:
     for node in cluster.topology().primaries():
         with client(node.port) as primary:
@@ -958,12 +992,14 @@ def replay(
     for port, calls in seed.items():
         ready = recording.ready("seed", port, calls, connections)
         pipe(port, calls, connections, folder / "seed", split.load or None, ready)
+    aof_rebased(ports)
     rows = []
     order_calls = by_node(recording.order_calls(), node_of_slot)
     stack_cpus = split.stack or frozenset(os.sched_getaffinity(0))
     for port in ports:
         calls = order_calls.get(port, [])
         cpu_before, busy_before = cpu_seconds(port), rig.cpu_times(stack_cpus)["cpus_busy"]
+        forks_before = forks(port)
         ready = recording.ready("orders", port, calls, connections)
         wall = pipe(port, calls, connections, folder / "orders", split.load or None, ready)
         rows.append(
@@ -974,6 +1010,7 @@ def replay(
                 "cpu_s": cpu_seconds(port) - cpu_before,
                 "wall_s": wall,
                 "stack_busy_s": rig.cpu_times(stack_cpus)["cpus_busy"] - busy_before,
+                "forks": forks(port) - forks_before,
             }
         )
     replayed = key_counts(ports)
@@ -1038,10 +1075,15 @@ async def _connected(node: ClusterNode, count: int) -> None:
 
 
 def median_rows(replays: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per primary, the median of each timed figure over the replays (the same calls)."""
+    """Per primary, the median of each timed figure over the replays (the same calls), and
+    the forks of them all."""
     timed = ("cpu_s", "wall_s", "stack_busy_s")
     return [
-        {**rows[0], **{key: statistics.median(row[key] for row in rows) for key in timed}}
+        {
+            **rows[0],
+            **{key: statistics.median(row[key] for row in rows) for key in timed},
+            "forks": sum(row["forks"] for row in rows),
+        }
         for rows in zip(*replays, strict=True)
     ]
 
@@ -1084,6 +1126,7 @@ def shard_figures(primaries: int, orders: int, rows: list[dict[str, Any]]) -> di
         },
         "cpu_us_per_order": cpu * 1e6 / orders,
         "cpu_share": [row["cpu_s"] / cpu if cpu else 0.0 for row in rows],
+        "forks": sum(row["forks"] for row in rows),
         "busiest_cpu_us_per_order": busiest["cpu_s"] * 1e6 / orders,
         "measured_ceiling": orders / slowest["wall_s"] if slowest["wall_s"] else 0.0,
         "derived_ceiling": orders / busiest["cpu_s"] if busiest["cpu_s"] else 0.0,
@@ -1160,7 +1203,14 @@ def alternated(
                     recorded[n] = (cluster, again[n]())
                     recorded[n][1].discarded = recording.discarded + 1
                     continue
-                log(f"{folder.name} replay {turn + 1} on {n}: {time.monotonic() - began:.1f} s")
+                log(
+                    f"{folder.name} replay {turn + 1} on {n}: {time.monotonic() - began:.1f} s, "
+                    + ", ".join(
+                        f"{row['port']}: {row['cpu_s'] * 1e6 / max(row['calls'], 1):.1f} us/call"
+                        f" forks {row['forks']}"
+                        for row in rows
+                    )
+                )
                 replays[n].append(rows)
                 break
     return {n: median_rows(rows) for n, rows in replays.items()}
@@ -1550,6 +1600,8 @@ def _workloads_markdown(workloads: dict[str, dict[str, Any]]) -> str:
                      f"≥ {CEILING_MIN}"),
         ("each primary's share of the 3-primary CPU", *(_shares(w["p3"]["cpu_share"]) for w in chosen),
          ""),
+        ("forks inside the measured windows, every replay (1 / 3 primaries)",
+         *(f"{w['p1']['forks']} / {w['p3']['forks']}" for w in chosen), ""),
         ("each primary's share of the orders' phones (3 primaries)",
          *(_shares(w["p3"].get("orders_phones_share", [])) for w in chosen), ""),
     ]  # fmt: skip

@@ -156,6 +156,28 @@ def test_the_recorded_orders_replay_to_the_same_keys(
     assert row["cpu_s"] > 0 and row["wall_s"] > 0
 
 
+def test_no_aof_rewrite_forks_inside_the_measured_window(
+    one_primary: LocalCluster, tmp_path: Path
+) -> None:
+    recording = _recorded(one_primary)
+    [node] = one_primary.topology().primaries()
+    with bench_tier.client(node.port) as primary:
+        # A rule that rewrites at once: every few writes would fork without the rebase.
+        primary.config_set("auto-aof-rewrite-min-size", 1)
+        primary.config_set("auto-aof-rewrite-percentage", 1)
+        try:
+            before = int(primary.info("persistence")["aof_rewrites"])
+            [row] = replay(one_primary, recording, 3, tmp_path / "replay", UNPINNED)
+            after = int(primary.info("persistence")["aof_rewrites"])
+            rule = primary.config_get("auto-aof-rewrite-percentage")
+        finally:
+            primary.config_set("auto-aof-rewrite-min-size", 64 * 1024 * 1024)
+            primary.config_set("auto-aof-rewrite-percentage", 100)
+    assert row["forks"] == 0
+    assert after > before  # the rebase ran, before the window
+    assert rule == {"auto-aof-rewrite-percentage": "0"}
+
+
 def test_a_replay_that_leaves_other_keys_fails(one_primary: LocalCluster, tmp_path: Path) -> None:
     recording = _recorded(one_primary)
     creations = recording.calls[: recording.first_order_call]
@@ -363,7 +385,7 @@ def test_a_hot_workload_with_escrow_on_has_its_grants_and_stripe_orders_in_the_w
 def row(calls: int, cpu_s: float, wall_s: float, busy_s: float = 0.0) -> dict[str, Any]:
     scripts = {"commit_order": calls // 2, "reserve_stock": calls - calls // 2}
     return {"port": 1, "calls": calls, "scripts": scripts, "cpu_s": cpu_s, "wall_s": wall_s,
-            "stack_busy_s": busy_s}  # fmt: skip
+            "stack_busy_s": busy_s, "forks": 0}  # fmt: skip
 
 
 def test_the_ceilings_are_set_by_the_busiest_and_the_slowest_primary() -> None:
