@@ -154,6 +154,8 @@ AUDIT_CONNECTIONS = 2 * PARTITIONS
 # How long the recording waits, after the last order's answer, for what the service does
 # off the request path (settles, and whatever else it queued) to be done.
 QUIET_DEADLINE_S = 60.0
+# Slices of a replay, taken in turn with the other shard count's (replayed_together).
+REPLAY_PARTS = 8
 # How long the replay waits for the AOF rewrites it asks for before its measured window.
 AOF_REWRITE_DEADLINE_S = 60.0
 _ENCODE = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode).pack
@@ -956,21 +958,27 @@ def flush(cluster: LocalCluster) -> None:
             primary.flushall()
 
 
-def replay(
+@dataclass
+class Prepared:
+    """A cluster flushed and seeded for a replay of ``recording``: its primaries' ports,
+    each one's order calls, and the keys each held after the recording."""
+
+    cluster: LocalCluster
+    recording: Recording
+    ports: list[int]
+    order_calls: dict[int, list[Call]]
+    after_recording: dict[int, int]
+
+
+def prepared(
     cluster: LocalCluster,
     recording: Recording,
     connections: int,
     folder: Path,
     split: rig.CpuSplit,
-    audited: bool = True,
-) -> list[dict[str, Any]]:
-    """Flush, replay the creations, then each primary's order calls saturated in turn;
-    per primary: its calls (and how many of each script or command), its CPU seconds and
-    wall seconds over its share of the orders, and how long the stack CPUs were busy
-    meanwhile, whoever ran on them. Then the checks that it was the recording's run:
-    every primary holds the keys it held after the recording, and the conservation audit
-    over every primary (app/admin/audit.py) holds at rest with exactly the orders the app
-    placed; RuntimeError otherwise."""
+) -> Prepared:
+    """Flush, load the scripts, pin the primaries, replay the creations (not measured) and
+    rebase the AOFs (:func:`aof_rebased`): ready for the timed order calls."""
     view = cluster.topology()
     ports = sorted(node.port for node in view.primaries())
     missing = {call.sha for call in recording.calls if call.sha} - recording.sources.keys()
@@ -993,34 +1001,124 @@ def replay(
         ready = recording.ready("seed", port, calls, connections)
         pipe(port, calls, connections, folder / "seed", split.load or None, ready)
     aof_rebased(ports)
-    rows = []
     order_calls = by_node(recording.order_calls(), node_of_slot)
+    return Prepared(cluster, recording, ports, order_calls, after_recording)
+
+
+def timed(
+    ready: Prepared,
+    port: int,
+    part: tuple[int, int],
+    connections: int,
+    folder: Path,
+    split: rig.CpuSplit,
+) -> dict[str, Any]:
+    """Part ``k`` of ``n`` (``part``) of ``port``'s order calls, saturated: the calls (and
+    how many of each script or command), the primary's CPU seconds and the wall seconds,
+    how long the stack CPUs were busy meanwhile, whoever ran on them, and its forks."""
+    every = ready.order_calls.get(port, [])
+    k, n = part
+    calls = every[len(every) * k // n : len(every) * (k + 1) // n]
+    row: dict[str, Any] = {"port": port, "calls": len(calls), "scripts": {}, "cpu_s": 0.0,
+                           "wall_s": 0.0, "stack_busy_s": 0.0, "forks": 0}  # fmt: skip
+    if not calls:
+        return row
     stack_cpus = split.stack or frozenset(os.sched_getaffinity(0))
-    for port in ports:
-        calls = order_calls.get(port, [])
-        cpu_before, busy_before = cpu_seconds(port), rig.cpu_times(stack_cpus)["cpus_busy"]
-        forks_before = forks(port)
-        ready = recording.ready("orders", port, calls, connections)
-        wall = pipe(port, calls, connections, folder / "orders", split.load or None, ready)
-        rows.append(
-            {
-                "port": port,
-                "calls": len(calls),
-                "scripts": dict(Counter(call.script for call in calls)),
-                "cpu_s": cpu_seconds(port) - cpu_before,
-                "wall_s": wall,
-                "stack_busy_s": rig.cpu_times(stack_cpus)["cpus_busy"] - busy_before,
-                "forks": forks(port) - forks_before,
-            }
-        )
-    replayed = key_counts(ports)
-    if replayed != after_recording:
+    cpu_before, busy_before = cpu_seconds(port), rig.cpu_times(stack_cpus)["cpus_busy"]
+    forks_before = forks(port)
+    encoded_calls = ready.recording.ready(f"orders {k}/{n}", port, calls, connections)
+    wall = pipe(port, calls, connections, folder / "orders", split.load or None, encoded_calls)
+    row["cpu_s"] = cpu_seconds(port) - cpu_before
+    row["stack_busy_s"] = rig.cpu_times(stack_cpus)["cpus_busy"] - busy_before
+    row["forks"] = forks(port) - forks_before
+    row["wall_s"] = wall
+    row["scripts"] = dict(Counter(call.script for call in calls))
+    return row
+
+
+def added(rows: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    """Two :func:`timed` rows of one primary as one."""
+    scripts = Counter(rows["scripts"]) + Counter(more["scripts"])
+    summed = {key: rows[key] + more[key] for key in ("calls", "cpu_s", "wall_s",
+                                                     "stack_busy_s", "forks")}  # fmt: skip
+    return {"port": rows["port"], **summed, "scripts": dict(scripts)}
+
+
+def checked(ready: Prepared, audited: bool = True) -> None:
+    """That it was the recording's run: every primary holds the keys it held after the
+    recording, and the conservation audit over every primary (app/admin/audit.py) holds at
+    rest with exactly the orders the app placed; RuntimeError otherwise."""
+    replayed = key_counts(ready.ports)
+    if replayed != ready.after_recording:
         raise RuntimeError(
-            f"the replay left {replayed} keys per node, the recording {after_recording}"
+            f"the replay left {replayed} keys per node, the recording {ready.after_recording}"
         )
     if audited:
-        check_audit(asyncio.run(audit(ports)), recording.orders_placed)
+        check_audit(asyncio.run(audit(ready.ports)), ready.recording.orders_placed)
+
+
+def replay(
+    cluster: LocalCluster,
+    recording: Recording,
+    connections: int,
+    folder: Path,
+    split: rig.CpuSplit,
+    audited: bool = True,
+) -> list[dict[str, Any]]:
+    """:func:`prepared`, then each primary's order calls saturated in turn (a :func:`timed`
+    row each), then :func:`checked`."""
+    ready = prepared(cluster, recording, connections, folder, split)
+    rows = [timed(ready, port, (0, 1), connections, folder, split) for port in ready.ports]
+    checked(ready, audited)
     return rows
+
+
+class NotTheRun(RuntimeError):
+    """The replays of some shard counts (``errors``: shard count -> what was wrong) were
+    not their recording's run."""
+
+    def __init__(self, errors: dict[int, RuntimeError]) -> None:
+        super().__init__("; ".join(f"on {n}: {error}" for n, error in errors.items()))
+        self.errors = errors
+
+
+def replayed_together(
+    recorded: dict[int, Recorded],
+    connections: int,
+    folder: Path,
+    split: rig.CpuSplit,
+    parts: int = REPLAY_PARTS,
+    first: int | None = None,
+    audited: bool = True,
+) -> dict[int, list[dict[str, Any]]]:
+    """Every recording replayed at once, in ``parts`` slices taken in turn: each cluster
+    :func:`prepared`, then slice k of every primary of one, of the other, slice k+1 in the
+    other order... so that the box's slow and fast seconds fall on both shard counts alike
+    (each primary's calls keep their order; a replay never mixed nodes' order anyway).
+    ``first``: the shard count that starts. Per shard count its rows, one per primary;
+    then :func:`checked` for each, NotTheRun naming those that were not their run."""
+    counts = sorted(recorded)
+    if first is not None:
+        counts.sort(key=lambda n: n != first)
+    ready = {
+        n: prepared(cluster, recording, connections, folder / f"p{n}", split)
+        for n, (cluster, recording) in recorded.items()
+    }
+    rows: dict[int, dict[int, dict[str, Any]]] = {n: {} for n in counts}
+    for k in range(parts):
+        for n in counts if k % 2 == 0 else counts[::-1]:
+            for port in ready[n].ports:
+                row = timed(ready[n], port, (k, parts), connections, folder / f"p{n}", split)
+                rows[n][port] = added(rows[n][port], row) if port in rows[n] else row
+    errors = {}
+    for n in counts:
+        try:
+            checked(ready[n], audited)
+        except RuntimeError as error:
+            errors[n] = error
+    if errors:
+        raise NotTheRun(errors)
+    return {n: [rows[n][port] for port in ready[n].ports] for n in sorted(counts)}
 
 
 def check_audit(audited: dict[str, Any], orders_placed: int) -> None:
@@ -1075,14 +1173,15 @@ async def _connected(node: ClusterNode, count: int) -> None:
 
 
 def median_rows(replays: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per primary, the median of each timed figure over the replays (the same calls), and
-    the forks of them all."""
+    """Per primary, the median of each timed figure over the replays (the same calls), the
+    forks of them all, and its CPU seconds in each replay."""
     timed = ("cpu_s", "wall_s", "stack_busy_s")
     return [
         {
             **rows[0],
             **{key: statistics.median(row[key] for row in rows) for key in timed},
             "forks": sum(row["forks"] for row in rows),
+            "cpu_s_each": [row["cpu_s"] for row in rows],
         }
         for rows in zip(*replays, strict=True)
     ]
@@ -1125,6 +1224,11 @@ def shard_figures(primaries: int, orders: int, rows: list[dict[str, Any]]) -> di
             for script in sorted({name for row in rows for name in row["scripts"]})
         },
         "cpu_us_per_order": cpu * 1e6 / orders,
+        # Per replay (the rows of median_rows): the replays were paired, see verdicts.
+        "cpu_us_per_order_each": [
+            sum(each) * 1e6 / orders
+            for each in zip(*(row.get("cpu_s_each", []) for row in rows), strict=True)
+        ],
         "cpu_share": [row["cpu_s"] / cpu if cpu else 0.0 for row in rows],
         "forks": sum(row["forks"] for row in rows),
         "busiest_cpu_us_per_order": busiest["cpu_s"] * 1e6 / orders,
@@ -1151,8 +1255,13 @@ def verdicts(one: dict[str, Any], three: dict[str, Any]) -> dict[str, Any]:
 
     cpu = ratio("cpu_us_per_order")
     measured, derived = ratio("measured_ceiling"), ratio("derived_ceiling")
+    # Replay i of 1 primary was replayed together with replay i of 3 (alternated).
+    paired = zip(
+        one.get("cpu_us_per_order_each", []), three.get("cpu_us_per_order_each", []), strict=True
+    )
     return {
         "cpu_per_order": cpu,
+        "cpu_per_order_each": [b / a for a, b in paired if a],
         "cpu_per_order_met": cpu <= CPU_PER_ORDER_MAX,
         "measured_ceiling": measured,
         "measured_ceiling_met": measured >= CEILING_MIN,
@@ -1175,8 +1284,9 @@ def alternated(
     split: rig.CpuSplit,
     again: dict[int, Callable[[], Recording]] | None = None,
 ) -> dict[int, list[dict[str, Any]]]:
-    """Each recording replayed ``repeats`` times, the shard counts alternating (1 then 3,
-    3 then 1, ...) so that drift on the shared box hits both alike; per primary the medians.
+    """The recordings replayed together ``repeats`` times (:func:`replayed_together`, the
+    shard count that starts alternating), so that drift on the shared box hits both
+    alike; per primary the medians.
 
     A recording whose first replay is not its run (the keys or the audit differ) is made
     again by ``again[n]`` (up to RECORD_ATTEMPTS in all; ``recorded`` is updated, and
@@ -1187,32 +1297,36 @@ def alternated(
     counts = sorted(recorded)
     replays: dict[int, list[list[dict[str, Any]]]] = {n: [] for n in counts}
     for turn in range(repeats):
-        for n in counts if turn % 2 == 0 else counts[::-1]:
-            for attempt in range(RECORD_ATTEMPTS):
-                cluster, recording = recorded[n]
+        for attempt in range(RECORD_ATTEMPTS):
+            began = time.monotonic()
+            starts = counts[turn % len(counts)]
+            try:
                 # The same calls every time: the audit after the first replay says for all.
-                began = time.monotonic()
-                try:
-                    rows = replay(
-                        cluster, recording, connections, folder / f"p{n}", split, turn == 0
-                    )
-                except RuntimeError as error:
-                    if turn or again is None or attempt + 1 == RECORD_ATTEMPTS:
-                        raise
-                    log(f"{folder.name} on {n}: not the recording's run ({error}); again")
+                rows = replayed_together(
+                    recorded, connections, folder, split, first=starts, audited=turn == 0
+                )
+            except NotTheRun as error:
+                if turn or again is None or attempt + 1 == RECORD_ATTEMPTS:
+                    raise
+                for n, wrong in error.errors.items():
+                    log(f"{folder.name} on {n}: not the recording's run ({wrong}); again")
+                    cluster, recording = recorded[n]
                     recorded[n] = (cluster, again[n]())
                     recorded[n][1].discarded = recording.discarded + 1
-                    continue
-                log(
-                    f"{folder.name} replay {turn + 1} on {n}: {time.monotonic() - began:.1f} s, "
-                    + ", ".join(
-                        f"{row['port']}: {row['cpu_s'] * 1e6 / max(row['calls'], 1):.1f} us/call"
-                        f" forks {row['forks']}"
-                        for row in rows
-                    )
-                )
-                replays[n].append(rows)
-                break
+                continue
+            cpu = {
+                n: sum(row["cpu_s"] for row in rows[n]) / recorded[n][1].orders_placed
+                for n in counts
+            }
+            log(
+                f"{folder.name} replay {turn + 1}: {time.monotonic() - began:.1f} s; "
+                + "; ".join(f"{n} primaries {cpu[n] * 1e6:.1f} us/order" for n in counts)
+                + "; forks "
+                + ", ".join(str(sum(row["forks"] for row in rows[n])) for n in counts)
+            )
+            for n in counts:
+                replays[n].append(rows[n])
+            break
     return {n: median_rows(rows) for n, rows in replays.items()}
 
 
@@ -1555,6 +1669,11 @@ def _ratio_rows(
     ]
 
 
+def _spread(ratios: dict[str, Any]) -> str:
+    each = ratios.get("cpu_per_order_each") or []
+    return f"{min(each):.2f} to {max(each):.2f}" if each else "·"
+
+
 def _workloads_markdown(workloads: dict[str, dict[str, Any]]) -> str:
     """Every workload side by side: its parameters, (a) and (b), and the calls per order
     by script (docs/escrow.md section 9: the hot ones are where escrow can pay)."""
@@ -1594,6 +1713,9 @@ def _workloads_markdown(workloads: dict[str, dict[str, Any]]) -> str:
         ),
         *_ratio_rows(chosen, "cpu_per_order", "(a) Redis CPU per order, 3 / 1",
                      f"≤ {CPU_PER_ORDER_MAX}"),
+        ("(a) in each paired replay, lowest to highest (recorded / settles gathered)",
+         *(f"{_spread(w['ratios'])} / {_spread(w.get('batched', {}).get('ratios', {}))}"
+           for w in chosen), ""),
         *_ratio_rows(chosen, "measured_ceiling", "(b) ceiling, measured, 3 / 1",
                      f"≥ {CEILING_MIN}"),
         *_ratio_rows(chosen, "derived_ceiling", "(b) ceiling, derived, 3 / 1",

@@ -27,6 +27,7 @@ from loadtests.bench_tier import (
     ESCROW_WIRED,
     WORKLOADS,
     Call,
+    NotTheRun,
     Recording,
     Workload,
     alternated,
@@ -41,6 +42,7 @@ from loadtests.bench_tier import (
     phone_shares,
     record,
     replay,
+    replayed_together,
     shard_figures,
     streams,
     verdicts,
@@ -224,6 +226,28 @@ def three_primaries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalC
     cluster.start()
     yield cluster
     cluster.stop()
+
+
+def test_both_shard_counts_replay_together_in_slices_each_call_once(
+    one_primary: LocalCluster, three_primaries: LocalCluster, tmp_path: Path
+) -> None:
+    flush(three_primaries)
+    recorded = {
+        1: (one_primary, _recorded(one_primary)),
+        3: (three_primaries, _recorded(three_primaries)),
+    }
+    rows = replayed_together(recorded, 3, tmp_path / "together", UNPINNED, parts=4)
+    for n, (_, recording) in recorded.items():
+        assert len(rows[n]) == n  # a row per primary, each the sum of its 4 slices
+        wanted = Counter(call.script for call in recording.order_calls())
+        assert sum(row["calls"] for row in rows[n]) == sum(wanted.values())
+        assert sum((Counter(row["scripts"]) for row in rows[n]), Counter()) == wanted
+        assert all(row["cpu_s"] > 0 and row["forks"] == 0 for row in rows[n] if row["calls"])
+    # checked() ran on both: a recording that is not its run is named by its shard count.
+    recorded[3][1].orders_placed += 1
+    with pytest.raises(NotTheRun) as caught:
+        replayed_together(recorded, 3, tmp_path / "again", UNPINNED, parts=2)
+    assert set(caught.value.errors) == {3}
 
 
 def test_a_hot_workload_records_the_split_saga_and_its_settles_inside_the_window(
