@@ -27,15 +27,20 @@ Per shard count a local cluster of its own, both up at once (no replicas, AOF
    answered in the other order). Phones land in random partitions, as the app mints them;
    customers in their e-mail's partition, with e-mails chosen so that every partition holds
    as many (:func:`customer_emails`), so orders spread over the partitions as a shop's do.
-2. **Replay, saturated** (``--replays`` times, ``--tier-hot-replays`` for the hot ones, the
-   two clusters' replays alternating so that drift on the shared box hits both alike; per
-   primary the median). Every primary is flushed, the creations are replayed (not
-   measured), then each primary's own share of everything the orders sent is sent to it
-   alone, pipelined as fast as it takes them (``redis-cli --pipe``, ``--connections``
-   streams per primary split by slot, so each partition's calls keep their order): the
-   primary on the stack CPU, the pipes on the load CPUs. The primary's stream depends on
-   nothing another primary does (a script touches one node's keys), so replaying each in
-   turn is the run the app made. Afterwards every primary must hold exactly the keys it
+2. **Replay, saturated** (``--replays`` times, ``--tier-hot-replays`` for the hot ones;
+   per primary the median). Every primary is flushed, the creations are replayed (not
+   measured), its AOF rewritten and its automatic rewrite turned off (:func:`aof_rebased`:
+   no fork inside the window), then each primary's own share of everything the orders
+   sent is sent to it alone, pipelined as fast as it takes them (``redis-cli --pipe``,
+   streams split by slot so that each partition's calls keep their order): the primary
+   on the stack CPU, the pipes on the load CPUs. Every primary of both shard counts gets
+   as many pipes (:func:`alike_pipes`, at most ``--connections``). The two clusters are
+   replayed together (:func:`replayed_together`): each primary's calls in up to
+   ``REPLAY_PARTS`` slices, slice k of every primary of one cluster, then of the other,
+   then slice k+1 in the other order, so that the shared box's slow and fast seconds
+   fall on both alike; (a) is also kept per paired replay, and its spread reported. The
+   primary's stream depends on nothing another primary does (a script touches one node's
+   keys), so replaying each in turn is the run the app made. Afterwards every primary must hold exactly the keys it
    held after the recording, and (after a recording's first replay) the conservation audit
    (app/admin/audit.py) must hold at rest with exactly the orders the app placed.
    Figures before fd75c92 are not comparable: its replay chose a stream by slot mod
@@ -154,8 +159,11 @@ AUDIT_CONNECTIONS = 2 * PARTITIONS
 # How long the recording waits, after the last order's answer, for what the service does
 # off the request path (settles, and whatever else it queued) to be done.
 QUIET_DEADLINE_S = 60.0
-# Slices of a replay, taken in turn with the other shard count's (replayed_together).
+# Slices of a replay, taken in turn with the other shard count's (replayed_together), and
+# the fewest calls a primary's slice holds: each slice starts its pipes afresh, and in a
+# few hundred calls their start would be the wall time (uniform's 2,000 orders: 1 slice).
 REPLAY_PARTS = 8
+SLICE_CALLS_MIN = 2_000
 # How long the replay waits for the AOF rewrites it asks for before its measured window.
 AOF_REWRITE_DEADLINE_S = 60.0
 _ENCODE = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode).pack
@@ -931,25 +939,31 @@ def aof_rebased(ports: Iterable[int]) -> None:
     rewrite turned off: no fork inside the measured window. With the default rule (grow
     100% past 64 MB) a replay forked as it went, 2 rewrites in each 1-primary replay (its
     AOF grows 3 times as fast as one of 3) and 0 or 1 in a 3-primary one. A fork's page
-    copies are charged to the primary's own CPU and its child shares the primary's core,
-    so the replays' CPU per call spread by tens of percent with their forks."""
+    copies are charged to the primary's own CPU and its child shares the primary's core:
+    a replay that forked paid for a rewrite the other replay may not have."""
     ports = list(ports)
-    for port in ports:
-        with client(port) as node:
-            node.config_set("auto-aof-rewrite-percentage", 0)
-            node.bgrewriteaof()
     deadline = time.monotonic() + AOF_REWRITE_DEADLINE_S
     for port in ports:
         with client(port) as node:
-            while True:
-                state = node.info("persistence")
-                if not (state["aof_rewrite_in_progress"] or state["aof_rewrite_scheduled"]):
-                    break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the AOF rewrite of {port} did not end")
-                time.sleep(0.05)
+            node.config_set("auto-aof-rewrite-percentage", 0)
+            _rewrite_done(node, port, deadline)  # one the old rule started
+            node.bgrewriteaof()
+    for port in ports:
+        with client(port) as node:
+            state = _rewrite_done(node, port, deadline)
             if state["aof_last_bgrewrite_status"] != "ok":
                 raise RuntimeError(f"the AOF rewrite of {port} failed")
+
+
+def _rewrite_done(node: Any, port: int, deadline: float) -> dict[str, Any]:
+    """Poll ``node`` until no AOF rewrite runs or waits; its persistence INFO then."""
+    while True:
+        state = node.info("persistence")
+        if not (state["aof_rewrite_in_progress"] or state["aof_rewrite_scheduled"]):
+            return state
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the AOF rewrite of {port} did not end")
+        time.sleep(0.05)
 
 
 def flush(cluster: LocalCluster) -> None:
@@ -1020,7 +1034,8 @@ def timed(
     k, n = part
     calls = every[len(every) * k // n : len(every) * (k + 1) // n]
     row: dict[str, Any] = {"port": port, "calls": len(calls), "scripts": {}, "cpu_s": 0.0,
-                           "wall_s": 0.0, "stack_busy_s": 0.0, "forks": 0}  # fmt: skip
+                           "wall_s": 0.0, "stack_busy_s": 0.0, "forks": 0,
+                           "pipes": connections}  # fmt: skip
     if not calls:
         return row
     stack_cpus = split.stack or frozenset(os.sched_getaffinity(0))
@@ -1041,7 +1056,7 @@ def added(rows: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
     scripts = Counter(rows["scripts"]) + Counter(more["scripts"])
     summed = {key: rows[key] + more[key] for key in ("calls", "cpu_s", "wall_s",
                                                      "stack_busy_s", "forks")}  # fmt: skip
-    return {"port": rows["port"], **summed, "scripts": dict(scripts)}
+    return {"port": rows["port"], **summed, "scripts": dict(scripts), "pipes": rows["pipes"]}
 
 
 def checked(ready: Prepared, audited: bool = True) -> None:
@@ -1071,6 +1086,36 @@ def replay(
     rows = [timed(ready, port, (0, 1), connections, folder, split) for port in ready.ports]
     checked(ready, audited)
     return rows
+
+
+def fewest_calls(ready: Iterable[Prepared]) -> int:
+    """The order calls of the primary that has the fewest."""
+    return min(
+        len(prepared.order_calls.get(port, [])) for prepared in ready for port in prepared.ports
+    )
+
+
+def alike_pipes(ready: Iterable[Prepared], connections: int) -> int:
+    """The pipes every primary of every shard count can have (:func:`streams`), at most
+    ``connections``: each primary's calls are replayed over as many connections as every
+    other's. A node serves one event loop turn per 16 KB a connection sends, and each turn
+    writes and syncs the AOF once, so a primary fed by one pipe pays those per ~20 calls
+    where one fed by 8 pays them per ~160. And one pipe is all a primary of 3 can have
+    with stripes: a stripe order links its customer's partition to its host's, the host
+    is shared by all of the primary's partitions, and their calls must keep their order,
+    while 1 primary places every order in one script, linking nothing. On hot (60,000
+    orders, 5 paired replays, 2026-12-03), 3 primaries on 1 pipe against 1 on 8 gave (a)
+    1.15 to 1.18 in every replay, and both on 1 pipe 0.98 to 1.12; Redis's instructions
+    (callgrind, 6,000 orders) are 589k per stripe order against 563k per place_order."""
+    return min(
+        [connections]
+        + [
+            len(streams(prepared.order_calls.get(port, []), connections))
+            for prepared in ready
+            for port in prepared.ports
+            if prepared.order_calls.get(port)
+        ]
+    )
 
 
 class NotTheRun(RuntimeError):
@@ -1104,11 +1149,13 @@ def replayed_together(
         n: prepared(cluster, recording, connections, folder / f"p{n}", split)
         for n, (cluster, recording) in recorded.items()
     }
+    pipes = alike_pipes(ready.values(), connections)
+    parts = min(parts, max(1, fewest_calls(ready.values()) // SLICE_CALLS_MIN))
     rows: dict[int, dict[int, dict[str, Any]]] = {n: {} for n in counts}
     for k in range(parts):
         for n in counts if k % 2 == 0 else counts[::-1]:
             for port in ready[n].ports:
-                row = timed(ready[n], port, (k, parts), connections, folder / f"p{n}", split)
+                row = timed(ready[n], port, (k, parts), pipes, folder / f"p{n}", split)
                 rows[n][port] = added(rows[n][port], row) if port in rows[n] else row
     errors = {}
     for n in counts:
@@ -1231,6 +1278,7 @@ def shard_figures(primaries: int, orders: int, rows: list[dict[str, Any]]) -> di
         ],
         "cpu_share": [row["cpu_s"] / cpu if cpu else 0.0 for row in rows],
         "forks": sum(row["forks"] for row in rows),
+        "pipes": max((row.get("pipes", 0) for row in rows), default=0),
         "busiest_cpu_us_per_order": busiest["cpu_s"] * 1e6 / orders,
         "measured_ceiling": orders / slowest["wall_s"] if slowest["wall_s"] else 0.0,
         "derived_ceiling": orders / busiest["cpu_s"] if busiest["cpu_s"] else 0.0,
@@ -1602,7 +1650,9 @@ order path on a cluster, {workload["phones"]} phones placed as the app mints the
 in every partition (e-mails chosen so: a shop's many customers spread so by their hash); every command the service sent for them recorded (scripts and plain commands,
 until nothing it started was left to run), then replayed on a flushed cluster with each
 primary saturated in turn (`redis-cli --pipe`, on the load CPUs; the primary on the stack CPU;
-{result["split"]}). No replicas, AOF `appendfsync always`. Load average {start:.1f} at the start,
+{result["split"]}), both clusters' replays together in slices taken in turn, every primary
+over as many pipes, its AOF rewritten before and not during. No replicas, AOF `appendfsync
+always`. Load average {start:.1f} at the start,
 {end:.1f} at the end.
 
 - **Measured** is what a primary did saturated, alone on the stack CPU: the tier's ceiling is
@@ -1722,6 +1772,8 @@ def _workloads_markdown(workloads: dict[str, dict[str, Any]]) -> str:
                      f"≥ {CEILING_MIN}"),
         ("each primary's share of the 3-primary CPU", *(_shares(w["p3"]["cpu_share"]) for w in chosen),
          ""),
+        ("pipes (connections) per primary, as many for every primary (1 / 3 primaries)",
+         *(f"{w['p1']['pipes']} / {w['p3']['pipes']}" for w in chosen), ""),
         ("forks inside the measured windows, every replay (1 / 3 primaries)",
          *(f"{w['p1']['forks']} / {w['p3']['forks']}" for w in chosen), ""),
         ("each primary's share of the orders' phones (3 primaries)",
@@ -1769,7 +1821,8 @@ Each column is its own run of the above: both clusters flushed, the workload's p
 belief of an earlier run carried over), every command the service sent for them recorded
 **until nothing it started was left to run** (the settler's batches, and whatever else it did
 after its answers, off the request path), then replayed with each primary saturated in turn
-as above; after every replay the keys per primary must equal the recording's and the
+as above (both shard counts together, in slices taken in turn, and every primary over as
+many pipes: with stripe orders, one); after every replay the keys per primary must equal the recording's and the
 conservation audit must hold at rest with exactly the orders the app placed. Only the
 creations are replayed unmeasured. Phones and customers are drawn by a seeded generator
 (the same orders on both shard counts); the partitions they land in are the app's. Where

@@ -28,13 +28,16 @@ from loadtests.bench_tier import (
     WORKLOADS,
     Call,
     NotTheRun,
+    Prepared,
     Recording,
     Workload,
+    alike_pipes,
     alternated,
     by_node,
     call_argv,
     customer_emails,
     escrow_options,
+    fewest_calls,
     flush,
     in_the_order_run,
     logged_args,
@@ -114,6 +117,28 @@ def test_calls_go_to_the_node_serving_their_first_keys_slot() -> None:
         7001: ["0", "1"],
         7002: ["64", "127"],
     }
+
+
+def test_every_primary_is_replayed_over_as_many_pipes() -> None:
+    """As many pipes for every primary of both shard counts: as many as the one whose
+    calls are most linked can have (a node of 3 with stripe orders: one)."""
+
+    def ready_with(*calls_by_port: list[Call]) -> Prepared:
+        order_calls = dict(enumerate(calls_by_port))
+        return Prepared(None, None, list(order_calls), order_calls, {})  # type: ignore[arg-type]
+
+    apart = [call_on(partition, 0) for partition in range(16)]
+    linked = [
+        Call(
+            "place_from_stripe", "1" * 40, (keys.reservations(p),), ("1",), (keys.reservations(99),)
+        )
+        for p in range(16)
+    ]
+    one = ready_with(apart)
+    assert alike_pipes([one], 8) == 8 and alike_pipes([one], 4) == 4
+    assert alike_pipes([one, ready_with(apart[:8], linked)], 8) == 1
+    assert alike_pipes([one, ready_with(apart[:3], apart[3:])], 8) == 3
+    assert fewest_calls([ready_with(apart[:3], apart[3:])]) == 3
 
 
 @pytest.fixture(scope="module")
@@ -229,14 +254,20 @@ def three_primaries(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalC
 
 
 def test_both_shard_counts_replay_together_in_slices_each_call_once(
-    one_primary: LocalCluster, three_primaries: LocalCluster, tmp_path: Path
+    one_primary: LocalCluster,
+    three_primaries: LocalCluster,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     flush(three_primaries)
     recorded = {
         1: (one_primary, _recorded(one_primary)),
         3: (three_primaries, _recorded(three_primaries)),
     }
+    monkeypatch.setattr(bench_tier, "SLICE_CALLS_MIN", 1)  # 20 orders: slices of a few calls
     rows = replayed_together(recorded, 3, tmp_path / "together", UNPINNED, parts=4)
+    sent = {part for _, recording in recorded.values() for part, _, _ in recording.encoded}
+    assert {"orders 0/4", "orders 3/4"} <= sent
     for n, (_, recording) in recorded.items():
         assert len(rows[n]) == n  # a row per primary, each the sum of its 4 slices
         wanted = Counter(call.script for call in recording.order_calls())
