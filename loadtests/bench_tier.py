@@ -51,7 +51,10 @@ Per shard count a local cluster of its own, both up at once (no replicas, AOF
    this shared box (a) spreads by about ±0.2 from run to run. Redis's instruction counts
    (valgrind callgrind, the same recording replayed with each tree's scripts) say the
    escrow steps' scripts cost 1.6% more per order on both shard counts: (a) 1.338 at
-   acda98f, 1.339 at 3f0abe5.
+   acda98f, 1.339 at 3f0abe5. Figures of hot and zipf before ecaf1ad are not comparable
+   either: their stripe orders left each primary of 3 one pipe against 8 for 1 primary
+   (:func:`alike_pipes`), and AOF rewrites forked inside the window (docs/escrow.md,
+   section 9).
 3. **Settles as at the ceiling.** The settler gathers 50 ms of settles into one call per
    phone partition, so the recording's batches follow its pace (hundreds of orders/s, not
    the tier's ceiling). The 3-primary orders are recorded again with that window stretched
