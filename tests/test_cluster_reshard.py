@@ -25,7 +25,6 @@ import pytest
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from app import keys, partitions
-from app.admin.audit import run_audit
 from app.cluster_gateway import ClusterGateway, open_cluster_gateway
 from app.customers.models import CustomerCreate
 from app.customers.service import create_customer
@@ -36,6 +35,7 @@ from app.orders.saga_service import commit_order_keys
 from app.phones.service import create_phone_keys
 from app.scripts import Scripts
 from app.vocabulary import COMPLETED, encode_items
+from loadtests.bench_tier import audit as audit_of_every_shard
 
 # The source primary's lowest 640 slots: partitions 0-4 whole (slot 128 * p), and 635 empty
 # slots between them, which redis-cli moves too.
@@ -299,12 +299,12 @@ async def test_reshard_of_whole_partitions_under_load_shows_no_error_and_the_boo
     finally:
         await redis.aclose()
 
-    # The audit over every shard, at rest: ledgers, rows and indexes agree exactly.
-    raw = RedisCluster(startup_nodes=[ClusterNode(HOST, port) for port in cluster.ports])
-    try:
-        audit = await run_audit(raw)
-    finally:
-        await raw.aclose()
+    # The audit over every shard, at rest: ledgers, rows and indexes agree exactly. It reads
+    # 128 partitions at once, and on a fresh client redis-py failed one of those calls
+    # (AttributeError: its writer None; a fresh clone's make test at d2d0739, as the bench
+    # met before). The bench's audit opens each primary's connections one after the other
+    # first, and reads again after a client failure (it only reads).
+    audit = await audit_of_every_shard(cluster.ports)
     assert audit["ok"] is True and audit["at_rest"] is True, audit["checks"]
     assert audit["orders"]["completed"] == sum(books.sold.values())
     assert audit["stock"]["sold_units"] == sum(books.sold.values())
