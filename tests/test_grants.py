@@ -1,5 +1,5 @@
 """Escrow's grants end to end on the real 3+3 cluster (docs/escrow.md, section 4): the
-striping rule behind ESCROW_STRIPES (off by default: sixteen apart orders of a deep phone
+striping rule behind ESCROW_STRIPES (off by default: HOT_RESERVES apart orders of a deep phone
 change nothing; on: its reserves set it striped and the worker's refiller grants a stripe
 to each other primary's host, received and settled held -> lent, units conserved at rest);
 and the refiller's gather: one grant per (host, phone) however often it was wanted."""
@@ -47,9 +47,11 @@ def test_grant_size_is_a_power_of_two_between_the_bounds() -> None:
     ]
 
 
-async def test_sixteen_apart_reserves_stripe_a_deep_phone_and_no_fewer(saga: SagaWorld) -> None:
+async def test_hot_reserves_apart_stripe_a_deep_phone_and_no_fewer(saga: SagaWorld) -> None:
     deep = await saga.phone(PHONE_PARTITION, price_cents=100, stock=1000)
-    shallow = await saga.phone(PHONE_PARTITION, price_cents=100, stock=70)
+    # Left with one unit under STRIPE_MIN by the reserve that makes it hot.
+    shallow_stock = grants.STRIPE_MIN + grants.HOT_RESERVES - 1
+    shallow = await saga.phone(PHONE_PARTITION, price_cents=100, stock=shallow_stock)
 
     async def reserve(phone: str, rule: str = grants.STRIPING_RULE) -> dict[str, Any]:
         order = partitions.new_id(partitions.PARTITIONS - 1)
@@ -67,7 +69,7 @@ async def test_sixteen_apart_reserves_stripe_a_deep_phone_and_no_fewer(saga: Sag
     assert ["striped" in answer for answer in answers].count(True) == 1
     assert answers[grants.HOT_RESERVES - 1]["striped"] == [deep]
     assert await saga.redis.hget(keys.phone(deep), "mode") == STRIPED
-    # Hot but not deep: 70 - 16 = 54 left, under STRIPE_MIN.
+    # Hot but not deep: STRIPE_MIN - 1 left when it turns hot.
     for _ in range(grants.HOT_RESERVES + 2):
         assert "striped" not in await reserve(shallow)
     assert await saga.redis.hget(keys.phone(shallow), "mode") is None
@@ -212,7 +214,8 @@ async def test_the_striping_rule_is_off_by_default_and_on_grants_every_other_pri
     mode = await redis.hget(keys.phone(phone["id"]), "mode")
     if not escrow:
         assert mode is None
-        assert found == {"stock": 984, "sold": 16, "lent": 0, "added": 1000, "got": 0}
+        hot = grants.HOT_RESERVES
+        assert found == {"stock": 1000 - hot, "sold": hot, "lent": 0, "added": 1000, "got": 0}
         assert not await redis.exists(keys.stripe_hosts(phone["id"]))
         return
     assert mode == STRIPED.encode()
@@ -224,8 +227,10 @@ async def test_the_striping_rule_is_off_by_default_and_on_grants_every_other_pri
         return None if None in got else await phone_at_rest(redis, phone["id"], hosts)
 
     found = await wait_until_async(granted, "a stripe on every other primary", REST_S)
-    # One grant of HOT_RESERVES units to each other primary's host: 2 on 3 primaries.
-    assert found == {"stock": 984 - 32, "sold": 16, "lent": 32, "added": 1000, "got": 32}
+    # One grant for HOT_RESERVES orders to each other primary's host: 2 on 3 primaries.
+    sold, lent = grants.HOT_RESERVES, 2 * grants.grant_size(grants.HOT_RESERVES)
+    assert found == {"stock": 1000 - sold - lent, "sold": sold, "lent": lent, "added": 1000,
+                     "got": lent}  # fmt: skip
     members = await redis.smembers(keys.stripe_hosts(phone["id"]))
     assert {int(m) for m in members} == set(others)
     assert not await redis.exists(keys.grants_in_flight(phone["id"]))
@@ -242,7 +247,7 @@ async def test_a_striped_phone_sells_from_its_stripe_and_refills_it_on_low_water
     redis_cluster: LocalCluster,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The whole loop through the API: sixteen apart orders stripe the phone and grant
+    """The whole loop through the API: HOT_RESERVES apart orders stripe the phone and grant
     its first stripes; then one customer's orders sell from the stripe on its primary's
     host (place_from_stripe), whose answers below low water refill it (the refiller's
     hook), so that it sells on past its first grant; at rest units are conserved and the
@@ -265,7 +270,7 @@ async def test_a_striped_phone_sells_from_its_stripe_and_refills_it_on_low_water
         return await redis.hget(keys.stripe(host, phone["id"]), "got")
 
     await wait_until_async(first_stripe, "the first stripe on the customer's host", REST_S)
-    more = 40  # past the first grant's 16 units
+    more = 40  # past the first grant's units (grant_size(HOT_RESERVES))
     for _ in range(more):
         response = await shop.order(auths[0], [(phone["id"], 1)])
         assert response.status == 201, await response.text()
@@ -275,7 +280,7 @@ async def test_a_striped_phone_sells_from_its_stripe_and_refills_it_on_low_water
     # Orders were sold from the stripe, more than its first grant held: it was refilled.
     assert stripe_sold > grants.HOT_RESERVES
     assert receipts >= 2
-    # Every unit of the 16 + 40 orders sold once: by the pool (the saga) or by a stripe.
+    # Every unit of the HOT_RESERVES + 40 orders sold once: by the pool (the saga) or by a stripe.
     others_sold = 0
     for other in hosts:
         if other != host:

@@ -180,7 +180,7 @@ async def test_with_every_part_real_a_striped_phone_sells_exactly_its_stock(
     escrow_shop: Shop, redis: Redis, placement: Placement
 ) -> None:
     """The same race with nothing staged: the striping rule stripes the phone after its
-    sixteen apart orders (ESCROW_STRIPES on), the app grants every other primary's host
+    HOT_RESERVES apart orders (ESCROW_STRIPES on), the app grants every other primary's host
     and refills the stripes on low water while they sell (app/orders/grants.py), the pool
     keeps its floor for the saga until its own orders run it dry, then stock_lent
     recalls every stripe (fencing refills in flight) and the pool sells the tail. Exactly
