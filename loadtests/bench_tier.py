@@ -1042,13 +1042,13 @@ def timed(
     if not calls:
         return row
     stack_cpus = split.stack or frozenset(os.sched_getaffinity(0))
+    forks_before = forks(port)  # before the CPU is read: its INFO is not the window's
     cpu_before, busy_before = cpu_seconds(port), rig.cpu_times(stack_cpus)["cpus_busy"]
-    forks_before = forks(port)
     encoded_calls = ready.recording.ready(f"orders {k}/{n}", port, calls, connections)
     wall = pipe(port, calls, connections, folder / "orders", split.load or None, encoded_calls)
     row["cpu_s"] = cpu_seconds(port) - cpu_before
     row["stack_busy_s"] = rig.cpu_times(stack_cpus)["cpus_busy"] - busy_before
-    row["forks"] = forks(port) - forks_before
+    row["forks"] = forks(port) - forks_before  # after the CPU was read, likewise
     row["wall_s"] = wall
     row["scripts"] = dict(Counter(call.script for call in calls))
     return row
