@@ -61,8 +61,15 @@ log = logging.getLogger("app.orders.grants")
 STRIPE_MIN = 64
 HOT_RESERVES = 4
 HORIZON_MS = 10_000
-# reserve_stock.lua's striping rule argument (ESCROW_STRIPES on).
-STRIPING_RULE = f"{STRIPE_MIN} {HOT_RESERVES} {HORIZON_MS}"
+
+
+def striping_rule(horizon_ms: int = HORIZON_MS) -> str:
+    """reserve_stock.lua's striping rule argument: "<stripe_min> <hot> <horizon_ms>"."""
+    return f"{STRIPE_MIN} {HOT_RESERVES} {horizon_ms}"
+
+
+# The rule as the app sends it (ESCROW_STRIPES on).
+STRIPING_RULE = striping_rule()
 # The units a pool never lends: the saga's tail (section 5: at most (N - 1) * 1.25 * K_MAX
 # + STRIPE_FLOOR units go by the saga at the end of a phone's stock).
 STRIPE_FLOOR = 64
@@ -157,6 +164,8 @@ class Refiller:
     reservation_ttl_ms: int
     fault_point: str = ""
     delay_s: float = REFILL_DELAY_S
+    # The horizon the demand d is counted in (the striping rule's).
+    horizon_ms: int = HORIZON_MS
     # (host, phone id) -> the largest demand wanted during this gather.
     _wanted: dict[tuple[int, str], int] = field(default_factory=dict, repr=False)
     # Pairs whose grant this worker has sent and not seen end: a gather skips them.
@@ -180,7 +189,7 @@ class Refiller:
         demand for the stripe in this horizon; a refill wanted when the stripe was short
         or is below its low water, a quarter of the grant this demand makes."""
         key = (answer.host, answer.phone_id)
-        horizon = int(time.time() * 1000) // HORIZON_MS
+        horizon = int(time.time() * 1000) // self.horizon_ms
         seen, count = self._heard.get(key, (horizon, 0))
         count = count + 1 if seen == horizon else 1
         if len(self._heard) > 10_000 and key not in self._heard:

@@ -47,7 +47,8 @@ class StripeHints:
     phone's mode (``learn``). A wrong belief costs one refused call (stripe_short, nothing
     written) or one saga order, never a wrong write."""
 
-    def __init__(self) -> None:
+    def __init__(self, dry_s: float = DRY_S) -> None:
+        self.dry_s = dry_s
         self._striped: set[str] = set()
         self._dry_until: dict[tuple[int, str], float] = {}
 
@@ -73,7 +74,7 @@ class StripeHints:
         return all(self._dry_until.get((host, p), 0.0) <= now for p in phone_ids)
 
     def ran_dry(self, host: int, phone_id: str) -> None:
-        self._dry_until[(host, phone_id)] = time.monotonic() + DRY_S
+        self._dry_until[(host, phone_id)] = time.monotonic() + self.dry_s
 
     def refilled(self, host: int, phone_id: str) -> None:
         self._dry_until.pop((host, phone_id), None)
