@@ -351,6 +351,8 @@ class Recording:
     first_order_call: int = 0
     orders_placed: int = 0
     warm_up_placed: int = 0
+    # Where the warm-up's calls begin (the creations' end).
+    first_warm_up_call: int = 0
     escrow: str = ""
     # The workload's phones, in its index order (where they landed is the app's doing).
     phone_ids: list[str] = field(default_factory=list)
@@ -800,6 +802,7 @@ async def _placed(
     place = order_path(scripts, settler, options)
     picks = list(enumerate(workload.picks()))
     ids = (scripts.gateway.cluster, customer_ids, phone_ids)
+    recording.first_warm_up_call = len(recording.calls)
     if workload.warm_up:
         recording.warm_up_placed, _ = await _ran(
             recording, settler, place, picks[: workload.warm_up], inflight, ids
@@ -1062,10 +1065,16 @@ def prepared(
     def node_of_slot(slot: int) -> int:
         return view.primary_for_slot(slot).port
 
-    seed = by_node(recording.calls[: recording.first_order_call], node_of_slot)
-    for port, calls in seed.items():
-        ready = recording.ready("seed", port, calls, connections)
-        pipe(port, calls, connections, folder / "seed", split.load or None, ready)
+    # The creations, then the warm-up's orders: an order's collapsed form reads its phone
+    # undeclared (COMMUTING_ACROSS), so no stream keeps it after the phone's creation.
+    warm_up = recording.first_warm_up_call or recording.first_order_call
+    for part, (begin, end) in {
+        "seed": (0, warm_up),
+        "warm-up": (warm_up, recording.first_order_call),
+    }.items():
+        for port, calls in by_node(recording.calls[begin:end], node_of_slot).items():
+            ready = recording.ready(part, port, calls, connections)
+            pipe(port, calls, connections, folder / part, split.load or None, ready)
     aof_rebased(ports)
     order_calls = by_node(recording.order_calls(), node_of_slot)
     return Prepared(cluster, recording, ports, order_calls, after_recording)

@@ -483,8 +483,13 @@ def test_a_warm_up_is_replayed_unmeasured_and_the_windows_stretched(
         if call.script == "reserve_stock"
     }
     assert rules == {grants.striping_rule(round(grants.HORIZON_MS * scale))}
-    # Only the measured orders' calls are timed.
+    # Only the measured orders' calls are timed; the creations were sent before the
+    # warm-up, apart (a collapsed order reads its phone undeclared: no stream keeps it
+    # after its phone's creation).
     assert sum(row["calls"] for row in medians) == len(recording.order_calls())
+    creations = {call.script for call in recording.calls[: recording.first_warm_up_call]}
+    assert creations == {"create_phone", "create_customer"}
+    assert list((tmp_path / "replay" / "p3" / "warm-up").glob("*.resp"))
 
 
 def row(calls: int, cpu_s: float, wall_s: float, busy_s: float = 0.0) -> dict[str, Any]:
