@@ -175,6 +175,8 @@ REPLAY_PARTS = 8
 SLICE_CALLS_MIN = 2_000
 # How long the replay waits for the AOF rewrites it asks for before its measured window.
 AOF_REWRITE_DEADLINE_S = 60.0
+# How long redis-cli --pipe may take to start and connect.
+PIPES_CONNECT_DEADLINE_S = 10.0
 _ENCODE = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode).pack
 
 
@@ -944,35 +946,74 @@ def pipe(
     folder: Path,
     cpus: Any,
     ready: Encoded | None = None,
+    at_start: Callable[[], None] | None = None,
 ) -> float:
     """Send ``calls`` to the node on ``port``, ``connections`` redis-cli --pipe at once, and
     wait for every reply; the wall seconds. A reply that is an error fails the run.
-    ``ready``: their :func:`encoded` form, when already made."""
+    ``ready``: their :func:`encoded` form, when already made (kept in ``folder`` too).
+
+    The clock starts once every redis-cli runs and is connected (the node counts its
+    clients), and ``at_start`` (the CPU counters' first reading) runs just before it: a
+    process's start and connect are not the node's work. They cost a few milliseconds a
+    slice, and a primary of 3 has a third of the calls in each, so counted in the wall
+    they took more of its time than of one primary's (its core busy 0.78-0.81 of the
+    wall against 0.85-0.86, hot and zipf at ecaf1ad)."""
     folder.mkdir(parents=True, exist_ok=True)
-    files = []
-    for n, (data, count) in enumerate(encoded(calls, connections) if ready is None else ready):
-        path = folder / f"{port}-{n}.resp"
-        path.write_bytes(data)
-        files.append((path, count))
-    with contextlib.ExitStack() as inputs:
+    inputs = encoded(calls, connections) if ready is None else ready
+    for n, (data, _) in enumerate(inputs):
+        (folder / f"{port}-{n}.resp").write_bytes(data)
+    before = connected_clients(port)
+    procs = [
+        subprocess.Popen(
+            ["redis-cli", "-p", str(port), "--pipe"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=rig.pinned_to(cpus, nice=0),
+        )
+        for _ in inputs
+    ]
+    try:
+        # redis-cli --pipe connects before it reads its input.
+        deadline = time.monotonic() + PIPES_CONNECT_DEADLINE_S
+        while connected_clients(port) < before + len(procs):
+            if time.monotonic() > deadline or any(proc.poll() is not None for proc in procs):
+                raise RuntimeError(f"redis-cli --pipe to {port}: not connected")
+            time.sleep(0.002)
+        if at_start is not None:
+            at_start()
         started = time.perf_counter()
-        procs = [
-            subprocess.Popen(
-                ["redis-cli", "-p", str(port), "--pipe"],
-                stdin=inputs.enter_context(path.open("rb")),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                preexec_fn=rig.pinned_to(cpus, nice=0),
+        with ThreadPoolExecutor(len(procs)) as feeders:
+            outputs = list(
+                feeders.map(
+                    lambda fed: _fed(fed[0], fed[1][0], cpus), zip(procs, inputs, strict=True)
+                )
             )
-            for path, _ in files
-        ]
-        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
-    wall = time.perf_counter() - started
-    for proc, output, (_, count) in zip(procs, outputs, files, strict=True):
+        wall = time.perf_counter() - started
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    for proc, output, (_, count) in zip(procs, outputs, inputs, strict=True):
         if proc.returncode != 0 or f"errors: 0, replies: {count}" not in output:
             raise RuntimeError(f"redis-cli --pipe to {port}: {output[-300:]}")
     return wall
+
+
+def _fed(proc: subprocess.Popen[bytes], data: bytes, cpus: Any) -> str:
+    """``data`` written to ``proc``'s input from a thread on ``cpus`` (Linux pins the
+    calling thread alone), and what it printed once it exited."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    output, _ = proc.communicate(data, timeout=300)
+    return output.decode(errors="replace")
+
+
+def connected_clients(port: int) -> int:
+    """The clients connected to ``port``'s node (INFO), not counting this call's own."""
+    with client(port) as node:
+        return int(node.info("clients")["connected_clients"]) - 1
 
 
 def key_counts(ports: Iterable[int]) -> dict[int, int]:
@@ -1100,13 +1141,19 @@ def timed(
     if not calls:
         return row
     stack_cpus = split.stack or frozenset(os.sched_getaffinity(0))
-    forks_before = forks(port)  # before the CPU is read: its INFO is not the window's
-    cpu_before, busy_before = cpu_seconds(port), rig.cpu_times(stack_cpus)["cpus_busy"]
+    counted: dict[str, float] = {}
+
+    def at_start() -> None:
+        counted["forks"] = forks(port)  # before the CPU is read: its INFO is not the window's
+        counted["cpu"], counted["busy"] = cpu_seconds(port), rig.cpu_times(stack_cpus)["cpus_busy"]
+
     encoded_calls = ready.recording.ready(f"orders {k}/{n}", port, calls, connections)
-    wall = pipe(port, calls, connections, folder / "orders", split.load or None, encoded_calls)
-    row["cpu_s"] = cpu_seconds(port) - cpu_before
-    row["stack_busy_s"] = rig.cpu_times(stack_cpus)["cpus_busy"] - busy_before
-    row["forks"] = forks(port) - forks_before  # after the CPU was read, likewise
+    wall = pipe(
+        port, calls, connections, folder / "orders", split.load or None, encoded_calls, at_start
+    )
+    row["cpu_s"] = cpu_seconds(port) - counted["cpu"]
+    row["stack_busy_s"] = rig.cpu_times(stack_cpus)["cpus_busy"] - counted["busy"]
+    row["forks"] = forks(port) - int(counted["forks"])  # after the CPU was read, likewise
     row["wall_s"] = wall
     row["scripts"] = dict(Counter(call.script for call in calls))
     return row

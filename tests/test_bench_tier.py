@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from app import keys
-from app.ops.redis_cluster import LocalCluster
+from app.ops.redis_cluster import LocalCluster, client
 from app.orders import grants
 from app.partitions import PARTITIONS, partition_for_email, slot
 from app.scripts import SCRIPT_NAMES
@@ -37,6 +37,7 @@ from loadtests.bench_tier import (
     alternated,
     by_node,
     call_argv,
+    connected_clients,
     customer_emails,
     escrow_options,
     fewest_calls,
@@ -45,6 +46,7 @@ from loadtests.bench_tier import (
     logged_args,
     markdown,
     phone_shares,
+    pipe,
     record,
     replay,
     replayed_together,
@@ -165,6 +167,27 @@ TINY = Workload("tiny", phones=8, orders=20, customers=8)
 def _recorded(cluster: LocalCluster, workload: Workload = TINY) -> Recording:
     ports = [node.port for node in cluster.topology().primaries()]
     return asyncio.run(record(ports, workload, inflight=4))
+
+
+def test_the_pipes_are_connected_before_the_clock_starts(
+    one_primary: LocalCluster, tmp_path: Path
+) -> None:
+    """The clock of a timed pipe starts once every redis-cli runs and is connected, and
+    ``at_start`` (the CPU counters' first reading) sees that and no call run yet."""
+    [port] = [node.port for node in one_primary.topology().primaries()]
+    calls = [Call("SET", "", (f"pipe-{n}",), ("v",)) for n in range(300)]
+    before = connected_clients(port)
+    seen: dict[str, int] = {}
+
+    def at_start() -> None:
+        seen["clients"] = connected_clients(port)
+        with client(port) as node:
+            seen["keys"] = node.dbsize()
+
+    assert pipe(port, calls, 3, tmp_path, None, at_start=at_start) > 0
+    assert seen == {"clients": before + 3, "keys": 0}
+    with client(port) as node:
+        assert node.dbsize() == 300
 
 
 def test_the_recorded_orders_replay_to_the_same_keys(
