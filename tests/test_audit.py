@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 import itertools
 
+import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from app import appkeys, keys
-from app.admin.audit import BATCH
+from app.admin.audit import BATCH, LEDGER_CALLS, run_audit
+from app.ops.redis_cluster import LocalCluster
 from app.orders.service import place_order
 from app.redis_gateway import gateway_over
 from app.scripts import Scripts
 from app.vocabulary import ORDER_FIELDS, new_order_id
-from tests.helpers import ADMIN, Shop, settled
+from tests.helpers import ADMIN, CLUSTER, Shop, settled
 
 PREFILL = 4 * BATCH  # enough rows that one audit takes several round trips
 WRITES = 3000  # the writer's bound: it stops here even if no audit overlapped it
@@ -227,3 +230,24 @@ async def test_cancel_and_check_move_the_ledger(shop: Shop, redis: Redis) -> Non
         # partition.
         assert customer_ledger == {**customer_side, "changes": 5}
         assert phone_ledger == {**phone_side, "changes": phone_moves}
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("stack_kind", [CLUSTER], indirect=True)
+async def test_a_fresh_cluster_client_audits_with_a_bounded_count_of_connections(
+    redis: Redis, redis_cluster: LocalCluster
+) -> None:
+    """The audit's 128 ledger reads on a cluster go LEDGER_CALLS at a time: a fresh client
+    opens no more connections to a primary than that (all at once, redis-py once failed
+    one of them mid-connect)."""
+    fresh = RedisCluster(
+        startup_nodes=[ClusterNode("127.0.0.1", port) for port in redis_cluster.ports[:3]]
+    )
+    try:
+        await fresh.initialize()
+        assert (await run_audit(fresh))["ok"] is True
+        opened = [len(node._connections) for node in fresh.get_primaries()]
+    finally:
+        await fresh.aclose()
+    # Each primary serves about a third of the partitions, so it was sent some of them.
+    assert all(0 < count <= LEDGER_CALLS for count in opened), opened
