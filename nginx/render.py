@@ -279,6 +279,10 @@ class NginxConfig:
 
 @dataclass(frozen=True)
 class NginxProblem:
+    # What error_page names: a named location, or an internal URI for the errors nginx
+    # meets while it reads the request line (400, 408, 414), where no URI was parsed
+    # yet: a redirect to a named location then fails ("empty URI in redirect to named
+    # location") and nginx answered its own HTML 500.
     location: str
     status: int
     code: str
@@ -292,13 +296,17 @@ class NginxProblem:
 
 PROBLEMS: tuple[NginxProblem, ...] = (
     NginxProblem(
-        "@bad_request", 400, "bad_request", "Bad request", "The HTTP request could not be parsed."
+        "/_problems/bad_request",
+        400,
+        "bad_request",
+        "Bad request",
+        "The HTTP request could not be parsed.",
     ),
     NginxProblem(
         "@not_found", 404, "not_found", "No such resource", "This port does not serve that path."
     ),
     NginxProblem(
-        "@request_timeout",
+        "/_problems/request_timeout",
         408,
         "request_timeout",
         "Request timeout",
@@ -320,7 +328,11 @@ PROBLEMS: tuple[NginxProblem, ...] = (
         allow="GET, HEAD, POST, PATCH",
     ),
     NginxProblem(
-        "@uri_too_long", 414, "uri_too_long", "URI too long", "The request line is too long."
+        "/_problems/uri_too_long",
+        414,
+        "uri_too_long",
+        "URI too long",
+        "The request line is too long.",
     ),
     NginxProblem(
         "@rate_limited",
@@ -365,14 +377,14 @@ PROBLEMS: tuple[NginxProblem, ...] = (
     ),
 )
 
-# status nginx produced -> named location (494 is nginx's "header too large").
+# status nginx produced -> its problem's location (494 is nginx's "header too large").
 ERROR_PAGES: tuple[tuple[str, str], ...] = (
-    ("400", "@bad_request"),
+    ("400", "/_problems/bad_request"),
     ("404", "@not_found"),
-    ("408", "@request_timeout"),
+    ("408", "/_problems/request_timeout"),
     ("405", "@method_not_allowed"),
     ("413", "@payload_too_large"),
-    ("414", "@uri_too_long"),
+    ("414", "/_problems/uri_too_long"),
     ("429", "@rate_limited"),
     ("431 494", "@headers_too_large"),
     ("500", "@internal_error"),

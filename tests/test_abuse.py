@@ -103,6 +103,47 @@ async def test_oversized_body_is_413_problem_through_nginx(full_stack: FullStack
         assert (await response.json(content_type=None))["code"] == "payload_too_large"
 
 
+async def _raw(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """``request`` sent as is on a new connection: the status, headers and body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines if line)
+        body = await reader.readexactly(int(headers["Content-Length"]))
+        return int(status_line.split()[1]), headers, body
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("request_line", "status", "code"),
+    [
+        # Longer than large_client_header_buffers (8k): nginx stops reading the line
+        # before its URI is parsed (schemathesis sent such a query of repeated params).
+        (b"GET /orders?" + b"per_page=%5B%5D&" * 600 + b" HTTP/1.1", 414, "uri_too_long"),
+        (b"GET /a\x01b HTTP/1.1", 400, "bad_request"),
+        (b"GARBAGE", 400, "bad_request"),
+    ],
+)
+async def test_a_request_line_nginx_cannot_parse_is_a_problem_not_a_500(
+    full_stack: FullStack, request_line: bytes, status: int, code: str
+) -> None:
+    port = full_stack.nginx.config.http_port
+    request = request_line + b"\r\nHost: x\r\n\r\n"
+    got, headers, body = await _raw(port, request)
+    assert (got, headers["Content-Type"]) == (status, "application/problem+json")
+    problem = json.loads(body)
+    assert (problem["status"], problem["code"]) == (status, code)
+    # The problems' own locations are internal: not a path a client can ask for.
+    got, _, _ = await _raw(port, b"GET /_problems/uri_too_long HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert got == 404
+
+
 async def test_customers_cannot_reach_admin_or_others(full_stack: FullStack) -> None:
     _, token = new_customer(full_stack)
     other_id, _ = new_customer(full_stack)
