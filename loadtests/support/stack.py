@@ -309,7 +309,10 @@ class FullStack:
                 urllib.request.urlopen(request, timeout=5).close()
         ports = set()
         with contextlib.suppress(FileNotFoundError):
-            for line in self.nginx.access_log.read_text().splitlines():
+            text = self.nginx.access_log.read_text()
+            # Complete lines only: nginx writes its buffered log in chunks, and a chunk
+            # may end inside a line (read then, it failed to parse; the poll reads again).
+            for line in text[: text.rfind("\n") + 1].splitlines():
                 if probe in line:
                     entry = json.loads(line)
                     if entry.get("status") == 200:
