@@ -740,7 +740,6 @@ async def record(
     # A fresh database's beliefs (record_fresh also starts a fresh process).
     HINTS.forget()
     STRIPE_HINTS.forget()
-    STRIPE_HINTS.dry_s = DRY_S * time_scale
     seeds = tuple(("127.0.0.1", port) for port in ports)
     gateway = open_cluster_gateway(
         "redis://127.0.0.1",
@@ -755,6 +754,7 @@ async def record(
     scripts = Scripts(gateway)
     settler = Settler(gateway, scripts, settle_delay_s=SETTLE_DELAY_S * time_scale)
     try:
+        STRIPE_HINTS.dry_s = DRY_S * time_scale  # the app's again below (tests record in-process)
         async with contextlib.AsyncExitStack() as switched:
             options, note = ({}, "")
             if escrow:
@@ -765,6 +765,7 @@ async def record(
             await _placed(recording, scripts, settler, workload, inflight, options)
         return recording
     finally:
+        STRIPE_HINTS.dry_s = DRY_S
         await gateway.aclose()
 
 

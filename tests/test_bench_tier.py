@@ -19,6 +19,7 @@ import pytest
 from app import keys
 from app.ops.redis_cluster import LocalCluster, client
 from app.orders import grants
+from app.orders.stripes import DRY_S, STRIPE_HINTS
 from app.partitions import PARTITIONS, partition_for_email, slot
 from app.scripts import SCRIPT_NAMES
 from loadtests import bench_tier, rig
@@ -506,6 +507,8 @@ def test_a_warm_up_is_replayed_unmeasured_and_the_windows_stretched(
         if call.script == "reserve_stock"
     }
     assert rules == {grants.striping_rule(round(grants.HORIZON_MS * scale))}
+    # The worker's own pause for a dry stripe is the app's again once the recording ended.
+    assert STRIPE_HINTS.dry_s == DRY_S
     # Only the measured orders' calls are timed; the creations were sent before the
     # warm-up, apart (a collapsed order reads its phone undeclared: no stream keeps it
     # after its phone's creation).
