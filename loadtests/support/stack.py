@@ -45,8 +45,8 @@ from pathlib import Path
 
 from app.ops.instances import ROOT, die_with_parent, gunicorn_argv
 from app.ops.poll import wait_until
-from app.ops.redis_cluster import HOST, LocalCluster
-from loadtests.support.servers import RedisServer, clean_env, free_port, wait_for_port
+from app.ops.redis_cluster import HOST, LocalCluster, free_ports
+from loadtests.support.servers import RedisServer, clean_env, wait_for_port
 from nginx.render import NginxConfig, write
 
 STACK_ADMIN_TOKEN = "stack-admin-token-0123456789abcdef"
@@ -350,8 +350,12 @@ def start_full_stack(
     """
     directory.mkdir(parents=True, exist_ok=True)
     extra = dict(env or {})
+    # Every port of the stack distinct: taken one at a time, the kernel once gave an
+    # instance and nginx the same one (nginx could not bind, and the instance answered
+    # on its port).
+    ports = iter(free_ports(instances + 4))
     if cluster is None:
-        redis: RedisServer | None = RedisServer(directory=directory / "redis", port=free_port())
+        redis: RedisServer | None = RedisServer(directory=directory / "redis", port=next(ports))
         data_tier = {"REDIS_URL": redis.url}
     else:
         redis = None
@@ -372,7 +376,7 @@ def start_full_stack(
     app_instances = [
         AppInstance(
             index=i,
-            port=free_port(),
+            port=next(ports),
             env=app_env,
             log_path=directory / f"instance-{i}.log",
         )
@@ -382,9 +386,9 @@ def start_full_stack(
     config = NginxConfig.from_env(
         render_env,
         upstreams=tuple(f"127.0.0.1:{instance.port}" for instance in app_instances),
-        http_port=free_port(),
-        seed_phones_port=free_port(),
-        seed_orders_port=free_port(),
+        http_port=next(ports),
+        seed_phones_port=next(ports),
+        seed_orders_port=next(ports),
         worker_processes="1",
         var_dir=str(directory / "nginx"),
         access_log=str(directory / "nginx" / "access.log"),
