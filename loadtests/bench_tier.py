@@ -121,6 +121,7 @@ from app.cluster_gateway import ClusterGateway, open_cluster_gateway
 from app.customers.models import CustomerCreate
 from app.customers.service import create_customer
 from app.ops.instances import ROOT
+from app.ops.poll import wait_until
 from app.ops.redis_cluster import LocalCluster, client
 from app.orders import grants, saga_service
 from app.orders.chunk_hints import HINTS
@@ -976,11 +977,18 @@ def pipe(
     ]
     try:
         # redis-cli --pipe connects before it reads its input.
-        deadline = time.monotonic() + PIPES_CONNECT_DEADLINE_S
-        while connected_clients(port) < before + len(procs):
-            if time.monotonic() > deadline or any(proc.poll() is not None for proc in procs):
-                raise RuntimeError(f"redis-cli --pipe to {port}: not connected")
-            time.sleep(0.002)
+        def connected() -> bool:
+            if any(proc.poll() is not None for proc in procs):
+                raise RuntimeError(f"redis-cli --pipe to {port}: exited before it connected")
+            return connected_clients(port) >= before + len(procs)
+
+        wait_until(
+            connected,
+            f"redis-cli --pipe to {port} to connect",
+            PIPES_CONNECT_DEADLINE_S,
+            interval=0.002,
+            error=RuntimeError,
+        )
         if at_start is not None:
             at_start()
         started = time.perf_counter()
