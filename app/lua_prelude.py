@@ -36,6 +36,7 @@ put it before each), so no script copies a helper or spells a shared word:
   (docs/escrow.md, section 5) for a line its phone's stock cannot fill: into ``lent``
   (stock_lent) when the phone at key has units lent to stripes, else into ``short``
   (out_of_stock); place_order and reserve_stock read `lent` only then;
+- end_recall(phone, drains_due, phone_id): a recall's end (docs/escrow.md, section 5);
 - keys_past_the_declared(declared, argv): a script's whole KEYS when a Redis Cluster
   node runs it over several slots (``across_slots`` below).
 
@@ -90,6 +91,13 @@ DEFINITIONS: dict[str, str] = {
     " if tonumber(redis.call('HGET', key, 'lent') or '0') > 0 then lent[#lent + 1] = phone_id"
     " else short[#short + 1] = {phone_id = phone_id, requested = requested,"
     " available = available} end end",
+    # A recall's end on a phone whose units are all home (drain_phone, receive_shipments):
+    # pool only again, drained (the striping rule skips it until a restock: no ping-pong),
+    # one more recall ended (a receipt whose drain read fewer is stale), off the settler's
+    # recall list.
+    "end_recall": "local function end_recall(phone, drains_due, phone_id)"
+    " redis.call('HDEL', phone, 'mode') redis.call('HSET', phone, 'drained', 1)"
+    " redis.call('HINCRBY', phone, 'recalls', 1) redis.call('ZREM', drains_due, phone_id) end",
     # The script passes its KEYS: the one-node form (across_slots) rebuilds them as a local.
     "record_buckets": "local function record_buckets(keys, newest) local list = {keys[newest]}"
     f" for i = #keys - {OLDER_BUCKETS} + 1, #keys do list[#list + 1] = keys[i] end"

@@ -11,9 +11,11 @@ TEST-ONLY, until the striping rule and the stripe order are on main."""
 
 from __future__ import annotations
 
-from app import keys
+from app import keys, partitions
+from app.fields import STOCK_LIMIT
 from app.ops.poll import wait_until_async
-from app.orders import recall, stripes
+from app.orders import grants, recall, stripes
+from app.orders import saga as steps
 from app.orders.settler import Settler
 from tests import escrow_staging as staging
 from tests.saga_fixtures import (
@@ -38,6 +40,15 @@ async def pool(saga: SagaWorld, phone_id: str) -> dict[str, int]:
 
 async def stripe(saga: SagaWorld, host: int, phone_id: str) -> dict[str, str]:
     return await saga.redis.hgetall(keys.stripe(host, phone_id))
+
+
+async def restock(saga: SagaWorld, phone_id: str, quantity: int) -> None:
+    """restock.lua (the saga world's phones are bare hashes, which the API's restock would
+    not answer as a Phone)."""
+    result = await saga.scripts.run(
+        "restock", [keys.phone(phone_id), keys.ledger_of(phone_id)], [quantity, STOCK_LIMIT]
+    )
+    assert result.status == 200, result.payload
 
 
 async def test_a_recall_brings_every_stripe_home_once(saga: SagaWorld) -> None:
@@ -75,7 +86,7 @@ async def test_a_recall_brings_every_stripe_home_once(saga: SagaWorld) -> None:
         "shipment": f"{phone}:3:2:0",
     }
     received = await recall.receive_shipments(
-        saga.scripts, phone, [], [(HOST_A, again["shipment_id"], again["shipment"])]
+        saga.scripts, phone, [], [(HOST_A, again["shipment_id"], again["shipment"])], recalls=0
     )
     assert received["received"] == {} and received["lent"] == "0"
     second = await recall.recall(saga.scripts, phone)
@@ -119,8 +130,7 @@ async def test_a_recall_fences_the_grants_in_flight(saga: SagaWorld) -> None:
 async def test_drain_with_nothing_lent_writes_nothing(saga: SagaWorld) -> None:
     phone = await saga.phone(PHONE_PARTITION, price_cents=100, stock=3)
     before = await saga.gateway.execute("DUMP", keys.phone(phone))
-    hosts, lent = await recall.drain(saga.scripts, phone, LATER_MS)
-    assert (hosts, lent) == ({}, 0)
+    assert await recall.drain(saga.scripts, phone, LATER_MS) == recall.Drained({})
     assert await saga.gateway.execute("DUMP", keys.phone(phone)) == before
     assert await saga.redis.zscore(keys.drains_due(PHONE_PARTITION), phone) is None
 
@@ -131,8 +141,8 @@ async def test_drain_marks_the_phone_and_lists_it_for_the_settler(saga: SagaWorl
     grant = await staging.grant(
         saga.scripts, saga.redis, phone, HOST_B, 2, received=False, settled=False
     )
-    hosts, lent = await recall.drain(saga.scripts, phone, 1234)
-    assert hosts == {HOST_A: [], HOST_B: [grant]} and lent == 4
+    drained = await recall.drain(saga.scripts, phone, 1234)
+    assert drained == recall.Drained({HOST_A: [], HOST_B: [grant]}, lent=4, recalls=0)
     assert await saga.redis.hget(keys.phone(phone), "mode") == "draining"
     assert await saga.redis.zscore(keys.drains_due(PHONE_PARTITION), phone) == 1234
     # A second drain keeps the first due time (the settler's grace runs from the first).
@@ -159,11 +169,82 @@ async def test_a_receipt_that_does_not_add_up_writes_nothing(saga: SagaWorld) ->
             keys.ledger(PHONE_PARTITION),
             keys.drains_due(PHONE_PARTITION),
         ],
-        [phone, LATER_MS, 0, HOST_A, f"{phone}:{HOST_A}:0", f"{phone}:2:1:0"],
+        [phone, LATER_MS, 0, 0, HOST_A, f"{phone}:{HOST_A}:0", f"{phone}:2:1:0"],
     )
     assert (result.status, result.payload["code"]) == (409, "lent_short")
     assert await saga.gateway.execute("DUMP", keys.phone(phone)) == before
     assert not await saga.redis.sismember(keys.taken_back(PHONE_PARTITION), f"{phone}:{HOST_A}:0")
+
+
+async def test_a_stale_receipt_leaves_a_stripe_granted_again_on_its_host(saga: SagaWorld) -> None:
+    """Two recalls of one phone, the second's receipt last: recall R2 drains and closes the
+    stripe on A; recall R1 does the same and ends (A off the stripe hosts, the phone pool
+    only); a restock and a new grant stripe A again (its receipt opens the closed stripe).
+    R2's receipt then names A as closed, but its drain read fewer ended recalls than the
+    phone has: it may not take A off the hosts, or the new grant's units would be lent with
+    no host to recall them from (a race test on the cluster met that: "units lent and no
+    stripe host or grant"). The next recall brings them home."""
+    phone = await saga.phone(PHONE_PARTITION, price_cents=100, stock=40)
+    await staging.grant(saga.scripts, saga.redis, phone, HOST_A, 5)
+    stale = await recall.drain(saga.scripts, phone, LATER_MS)
+    assert stale == recall.Drained({HOST_A: []}, lent=5, recalls=0)
+    closed = await recall.close_stripe(saga.scripts, HOST_A, phone, [], LATER_MS)
+
+    first = await recall.recall(saga.scripts, phone)
+    assert first.done and first.received == [f"{phone}:{HOST_A}:0"]
+    assert await saga.redis.hmget(keys.phone(phone), "recalls", "drained") == ["1", "1"]
+    await restock(saga, phone, 10)
+    await staging.grant(saga.scripts, saga.redis, phone, HOST_A, 7)
+    assert (await stripe(saga, HOST_A, phone))["stock"] == "7"
+    assert await pool(saga, phone) == {"stock": 43, "held": 0, "sold": 0, "lent": 7, "added": 50}
+
+    late = await recall.receive_shipments(
+        saga.scripts,
+        phone,
+        [],
+        [(HOST_A, closed["shipment_id"], closed["shipment"])],
+        recalls=stale.recalls,
+    )
+    assert late["stale"] is True and late["received"] == {} and late["mode"] == "striped"
+    assert await saga.redis.smembers(keys.stripe_hosts(phone)) == {str(HOST_A)}
+    assert await pool(saga, phone) == {"stock": 43, "held": 0, "sold": 0, "lent": 7, "added": 50}
+
+    second = await recall.recall(saga.scripts, phone)
+    assert second.done and second.received == [f"{phone}:{HOST_A}:1"]
+    assert await pool(saga, phone) == {"stock": 50, "held": 0, "sold": 0, "lent": 0, "added": 50}
+    assert await saga.redis.scard(keys.stripe_hosts(phone)) == 0
+
+
+async def test_a_drained_phone_is_not_striped_again_until_a_restock(saga: SagaWorld) -> None:
+    """No ping-pong (docs/escrow.md, section 5): the units a recall brought home are the
+    pool's tail, sold by the saga; the striping rule stripes the phone again only once a
+    restock has made it deep anew. (HOT_RESERVES in a row may straddle a horizon of the
+    rule, so twice as many are sent.)"""
+    phone = await saga.phone(PHONE_PARTITION, price_cents=100, stock=1000)
+    await staging.grant(saga.scripts, saga.redis, phone, HOST_A, 8)
+    assert (await recall.recall(saga.scripts, phone)).done
+
+    async def striped_by(reserves: int) -> bool:
+        for _ in range(reserves):
+            order = partitions.new_id(partitions.PARTITIONS - 1)
+            result = await steps.reserve(
+                saga.scripts,
+                order,
+                PHONE_PARTITION,
+                [(phone, 1)],
+                LATER_MS,
+                striping_rule=grants.STRIPING_RULE,
+            )
+            assert result.status == 200, result.payload
+            if result.payload.get("striped") == [phone]:
+                return True
+        return False
+
+    assert not await striped_by(2 * grants.HOT_RESERVES)
+    assert "mode" not in await saga.redis.hgetall(keys.phone(phone))
+    await restock(saga, phone, 100)
+    assert not await saga.redis.hexists(keys.phone(phone), "drained")
+    assert await striped_by(2 * grants.HOT_RESERVES)
 
 
 async def test_the_settler_finishes_a_recall_a_dead_app_left(saga: SagaWorld) -> None:

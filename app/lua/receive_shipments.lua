@@ -13,7 +13,14 @@
 --      its stripe never existed) leaves X's stripe hosts (sh{Q}X): its stripe is closed
 --      and empty, and no grant can open it again while the phone drains.
 --   3. When no stripe host and no grant in flight is left and lent is 0, a draining
---      phone goes back to pool only (its mode goes) and leaves the settler's recall list.
+--      phone goes back to pool only (its mode goes), drained (the striping rule leaves it
+--      until a restock), and leaves the settler's recall list; its `recalls` (recalls
+--      ended) goes up by one.
+-- A stale receipt (its drain read fewer ended recalls than the phone now has: another
+-- recall ended in between, and the phone may have been striped and granted again since)
+-- does 1 and 2 but takes no host off sh{Q}X and does not end the draining: a host its
+-- closes emptied may hold a new grant's units by now (each grant and shipment it settles
+-- is named by id, so those moves stay exact).
 -- Nothing is written before the last check of the whole call.
 --
 -- KEYS[1]   p{Q}<phone_id>   hash: the phone (stock, held, sold, lent, mode)
@@ -28,26 +35,30 @@
 -- KEYS[10]  sw{Q}            zset: phone ids whose recall the settler finishes
 -- ARGV[1]   phone id X
 -- ARGV[2]   keep-until of a tombstone written now, ms since the epoch
--- ARGV[3]   g, the number of grants
--- ARGV[4..3+3g]   host, grant id, "received"|"aborted" for each grant
--- ARGV[4+3g..]    host, shipment id, "X:units:sold:epoch" for each host closed (both ""
+-- ARGV[3]   the recalls ended that this recall's drain read (drain_phone.lua's `recalls`)
+-- ARGV[4]   g, the number of grants
+-- ARGV[5..4+3g]   host, grant id, "received"|"aborted" for each grant
+-- ARGV[5+3g..]    host, shipment id, "X:units:sold:epoch" for each host closed (both ""
 --                 when its close answered no shipment)
 --
 -- Returns {http_status, payload_json, wrote}:
 --   200, {received=[shipment ids received now], settled="n" (grants settled now),
---         stock, lent, mode ("" for pool only)}, 0|1
+--         stock, lent, mode ("" for pool only), stale=true|false}, 0|1
 --   404, {code="phone_not_found", phone_ids=[X]}, 0            nothing written
 --   409, {code="held_short", held, quantity}, 0                 nothing written
 --   409, {code="lent_short", lent, quantity}, 0                 nothing written
 --   error reply "receive_shipments: ..."   bad arguments, or a grant or shipment of
 --                                          another phone; nothing written
 --
--- decode_items, decode_grant, decode_shipment, grant_in_flight, PHONE_MODE: the prelude (app/lua_prelude.py).
+-- decode_items, decode_grant, decode_shipment, grant_in_flight, PHONE_MODE, end_recall: the
+-- prelude (app/lua_prelude.py).
 
 local phone_id = ARGV[1]
-local grants = tonumber(ARGV[3])
-if #KEYS ~= 10 or not tonumber(ARGV[2]) or not grants or (#ARGV - 3 - 3 * grants) % 3 ~= 0 then
-  return redis.error_reply('receive_shipments: 10 keys, phone id, keep-until, grant and shipment triples')
+local grants = tonumber(ARGV[4])
+if #KEYS ~= 10 or not tonumber(ARGV[2]) or not tonumber(ARGV[3]) or not grants
+    or (#ARGV - 4 - 3 * grants) % 3 ~= 0 then
+  return redis.error_reply('receive_shipments: 10 keys, phone id, keep-until, recalls ended,'
+    .. ' grant and shipment triples')
 end
 local function fmt(n)
   return string.format('%d', n)
@@ -56,16 +67,17 @@ local function fail(why)
   return redis.error_reply('receive_shipments: ' .. why)
 end
 
-local row = redis.call('HMGET', KEYS[1], 'price_cents', 'held', 'lent', 'mode')
+local row = redis.call('HMGET', KEYS[1], 'price_cents', 'held', 'lent', 'mode', 'recalls')
 if not row[1] then
   return {404, cjson.encode({code = 'phone_not_found', phone_ids = {phone_id}}), 0}
 end
 local held, lent = tonumber(row[2] or '0'), tonumber(row[3] or '0')
+local stale = tonumber(row[5] or '0') ~= tonumber(ARGV[3])
 
 -- Check every grant and shipment, adding up the moves, before any write.
 local settles, held_out, to_lent, to_stock = {}, 0, 0, 0
 for i = 0, grants - 1 do
-  local host, grant_id, outcome = ARGV[4 + 3 * i], ARGV[5 + 3 * i], ARGV[6 + 3 * i]
+  local host, grant_id, outcome = ARGV[5 + 3 * i], ARGV[6 + 3 * i], ARGV[7 + 3 * i]
   if outcome ~= 'received' and outcome ~= 'aborted' then
     return fail('outcome must be received or aborted')
   end
@@ -92,7 +104,7 @@ if held < held_out then
   return {409, cjson.encode({code = 'held_short', held = fmt(held), quantity = fmt(held_out)}), 0}
 end
 local shipments, closed_hosts, back, back_sold, seen = {}, {}, 0, 0, {}
-for i = 4 + 3 * grants, #ARGV, 3 do
+for i = 5 + 3 * grants, #ARGV, 3 do
   local host, id, shipment = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   closed_hosts[#closed_hosts + 1] = host
   local ship_phone, units, sold = decode_shipment(shipment)
@@ -138,9 +150,11 @@ for _, shipment in ipairs(shipments) do
   redis.call('SADD', KEYS[4], shipment.id)
   received[#received + 1] = shipment.id
 end
-for _, host in ipairs(closed_hosts) do
-  if redis.call('SREM', KEYS[2], host) == 1 then
-    wrote = 1
+if not stale then
+  for _, host in ipairs(closed_hosts) do
+    if redis.call('SREM', KEYS[2], host) == 1 then
+      wrote = 1
+    end
   end
 end
 if #shipments > 0 then
@@ -164,11 +178,10 @@ end
 
 local after = redis.call('HMGET', KEYS[1], 'stock', 'lent', 'mode')
 local mode = after[3] or ''
-if mode == PHONE_MODE.draining and tonumber(after[2] or '0') == 0
+if not stale and mode == PHONE_MODE.draining and tonumber(after[2] or '0') == 0
     and redis.call('SCARD', KEYS[2]) == 0 and redis.call('SCARD', KEYS[3]) == 0 then
-  redis.call('HDEL', KEYS[1], 'mode')
-  redis.call('ZREM', KEYS[10], phone_id)
+  end_recall(KEYS[1], KEYS[10], phone_id)
   mode, wrote = '', 1
 end
 return {200, cjson.encode({received = received, settled = fmt(settled), stock = after[1],
-  lent = after[2] or '0', mode = mode}), wrote}
+  lent = after[2] or '0', mode = mode, stale = stale}), wrote}

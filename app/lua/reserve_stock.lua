@@ -22,7 +22,8 @@
 -- reset per horizon (`apart`, and `apart_at`: the horizon it counts); a phone that is hot
 -- and deep (at least `hot` apart reserves in this horizon and at least `stripe_min`
 -- units left in its pool) and has no mode is set striped, and the answer names it, so
--- that the app grants its first stripes.
+-- that the app grants its first stripes. A phone a recall drained (`drained`, until a
+-- restock) is not striped again: its pool's tail goes by the saga (no ping-pong).
 --
 -- KEYS[1]  rv{Q}  hash: order id -> reserved lines "phone_id:quantity:unit_price_cents;..."
 -- KEYS[2]  rd{Q}  zset: order id by expiry (ms), the settler's work list
@@ -119,14 +120,15 @@ if not horizon_ms or tonumber(horizon_ms) < 1 then
 end
 local horizon, striped = tostring(math.floor(now_ms() / tonumber(horizon_ms))), {}
 for i = 1, n do
-  local row = redis.call('HMGET', KEYS[4 + i], 'apart_at', 'mode', 'stock')
+  local row = redis.call('HMGET', KEYS[4 + i], 'apart_at', 'mode', 'stock', 'drained')
   local apart = 1
   if row[1] == horizon then
     apart = redis.call('HINCRBY', KEYS[4 + i], 'apart', 1)
   else
     redis.call('HSET', KEYS[4 + i], 'apart_at', horizon, 'apart', 1)
   end
-  if not row[2] and apart >= tonumber(hot) and tonumber(row[3]) >= tonumber(stripe_min) then
+  if not row[2] and not row[4] and apart >= tonumber(hot)
+      and tonumber(row[3]) >= tonumber(stripe_min) then
     redis.call('HSET', KEYS[4 + i], 'mode', PHONE_MODE.striped)
     striped[#striped + 1] = ARGV[1 + 2 * i]
   end

@@ -9,6 +9,9 @@
 --          a recall ships home: docs/escrow.md, section 6) would pass it. lent includes
 --          units the stripes sold, so it is conservative until the next recall
 --
+-- A restock ends a recall's `drained` mark: deep again, the phone may be striped again
+-- (docs/escrow.md, section 5).
+--
 -- Returns {http_status, payload_json}:
 --   200, phone fields (strings)
 --   404, {code="phone_not_found"}                      nothing written
@@ -29,6 +32,7 @@ if counted + tonumber(ARGV[1]) > tonumber(ARGV[2]) then
 end
 redis.call('HINCRBY', KEYS[1], 'stock', ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'added_units', ARGV[1])
+redis.call('HDEL', KEYS[1], 'drained')
 redis.call('HINCRBY', KEYS[2], 'stock_units', ARGV[1])
 redis.call('HINCRBY', KEYS[2], 'added_units', ARGV[1])
 redis.call('HINCRBY', KEYS[2], 'changes', 1)

@@ -7,12 +7,14 @@ Three steps, each one script on one partition, each idempotent:
 
 1. ``drain_phone`` on the phone's partition Q: mode = draining (no grant starts from now
    on), the phone on the settler's recall list ``sw{Q}``, and the stripe hosts and grants
-   in flight read in the same script.
+   in flight read in the same script, with the phone's count of recalls ended.
 2. ``close_stripe`` on every host S, in parallel: fences the phone's grants to S, closes
    the stripe and moves its units into a shipment.
 3. ``receive_shipments`` on Q, with every close's answer: settles the fenced grants,
    receives the shipments (once each), and, with nothing left out, the phone is pool-only
-   again. The shipments received leave their hosts' due lists (``sz{S}``: a plain ZREM,
+   again (and drained: not striped again until a restock). A receipt whose drain came
+   before another recall of the phone ended is stale: it takes its shipments and grants
+   by id, but leaves the stripe hosts and the mode alone (the phone may be striped anew). The shipments received leave their hosts' due lists (``sz{S}``: a plain ZREM,
    one pipelined round; the audit counts a shipment due as not at rest).
 
 A step that fails leaves the phone draining and on ``sw{Q}``; the settler recalls it again
@@ -69,9 +71,19 @@ def _listed(value: object) -> list[str]:
     return list(value) if isinstance(value, list) else []
 
 
-async def drain(scripts: Scripts, phone_id: str, due_ms: int) -> tuple[dict[int, list[str]], int]:
-    """drain_phone.lua: each stripe host of the phone with its grants in flight to it, and
-    the phone's lent units. ``({}, 0)`` when the phone does not exist."""
+@dataclass(frozen=True)
+class Drained:
+    """drain_phone.lua's answer: each stripe host of the phone with its grants in flight
+    to it, the phone's lent units, and its recalls ended so far (for the receipt)."""
+
+    hosts: dict[int, list[str]]
+    lent: int = 0
+    recalls: int = 0
+
+
+async def drain(scripts: Scripts, phone_id: str, due_ms: int) -> Drained:
+    """drain_phone.lua on the phone's partition; nothing out when the phone does not
+    exist."""
     result = await scripts.call(
         "drain_phone",
         [
@@ -83,12 +95,12 @@ async def drain(scripts: Scripts, phone_id: str, due_ms: int) -> tuple[dict[int,
         [phone_id, due_ms],
     )
     if result.status != 200:
-        return {}, 0
+        return Drained({})
     hosts: dict[int, list[str]] = {int(host): [] for host in _listed(result.payload["hosts"])}
     for entry in _listed(result.payload["grants"]):
         host, grant_id = decode_grant_in_flight(entry)
         hosts.setdefault(host, []).append(grant_id)
-    return hosts, int(result.payload["lent"])
+    return Drained(hosts, int(result.payload["lent"]), int(result.payload["recalls"]))
 
 
 async def close_stripe(
@@ -119,12 +131,15 @@ async def receive_shipments(
     phone_id: str,
     grants: list[tuple[int, str, str]],
     shipments: list[tuple[int, str, str]],
+    *,
+    recalls: int,
 ) -> dict[str, object]:
     """receive_shipments.lua on the phone's partition: ``grants`` as (host, grant id,
     outcome), ``shipments`` as (host, shipment id, shipment) for every host closed
-    ("", "" for a host whose close answered no shipment)."""
+    ("", "" for a host whose close answered no shipment), ``recalls`` the recalls ended
+    that this recall's drain read."""
     partition = partition_of(phone_id)
-    args: list[str | int] = [phone_id, saga.keep_until(), len(grants)]
+    args: list[str | int] = [phone_id, saga.keep_until(), recalls, len(grants)]
     for host, grant_id, outcome in grants:
         args += [host, grant_id, outcome]
     for host, shipment_id, shipment in shipments:
@@ -157,7 +172,8 @@ async def recall(scripts: Scripts, phone_id: str, fault_point: str = "") -> Reca
     # Draining from now on: this worker sends the phone's orders to the pool (a stripe
     # order would be refused once its stripe closes: one call wasted per order).
     STRIPE_HINTS.learn(phone_id, False)
-    hosts, lent = await drain(scripts, phone_id, _now_ms() + RECALL_GRACE_MS)
+    drained = await drain(scripts, phone_id, _now_ms() + RECALL_GRACE_MS)
+    hosts, lent = drained.hosts, drained.lent
     if not hosts:
         # Nothing out (another recall finished first: the drain left the phone pool-only),
         # or units lent with no stripe host or grant to fetch them from (a broken
@@ -185,7 +201,9 @@ async def recall(scripts: Scripts, phone_id: str, fault_point: str = "") -> Reca
             (host, str(answer.get("shipment_id", "")), str(answer.get("shipment", "")))
         )
     saga.crash_if("closed", fault_point)
-    after = await receive_shipments(scripts, phone_id, grants, shipments)
+    after = await receive_shipments(
+        scripts, phone_id, grants, shipments, recalls=drained.recalls
+    )
     # Received: off the hosts' lists of shipments due (they are for a dead app's recall),
     # in one pipelined round; one left there is removed by the settler's sweep.
     received = _listed(after["received"])
