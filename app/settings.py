@@ -167,9 +167,10 @@ class Settings:
     saga_always_split: bool = False
     # Escrow's striping rule (docs/escrow.md, section 4): a phone hot and deep enough is
     # set striped by its reserves, and its pool then grants stripes to the other primaries.
-    # Off until the recall (section 5) is in: a striped phone's short pool must recall
-    # its stripes before any 409. Without it no phone is ever striped.
-    escrow_stripes: bool = False
+    # On: it is what lets a cluster's tier scale (section 9, docs/BENCH.md). Off, no phone
+    # is ever striped and every order whose customer and phone are apart takes the saga.
+    # Nothing changes on one redis-server, where every order is one script anyway.
+    escrow_stripes: bool = True
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

@@ -3,8 +3,8 @@ reserve_grant.lua on the pool, receive_grant.lua on the host, settle_reservation
 (committed: held -> lent), through the app's own calls (app/orders/saga.py,
 app/orders/stripes.py). Two things are staged by hand, TEST-ONLY, and labelled so:
 
-- the phone's ``mode = striped`` (the rule that stripes a hot, deep phone is behind a
-  setting that is off by default; the grant only reads the mode);
+- the phone's ``mode = striped`` (set by hand so that a test needs no run of hot apart
+  orders to stripe it; the grant only reads the mode);
 - ``sell_from_stripe``: what a stripe order does to its stripe's units (stock -> sold,
   and the host ledger's), for the script tests only, until the stripe order is on main
   (the race tests sell from the pool, where every unit has its order).

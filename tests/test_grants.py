@@ -1,6 +1,6 @@
 """Escrow's grants end to end on the real 3+3 cluster (docs/escrow.md, section 4): the
-striping rule behind ESCROW_STRIPES (off by default: HOT_RESERVES apart orders of a deep phone
-change nothing; on: its reserves set it striped and the worker's refiller grants a stripe
+striping rule behind ESCROW_STRIPES (off: HOT_RESERVES apart orders of a deep phone change
+nothing; on, the default: its reserves set it striped and the worker's refiller grants a stripe
 to each other primary's host, received and settled held -> lent, units conserved at rest);
 and the refiller's gather: one grant per (host, phone) however often it was wanted."""
 
@@ -27,10 +27,10 @@ from tests.helpers import ADMIN, ADMIN_TOKEN, CLUSTER, Shop
 from tests.saga_fixtures import PHONE_PARTITION, SagaWorld
 
 
-def test_escrow_stripes_is_off_unless_the_setting_says_so() -> None:
-    assert Settings.from_env({"ADMIN_TOKEN": ADMIN_TOKEN}).escrow_stripes is False
-    on = Settings.from_env({"ADMIN_TOKEN": ADMIN_TOKEN, "ESCROW_STRIPES": "1"})
-    assert on.escrow_stripes is True
+def test_escrow_stripes_is_on_unless_the_setting_says_so() -> None:
+    assert Settings.from_env({"ADMIN_TOKEN": ADMIN_TOKEN}).escrow_stripes is True
+    off = Settings.from_env({"ADMIN_TOKEN": ADMIN_TOKEN, "ESCROW_STRIPES": "0"})
+    assert off.escrow_stripes is False
 
 
 def test_grant_size_is_a_power_of_two_between_the_bounds() -> None:
@@ -189,8 +189,8 @@ async def _apart_customers(
 
 @pytest.mark.cluster
 @pytest.mark.parametrize("stack_kind", [CLUSTER], indirect=True)
-@pytest.mark.parametrize("escrow", ["", "1"])
-async def test_the_striping_rule_is_off_by_default_and_on_grants_every_other_primary(
+@pytest.mark.parametrize("escrow", ["", "0"])
+async def test_the_striping_rule_is_on_by_default_and_grants_every_other_primary(
     aiohttp_client: Any,
     app_env: dict[str, str],
     redis: Redis,
@@ -212,7 +212,7 @@ async def test_the_striping_rule_is_off_by_default_and_on_grants_every_other_pri
     hosts = sorted(by_port.values())
     found = await phone_at_rest(redis, phone["id"], hosts)
     mode = await redis.hget(keys.phone(phone["id"]), "mode")
-    if not escrow:
+    if escrow == "0":
         assert mode is None
         hot = grants.HOT_RESERVES
         assert found == {"stock": 1000 - hot, "sold": hot, "lent": 0, "added": 1000, "got": 0}

@@ -169,7 +169,7 @@ async def test_a_recall_that_cannot_finish_answers_503_and_stores_nothing(
 async def escrow_shop(
     aiohttp_client: Any, app_env: dict[str, str], redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> Shop:
-    """The app with escrow's striping rule on (ESCROW_STRIPES, off by default)."""
+    """The app with escrow's striping rule on (ESCROW_STRIPES, on by default)."""
     monkeypatch.setenv("ESCROW_STRIPES", "1")
     return Shop(await aiohttp_client(await create_app()))
 

@@ -75,6 +75,14 @@ RELEASES_DUE = _in_every_partition(keys.releases_due)
 LEDGERS = _in_every_partition(keys.ledger)
 
 
+# A phone's apart reserves counted by the striping rule (reserve_stock.lua).
+STRIPING_COUNTS = frozenset({b"apart", b"apart_at"})
+
+
+def _but_counts(fields: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    return {field: value for field, value in fields.items() if field not in STRIPING_COUNTS}
+
+
 def _unexplained_by_a_saga_refusal(before: Hashes, now: Hashes) -> dict[bytes, object]:
     """The changed keys (``now``: their hashes after the refusal) a saga refusal does not
     explain; empty when every difference is the refusal's own bookkeeping:
@@ -85,7 +93,10 @@ def _unexplained_by_a_saga_refusal(before: Hashes, now: Hashes) -> dict[bytes, o
       ``xd{Q}`` of each of those phone partitions (and nowhere else);
     - on exactly those partitions the reserve and its release, two counted writes: the
       ledger's ``changes`` grows by 2, ``held_units`` may appear at 0, every other
-      ledger field unchanged; a reserved phone's ``held`` may appear at 0.
+      ledger field unchanged; a reserved phone's ``held`` may appear at 0;
+    - with escrow's striping rule on (the default), a reserved phone's count of apart
+      reserves in this horizon (``apart``, ``apart_at``: reserve_stock.lua): demand, a
+      hint for striping, not stock; the refusal does not take it back.
     Anything else (a field changed or gone, another key, another count) is unexplained."""
     unexplained: dict[bytes, object] = {}
     markers: list[bytes] = []
@@ -115,7 +126,9 @@ def _unexplained_by_a_saga_refusal(before: Hashes, now: Hashes) -> dict[bytes, o
             ):
                 unexplained[key] = (old, fields)
             moved_ledgers.add(LEDGERS[key])
-        elif b"price_cents" in old and {**old, b"held": old.get(b"held", b"0")} == fields:
+        elif b"price_cents" in old and _but_counts({**old, b"held": old.get(b"held", b"0")}) == (
+            _but_counts(fields)
+        ):
             continue  # a phone whose held counter was created at 0 by the reserve
         else:
             unexplained[key] = (old, fields)
