@@ -201,9 +201,7 @@ async def recall(scripts: Scripts, phone_id: str, fault_point: str = "") -> Reca
             (host, str(answer.get("shipment_id", "")), str(answer.get("shipment", "")))
         )
     saga.crash_if("closed", fault_point)
-    after = await receive_shipments(
-        scripts, phone_id, grants, shipments, recalls=drained.recalls
-    )
+    after = await receive_shipments(scripts, phone_id, grants, shipments, recalls=drained.recalls)
     # Received: off the hosts' lists of shipments due (they are for a dead app's recall),
     # in one pipelined round; one left there is removed by the settler's sweep.
     received = _listed(after["received"])
