@@ -23,7 +23,6 @@ import asyncio
 import hashlib
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,19 +46,14 @@ from app.partitions import PARTITIONS, partition_of
 from app.phones.service import create_phone_keys
 from app.scripts import load_source
 from app.vocabulary import COMPLETED, OPEN, new_customer_id, new_order_id, new_phone_id
+from loadtests.support.servers import free_port
 
 PHONES = 100
 CUSTOMERS = 100
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def start_redis(directory: Path) -> tuple[subprocess.Popen, int]:
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [
             "redis-server",

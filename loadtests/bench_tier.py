@@ -6,8 +6,10 @@ in one run. ``python -m loadtests.bench_tier [--orders N] [--inflight K]
 same two clusters and reported side by side: ``uniform``, 2,000 orders over 1,024 phones
 (every phone alike, as this section always measured); ``hot``, 60,000 orders over 64
 phones; ``zipf``, 60,000 orders over 1,024 phones of Zipf(1) popularity. Stock 10^9 and
-1,024 customers in each, 8 in every partition (:func:`customer_emails`). Where the app has escrow's switch (:func:`escrow_options`), the
-hot and zipf recordings run with it on; until then they measure the saga alone.
+1,024 customers in each, 8 in every partition (:func:`customer_emails`). Where the app has
+escrow's switch (:func:`escrow_options`), every recording runs with it on, as the app does
+by default (on uniform, about two orders per phone, it seldom stripes one); without the
+switch they measure the saga alone.
 
 Per shard count a local cluster of its own, both up at once (no replicas, AOF
 ``appendfsync always``, on free ports in a temp folder, stopped afterwards):
@@ -110,13 +112,12 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import RedisCluster
 from redis.connection import Encoder, PythonRespSerializer
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisError
 
 from app import appkeys, keys
-from app.admin.audit import run_audit
 from app.cluster_gateway import ClusterGateway, open_cluster_gateway
 from app.customers.models import CustomerCreate
 from app.customers.service import create_customer
@@ -139,6 +140,7 @@ from loadtests.bench_data import provision
 from loadtests.bench_drivers import orders_wrk, write_wrk_data
 from loadtests.datatier import cpu_seconds
 from loadtests.stack import launch
+from loadtests.support.cluster_audit import audit
 
 TITLE = "The data tier: 1 primary against 3 (issue 11)"
 # Issue 11's targets for 3 primaries against 1.
@@ -163,9 +165,6 @@ CREATING = 32
 RESERVATION_TTL_MS = 600_000
 # Recordings of one workload and shard count made at most (alternated).
 RECORD_ATTEMPTS = 4
-# Tries of the audit after a replay (it only reads), and its connections per primary.
-AUDIT_ATTEMPTS = 3
-AUDIT_CONNECTIONS = 2 * PARTITIONS
 # How long the recording waits, after the last order's answer, for what the service does
 # off the request path (settles, and whatever else it queued) to be done.
 QUIET_DEADLINE_S = 60.0
@@ -259,9 +258,10 @@ class Workload:
 
 
 # docs/escrow.md section 9: the uniform workload as it always was, and the two on which
-# quotas of a phone can be reused (many orders per phone between restocks).
+# quotas of a phone can be reused (many orders per phone between restocks). Escrow on in
+# each, as the app runs by default (ESCROW_STRIPES).
 WORKLOADS = {
-    "uniform": Workload("uniform", PHONES, 2000),
+    "uniform": Workload("uniform", PHONES, 2000, escrow=True),
     "hot": Workload("hot", 64, HOT_ORDERS, popularity="uniform", escrow=True),
     "zipf": Workload("zipf", PHONES, HOT_ORDERS, popularity="zipf", escrow=True),
 }
@@ -1303,40 +1303,6 @@ def check_audit(audited: dict[str, Any], orders_placed: int) -> None:
             f"{orders['total']} orders ({orders[COMPLETED]} completed) where the app placed "
             f"{orders_placed}: {failed}"
         )
-
-
-async def audit(ports: Iterable[int]) -> dict[str, Any]:
-    """app/admin/audit.py's audit over every primary of the cluster on ``ports``. It reads
-    every partition at once (128 calls in flight on one node), so each primary's
-    connections are opened first, one after the other: opened all at once, redis-py once
-    failed one of them mid-connect (AttributeError: its writer None) and left its socket
-    open. It only reads, so a failure of the client is tried again (twice at most)."""
-    nodes = [ClusterNode("127.0.0.1", port) for port in ports]
-    for attempt in range(AUDIT_ATTEMPTS):
-        cluster = RedisCluster(startup_nodes=nodes, max_connections=AUDIT_CONNECTIONS)
-        try:
-            await cluster.initialize()
-            for node in cluster.get_primaries():
-                await _connected(node, PARTITIONS)
-            return await run_audit(cluster)
-        except (RedisError, OSError, AttributeError) as error:
-            if attempt + 1 == AUDIT_ATTEMPTS:
-                raise
-            log(f"the audit failed ({error!r}); again")
-        finally:
-            await cluster.aclose()
-    raise AssertionError("unreachable")
-
-
-async def _connected(node: ClusterNode, count: int) -> None:
-    """``count`` connections of ``node`` opened one after the other, left free in its pool."""
-    held = [node.acquire_connection() for _ in range(count)]
-    try:
-        for connection in held:
-            await connection.connect()
-    finally:
-        for connection in held:
-            node.release(connection)
 
 
 def median_rows(replays: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:

@@ -35,7 +35,7 @@ from app.orders.saga_service import commit_order_keys
 from app.phones.service import create_phone_keys
 from app.scripts import Scripts
 from app.vocabulary import COMPLETED, encode_items
-from loadtests.bench_tier import audit as audit_of_every_shard
+from loadtests.support.cluster_audit import audit as audit_of_every_shard
 
 # The source primary's lowest 640 slots: partitions 0-4 whole (slot 128 * p), and 635 empty
 # slots between them, which redis-cli moves too.
