@@ -144,6 +144,36 @@ async def test_a_request_line_nginx_cannot_parse_is_a_problem_not_a_500(
     assert got == 404
 
 
+@pytest.mark.parametrize(
+    "stalled",
+    [
+        pytest.param(b"GET /phones HTTP/1.1\r\nHost: x\r\n", id="headers"),
+        pytest.param(
+            b"POST /customers HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"name": ',
+            id="body",
+        ),
+    ],
+)
+async def test_a_request_that_stalls_gets_its_connection_closed_and_no_answer(
+    full_stack: FullStack, stalled: bytes
+) -> None:
+    """A client that stops sending midway holds a connection until client_header_timeout or
+    client_body_timeout (10 s); then nginx closes it and sends nothing, not even a 408 (it
+    terminates such a request instead of answering it): so nginx/render.py has no 408
+    problem, and the README says so. The bound below only keeps a hung test from hanging
+    the suite."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", full_stack.nginx.config.http_port)
+    try:
+        writer.write(stalled)
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 60) == b""
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
 async def test_customers_cannot_reach_admin_or_others(full_stack: FullStack) -> None:
     _, token = new_customer(full_stack)
     other_id, _ = new_customer(full_stack)
