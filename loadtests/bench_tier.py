@@ -1946,7 +1946,7 @@ many pipes: with stripe orders, one); after every replay the keys per primary mu
 conservation audit must hold at rest with exactly the orders the app placed. Only the
 creations are replayed unmeasured. Phones and customers are drawn by a seeded generator
 (the same orders on both shard counts); the partitions they land in are the app's. Where
-the app has escrow's switch, the `hot` and `zipf` recordings run with it on, so its grants,
+the app has escrow's switch, every recording runs with it on (the app's default), so its grants,
 refills, receipts, settles, stripe misses and saga fallbacks are all inside the measured
 window, warm-up included. The rows "as at the 3-primary ceiling" are the model of the
 app at its ceiling above: the orders recorded again on both shard counts with every window
