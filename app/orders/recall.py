@@ -14,7 +14,8 @@ Three steps, each one script on one partition, each idempotent:
    receives the shipments (once each), and, with nothing left out, the phone is pool-only
    again (and drained: not striped again until a restock). A receipt whose drain came
    before another recall of the phone ended is stale: it takes its shipments and grants
-   by id, but leaves the stripe hosts and the mode alone (the phone may be striped anew). The shipments received leave their hosts' due lists (``sz{S}``: a plain ZREM,
+   by id, but leaves the stripe hosts and the mode alone (the phone may be striped
+   anew). The shipments received leave their hosts' due lists (``sz{S}``: a plain ZREM,
    one pipelined round; the audit counts a shipment due as not at rest).
 
 A step that fails leaves the phone draining and on ``sw{Q}``; the settler recalls it again
