@@ -92,11 +92,13 @@ DEFINITIONS: dict[str, str] = {
     " else short[#short + 1] = {phone_id = phone_id, requested = requested,"
     " available = available} end end",
     # A recall's end on a phone whose units are all home (drain_phone, receive_shipments):
-    # pool only again, drained (the striping rule skips it until a restock: no ping-pong),
-    # one more recall ended (a receipt whose drain read fewer is stale), off the settler's
-    # recall list.
+    # pool only again, drained (the striping rule skips it until a restock: no ping-pong;
+    # not when a restock came during the recall, restock.lua's `restocked`), one more
+    # recall ended (a receipt whose drain read fewer is stale), off the settler's list.
     "end_recall": "local function end_recall(phone, drains_due, phone_id)"
-    " redis.call('HDEL', phone, 'mode') redis.call('HSET', phone, 'drained', 1)"
+    " redis.call('HDEL', phone, 'mode')"
+    " if redis.call('HDEL', phone, 'restocked') == 0 then"
+    " redis.call('HSET', phone, 'drained', 1) end"
     " redis.call('HINCRBY', phone, 'recalls', 1) redis.call('ZREM', drains_due, phone_id) end",
     # The script passes its KEYS: the one-node form (across_slots) rebuilds them as a local.
     "record_buckets": "local function record_buckets(keys, newest) local list = {keys[newest]}"

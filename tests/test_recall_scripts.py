@@ -246,6 +246,25 @@ async def test_a_drained_phone_is_not_striped_again_until_a_restock(saga: SagaWo
     assert not await saga.redis.hexists(keys.phone(phone), "drained")
     assert await striped_by(2 * grants.HOT_RESERVES)
 
+    # A restock while a recall is under way counts too: that recall's end leaves the
+    # phone unmarked (the restock made it deep after the drain).
+    await staging.grant(saga.scripts, saga.redis, phone, HOST_A, 8)
+    drained = await recall.drain(saga.scripts, phone, LATER_MS)
+    await restock(saga, phone, 100)
+    assert await saga.redis.hget(keys.phone(phone), "restocked") == "1"
+    closed = await recall.close_stripe(saga.scripts, HOST_A, phone, [], LATER_MS)
+    ended = await recall.receive_shipments(
+        saga.scripts,
+        phone,
+        [],
+        [(HOST_A, closed["shipment_id"], closed["shipment"])],
+        recalls=drained.recalls,
+    )
+    assert ended["mode"] == "" and ended["lent"] == "0"
+    row = await saga.redis.hgetall(keys.phone(phone))
+    assert "drained" not in row and "restocked" not in row and row["recalls"] == "2"
+    assert await striped_by(2 * grants.HOT_RESERVES)
+
 
 async def test_the_settler_finishes_a_recall_a_dead_app_left(saga: SagaWorld) -> None:
     """docs/escrow.md 8's rows for the recall: an app died after draining the phone (no

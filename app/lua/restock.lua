@@ -10,16 +10,17 @@
 --          units the stripes sold, so it is conservative until the next recall
 --
 -- A restock ends a recall's `drained` mark: deep again, the phone may be striped again
--- (docs/escrow.md, section 5).
+-- (docs/escrow.md, section 5). During a recall (mode draining) it leaves `restocked`, so
+-- that the recall's end (end_recall) does not mark the phone drained after it.
 --
 -- Returns {http_status, payload_json}:
 --   200, phone fields (strings)
 --   404, {code="phone_not_found"}                      nothing written
 --   409, {code="stock_limit", stock, limit}            nothing written
 --
--- hgetall_map: the prelude (app/lua_prelude.py).
+-- hgetall_map, PHONE_MODE: the prelude (app/lua_prelude.py).
 
-local row = redis.call('HMGET', KEYS[1], 'stock', 'held', 'lent')
+local row = redis.call('HMGET', KEYS[1], 'stock', 'held', 'lent', 'mode')
 local stock = row[1]
 if not stock then
   return {404, cjson.encode({code = 'phone_not_found'})}
@@ -33,6 +34,9 @@ end
 redis.call('HINCRBY', KEYS[1], 'stock', ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'added_units', ARGV[1])
 redis.call('HDEL', KEYS[1], 'drained')
+if row[4] == PHONE_MODE.draining then
+  redis.call('HSET', KEYS[1], 'restocked', 1)
+end
 redis.call('HINCRBY', KEYS[2], 'stock_units', ARGV[1])
 redis.call('HINCRBY', KEYS[2], 'added_units', ARGV[1])
 redis.call('HINCRBY', KEYS[2], 'changes', 1)
