@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -103,21 +103,28 @@ async def test_oversized_body_is_413_problem_through_nginx(full_stack: FullStack
         assert (await response.json(content_type=None))["code"] == "payload_too_large"
 
 
-async def _raw(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    """``request`` sent as is on a new connection: the status, headers and body."""
+@contextlib.asynccontextmanager
+async def _sent(port: int, request: bytes) -> AsyncIterator[asyncio.StreamReader]:
+    """``request`` sent as is on a new connection; its reader, the connection closed after."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(request)
         await writer.drain()
+        yield reader
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def _raw(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """``request`` sent as is on a new connection: the status, headers and body."""
+    async with _sent(port, request) as reader:
         head = await reader.readuntil(b"\r\n\r\n")
         status_line, *lines = head.decode("latin-1").split("\r\n")
         headers = dict(line.split(": ", 1) for line in lines if line)
         body = await reader.readexactly(int(headers["Content-Length"]))
         return int(status_line.split()[1]), headers, body
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
 
 
 @pytest.mark.parametrize(
@@ -163,15 +170,8 @@ async def test_a_request_that_stalls_gets_its_connection_closed_and_no_answer(
     terminates such a request instead of answering it): so nginx/render.py has no 408
     problem, and the README says so. The bound below only keeps a hung test from hanging
     the suite."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", full_stack.nginx.config.http_port)
-    try:
-        writer.write(stalled)
-        await writer.drain()
+    async with _sent(full_stack.nginx.config.http_port, stalled) as reader:
         assert await asyncio.wait_for(reader.read(), 60) == b""
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
 
 
 async def test_customers_cannot_reach_admin_or_others(full_stack: FullStack) -> None:
